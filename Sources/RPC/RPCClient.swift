@@ -1,0 +1,337 @@
+import Contracts
+import Logging
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// How an `RPCClient` connects, waits and retries.
+public struct RPCClientConfiguration: Sendable {
+    /// How long a TCP connect may take. Default 2 s.
+    public var connectTimeout: Duration = .seconds(2)
+    /// Deadline for calls that set none and run outside a handler's deadline. Default none.
+    public var defaultTimeout: Duration?
+    /// Attempts per call, the first included. A call is retried when the connection
+    /// could not be made (nothing was sent), or when an idempotent method answered
+    /// UNAVAILABLE. Default 3.
+    public var maxAttempts: Int = 3
+    /// Backoff before the first retry and after each failed connect; doubles up to `maxBackoff`, with jitter.
+    public var initialBackoff: Duration = .milliseconds(50)
+    public var maxBackoff: Duration = .seconds(2)
+    /// Largest response payload accepted. Default 4 MiB.
+    public var maxMessageSize: Int = 4 << 20
+    /// Metadata sent with every call (e.g. `authorization`).
+    public var metadata: Metadata = [:]
+
+    public init() {}
+
+    /// A configuration that sends `authorization: Bearer <token>` with every call.
+    public static func withToken(_ token: String?) -> RPCClientConfiguration {
+        var configuration = RPCClientConfiguration()
+        if let token { configuration.metadata.add("authorization", "Bearer \(token)") }
+        return configuration
+    }
+}
+
+/// A ttrpc client for one server address: one multiplexed connection, opened on
+/// first use and reopened (with backoff) after it drops. Safe to share.
+public final class RPCClient: Sendable {
+    public let host: String
+    public let port: Int
+    public let configuration: RPCClientConfiguration
+    private let group: any EventLoopGroup
+
+    private struct State {
+        var connection: ClientConnection?
+        var connecting: EventLoopFuture<ClientConnection>?
+        var failures = 0
+        var retryAfter: ContinuousClock.Instant?
+        var closed = false
+    }
+    private let state = Mutex(State())
+
+    public init(host: String, port: Int, configuration: RPCClientConfiguration = .init(),
+                group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
+        self.host = host
+        self.port = port
+        self.configuration = configuration
+        self.group = group
+    }
+
+    /// Closes the connection; pending calls fail with UNAVAILABLE and later calls are refused.
+    public func close() {
+        let connection = state.withLock { state -> ClientConnection? in
+            state.closed = true
+            defer { state.connection = nil }
+            return state.connection
+        }
+        connection?.channel.close(promise: nil)
+    }
+
+    /// Calls `method`. The deadline is `timeout`, else the enclosing handler's remaining
+    /// budget (`RPCDeadline.current`), else `configuration.defaultTimeout`; whichever is
+    /// soonest is sent as `timeout_nano`. Throws `RPCError`.
+    public func call<Input, Output>(
+        _ method: MethodDescriptor<Input, Output>, _ request: Input,
+        metadata: Metadata = [:], timeout: Duration? = nil
+    ) async throws(RPCError) -> Output {
+        let now = ContinuousClock.now
+        let deadline = [timeout.map { now + $0 }, RPCDeadline.current, configuration.defaultTimeout.map { now + $0 }]
+            .compactMap { $0 }.min()
+        var envelope = TTRPC.Request()
+        envelope.service = method.service
+        envelope.method = method.method
+        envelope.payload = request.serializedBytes()
+        envelope.metadata = (configuration.metadata.entries + metadata.entries).map {
+            var kv = TTRPC.KeyValue()
+            kv.key = $0.key
+            kv.value = $0.value
+            return kv
+        }
+
+        var attempt = 1
+        while true {
+            do {
+                let payload = try await attemptCall(&envelope, deadline: deadline, allowRetry: method.isIdempotent)
+                do {
+                    return try Output(serializedBytes: payload)
+                } catch {
+                    throw RPCError(.internal, "response of \(method.fullName) does not decode: \(error)")
+                }
+            } catch let failure as Failure {
+                guard attempt < configuration.maxAttempts, failure.retryable else { throw failure.error }
+                let backoff = Self.backoff(attempt: attempt, initial: configuration.initialBackoff, max: configuration.maxBackoff)
+                if let deadline, ContinuousClock.now + backoff >= deadline { throw failure.error }
+                do { try await Task.sleep(for: backoff) } catch { throw RPCError(.cancelled, "call cancelled") }
+                attempt += 1
+            } catch {
+                throw error as! RPCError
+            }
+        }
+    }
+
+    private struct Failure: Error {
+        var error: RPCError
+        var retryable: Bool
+    }
+
+    /// Exponential backoff with full jitter in its upper half.
+    static func backoff(attempt: Int, initial: Duration, max: Duration) -> Duration {
+        let exponent = Swift.min(attempt - 1, 20)
+        let ceiling = Swift.min(initial * (1 << exponent), max)
+        return ceiling * Double.random(in: 0.5...1.0)
+    }
+
+    private func attemptCall(_ envelope: inout TTRPC.Request, deadline: ContinuousClock.Instant?,
+                             allowRetry: Bool) async throws -> [UInt8] {
+        let connection: ClientConnection
+        switch await connect() {
+        case .success(let open):
+            connection = open
+        case .failure(let error):
+            // Nothing was sent: safe to retry for any method.
+            throw Failure(error: error, retryable: error.code == .unavailable)
+        }
+        if let deadline {
+            let remaining = ContinuousClock.now.duration(to: deadline)
+            guard remaining > .zero else { throw Failure(error: RPCError(.deadlineExceeded, "deadline exceeded"), retryable: false) }
+            envelope.timeoutNano = Swift.max(1, remaining.nanoseconds)
+        } else {
+            envelope.timeoutNano = 0
+        }
+        let bytes = envelope.serializedBytes()
+        guard bytes.count <= configuration.maxMessageSize else {
+            throw Failure(error: RPCError(.resourceExhausted,
+                "message length \(bytes.count) exceeds maximum message size of \(configuration.maxMessageSize)"), retryable: false)
+        }
+        let response: TTRPC.Response
+        switch await connection.send(bytes, deadline: deadline) {
+        case .success(let answer):
+            response = answer
+        case .failure(let error):
+            throw Failure(error: error, retryable: allowRetry && error.code == .unavailable)
+        }
+        if let status = response.status, status.code != 0 {
+            let error = RPCError(RPCError.Code(rawValue: status.code), status.message)
+            throw Failure(error: error, retryable: allowRetry && error.code == .unavailable)
+        }
+        return response.payload
+    }
+
+    private func connect() async -> Result<ClientConnection, RPCError> {
+        enum Step { case ready(ClientConnection), wait(EventLoopFuture<ClientConnection>), fail(RPCError) }
+        let step: Step = state.withLock { state in
+            if state.closed { return .fail(RPCError(.unavailable, "client for \(host):\(port) is closed")) }
+            if let connection = state.connection, connection.channel.isActive, !connection.isExhausted {
+                return .ready(connection)
+            }
+            state.connection = nil
+            if let connecting = state.connecting { return .wait(connecting) }
+            if let retryAfter = state.retryAfter, retryAfter > .now {
+                return .fail(RPCError(.unavailable,
+                    "cannot reach \(host):\(port): the last connect failed; next attempt in \(retryAfter - .now)"))
+            }
+            let future = self.openConnection()
+            state.connecting = future
+            return .wait(future)
+        }
+        switch step {
+        case .ready(let connection):
+            return .success(connection)
+        case .fail(let error):
+            return .failure(error)
+        case .wait(let future):
+            do {
+                let connection = try await future.get()
+                state.withLock { state in
+                    if state.connecting === future { state.connecting = nil }
+                    state.connection = connection
+                    state.failures = 0
+                    state.retryAfter = nil
+                }
+                return .success(connection)
+            } catch {
+                let message = "cannot connect to \(host):\(port): \(error)"
+                state.withLock { state in
+                    if state.connecting === future {
+                        state.connecting = nil
+                        state.failures += 1
+                        state.retryAfter = .now + Self.backoff(attempt: state.failures, initial: configuration.initialBackoff,
+                                                               max: configuration.maxBackoff)
+                    }
+                }
+                return .failure(RPCError(.unavailable, message))
+            }
+        }
+    }
+
+    private func openConnection() -> EventLoopFuture<ClientConnection> {
+        let maxMessageSize = configuration.maxMessageSize
+        return ClientBootstrap(group: group)
+            .connectTimeout(.nanoseconds(configuration.connectTimeout.nanoseconds))
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let pipeline = channel.pipeline.syncOperations
+                    try pipeline.addHandler(ByteToMessageHandler(TTRPCFrameDecoder(maxPayloadSize: maxMessageSize)))
+                    try pipeline.addHandler(MessageToByteHandler(TTRPCFrameEncoder()))
+                    try pipeline.addHandler(ClientCallHandler())
+                }
+            }
+            .connect(host: host, port: port)
+            .map { ClientConnection(channel: $0) }
+    }
+}
+
+/// One open connection of a client.
+final class ClientConnection: Sendable {
+    let channel: any Channel
+    private let exhausted = Atomic<Bool>(false)
+
+    init(channel: any Channel) { self.channel = channel }
+
+    /// True once the stream ids of this connection are used up; a new connection is opened.
+    var isExhausted: Bool { exhausted.load(ordering: .relaxed) }
+
+    func send(_ envelope: [UInt8], deadline: ContinuousClock.Instant?) async -> Result<TTRPC.Response, RPCError> {
+        let promise = channel.eventLoop.makePromise(of: ByteBuffer.self)
+        let call = ClientCallHandler.Call(payload: envelope, deadline: deadline, promise: promise,
+                                          onExhausted: { [self] in self.exhausted.store(true, ordering: .relaxed) })
+        channel.writeAndFlush(call).whenFailure { error in
+            promise.fail(RPCError(.unavailable, "connection lost: \(error)"))
+        }
+        let payload: ByteBuffer
+        do {
+            payload = try await withTaskCancellationHandler {
+                try await promise.futureResult.get()
+            } onCancel: {
+                promise.fail(RPCError(.cancelled, "call cancelled"))
+            }
+        } catch {
+            return .failure(error as? RPCError ?? RPCError(.unavailable, "connection lost: \(error)"))
+        }
+        do {
+            return .success(try TTRPC.Response(serializedBytes: payload.readableBytesView))
+        } catch {
+            return .failure(RPCError(.internal, "unmarshal response error: \(error)"))
+        }
+    }
+}
+
+/// Allocates stream ids (odd, increasing), matches responses to calls and enforces deadlines.
+final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = InboundFrame
+    typealias OutboundIn = Call
+    typealias OutboundOut = OutboundFrame
+
+    struct Call {
+        var payload: [UInt8]
+        var deadline: ContinuousClock.Instant?
+        var promise: EventLoopPromise<ByteBuffer>
+        var onExhausted: @Sendable () -> Void
+    }
+
+    private var nextStreamID: UInt32 = 1
+    private var pending: [UInt32: (promise: EventLoopPromise<ByteBuffer>, timer: Scheduled<Void>?)] = [:]
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise writePromise: EventLoopPromise<Void>?) {
+        let call = unwrapOutboundIn(data)
+        guard nextStreamID < UInt32.max - 1 else {
+            call.onExhausted()
+            call.promise.fail(RPCError(.unavailable, "stream ids of this connection are exhausted"))
+            writePromise?.succeed(())
+            return
+        }
+        let streamID = nextStreamID
+        nextStreamID += 2
+        var timer: Scheduled<Void>?
+        if let deadline = call.deadline {
+            let delay = TimeAmount.nanoseconds(ContinuousClock.now.duration(to: deadline).nanoseconds)
+            let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
+            timer = context.eventLoop.scheduleTask(in: delay) {
+                // The server answers at the same moment; this covers a server that does not.
+                if let entry = loopBound.value.pending.removeValue(forKey: streamID) {
+                    entry.promise.fail(RPCError(.deadlineExceeded, "deadline exceeded"))
+                }
+            }
+        }
+        pending[streamID] = (call.promise, timer)
+        call.promise.futureResult.whenFailure { [loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)] _ in
+            // Cancelled or timed out: forget the stream; a late answer is dropped.
+            loopBound.value.pending.removeValue(forKey: streamID)?.timer?.cancel()
+        }
+        context.write(wrapOutboundOut(OutboundFrame(streamID: streamID, kind: .request, payload: call.payload)),
+                      promise: writePromise)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .frame(let header, let payload):
+            guard header.kind == .response, let entry = pending.removeValue(forKey: header.streamID) else { return }
+            entry.timer?.cancel()
+            entry.promise.succeed(payload)
+        case .oversize(let header):
+            guard let entry = pending.removeValue(forKey: header.streamID) else { return }
+            entry.timer?.cancel()
+            entry.promise.fail(RPCError(.resourceExhausted, "response length \(header.length) exceeds the maximum message size"))
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        failAll(RPCError(.unavailable, "connection closed by the server"))
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        failAll(RPCError(.unavailable, "connection failed: \(error)"))
+        context.close(promise: nil)
+    }
+
+    private func failAll(_ error: RPCError) {
+        let entries = pending
+        pending = [:]
+        for (_, entry) in entries {
+            entry.timer?.cancel()
+            entry.promise.fail(error)
+        }
+    }
+}

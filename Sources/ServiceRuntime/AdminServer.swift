@@ -1,0 +1,110 @@
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Prometheus
+import ServiceLifecycle
+import Synchronization
+
+/// The HTTP admin port, for container probes and scraping:
+/// - `GET /healthz`: 200 while the process runs (liveness)
+/// - `GET /readyz`: 200 once the RPC server listens and until draining starts, else 503 (readiness)
+/// - `GET /metrics`: Prometheus text format
+public final class AdminServer: Service, Sendable {
+    let host: String
+    let port: Int
+    let registry: PrometheusCollectorRegistry
+    let isReady: @Sendable () -> Bool
+    let logger: Logger
+    let group: any EventLoopGroup
+    private let listening: EventLoopPromise<SocketAddress>
+
+    public init(host: String, port: Int, registry: PrometheusCollectorRegistry, logger: Logger,
+                group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+                isReady: @escaping @Sendable () -> Bool) {
+        self.host = host
+        self.port = port
+        self.registry = registry
+        self.isReady = isReady
+        self.logger = logger
+        self.group = group
+        self.listening = group.next().makePromise(of: SocketAddress.self)
+    }
+
+    /// The address the admin server listens on, once it does.
+    public func listeningAddress() async throws -> SocketAddress {
+        try await listening.futureResult.get()
+    }
+
+    public func run() async throws {
+        let registry = self.registry
+        let isReady = self.isReady
+        let channel: any Channel
+        do {
+            channel = try await ServerBootstrap(group: group)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                        try channel.pipeline.syncOperations.addHandler(AdminHandler(registry: registry, isReady: isReady))
+                    }
+                }
+                .bind(host: host, port: port).get()
+        } catch {
+            listening.fail(error)
+            throw error
+        }
+        listening.succeed(channel.localAddress!)
+        logger.info("admin server listening", metadata: ["admin.address": "\(channel.localAddress!)"])
+        try await withGracefulShutdownHandler {
+            try await channel.closeFuture.get()
+        } onGracefulShutdown: {
+            channel.close(promise: nil)
+        }
+    }
+}
+
+final class AdminHandler: ChannelInboundHandler, Sendable {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    let registry: PrometheusCollectorRegistry
+    let isReady: @Sendable () -> Bool
+
+    init(registry: PrometheusCollectorRegistry, isReady: @escaping @Sendable () -> Bool) {
+        self.registry = registry
+        self.isReady = isReady
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard case .head(let head) = unwrapInboundIn(data) else { return }
+        let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
+        let (status, contentType, body): (HTTPResponseStatus, String, [UInt8])
+        switch (head.method, path) {
+        case (.GET, "/healthz"):
+            (status, contentType, body) = (.ok, "text/plain", Array("ok\n".utf8))
+        case (.GET, "/readyz"):
+            (status, contentType, body) = isReady()
+                ? (.ok, "text/plain", Array("ready\n".utf8))
+                : (.serviceUnavailable, "text/plain", Array("not ready\n".utf8))
+        case (.GET, "/metrics"):
+            (status, contentType, body) = (.ok, "text/plain; version=0.0.4", registry.emitToBuffer())
+        case (_, "/healthz"), (_, "/readyz"), (_, "/metrics"):
+            (status, contentType, body) = (.methodNotAllowed, "text/plain", Array("use GET\n".utf8))
+        default:
+            (status, contentType, body) = (.notFound, "text/plain", Array("not found: try /healthz, /readyz or /metrics\n".utf8))
+        }
+        var headers = HTTPHeaders()
+        headers.add(name: "content-type", value: contentType)
+        headers.add(name: "content-length", value: "\(body.count)")
+        let keepAlive = head.isKeepAlive
+        if !keepAlive { headers.add(name: "connection", value: "close") }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: body)))), promise: nil)
+        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        if !keepAlive {
+            let channel = context.channel
+            done.whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+}

@@ -1,0 +1,255 @@
+import ArgumentParser
+import Logging
+import Metrics
+import NIOCore
+import NIOPosix
+import Prometheus
+import RPC
+import ServiceLifecycle
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// What a service is built from: its validated options, a logger, the event loops,
+/// its auth token, and clients for the peers it was given.
+public struct ServiceContext: Sendable {
+    public var logger: Logger
+    public var dataDirectory: String
+    public var authToken: String?
+    public var group: any EventLoopGroup
+    public var identity: RPCClient?
+    public var profile: RPCClient?
+    public var routing: RPCClient?
+}
+
+/// What a service consists of.
+public struct ServiceParts: Sendable {
+    /// RPC services served on the RPC port (health is added by the runtime).
+    public var rpcServices: [any RPCService]
+    /// Long-running background work (dispatchers, feed followers), shut down after the RPC server.
+    public var background: [any Service]
+
+    public init(rpcServices: [any RPCService] = [], background: [any Service] = []) {
+        self.rpcServices = rpcServices
+        self.background = background
+    }
+}
+
+/// The command every Arbiter executable runs: parse the operator flags (and their
+/// `ARBITER_*` environment twins), build the service, serve until SIGTERM/SIGINT,
+/// drain, exit 0.
+public struct ServiceCommand<Definition: ServiceDefinition>: AsyncParsableCommand {
+    public static var configuration: CommandConfiguration {
+        CommandConfiguration(commandName: Definition.commandName, abstract: Definition.abstract)
+    }
+
+    @OptionGroup public var options: ServiceOptions<Definition>
+
+    public init() {}
+
+    /// Entry point for an executable's `@main`.
+    public static func start() async {
+        var environment: [String: String] = [:]
+        var pointer = environ
+        while let entry = pointer.pointee {
+            let pair = String(cString: entry)
+            if let eq = pair.firstIndex(of: "=") {
+                environment[String(pair[..<eq])] = String(pair[pair.index(after: eq)...])
+            }
+            pointer += 1
+        }
+        let arguments = ServiceOptions<Definition>.arguments(Array(CommandLine.arguments.dropFirst()), environment: environment)
+        await main(arguments)
+    }
+
+    public func run() async throws {
+        let runtime = try ServiceRuntime(options: options)
+        try await runtime.run()
+    }
+}
+
+/// Assembles and runs one service process. Also usable in-process (tests).
+public final class ServiceRuntime<Definition: ServiceDefinition>: Sendable {
+    public let options: ServiceOptions<Definition>
+    public let logger: Logger
+    public let registry: PrometheusCollectorRegistry
+    let group: MultiThreadedEventLoopGroup
+    let authToken: String?
+    private let started = Mutex<(rpc: RPCServer?, admin: AdminServer?)>((nil, nil))
+
+    /// Validates what can only be checked at start (the token file, the data directory)
+    /// and bootstraps logging and metrics once per process.
+    public init(options: ServiceOptions<Definition>) throws {
+        self.options = options
+        Self.bootstrapOnce(options)
+        var logger = Logger(label: Definition.commandName)
+        logger.logLevel = options.logLevel
+        self.logger = logger
+        self.registry = Self.sharedRegistry
+        if let file = options.authTokenFile {
+            guard let contents = readFile(file) else {
+                throw ValidationError("--auth-token-file: cannot read \(file)")
+            }
+            let token = contents.trimmingWhitespace()
+            guard !token.isEmpty else { throw ValidationError("--auth-token-file: \(file) is empty") }
+            authToken = token
+        } else {
+            authToken = nil
+        }
+        guard makeDirectories(options.dataDir) else {
+            throw ValidationError("--data-dir: cannot create directory \(options.dataDir)")
+        }
+        group = MultiThreadedEventLoopGroup(numberOfThreads: options.eventLoopThreads)
+    }
+
+    /// The RPC server's address, once it listens.
+    public func rpcAddress() async throws -> SocketAddress {
+        while true {
+            if let server = started.withLock({ $0.rpc }) { return try await server.listeningAddress() }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+    }
+
+    /// The admin server's address, once it listens.
+    public func adminAddress() async throws -> SocketAddress {
+        while true {
+            if let server = started.withLock({ $0.admin }) { return try await server.listeningAddress() }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+    }
+
+    public func run() async throws {
+        func client(_ peer: PeerAddress?) -> RPCClient? {
+            peer.map { RPCClient(host: $0.host, port: $0.port, configuration: .withToken(authToken), group: group) }
+        }
+        let context = ServiceContext(
+            logger: logger, dataDirectory: options.dataDir, authToken: authToken, group: group,
+            identity: client(options.identity), profile: client(options.profile), routing: client(options.routing))
+        // Stores open and migrate here, before anything listens.
+        let parts = try await Definition.makeServices(context)
+
+        var router = RPCRouter()
+        for service in parts.rpcServices { router.register(service) }
+        let health = HealthService(services: router.serviceNames + ["grpc.health.v1.Health"])
+        router.register(health)
+
+        var configuration = RPCServerConfiguration()
+        configuration.host = options.host
+        configuration.port = options.port
+        configuration.maxMessageSize = options.maxMessageSize
+        configuration.maxInFlightPerConnection = options.maxInFlight
+        configuration.maxConnections = options.maxConnections
+        configuration.idleTimeout = .seconds(options.idleTimeout)
+        configuration.authToken = authToken
+        let rpc = RPCServer(configuration: configuration, router: router, logger: logger, group: group)
+        let readiness = ReadinessGate(health: health)
+        let admin = AdminServer(host: options.host, port: options.adminPort, registry: registry, logger: logger, group: group) {
+            readiness.isReady
+        }
+        started.withLock { $0 = (rpc, admin) }
+        readiness.markReadyWhenListening(rpc)
+
+        // Shutdown runs in reverse order: readiness flips first, then the RPC server drains,
+        // then the admin port and the background work stop.
+        var lifecycle = ServiceGroupConfiguration(
+            services: parts.background.map { .init(service: $0) } + [.init(service: admin), .init(service: rpc), .init(service: readiness)],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger)
+        lifecycle.maximumGracefulShutdownDuration = .seconds(options.gracePeriod)
+        lifecycle.maximumCancellationDuration = .seconds(5)
+        try await ServiceGroup(configuration: lifecycle).run()
+        try? await self.group.shutdownGracefully()
+        logger.info("stopped")
+    }
+
+    private static func bootstrapOnce(_ options: ServiceOptions<Definition>) {
+        let first = ProcessBootstrap.done.withLock { done in
+            defer { done = true }
+            return !done
+        }
+        guard first else { return }
+        let level = options.logLevel
+        switch options.logFormat {
+        case .text:
+            LoggingSystem.bootstrap { label in
+                var handler = StreamLogHandler.standardError(label: label)
+                handler.logLevel = level
+                return handler
+            }
+        case .json:
+            LoggingSystem.bootstrap { label in
+                var handler = JSONLogHandler(label: label)
+                handler.logLevel = level
+                return handler
+            }
+        }
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: sharedRegistry))
+    }
+
+    private static var sharedRegistry: PrometheusCollectorRegistry { ProcessBootstrap.registry }
+}
+
+/// Logging and metrics are bootstrapped once per process.
+enum ProcessBootstrap {
+    static let registry = PrometheusCollectorRegistry()
+    static let done = Mutex(false)
+}
+
+/// Ready once the RPC server listens; not ready (and health NOT_SERVING) from the
+/// moment graceful shutdown begins.
+final class ReadinessGate: Service, Sendable {
+    let health: HealthService
+    private let ready = Atomic<Bool>(false)
+
+    init(health: HealthService) { self.health = health }
+
+    var isReady: Bool { ready.load(ordering: .relaxed) }
+
+    func markReadyWhenListening(_ server: RPCServer) {
+        Task {
+            if (try? await server.listeningAddress()) != nil { ready.store(true, ordering: .relaxed) }
+        }
+    }
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        ready.store(false, ordering: .relaxed)
+        health.setAll(.notServing)
+    }
+}
+
+func readFile(_ path: String) -> String? {
+    guard let file = fopen(path, "r") else { return nil }
+    defer { fclose(file) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = fread(&buffer, 1, buffer.count, file)
+        if n > 0 { bytes.append(contentsOf: buffer[0..<n]) }
+        if n < buffer.count { break }
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
+func makeDirectories(_ path: String) -> Bool {
+    var current = path.hasPrefix("/") ? "/" : ""
+    for component in path.split(separator: "/") {
+        current += component + "/"
+        if mkdir(current, 0o755) != 0 && errno != EEXIST { return false }
+    }
+    var info = stat()
+    return stat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR
+}
+
+extension String {
+    func trimmingWhitespace() -> String {
+        let scalars = unicodeScalars
+        guard let start = scalars.firstIndex(where: { !$0.properties.isWhitespace }) else { return "" }
+        let end = scalars.lastIndex(where: { !$0.properties.isWhitespace })!
+        return String(scalars[start...end])
+    }
+}
