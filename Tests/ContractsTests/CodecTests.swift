@@ -1,0 +1,169 @@
+import Contracts
+import Testing
+
+@Suite("protobuf-c codec")
+struct CodecTests {
+    static func richAction() -> DecisionV1.Action {
+        var cap = DecisionV1.Cap()
+        cap.scope = "person"
+        cap.max = 3
+        cap.windowSeconds = 7 * 86_400
+        var action = DecisionV1.Action()
+        action.id = "spring-sale"
+        action.name = "Spring sale — 20 % off ✓"
+        action.placements = ["home", "checkout", ""]
+        action.channels = [.email, .push, CommonV1.Channel(rawValue: 99)]
+        action.value = 12.5
+        action.lever = -0.25
+        action.startsAtMs = -1
+        action.endsAtMs = Int64.max
+        action.eligibility = "trait.tier == \"gold\""
+        action.caps = [cap, DecisionV1.Cap()]
+        action.safeWithoutConsent = true
+        action.version = UInt64.max
+        return action
+    }
+
+    @Test("every field kind survives a round trip")
+    func roundTrip() throws {
+        let action = Self.richAction()
+        let decoded = try DecisionV1.Action(serializedBytes: action.serializedBytes())
+        #expect(decoded == action)
+
+        var request = DecisionV1.DecideRequest()
+        var ids = CommonV1.IdentifierList()
+        var email = CommonV1.Identifier()
+        email.type = "email"
+        email.value = "ada@example.com"
+        ids.identifiers = [email, email]
+        request.person = CommonV1.PersonRef()
+        request.person?.ref = .identifiers(ids)
+        request.placement = "home"
+        request.context = ["country": "NL", "device": "ios", "": "empty key"]
+        request.count = 3
+        request.explain = true
+        #expect(try DecisionV1.DecideRequest(serializedBytes: request.serializedBytes()) == request)
+    }
+
+    @Test("oneof members are distinguished, including empty values", arguments: [
+        CommonV1.Value.OneOfKind.stringValue(""), .stringValue("x"), .numberValue(0), .numberValue(-2.5),
+        .boolValue(false), .boolValue(true),
+    ])
+    func oneof(kind: CommonV1.Value.OneOfKind) throws {
+        var value = CommonV1.Value()
+        value.kind = kind
+        let decoded = try CommonV1.Value(serializedBytes: value.serializedBytes())
+        #expect(decoded.kind == kind)
+        // An unset oneof stays unset.
+        #expect(try CommonV1.Value(serializedBytes: CommonV1.Value().serializedBytes()).kind == nil)
+    }
+
+    @Test("the ttrpc envelope encodes to the bytes containerd's client sends")
+    func envelopeBytes() throws {
+        var request = TTRPC.Request()
+        request.service = "grpc.health.v1.Health"
+        request.method = "Check"
+        request.timeoutNano = 1_000_000_000
+        var kv = TTRPC.KeyValue()
+        kv.key = "k"
+        kv.value = "v"
+        request.metadata = [kv]
+        let expected: [UInt8] = [0x0a, 21] + Array("grpc.health.v1.Health".utf8)
+            + [0x12, 5] + Array("Check".utf8)
+            + [0x20, 0x80, 0x94, 0xeb, 0xdc, 0x03]  // timeout_nano = 1e9, varint
+            + [0x2a, 6, 0x0a, 1, 0x6b, 0x12, 1, 0x76]
+        #expect(request.serializedBytes() == expected)
+        #expect(try TTRPC.Request(serializedBytes: expected) == request)
+
+        // An OK response with an empty status, as containerd's server writes it.
+        var response = TTRPC.Response()
+        response.status = GoogleRPC.Status()
+        response.payload = [0x08, 0x01]
+        #expect(response.serializedBytes() == [0x0a, 0x00, 0x12, 0x02, 0x08, 0x01])
+    }
+
+    @Test("default values encode to nothing and decode from nothing")
+    func defaults() throws {
+        #expect(DecisionV1.Action().serializedBytes().isEmpty)
+        #expect(try DecisionV1.Action(serializedBytes: []) == DecisionV1.Action())
+    }
+
+    @Test("unknown fields from a newer peer are skipped")
+    func unknownFields() throws {
+        // field 99 (varint 5) then field 1 = "x"
+        let bytes: [UInt8] = [0x98, 0x06, 0x05, 0x0a, 0x01, 0x78]
+        let request = try HealthV1.HealthCheckRequest(serializedBytes: bytes)
+        #expect(request.service == "x")
+    }
+
+    @Test("malformed input throws an error naming the message", arguments: [
+        [0x0a, 0x05, 0x61] as [UInt8],        // length past the end
+        [0x0a],                               // tag without a value
+        [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],  // overlong varint
+        [0x07],                               // field 0, wire type 7
+        [0x0a, 0x03, 0xff, 0xff, 0xff],       // sub-message (status) of garbage
+    ])
+    func malformed(bytes: [UInt8]) {
+        #expect {
+            _ = try TTRPC.Response(serializedBytes: bytes)
+        } throws: { error in
+            (error as? ProtoDecodingError)?.messageName == "ttrpc.Response"
+        }
+    }
+
+    @Test("every truncation of a valid encoding either decodes or throws")
+    func truncations() throws {
+        let bytes = Self.richAction().serializedBytes()
+        var failures = 0
+        for length in 0..<bytes.count {
+            do { _ = try DecisionV1.Action(serializedBytes: bytes[0..<length]) } catch { failures += 1 }
+        }
+        #expect(failures > bytes.count / 2)
+    }
+
+    @Test("random bytes never crash the decoder")
+    func randomBytes() {
+        var generator = SplitMix64(seed: 0xA5B1_7E55)
+        var decoded = 0, rejected = 0
+        for _ in 0..<20_000 {
+            let count = Int(generator.next() % 64)
+            let bytes = (0..<count).map { _ in UInt8(truncatingIfNeeded: generator.next()) }
+            do {
+                let action = try DecisionV1.Action(serializedBytes: bytes)
+                // Whatever decodes re-encodes and decodes to the same value.
+                #expect(try DecisionV1.Action(serializedBytes: action.serializedBytes()) == action)
+                decoded += 1
+            } catch {
+                rejected += 1
+            }
+        }
+        #expect(decoded > 0 && rejected > 0)
+    }
+
+    @Test("enums keep unknown values and name known ones")
+    func enums() {
+        #expect(CommonV1.Channel.push.protoValueName == "CHANNEL_PUSH")
+        #expect(CommonV1.Channel(rawValue: 42).protoValueName == "42")
+        #expect(HealthV1.HealthCheckResponse.ServingStatus.protoName == "grpc.health.v1.HealthCheckResponse.ServingStatus")
+    }
+
+    @Test("method descriptors carry the names and idempotency of the .proto")
+    func descriptors() {
+        #expect(HealthV1.Health.check.fullName == "grpc.health.v1.Health/Check")
+        #expect(HealthV1.Health.check.isIdempotent)
+        #expect(HealthV1.Health.check.inputName == "grpc.health.v1.HealthCheckRequest")
+    }
+}
+
+/// A small deterministic generator so that fuzz runs repeat.
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}

@@ -1,0 +1,226 @@
+import Contracts
+import EchoService
+import Logging
+import NIOCore
+import NIOPosix
+import RPC
+import Synchronization
+
+/// Methods that exercise the runtime, on the message types of the echo service.
+enum TestMethods {
+    static let service = "test.v1.Test"
+    /// Waits until the gate opens; counts how many calls have started.
+    static let block = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "Block", isIdempotent: false)
+    /// Throws an error that is not an RPCError.
+    static let crash = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "Crash", isIdempotent: false)
+    /// Answers UNAVAILABLE to its first `message` (as a number) calls.
+    static let flaky = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "Flaky", isIdempotent: true)
+    static let flakyUnsafe = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "FlakyUnsafe", isIdempotent: false)
+    /// Calls Echo on `relayTarget` without a timeout of its own: the deadline propagates.
+    static let relay = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "Relay", isIdempotent: false)
+    /// Sleeps `delay_ms` ignoring cancellation, then records that it finished.
+    static let stubborn = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "Stubborn", isIdempotent: false)
+}
+
+struct Boom: Error {}
+
+final class TestService: RPCService {
+    let started = Atomic<Int>(0)
+    let cancelled = Atomic<Int>(0)
+    let flakyCalls = Atomic<Int>(0)
+    let gate = Gate()
+    let relayTarget = Mutex<RPCClient?>(nil)
+
+    func register(in router: inout RPCRouter) {
+        router.register(TestMethods.block) { [self] request, _ in
+            started.add(1, ordering: .relaxed)
+            do {
+                try await gate.wait()
+            } catch {
+                cancelled.add(1, ordering: .relaxed)
+                throw error
+            }
+            var response = EchoV1.EchoResponse()
+            response.message = request.message
+            return response
+        }
+        router.register(TestMethods.crash) { _, _ in throw Boom() }
+        let flaky: @Sendable (EchoV1.EchoRequest, RPCContext) async throws -> EchoV1.EchoResponse = { [self] request, _ in
+            let n = flakyCalls.add(1, ordering: .relaxed).newValue
+            if n <= Int(request.message) ?? 0 { throw RPCError(.unavailable, "try again") }
+            var response = EchoV1.EchoResponse()
+            response.message = "after \(n)"
+            return response
+        }
+        router.register(TestMethods.flaky, flaky)
+        router.register(TestMethods.flakyUnsafe, flaky)
+        router.register(TestMethods.relay) { [self] request, _ in
+            let client = relayTarget.withLock { $0 }!
+            var echo = EchoV1.EchoRequest()
+            echo.message = request.message
+            return try await client.call(EchoV1.Echo.echo, echo)
+        }
+        router.register(TestMethods.stubborn) { request, _ in
+            let until = ContinuousClock.now + .milliseconds(request.delayMs)
+            while ContinuousClock.now < until { try? await Task.sleep(for: .milliseconds(5)) }
+            return EchoV1.EchoResponse()
+        }
+    }
+}
+
+/// A gate handlers wait on until the test opens it; a cancelled waiter leaves with CancellationError.
+final class Gate: Sendable {
+    private struct State {
+        var open = false
+        var waiters: [Int: CheckedContinuation<Void, any Error>] = [:]
+        var next = 0
+    }
+    private let state = Mutex(State())
+
+    func wait() async throws {
+        let id = state.withLock { state in
+            state.next += 1
+            return state.next
+        }
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                let resume: Result<Void, any Error>? = state.withLock { state in
+                    if state.open { return .success(()) }
+                    if Task.isCancelled { return .failure(CancellationError()) }
+                    state.waiters[id] = continuation
+                    return nil
+                }
+                if let resume { continuation.resume(with: resume) }
+            }
+        } onCancel: {
+            state.withLock { $0.waiters.removeValue(forKey: id) }?.resume(throwing: CancellationError())
+        }
+    }
+
+    func open() {
+        let waiters = state.withLock { state in
+            state.open = true
+            defer { state.waiters = [:] }
+            return Array(state.waiters.values)
+        }
+        waiters.forEach { $0.resume() }
+    }
+}
+
+/// Runs a server on a free loopback port for the duration of `body`.
+func withServer<T: Sendable>(
+    configure: (inout RPCServerConfiguration) -> Void = { _ in },
+    services: [any RPCService] = [],
+    _ body: @Sendable (RPCServer, Int) async throws -> T
+) async throws -> T {
+    var configuration = RPCServerConfiguration()
+    configuration.port = 0
+    configure(&configuration)
+    var router = RPCRouter()
+    router.register(HealthService(services: [EchoV1.Echo.name]))
+    router.register(EchoService())
+    for service in services { router.register(service) }
+    var logger = Logger(label: "test")
+    logger.logLevel = .critical
+    let server = RPCServer(configuration: configuration, router: router, logger: logger)
+    return try await withThrowingTaskGroup(of: T?.self) { group in
+        group.addTask {
+            try await server.run()
+            return nil
+        }
+        let port = try await server.listeningAddress().port!
+        let result = try await body(server, port)
+        group.cancelAll()
+        return result
+    }
+}
+
+func makeClient(_ port: Int, token: String? = nil, configure: (inout RPCClientConfiguration) -> Void = { _ in }) -> RPCClient {
+    var configuration = RPCClientConfiguration.withToken(token)
+    configure(&configuration)
+    return RPCClient(host: "127.0.0.1", port: port, configuration: configuration)
+}
+
+/// A raw TCP connection for wire-level tests: send any bytes, read whole frames.
+final class RawConnection {
+    let channel: NIOAsyncChannel<ByteBuffer, ByteBuffer>
+    private var inbound: NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator
+    private var pending = ByteBuffer()
+
+    init(port: Int) async throws {
+        channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(host: "127.0.0.1", port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                }
+            }
+        inbound = channel.inbound.makeAsyncIterator()
+    }
+
+    func send(_ bytes: [UInt8]) async throws {
+        try await channel.outbound.write(ByteBuffer(bytes: bytes))
+    }
+
+    static func frame(stream: UInt32, type: UInt8 = 1, payload: [UInt8], declaredLength: UInt32? = nil) -> [UInt8] {
+        var buffer = ByteBuffer()
+        buffer.writeInteger(declaredLength ?? UInt32(payload.count))
+        buffer.writeInteger(stream)
+        buffer.writeInteger(type)
+        buffer.writeInteger(UInt8(0))
+        buffer.writeBytes(payload)
+        return Array(buffer.readableBytesView)
+    }
+
+    static func request<I: ProtoMessage>(service: String, method: String, _ message: I, timeoutNano: Int64 = 0,
+                                         metadata: [(String, String)] = []) -> [UInt8] {
+        var request = TTRPC.Request()
+        request.service = service
+        request.method = method
+        request.payload = message.serializedBytes()
+        request.timeoutNano = timeoutNano
+        request.metadata = metadata.map {
+            var kv = TTRPC.KeyValue()
+            kv.key = $0.0
+            kv.value = $0.1
+            return kv
+        }
+        return request.serializedBytes()
+    }
+
+    /// The next frame, or nil when the server closed the connection.
+    func readFrame() async throws -> (header: FrameHeader, response: TTRPC.Response)? {
+        while true {
+            let parsed = { (buffer: inout ByteBuffer) -> (FrameHeader, [UInt8])? in
+                guard buffer.readableBytes >= 10,
+                      let length = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self),
+                      buffer.readableBytes >= 10 + Int(length) else { return nil }
+                _ = buffer.readInteger(as: UInt32.self)
+                let stream = buffer.readInteger(as: UInt32.self)!
+                let type = buffer.readInteger(as: UInt8.self)!
+                _ = buffer.readInteger(as: UInt8.self)
+                let payload = buffer.readBytes(length: Int(length))!
+                return (FrameHeader(length: length, streamID: stream, kind: .init(rawValue: type)), payload)
+            }(&pending)
+            if let (header, payload) = parsed {
+                return (header, try TTRPC.Response(serializedBytes: payload))
+            }
+            guard var chunk = try await inbound.next() else { return nil }
+            pending.writeBuffer(&chunk)
+        }
+    }
+
+    /// True when the server closed (or reset) the connection instead of answering.
+    func isClosedByServer() async -> Bool {
+        do { return try await readFrame() == nil } catch { return true }
+    }
+
+    func close() async {
+        channel.outbound.finish()
+        try? await channel.channel.close()
+    }
+
+    deinit {
+        channel.outbound.finish()
+        channel.channel.close(promise: nil)
+    }
+}

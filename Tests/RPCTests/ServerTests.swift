@@ -1,0 +1,379 @@
+import Contracts
+import EchoService
+import NIOCore
+import RPC
+import Testing
+
+func echoRequest(_ message: String = "", delayMs: Int64 = 0, failCode: Int32 = 0, failMessage: String = "") -> EchoV1.EchoRequest {
+    var request = EchoV1.EchoRequest()
+    request.message = message
+    request.delayMs = delayMs
+    request.failCode = failCode
+    request.failMessage = failMessage
+    return request
+}
+
+func expectCode(_ code: RPCError.Code, message: String? = nil, _ body: () async throws -> Void) async {
+    do {
+        try await body()
+        Issue.record("expected \(code), got OK")
+    } catch let error as RPCError {
+        #expect(error.code == code, "\(error)")
+        if let message { #expect(error.message.contains(message), "\(error.message)") }
+    } catch {
+        Issue.record("expected RPCError \(code), got \(error)")
+    }
+}
+
+@Suite("RPC server and client over loopback")
+struct ServerTests {
+    @Test("health and echo answer; metadata and blob round-trip")
+    func happyPath() async throws {
+        try await withServer { _, port in
+            let client = makeClient(port)
+            defer { client.close() }
+            let health = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest())
+            #expect(health.status == .serving)
+            var unknown = HealthV1.HealthCheckRequest()
+            unknown.service = "no.such.Service"
+            #expect(try await client.call(HealthV1.Health.check, unknown).status == .serviceUnknown)
+
+            var request = echoRequest("hello")
+            request.blob = [0, 1, 2, 255]
+            let response = try await client.call(EchoV1.Echo.echo, request, metadata: ["X-Request-Id": "r1", "b": "2", "a": "1"])
+            #expect(response.message == "hello")
+            #expect(response.blob == [0, 1, 2, 255])
+            #expect(response.metadata.map { "\($0.key)=\($0.value)" } == ["a=1", "b=2", "x-request-id=r1"])
+            #expect(response.deadlineRemainingNanos == 0)
+        }
+    }
+
+    @Test("unknown service and method are UNIMPLEMENTED")
+    func unimplemented() async throws {
+        try await withServer { _, port in
+            let client = makeClient(port)
+            defer { client.close() }
+            let noService = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: "no.Such", method: "Echo", isIdempotent: false)
+            await expectCode(.unimplemented, message: "service no.Such") { _ = try await client.call(noService, echoRequest()) }
+            let noMethod = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: EchoV1.Echo.name, method: "Nope", isIdempotent: false)
+            await expectCode(.unimplemented, message: "method Nope") { _ = try await client.call(noMethod, echoRequest()) }
+        }
+    }
+
+    @Test("handler errors: an RPCError keeps its code, anything else is INTERNAL without details")
+    func handlerErrors() async throws {
+        let test = TestService()
+        try await withServer(services: [test]) { _, port in
+            let client = makeClient(port)
+            defer { client.close() }
+            await expectCode(.notFound) {
+                _ = try await client.call(EchoV1.Echo.echo, echoRequest(failCode: 5, failMessage: "no such person"))
+            }
+            do {
+                _ = try await client.call(TestMethods.crash, echoRequest())
+                Issue.record("expected INTERNAL")
+            } catch {
+                #expect(error as? RPCError == RPCError(.internal, "internal error"))
+            }
+            await expectCode(.invalidArgument, message: "delay_ms") {
+                _ = try await client.call(EchoV1.Echo.echo, echoRequest(delayMs: -1))
+            }
+        }
+    }
+
+    @Test("undecodable envelope and payload are INVALID_ARGUMENT naming what is wrong")
+    func undecodable() async throws {
+        try await withServer { _, port in
+            let raw = try await RawConnection(port: port)
+            try await raw.send(RawConnection.frame(stream: 1, payload: [0x0a, 0x7f, 0x01]))
+            let first = try #require(try await raw.readFrame())
+            #expect(first.header.streamID == 1 && first.header.kind == .response)
+            #expect(first.response.status?.code == RPCError.Code.invalidArgument.rawValue)
+            #expect(first.response.status?.message.hasPrefix("unmarshal request error") == true)
+
+            var request = TTRPC.Request()
+            request.service = EchoV1.Echo.name
+            request.method = "Echo"
+            request.payload = [0x0a, 0x09, 0x41]  // string field longer than the payload
+            try await raw.send(RawConnection.frame(stream: 3, payload: request.serializedBytes()))
+            let second = try #require(try await raw.readFrame())
+            #expect(second.header.streamID == 3)
+            #expect(second.response.status?.code == RPCError.Code.invalidArgument.rawValue)
+            #expect(second.response.status?.message.contains("arbiter.echo.v1.EchoRequest") == true)
+            await raw.close()
+        }
+    }
+
+    @Test("past the deadline the handler is cancelled and the client gets DEADLINE_EXCEEDED")
+    func deadline() async throws {
+        let test = TestService()
+        try await withServer(services: [test]) { _, port in
+            let client = makeClient(port)
+            defer { client.close() }
+            let start = ContinuousClock.now
+            await expectCode(.deadlineExceeded) {
+                _ = try await client.call(TestMethods.block, echoRequest(), timeout: .milliseconds(150))
+            }
+            #expect(ContinuousClock.now - start < .seconds(2))
+            // The handler saw the cancellation.
+            for _ in 0..<100 where test.cancelled.load(ordering: .relaxed) == 0 { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(test.cancelled.load(ordering: .relaxed) == 1)
+
+            // The handler sees its remaining budget.
+            let echo = try await client.call(EchoV1.Echo.echo, echoRequest(), timeout: .seconds(2))
+            #expect(echo.deadlineRemainingNanos > 1_000_000_000 && echo.deadlineRemainingNanos <= 2_000_000_000)
+        }
+    }
+
+    @Test("a handler that ignores cancellation is still answered at the deadline")
+    func stubbornHandler() async throws {
+        let test = TestService()
+        try await withServer(services: [test]) { _, port in
+            let raw = try await RawConnection(port: port)
+            let start = ContinuousClock.now
+            try await raw.send(RawConnection.frame(stream: 1, payload: RawConnection.request(
+                service: TestMethods.service, method: "Stubborn", echoRequest(delayMs: 1500), timeoutNano: 100_000_000)))
+            let answer = try #require(try await raw.readFrame())
+            #expect(answer.response.status?.code == RPCError.Code.deadlineExceeded.rawValue)
+            #expect(ContinuousClock.now - start < .milliseconds(1000))
+            await raw.close()
+        }
+    }
+
+    @Test("a negative timeout_nano has already expired")
+    func expiredDeadline() async throws {
+        try await withServer { _, port in
+            let raw = try await RawConnection(port: port)
+            try await raw.send(RawConnection.frame(stream: 1, payload: RawConnection.request(
+                service: EchoV1.Echo.name, method: "Echo", echoRequest(), timeoutNano: -5)))
+            let answer = try #require(try await raw.readFrame())
+            #expect(answer.response.status?.code == RPCError.Code.deadlineExceeded.rawValue)
+            await raw.close()
+        }
+    }
+
+    @Test("a handler's calls inherit what is left of its deadline")
+    func propagation() async throws {
+        let test = TestService()
+        try await withServer(services: [test]) { _, port in
+            test.relayTarget.withLock { $0 = makeClient(port) }
+            let client = makeClient(port)
+            defer { client.close() }
+            let response = try await client.call(TestMethods.relay, echoRequest("via relay"), timeout: .milliseconds(800))
+            #expect(response.message == "via relay")
+            #expect(response.deadlineRemainingNanos > 0 && response.deadlineRemainingNanos < 800_000_000)
+            // Without a deadline, none is invented.
+            let unbounded = try await client.call(TestMethods.relay, echoRequest())
+            #expect(unbounded.deadlineRemainingNanos == 0)
+        }
+    }
+
+    @Test("an oversize frame gets RESOURCE_EXHAUSTED for its stream and the connection keeps working")
+    func oversize() async throws {
+        try await withServer(configure: { $0.maxMessageSize = 1024 }) { _, port in
+            let raw = try await RawConnection(port: port)
+            let declared: UInt32 = 5 << 20
+            try await raw.send(RawConnection.frame(stream: 1, payload: [], declaredLength: declared))
+            // The answer comes from the header alone, before any of the body is sent.
+            let answer = try #require(try await raw.readFrame())
+            #expect(answer.header.streamID == 1)
+            #expect(answer.response.status?.code == RPCError.Code.resourceExhausted.rawValue)
+            #expect(answer.response.status?.message == "message length \(declared) exceeds maximum message size of 1024")
+            // Send the body in chunks; it is discarded.
+            let chunk = [UInt8](repeating: 0x55, count: 64 << 10)
+            for _ in 0..<(Int(declared) / chunk.count) { try await raw.send(chunk) }
+            try await raw.send(RawConnection.frame(stream: 3, payload: RawConnection.request(
+                service: HealthV1.Health.name, method: "Check", HealthV1.HealthCheckRequest())))
+            let next = try #require(try await raw.readFrame())
+            #expect(next.header.streamID == 3 && next.response.status?.code == 0)
+            #expect(try HealthV1.HealthCheckResponse(serializedBytes: next.response.payload).status == .serving)
+            await raw.close()
+        }
+    }
+
+    @Test("even and reused stream ids are INVALID_ARGUMENT")
+    func streamIDs() async throws {
+        try await withServer { _, port in
+            let raw = try await RawConnection(port: port)
+            let check = RawConnection.request(service: HealthV1.Health.name, method: "Check", HealthV1.HealthCheckRequest())
+            try await raw.send(RawConnection.frame(stream: 2, payload: check))
+            let even = try #require(try await raw.readFrame())
+            #expect(even.header.streamID == 2)
+            #expect(even.response.status == {
+                var s = GoogleRPC.Status(); s.code = 3; s.message = "StreamID must be odd for client initiated streams"; return s
+            }())
+            try await raw.send(RawConnection.frame(stream: 5, payload: check))
+            #expect(try await raw.readFrame()?.response.status?.code == 0)
+            try await raw.send(RawConnection.frame(stream: 5, payload: check))
+            let reused = try #require(try await raw.readFrame())
+            #expect(reused.response.status?.code == RPCError.Code.invalidArgument.rawValue)
+            try await raw.send(RawConnection.frame(stream: 3, payload: check))
+            #expect(try await raw.readFrame()?.response.status?.code == RPCError.Code.invalidArgument.rawValue)
+            await raw.close()
+        }
+    }
+
+    @Test("garbage closes that connection only; responses and data frames from a client are ignored")
+    func garbage() async throws {
+        try await withServer { _, port in
+            let healthy = makeClient(port)
+            defer { healthy.close() }
+            _ = try await healthy.call(HealthV1.Health.check, HealthV1.HealthCheckRequest())
+
+            let ignored = try await RawConnection(port: port)
+            try await ignored.send(RawConnection.frame(stream: 1, type: 2, payload: [1, 2, 3]))
+            try await ignored.send(RawConnection.frame(stream: 1, type: 3, payload: [4]))
+            try await ignored.send(RawConnection.frame(stream: 1, payload: RawConnection.request(
+                service: HealthV1.Health.name, method: "Check", HealthV1.HealthCheckRequest())))
+            #expect(try await ignored.readFrame()?.header.streamID == 1)
+
+            let raw = try await RawConnection(port: port)
+            try await raw.send(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+            #expect(await raw.isClosedByServer())
+            // Everyone else is still served.
+            #expect(try await healthy.call(HealthV1.Health.check, HealthV1.HealthCheckRequest()).status == .serving)
+        }
+    }
+
+    @Test("many calls in flight on one connection are answered as they finish")
+    func outOfOrder() async throws {
+        try await withServer { _, port in
+            let raw = try await RawConnection(port: port)
+            try await raw.send(RawConnection.frame(stream: 1, payload: RawConnection.request(
+                service: EchoV1.Echo.name, method: "Echo", echoRequest("slow", delayMs: 300))))
+            try await raw.send(RawConnection.frame(stream: 3, payload: RawConnection.request(
+                service: EchoV1.Echo.name, method: "Echo", echoRequest("fast"))))
+            #expect(try await raw.readFrame()?.header.streamID == 3)
+            #expect(try await raw.readFrame()?.header.streamID == 1)
+            await raw.close()
+
+            let client = makeClient(port)
+            defer { client.close() }
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for i in 0..<200 {
+                    group.addTask {
+                        let response = try await client.call(EchoV1.Echo.echo, echoRequest("m\(i)", delayMs: Int64(i % 7)))
+                        #expect(response.message == "m\(i)")
+                    }
+                }
+                try await group.waitForAll()
+            }
+        }
+    }
+
+    @Test("past the in-flight limit the server stops reading that connection")
+    func backpressure() async throws {
+        let test = TestService()
+        try await withServer(configure: { $0.maxInFlightPerConnection = 2 }, services: [test]) { _, port in
+            let client = makeClient(port)
+            defer { client.close() }
+            try await withThrowingTaskGroup(of: String.self) { group in
+                for i in 0..<6 {
+                    group.addTask { try await client.call(TestMethods.block, echoRequest("b\(i)")).message }
+                }
+                try await Task.sleep(for: .milliseconds(300))
+                #expect(test.started.load(ordering: .relaxed) == 2)
+                // Health on another connection is not held up.
+                let other = RPC.RPCClient(host: "127.0.0.1", port: port)
+                #expect(try await other.call(HealthV1.Health.check, HealthV1.HealthCheckRequest()).status == .serving)
+                other.close()
+                test.gate.open()
+                var answers: Set<String> = []
+                for try await message in group { answers.insert(message) }
+                #expect(answers == Set((0..<6).map { "b\($0)" }))
+            }
+            #expect(test.started.load(ordering: .relaxed) == 6)
+        }
+    }
+
+    @Test("connections past the limit are closed; idle connections are closed")
+    func connectionLimits() async throws {
+        try await withServer(configure: { $0.maxConnections = 1; $0.idleTimeout = .milliseconds(300) }) { _, port in
+            let first = try await RawConnection(port: port)
+            let check = RawConnection.request(service: HealthV1.Health.name, method: "Check", HealthV1.HealthCheckRequest())
+            try await first.send(RawConnection.frame(stream: 1, payload: check))
+            #expect(try await first.readFrame()?.response.status?.code == 0)
+            let second = try await RawConnection(port: port)
+            try? await second.send(RawConnection.frame(stream: 1, payload: check))
+            #expect(await second.isClosedByServer())
+            // The first goes idle and is closed.
+            let start = ContinuousClock.now
+            #expect(await first.isClosedByServer())
+            #expect(ContinuousClock.now - start < .seconds(3))
+        }
+    }
+
+    @Test("with a token, calls need `authorization: Bearer <token>`; health stays open")
+    func auth() async throws {
+        try await withServer(configure: { $0.authToken = "s3cret" }) { _, port in
+            let anonymous = makeClient(port)
+            let wrong = makeClient(port, token: "s3cre")
+            let right = makeClient(port, token: "s3cret")
+            defer { [anonymous, wrong, right].forEach { $0.close() } }
+            #expect(try await anonymous.call(HealthV1.Health.check, HealthV1.HealthCheckRequest()).status == .serving)
+            await expectCode(.unauthenticated, message: "missing or invalid bearer token") {
+                _ = try await anonymous.call(EchoV1.Echo.echo, echoRequest())
+            }
+            await expectCode(.unauthenticated) { _ = try await wrong.call(EchoV1.Echo.echo, echoRequest()) }
+            let echoed = try await right.call(EchoV1.Echo.echo, echoRequest("in"))
+            #expect(echoed.message == "in")
+            #expect(!echoed.metadata.contains { $0.key == "authorization" })
+        }
+    }
+
+    @Test("drain: in-flight calls finish, new connections are refused, run() returns")
+    func gracefulDrain() async throws {
+        var configuration = RPCServerConfiguration()
+        configuration.port = 0
+        var router = RPCRouter()
+        router.register(EchoService())
+        router.register(HealthService())
+        let server = RPCServer(configuration: configuration, router: router, logger: .init(label: "drain"))
+        async let running: Void = server.run()
+        let port = try await server.listeningAddress().port!
+        let client = makeClient(port) { $0.maxAttempts = 1 }
+        async let slow = client.call(EchoV1.Echo.echo, echoRequest("finishing", delayMs: 400))
+        try await Task.sleep(for: .milliseconds(100))
+        server.drain()
+        #expect(try await slow.message == "finishing")
+        try await running
+        let late = RPC.RPCClient(host: "127.0.0.1", port: port)
+        await expectCode(.unavailable) { _ = try await late.call(HealthV1.Health.check, HealthV1.HealthCheckRequest()) }
+    }
+
+    @Test("client: a peer that is down is UNAVAILABLE with its address")
+    func peerDown() async throws {
+        let port = try await withServer { _, port in port }  // a port that was free and is closed again
+        let client = makeClient(port) { $0.maxAttempts = 2; $0.initialBackoff = .milliseconds(10) }
+        await expectCode(.unavailable, message: "127.0.0.1:\(port)") {
+            _ = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest())
+        }
+    }
+
+    @Test("client: UNAVAILABLE is retried for idempotent methods only")
+    func retries() async throws {
+        let test = TestService()
+        try await withServer(services: [test]) { _, port in
+            let client = makeClient(port) { $0.maxAttempts = 3; $0.initialBackoff = .milliseconds(5) }
+            defer { client.close() }
+            let response = try await client.call(TestMethods.flaky, echoRequest("2"))
+            #expect(response.message == "after 3")
+            test.flakyCalls.store(0, ordering: .relaxed)
+            await expectCode(.unavailable) { _ = try await client.call(TestMethods.flakyUnsafe, echoRequest("2")) }
+            #expect(test.flakyCalls.load(ordering: .relaxed) == 1)
+        }
+    }
+
+    @Test("client: reconnects after the server restarts on the same port")
+    func reconnect() async throws {
+        let port = try await withServer { _, port in port }
+        let client = makeClient(port) { $0.initialBackoff = .milliseconds(5); $0.maxBackoff = .milliseconds(20) }
+        defer { client.close() }
+        await expectCode(.unavailable) { _ = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest()) }
+        try await Task.sleep(for: .milliseconds(50))
+        try await withServer(configure: { $0.port = port }) { _, _ in
+            let status = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest()).status
+            #expect(status == .serving)
+        }
+    }
+}
