@@ -54,8 +54,11 @@ public struct ProtoDecodingError: Error, CustomStringConvertible, Hashable, Send
     public var messageName: String
     /// How many bytes were offered.
     public var byteCount: Int
+    /// What is wrong, when known (e.g. "field message contains a NUL character").
+    public var reason: String?
     public var description: String {
-        "invalid \(messageName): \(byteCount) bytes are not a valid protobuf encoding of it"
+        if let reason { return "invalid \(messageName): \(reason)" }
+        return "invalid \(messageName): \(byteCount) bytes are not a valid protobuf encoding of it"
     }
 }
 
@@ -73,6 +76,9 @@ extension ProtoMessage {
 
     private static func decode(_ buffer: UnsafeBufferPointer<UInt8>) throws -> Self {
         let descriptor = protoDescriptor.pointer
+        if let reason = StringFieldCheck.firstProblem(buffer, descriptor, depth: 0) {
+            throw ProtoDecodingError(messageName: protoName, byteCount: buffer.count, reason: reason)
+        }
         // protobuf-c needs a non-NULL data pointer even for zero bytes.
         var empty: UInt8 = 0
         let unpacked: UnsafeMutablePointer<ProtobufCMessage>? = withUnsafeMutablePointer(to: &empty) { emptyPointer in
@@ -95,6 +101,58 @@ extension ProtoMessage {
         return [UInt8](unsafeUninitializedCapacity: size) { buffer, count in
             count = size == 0 ? 0 : protobuf_c_message_pack(message, buffer.baseAddress!)
         }
+    }
+}
+
+/// protobuf-c keeps strings as NUL-terminated C strings and does not check UTF-8: a
+/// string holding U+0000 would be cut short without a word (so that "Bearer t\\0x" would
+/// read as "Bearer t"), and invalid UTF-8 would pass. This walk over the wire bytes,
+/// guided by the descriptors, rejects both before protobuf-c unpacks. Anything else
+/// malformed is left for protobuf-c to reject.
+enum StringFieldCheck {
+    static func firstProblem(_ bytes: UnsafeBufferPointer<UInt8>, _ descriptor: UnsafePointer<ProtobufCMessageDescriptor>,
+                             depth: Int) -> String? {
+        var i = 0
+        let n = bytes.count
+        func varint() -> UInt64? {
+            var value: UInt64 = 0
+            var shift: UInt64 = 0
+            while i < n && shift < 64 {
+                let byte = bytes[i]
+                i += 1
+                value |= UInt64(byte & 0x7f) << shift
+                if byte & 0x80 == 0 { return value }
+                shift += 7
+            }
+            return nil
+        }
+        while i < n {
+            guard let key = varint() else { return nil }
+            switch key & 7 {
+            case 0: guard varint() != nil else { return nil }
+            case 1: i += 8
+            case 5: i += 4
+            case 2:
+                guard let length = varint(), length <= UInt64(n - i) else { return nil }
+                let start = i
+                i += Int(length)
+                guard key >> 3 <= UInt64(UInt32.max),
+                      let field = protobuf_c_message_descriptor_get_field(descriptor, UInt32(key >> 3)) else { continue }
+                let value = UnsafeBufferPointer(rebasing: bytes[start..<i])
+                if field.pointee.type == PROTOBUF_C_TYPE_STRING {
+                    let name = String(cString: field.pointee.name)
+                    if value.contains(0) { return "field \(name) contains a NUL character" }
+                    if String(validating: value, as: UTF8.self) == nil { return "field \(name) is not valid UTF-8" }
+                } else if field.pointee.type == PROTOBUF_C_TYPE_MESSAGE, depth < 100,
+                          let sub = field.pointee.descriptor?.assumingMemoryBound(to: ProtobufCMessageDescriptor.self),
+                          let problem = firstProblem(value, sub, depth: depth + 1) {
+                    return "\(String(cString: field.pointee.name)).\(problem)"
+                }
+            default:
+                return nil
+            }
+        }
+        return nil
     }
 }
 

@@ -111,6 +111,39 @@ struct CodecTests {
         }
     }
 
+    @Test("strings with a NUL character or invalid UTF-8 are rejected, naming the field")
+    func stringValidation() throws {
+        // service = "a\0b"
+        #expect {
+            _ = try TTRPC.Request(serializedBytes: [0x0a, 0x03, 0x61, 0x00, 0x62])
+        } throws: { error in
+            (error as? ProtoDecodingError)?.description == "invalid ttrpc.Request: field service contains a NUL character"
+        }
+        // metadata[0].value = "Bearer t\0x": nested, named by its path
+        var kv = TTRPC.KeyValue()
+        kv.key = "authorization"
+        kv.value = "Bearer t"
+        var request = TTRPC.Request()
+        request.metadata = [kv]
+        var bytes = request.serializedBytes()
+        bytes[1] += 2
+        bytes[3 + 15] += 2  // the KeyValue's value length
+        bytes += [0x00, 0x78]
+        #expect {
+            _ = try TTRPC.Request(serializedBytes: bytes)
+        } throws: { error in
+            (error as? ProtoDecodingError)?.reason == "metadata.field value contains a NUL character"
+        }
+        #expect(throws: ProtoDecodingError.self) {
+            _ = try HealthV1.HealthCheckRequest(serializedBytes: [0x0a, 0x02, 0xc3, 0x28])
+        }
+        // Valid multi-byte UTF-8 passes; bytes fields may hold anything.
+        #expect(try HealthV1.HealthCheckRequest(serializedBytes: [0x0a, 0x02, 0xc3, 0xa9]).service == "é")
+        var echo = EchoV1.EchoRequest()
+        echo.blob = [0, 0xff, 0]
+        #expect(try EchoV1.EchoRequest(serializedBytes: echo.serializedBytes()).blob == [0, 0xff, 0])
+    }
+
     @Test("every truncation of a valid encoding either decodes or throws")
     func truncations() throws {
         let bytes = Self.richAction().serializedBytes()
