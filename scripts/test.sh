@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs what is missing, checks that the
+# generated contracts match Protos/, builds, runs every Swift test, then the
+# cross-language tests against a real server: containerd's Go ttrpc client and
+# the Python example.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { echo; echo "== $*"; }
+
+step "dependencies"
+scripts/install-deps.sh
+
+step "generated contracts match Protos/"
+scripts/generate-contracts.sh --check
+
+step "build"
+swift build --build-tests
+
+step "swift tests"
+swift test --skip-build
+
+step "interop: containerd's Go ttrpc client against arbiter-echo"
+scripts/interop-go.sh
+
+if [ -x scripts/example-python.sh ]; then
+  step "integrator example: Python client against arbiter-echo"
+  scripts/example-python.sh
+fi
+
+if [ -f docker/compose.yaml ]; then
+  step "docker: compose file and Dockerfile"
+  scripts/check-docker.sh
+fi
+
+echo
+echo "all tests passed"
