@@ -1,0 +1,196 @@
+import Contracts
+import Foundation
+import NIOCore
+import NIOPosix
+import RPC
+import ServiceRuntime
+import Testing
+
+/// The directory holding the built executables (next to the test bundle).
+let binDirectory: URL = {
+    let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+    var dir = exe.deletingLastPathComponent()
+    // Linux: .build/<triple>/debug/ArbiterPackageTests.xctest is a file in the debug directory.
+    while !FileManager.default.fileExists(atPath: dir.appendingPathComponent("arbiter-echo").path), dir.path != "/" {
+        dir = dir.deletingLastPathComponent()
+    }
+    return dir
+}()
+
+func freePort() async throws -> Int {
+    let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
+    let port = channel.localAddress!.port!
+    try await channel.close()
+    return port
+}
+
+struct RunningProcess {
+    let process: Process
+    let stderr: Pipe
+
+    static func start(_ name: String, _ arguments: [String], environment: [String: String] = [:]) throws -> RunningProcess {
+        let process = Process()
+        process.executableURL = binDirectory.appendingPathComponent(name)
+        process.arguments = arguments
+        var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("ARBITER_") }
+        env.merge(environment) { _, new in new }
+        process.environment = env
+        let stderr = Pipe()
+        process.standardError = stderr
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        return RunningProcess(process: process, stderr: stderr)
+    }
+
+    func waitForExit() async -> Int32 {
+        while process.isRunning { try? await Task.sleep(for: .milliseconds(20)) }
+        return process.terminationStatus
+    }
+
+    var errorOutput: String {
+        String(decoding: stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    }
+}
+
+/// GET http://127.0.0.1:port/path with curl: (status, body).
+func httpGet(port: Int, _ path: String) throws -> (Int, String) {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+    process.arguments = ["-s", "-w", "\n%{http_code}", "http://127.0.0.1:\(port)\(path)"]
+    let out = Pipe()
+    process.standardOutput = out
+    try process.run()
+    let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    process.waitUntilExit()
+    let status = Int(text.split(separator: "\n").last ?? "") ?? 0
+    return (status, String(text[..<(text.lastIndex(of: "\n") ?? text.endIndex)]))
+}
+
+func waitUntilServing(port: Int) async throws -> RPCClient {
+    let client = RPCClient(host: "127.0.0.1", port: port)
+    for _ in 0..<200 {
+        if let status = try? await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest()).status, status == .serving {
+            return client
+        }
+        try await Task.sleep(for: .milliseconds(25))
+    }
+    throw RPCError(.unavailable, "server on \(port) never became healthy")
+}
+
+@Suite("executables: operator contract and lifecycle", .serialized)
+struct ProcessTests {
+    @Test("SIGTERM drains: the call in flight is answered, readiness drops, the process exits 0")
+    func sigtermDrains() async throws {
+        let port = try await freePort(), admin = try await freePort()
+        let dataDir = FileManager.default.temporaryDirectory.appendingPathComponent("arbiter-test-\(port)").path
+        // Configured through the environment only.
+        let server = try RunningProcess.start("arbiter-echo", [], environment: [
+            "ARBITER_PORT": "\(port)", "ARBITER_ADMIN_PORT": "\(admin)", "ARBITER_DATA_DIR": dataDir,
+            "ARBITER_LOG_FORMAT": "json",
+        ])
+        let client = try await waitUntilServing(port: port)
+        defer { client.close() }
+        var isDir: ObjCBool = false
+        #expect(FileManager.default.fileExists(atPath: dataDir, isDirectory: &isDir) && isDir.boolValue)
+
+        #expect(try httpGet(port: admin, "/readyz") == (200, "ready\n"))
+        #expect(try httpGet(port: admin, "/healthz") == (200, "ok\n"))
+        let metrics = try httpGet(port: admin, "/metrics").1
+        #expect(metrics.contains("rpc_server_requests_total{rpc_service=\"grpc.health.v1.Health\",rpc_method=\"Check\",rpc_code=\"OK\"}"))
+
+        var request = EchoV1.EchoRequest()
+        request.message = "in flight"
+        request.delayMs = 700
+        async let slow = client.call(EchoV1.Echo.echo, request)
+        try await Task.sleep(for: .milliseconds(200))
+        kill(server.process.processIdentifier, SIGTERM)
+        try await Task.sleep(for: .milliseconds(150))
+        #expect(try httpGet(port: admin, "/readyz").0 == 503)
+        #expect(try await slow.message == "in flight")
+        #expect(await server.waitForExit() == 0)
+        let log = server.errorOutput
+        #expect(log.contains("\"message\":\"rpc server draining\""))
+    }
+
+    @Test("a bad flag or environment value stops the process at start, naming it", arguments: [
+        (["--port", "70000"], [String: String](), "--port"),
+        ([], ["ARBITER_ADMIN_PORT": "http"], "--admin-port"),
+        (["--identity", "nohost"], [:], "--identity"),
+        (["--auth-token-file", "/nonexistent/token"], [:], "--auth-token-file"),
+        (["--log-level", "loud"], [:], "--log-level"),
+        (["--max-in-flight", "0"], [:], "--max-in-flight"),
+    ])
+    func badConfiguration(arguments: [String], environment: [String: String], flag: String) async throws {
+        let process = try RunningProcess.start("arbiter-identity", arguments + ["--data-dir", NSTemporaryDirectory() + "/arbiter-bad"],
+                                               environment: environment)
+        let status = await process.waitForExit()
+        #expect(status != 0)
+        #expect(process.errorOutput.contains(flag))
+    }
+
+    @Test("with --auth-token-file, calls need the token; health does not", .timeLimit(.minutes(1)))
+    func authTokenFile() async throws {
+        let port = try await freePort(), admin = try await freePort()
+        let tokenFile = NSTemporaryDirectory() + "/arbiter-token-\(port)"
+        try "  t0ken\n".write(toFile: tokenFile, atomically: true, encoding: .utf8)
+        let server = try RunningProcess.start("arbiter-echo", [
+            "--port", "\(port)", "--admin-port", "\(admin)", "--auth-token-file", tokenFile,
+            "--data-dir", NSTemporaryDirectory() + "/arbiter-auth",
+        ])
+        let anonymous = try await waitUntilServing(port: port)
+        let authorized = RPCClient(host: "127.0.0.1", port: port, configuration: .withToken("t0ken"))
+        defer { anonymous.close(); authorized.close() }
+        do {
+            _ = try await anonymous.call(EchoV1.Echo.echo, EchoV1.EchoRequest())
+            Issue.record("expected UNAUTHENTICATED")
+        } catch {
+            #expect(error.code == .unauthenticated)
+        }
+        #expect(try await authorized.call(EchoV1.Echo.echo, EchoV1.EchoRequest()).message == "")
+        kill(server.process.processIdentifier, SIGINT)
+        #expect(await server.waitForExit() == 0)
+    }
+
+    @Test("every service executable serves health on its port")
+    func servicesServeHealth() async throws {
+        for name in ["arbiter-identity", "arbiter-profile", "arbiter-decision", "arbiter-routing"] {
+            let port = try await freePort(), admin = try await freePort()
+            let server = try RunningProcess.start(name, [
+                "--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", NSTemporaryDirectory() + "/\(name)",
+            ])
+            let client = try await waitUntilServing(port: port)
+            client.close()
+            kill(server.process.processIdentifier, SIGTERM)
+            #expect(await server.waitForExit() == 0, "\(name)")
+        }
+    }
+}
+
+@Suite("operator flags")
+struct OptionsTests {
+    enum Fake: ServiceDefinition {
+        static let commandName = "arbiter-fake"
+        static let abstract = "test"
+        static let defaultPort = 7999
+        static let defaultAdminPort = 8999
+        static func makeServices(_ context: ServiceContext) async throws -> ServiceParts { ServiceParts() }
+    }
+
+    @Test("environment fills in flags not given; the command line wins")
+    func environment() throws {
+        let arguments = ServiceOptions<Fake>.arguments(["--port", "1234"], environment: [
+            "ARBITER_PORT": "9", "ARBITER_DATA_DIR": "/var/lib/arbiter", "ARBITER_IDENTITY": "id:7101", "HOME": "/root",
+        ])
+        let options = try ServiceOptions<Fake>.parse(arguments)
+        #expect(options.port == 1234)
+        #expect(options.dataDir == "/var/lib/arbiter")
+        #expect(options.identity == PeerAddress(host: "id", port: 7101))
+        #expect(options.adminPort == 8999)
+    }
+
+    @Test("defaults come from the service definition")
+    func defaults() throws {
+        let options = try ServiceOptions<Fake>.parse([])
+        #expect(options.port == 7999 && options.host == "127.0.0.1" && options.maxMessageSize == 4 << 20)
+    }
+}
