@@ -33,55 +33,12 @@ for b in ttrpc-bench ttrpc-refserver; do
     [ -x "$BIN/$b" ] || { echo "bench-rpc: $BIN/$b missing (run scripts/build-go-examples.sh)" >&2; exit 1; }
 done
 
-# A TCP port in 17300-17999 that nothing listens on and that we have not taken yet.
-TAKEN=" "
-free_port() {
-    local p tries=0
-    while [ $tries -lt 200 ]; do
-        p=$(( 17300 + RANDOM % 700 ))
-        tries=$((tries + 1))
-        case "$TAKEN" in *" $p "*) continue ;; esac
-        if [ -z "$(ss -Htln "sport = :$p" 2>/dev/null)" ]; then
-            TAKEN="$TAKEN$p "
-            echo "$p"
-            return 0
-        fi
-    done
-    echo "bench-rpc: no free port found" >&2
-    return 1
-}
-
-# wait_accept PORT PID NAME: wait until 127.0.0.1:PORT accepts, while PID lives.
-wait_accept() {
-    local port=$1 pid=$2 name=$3 i
-    for i in $(seq 1 150); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "bench-rpc: $name exited before accepting connections; log:" >&2
-            cat "$WORK/$name.log" >&2 || true
-            return 1
-        fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "bench-rpc: $name did not accept on port $port within 15s" >&2
-    return 1
-}
+SCRIPT=bench-rpc
+. "$ROOT/scripts/lib.sh"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/bench-rpc.XXXXXX")"
 PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap stop_all EXIT
 trap 'exit 130' INT TERM
 
 RPC_PORT=$(free_port)

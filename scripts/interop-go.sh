@@ -23,53 +23,12 @@ if [ "${SKIP_GO_BUILD:-0}" != 1 ]; then
 fi
 [ -x "$BIN/ttrpc-interop" ] || { echo "interop-go: $BIN/ttrpc-interop missing" >&2; exit 1; }
 
-TAKEN=" "
-free_port() {
-    local p tries=0
-    while [ $tries -lt 200 ]; do
-        p=$(( 17300 + RANDOM % 700 ))
-        tries=$((tries + 1))
-        case "$TAKEN" in *" $p "*) continue ;; esac
-        if [ -z "$(ss -Htln "sport = :$p" 2>/dev/null)" ]; then
-            TAKEN="$TAKEN$p "
-            echo "$p"
-            return 0
-        fi
-    done
-    echo "interop-go: no free port found" >&2
-    return 1
-}
-
-wait_accept() {
-    local port=$1 pid=$2 name=$3 i
-    for i in $(seq 1 150); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "interop-go: $name exited before accepting connections; log:" >&2
-            cat "$WORK/$name.log" >&2 || true
-            return 1
-        fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "interop-go: $name did not accept on port $port within 15s" >&2
-    return 1
-}
+SCRIPT=interop-go
+. "$ROOT/scripts/lib.sh"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/interop-go.XXXXXX")"
 PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap stop_all EXIT
 trap 'exit 130' INT TERM
 
 TOKEN="interop-$RANDOM$RANDOM"
