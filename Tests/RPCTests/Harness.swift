@@ -18,7 +18,7 @@ enum TestMethods {
     static let flakyUnsafe = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "FlakyUnsafe", isIdempotent: false)
     /// Calls Echo on `relayTarget` without a timeout of its own: the deadline propagates.
     static let relay = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "Relay", isIdempotent: false)
-    /// Sleeps `delay_ms` ignoring cancellation, then records that it finished.
+    /// Waits `delay_ms` for something that ignores cancellation (a detached task).
     static let stubborn = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "Stubborn", isIdempotent: false)
 }
 
@@ -61,8 +61,7 @@ final class TestService: RPCService {
             return try await client.call(EchoV1.Echo.echo, echo)
         }
         router.register(TestMethods.stubborn) { request, _ in
-            let until = ContinuousClock.now + .milliseconds(request.delayMs)
-            while ContinuousClock.now < until { try? await Task.sleep(for: .milliseconds(5)) }
+            await Task.detached { try? await Task.sleep(for: .milliseconds(request.delayMs)) }.value
             return EchoV1.EchoResponse()
         }
     }

@@ -125,10 +125,12 @@ struct ServerTests {
         }
     }
 
-    @Test("a handler that ignores cancellation is still answered at the deadline")
-    func stubbornHandler() async throws {
+    @Test("a handler that ignores cancellation is still answered at the deadline", arguments: [
+        RPCServerConfiguration.HandlerExecution.eventLoop, .concurrentPool,
+    ])
+    func stubbornHandler(execution: RPCServerConfiguration.HandlerExecution) async throws {
         let test = TestService()
-        try await withServer(services: [test]) { _, port in
+        try await withServer(configure: { $0.handlerExecution = execution }, services: [test]) { _, port in
             let raw = try await RawConnection(port: port)
             let start = ContinuousClock.now
             try await raw.send(RawConnection.frame(stream: 1, payload: RawConnection.request(
