@@ -129,6 +129,10 @@ public final class RPCServer: Service, Sendable {
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .bind(host: configuration.host, port: configuration.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    guard self.admit(channel) else {
+                        try channel.pipeline.syncOperations.addHandler(CloseOnActive())
+                        return channel
+                    }
                     var logger = self.logger
                     logger[metadataKey: "rpc.peer"] = "\(channel.remoteAddress.map { "\($0)" } ?? "?")"
                     let pipeline = channel.pipeline.syncOperations
@@ -143,30 +147,31 @@ public final class RPCServer: Service, Sendable {
     }
 
     /// Registers a new connection, or refuses it when draining or at `maxConnections`.
+    /// Runs in the channel initializer, before the connection reads anything.
     private func admit(_ channel: any Channel) -> Bool {
-        state.withLock { state in
+        let admitted = state.withLock { state in
             guard !state.draining, state.connections.count < configuration.maxConnections else { return false }
             state.connections[ObjectIdentifier(channel)] = channel
             return true
         }
-    }
-
-    /// Holds a connection until it closes. On cancellation (the grace period is over), closes it.
-    private func serve(_ channel: any Channel) async {
-        guard admit(channel) else {
+        guard admitted else {
             metrics.rejectedConnections.increment()
             logger.warning("connection refused", metadata: [
                 "rpc.peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")",
                 "rpc.reason": "\(state.withLock { $0.draining } ? "draining" : "maxConnections \(configuration.maxConnections) reached")",
             ])
-            try? await channel.close()
-            return
+            return false
         }
         metrics.connections.increment()
-        defer {
-            metrics.connections.decrement()
-            _ = state.withLock { $0.connections.removeValue(forKey: ObjectIdentifier(channel)) }
+        channel.closeFuture.whenComplete { _ in
+            self.metrics.connections.decrement()
+            _ = self.state.withLock { $0.connections.removeValue(forKey: ObjectIdentifier(channel)) }
         }
+        return true
+    }
+
+    /// Holds a connection until it closes. On cancellation (the grace period is over), closes it.
+    private func serve(_ channel: any Channel) async {
         await withTaskCancellationHandler {
             try? await channel.closeFuture.get()
         } onCancel: {
@@ -324,6 +329,15 @@ func constantTimeEqual(_ a: String, _ b: String) -> Bool {
         difference |= (i < x.count ? x[i] : 0) ^ (i < y.count ? y[i] : 0)
     }
     return difference == 0
+}
+
+/// Closes a refused connection as soon as it is active.
+final class CloseOnActive: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    func channelActive(context: ChannelHandlerContext) { context.close(promise: nil) }
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { context.close(promise: nil) }
+    }
 }
 
 /// Runs a job of a Swift task on an event loop, so that handlers and their answers

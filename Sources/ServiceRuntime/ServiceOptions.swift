@@ -42,6 +42,9 @@ public struct ServiceOptions<Definition: ServiceDefinition>: ParsableArguments, 
     @Option(help: "Routing service address, host:port. [env: ARBITER_ROUTING]")
     public var routing: PeerAddress?
 
+    @Option(help: "JSON file with service-specific settings (a section per service, e.g. \"identity\"). [env: ARBITER_CONFIG]")
+    public var config: String?
+
     @Option(help: "trace, debug, info, notice, warning, error or critical. [env: ARBITER_LOG_LEVEL]")
     public var logLevel: Logger.Level = .info
 
@@ -71,7 +74,7 @@ public struct ServiceOptions<Definition: ServiceDefinition>: ParsableArguments, 
     /// Long names of every option, for the environment mapping.
     static var optionNames: [String] {
         ["host", "port", "admin-port", "data-dir", "auth-token-file", "identity", "profile", "routing",
-         "log-level", "log-format", "max-connections", "max-in-flight", "max-message-size", "idle-timeout",
+         "config", "log-level", "log-format", "max-connections", "max-in-flight", "max-message-size", "idle-timeout",
          "grace-period", "event-loop-threads"]
     }
 

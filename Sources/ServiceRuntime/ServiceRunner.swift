@@ -24,6 +24,15 @@ public struct ServiceContext: Sendable {
     public var identity: RPCClient?
     public var profile: RPCClient?
     public var routing: RPCClient?
+    /// The raw `--config` file, for services that decode their section with `Codable`.
+    public var configurationData: [UInt8]?
+
+    /// Decodes the `section` of `--config` (e.g. "identity") as `T`, or returns `T()`'s defaults.
+    /// A malformed file or section stops the service with a message naming it.
+    public func section<T: Decodable>(_ section: String, as type: T.Type, default value: T) throws -> T {
+        guard let data = configurationData else { return value }
+        return try ConfigFile.decode(section, from: data, as: type) ?? value
+    }
 }
 
 /// What a service consists of.
@@ -126,9 +135,15 @@ public final class ServiceRuntime<Definition: ServiceDefinition>: Sendable {
         func client(_ peer: PeerAddress?) -> RPCClient? {
             peer.map { RPCClient(host: $0.host, port: $0.port, configuration: .withToken(authToken), group: group) }
         }
+        var configData: [UInt8]?
+        if let file = options.config {
+            guard let text = readFile(file) else { throw ValidationError("--config: cannot read \(file)") }
+            configData = Array(text.utf8)
+        }
         let context = ServiceContext(
             logger: logger, dataDirectory: options.dataDir, authToken: authToken, group: group,
-            identity: client(options.identity), profile: client(options.profile), routing: client(options.routing))
+            identity: client(options.identity), profile: client(options.profile), routing: client(options.routing),
+            configurationData: configData)
         // Stores open and migrate here, before anything listens.
         let parts = try await Definition.makeServices(context)
 

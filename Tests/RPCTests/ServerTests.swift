@@ -108,20 +108,27 @@ struct ServerTests {
     func deadline() async throws {
         let test = TestService()
         try await withServer(services: [test]) { _, port in
+            // Over a raw connection the deadline runs from the server's receipt, so the
+            // handler certainly starts whatever the load on the test machine.
+            let raw = try await RawConnection(port: port)
+            try await raw.send(RawConnection.frame(stream: 1, payload: RawConnection.request(
+                service: TestMethods.service, method: "Block", echoRequest(), timeoutNano: 150_000_000)))
+            let answer = try #require(try await raw.readFrame())
+            #expect(answer.response.status?.code == RPCError.Code.deadlineExceeded.rawValue)
+            #expect(test.started.load(ordering: .relaxed) == 1)
+            // The handler saw the cancellation.
+            for _ in 0..<500 where test.cancelled.load(ordering: .relaxed) == 0 { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(test.cancelled.load(ordering: .relaxed) == 1)
+            await raw.close()
+
+            // Through the client: DEADLINE_EXCEEDED, and a handler sees its remaining budget.
             let client = makeClient(port)
             defer { client.close() }
-            let start = ContinuousClock.now
             await expectCode(.deadlineExceeded) {
                 _ = try await client.call(TestMethods.block, echoRequest(), timeout: .milliseconds(150))
             }
-            #expect(ContinuousClock.now - start < .seconds(2))
-            // The handler saw the cancellation.
-            for _ in 0..<100 where test.cancelled.load(ordering: .relaxed) == 0 { try await Task.sleep(for: .milliseconds(10)) }
-            #expect(test.cancelled.load(ordering: .relaxed) == 1)
-
-            // The handler sees its remaining budget.
-            let echo = try await client.call(EchoV1.Echo.echo, echoRequest(), timeout: .seconds(2))
-            #expect(echo.deadlineRemainingNanos > 1_000_000_000 && echo.deadlineRemainingNanos <= 2_000_000_000)
+            let echo = try await client.call(EchoV1.Echo.echo, echoRequest(), timeout: .seconds(5))
+            #expect(echo.deadlineRemainingNanos > 0 && echo.deadlineRemainingNanos <= 5_000_000_000)
         }
     }
 
@@ -288,9 +295,9 @@ struct ServerTests {
         }
     }
 
-    @Test("connections past the limit are closed; idle connections are closed")
-    func connectionLimits() async throws {
-        try await withServer(configure: { $0.maxConnections = 1; $0.idleTimeout = .milliseconds(300) }) { _, port in
+    @Test("connections past the limit are closed")
+    func connectionLimit() async throws {
+        try await withServer(configure: { $0.maxConnections = 1 }) { _, port in
             let first = try await RawConnection(port: port)
             let check = RawConnection.request(service: HealthV1.Health.name, method: "Check", HealthV1.HealthCheckRequest())
             try await first.send(RawConnection.frame(stream: 1, payload: check))
@@ -298,10 +305,20 @@ struct ServerTests {
             let second = try await RawConnection(port: port)
             try? await second.send(RawConnection.frame(stream: 1, payload: check))
             #expect(await second.isClosedByServer())
-            // The first goes idle and is closed.
-            let start = ContinuousClock.now
-            #expect(await first.isClosedByServer())
-            #expect(ContinuousClock.now - start < .seconds(3))
+            // The first is still served.
+            try await first.send(RawConnection.frame(stream: 3, payload: check))
+            #expect(try await first.readFrame()?.response.status?.code == 0)
+        }
+    }
+
+    @Test("idle connections are closed")
+    func idleTimeout() async throws {
+        try await withServer(configure: { $0.idleTimeout = .milliseconds(300) }) { _, port in
+            let connection = try await RawConnection(port: port)
+            let check = RawConnection.request(service: HealthV1.Health.name, method: "Check", HealthV1.HealthCheckRequest())
+            try await connection.send(RawConnection.frame(stream: 1, payload: check))
+            #expect(try await connection.readFrame()?.response.status?.code == 0)
+            #expect(await connection.isClosedByServer())
         }
     }
 
@@ -334,6 +351,7 @@ struct ServerTests {
         async let running: Void = server.run()
         let port = try await server.listeningAddress().port!
         let client = makeClient(port) { $0.maxAttempts = 1 }
+        _ = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest())  // connected before draining
         async let slow = client.call(EchoV1.Echo.echo, echoRequest("finishing", delayMs: 400))
         try await Task.sleep(for: .milliseconds(100))
         server.drain()
@@ -345,7 +363,7 @@ struct ServerTests {
 
     @Test("client: a peer that is down is UNAVAILABLE with its address")
     func peerDown() async throws {
-        let port = try await withServer { _, port in port }  // a port that was free and is closed again
+        let port = try await unusedPort()
         let client = makeClient(port) { $0.maxAttempts = 2; $0.initialBackoff = .milliseconds(10) }
         await expectCode(.unavailable, message: "127.0.0.1:\(port)") {
             _ = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest())
@@ -368,7 +386,7 @@ struct ServerTests {
 
     @Test("client: reconnects after the server restarts on the same port")
     func reconnect() async throws {
-        let port = try await withServer { _, port in port }
+        let port = try await unusedPort()
         let client = makeClient(port) { $0.initialBackoff = .milliseconds(5); $0.maxBackoff = .milliseconds(20) }
         defer { client.close() }
         await expectCode(.unavailable) { _ = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest()) }

@@ -17,11 +17,17 @@ let binDirectory: URL = {
     return dir
 }()
 
+/// A free loopback port outside Linux's ephemeral range (32768-60999), so that no other
+/// test's server bound to port 0 takes it before the child process binds it.
 func freePort() async throws -> Int {
-    let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
-    let port = channel.localAddress!.port!
-    try await channel.close()
-    return port
+    while true {
+        let port = Int.random(in: 20_000..<32_000)
+        if let channel = try? await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .bind(host: "127.0.0.1", port: port).get() {
+            try await channel.close()
+            return port
+        }
+    }
 }
 
 struct RunningProcess {
@@ -47,13 +53,29 @@ struct RunningProcess {
         return process.terminationStatus
     }
 
+    /// Everything the process wrote to standard error (call after it exited).
     var errorOutput: String {
-        String(decoding: stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        get async {
+            let handle = stderr.fileHandleForReading
+            return (try? await offPool { String(decoding: handle.readDataToEndOfFile(), as: UTF8.self) }) ?? ""
+        }
+    }
+}
+
+/// Runs blocking work (waiting for a child process, reading a pipe to its end) on a thread
+/// of its own, so that it never holds one of the few threads of Swift's cooperative pool.
+func offPool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread.detachNewThread { continuation.resume(with: Result { try body() }) }
     }
 }
 
 /// GET http://127.0.0.1:port/path with curl: (status, body).
-func httpGet(port: Int, _ path: String) throws -> (Int, String) {
+func httpGet(port: Int, _ path: String) async throws -> (Int, String) {
+    try await offPool { try httpGetBlocking(port: port, path) }
+}
+
+func httpGetBlocking(port: Int, _ path: String) throws -> (Int, String) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
     process.arguments = ["-s", "-w", "\n%{http_code}", "http://127.0.0.1:\(port)\(path)"]
@@ -93,9 +115,9 @@ struct ProcessTests {
         var isDir: ObjCBool = false
         #expect(FileManager.default.fileExists(atPath: dataDir, isDirectory: &isDir) && isDir.boolValue)
 
-        #expect(try httpGet(port: admin, "/readyz") == (200, "ready\n"))
-        #expect(try httpGet(port: admin, "/healthz") == (200, "ok\n"))
-        let metrics = try httpGet(port: admin, "/metrics").1
+        #expect(try await httpGet(port: admin, "/readyz") == (200, "ready\n"))
+        #expect(try await httpGet(port: admin, "/healthz") == (200, "ok\n"))
+        let metrics = try await httpGet(port: admin, "/metrics").1
         #expect(metrics.contains("rpc_server_requests_total{rpc_service=\"grpc.health.v1.Health\",rpc_method=\"Check\",rpc_code=\"OK\"}"))
 
         var request = EchoV1.EchoRequest()
@@ -105,10 +127,10 @@ struct ProcessTests {
         try await Task.sleep(for: .milliseconds(200))
         kill(server.process.processIdentifier, SIGTERM)
         try await Task.sleep(for: .milliseconds(150))
-        #expect(try httpGet(port: admin, "/readyz").0 == 503)
+        #expect(try await httpGet(port: admin, "/readyz").0 == 503)
         #expect(try await slow.message == "in flight")
         #expect(await server.waitForExit() == 0)
-        let log = server.errorOutput
+        let log = await server.errorOutput
         #expect(log.contains("\"message\":\"rpc server draining\""))
     }
 
@@ -125,7 +147,7 @@ struct ProcessTests {
                                                environment: environment)
         let status = await process.waitForExit()
         #expect(status != 0)
-        #expect(process.errorOutput.contains(flag))
+        #expect(await process.errorOutput.contains(flag))
     }
 
     @Test("with --auth-token-file, calls need the token; health does not", .timeLimit(.minutes(1)))
@@ -149,6 +171,47 @@ struct ProcessTests {
         #expect(try await authorized.call(EchoV1.Echo.echo, EchoV1.EchoRequest()).message == "")
         kill(server.process.processIdentifier, SIGINT)
         #expect(await server.waitForExit() == 0)
+    }
+
+    @Test("arbiter-identity serves the identity graph over the wire, from its own store, across a kill -9")
+    func identityOverTheWire() async throws {
+        let port = try await freePort(), admin = try await freePort()
+        let dataDir = NSTemporaryDirectory() + "/arbiter-identity-\(port)"
+        let configFile = dataDir + "-config.json"
+        try #"{"identity": {"default_region": "NL", "limits": {"customer_id": 1}}}"#.write(toFile: configFile, atomically: true, encoding: .utf8)
+        let arguments = ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir, "--config", configFile]
+        var server = try RunningProcess.start("arbiter-identity", arguments)
+        var client = try await waitUntilServing(port: port)
+        var link = IdentityV1.LinkRequest()
+        var phone = CommonV1.Identifier()
+        phone.type = "phone"
+        phone.value = "06 1234 5678"
+        link.identifiers = [phone]
+        link.source = "test"
+        let linked = try await client.call(IdentityV1.Identity.link, link)
+        #expect(linked.personId.hasPrefix("p_"))
+        // An acknowledged write survives kill -9.
+        kill(server.process.processIdentifier, SIGKILL)
+        _ = await server.waitForExit()
+        client.close()
+        server = try RunningProcess.start("arbiter-identity", arguments)
+        client = try await waitUntilServing(port: port)
+        var get = IdentityV1.GetPersonRequest()
+        get.personId = linked.personId
+        let person = try await client.call(IdentityV1.Identity.getPerson, get)
+        #expect(person.identifiers.first?.identifier?.value == "+31612345678")
+        client.close()
+        kill(server.process.processIdentifier, SIGTERM)
+        #expect(await server.waitForExit() == 0)
+    }
+
+    @Test("a bad --config section stops arbiter-identity at start, naming the setting")
+    func badIdentityConfig() async throws {
+        let configFile = NSTemporaryDirectory() + "/arbiter-bad-config-\(UInt32.random(in: 0...UInt32.max)).json"
+        try #"{"identity": {"default_region": "Atlantis"}}"#.write(toFile: configFile, atomically: true, encoding: .utf8)
+        let process = try RunningProcess.start("arbiter-identity", ["--config", configFile, "--data-dir", NSTemporaryDirectory() + "/arbiter-bad2"])
+        #expect(await process.waitForExit() != 0)
+        #expect(await process.errorOutput.contains("identity.default_region"))
     }
 
     @Test("every service executable serves health on its port")

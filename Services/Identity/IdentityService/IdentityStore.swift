@@ -1,0 +1,466 @@
+import Foundation
+import GRDB
+import Storage
+
+/// The identity graph in SQLite. Every change happens in one write transaction
+/// (writes are serialized), and the schema holds the central invariant: an
+/// identifier belongs to exactly one person (`identifier` is keyed by type and value).
+public final class IdentityStore: Sendable {
+    let pool: DatabasePool
+    let normalizer: Normalizer
+
+    public init(directory: String, normalizer: Normalizer) throws {
+        self.normalizer = normalizer
+        pool = try SQLiteStore.open(directory: directory, name: "identity", migrator: Self.migrator)
+    }
+
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1") { db in
+            try db.execute(sql: """
+                CREATE TABLE person (
+                  seq INTEGER PRIMARY KEY,               -- creation order: the oldest person survives a merge
+                  id TEXT NOT NULL UNIQUE,
+                  created_at_ms INTEGER NOT NULL,
+                  state TEXT NOT NULL CHECK (state IN ('active', 'merged', 'erased')),
+                  merged_into TEXT REFERENCES person(id),
+                  CHECK ((state = 'merged') = (merged_into IS NOT NULL))
+                );
+                CREATE TABLE identifier (
+                  type TEXT NOT NULL,
+                  value TEXT NOT NULL,                   -- normalized, or an HMAC in privacy mode
+                  person_id TEXT NOT NULL REFERENCES person(id),
+                  first_seen_ms INTEGER NOT NULL,
+                  last_seen_ms INTEGER NOT NULL,
+                  source TEXT NOT NULL,
+                  PRIMARY KEY (type, value)
+                ) WITHOUT ROWID;
+                CREATE INDEX identifier_by_person ON identifier(person_id);
+                CREATE TABLE merge (
+                  id INTEGER PRIMARY KEY,
+                  target TEXT NOT NULL REFERENCES person(id),
+                  source TEXT NOT NULL REFERENCES person(id),
+                  cause TEXT NOT NULL,
+                  at_ms INTEGER NOT NULL,
+                  undone INTEGER NOT NULL DEFAULT 0
+                );
+                CREATE TABLE merge_member (               -- the identifiers a merge moved
+                  merge_id INTEGER NOT NULL REFERENCES merge(id),
+                  type TEXT NOT NULL,
+                  value TEXT NOT NULL,
+                  PRIMARY KEY (merge_id, type, value)
+                ) WITHOUT ROWID;
+                CREATE TABLE split (                      -- persons an operator separated: never merged automatically again
+                  a TEXT NOT NULL, b TEXT NOT NULL, PRIMARY KEY (a, b)
+                ) WITHOUT ROWID;
+                CREATE TABLE conflict (
+                  id INTEGER PRIMARY KEY,
+                  person_ids TEXT NOT NULL,
+                  rule TEXT NOT NULL,
+                  identifier_type TEXT NOT NULL,
+                  cause TEXT NOT NULL,
+                  at_ms INTEGER NOT NULL
+                );
+                CREATE TABLE change (                     -- the change feed: seq is gap-free and increasing
+                  seq INTEGER PRIMARY KEY,
+                  kind INTEGER NOT NULL,
+                  target TEXT NOT NULL,
+                  sources TEXT NOT NULL,
+                  cause TEXT NOT NULL,
+                  at_ms INTEGER NOT NULL
+                );
+                CREATE INDEX change_by_target ON change(target);
+                """)
+        }
+        return migrator
+    }
+
+    // MARK: - Types
+
+    public struct StoredIdentifier: Hashable, Sendable {
+        public var type: String
+        public var value: String
+        public var firstSeenMs: Int64
+        public var lastSeenMs: Int64
+        public var source: String
+    }
+
+    public struct PersonRecord: Hashable, Sendable {
+        public var id: String
+        public var createdAtMs: Int64
+        public var identifiers: [StoredIdentifier]
+    }
+
+    public enum ChangeKind: Int, Sendable { case merge = 1, unmerge = 2, erase = 3, conflict = 4 }
+
+    public struct ChangeRecord: Hashable, Sendable {
+        public var seq: Int64
+        public var kind: ChangeKind
+        public var target: String
+        public var sources: [String]
+        public var cause: String
+        public var atMs: Int64
+    }
+
+    public struct Conflict: Hashable, Sendable {
+        public var rule: String
+        public var identifierType: String
+        public var personIDs: [String]
+    }
+
+    public struct LinkResult: Sendable {
+        public var personID: String
+        public var mergedPersonIDs: [String]
+        public var conflicts: [Conflict]
+    }
+
+    public struct ResolveResult: Sendable {
+        public var personID: String?
+        public var matched: [NormalizedIdentifier]
+        public var created: Bool
+    }
+
+    public enum StoreError: Error, Equatable, Sendable {
+        case personNotFound(String)
+        case personErased(String)
+        case identifierNotFound(String)
+        case mergeNotFound(Int64)
+        case invalid(String)
+    }
+
+    // MARK: - Reads
+
+    /// The person `identifiers` belong to, without writing anything unless `create`.
+    public func resolve(_ identifiers: [NormalizedIdentifier], create: Bool, source: String, nowMs: Int64) async throws -> ResolveResult {
+        let keys = identifiers.map { ($0, normalizer.storedValue($0)) }
+        let (found, oldestFirst) = try await pool.read { db in
+            let found = try Self.owners(db, keys.map(\.1), keys.map(\.0.type))
+            return (found, try Set(found.map(\.person)).sorted { try Self.seq(db, $0) < Self.seq(db, $1) })
+        }
+        if !found.isEmpty || !create {
+            let best = bestPerson(found.map { ($0.type, $0.person) }, oldestFirst: oldestFirst)
+            let matched = keys.filter { key in found.contains { $0.type == key.0.type && $0.value == key.1 } }.map(\.0)
+            return ResolveResult(personID: best, matched: matched, created: false)
+        }
+        // Nothing known and asked to create: a link of these identifiers does exactly that.
+        let linked = try await link(identifiers, source: source, observedAtMs: nowMs)
+        return ResolveResult(personID: linked.personID, matched: [], created: true)
+    }
+
+    public func person(_ id: String) async throws -> PersonRecord {
+        try await pool.read { db in
+            let survivor = try Self.survivor(db, id)
+            guard let row = try Row.fetchOne(db, sql: "SELECT created_at_ms FROM person WHERE id = ?", arguments: [survivor]) else {
+                throw StoreError.personNotFound(id)
+            }
+            let identifiers = try Row.fetchAll(db, sql: """
+                SELECT type, value, first_seen_ms, last_seen_ms, source FROM identifier
+                WHERE person_id = ? ORDER BY type, value
+                """, arguments: [survivor]).map {
+                StoredIdentifier(type: $0["type"], value: $0["value"], firstSeenMs: $0["first_seen_ms"],
+                                 lastSeenMs: $0["last_seen_ms"], source: $0["source"])
+            }
+            return PersonRecord(id: survivor, createdAtMs: row["created_at_ms"], identifiers: identifiers)
+        }
+    }
+
+    /// Merges, unmerges, erasures and conflicts that involve `id` (or the persons merged into it).
+    public func history(_ id: String) async throws -> [ChangeRecord] {
+        try await pool.read { db in
+            let survivor = try Self.survivor(db, id)
+            var involved = Set(try String.fetchAll(db, sql: "SELECT id FROM person WHERE merged_into = ?", arguments: [survivor]))
+            involved.insert(survivor)
+            let changes = try Self.fetchChanges(db, sql: "SELECT * FROM change ORDER BY seq", arguments: [])
+                .filter { involved.contains($0.target) || !involved.isDisjoint(with: $0.sources) }
+            let conflicts = try Row.fetchAll(db, sql: "SELECT * FROM conflict ORDER BY id").compactMap { row -> ChangeRecord? in
+                let persons = (row["person_ids"] as String).split(separator: ",").map(String.init)
+                guard !involved.isDisjoint(with: persons) else { return nil }
+                return ChangeRecord(seq: 0, kind: .conflict, target: persons.first ?? "", sources: Array(persons.dropFirst()),
+                                    cause: "\(row["rule"] as String) (\(row["cause"] as String))", atMs: row["at_ms"])
+            }
+            return (changes + conflicts).sorted { ($0.atMs, $0.seq) < ($1.atMs, $1.seq) }
+        }
+    }
+
+    public func changes(after seq: Int64, limit: Int) async throws -> [ChangeRecord] {
+        try await pool.read { db in
+            try Self.fetchChanges(db, sql: "SELECT * FROM change WHERE seq > ? ORDER BY seq LIMIT ?", arguments: [seq, limit])
+        }
+    }
+
+    // MARK: - Writes
+
+    /// Records `identifiers` as seen together: one person, merging the persons they
+    /// belonged to unless a limit (or an operator's split) forbids it.
+    public func link(_ identifiers: [NormalizedIdentifier], source: String, observedAtMs: Int64) async throws -> LinkResult {
+        let keys = Dictionary(identifiers.map { ($0, normalizer.storedValue($0)) }, uniquingKeysWith: { a, _ in a })
+        let rules = normalizer.rules
+        return try await pool.write { db in
+            let owners = try Self.owners(db, Array(keys.values), Array(keys.keys.map(\.type)))
+            let ownerOf = Dictionary(owners.map { ("\($0.type)\u{1}\($0.value)", $0.person) }, uniquingKeysWith: { a, _ in a })
+            let unknown = keys.filter { ownerOf["\($0.key.type)\u{1}\($0.value)"] == nil }
+            var persons = Array(Set(owners.map(\.person)))
+            persons = try persons.sorted { try Self.seq(db, $0) < Self.seq(db, $1) }
+            var conflicts: [Conflict] = []
+            var merged: [String] = []
+
+            let target: String
+            if persons.isEmpty {
+                target = try Self.createPerson(db, nowMs: observedAtMs)
+            } else if persons.count == 1 {
+                target = persons[0]
+            } else if let blocked = try Self.mergeBlocker(db, persons: persons, adding: [], rules: rules) {
+                // No merge. New identifiers join the person of the highest-priority identifier.
+                target = self.bestPerson(owners.map { ($0.type, $0.person) }, oldestFirst: persons)!
+                conflicts.append(Conflict(rule: blocked.rule, identifierType: blocked.type, personIDs: persons))
+                try db.execute(sql: "INSERT INTO conflict (person_ids, rule, identifier_type, cause, at_ms) VALUES (?, ?, ?, ?, ?)",
+                               arguments: [persons.joined(separator: ","), blocked.rule, blocked.type, source, observedAtMs])
+            } else {
+                // Merge everything into the oldest person.
+                target = persons[0]
+                for other in persons.dropFirst() {
+                    try Self.merge(db, source: other, into: target, cause: source, atMs: observedAtMs)
+                    merged.append(other)
+                }
+            }
+
+            // Attach unknown identifiers, each only within its type's limit.
+            var counts = try Self.typeCounts(db, target)
+            for (id, stored) in unknown.sorted(by: { $0.key < $1.key }) {
+                if let limit = rules.limits[id.type], counts[id.type, default: 0] >= limit {
+                    // Over the limit: it becomes its own person rather than overload this one.
+                    let rule = "max \(limit) \(id.type) per person"
+                    let own = try Self.createPerson(db, nowMs: observedAtMs)
+                    try Self.insertIdentifier(db, id.type, stored, person: own, atMs: observedAtMs, source: source)
+                    conflicts.append(Conflict(rule: rule, identifierType: id.type, personIDs: [target, own]))
+                    try db.execute(sql: "INSERT INTO conflict (person_ids, rule, identifier_type, cause, at_ms) VALUES (?, ?, ?, ?, ?)",
+                                   arguments: ["\(target),\(own)", rule, id.type, source, observedAtMs])
+                    continue
+                }
+                try Self.insertIdentifier(db, id.type, stored, person: target, atMs: observedAtMs, source: source)
+                counts[id.type, default: 0] += 1
+            }
+            // Known identifiers: widen their seen window (late and out-of-order observations count).
+            for (id, stored) in keys where ownerOf["\(id.type)\u{1}\(stored)"] != nil {
+                try db.execute(sql: """
+                    UPDATE identifier SET first_seen_ms = MIN(first_seen_ms, ?1), last_seen_ms = MAX(last_seen_ms, ?1)
+                    WHERE type = ?2 AND value = ?3
+                    """, arguments: [observedAtMs, id.type, stored])
+            }
+            return LinkResult(personID: target, mergedPersonIDs: merged, conflicts: conflicts)
+        }
+    }
+
+    /// Detaches `identifiers` from `personID` into a new person, or, with `mergeID`, gives
+    /// the person merged by that merge its identifiers back. Returns the person split off.
+    public func unmerge(personID: String, identifiers: [NormalizedIdentifier], mergeID: Int64?, reason: String,
+                        nowMs: Int64) async throws -> String {
+        let stored = identifiers.map { ($0.type, normalizer.storedValue($0)) }
+        return try await pool.write { db in
+            let survivor = try Self.survivor(db, personID)
+            let split: String
+            var moving: [(String, String)]
+            if let mergeID {
+                guard let row = try Row.fetchOne(db, sql: "SELECT target, source, undone FROM merge WHERE id = ?", arguments: [mergeID]),
+                      try Self.survivor(db, row["target"]) == survivor else {
+                    throw StoreError.mergeNotFound(mergeID)
+                }
+                guard (row["undone"] as Int) == 0 else { throw StoreError.invalid("merge_id: merge \(mergeID) was already undone") }
+                split = row["source"]
+                moving = try Row.fetchAll(db, sql: """
+                    SELECT m.type, m.value FROM merge_member m JOIN identifier i ON i.type = m.type AND i.value = m.value
+                    WHERE m.merge_id = ? AND i.person_id = ?
+                    """, arguments: [mergeID, survivor]).map { ($0["type"], $0["value"]) }
+                // The former person comes back under its own id, and with the persons it had absorbed.
+                try db.execute(sql: "UPDATE person SET state = 'active', merged_into = NULL WHERE id = ?", arguments: [split])
+                try db.execute(sql: "UPDATE merge SET undone = 1 WHERE id = ?", arguments: [mergeID])
+            } else {
+                guard !stored.isEmpty else { throw StoreError.invalid("identifiers: name identifiers to detach, or a merge_id") }
+                for (type, value) in stored {
+                    let owner = try String.fetchOne(db, sql: "SELECT person_id FROM identifier WHERE type = ? AND value = ?", arguments: [type, value])
+                    guard owner == survivor else { throw StoreError.identifierNotFound(type) }
+                }
+                let remaining = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM identifier WHERE person_id = ?", arguments: [survivor])!
+                guard remaining > stored.count else {
+                    throw StoreError.invalid("identifiers: cannot detach every identifier of \(survivor)")
+                }
+                split = try Self.createPerson(db, nowMs: nowMs)
+                moving = stored
+            }
+            for (type, value) in moving {
+                try db.execute(sql: "UPDATE identifier SET person_id = ? WHERE type = ? AND value = ?", arguments: [split, type, value])
+            }
+            let (a, b) = survivor < split ? (survivor, split) : (split, survivor)
+            try db.execute(sql: "INSERT OR IGNORE INTO split (a, b) VALUES (?, ?)", arguments: [a, b])
+            try Self.appendChange(db, .unmerge, target: survivor, sources: [split], cause: reason, atMs: nowMs)
+            return split
+        }
+    }
+
+    /// Erases a person (with every person merged into it): identifiers, merge records and
+    /// conflicts go; a tombstone without personal data stays; the change feed says so.
+    public func erase(personID: String, nowMs: Int64) async throws -> (seq: Int64, removed: Int) {
+        let result = try await pool.write { db -> (Int64, Int) in
+            let survivor = try Self.survivor(db, personID)
+            let absorbed = try String.fetchAll(db, sql: "SELECT id FROM person WHERE merged_into = ?", arguments: [survivor])
+            let all = [survivor] + absorbed
+            var removed = 0
+            for person in all {
+                try db.execute(sql: """
+                    DELETE FROM merge_member WHERE (type, value) IN (SELECT type, value FROM identifier WHERE person_id = ?)
+                    """, arguments: [person])
+                try db.execute(sql: "DELETE FROM identifier WHERE person_id = ?", arguments: [person])
+                removed += db.changesCount
+                try db.execute(sql: "UPDATE merge SET cause = '' WHERE target = ?1 OR source = ?1", arguments: [person])
+                try db.execute(sql: "DELETE FROM conflict WHERE ',' || person_ids || ',' LIKE '%,' || ? || ',%'", arguments: [person])
+                try db.execute(sql: "UPDATE change SET cause = '' WHERE target = ?1 OR ',' || sources || ',' LIKE '%,' || ?1 || ',%'",
+                               arguments: [person])
+                try db.execute(sql: "UPDATE person SET state = 'erased', merged_into = NULL WHERE id = ?", arguments: [person])
+            }
+            let seq = try Self.appendChange(db, .erase, target: survivor, sources: absorbed, cause: "erased", atMs: nowMs)
+            return (seq, removed)
+        }
+        try SQLiteStore.checkpoint(pool)
+        return result
+    }
+
+    /// Erases one identifier.
+    public func erase(identifier: NormalizedIdentifier, nowMs: Int64) async throws -> (seq: Int64, removed: Int) {
+        let stored = normalizer.storedValue(identifier)
+        let result = try await pool.write { db -> (Int64, Int) in
+            guard let owner = try String.fetchOne(db, sql: "SELECT person_id FROM identifier WHERE type = ? AND value = ?",
+                                                  arguments: [identifier.type, stored]) else {
+                throw StoreError.identifierNotFound(identifier.type)
+            }
+            try db.execute(sql: "DELETE FROM merge_member WHERE type = ? AND value = ?", arguments: [identifier.type, stored])
+            try db.execute(sql: "DELETE FROM identifier WHERE type = ? AND value = ?", arguments: [identifier.type, stored])
+            let seq = try Self.appendChange(db, .erase, target: owner, sources: [], cause: "identifier erased (\(identifier.type))", atMs: nowMs)
+            return (seq, 1)
+        }
+        try SQLiteStore.checkpoint(pool)
+        return result
+    }
+
+    // MARK: - Helpers (inside a transaction)
+
+    /// Among persons matched by identifiers, the one matched by the highest-priority type;
+    /// between equals, the one first in `oldestFirst` (the oldest).
+    func bestPerson(_ matches: [(type: String, person: String)], oldestFirst: [String] = []) -> String? {
+        let priority = normalizer.rules.priority
+        func rank(_ match: (type: String, person: String)) -> (Int, Int) {
+            (priority.firstIndex(of: match.type) ?? priority.count, oldestFirst.firstIndex(of: match.person) ?? oldestFirst.count)
+        }
+        return matches.min { rank($0) < rank($1) }?.person
+    }
+
+    static func owners(_ db: Database, _ values: [String], _ types: [String]) throws -> [(type: String, value: String, person: String)] {
+        var result: [(String, String, String)] = []
+        for (type, value) in zip(types, values) {
+            if let person = try String.fetchOne(db.cachedStatement(sql: "SELECT person_id FROM identifier WHERE type = ? AND value = ?"),
+                                                arguments: [type, value]) {
+                result.append((type, value, person))
+            }
+        }
+        return result
+    }
+
+    static func seq(_ db: Database, _ person: String) throws -> Int64 {
+        try Int64.fetchOne(db.cachedStatement(sql: "SELECT seq FROM person WHERE id = ?"), arguments: [person]) ?? .max
+    }
+
+    /// Follows merges to the person that holds `id`'s identifiers now.
+    static func survivor(_ db: Database, _ id: String) throws -> String {
+        var current = id
+        for _ in 0..<10_000 {
+            guard let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, merged_into FROM person WHERE id = ?"), arguments: [current]) else {
+                throw StoreError.personNotFound(id)
+            }
+            switch row["state"] as String {
+            case "active": return current
+            case "erased": throw StoreError.personErased(id)
+            default: current = row["merged_into"]
+            }
+        }
+        throw StoreError.personNotFound(id)
+    }
+
+    static func createPerson(_ db: Database, nowMs: Int64) throws -> String {
+        var generator = SystemRandomNumberGenerator()
+        let id = "p_" + (0..<12).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined()
+        try db.execute(sql: "INSERT INTO person (id, created_at_ms, state) VALUES (?, ?, 'active')", arguments: [id, nowMs])
+        return id
+    }
+
+    static func insertIdentifier(_ db: Database, _ type: String, _ value: String, person: String, atMs: Int64, source: String) throws {
+        try db.execute(sql: """
+            INSERT INTO identifier (type, value, person_id, first_seen_ms, last_seen_ms, source) VALUES (?, ?, ?, ?, ?, ?)
+            """, arguments: [type, value, person, atMs, atMs, source])
+    }
+
+    static func typeCounts(_ db: Database, _ persons: [String]) throws -> [String: Int] {
+        var counts: [String: Int] = [:]
+        for person in persons {
+            for row in try Row.fetchAll(db, sql: "SELECT type, COUNT(*) AS n FROM identifier WHERE person_id = ? GROUP BY type",
+                                        arguments: [person]) {
+                counts[row["type"], default: 0] += row["n"] as Int
+            }
+        }
+        return counts
+    }
+
+    static func typeCounts(_ db: Database, _ person: String) throws -> [String: Int] { try typeCounts(db, [person]) }
+
+    /// The rule a merge of `persons` (plus new identifiers) would break, checked in priority order.
+    static func mergeBlocker(_ db: Database, persons: [String], adding: [NormalizedIdentifier],
+                             rules: IdentityRules) throws -> (rule: String, type: String)? {
+        for (i, a) in persons.enumerated() {
+            for b in persons[(i + 1)...] {
+                let (x, y) = a < b ? (a, b) : (b, a)
+                if try Bool.fetchOne(db, sql: "SELECT 1 FROM split WHERE a = ? AND b = ?", arguments: [x, y]) != nil {
+                    return ("unmerged by an operator: \(x) and \(y) stay apart", "")
+                }
+            }
+        }
+        var counts = try typeCounts(db, persons)
+        for id in adding { counts[id.type, default: 0] += 1 }
+        let ordered = rules.priority + rules.limits.keys.filter { !rules.priority.contains($0) }.sorted()
+        for type in ordered {
+            if let limit = rules.limits[type], counts[type, default: 0] > limit {
+                return ("max \(limit) \(type) per person", type)
+            }
+        }
+        return nil
+    }
+
+    static func merge(_ db: Database, source: String, into target: String, cause: String, atMs: Int64) throws {
+        try db.execute(sql: "INSERT INTO merge (target, source, cause, at_ms) VALUES (?, ?, ?, ?)",
+                       arguments: [target, source, cause, atMs])
+        let mergeID = db.lastInsertedRowID
+        try db.execute(sql: "INSERT INTO merge_member (merge_id, type, value) SELECT ?, type, value FROM identifier WHERE person_id = ?",
+                       arguments: [mergeID, source])
+        try db.execute(sql: "UPDATE identifier SET person_id = ? WHERE person_id = ?", arguments: [target, source])
+        try db.execute(sql: "UPDATE person SET state = 'merged', merged_into = ? WHERE id = ?", arguments: [target, source])
+        // Persons merged earlier into the source now point at the target directly.
+        try db.execute(sql: "UPDATE person SET merged_into = ? WHERE merged_into = ?", arguments: [target, source])
+        try appendChange(db, .merge, target: target, sources: [source], cause: cause, atMs: atMs)
+    }
+
+    /// Appends to the change feed. `seq` is the previous maximum plus one inside the
+    /// write transaction: gap-free, and a rolled-back transaction leaves no hole.
+    @discardableResult
+    static func appendChange(_ db: Database, _ kind: ChangeKind, target: String, sources: [String], cause: String,
+                             atMs: Int64) throws -> Int64 {
+        let seq = (try Int64.fetchOne(db, sql: "SELECT MAX(seq) FROM change") ?? 0) + 1
+        try db.execute(sql: "INSERT INTO change (seq, kind, target, sources, cause, at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                       arguments: [seq, kind.rawValue, target, sources.joined(separator: ","), cause, atMs])
+        return seq
+    }
+
+    static func fetchChanges(_ db: Database, sql: String, arguments: StatementArguments) throws -> [ChangeRecord] {
+        try Row.fetchAll(db, sql: sql, arguments: arguments).map { row in
+            ChangeRecord(seq: row["seq"], kind: ChangeKind(rawValue: row["kind"]) ?? .merge, target: row["target"],
+                         sources: (row["sources"] as String).split(separator: ",").map(String.init),
+                         cause: row["cause"], atMs: row["at_ms"])
+        }
+    }
+}

@@ -1,0 +1,118 @@
+import Crypto
+import Foundation
+
+/// A normalized identifier: the form stored and compared.
+public struct NormalizedIdentifier: Hashable, Sendable, Comparable {
+    public var type: String
+    public var value: String
+
+    public static func < (a: Self, b: Self) -> Bool { (a.type, a.value) < (b.type, b.value) }
+}
+
+/// Why an identifier was refused.
+public enum IdentifierProblem: Error, Hashable, Sendable {
+    case unknownType(String)
+    case invalid(type: String, value: String, reason: String)
+    case blocked(type: String, value: String)
+}
+
+/// Normalizes and validates identifiers per type, applies the blocklist and,
+/// in privacy mode, turns values into keyed hashes.
+public struct Normalizer: Sendable {
+    public let rules: IdentityRules
+    private let blockedExact: Set<String>
+    private let blockedPatterns: [String]
+    private let privacyKey: [UInt8]?
+
+    public init(rules: IdentityRules, privacyKey: [UInt8]? = nil) {
+        self.rules = rules
+        var exact: Set<String> = []
+        var patterns: [String] = []
+        for entry in rules.blocked {
+            if entry.count > 2 && entry.hasPrefix("/") && entry.hasSuffix("/") {
+                patterns.append(String(entry.dropFirst().dropLast()))
+            } else {
+                exact.insert(entry.lowercased())
+            }
+        }
+        blockedExact = exact
+        blockedPatterns = patterns
+        self.privacyKey = privacyKey
+    }
+
+    public var isPrivate: Bool { privacyKey != nil }
+
+    static func isValidTypeName(_ type: String) -> Bool {
+        (1...40).contains(type.count) && type.allSatisfy { $0.isASCII && ($0.isLowercase || $0.isNumber || $0 == "_") }
+    }
+
+    /// The normalized, validated form of `value` as a `type`, or why it is refused.
+    public func normalize(type rawType: String, value raw: String) -> Result<NormalizedIdentifier, IdentifierProblem> {
+        let type = rawType.trimmingCharacters(in: .whitespaces).lowercased()
+        guard rules.allTypes.contains(type) else { return .failure(.unknownType(rawType)) }
+        let value: String
+        switch type {
+        case "email":
+            value = raw.trimmingCharacters(in: .whitespacesAndNewlines).lowercased()
+            if let reason = Self.emailProblem(value) { return .failure(.invalid(type: type, value: raw, reason: reason)) }
+        case "phone":
+            switch Self.e164(raw, region: rules.defaultRegion.uppercased()) {
+            case .success(let number): value = number
+            case .failure(let reason): return .failure(.invalid(type: type, value: raw, reason: reason.description))
+            }
+        default:
+            value = raw.trimmingCharacters(in: .whitespacesAndNewlines)
+            guard !value.isEmpty else { return .failure(.invalid(type: type, value: raw, reason: "is empty")) }
+            guard value.count <= 256 else { return .failure(.invalid(type: type, value: raw, reason: "is longer than 256 characters")) }
+        }
+        if isBlocked(value) { return .failure(.blocked(type: type, value: value)) }
+        return .success(NormalizedIdentifier(type: type, value: value))
+    }
+
+    func isBlocked(_ value: String) -> Bool {
+        if blockedExact.contains(value.lowercased()) { return true }
+        return blockedPatterns.contains { value.range(of: $0, options: .regularExpression) != nil }
+    }
+
+    /// What is stored for an identifier: the value itself, or in privacy mode `h:` and
+    /// the hex HMAC-SHA256 of `type:value`.
+    public func storedValue(_ id: NormalizedIdentifier) -> String {
+        guard let privacyKey else { return id.value }
+        let mac = HMAC<SHA256>.authenticationCode(for: Data("\(id.type):\(id.value)".utf8), using: SymmetricKey(data: privacyKey))
+        return "h:" + mac.map { String(format: "%02x", $0) }.joined()
+    }
+
+    static func emailProblem(_ email: String) -> String? {
+        guard email.count <= 254 else { return "is longer than 254 characters" }
+        let parts = email.split(separator: "@", omittingEmptySubsequences: false)
+        guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else { return "is not an email address (local@domain)" }
+        guard !email.contains(where: { $0.isWhitespace }) else { return "contains whitespace" }
+        let domain = parts[1]
+        guard domain.contains("."), !domain.hasPrefix("."), !domain.hasSuffix("."), !domain.contains("..") else {
+            return "has no valid domain"
+        }
+        return nil
+    }
+
+    /// E.164: `+` and 8 to 15 digits. Accepts `+31 6 1234 5678`, `0031…`, and national
+    /// numbers (`06 1234 5678`) in the default region.
+    static func e164(_ raw: String, region: String) -> Result<String, RulesError> {
+        var text = raw.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard !text.isEmpty else { return .failure(RulesError("is empty")) }
+        let allowed = Set("0123456789+-. ()/")
+        guard text.allSatisfy({ allowed.contains($0) }) else { return .failure(RulesError("contains characters that are not part of a phone number")) }
+        let international = text.hasPrefix("+") || text.hasPrefix("00")
+        if text.hasPrefix("00") { text.removeFirst(2) }
+        var digits = text.filter(\.isNumber)
+        if !international {
+            guard let code = PhoneRegions.callingCode[region] else { return .failure(RulesError("no default region")) }
+            if PhoneRegions.trunkZero.contains(region), digits.hasPrefix("0") { digits.removeFirst() }
+            if region == "US" || region == "CA", digits.count == 11, digits.hasPrefix("1") { digits.removeFirst() }
+            digits = code + digits
+        }
+        guard (8...15).contains(digits.count), !digits.hasPrefix("0") else {
+            return .failure(RulesError("is not a valid phone number (E.164 allows 8 to 15 digits with a country code)"))
+        }
+        return .success("+" + digits)
+    }
+}

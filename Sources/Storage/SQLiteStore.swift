@@ -1,0 +1,37 @@
+import Foundation
+public import GRDB
+
+/// Opens a service's SQLite store: WAL journal, foreign keys, `secure_delete` (erased
+/// rows are overwritten, not just unlinked), and migrations run before anything else.
+///
+/// Durability: WAL with `synchronous = NORMAL` survives a crash of the process
+/// (`kill -9`): a write acknowledged to a client was committed to the WAL. A power loss
+/// may lose the last transactions; set `synchronous` to `.full` for that.
+public enum SQLiteStore {
+    public enum Synchronous: String, Sendable { case normal = "NORMAL", full = "FULL" }
+
+    /// `directory/name.sqlite`, created if missing, migrated with `migrator`.
+    public static func open(directory: String, name: String, migrator: DatabaseMigrator,
+                            synchronous: Synchronous = .normal) throws -> DatabasePool {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        var configuration = Configuration()
+        configuration.foreignKeysEnabled = true
+        configuration.busyMode = .timeout(5)
+        configuration.prepareDatabase { db in
+            try db.execute(sql: "PRAGMA secure_delete = ON")
+            try db.execute(sql: "PRAGMA synchronous = \(synchronous.rawValue)")
+        }
+        let pool = try DatabasePool(path: (directory as NSString).appendingPathComponent("\(name).sqlite"),
+                                    configuration: configuration)
+        try migrator.migrate(pool)
+        return pool
+    }
+
+    /// Moves everything in the WAL into the main file and truncates the WAL, so that
+    /// data deleted with `secure_delete` leaves no copy in the WAL (used after erasure).
+    public static func checkpoint(_ pool: DatabasePool) throws {
+        try pool.writeWithoutTransaction { db in
+            _ = try db.checkpoint(.truncate)
+        }
+    }
+}

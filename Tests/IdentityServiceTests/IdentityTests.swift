@@ -1,0 +1,348 @@
+import Contracts
+import Foundation
+import GRDB
+@testable import IdentityService
+import RPC
+import Synchronization
+import Testing
+
+func tempDirectory() -> String {
+    let path = NSTemporaryDirectory() + "/identity-test-\(UUID().uuidString)"
+    try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    return path
+}
+
+func id(_ type: String, _ value: String) -> CommonV1.Identifier {
+    var identifier = CommonV1.Identifier()
+    identifier.type = type
+    identifier.value = value
+    return identifier
+}
+
+func makeService(_ directory: String = tempDirectory(), rules: IdentityRules = IdentityRules(), key: [UInt8]? = nil) throws -> IdentityService {
+    let clock = Mutex<Int64>(1_700_000_000_000)
+    return IdentityService(store: try IdentityStore(directory: directory, normalizer: Normalizer(rules: rules, privacyKey: key))) {
+        clock.withLock { now in
+            now += 1000
+            return now
+        }
+    }
+}
+
+extension IdentityService {
+    func link(_ identifiers: [CommonV1.Identifier], source: String = "test", at: Int64 = 0) async throws -> IdentityV1.LinkResponse {
+        var request = IdentityV1.LinkRequest()
+        request.identifiers = identifiers
+        request.source = source
+        request.observedAtMs = at
+        return try await link(request)
+    }
+
+    func person(_ personID: String) async throws -> IdentityV1.Person {
+        var request = IdentityV1.GetPersonRequest()
+        request.personId = personID
+        return try await getPerson(request)
+    }
+
+    func feed(after seq: UInt64 = 0) async throws -> IdentityV1.ListChangesResponse {
+        var request = IdentityV1.ListChangesRequest()
+        request.afterSeq = seq
+        return try await listChanges(request)
+    }
+}
+
+func expectInvalid(_ field: String, _ body: () async throws -> Void) async {
+    do {
+        try await body()
+        Issue.record("expected INVALID_ARGUMENT for \(field)")
+    } catch let error as RPCError {
+        #expect(error.code == .invalidArgument && error.message.hasPrefix(field), "\(error)")
+    } catch {
+        Issue.record("unexpected \(error)")
+    }
+}
+
+@Suite("identity: normalization")
+struct NormalizationTests {
+    let normalizer = Normalizer(rules: {
+        var rules = IdentityRules()
+        rules.defaultRegion = "NL"
+        rules.customTypes = ["loyalty_card"]
+        return rules
+    }())
+
+    @Test("values normalize per type", arguments: [
+        ("email", "  Ada.Lovelace@Example.COM ", "ada.lovelace@example.com"),
+        ("phone", "+31 6 1234 5678", "+31612345678"),
+        ("phone", "0031-6-12345678", "+31612345678"),
+        ("phone", "06 12 34 56 78", "+31612345678"),
+        ("phone", "(020) 555 1234", "+31205551234"),
+        ("customer_id", "  CRM-42 ", "CRM-42"),
+        ("device_id", "A1B2", "A1B2"),
+        ("cookie_id", "\tabc\n", "abc"),
+        ("loyalty_card", " 7777 ", "7777"),
+        ("EMAIL", "x@y.io", "x@y.io"),
+    ])
+    func normalizes(type: String, raw: String, expected: String) throws {
+        let result = try normalizer.normalize(type: type, value: raw).get()
+        #expect(result.value == expected)
+    }
+
+    @Test("invalid values are refused", arguments: [
+        ("email", "not-an-email"), ("email", "a@b"), ("email", "a b@c.io"), ("email", "@c.io"),
+        ("phone", "12"), ("phone", "call me"), ("phone", "+0123456789"), ("customer_id", "   "),
+    ])
+    func invalid(type: String, raw: String) {
+        guard case .failure(.invalid) = normalizer.normalize(type: type, value: raw) else {
+            Issue.record("\(type) \(raw) was accepted")
+            return
+        }
+    }
+
+    @Test("blocked values are recognised after normalization", arguments: [
+        ("email", "TEST@test.com"), ("customer_id", "null"), ("customer_id", "undefined"), ("device_id", "0"),
+        ("device_id", "0000"), ("cookie_id", "Anonymous"),
+    ])
+    func blocked(type: String, raw: String) {
+        guard case .failure(.blocked) = normalizer.normalize(type: type, value: raw) else {
+            Issue.record("\(type) \(raw) was not blocked")
+            return
+        }
+    }
+
+    @Test("unknown types and bad rules are named")
+    func unknownType() throws {
+        guard case .failure(.unknownType("fax")) = normalizer.normalize(type: "fax", value: "1") else {
+            Issue.record("fax accepted")
+            return
+        }
+        var rules = IdentityRules()
+        rules.limits["fax"] = 1
+        #expect(throws: RulesError.self) { try rules.validate() }
+        rules = IdentityRules()
+        rules.defaultRegion = "XX"
+        #expect(throws: RulesError.self) { try rules.validate() }
+        rules = IdentityRules()
+        rules.blocked = ["/[unclosed/"]
+        #expect(throws: RulesError.self) { try rules.validate() }
+    }
+}
+
+@Suite("identity: linking, merging, unmerging")
+struct GraphTests {
+    @Test("Link merges; the same Link twice changes nothing; bad input names the field")
+    func linkAndIdempotence() async throws {
+        let service = try makeService()
+        let first = try await service.link([id("email", "a@x.io"), id("cookie_id", "c1")])
+        let again = try await service.link([id("email", "A@X.io "), id("cookie_id", "c1")])
+        #expect(again.personId == first.personId && again.mergedPersonIds.isEmpty && again.conflicts.isEmpty)
+        #expect(try await service.feed().changes.isEmpty)
+        #expect(try await service.person(first.personId).identifiers.count == 2)
+
+        await expectInvalid("identifiers[1].value") { _ = try await service.link([id("email", "a@x.io"), id("email", "nope")]) }
+        await expectInvalid("identifiers[0].type") { _ = try await service.link([id("fax", "1")]) }
+        await expectInvalid("identifiers") { _ = try await service.link([]) }
+        await expectInvalid("identifiers") { _ = try await service.link([id("customer_id", "null")]) }
+        await expectInvalid("observed_at_ms") { _ = try await service.link([id("email", "a@x.io")], at: -5) }
+    }
+
+    @Test("blocked values never link two people")
+    func blockedValues() async throws {
+        let service = try makeService()
+        let a = try await service.link([id("email", "a@x.io"), id("device_id", "0")])
+        let b = try await service.link([id("email", "b@x.io"), id("device_id", "0")])
+        #expect(a.personId != b.personId)
+        #expect(try await service.person(a.personId).identifiers.map(\.identifier?.type) == ["email"])
+    }
+
+    @Test("merge chain A–B, C–D, then B–C: the oldest person survives, the change feed records it")
+    func mergeChain() async throws {
+        let service = try makeService()
+        let ab = try await service.link([id("cookie_id", "A"), id("cookie_id", "B")], source: "web")
+        let cd = try await service.link([id("cookie_id", "C"), id("cookie_id", "D")], source: "app")
+        let bc = try await service.link([id("cookie_id", "B"), id("cookie_id", "C")], source: "login")
+        #expect(bc.personId == ab.personId)
+        #expect(bc.mergedPersonIds == [cd.personId])
+        // The merged id still resolves, to the survivor.
+        #expect(try await service.person(cd.personId).personId == ab.personId)
+        #expect(try await service.person(ab.personId).identifiers.count == 4)
+        let feed = try await service.feed()
+        #expect(feed.changes.map(\.kind) == [.merge])
+        #expect(feed.changes[0].targetPersonId == ab.personId && feed.changes[0].sourcePersonIds == [cd.personId])
+        #expect(feed.changes[0].cause == "login")
+    }
+
+    @Test("limits are checked before merging; the conflict names the rule and is recorded")
+    func limits() async throws {
+        let service = try makeService()
+        let one = try await service.link([id("customer_id", "C1"), id("email", "one@x.io")])
+        let two = try await service.link([id("customer_id", "C2"), id("email", "two@x.io")])
+        // A shared device would fuse two customers: refused.
+        let device = try await service.link([id("email", "one@x.io"), id("email", "two@x.io"), id("device_id", "ipad")])
+        #expect(device.mergedPersonIds.isEmpty)
+        #expect(device.conflicts.map(\.rule) == ["max 1 customer_id per person"])
+        #expect(Set(device.conflicts[0].personIds) == [one.personId, two.personId])
+        #expect(try await service.person(one.personId).identifiers.count == 3)  // the device joined by priority
+        #expect(try await service.person(two.personId).identifiers.count == 2)
+        var history = IdentityV1.HistoryRequest()
+        history.personId = two.personId
+        #expect(try await service.history(history).entries.contains { $0.kind == .conflict })
+
+        // A second customer id for the same person: it becomes its own person.
+        let extra = try await service.link([id("email", "one@x.io"), id("customer_id", "C3")])
+        #expect(extra.conflicts.first?.rule == "max 1 customer_id per person")
+        #expect(try await service.person(one.personId).identifiers.filter { $0.identifier?.type == "customer_id" }.count == 1)
+    }
+
+    @Test("unmerge by merge and by identifiers; the operator's split holds on re-link")
+    func unmergeThenRelink() async throws {
+        let service = try makeService()
+        let a = try await service.link([id("email", "a@x.io"), id("cookie_id", "k1")])
+        let b = try await service.link([id("email", "b@x.io"), id("cookie_id", "k2")])
+        let bad = try await service.link([id("cookie_id", "k1"), id("cookie_id", "k2")], source: "shared laptop")
+        #expect(bad.mergedPersonIds == [b.personId])
+        let mergeSeq = try await service.feed().changes[0].seq
+
+        var unmerge = IdentityV1.UnmergeRequest()
+        unmerge.personId = a.personId
+        unmerge.mergeId = 1
+        unmerge.reason = "shared laptop, two people"
+        let undone = try await service.unmerge(unmerge)
+        #expect(undone.newPersonId == b.personId)  // the former person comes back under its own id
+        #expect(Set(try await service.person(b.personId).identifiers.compactMap(\.identifier?.value)) == ["b@x.io", "k2"])
+        #expect(Set(try await service.person(a.personId).identifiers.compactMap(\.identifier?.value)) == ["a@x.io", "k1"])
+        let feed = try await service.feed(after: mergeSeq)
+        #expect(feed.changes.map(\.kind) == [.unmerge])
+
+        // The same evidence again does not silently undo the operator's decision.
+        let relink = try await service.link([id("cookie_id", "k1"), id("cookie_id", "k2")], source: "shared laptop")
+        #expect(relink.mergedPersonIds.isEmpty)
+        #expect(relink.conflicts.first?.rule.hasPrefix("unmerged by an operator") == true)
+
+        // Detach identifiers into a new person.
+        unmerge = IdentityV1.UnmergeRequest()
+        unmerge.personId = a.personId
+        unmerge.identifiers = [id("cookie_id", "k1")]
+        let detached = try await service.unmerge(unmerge)
+        #expect(try await service.person(detached.newPersonId).identifiers.compactMap(\.identifier?.value) == ["k1"])
+        await expectInvalid("identifiers") {
+            var both = IdentityV1.UnmergeRequest()
+            both.personId = a.personId
+            _ = try await service.unmerge(both)
+        }
+    }
+
+    @Test("racing links on overlapping identifiers end in one consistent graph")
+    func racingLinks() async throws {
+        let directory = tempDirectory()
+        let service = try makeService(directory)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for i in 0..<40 {
+                group.addTask {
+                    _ = try await service.link([id("cookie_id", "c\(i)"), id("cookie_id", "c\((i + 1) % 40)"), id("device_id", "d\(i % 7)")])
+                }
+            }
+            try await group.waitForAll()
+        }
+        let pool = try DatabasePool(path: directory + "/identity.sqlite")
+        let persons = try await pool.read { db in
+            try String.fetchAll(db, sql: "SELECT DISTINCT person_id FROM identifier")
+        }
+        #expect(persons.count == 1)
+        let count = try await pool.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM identifier")! }
+        #expect(count == 47)
+    }
+}
+
+@Suite("identity: change feed, erasure, privacy")
+struct FeedAndErasureTests {
+    @Test("the change feed is gap-free and resumes after a restart")
+    func feedResumes() async throws {
+        let directory = tempDirectory()
+        var next: UInt64 = 0
+        do {
+            let service = try makeService(directory)
+            for i in 0..<5 {
+                _ = try await service.link([id("cookie_id", "x\(i)")])
+                _ = try await service.link([id("cookie_id", "y\(i)")])
+                _ = try await service.link([id("cookie_id", "x\(i)"), id("cookie_id", "y\(i)")])
+            }
+            var request = IdentityV1.ListChangesRequest()
+            request.limit = 2
+            let page = try await service.listChanges(request)
+            #expect(page.changes.map(\.seq) == [1, 2])
+            next = page.nextAfterSeq
+        }
+        let reopened = try makeService(directory)
+        let rest = try await reopened.feed(after: next)
+        #expect(rest.changes.map(\.seq) == Array(3...UInt64(2 + rest.changes.count)))
+        #expect(rest.nextAfterSeq == rest.changes.last!.seq)
+        #expect(try await reopened.feed(after: rest.nextAfterSeq).changes.isEmpty)
+    }
+
+    @Test("after Erase no identifier of that person is in the SQLite files")
+    func eraseLeavesNothing() async throws {
+        let directory = tempDirectory()
+        let service = try makeService(directory)
+        let marker = "zebra.unique.\(UInt32.random(in: 0...UInt32.max))"
+        let a = try await service.link([id("email", "\(marker)@example.org"), id("phone", "+31 6 9876 5432"), id("cookie_id", "\(marker)-cookie")])
+        let b = try await service.link([id("cookie_id", "other-\(marker)")])
+        _ = try await service.link([id("cookie_id", "\(marker)-cookie"), id("cookie_id", "other-\(marker)")])
+        let keep = try await service.link([id("email", "keep@example.org")])
+
+        var erase = IdentityV1.EraseRequest()
+        erase.target = .personId(b.personId)  // erasing via the merged id erases the survivor and all it absorbed
+        let erased = try await service.erase(erase)
+        #expect(erased.identifiersRemoved == 4)
+
+        for file in ["identity.sqlite", "identity.sqlite-wal"] {
+            guard let data = FileManager.default.contents(atPath: directory + "/" + file) else { continue }
+            let bytes = [UInt8](data)
+            for needle in [marker, "31698765432"] {
+                #expect(!bytes.contains(subsequence: Array(needle.utf8)), "\(needle) still in \(file)")
+            }
+        }
+        await #expect(throws: RPCError.self) { _ = try await service.person(a.personId) }
+        #expect(try await service.person(keep.personId).identifiers.count == 1)
+        let last = try await service.feed().changes.last!
+        #expect(last.kind == .erase && last.seq == erased.changeSeq)
+    }
+
+    @Test("privacy mode stores keyed hashes only, and lookups still work")
+    func privacyMode() async throws {
+        let directory = tempDirectory()
+        let service = try makeService(directory, key: Array("0123456789abcdef0123456789abcdef".utf8))
+        let linked = try await service.link([id("email", "Secret.Person@Example.org"), id("phone", "+44 20 7946 0000")])
+        var resolve = IdentityV1.ResolveRequest()
+        resolve.identifiers = [id("email", "secret.person@example.org")]
+        #expect(try await service.resolve(resolve).personId == linked.personId)
+        let stored = try await service.person(linked.personId).identifiers.compactMap(\.identifier?.value)
+        #expect(stored.allSatisfy { $0.hasPrefix("h:") && $0.count == 66 })
+        for file in ["identity.sqlite", "identity.sqlite-wal"] {
+            guard let data = FileManager.default.contents(atPath: directory + "/" + file) else { continue }
+            #expect(![UInt8](data).contains(subsequence: Array("secret.person".utf8)))
+            #expect(![UInt8](data).contains(subsequence: Array("442079460000".utf8)))
+        }
+    }
+
+    @Test("Resolve without create_if_missing never writes")
+    func resolveReadOnly() async throws {
+        let service = try makeService()
+        var request = IdentityV1.ResolveRequest()
+        request.identifiers = [id("email", "new@x.io")]
+        #expect(try await service.resolve(request).personId == "")
+        request.createIfMissing = true
+        let created = try await service.resolve(request)
+        #expect(created.created && !created.personId.isEmpty)
+        request.createIfMissing = false
+        let found = try await service.resolve(request)
+        #expect(found.personId == created.personId && found.matched.map(\.value) == ["new@x.io"])
+    }
+}
+
+extension Array where Element == UInt8 {
+    func contains(subsequence needle: [UInt8]) -> Bool {
+        guard !needle.isEmpty, count >= needle.count else { return false }
+        return indices.dropLast(needle.count - 1).contains { self[$0..<$0 + needle.count].elementsEqual(needle) }
+    }
+}
