@@ -4,11 +4,11 @@
 # every service is ready, runs a short demo over the wire, and keeps running until
 # Ctrl-C, which stops every service gracefully.
 #
-# Environment: ARBITER_DATA (default ./data), ARBITER_CONFIG (debug or release, default release).
+# Environment: ARBITER_DATA (default ./data), ARBITER_BUILD (debug or release, default release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data="${ARBITER_DATA:-./data}"
-config="${ARBITER_CONFIG:-release}"
+config="${ARBITER_BUILD:-release}"
 
 scripts/install-deps.sh
 echo "== building ($config)"
