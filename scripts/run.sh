@@ -16,7 +16,15 @@ swift build -c "$config"
 bin=".build/$config"
 mkdir -p "$data"
 
+for port in 7100 7101 7102 7103 7104 8100 8101 8102 8103 8104; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "run: port $port is already in use; stop what listens there (ss -ltnp 'sport = :$port')" >&2
+    exit 1
+  fi
+done
+
 pids=()
+names=()
 stop() {
   echo
   echo "== stopping (SIGTERM: each service drains its in-flight calls)"
@@ -33,6 +41,7 @@ start() {
   "$bin/arbiter-$name" --port "$port" --admin-port "$admin" --data-dir "$data/$name" "$@" \
     >>"$data/$name.log" 2>&1 &
   pids+=($!)
+  names+=("$name")
 }
 start identity 7101 8101
 start profile  7102 8102 --identity 127.0.0.1:7101
@@ -47,6 +56,9 @@ for admin in 8101 8102 8104 8103 8100; do
     sleep 0.1
   done
   curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null || { echo "service with admin port $admin did not become ready; see $data/*.log" >&2; exit 1; }
+done
+for i in "${!pids[@]}"; do
+  kill -0 "${pids[$i]}" 2>/dev/null || { echo "arbiter-${names[$i]} exited; its log:" >&2; tail -20 "$data/${names[$i]}.log" >&2; exit 1; }
 done
 cat <<TABLE
 service    rpc (ttrpc)       admin (HTTP)                    log
