@@ -190,6 +190,28 @@ public final class IdentityStore: Sendable {
 
     // MARK: - Writes
 
+    /// Imports persons in bulk (a migration from another system, a benchmark's seed): each
+    /// element is one person's identifiers, all unknown so far. One transaction per 10,000
+    /// persons; no merges are evaluated. Returns the new person ids.
+    @discardableResult
+    public func bulkImport(_ persons: [[NormalizedIdentifier]], source: String, atMs: Int64) async throws -> [String] {
+        var ids: [String] = []
+        ids.reserveCapacity(persons.count)
+        for start in stride(from: 0, to: persons.count, by: 10_000) {
+            let batch = persons[start..<min(start + 10_000, persons.count)].map { $0.map { ($0.type, normalizer.storedValue($0)) } }
+            ids += try await pool.write { db in
+                try batch.map { identifiers in
+                    let person = try Self.createPerson(db, nowMs: atMs)
+                    for (type, value) in identifiers {
+                        try Self.insertIdentifier(db, type, value, person: person, atMs: atMs, source: source)
+                    }
+                    return person
+                }
+            }
+        }
+        return ids
+    }
+
     /// Records `identifiers` as seen together: one person, merging the persons they
     /// belonged to unless a limit (or an operator's split) forbids it.
     public func link(_ identifiers: [NormalizedIdentifier], source: String, observedAtMs: Int64) async throws -> LinkResult {
@@ -387,14 +409,15 @@ public final class IdentityStore: Sendable {
     static func createPerson(_ db: Database, nowMs: Int64) throws -> String {
         var generator = SystemRandomNumberGenerator()
         let id = "p_" + (0..<12).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined()
-        try db.execute(sql: "INSERT INTO person (id, created_at_ms, state) VALUES (?, ?, 'active')", arguments: [id, nowMs])
+        try db.cachedStatement(sql: "INSERT INTO person (id, created_at_ms, state) VALUES (?, ?, 'active')")
+            .execute(arguments: [id, nowMs])
         return id
     }
 
     static func insertIdentifier(_ db: Database, _ type: String, _ value: String, person: String, atMs: Int64, source: String) throws {
-        try db.execute(sql: """
+        try db.cachedStatement(sql: """
             INSERT INTO identifier (type, value, person_id, first_seen_ms, last_seen_ms, source) VALUES (?, ?, ?, ?, ?, ?)
-            """, arguments: [type, value, person, atMs, atMs, source])
+            """).execute(arguments: [type, value, person, atMs, atMs, source])
     }
 
     static func typeCounts(_ db: Database, _ persons: [String]) throws -> [String: Int] {

@@ -1,0 +1,125 @@
+import ArgumentParser
+import Contracts
+import Foundation
+import Histogram
+import IdentityService
+import Logging
+import RPC
+
+/// Benchmarks that print figures. Each drives a real server over loopback TCP with
+/// Arbiter's own client, `--concurrency` calls in flight, closed loop.
+@main
+struct Bench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "arbiter-bench", abstract: "Arbiter benchmarks (print throughput and latency percentiles).",
+        subcommands: [IdentityBench.self])
+}
+
+struct IdentityBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "identity",
+        abstract: "Resolve and Link against arbiter-identity's service with a large store.")
+
+    @Option(help: "Identifiers stored before measuring (two per person).") var identifiers = 1_000_000
+    @Option(help: "Seconds per measurement.") var duration = 10.0
+    @Option(help: "Calls in flight.") var concurrency = 32
+    @Option(help: "Connections (calls are spread over them).") var connections = 4
+    @Option(help: "Store directory (default: a new temporary directory, removed afterwards).") var dataDir: String?
+
+    func run() async throws {
+        let directory = dataDir ?? NSTemporaryDirectory() + "/arbiter-bench-identity-\(UUID().uuidString)"
+        defer { if dataDir == nil { try? FileManager.default.removeItem(atPath: directory) } }
+        let normalizer = Normalizer(rules: IdentityRules())
+        let store = try IdentityStore(directory: directory, normalizer: normalizer)
+        let persons = identifiers / 2
+        let seedStart = ContinuousClock.now
+        try await store.bulkImport((0..<persons).map { i in
+            [try normalizer.normalize(type: "email", value: "user\(i)@example.com").get(),
+             try normalizer.normalize(type: "cookie_id", value: "cookie-\(i)").get()]
+        }, source: "seed", atMs: 1_700_000_000_000)
+        print("seeded \(persons * 2) identifiers (\(persons) persons) in \(seedStart.duration(to: .now)); rss \(rssMiB()) MiB")
+
+        var router = RPCRouter()
+        router.register(IdentityService(store: store))
+        var configuration = RPCServerConfiguration()
+        configuration.port = 0
+        configuration.handlerExecution = .concurrentPool
+        var logger = Logger(label: "bench")
+        logger.logLevel = .error
+        let server = RPCServer(configuration: configuration, router: router, logger: logger)
+        let serverTask = Task { try await server.run() }
+        defer { serverTask.cancel() }
+        let port = try await server.listeningAddress().port!
+        let clients = (0..<connections).map { _ in RPCClient(host: "127.0.0.1", port: port) }
+
+        // Resolve: known identifiers, random persons.
+        let resolve = try await measure("Resolve (known identifier)", clients) { client, i in
+            var request = IdentityV1.ResolveRequest()
+            var id = CommonV1.Identifier()
+            id.type = "email"
+            id.value = "user\(Int.random(in: 0..<persons))@example.com"
+            request.identifiers = [id]
+            let response = try await client.call(IdentityV1.Identity.resolve, request, timeout: .seconds(5))
+            precondition(!response.personId.isEmpty)
+        }
+        // Link: a new device seen with a known email (attach), half of them a second time (idempotent).
+        let link = try await measure("Link (known email + device)", clients) { client, i in
+            var request = IdentityV1.LinkRequest()
+            var email = CommonV1.Identifier()
+            email.type = "email"
+            let person = Int.random(in: 0..<persons)
+            email.value = "user\(person)@example.com"
+            var device = CommonV1.Identifier()
+            device.type = "device_id"
+            device.value = "device-\(person)-\(i / 2)"
+            request.identifiers = [email, device]
+            request.source = "bench"
+            _ = try await client.call(IdentityV1.Identity.link, request, timeout: .seconds(5))
+        }
+        print("rss after \(rssMiB()) MiB")
+        print("summary: resolve \(Int(resolve))/s (goal 20000), link \(Int(link))/s (goal 5000)")
+        clients.forEach { $0.close() }
+    }
+
+    /// Runs `call` closed-loop at `concurrency` for `duration` seconds; prints and returns calls/s.
+    func measure(_ name: String, _ clients: [RPCClient],
+                 _ call: @escaping @Sendable (RPCClient, Int) async throws -> Void) async throws -> Double {
+        let end = ContinuousClock.now + .seconds(duration)
+        let results = try await withThrowingTaskGroup(of: (Histogram<UInt64>, Int).self) { group in
+            for worker in 0..<concurrency {
+                group.addTask {
+                    var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000)
+                    var errors = 0
+                    var i = worker
+                    let client = clients[worker % clients.count]
+                    while ContinuousClock.now < end {
+                        let start = ContinuousClock.now
+                        do { try await call(client, i) } catch { errors += 1 }
+                        _ = histogram.record(UInt64(max(1, start.duration(to: .now).nanoseconds / 1000)))
+                        i += concurrency
+                    }
+                    return (histogram, errors)
+                }
+            }
+            var total = Histogram<UInt64>(highestTrackableValue: 60_000_000)
+            var errors = 0
+            for try await (histogram, failed) in group {
+                total.add(histogram)
+                errors += failed
+            }
+            return (total, errors)
+        }
+        let (histogram, errors) = results
+        let rate = Double(histogram.totalCount) / duration
+        print(String(format: "%@: %.0f calls/s, p50 %d us, p99 %d us, p99.9 %d us, max %d us, errors %d (concurrency %d, %d connections)",
+                     name, rate, histogram.valueAtPercentile(50), histogram.valueAtPercentile(99),
+                     histogram.valueAtPercentile(99.9), histogram.max, errors, concurrency, clients.count))
+        return rate
+    }
+}
+
+func rssMiB() -> Int {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+          let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }) else { return -1 }
+    return (Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0) / 1024
+}
