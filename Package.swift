@@ -84,7 +84,7 @@ let package = Package(
             dependencies: ["EchoService", "ServiceRuntime"],
             path: "Services/Echo/arbiter-echo"
         ),
-        .executableTarget(name: "arbiter-identity", dependencies: ["IdentityService", "ServiceRuntime"], path: "Services/Identity/arbiter-identity"),
+        .executableTarget(name: "arbiter-identity", dependencies: ["IdentityService", "ServiceRuntime", "RPC"], path: "Services/Identity/arbiter-identity"),
         .executableTarget(name: "arbiter-profile", dependencies: ["ServiceRuntime"], path: "Services/Profile/arbiter-profile"),
         .executableTarget(name: "arbiter-decision", dependencies: ["ServiceRuntime"], path: "Services/Decision/arbiter-decision"),
         .executableTarget(name: "arbiter-routing", dependencies: ["ServiceRuntime"], path: "Services/Routing/arbiter-routing"),

@@ -203,112 +203,112 @@ public final class RPCServer: Service, Sendable {
         return OutboundFrame(streamID: streamID, kind: .response, payload: response.serializedBytes())
     }
 
-    /// Decodes, authenticates, routes and runs one call, racing its deadline. Returns the
-    /// answer, or nil when it was already sent through `respondEarly` (the deadline won).
-    func process(streamID: UInt32, payload: ByteBuffer, logger connectionLogger: Logger,
-                 respondEarly: @escaping @Sendable (OutboundFrame) -> Void) async -> OutboundFrame? {
+    /// A decoded, routed, authenticated call, ready to run.
+    struct Call: Sendable {
+        let streamID: UInt32
+        let request: TTRPC.Request
+        let route: RPCRouter.Route
+        let start: ContinuousClock.Instant
+        let deadline: ContinuousClock.Instant?
+    }
+
+    enum Prepared {
+        /// Answered at once (bad envelope, unknown method, no token, expired deadline).
+        case answer(OutboundFrame)
+        case run(Call)
+    }
+
+    /// Everything about a request that needs no handler, done on the event loop: decode the
+    /// envelope, route, authenticate, read the deadline.
+    func prepare(streamID: UInt32, payload: ByteBuffer, logger: Logger) -> Prepared {
         let start = ContinuousClock.now
-        metrics.inFlight.increment()
-        defer { metrics.inFlight.decrement() }
-
-        let answer = Answer()
-        @Sendable func finish(_ result: Result<[UInt8], RPCError>, service: String, method: String) -> OutboundFrame? {
-            guard answer.claim() else { return nil }
-            let duration = ContinuousClock.now - start
-            metrics.record(service: service, method: method, code: result.code, duration: duration)
-            if case .failure(let error) = result {
-                connectionLogger.info("rpc failed", metadata: [
-                    "rpc.service": "\(service)", "rpc.method": "\(method)", "rpc.code": "\(error.code)",
-                    "rpc.message": "\(error.message)", "rpc.stream_id": "\(streamID)",
-                    "rpc.duration_ms": "\(Double(duration.nanoseconds) / 1e6)",
-                ])
-            } else if connectionLogger.logLevel <= .debug {
-                connectionLogger.debug("rpc", metadata: [
-                    "rpc.service": "\(service)", "rpc.method": "\(method)", "rpc.code": "OK",
-                    "rpc.stream_id": "\(streamID)", "rpc.duration_ms": "\(Double(duration.nanoseconds) / 1e6)",
-                ])
-            }
-            return Self.responseFrame(streamID, result)
-        }
-
         let request: TTRPC.Request
         do {
             request = try TTRPC.Request(serializedBytes: payload.readableBytesView)
         } catch {
-            return finish(.failure(RPCError(.invalidArgument, "unmarshal request error: \(error)")), service: "unknown", method: "unknown")
+            return .answer(finish(streamID, .failure(RPCError(.invalidArgument, "unmarshal request error: \(error)")),
+                                  service: "unknown", method: "unknown", start: start, logger: logger))
         }
         let route: RPCRouter.Route
         do {
             route = try router.route(service: request.service, method: request.method)
         } catch {
-            return finish(.failure(error), service: "unknown", method: "unknown")
+            return .answer(finish(streamID, .failure(error), service: "unknown", method: "unknown", start: start, logger: logger))
         }
-        let service = request.service, method = request.method
-        if let token = configuration.authToken, !configuration.unauthenticatedServices.contains(service) {
+        if let token = configuration.authToken, !configuration.unauthenticatedServices.contains(request.service) {
             let presented = request.metadata.first(where: { $0.key.lowercased() == "authorization" })?.value ?? ""
             guard constantTimeEqual(presented, "Bearer " + token) else {
-                return finish(.failure(RPCError(.unauthenticated, "missing or invalid bearer token")), service: service, method: method)
+                return .answer(finish(streamID, .failure(RPCError(.unauthenticated, "missing or invalid bearer token")),
+                                      service: request.service, method: request.method, start: start, logger: logger))
             }
         }
         if request.timeoutNano < 0 {
-            return finish(.failure(RPCError(.deadlineExceeded, "deadline exceeded before the call started")), service: service, method: method)
+            return .answer(finish(streamID, .failure(RPCError(.deadlineExceeded, "deadline exceeded before the call started")),
+                                  service: request.service, method: request.method, start: start, logger: logger))
         }
         let deadline = request.timeoutNano > 0 ? start + .nanoseconds(request.timeoutNano) : nil
+        return .run(Call(streamID: streamID, request: request, route: route, start: start, deadline: deadline))
+    }
+
+    /// Runs the handler of a prepared call and returns its answer. The connection answers
+    /// DEADLINE_EXCEEDED itself when the deadline passes first, and cancels this task.
+    func run(_ call: Call, logger connectionLogger: Logger) async -> OutboundFrame {
+        metrics.inFlight.increment()
+        defer { metrics.inFlight.decrement() }
+        let service = call.request.service, method = call.request.method
         var logger = connectionLogger
-        logger[metadataKey: "rpc.stream_id"] = .stringConvertible(streamID)
+        logger[metadataKey: "rpc.stream_id"] = .stringConvertible(call.streamID)
         let context = RPCContext(
             service: service, method: method,
-            metadata: Metadata(request.metadata.map { (key: $0.key, value: $0.value) }),
-            deadline: deadline, logger: logger)
-
-        let run: @Sendable () async -> Result<[UInt8], RPCError> = {
-            do {
-                let output = try await RPCDeadline.$current.withValue(deadline) {
-                    try await route.handler(request.payload, context)
-                }
-                return .success(output)
-            } catch let error as RPCError {
-                return .failure(error)
-            } catch is CancellationError {
-                if let deadline, deadline <= .now { return .failure(RPCError(.deadlineExceeded, "deadline exceeded")) }
-                return .failure(RPCError(.cancelled, "call cancelled"))
-            } catch {
-                connectionLogger.error("rpc handler failed", metadata: [
-                    "rpc.service": "\(service)", "rpc.method": "\(method)", "rpc.error": "\(String(reflecting: error))",
-                ])
-                return .failure(RPCError(.internal, "internal error"))
+            metadata: Metadata(call.request.metadata.map { (key: $0.key, value: $0.value) }),
+            deadline: call.deadline, logger: logger)
+        let result: Result<[UInt8], RPCError>
+        do {
+            let output = try await RPCDeadline.$current.withValue(call.deadline) {
+                try await call.route.handler(call.request.payload, context)
             }
-        }
-
-        guard let deadline else {
-            return finish(await run(), service: service, method: method)
-        }
-        // Whichever finishes first answers: the handler, or the deadline. A handler that
-        // ignores cancellation still occupies its in-flight slot until it returns.
-        return await withTaskGroup(of: OutboundFrame?.self) { race in
-            race.addTask { finish(await run(), service: service, method: method) }
-            race.addTask {
-                guard (try? await Task.sleep(until: deadline, clock: .continuous)) != nil else { return nil }
-                if let frame = finish(.failure(RPCError(.deadlineExceeded, "deadline exceeded")), service: service, method: method) {
-                    respondEarly(frame)
-                }
-                return nil
+            result = .success(output)
+        } catch let error as RPCError {
+            result = .failure(error)
+        } catch is CancellationError {
+            if let deadline = call.deadline, deadline <= .now {
+                result = .failure(RPCError(.deadlineExceeded, "deadline exceeded"))
+            } else {
+                result = .failure(RPCError(.cancelled, "call cancelled"))
             }
-            let first = await race.next()!
-            race.cancelAll()
-            return first
+        } catch {
+            connectionLogger.error("rpc handler failed", metadata: [
+                "rpc.service": "\(service)", "rpc.method": "\(method)", "rpc.error": "\(String(reflecting: error))",
+            ])
+            result = .failure(RPCError(.internal, "internal error"))
         }
+        return finish(call.streamID, result, service: service, method: method, start: call.start, logger: connectionLogger)
     }
-}
 
-/// Ensures a call is answered once.
-private final class Answer: Sendable {
-    private let claimed = Mutex(false)
-    func claim() -> Bool {
-        claimed.withLock { claimed in
-            defer { claimed = true }
-            return !claimed
+    /// The answer when a call's deadline passes before its handler finishes.
+    func deadlineExceeded(_ call: Call, logger: Logger) -> OutboundFrame {
+        finish(call.streamID, .failure(RPCError(.deadlineExceeded, "deadline exceeded")),
+               service: call.request.service, method: call.request.method, start: call.start, logger: logger)
+    }
+
+    /// Records metrics and logs for an answer and encodes it.
+    private func finish(_ streamID: UInt32, _ result: Result<[UInt8], RPCError>, service: String, method: String,
+                        start: ContinuousClock.Instant, logger: Logger) -> OutboundFrame {
+        let duration = ContinuousClock.now - start
+        metrics.record(service: service, method: method, code: result.code, duration: duration)
+        if case .failure(let error) = result {
+            logger.info("rpc failed", metadata: [
+                "rpc.service": "\(service)", "rpc.method": "\(method)", "rpc.code": "\(error.code)",
+                "rpc.message": "\(error.message)", "rpc.stream_id": "\(streamID)",
+                "rpc.duration_ms": "\(Double(duration.nanoseconds) / 1e6)",
+            ])
+        } else if logger.logLevel <= .debug {
+            logger.debug("rpc", metadata: [
+                "rpc.service": "\(service)", "rpc.method": "\(method)", "rpc.code": "OK",
+                "rpc.stream_id": "\(streamID)", "rpc.duration_ms": "\(Double(duration.nanoseconds) / 1e6)",
+            ])
         }
+        return Self.responseFrame(streamID, result)
     }
 }
 
@@ -367,8 +367,11 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     private let executor: EventLoopTaskExecutor?
     private var lastStreamID: UInt32 = 0
     private var running: [UInt32: Task<Void, Never>] = [:]
+    private var timers: [UInt32: Scheduled<Void>] = [:]
+    /// Calls answered DEADLINE_EXCEEDED whose handler has not returned yet.
+    private var expired: Set<UInt32> = []
     /// Requests decoded in the same read as others once the limit was reached (bounded by one read).
-    private var queued: [(UInt32, ByteBuffer)] = []
+    private var queued: [RPCServer.Call] = []
     private var queueHead = 0
     private var readHeld = false
     private var inputClosed = false
@@ -406,38 +409,53 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
                 return
             }
             lastStreamID = header.streamID
-            if busy {
-                queued.append((header.streamID, payload))
-            } else {
-                start(context, header.streamID, payload)
+            switch server.prepare(streamID: header.streamID, payload: payload, logger: logger) {
+            case .answer(let frame):
+                write(context, frame)
+            case .run(let call):
+                if busy { queued.append(call) } else { start(context, call) }
             }
         }
     }
 
-    private func start(_ context: ChannelHandlerContext, _ streamID: UInt32, _ payload: ByteBuffer) {
+    private func start(_ context: ChannelHandlerContext, _ call: RPCServer.Call) {
         let loop = context.eventLoop
         let handler = NIOLoopBound(self, eventLoop: loop)
         let boundContext = NIOLoopBound(context, eventLoop: loop)
-        let server = self.server, logger = self.logger
+        let server = self.server, logger = self.logger, streamID = call.streamID
         running[streamID] = Task(executorPreference: executor) {
-            let frame = await server.process(streamID: streamID, payload: payload, logger: logger) { early in
-                loop.execute { handler.value.write(boundContext.value, early) }
-            }
+            let frame = await server.run(call, logger: logger)
             if loop.inEventLoop {
                 handler.value.finished(boundContext.value, streamID, frame)
             } else {
                 loop.execute { handler.value.finished(boundContext.value, streamID, frame) }
             }
         }
+        if let deadline = call.deadline {
+            // The deadline is a timer on the loop: at it, answer and cancel the handler.
+            let delay = TimeAmount.nanoseconds(ContinuousClock.now.duration(to: deadline).nanoseconds)
+            timers[streamID] = loop.scheduleTask(in: delay) {
+                handler.value.expire(boundContext.value, call)
+            }
+        }
     }
 
-    private func finished(_ context: ChannelHandlerContext, _ streamID: UInt32, _ frame: OutboundFrame?) {
+    private func expire(_ context: ChannelHandlerContext, _ call: RPCServer.Call) {
+        timers[call.streamID] = nil
+        guard let task = running[call.streamID] else { return }
+        expired.insert(call.streamID)
+        write(context, server.deadlineExceeded(call, logger: logger))
+        task.cancel()
+    }
+
+    private func finished(_ context: ChannelHandlerContext, _ streamID: UInt32, _ frame: OutboundFrame) {
         guard running.removeValue(forKey: streamID) != nil else { return }  // connection already gone
-        if let frame { write(context, frame) }
+        timers.removeValue(forKey: streamID)?.cancel()
+        if expired.remove(streamID) == nil { write(context, frame) }
         while running.count < limit && queueHead < queued.count {
-            let (id, payload) = queued[queueHead]
+            let call = queued[queueHead]
             queueHead += 1
-            start(context, id, payload)
+            start(context, call)
         }
         if queueHead == queued.count {
             queued.removeAll(keepingCapacity: true)
@@ -509,6 +527,8 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         for task in running.values { task.cancel() }
+        for timer in timers.values { timer.cancel() }
+        timers = [:]
         queued.removeAll()
         queueHead = 0
         context.fireChannelInactive()

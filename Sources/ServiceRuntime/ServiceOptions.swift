@@ -1,5 +1,6 @@
 import ArgumentParser
 import Logging
+import RPC
 
 /// What distinguishes one Arbiter executable: its name, default ports and what it serves.
 public protocol ServiceDefinition: Sendable {
@@ -12,6 +13,13 @@ public protocol ServiceDefinition: Sendable {
     /// Builds the service: opens and migrates its stores, returns its RPC services and
     /// background services. Runs before the RPC listener opens.
     static func makeServices(_ context: ServiceContext) async throws -> ServiceParts
+    /// Where this service's handlers run. Default `.eventLoop`; services whose handlers
+    /// block briefly on SQLite or compute choose `.concurrentPool`.
+    static var handlerExecution: RPCServerConfiguration.HandlerExecution { get }
+}
+
+extension ServiceDefinition {
+    public static var handlerExecution: RPCServerConfiguration.HandlerExecution { .eventLoop }
 }
 
 /// The operator contract shared by every executable. Each flag can also be given in

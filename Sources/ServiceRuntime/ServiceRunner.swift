@@ -160,6 +160,7 @@ public final class ServiceRuntime<Definition: ServiceDefinition>: Sendable {
         configuration.maxConnections = options.maxConnections
         configuration.idleTimeout = .seconds(options.idleTimeout)
         configuration.authToken = authToken
+        configuration.handlerExecution = Definition.handlerExecution
         let rpc = RPCServer(configuration: configuration, router: router, logger: logger, group: group)
         let readiness = ReadinessGate(health: health)
         let admin = AdminServer(host: options.host, port: options.adminPort, registry: registry, logger: logger, group: group) {

@@ -5,6 +5,10 @@ import Storage
 /// The identity graph in SQLite. Every change happens in one write transaction
 /// (writes are serialized), and the schema holds the central invariant: an
 /// identifier belongs to exactly one person (`identifier` is keyed by type and value).
+///
+/// Database access is synchronous on the calling thread: a lookup takes microseconds,
+/// far less than GRDB's async hop (measured: Resolve 5.5k/s with async reads). The
+/// service therefore runs its handlers on the concurrent pool, never on an event loop.
 public final class IdentityStore: Sendable {
     let pool: DatabasePool
     let normalizer: Normalizer
@@ -13,6 +17,12 @@ public final class IdentityStore: Sendable {
         self.normalizer = normalizer
         pool = try SQLiteStore.open(directory: directory, name: "identity", migrator: Self.migrator)
     }
+
+    /// A read on the calling thread (synchronous GRDB access; see the type's note).
+    func reading<T>(_ body: (Database) throws -> T) throws -> T { try pool.read(body) }
+
+    /// A write transaction on the calling thread.
+    func writing<T>(_ body: (Database) throws -> T) throws -> T { try pool.write(body) }
 
     static var migrator: DatabaseMigrator {
         var migrator = DatabaseMigrator()
@@ -133,7 +143,7 @@ public final class IdentityStore: Sendable {
     /// The person `identifiers` belong to, without writing anything unless `create`.
     public func resolve(_ identifiers: [NormalizedIdentifier], create: Bool, source: String, nowMs: Int64) async throws -> ResolveResult {
         let keys = identifiers.map { ($0, normalizer.storedValue($0)) }
-        let (found, oldestFirst) = try await pool.read { db in
+        let (found, oldestFirst) = try reading { db in
             let found = try Self.owners(db, keys.map(\.1), keys.map(\.0.type))
             return (found, try Set(found.map(\.person)).sorted { try Self.seq(db, $0) < Self.seq(db, $1) })
         }
@@ -148,7 +158,7 @@ public final class IdentityStore: Sendable {
     }
 
     public func person(_ id: String) async throws -> PersonRecord {
-        try await pool.read { db in
+        try reading { db in
             let survivor = try Self.survivor(db, id)
             guard let row = try Row.fetchOne(db, sql: "SELECT created_at_ms FROM person WHERE id = ?", arguments: [survivor]) else {
                 throw StoreError.personNotFound(id)
@@ -166,7 +176,7 @@ public final class IdentityStore: Sendable {
 
     /// Merges, unmerges, erasures and conflicts that involve `id` (or the persons merged into it).
     public func history(_ id: String) async throws -> [ChangeRecord] {
-        try await pool.read { db in
+        try reading { db in
             let survivor = try Self.survivor(db, id)
             var involved = Set(try String.fetchAll(db, sql: "SELECT id FROM person WHERE merged_into = ?", arguments: [survivor]))
             involved.insert(survivor)
@@ -183,7 +193,7 @@ public final class IdentityStore: Sendable {
     }
 
     public func changes(after seq: Int64, limit: Int) async throws -> [ChangeRecord] {
-        try await pool.read { db in
+        try reading { db in
             try Self.fetchChanges(db, sql: "SELECT * FROM change WHERE seq > ? ORDER BY seq LIMIT ?", arguments: [seq, limit])
         }
     }
@@ -199,7 +209,7 @@ public final class IdentityStore: Sendable {
         ids.reserveCapacity(persons.count)
         for start in stride(from: 0, to: persons.count, by: 10_000) {
             let batch = persons[start..<min(start + 10_000, persons.count)].map { $0.map { ($0.type, normalizer.storedValue($0)) } }
-            ids += try await pool.write { db in
+            ids += try writing { db in
                 try batch.map { identifiers in
                     let person = try Self.createPerson(db, nowMs: atMs)
                     for (type, value) in identifiers {
@@ -217,7 +227,7 @@ public final class IdentityStore: Sendable {
     public func link(_ identifiers: [NormalizedIdentifier], source: String, observedAtMs: Int64) async throws -> LinkResult {
         let keys = Dictionary(identifiers.map { ($0, normalizer.storedValue($0)) }, uniquingKeysWith: { a, _ in a })
         let rules = normalizer.rules
-        return try await pool.write { db in
+        return try writing { db in
             let owners = try Self.owners(db, Array(keys.values), Array(keys.keys.map(\.type)))
             let ownerOf = Dictionary(owners.map { ("\($0.type)\u{1}\($0.value)", $0.person) }, uniquingKeysWith: { a, _ in a })
             let unknown = keys.filter { ownerOf["\($0.key.type)\u{1}\($0.value)"] == nil }
@@ -247,7 +257,7 @@ public final class IdentityStore: Sendable {
             }
 
             // Attach unknown identifiers, each only within its type's limit.
-            var counts = try Self.typeCounts(db, target)
+            var counts = unknown.isEmpty ? [:] : try Self.typeCounts(db, target)
             for (id, stored) in unknown.sorted(by: { $0.key < $1.key }) {
                 if let limit = rules.limits[id.type], counts[id.type, default: 0] >= limit {
                     // Over the limit: it becomes its own person rather than overload this one.
@@ -264,10 +274,10 @@ public final class IdentityStore: Sendable {
             }
             // Known identifiers: widen their seen window (late and out-of-order observations count).
             for (id, stored) in keys where ownerOf["\(id.type)\u{1}\(stored)"] != nil {
-                try db.execute(sql: """
+                try db.cachedStatement(sql: """
                     UPDATE identifier SET first_seen_ms = MIN(first_seen_ms, ?1), last_seen_ms = MAX(last_seen_ms, ?1)
-                    WHERE type = ?2 AND value = ?3
-                    """, arguments: [observedAtMs, id.type, stored])
+                    WHERE type = ?2 AND value = ?3 AND (first_seen_ms > ?1 OR last_seen_ms < ?1)
+                    """).execute(arguments: [observedAtMs, id.type, stored])
             }
             return LinkResult(personID: target, mergedPersonIDs: merged, conflicts: conflicts)
         }
@@ -278,7 +288,7 @@ public final class IdentityStore: Sendable {
     public func unmerge(personID: String, identifiers: [NormalizedIdentifier], mergeID: Int64?, reason: String,
                         nowMs: Int64) async throws -> String {
         let stored = identifiers.map { ($0.type, normalizer.storedValue($0)) }
-        return try await pool.write { db in
+        return try writing { db in
             let survivor = try Self.survivor(db, personID)
             let split: String
             var moving: [(String, String)]
@@ -322,7 +332,7 @@ public final class IdentityStore: Sendable {
     /// Erases a person (with every person merged into it): identifiers, merge records and
     /// conflicts go; a tombstone without personal data stays; the change feed says so.
     public func erase(personID: String, nowMs: Int64) async throws -> (seq: Int64, removed: Int) {
-        let result = try await pool.write { db -> (Int64, Int) in
+        let result = try writing { db -> (Int64, Int) in
             let survivor = try Self.survivor(db, personID)
             let absorbed = try String.fetchAll(db, sql: "SELECT id FROM person WHERE merged_into = ?", arguments: [survivor])
             let all = [survivor] + absorbed
@@ -349,7 +359,7 @@ public final class IdentityStore: Sendable {
     /// Erases one identifier.
     public func erase(identifier: NormalizedIdentifier, nowMs: Int64) async throws -> (seq: Int64, removed: Int) {
         let stored = normalizer.storedValue(identifier)
-        let result = try await pool.write { db -> (Int64, Int) in
+        let result = try writing { db -> (Int64, Int) in
             guard let owner = try String.fetchOne(db, sql: "SELECT person_id FROM identifier WHERE type = ? AND value = ?",
                                                   arguments: [identifier.type, stored]) else {
                 throw StoreError.identifierNotFound(identifier.type)
@@ -423,7 +433,7 @@ public final class IdentityStore: Sendable {
     static func typeCounts(_ db: Database, _ persons: [String]) throws -> [String: Int] {
         var counts: [String: Int] = [:]
         for person in persons {
-            for row in try Row.fetchAll(db, sql: "SELECT type, COUNT(*) AS n FROM identifier WHERE person_id = ? GROUP BY type",
+            for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT type, COUNT(*) AS n FROM identifier WHERE person_id = ? GROUP BY type"),
                                         arguments: [person]) {
                 counts[row["type"], default: 0] += row["n"] as Int
             }

@@ -1,5 +1,6 @@
 import Foundation
 import IdentityService
+import RPC
 import ServiceRuntime
 
 /// arbiter-identity: stitches identifiers into one person (see IdentityService).
@@ -8,6 +9,8 @@ enum IdentityDefinition: ServiceDefinition {
     static let abstract = "Arbiter identity service: stitches identifiers into one person, with merge rules, unmerge, audit and a change feed."
     static let defaultPort = 7101
     static let defaultAdminPort = 8101
+    /// The store reads and writes SQLite synchronously: keep that off the event loops.
+    static let handlerExecution = RPCServerConfiguration.HandlerExecution.concurrentPool
 
     static func makeServices(_ context: ServiceContext) async throws -> ServiceParts {
         let rules = try context.section("identity", as: IdentityRules.self, default: IdentityRules())
