@@ -12,7 +12,7 @@ import RPC
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "arbiter-bench", abstract: "Arbiter benchmarks (print throughput and latency percentiles).",
-        subcommands: [IdentityBench.self])
+        subcommands: [IdentityBench.self, HealthBench.self])
 }
 
 struct IdentityBench: AsyncParsableCommand {
@@ -25,6 +25,7 @@ struct IdentityBench: AsyncParsableCommand {
     @Option(help: "Calls in flight.") var concurrency = 32
     @Option(help: "Connections (calls are spread over them).") var connections = 4
     @Option(help: "Store directory (default: a new temporary directory, removed afterwards).") var dataDir: String?
+    @Flag(help: "Run handlers on the event loop instead of the concurrent pool.") var onEventLoop = false
 
     func run() async throws {
         let directory = dataDir ?? NSTemporaryDirectory() + "/arbiter-bench-identity-\(UUID().uuidString)"
@@ -43,7 +44,7 @@ struct IdentityBench: AsyncParsableCommand {
         router.register(IdentityService(store: store))
         var configuration = RPCServerConfiguration()
         configuration.port = 0
-        configuration.handlerExecution = .concurrentPool
+        configuration.handlerExecution = onEventLoop ? .eventLoop : .concurrentPool
         var logger = Logger(label: "bench")
         logger.logLevel = .error
         let server = RPCServer(configuration: configuration, router: router, logger: logger)
@@ -81,9 +82,46 @@ struct IdentityBench: AsyncParsableCommand {
         clients.forEach { $0.close() }
     }
 
-    /// Runs `call` closed-loop at `concurrency` for `duration` seconds; prints and returns calls/s.
+}
+
+struct HealthBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "health", abstract: "grpc.health.v1.Health/Check against a running server, with Arbiter's client.")
+
+    @Option(help: "Server address, host:port.") var address = "127.0.0.1:7100"
+    @Option(help: "Seconds to measure.") var duration = 5.0
+    @Option(help: "Calls in flight.") var concurrency = 128
+    @Option(help: "Connections.") var connections = 16
+
+    func run() async throws {
+        let parts = address.split(separator: ":")
+        let clients = (0..<connections).map { _ in RPCClient(host: String(parts[0]), port: Int(parts[1])!) }
+        _ = try await measure("Health/Check", clients, duration: duration, concurrency: concurrency) { client, _ in
+            _ = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest(), timeout: .seconds(5))
+        }
+        clients.forEach { $0.close() }
+    }
+}
+
+extension IdentityBench {
     func measure(_ name: String, _ clients: [RPCClient],
                  _ call: @escaping @Sendable (RPCClient, Int) async throws -> Void) async throws -> Double {
+        try await Bench.measure(name, clients, duration: duration, concurrency: concurrency, call)
+    }
+}
+
+extension AsyncParsableCommand {
+    /// Runs `call` closed-loop at `concurrency` for `duration` seconds; prints and returns calls/s.
+    func measure(_ name: String, _ clients: [RPCClient], duration: Double, concurrency: Int,
+                 _ call: @escaping @Sendable (RPCClient, Int) async throws -> Void) async throws -> Double {
+        try await Bench.measure(name, clients, duration: duration, concurrency: concurrency, call)
+    }
+}
+
+extension Bench {
+    /// Runs `call` closed-loop at `concurrency` for `duration` seconds; prints and returns calls/s.
+    static func measure(_ name: String, _ clients: [RPCClient], duration: Double, concurrency: Int,
+                        _ call: @escaping @Sendable (RPCClient, Int) async throws -> Void) async throws -> Double {
         let end = ContinuousClock.now + .seconds(duration)
         let results = try await withThrowingTaskGroup(of: (Histogram<UInt64>, Int).self) { group in
             for worker in 0..<concurrency {

@@ -21,7 +21,7 @@ public enum IdentifierProblem: Error, Hashable, Sendable {
 public struct Normalizer: Sendable {
     public let rules: IdentityRules
     private let blockedExact: Set<String>
-    private let blockedPatterns: [String]
+    private let blockedPatterns: CompiledPatterns
     private let privacyKey: [UInt8]?
 
     public init(rules: IdentityRules, privacyKey: [UInt8]? = nil) {
@@ -36,7 +36,7 @@ public struct Normalizer: Sendable {
             }
         }
         blockedExact = exact
-        blockedPatterns = patterns
+        blockedPatterns = CompiledPatterns(patterns.compactMap { try? NSRegularExpression(pattern: $0) })
         self.privacyKey = privacyKey
     }
 
@@ -71,7 +71,8 @@ public struct Normalizer: Sendable {
 
     func isBlocked(_ value: String) -> Bool {
         if blockedExact.contains(value.lowercased()) { return true }
-        return blockedPatterns.contains { value.range(of: $0, options: .regularExpression) != nil }
+        let range = NSRange(value.startIndex..., in: value)
+        return blockedPatterns.expressions.contains { $0.firstMatch(in: value, range: range) != nil }
     }
 
     /// What is stored for an identifier: the value itself, or in privacy mode `h:` and
@@ -80,6 +81,13 @@ public struct Normalizer: Sendable {
         guard let privacyKey else { return id.value }
         let mac = HMAC<SHA256>.authenticationCode(for: Data("\(id.type):\(id.value)".utf8), using: SymmetricKey(data: privacyKey))
         return "h:" + mac.map { String(format: "%02x", $0) }.joined()
+    }
+
+    /// Regular expressions compiled once (compiling per lookup cost more than the lookup).
+    /// NSRegularExpression is immutable and safe to share between threads.
+    struct CompiledPatterns: @unchecked Sendable {
+        let expressions: [NSRegularExpression]
+        init(_ expressions: [NSRegularExpression]) { self.expressions = expressions }
     }
 
     static func emailProblem(_ email: String) -> String? {
