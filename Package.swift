@@ -100,18 +100,24 @@ let package = Package(
             ]
         ),
 
+        // Helpers shared by the test targets.
+        .target(
+            name: "TestSupport",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")],
+            path: "Tests/TestSupport"
+        ),
         .testTarget(name: "ContractsTests", dependencies: ["Contracts"]),
         .testTarget(
             name: "RPCTests",
             dependencies: [
-                "RPC", "Contracts", "EchoService",
+                "RPC", "Contracts", "EchoService", "TestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "ServiceRuntimeTests", dependencies: ["ServiceRuntime", "RPC", "Contracts"]),
+        .testTarget(name: "ServiceRuntimeTests", dependencies: ["ServiceRuntime", "RPC", "Contracts", "TestSupport"]),
         .testTarget(
             name: "IdentityServiceTests",
             dependencies: ["IdentityService", "RPC", "Contracts", .product(name: "GRDB", package: "GRDB.swift")]

@@ -5,6 +5,7 @@ import NIOCore
 import NIOPosix
 import RPC
 import Synchronization
+import TestSupport
 
 /// Methods that exercise the runtime, on the message types of the echo service.
 enum TestMethods {
@@ -138,19 +139,6 @@ func makeClient(_ port: Int, token: String? = nil, configure: (inout RPCClientCo
     var configuration = RPCClientConfiguration.withToken(token)
     configure(&configuration)
     return RPCClient(host: "127.0.0.1", port: port, configuration: configuration)
-}
-
-/// A loopback port nothing listens on, outside Linux's ephemeral range (32768-60999), so
-/// that no other test's server (bound to port 0) can be handed it meanwhile.
-func unusedPort() async throws -> Int {
-    while true {
-        let port = Int.random(in: 20_000..<32_000)
-        if let channel = try? await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .bind(host: "127.0.0.1", port: port).get() {
-            try await channel.close()
-            return port
-        }
-    }
 }
 
 /// A raw TCP connection for wire-level tests: send any bytes, read whole frames.

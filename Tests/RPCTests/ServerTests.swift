@@ -3,6 +3,7 @@ import EchoService
 import NIOCore
 import RPC
 import Testing
+import TestSupport
 
 func echoRequest(_ message: String = "", delayMs: Int64 = 0, failCode: Int32 = 0, failMessage: String = "") -> EchoV1.EchoRequest {
     var request = EchoV1.EchoRequest()

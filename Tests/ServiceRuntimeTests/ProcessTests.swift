@@ -5,6 +5,7 @@ import NIOPosix
 import RPC
 import ServiceRuntime
 import Testing
+import TestSupport
 
 /// The directory holding the built executables (next to the test bundle).
 let binDirectory: URL = {
@@ -17,18 +18,6 @@ let binDirectory: URL = {
     return dir
 }()
 
-/// A free loopback port outside Linux's ephemeral range (32768-60999), so that no other
-/// test's server bound to port 0 takes it before the child process binds it.
-func freePort() async throws -> Int {
-    while true {
-        let port = Int.random(in: 20_000..<32_000)
-        if let channel = try? await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .bind(host: "127.0.0.1", port: port).get() {
-            try await channel.close()
-            return port
-        }
-    }
-}
 
 struct RunningProcess {
     let process: Process
@@ -103,7 +92,7 @@ func waitUntilServing(port: Int) async throws -> RPCClient {
 struct ProcessTests {
     @Test("SIGTERM drains: the call in flight is answered, readiness drops, the process exits 0")
     func sigtermDrains() async throws {
-        let port = try await freePort(), admin = try await freePort()
+        let port = try await unusedPort(), admin = try await unusedPort()
         let dataDir = FileManager.default.temporaryDirectory.appendingPathComponent("arbiter-test-\(port)").path
         // Configured through the environment only.
         let server = try RunningProcess.start("arbiter-echo", [], environment: [
@@ -152,7 +141,7 @@ struct ProcessTests {
 
     @Test("with --auth-token-file, calls need the token; health does not", .timeLimit(.minutes(1)))
     func authTokenFile() async throws {
-        let port = try await freePort(), admin = try await freePort()
+        let port = try await unusedPort(), admin = try await unusedPort()
         let tokenFile = NSTemporaryDirectory() + "/arbiter-token-\(port)"
         try "  t0ken\n".write(toFile: tokenFile, atomically: true, encoding: .utf8)
         let server = try RunningProcess.start("arbiter-echo", [
@@ -175,7 +164,7 @@ struct ProcessTests {
 
     @Test("arbiter-identity serves the identity graph over the wire, from its own store, across a kill -9")
     func identityOverTheWire() async throws {
-        let port = try await freePort(), admin = try await freePort()
+        let port = try await unusedPort(), admin = try await unusedPort()
         let dataDir = NSTemporaryDirectory() + "/arbiter-identity-\(port)"
         let configFile = dataDir + "-config.json"
         try #"{"identity": {"default_region": "NL", "limits": {"customer_id": 1}}}"#.write(toFile: configFile, atomically: true, encoding: .utf8)
@@ -217,7 +206,7 @@ struct ProcessTests {
     @Test("every service executable serves health on its port")
     func servicesServeHealth() async throws {
         for name in ["arbiter-identity", "arbiter-profile", "arbiter-decision", "arbiter-routing"] {
-            let port = try await freePort(), admin = try await freePort()
+            let port = try await unusedPort(), admin = try await unusedPort()
             let server = try RunningProcess.start(name, [
                 "--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", NSTemporaryDirectory() + "/\(name)",
             ])
