@@ -26,10 +26,12 @@ struct IdentityBench: AsyncParsableCommand {
     @Option(help: "Connections (calls are spread over them).") var connections = 4
     @Option(help: "Store directory (default: a new temporary directory, removed afterwards).") var dataDir: String?
     @Flag(help: "Run handlers on the event loop instead of the concurrent pool.") var onEventLoop = false
+    @Flag(help: "Only seed --data-dir (for a benchmark of the arbiter-identity process with another client).") var seedOnly = false
 
     func run() async throws {
         let directory = dataDir ?? NSTemporaryDirectory() + "/arbiter-bench-identity-\(UUID().uuidString)"
         defer { if dataDir == nil { try? FileManager.default.removeItem(atPath: directory) } }
+        if seedOnly && dataDir == nil { throw ValidationError("--seed-only needs --data-dir") }
         let normalizer = Normalizer(rules: IdentityRules())
         let store = try IdentityStore(directory: directory, normalizer: normalizer)
         let persons = identifiers / 2
@@ -39,6 +41,7 @@ struct IdentityBench: AsyncParsableCommand {
              try normalizer.normalize(type: "cookie_id", value: "cookie-\(i)").get()]
         }, source: "seed", atMs: 1_700_000_000_000)
         print("seeded \(persons * 2) identifiers (\(persons) persons) in \(seedStart.duration(to: .now)); rss \(rssMiB()) MiB")
+        if seedOnly { return }
 
         var router = RPCRouter()
         router.register(IdentityService(store: store))

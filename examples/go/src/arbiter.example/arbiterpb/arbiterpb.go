@@ -100,3 +100,60 @@ func (m *EchoResponse) String() string {
 		m.Message, m.Metadata, m.DeadlineRemainingNanos, len(m.Blob))
 }
 func (*EchoResponse) ProtoMessage() {}
+
+// Identity service (Protos/identity.proto, Protos/common.proto): the messages the
+// benchmark needs. Fields not declared here are skipped when decoding.
+const (
+	IdentityService = "arbiter.identity.v1.Identity"
+	IdentityResolve = "Resolve"
+	IdentityLink    = "Link"
+)
+
+// Identifier is arbiter.common.v1.Identifier.
+type Identifier struct {
+	Type  string `protobuf:"bytes,1,opt,name=type,proto3"`
+	Value string `protobuf:"bytes,2,opt,name=value,proto3"`
+}
+
+func (m *Identifier) Reset()         { *m = Identifier{} }
+func (m *Identifier) String() string { return fmt.Sprintf("%+v", *m) }
+func (*Identifier) ProtoMessage()    {}
+
+// ResolveRequest is arbiter.identity.v1.ResolveRequest.
+type ResolveRequest struct {
+	Identifiers     []*Identifier `protobuf:"bytes,1,rep,name=identifiers,proto3"`
+	CreateIfMissing bool          `protobuf:"varint,2,opt,name=create_if_missing,json=createIfMissing,proto3"`
+}
+
+func (m *ResolveRequest) Reset()         { *m = ResolveRequest{} }
+func (m *ResolveRequest) String() string { return fmt.Sprintf("%+v", *m) }
+func (*ResolveRequest) ProtoMessage()    {}
+
+// ResolveResponse is arbiter.identity.v1.ResolveResponse (person_id only).
+type ResolveResponse struct {
+	PersonId string `protobuf:"bytes,1,opt,name=person_id,json=personId,proto3"`
+}
+
+func (m *ResolveResponse) Reset()         { *m = ResolveResponse{} }
+func (m *ResolveResponse) String() string { return fmt.Sprintf("%+v", *m) }
+func (*ResolveResponse) ProtoMessage()    {}
+
+// LinkRequest is arbiter.identity.v1.LinkRequest.
+type LinkRequest struct {
+	Identifiers  []*Identifier `protobuf:"bytes,1,rep,name=identifiers,proto3"`
+	Source       string        `protobuf:"bytes,2,opt,name=source,proto3"`
+	ObservedAtMs int64         `protobuf:"varint,3,opt,name=observed_at_ms,json=observedAtMs,proto3"`
+}
+
+func (m *LinkRequest) Reset()         { *m = LinkRequest{} }
+func (m *LinkRequest) String() string { return fmt.Sprintf("%+v", *m) }
+func (*LinkRequest) ProtoMessage()    {}
+
+// LinkResponse is arbiter.identity.v1.LinkResponse (person_id only).
+type LinkResponse struct {
+	PersonId string `protobuf:"bytes,1,opt,name=person_id,json=personId,proto3"`
+}
+
+func (m *LinkResponse) Reset()         { *m = LinkResponse{} }
+func (m *LinkResponse) String() string { return fmt.Sprintf("%+v", *m) }
+func (*LinkResponse) ProtoMessage()    {}

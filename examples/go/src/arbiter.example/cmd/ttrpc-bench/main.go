@@ -19,6 +19,7 @@ import (
 	"flag"
 	"fmt"
 	"math"
+	"math/rand"
 	"net"
 	"os"
 	"sort"
@@ -57,6 +58,8 @@ func main() {
 		warmup      = flag.Duration("warmup", time.Second, "warm-up before measuring")
 		service     = flag.String("service", "", "HealthCheckRequest.service to send")
 		asJSON      = flag.Bool("json", false, "print a JSON object instead of the one-line summary")
+		method      = flag.String("method", "check", "check (Health/Check), resolve or link (arbiter.identity.v1.Identity)")
+		persons     = flag.Int("persons", 500000, "resolve/link: persons seeded as user<i>@example.com (arbiter-bench identity --seed-only)")
 	)
 	flag.Parse()
 	if *conns < 1 || *concurrency < 1 || *duration <= 0 {
@@ -105,10 +108,34 @@ func main() {
 			defer wg.Done()
 			req := &arbiterpb.HealthCheckRequest{Service: *service}
 			local := make([]time.Duration, 0, 4096)
+			rng := rand.New(rand.NewSource(time.Now().UnixNano()))
+			n := 0
 			for atomic.LoadInt32(&stop) == 0 {
 				var resp arbiterpb.HealthCheckResponse
+				var err error
 				t0 := time.Now()
-				err := c.Call(context.Background(), arbiterpb.HealthService, arbiterpb.HealthCheck, req, &resp)
+				switch *method {
+				case "resolve":
+					var r arbiterpb.ResolveResponse
+					email := fmt.Sprintf("user%d@example.com", rng.Intn(*persons))
+					err = c.Call(context.Background(), arbiterpb.IdentityService, arbiterpb.IdentityResolve,
+						&arbiterpb.ResolveRequest{Identifiers: []*arbiterpb.Identifier{{Type: "email", Value: email}}}, &r)
+					resp.Status = arbiterpb.ServingStatusServing
+					if err == nil && r.PersonId == "" {
+						resp.Status = arbiterpb.ServingStatusUnknown
+					}
+				case "link":
+					var r arbiterpb.LinkResponse
+					p := rng.Intn(*persons)
+					n++
+					err = c.Call(context.Background(), arbiterpb.IdentityService, arbiterpb.IdentityLink,
+						&arbiterpb.LinkRequest{Source: "bench", Identifiers: []*arbiterpb.Identifier{
+							{Type: "email", Value: fmt.Sprintf("user%d@example.com", p)},
+							{Type: "device_id", Value: fmt.Sprintf("device-%d-%d", p, n/2)}}}, &r)
+					resp.Status = arbiterpb.ServingStatusServing
+				default:
+					err = c.Call(context.Background(), arbiterpb.HealthService, arbiterpb.HealthCheck, req, &resp)
+				}
 				t1 := time.Now()
 				if t0.Before(mStart) || t1.After(mEnd) {
 					continue
