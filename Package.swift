@@ -77,6 +77,19 @@ let package = Package(
             ],
             path: "Services/Identity/IdentityService"
         ),
+        // The rule language shared by profile segments, feature filters and decision eligibility.
+        .target(name: "Rules"),
+        // Profiles: events, windowed and decayed features, traits, segments, consent, merges.
+        .target(
+            name: "ProfileService",
+            dependencies: [
+                "RPC", "Contracts", "Storage", "Rules",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            path: "Services/Profile/ProfileService"
+        ),
         // The conformance service for client authors (arbiter.echo.v1.Echo).
         .target(name: "EchoService", dependencies: ["RPC", "Contracts"], path: "Services/Echo/EchoService"),
         .executableTarget(
@@ -85,7 +98,7 @@ let package = Package(
             path: "Services/Echo/arbiter-echo"
         ),
         .executableTarget(name: "arbiter-identity", dependencies: ["IdentityService", "ServiceRuntime", "RPC"], path: "Services/Identity/arbiter-identity"),
-        .executableTarget(name: "arbiter-profile", dependencies: ["ServiceRuntime"], path: "Services/Profile/arbiter-profile"),
+        .executableTarget(name: "arbiter-profile", dependencies: ["ProfileService", "ServiceRuntime", "RPC"], path: "Services/Profile/arbiter-profile"),
         .executableTarget(name: "arbiter-decision", dependencies: ["ServiceRuntime"], path: "Services/Decision/arbiter-decision"),
         .executableTarget(name: "arbiter-routing", dependencies: ["ServiceRuntime"], path: "Services/Routing/arbiter-routing"),
 
@@ -93,7 +106,7 @@ let package = Package(
         .executableTarget(
             name: "arbiter-bench",
             dependencies: [
-                "RPC", "Contracts", "IdentityService",
+                "RPC", "Contracts", "IdentityService", "ProfileService",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -103,7 +116,11 @@ let package = Package(
         // Helpers shared by the test targets.
         .target(
             name: "TestSupport",
-            dependencies: [.product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")],
+            dependencies: [
+                "RPC",
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             path: "Tests/TestSupport"
         ),
         .testTarget(name: "ContractsTests", dependencies: ["Contracts"]),
@@ -118,9 +135,16 @@ let package = Package(
             ]
         ),
         .testTarget(name: "ServiceRuntimeTests", dependencies: ["ServiceRuntime", "RPC", "Contracts", "TestSupport"]),
+        .testTarget(name: "RulesTests", dependencies: ["Rules"]),
+        .testTarget(
+            name: "ProfileServiceTests",
+            dependencies: ["ProfileService", "IdentityService", "RPC", "Contracts", "Rules", "TestSupport",
+                           .product(name: "GRDB", package: "GRDB.swift"), .product(name: "Logging", package: "swift-log"),
+                           .product(name: "NIOPosix", package: "swift-nio")]
+        ),
         .testTarget(
             name: "IdentityServiceTests",
-            dependencies: ["IdentityService", "RPC", "Contracts", .product(name: "GRDB", package: "GRDB.swift")]
+            dependencies: ["IdentityService", "RPC", "Contracts", "TestSupport", .product(name: "GRDB", package: "GRDB.swift")]
         ),
     ],
     swiftLanguageModes: [.v6]

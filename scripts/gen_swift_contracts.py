@@ -33,6 +33,7 @@ NAMESPACES = {
     "arbiter.echo.v1": "EchoV1",
     "arbiter.identity.v1": "IdentityV1",
     "arbiter.profile.v1": "ProfileV1",
+    "arbiter.profile.store.v1": "ProfileStoreV1",
     "arbiter.decision.v1": "DecisionV1",
     "arbiter.routing.v1": "RoutingV1",
 }

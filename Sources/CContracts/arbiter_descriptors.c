@@ -7,6 +7,7 @@
 #include "health.pb-c.h"
 #include "identity.pb-c.h"
 #include "profile.pb-c.h"
+#include "profile_store.pb-c.h"
 #include "routing.pb-c.h"
 #include "status.pb-c.h"
 #include "ttrpc.pb-c.h"
@@ -61,6 +62,10 @@ const ProtobufCMessageDescriptor *arbiter__identity__v1__resolve_request__descri
 const ProtobufCMessageDescriptor *arbiter__identity__v1__resolve_response__descriptor_ptr(void) { return &arbiter__identity__v1__resolve_response__descriptor; }
 const ProtobufCMessageDescriptor *arbiter__identity__v1__unmerge_request__descriptor_ptr(void) { return &arbiter__identity__v1__unmerge_request__descriptor; }
 const ProtobufCMessageDescriptor *arbiter__identity__v1__unmerge_response__descriptor_ptr(void) { return &arbiter__identity__v1__unmerge_response__descriptor; }
+const ProtobufCMessageDescriptor *arbiter__profile__store__v1__bucket__descriptor_ptr(void) { return &arbiter__profile__store__v1__bucket__descriptor; }
+const ProtobufCMessageDescriptor *arbiter__profile__store__v1__distinct_value__descriptor_ptr(void) { return &arbiter__profile__store__v1__distinct_value__descriptor; }
+const ProtobufCMessageDescriptor *arbiter__profile__store__v1__feature_state__descriptor_ptr(void) { return &arbiter__profile__store__v1__feature_state__descriptor; }
+const ProtobufCMessageDescriptor *arbiter__profile__store__v1__person_state__descriptor_ptr(void) { return &arbiter__profile__store__v1__person_state__descriptor; }
 const ProtobufCMessageDescriptor *arbiter__profile__v1__consent_record__descriptor_ptr(void) { return &arbiter__profile__v1__consent_record__descriptor; }
 const ProtobufCMessageDescriptor *arbiter__profile__v1__define_feature_request__descriptor_ptr(void) { return &arbiter__profile__v1__define_feature_request__descriptor; }
 const ProtobufCMessageDescriptor *arbiter__profile__v1__define_segment_request__descriptor_ptr(void) { return &arbiter__profile__v1__define_segment_request__descriptor; }

@@ -4,13 +4,10 @@ import GRDB
 @testable import IdentityService
 import RPC
 import Synchronization
+import TestSupport
 import Testing
 
-func tempDirectory() -> String {
-    let path = NSTemporaryDirectory() + "/identity-test-\(UUID().uuidString)"
-    try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    return path
-}
+func tempDirectory() -> String { temporaryDirectory("identity-test") }
 
 func id(_ type: String, _ value: String) -> CommonV1.Identifier {
     var identifier = CommonV1.Identifier()
@@ -340,9 +337,3 @@ struct FeedAndErasureTests {
     }
 }
 
-extension Array where Element == UInt8 {
-    func contains(subsequence needle: [UInt8]) -> Bool {
-        guard !needle.isEmpty, count >= needle.count else { return false }
-        return indices.dropLast(needle.count - 1).contains { self[$0..<$0 + needle.count].elementsEqual(needle) }
-    }
-}

@@ -107,32 +107,13 @@ final class Gate: Sendable {
     }
 }
 
-/// Runs a server on a free loopback port for the duration of `body`.
+/// Runs a server with Health, Echo and `services` on a free loopback port for the duration of `body`.
 func withServer<T: Sendable>(
     configure: (inout RPCServerConfiguration) -> Void = { _ in },
     services: [any RPCService] = [],
     _ body: @Sendable (RPCServer, Int) async throws -> T
 ) async throws -> T {
-    var configuration = RPCServerConfiguration()
-    configuration.port = 0
-    configure(&configuration)
-    var router = RPCRouter()
-    router.register(HealthService(services: [EchoV1.Echo.name]))
-    router.register(EchoService())
-    for service in services { router.register(service) }
-    var logger = Logger(label: "test")
-    logger.logLevel = .critical
-    let server = RPCServer(configuration: configuration, router: router, logger: logger)
-    return try await withThrowingTaskGroup(of: T?.self) { group in
-        group.addTask {
-            try await server.run()
-            return nil
-        }
-        let port = try await server.listeningAddress().port!
-        let result = try await body(server, port)
-        group.cancelAll()
-        return result
-    }
+    try await withRPCServer(configure: configure, services: [HealthService(services: [EchoV1.Echo.name]), EchoService()] + services, body)
 }
 
 func makeClient(_ port: Int, token: String? = nil, configure: (inout RPCClientConfiguration) -> Void = { _ in }) -> RPCClient {

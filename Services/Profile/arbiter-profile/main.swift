@@ -1,12 +1,28 @@
+import Foundation
+import ProfileService
+import RPC
 import ServiceRuntime
 
-/// arbiter-profile: serves health until its service lands.
+/// arbiter-profile: events and traits into one profile (see ProfileService).
 enum ProfileDefinition: ServiceDefinition {
     static let commandName = "arbiter-profile"
-    static let abstract = "Arbiter profile service: Events and traits into one profile."
+    static let abstract = "Arbiter profile service: events and traits into one profile, with windowed and decayed features, segments and consent."
     static let defaultPort = 7102
     static let defaultAdminPort = 8102
-    static func makeServices(_ context: ServiceContext) async throws -> ServiceParts { ServiceParts() }
+    /// The store reads and writes SQLite synchronously: keep that off the event loops.
+    static let handlerExecution = RPCServerConfiguration.HandlerExecution.concurrentPool
+
+    static func makeServices(_ context: ServiceContext) async throws -> ServiceParts {
+        let store = try ProfileStore(directory: context.dataDirectory)
+        let clock: @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }
+        let service = ProfileService(store: store, identity: context.identity, clock: clock)
+        guard let identity = context.identity else {
+            context.logger.warning("no --identity: requests must name persons by person_id, and merges are not followed")
+            return ServiceParts(rpcServices: [service])
+        }
+        let follower = IdentityFeedFollower(store: store, identity: identity, logger: context.logger, clock: clock)
+        return ServiceParts(rpcServices: [service], background: [follower])
+    }
 }
 
 await ServiceCommand<ProfileDefinition>.start()

@@ -12,6 +12,8 @@ public enum HealthV1 {}
 public enum IdentityV1 {}
 /// Types of the protobuf package `arbiter.profile.v1` (Protos/profile.proto).
 public enum ProfileV1 {}
+/// Types of the protobuf package `arbiter.profile.store.v1` (Protos/profile_store.proto).
+public enum ProfileStoreV1 {}
 /// Types of the protobuf package `arbiter.routing.v1` (Protos/routing.proto).
 public enum RoutingV1 {}
 /// Types of the protobuf package `google.protobuf` (Protos/google/protobuf/any.proto).

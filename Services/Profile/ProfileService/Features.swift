@@ -1,0 +1,217 @@
+import Contracts
+import Foundation
+import RPC
+import Rules
+
+/// An event as the profile store keeps it: validated, with its person resolved.
+public struct TrackedEvent: Sendable, Hashable {
+    public var eventID: String
+    public var personID: String
+    public var type: String
+    public var occurredAtMs: Int64
+    public var value: Double
+    public var properties: [String: RuleValue]
+
+    public init(eventID: String, personID: String, type: String, occurredAtMs: Int64, value: Double = 0,
+                properties: [String: RuleValue] = [:]) {
+        self.eventID = eventID
+        self.personID = personID
+        self.type = type
+        self.occurredAtMs = occurredAtMs
+        self.value = value
+        self.properties = properties
+    }
+}
+
+/// A validated feature definition and the arithmetic of its incremental state.
+///
+/// Every aggregation is maintained at ingest in O(1) per event (bounded state, never a
+/// scan of history): COUNT and SUM in time buckets (1/60 of the window, at least a
+/// second; a windowed read counts the buckets that overlap the window, so its edge is
+/// exact to one bucket), LAST as the newest value and its time, DISTINCT_COUNT as each
+/// value's newest time (pruned past the window, at most `maxDistinct` values), and
+/// DECAYED_SUM as one sum and the time it refers to: adding `v` at `t` and reading at
+/// `now` gives `Σ v·2^(-(now−t)/half_life)` in any order of arrival.
+public struct FeatureSpec: Sendable {
+    public let definition: ProfileV1.FeatureDefinition
+    public let version: UInt32
+    let filter: Rule?
+    let windowMs: Int64
+    let bucketMs: Int64
+    let halfLifeMs: Double
+
+    public static let maxDistinct = 10_000
+    static let maxWindowSeconds: Int64 = 400 * 86_400
+
+    public var name: String { definition.name }
+
+    /// Validates `definition`; errors name the field (`feature.window_seconds`, ...).
+    public init(_ definition: ProfileV1.FeatureDefinition, version: UInt32 = 1) throws(RPCError) {
+        self.definition = definition
+        self.version = version
+        try ProfileNames.check(definition.name, field: "feature.name")
+        try ProfileNames.check(definition.eventType, field: "feature.event_type")
+        let aggregation = definition.aggregation
+        guard [.count, .sum, .last, .distinctCount, .decayedSum].contains(aggregation) else {
+            throw .invalidArgument(field: "feature.aggregation", "must be COUNT, SUM, LAST, DISTINCT_COUNT or DECAYED_SUM")
+        }
+        guard definition.windowSeconds >= 0, definition.windowSeconds <= Self.maxWindowSeconds else {
+            throw .invalidArgument(field: "feature.window_seconds", "must be between 0 (all time) and \(Self.maxWindowSeconds), got \(definition.windowSeconds)")
+        }
+        if aggregation == .decayedSum {
+            guard definition.halfLifeSeconds > 0, definition.halfLifeSeconds <= Self.maxWindowSeconds else {
+                throw .invalidArgument(field: "feature.half_life_seconds", "must be positive for DECAYED_SUM, got \(definition.halfLifeSeconds)")
+            }
+            guard definition.windowSeconds == 0 else {
+                throw .invalidArgument(field: "feature.window_seconds", "must be 0 for DECAYED_SUM (the half-life does the forgetting)")
+            }
+        } else if definition.halfLifeSeconds != 0 {
+            throw .invalidArgument(field: "feature.half_life_seconds", "is only for DECAYED_SUM")
+        }
+        if aggregation == .distinctCount, definition.property.isEmpty {
+            throw .invalidArgument(field: "feature.property", "names the property whose distinct values DISTINCT_COUNT counts")
+        }
+        if aggregation == .count, !definition.property.isEmpty {
+            throw .invalidArgument(field: "feature.property", "is not used by COUNT (use filter to count some events only)")
+        }
+        if !definition.property.isEmpty { try ProfileNames.check(definition.property, field: "feature.property") }
+        filter = try Self.parseFilter(definition.filter)
+        windowMs = definition.windowSeconds * 1000
+        bucketMs = windowMs == 0 ? 0 : max(1000, windowMs / 60)
+        halfLifeMs = Double(definition.halfLifeSeconds * 1000)
+    }
+
+    static func parseFilter(_ text: String) throws(RPCError) -> Rule? {
+        guard !text.isEmpty else { return nil }
+        do {
+            return try Rule(text, check: eventPathCheck)
+        } catch {
+            throw .invalidArgument(field: "feature.filter", error.description)
+        }
+    }
+
+    static func eventPathCheck(_ namespace: String, _ name: String) -> String? {
+        namespace == "event" ? nil : "a filter reads event properties only: event.<property> or event.value"
+    }
+
+    /// Whether `event` feeds this feature.
+    func matches(_ event: TrackedEvent) -> Bool {
+        guard event.type == definition.eventType else { return false }
+        guard let filter else { return true }
+        return filter.evaluate { _, name in name == "value" ? .number(event.value) : event.properties[name] }
+    }
+
+    /// The number an event contributes to SUM and LAST: the property, else the event's value.
+    func number(_ event: TrackedEvent) -> Double? {
+        if definition.property.isEmpty { return event.value }
+        if case .number(let n)? = event.properties[definition.property] { return n }
+        return nil
+    }
+
+    func inWindow(_ t: Int64, now: Int64) -> Bool { windowMs == 0 || t > now - windowMs }
+
+    /// Adds `event` (which `matches`) to `state`. `now` prunes what left the window.
+    func apply(_ event: TrackedEvent, to state: inout ProfileStoreV1.FeatureState, now: Int64) {
+        let t = event.occurredAtMs
+        switch definition.aggregation {
+        case .count, .sum:
+            if definition.aggregation == .sum, number(event) == nil { return }
+            let start = bucketMs == 0 ? 0 : (t / bucketMs) * bucketMs
+            state.buckets.removeAll { windowMs != 0 && $0.startMs + bucketMs <= now - windowMs }
+            guard bucketMs == 0 || start + bucketMs > now - windowMs else { return }  // already outside the window
+            if let i = state.buckets.firstIndex(where: { $0.startMs == start }) {
+                state.buckets[i].count += 1
+                state.buckets[i].sum += number(event) ?? 0
+            } else {
+                var bucket = ProfileStoreV1.Bucket()
+                bucket.startMs = start
+                bucket.count = 1
+                bucket.sum = number(event) ?? 0
+                state.buckets.append(bucket)
+            }
+        case .last:
+            guard let n = number(event) else { return }
+            if !state.hasLast || t >= state.lastAtMs {
+                state.hasLast = true
+                state.lastValue = n
+                state.lastAtMs = t
+            }
+        case .distinctCount:
+            guard let raw = event.properties[definition.property] else { return }
+            let key: String
+            if case .string(let s) = raw { key = s } else { key = raw.description }
+            if windowMs != 0 { state.distinct.removeAll { $0.lastMs <= now - windowMs } }
+            guard inWindow(t, now: now) else { return }
+            if let i = state.distinct.firstIndex(where: { $0.value == key }) {
+                state.distinct[i].lastMs = max(state.distinct[i].lastMs, t)
+            } else {
+                var entry = ProfileStoreV1.DistinctValue()
+                entry.value = key
+                entry.lastMs = t
+                state.distinct.append(entry)
+                if state.distinct.count > Self.maxDistinct {
+                    var oldest = 0
+                    for i in state.distinct.indices where state.distinct[i].lastMs < state.distinct[oldest].lastMs { oldest = i }
+                    state.distinct.remove(at: oldest)
+                }
+            }
+        case .decayedSum:
+            guard let v = number(event) else { return }
+            if state.decayRefMs == 0 && state.decayed == 0 {
+                state.decayed = v
+                state.decayRefMs = t
+            } else if t > state.decayRefMs {
+                state.decayed = state.decayed * decay(Double(t - state.decayRefMs)) + v
+                state.decayRefMs = t
+            } else {
+                state.decayed += v * decay(Double(state.decayRefMs - t))
+            }
+        default:
+            return
+        }
+    }
+
+    func decay(_ elapsedMs: Double) -> Double { exp2(-elapsedMs / halfLifeMs) }
+
+    /// The feature's value at `now`, or nil when it has none (no events; LAST outside its window).
+    func value(_ state: ProfileStoreV1.FeatureState?, now: Int64) -> Double? {
+        guard let state, state.version == version else {
+            return definition.aggregation == .last ? nil : 0
+        }
+        switch definition.aggregation {
+        case .count:
+            return Double(state.buckets.reduce(UInt64(0)) { $0 + (bucketMs == 0 || $1.startMs + bucketMs > now - windowMs ? $1.count : 0) })
+        case .sum:
+            return state.buckets.reduce(0.0) { $0 + (bucketMs == 0 || $1.startMs + bucketMs > now - windowMs ? $1.sum : 0) }
+        case .last:
+            return state.hasLast && inWindow(state.lastAtMs, now: now) ? state.lastValue : nil
+        case .distinctCount:
+            return Double(state.distinct.count { inWindow($0.lastMs, now: now) })
+        case .decayedSum:
+            return state.decayRefMs == 0 && state.decayed == 0 ? 0 : state.decayed * decay(Double(now - state.decayRefMs))
+        default:
+            return nil
+        }
+    }
+}
+
+/// Names of features, segments, traits, event types and properties.
+enum ProfileNames {
+    static let maxLength = 64
+
+    static func isNameScalar(_ c: Unicode.Scalar) -> Bool {
+        switch c {
+        case "a"..."z", "A"..."Z", "0"..."9", "_", "-", ".", ":": return true
+        default: return false
+        }
+    }
+
+    /// A name: 1–64 characters of letters, digits, `_`, `-`, `.` and `:`.
+    static func check(_ name: String, field: String) throws(RPCError) {
+        guard !name.isEmpty else { throw .invalidArgument(field: field, "is required") }
+        guard name.utf8.count <= maxLength else { throw .invalidArgument(field: field, "is longer than \(maxLength) bytes") }
+        guard name.unicodeScalars.allSatisfy(isNameScalar) else {
+            throw .invalidArgument(field: field, "\"\(name)\" may hold only letters, digits, _, -, . and :")
+        }
+    }
+}

@@ -1,0 +1,83 @@
+import Contracts
+import Logging
+import RPC
+import ServiceLifecycle
+
+/// Follows the identity service's change feed and applies merges, unmerges and erasures
+/// to the profile store. Pull-based and resumable: the position is stored with the
+/// changes it applied, so a restart neither skips nor repeats a change.
+public struct IdentityFeedFollower: Service {
+    let store: ProfileStore
+    let identity: RPCClient
+    let logger: Logger
+    let pollInterval: Duration
+    let clock: @Sendable () -> Int64
+
+    public init(store: ProfileStore, identity: RPCClient, logger: Logger, pollInterval: Duration = .seconds(1),
+                clock: @escaping @Sendable () -> Int64) {
+        self.store = store
+        self.identity = identity
+        self.logger = logger
+        self.pollInterval = pollInterval
+        self.clock = clock
+    }
+
+    public func run() async throws {
+        var failures = 0
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            do {
+                let applied = try await pollOnce()
+                failures = 0
+                if applied == 0 { try await Task.sleep(for: pollInterval) }
+            } catch is CancellationError {
+                return
+            } catch {
+                failures += 1
+                let count = failures
+                if count == 1 || count % 60 == 0 {
+                    logger.warning("identity change feed unavailable; retrying", metadata: ["error": "\(error)", "failures": "\(count)"])
+                }
+                try? await Task.sleep(for: pollInterval * min(failures, 10))
+            }
+        }
+    }
+
+    /// Fetches and applies the next page of changes; returns how many were applied.
+    @discardableResult
+    public func pollOnce(limit: UInt32 = 500) async throws -> Int {
+        var request = IdentityV1.ListChangesRequest()
+        request.afterSeq = UInt64(try store.identityCursor())
+        request.limit = limit
+        let response = try await identity.call(IdentityV1.Identity.listChanges, request)
+        var changes: [(seq: Int64, change: ProfileStore.IdentityChange)] = []
+        for change in response.changes {
+            let kind: ProfileStore.IdentityChange
+            switch change.kind {
+            case .merge: kind = .merge(target: change.targetPersonId, sources: change.sourcePersonIds)
+            case .unmerge: kind = change.sourcePersonIds.first.map { .unmerge(survivor: change.targetPersonId, split: $0) } ?? .other
+            case .erase:
+                // An erasure of one identifier leaves its person alive: only a person the
+                // identity service no longer has is erased here.
+                kind = try await personExists(change.targetPersonId)
+                    ? .other : .erase(person: change.targetPersonId, absorbed: change.sourcePersonIds)
+            default: kind = .other
+            }
+            changes.append((Int64(change.seq), kind))
+        }
+        try store.apply(changes, nowMs: clock())
+        if let last = changes.last?.seq { logger.debug("applied identity changes", metadata: ["through": "\(last)"]) }
+        return changes.count
+    }
+
+    func personExists(_ id: String) async throws -> Bool {
+        var request = IdentityV1.GetPersonRequest()
+        request.personId = id
+        do {
+            _ = try await identity.call(IdentityV1.Identity.getPerson, request)
+            return true
+        } catch {
+            if error.code == .notFound { return false }
+            throw error
+        }
+    }
+}

@@ -1,0 +1,295 @@
+import Contracts
+import Foundation
+import RPC
+import Rules
+
+/// arbiter.profile.v1.Profile over a `ProfileStore`: validates every request
+/// (INVALID_ARGUMENT naming the field) and resolves identifiers through the identity
+/// service when a request names a person by identifiers.
+public struct ProfileService: RPCService {
+    public let store: ProfileStore
+    let identity: RPCClient?
+    let clock: @Sendable () -> Int64
+
+    /// Most events in one Track.
+    public static let maxEvents = 1000
+    /// Most properties on an event, traits in one SetTraits, consents in one SetConsent.
+    public static let maxFields = 100
+    /// How far in the future an event may be stamped (clock skew).
+    public static let maxFutureMs: Int64 = 86_400_000
+
+    public init(store: ProfileStore, identity: RPCClient? = nil,
+                clock: @escaping @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }) {
+        self.store = store
+        self.identity = identity
+        self.clock = clock
+    }
+
+    public func register(in router: inout RPCRouter) {
+        let methods = ProfileV1.Profile.self
+        router.register(methods.track) { request, _ in try await track(request) }
+        router.register(methods.setTraits) { request, _ in try await setTraits(request) }
+        router.register(methods.defineFeature) { request, _ in try defineFeature(request) }
+        router.register(methods.listFeatures) { _, _ in
+            var response = ProfileV1.ListFeaturesResponse()
+            response.features = store.features.map(\.definition)
+            return response
+        }
+        router.register(methods.defineSegment) { request, _ in try defineSegment(request) }
+        router.register(methods.setConsent) { request, _ in try await setConsent(request) }
+        router.register(methods.getConsent) { request, _ in try await getConsent(request) }
+        router.register(methods.getProfile) { request, _ in try await getProfile(request) }
+        router.register(methods.erase) { request, _ in try erase(request) }
+    }
+
+    // MARK: - Persons
+
+    static func personID(_ id: String, field: String) throws(RPCError) -> String {
+        guard !id.isEmpty else { throw .invalidArgument(field: field, "is required") }
+        guard id.utf8.count <= 64 else { throw .invalidArgument(field: field, "is longer than 64 bytes") }
+        guard id.unicodeScalars.allSatisfy({ $0.isASCII && $0.value > 32 && $0.value < 127 }) else {
+            throw .invalidArgument(field: field, "may hold only printable ASCII without spaces")
+        }
+        return id
+    }
+
+    /// The canonical person a `PersonRef` names: its person id, or its identifiers resolved
+    /// (and created when new) by the identity service.
+    func resolve(_ ref: CommonV1.PersonRef?, field: String, create: Bool) async throws -> String? {
+        switch ref?.ref {
+        case .personId(let id)?:
+            return try Self.personID(id, field: "\(field).person_id")
+        case .identifiers(let list)?:
+            guard !list.identifiers.isEmpty else { throw RPCError.invalidArgument(field: "\(field).identifiers", "is empty") }
+            guard let identity else {
+                throw RPCError(.failedPrecondition, "\(field).identifiers: this profile service has no identity service (--identity); send person_id")
+            }
+            var request = IdentityV1.ResolveRequest()
+            request.identifiers = list.identifiers
+            request.createIfMissing = create
+            // (A `catch where` on this typed-throws call crashes Swift 6.3.1's SIL optimizer.)
+            do {
+                let response = try await identity.call(IdentityV1.Identity.resolve, request)
+                return response.personId.isEmpty ? nil : response.personId
+            } catch {
+                guard error.code == .invalidArgument else { throw error }
+                throw RPCError(.invalidArgument, "\(field).\(error.message)")
+            }
+        case nil:
+            throw RPCError.invalidArgument(field: field, "is required (person_id or identifiers)")
+        }
+    }
+
+    func existingPerson(_ ref: CommonV1.PersonRef?) async throws -> String {
+        guard let person = try await resolve(ref, field: "person", create: false) else {
+            throw RPCError(.notFound, "person: no person has these identifiers")
+        }
+        return person
+    }
+
+    func timestamp(_ ms: Int64, field: String, now: Int64) throws(RPCError) -> Int64 {
+        if ms == 0 { return now }
+        guard ms > 0 else { throw .invalidArgument(field: field, "must be a positive Unix time in milliseconds, got \(ms)") }
+        guard ms <= now + Self.maxFutureMs else { throw .invalidArgument(field: field, "is more than a day in the future") }
+        return ms
+    }
+
+    static func source(_ source: String, field: String = "source") throws(RPCError) -> String {
+        guard source.utf8.count <= 128 else { throw .invalidArgument(field: field, "is longer than 128 bytes") }
+        return source.isEmpty ? "unspecified" : source
+    }
+
+    /// Named values (event properties, traits): names valid and unique, values set and finite.
+    static func fields(_ fields: [CommonV1.Field], field: String) throws(RPCError) -> [(name: String, value: RuleValue)] {
+        guard fields.count <= maxFields else { throw .invalidArgument(field: field, "at most \(maxFields), got \(fields.count)") }
+        var seen = Set<String>()
+        var result: [(String, RuleValue)] = []
+        for (i, f) in fields.enumerated() {
+            try ProfileNames.check(f.name, field: "\(field)[\(i)].name")
+            guard seen.insert(f.name).inserted else { throw .invalidArgument(field: "\(field)[\(i)].name", "\"\(f.name)\" appears twice") }
+            guard let value = ProfileValues.rule(f.value) else { throw .invalidArgument(field: "\(field)[\(i)].value", "is required") }
+            if case .number(let n) = value, !n.isFinite { throw .invalidArgument(field: "\(field)[\(i)].value", "must be finite") }
+            if case .string(let s) = value, s.utf8.count > 1024 {
+                throw .invalidArgument(field: "\(field)[\(i)].value", "is longer than 1024 bytes")
+            }
+            result.append((f.name, value))
+        }
+        return result
+    }
+
+    // MARK: - Methods
+
+    func track(_ request: ProfileV1.TrackRequest) async throws -> ProfileV1.TrackResponse {
+        guard !request.events.isEmpty else { throw RPCError.invalidArgument(field: "events", "is empty") }
+        guard request.events.count <= Self.maxEvents else {
+            throw RPCError.invalidArgument(field: "events", "at most \(Self.maxEvents) events per request, got \(request.events.count)")
+        }
+        let now = clock()
+        var response = ProfileV1.TrackResponse()
+        var accepted: [(index: Int, event: TrackedEvent)] = []
+        var resolved: [CommonV1.PersonRef: String] = [:]
+        for (i, event) in request.events.enumerated() {
+            do {
+                let person: String
+                if let ref = event.person, let known = resolved[ref] {
+                    person = known
+                } else {
+                    person = try await resolve(event.person, field: "person", create: true)!
+                    if let ref = event.person { resolved[ref] = person }
+                }
+                accepted.append((i, try validated(event, person: person, now: now)))
+            } catch let error as RPCError where error.code == .invalidArgument {
+                var rejection = ProfileV1.EventRejection()
+                rejection.index = UInt32(i)
+                rejection.eventId = event.eventId
+                rejection.reason = error.message
+                response.rejections.append(rejection)
+            }
+        }
+        guard !accepted.isEmpty else { return response }
+        let result = try store.track(accepted.map(\.event), nowMs: now)
+        response.accepted = UInt32(result.stored.count { $0 })
+        response.duplicates = UInt32(result.stored.count { !$0 })
+        return response
+    }
+
+    func validated(_ event: ProfileV1.Event, person: String, now: Int64) throws(RPCError) -> TrackedEvent {
+        guard !event.eventId.isEmpty else { throw .invalidArgument(field: "event_id", "is required (it makes a replay harmless)") }
+        guard event.eventId.utf8.count <= 128 else { throw .invalidArgument(field: "event_id", "is longer than 128 bytes") }
+        try ProfileNames.check(event.type, field: "type")
+        guard event.value.isFinite else { throw .invalidArgument(field: "value", "must be finite") }
+        let properties = try Self.fields(event.properties, field: "properties")
+        return TrackedEvent(eventID: event.eventId, personID: person, type: event.type,
+                            occurredAtMs: try timestamp(event.occurredAtMs, field: "occurred_at_ms", now: now),
+                            value: event.value, properties: Dictionary(properties.map { ($0.name, $0.value) }, uniquingKeysWith: { a, _ in a }))
+    }
+
+    func setTraits(_ request: ProfileV1.SetTraitsRequest) async throws -> ProfileV1.SetTraitsResponse {
+        let traits = try Self.fields(request.traits, field: "traits")
+        guard !traits.isEmpty else { throw RPCError.invalidArgument(field: "traits", "is empty") }
+        let source = try Self.source(request.source)
+        let at = try timestamp(request.updatedAtMs, field: "updated_at_ms", now: clock())
+        let person = try await resolve(request.person, field: "person", create: true)!
+        var response = ProfileV1.SetTraitsResponse()
+        response.personId = person
+        response.stale = try store.setTraits(person: person, traits, source: source, updatedAtMs: at)
+        return response
+    }
+
+    func defineFeature(_ request: ProfileV1.DefineFeatureRequest) throws -> ProfileV1.FeatureDefinition {
+        guard let definition = request.feature else { throw RPCError.invalidArgument(field: "feature", "is required") }
+        return try store.define(definition, backfill: request.backfill, nowMs: clock()).definition
+    }
+
+    func defineSegment(_ request: ProfileV1.DefineSegmentRequest) throws -> ProfileV1.SegmentDefinition {
+        guard let segment = request.segment else { throw RPCError.invalidArgument(field: "segment", "is required") }
+        try ProfileNames.check(segment.name, field: "segment.name")
+        let features = Set(store.features.map(\.name))
+        let rule: Rule
+        do {
+            rule = try Rule(segment.rule) { namespace, name in
+                switch namespace {
+                case "trait", "consent": return nil
+                case "feature": return features.contains(name) ? nil : "feature \"\(name)\" is not defined"
+                default: return "unknown namespace \"\(namespace)\" (a segment reads trait., feature. and consent.)"
+                }
+            }
+        } catch {
+            throw RPCError.invalidArgument(field: "segment.rule", error.description)
+        }
+        try store.defineSegment(name: segment.name, rule: rule, nowMs: clock())
+        return segment
+    }
+
+    func setConsent(_ request: ProfileV1.SetConsentRequest) async throws -> ProfileV1.SetConsentResponse {
+        guard !request.consents.isEmpty else { throw RPCError.invalidArgument(field: "consents", "is empty") }
+        guard request.consents.count <= Self.maxFields else {
+            throw RPCError.invalidArgument(field: "consents", "at most \(Self.maxFields), got \(request.consents.count)")
+        }
+        let now = clock()
+        var records: [ProfileStore.Consent] = []
+        for (i, c) in request.consents.enumerated() {
+            try ProfileNames.check(c.purpose, field: "consents[\(i)].purpose")
+            guard (0...5).contains(c.channel.rawValue) else {
+                throw RPCError.invalidArgument(field: "consents[\(i)].channel", "unknown channel \(c.channel.rawValue)")
+            }
+            records.append(ProfileStore.Consent(purpose: c.purpose, channel: c.channel.rawValue, granted: c.granted,
+                                                source: try Self.source(c.source, field: "consents[\(i)].source"),
+                                                atMs: try timestamp(c.atMs, field: "consents[\(i)].at_ms", now: now)))
+        }
+        let person = try await resolve(request.person, field: "person", create: true)!
+        try store.setConsent(person: person, records)
+        var response = ProfileV1.SetConsentResponse()
+        response.personId = person
+        return response
+    }
+
+    func getConsent(_ request: ProfileV1.GetConsentRequest) async throws -> ProfileV1.GetConsentResponse {
+        let person = try await existingPerson(request.person)
+        let (current, history) = try store.consent(person: person, history: request.includeHistory)
+        var response = ProfileV1.GetConsentResponse()
+        response.personId = person
+        response.current = current.map(Self.wire)
+        response.history = history.map(Self.wire)
+        return response
+    }
+
+    static let profileFields: Set<String> = ["traits", "features", "segments", "consent"]
+
+    func getProfile(_ request: ProfileV1.GetProfileRequest) async throws -> ProfileV1.ProfileView {
+        for (i, name) in request.fields.enumerated() where !Self.profileFields.contains(name) {
+            throw RPCError.invalidArgument(field: "fields[\(i)]", "unknown field \"\(name)\" (traits, features, segments, consent)")
+        }
+        let wanted = request.fields.isEmpty ? Self.profileFields : Set(request.fields)
+        let person = try await existingPerson(request.person)
+        let now = clock()
+        guard let profile = try store.profile(person: person, nowMs: now) else {
+            throw RPCError(.notFound, "person: no profile for \(person)")
+        }
+        var view = ProfileV1.ProfileView()
+        view.personId = person
+        view.firstSeenMs = profile.firstSeenMs
+        view.lastSeenMs = profile.lastSeenMs
+        if wanted.contains("traits") {
+            view.traits = profile.traits.map {
+                var trait = ProfileV1.Trait()
+                trait.name = $0.name
+                trait.value = ProfileValues.wire($0.value)
+                trait.source = $0.source
+                trait.updatedAtMs = $0.updatedAtMs
+                trait.ageSeconds = max(0, (now - $0.updatedAtMs) / 1000)
+                return trait
+            }
+        }
+        if wanted.contains("features") {
+            view.features = profile.features.map {
+                var feature = ProfileV1.FeatureValue()
+                feature.name = $0.name
+                feature.value = $0.value
+                return feature
+            }
+        }
+        if wanted.contains("segments") { view.segments = profile.segments }
+        if wanted.contains("consent") { view.consent = profile.consent.map(Self.wire) }
+        return view
+    }
+
+    func erase(_ request: ProfileV1.EraseRequest) throws -> ProfileV1.EraseResponse {
+        let erased = try store.erase(person: try Self.personID(request.personId, field: "person_id"))
+        var response = ProfileV1.EraseResponse()
+        response.eventsRemoved = UInt32(erased.events)
+        response.traitsRemoved = UInt32(erased.traits)
+        response.consentsRemoved = UInt32(erased.consents)
+        return response
+    }
+
+    static func wire(_ consent: ProfileStore.Consent) -> ProfileV1.ConsentRecord {
+        var record = ProfileV1.ConsentRecord()
+        record.purpose = consent.purpose
+        record.channel = CommonV1.Channel(rawValue: consent.channel)
+        record.granted = consent.granted
+        record.source = consent.source
+        record.atMs = consent.atMs
+        return record
+    }
+}

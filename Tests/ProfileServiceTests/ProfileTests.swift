@@ -1,0 +1,446 @@
+import Contracts
+import Foundation
+@testable import IdentityService
+import Logging
+@testable import ProfileService
+import RPC
+import Rules
+import Synchronization
+import TestSupport
+import Testing
+
+/// A clock tests move by hand: 2023-11-14T22:13:30Z, half a minute past a minute.
+final class TestClock: Sendable {
+    let now = Mutex<Int64>(1_700_000_010_000)
+    var read: @Sendable () -> Int64 { { self.now.withLock { $0 } } }
+    func advance(seconds: Int64) { now.withLock { $0 += seconds * 1000 } }
+}
+
+let minute: Int64 = 60_000
+let hour: Int64 = 3_600_000
+
+func person(_ id: String) -> CommonV1.PersonRef {
+    var ref = CommonV1.PersonRef()
+    ref.ref = .personId(id)
+    return ref
+}
+
+func field(_ name: String, _ value: RuleValue) -> CommonV1.Field { ProfileValues.field(name, value) }
+
+func event(_ id: String, _ who: String, _ type: String, at: Int64, value: Double = 0,
+           _ properties: [String: RuleValue] = [:]) -> ProfileV1.Event {
+    var event = ProfileV1.Event()
+    event.eventId = id
+    event.person = person(who)
+    event.type = type
+    event.occurredAtMs = at
+    event.value = value
+    event.properties = properties.sorted { $0.key < $1.key }.map { field($0.key, $0.value) }
+    return event
+}
+
+func feature(_ name: String, _ type: String, _ aggregation: ProfileV1.FeatureDefinition.Aggregation,
+             window: Int64 = 0, halfLife: Int64 = 0, property: String = "", filter: String = "") -> ProfileV1.FeatureDefinition {
+    var definition = ProfileV1.FeatureDefinition()
+    definition.name = name
+    definition.eventType = type
+    definition.aggregation = aggregation
+    definition.windowSeconds = window
+    definition.halfLifeSeconds = halfLife
+    definition.property = property
+    definition.filter = filter
+    return definition
+}
+
+extension ProfileService {
+    func track(_ events: [ProfileV1.Event]) async throws -> ProfileV1.TrackResponse {
+        var request = ProfileV1.TrackRequest()
+        request.events = events
+        return try await track(request)
+    }
+
+    @discardableResult
+    func define(_ definition: ProfileV1.FeatureDefinition, backfill: Bool = false) throws -> ProfileV1.FeatureDefinition {
+        var request = ProfileV1.DefineFeatureRequest()
+        request.feature = definition
+        request.backfill = backfill
+        return try defineFeature(request)
+    }
+
+    func segment(_ name: String, _ rule: String) throws {
+        var request = ProfileV1.DefineSegmentRequest()
+        var segment = ProfileV1.SegmentDefinition()
+        segment.name = name
+        segment.rule = rule
+        request.segment = segment
+        _ = try defineSegment(request)
+    }
+
+    func profile(_ id: String) async throws -> ProfileV1.ProfileView {
+        var request = ProfileV1.GetProfileRequest()
+        request.person = person(id)
+        return try await getProfile(request)
+    }
+
+    func features(_ id: String) async throws -> [String: Double] {
+        Dictionary(uniqueKeysWithValues: try await profile(id).features.map { ($0.name, $0.value) })
+    }
+
+    func traits(_ id: String, _ traits: [String: RuleValue], source: String = "crm", at: Int64) async throws -> ProfileV1.SetTraitsResponse {
+        var request = ProfileV1.SetTraitsRequest()
+        request.person = person(id)
+        request.traits = traits.sorted { $0.key < $1.key }.map { field($0.key, $0.value) }
+        request.source = source
+        request.updatedAtMs = at
+        return try await setTraits(request)
+    }
+
+    func consent(_ id: String, _ purpose: String, _ channel: CommonV1.Channel, _ granted: Bool, at: Int64, source: String = "form") async throws {
+        var request = ProfileV1.SetConsentRequest()
+        request.person = person(id)
+        var record = ProfileV1.ConsentRecord()
+        record.purpose = purpose
+        record.channel = channel
+        record.granted = granted
+        record.source = source
+        record.atMs = at
+        request.consents = [record]
+        _ = try await setConsent(request)
+    }
+}
+
+func makeProfile(_ directory: String = temporaryDirectory("profile-test"), clock: TestClock = TestClock(),
+                 identity: RPCClient? = nil) throws -> ProfileService {
+    ProfileService(store: try ProfileStore(directory: directory), identity: identity, clock: clock.read)
+}
+
+func expectInvalid(_ field: String, _ body: () async throws -> Void) async {
+    do {
+        try await body()
+        Issue.record("expected INVALID_ARGUMENT for \(field)")
+    } catch let error as RPCError {
+        #expect(error.code == .invalidArgument && error.message.hasPrefix(field), "\(error)")
+    } catch {
+        Issue.record("unexpected \(error)")
+    }
+}
+
+@Suite("profile: events and features")
+struct FeatureTests {
+    @Test("a replayed event is never counted twice, in one batch or across batches and restarts")
+    func idempotentReplay() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let service = try makeProfile(directory, clock: clock)
+        try service.define(feature("purchases", "purchase", .count))
+        try service.define(feature("spend", "purchase", .sum))
+        let now = clock.read()
+        let batch = (0..<5).map { event("e\($0)", "p1", "purchase", at: now - Int64($0) * minute, value: 10) }
+        let first = try await service.track(batch + [batch[0]])
+        #expect(first.accepted == 5 && first.duplicates == 1)
+        let again = try await service.track(batch)
+        #expect(again.accepted == 0 && again.duplicates == 5)
+        let reopened = try makeProfile(directory, clock: clock)
+        #expect(try await reopened.track(batch).duplicates == 5)
+        #expect(try await reopened.features("p1") == ["purchases": 5, "spend": 50])
+    }
+
+    @Test("a batch rejects bad events one by one, naming the field, and keeps the rest")
+    func perEventRejections() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        let now = clock.read()
+        var noPerson = event("e3", "p1", "view", at: now)
+        noPerson.person = nil
+        let response = try await service.track([
+            event("e0", "p1", "view", at: now),
+            event("", "p1", "view", at: now),
+            event("e2", "p1", "bad type!", at: now),
+            noPerson,
+            event("e4", "p1", "view", at: now + 2 * 86_400_000),
+            event("e5", "p1", "view", at: now, ["": .bool(true)]),
+            event("e6", "p1", "view", at: now, value: .infinity),
+            event("e7", "p1", "view", at: now - hour),
+        ])
+        #expect(response.accepted == 2)
+        #expect(response.rejections.map(\.index) == [1, 2, 3, 4, 5, 6])
+        let reasons = response.rejections.map(\.reason)
+        #expect(reasons[0].hasPrefix("event_id:") && reasons[1].hasPrefix("type:") && reasons[2].hasPrefix("person:"))
+        #expect(reasons[3].hasPrefix("occurred_at_ms:") && reasons[4].hasPrefix("properties[0].name:") && reasons[5].hasPrefix("value:"))
+        await expectInvalid("events") { _ = try await service.track([]) }
+    }
+
+    @Test("windows count what is inside them, late events included, and forget what leaves")
+    func windowEdges() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        try service.define(feature("views_1h", "view", .count, window: 3600))
+        try service.define(feature("views_all", "view", .count))
+        try service.define(feature("amount_1h", "view", .sum, window: 3600, property: "amount"))
+        try service.define(feature("last_amount", "view", .last, window: 3600, property: "amount"))
+        try service.define(feature("pages_1h", "view", .distinctCount, window: 3600, property: "page"))
+        let now = clock.read()
+        _ = try await service.track([
+            event("in", "p", "view", at: now - 59 * minute, ["amount": .number(5), "page": .string("home")]),
+            event("out", "p", "view", at: now - 61 * minute, ["amount": .number(100), "page": .string("cart")]),
+            event("new", "p", "view", at: now - 1 * minute, ["amount": .number(2), "page": .string("home")]),
+        ])
+        // Late and out of order: older than the newest, still inside the window.
+        _ = try await service.track([event("late", "p", "view", at: now - 30 * minute, ["amount": .number(1), "page": .string("shoes")])])
+        #expect(try await service.features("p") == ["views_1h": 3, "views_all": 4, "amount_1h": 8, "last_amount": 2, "pages_1h": 2])
+
+        clock.advance(seconds: 2 * 60)  // the event at -59 min is now at -61 min
+        #expect(try await service.features("p") == ["views_1h": 2, "views_all": 4, "amount_1h": 3, "last_amount": 2, "pages_1h": 2])
+        clock.advance(seconds: 3600)
+        #expect(try await service.features("p") == ["views_1h": 0, "views_all": 4, "amount_1h": 0, "pages_1h": 0])
+    }
+
+    @Test("a decayed sum equals the closed form Σ v·2^(-(now-t)/h), whatever the arrival order")
+    func decayClosedForm() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        try service.define(feature("recency", "click", .decayedSum, halfLife: 86_400))
+        try service.define(feature("recent_shoes", "click", .decayedSum, halfLife: 3600, filter: #"event.category == "shoes""#))
+        let now = clock.read()
+        var generator = SystemRandomNumberGenerator()
+        let events = (0..<200).map { i in
+            event("c\(i)", "p", "click", at: now - Int64.random(in: 0...(30 * 86_400_000), using: &generator),
+                  value: Double.random(in: 0...5, using: &generator), ["category": .string(i % 3 == 0 ? "shoes" : "hats")])
+        }
+        for chunk in stride(from: 0, to: events.count, by: 17) {
+            _ = try await service.track(Array(events[chunk..<min(chunk + 17, events.count)]))
+        }
+        clock.advance(seconds: 5 * 3600)
+        let at = clock.read()
+        func closedForm(_ halfLifeMs: Double, _ include: (ProfileV1.Event) -> Bool) -> Double {
+            events.filter(include).reduce(0) { $0 + $1.value * exp2(-Double(at - $1.occurredAtMs) / halfLifeMs) }
+        }
+        let features = try await service.features("p")
+        let all = closedForm(86_400_000) { _ in true }
+        let shoes = closedForm(3_600_000) { $0.properties.contains { $0.value == ProfileValues.wire(.string("shoes")) } }
+        #expect(abs(features["recency"]! - all) <= 1e-9 * all)
+        #expect(abs(features["recent_shoes"]! - shoes) <= 1e-9 * max(shoes, 1e-12))
+    }
+
+    @Test("a feature defined later starts empty, or is backfilled from stored events")
+    func backfill() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        let now = clock.read()
+        // Ages 10, 70, 130 and 190 minutes for "a": three inside a 3-hour window.
+        _ = try await service.track((0..<6).map { event("b\($0)", $0 < 4 ? "a" : "b", "purchase", at: now - Int64($0) * hour - 10 * minute, value: 1) })
+        try service.define(feature("purchases_3h", "purchase", .count, window: 3 * 3600))
+        #expect(try await service.features("a")["purchases_3h"] == 0)
+        try service.define(feature("purchases_3h", "purchase", .count, window: 3 * 3600), backfill: true)
+        #expect(try await service.features("a")["purchases_3h"] == 3)
+        #expect(try await service.features("b")["purchases_3h"] == 0)
+        // A new definition under the same name drops the old state rather than mixing the two.
+        try service.define(feature("purchases_3h", "purchase", .count, window: 6 * 3600))
+        #expect(try await service.features("a")["purchases_3h"] == 0)
+        #expect(try await service.store.features.first { $0.name == "purchases_3h" }?.version == 2)
+    }
+
+    @Test("bad feature definitions name the field")
+    func badDefinitions() async throws {
+        let service = try makeProfile()
+        await expectInvalid("feature.name") { try service.define(feature("", "x", .count)) }
+        await expectInvalid("feature.aggregation") { try service.define(feature("f", "x", .unspecified)) }
+        await expectInvalid("feature.half_life_seconds") { try service.define(feature("f", "x", .decayedSum)) }
+        await expectInvalid("feature.window_seconds") { try service.define(feature("f", "x", .count, window: -1)) }
+        await expectInvalid("feature.property") { try service.define(feature("f", "x", .distinctCount)) }
+        await expectInvalid("feature.filter: at position 1") { try service.define(feature("f", "x", .count, filter: #"trait.a == 1"#)) }
+    }
+}
+
+@Suite("profile: traits, segments, consent")
+struct TraitSegmentConsentTests {
+    @Test("the newest trait wins, whatever order the sources arrive in")
+    func traitsNewestWins() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        let now = clock.read()
+        _ = try await service.traits("p", ["tier": .string("gold"), "age": .number(41)], source: "crm", at: now - hour)
+        let late = try await service.traits("p", ["tier": .string("silver"), "city": .string("Utrecht")], source: "web", at: now - 2 * hour)
+        #expect(late.stale == ["tier"])
+        let traits = try await service.profile("p").traits
+        #expect(traits.map(\.name) == ["age", "city", "tier"])
+        let tier = traits.first { $0.name == "tier" }!
+        #expect(tier.value == ProfileValues.wire(.string("gold")) && tier.source == "crm" && tier.ageSeconds == 3600)
+    }
+
+    @Test("segment rules are checked when defined, with the position of the error; membership comes with the profile")
+    func segments() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        try service.define(feature("purchases_30d", "purchase", .count, window: 30 * 86_400))
+        await expectInvalid("segment.rule: at position 25") { try service.segment("x", #"trait.tier == "gold" and"#) }
+        await expectInvalid("segment.rule: at position 26") { try service.segment("x", #"trait.tier == "gold" and feature.nope >= 2"#) }
+        await expectInvalid("segment.rule: at position 1") { try service.segment("x", #"event.x == 1"#) }
+        await expectInvalid("segment.name") { try service.segment("", "true") }
+        try service.segment("gold_buyers", #"trait.tier == "gold" and feature.purchases_30d >= 2"#)
+        try service.segment("emailable", #"consent.marketing.email"#)
+        let now = clock.read()
+        _ = try await service.traits("p", ["tier": .string("gold")], at: now)
+        _ = try await service.track([event("1", "p", "purchase", at: now)])
+        #expect(try await service.profile("p").segments == [])
+        _ = try await service.track([event("2", "p", "purchase", at: now)])
+        try await service.consent("p", "marketing", .email, true, at: now)
+        #expect(try await service.profile("p").segments == ["emailable", "gold_buyers"])
+    }
+
+    @Test("consent keeps its full history; the newest record per purpose and channel is current")
+    func consentHistory() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        let now = clock.read()
+        try await service.consent("p", "marketing", .email, true, at: now - 3 * hour, source: "signup")
+        try await service.consent("p", "marketing", .email, false, at: now - hour, source: "unsubscribe-link")
+        try await service.consent("p", "marketing", .email, true, at: now - 2 * hour, source: "late-import")
+        try await service.consent("p", "marketing", .sms, true, at: now, source: "app")
+        var request = ProfileV1.GetConsentRequest()
+        request.person = person("p")
+        request.includeHistory = true
+        let consent = try await service.getConsent(request)
+        #expect(consent.current.map { "\($0.channel.rawValue):\($0.granted):\($0.source)" } == ["1:false:unsubscribe-link", "2:true:app"])
+        #expect(consent.history.map(\.source) == ["signup", "late-import", "unsubscribe-link", "app"])
+        await expectInvalid("consents[0].purpose") { try await service.consent("p", "", .email, true, at: now) }
+        request.person = person("nobody")
+        request.includeHistory = false
+        #expect(try await service.getConsent(request).current.isEmpty)
+    }
+
+    @Test("GetProfile of an unknown person is NOT_FOUND; unknown fields are INVALID_ARGUMENT")
+    func profileErrors() async throws {
+        let service = try makeProfile()
+        await #expect(throws: RPCError(.notFound, "person: no profile for ghost")) { _ = try await service.profile("ghost") }
+        var request = ProfileV1.GetProfileRequest()
+        request.person = person("ghost")
+        request.fields = ["traits", "secrets"]
+        await expectInvalid("fields[1]") { _ = try await service.getProfile(request) }
+        request.person = nil
+        request.fields = []
+        await expectInvalid("person") { _ = try await service.getProfile(request) }
+    }
+}
+
+@Suite("profile: merges and erasure")
+struct MergeEraseTests {
+    static let definitions = [
+        feature("views_1d", "view", .count, window: 86_400),
+        feature("spend", "purchase", .sum),
+        feature("last_spend", "purchase", .last),
+        feature("pages", "view", .distinctCount, window: 7 * 86_400, property: "page"),
+        feature("recency", "view", .decayedSum, halfLife: 3600),
+    ]
+
+    /// Events of two people; the merged profile must equal that of one person who had all of them.
+    static func history(_ who: String, seed: Int, now: Int64) -> [ProfileV1.Event] {
+        (0..<40).map { i in
+            let age = Int64((i * 7919 + seed * 104_729) % (3 * 86_400)) * 1000
+            return i % 4 == 0
+                ? event("\(who)-\(i)", who, "purchase", at: now - age, value: Double(i % 7))
+                : event("\(who)-\(i)", who, "view", at: now - age, value: 1, ["page": .string("page\((i + seed) % 9)")])
+        }
+    }
+
+    @Test("merges from the identity feed give the features of one person with all the events; unmerge splits them back")
+    func mergeAndSplitFollowTheIdentityFeed() async throws {
+        let clock = TestClock()
+        let identity = IdentityService(store: try IdentityStore(directory: temporaryDirectory("identity-test"), normalizer: Normalizer(rules: IdentityRules())),
+                                       clock: clock.read)
+        try await withRPCServer(services: [identity]) { _, port in
+            let client = RPCClient(host: "127.0.0.1", port: port)
+            defer { client.close() }
+            let service = try makeProfile(clock: clock, identity: client)
+            let reference = try makeProfile(clock: clock)
+            for definition in Self.definitions {
+                try service.define(definition)
+                try reference.define(definition)
+            }
+            func ref(_ type: String, _ value: String) -> CommonV1.PersonRef {
+                var list = CommonV1.IdentifierList()
+                var identifier = CommonV1.Identifier()
+                identifier.type = type
+                identifier.value = value
+                list.identifiers = [identifier]
+                var ref = CommonV1.PersonRef()
+                ref.ref = .identifiers(list)
+                return ref
+            }
+            let now = clock.read()
+            // Two anonymous visitors, known only by cookie and by email, each with a history.
+            var cookieEvents = Self.history("a", seed: 1, now: now)
+            var emailEvents = Self.history("b", seed: 2, now: now)
+            for i in cookieEvents.indices { cookieEvents[i].person = ref("cookie_id", "ck-1") }
+            for i in emailEvents.indices { emailEvents[i].person = ref("email", "ann@example.org") }
+            #expect(try await service.track(cookieEvents).accepted == 40)
+            #expect(try await service.track(emailEvents).accepted == 40)
+            var traitRequest = ProfileV1.SetTraitsRequest()
+            traitRequest.person = ref("email", "ann@example.org")
+            traitRequest.traits = [field("tier", .string("gold"))]
+            traitRequest.updatedAtMs = now
+            _ = try await service.setTraits(traitRequest)
+
+            // The identity service learns they are one person.
+            var link = IdentityV1.LinkRequest()
+            link.identifiers = [ref("cookie_id", "ck-1"), ref("email", "ann@example.org")].map {
+                guard case .identifiers(let list)? = $0.ref else { fatalError() }
+                return list.identifiers[0]
+            }
+            let linked = try await identity.link(link)
+            #expect(linked.mergedPersonIds.count == 1)
+            #expect(try await IdentityFeedFollower(store: service.store, identity: client, logger: Logger(label: "t"), clock: clock.read).pollOnce() == 1)
+
+            // Reference: one person who had all 80 events from the start.
+            var all = Self.history("a", seed: 1, now: now) + Self.history("b", seed: 2, now: now)
+            for i in all.indices { all[i].person = person("one") }
+            _ = try await reference.track(all)
+            let merged = try await service.profile(linked.personId)
+            let expected = try await reference.features("one")
+            #expect(merged.features.count == expected.count)
+            for feature in merged.features {
+                #expect(abs(feature.value - expected[feature.name]!) <= 1e-9 * max(1, abs(feature.value)), "\(feature.name)")
+            }
+            #expect(merged.traits.map(\.name) == ["tier"])
+            let absorbed = linked.mergedPersonIds[0]
+            await #expect(throws: RPCError.self) { _ = try await service.profile(absorbed) }
+
+            // The operator undoes the merge (the store's first): the absorbed person comes
+            // back under its own id, with the events first tracked for it.
+            var unmerge = IdentityV1.UnmergeRequest()
+            unmerge.personId = linked.personId
+            unmerge.mergeId = 1
+            _ = try await identity.unmerge(unmerge)
+            let follower = IdentityFeedFollower(store: service.store, identity: client, logger: Logger(label: "t"), clock: clock.read)
+            #expect(try await follower.pollOnce() == 1)
+            #expect(try await follower.pollOnce() == 0)
+            let survivorViews = try await service.features(linked.personId)["views_1d"]!
+            let absorbedViews = try await service.features(absorbed)["views_1d"]!
+            #expect(survivorViews + absorbedViews == expected["views_1d"]!)
+            #expect(survivorViews > 0 && absorbedViews > 0)
+        }
+    }
+
+    @Test("after Erase no event, trait or consent of the person is in the SQLite files")
+    func eraseLeavesNothing() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let service = try makeProfile(directory, clock: clock)
+        try service.define(feature("pages", "view", .distinctCount, property: "page"))
+        let marker = "okapi\(UInt32.random(in: 0...UInt32.max))"
+        let now = clock.read()
+        _ = try await service.track((0..<20).map { event("\(marker)-ev\($0)", "victim", "view", at: now, ["page": .string("\(marker)-page\($0)")]) })
+        _ = try await service.track([event("keep-1", "keeper", "view", at: now, ["page": .string("home")])])
+        _ = try await service.traits("victim", ["nickname": .string("\(marker)-nick")], at: now)
+        try await service.consent("victim", "marketing", .email, true, at: now, source: "\(marker)-form")
+        #expect(filesContain(marker, in: directory, files: ["profile.sqlite", "profile.sqlite-wal"]))
+
+        var request = ProfileV1.EraseRequest()
+        request.personId = "victim"
+        let erased = try service.erase(request)
+        #expect(erased.eventsRemoved == 20 && erased.traitsRemoved == 1 && erased.consentsRemoved == 1)
+        #expect(!filesContain(marker, in: directory, files: ["profile.sqlite", "profile.sqlite-wal"]))
+        await #expect(throws: RPCError.self) { _ = try await service.profile("victim") }
+        #expect(try await service.features("keeper") == ["pages": 1])
+    }
+}

@@ -1,0 +1,88 @@
+import Rules
+import Testing
+
+@Suite struct RuleTests {
+    let profile: [String: RuleValue] = [
+        "trait.tier": .string("gold"), "feature.purchases_30d": .number(3), "trait.vip": .bool(true),
+        "context.page.type": .string("cart"),
+    ]
+
+    func holds(_ rule: String) throws -> Bool {
+        try Rule(rule).evaluate { profile["\($0).\($1)"] }
+    }
+
+    @Test func evaluatesTheIssueExample() throws {
+        #expect(try holds(#"trait.tier == "gold" and feature.purchases_30d >= 2"#))
+        #expect(try !holds(#"trait.tier == "gold" and feature.purchases_30d >= 4"#))
+    }
+
+    @Test(arguments: [
+        (#"trait.tier != "silver""#, true),
+        (#"not trait.tier == "gold""#, false),
+        (#"feature.purchases_30d > 2 and feature.purchases_30d < 3.5"#, true),
+        (#"feature.purchases_30d == 3"#, true),
+        (#"trait.tier in ["silver", "gold"]"#, true),
+        (#"trait.tier in []"#, false),
+        (#"trait.vip"#, true),
+        (#"trait.tier"#, false),
+        (#"trait.missing == "x" or trait.missing != "x""#, false),
+        (#"not trait.missing == "x""#, true),
+        (#"trait.tier == 3"#, false),
+        (#"trait.tier != 3"#, true),
+        (#"trait.tier < "h""#, true),
+        (#"trait.tier < 5"#, false),
+        (#"context.page.type == "cart""#, true),
+        (#"(trait.vip or false) and (feature.purchases_30d >= -1)"#, true),
+        (#"true and not false"#, true),
+        (#"trait.tier == "go\"ld""#, false),
+    ])
+    func semantics(rule: String, expected: Bool) throws {
+        #expect(try holds(rule) == expected, "\(rule)")
+    }
+
+    @Test(arguments: [
+        ("", 1, "rule is empty"),
+        (#"trait.tier == "#, 15, "expected a value, found end of rule"),
+        (#"trait.tier = "gold""#, 12, #"unexpected "=""#),
+        (#"tier == "gold""#, 1, "is not a path"),
+        (#"trait.tier == "gold"#, 15, "unterminated string"),
+        (#"(trait.vip"#, 11, #"expected ")""#),
+        (#"trait.tier in "gold""#, 15, #"expected "[""#),
+        (#"trait.tier in [trait.x]"#, 16, "a list holds literals only"),
+        (#"feature.purchases_30d >= 1.2.3"#, 26, "is not a number"),
+        (#"trait.vip and and"#, 15, "expected a value"),
+        (#"trait. == 1"#, 7, "expected a name"),
+    ])
+    func errorsNameThePosition(rule: String, position: Int, message: String) {
+        do {
+            _ = try Rule(rule)
+            Issue.record("\(rule) parsed")
+        } catch {
+            #expect(error.position == position, "\(rule): \(error)")
+            #expect(error.message.contains(message), "\(rule): \(error)")
+        }
+    }
+
+    @Test func checkRejectsPathsWithTheirPosition() {
+        do {
+            _ = try Rule(#"trait.tier == "gold" and feature.nope > 1"#) { ns, name in
+                ns == "feature" && name == "nope" ? "feature \"nope\" is not defined" : nil
+            }
+            Issue.record("parsed")
+        } catch {
+            #expect(error == RuleError(position: 26, "feature \"nope\" is not defined"))
+        }
+    }
+
+    @Test func referencesAreListed() throws {
+        let rule = try Rule(#"trait.tier == "gold" or feature.n > 1"#)
+        #expect(rule.references.map { "\($0.namespace).\($0.name)" } == ["trait.tier", "feature.n"])
+    }
+
+    @Test func deepNestingIsAnErrorNotACrash() {
+        let rule = String(repeating: "(", count: 10_000) + "true" + String(repeating: ")", count: 10_000)
+        #expect(throws: RuleError.self) { try Rule(rule) }
+        let nots = String(repeating: "not ", count: 1000) + "true"
+        #expect(throws: RuleError.self) { try Rule(nots) }
+    }
+}

@@ -1,0 +1,29 @@
+import Logging
+import RPC
+
+/// Runs an `RPCServer` with `services` on a free loopback port for the duration of `body`,
+/// which gets the server and its port.
+public func withRPCServer<T: Sendable>(
+    configure: (inout RPCServerConfiguration) -> Void = { _ in },
+    services: [any RPCService],
+    _ body: @Sendable (RPCServer, Int) async throws -> T
+) async throws -> T {
+    var configuration = RPCServerConfiguration()
+    configuration.port = 0
+    configure(&configuration)
+    var router = RPCRouter()
+    for service in services { router.register(service) }
+    var logger = Logger(label: "test")
+    logger.logLevel = .critical
+    let server = RPCServer(configuration: configuration, router: router, logger: logger)
+    return try await withThrowingTaskGroup(of: T?.self) { group in
+        group.addTask {
+            try await server.run()
+            return nil
+        }
+        let port = try await server.listeningAddress().port!
+        let result = try await body(server, port)
+        group.cancelAll()
+        return result
+    }
+}
