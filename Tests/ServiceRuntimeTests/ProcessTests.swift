@@ -194,6 +194,84 @@ struct ProcessTests {
         #expect(await server.waitForExit() == 0)
     }
 
+    @Test("arbiter-profile resolves identifiers through arbiter-identity, follows its merges, and keeps acknowledged events across a kill -9")
+    func profileWithIdentity() async throws {
+        let identityPort = try await unusedPort(), identityAdmin = try await unusedPort()
+        let port = try await unusedPort(), admin = try await unusedPort()
+        let dataDir = NSTemporaryDirectory() + "/arbiter-profile-\(port)"
+        let identity = try RunningProcess.start("arbiter-identity", [
+            "--port", "\(identityPort)", "--admin-port", "\(identityAdmin)", "--data-dir", dataDir + "/identity"])
+        defer { kill(identity.process.processIdentifier, SIGKILL) }
+        let identityClient = try await waitUntilServing(port: identityPort)
+        defer { identityClient.close() }
+        let arguments = ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir + "/profile",
+                         "--identity", "127.0.0.1:\(identityPort)"]
+        var server = try RunningProcess.start("arbiter-profile", arguments)
+        var client = try await waitUntilServing(port: port)
+
+        func identifier(_ type: String, _ value: String) -> CommonV1.Identifier {
+            var id = CommonV1.Identifier()
+            id.type = type
+            id.value = value
+            return id
+        }
+        func ref(_ ids: CommonV1.Identifier...) -> CommonV1.PersonRef {
+            var list = CommonV1.IdentifierList()
+            list.identifiers = ids
+            var ref = CommonV1.PersonRef()
+            ref.ref = .identifiers(list)
+            return ref
+        }
+        var define = ProfileV1.DefineFeatureRequest()
+        var feature = ProfileV1.FeatureDefinition()
+        feature.name = "views"
+        feature.eventType = "view"
+        feature.aggregation = .count
+        define.feature = feature
+        _ = try await client.call(ProfileV1.Profile.defineFeature, define)
+        var track = ProfileV1.TrackRequest()
+        track.events = (0..<6).map { i in
+            var event = ProfileV1.Event()
+            event.eventId = "ev-\(i)"
+            event.type = "view"
+            event.person = i < 4 ? ref(identifier("cookie_id", "ck-9")) : ref(identifier("email", "Zoe@Example.org"))
+            return event
+        }
+        #expect(try await client.call(ProfileV1.Profile.track, track).accepted == 6)
+        var bad = track
+        bad.events[0].person = ref(identifier("email", "not an email"))
+        bad.events[0].eventId = "ev-bad"
+        let rejected = try await client.call(ProfileV1.Profile.track, bad)
+        #expect(rejected.rejections.first?.reason.contains("identifiers[0].value") == true, "\(rejected)")
+
+        // The identity service learns that the cookie and the email are one person.
+        var link = IdentityV1.LinkRequest()
+        link.identifiers = [identifier("cookie_id", "ck-9"), identifier("email", "zoe@example.org")]
+        let linked = try await identityClient.call(IdentityV1.Identity.link, link)
+        #expect(linked.mergedPersonIds.count == 1)
+        var get = ProfileV1.GetProfileRequest()
+        get.person = ref(identifier("email", "zoe@example.org"))
+        var views = 0.0
+        for _ in 0..<100 {  // the follower polls once a second
+            views = try await client.call(ProfileV1.Profile.getProfile, get).features.first?.value ?? 0
+            if views == 6 { break }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        #expect(views == 6)
+
+        kill(server.process.processIdentifier, SIGKILL)
+        _ = await server.waitForExit()
+        client.close()
+        server = try RunningProcess.start("arbiter-profile", arguments)
+        client = try await waitUntilServing(port: port)
+        let profile = try await client.call(ProfileV1.Profile.getProfile, get)
+        #expect(profile.personId == linked.personId && profile.features.first?.value == 6)
+        #expect(try await client.call(ProfileV1.Profile.track, track).duplicates == 6)
+        client.close()
+        kill(server.process.processIdentifier, SIGTERM)
+        #expect(await server.waitForExit() == 0)
+    }
+
     @Test("a bad --config section stops arbiter-identity at start, naming the setting")
     func badIdentityConfig() async throws {
         let configFile = NSTemporaryDirectory() + "/arbiter-bad-config-\(UInt32.random(in: 0...UInt32.max)).json"

@@ -3,6 +3,7 @@ import Contracts
 import Foundation
 import Histogram
 import IdentityService
+import ProfileService
 import Logging
 import RPC
 
@@ -12,7 +13,7 @@ import RPC
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "arbiter-bench", abstract: "Arbiter benchmarks (print throughput and latency percentiles).",
-        subcommands: [IdentityBench.self, HealthBench.self])
+        subcommands: [IdentityBench.self, ProfileBench.self, HealthBench.self])
 }
 
 struct IdentityBench: AsyncParsableCommand {
@@ -122,10 +123,13 @@ extension AsyncParsableCommand {
 }
 
 extension Bench {
-    /// Runs `call` closed-loop at `concurrency` for `duration` seconds; prints and returns calls/s.
-    static func measure(_ name: String, _ clients: [RPCClient], duration: Double, concurrency: Int,
+    /// Runs `call` for `duration` seconds with `concurrency` workers; prints and returns calls/s.
+    /// Closed loop by default; with `rate` (calls/s in total) open loop: each call has an
+    /// intended start time, and its latency counts from then (corrected for coordinated omission).
+    static func measure(_ name: String, _ clients: [RPCClient], duration: Double, concurrency: Int, rate: Double? = nil,
                         _ call: @escaping @Sendable (RPCClient, Int) async throws -> Void) async throws -> Double {
-        let end = ContinuousClock.now + .seconds(duration)
+        let begin = ContinuousClock.now
+        let end = begin + .seconds(duration)
         let results = try await withThrowingTaskGroup(of: (Histogram<UInt64>, Int).self) { group in
             for worker in 0..<concurrency {
                 group.addTask {
@@ -133,8 +137,15 @@ extension Bench {
                     var errors = 0
                     var i = worker
                     let client = clients[worker % clients.count]
+                    let interval = rate.map { Duration.seconds(Double(concurrency) / $0) }
+                    var intended = begin + (interval ?? .zero) * Double(worker) / Double(concurrency)
                     while ContinuousClock.now < end {
-                        let start = ContinuousClock.now
+                        if let interval {
+                            if intended > .now { try await Task.sleep(until: intended) }
+                            guard intended < end else { break }
+                        }
+                        let start = interval == nil ? ContinuousClock.now : intended
+                        intended = intended + (interval ?? .zero)
                         do { try await call(client, i) } catch { errors += 1 }
                         _ = histogram.record(UInt64(max(1, start.duration(to: .now).nanoseconds / 1000)))
                         i += concurrency
@@ -151,11 +162,12 @@ extension Bench {
             return (total, errors)
         }
         let (histogram, errors) = results
-        let rate = Double(histogram.totalCount) / duration
-        print(String(format: "%@: %.0f calls/s, p50 %d us, p99 %d us, p99.9 %d us, max %d us, errors %d (concurrency %d, %d connections)",
-                     name, rate, histogram.valueAtPercentile(50), histogram.valueAtPercentile(99),
+        let achieved = Double(histogram.totalCount) / duration
+        print(String(format: "%@: %.0f calls/s%@, p50 %d us, p99 %d us, p99.9 %d us, max %d us, errors %d (concurrency %d, %d connections)",
+                     name, achieved, rate.map { String(format: " (target %.0f/s, open loop)", $0) } ?? "",
+                     histogram.valueAtPercentile(50), histogram.valueAtPercentile(99),
                      histogram.valueAtPercentile(99.9), histogram.max, errors, concurrency, clients.count))
-        return rate
+        return achieved
     }
 }
 

@@ -1,0 +1,97 @@
+import ArgumentParser
+import Contracts
+import Foundation
+import Logging
+import ProfileService
+import RPC
+
+struct ProfileBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "profile",
+        abstract: "Track (batches of 100 events, 10 features defined) and GetProfile against arbiter-profile's service.")
+
+    @Option(help: "Persons the events are spread over.") var persons = 100_000
+    @Option(help: "Seconds per measurement.") var duration = 10.0
+    @Option(help: "Track calls in flight.") var concurrency = 8
+    @Option(help: "Connections (calls are spread over them).") var connections = 4
+    @Option(help: "GetProfile rate (calls/s, open loop).") var profileRate = 5000.0
+    @Option(help: "Store directory (default: a new temporary directory, removed afterwards).") var dataDir: String?
+
+    func run() async throws {
+        let directory = dataDir ?? NSTemporaryDirectory() + "/arbiter-bench-profile-\(UUID().uuidString)"
+        defer { if dataDir == nil { try? FileManager.default.removeItem(atPath: directory) } }
+        let store = try ProfileStore(directory: directory)
+        let now = Int64(Date().timeIntervalSince1970 * 1000)
+        // Ten features over the two event types the benchmark sends.
+        let features: [(String, String, ProfileV1.FeatureDefinition.Aggregation, Int64, Int64, String)] = [
+            ("views_1h", "view", .count, 3600, 0, ""), ("views_1d", "view", .count, 86_400, 0, ""),
+            ("views_7d", "view", .count, 7 * 86_400, 0, ""), ("pages_7d", "view", .distinctCount, 7 * 86_400, 0, "page"),
+            ("view_recency", "view", .decayedSum, 0, 86_400, ""), ("purchases_30d", "purchase", .count, 30 * 86_400, 0, ""),
+            ("spend_30d", "purchase", .sum, 30 * 86_400, 0, ""), ("last_order", "purchase", .last, 0, 0, ""),
+            ("spend_all", "purchase", .sum, 0, 0, ""), ("purchase_recency", "purchase", .decayedSum, 0, 7 * 86_400, ""),
+        ]
+        for (name, type, aggregation, window, halfLife, property) in features {
+            var definition = ProfileV1.FeatureDefinition()
+            definition.name = name
+            definition.eventType = type
+            definition.aggregation = aggregation
+            definition.windowSeconds = window
+            definition.halfLifeSeconds = halfLife
+            definition.property = property
+            _ = try store.define(definition, backfill: false, nowMs: now)
+        }
+        let service = ProfileService(store: store)
+        var router = RPCRouter()
+        router.register(service)
+        var configuration = RPCServerConfiguration()
+        configuration.port = 0
+        configuration.handlerExecution = .concurrentPool
+        var logger = Logger(label: "bench")
+        logger.logLevel = .error
+        let server = RPCServer(configuration: configuration, router: router, logger: logger)
+        let serverTask = Task { try await server.run() }
+        defer { serverTask.cancel() }
+        let port = try await server.listeningAddress().port!
+        let clients = (0..<connections).map { _ in RPCClient(host: "127.0.0.1", port: port) }
+        let persons = self.persons
+        let runID = UUID().uuidString.prefix(8)
+
+        let track = try await Bench.measure("Track (100 events)", clients, duration: duration, concurrency: concurrency) { client, i in
+            var request = ProfileV1.TrackRequest()
+            request.events = (0..<100).map { j in
+                var event = ProfileV1.Event()
+                event.eventId = "\(runID)-\(i)-\(j)"
+                var person = CommonV1.PersonRef()
+                person.ref = .personId("p\(Int.random(in: 0..<persons))")
+                event.person = person
+                event.type = j % 5 == 0 ? "purchase" : "view"
+                event.occurredAtMs = now - Int64.random(in: 0..<(7 * 86_400_000))
+                event.value = Double(j % 50)
+                var page = CommonV1.Field()
+                page.name = "page"
+                var value = CommonV1.Value()
+                value.kind = .stringValue("page\(j % 20)")
+                page.value = value
+                event.properties = [page]
+                return event
+            }
+            let response = try await client.call(ProfileV1.Profile.track, request, timeout: .seconds(10))
+            precondition(response.accepted == 100)
+        }
+        print(String(format: "Track: %.0f events/s (goal 50000)", track * 100))
+
+        _ = try await Bench.measure("GetProfile", clients, duration: duration, concurrency: 64, rate: profileRate) { client, _ in
+            var request = ProfileV1.GetProfileRequest()
+            var person = CommonV1.PersonRef()
+            person.ref = .personId("p\(Int.random(in: 0..<persons))")
+            request.person = person
+            do {
+                _ = try await client.call(ProfileV1.Profile.getProfile, request, timeout: .seconds(5))
+            } catch let error as RPCError {
+                guard error.code == .notFound else { throw error }  // not found: a person no event reached yet
+            }
+        }
+        print("GetProfile goal: p99 <= 2000 us at 5000/s; rss \(rssMiB()) MiB")
+        clients.forEach { $0.close() }
+    }
+}
