@@ -31,14 +31,8 @@ struct ProfileBench: AsyncParsableCommand {
             ("spend_all", "purchase", .sum, 0, 0, ""), ("purchase_recency", "purchase", .decayedSum, 0, 7 * 86_400, ""),
         ]
         for (name, type, aggregation, window, halfLife, property) in features {
-            var definition = ProfileV1.FeatureDefinition()
-            definition.name = name
-            definition.eventType = type
-            definition.aggregation = aggregation
-            definition.windowSeconds = window
-            definition.halfLifeSeconds = halfLife
-            definition.property = property
-            _ = try store.define(definition, backfill: false, nowMs: now)
+            _ = try store.define(.make(name, on: type, aggregation, window: window, halfLife: halfLife, property: property),
+                                 backfill: false, nowMs: now)
         }
         let service = ProfileService(store: store)
         var router = RPCRouter()

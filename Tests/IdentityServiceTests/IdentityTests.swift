@@ -48,17 +48,6 @@ extension IdentityService {
     }
 }
 
-func expectInvalid(_ field: String, _ body: () async throws -> Void) async {
-    do {
-        try await body()
-        Issue.record("expected INVALID_ARGUMENT for \(field)")
-    } catch let error as RPCError {
-        #expect(error.code == .invalidArgument && error.message.hasPrefix(field), "\(error)")
-    } catch {
-        Issue.record("unexpected \(error)")
-    }
-}
-
 @Suite("identity: normalization")
 struct NormalizationTests {
     let normalizer = Normalizer(rules: {

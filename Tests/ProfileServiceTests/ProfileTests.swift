@@ -41,15 +41,7 @@ func event(_ id: String, _ who: String, _ type: String, at: Int64, value: Double
 
 func feature(_ name: String, _ type: String, _ aggregation: ProfileV1.FeatureDefinition.Aggregation,
              window: Int64 = 0, halfLife: Int64 = 0, property: String = "", filter: String = "") -> ProfileV1.FeatureDefinition {
-    var definition = ProfileV1.FeatureDefinition()
-    definition.name = name
-    definition.eventType = type
-    definition.aggregation = aggregation
-    definition.windowSeconds = window
-    definition.halfLifeSeconds = halfLife
-    definition.property = property
-    definition.filter = filter
-    return definition
+    .make(name, on: type, aggregation, window: window, halfLife: halfLife, property: property, filter: filter)
 }
 
 extension ProfileService {
@@ -112,17 +104,6 @@ extension ProfileService {
 func makeProfile(_ directory: String = temporaryDirectory("profile-test"), clock: TestClock = TestClock(),
                  identity: RPCClient? = nil) throws -> ProfileService {
     ProfileService(store: try ProfileStore(directory: directory), identity: identity, clock: clock.read)
-}
-
-func expectInvalid(_ field: String, _ body: () async throws -> Void) async {
-    do {
-        try await body()
-        Issue.record("expected INVALID_ARGUMENT for \(field)")
-    } catch let error as RPCError {
-        #expect(error.code == .invalidArgument && error.message.hasPrefix(field), "\(error)")
-    } catch {
-        Issue.record("unexpected \(error)")
-    }
 }
 
 @Suite("profile: events and features")

@@ -215,3 +215,19 @@ enum ProfileNames {
         }
     }
 }
+
+extension ProfileV1.FeatureDefinition {
+    /// A definition in one expression (`window` and `halfLife` in seconds).
+    public static func make(_ name: String, on eventType: String, _ aggregation: Aggregation, window: Int64 = 0,
+                            halfLife: Int64 = 0, property: String = "", filter: String = "") -> Self {
+        var definition = Self()
+        definition.name = name
+        definition.eventType = eventType
+        definition.aggregation = aggregation
+        definition.windowSeconds = window
+        definition.halfLifeSeconds = halfLife
+        definition.property = property
+        definition.filter = filter
+        return definition
+    }
+}
