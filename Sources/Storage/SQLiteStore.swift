@@ -20,6 +20,12 @@ public enum SQLiteStore {
         configuration.prepareDatabase { db in
             try db.execute(sql: "PRAGMA secure_delete = ON")
             try db.execute(sql: "PRAGMA synchronous = \(synchronous.rawValue)")
+            // 16 MiB of page cache per connection (SQLite's default is 2 MiB): hot index
+            // pages stay in memory instead of being read again from the OS on every call.
+            try db.execute(sql: "PRAGMA cache_size = -16384")
+            // Checkpoint every 16 MiB of WAL instead of 4 MiB: a quarter of the fsyncs on
+            // the commit path of a write-heavy store.
+            try db.execute(sql: "PRAGMA wal_autocheckpoint = 4000")
         }
         let pool = try DatabasePool(path: (directory as NSString).appendingPathComponent("\(name).sqlite"),
                                     configuration: configuration)
