@@ -140,7 +140,7 @@ extension Bench {
                     let interval = rate.map { Duration.seconds(Double(concurrency) / $0) }
                     var intended = begin + (interval ?? .zero) * Double(worker) / Double(concurrency)
                     while ContinuousClock.now < end {
-                        if let interval {
+                        if interval != nil {
                             if intended > .now { try await Task.sleep(until: intended) }
                             guard intended < end else { break }
                         }

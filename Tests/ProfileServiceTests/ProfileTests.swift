@@ -218,7 +218,7 @@ struct FeatureTests {
         // A new definition under the same name drops the old state rather than mixing the two.
         try service.define(feature("purchases_3h", "purchase", .count, window: 6 * 3600))
         #expect(try await service.features("a")["purchases_3h"] == 0)
-        #expect(try await service.store.features.first { $0.name == "purchases_3h" }?.version == 2)
+        #expect(service.store.features.first { $0.name == "purchases_3h" }?.version == 2)
     }
 
     @Test("bad feature definitions name the field")
