@@ -58,7 +58,7 @@ struct IdentityBench: AsyncParsableCommand {
         let clients = (0..<connections).map { _ in RPCClient(host: "127.0.0.1", port: port) }
 
         // Resolve: known identifiers, random persons.
-        let resolve = try await measure("Resolve (known identifier)", clients) { client, i in
+        let resolve = try await Bench.measure("Resolve (known identifier)", clients, duration: duration, concurrency: concurrency) { client, i in
             var request = IdentityV1.ResolveRequest()
             var id = CommonV1.Identifier()
             id.type = "email"
@@ -68,7 +68,7 @@ struct IdentityBench: AsyncParsableCommand {
             precondition(!response.personId.isEmpty)
         }
         // Link: a new device seen with a known email (attach), half of them a second time (idempotent).
-        let link = try await measure("Link (known email + device)", clients) { client, i in
+        let link = try await Bench.measure("Link (known email + device)", clients, duration: duration, concurrency: concurrency) { client, i in
             var request = IdentityV1.LinkRequest()
             var email = CommonV1.Identifier()
             email.type = "email"
@@ -100,25 +100,10 @@ struct HealthBench: AsyncParsableCommand {
     func run() async throws {
         let parts = address.split(separator: ":")
         let clients = (0..<connections).map { _ in RPCClient(host: String(parts[0]), port: Int(parts[1])!) }
-        _ = try await measure("Health/Check", clients, duration: duration, concurrency: concurrency) { client, _ in
+        _ = try await Bench.measure("Health/Check", clients, duration: duration, concurrency: concurrency) { client, _ in
             _ = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest(), timeout: .seconds(5))
         }
         clients.forEach { $0.close() }
-    }
-}
-
-extension IdentityBench {
-    func measure(_ name: String, _ clients: [RPCClient],
-                 _ call: @escaping @Sendable (RPCClient, Int) async throws -> Void) async throws -> Double {
-        try await Bench.measure(name, clients, duration: duration, concurrency: concurrency, call)
-    }
-}
-
-extension AsyncParsableCommand {
-    /// Runs `call` closed-loop at `concurrency` for `duration` seconds; prints and returns calls/s.
-    func measure(_ name: String, _ clients: [RPCClient], duration: Double, concurrency: Int,
-                 _ call: @escaping @Sendable (RPCClient, Int) async throws -> Void) async throws -> Double {
-        try await Bench.measure(name, clients, duration: duration, concurrency: concurrency, call)
     }
 }
 

@@ -338,12 +338,15 @@ struct MergeEraseTests {
                 try service.define(definition)
                 try reference.define(definition)
             }
-            func ref(_ type: String, _ value: String) -> CommonV1.PersonRef {
-                var list = CommonV1.IdentifierList()
+            func identifier(_ type: String, _ value: String) -> CommonV1.Identifier {
                 var identifier = CommonV1.Identifier()
                 identifier.type = type
                 identifier.value = value
-                list.identifiers = [identifier]
+                return identifier
+            }
+            func ref(_ type: String, _ value: String) -> CommonV1.PersonRef {
+                var list = CommonV1.IdentifierList()
+                list.identifiers = [identifier(type, value)]
                 var ref = CommonV1.PersonRef()
                 ref.ref = .identifiers(list)
                 return ref
@@ -361,13 +364,18 @@ struct MergeEraseTests {
             traitRequest.traits = [field("tier", .string("gold"))]
             traitRequest.updatedAtMs = now
             _ = try await service.setTraits(traitRequest)
+            // A blocked value names nobody: the event is rejected, the service stays up.
+            var blocked = event("blocked-1", "x", "view", at: now)
+            blocked.person = ref("cookie_id", "null")
+            let rejected = try await service.track([blocked])
+            #expect(rejected.accepted == 0 && rejected.rejections.first?.reason.hasPrefix("person.identifiers:") == true, "\(rejected)")
+            traitRequest.person = ref("email", "test@test.com")
+            await expectInvalid("person.identifiers") { _ = try await service.setTraits(traitRequest) }
+            traitRequest.person = ref("email", "ann@example.org")
 
             // The identity service learns they are one person.
             var link = IdentityV1.LinkRequest()
-            link.identifiers = [ref("cookie_id", "ck-1"), ref("email", "ann@example.org")].map {
-                guard case .identifiers(let list)? = $0.ref else { fatalError() }
-                return list.identifiers[0]
-            }
+            link.identifiers = [identifier("cookie_id", "ck-1"), identifier("email", "ann@example.org")]
             let linked = try await identity.link(link)
             #expect(linked.mergedPersonIds.count == 1)
             #expect(try await IdentityFeedFollower(store: service.store, identity: client, logger: Logger(label: "t"), clock: clock.read).pollOnce() == 1)

@@ -53,31 +53,46 @@ public struct ProfileService: RPCService {
         return id
     }
 
-    /// The canonical person a `PersonRef` names: its person id, or its identifiers resolved
-    /// (and created when new) by the identity service.
-    func resolve(_ ref: CommonV1.PersonRef?, field: String, create: Bool) async throws -> String? {
+    /// The person a reference names without asking the identity service: its person id,
+    /// or nil when it names identifiers.
+    static func localPerson(_ ref: CommonV1.PersonRef?, field: String) throws(RPCError) -> String? {
         switch ref?.ref {
-        case .personId(let id)?:
-            return try Self.personID(id, field: "\(field).person_id")
-        case .identifiers(let list)?:
-            guard !list.identifiers.isEmpty else { throw RPCError.invalidArgument(field: "\(field).identifiers", "is empty") }
-            guard let identity else {
-                throw RPCError(.failedPrecondition, "\(field).identifiers: this profile service has no identity service (--identity); send person_id")
-            }
-            var request = IdentityV1.ResolveRequest()
-            request.identifiers = list.identifiers
-            request.createIfMissing = create
-            // (A `catch where` on this typed-throws call crashes Swift 6.3.1's SIL optimizer.)
-            do {
-                let response = try await identity.call(IdentityV1.Identity.resolve, request)
-                return response.personId.isEmpty ? nil : response.personId
-            } catch {
-                guard error.code == .invalidArgument else { throw error }
-                throw RPCError(.invalidArgument, "\(field).\(error.message)")
-            }
-        case nil:
-            throw RPCError.invalidArgument(field: field, "is required (person_id or identifiers)")
+        case .personId(let id)?: return try personID(id, field: "\(field).person_id")
+        case .identifiers?: return nil
+        case nil: throw .invalidArgument(field: field, "is required (person_id or identifiers)")
         }
+    }
+
+    /// The canonical person a `PersonRef` names: its person id, or its identifiers resolved
+    /// (and created when new and `create`) by the identity service.
+    func resolve(_ ref: CommonV1.PersonRef?, field: String, create: Bool) async throws -> String? {
+        if let local = try Self.localPerson(ref, field: field) { return local }
+        guard case .identifiers(let list)? = ref?.ref, !list.identifiers.isEmpty else {
+            throw RPCError.invalidArgument(field: "\(field).identifiers", "is empty")
+        }
+        guard let identity else {
+            throw RPCError(.failedPrecondition, "\(field).identifiers: this profile service has no identity service (--identity); send person_id")
+        }
+        var request = IdentityV1.ResolveRequest()
+        request.identifiers = list.identifiers
+        request.createIfMissing = create
+        // (A `catch where` on this typed-throws call crashes Swift 6.3.1's SIL optimizer.)
+        do {
+            let response = try await identity.call(IdentityV1.Identity.resolve, request)
+            return response.personId.isEmpty ? nil : response.personId
+        } catch {
+            guard error.code == .invalidArgument else { throw error }
+            throw RPCError(.invalidArgument, "\(field).\(error.message)")
+        }
+    }
+
+    /// The person `ref` names, created when its identifiers are new.
+    func createdPerson(_ ref: CommonV1.PersonRef?, field: String) async throws -> String {
+        guard let person = try await resolve(ref, field: field, create: true) else {
+            // The identity service answers no person when every identifier is a blocked value.
+            throw RPCError.invalidArgument(field: "\(field).identifiers", "every identifier is a blocked value; none can name a person")
+        }
+        return person
     }
 
     func existingPerson(_ ref: CommonV1.PersonRef?) async throws -> String {
@@ -126,19 +141,12 @@ public struct ProfileService: RPCService {
         }
         let now = clock()
         var response = ProfileV1.TrackResponse()
+        let persons = try await resolveAll(Set(request.events.map(\.person)))
         var accepted: [(index: Int, event: TrackedEvent)] = []
-        var resolved: [CommonV1.PersonRef: String] = [:]
         for (i, event) in request.events.enumerated() {
             do {
-                let person: String
-                if let ref = event.person, let known = resolved[ref] {
-                    person = known
-                } else {
-                    person = try await resolve(event.person, field: "person", create: true)!
-                    if let ref = event.person { resolved[ref] = person }
-                }
-                accepted.append((i, try validated(event, person: person, now: now)))
-            } catch let error as RPCError where error.code == .invalidArgument {
+                accepted.append((i, try validated(event, person: try persons[event.person]!.get(), now: now)))
+            } catch {  // INVALID_ARGUMENT from validation or from resolving its person: this event only
                 var rejection = ProfileV1.EventRejection()
                 rejection.index = UInt32(i)
                 rejection.eventId = event.eventId
@@ -151,6 +159,43 @@ public struct ProfileService: RPCService {
         response.accepted = UInt32(result.stored.count { $0 })
         response.duplicates = UInt32(result.stored.count { !$0 })
         return response
+    }
+
+    /// Resolves each distinct reference once, a few at a time concurrently. A reference the
+    /// identity service calls invalid fails alone (its events are rejected); any other
+    /// failure (the identity service unavailable) fails the whole request.
+    func resolveAll(_ refs: Set<CommonV1.PersonRef?>) async throws -> [CommonV1.PersonRef?: Result<String, RPCError>] {
+        try await withThrowingTaskGroup(of: (CommonV1.PersonRef?, Result<String, RPCError>).self) { group in
+            var results: [CommonV1.PersonRef?: Result<String, RPCError>] = [:]
+            var remote: [CommonV1.PersonRef?] = []
+            for ref in refs {
+                // A person id (or a missing person) needs no call: checked here, without a task.
+                do throws(RPCError) {
+                    guard let local = try Self.localPerson(ref, field: "person") else { remote.append(ref); continue }
+                    results[ref] = .success(local)
+                } catch {
+                    results[ref] = .failure(error)
+                }
+            }
+            var pending = remote.makeIterator()
+            func addNext() -> Bool {
+                guard let ref = pending.next() else { return false }
+                group.addTask {
+                    do {
+                        return (ref, .success(try await createdPerson(ref, field: "person")))
+                    } catch let error as RPCError where error.code == .invalidArgument {
+                        return (ref, .failure(error))
+                    }
+                }
+                return true
+            }
+            for _ in 0..<16 { guard addNext() else { break } }
+            while let (ref, result) = try await group.next() {
+                results[ref] = result
+                _ = addNext()
+            }
+            return results
+        }
     }
 
     func validated(_ event: ProfileV1.Event, person: String, now: Int64) throws(RPCError) -> TrackedEvent {
@@ -169,7 +214,7 @@ public struct ProfileService: RPCService {
         guard !traits.isEmpty else { throw RPCError.invalidArgument(field: "traits", "is empty") }
         let source = try Self.source(request.source)
         let at = try timestamp(request.updatedAtMs, field: "updated_at_ms", now: clock())
-        let person = try await resolve(request.person, field: "person", create: true)!
+        let person = try await createdPerson(request.person, field: "person")
         var response = ProfileV1.SetTraitsResponse()
         response.personId = person
         response.stale = try store.setTraits(person: person, traits, source: source, updatedAtMs: at)
@@ -217,7 +262,7 @@ public struct ProfileService: RPCService {
                                                 source: try Self.source(c.source, field: "consents[\(i)].source"),
                                                 atMs: try timestamp(c.atMs, field: "consents[\(i)].at_ms", now: now)))
         }
-        let person = try await resolve(request.person, field: "person", create: true)!
+        let person = try await createdPerson(request.person, field: "person")
         try store.setConsent(person: person, records)
         var response = ProfileV1.SetConsentResponse()
         response.personId = person

@@ -100,11 +100,9 @@ public final class ProfileStore: Sendable {
         let probe = try FeatureSpec(definition)
         return try pool.write { db in
             let current = definitions.withLock { $0.features[probe.name] }
-            var spec = current ?? probe
-            if let current, current.definition != definition {
-                spec = try FeatureSpec(definition, version: current.version + 1)
-            }
-            if current == nil || current!.version != spec.version {
+            var spec = probe
+            if let current { spec = current.definition == definition ? current : try FeatureSpec(definition, version: current.version + 1) }
+            if spec.version != current?.version {
                 try db.execute(sql: "INSERT OR REPLACE INTO feature (name, version, definition, defined_at_ms) VALUES (?, ?, ?, ?)",
                                arguments: [spec.name, Int64(spec.version), Data(definition.serializedBytes()), nowMs])
             }
