@@ -78,7 +78,7 @@ let package = Package(
             path: "Services/Identity/IdentityService"
         ),
         // The rule language shared by profile segments, feature filters and decision eligibility.
-        .target(name: "Rules"),
+        .target(name: "Rules", dependencies: ["Contracts"]),
         // Profiles: events, windowed and decayed features, traits, segments, consent, merges.
         .target(
             name: "ProfileService",
@@ -90,6 +90,16 @@ let package = Package(
             ],
             path: "Services/Profile/ProfileService"
         ),
+        // Next-best action: catalog, eligibility, contact policy, arbitration, learning, degraded mode.
+        .target(
+            name: "DecisionService",
+            dependencies: [
+                "RPC", "Contracts", "Storage", "Rules",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Services/Decision/DecisionService"
+        ),
         // The conformance service for client authors (arbiter.echo.v1.Echo).
         .target(name: "EchoService", dependencies: ["RPC", "Contracts"], path: "Services/Echo/EchoService"),
         .executableTarget(
@@ -99,14 +109,14 @@ let package = Package(
         ),
         .executableTarget(name: "arbiter-identity", dependencies: ["IdentityService", "ServiceRuntime", "RPC"], path: "Services/Identity/arbiter-identity"),
         .executableTarget(name: "arbiter-profile", dependencies: ["ProfileService", "ServiceRuntime", "RPC"], path: "Services/Profile/arbiter-profile"),
-        .executableTarget(name: "arbiter-decision", dependencies: ["ServiceRuntime"], path: "Services/Decision/arbiter-decision"),
+        .executableTarget(name: "arbiter-decision", dependencies: ["DecisionService", "ServiceRuntime", "RPC"], path: "Services/Decision/arbiter-decision"),
         .executableTarget(name: "arbiter-routing", dependencies: ["ServiceRuntime"], path: "Services/Routing/arbiter-routing"),
 
         // Benchmarks that print figures (not timed tests): `arbiter-bench identity`.
         .executableTarget(
             name: "arbiter-bench",
             dependencies: [
-                "RPC", "Contracts", "IdentityService", "ProfileService",
+                "RPC", "Contracts", "IdentityService", "ProfileService", "DecisionService",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -141,6 +151,11 @@ let package = Package(
             dependencies: ["ProfileService", "IdentityService", "RPC", "Contracts", "Rules", "TestSupport",
                            .product(name: "GRDB", package: "GRDB.swift"), .product(name: "Logging", package: "swift-log"),
                            .product(name: "NIOPosix", package: "swift-nio")]
+        ),
+        .testTarget(
+            name: "DecisionServiceTests",
+            dependencies: ["DecisionService", "ProfileService", "RPC", "Contracts", "TestSupport",
+                           .product(name: "GRDB", package: "GRDB.swift"), .product(name: "Logging", package: "swift-log")]
         ),
         .testTarget(
             name: "IdentityServiceTests",

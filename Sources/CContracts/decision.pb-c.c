@@ -52,6 +52,51 @@ void   arbiter__decision__v1__cap__free_unpacked
   assert(message->base.descriptor == &arbiter__decision__v1__cap__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   arbiter__decision__v1__suppression__init
+                     (Arbiter__Decision__V1__Suppression         *message)
+{
+  static const Arbiter__Decision__V1__Suppression init_value = ARBITER__DECISION__V1__SUPPRESSION__INIT;
+  *message = init_value;
+}
+size_t arbiter__decision__v1__suppression__get_packed_size
+                     (const Arbiter__Decision__V1__Suppression *message)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__suppression__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t arbiter__decision__v1__suppression__pack
+                     (const Arbiter__Decision__V1__Suppression *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__suppression__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t arbiter__decision__v1__suppression__pack_to_buffer
+                     (const Arbiter__Decision__V1__Suppression *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__suppression__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Arbiter__Decision__V1__Suppression *
+       arbiter__decision__v1__suppression__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Arbiter__Decision__V1__Suppression *)
+     protobuf_c_message_unpack (&arbiter__decision__v1__suppression__descriptor,
+                                allocator, len, data);
+}
+void   arbiter__decision__v1__suppression__free_unpacked
+                     (Arbiter__Decision__V1__Suppression *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &arbiter__decision__v1__suppression__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   arbiter__decision__v1__action__init
                      (Arbiter__Decision__V1__Action         *message)
 {
@@ -277,6 +322,96 @@ void   arbiter__decision__v1__retire_action_request__free_unpacked
   assert(message->base.descriptor == &arbiter__decision__v1__retire_action_request__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   arbiter__decision__v1__contact_policy__init
+                     (Arbiter__Decision__V1__ContactPolicy         *message)
+{
+  static const Arbiter__Decision__V1__ContactPolicy init_value = ARBITER__DECISION__V1__CONTACT_POLICY__INIT;
+  *message = init_value;
+}
+size_t arbiter__decision__v1__contact_policy__get_packed_size
+                     (const Arbiter__Decision__V1__ContactPolicy *message)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__contact_policy__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t arbiter__decision__v1__contact_policy__pack
+                     (const Arbiter__Decision__V1__ContactPolicy *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__contact_policy__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t arbiter__decision__v1__contact_policy__pack_to_buffer
+                     (const Arbiter__Decision__V1__ContactPolicy *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__contact_policy__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Arbiter__Decision__V1__ContactPolicy *
+       arbiter__decision__v1__contact_policy__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Arbiter__Decision__V1__ContactPolicy *)
+     protobuf_c_message_unpack (&arbiter__decision__v1__contact_policy__descriptor,
+                                allocator, len, data);
+}
+void   arbiter__decision__v1__contact_policy__free_unpacked
+                     (Arbiter__Decision__V1__ContactPolicy *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &arbiter__decision__v1__contact_policy__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   arbiter__decision__v1__get_contact_policy_request__init
+                     (Arbiter__Decision__V1__GetContactPolicyRequest         *message)
+{
+  static const Arbiter__Decision__V1__GetContactPolicyRequest init_value = ARBITER__DECISION__V1__GET_CONTACT_POLICY_REQUEST__INIT;
+  *message = init_value;
+}
+size_t arbiter__decision__v1__get_contact_policy_request__get_packed_size
+                     (const Arbiter__Decision__V1__GetContactPolicyRequest *message)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__get_contact_policy_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t arbiter__decision__v1__get_contact_policy_request__pack
+                     (const Arbiter__Decision__V1__GetContactPolicyRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__get_contact_policy_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t arbiter__decision__v1__get_contact_policy_request__pack_to_buffer
+                     (const Arbiter__Decision__V1__GetContactPolicyRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__get_contact_policy_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Arbiter__Decision__V1__GetContactPolicyRequest *
+       arbiter__decision__v1__get_contact_policy_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Arbiter__Decision__V1__GetContactPolicyRequest *)
+     protobuf_c_message_unpack (&arbiter__decision__v1__get_contact_policy_request__descriptor,
+                                allocator, len, data);
+}
+void   arbiter__decision__v1__get_contact_policy_request__free_unpacked
+                     (Arbiter__Decision__V1__GetContactPolicyRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &arbiter__decision__v1__get_contact_policy_request__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   arbiter__decision__v1__decide_request__context_entry__init
                      (Arbiter__Decision__V1__DecideRequest__ContextEntry         *message)
 {
@@ -461,6 +596,102 @@ void   arbiter__decision__v1__decide_response__free_unpacked
   if(!message)
     return;
   assert(message->base.descriptor == &arbiter__decision__v1__decide_response__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   arbiter__decision__v1__decision_record__context_entry__init
+                     (Arbiter__Decision__V1__DecisionRecord__ContextEntry         *message)
+{
+  static const Arbiter__Decision__V1__DecisionRecord__ContextEntry init_value = ARBITER__DECISION__V1__DECISION_RECORD__CONTEXT_ENTRY__INIT;
+  *message = init_value;
+}
+void   arbiter__decision__v1__decision_record__init
+                     (Arbiter__Decision__V1__DecisionRecord         *message)
+{
+  static const Arbiter__Decision__V1__DecisionRecord init_value = ARBITER__DECISION__V1__DECISION_RECORD__INIT;
+  *message = init_value;
+}
+size_t arbiter__decision__v1__decision_record__get_packed_size
+                     (const Arbiter__Decision__V1__DecisionRecord *message)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__decision_record__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t arbiter__decision__v1__decision_record__pack
+                     (const Arbiter__Decision__V1__DecisionRecord *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__decision_record__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t arbiter__decision__v1__decision_record__pack_to_buffer
+                     (const Arbiter__Decision__V1__DecisionRecord *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__decision_record__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Arbiter__Decision__V1__DecisionRecord *
+       arbiter__decision__v1__decision_record__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Arbiter__Decision__V1__DecisionRecord *)
+     protobuf_c_message_unpack (&arbiter__decision__v1__decision_record__descriptor,
+                                allocator, len, data);
+}
+void   arbiter__decision__v1__decision_record__free_unpacked
+                     (Arbiter__Decision__V1__DecisionRecord *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &arbiter__decision__v1__decision_record__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   arbiter__decision__v1__get_decision_request__init
+                     (Arbiter__Decision__V1__GetDecisionRequest         *message)
+{
+  static const Arbiter__Decision__V1__GetDecisionRequest init_value = ARBITER__DECISION__V1__GET_DECISION_REQUEST__INIT;
+  *message = init_value;
+}
+size_t arbiter__decision__v1__get_decision_request__get_packed_size
+                     (const Arbiter__Decision__V1__GetDecisionRequest *message)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__get_decision_request__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t arbiter__decision__v1__get_decision_request__pack
+                     (const Arbiter__Decision__V1__GetDecisionRequest *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__get_decision_request__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t arbiter__decision__v1__get_decision_request__pack_to_buffer
+                     (const Arbiter__Decision__V1__GetDecisionRequest *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__get_decision_request__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Arbiter__Decision__V1__GetDecisionRequest *
+       arbiter__decision__v1__get_decision_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Arbiter__Decision__V1__GetDecisionRequest *)
+     protobuf_c_message_unpack (&arbiter__decision__v1__get_decision_request__descriptor,
+                                allocator, len, data);
+}
+void   arbiter__decision__v1__get_decision_request__free_unpacked
+                     (Arbiter__Decision__V1__GetDecisionRequest *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &arbiter__decision__v1__get_decision_request__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
 void   arbiter__decision__v1__report_outcome_request__init
@@ -1054,17 +1285,49 @@ void   arbiter__decision__v1__end_override_request__free_unpacked
   assert(message->base.descriptor == &arbiter__decision__v1__end_override_request__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
-static const ProtobufCFieldDescriptor arbiter__decision__v1__cap__field_descriptors[3] =
+static const ProtobufCEnumValue arbiter__decision__v1__cap__scope__enum_values_by_number[4] =
+{
+  { "SCOPE_UNSPECIFIED", "ARBITER__DECISION__V1__CAP__SCOPE__SCOPE_UNSPECIFIED", 0 },
+  { "SCOPE_ACTION", "ARBITER__DECISION__V1__CAP__SCOPE__SCOPE_ACTION", 1 },
+  { "SCOPE_CHANNEL", "ARBITER__DECISION__V1__CAP__SCOPE__SCOPE_CHANNEL", 2 },
+  { "SCOPE_TOTAL", "ARBITER__DECISION__V1__CAP__SCOPE__SCOPE_TOTAL", 3 },
+};
+static const ProtobufCIntRange arbiter__decision__v1__cap__scope__value_ranges[] = {
+{0, 0},{0, 4}
+};
+static const ProtobufCEnumValueIndex arbiter__decision__v1__cap__scope__enum_values_by_name[4] =
+{
+  { "SCOPE_ACTION", 1 },
+  { "SCOPE_CHANNEL", 2 },
+  { "SCOPE_TOTAL", 3 },
+  { "SCOPE_UNSPECIFIED", 0 },
+};
+const ProtobufCEnumDescriptor arbiter__decision__v1__cap__scope__descriptor =
+{
+  PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC,
+  "arbiter.decision.v1.Cap.Scope",
+  "Scope",
+  "Arbiter__Decision__V1__Cap__Scope",
+  "arbiter.decision.v1",
+  4,
+  arbiter__decision__v1__cap__scope__enum_values_by_number,
+  4,
+  arbiter__decision__v1__cap__scope__enum_values_by_name,
+  1,
+  arbiter__decision__v1__cap__scope__value_ranges,
+  NULL,NULL,NULL,NULL   /* reserved[1234] */
+};
+static const ProtobufCFieldDescriptor arbiter__decision__v1__cap__field_descriptors[4] =
 {
   {
     "scope",
     1,
     PROTOBUF_C_LABEL_NONE,
-    PROTOBUF_C_TYPE_STRING,
+    PROTOBUF_C_TYPE_ENUM,
     0,   /* quantifier_offset */
     offsetof(Arbiter__Decision__V1__Cap, scope),
+    &arbiter__decision__v1__cap__scope__descriptor,
     NULL,
-    &protobuf_c_empty_string,
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
@@ -1092,8 +1355,21 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__cap__field_descript
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "channel",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__Cap, channel),
+    &arbiter__common__v1__channel__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__cap__field_indices_by_name[] = {
+  3,   /* field[3] = channel */
   1,   /* field[1] = max */
   0,   /* field[0] = scope */
   2,   /* field[2] = window_seconds */
@@ -1101,7 +1377,7 @@ static const unsigned arbiter__decision__v1__cap__field_indices_by_name[] = {
 static const ProtobufCIntRange arbiter__decision__v1__cap__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 3 }
+  { 0, 4 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__cap__descriptor =
 {
@@ -1111,14 +1387,78 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__cap__descriptor =
   "Arbiter__Decision__V1__Cap",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__Cap),
-  3,
+  4,
   arbiter__decision__v1__cap__field_descriptors,
   arbiter__decision__v1__cap__field_indices_by_name,
   1,  arbiter__decision__v1__cap__number_ranges,
   (ProtobufCMessageInit) arbiter__decision__v1__cap__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__action__field_descriptors[14] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__suppression__field_descriptors[3] =
+{
+  {
+    "outcome",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__Suppression, outcome),
+    &arbiter__decision__v1__outcome__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "window_seconds",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__Suppression, window_seconds),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "any_action",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__Suppression, any_action),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned arbiter__decision__v1__suppression__field_indices_by_name[] = {
+  2,   /* field[2] = any_action */
+  0,   /* field[0] = outcome */
+  1,   /* field[1] = window_seconds */
+};
+static const ProtobufCIntRange arbiter__decision__v1__suppression__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor arbiter__decision__v1__suppression__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "arbiter.decision.v1.Suppression",
+  "Suppression",
+  "Arbiter__Decision__V1__Suppression",
+  "arbiter.decision.v1",
+  sizeof(Arbiter__Decision__V1__Suppression),
+  3,
+  arbiter__decision__v1__suppression__field_descriptors,
+  arbiter__decision__v1__suppression__field_indices_by_name,
+  1,  arbiter__decision__v1__suppression__number_ranges,
+  (ProtobufCMessageInit) arbiter__decision__v1__suppression__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor arbiter__decision__v1__action__field_descriptors[17] =
 {
   {
     "id",
@@ -1232,11 +1572,11 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__action__field_descr
     "suppressions",
     10,
     PROTOBUF_C_LABEL_REPEATED,
-    PROTOBUF_C_TYPE_STRING,
+    PROTOBUF_C_TYPE_MESSAGE,
     offsetof(Arbiter__Decision__V1__Action, n_suppressions),
     offsetof(Arbiter__Decision__V1__Action, suppressions),
+    &arbiter__decision__v1__suppression__descriptor,
     NULL,
-    &protobuf_c_empty_string,
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
@@ -1288,27 +1628,66 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__action__field_descr
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "consent_purpose",
+    15,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__Action, consent_purpose),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "prior_response_rate",
+    16,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__Action, prior_response_rate),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "updated_at_ms",
+    17,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__Action, updated_at_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__action__field_indices_by_name[] = {
   10,   /* field[10] = caps */
   3,   /* field[3] = channels */
+  14,   /* field[14] = consent_purpose */
   8,   /* field[8] = eligibility */
   7,   /* field[7] = ends_at_ms */
   0,   /* field[0] = id */
   5,   /* field[5] = lever */
   1,   /* field[1] = name */
   2,   /* field[2] = placements */
+  15,   /* field[15] = prior_response_rate */
   13,   /* field[13] = retired */
   11,   /* field[11] = safe_without_consent */
   6,   /* field[6] = starts_at_ms */
   9,   /* field[9] = suppressions */
+  16,   /* field[16] = updated_at_ms */
   4,   /* field[4] = value */
   12,   /* field[12] = version */
 };
 static const ProtobufCIntRange arbiter__decision__v1__action__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 14 }
+  { 0, 17 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__action__descriptor =
 {
@@ -1318,7 +1697,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__action__descriptor =
   "Arbiter__Decision__V1__Action",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__Action),
-  14,
+  17,
   arbiter__decision__v1__action__field_descriptors,
   arbiter__decision__v1__action__field_indices_by_name,
   1,  arbiter__decision__v1__action__number_ranges,
@@ -1488,6 +1867,75 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__retire_action_request__d
   arbiter__decision__v1__retire_action_request__field_indices_by_name,
   1,  arbiter__decision__v1__retire_action_request__number_ranges,
   (ProtobufCMessageInit) arbiter__decision__v1__retire_action_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor arbiter__decision__v1__contact_policy__field_descriptors[2] =
+{
+  {
+    "caps",
+    1,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Arbiter__Decision__V1__ContactPolicy, n_caps),
+    offsetof(Arbiter__Decision__V1__ContactPolicy, caps),
+    &arbiter__decision__v1__cap__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "version",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__ContactPolicy, version),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned arbiter__decision__v1__contact_policy__field_indices_by_name[] = {
+  0,   /* field[0] = caps */
+  1,   /* field[1] = version */
+};
+static const ProtobufCIntRange arbiter__decision__v1__contact_policy__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor arbiter__decision__v1__contact_policy__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "arbiter.decision.v1.ContactPolicy",
+  "ContactPolicy",
+  "Arbiter__Decision__V1__ContactPolicy",
+  "arbiter.decision.v1",
+  sizeof(Arbiter__Decision__V1__ContactPolicy),
+  2,
+  arbiter__decision__v1__contact_policy__field_descriptors,
+  arbiter__decision__v1__contact_policy__field_indices_by_name,
+  1,  arbiter__decision__v1__contact_policy__number_ranges,
+  (ProtobufCMessageInit) arbiter__decision__v1__contact_policy__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+#define arbiter__decision__v1__get_contact_policy_request__field_descriptors NULL
+#define arbiter__decision__v1__get_contact_policy_request__field_indices_by_name NULL
+#define arbiter__decision__v1__get_contact_policy_request__number_ranges NULL
+const ProtobufCMessageDescriptor arbiter__decision__v1__get_contact_policy_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "arbiter.decision.v1.GetContactPolicyRequest",
+  "GetContactPolicyRequest",
+  "Arbiter__Decision__V1__GetContactPolicyRequest",
+  "arbiter.decision.v1",
+  sizeof(Arbiter__Decision__V1__GetContactPolicyRequest),
+  0,
+  arbiter__decision__v1__get_contact_policy_request__field_descriptors,
+  arbiter__decision__v1__get_contact_policy_request__field_indices_by_name,
+  0,  arbiter__decision__v1__get_contact_policy_request__number_ranges,
+  (ProtobufCMessageInit) arbiter__decision__v1__get_contact_policy_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor arbiter__decision__v1__decide_request__context_entry__field_descriptors[2] =
@@ -1734,7 +2182,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__ranked_action__descripto
   (ProtobufCMessageInit) arbiter__decision__v1__ranked_action__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__candidate_explanation__field_descriptors[7] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__candidate_explanation__field_descriptors[11] =
 {
   {
     "action_id",
@@ -1820,20 +2268,72 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__candidate_explanati
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "choice_probability",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__CandidateExplanation, choice_probability),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "arm",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__CandidateExplanation, arm),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "successes",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__CandidateExplanation, successes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "failures",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__CandidateExplanation, failures),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__candidate_explanation__field_indices_by_name[] = {
   0,   /* field[0] = action_id */
+  8,   /* field[8] = arm */
+  7,   /* field[7] = choice_probability */
   1,   /* field[1] = eligible */
   2,   /* field[2] = excluded_by */
+  10,   /* field[10] = failures */
   5,   /* field[5] = lever */
   3,   /* field[3] = propensity_estimate */
   6,   /* field[6] = score */
+  9,   /* field[9] = successes */
   4,   /* field[4] = value */
 };
 static const ProtobufCIntRange arbiter__decision__v1__candidate_explanation__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 7 }
+  { 0, 11 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__candidate_explanation__descriptor =
 {
@@ -1843,14 +2343,14 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__candidate_explanation__d
   "Arbiter__Decision__V1__CandidateExplanation",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__CandidateExplanation),
-  7,
+  11,
   arbiter__decision__v1__candidate_explanation__field_descriptors,
   arbiter__decision__v1__candidate_explanation__field_indices_by_name,
   1,  arbiter__decision__v1__candidate_explanation__number_ranges,
   (ProtobufCMessageInit) arbiter__decision__v1__candidate_explanation__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__decide_response__field_descriptors[8] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__decide_response__field_descriptors[9] =
 {
   {
     "decision_id",
@@ -1948,9 +2448,22 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__decide_response__fi
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "decided_at_ms",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecideResponse, decided_at_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__decide_response__field_indices_by_name[] = {
   1,   /* field[1] = actions */
+  8,   /* field[8] = decided_at_ms */
   0,   /* field[0] = decision_id */
   3,   /* field[3] = degraded */
   4,   /* field[4] = degraded_reasons */
@@ -1962,7 +2475,7 @@ static const unsigned arbiter__decision__v1__decide_response__field_indices_by_n
 static const ProtobufCIntRange arbiter__decision__v1__decide_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 8 }
+  { 0, 9 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__decide_response__descriptor =
 {
@@ -1972,50 +2485,282 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__decide_response__descrip
   "Arbiter__Decision__V1__DecideResponse",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__DecideResponse),
-  8,
+  9,
   arbiter__decision__v1__decide_response__field_descriptors,
   arbiter__decision__v1__decide_response__field_indices_by_name,
   1,  arbiter__decision__v1__decide_response__number_ranges,
   (ProtobufCMessageInit) arbiter__decision__v1__decide_response__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCEnumValue arbiter__decision__v1__report_outcome_request__outcome__enum_values_by_number[7] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__decision_record__context_entry__field_descriptors[2] =
 {
-  { "OUTCOME_UNSPECIFIED", "ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_UNSPECIFIED", 0 },
-  { "OUTCOME_IMPRESSION", "ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_IMPRESSION", 1 },
-  { "OUTCOME_CLICK", "ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_CLICK", 2 },
-  { "OUTCOME_CONVERSION", "ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_CONVERSION", 3 },
-  { "OUTCOME_DISMISS", "ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_DISMISS", 4 },
-  { "OUTCOME_COMPLAINT", "ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_COMPLAINT", 5 },
-  { "OUTCOME_UNSUBSCRIBE", "ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_UNSUBSCRIBE", 6 },
+  {
+    "key",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecisionRecord__ContextEntry, key),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "value",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecisionRecord__ContextEntry, value),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
-static const ProtobufCIntRange arbiter__decision__v1__report_outcome_request__outcome__value_ranges[] = {
-{0, 0},{0, 7}
+static const unsigned arbiter__decision__v1__decision_record__context_entry__field_indices_by_name[] = {
+  0,   /* field[0] = key */
+  1,   /* field[1] = value */
 };
-static const ProtobufCEnumValueIndex arbiter__decision__v1__report_outcome_request__outcome__enum_values_by_name[7] =
+static const ProtobufCIntRange arbiter__decision__v1__decision_record__context_entry__number_ranges[1 + 1] =
 {
-  { "OUTCOME_CLICK", 2 },
-  { "OUTCOME_COMPLAINT", 5 },
-  { "OUTCOME_CONVERSION", 3 },
-  { "OUTCOME_DISMISS", 4 },
-  { "OUTCOME_IMPRESSION", 1 },
-  { "OUTCOME_UNSPECIFIED", 0 },
-  { "OUTCOME_UNSUBSCRIBE", 6 },
+  { 1, 0 },
+  { 0, 2 }
 };
-const ProtobufCEnumDescriptor arbiter__decision__v1__report_outcome_request__outcome__descriptor =
+const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__context_entry__descriptor =
 {
-  PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC,
-  "arbiter.decision.v1.ReportOutcomeRequest.Outcome",
-  "Outcome",
-  "Arbiter__Decision__V1__ReportOutcomeRequest__Outcome",
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "arbiter.decision.v1.DecisionRecord.ContextEntry",
+  "ContextEntry",
+  "Arbiter__Decision__V1__DecisionRecord__ContextEntry",
   "arbiter.decision.v1",
-  7,
-  arbiter__decision__v1__report_outcome_request__outcome__enum_values_by_number,
-  7,
-  arbiter__decision__v1__report_outcome_request__outcome__enum_values_by_name,
+  sizeof(Arbiter__Decision__V1__DecisionRecord__ContextEntry),
+  2,
+  arbiter__decision__v1__decision_record__context_entry__field_descriptors,
+  arbiter__decision__v1__decision_record__context_entry__field_indices_by_name,
+  1,  arbiter__decision__v1__decision_record__context_entry__number_ranges,
+  (ProtobufCMessageInit) arbiter__decision__v1__decision_record__context_entry__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor arbiter__decision__v1__decision_record__field_descriptors[12] =
+{
+  {
+    "decision_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecisionRecord, decision_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "person_id",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecisionRecord, person_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "placement",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecisionRecord, placement),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "context",
+    4,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Arbiter__Decision__V1__DecisionRecord, n_context),
+    offsetof(Arbiter__Decision__V1__DecisionRecord, context),
+    &arbiter__decision__v1__decision_record__context_entry__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "decided_at_ms",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecisionRecord, decided_at_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "model_version",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecisionRecord, model_version),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "degraded",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecisionRecord, degraded),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "degraded_reasons",
+    8,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Arbiter__Decision__V1__DecisionRecord, n_degraded_reasons),
+    offsetof(Arbiter__Decision__V1__DecisionRecord, degraded_reasons),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "holdout",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecisionRecord, holdout),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "candidates",
+    10,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Arbiter__Decision__V1__DecisionRecord, n_candidates),
+    offsetof(Arbiter__Decision__V1__DecisionRecord, candidates),
+    &arbiter__decision__v1__candidate_explanation__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "actions",
+    11,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Arbiter__Decision__V1__DecisionRecord, n_actions),
+    offsetof(Arbiter__Decision__V1__DecisionRecord, actions),
+    &arbiter__decision__v1__ranked_action__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "catalog_version",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecisionRecord, catalog_version),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned arbiter__decision__v1__decision_record__field_indices_by_name[] = {
+  10,   /* field[10] = actions */
+  9,   /* field[9] = candidates */
+  11,   /* field[11] = catalog_version */
+  3,   /* field[3] = context */
+  4,   /* field[4] = decided_at_ms */
+  0,   /* field[0] = decision_id */
+  6,   /* field[6] = degraded */
+  7,   /* field[7] = degraded_reasons */
+  8,   /* field[8] = holdout */
+  5,   /* field[5] = model_version */
+  1,   /* field[1] = person_id */
+  2,   /* field[2] = placement */
+};
+static const ProtobufCIntRange arbiter__decision__v1__decision_record__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 12 }
+};
+const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "arbiter.decision.v1.DecisionRecord",
+  "DecisionRecord",
+  "Arbiter__Decision__V1__DecisionRecord",
+  "arbiter.decision.v1",
+  sizeof(Arbiter__Decision__V1__DecisionRecord),
+  12,
+  arbiter__decision__v1__decision_record__field_descriptors,
+  arbiter__decision__v1__decision_record__field_indices_by_name,
+  1,  arbiter__decision__v1__decision_record__number_ranges,
+  (ProtobufCMessageInit) arbiter__decision__v1__decision_record__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor arbiter__decision__v1__get_decision_request__field_descriptors[1] =
+{
+  {
+    "decision_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__GetDecisionRequest, decision_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned arbiter__decision__v1__get_decision_request__field_indices_by_name[] = {
+  0,   /* field[0] = decision_id */
+};
+static const ProtobufCIntRange arbiter__decision__v1__get_decision_request__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 1 }
+};
+const ProtobufCMessageDescriptor arbiter__decision__v1__get_decision_request__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "arbiter.decision.v1.GetDecisionRequest",
+  "GetDecisionRequest",
+  "Arbiter__Decision__V1__GetDecisionRequest",
+  "arbiter.decision.v1",
+  sizeof(Arbiter__Decision__V1__GetDecisionRequest),
   1,
-  arbiter__decision__v1__report_outcome_request__outcome__value_ranges,
-  NULL,NULL,NULL,NULL   /* reserved[1234] */
+  arbiter__decision__v1__get_decision_request__field_descriptors,
+  arbiter__decision__v1__get_decision_request__field_indices_by_name,
+  1,  arbiter__decision__v1__get_decision_request__number_ranges,
+  (ProtobufCMessageInit) arbiter__decision__v1__get_decision_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor arbiter__decision__v1__report_outcome_request__field_descriptors[6] =
 {
@@ -2062,7 +2807,7 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__report_outcome_requ
     PROTOBUF_C_TYPE_ENUM,
     0,   /* quantifier_offset */
     offsetof(Arbiter__Decision__V1__ReportOutcomeRequest, outcome),
-    &arbiter__decision__v1__report_outcome_request__outcome__descriptor,
+    &arbiter__decision__v1__outcome__descriptor,
     NULL,
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
@@ -3004,12 +3749,53 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__end_override_request__de
   (ProtobufCMessageInit) arbiter__decision__v1__end_override_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCMethodDescriptor arbiter__decision__v1__decision__method_descriptors[10] =
+static const ProtobufCEnumValue arbiter__decision__v1__outcome__enum_values_by_number[7] =
+{
+  { "OUTCOME_UNSPECIFIED", "ARBITER__DECISION__V1__OUTCOME__OUTCOME_UNSPECIFIED", 0 },
+  { "OUTCOME_IMPRESSION", "ARBITER__DECISION__V1__OUTCOME__OUTCOME_IMPRESSION", 1 },
+  { "OUTCOME_CLICK", "ARBITER__DECISION__V1__OUTCOME__OUTCOME_CLICK", 2 },
+  { "OUTCOME_CONVERSION", "ARBITER__DECISION__V1__OUTCOME__OUTCOME_CONVERSION", 3 },
+  { "OUTCOME_DISMISS", "ARBITER__DECISION__V1__OUTCOME__OUTCOME_DISMISS", 4 },
+  { "OUTCOME_COMPLAINT", "ARBITER__DECISION__V1__OUTCOME__OUTCOME_COMPLAINT", 5 },
+  { "OUTCOME_UNSUBSCRIBE", "ARBITER__DECISION__V1__OUTCOME__OUTCOME_UNSUBSCRIBE", 6 },
+};
+static const ProtobufCIntRange arbiter__decision__v1__outcome__value_ranges[] = {
+{0, 0},{0, 7}
+};
+static const ProtobufCEnumValueIndex arbiter__decision__v1__outcome__enum_values_by_name[7] =
+{
+  { "OUTCOME_CLICK", 2 },
+  { "OUTCOME_COMPLAINT", 5 },
+  { "OUTCOME_CONVERSION", 3 },
+  { "OUTCOME_DISMISS", 4 },
+  { "OUTCOME_IMPRESSION", 1 },
+  { "OUTCOME_UNSPECIFIED", 0 },
+  { "OUTCOME_UNSUBSCRIBE", 6 },
+};
+const ProtobufCEnumDescriptor arbiter__decision__v1__outcome__descriptor =
+{
+  PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC,
+  "arbiter.decision.v1.Outcome",
+  "Outcome",
+  "Arbiter__Decision__V1__Outcome",
+  "arbiter.decision.v1",
+  7,
+  arbiter__decision__v1__outcome__enum_values_by_number,
+  7,
+  arbiter__decision__v1__outcome__enum_values_by_name,
+  1,
+  arbiter__decision__v1__outcome__value_ranges,
+  NULL,NULL,NULL,NULL   /* reserved[1234] */
+};
+static const ProtobufCMethodDescriptor arbiter__decision__v1__decision__method_descriptors[13] =
 {
   { "UpsertAction", &arbiter__decision__v1__upsert_action_request__descriptor, &arbiter__decision__v1__action__descriptor },
   { "ListActions", &arbiter__decision__v1__list_actions_request__descriptor, &arbiter__decision__v1__list_actions_response__descriptor },
   { "RetireAction", &arbiter__decision__v1__retire_action_request__descriptor, &arbiter__decision__v1__action__descriptor },
+  { "SetContactPolicy", &arbiter__decision__v1__contact_policy__descriptor, &arbiter__decision__v1__contact_policy__descriptor },
+  { "GetContactPolicy", &arbiter__decision__v1__get_contact_policy_request__descriptor, &arbiter__decision__v1__contact_policy__descriptor },
   { "Decide", &arbiter__decision__v1__decide_request__descriptor, &arbiter__decision__v1__decide_response__descriptor },
+  { "GetDecision", &arbiter__decision__v1__get_decision_request__descriptor, &arbiter__decision__v1__decision_record__descriptor },
   { "ReportOutcome", &arbiter__decision__v1__report_outcome_request__descriptor, &arbiter__decision__v1__report_outcome_response__descriptor },
   { "LiftReport", &arbiter__decision__v1__lift_report_request__descriptor, &arbiter__decision__v1__lift_report_response__descriptor },
   { "EvaluatePolicy", &arbiter__decision__v1__evaluate_policy_request__descriptor, &arbiter__decision__v1__evaluate_policy_response__descriptor },
@@ -3018,15 +3804,18 @@ static const ProtobufCMethodDescriptor arbiter__decision__v1__decision__method_d
   { "EndOverride", &arbiter__decision__v1__end_override_request__descriptor, &arbiter__decision__v1__override__descriptor },
 };
 const unsigned arbiter__decision__v1__decision__method_indices_by_name[] = {
-  3,        /* Decide */
-  9,        /* EndOverride */
-  6,        /* EvaluatePolicy */
-  5,        /* LiftReport */
+  5,        /* Decide */
+  12,        /* EndOverride */
+  9,        /* EvaluatePolicy */
+  4,        /* GetContactPolicy */
+  6,        /* GetDecision */
+  8,        /* LiftReport */
   1,        /* ListActions */
-  8,        /* ListOverrides */
-  4,        /* ReportOutcome */
+  11,        /* ListOverrides */
+  7,        /* ReportOutcome */
   2,        /* RetireAction */
-  7,        /* SetOverride */
+  3,        /* SetContactPolicy */
+  10,        /* SetOverride */
   0         /* UpsertAction */
 };
 const ProtobufCServiceDescriptor arbiter__decision__v1__decision__descriptor =
@@ -3036,7 +3825,7 @@ const ProtobufCServiceDescriptor arbiter__decision__v1__decision__descriptor =
   "Decision",
   "Arbiter__Decision__V1__Decision",
   "arbiter.decision.v1",
-  10,
+  13,
   arbiter__decision__v1__decision__method_descriptors,
   arbiter__decision__v1__decision__method_indices_by_name
 };
@@ -3064,13 +3853,37 @@ void arbiter__decision__v1__decision__retire_action(ProtobufCService *service,
   assert(service->descriptor == &arbiter__decision__v1__decision__descriptor);
   service->invoke(service, 2, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
 }
+void arbiter__decision__v1__decision__set_contact_policy(ProtobufCService *service,
+                                                         const Arbiter__Decision__V1__ContactPolicy *input,
+                                                         Arbiter__Decision__V1__ContactPolicy_Closure closure,
+                                                         void *closure_data)
+{
+  assert(service->descriptor == &arbiter__decision__v1__decision__descriptor);
+  service->invoke(service, 3, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+}
+void arbiter__decision__v1__decision__get_contact_policy(ProtobufCService *service,
+                                                         const Arbiter__Decision__V1__GetContactPolicyRequest *input,
+                                                         Arbiter__Decision__V1__ContactPolicy_Closure closure,
+                                                         void *closure_data)
+{
+  assert(service->descriptor == &arbiter__decision__v1__decision__descriptor);
+  service->invoke(service, 4, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+}
 void arbiter__decision__v1__decision__decide(ProtobufCService *service,
                                              const Arbiter__Decision__V1__DecideRequest *input,
                                              Arbiter__Decision__V1__DecideResponse_Closure closure,
                                              void *closure_data)
 {
   assert(service->descriptor == &arbiter__decision__v1__decision__descriptor);
-  service->invoke(service, 3, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+  service->invoke(service, 5, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+}
+void arbiter__decision__v1__decision__get_decision(ProtobufCService *service,
+                                                   const Arbiter__Decision__V1__GetDecisionRequest *input,
+                                                   Arbiter__Decision__V1__DecisionRecord_Closure closure,
+                                                   void *closure_data)
+{
+  assert(service->descriptor == &arbiter__decision__v1__decision__descriptor);
+  service->invoke(service, 6, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
 }
 void arbiter__decision__v1__decision__report_outcome(ProtobufCService *service,
                                                      const Arbiter__Decision__V1__ReportOutcomeRequest *input,
@@ -3078,7 +3891,7 @@ void arbiter__decision__v1__decision__report_outcome(ProtobufCService *service,
                                                      void *closure_data)
 {
   assert(service->descriptor == &arbiter__decision__v1__decision__descriptor);
-  service->invoke(service, 4, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+  service->invoke(service, 7, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
 }
 void arbiter__decision__v1__decision__lift_report(ProtobufCService *service,
                                                   const Arbiter__Decision__V1__LiftReportRequest *input,
@@ -3086,7 +3899,7 @@ void arbiter__decision__v1__decision__lift_report(ProtobufCService *service,
                                                   void *closure_data)
 {
   assert(service->descriptor == &arbiter__decision__v1__decision__descriptor);
-  service->invoke(service, 5, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+  service->invoke(service, 8, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
 }
 void arbiter__decision__v1__decision__evaluate_policy(ProtobufCService *service,
                                                       const Arbiter__Decision__V1__EvaluatePolicyRequest *input,
@@ -3094,7 +3907,7 @@ void arbiter__decision__v1__decision__evaluate_policy(ProtobufCService *service,
                                                       void *closure_data)
 {
   assert(service->descriptor == &arbiter__decision__v1__decision__descriptor);
-  service->invoke(service, 6, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+  service->invoke(service, 9, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
 }
 void arbiter__decision__v1__decision__set_override(ProtobufCService *service,
                                                    const Arbiter__Decision__V1__SetOverrideRequest *input,
@@ -3102,7 +3915,7 @@ void arbiter__decision__v1__decision__set_override(ProtobufCService *service,
                                                    void *closure_data)
 {
   assert(service->descriptor == &arbiter__decision__v1__decision__descriptor);
-  service->invoke(service, 7, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+  service->invoke(service, 10, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
 }
 void arbiter__decision__v1__decision__list_overrides(ProtobufCService *service,
                                                      const Arbiter__Decision__V1__ListOverridesRequest *input,
@@ -3110,7 +3923,7 @@ void arbiter__decision__v1__decision__list_overrides(ProtobufCService *service,
                                                      void *closure_data)
 {
   assert(service->descriptor == &arbiter__decision__v1__decision__descriptor);
-  service->invoke(service, 8, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+  service->invoke(service, 11, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
 }
 void arbiter__decision__v1__decision__end_override(ProtobufCService *service,
                                                    const Arbiter__Decision__V1__EndOverrideRequest *input,
@@ -3118,7 +3931,7 @@ void arbiter__decision__v1__decision__end_override(ProtobufCService *service,
                                                    void *closure_data)
 {
   assert(service->descriptor == &arbiter__decision__v1__decision__descriptor);
-  service->invoke(service, 9, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
+  service->invoke(service, 12, (const ProtobufCMessage *) input, (ProtobufCClosure) closure, closure_data);
 }
 void arbiter__decision__v1__decision__init (Arbiter__Decision__V1__Decision_Service *service,
                                             Arbiter__Decision__V1__Decision_ServiceDestroy destroy)

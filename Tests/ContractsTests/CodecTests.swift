@@ -5,7 +5,7 @@ import Testing
 struct CodecTests {
     static func richAction() -> DecisionV1.Action {
         var cap = DecisionV1.Cap()
-        cap.scope = "person"
+        cap.scope = .action
         cap.max = 3
         cap.windowSeconds = 7 * 86_400
         var action = DecisionV1.Action()

@@ -25,7 +25,7 @@ func person(_ id: String) -> CommonV1.PersonRef {
     return ref
 }
 
-func field(_ name: String, _ value: RuleValue) -> CommonV1.Field { ProfileValues.field(name, value) }
+func field(_ name: String, _ value: RuleValue) -> CommonV1.Field { CommonV1.Field(name, value) }
 
 func event(_ id: String, _ who: String, _ type: String, at: Int64, value: Double = 0,
            _ properties: [String: RuleValue] = [:]) -> ProfileV1.Event {
@@ -198,7 +198,7 @@ struct FeatureTests {
         }
         let features = try await service.features("p")
         let all = closedForm(86_400_000) { _ in true }
-        let shoes = closedForm(3_600_000) { $0.properties.contains { $0.value == ProfileValues.wire(.string("shoes")) } }
+        let shoes = closedForm(3_600_000) { $0.properties.contains { $0.value == CommonV1.Value(.string("shoes")) } }
         #expect(abs(features["recency"]! - all) <= 1e-9 * all)
         #expect(abs(features["recent_shoes"]! - shoes) <= 1e-9 * max(shoes, 1e-12))
     }
@@ -246,7 +246,7 @@ struct TraitSegmentConsentTests {
         let traits = try await service.profile("p").traits
         #expect(traits.map(\.name) == ["age", "city", "tier"])
         let tier = traits.first { $0.name == "tier" }!
-        #expect(tier.value == ProfileValues.wire(.string("gold")) && tier.source == "crm" && tier.ageSeconds == 3600)
+        #expect(tier.value == CommonV1.Value(.string("gold")) && tier.source == "crm" && tier.ageSeconds == 3600)
     }
 
     @Test("segment rules are checked when defined, with the position of the error; membership comes with the profile")

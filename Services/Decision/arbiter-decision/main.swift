@@ -1,12 +1,25 @@
+import DecisionService
+import RPC
 import ServiceRuntime
 
-/// arbiter-decision: serves health until its service lands.
+/// arbiter-decision: next-best action (see DecisionService).
 enum DecisionDefinition: ServiceDefinition {
     static let commandName = "arbiter-decision"
-    static let abstract = "Arbiter decision service: Next-best action."
+    static let abstract = "Arbiter decision service: next-best action with eligibility, contact policy, arbitration, online learning and a degraded mode."
     static let defaultPort = 7103
     static let defaultAdminPort = 8103
-    static func makeServices(_ context: ServiceContext) async throws -> ServiceParts { ServiceParts() }
+    /// The store reads and writes SQLite synchronously: keep that off the event loops.
+    static let handlerExecution = RPCServerConfiguration.HandlerExecution.concurrentPool
+
+    static func makeServices(_ context: ServiceContext) async throws -> ServiceParts {
+        let configuration = try context.section("decision", as: DecisionConfiguration.self, default: .init())
+        let store = try DecisionStore(directory: context.dataDirectory, configuration: configuration.learner)
+        if context.profile == nil {
+            context.logger.warning("no --profile: every decision is degraded (no traits, features, segments or consent)")
+        }
+        let service = DecisionService(store: store, configuration: configuration, identity: context.identity, profile: context.profile)
+        return ServiceParts(rpcServices: [service])
+    }
 }
 
 await ServiceCommand<DecisionDefinition>.start()

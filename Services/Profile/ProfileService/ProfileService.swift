@@ -122,7 +122,7 @@ public struct ProfileService: RPCService {
         for (i, f) in fields.enumerated() {
             try ProfileNames.check(f.name, field: "\(field)[\(i)].name")
             guard seen.insert(f.name).inserted else { throw .invalidArgument(field: "\(field)[\(i)].name", "\"\(f.name)\" appears twice") }
-            guard let value = ProfileValues.rule(f.value) else { throw .invalidArgument(field: "\(field)[\(i)].value", "is required") }
+            guard let value = RuleValue(f.value) else { throw .invalidArgument(field: "\(field)[\(i)].value", "is required") }
             if case .number(let n) = value, !n.isFinite { throw .invalidArgument(field: "\(field)[\(i)].value", "must be finite") }
             if case .string(let s) = value, s.utf8.count > 1024 {
                 throw .invalidArgument(field: "\(field)[\(i)].value", "is longer than 1024 bytes")
@@ -299,7 +299,7 @@ public struct ProfileService: RPCService {
             view.traits = profile.traits.map {
                 var trait = ProfileV1.Trait()
                 trait.name = $0.name
-                trait.value = ProfileValues.wire($0.value)
+                trait.value = CommonV1.Value($0.value)
                 trait.source = $0.source
                 trait.updatedAtMs = $0.updatedAtMs
                 trait.ageSeconds = max(0, (now - $0.updatedAtMs) / 1000)

@@ -246,14 +246,14 @@ public final class ProfileStore: Sendable {
         wire.type = event.type
         wire.occurredAtMs = event.occurredAtMs
         wire.value = event.value
-        wire.properties = event.properties.sorted { $0.key < $1.key }.map { ProfileValues.field($0.key, $0.value) }
+        wire.properties = event.properties.sorted { $0.key < $1.key }.map { CommonV1.Field($0.key, $0.value) }
         return wire.serializedBytes()
     }
 
     static func decodeEvent(_ body: Data, person: String) throws -> TrackedEvent {
         let wire = try ProfileV1.Event(serializedBytes: body)
         var properties: [String: RuleValue] = [:]
-        for field in wire.properties { properties[field.name] = ProfileValues.rule(field.value) }
+        for field in wire.properties { properties[field.name] = RuleValue(field.value) }
         return TrackedEvent(eventID: wire.eventId, personID: person, type: wire.type, occurredAtMs: wire.occurredAtMs,
                             value: wire.value, properties: properties)
     }
@@ -278,7 +278,7 @@ public final class ProfileStore: Sendable {
                     INSERT INTO trait (person_id, name, value, source, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
                     ON CONFLICT (person_id, name) DO UPDATE SET value = ?3, source = ?4, updated_at_ms = ?5
                     WHERE excluded.updated_at_ms >= trait.updated_at_ms
-                    """, arguments: [person, name, Data(ProfileValues.wire(value).serializedBytes()), source, updatedAtMs])
+                    """, arguments: [person, name, Data(CommonV1.Value(value).serializedBytes()), source, updatedAtMs])
                 if db.changesCount == 0 { stale.append(name) }
             }
             return stale
@@ -346,7 +346,7 @@ public final class ProfileStore: Sendable {
             let traits = try Row.fetchAll(db.cachedStatement(sql: """
                 SELECT name, value, source, updated_at_ms FROM trait WHERE person_id = ? ORDER BY name
                 """), arguments: [person]).map { row in
-                StoredTrait(name: row["name"], value: ProfileValues.rule(try CommonV1.Value(serializedBytes: row["value"] as Data)) ?? .string(""),
+                StoredTrait(name: row["name"], value: RuleValue(try CommonV1.Value(serializedBytes: row["value"] as Data)) ?? .string(""),
                             source: row["source"], updatedAtMs: row["updated_at_ms"])
             }
             let consent = try Self.consent(db, person: person, history: false).current
@@ -379,7 +379,7 @@ public final class ProfileStore: Sendable {
             case "feature": return features[name].map(RuleValue.number)
             case "consent":
                 return consent.last { record in
-                    let channel = ProfileValues.channelName(record.channel)
+                    let channel = CommonV1.Channel(rawValue: record.channel).ruleName
                     return name == record.purpose && record.channel == 0 || name == "\(record.purpose).\(channel)"
                 }.map { .bool($0.granted) }
             default: return nil
@@ -478,37 +478,4 @@ public final class ProfileStore: Sendable {
         }
         if erasedAny { try SQLiteStore.checkpoint(pool) }
     }
-}
-
-/// Conversions between wire values and rule values.
-enum ProfileValues {
-    static func rule(_ value: CommonV1.Value?) -> RuleValue? {
-        switch value?.kind {
-        case .stringValue(let s)?: return .string(s)
-        case .numberValue(let n)?: return .number(n)
-        case .boolValue(let b)?: return .bool(b)
-        case nil: return nil
-        }
-    }
-
-    static func wire(_ value: RuleValue) -> CommonV1.Value {
-        var wire = CommonV1.Value()
-        switch value {
-        case .string(let s): wire.kind = .stringValue(s)
-        case .number(let n): wire.kind = .numberValue(n)
-        case .bool(let b): wire.kind = .boolValue(b)
-        }
-        return wire
-    }
-
-    static func field(_ name: String, _ value: RuleValue) -> CommonV1.Field {
-        var field = CommonV1.Field()
-        field.name = name
-        field.value = wire(value)
-        return field
-    }
-
-    static let channelNames = [1: "email", 2: "sms", 3: "push", 4: "in_app", 5: "webhook"]
-
-    static func channelName(_ raw: Int32) -> String { channelNames[Int(raw)] ?? "" }
 }

@@ -17,16 +17,22 @@ PROTOBUF_C__BEGIN_DECLS
 #include "common.pb-c.h"
 
 typedef struct Arbiter__Decision__V1__Cap Arbiter__Decision__V1__Cap;
+typedef struct Arbiter__Decision__V1__Suppression Arbiter__Decision__V1__Suppression;
 typedef struct Arbiter__Decision__V1__Action Arbiter__Decision__V1__Action;
 typedef struct Arbiter__Decision__V1__UpsertActionRequest Arbiter__Decision__V1__UpsertActionRequest;
 typedef struct Arbiter__Decision__V1__ListActionsRequest Arbiter__Decision__V1__ListActionsRequest;
 typedef struct Arbiter__Decision__V1__ListActionsResponse Arbiter__Decision__V1__ListActionsResponse;
 typedef struct Arbiter__Decision__V1__RetireActionRequest Arbiter__Decision__V1__RetireActionRequest;
+typedef struct Arbiter__Decision__V1__ContactPolicy Arbiter__Decision__V1__ContactPolicy;
+typedef struct Arbiter__Decision__V1__GetContactPolicyRequest Arbiter__Decision__V1__GetContactPolicyRequest;
 typedef struct Arbiter__Decision__V1__DecideRequest Arbiter__Decision__V1__DecideRequest;
 typedef struct Arbiter__Decision__V1__DecideRequest__ContextEntry Arbiter__Decision__V1__DecideRequest__ContextEntry;
 typedef struct Arbiter__Decision__V1__RankedAction Arbiter__Decision__V1__RankedAction;
 typedef struct Arbiter__Decision__V1__CandidateExplanation Arbiter__Decision__V1__CandidateExplanation;
 typedef struct Arbiter__Decision__V1__DecideResponse Arbiter__Decision__V1__DecideResponse;
+typedef struct Arbiter__Decision__V1__DecisionRecord Arbiter__Decision__V1__DecisionRecord;
+typedef struct Arbiter__Decision__V1__DecisionRecord__ContextEntry Arbiter__Decision__V1__DecisionRecord__ContextEntry;
+typedef struct Arbiter__Decision__V1__GetDecisionRequest Arbiter__Decision__V1__GetDecisionRequest;
 typedef struct Arbiter__Decision__V1__ReportOutcomeRequest Arbiter__Decision__V1__ReportOutcomeRequest;
 typedef struct Arbiter__Decision__V1__ReportOutcomeResponse Arbiter__Decision__V1__ReportOutcomeResponse;
 typedef struct Arbiter__Decision__V1__LiftReportRequest Arbiter__Decision__V1__LiftReportRequest;
@@ -45,65 +51,141 @@ typedef struct Arbiter__Decision__V1__EndOverrideRequest Arbiter__Decision__V1__
 
 /* --- enums --- */
 
-typedef enum _Arbiter__Decision__V1__ReportOutcomeRequest__Outcome {
-  ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_UNSPECIFIED = 0,
-  ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_IMPRESSION = 1,
-  ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_CLICK = 2,
-  ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_CONVERSION = 3,
-  ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_DISMISS = 4,
-  ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_COMPLAINT = 5,
-  ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_UNSUBSCRIBE = 6
-    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME)
-} Arbiter__Decision__V1__ReportOutcomeRequest__Outcome;
+typedef enum _Arbiter__Decision__V1__Cap__Scope {
+  ARBITER__DECISION__V1__CAP__SCOPE__SCOPE_UNSPECIFIED = 0,
+  /*
+   * Offers of one action (on an Action: that action; in the contact policy: each action).
+   */
+  ARBITER__DECISION__V1__CAP__SCOPE__SCOPE_ACTION = 1,
+  /*
+   * Offers on one channel (`channel`).
+   */
+  ARBITER__DECISION__V1__CAP__SCOPE__SCOPE_CHANNEL = 2,
+  /*
+   * All offers.
+   */
+  ARBITER__DECISION__V1__CAP__SCOPE__SCOPE_TOTAL = 3
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(ARBITER__DECISION__V1__CAP__SCOPE)
+} Arbiter__Decision__V1__Cap__Scope;
+/*
+ * What a person did with an action that was offered.
+ */
+typedef enum _Arbiter__Decision__V1__Outcome {
+  ARBITER__DECISION__V1__OUTCOME__OUTCOME_UNSPECIFIED = 0,
+  ARBITER__DECISION__V1__OUTCOME__OUTCOME_IMPRESSION = 1,
+  ARBITER__DECISION__V1__OUTCOME__OUTCOME_CLICK = 2,
+  ARBITER__DECISION__V1__OUTCOME__OUTCOME_CONVERSION = 3,
+  ARBITER__DECISION__V1__OUTCOME__OUTCOME_DISMISS = 4,
+  ARBITER__DECISION__V1__OUTCOME__OUTCOME_COMPLAINT = 5,
+  ARBITER__DECISION__V1__OUTCOME__OUTCOME_UNSUBSCRIBE = 6
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(ARBITER__DECISION__V1__OUTCOME)
+} Arbiter__Decision__V1__Outcome;
 
 /* --- messages --- */
 
+/*
+ * A contact cap: at most `max` offers in `window_seconds` per person, counted from
+ * the service's own decision log (an action returned by Decide is an offer).
+ */
 struct  Arbiter__Decision__V1__Cap
 {
   ProtobufCMessage base;
-  /*
-   * "person_action", "person_channel" or "person_total".
-   */
-  char *scope;
+  Arbiter__Decision__V1__Cap__Scope scope;
   uint32_t max;
   int64_t window_seconds;
+  Arbiter__Common__V1__Channel channel;
 };
 #define ARBITER__DECISION__V1__CAP__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__cap__descriptor) \
-    , (char *)protobuf_c_empty_string, 0, 0 }
+    , ARBITER__DECISION__V1__CAP__SCOPE__SCOPE_UNSPECIFIED, 0, 0, ARBITER__COMMON__V1__CHANNEL__CHANNEL_UNSPECIFIED }
+
+
+/*
+ * Do not offer an action within `window_seconds` after `outcome` (on this action, or
+ * on any action when `any_action`), e.g. not within 30 days after a conversion.
+ */
+struct  Arbiter__Decision__V1__Suppression
+{
+  ProtobufCMessage base;
+  Arbiter__Decision__V1__Outcome outcome;
+  int64_t window_seconds;
+  protobuf_c_boolean any_action;
+};
+#define ARBITER__DECISION__V1__SUPPRESSION__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__suppression__descriptor) \
+    , ARBITER__DECISION__V1__OUTCOME__OUTCOME_UNSPECIFIED, 0, 0 }
 
 
 struct  Arbiter__Decision__V1__Action
 {
   ProtobufCMessage base;
+  /*
+   * 1-64 letters, digits, _ - . :
+   */
   char *id;
   char *name;
+  /*
+   * Where the action may be shown; empty: every placement.
+   */
   size_t n_placements;
   char **placements;
+  /*
+   * Channels it may be delivered on, in order of preference.
+   */
   size_t n_channels;
   Arbiter__Common__V1__Channel *channels;
+  /*
+   * Business value of a positive response (> 0).
+   */
   double value;
+  /*
+   * Business priority multiplier (> 0; 0 means 1).
+   */
   double lever;
+  /*
+   * Active from (0: always) until (0: no end), Unix ms.
+   */
   int64_t starts_at_ms;
   int64_t ends_at_ms;
   /*
-   * A rule over traits, features, segments, consent and request context.
+   * A rule over trait., feature., segment., consent.<purpose>.<channel> and context.;
+   * empty: everyone.
    */
   char *eligibility;
-  /*
-   * e.g. `not outcome.conversion within 30d`
-   */
   size_t n_suppressions;
-  char **suppressions;
+  Arbiter__Decision__V1__Suppression **suppressions;
+  /*
+   * Caps on this action (scope ACTION or TOTAL is per person on this action).
+   */
   size_t n_caps;
   Arbiter__Decision__V1__Cap **caps;
+  /*
+   * May be offered when the person's consent is unknown (no record, or the profile
+   * service unreachable). A consent the service knows is denied always excludes.
+   */
   protobuf_c_boolean safe_without_consent;
+  /*
+   * Set by the service: the catalog version that last changed this action.
+   */
   uint64_t version;
   protobuf_c_boolean retired;
+  /*
+   * The consent purpose the action needs on its channel (e.g. "marketing"); empty:
+   * no consent needed.
+   */
+  char *consent_purpose;
+  /*
+   * The response rate a new action starts from (cold start); 0: the service default.
+   */
+  double prior_response_rate;
+  /*
+   * Set by the service.
+   */
+  int64_t updated_at_ms;
 };
 #define ARBITER__DECISION__V1__ACTION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__action__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0,NULL, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0,NULL, 0,NULL, 0, 0, 0 }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0,NULL, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0,NULL, 0,NULL, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0 }
 
 
 struct  Arbiter__Decision__V1__UpsertActionRequest
@@ -148,6 +230,33 @@ struct  Arbiter__Decision__V1__RetireActionRequest
     , (char *)protobuf_c_empty_string }
 
 
+/*
+ * Caps across actions: per channel and overall, per person.
+ */
+struct  Arbiter__Decision__V1__ContactPolicy
+{
+  ProtobufCMessage base;
+  size_t n_caps;
+  Arbiter__Decision__V1__Cap **caps;
+  /*
+   * Set by the service.
+   */
+  uint64_t version;
+};
+#define ARBITER__DECISION__V1__CONTACT_POLICY__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__contact_policy__descriptor) \
+    , 0,NULL, 0 }
+
+
+struct  Arbiter__Decision__V1__GetContactPolicyRequest
+{
+  ProtobufCMessage base;
+};
+#define ARBITER__DECISION__V1__GET_CONTACT_POLICY_REQUEST__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__get_contact_policy_request__descriptor) \
+     }
+
+
 struct  Arbiter__Decision__V1__DecideRequest__ContextEntry
 {
   ProtobufCMessage base;
@@ -164,8 +273,14 @@ struct  Arbiter__Decision__V1__DecideRequest
   ProtobufCMessage base;
   Arbiter__Common__V1__PersonRef *person;
   char *placement;
+  /*
+   * Request context, readable by rules as context.<key>.
+   */
   size_t n_context;
   Arbiter__Decision__V1__DecideRequest__ContextEntry **context;
+  /*
+   * How many ranked actions (1-20; 0 means 1).
+   */
   uint32_t count;
   protobuf_c_boolean explain;
   protobuf_c_boolean deliver;
@@ -179,11 +294,17 @@ struct  Arbiter__Decision__V1__RankedAction
 {
   ProtobufCMessage base;
   char *action_id;
+  /*
+   * propensity_estimate x value x lever.
+   */
   double score;
   /*
-   * The probability with which this action was chosen (logged propensity).
+   * The probability with which this action was chosen at its rank (logged propensity).
    */
   double propensity;
+  /*
+   * The first of the action's channels the person may be contacted on.
+   */
   Arbiter__Common__V1__Channel channel;
   char *delivery_id;
 };
@@ -192,23 +313,46 @@ struct  Arbiter__Decision__V1__RankedAction
     , (char *)protobuf_c_empty_string, 0, 0, ARBITER__COMMON__V1__CHANNEL__CHANNEL_UNSPECIFIED, (char *)protobuf_c_empty_string }
 
 
+/*
+ * How one candidate fared: excluded (and by what), or how its score was formed.
+ */
 struct  Arbiter__Decision__V1__CandidateExplanation
 {
   ProtobufCMessage base;
   char *action_id;
   protobuf_c_boolean eligible;
   /*
-   * The rule or cap that excluded the candidate, when not eligible.
+   * When not eligible: the rule, cap, suppression or consent that excluded it,
+   * e.g. `cap: 3 per 604800 s on this action reached`.
    */
   char *excluded_by;
+  /*
+   * The learned response rate (posterior mean) in this context.
+   */
   double propensity_estimate;
   double value;
   double lever;
+  /*
+   * propensity_estimate x value x lever.
+   */
   double score;
+  /*
+   * The probability of being ranked first (Thompson sampling with an exploration floor).
+   */
+  double choice_probability;
+  /*
+   * The learning context the estimate came from, e.g. "placement:home".
+   */
+  char *arm;
+  /*
+   * Decayed evidence behind the estimate.
+   */
+  double successes;
+  double failures;
 };
 #define ARBITER__DECISION__V1__CANDIDATE_EXPLANATION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__candidate_explanation__descriptor) \
-    , (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0 }
+    , (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0 }
 
 
 struct  Arbiter__Decision__V1__DecideResponse
@@ -225,25 +369,78 @@ struct  Arbiter__Decision__V1__DecideResponse
   size_t n_explanations;
   Arbiter__Decision__V1__CandidateExplanation **explanations;
   char *person_id;
+  int64_t decided_at_ms;
 };
 #define ARBITER__DECISION__V1__DECIDE_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__decide_response__descriptor) \
-    , (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0,NULL, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0,NULL, (char *)protobuf_c_empty_string, 0 }
+
+
+struct  Arbiter__Decision__V1__DecisionRecord__ContextEntry
+{
+  ProtobufCMessage base;
+  char *key;
+  char *value;
+};
+#define ARBITER__DECISION__V1__DECISION_RECORD__CONTEXT_ENTRY__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__decision_record__context_entry__descriptor) \
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+
+
+/*
+ * A logged decision: its request, every candidate, and what was chosen.
+ */
+struct  Arbiter__Decision__V1__DecisionRecord
+{
+  ProtobufCMessage base;
+  char *decision_id;
+  char *person_id;
+  char *placement;
+  size_t n_context;
+  Arbiter__Decision__V1__DecisionRecord__ContextEntry **context;
+  int64_t decided_at_ms;
+  char *model_version;
+  protobuf_c_boolean degraded;
+  size_t n_degraded_reasons;
+  char **degraded_reasons;
+  protobuf_c_boolean holdout;
+  size_t n_candidates;
+  Arbiter__Decision__V1__CandidateExplanation **candidates;
+  size_t n_actions;
+  Arbiter__Decision__V1__RankedAction **actions;
+  uint64_t catalog_version;
+};
+#define ARBITER__DECISION__V1__DECISION_RECORD__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__decision_record__descriptor) \
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0, (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0,NULL, 0,NULL, 0 }
+
+
+struct  Arbiter__Decision__V1__GetDecisionRequest
+{
+  ProtobufCMessage base;
+  char *decision_id;
+};
+#define ARBITER__DECISION__V1__GET_DECISION_REQUEST__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__get_decision_request__descriptor) \
+    , (char *)protobuf_c_empty_string }
 
 
 struct  Arbiter__Decision__V1__ReportOutcomeRequest
 {
   ProtobufCMessage base;
+  /*
+   * Idempotency key: a replayed outcome is counted once.
+   */
   char *outcome_id;
   char *decision_id;
   char *action_id;
-  Arbiter__Decision__V1__ReportOutcomeRequest__Outcome outcome;
+  Arbiter__Decision__V1__Outcome outcome;
   double value;
   int64_t occurred_at_ms;
 };
 #define ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__report_outcome_request__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__OUTCOME__OUTCOME_UNSPECIFIED, 0, 0 }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, ARBITER__DECISION__V1__OUTCOME__OUTCOME_UNSPECIFIED, 0, 0 }
 
 
 struct  Arbiter__Decision__V1__ReportOutcomeResponse
@@ -433,6 +630,25 @@ Arbiter__Decision__V1__Cap *
 void   arbiter__decision__v1__cap__free_unpacked
                      (Arbiter__Decision__V1__Cap *message,
                       ProtobufCAllocator *allocator);
+/* Arbiter__Decision__V1__Suppression methods */
+void   arbiter__decision__v1__suppression__init
+                     (Arbiter__Decision__V1__Suppression         *message);
+size_t arbiter__decision__v1__suppression__get_packed_size
+                     (const Arbiter__Decision__V1__Suppression   *message);
+size_t arbiter__decision__v1__suppression__pack
+                     (const Arbiter__Decision__V1__Suppression   *message,
+                      uint8_t             *out);
+size_t arbiter__decision__v1__suppression__pack_to_buffer
+                     (const Arbiter__Decision__V1__Suppression   *message,
+                      ProtobufCBuffer     *buffer);
+Arbiter__Decision__V1__Suppression *
+       arbiter__decision__v1__suppression__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   arbiter__decision__v1__suppression__free_unpacked
+                     (Arbiter__Decision__V1__Suppression *message,
+                      ProtobufCAllocator *allocator);
 /* Arbiter__Decision__V1__Action methods */
 void   arbiter__decision__v1__action__init
                      (Arbiter__Decision__V1__Action         *message);
@@ -528,6 +744,44 @@ Arbiter__Decision__V1__RetireActionRequest *
 void   arbiter__decision__v1__retire_action_request__free_unpacked
                      (Arbiter__Decision__V1__RetireActionRequest *message,
                       ProtobufCAllocator *allocator);
+/* Arbiter__Decision__V1__ContactPolicy methods */
+void   arbiter__decision__v1__contact_policy__init
+                     (Arbiter__Decision__V1__ContactPolicy         *message);
+size_t arbiter__decision__v1__contact_policy__get_packed_size
+                     (const Arbiter__Decision__V1__ContactPolicy   *message);
+size_t arbiter__decision__v1__contact_policy__pack
+                     (const Arbiter__Decision__V1__ContactPolicy   *message,
+                      uint8_t             *out);
+size_t arbiter__decision__v1__contact_policy__pack_to_buffer
+                     (const Arbiter__Decision__V1__ContactPolicy   *message,
+                      ProtobufCBuffer     *buffer);
+Arbiter__Decision__V1__ContactPolicy *
+       arbiter__decision__v1__contact_policy__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   arbiter__decision__v1__contact_policy__free_unpacked
+                     (Arbiter__Decision__V1__ContactPolicy *message,
+                      ProtobufCAllocator *allocator);
+/* Arbiter__Decision__V1__GetContactPolicyRequest methods */
+void   arbiter__decision__v1__get_contact_policy_request__init
+                     (Arbiter__Decision__V1__GetContactPolicyRequest         *message);
+size_t arbiter__decision__v1__get_contact_policy_request__get_packed_size
+                     (const Arbiter__Decision__V1__GetContactPolicyRequest   *message);
+size_t arbiter__decision__v1__get_contact_policy_request__pack
+                     (const Arbiter__Decision__V1__GetContactPolicyRequest   *message,
+                      uint8_t             *out);
+size_t arbiter__decision__v1__get_contact_policy_request__pack_to_buffer
+                     (const Arbiter__Decision__V1__GetContactPolicyRequest   *message,
+                      ProtobufCBuffer     *buffer);
+Arbiter__Decision__V1__GetContactPolicyRequest *
+       arbiter__decision__v1__get_contact_policy_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   arbiter__decision__v1__get_contact_policy_request__free_unpacked
+                     (Arbiter__Decision__V1__GetContactPolicyRequest *message,
+                      ProtobufCAllocator *allocator);
 /* Arbiter__Decision__V1__DecideRequest__ContextEntry methods */
 void   arbiter__decision__v1__decide_request__context_entry__init
                      (Arbiter__Decision__V1__DecideRequest__ContextEntry         *message);
@@ -606,6 +860,47 @@ Arbiter__Decision__V1__DecideResponse *
                       const uint8_t       *data);
 void   arbiter__decision__v1__decide_response__free_unpacked
                      (Arbiter__Decision__V1__DecideResponse *message,
+                      ProtobufCAllocator *allocator);
+/* Arbiter__Decision__V1__DecisionRecord__ContextEntry methods */
+void   arbiter__decision__v1__decision_record__context_entry__init
+                     (Arbiter__Decision__V1__DecisionRecord__ContextEntry         *message);
+/* Arbiter__Decision__V1__DecisionRecord methods */
+void   arbiter__decision__v1__decision_record__init
+                     (Arbiter__Decision__V1__DecisionRecord         *message);
+size_t arbiter__decision__v1__decision_record__get_packed_size
+                     (const Arbiter__Decision__V1__DecisionRecord   *message);
+size_t arbiter__decision__v1__decision_record__pack
+                     (const Arbiter__Decision__V1__DecisionRecord   *message,
+                      uint8_t             *out);
+size_t arbiter__decision__v1__decision_record__pack_to_buffer
+                     (const Arbiter__Decision__V1__DecisionRecord   *message,
+                      ProtobufCBuffer     *buffer);
+Arbiter__Decision__V1__DecisionRecord *
+       arbiter__decision__v1__decision_record__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   arbiter__decision__v1__decision_record__free_unpacked
+                     (Arbiter__Decision__V1__DecisionRecord *message,
+                      ProtobufCAllocator *allocator);
+/* Arbiter__Decision__V1__GetDecisionRequest methods */
+void   arbiter__decision__v1__get_decision_request__init
+                     (Arbiter__Decision__V1__GetDecisionRequest         *message);
+size_t arbiter__decision__v1__get_decision_request__get_packed_size
+                     (const Arbiter__Decision__V1__GetDecisionRequest   *message);
+size_t arbiter__decision__v1__get_decision_request__pack
+                     (const Arbiter__Decision__V1__GetDecisionRequest   *message,
+                      uint8_t             *out);
+size_t arbiter__decision__v1__get_decision_request__pack_to_buffer
+                     (const Arbiter__Decision__V1__GetDecisionRequest   *message,
+                      ProtobufCBuffer     *buffer);
+Arbiter__Decision__V1__GetDecisionRequest *
+       arbiter__decision__v1__get_decision_request__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   arbiter__decision__v1__get_decision_request__free_unpacked
+                     (Arbiter__Decision__V1__GetDecisionRequest *message,
                       ProtobufCAllocator *allocator);
 /* Arbiter__Decision__V1__ReportOutcomeRequest methods */
 void   arbiter__decision__v1__report_outcome_request__init
@@ -862,6 +1157,9 @@ void   arbiter__decision__v1__end_override_request__free_unpacked
 typedef void (*Arbiter__Decision__V1__Cap_Closure)
                  (const Arbiter__Decision__V1__Cap *message,
                   void *closure_data);
+typedef void (*Arbiter__Decision__V1__Suppression_Closure)
+                 (const Arbiter__Decision__V1__Suppression *message,
+                  void *closure_data);
 typedef void (*Arbiter__Decision__V1__Action_Closure)
                  (const Arbiter__Decision__V1__Action *message,
                   void *closure_data);
@@ -877,6 +1175,12 @@ typedef void (*Arbiter__Decision__V1__ListActionsResponse_Closure)
 typedef void (*Arbiter__Decision__V1__RetireActionRequest_Closure)
                  (const Arbiter__Decision__V1__RetireActionRequest *message,
                   void *closure_data);
+typedef void (*Arbiter__Decision__V1__ContactPolicy_Closure)
+                 (const Arbiter__Decision__V1__ContactPolicy *message,
+                  void *closure_data);
+typedef void (*Arbiter__Decision__V1__GetContactPolicyRequest_Closure)
+                 (const Arbiter__Decision__V1__GetContactPolicyRequest *message,
+                  void *closure_data);
 typedef void (*Arbiter__Decision__V1__DecideRequest__ContextEntry_Closure)
                  (const Arbiter__Decision__V1__DecideRequest__ContextEntry *message,
                   void *closure_data);
@@ -891,6 +1195,15 @@ typedef void (*Arbiter__Decision__V1__CandidateExplanation_Closure)
                   void *closure_data);
 typedef void (*Arbiter__Decision__V1__DecideResponse_Closure)
                  (const Arbiter__Decision__V1__DecideResponse *message,
+                  void *closure_data);
+typedef void (*Arbiter__Decision__V1__DecisionRecord__ContextEntry_Closure)
+                 (const Arbiter__Decision__V1__DecisionRecord__ContextEntry *message,
+                  void *closure_data);
+typedef void (*Arbiter__Decision__V1__DecisionRecord_Closure)
+                 (const Arbiter__Decision__V1__DecisionRecord *message,
+                  void *closure_data);
+typedef void (*Arbiter__Decision__V1__GetDecisionRequest_Closure)
+                 (const Arbiter__Decision__V1__GetDecisionRequest *message,
                   void *closure_data);
 typedef void (*Arbiter__Decision__V1__ReportOutcomeRequest_Closure)
                  (const Arbiter__Decision__V1__ReportOutcomeRequest *message,
@@ -953,10 +1266,22 @@ struct Arbiter__Decision__V1__Decision_Service
                         const Arbiter__Decision__V1__RetireActionRequest *input,
                         Arbiter__Decision__V1__Action_Closure closure,
                         void *closure_data);
+  void (*set_contact_policy)(Arbiter__Decision__V1__Decision_Service *service,
+                             const Arbiter__Decision__V1__ContactPolicy *input,
+                             Arbiter__Decision__V1__ContactPolicy_Closure closure,
+                             void *closure_data);
+  void (*get_contact_policy)(Arbiter__Decision__V1__Decision_Service *service,
+                             const Arbiter__Decision__V1__GetContactPolicyRequest *input,
+                             Arbiter__Decision__V1__ContactPolicy_Closure closure,
+                             void *closure_data);
   void (*decide)(Arbiter__Decision__V1__Decision_Service *service,
                  const Arbiter__Decision__V1__DecideRequest *input,
                  Arbiter__Decision__V1__DecideResponse_Closure closure,
                  void *closure_data);
+  void (*get_decision)(Arbiter__Decision__V1__Decision_Service *service,
+                       const Arbiter__Decision__V1__GetDecisionRequest *input,
+                       Arbiter__Decision__V1__DecisionRecord_Closure closure,
+                       void *closure_data);
   void (*report_outcome)(Arbiter__Decision__V1__Decision_Service *service,
                          const Arbiter__Decision__V1__ReportOutcomeRequest *input,
                          Arbiter__Decision__V1__ReportOutcomeResponse_Closure closure,
@@ -992,7 +1317,10 @@ void arbiter__decision__v1__decision__init (Arbiter__Decision__V1__Decision_Serv
       function_prefix__ ## upsert_action,\
       function_prefix__ ## list_actions,\
       function_prefix__ ## retire_action,\
+      function_prefix__ ## set_contact_policy,\
+      function_prefix__ ## get_contact_policy,\
       function_prefix__ ## decide,\
+      function_prefix__ ## get_decision,\
       function_prefix__ ## report_outcome,\
       function_prefix__ ## lift_report,\
       function_prefix__ ## evaluate_policy,\
@@ -1011,10 +1339,22 @@ void arbiter__decision__v1__decision__retire_action(ProtobufCService *service,
                                                     const Arbiter__Decision__V1__RetireActionRequest *input,
                                                     Arbiter__Decision__V1__Action_Closure closure,
                                                     void *closure_data);
+void arbiter__decision__v1__decision__set_contact_policy(ProtobufCService *service,
+                                                         const Arbiter__Decision__V1__ContactPolicy *input,
+                                                         Arbiter__Decision__V1__ContactPolicy_Closure closure,
+                                                         void *closure_data);
+void arbiter__decision__v1__decision__get_contact_policy(ProtobufCService *service,
+                                                         const Arbiter__Decision__V1__GetContactPolicyRequest *input,
+                                                         Arbiter__Decision__V1__ContactPolicy_Closure closure,
+                                                         void *closure_data);
 void arbiter__decision__v1__decision__decide(ProtobufCService *service,
                                              const Arbiter__Decision__V1__DecideRequest *input,
                                              Arbiter__Decision__V1__DecideResponse_Closure closure,
                                              void *closure_data);
+void arbiter__decision__v1__decision__get_decision(ProtobufCService *service,
+                                                   const Arbiter__Decision__V1__GetDecisionRequest *input,
+                                                   Arbiter__Decision__V1__DecisionRecord_Closure closure,
+                                                   void *closure_data);
 void arbiter__decision__v1__decision__report_outcome(ProtobufCService *service,
                                                      const Arbiter__Decision__V1__ReportOutcomeRequest *input,
                                                      Arbiter__Decision__V1__ReportOutcomeResponse_Closure closure,
@@ -1042,19 +1382,26 @@ void arbiter__decision__v1__decision__end_override(ProtobufCService *service,
 
 /* --- descriptors --- */
 
+extern const ProtobufCEnumDescriptor    arbiter__decision__v1__outcome__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__cap__descriptor;
+extern const ProtobufCEnumDescriptor    arbiter__decision__v1__cap__scope__descriptor;
+extern const ProtobufCMessageDescriptor arbiter__decision__v1__suppression__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__action__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__upsert_action_request__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__list_actions_request__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__list_actions_response__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__retire_action_request__descriptor;
+extern const ProtobufCMessageDescriptor arbiter__decision__v1__contact_policy__descriptor;
+extern const ProtobufCMessageDescriptor arbiter__decision__v1__get_contact_policy_request__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__decide_request__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__decide_request__context_entry__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__ranked_action__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__candidate_explanation__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__decide_response__descriptor;
+extern const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__descriptor;
+extern const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__context_entry__descriptor;
+extern const ProtobufCMessageDescriptor arbiter__decision__v1__get_decision_request__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__report_outcome_request__descriptor;
-extern const ProtobufCEnumDescriptor    arbiter__decision__v1__report_outcome_request__outcome__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__report_outcome_response__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__lift_report_request__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__interval__descriptor;

@@ -4,44 +4,116 @@ internal import CContracts
 
 extension DecisionV1 {
 
+    /// What a person did with an action that was offered.
+    public struct Outcome: ProtoEnum {
+        public var rawValue: Int32
+        public init(rawValue: Int32) { self.rawValue = rawValue }
+        public static let unspecified = Outcome(rawValue: 0)
+        public static let impression = Outcome(rawValue: 1)
+        public static let click = Outcome(rawValue: 2)
+        public static let conversion = Outcome(rawValue: 3)
+        public static let dismiss = Outcome(rawValue: 4)
+        public static let complaint = Outcome(rawValue: 5)
+        public static let unsubscribe = Outcome(rawValue: 6)
+        public static let protoName = "arbiter.decision.v1.Outcome"
+        public static let valueNames: [(name: String, rawValue: Int32)] = [("OUTCOME_UNSPECIFIED", 0), ("OUTCOME_IMPRESSION", 1), ("OUTCOME_CLICK", 2), ("OUTCOME_CONVERSION", 3), ("OUTCOME_DISMISS", 4), ("OUTCOME_COMPLAINT", 5), ("OUTCOME_UNSUBSCRIBE", 6)]
+    }
+
+    /// A contact cap: at most `max` offers in `window_seconds` per person, counted from
+    /// the service's own decision log (an action returned by Decide is an offer).
     public struct Cap: ProtoMessage {
-        /// "person_action", "person_channel" or "person_total".
-        public var scope: String = ""
+        public var scope: DecisionV1.Cap.Scope = DecisionV1.Cap.Scope(rawValue: 0)
         public var max: UInt32 = 0
         public var windowSeconds: Int64 = 0
+        public var channel: CommonV1.Channel = CommonV1.Channel(rawValue: 0)
+
+        public struct Scope: ProtoEnum {
+            public var rawValue: Int32
+            public init(rawValue: Int32) { self.rawValue = rawValue }
+            public static let unspecified = Scope(rawValue: 0)
+            /// Offers of one action (on an Action: that action; in the contact policy: each action).
+            public static let action = Scope(rawValue: 1)
+            /// Offers on one channel (`channel`).
+            public static let channel = Scope(rawValue: 2)
+            /// All offers.
+            public static let total = Scope(rawValue: 3)
+            public static let protoName = "arbiter.decision.v1.Cap.Scope"
+            public static let valueNames: [(name: String, rawValue: Int32)] = [("SCOPE_UNSPECIFIED", 0), ("SCOPE_ACTION", 1), ("SCOPE_CHANNEL", 2), ("SCOPE_TOTAL", 3)]
+        }
 
         public static let protoName = "arbiter.decision.v1.Cap"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__cap__descriptor_ptr())
         public init() {}
         public init(reader: ProtoReader) throws {
-            scope = reader.string(1)
+            scope = reader.enum(1)
             max = reader.uint32(2)
             windowSeconds = reader.int64(3)
+            channel = reader.enum(4)
         }
         public func write(to writer: ProtoWriter) {
-            writer.setString(1, scope)
+            writer.setEnum(1, scope)
             writer.setUint32(2, max)
             writer.setInt64(3, windowSeconds)
+            writer.setEnum(4, channel)
+        }
+    }
+
+    /// Do not offer an action within `window_seconds` after `outcome` (on this action, or
+    /// on any action when `any_action`), e.g. not within 30 days after a conversion.
+    public struct Suppression: ProtoMessage {
+        public var outcome: DecisionV1.Outcome = DecisionV1.Outcome(rawValue: 0)
+        public var windowSeconds: Int64 = 0
+        public var anyAction: Bool = false
+
+        public static let protoName = "arbiter.decision.v1.Suppression"
+        public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__suppression__descriptor_ptr())
+        public init() {}
+        public init(reader: ProtoReader) throws {
+            outcome = reader.enum(1)
+            windowSeconds = reader.int64(2)
+            anyAction = reader.bool(3)
+        }
+        public func write(to writer: ProtoWriter) {
+            writer.setEnum(1, outcome)
+            writer.setInt64(2, windowSeconds)
+            writer.setBool(3, anyAction)
         }
     }
 
     public struct Action: ProtoMessage {
+        /// 1-64 letters, digits, _ - . :
         public var id: String = ""
         public var name: String = ""
+        /// Where the action may be shown; empty: every placement.
         public var placements: [String] = []
+        /// Channels it may be delivered on, in order of preference.
         public var channels: [CommonV1.Channel] = []
+        /// Business value of a positive response (> 0).
         public var value: Double = 0
+        /// Business priority multiplier (> 0; 0 means 1).
         public var lever: Double = 0
+        /// Active from (0: always) until (0: no end), Unix ms.
         public var startsAtMs: Int64 = 0
         public var endsAtMs: Int64 = 0
-        /// A rule over traits, features, segments, consent and request context.
+        /// A rule over trait., feature., segment., consent.<purpose>.<channel> and context.;
+        /// empty: everyone.
         public var eligibility: String = ""
-        /// e.g. `not outcome.conversion within 30d`
-        public var suppressions: [String] = []
+        public var suppressions: [DecisionV1.Suppression] = []
+        /// Caps on this action (scope ACTION or TOTAL is per person on this action).
         public var caps: [DecisionV1.Cap] = []
+        /// May be offered when the person's consent is unknown (no record, or the profile
+        /// service unreachable). A consent the service knows is denied always excludes.
         public var safeWithoutConsent: Bool = false
+        /// Set by the service: the catalog version that last changed this action.
         public var version: UInt64 = 0
         public var retired: Bool = false
+        /// The consent purpose the action needs on its channel (e.g. "marketing"); empty:
+        /// no consent needed.
+        public var consentPurpose: String = ""
+        /// The response rate a new action starts from (cold start); 0: the service default.
+        public var priorResponseRate: Double = 0
+        /// Set by the service.
+        public var updatedAtMs: Int64 = 0
 
         public static let protoName = "arbiter.decision.v1.Action"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__action__descriptor_ptr())
@@ -56,11 +128,14 @@ extension DecisionV1 {
             startsAtMs = reader.int64(7)
             endsAtMs = reader.int64(8)
             eligibility = reader.string(9)
-            suppressions = reader.repeatedString(10)
+            suppressions = try reader.messages(10)
             caps = try reader.messages(11)
             safeWithoutConsent = reader.bool(12)
             version = reader.uint64(13)
             retired = reader.bool(14)
+            consentPurpose = reader.string(15)
+            priorResponseRate = reader.double(16)
+            updatedAtMs = reader.int64(17)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, id)
@@ -72,11 +147,14 @@ extension DecisionV1 {
             writer.setInt64(7, startsAtMs)
             writer.setInt64(8, endsAtMs)
             writer.setString(9, eligibility)
-            writer.setRepeatedString(10, suppressions)
+            writer.setRepeatedMessages(10, suppressions)
             writer.setRepeatedMessages(11, caps)
             writer.setBool(12, safeWithoutConsent)
             writer.setUint64(13, version)
             writer.setBool(14, retired)
+            writer.setString(15, consentPurpose)
+            writer.setDouble(16, priorResponseRate)
+            writer.setInt64(17, updatedAtMs)
         }
     }
 
@@ -139,10 +217,40 @@ extension DecisionV1 {
         }
     }
 
+    /// Caps across actions: per channel and overall, per person.
+    public struct ContactPolicy: ProtoMessage {
+        public var caps: [DecisionV1.Cap] = []
+        /// Set by the service.
+        public var version: UInt64 = 0
+
+        public static let protoName = "arbiter.decision.v1.ContactPolicy"
+        public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__contact_policy__descriptor_ptr())
+        public init() {}
+        public init(reader: ProtoReader) throws {
+            caps = try reader.messages(1)
+            version = reader.uint64(2)
+        }
+        public func write(to writer: ProtoWriter) {
+            writer.setRepeatedMessages(1, caps)
+            writer.setUint64(2, version)
+        }
+    }
+
+    public struct GetContactPolicyRequest: ProtoMessage {
+
+        public static let protoName = "arbiter.decision.v1.GetContactPolicyRequest"
+        public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__get_contact_policy_request__descriptor_ptr())
+        public init() {}
+        public init(reader: ProtoReader) throws {}
+        public func write(to writer: ProtoWriter) {}
+    }
+
     public struct DecideRequest: ProtoMessage {
         public var person: CommonV1.PersonRef? = nil
         public var placement: String = ""
+        /// Request context, readable by rules as context.<key>.
         public var context: [String: String] = [:]
+        /// How many ranked actions (1-20; 0 means 1).
         public var count: UInt32 = 0
         public var explain: Bool = false
         public var deliver: Bool = false
@@ -170,9 +278,11 @@ extension DecisionV1 {
 
     public struct RankedAction: ProtoMessage {
         public var actionId: String = ""
+        /// propensity_estimate x value x lever.
         public var score: Double = 0
-        /// The probability with which this action was chosen (logged propensity).
+        /// The probability with which this action was chosen at its rank (logged propensity).
         public var propensity: Double = 0
+        /// The first of the action's channels the person may be contacted on.
         public var channel: CommonV1.Channel = CommonV1.Channel(rawValue: 0)
         public var deliveryId: String = ""
 
@@ -195,15 +305,26 @@ extension DecisionV1 {
         }
     }
 
+    /// How one candidate fared: excluded (and by what), or how its score was formed.
     public struct CandidateExplanation: ProtoMessage {
         public var actionId: String = ""
         public var eligible: Bool = false
-        /// The rule or cap that excluded the candidate, when not eligible.
+        /// When not eligible: the rule, cap, suppression or consent that excluded it,
+        /// e.g. `cap: 3 per 604800 s on this action reached`.
         public var excludedBy: String = ""
+        /// The learned response rate (posterior mean) in this context.
         public var propensityEstimate: Double = 0
         public var value: Double = 0
         public var lever: Double = 0
+        /// propensity_estimate x value x lever.
         public var score: Double = 0
+        /// The probability of being ranked first (Thompson sampling with an exploration floor).
+        public var choiceProbability: Double = 0
+        /// The learning context the estimate came from, e.g. "placement:home".
+        public var arm: String = ""
+        /// Decayed evidence behind the estimate.
+        public var successes: Double = 0
+        public var failures: Double = 0
 
         public static let protoName = "arbiter.decision.v1.CandidateExplanation"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__candidate_explanation__descriptor_ptr())
@@ -216,6 +337,10 @@ extension DecisionV1 {
             value = reader.double(5)
             lever = reader.double(6)
             score = reader.double(7)
+            choiceProbability = reader.double(8)
+            arm = reader.string(9)
+            successes = reader.double(10)
+            failures = reader.double(11)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, actionId)
@@ -225,6 +350,10 @@ extension DecisionV1 {
             writer.setDouble(5, value)
             writer.setDouble(6, lever)
             writer.setDouble(7, score)
+            writer.setDouble(8, choiceProbability)
+            writer.setString(9, arm)
+            writer.setDouble(10, successes)
+            writer.setDouble(11, failures)
         }
     }
 
@@ -237,6 +366,7 @@ extension DecisionV1 {
         public var holdout: Bool = false
         public var explanations: [DecisionV1.CandidateExplanation] = []
         public var personId: String = ""
+        public var decidedAtMs: Int64 = 0
 
         public static let protoName = "arbiter.decision.v1.DecideResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__decide_response__descriptor_ptr())
@@ -250,6 +380,7 @@ extension DecisionV1 {
             holdout = reader.bool(6)
             explanations = try reader.messages(7)
             personId = reader.string(8)
+            decidedAtMs = reader.int64(9)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, decisionId)
@@ -260,30 +391,80 @@ extension DecisionV1 {
             writer.setBool(6, holdout)
             writer.setRepeatedMessages(7, explanations)
             writer.setString(8, personId)
+            writer.setInt64(9, decidedAtMs)
+        }
+    }
+
+    /// A logged decision: its request, every candidate, and what was chosen.
+    public struct DecisionRecord: ProtoMessage {
+        public var decisionId: String = ""
+        public var personId: String = ""
+        public var placement: String = ""
+        public var context: [String: String] = [:]
+        public var decidedAtMs: Int64 = 0
+        public var modelVersion: String = ""
+        public var degraded: Bool = false
+        public var degradedReasons: [String] = []
+        public var holdout: Bool = false
+        public var candidates: [DecisionV1.CandidateExplanation] = []
+        public var actions: [DecisionV1.RankedAction] = []
+        public var catalogVersion: UInt64 = 0
+
+        public static let protoName = "arbiter.decision.v1.DecisionRecord"
+        public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__decision_record__descriptor_ptr())
+        public init() {}
+        public init(reader: ProtoReader) throws {
+            decisionId = reader.string(1)
+            personId = reader.string(2)
+            placement = reader.string(3)
+            context = try reader.map(4) { ($0.string(1), $0.string(2)) }
+            decidedAtMs = reader.int64(5)
+            modelVersion = reader.string(6)
+            degraded = reader.bool(7)
+            degradedReasons = reader.repeatedString(8)
+            holdout = reader.bool(9)
+            candidates = try reader.messages(10)
+            actions = try reader.messages(11)
+            catalogVersion = reader.uint64(12)
+        }
+        public func write(to writer: ProtoWriter) {
+            writer.setString(1, decisionId)
+            writer.setString(2, personId)
+            writer.setString(3, placement)
+            writer.setMap(4, context) { $0.setString(1, $1); $0.setString(2, $2) }
+            writer.setInt64(5, decidedAtMs)
+            writer.setString(6, modelVersion)
+            writer.setBool(7, degraded)
+            writer.setRepeatedString(8, degradedReasons)
+            writer.setBool(9, holdout)
+            writer.setRepeatedMessages(10, candidates)
+            writer.setRepeatedMessages(11, actions)
+            writer.setUint64(12, catalogVersion)
+        }
+    }
+
+    public struct GetDecisionRequest: ProtoMessage {
+        public var decisionId: String = ""
+
+        public static let protoName = "arbiter.decision.v1.GetDecisionRequest"
+        public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__get_decision_request__descriptor_ptr())
+        public init() {}
+        public init(reader: ProtoReader) throws {
+            decisionId = reader.string(1)
+        }
+        public func write(to writer: ProtoWriter) {
+            writer.setString(1, decisionId)
         }
     }
 
     public struct ReportOutcomeRequest: ProtoMessage {
+        /// Idempotency key: a replayed outcome is counted once.
         public var outcomeId: String = ""
         public var decisionId: String = ""
         public var actionId: String = ""
-        public var outcome: DecisionV1.ReportOutcomeRequest.Outcome = DecisionV1.ReportOutcomeRequest.Outcome(rawValue: 0)
+        public var outcome: DecisionV1.Outcome = DecisionV1.Outcome(rawValue: 0)
         public var value: Double = 0
         public var occurredAtMs: Int64 = 0
-
-        public struct Outcome: ProtoEnum {
-            public var rawValue: Int32
-            public init(rawValue: Int32) { self.rawValue = rawValue }
-            public static let unspecified = Outcome(rawValue: 0)
-            public static let impression = Outcome(rawValue: 1)
-            public static let click = Outcome(rawValue: 2)
-            public static let conversion = Outcome(rawValue: 3)
-            public static let dismiss = Outcome(rawValue: 4)
-            public static let complaint = Outcome(rawValue: 5)
-            public static let unsubscribe = Outcome(rawValue: 6)
-            public static let protoName = "arbiter.decision.v1.ReportOutcomeRequest.Outcome"
-            public static let valueNames: [(name: String, rawValue: Int32)] = [("OUTCOME_UNSPECIFIED", 0), ("OUTCOME_IMPRESSION", 1), ("OUTCOME_CLICK", 2), ("OUTCOME_CONVERSION", 3), ("OUTCOME_DISMISS", 4), ("OUTCOME_COMPLAINT", 5), ("OUTCOME_UNSUBSCRIBE", 6)]
-        }
 
         public static let protoName = "arbiter.decision.v1.ReportOutcomeRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__report_outcome_request__descriptor_ptr())
@@ -568,14 +749,18 @@ extension DecisionV1 {
         public static let upsertAction = MethodDescriptor<DecisionV1.UpsertActionRequest, DecisionV1.Action>(service: name, method: "UpsertAction", isIdempotent: true)
         public static let listActions = MethodDescriptor<DecisionV1.ListActionsRequest, DecisionV1.ListActionsResponse>(service: name, method: "ListActions", isIdempotent: true)
         public static let retireAction = MethodDescriptor<DecisionV1.RetireActionRequest, DecisionV1.Action>(service: name, method: "RetireAction", isIdempotent: true)
+        public static let setContactPolicy = MethodDescriptor<DecisionV1.ContactPolicy, DecisionV1.ContactPolicy>(service: name, method: "SetContactPolicy", isIdempotent: true)
+        public static let getContactPolicy = MethodDescriptor<DecisionV1.GetContactPolicyRequest, DecisionV1.ContactPolicy>(service: name, method: "GetContactPolicy", isIdempotent: true)
         /// Chooses up to `count` ranked actions for a person and a moment.
         public static let decide = MethodDescriptor<DecisionV1.DecideRequest, DecisionV1.DecideResponse>(service: name, method: "Decide", isIdempotent: false)
+        /// A logged decision with every candidate, for audit and replay.
+        public static let getDecision = MethodDescriptor<DecisionV1.GetDecisionRequest, DecisionV1.DecisionRecord>(service: name, method: "GetDecision", isIdempotent: true)
         public static let reportOutcome = MethodDescriptor<DecisionV1.ReportOutcomeRequest, DecisionV1.ReportOutcomeResponse>(service: name, method: "ReportOutcome", isIdempotent: true)
         public static let liftReport = MethodDescriptor<DecisionV1.LiftReportRequest, DecisionV1.LiftReportResponse>(service: name, method: "LiftReport", isIdempotent: true)
         public static let evaluatePolicy = MethodDescriptor<DecisionV1.EvaluatePolicyRequest, DecisionV1.EvaluatePolicyResponse>(service: name, method: "EvaluatePolicy", isIdempotent: true)
         public static let setOverride = MethodDescriptor<DecisionV1.SetOverrideRequest, DecisionV1.Override>(service: name, method: "SetOverride", isIdempotent: false)
         public static let listOverrides = MethodDescriptor<DecisionV1.ListOverridesRequest, DecisionV1.ListOverridesResponse>(service: name, method: "ListOverrides", isIdempotent: true)
         public static let endOverride = MethodDescriptor<DecisionV1.EndOverrideRequest, DecisionV1.Override>(service: name, method: "EndOverride", isIdempotent: true)
-        public static let methods: [any AnyMethodDescriptor] = [upsertAction, listActions, retireAction, decide, reportOutcome, liftReport, evaluatePolicy, setOverride, listOverrides, endOverride]
+        public static let methods: [any AnyMethodDescriptor] = [upsertAction, listActions, retireAction, setContactPolicy, getContactPolicy, decide, getDecision, reportOutcome, liftReport, evaluatePolicy, setOverride, listOverrides, endOverride]
     }
 }

@@ -1,0 +1,128 @@
+import Contracts
+import RPC
+import Rules
+
+/// A validated action: its wire form and its parsed eligibility rule.
+public struct ActionSpec: Sendable {
+    public let action: DecisionV1.Action
+    let eligibility: Rule?
+
+    public var id: String { action.id }
+    /// The lever, with 0 read as 1.
+    var lever: Double { action.lever == 0 ? 1 : action.lever }
+
+    static let maxCaps = 20
+    static let maxSuppressions = 20
+    static let maxWindowSeconds: Int64 = 400 * 86_400
+
+    /// Validates `action`; every error names its field (`action.eligibility`, `action.caps[1].max`, ...).
+    public init(_ action: DecisionV1.Action) throws(RPCError) {
+        try Names.check(action.id, field: "action.id")
+        guard action.name.utf8.count <= 256 else { throw .invalidArgument(field: "action.name", "is longer than 256 bytes") }
+        guard action.placements.count <= 50 else { throw .invalidArgument(field: "action.placements", "at most 50") }
+        for (i, placement) in action.placements.enumerated() { try Names.check(placement, field: "action.placements[\(i)]") }
+        guard action.channels.count <= 5 else { throw .invalidArgument(field: "action.channels", "at most 5") }
+        for (i, channel) in action.channels.enumerated() {
+            try Channels.check(channel, field: "action.channels[\(i)]")
+            guard !action.channels[..<i].contains(channel) else {
+                throw .invalidArgument(field: "action.channels[\(i)]", "appears twice")
+            }
+        }
+        guard action.value.isFinite, action.value > 0 else {
+            throw .invalidArgument(field: "action.value", "must be a positive number, got \(action.value)")
+        }
+        guard action.lever.isFinite, action.lever >= 0 else {
+            throw .invalidArgument(field: "action.lever", "must be positive (0 means 1), got \(action.lever)")
+        }
+        guard action.startsAtMs >= 0 else { throw .invalidArgument(field: "action.starts_at_ms", "must not be negative") }
+        guard action.endsAtMs >= 0 else { throw .invalidArgument(field: "action.ends_at_ms", "must not be negative") }
+        if action.endsAtMs != 0, action.endsAtMs <= action.startsAtMs {
+            throw .invalidArgument(field: "action.ends_at_ms", "must be after starts_at_ms")
+        }
+        eligibility = try Self.rule(action.eligibility, field: "action.eligibility")
+        guard action.suppressions.count <= Self.maxSuppressions else {
+            throw .invalidArgument(field: "action.suppressions", "at most \(Self.maxSuppressions)")
+        }
+        for (i, suppression) in action.suppressions.enumerated() {
+            guard (1...6).contains(suppression.outcome.rawValue) else {
+                throw .invalidArgument(field: "action.suppressions[\(i)].outcome", "must be an outcome (OUTCOME_IMPRESSION ... OUTCOME_UNSUBSCRIBE)")
+            }
+            try Self.window(suppression.windowSeconds, field: "action.suppressions[\(i)].window_seconds")
+        }
+        guard action.caps.count <= Self.maxCaps else { throw .invalidArgument(field: "action.caps", "at most \(Self.maxCaps)") }
+        for (i, cap) in action.caps.enumerated() {
+            try Self.check(cap, field: "action.caps[\(i)]", onAction: true)
+        }
+        if !action.consentPurpose.isEmpty { try Names.check(action.consentPurpose, field: "action.consent_purpose") }
+        guard action.priorResponseRate >= 0, action.priorResponseRate < 1 else {
+            throw .invalidArgument(field: "action.prior_response_rate", "must be in [0, 1) (0: the service default)")
+        }
+        self.action = action
+    }
+
+    /// An eligibility rule: the namespaces a decision can read.
+    static func rule(_ text: String, field: String) throws(RPCError) -> Rule? {
+        guard !text.isEmpty else { return nil }
+        do {
+            return try Rule(text) { namespace, name in
+                switch namespace {
+                case "trait", "feature", "segment", "context": return nil
+                case "consent":
+                    return name.split(separator: ".").count == 2 ? nil : "consent paths are consent.<purpose>.<channel>"
+                default: return "unknown namespace \"\(namespace)\" (trait., feature., segment., consent., context.)"
+                }
+            }
+        } catch {
+            throw .invalidArgument(field: field, error.description)
+        }
+    }
+
+    static func window(_ seconds: Int64, field: String) throws(RPCError) {
+        guard seconds > 0, seconds <= maxWindowSeconds else {
+            throw .invalidArgument(field: field, "must be between 1 and \(maxWindowSeconds) seconds, got \(seconds)")
+        }
+    }
+
+    /// A cap on an action (its scope may be ACTION or TOTAL, both meaning this action) or in
+    /// the contact policy (ACTION: each action, CHANNEL: one channel, TOTAL: all offers).
+    static func check(_ cap: DecisionV1.Cap, field: String, onAction: Bool) throws(RPCError) {
+        switch cap.scope {
+        case .action, .total: break
+        case .channel where !onAction: try Channels.check(cap.channel, field: "\(field).channel")
+        case .channel: throw .invalidArgument(field: "\(field).scope", "a cap on an action counts that action's offers (SCOPE_ACTION); channel caps belong in the contact policy")
+        default: throw .invalidArgument(field: "\(field).scope", "must be SCOPE_ACTION, SCOPE_CHANNEL or SCOPE_TOTAL")
+        }
+        guard cap.max > 0 else { throw .invalidArgument(field: "\(field).max", "must be positive") }
+        try window(cap.windowSeconds, field: "\(field).window_seconds")
+    }
+
+    func isActive(at now: Int64) -> Bool {
+        !action.retired && (action.startsAtMs == 0 || now >= action.startsAtMs) && (action.endsAtMs == 0 || now < action.endsAtMs)
+    }
+
+    func offers(_ placement: String) -> Bool { action.placements.isEmpty || action.placements.contains(placement) }
+}
+
+/// Names of actions, placements, consent purposes and context keys.
+enum Names {
+    static func check(_ name: String, field: String) throws(RPCError) {
+        guard !name.isEmpty else { throw .invalidArgument(field: field, "is required") }
+        guard name.utf8.count <= 64 else { throw .invalidArgument(field: field, "is longer than 64 bytes") }
+        guard name.unicodeScalars.allSatisfy({
+            switch $0 {
+            case "a"..."z", "A"..."Z", "0"..."9", "_", "-", ".", ":": return true
+            default: return false
+            }
+        }) else {
+            throw .invalidArgument(field: field, "\"\(name)\" may hold only letters, digits, _, -, . and :")
+        }
+    }
+}
+
+enum Channels {
+    static func check(_ channel: CommonV1.Channel, field: String) throws(RPCError) {
+        guard !channel.ruleName.isEmpty else {
+            throw .invalidArgument(field: field, "must be CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_PUSH, CHANNEL_IN_APP or CHANNEL_WEBHOOK")
+        }
+    }
+}

@@ -1,0 +1,438 @@
+import Contracts
+import Foundation
+import RPC
+import Rules
+import Synchronization
+
+/// The decision service's settings (the `decision` section of `--config`). Defaults per field.
+public struct DecisionConfiguration: Sendable, Codable, Equatable {
+    public var learner = LearnerConfiguration()
+    /// Decide answers within this many milliseconds, or the caller's deadline if sooner. Default 50.
+    public var decideBudgetMs = 50
+    /// Longest wait for the identity or the profile service within a Decide. Default 20.
+    public var peerTimeoutMs = 20
+    /// Failed calls in a row after which a peer is skipped for `breakerCooldownMs`. Default 5.
+    public var breakerFailures = 5
+    /// Default 1000.
+    public var breakerCooldownMs = 1000
+
+    public init() {}
+}
+
+/// arbiter.decision.v1.Decision: the catalog, the contact policy, Decide and learning
+/// from outcomes. Decide reads the person from the identity and profile services and
+/// answers even when they fail (degraded, with the reasons).
+public struct DecisionService: RPCService {
+    public let store: DecisionStore
+    let configuration: DecisionConfiguration
+    let identity: RPCClient?
+    let profile: RPCClient?
+    let clock: @Sendable () -> Int64
+    let random: Exclusive<SplitMix64>
+    let identityBreaker: Breaker
+    let profileBreaker: Breaker
+    let personLocks: [Exclusive<Void>]
+
+    public static let maxCount = 20
+    public static let maxContext = 50
+
+    /// - Parameter seed: seeds exploration (tests and simulations replay); nil: random.
+    public init(store: DecisionStore, configuration: DecisionConfiguration = .init(), identity: RPCClient? = nil,
+                profile: RPCClient? = nil, seed: UInt64? = nil,
+                clock: @escaping @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }) {
+        self.store = store
+        self.configuration = configuration
+        self.identity = identity
+        self.profile = profile
+        self.clock = clock
+        random = Exclusive(SplitMix64(seed: seed ?? UInt64.random(in: .min ... .max)))
+        let cooldown = Duration.milliseconds(configuration.breakerCooldownMs)
+        identityBreaker = Breaker(name: "identity", failures: configuration.breakerFailures, cooldown: cooldown)
+        profileBreaker = Breaker(name: "profile", failures: configuration.breakerFailures, cooldown: cooldown)
+        personLocks = (0..<64).map { _ in Exclusive(()) }
+    }
+
+    public func register(in router: inout RPCRouter) {
+        let methods = DecisionV1.Decision.self
+        router.register(methods.upsertAction) { request, _ in
+            guard let action = request.action else { throw RPCError.invalidArgument(field: "action", "is required") }
+            return try store.upsert(try ActionSpec(action), nowMs: clock())
+        }
+        router.register(methods.listActions) { request, _ in
+            let (actions, version) = store.catalog()
+            var response = DecisionV1.ListActionsResponse()
+            response.actions = actions.map(\.action).filter { request.includeRetired || !$0.retired }
+            response.catalogVersion = version
+            return response
+        }
+        router.register(methods.retireAction) { request, _ in
+            try Names.check(request.id, field: "id")
+            return try store.retire(request.id, nowMs: clock())
+        }
+        router.register(methods.setContactPolicy) { request, _ in
+            guard request.caps.count <= 50 else { throw RPCError.invalidArgument(field: "caps", "at most 50") }
+            for (i, cap) in request.caps.enumerated() { try ActionSpec.check(cap, field: "caps[\(i)]", onAction: false) }
+            return try store.setPolicy(request.caps)
+        }
+        router.register(methods.getContactPolicy) { _, _ in store.policy }
+        router.register(methods.decide) { request, _ in try await decide(request) }
+        router.register(methods.getDecision) { request, _ in
+            guard !request.decisionId.isEmpty else { throw RPCError.invalidArgument(field: "decision_id", "is required") }
+            guard let record = try store.decision(request.decisionId) else {
+                throw RPCError(.notFound, "decision_id: no decision \"\(request.decisionId)\"")
+            }
+            return record
+        }
+        router.register(methods.reportOutcome) { request, _ in try reportOutcome(request) }
+    }
+
+    // MARK: - Decide
+
+    /// What the service knows about the person for one decision.
+    struct Person {
+        var id: String?
+        var profile: ProfileV1.ProfileView?
+        /// False when the profile could not be read (consent unknown).
+        var profileKnown: Bool
+    }
+
+    func decide(_ request: DecisionV1.DecideRequest) async throws -> DecisionV1.DecideResponse {
+        try Names.check(request.placement, field: "placement")
+        guard request.count <= Self.maxCount else {
+            throw RPCError.invalidArgument(field: "count", "at most \(Self.maxCount), got \(request.count)")
+        }
+        guard request.context.count <= Self.maxContext else {
+            throw RPCError.invalidArgument(field: "context", "at most \(Self.maxContext) entries, got \(request.context.count)")
+        }
+        for (key, value) in request.context {
+            try Names.check(key, field: "context key")
+            guard value.utf8.count <= 256 else { throw RPCError.invalidArgument(field: "context[\(key)]", "is longer than 256 bytes") }
+        }
+        if request.deliver {
+            throw RPCError(.unimplemented, "deliver: handing a decision to routing arrives with the routing service; decide, then call routing's Route")
+        }
+        let localID: String?
+        switch request.person?.ref {
+        case .personId(let id)?:
+            localID = id
+            guard !id.isEmpty, id.utf8.count <= 64 else { throw RPCError.invalidArgument(field: "person.person_id", "must be 1-64 bytes") }
+        case .identifiers(let list)?:
+            localID = nil
+            guard !list.identifiers.isEmpty else { throw RPCError.invalidArgument(field: "person.identifiers", "is empty") }
+        case nil:
+            throw RPCError.invalidArgument(field: "person", "is required (person_id or identifiers)")
+        }
+
+        let started = ContinuousClock.now
+        let budgetEnd = started + .milliseconds(configuration.decideBudgetMs)
+        let deadline = RPCDeadline.current.map { min($0, budgetEnd) } ?? budgetEnd
+        let peerTimeout = Duration.milliseconds(configuration.peerTimeoutMs)
+        // Leave time to choose and log after the peers answer.
+        let peersDeadline = deadline - .milliseconds(3)
+        var reasons: [String] = []
+
+        var person = Person(id: localID, profile: nil, profileKnown: false)
+        if case .identifiers(let list)? = request.person?.ref {
+            var resolve = IdentityV1.ResolveRequest()
+            resolve.identifiers = list.identifiers
+            switch await PeerCall.call(identity, identityBreaker, IdentityV1.Identity.resolve, resolve, deadline: peersDeadline, timeout: peerTimeout) {
+            case .answered(let response): person.id = response.personId.isEmpty ? nil : response.personId
+            case .unknown: person.id = nil
+            case .failed(let reason): reasons.append(reason)
+            }
+        }
+        if let id = person.id {
+            var get = ProfileV1.GetProfileRequest()
+            var ref = CommonV1.PersonRef()
+            ref.ref = .personId(id)
+            get.person = ref
+            switch await PeerCall.call(profile, profileBreaker, ProfileV1.Profile.getProfile, get, deadline: peersDeadline, timeout: peerTimeout) {
+            case .answered(let view):
+                person.profile = view
+                person.profileKnown = true
+            case .unknown: person.profileKnown = true
+            case .failed(let reason): reasons.append(reason)
+            }
+        } else if reasons.isEmpty {
+            person.profileKnown = true  // an unknown person: no profile, and no failure
+        }
+
+        let now = clock()
+        let choose = { try self.choose(request, person: person, reasons: reasons, nowMs: now) }
+        guard let id = person.id else { return try choose() }
+        return try personLocks[Int(UInt(bitPattern: id.hashValue) % UInt(personLocks.count))].withLock { _ throws in try choose() }
+    }
+
+    /// Everything after the peers: candidates, caps, scores, the draw, the log. Runs under the
+    /// person's lock, so that two decisions for one person never both take a cap's last slot.
+    func choose(_ request: DecisionV1.DecideRequest, person: Person, reasons: [String], nowMs now: Int64) throws -> DecisionV1.DecideResponse {
+        let (actions, catalogVersion) = store.catalog()
+        let policy = store.policy
+        let facts = Facts(profile: person.profile, context: request.context)
+        let windows = actions.flatMap { $0.action.caps.map(\.windowSeconds) + $0.action.suppressions.map(\.windowSeconds) }
+            + policy.caps.map(\.windowSeconds)
+        let history = try person.id.map { try store.history(person: $0, sinceMs: now - (windows.max() ?? 0) * 1000) } ?? .init()
+        var usage = CapUsage(history: history, now: now)
+
+        var explanations: [DecisionV1.CandidateExplanation] = []
+        var eligible: [(spec: ActionSpec, channels: [CommonV1.Channel], slot: Int)] = []
+        for spec in actions where !spec.action.retired {
+            var explanation = DecisionV1.CandidateExplanation()
+            explanation.actionId = spec.id
+            explanation.value = spec.action.value
+            explanation.lever = spec.lever
+            switch exclusion(spec, request: request, person: person, facts: facts, usage: usage, policy: policy, now: now) {
+            case .excluded(let reason):
+                explanation.excludedBy = reason
+            case .eligible(let channels):
+                explanation.eligible = true
+                eligible.append((spec, channels, explanations.count))
+            }
+            explanations.append(explanation)
+        }
+
+        // Scores and Thompson sampling's choice probabilities over the eligible actions.
+        let learner = store.configuration
+        var keys: [ArmKey] = []
+        for (spec, _, _) in eligible { keys += [.global(spec.id), .placement(spec.id, request.placement)] }
+        let arms = store.arms(keys, nowMs: now)
+        var means: [Double] = []
+        var sds: [Double] = []
+        for (k, (spec, _, slot)) in eligible.enumerated() {
+            let prior = spec.action.priorResponseRate > 0 ? spec.action.priorResponseRate : learner.defaultPriorRate
+            let estimate = Learner.estimate(global: arms[2 * k], context: arms[2 * k + 1], contextName: keys[2 * k + 1].context,
+                                            priorRate: prior, configuration: learner)
+            let scale = spec.action.value * spec.lever
+            means.append(estimate.mean * scale)
+            sds.append(estimate.sd * scale)
+            explanations[slot].propensityEstimate = estimate.mean
+            explanations[slot].score = estimate.mean * scale
+            explanations[slot].arm = estimate.arm
+            explanations[slot].successes = estimate.successes
+            explanations[slot].failures = estimate.failures
+        }
+        let probabilities = Learner.withFloor(Learner.winProbabilities(means: means, sds: sds), learner.explorationFloor)
+        for (k, (_, _, slot)) in eligible.enumerated() { explanations[slot].choiceProbability = probabilities[k] }
+
+        // The draw: caps are rechecked as the slate fills (a total cap of 3 with 2 used leaves one slot).
+        var ranked: [DecisionV1.RankedAction] = []
+        let draws = random.withLock { random in
+            Learner.draw(probabilities, count: max(1, Int(request.count)), using: &random) { k in
+                usage.channel(for: eligible[k].spec, among: eligible[k].channels, policy: policy) != nil
+            } chosen: { k in
+                usage.offer(eligible[k].spec, channel: usage.channel(for: eligible[k].spec, among: eligible[k].channels, policy: policy)!)
+            }
+        }
+        for (k, probability) in draws {
+            var action = DecisionV1.RankedAction()
+            action.actionId = eligible[k].spec.id
+            action.score = means[k]
+            action.propensity = probability
+            action.channel = usage.offered.first { $0.action == eligible[k].spec.id }?.channel ?? .unspecified
+            ranked.append(action)
+        }
+
+        var record = DecisionV1.DecisionRecord()
+        record.decisionId = Self.decisionID(now)
+        record.personId = person.id ?? ""
+        record.placement = request.placement
+        record.context = request.context
+        record.decidedAtMs = now
+        record.modelVersion = "thompson-v1/catalog-\(catalogVersion)"
+        record.degraded = !reasons.isEmpty
+        record.degradedReasons = reasons
+        record.candidates = explanations
+        record.actions = ranked
+        record.catalogVersion = catalogVersion
+        try store.log(record, arms: ranked.flatMap { [ArmKey.global($0.actionId), .placement($0.actionId, request.placement)] })
+
+        var response = DecisionV1.DecideResponse()
+        response.decisionId = record.decisionId
+        response.actions = ranked
+        response.modelVersion = record.modelVersion
+        response.degraded = record.degraded
+        response.degradedReasons = reasons
+        response.personId = record.personId
+        response.decidedAtMs = now
+        if request.explain { response.explanations = explanations }
+        return response
+    }
+
+    enum Verdict {
+        case eligible([CommonV1.Channel])
+        case excluded(String)
+    }
+
+    /// Why `spec` may not be offered now, or the channels it may use, in this order:
+    /// schedule, placement, consent, eligibility rule, suppressions, caps.
+    func exclusion(_ spec: ActionSpec, request: DecisionV1.DecideRequest, person: Person, facts: Facts,
+                   usage: CapUsage, policy: DecisionV1.ContactPolicy, now: Int64) -> Verdict {
+        let action = spec.action
+        if action.startsAtMs != 0, now < action.startsAtMs { return .excluded("schedule: starts at \(action.startsAtMs)") }
+        if action.endsAtMs != 0, now >= action.endsAtMs { return .excluded("schedule: ended at \(action.endsAtMs)") }
+        guard spec.offers(request.placement) else {
+            return .excluded("placement: offered only on \(action.placements.joined(separator: ", "))")
+        }
+        var channels = action.channels
+        if !action.consentPurpose.isEmpty {
+            let purpose = action.consentPurpose
+            let paths = channels.isEmpty ? [(CommonV1.Channel.unspecified, purpose)] : channels.map { ($0, "\(purpose).\($0.ruleName)") }
+            var allowed: [CommonV1.Channel] = []
+            var refusals: [String] = []
+            for (channel, path) in paths {
+                switch person.profileKnown ? facts.consent[path] : nil {
+                case true?: allowed.append(channel)
+                case false?: refusals.append("consent.\(path) is denied")
+                case nil:
+                    if action.safeWithoutConsent { allowed.append(channel) } else { refusals.append("consent.\(path) is unknown") }
+                }
+            }
+            guard !allowed.isEmpty else { return .excluded("consent: \(refusals.joined(separator: "; "))") }
+            channels = channels.isEmpty ? [] : allowed
+        }
+        if let rule = spec.eligibility, !rule.evaluate(facts.lookup) {
+            return .excluded("eligibility: \(rule.source)")
+        }
+        for suppression in action.suppressions {
+            let since = now - suppression.windowSeconds * 1000
+            if usage.history.outcomes.contains(where: { $0.kind == suppression.outcome && $0.atMs > since && (suppression.anyAction || $0.action == spec.id) }) {
+                let name = DecisionV1.Outcome.valueNames.first { $0.rawValue == suppression.outcome.rawValue }?.name ?? "\(suppression.outcome.rawValue)"
+                return .excluded("suppression: \(name) on \(suppression.anyAction ? "any action" : "this action") within \(suppression.windowSeconds) s")
+            }
+        }
+        if let reason = usage.capReason(spec, policy: policy) { return .excluded(reason) }
+        guard usage.channel(for: spec, among: channels, policy: policy) != nil else {
+            return .excluded("cap: every channel of the action is at its cap (\(channels.map(\.ruleName).joined(separator: ", ")))")
+        }
+        return .eligible(channels)
+    }
+
+    /// A time-ordered decision id: `d`, 12 hex digits of milliseconds, 16 random hex digits.
+    static func decisionID(_ nowMs: Int64) -> String {
+        let time = String(UInt64(max(0, nowMs)), radix: 16)
+        let random = String(UInt64.random(in: .min ... .max), radix: 16)
+        return "d" + String(repeating: "0", count: max(0, 12 - time.count)) + time
+            + String(repeating: "0", count: 16 - random.count) + random
+    }
+
+    // MARK: - Outcomes
+
+    func reportOutcome(_ request: DecisionV1.ReportOutcomeRequest) throws -> DecisionV1.ReportOutcomeResponse {
+        guard !request.outcomeId.isEmpty, request.outcomeId.utf8.count <= 128 else {
+            throw RPCError.invalidArgument(field: "outcome_id", "must be 1-128 bytes (it makes a replay harmless)")
+        }
+        guard !request.decisionId.isEmpty else { throw RPCError.invalidArgument(field: "decision_id", "is required") }
+        try Names.check(request.actionId, field: "action_id")
+        guard (1...6).contains(request.outcome.rawValue) else {
+            throw RPCError.invalidArgument(field: "outcome", "must be OUTCOME_IMPRESSION ... OUTCOME_UNSUBSCRIBE")
+        }
+        guard request.value.isFinite, request.value >= 0 else { throw RPCError.invalidArgument(field: "value", "must be a finite number >= 0") }
+        let now = clock()
+        guard request.occurredAtMs >= 0, request.occurredAtMs <= now + 86_400_000 else {
+            throw RPCError.invalidArgument(field: "occurred_at_ms", "must be a Unix time in milliseconds, at most a day ahead")
+        }
+        guard let record = try store.decision(request.decisionId) else {
+            throw RPCError(.notFound, "decision_id: no decision \"\(request.decisionId)\"")
+        }
+        guard record.actions.contains(where: { $0.actionId == request.actionId }) else {
+            throw RPCError.invalidArgument(field: "action_id", "decision \(request.decisionId) did not offer \"\(request.actionId)\"")
+        }
+        var response = DecisionV1.ReportOutcomeResponse()
+        response.duplicate = try !store.report(request, record: record, atMs: request.occurredAtMs == 0 ? now : request.occurredAtMs)
+        return response
+    }
+}
+
+/// What rules can read in one decision: `trait.`, `feature.`, `segment.`, `consent.` and `context.`.
+struct Facts {
+    var traits: [String: RuleValue] = [:]
+    var features: [String: Double] = [:]
+    var segments: Set<String> = []
+    /// `purpose.channel` (or `purpose` for channel-less consent) → granted.
+    var consent: [String: Bool] = [:]
+    var context: [String: String]
+
+    init(profile: ProfileV1.ProfileView?, context: [String: String]) {
+        self.context = context
+        guard let profile else { return }
+        for trait in profile.traits { traits[trait.name] = RuleValue(trait.value) }
+        for feature in profile.features { features[feature.name] = feature.value }
+        segments = Set(profile.segments)
+        for record in profile.consent {
+            let channel = record.channel.ruleName
+            consent[channel.isEmpty ? record.purpose : "\(record.purpose).\(channel)"] = record.granted
+        }
+    }
+
+    func lookup(_ namespace: String, _ name: String) -> RuleValue? {
+        switch namespace {
+        case "trait": return traits[name]
+        case "feature": return features[name].map { .number($0) }
+        case "segment": return .bool(segments.contains(name))
+        case "consent": return consent[name].map { .bool($0) }
+        case "context": return context[name].map { .string($0) }
+        default: return nil
+        }
+    }
+}
+
+/// A person's offers within the caps' windows, and those added while a slate fills.
+struct CapUsage {
+    let history: DecisionStore.History
+    let now: Int64
+    var offered: [(action: String, channel: CommonV1.Channel)] = []
+
+    init(history: DecisionStore.History, now: Int64) {
+        self.history = history
+        self.now = now
+    }
+
+    func count(windowSeconds: Int64, _ matches: (String, Int32) -> Bool) -> Int {
+        let since = now - windowSeconds * 1000
+        return history.offers.count { $0.atMs > since && matches($0.action, $0.channel) }
+            + offered.count { matches($0.action, $0.channel.rawValue) }
+    }
+
+    /// The cap (on the action, or the policy's per-action and total caps) that excludes `spec`.
+    func capReason(_ spec: ActionSpec, policy: DecisionV1.ContactPolicy) -> String? {
+        for cap in spec.action.caps where count(windowSeconds: cap.windowSeconds, { a, _ in a == spec.id }) >= cap.max {
+            return "cap: at most \(cap.max) offers of this action per \(cap.windowSeconds) s"
+        }
+        for cap in policy.caps {
+            switch cap.scope {
+            case .action where count(windowSeconds: cap.windowSeconds, { a, _ in a == spec.id }) >= cap.max:
+                return "cap: contact policy, at most \(cap.max) offers of each action per \(cap.windowSeconds) s"
+            case .total where count(windowSeconds: cap.windowSeconds, { _, _ in true }) >= cap.max:
+                return "cap: contact policy, at most \(cap.max) offers per \(cap.windowSeconds) s"
+            default: continue
+            }
+        }
+        return nil
+    }
+
+    /// The first of `channels` below every channel cap (`.unspecified` for an action without
+    /// channels), or nil when none is, or when another cap excludes the action.
+    func channel(for spec: ActionSpec, among channels: [CommonV1.Channel], policy: DecisionV1.ContactPolicy) -> CommonV1.Channel? {
+        guard capReason(spec, policy: policy) == nil else { return nil }
+        guard !channels.isEmpty else { return .unspecified }
+        return channels.first { channel in
+            policy.caps.allSatisfy { cap in
+                cap.scope != .channel || cap.channel != channel
+                    || count(windowSeconds: cap.windowSeconds, { _, c in c == channel.rawValue }) < cap.max
+            }
+        }
+    }
+
+    mutating func offer(_ spec: ActionSpec, channel: CommonV1.Channel) {
+        offered.append((spec.id, channel))
+    }
+}
+
+/// A mutex a copyable value can hold (`Mutex` itself cannot be copied).
+final class Exclusive<Value: Sendable>: Sendable {
+    private let mutex: Mutex<Value>
+    init(_ value: Value) { mutex = Mutex(value) }
+    func withLock<Result, Failure: Error>(_ body: (inout sending Value) throws(Failure) -> sending Result) throws(Failure) -> sending Result {
+        try mutex.withLock(body)
+    }
+}

@@ -1,0 +1,283 @@
+import Contracts
+import Foundation
+import GRDB
+import RPC
+import Storage
+import Synchronization
+
+/// The decision service's SQLite store: the versioned action catalog, the contact policy,
+/// every decision (with all its candidates, for replay and evaluation), the offers each
+/// person received (for caps), outcomes (idempotent by outcome id) and the learner's
+/// evidence per action and context. The catalog, policy and evidence are mirrored in
+/// memory and changed only inside write transactions.
+///
+/// Database access is synchronous on the calling thread (the service runs its handlers
+/// on the concurrent pool, never on an event loop).
+public final class DecisionStore: Sendable {
+    let pool: DatabasePool
+    let configuration: LearnerConfiguration
+    let memory: Mutex<Memory>
+
+    struct Memory: Sendable {
+        var actions: [String: ActionSpec] = [:]
+        var catalogVersion: UInt64 = 0
+        var policy = DecisionV1.ContactPolicy()
+        var arms: [ArmKey: Arm] = [:]
+    }
+
+    public init(directory: String, configuration: LearnerConfiguration = .init()) throws {
+        pool = try SQLiteStore.open(directory: directory, name: "decision", migrator: Self.migrator)
+        self.configuration = configuration
+        var loaded = Memory()
+        try pool.read { db in
+            for row in try Row.fetchAll(db, sql: "SELECT body FROM action") {
+                let action = try DecisionV1.Action(serializedBytes: row["body"] as Data)
+                loaded.actions[action.id] = try ActionSpec(action)
+            }
+            loaded.catalogVersion = try UInt64(Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'catalog_version'") ?? 0)
+            if let policy = try Data.fetchOne(db, sql: "SELECT body FROM policy WHERE id = 1") {
+                loaded.policy = try DecisionV1.ContactPolicy(serializedBytes: policy)
+            }
+            for row in try Row.fetchAll(db, sql: "SELECT action_id, context, successes, failures, updated_ms FROM arm") {
+                loaded.arms[ArmKey(action: row["action_id"], context: row["context"])] =
+                    Arm(successes: row["successes"], failures: row["failures"], updatedMs: row["updated_ms"])
+            }
+        }
+        memory = Mutex(loaded)
+    }
+
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1") { db in
+            try db.execute(sql: """
+                CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+                CREATE TABLE action (id TEXT PRIMARY KEY, version INTEGER NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;  -- arbiter.decision.v1.Action
+                CREATE TABLE action_history (
+                  id TEXT NOT NULL, version INTEGER NOT NULL, body BLOB NOT NULL, changed_at_ms INTEGER NOT NULL,
+                  PRIMARY KEY (id, version)
+                ) WITHOUT ROWID;
+                CREATE TABLE policy (id INTEGER PRIMARY KEY CHECK (id = 1), body BLOB NOT NULL);  -- arbiter.decision.v1.ContactPolicy
+                CREATE TABLE decision (
+                  decision_id TEXT PRIMARY KEY,           -- time-ordered, so inserts append
+                  person_id TEXT NOT NULL,                -- empty when the person was unknown
+                  decided_at_ms INTEGER NOT NULL,
+                  record BLOB NOT NULL                    -- arbiter.decision.v1.DecisionRecord
+                ) WITHOUT ROWID;
+                CREATE INDEX decision_by_person ON decision(person_id) WHERE person_id != '';
+                CREATE TABLE offer (                      -- what each person was offered: contact caps
+                  person_id TEXT NOT NULL,
+                  at_ms INTEGER NOT NULL,
+                  action_id TEXT NOT NULL,
+                  channel INTEGER NOT NULL,
+                  decision_id TEXT NOT NULL,
+                  PRIMARY KEY (person_id, at_ms, decision_id, action_id)
+                ) WITHOUT ROWID;
+                CREATE TABLE outcome (
+                  outcome_id TEXT PRIMARY KEY,            -- the idempotency key
+                  decision_id TEXT NOT NULL,
+                  person_id TEXT NOT NULL,
+                  action_id TEXT NOT NULL,
+                  kind INTEGER NOT NULL,                  -- arbiter.decision.v1.Outcome
+                  value REAL NOT NULL,
+                  occurred_at_ms INTEGER NOT NULL
+                ) WITHOUT ROWID;
+                CREATE INDEX outcome_by_person ON outcome(person_id, occurred_at_ms);
+                CREATE INDEX outcome_by_decision ON outcome(decision_id, action_id);
+                CREATE TABLE arm (
+                  action_id TEXT NOT NULL,
+                  context TEXT NOT NULL,                  -- "*" or "placement:<name>"
+                  successes REAL NOT NULL,
+                  failures REAL NOT NULL,
+                  updated_ms INTEGER NOT NULL,
+                  PRIMARY KEY (action_id, context)
+                ) WITHOUT ROWID;
+                """)
+        }
+        return migrator
+    }
+
+    // MARK: - Catalog
+
+    /// Adds or changes an action. The same action again changes nothing; a change takes the
+    /// next catalog version and keeps the previous form in the history.
+    public func upsert(_ spec: ActionSpec, nowMs: Int64) throws -> DecisionV1.Action {
+        try pool.write { db in
+            let (current, version) = memory.withLock { ($0.actions[spec.id], $0.catalogVersion) }
+            var action = spec.action
+            action.retired = false
+            if let current {
+                var comparable = current.action
+                comparable.version = 0
+                comparable.updatedAtMs = 0
+                action.version = 0
+                action.updatedAtMs = 0
+                if comparable == action { return current.action }
+            }
+            action.version = version + 1
+            action.updatedAtMs = nowMs
+            try save(db, action, nowMs: nowMs)
+            let saved = try ActionSpec(action)
+            memory.withLock {
+                $0.actions[action.id] = saved
+                $0.catalogVersion = action.version
+            }
+            return action
+        }
+    }
+
+    /// Retires an action (kept in the catalog and history, never offered again until upserted).
+    public func retire(_ id: String, nowMs: Int64) throws -> DecisionV1.Action {
+        try pool.write { db in
+            guard let (current, version) = memory.withLock({ m in m.actions[id].map { ($0, m.catalogVersion) } }) else {
+                throw RPCError(.notFound, "id: no action \"\(id)\"")
+            }
+            if current.action.retired { return current.action }
+            var action = current.action
+            action.retired = true
+            action.version = version + 1
+            action.updatedAtMs = nowMs
+            try save(db, action, nowMs: nowMs)
+            let saved = try ActionSpec(action)
+            memory.withLock {
+                $0.actions[id] = saved
+                $0.catalogVersion = action.version
+            }
+            return action
+        }
+    }
+
+    private func save(_ db: Database, _ action: DecisionV1.Action, nowMs: Int64) throws {
+        let body = Data(action.serializedBytes())
+        try db.execute(sql: "INSERT OR REPLACE INTO action (id, version, body) VALUES (?, ?, ?)",
+                       arguments: [action.id, Int64(action.version), body])
+        try db.execute(sql: "INSERT INTO action_history (id, version, body, changed_at_ms) VALUES (?, ?, ?, ?)",
+                       arguments: [action.id, Int64(action.version), body, nowMs])
+        try db.execute(sql: "INSERT OR REPLACE INTO meta (key, value) VALUES ('catalog_version', ?)", arguments: [Int64(action.version)])
+    }
+
+    /// The catalog (sorted by id) and its version.
+    public func catalog() -> (actions: [ActionSpec], version: UInt64) {
+        memory.withLock { ($0.actions.values.sorted { $0.id < $1.id }, $0.catalogVersion) }
+    }
+
+    public var policy: DecisionV1.ContactPolicy { memory.withLock { $0.policy } }
+
+    /// Replaces the contact policy (validated by the caller); a change takes the next version.
+    public func setPolicy(_ caps: [DecisionV1.Cap]) throws -> DecisionV1.ContactPolicy {
+        try pool.write { db in
+            var policy = memory.withLock { $0.policy }
+            guard policy.caps != caps else { return policy }
+            policy.caps = caps
+            policy.version += 1
+            try db.execute(sql: "INSERT OR REPLACE INTO policy (id, body) VALUES (1, ?)", arguments: [Data(policy.serializedBytes())])
+            let saved = policy
+            memory.withLock { $0.policy = saved }
+            return policy
+        }
+    }
+
+    // MARK: - Learning state
+
+    /// The evidence for `keys` as of `nowMs`.
+    func arms(_ keys: [ArmKey], nowMs: Int64) -> [Arm] {
+        let halfLife = configuration.halfLifeMs
+        return memory.withLock { m in keys.map { (m.arms[$0] ?? Arm()).decayed(to: nowMs, halfLifeMs: halfLife) } }
+    }
+
+    /// Adds evidence to arms inside a write transaction (memory follows the database).
+    private func addEvidence(_ db: Database, _ changes: [(ArmKey, successes: Double, failures: Double)], nowMs: Int64) throws {
+        let halfLife = configuration.halfLifeMs
+        let updated: [(ArmKey, Arm)] = memory.withLock { m in
+            changes.map { key, successes, failures in
+                var arm = (m.arms[key] ?? Arm()).decayed(to: nowMs, halfLifeMs: halfLife)
+                arm.successes = max(0, arm.successes + successes)
+                arm.failures = max(0, arm.failures + failures)
+                arm.updatedMs = nowMs
+                return (key, arm)
+            }
+        }
+        let statement = try db.cachedStatement(sql: """
+            INSERT OR REPLACE INTO arm (action_id, context, successes, failures, updated_ms) VALUES (?, ?, ?, ?, ?)
+            """)
+        for (key, arm) in updated {
+            try statement.execute(arguments: [key.action, key.context, arm.successes, arm.failures, arm.updatedMs])
+        }
+        // Memory changes inside the transaction, after every row is written (a commit that
+        // failed after this would leave memory ahead of the file until a restart reloads it).
+        memory.withLock { m in for (key, arm) in updated { m.arms[key] = arm } }
+    }
+
+    // MARK: - Decisions
+
+    /// What a person was offered and did recently, for caps and suppressions.
+    struct History: Sendable {
+        var offers: [(action: String, channel: Int32, atMs: Int64)] = []
+        var outcomes: [(action: String, kind: DecisionV1.Outcome, atMs: Int64)] = []
+    }
+
+    func history(person: String, sinceMs: Int64) throws -> History {
+        try pool.read { db in
+            var history = History()
+            let offers = try Row.fetchCursor(db.cachedStatement(sql: "SELECT action_id, channel, at_ms FROM offer WHERE person_id = ? AND at_ms > ?"),
+                                             arguments: [person, sinceMs])
+            while let row = try offers.next() { history.offers.append((row[0], row[1], row[2])) }
+            let outcomes = try Row.fetchCursor(db.cachedStatement(sql: "SELECT action_id, kind, occurred_at_ms FROM outcome WHERE person_id = ? AND occurred_at_ms > ?"),
+                                               arguments: [person, sinceMs])
+            while let row = try outcomes.next() { history.outcomes.append((row[0], DecisionV1.Outcome(rawValue: row[1]), row[2])) }
+            return history
+        }
+    }
+
+    /// Logs a decision: the record, an offer per chosen action (when the person is known) and,
+    /// for each chosen action, one failure on its arms until a positive outcome turns it into a success.
+    func log(_ record: DecisionV1.DecisionRecord, arms: [ArmKey]) throws {
+        try pool.write { db in
+            try db.cachedStatement(sql: "INSERT INTO decision (decision_id, person_id, decided_at_ms, record) VALUES (?, ?, ?, ?)")
+                .execute(arguments: [record.decisionId, record.personId, record.decidedAtMs, Data(record.serializedBytes())])
+            if !record.personId.isEmpty {
+                let offer = try db.cachedStatement(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES (?, ?, ?, ?, ?)")
+                for action in record.actions {
+                    try offer.execute(arguments: [record.personId, record.decidedAtMs, action.actionId, action.channel.rawValue, record.decisionId])
+                }
+            }
+            try addEvidence(db, arms.map { ($0, 0, 1) }, nowMs: record.decidedAtMs)
+        }
+    }
+
+    public func decision(_ id: String) throws -> DecisionV1.DecisionRecord? {
+        try pool.read { db in
+            try Data.fetchOne(db, sql: "SELECT record FROM decision WHERE decision_id = ?", arguments: [id])
+                .map { try DecisionV1.DecisionRecord(serializedBytes: $0) }
+        }
+    }
+
+    /// Records an outcome once (a known outcome id is a duplicate: returns false) and learns
+    /// from it: the first click or conversion on an offer turns its failure into a success;
+    /// a dismiss, complaint or unsubscribe adds failures.
+    func report(_ outcome: DecisionV1.ReportOutcomeRequest, record: DecisionV1.DecisionRecord, atMs: Int64) throws -> Bool {
+        try pool.write { db in
+            try db.execute(sql: """
+                INSERT OR IGNORE INTO outcome (outcome_id, decision_id, person_id, action_id, kind, value, occurred_at_ms)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [outcome.outcomeId, outcome.decisionId, record.personId, outcome.actionId,
+                                 outcome.outcome.rawValue, outcome.value, atMs])
+            guard db.changesCount > 0 else { return false }
+            let keys = [ArmKey.global(outcome.actionId), .placement(outcome.actionId, record.placement)]
+            switch outcome.outcome {
+            case .click, .conversion:
+                let positives = try Int.fetchOne(db, sql: """
+                    SELECT count(*) FROM outcome WHERE decision_id = ? AND action_id = ? AND kind IN (?, ?)
+                    """, arguments: [outcome.decisionId, outcome.actionId, DecisionV1.Outcome.click.rawValue,
+                                     DecisionV1.Outcome.conversion.rawValue]) ?? 0
+                if positives == 1 { try addEvidence(db, keys.map { ($0, 1, -1) }, nowMs: atMs) }
+            case .dismiss:
+                try addEvidence(db, keys.map { ($0, 0, configuration.dismissWeight) }, nowMs: atMs)
+            case .complaint, .unsubscribe:
+                try addEvidence(db, keys.map { ($0, 0, configuration.complaintWeight) }, nowMs: atMs)
+            default:
+                break
+            }
+            return true
+        }
+    }
+}

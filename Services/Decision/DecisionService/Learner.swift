@@ -1,0 +1,175 @@
+import Foundation
+
+/// How the decision service learns and explores. Defaults are documented per field.
+public struct LearnerConfiguration: Sendable, Codable, Equatable {
+    /// Response rate a new action starts from when it names none (cold start). Default 0.05.
+    public var defaultPriorRate = 0.05
+    /// Weight of the prior, in pseudo-trials: how much evidence it takes to move an estimate. Default 10.
+    public var priorStrength = 10.0
+    /// Evidence halves in this many days, so that the learner follows drift. Default 14.
+    public var halfLifeDays = 14.0
+    /// Share of choices spread uniformly over the eligible actions, so that every eligible
+    /// action keeps a logged propensity of at least `explorationFloor / n`. Default 0.05.
+    public var explorationFloor = 0.05
+    /// Failures a dismiss counts for (on top of the offer itself). Default 1.
+    public var dismissWeight = 1.0
+    /// Failures a complaint or an unsubscribe counts for. Default 10.
+    public var complaintWeight = 10.0
+
+    public init() {}
+
+    var halfLifeMs: Double { halfLifeDays * 86_400_000 }
+}
+
+/// Decayed evidence for one action in one context. Every offer counts as a failure until a
+/// click or conversion on it turns it into a success; dismissals, complaints and
+/// unsubscribes add failures.
+struct Arm: Sendable, Equatable {
+    var successes = 0.0
+    var failures = 0.0
+    var updatedMs: Int64 = 0
+
+    /// The evidence as of `now`: both counts halve every half-life.
+    func decayed(to now: Int64, halfLifeMs: Double) -> Arm {
+        guard now > updatedMs, updatedMs > 0 else { return Arm(successes: successes, failures: failures, updatedMs: max(now, updatedMs)) }
+        let factor = exp2(-Double(now - updatedMs) / halfLifeMs)
+        return Arm(successes: successes * factor, failures: failures * factor, updatedMs: now)
+    }
+}
+
+struct ArmKey: Hashable, Sendable {
+    var action: String
+    /// "*" (the action everywhere) or "placement:<name>".
+    var context: String
+
+    static func global(_ action: String) -> ArmKey { ArmKey(action: action, context: "*") }
+    static func placement(_ action: String, _ placement: String) -> ArmKey { ArmKey(action: action, context: "placement:\(placement)") }
+}
+
+/// A response-rate estimate: a Beta posterior summarized by its mean and standard deviation.
+struct Estimate: Sendable {
+    var mean: Double
+    var sd: Double
+    var arm: String
+    var successes: Double
+    var failures: Double
+}
+
+/// The arithmetic of learning and exploration, free of storage.
+enum Learner {
+    /// The estimate for an action in a placement: a Beta posterior over the placement's
+    /// evidence whose prior is the action's posterior over all placements (itself starting
+    /// from `priorRate`), each prior weighing `priorStrength` pseudo-trials.
+    static func estimate(global: Arm, context: Arm, contextName: String, priorRate: Double,
+                         configuration: LearnerConfiguration) -> Estimate {
+        let m = configuration.priorStrength
+        let globalMean = (m * priorRate + global.successes) / (m + global.successes + global.failures)
+        let alpha = m * globalMean + context.successes
+        let beta = m * (1 - globalMean) + context.failures
+        let n = alpha + beta
+        return Estimate(mean: alpha / n, sd: (alpha * beta / (n * n * (n + 1))).squareRoot(), arm: contextName,
+                        successes: context.successes, failures: context.failures)
+    }
+
+    /// Thompson sampling's choice probabilities: the probability that each score is the
+    /// highest when score `i` is normal with `means[i]` and `sds[i]` (the Beta posteriors,
+    /// scaled by value × lever). Computed by quadrature over the range where the maximum
+    /// lies, so the probabilities are known exactly enough to be logged as propensities
+    /// (sampling would only approximate them). Sums to 1.
+    static func winProbabilities(means: [Double], sds: [Double]) -> [Double] {
+        let n = means.count
+        guard n > 1 else { return Array(repeating: 1, count: n) }
+        // The maximum is almost surely above `floor`; arms that cannot reach it never win.
+        let floor = zip(means, sds).map { $0 - 6 * $1 }.max()!
+        let contenders = (0..<n).filter { means[$0] + 6 * sds[$0] >= floor && sds[$0].isFinite }
+        var p = Array(repeating: 0.0, count: n)
+        if contenders.count == 1 {
+            p[contenders[0]] = 1
+            return p
+        }
+        let top = contenders.map { means[$0] + 6 * sds[$0] }.max()!
+        guard top > floor else {  // no spread at all: the means tie
+            for i in contenders { p[i] = 1 / Double(contenders.count) }
+            return p
+        }
+        let cells = 48
+        let width = (top - floor) / Double(cells)
+        func cdf(_ i: Int, _ x: Double) -> Double {
+            sds[i] > 0 ? 0.5 * erfc(-(x - means[i]) / (sds[i] * 2.0.squareRoot())) : (x >= means[i] ? 1 : 0)
+        }
+        var lower = contenders.map { cdf($0, floor) }
+        for k in 0..<cells {
+            let mid = floor + (Double(k) + 0.5) * width
+            let edge = floor + Double(k + 1) * width
+            let atMid = contenders.map { cdf($0, mid) }
+            // Product of every contender's CDF at the midpoint, and each one's share of it.
+            var product = 1.0
+            var zeros = 0
+            for c in atMid { if c > 1e-300 { product *= c } else { zeros += 1 } }
+            for (slot, i) in contenders.enumerated() {
+                let upper = cdf(i, edge)
+                let mass = upper - lower[slot]
+                lower[slot] = upper
+                guard mass > 0 else { continue }
+                let others: Double
+                if atMid[slot] > 1e-300 {
+                    others = zeros == 0 ? product / atMid[slot] : 0
+                } else {
+                    others = zeros == 1 ? product : 0
+                }
+                p[i] += mass * others
+            }
+        }
+        let total = p.reduce(0, +)
+        guard total > 0 else {
+            for i in contenders { p[i] = 1 / Double(contenders.count) }
+            return p
+        }
+        return p.map { $0 / total }
+    }
+
+    /// Mixes in the exploration floor: `(1 − ε)·p + ε/n`.
+    static func withFloor(_ p: [Double], _ epsilon: Double) -> [Double] {
+        let n = Double(p.count)
+        return p.map { (1 - epsilon) * $0 + epsilon / n }
+    }
+
+    /// Draws up to `count` distinct indexes: the first with probabilities `p`, each next one
+    /// from the rest in proportion (Plackett–Luce), skipping indexes `allowed` refuses at
+    /// that step (a cap filled by an earlier pick). Returns each index with the probability
+    /// it had when drawn.
+    static func draw<R: RandomNumberGenerator>(_ p: [Double], count: Int, using random: inout R,
+                                               allowed: (Int) -> Bool = { _ in true },
+                                               chosen: (Int) -> Void = { _ in }) -> [(index: Int, probability: Double)] {
+        var remaining = Array(p.indices)
+        var picks: [(Int, Double)] = []
+        while picks.count < count {
+            remaining = remaining.filter(allowed)
+            let mass = remaining.reduce(0) { $0 + p[$1] }
+            guard mass > 0 else { break }
+            var u = Double.random(in: 0..<mass, using: &random)
+            var pick = remaining.count - 1
+            for (slot, i) in remaining.enumerated() {
+                u -= p[i]
+                if u < 0 { pick = slot; break }
+            }
+            let index = remaining.remove(at: pick)
+            picks.append((index, p[index] / mass))
+            chosen(index)
+        }
+        return picks
+    }
+}
+
+/// A small, fast, seedable generator (SplitMix64), so that tests and simulations replay.
+public struct SplitMix64: RandomNumberGenerator, Sendable {
+    var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
