@@ -9,13 +9,6 @@ import Synchronization
 import TestSupport
 import Testing
 
-/// A clock tests move by hand: 2023-11-14T22:13:30Z, half a minute past a minute.
-final class TestClock: Sendable {
-    let now = Mutex<Int64>(1_700_000_010_000)
-    var read: @Sendable () -> Int64 { { self.now.withLock { $0 } } }
-    func advance(seconds: Int64) { now.withLock { $0 += seconds * 1000 } }
-}
-
 let minute: Int64 = 60_000
 let hour: Int64 = 3_600_000
 

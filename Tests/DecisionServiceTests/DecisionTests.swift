@@ -1,0 +1,379 @@
+import Contracts
+@testable import DecisionService
+import Foundation
+import Logging
+@testable import ProfileService
+import RPC
+import Rules
+import TestSupport
+import Testing
+
+func action(_ id: String, value: Double = 10, placements: [String] = [], channels: [CommonV1.Channel] = [],
+            eligibility: String = "", purpose: String = "", safe: Bool = false, prior: Double = 0,
+            caps: [DecisionV1.Cap] = [], suppressions: [DecisionV1.Suppression] = []) -> DecisionV1.Action {
+    var action = DecisionV1.Action()
+    action.id = id
+    action.name = id
+    action.value = value
+    action.placements = placements
+    action.channels = channels
+    action.eligibility = eligibility
+    action.consentPurpose = purpose
+    action.safeWithoutConsent = safe
+    action.priorResponseRate = prior
+    action.caps = caps
+    action.suppressions = suppressions
+    return action
+}
+
+func cap(_ scope: DecisionV1.Cap.Scope, _ max: UInt32, per seconds: Int64, channel: CommonV1.Channel = .unspecified) -> DecisionV1.Cap {
+    var cap = DecisionV1.Cap()
+    cap.scope = scope
+    cap.max = max
+    cap.windowSeconds = seconds
+    cap.channel = channel
+    return cap
+}
+
+func personRef(_ id: String) -> CommonV1.PersonRef {
+    var ref = CommonV1.PersonRef()
+    ref.ref = .personId(id)
+    return ref
+}
+
+func decideRequest(_ person: String, placement: String = "home", count: UInt32 = 1, explain: Bool = true,
+                   context: [String: String] = [:]) -> DecisionV1.DecideRequest {
+    var request = DecisionV1.DecideRequest()
+    request.person = personRef(person)
+    request.placement = placement
+    request.count = count
+    request.explain = explain
+    request.context = context
+    return request
+}
+
+extension DecisionService {
+    @discardableResult
+    func upsert(_ action: DecisionV1.Action) throws -> DecisionV1.Action {
+        try store.upsert(try ActionSpec(action), nowMs: clock())
+    }
+
+    func outcome(_ id: String, _ decision: DecisionV1.DecideResponse, _ kind: DecisionV1.Outcome,
+                 action: String? = nil) throws -> DecisionV1.ReportOutcomeResponse {
+        var request = DecisionV1.ReportOutcomeRequest()
+        request.outcomeId = id
+        request.decisionId = decision.decisionId
+        request.actionId = action ?? decision.actions[0].actionId
+        request.outcome = kind
+        return try reportOutcome(request)
+    }
+}
+
+func makeDecision(clock: TestClock = TestClock(), profile: RPCClient? = nil, seed: UInt64 = 7,
+                  configure: (inout DecisionConfiguration) -> Void = { _ in }) throws -> DecisionService {
+    var configuration = DecisionConfiguration()
+    configure(&configuration)
+    let store = try DecisionStore(directory: temporaryDirectory("decision-test"), configuration: configuration.learner)
+    return DecisionService(store: store, configuration: configuration, profile: profile, seed: seed, clock: clock.read)
+}
+
+/// A profile service on a real loopback server, with a few persons in it.
+func withProfile<T: Sendable>(clock: TestClock, _ body: @Sendable (ProfileService, RPCClient) async throws -> T) async throws -> T {
+    let store = try ProfileStore(directory: temporaryDirectory("decision-profile"))
+    let profile = ProfileService(store: store, clock: clock.read)
+    return try await withRPCServer(configure: { $0.handlerExecution = .concurrentPool }, services: [profile]) { _, port in
+        let client = RPCClient(host: "127.0.0.1", port: port)
+        defer { client.close() }
+        return try await body(profile, client)
+    }
+}
+
+extension ProfileService {
+    func traits(_ person: String, _ traits: [String: RuleValue]) async throws {
+        var request = ProfileV1.SetTraitsRequest()
+        request.person = personRef(person)
+        request.traits = traits.sorted { $0.key < $1.key }.map { CommonV1.Field($0.key, $0.value) }
+        _ = try await setTraits(request)
+    }
+
+    func consent(_ person: String, _ purpose: String, _ channel: CommonV1.Channel, granted: Bool) async throws {
+        var record = ProfileV1.ConsentRecord()
+        record.purpose = purpose
+        record.channel = channel
+        record.granted = granted
+        var request = ProfileV1.SetConsentRequest()
+        request.person = personRef(person)
+        request.consents = [record]
+        _ = try await setConsent(request)
+    }
+}
+
+@Suite("decision service")
+struct DecisionTests {
+    @Test("the catalog validates every field, versions each change, and retires")
+    func catalog() async throws {
+        let decision = try makeDecision()
+        await expectInvalid("action.eligibility") { try decision.upsert(action("a", eligibility: "trait.tier == ")) }
+        do {
+            try decision.upsert(action("a", eligibility: "trait.tier == \"gold\" and bogus.x"))
+            Issue.record("accepted an unknown namespace")
+        } catch let error as RPCError {
+            #expect(error.message.contains("at position 26"), "\(error)")
+        }
+        await expectInvalid("action.value") { try decision.upsert(action("a", value: 0)) }
+        await expectInvalid("action.id") { try decision.upsert(action("no spaces")) }
+        await expectInvalid("action.caps[0].window_seconds") { try decision.upsert(action("a", caps: [cap(.action, 1, per: 0)])) }
+        await expectInvalid("action.caps[0].scope") { try decision.upsert(action("a", caps: [cap(.channel, 1, per: 60)])) }
+        await expectInvalid("action.channels[1]") { try decision.upsert(action("a", channels: [.email, .email])) }
+        var suppression = DecisionV1.Suppression()
+        suppression.windowSeconds = 60
+        await expectInvalid("action.suppressions[0].outcome") { try decision.upsert(action("a", suppressions: [suppression])) }
+
+        let first = try decision.upsert(action("a"))
+        #expect(first.version == 1)
+        #expect(try decision.upsert(action("a")).version == 1)  // the same action again changes nothing
+        #expect(try decision.upsert(action("a", value: 20)).version == 2)
+        let retired = try decision.store.retire("a", nowMs: 0)
+        #expect(retired.retired && retired.version == 3)
+        let response = try await decision.decide(decideRequest("p1"))
+        #expect(response.actions.isEmpty && response.explanations.isEmpty)  // a retired action is no candidate
+        #expect(throws: RPCError.self) { _ = try decision.store.retire("missing", nowMs: 0) }
+        let history = try await decision.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM action_history") }
+        #expect(history == 3)
+    }
+
+    @Test("bad Decide and ReportOutcome requests name their field")
+    func validation() async throws {
+        let decision = try makeDecision()
+        await expectInvalid("placement") { _ = try await decision.decide(decideRequest("p1", placement: "")) }
+        await expectInvalid("count") { _ = try await decision.decide(decideRequest("p1", count: 21)) }
+        await expectInvalid("context key") { _ = try await decision.decide(decideRequest("p1", context: ["a b": "x"])) }
+        var noPerson = decideRequest("p1")
+        noPerson.person = nil
+        await expectInvalid("person") { _ = try await decision.decide(noPerson) }
+        await expectInvalid("outcome_id") { _ = try decision.reportOutcome(DecisionV1.ReportOutcomeRequest()) }
+        var unknown = DecisionV1.ReportOutcomeRequest()
+        unknown.outcomeId = "o1"
+        unknown.decisionId = "d-missing"
+        unknown.actionId = "a"
+        unknown.outcome = .click
+        #expect(throws: RPCError(.notFound, "decision_id: no decision \"d-missing\"")) { _ = try decision.reportOutcome(unknown) }
+    }
+
+    @Test("eligibility rules read traits, segments, consent and context; suppression follows outcomes")
+    func eligibilityAndSuppression() async throws {
+        let clock = TestClock()
+        try await withProfile(clock: clock) { profile, client in
+            let decision = try makeDecision(clock: clock, profile: client)
+            try await profile.traits("gold", ["tier": .string("gold")])
+            try await profile.traits("silver", ["tier": .string("silver")])
+            try await profile.consent("gold", "marketing", .email, granted: true)
+            try await profile.consent("silver", "marketing", .email, granted: false)
+            var thirtyDays = DecisionV1.Suppression()
+            thirtyDays.outcome = .conversion
+            thirtyDays.windowSeconds = 30 * 86_400
+            try decision.upsert(action("gold-offer", eligibility: "trait.tier == \"gold\"", suppressions: [thirtyDays]))
+            try decision.upsert(action("mail", channels: [.email, .push], purpose: "marketing"))
+            try decision.upsert(action("mobile-only", eligibility: "context.device == \"ios\""))
+            try decision.upsert(action("cart", placements: ["cart"]))
+
+            func verdicts(_ person: String, context: [String: String] = [:]) async throws -> [String: String] {
+                let response = try await decision.decide(decideRequest(person, count: 4, context: context))
+                #expect(!response.degraded, "\(response.degradedReasons)")
+                return Dictionary(uniqueKeysWithValues: response.explanations.map { ($0.actionId, $0.eligible ? "eligible" : $0.excludedBy) })
+            }
+            let gold = try await verdicts("gold", context: ["device": "ios"])
+            #expect(gold == ["gold-offer": "eligible", "mail": "eligible", "mobile-only": "eligible",
+                             "cart": "placement: offered only on cart"])
+            let silver = try await verdicts("silver")
+            #expect(silver["gold-offer"] == "eligibility: trait.tier == \"gold\"")
+            #expect(silver["mail"] == "consent: consent.marketing.email is denied; consent.marketing.push is unknown")
+            #expect(silver["mobile-only"] == "eligibility: context.device == \"ios\"")
+
+            // The mail goes out on email: the only channel with consent.
+            let mailed = try await decision.decide(decideRequest("gold", count: 4, context: ["device": "ios"]))
+            #expect(mailed.actions.first { $0.actionId == "mail" }?.channel == .email)
+
+            // A conversion on gold-offer suppresses it for 30 days, then it returns.
+            let offer = try await decision.decide(decideRequest("gold", count: 4))
+            #expect(offer.actions.contains { $0.actionId == "gold-offer" })
+            _ = try decision.outcome("conv-1", offer, .conversion, action: "gold-offer")
+            clock.advance(seconds: 29 * 86_400)
+            #expect(try await verdicts("gold")["gold-offer"] == "suppression: OUTCOME_CONVERSION on this action within 2592000 s")
+            clock.advance(seconds: 2 * 86_400)
+            #expect(try await verdicts("gold")["gold-offer"] == "eligible")
+        }
+    }
+
+    @Test("caps per action, per channel and in total hold across their windows")
+    func caps() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock)
+        try decision.upsert(action("a", caps: [cap(.action, 1, per: 3600)]))
+        try decision.upsert(action("b", channels: [.email, .sms]))
+        var policy = DecisionV1.ContactPolicy()
+        policy.caps = [cap(.total, 3, per: 86_400), cap(.channel, 1, per: 86_400, channel: .email)]
+        _ = try decision.store.setPolicy(policy.caps)
+        await expectInvalid("caps[0].channel") { try ActionSpec.check(cap(.channel, 1, per: 60), field: "caps[0]", onAction: false) }
+
+        // One decision asking for 5 gets a and b (b on email); the slate respects the caps as it fills.
+        let first = try await decision.decide(decideRequest("p", count: 5))
+        #expect(Set(first.actions.map(\.actionId)) == ["a", "b"])
+        #expect(first.actions.first { $0.actionId == "b" }?.channel == .email)
+        // Within the hour: a is capped; b falls back to sms (email's daily cap is used).
+        let second = try await decision.decide(decideRequest("p", count: 5))
+        #expect(second.actions.map(\.actionId) == ["b"])
+        #expect(second.actions[0].channel == .sms)
+        #expect(second.explanations.first { $0.actionId == "a" }?.excludedBy == "cap: at most 1 offers of this action per 3600 s")
+        // Three offers today: the total cap excludes everything until the day has passed.
+        let third = try await decision.decide(decideRequest("p", count: 5))
+        #expect(third.actions.isEmpty)
+        #expect(third.explanations.first { $0.actionId == "b" }?.excludedBy == "cap: contact policy, at most 3 offers per 86400 s")
+        clock.advance(seconds: 86_401)
+        #expect(try await decision.decide(decideRequest("p", count: 5)).actions.count == 2)
+        // Another person is not affected by p's caps.
+        #expect(try await decision.decide(decideRequest("q", count: 5)).actions.count == 2)
+    }
+
+    @Test("every candidate is explained; choice probabilities sum to one and are the logged propensities")
+    func propensities() async throws {
+        let decision = try makeDecision()
+        for i in 0..<12 { try decision.upsert(action("a\(i)", value: Double(5 + i), eligibility: i % 4 == 0 ? "context.vip == \"yes\"" : "")) }
+        var firstPicks: [String: Int] = [:]
+        for n in 0..<400 {
+            let response = try await decision.decide(decideRequest("p\(n)", count: 3))
+            #expect(response.explanations.count == 12)
+            let eligible = response.explanations.filter(\.eligible)
+            #expect(eligible.count == 9)
+            #expect(response.explanations.filter { !$0.eligible }.allSatisfy { $0.excludedBy == "eligibility: context.vip == \"yes\"" })
+            #expect(abs(eligible.map(\.choiceProbability).reduce(0, +) - 1) < 1e-9)
+            #expect(eligible.allSatisfy { $0.choiceProbability >= 0.05 / 9 - 1e-12 })  // the exploration floor
+            for candidate in eligible { #expect(abs(candidate.score - candidate.propensityEstimate * candidate.value * candidate.lever) < 1e-9) }
+            #expect(response.actions.count == 3)
+            let first = try #require(response.actions.first)
+            #expect(abs(first.propensity - eligible.first { $0.actionId == first.actionId }!.choiceProbability) < 1e-12)
+            // Later ranks: the probability among the rest.
+            let rest = 1 - first.propensity
+            let second = response.actions[1]
+            #expect(abs(second.propensity - eligible.first { $0.actionId == second.actionId }!.choiceProbability / rest) < 1e-9)
+            firstPicks[first.actionId, default: 0] += 1
+            // The logged record holds the same candidates and choices.
+            let record = try #require(try decision.store.decision(response.decisionId))
+            #expect(record.candidates == response.explanations && record.actions == response.actions)
+        }
+        // Cold start: same prior for all, so the highest value wins most often, but not always.
+        #expect(firstPicks["a11"]! > firstPicks["a1"] ?? 0)
+        #expect(firstPicks.count >= 3)
+    }
+
+    @Test("an outcome counts once, and clicks turn offers into successes")
+    func outcomeIdempotency() async throws {
+        let decision = try makeDecision()
+        try decision.upsert(action("a"))
+        let response = try await decision.decide(decideRequest("p"))
+        #expect(try decision.outcome("o1", response, .click).duplicate == false)
+        #expect(try decision.outcome("o1", response, .click).duplicate == true)
+        #expect(try decision.outcome("o2", response, .conversion).duplicate == false)  // a second positive on the same offer
+        await expectInvalid("action_id") { _ = try decision.outcome("o3", response, .click, action: "b") }
+        let after = try await decision.decide(decideRequest("q"))
+        let explanation = try #require(after.explanations.first)
+        #expect(abs(explanation.successes - 1) < 1e-6)
+        #expect(abs(explanation.failures - 0) < 1e-6)  // the first offer's failure became the success
+        #expect(explanation.arm == "placement:home")
+    }
+
+    @Test("learning moves toward the better action, and complaints count against an action")
+    func learning() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock, seed: 42)
+        try decision.upsert(action("weak", value: 10))
+        try decision.upsert(action("strong", value: 10))
+        try decision.upsert(action("annoying", value: 10))
+        let truth = ["weak": 0.02, "strong": 0.10, "annoying": 0.12]
+        var generator = SplitMix64(seed: 1)
+        var late: [String: Int] = [:]
+        for n in 0..<3000 {
+            let response = try await decision.decide(decideRequest("p\(n)", explain: false))
+            let chosen = response.actions[0].actionId
+            if Double.random(in: 0..<1, using: &generator) < truth[chosen]! {
+                _ = try decision.outcome("o\(n)", response, .click)
+            }
+            // "annoying" gets clicks, but also a complaint now and then.
+            if chosen == "annoying", Double.random(in: 0..<1, using: &generator) < 0.1 {
+                _ = try decision.outcome("c\(n)", response, .complaint)
+            }
+            if n >= 2000 { late[chosen, default: 0] += 1 }
+            clock.advance(seconds: 10)
+        }
+        #expect(late["strong", default: 0] > 700, "\(late)")
+        #expect(late["weak", default: 0] < 150, "\(late)")
+        #expect(late["annoying", default: 0] < 150, "\(late)")
+    }
+
+    @Test("with the profile service stopped or slow, Decide answers within its budget, degraded, and keeps known consent")
+    func degraded() async throws {
+        let clock = TestClock()
+        let store = try ProfileStore(directory: temporaryDirectory("decision-profile"))
+        let profile = ProfileService(store: store, clock: clock.read)
+        var logger = Logger(label: "test")
+        logger.logLevel = .critical
+        var router = RPCRouter()
+        router.register(profile)
+        var configuration = RPCServerConfiguration()
+        configuration.port = 0
+        configuration.handlerExecution = .concurrentPool
+        let server = RPCServer(configuration: configuration, router: router, logger: logger)
+        let serving = Task { try await server.run() }
+        let port = try await server.listeningAddress().port!
+        let client = RPCClient(host: "127.0.0.1", port: port)
+        defer { client.close() }
+        let decision = try makeDecision(clock: clock, profile: client) { $0.decideBudgetMs = 100; $0.peerTimeoutMs = 40 }
+        try await profile.consent("p", "marketing", .email, granted: true)
+        try decision.upsert(action("needs-consent", value: 50, channels: [.email], purpose: "marketing"))
+        try decision.upsert(action("safe", value: 1, channels: [.email], purpose: "marketing", safe: true))
+        try decision.upsert(action("house-ad", value: 1))
+
+        let healthy = try await decision.decide(decideRequest("p", count: 3))
+        #expect(!healthy.degraded)
+        #expect(Set(healthy.actions.map(\.actionId)) == ["needs-consent", "safe", "house-ad"])
+
+        serving.cancel()
+        _ = await serving.result
+        for _ in 0..<8 {  // refused connections, then the breaker skips the profile altogether
+            let started = ContinuousClock.now
+            let response = try await decision.decide(decideRequest("p", count: 3))
+            #expect(ContinuousClock.now - started < .milliseconds(500))
+            #expect(response.degraded)
+            #expect(response.degradedReasons.count == 1 && response.degradedReasons[0].hasPrefix("profile: "), "\(response.degradedReasons)")
+            #expect(Set(response.actions.map(\.actionId)) == ["safe", "house-ad"])
+            #expect(response.explanations.first { $0.actionId == "needs-consent" }?.excludedBy == "consent: consent.marketing.email is unknown")
+            let record = try #require(try decision.store.decision(response.decisionId))
+            #expect(record.degraded && record.degradedReasons == response.degradedReasons)
+        }
+        let last = try await decision.decide(decideRequest("p"))
+        #expect(last.degradedReasons[0].contains("skipped"), "\(last.degradedReasons)")
+    }
+
+    @Test("a profile service slower than the budget does not slow Decide down")
+    func slowProfile() async throws {
+        struct Slow: RPCService {
+            func register(in router: inout RPCRouter) {
+                router.register(ProfileV1.Profile.getProfile) { (_: ProfileV1.GetProfileRequest, _) in
+                    try await Task.sleep(for: .seconds(2))
+                    return ProfileV1.ProfileView()
+                }
+            }
+        }
+        try await withRPCServer(services: [Slow()]) { _, port in
+            let client = RPCClient(host: "127.0.0.1", port: port)
+            defer { client.close() }
+            let decision = try makeDecision(profile: client) { $0.decideBudgetMs = 60; $0.peerTimeoutMs = 30 }
+            try decision.upsert(action("house-ad"))
+            let started = ContinuousClock.now
+            let response = try await decision.decide(decideRequest("p"))
+            #expect(ContinuousClock.now - started < .milliseconds(1000))
+            #expect(response.degraded && response.degradedReasons[0].hasPrefix("profile: DEADLINE_EXCEEDED"), "\(response.degradedReasons)")
+            #expect(response.actions.map(\.actionId) == ["house-ad"])
+        }
+    }
+}
