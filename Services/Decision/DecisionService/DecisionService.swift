@@ -159,13 +159,30 @@ public struct DecisionService: RPCService {
 
         let now = clock()
         let choose = { try self.choose(request, person: person, reasons: reasons, nowMs: now) }
-        guard let id = person.id else { return try choose() }
-        return try personLocks[Int(UInt(bitPattern: id.hashValue) % UInt(personLocks.count))].withLock { _ throws in try choose() }
+        let record: DecisionV1.DecisionRecord
+        if let id = person.id {
+            record = try personLocks[Int(UInt(bitPattern: id.hashValue) % UInt(personLocks.count))].withLock { _ throws in try choose() }
+        } else {
+            record = try choose()
+        }
+        try await store.log(record, arms: record.actions.flatMap { [ArmKey.global($0.actionId), .placement($0.actionId, request.placement)] })
+
+        var response = DecisionV1.DecideResponse()
+        response.decisionId = record.decisionId
+        response.actions = record.actions
+        response.modelVersion = record.modelVersion
+        response.degraded = record.degraded
+        response.degradedReasons = record.degradedReasons
+        response.personId = record.personId
+        response.decidedAtMs = now
+        if request.explain { response.explanations = record.candidates }
+        return response
     }
 
-    /// Everything after the peers: candidates, caps, scores, the draw, the log. Runs under the
-    /// person's lock, so that two decisions for one person never both take a cap's last slot.
-    func choose(_ request: DecisionV1.DecideRequest, person: Person, reasons: [String], nowMs now: Int64) throws -> DecisionV1.DecideResponse {
+    /// Everything after the peers: candidates, caps, scores, the draw. Runs under the person's
+    /// lock and reserves the chosen offers before returning, so that two decisions for one
+    /// person never both take a cap's last slot.
+    func choose(_ request: DecisionV1.DecideRequest, person: Person, reasons: [String], nowMs now: Int64) throws -> DecisionV1.DecisionRecord {
         let (actions, catalogVersion) = store.catalog()
         let policy = store.policy
         let facts = Facts(profile: person.profile, context: request.context)
@@ -244,18 +261,8 @@ public struct DecisionService: RPCService {
         record.candidates = explanations
         record.actions = ranked
         record.catalogVersion = catalogVersion
-        try store.log(record, arms: ranked.flatMap { [ArmKey.global($0.actionId), .placement($0.actionId, request.placement)] })
-
-        var response = DecisionV1.DecideResponse()
-        response.decisionId = record.decisionId
-        response.actions = ranked
-        response.modelVersion = record.modelVersion
-        response.degraded = record.degraded
-        response.degradedReasons = reasons
-        response.personId = record.personId
-        response.decidedAtMs = now
-        if request.explain { response.explanations = explanations }
-        return response
+        store.reserve(record)
+        return record
     }
 
     enum Verdict {

@@ -17,6 +17,7 @@ public final class DecisionStore: Sendable {
     let pool: DatabasePool
     let configuration: LearnerConfiguration
     let memory: Mutex<Memory>
+    let log = DecisionLog()
 
     struct Memory: Sendable {
         var actions: [String: ActionSpec] = [:]
@@ -215,12 +216,31 @@ public final class DecisionStore: Sendable {
         var outcomes: [(action: String, kind: DecisionV1.Outcome, atMs: Int64)] = []
     }
 
+    /// Offers of decisions not yet committed, by person: caps count them too.
+    struct PendingOffer: Sendable {
+        var decision: String
+        var action: String
+        var channel: Int32
+        var atMs: Int64
+    }
+
+    /// The person's offers and outcomes since `sinceMs`, including offers still being logged.
     func history(person: String, sinceMs: Int64) throws -> History {
-        try pool.read { db in
+        // Pending first, then the file: an offer committed in between is in the file, and one
+        // in both is counted once (by decision id).
+        let pending = log.pending.withLock { $0[person] ?? [] }
+        return try pool.read { db in
             var history = History()
-            let offers = try Row.fetchCursor(db.cachedStatement(sql: "SELECT action_id, channel, at_ms FROM offer WHERE person_id = ? AND at_ms > ?"),
+            var seen = Set<String>()
+            let offers = try Row.fetchCursor(db.cachedStatement(sql: "SELECT action_id, channel, at_ms, decision_id FROM offer WHERE person_id = ? AND at_ms > ?"),
                                              arguments: [person, sinceMs])
-            while let row = try offers.next() { history.offers.append((row[0], row[1], row[2])) }
+            while let row = try offers.next() {
+                history.offers.append((row[0], row[1], row[2]))
+                seen.insert(row[3])
+            }
+            for offer in pending where offer.atMs > sinceMs && !seen.contains(offer.decision) {
+                history.offers.append((offer.action, offer.channel, offer.atMs))
+            }
             let outcomes = try Row.fetchCursor(db.cachedStatement(sql: "SELECT action_id, kind, occurred_at_ms FROM outcome WHERE person_id = ? AND occurred_at_ms > ?"),
                                                arguments: [person, sinceMs])
             while let row = try outcomes.next() { history.outcomes.append((row[0], DecisionV1.Outcome(rawValue: row[1]), row[2])) }
@@ -228,19 +248,38 @@ public final class DecisionStore: Sendable {
         }
     }
 
-    /// Logs a decision: the record, an offer per chosen action (when the person is known) and,
-    /// for each chosen action, one failure on its arms until a positive outcome turns it into a success.
-    func log(_ record: DecisionV1.DecisionRecord, arms: [ArmKey]) throws {
-        try pool.write { db in
-            try db.cachedStatement(sql: "INSERT INTO decision (decision_id, person_id, decided_at_ms, record) VALUES (?, ?, ?, ?)")
-                .execute(arguments: [record.decisionId, record.personId, record.decidedAtMs, Data(record.serializedBytes())])
-            if !record.personId.isEmpty {
-                let offer = try db.cachedStatement(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES (?, ?, ?, ?, ?)")
-                for action in record.actions {
-                    try offer.execute(arguments: [record.personId, record.decidedAtMs, action.actionId, action.channel.rawValue, record.decisionId])
-                }
+    /// Marks a decision's offers as taken before it is logged, so that caps see them at once.
+    func reserve(_ record: DecisionV1.DecisionRecord) {
+        guard !record.personId.isEmpty, !record.actions.isEmpty else { return }
+        log.pending.withLock { pending in
+            pending[record.personId, default: []] += record.actions.map {
+                PendingOffer(decision: record.decisionId, action: $0.actionId, channel: $0.channel.rawValue, atMs: record.decidedAtMs)
             }
-            try addEvidence(db, arms.map { ($0, 0, 1) }, nowMs: record.decidedAtMs)
+        }
+    }
+
+    /// Logs a decision durably: the record, an offer per chosen action (when the person is
+    /// known) and, for each chosen action, one failure on its arms until a positive outcome
+    /// turns it into a success. Decisions arriving together share one transaction (group
+    /// commit); this returns once the transaction holding this one has committed.
+    func log(_ record: DecisionV1.DecisionRecord, arms: [ArmKey]) async throws {
+        try await log.submit(DecisionLog.Entry(record: record, arms: arms), to: self)
+    }
+
+    func write(_ entries: [DecisionLog.Entry]) throws {
+        try pool.write { db in
+            let decision = try db.cachedStatement(sql: "INSERT INTO decision (decision_id, person_id, decided_at_ms, record) VALUES (?, ?, ?, ?)")
+            let offer = try db.cachedStatement(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES (?, ?, ?, ?, ?)")
+            for entry in entries {
+                let record = entry.record
+                try decision.execute(arguments: [record.decisionId, record.personId, record.decidedAtMs, Data(record.serializedBytes())])
+                if !record.personId.isEmpty {
+                    for action in record.actions {
+                        try offer.execute(arguments: [record.personId, record.decidedAtMs, action.actionId, action.channel.rawValue, record.decisionId])
+                    }
+                }
+                try addEvidence(db, entry.arms.map { ($0, 0, 1) }, nowMs: record.decidedAtMs)
+            }
         }
     }
 
@@ -278,6 +317,53 @@ public final class DecisionStore: Sendable {
                 break
             }
             return true
+        }
+    }
+}
+
+/// Group commit for the decision log: one writer drains every decision waiting into one
+/// transaction, then wakes their callers. Under load a transaction carries many decisions,
+/// so the log costs one commit (and its share of WAL writes) per batch, not per decision.
+final class DecisionLog: Sendable {
+    struct Entry: Sendable {
+        var record: DecisionV1.DecisionRecord
+        var arms: [ArmKey]
+    }
+
+    let pending = Mutex<[String: [DecisionStore.PendingOffer]]>([:])
+    private let queue = Mutex<(waiting: [(Entry, CheckedContinuation<Void, any Error>)], writing: Bool)>(([], false))
+    private let writer = DispatchQueue(label: "arbiter.decision.log")
+    static let maxBatch = 512
+
+    func submit(_ entry: Entry, to store: DecisionStore) async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let start = queue.withLock { queue in
+                queue.waiting.append((entry, continuation))
+                guard !queue.writing else { return false }
+                queue.writing = true
+                return true
+            }
+            if start { writer.async { self.drain(into: store) } }
+        }
+    }
+
+    private func drain(into store: DecisionStore) {
+        while true {
+            let batch = queue.withLock { queue -> [(Entry, CheckedContinuation<Void, any Error>)] in
+                let batch = Array(queue.waiting.prefix(Self.maxBatch))
+                queue.waiting.removeFirst(batch.count)
+                if batch.isEmpty { queue.writing = false }
+                return batch
+            }
+            guard !batch.isEmpty else { return }
+            let result = Result { try store.write(batch.map(\.0)) }
+            pending.withLock { pending in
+                for (entry, _) in batch where !entry.record.personId.isEmpty {
+                    pending[entry.record.personId]?.removeAll { $0.decision == entry.record.decisionId }
+                    if pending[entry.record.personId]?.isEmpty == true { pending[entry.record.personId] = nil }
+                }
+            }
+            for (_, continuation) in batch { continuation.resume(with: result) }
         }
     }
 }

@@ -291,6 +291,14 @@ public final class ProfileStore: Sendable {
         public var granted: Bool
         public var source: String
         public var atMs: Int64
+
+        public init(purpose: String, channel: Int32, granted: Bool, source: String, atMs: Int64) {
+            self.purpose = purpose
+            self.channel = channel
+            self.granted = granted
+            self.source = source
+            self.atMs = atMs
+        }
     }
 
     /// Appends consent records to the person's history.
