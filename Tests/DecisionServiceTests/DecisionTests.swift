@@ -376,4 +376,20 @@ struct DecisionTests {
             #expect(response.actions.map(\.actionId) == ["house-ad"])
         }
     }
+
+    @Test("the configuration keeps defaults for missing keys and names a bad value")
+    func configuration() throws {
+        let partial = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"decideBudgetMs": 80, "learner": {"halfLifeDays": 7}}"#.utf8))
+        var expected = DecisionConfiguration()
+        expected.decideBudgetMs = 80
+        expected.learner.halfLifeDays = 7
+        #expect(partial == expected)
+        #expect(throws: DecodingError.self) { _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"peerTimeoutMs": 0}"#.utf8)) }
+        do {
+            _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"learner": {"explorationFloor": 2}}"#.utf8))
+            Issue.record("accepted an exploration floor of 2")
+        } catch {
+            #expect("\(error)".contains("explorationFloor must be between 0 and 1"), "\(error)")
+        }
+    }
 }

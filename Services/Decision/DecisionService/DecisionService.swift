@@ -17,6 +17,24 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
     public var breakerCooldownMs = 1000
 
     public init() {}
+
+    /// Missing keys keep their defaults; a value out of range stops the service at start.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = Self()
+        func read(_ key: CodingKeys, _ fallback: Int, _ range: ClosedRange<Int>) throws -> Int {
+            let value = try c.decodeIfPresent(Int.self, forKey: key) ?? fallback
+            guard range.contains(value) else {
+                throw DecodingError.dataCorruptedError(forKey: key, in: c, debugDescription: "\(key.stringValue) must be between \(range.lowerBound) and \(range.upperBound), got \(value)")
+            }
+            return value
+        }
+        learner = try c.decodeIfPresent(LearnerConfiguration.self, forKey: .learner) ?? d.learner
+        decideBudgetMs = try read(.decideBudgetMs, d.decideBudgetMs, 5...60_000)
+        peerTimeoutMs = try read(.peerTimeoutMs, d.peerTimeoutMs, 1...60_000)
+        breakerFailures = try read(.breakerFailures, d.breakerFailures, 1...1000)
+        breakerCooldownMs = try read(.breakerCooldownMs, d.breakerCooldownMs, 1...600_000)
+    }
 }
 
 /// arbiter.decision.v1.Decision: the catalog, the contact policy, Decide and learning

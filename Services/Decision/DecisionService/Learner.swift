@@ -18,6 +18,25 @@ public struct LearnerConfiguration: Sendable, Codable, Equatable {
 
     public init() {}
 
+    /// Missing keys keep their defaults; a value out of range stops the service at start.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = Self()
+        func read(_ key: CodingKeys, _ fallback: Double, _ valid: (Double) -> Bool, _ rule: String) throws -> Double {
+            let value = try c.decodeIfPresent(Double.self, forKey: key) ?? fallback
+            guard valid(value) else {
+                throw DecodingError.dataCorruptedError(forKey: key, in: c, debugDescription: "\(key.stringValue) \(rule), got \(value)")
+            }
+            return value
+        }
+        defaultPriorRate = try read(.defaultPriorRate, d.defaultPriorRate, { $0 > 0 && $0 < 1 }, "must be between 0 and 1")
+        priorStrength = try read(.priorStrength, d.priorStrength, { $0 > 0 && $0.isFinite }, "must be positive")
+        halfLifeDays = try read(.halfLifeDays, d.halfLifeDays, { $0 > 0 && $0.isFinite }, "must be positive")
+        explorationFloor = try read(.explorationFloor, d.explorationFloor, { $0 >= 0 && $0 <= 1 }, "must be between 0 and 1")
+        dismissWeight = try read(.dismissWeight, d.dismissWeight, { $0 >= 0 && $0.isFinite }, "must be 0 or more")
+        complaintWeight = try read(.complaintWeight, d.complaintWeight, { $0 >= 0 && $0.isFinite }, "must be 0 or more")
+    }
+
     var halfLifeMs: Double { halfLifeDays * 86_400_000 }
 }
 
