@@ -72,6 +72,9 @@ extension DecisionService {
 func makeDecision(clock: TestClock = TestClock(), profile: RPCClient? = nil, seed: UInt64 = 7,
                   configure: (inout DecisionConfiguration) -> Void = { _ in }) throws -> DecisionService {
     var configuration = DecisionConfiguration()
+    // Generous by default: a loaded test machine must not turn a healthy decision into a degraded one.
+    configuration.decideBudgetMs = 10_000
+    configuration.peerTimeoutMs = 5_000
     configure(&configuration)
     let store = try DecisionStore(directory: temporaryDirectory("decision-test"), configuration: configuration.learner)
     return DecisionService(store: store, configuration: configuration, profile: profile, seed: seed, clock: clock.read)
@@ -327,7 +330,7 @@ struct DecisionTests {
         let port = try await server.listeningAddress().port!
         let client = RPCClient(host: "127.0.0.1", port: port)
         defer { client.close() }
-        let decision = try makeDecision(clock: clock, profile: client) { $0.decideBudgetMs = 100; $0.peerTimeoutMs = 40 }
+        let decision = try makeDecision(clock: clock, profile: client) { $0.decideBudgetMs = 1000; $0.peerTimeoutMs = 800 }
         try await profile.consent("p", "marketing", .email, granted: true)
         try decision.upsert(action("needs-consent", value: 50, channels: [.email], purpose: "marketing"))
         try decision.upsert(action("safe", value: 1, channels: [.email], purpose: "marketing", safe: true))
@@ -342,7 +345,7 @@ struct DecisionTests {
         for _ in 0..<8 {  // refused connections, then the breaker skips the profile altogether
             let started = ContinuousClock.now
             let response = try await decision.decide(decideRequest("p", count: 3))
-            #expect(ContinuousClock.now - started < .milliseconds(500))
+            #expect(ContinuousClock.now - started < .milliseconds(1200))  // the budget, and a little to log
             #expect(response.degraded)
             #expect(response.degradedReasons.count == 1 && response.degradedReasons[0].hasPrefix("profile: "), "\(response.degradedReasons)")
             #expect(Set(response.actions.map(\.actionId)) == ["safe", "house-ad"])
