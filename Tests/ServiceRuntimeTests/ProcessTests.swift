@@ -272,6 +272,77 @@ struct ProcessTests {
         #expect(await server.waitForExit() == 0)
     }
 
+    @Test("arbiter-decision keeps answering with arbiter-profile killed, degraded and within known consent, and keeps its log across a kill -9")
+    func decisionWithProfileKilled() async throws {
+        let profilePort = try await unusedPort(), profileAdmin = try await unusedPort()
+        let port = try await unusedPort(), admin = try await unusedPort()
+        let dataDir = NSTemporaryDirectory() + "/arbiter-decision-\(port)"
+        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        // Generous peer timeouts, so that a loaded machine cannot fail the healthy decision.
+        let config = dataDir + "/config.json"
+        try Data(#"{"decision": {"decideBudgetMs": 3000, "peerTimeoutMs": 2000}}"#.utf8).write(to: URL(fileURLWithPath: config))
+        let profile = try RunningProcess.start("arbiter-profile", [
+            "--port", "\(profilePort)", "--admin-port", "\(profileAdmin)", "--data-dir", dataDir + "/profile"])
+        defer { kill(profile.process.processIdentifier, SIGKILL) }
+        let profileClient = try await waitUntilServing(port: profilePort)
+        defer { profileClient.close() }
+        let arguments = ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir + "/decision",
+                         "--profile", "127.0.0.1:\(profilePort)", "--config", config]
+        var server = try RunningProcess.start("arbiter-decision", arguments)
+        var client = try await waitUntilServing(port: port)
+
+        var person = CommonV1.PersonRef()
+        person.ref = .personId("p1")
+        var record = ProfileV1.ConsentRecord()
+        record.purpose = "marketing"
+        record.channel = .email
+        record.granted = true
+        var consent = ProfileV1.SetConsentRequest()
+        consent.person = person
+        consent.consents = [record]
+        _ = try await profileClient.call(ProfileV1.Profile.setConsent, consent)
+        for (id, safe) in [("needs-consent", false), ("safe", true)] {
+            var upsert = DecisionV1.UpsertActionRequest()
+            var action = DecisionV1.Action()
+            action.id = id
+            action.value = 10
+            action.channels = [.email]
+            action.consentPurpose = "marketing"
+            action.safeWithoutConsent = safe
+            upsert.action = action
+            _ = try await client.call(DecisionV1.Decision.upsertAction, upsert)
+        }
+        var decide = DecisionV1.DecideRequest()
+        decide.person = person
+        decide.placement = "home"
+        decide.count = 2
+        let healthy = try await client.call(DecisionV1.Decision.decide, decide)
+        #expect(!healthy.degraded, "\(healthy.degradedReasons)")
+        #expect(Set(healthy.actions.map(\.actionId)) == ["needs-consent", "safe"])
+
+        kill(profile.process.processIdentifier, SIGKILL)
+        _ = await profile.waitForExit()
+        let degraded = try await client.call(DecisionV1.Decision.decide, decide, timeout: .seconds(5))
+        #expect(degraded.degraded && degraded.degradedReasons.first?.hasPrefix("profile: ") == true, "\(degraded.degradedReasons)")
+        #expect(degraded.actions.map(\.actionId) == ["safe"])
+
+        // Both decisions were acknowledged, so both survive a kill -9 of the decision service.
+        kill(server.process.processIdentifier, SIGKILL)
+        _ = await server.waitForExit()
+        client.close()
+        server = try RunningProcess.start("arbiter-decision", arguments)
+        client = try await waitUntilServing(port: port)
+        for decision in [healthy, degraded] {
+            var get = DecisionV1.GetDecisionRequest()
+            get.decisionId = decision.decisionId
+            let logged = try await client.call(DecisionV1.Decision.getDecision, get)
+            #expect(logged.actions == decision.actions && logged.degraded == decision.degraded)
+        }
+        client.close()
+        kill(server.process.processIdentifier, SIGTERM)
+        #expect(await server.waitForExit() == 0)
+    }
+
     @Test("a bad --config section stops arbiter-identity at start, naming the setting")
     func badIdentityConfig() async throws {
         let configFile = NSTemporaryDirectory() + "/arbiter-bad-config-\(UInt32.random(in: 0...UInt32.max)).json"
