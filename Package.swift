@@ -78,7 +78,7 @@ let package = Package(
             path: "Services/Identity/IdentityService"
         ),
         // The rule language shared by profile segments, feature filters and decision eligibility.
-        .target(name: "Rules", dependencies: ["Contracts"]),
+        .target(name: "Rules", dependencies: ["Contracts", "RPC"]),
         // Profiles: events, windowed and decayed features, traits, segments, consent, merges.
         .target(
             name: "ProfileService",
@@ -127,7 +127,7 @@ let package = Package(
         .target(
             name: "TestSupport",
             dependencies: [
-                "RPC",
+                "RPC", "Contracts",
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],

@@ -44,17 +44,8 @@ struct IdentityBench: AsyncParsableCommand {
         print("seeded \(persons * 2) identifiers (\(persons) persons) in \(seedStart.duration(to: .now)); rss \(rssMiB()) MiB")
         if seedOnly { return }
 
-        var router = RPCRouter()
-        router.register(IdentityService(store: store))
-        var configuration = RPCServerConfiguration()
-        configuration.port = 0
-        configuration.handlerExecution = onEventLoop ? .eventLoop : .concurrentPool
-        var logger = Logger(label: "bench")
-        logger.logLevel = .error
-        let server = RPCServer(configuration: configuration, router: router, logger: logger)
-        let serverTask = Task { try await server.run() }
+        let (serverTask, port) = try await Bench.serve(IdentityService(store: store), handlerExecution: onEventLoop ? .eventLoop : .concurrentPool)
         defer { serverTask.cancel() }
-        let port = try await server.listeningAddress().port!
         let clients = (0..<connections).map { _ in RPCClient(host: "127.0.0.1", port: port) }
 
         // Resolve: known identifiers, random persons.
@@ -111,6 +102,21 @@ extension Bench {
     /// Runs `call` for `duration` seconds with `concurrency` workers; prints and returns calls/s.
     /// Closed loop by default; with `rate` (calls/s in total) open loop: each call has an
     /// intended start time, and its latency counts from then (corrected for coordinated omission).
+    /// Serves `service` on a free loopback port, logging errors only; cancel the task to stop it.
+    static func serve(_ service: some RPCService, handlerExecution: RPCServerConfiguration.HandlerExecution = .concurrentPool)
+        async throws -> (task: Task<Void, any Error>, port: Int) {
+        var router = RPCRouter()
+        router.register(service)
+        var configuration = RPCServerConfiguration()
+        configuration.port = 0
+        configuration.handlerExecution = handlerExecution
+        var logger = Logger(label: "bench")
+        logger.logLevel = .error
+        let server = RPCServer(configuration: configuration, router: router, logger: logger)
+        let task = Task { try await server.run() }
+        return (task, try await server.listeningAddress().port!)
+    }
+
     static func measure(_ name: String, _ clients: [RPCClient], duration: Double, concurrency: Int, rate: Double? = nil,
                         _ call: @escaping @Sendable (RPCClient, Int) async throws -> Void) async throws -> Double {
         let begin = ContinuousClock.now

@@ -22,8 +22,6 @@ struct DecisionBench: AsyncParsableCommand {
     @Option(help: "Connections to the decision service.") var connections = 8
 
     func run() async throws {
-        var logger = Logger(label: "bench")
-        logger.logLevel = .error
         let base = NSTemporaryDirectory() + "/arbiter-bench-decision-\(UUID().uuidString)"
         defer { try? FileManager.default.removeItem(atPath: base) }
 
@@ -43,10 +41,9 @@ struct DecisionBench: AsyncParsableCommand {
         try profileStore.defineSegment(name: "gold", rule: try Rule("trait.tier == \"gold\""), nowMs: now)
         print(String(format: "seeded %d persons in %.1f s", persons, (ContinuousClock.now - seeding) / .seconds(1)))
 
-        let profileServer = server(ProfileService(store: profileStore), logger)
-        let profileTask = Task { try await profileServer.run() }
+        let (profileTask, profilePort) = try await Bench.serve(ProfileService(store: profileStore))
         defer { profileTask.cancel() }
-        let profileClient = RPCClient(host: "127.0.0.1", port: try await profileServer.listeningAddress().port!)
+        let profileClient = RPCClient(host: "127.0.0.1", port: profilePort)
 
         // The catalog: a mix of rules, consent purposes, placements and caps.
         let store = try DecisionStore(directory: base + "/decision")
@@ -74,10 +71,8 @@ struct DecisionBench: AsyncParsableCommand {
         total.windowSeconds = 86_400
         _ = try store.setPolicy([total])
 
-        let decisionServer = server(decision, logger)
-        let decisionTask = Task { try await decisionServer.run() }
+        let (decisionTask, port) = try await Bench.serve(decision)
         defer { decisionTask.cancel() }
-        let port = try await decisionServer.listeningAddress().port!
         let clients = (0..<connections).map { _ in RPCClient(host: "127.0.0.1", port: port) }
         let persons = self.persons
         let degraded = Counter()
@@ -101,15 +96,6 @@ struct DecisionBench: AsyncParsableCommand {
         print("degraded answers: \(degraded.value); goal: 3000/s for 60 s with p99 <= 10 ms, p99.9 <= 25 ms; rss \(rssMiB()) MiB")
         clients.forEach { $0.close() }
         profileClient.close()
-    }
-
-    func server(_ service: some RPCService, _ logger: Logger) -> RPCServer {
-        var router = RPCRouter()
-        router.register(service)
-        var configuration = RPCServerConfiguration()
-        configuration.port = 0
-        configuration.handlerExecution = .concurrentPool
-        return RPCServer(configuration: configuration, router: router, logger: logger)
     }
 }
 

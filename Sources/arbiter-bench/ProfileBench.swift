@@ -34,18 +34,8 @@ struct ProfileBench: AsyncParsableCommand {
             _ = try store.define(.make(name, on: type, aggregation, window: window, halfLife: halfLife, property: property),
                                  backfill: false, nowMs: now)
         }
-        let service = ProfileService(store: store)
-        var router = RPCRouter()
-        router.register(service)
-        var configuration = RPCServerConfiguration()
-        configuration.port = 0
-        configuration.handlerExecution = .concurrentPool
-        var logger = Logger(label: "bench")
-        logger.logLevel = .error
-        let server = RPCServer(configuration: configuration, router: router, logger: logger)
-        let serverTask = Task { try await server.run() }
+        let (serverTask, port) = try await Bench.serve(ProfileService(store: store))
         defer { serverTask.cancel() }
-        let port = try await server.listeningAddress().port!
         let clients = (0..<connections).map { _ in RPCClient(host: "127.0.0.1", port: port) }
         let persons = self.persons
         let runID = UUID().uuidString.prefix(8)

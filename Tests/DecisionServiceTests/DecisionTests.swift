@@ -35,12 +35,6 @@ func cap(_ scope: DecisionV1.Cap.Scope, _ max: UInt32, per seconds: Int64, chann
     return cap
 }
 
-func personRef(_ id: String) -> CommonV1.PersonRef {
-    var ref = CommonV1.PersonRef()
-    ref.ref = .personId(id)
-    return ref
-}
-
 func decideRequest(_ person: String, placement: String = "home", count: UInt32 = 1, explain: Bool = true,
                    context: [String: String] = [:]) -> DecisionV1.DecideRequest {
     var request = DecisionV1.DecideRequest()
@@ -91,23 +85,14 @@ func withProfile<T: Sendable>(clock: TestClock, _ body: @Sendable (ProfileServic
     }
 }
 
-extension ProfileService {
-    func traits(_ person: String, _ traits: [String: RuleValue]) async throws {
-        var request = ProfileV1.SetTraitsRequest()
-        request.person = personRef(person)
-        request.traits = traits.sorted { $0.key < $1.key }.map { CommonV1.Field($0.key, $0.value) }
-        _ = try await setTraits(request)
-    }
-
-    func consent(_ person: String, _ purpose: String, _ channel: CommonV1.Channel, granted: Bool) async throws {
-        var record = ProfileV1.ConsentRecord()
-        record.purpose = purpose
-        record.channel = channel
-        record.granted = granted
-        var request = ProfileV1.SetConsentRequest()
-        request.person = personRef(person)
-        request.consents = [record]
-        _ = try await setConsent(request)
+/// Seeds the profile store directly: these tests are about decisions, not profile validation.
+func seed(_ store: ProfileStore, _ person: String, traits: [(name: String, value: RuleValue)] = [],
+          consent: [(purpose: String, channel: CommonV1.Channel, granted: Bool)] = [], at: Int64) throws {
+    if !traits.isEmpty { _ = try store.setTraits(person: person, traits, source: "test", updatedAtMs: at) }
+    if !consent.isEmpty {
+        try store.setConsent(person: person, consent.map {
+            ProfileStore.Consent(purpose: $0.purpose, channel: $0.channel.rawValue, granted: $0.granted, source: "test", atMs: at)
+        })
     }
 }
 
@@ -168,10 +153,8 @@ struct DecisionTests {
         let clock = TestClock()
         try await withProfile(clock: clock) { profile, client in
             let decision = try makeDecision(clock: clock, profile: client)
-            try await profile.traits("gold", ["tier": .string("gold")])
-            try await profile.traits("silver", ["tier": .string("silver")])
-            try await profile.consent("gold", "marketing", .email, granted: true)
-            try await profile.consent("silver", "marketing", .email, granted: false)
+            try seed(profile.store, "gold", traits: [("tier", .string("gold"))], consent: [("marketing", .email, true)], at: clock.read())
+            try seed(profile.store, "silver", traits: [("tier", .string("silver"))], consent: [("marketing", .email, false)], at: clock.read())
             var thirtyDays = DecisionV1.Suppression()
             thirtyDays.outcome = .conversion
             thirtyDays.windowSeconds = 30 * 86_400
@@ -331,7 +314,7 @@ struct DecisionTests {
         let client = RPCClient(host: "127.0.0.1", port: port)
         defer { client.close() }
         let decision = try makeDecision(clock: clock, profile: client) { $0.decideBudgetMs = 1000; $0.peerTimeoutMs = 800 }
-        try await profile.consent("p", "marketing", .email, granted: true)
+        try seed(store, "p", consent: [("marketing", .email, true)], at: clock.read())
         try decision.upsert(action("needs-consent", value: 50, channels: [.email], purpose: "marketing"))
         try decision.upsert(action("safe", value: 1, channels: [.email], purpose: "marketing", safe: true))
         try decision.upsert(action("house-ad", value: 1))

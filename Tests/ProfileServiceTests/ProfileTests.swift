@@ -12,19 +12,13 @@ import Testing
 let minute: Int64 = 60_000
 let hour: Int64 = 3_600_000
 
-func person(_ id: String) -> CommonV1.PersonRef {
-    var ref = CommonV1.PersonRef()
-    ref.ref = .personId(id)
-    return ref
-}
-
 func field(_ name: String, _ value: RuleValue) -> CommonV1.Field { CommonV1.Field(name, value) }
 
 func event(_ id: String, _ who: String, _ type: String, at: Int64, value: Double = 0,
            _ properties: [String: RuleValue] = [:]) -> ProfileV1.Event {
     var event = ProfileV1.Event()
     event.eventId = id
-    event.person = person(who)
+    event.person = personRef(who)
     event.type = type
     event.occurredAtMs = at
     event.value = value
@@ -63,7 +57,7 @@ extension ProfileService {
 
     func profile(_ id: String) async throws -> ProfileV1.ProfileView {
         var request = ProfileV1.GetProfileRequest()
-        request.person = person(id)
+        request.person = personRef(id)
         return try await getProfile(request)
     }
 
@@ -73,7 +67,7 @@ extension ProfileService {
 
     func traits(_ id: String, _ traits: [String: RuleValue], source: String = "crm", at: Int64) async throws -> ProfileV1.SetTraitsResponse {
         var request = ProfileV1.SetTraitsRequest()
-        request.person = person(id)
+        request.person = personRef(id)
         request.traits = traits.sorted { $0.key < $1.key }.map { field($0.key, $0.value) }
         request.source = source
         request.updatedAtMs = at
@@ -82,7 +76,7 @@ extension ProfileService {
 
     func consent(_ id: String, _ purpose: String, _ channel: CommonV1.Channel, _ granted: Bool, at: Int64, source: String = "form") async throws {
         var request = ProfileV1.SetConsentRequest()
-        request.person = person(id)
+        request.person = personRef(id)
         var record = ProfileV1.ConsentRecord()
         record.purpose = purpose
         record.channel = channel
@@ -272,13 +266,13 @@ struct TraitSegmentConsentTests {
         try await service.consent("p", "marketing", .email, true, at: now - 2 * hour, source: "late-import")
         try await service.consent("p", "marketing", .sms, true, at: now, source: "app")
         var request = ProfileV1.GetConsentRequest()
-        request.person = person("p")
+        request.person = personRef("p")
         request.includeHistory = true
         let consent = try await service.getConsent(request)
         #expect(consent.current.map { "\($0.channel.rawValue):\($0.granted):\($0.source)" } == ["1:false:unsubscribe-link", "2:true:app"])
         #expect(consent.history.map(\.source) == ["signup", "late-import", "unsubscribe-link", "app"])
         await expectInvalid("consents[0].purpose") { try await service.consent("p", "", .email, true, at: now) }
-        request.person = person("nobody")
+        request.person = personRef("nobody")
         request.includeHistory = false
         #expect(try await service.getConsent(request).current.isEmpty)
     }
@@ -288,7 +282,7 @@ struct TraitSegmentConsentTests {
         let service = try makeProfile()
         await #expect(throws: RPCError(.notFound, "person: no profile for ghost")) { _ = try await service.profile("ghost") }
         var request = ProfileV1.GetProfileRequest()
-        request.person = person("ghost")
+        request.person = personRef("ghost")
         request.fields = ["traits", "secrets"]
         await expectInvalid("fields[1]") { _ = try await service.getProfile(request) }
         request.person = nil
@@ -375,7 +369,7 @@ struct MergeEraseTests {
 
             // Reference: one person who had all 80 events from the start.
             var all = Self.history("a", seed: 1, now: now) + Self.history("b", seed: 2, now: now)
-            for i in all.indices { all[i].person = person("one") }
+            for i in all.indices { all[i].person = personRef("one") }
             _ = try await reference.track(all)
             let merged = try await service.profile(linked.personId)
             let expected = try await reference.features("one")

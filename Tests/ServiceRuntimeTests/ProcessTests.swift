@@ -291,8 +291,7 @@ struct ProcessTests {
         var server = try RunningProcess.start("arbiter-decision", arguments)
         var client = try await waitUntilServing(port: port)
 
-        var person = CommonV1.PersonRef()
-        person.ref = .personId("p1")
+        let person = personRef("p1")
         var record = ProfileV1.ConsentRecord()
         record.purpose = "marketing"
         record.channel = .email

@@ -103,22 +103,6 @@ public struct ActionSpec: Sendable {
     func offers(_ placement: String) -> Bool { action.placements.isEmpty || action.placements.contains(placement) }
 }
 
-/// Names of actions, placements, consent purposes and context keys.
-enum Names {
-    static func check(_ name: String, field: String) throws(RPCError) {
-        guard !name.isEmpty else { throw .invalidArgument(field: field, "is required") }
-        guard name.utf8.count <= 64 else { throw .invalidArgument(field: field, "is longer than 64 bytes") }
-        guard name.unicodeScalars.allSatisfy({
-            switch $0 {
-            case "a"..."z", "A"..."Z", "0"..."9", "_", "-", ".", ":": return true
-            default: return false
-            }
-        }) else {
-            throw .invalidArgument(field: field, "\"\(name)\" may hold only letters, digits, _, -, . and :")
-        }
-    }
-}
-
 enum Channels {
     static func check(_ channel: CommonV1.Channel, field: String) throws(RPCError) {
         guard !channel.ruleName.isEmpty else {

@@ -132,8 +132,7 @@ public struct DecisionService: RPCService {
         let localID: String?
         switch request.person?.ref {
         case .personId(let id)?:
-            localID = id
-            guard !id.isEmpty, id.utf8.count <= 64 else { throw RPCError.invalidArgument(field: "person.person_id", "must be 1-64 bytes") }
+            localID = try Names.personID(id, field: "person.person_id")
         case .identifiers(let list)?:
             localID = nil
             guard !list.identifiers.isEmpty else { throw RPCError.invalidArgument(field: "person.identifiers", "is empty") }
@@ -250,21 +249,20 @@ public struct DecisionService: RPCService {
         for (k, (_, _, slot)) in eligible.enumerated() { explanations[slot].choiceProbability = probabilities[k] }
 
         // The draw: caps are rechecked as the slate fills (a total cap of 3 with 2 used leaves one slot).
-        var ranked: [DecisionV1.RankedAction] = []
         let draws = random.withLock { random in
             Learner.draw(probabilities, count: max(1, Int(request.count)), using: &random) { k in
-                usage.channel(for: eligible[k].spec, among: eligible[k].channels, policy: policy) != nil
+                usage.available(eligible[k].spec, among: eligible[k].channels, policy: policy) != nil
             } chosen: { k in
-                usage.offer(eligible[k].spec, channel: usage.channel(for: eligible[k].spec, among: eligible[k].channels, policy: policy)!)
+                usage.offer(eligible[k].spec, channel: usage.available(eligible[k].spec, among: eligible[k].channels, policy: policy)!)
             }
         }
-        for (k, probability) in draws {
+        let ranked = draws.enumerated().map { rank, draw in
             var action = DecisionV1.RankedAction()
-            action.actionId = eligible[k].spec.id
-            action.score = means[k]
-            action.propensity = probability
-            action.channel = usage.offered.first { $0.action == eligible[k].spec.id }?.channel ?? .unspecified
-            ranked.append(action)
+            action.actionId = eligible[draw.index].spec.id
+            action.score = means[draw.index]
+            action.propensity = draw.probability
+            action.channel = usage.offered[rank].channel  // offers are appended in the order drawn
+            return action
         }
 
         var record = DecisionV1.DecisionRecord()
@@ -326,7 +324,7 @@ public struct DecisionService: RPCService {
             }
         }
         if let reason = usage.capReason(spec, policy: policy) { return .excluded(reason) }
-        guard usage.channel(for: spec, among: channels, policy: policy) != nil else {
+        guard usage.channel(among: channels, policy: policy) != nil else {
             return .excluded("cap: every channel of the action is at its cap (\(channels.map(\.ruleName).joined(separator: ", ")))")
         }
         return .eligible(channels)
@@ -435,10 +433,14 @@ struct CapUsage {
         return nil
     }
 
+    /// The channel `spec` would be offered on now: nil when a cap excludes it.
+    func available(_ spec: ActionSpec, among channels: [CommonV1.Channel], policy: DecisionV1.ContactPolicy) -> CommonV1.Channel? {
+        capReason(spec, policy: policy) == nil ? channel(among: channels, policy: policy) : nil
+    }
+
     /// The first of `channels` below every channel cap (`.unspecified` for an action without
-    /// channels), or nil when none is, or when another cap excludes the action.
-    func channel(for spec: ActionSpec, among channels: [CommonV1.Channel], policy: DecisionV1.ContactPolicy) -> CommonV1.Channel? {
-        guard capReason(spec, policy: policy) == nil else { return nil }
+    /// channels), or nil when none is.
+    func channel(among channels: [CommonV1.Channel], policy: DecisionV1.ContactPolicy) -> CommonV1.Channel? {
         guard !channels.isEmpty else { return .unspecified }
         return channels.first { channel in
             policy.caps.allSatisfy { cap in

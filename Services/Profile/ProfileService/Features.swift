@@ -49,8 +49,8 @@ public struct FeatureSpec: Sendable {
     public init(_ definition: ProfileV1.FeatureDefinition, version: UInt32 = 1) throws(RPCError) {
         self.definition = definition
         self.version = version
-        try ProfileNames.check(definition.name, field: "feature.name")
-        try ProfileNames.check(definition.eventType, field: "feature.event_type")
+        try Names.check(definition.name, field: "feature.name")
+        try Names.check(definition.eventType, field: "feature.event_type")
         let aggregation = definition.aggregation
         guard [.count, .sum, .last, .distinctCount, .decayedSum].contains(aggregation) else {
             throw .invalidArgument(field: "feature.aggregation", "must be COUNT, SUM, LAST, DISTINCT_COUNT or DECAYED_SUM")
@@ -74,7 +74,7 @@ public struct FeatureSpec: Sendable {
         if aggregation == .count, !definition.property.isEmpty {
             throw .invalidArgument(field: "feature.property", "is not used by COUNT (use filter to count some events only)")
         }
-        if !definition.property.isEmpty { try ProfileNames.check(definition.property, field: "feature.property") }
+        if !definition.property.isEmpty { try Names.check(definition.property, field: "feature.property") }
         filter = try Self.parseFilter(definition.filter)
         windowMs = definition.windowSeconds * 1000
         bucketMs = windowMs == 0 ? 0 : max(1000, windowMs / 60)
@@ -191,27 +191,6 @@ public struct FeatureSpec: Sendable {
             return state.decayRefMs == 0 && state.decayed == 0 ? 0 : state.decayed * decay(Double(now - state.decayRefMs))
         default:
             return nil
-        }
-    }
-}
-
-/// Names of features, segments, traits, event types and properties.
-enum ProfileNames {
-    static let maxLength = 64
-
-    static func isNameScalar(_ c: Unicode.Scalar) -> Bool {
-        switch c {
-        case "a"..."z", "A"..."Z", "0"..."9", "_", "-", ".", ":": return true
-        default: return false
-        }
-    }
-
-    /// A name: 1–64 characters of letters, digits, `_`, `-`, `.` and `:`.
-    static func check(_ name: String, field: String) throws(RPCError) {
-        guard !name.isEmpty else { throw .invalidArgument(field: field, "is required") }
-        guard name.utf8.count <= maxLength else { throw .invalidArgument(field: field, "is longer than \(maxLength) bytes") }
-        guard name.unicodeScalars.allSatisfy(isNameScalar) else {
-            throw .invalidArgument(field: field, "\"\(name)\" may hold only letters, digits, _, -, . and :")
         }
     }
 }

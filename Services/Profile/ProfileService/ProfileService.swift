@@ -44,20 +44,11 @@ public struct ProfileService: RPCService {
 
     // MARK: - Persons
 
-    static func personID(_ id: String, field: String) throws(RPCError) -> String {
-        guard !id.isEmpty else { throw .invalidArgument(field: field, "is required") }
-        guard id.utf8.count <= 64 else { throw .invalidArgument(field: field, "is longer than 64 bytes") }
-        guard id.unicodeScalars.allSatisfy({ $0.isASCII && $0.value > 32 && $0.value < 127 }) else {
-            throw .invalidArgument(field: field, "may hold only printable ASCII without spaces")
-        }
-        return id
-    }
-
     /// The person a reference names without asking the identity service: its person id,
     /// or nil when it names identifiers.
     static func localPerson(_ ref: CommonV1.PersonRef?, field: String) throws(RPCError) -> String? {
         switch ref?.ref {
-        case .personId(let id)?: return try personID(id, field: "\(field).person_id")
+        case .personId(let id)?: return try Names.personID(id, field: "\(field).person_id")
         case .identifiers?: return nil
         case nil: throw .invalidArgument(field: field, "is required (person_id or identifiers)")
         }
@@ -120,7 +111,7 @@ public struct ProfileService: RPCService {
         var seen = Set<String>()
         var result: [(String, RuleValue)] = []
         for (i, f) in fields.enumerated() {
-            try ProfileNames.check(f.name, field: "\(field)[\(i)].name")
+            try Names.check(f.name, field: "\(field)[\(i)].name")
             guard seen.insert(f.name).inserted else { throw .invalidArgument(field: "\(field)[\(i)].name", "\"\(f.name)\" appears twice") }
             guard let value = RuleValue(f.value) else { throw .invalidArgument(field: "\(field)[\(i)].value", "is required") }
             if case .number(let n) = value, !n.isFinite { throw .invalidArgument(field: "\(field)[\(i)].value", "must be finite") }
@@ -201,7 +192,7 @@ public struct ProfileService: RPCService {
     func validated(_ event: ProfileV1.Event, person: String, now: Int64) throws(RPCError) -> TrackedEvent {
         guard !event.eventId.isEmpty else { throw .invalidArgument(field: "event_id", "is required (it makes a replay harmless)") }
         guard event.eventId.utf8.count <= 128 else { throw .invalidArgument(field: "event_id", "is longer than 128 bytes") }
-        try ProfileNames.check(event.type, field: "type")
+        try Names.check(event.type, field: "type")
         guard event.value.isFinite else { throw .invalidArgument(field: "value", "must be finite") }
         let properties = try Self.fields(event.properties, field: "properties")
         return TrackedEvent(eventID: event.eventId, personID: person, type: event.type,
@@ -228,7 +219,7 @@ public struct ProfileService: RPCService {
 
     func defineSegment(_ request: ProfileV1.DefineSegmentRequest) throws -> ProfileV1.SegmentDefinition {
         guard let segment = request.segment else { throw RPCError.invalidArgument(field: "segment", "is required") }
-        try ProfileNames.check(segment.name, field: "segment.name")
+        try Names.check(segment.name, field: "segment.name")
         let features = Set(store.features.map(\.name))
         let rule: Rule
         do {
@@ -254,7 +245,7 @@ public struct ProfileService: RPCService {
         let now = clock()
         var records: [ProfileStore.Consent] = []
         for (i, c) in request.consents.enumerated() {
-            try ProfileNames.check(c.purpose, field: "consents[\(i)].purpose")
+            try Names.check(c.purpose, field: "consents[\(i)].purpose")
             guard (0...5).contains(c.channel.rawValue) else {
                 throw RPCError.invalidArgument(field: "consents[\(i)].channel", "unknown channel \(c.channel.rawValue)")
             }
@@ -320,7 +311,7 @@ public struct ProfileService: RPCService {
     }
 
     func erase(_ request: ProfileV1.EraseRequest) throws -> ProfileV1.EraseResponse {
-        let erased = try store.erase(person: try Self.personID(request.personId, field: "person_id"))
+        let erased = try store.erase(person: try Names.personID(request.personId, field: "person_id"))
         var response = ProfileV1.EraseResponse()
         response.eventsRemoved = UInt32(erased.events)
         response.traitsRemoved = UInt32(erased.traits)

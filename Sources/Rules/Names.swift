@@ -1,0 +1,32 @@
+public import RPC
+
+/// The names clients give to what rules and requests refer to (features, segments, traits,
+/// event types, properties, actions, placements, consent purposes, context keys), and the
+/// person ids they send. One definition, so every service accepts and rejects the same.
+public enum Names {
+    public static let maxLength = 64
+
+    /// A name: 1–64 characters of letters, digits, `_`, `-`, `.` and `:`.
+    public static func check(_ name: String, field: String) throws(RPCError) {
+        guard !name.isEmpty else { throw .invalidArgument(field: field, "is required") }
+        guard name.utf8.count <= maxLength else { throw .invalidArgument(field: field, "is longer than \(maxLength) bytes") }
+        guard name.unicodeScalars.allSatisfy({
+            switch $0 {
+            case "a"..."z", "A"..."Z", "0"..."9", "_", "-", ".", ":": return true
+            default: return false
+            }
+        }) else {
+            throw .invalidArgument(field: field, "\"\(name)\" may hold only letters, digits, _, -, . and :")
+        }
+    }
+
+    /// A person id as the identity service mints them: 1–64 printable ASCII characters without spaces.
+    public static func personID(_ id: String, field: String) throws(RPCError) -> String {
+        guard !id.isEmpty else { throw .invalidArgument(field: field, "is required") }
+        guard id.utf8.count <= maxLength else { throw .invalidArgument(field: field, "is longer than \(maxLength) bytes") }
+        guard id.unicodeScalars.allSatisfy({ $0.isASCII && $0.value > 32 && $0.value < 127 }) else {
+            throw .invalidArgument(field: field, "may hold only printable ASCII without spaces")
+        }
+        return id
+    }
+}
