@@ -79,14 +79,22 @@ let package = Package(
         ),
         // The rule language shared by profile segments, feature filters and decision eligibility.
         .target(name: "Rules", dependencies: ["Contracts", "RPC"]),
+        // Following the identity service's change feed (merges, unmerges, erasures).
+        .target(
+            name: "IdentityFeed",
+            dependencies: [
+                "RPC", "Contracts",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
         // Profiles: events, windowed and decayed features, traits, segments, consent, merges.
         .target(
             name: "ProfileService",
             dependencies: [
-                "RPC", "Contracts", "Storage", "Rules",
+                "RPC", "Contracts", "Storage", "Rules", "IdentityFeed",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             path: "Services/Profile/ProfileService"
         ),
@@ -108,7 +116,7 @@ let package = Package(
             path: "Services/Echo/arbiter-echo"
         ),
         .executableTarget(name: "arbiter-identity", dependencies: ["IdentityService", "ServiceRuntime", "RPC"], path: "Services/Identity/arbiter-identity"),
-        .executableTarget(name: "arbiter-profile", dependencies: ["ProfileService", "ServiceRuntime", "RPC"], path: "Services/Profile/arbiter-profile"),
+        .executableTarget(name: "arbiter-profile", dependencies: ["ProfileService", "IdentityFeed", "ServiceRuntime", "RPC"], path: "Services/Profile/arbiter-profile"),
         .executableTarget(name: "arbiter-decision", dependencies: ["DecisionService", "ServiceRuntime", "RPC"], path: "Services/Decision/arbiter-decision"),
         .executableTarget(name: "arbiter-routing", dependencies: ["ServiceRuntime"], path: "Services/Routing/arbiter-routing"),
 
@@ -148,7 +156,7 @@ let package = Package(
         .testTarget(name: "RulesTests", dependencies: ["Rules"]),
         .testTarget(
             name: "ProfileServiceTests",
-            dependencies: ["ProfileService", "IdentityService", "RPC", "Contracts", "Rules", "TestSupport",
+            dependencies: ["ProfileService", "IdentityService", "IdentityFeed", "RPC", "Contracts", "Rules", "TestSupport",
                            .product(name: "GRDB", package: "GRDB.swift"), .product(name: "Logging", package: "swift-log"),
                            .product(name: "NIOPosix", package: "swift-nio")]
         ),

@@ -103,6 +103,96 @@ void   arbiter__routing__v1__route_request__free_unpacked
   assert(message->base.descriptor == &arbiter__routing__v1__route_request__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   arbiter__routing__v1__delivery_event__init
+                     (Arbiter__Routing__V1__DeliveryEvent         *message)
+{
+  static const Arbiter__Routing__V1__DeliveryEvent init_value = ARBITER__ROUTING__V1__DELIVERY_EVENT__INIT;
+  *message = init_value;
+}
+size_t arbiter__routing__v1__delivery_event__get_packed_size
+                     (const Arbiter__Routing__V1__DeliveryEvent *message)
+{
+  assert(message->base.descriptor == &arbiter__routing__v1__delivery_event__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t arbiter__routing__v1__delivery_event__pack
+                     (const Arbiter__Routing__V1__DeliveryEvent *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &arbiter__routing__v1__delivery_event__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t arbiter__routing__v1__delivery_event__pack_to_buffer
+                     (const Arbiter__Routing__V1__DeliveryEvent *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &arbiter__routing__v1__delivery_event__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Arbiter__Routing__V1__DeliveryEvent *
+       arbiter__routing__v1__delivery_event__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Arbiter__Routing__V1__DeliveryEvent *)
+     protobuf_c_message_unpack (&arbiter__routing__v1__delivery_event__descriptor,
+                                allocator, len, data);
+}
+void   arbiter__routing__v1__delivery_event__free_unpacked
+                     (Arbiter__Routing__V1__DeliveryEvent *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &arbiter__routing__v1__delivery_event__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   arbiter__routing__v1__channel_assessment__init
+                     (Arbiter__Routing__V1__ChannelAssessment         *message)
+{
+  static const Arbiter__Routing__V1__ChannelAssessment init_value = ARBITER__ROUTING__V1__CHANNEL_ASSESSMENT__INIT;
+  *message = init_value;
+}
+size_t arbiter__routing__v1__channel_assessment__get_packed_size
+                     (const Arbiter__Routing__V1__ChannelAssessment *message)
+{
+  assert(message->base.descriptor == &arbiter__routing__v1__channel_assessment__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t arbiter__routing__v1__channel_assessment__pack
+                     (const Arbiter__Routing__V1__ChannelAssessment *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &arbiter__routing__v1__channel_assessment__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t arbiter__routing__v1__channel_assessment__pack_to_buffer
+                     (const Arbiter__Routing__V1__ChannelAssessment *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &arbiter__routing__v1__channel_assessment__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Arbiter__Routing__V1__ChannelAssessment *
+       arbiter__routing__v1__channel_assessment__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Arbiter__Routing__V1__ChannelAssessment *)
+     protobuf_c_message_unpack (&arbiter__routing__v1__channel_assessment__descriptor,
+                                allocator, len, data);
+}
+void   arbiter__routing__v1__channel_assessment__free_unpacked
+                     (Arbiter__Routing__V1__ChannelAssessment *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &arbiter__routing__v1__channel_assessment__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   arbiter__routing__v1__delivery__init
                      (Arbiter__Routing__V1__Delivery         *message)
 {
@@ -475,7 +565,7 @@ const ProtobufCMessageDescriptor arbiter__routing__v1__message__descriptor =
   (ProtobufCMessageInit) arbiter__routing__v1__message__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__routing__v1__route_request__field_descriptors[7] =
+static const ProtobufCFieldDescriptor arbiter__routing__v1__route_request__field_descriptors[8] =
 {
   {
     "person",
@@ -514,13 +604,13 @@ static const ProtobufCFieldDescriptor arbiter__routing__v1__route_request__field
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
-    "critical",
+    "urgency",
     4,
     PROTOBUF_C_LABEL_NONE,
-    PROTOBUF_C_TYPE_BOOL,
+    PROTOBUF_C_TYPE_ENUM,
     0,   /* quantifier_offset */
-    offsetof(Arbiter__Routing__V1__RouteRequest, critical),
-    NULL,
+    offsetof(Arbiter__Routing__V1__RouteRequest, urgency),
+    &arbiter__routing__v1__urgency__descriptor,
     NULL,
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
@@ -561,20 +651,33 @@ static const ProtobufCFieldDescriptor arbiter__routing__v1__route_request__field
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "purpose",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__RouteRequest, purpose),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__routing__v1__route_request__field_indices_by_name[] = {
   2,   /* field[2] = allowed_channels */
-  3,   /* field[3] = critical */
   4,   /* field[4] = idempotency_key */
   1,   /* field[1] = message */
   6,   /* field[6] = not_after_ms */
   5,   /* field[5] = not_before_ms */
   0,   /* field[0] = person */
+  7,   /* field[7] = purpose */
+  3,   /* field[3] = urgency */
 };
 static const ProtobufCIntRange arbiter__routing__v1__route_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 7 }
+  { 0, 8 }
 };
 const ProtobufCMessageDescriptor arbiter__routing__v1__route_request__descriptor =
 {
@@ -584,11 +687,178 @@ const ProtobufCMessageDescriptor arbiter__routing__v1__route_request__descriptor
   "Arbiter__Routing__V1__RouteRequest",
   "arbiter.routing.v1",
   sizeof(Arbiter__Routing__V1__RouteRequest),
-  7,
+  8,
   arbiter__routing__v1__route_request__field_descriptors,
   arbiter__routing__v1__route_request__field_indices_by_name,
   1,  arbiter__routing__v1__route_request__number_ranges,
   (ProtobufCMessageInit) arbiter__routing__v1__route_request__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor arbiter__routing__v1__delivery_event__field_descriptors[4] =
+{
+  {
+    "kind",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__DeliveryEvent, kind),
+    &arbiter__routing__v1__delivery_event_kind__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "at_ms",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__DeliveryEvent, at_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "channel",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__DeliveryEvent, channel),
+    &arbiter__common__v1__channel__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "detail",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__DeliveryEvent, detail),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned arbiter__routing__v1__delivery_event__field_indices_by_name[] = {
+  1,   /* field[1] = at_ms */
+  2,   /* field[2] = channel */
+  3,   /* field[3] = detail */
+  0,   /* field[0] = kind */
+};
+static const ProtobufCIntRange arbiter__routing__v1__delivery_event__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 4 }
+};
+const ProtobufCMessageDescriptor arbiter__routing__v1__delivery_event__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "arbiter.routing.v1.DeliveryEvent",
+  "DeliveryEvent",
+  "Arbiter__Routing__V1__DeliveryEvent",
+  "arbiter.routing.v1",
+  sizeof(Arbiter__Routing__V1__DeliveryEvent),
+  4,
+  arbiter__routing__v1__delivery_event__field_descriptors,
+  arbiter__routing__v1__delivery_event__field_indices_by_name,
+  1,  arbiter__routing__v1__delivery_event__number_ranges,
+  (ProtobufCMessageInit) arbiter__routing__v1__delivery_event__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor arbiter__routing__v1__channel_assessment__field_descriptors[5] =
+{
+  {
+    "channel",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__ChannelAssessment, channel),
+    &arbiter__common__v1__channel__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "excluded",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__ChannelAssessment, excluded),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "detail",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__ChannelAssessment, detail),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "address",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__ChannelAssessment, address),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "preference",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__ChannelAssessment, preference),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned arbiter__routing__v1__channel_assessment__field_indices_by_name[] = {
+  3,   /* field[3] = address */
+  0,   /* field[0] = channel */
+  2,   /* field[2] = detail */
+  1,   /* field[1] = excluded */
+  4,   /* field[4] = preference */
+};
+static const ProtobufCIntRange arbiter__routing__v1__channel_assessment__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 5 }
+};
+const ProtobufCMessageDescriptor arbiter__routing__v1__channel_assessment__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "arbiter.routing.v1.ChannelAssessment",
+  "ChannelAssessment",
+  "Arbiter__Routing__V1__ChannelAssessment",
+  "arbiter.routing.v1",
+  sizeof(Arbiter__Routing__V1__ChannelAssessment),
+  5,
+  arbiter__routing__v1__channel_assessment__field_descriptors,
+  arbiter__routing__v1__channel_assessment__field_indices_by_name,
+  1,  arbiter__routing__v1__channel_assessment__number_ranges,
+  (ProtobufCMessageInit) arbiter__routing__v1__channel_assessment__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCEnumValue arbiter__routing__v1__delivery__state__enum_values_by_number[6] =
@@ -627,7 +897,7 @@ const ProtobufCEnumDescriptor arbiter__routing__v1__delivery__state__descriptor 
   arbiter__routing__v1__delivery__state__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCFieldDescriptor arbiter__routing__v1__delivery__field_descriptors[10] =
+static const ProtobufCFieldDescriptor arbiter__routing__v1__delivery__field_descriptors[22] =
 {
   {
     "delivery_id",
@@ -741,9 +1011,153 @@ static const ProtobufCFieldDescriptor arbiter__routing__v1__delivery__field_desc
     "events",
     10,
     PROTOBUF_C_LABEL_REPEATED,
-    PROTOBUF_C_TYPE_STRING,
+    PROTOBUF_C_TYPE_MESSAGE,
     offsetof(Arbiter__Routing__V1__Delivery, n_events),
     offsetof(Arbiter__Routing__V1__Delivery, events),
+    &arbiter__routing__v1__delivery_event__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "message",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__Delivery, message),
+    &arbiter__routing__v1__message__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "purpose",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__Delivery, purpose),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "urgency",
+    13,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__Delivery, urgency),
+    &arbiter__routing__v1__urgency__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "fallback_channels",
+    14,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_ENUM,
+    offsetof(Arbiter__Routing__V1__Delivery, n_fallback_channels),
+    offsetof(Arbiter__Routing__V1__Delivery, fallback_channels),
+    &arbiter__common__v1__channel__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "address",
+    15,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__Delivery, address),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "channels",
+    16,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Arbiter__Routing__V1__Delivery, n_channels),
+    offsetof(Arbiter__Routing__V1__Delivery, channels),
+    &arbiter__routing__v1__channel_assessment__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "send_time_reason",
+    17,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__Delivery, send_time_reason),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "created_at_ms",
+    18,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__Delivery, created_at_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "sent_at_ms",
+    19,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__Delivery, sent_at_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "next_attempt_at_ms",
+    20,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__Delivery, next_attempt_at_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "time_zone",
+    21,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__Delivery, time_zone),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "suppression_detail",
+    22,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__Delivery, suppression_detail),
     NULL,
     &protobuf_c_empty_string,
     0,             /* flags */
@@ -751,21 +1165,33 @@ static const ProtobufCFieldDescriptor arbiter__routing__v1__delivery__field_desc
   },
 };
 static const unsigned arbiter__routing__v1__delivery__field_indices_by_name[] = {
+  14,   /* field[14] = address */
   6,   /* field[6] = attempts */
   3,   /* field[3] = channel */
+  15,   /* field[15] = channels */
+  17,   /* field[17] = created_at_ms */
   0,   /* field[0] = delivery_id */
   9,   /* field[9] = events */
+  13,   /* field[13] = fallback_channels */
   8,   /* field[8] = idempotency_key */
   7,   /* field[7] = last_error */
+  10,   /* field[10] = message */
+  19,   /* field[19] = next_attempt_at_ms */
   1,   /* field[1] = person_id */
+  11,   /* field[11] = purpose */
   4,   /* field[4] = send_at_ms */
+  16,   /* field[16] = send_time_reason */
+  18,   /* field[18] = sent_at_ms */
   2,   /* field[2] = state */
+  21,   /* field[21] = suppression_detail */
   5,   /* field[5] = suppression_reason */
+  20,   /* field[20] = time_zone */
+  12,   /* field[12] = urgency */
 };
 static const ProtobufCIntRange arbiter__routing__v1__delivery__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 10 }
+  { 0, 22 }
 };
 const ProtobufCMessageDescriptor arbiter__routing__v1__delivery__descriptor =
 {
@@ -775,50 +1201,12 @@ const ProtobufCMessageDescriptor arbiter__routing__v1__delivery__descriptor =
   "Arbiter__Routing__V1__Delivery",
   "arbiter.routing.v1",
   sizeof(Arbiter__Routing__V1__Delivery),
-  10,
+  22,
   arbiter__routing__v1__delivery__field_descriptors,
   arbiter__routing__v1__delivery__field_indices_by_name,
   1,  arbiter__routing__v1__delivery__number_ranges,
   (ProtobufCMessageInit) arbiter__routing__v1__delivery__init,
   NULL,NULL,NULL    /* reserved[123] */
-};
-static const ProtobufCEnumValue arbiter__routing__v1__report_delivery_event_request__kind__enum_values_by_number[7] =
-{
-  { "KIND_UNSPECIFIED", "ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_UNSPECIFIED", 0 },
-  { "KIND_DELIVERED", "ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_DELIVERED", 1 },
-  { "KIND_OPENED", "ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_OPENED", 2 },
-  { "KIND_CLICKED", "ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_CLICKED", 3 },
-  { "KIND_BOUNCED", "ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_BOUNCED", 4 },
-  { "KIND_COMPLAINED", "ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_COMPLAINED", 5 },
-  { "KIND_UNSUBSCRIBED", "ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_UNSUBSCRIBED", 6 },
-};
-static const ProtobufCIntRange arbiter__routing__v1__report_delivery_event_request__kind__value_ranges[] = {
-{0, 0},{0, 7}
-};
-static const ProtobufCEnumValueIndex arbiter__routing__v1__report_delivery_event_request__kind__enum_values_by_name[7] =
-{
-  { "KIND_BOUNCED", 4 },
-  { "KIND_CLICKED", 3 },
-  { "KIND_COMPLAINED", 5 },
-  { "KIND_DELIVERED", 1 },
-  { "KIND_OPENED", 2 },
-  { "KIND_UNSPECIFIED", 0 },
-  { "KIND_UNSUBSCRIBED", 6 },
-};
-const ProtobufCEnumDescriptor arbiter__routing__v1__report_delivery_event_request__kind__descriptor =
-{
-  PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC,
-  "arbiter.routing.v1.ReportDeliveryEventRequest.Kind",
-  "Kind",
-  "Arbiter__Routing__V1__ReportDeliveryEventRequest__Kind",
-  "arbiter.routing.v1",
-  7,
-  arbiter__routing__v1__report_delivery_event_request__kind__enum_values_by_number,
-  7,
-  arbiter__routing__v1__report_delivery_event_request__kind__enum_values_by_name,
-  1,
-  arbiter__routing__v1__report_delivery_event_request__kind__value_ranges,
-  NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
 static const ProtobufCFieldDescriptor arbiter__routing__v1__report_delivery_event_request__field_descriptors[4] =
 {
@@ -841,7 +1229,7 @@ static const ProtobufCFieldDescriptor arbiter__routing__v1__report_delivery_even
     PROTOBUF_C_TYPE_ENUM,
     0,   /* quantifier_offset */
     offsetof(Arbiter__Routing__V1__ReportDeliveryEventRequest, kind),
-    &arbiter__routing__v1__report_delivery_event_request__kind__descriptor,
+    &arbiter__routing__v1__delivery_event_kind__descriptor,
     NULL,
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
@@ -1061,6 +1449,82 @@ const ProtobufCMessageDescriptor arbiter__routing__v1__retry_dead_letter_request
   1,  arbiter__routing__v1__retry_dead_letter_request__number_ranges,
   (ProtobufCMessageInit) arbiter__routing__v1__retry_dead_letter_request__init,
   NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCEnumValue arbiter__routing__v1__urgency__enum_values_by_number[2] =
+{
+  { "URGENCY_NORMAL", "ARBITER__ROUTING__V1__URGENCY__URGENCY_NORMAL", 0 },
+  { "URGENCY_CRITICAL", "ARBITER__ROUTING__V1__URGENCY__URGENCY_CRITICAL", 1 },
+};
+static const ProtobufCIntRange arbiter__routing__v1__urgency__value_ranges[] = {
+{0, 0},{0, 2}
+};
+static const ProtobufCEnumValueIndex arbiter__routing__v1__urgency__enum_values_by_name[2] =
+{
+  { "URGENCY_CRITICAL", 1 },
+  { "URGENCY_NORMAL", 0 },
+};
+const ProtobufCEnumDescriptor arbiter__routing__v1__urgency__descriptor =
+{
+  PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC,
+  "arbiter.routing.v1.Urgency",
+  "Urgency",
+  "Arbiter__Routing__V1__Urgency",
+  "arbiter.routing.v1",
+  2,
+  arbiter__routing__v1__urgency__enum_values_by_number,
+  2,
+  arbiter__routing__v1__urgency__enum_values_by_name,
+  1,
+  arbiter__routing__v1__urgency__value_ranges,
+  NULL,NULL,NULL,NULL   /* reserved[1234] */
+};
+static const ProtobufCEnumValue arbiter__routing__v1__delivery_event_kind__enum_values_by_number[12] =
+{
+  { "DELIVERY_EVENT_KIND_UNSPECIFIED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_UNSPECIFIED", 0 },
+  { "DELIVERY_EVENT_KIND_DELIVERED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_DELIVERED", 1 },
+  { "DELIVERY_EVENT_KIND_OPENED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_OPENED", 2 },
+  { "DELIVERY_EVENT_KIND_CLICKED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_CLICKED", 3 },
+  { "DELIVERY_EVENT_KIND_BOUNCED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_BOUNCED", 4 },
+  { "DELIVERY_EVENT_KIND_COMPLAINED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_COMPLAINED", 5 },
+  { "DELIVERY_EVENT_KIND_UNSUBSCRIBED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_UNSUBSCRIBED", 6 },
+  { "DELIVERY_EVENT_KIND_SENT", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_SENT", 20 },
+  { "DELIVERY_EVENT_KIND_ATTEMPT_FAILED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_ATTEMPT_FAILED", 21 },
+  { "DELIVERY_EVENT_KIND_FELL_BACK", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_FELL_BACK", 22 },
+  { "DELIVERY_EVENT_KIND_DEAD_LETTERED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_DEAD_LETTERED", 23 },
+  { "DELIVERY_EVENT_KIND_REQUEUED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_REQUEUED", 24 },
+};
+static const ProtobufCIntRange arbiter__routing__v1__delivery_event_kind__value_ranges[] = {
+{0, 0},{20, 7},{0, 12}
+};
+static const ProtobufCEnumValueIndex arbiter__routing__v1__delivery_event_kind__enum_values_by_name[12] =
+{
+  { "DELIVERY_EVENT_KIND_ATTEMPT_FAILED", 8 },
+  { "DELIVERY_EVENT_KIND_BOUNCED", 4 },
+  { "DELIVERY_EVENT_KIND_CLICKED", 3 },
+  { "DELIVERY_EVENT_KIND_COMPLAINED", 5 },
+  { "DELIVERY_EVENT_KIND_DEAD_LETTERED", 10 },
+  { "DELIVERY_EVENT_KIND_DELIVERED", 1 },
+  { "DELIVERY_EVENT_KIND_FELL_BACK", 9 },
+  { "DELIVERY_EVENT_KIND_OPENED", 2 },
+  { "DELIVERY_EVENT_KIND_REQUEUED", 11 },
+  { "DELIVERY_EVENT_KIND_SENT", 7 },
+  { "DELIVERY_EVENT_KIND_UNSPECIFIED", 0 },
+  { "DELIVERY_EVENT_KIND_UNSUBSCRIBED", 6 },
+};
+const ProtobufCEnumDescriptor arbiter__routing__v1__delivery_event_kind__descriptor =
+{
+  PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC,
+  "arbiter.routing.v1.DeliveryEventKind",
+  "DeliveryEventKind",
+  "Arbiter__Routing__V1__DeliveryEventKind",
+  "arbiter.routing.v1",
+  12,
+  arbiter__routing__v1__delivery_event_kind__enum_values_by_number,
+  12,
+  arbiter__routing__v1__delivery_event_kind__enum_values_by_name,
+  2,
+  arbiter__routing__v1__delivery_event_kind__value_ranges,
+  NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
 static const ProtobufCMethodDescriptor arbiter__routing__v1__routing__method_descriptors[5] =
 {

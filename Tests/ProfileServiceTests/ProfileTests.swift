@@ -1,5 +1,6 @@
 import Contracts
 import Foundation
+import IdentityFeed
 @testable import IdentityService
 import Logging
 @testable import ProfileService

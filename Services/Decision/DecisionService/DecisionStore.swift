@@ -17,7 +17,15 @@ public final class DecisionStore: Sendable {
     let pool: DatabasePool
     let configuration: LearnerConfiguration
     let memory: Mutex<Memory>
-    let log = DecisionLog()
+    /// The decision log's group commit (one transaction for every decision waiting).
+    let log = GroupCommit<LogEntry, Void>(label: "arbiter.decision.log")
+    /// Offers of decisions not yet committed, by person: caps see them at once.
+    let pending = Mutex<[String: [PendingOffer]]>([:])
+
+    struct LogEntry: Sendable {
+        var record: DecisionV1.DecisionRecord
+        var arms: [ArmKey]
+    }
 
     struct Memory: Sendable {
         var actions: [String: ActionSpec] = [:]
@@ -228,7 +236,7 @@ public final class DecisionStore: Sendable {
     func history(person: String, sinceMs: Int64) throws -> History {
         // Pending first, then the file: an offer committed in between is in the file, and one
         // in both is counted once (by decision id).
-        let pending = log.pending.withLock { $0[person] ?? [] }
+        let pending = pending.withLock { $0[person] ?? [] }
         return try pool.read { db in
             var history = History()
             var seen = Set<String>()
@@ -251,7 +259,7 @@ public final class DecisionStore: Sendable {
     /// Marks a decision's offers as taken before it is logged, so that caps see them at once.
     func reserve(_ record: DecisionV1.DecisionRecord) {
         guard !record.personId.isEmpty, !record.actions.isEmpty else { return }
-        log.pending.withLock { pending in
+        pending.withLock { pending in
             pending[record.personId, default: []] += record.actions.map {
                 PendingOffer(decision: record.decisionId, action: $0.actionId, channel: $0.channel.rawValue, atMs: record.decidedAtMs)
             }
@@ -263,10 +271,24 @@ public final class DecisionStore: Sendable {
     /// turns it into a success. Decisions arriving together share one transaction (group
     /// commit); this returns once the transaction holding this one has committed.
     func log(_ record: DecisionV1.DecisionRecord, arms: [ArmKey]) async throws {
-        try await log.submit(DecisionLog.Entry(record: record, arms: arms), to: self)
+        try await log.submit(LogEntry(record: record, arms: arms)) { [self] entries in
+            defer { release(entries) }
+            try write(entries)
+            return entries.map { _ in () }
+        }
     }
 
-    func write(_ entries: [DecisionLog.Entry]) throws {
+    /// Drops the reservations of logged (or failed) decisions: from now on caps read them from the store.
+    private func release(_ entries: [LogEntry]) {
+        pending.withLock { pending in
+            for entry in entries where !entry.record.personId.isEmpty {
+                pending[entry.record.personId]?.removeAll { $0.decision == entry.record.decisionId }
+                if pending[entry.record.personId]?.isEmpty == true { pending[entry.record.personId] = nil }
+            }
+        }
+    }
+
+    func write(_ entries: [LogEntry]) throws {
         try pool.write { db in
             let decision = try db.cachedStatement(sql: "INSERT INTO decision (decision_id, person_id, decided_at_ms, record) VALUES (?, ?, ?, ?)")
             let offer = try db.cachedStatement(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES (?, ?, ?, ?, ?)")
@@ -317,53 +339,6 @@ public final class DecisionStore: Sendable {
                 break
             }
             return true
-        }
-    }
-}
-
-/// Group commit for the decision log: one writer drains every decision waiting into one
-/// transaction, then wakes their callers. Under load a transaction carries many decisions,
-/// so the log costs one commit (and its share of WAL writes) per batch, not per decision.
-final class DecisionLog: Sendable {
-    struct Entry: Sendable {
-        var record: DecisionV1.DecisionRecord
-        var arms: [ArmKey]
-    }
-
-    let pending = Mutex<[String: [DecisionStore.PendingOffer]]>([:])
-    private let queue = Mutex<(waiting: [(Entry, CheckedContinuation<Void, any Error>)], writing: Bool)>(([], false))
-    private let writer = DispatchQueue(label: "arbiter.decision.log")
-    static let maxBatch = 512
-
-    func submit(_ entry: Entry, to store: DecisionStore) async throws {
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            let start = queue.withLock { queue in
-                queue.waiting.append((entry, continuation))
-                guard !queue.writing else { return false }
-                queue.writing = true
-                return true
-            }
-            if start { writer.async { self.drain(into: store) } }
-        }
-    }
-
-    private func drain(into store: DecisionStore) {
-        while true {
-            let batch = queue.withLock { queue -> [(Entry, CheckedContinuation<Void, any Error>)] in
-                let batch = Array(queue.waiting.prefix(Self.maxBatch))
-                queue.waiting.removeFirst(batch.count)
-                if batch.isEmpty { queue.writing = false }
-                return batch
-            }
-            guard !batch.isEmpty else { return }
-            let result = Result { try store.write(batch.map(\.0)) }
-            pending.withLock { pending in
-                for (entry, _) in batch where !entry.record.personId.isEmpty {
-                    pending[entry.record.personId]?.removeAll { $0.decision == entry.record.decisionId }
-                    if pending[entry.record.personId]?.isEmpty == true { pending[entry.record.personId] = nil }
-                }
-            }
-            for (_, continuation) in batch { continuation.resume(with: result) }
         }
     }
 }

@@ -1,6 +1,7 @@
 import Contracts
 import Foundation
 import GRDB
+import IdentityFeed
 import Rules
 import Storage
 import Synchronization
@@ -449,14 +450,7 @@ public final class ProfileStore: Sendable {
         return erased
     }
 
-    // MARK: - The identity change feed
-
-    public enum IdentityChange: Sendable, Equatable {
-        case merge(target: String, sources: [String])
-        case unmerge(survivor: String, split: String)
-        case erase(person: String, absorbed: [String])
-        case other
-    }
+    // MARK: - The identity change feed (IdentityChangeSink)
 
     /// The last identity change applied (0: none); the feed resumes after it.
     public func identityCursor() throws -> Int64 {
@@ -487,3 +481,5 @@ public final class ProfileStore: Sendable {
         if erasedAny { try SQLiteStore.checkpoint(pool) }
     }
 }
+
+extension ProfileStore: IdentityChangeSink {}

@@ -1,4 +1,5 @@
 import Foundation
+import IdentityFeed
 import ProfileService
 import RPC
 import ServiceRuntime

@@ -19,6 +19,8 @@ PROTOBUF_C__BEGIN_DECLS
 typedef struct Arbiter__Routing__V1__Message Arbiter__Routing__V1__Message;
 typedef struct Arbiter__Routing__V1__Message__VariablesEntry Arbiter__Routing__V1__Message__VariablesEntry;
 typedef struct Arbiter__Routing__V1__RouteRequest Arbiter__Routing__V1__RouteRequest;
+typedef struct Arbiter__Routing__V1__DeliveryEvent Arbiter__Routing__V1__DeliveryEvent;
+typedef struct Arbiter__Routing__V1__ChannelAssessment Arbiter__Routing__V1__ChannelAssessment;
 typedef struct Arbiter__Routing__V1__Delivery Arbiter__Routing__V1__Delivery;
 typedef struct Arbiter__Routing__V1__ReportDeliveryEventRequest Arbiter__Routing__V1__ReportDeliveryEventRequest;
 typedef struct Arbiter__Routing__V1__GetDeliveryRequest Arbiter__Routing__V1__GetDeliveryRequest;
@@ -31,23 +33,49 @@ typedef struct Arbiter__Routing__V1__RetryDeadLetterRequest Arbiter__Routing__V1
 
 typedef enum _Arbiter__Routing__V1__Delivery__State {
   ARBITER__ROUTING__V1__DELIVERY__STATE__STATE_UNSPECIFIED = 0,
+  /*
+   * In the outbox, to be sent at send_at_ms (or at next_attempt_at_ms after a failure).
+   */
   ARBITER__ROUTING__V1__DELIVERY__STATE__STATE_SCHEDULED = 1,
+  /*
+   * Reserved: a delivery being sent is reported as SCHEDULED until it is sent.
+   */
   ARBITER__ROUTING__V1__DELIVERY__STATE__STATE_SENDING = 2,
   ARBITER__ROUTING__V1__DELIVERY__STATE__STATE_SENT = 3,
   ARBITER__ROUTING__V1__DELIVERY__STATE__STATE_SUPPRESSED = 4,
   ARBITER__ROUTING__V1__DELIVERY__STATE__STATE_DEAD_LETTER = 5
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(ARBITER__ROUTING__V1__DELIVERY__STATE)
 } Arbiter__Routing__V1__Delivery__State;
-typedef enum _Arbiter__Routing__V1__ReportDeliveryEventRequest__Kind {
-  ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_UNSPECIFIED = 0,
-  ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_DELIVERED = 1,
-  ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_OPENED = 2,
-  ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_CLICKED = 3,
-  ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_BOUNCED = 4,
-  ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_COMPLAINED = 5,
-  ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_UNSUBSCRIBED = 6
-    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND)
-} Arbiter__Routing__V1__ReportDeliveryEventRequest__Kind;
+typedef enum _Arbiter__Routing__V1__Urgency {
+  /*
+   * Subject to quiet hours, caps and send-time optimization.
+   */
+  ARBITER__ROUTING__V1__URGENCY__URGENCY_NORMAL = 0,
+  /*
+   * Sent as soon as allowed: neither quiet hours nor caps hold it back
+   * (consent and reachability still do). It counts toward caps.
+   */
+  ARBITER__ROUTING__V1__URGENCY__URGENCY_CRITICAL = 1
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(ARBITER__ROUTING__V1__URGENCY)
+} Arbiter__Routing__V1__Urgency;
+typedef enum _Arbiter__Routing__V1__DeliveryEventKind {
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_UNSPECIFIED = 0,
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_DELIVERED = 1,
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_OPENED = 2,
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_CLICKED = 3,
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_BOUNCED = 4,
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_COMPLAINED = 5,
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_UNSUBSCRIBED = 6,
+  /*
+   * Recorded by the service itself.
+   */
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_SENT = 20,
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_ATTEMPT_FAILED = 21,
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_FELL_BACK = 22,
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_DEAD_LETTERED = 23,
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_REQUEUED = 24
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND)
+} Arbiter__Routing__V1__DeliveryEventKind;
 
 /* --- messages --- */
 
@@ -62,6 +90,11 @@ struct  Arbiter__Routing__V1__Message__VariablesEntry
     , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
 
 
+/*
+ * What to send: a template the adapter (or the system behind the webhook)
+ * renders with the variables. For email, the variables "subject" and "body"
+ * become the subject and the text.
+ */
 struct  Arbiter__Routing__V1__Message
 {
   ProtobufCMessage base;
@@ -79,16 +112,73 @@ struct  Arbiter__Routing__V1__RouteRequest
   ProtobufCMessage base;
   Arbiter__Common__V1__PersonRef *person;
   Arbiter__Routing__V1__Message *message;
+  /*
+   * Channels the sender allows; empty: every channel with an adapter.
+   */
   size_t n_allowed_channels;
   Arbiter__Common__V1__Channel *allowed_channels;
-  protobuf_c_boolean critical;
+  Arbiter__Routing__V1__Urgency urgency;
+  /*
+   * Required. Same key, same delivery; the key goes to the adapter so that the
+   * receiving end can discard a duplicate after a crash (at-least-once).
+   */
   char *idempotency_key;
+  /*
+   * Earliest and latest send time (0: now, and now + the configured window).
+   */
   int64_t not_before_ms;
   int64_t not_after_ms;
+  /*
+   * Required: the consent purpose, e.g. "marketing" or "transactional".
+   */
+  char *purpose;
 };
 #define ARBITER__ROUTING__V1__ROUTE_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__routing__v1__route_request__descriptor) \
-    , NULL, NULL, 0,NULL, 0, (char *)protobuf_c_empty_string, 0, 0 }
+    , NULL, NULL, 0,NULL, ARBITER__ROUTING__V1__URGENCY__URGENCY_NORMAL, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string }
+
+
+struct  Arbiter__Routing__V1__DeliveryEvent
+{
+  ProtobufCMessage base;
+  Arbiter__Routing__V1__DeliveryEventKind kind;
+  int64_t at_ms;
+  Arbiter__Common__V1__Channel channel;
+  char *detail;
+};
+#define ARBITER__ROUTING__V1__DELIVERY_EVENT__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&arbiter__routing__v1__delivery_event__descriptor) \
+    , ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_UNSPECIFIED, 0, ARBITER__COMMON__V1__CHANNEL__CHANNEL_UNSPECIFIED, (char *)protobuf_c_empty_string }
+
+
+/*
+ * How one channel was judged when the delivery was planned.
+ */
+struct  Arbiter__Routing__V1__ChannelAssessment
+{
+  ProtobufCMessage base;
+  Arbiter__Common__V1__Channel channel;
+  /*
+   * Empty when the channel is usable; else "no_consent", "unreachable" or "capped".
+   */
+  char *excluded;
+  /*
+   * Why, in words: "consent marketing.email denied by preference-center at ...".
+   */
+  char *detail;
+  /*
+   * Where it would go: the address or token (usable channels only).
+   */
+  char *address;
+  /*
+   * Estimated engagement rate for this person on this channel (learned, with
+   * the population's rate as the prior).
+   */
+  double preference;
+};
+#define ARBITER__ROUTING__V1__CHANNEL_ASSESSMENT__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&arbiter__routing__v1__channel_assessment__descriptor) \
+    , ARBITER__COMMON__V1__CHANNEL__CHANNEL_UNSPECIFIED, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0 }
 
 
 struct  Arbiter__Routing__V1__Delivery
@@ -104,28 +194,66 @@ struct  Arbiter__Routing__V1__Delivery
    * "quiet_hours", "expired".
    */
   char *suppression_reason;
+  /*
+   * Attempts on the current channel.
+   */
   uint32_t attempts;
   char *last_error;
   char *idempotency_key;
   size_t n_events;
-  char **events;
+  Arbiter__Routing__V1__DeliveryEvent **events;
+  Arbiter__Routing__V1__Message *message;
+  char *purpose;
+  Arbiter__Routing__V1__Urgency urgency;
+  /*
+   * The channels still to try, in order, if the current one fails.
+   */
+  size_t n_fallback_channels;
+  Arbiter__Common__V1__Channel *fallback_channels;
+  char *address;
+  /*
+   * Every channel considered, in order of preference, with the reason it was excluded.
+   */
+  size_t n_channels;
+  Arbiter__Routing__V1__ChannelAssessment **channels;
+  /*
+   * Why send_at_ms: "as soon as allowed", "person's best hour 19:00 (Europe/Paris)", ...
+   */
+  char *send_time_reason;
+  int64_t created_at_ms;
+  int64_t sent_at_ms;
+  int64_t next_attempt_at_ms;
+  /*
+   * The person's time zone used for quiet hours and send time.
+   */
+  char *time_zone;
+  /*
+   * Human-readable suppression detail.
+   */
+  char *suppression_detail;
 };
 #define ARBITER__ROUTING__V1__DELIVERY__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__routing__v1__delivery__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, ARBITER__ROUTING__V1__DELIVERY__STATE__STATE_UNSPECIFIED, ARBITER__COMMON__V1__CHANNEL__CHANNEL_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, ARBITER__ROUTING__V1__DELIVERY__STATE__STATE_UNSPECIFIED, ARBITER__COMMON__V1__CHANNEL__CHANNEL_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, NULL, (char *)protobuf_c_empty_string, ARBITER__ROUTING__V1__URGENCY__URGENCY_NORMAL, 0,NULL, (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
 
 
 struct  Arbiter__Routing__V1__ReportDeliveryEventRequest
 {
   ProtobufCMessage base;
   char *delivery_id;
-  Arbiter__Routing__V1__ReportDeliveryEventRequest__Kind kind;
+  /*
+   * DELIVERED through UNSUBSCRIBED.
+   */
+  Arbiter__Routing__V1__DeliveryEventKind kind;
   int64_t occurred_at_ms;
+  /*
+   * With BOUNCED: the address is permanently unreachable.
+   */
   protobuf_c_boolean hard_bounce;
 };
 #define ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__routing__v1__report_delivery_event_request__descriptor) \
-    , (char *)protobuf_c_empty_string, ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__KIND__KIND_UNSPECIFIED, 0, 0 }
+    , (char *)protobuf_c_empty_string, ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_UNSPECIFIED, 0, 0 }
 
 
 struct  Arbiter__Routing__V1__GetDeliveryRequest
@@ -142,6 +270,9 @@ struct  Arbiter__Routing__V1__ListDeliveriesRequest
 {
   ProtobufCMessage base;
   char *person_id;
+  /*
+   * Default 50, at most 1000.
+   */
   uint32_t limit;
 };
 #define ARBITER__ROUTING__V1__LIST_DELIVERIES_REQUEST__INIT \
@@ -210,6 +341,44 @@ Arbiter__Routing__V1__RouteRequest *
                       const uint8_t       *data);
 void   arbiter__routing__v1__route_request__free_unpacked
                      (Arbiter__Routing__V1__RouteRequest *message,
+                      ProtobufCAllocator *allocator);
+/* Arbiter__Routing__V1__DeliveryEvent methods */
+void   arbiter__routing__v1__delivery_event__init
+                     (Arbiter__Routing__V1__DeliveryEvent         *message);
+size_t arbiter__routing__v1__delivery_event__get_packed_size
+                     (const Arbiter__Routing__V1__DeliveryEvent   *message);
+size_t arbiter__routing__v1__delivery_event__pack
+                     (const Arbiter__Routing__V1__DeliveryEvent   *message,
+                      uint8_t             *out);
+size_t arbiter__routing__v1__delivery_event__pack_to_buffer
+                     (const Arbiter__Routing__V1__DeliveryEvent   *message,
+                      ProtobufCBuffer     *buffer);
+Arbiter__Routing__V1__DeliveryEvent *
+       arbiter__routing__v1__delivery_event__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   arbiter__routing__v1__delivery_event__free_unpacked
+                     (Arbiter__Routing__V1__DeliveryEvent *message,
+                      ProtobufCAllocator *allocator);
+/* Arbiter__Routing__V1__ChannelAssessment methods */
+void   arbiter__routing__v1__channel_assessment__init
+                     (Arbiter__Routing__V1__ChannelAssessment         *message);
+size_t arbiter__routing__v1__channel_assessment__get_packed_size
+                     (const Arbiter__Routing__V1__ChannelAssessment   *message);
+size_t arbiter__routing__v1__channel_assessment__pack
+                     (const Arbiter__Routing__V1__ChannelAssessment   *message,
+                      uint8_t             *out);
+size_t arbiter__routing__v1__channel_assessment__pack_to_buffer
+                     (const Arbiter__Routing__V1__ChannelAssessment   *message,
+                      ProtobufCBuffer     *buffer);
+Arbiter__Routing__V1__ChannelAssessment *
+       arbiter__routing__v1__channel_assessment__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   arbiter__routing__v1__channel_assessment__free_unpacked
+                     (Arbiter__Routing__V1__ChannelAssessment *message,
                       ProtobufCAllocator *allocator);
 /* Arbiter__Routing__V1__Delivery methods */
 void   arbiter__routing__v1__delivery__init
@@ -336,6 +505,12 @@ typedef void (*Arbiter__Routing__V1__Message_Closure)
 typedef void (*Arbiter__Routing__V1__RouteRequest_Closure)
                  (const Arbiter__Routing__V1__RouteRequest *message,
                   void *closure_data);
+typedef void (*Arbiter__Routing__V1__DeliveryEvent_Closure)
+                 (const Arbiter__Routing__V1__DeliveryEvent *message,
+                  void *closure_data);
+typedef void (*Arbiter__Routing__V1__ChannelAssessment_Closure)
+                 (const Arbiter__Routing__V1__ChannelAssessment *message,
+                  void *closure_data);
 typedef void (*Arbiter__Routing__V1__Delivery_Closure)
                  (const Arbiter__Routing__V1__Delivery *message,
                   void *closure_data);
@@ -417,13 +592,16 @@ void arbiter__routing__v1__routing__retry_dead_letter(ProtobufCService *service,
 
 /* --- descriptors --- */
 
+extern const ProtobufCEnumDescriptor    arbiter__routing__v1__urgency__descriptor;
+extern const ProtobufCEnumDescriptor    arbiter__routing__v1__delivery_event_kind__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__routing__v1__message__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__routing__v1__message__variables_entry__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__routing__v1__route_request__descriptor;
+extern const ProtobufCMessageDescriptor arbiter__routing__v1__delivery_event__descriptor;
+extern const ProtobufCMessageDescriptor arbiter__routing__v1__channel_assessment__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__routing__v1__delivery__descriptor;
 extern const ProtobufCEnumDescriptor    arbiter__routing__v1__delivery__state__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__routing__v1__report_delivery_event_request__descriptor;
-extern const ProtobufCEnumDescriptor    arbiter__routing__v1__report_delivery_event_request__kind__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__routing__v1__get_delivery_request__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__routing__v1__list_deliveries_request__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__routing__v1__list_deliveries_response__descriptor;

@@ -4,6 +4,41 @@ internal import CContracts
 
 extension RoutingV1 {
 
+    public struct Urgency: ProtoEnum {
+        public var rawValue: Int32
+        public init(rawValue: Int32) { self.rawValue = rawValue }
+        /// Subject to quiet hours, caps and send-time optimization.
+        public static let normal = Urgency(rawValue: 0)
+        /// Sent as soon as allowed: neither quiet hours nor caps hold it back
+        /// (consent and reachability still do). It counts toward caps.
+        public static let critical = Urgency(rawValue: 1)
+        public static let protoName = "arbiter.routing.v1.Urgency"
+        public static let valueNames: [(name: String, rawValue: Int32)] = [("URGENCY_NORMAL", 0), ("URGENCY_CRITICAL", 1)]
+    }
+
+    public struct DeliveryEventKind: ProtoEnum {
+        public var rawValue: Int32
+        public init(rawValue: Int32) { self.rawValue = rawValue }
+        public static let unspecified = DeliveryEventKind(rawValue: 0)
+        public static let delivered = DeliveryEventKind(rawValue: 1)
+        public static let opened = DeliveryEventKind(rawValue: 2)
+        public static let clicked = DeliveryEventKind(rawValue: 3)
+        public static let bounced = DeliveryEventKind(rawValue: 4)
+        public static let complained = DeliveryEventKind(rawValue: 5)
+        public static let unsubscribed = DeliveryEventKind(rawValue: 6)
+        /// Recorded by the service itself.
+        public static let sent = DeliveryEventKind(rawValue: 20)
+        public static let attemptFailed = DeliveryEventKind(rawValue: 21)
+        public static let fellBack = DeliveryEventKind(rawValue: 22)
+        public static let deadLettered = DeliveryEventKind(rawValue: 23)
+        public static let requeued = DeliveryEventKind(rawValue: 24)
+        public static let protoName = "arbiter.routing.v1.DeliveryEventKind"
+        public static let valueNames: [(name: String, rawValue: Int32)] = [("DELIVERY_EVENT_KIND_UNSPECIFIED", 0), ("DELIVERY_EVENT_KIND_DELIVERED", 1), ("DELIVERY_EVENT_KIND_OPENED", 2), ("DELIVERY_EVENT_KIND_CLICKED", 3), ("DELIVERY_EVENT_KIND_BOUNCED", 4), ("DELIVERY_EVENT_KIND_COMPLAINED", 5), ("DELIVERY_EVENT_KIND_UNSUBSCRIBED", 6), ("DELIVERY_EVENT_KIND_SENT", 20), ("DELIVERY_EVENT_KIND_ATTEMPT_FAILED", 21), ("DELIVERY_EVENT_KIND_FELL_BACK", 22), ("DELIVERY_EVENT_KIND_DEAD_LETTERED", 23), ("DELIVERY_EVENT_KIND_REQUEUED", 24)]
+    }
+
+    /// What to send: a template the adapter (or the system behind the webhook)
+    /// renders with the variables. For email, the variables "subject" and "body"
+    /// become the subject and the text.
     public struct Message: ProtoMessage {
         public var templateId: String = ""
         public var variables: [String: String] = [:]
@@ -24,11 +59,17 @@ extension RoutingV1 {
     public struct RouteRequest: ProtoMessage {
         public var person: CommonV1.PersonRef? = nil
         public var message: RoutingV1.Message? = nil
+        /// Channels the sender allows; empty: every channel with an adapter.
         public var allowedChannels: [CommonV1.Channel] = []
-        public var critical: Bool = false
+        public var urgency: RoutingV1.Urgency = RoutingV1.Urgency(rawValue: 0)
+        /// Required. Same key, same delivery; the key goes to the adapter so that the
+        /// receiving end can discard a duplicate after a crash (at-least-once).
         public var idempotencyKey: String = ""
+        /// Earliest and latest send time (0: now, and now + the configured window).
         public var notBeforeMs: Int64 = 0
         public var notAfterMs: Int64 = 0
+        /// Required: the consent purpose, e.g. "marketing" or "transactional".
+        public var purpose: String = ""
 
         public static let protoName = "arbiter.routing.v1.RouteRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__routing__v1__route_request__descriptor_ptr())
@@ -37,19 +78,76 @@ extension RoutingV1 {
             person = try reader.messageValue(1)
             message = try reader.messageValue(2)
             allowedChannels = reader.enums(3)
-            critical = reader.bool(4)
+            urgency = reader.enum(4)
             idempotencyKey = reader.string(5)
             notBeforeMs = reader.int64(6)
             notAfterMs = reader.int64(7)
+            purpose = reader.string(8)
         }
         public func write(to writer: ProtoWriter) {
             if let v = person { writer.setMessage(1, v) }
             if let v = message { writer.setMessage(2, v) }
             writer.setRepeatedEnums(3, allowedChannels)
-            writer.setBool(4, critical)
+            writer.setEnum(4, urgency)
             writer.setString(5, idempotencyKey)
             writer.setInt64(6, notBeforeMs)
             writer.setInt64(7, notAfterMs)
+            writer.setString(8, purpose)
+        }
+    }
+
+    public struct DeliveryEvent: ProtoMessage {
+        public var kind: RoutingV1.DeliveryEventKind = RoutingV1.DeliveryEventKind(rawValue: 0)
+        public var atMs: Int64 = 0
+        public var channel: CommonV1.Channel = CommonV1.Channel(rawValue: 0)
+        public var detail: String = ""
+
+        public static let protoName = "arbiter.routing.v1.DeliveryEvent"
+        public static let protoDescriptor = ProtoDescriptor(arbiter__routing__v1__delivery_event__descriptor_ptr())
+        public init() {}
+        public init(reader: ProtoReader) throws {
+            kind = reader.enum(1)
+            atMs = reader.int64(2)
+            channel = reader.enum(3)
+            detail = reader.string(4)
+        }
+        public func write(to writer: ProtoWriter) {
+            writer.setEnum(1, kind)
+            writer.setInt64(2, atMs)
+            writer.setEnum(3, channel)
+            writer.setString(4, detail)
+        }
+    }
+
+    /// How one channel was judged when the delivery was planned.
+    public struct ChannelAssessment: ProtoMessage {
+        public var channel: CommonV1.Channel = CommonV1.Channel(rawValue: 0)
+        /// Empty when the channel is usable; else "no_consent", "unreachable" or "capped".
+        public var excluded: String = ""
+        /// Why, in words: "consent marketing.email denied by preference-center at ...".
+        public var detail: String = ""
+        /// Where it would go: the address or token (usable channels only).
+        public var address: String = ""
+        /// Estimated engagement rate for this person on this channel (learned, with
+        /// the population's rate as the prior).
+        public var preference: Double = 0
+
+        public static let protoName = "arbiter.routing.v1.ChannelAssessment"
+        public static let protoDescriptor = ProtoDescriptor(arbiter__routing__v1__channel_assessment__descriptor_ptr())
+        public init() {}
+        public init(reader: ProtoReader) throws {
+            channel = reader.enum(1)
+            excluded = reader.string(2)
+            detail = reader.string(3)
+            address = reader.string(4)
+            preference = reader.double(5)
+        }
+        public func write(to writer: ProtoWriter) {
+            writer.setEnum(1, channel)
+            writer.setString(2, excluded)
+            writer.setString(3, detail)
+            writer.setString(4, address)
+            writer.setDouble(5, preference)
         }
     }
 
@@ -62,16 +160,36 @@ extension RoutingV1 {
         /// Why nothing will be sent: "no_consent", "unreachable", "capped",
         /// "quiet_hours", "expired".
         public var suppressionReason: String = ""
+        /// Attempts on the current channel.
         public var attempts: UInt32 = 0
         public var lastError: String = ""
         public var idempotencyKey: String = ""
-        public var events: [String] = []
+        public var events: [RoutingV1.DeliveryEvent] = []
+        public var message: RoutingV1.Message? = nil
+        public var purpose: String = ""
+        public var urgency: RoutingV1.Urgency = RoutingV1.Urgency(rawValue: 0)
+        /// The channels still to try, in order, if the current one fails.
+        public var fallbackChannels: [CommonV1.Channel] = []
+        public var address: String = ""
+        /// Every channel considered, in order of preference, with the reason it was excluded.
+        public var channels: [RoutingV1.ChannelAssessment] = []
+        /// Why send_at_ms: "as soon as allowed", "person's best hour 19:00 (Europe/Paris)", ...
+        public var sendTimeReason: String = ""
+        public var createdAtMs: Int64 = 0
+        public var sentAtMs: Int64 = 0
+        public var nextAttemptAtMs: Int64 = 0
+        /// The person's time zone used for quiet hours and send time.
+        public var timeZone: String = ""
+        /// Human-readable suppression detail.
+        public var suppressionDetail: String = ""
 
         public struct State: ProtoEnum {
             public var rawValue: Int32
             public init(rawValue: Int32) { self.rawValue = rawValue }
             public static let unspecified = State(rawValue: 0)
+            /// In the outbox, to be sent at send_at_ms (or at next_attempt_at_ms after a failure).
             public static let scheduled = State(rawValue: 1)
+            /// Reserved: a delivery being sent is reported as SCHEDULED until it is sent.
             public static let sending = State(rawValue: 2)
             public static let sent = State(rawValue: 3)
             public static let suppressed = State(rawValue: 4)
@@ -93,7 +211,19 @@ extension RoutingV1 {
             attempts = reader.uint32(7)
             lastError = reader.string(8)
             idempotencyKey = reader.string(9)
-            events = reader.repeatedString(10)
+            events = try reader.messages(10)
+            message = try reader.messageValue(11)
+            purpose = reader.string(12)
+            urgency = reader.enum(13)
+            fallbackChannels = reader.enums(14)
+            address = reader.string(15)
+            channels = try reader.messages(16)
+            sendTimeReason = reader.string(17)
+            createdAtMs = reader.int64(18)
+            sentAtMs = reader.int64(19)
+            nextAttemptAtMs = reader.int64(20)
+            timeZone = reader.string(21)
+            suppressionDetail = reader.string(22)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, deliveryId)
@@ -105,29 +235,29 @@ extension RoutingV1 {
             writer.setUint32(7, attempts)
             writer.setString(8, lastError)
             writer.setString(9, idempotencyKey)
-            writer.setRepeatedString(10, events)
+            writer.setRepeatedMessages(10, events)
+            if let v = message { writer.setMessage(11, v) }
+            writer.setString(12, purpose)
+            writer.setEnum(13, urgency)
+            writer.setRepeatedEnums(14, fallbackChannels)
+            writer.setString(15, address)
+            writer.setRepeatedMessages(16, channels)
+            writer.setString(17, sendTimeReason)
+            writer.setInt64(18, createdAtMs)
+            writer.setInt64(19, sentAtMs)
+            writer.setInt64(20, nextAttemptAtMs)
+            writer.setString(21, timeZone)
+            writer.setString(22, suppressionDetail)
         }
     }
 
     public struct ReportDeliveryEventRequest: ProtoMessage {
         public var deliveryId: String = ""
-        public var kind: RoutingV1.ReportDeliveryEventRequest.Kind = RoutingV1.ReportDeliveryEventRequest.Kind(rawValue: 0)
+        /// DELIVERED through UNSUBSCRIBED.
+        public var kind: RoutingV1.DeliveryEventKind = RoutingV1.DeliveryEventKind(rawValue: 0)
         public var occurredAtMs: Int64 = 0
+        /// With BOUNCED: the address is permanently unreachable.
         public var hardBounce: Bool = false
-
-        public struct Kind: ProtoEnum {
-            public var rawValue: Int32
-            public init(rawValue: Int32) { self.rawValue = rawValue }
-            public static let unspecified = Kind(rawValue: 0)
-            public static let delivered = Kind(rawValue: 1)
-            public static let opened = Kind(rawValue: 2)
-            public static let clicked = Kind(rawValue: 3)
-            public static let bounced = Kind(rawValue: 4)
-            public static let complained = Kind(rawValue: 5)
-            public static let unsubscribed = Kind(rawValue: 6)
-            public static let protoName = "arbiter.routing.v1.ReportDeliveryEventRequest.Kind"
-            public static let valueNames: [(name: String, rawValue: Int32)] = [("KIND_UNSPECIFIED", 0), ("KIND_DELIVERED", 1), ("KIND_OPENED", 2), ("KIND_CLICKED", 3), ("KIND_BOUNCED", 4), ("KIND_COMPLAINED", 5), ("KIND_UNSUBSCRIBED", 6)]
-        }
 
         public static let protoName = "arbiter.routing.v1.ReportDeliveryEventRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__routing__v1__report_delivery_event_request__descriptor_ptr())
@@ -162,6 +292,7 @@ extension RoutingV1 {
 
     public struct ListDeliveriesRequest: ProtoMessage {
         public var personId: String = ""
+        /// Default 50, at most 1000.
         public var limit: UInt32 = 0
 
         public static let protoName = "arbiter.routing.v1.ListDeliveriesRequest"
@@ -207,10 +338,16 @@ extension RoutingV1 {
 
     public enum Routing {
         public static let name = "arbiter.routing.v1.Routing"
+        /// Plans a delivery: channel, address and send time, or a suppression with its
+        /// reason. The same idempotency_key always answers the same delivery.
         public static let route = MethodDescriptor<RoutingV1.RouteRequest, RoutingV1.Delivery>(service: name, method: "Route", isIdempotent: true)
+        /// Delivered, opened, clicked, bounced, complained, unsubscribed: learning,
+        /// reachability and consent. Idempotent per delivery and kind.
         public static let reportDeliveryEvent = MethodDescriptor<RoutingV1.ReportDeliveryEventRequest, RoutingV1.Delivery>(service: name, method: "ReportDeliveryEvent", isIdempotent: true)
         public static let getDelivery = MethodDescriptor<RoutingV1.GetDeliveryRequest, RoutingV1.Delivery>(service: name, method: "GetDelivery", isIdempotent: true)
+        /// A person's deliveries, newest first.
         public static let listDeliveries = MethodDescriptor<RoutingV1.ListDeliveriesRequest, RoutingV1.ListDeliveriesResponse>(service: name, method: "ListDeliveries", isIdempotent: true)
+        /// Puts a dead-lettered delivery back in the outbox, attempts reset.
         public static let retryDeadLetter = MethodDescriptor<RoutingV1.RetryDeadLetterRequest, RoutingV1.Delivery>(service: name, method: "RetryDeadLetter", isIdempotent: true)
         public static let methods: [any AnyMethodDescriptor] = [route, reportDeliveryEvent, getDelivery, listDeliveries, retryDeadLetter]
     }

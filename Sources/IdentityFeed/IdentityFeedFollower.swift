@@ -3,17 +3,36 @@ import Logging
 import RPC
 import ServiceLifecycle
 
-/// Follows the identity service's change feed and applies merges, unmerges and erasures
-/// to the profile store. Pull-based and resumable: the position is stored with the
-/// changes it applied, so a restart neither skips nor repeats a change.
-public struct IdentityFeedFollower: Service {
-    let store: ProfileStore
+/// A change in the identity graph that a service keeping per-person data must apply.
+public enum IdentityChange: Sendable, Equatable {
+    /// `sources` were merged into `target`.
+    case merge(target: String, sources: [String])
+    /// `split` was split off `survivor` again.
+    case unmerge(survivor: String, split: String)
+    /// `person` (and every person it had absorbed) no longer exists: erase it.
+    case erase(person: String, absorbed: [String])
+    /// Anything else (a link, an identifier erased from a living person).
+    case other
+}
+
+/// A store that applies identity changes. `apply` must store the position with the
+/// changes, in one transaction, so that a restart neither skips nor repeats one.
+public protocol IdentityChangeSink: Sendable {
+    /// The `seq` of the last change applied (0: none).
+    func identityCursor() throws -> Int64
+    func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws
+}
+
+/// Follows the identity service's change feed (ListChanges) and hands merges, unmerges
+/// and erasures to a store. Pull-based and resumable from the store's own cursor.
+public struct IdentityFeedFollower<Sink: IdentityChangeSink>: Service {
+    let store: Sink
     let identity: RPCClient
     let logger: Logger
     let pollInterval: Duration
     let clock: @Sendable () -> Int64
 
-    public init(store: ProfileStore, identity: RPCClient, logger: Logger, pollInterval: Duration = .seconds(1),
+    public init(store: Sink, identity: RPCClient, logger: Logger, pollInterval: Duration = .seconds(1),
                 clock: @escaping @Sendable () -> Int64) {
         self.store = store
         self.identity = identity
@@ -49,9 +68,9 @@ public struct IdentityFeedFollower: Service {
         request.afterSeq = UInt64(try store.identityCursor())
         request.limit = limit
         let response = try await identity.call(IdentityV1.Identity.listChanges, request)
-        var changes: [(seq: Int64, change: ProfileStore.IdentityChange)] = []
+        var changes: [(seq: Int64, change: IdentityChange)] = []
         for change in response.changes {
-            let kind: ProfileStore.IdentityChange
+            let kind: IdentityChange
             switch change.kind {
             case .merge: kind = .merge(target: change.targetPersonId, sources: change.sourcePersonIds)
             case .unmerge: kind = change.sourcePersonIds.first.map { .unmerge(survivor: change.targetPersonId, split: $0) } ?? .other
