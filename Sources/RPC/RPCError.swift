@@ -61,3 +61,9 @@ public struct RPCError: Error, Hashable, Sendable, CustomStringConvertible {
         RPCError(.invalidArgument, "\(field): \(problem)")
     }
 }
+
+/// A configuration problem found while building a service; stops it at start with this message.
+public struct ConfigurationError: Error, CustomStringConvertible, Sendable {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}

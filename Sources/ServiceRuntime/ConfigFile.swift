@@ -23,9 +23,3 @@ enum ConfigFile {
         }
     }
 }
-
-/// A configuration problem found while building a service; stops it at start with this message.
-public struct ConfigurationError: Error, CustomStringConvertible, Sendable {
-    public var description: String
-    public init(_ description: String) { self.description = description }
-}

@@ -2,6 +2,7 @@ import Contracts
 import Foundation
 import RPC
 import Rules
+import Storage
 import Synchronization
 
 /// The decision service's settings (the `decision` section of `--config`). Defaults per field.
@@ -331,12 +332,7 @@ public struct DecisionService: RPCService {
     }
 
     /// A time-ordered decision id: `d`, 12 hex digits of milliseconds, 16 random hex digits.
-    static func decisionID(_ nowMs: Int64) -> String {
-        let time = String(UInt64(max(0, nowMs)), radix: 16)
-        let random = String(UInt64.random(in: .min ... .max), radix: 16)
-        return "d" + String(repeating: "0", count: max(0, 12 - time.count)) + time
-            + String(repeating: "0", count: 16 - random.count) + random
-    }
+    static func decisionID(_ nowMs: Int64) -> String { TimeOrderedID.make("d", nowMs: nowMs) }
 
     // MARK: - Outcomes
 

@@ -1,0 +1,143 @@
+import Contracts
+import Logging
+import RPC
+import ServiceLifecycle
+
+/// Sends what is due from the outbox, `dispatchConcurrency` at a time: each attempt's
+/// result is committed before the delivery is looked at again, so a crash at any moment
+/// leaves every accepted delivery scheduled or sent (at least once; receivers discard
+/// duplicates by idempotency key). Failures back off exponentially with jitter, then fall
+/// back along the channel chain, then dead-letter. On graceful shutdown it stops taking
+/// new work and finishes what is in flight.
+public struct Dispatcher: Service {
+    let store: RoutingStore
+    let adapters: Adapters
+    let configuration: RoutingConfiguration
+    let logger: Logger
+    let clock: @Sendable () -> Int64
+
+    init(store: RoutingStore, adapters: Adapters, configuration: RoutingConfiguration, logger: Logger, clock: @escaping @Sendable () -> Int64) {
+        self.store = store
+        self.adapters = adapters
+        self.configuration = configuration
+        self.logger = logger
+        self.clock = clock
+    }
+
+    public func run() async throws {
+        let limit = configuration.dispatchConcurrency
+        let poll = Duration.milliseconds(configuration.dispatchPollMs)
+        await withTaskGroup(of: String?.self) { group in
+            var inFlight: Set<String> = []
+            var ticking = false
+            var failures = 0
+            while !Task.isCancelled && !Task.isShuttingDownGracefully {
+                if inFlight.count < limit {
+                    do {
+                        let due = try store.due(nowMs: clock(), limit: limit + inFlight.count)
+                        failures = 0
+                        for delivery in due where inFlight.count < limit && !inFlight.contains(delivery.deliveryId) {
+                            inFlight.insert(delivery.deliveryId)
+                            group.addTask { await attempt(delivery); return delivery.deliveryId }
+                        }
+                    } catch {
+                        failures += 1
+                        if failures == 1 || failures % 100 == 0 { logger.error("outbox unreadable", metadata: ["error": "\(error)"]) }
+                    }
+                }
+                if !ticking {
+                    ticking = true
+                    group.addTask { try? await Task.sleep(for: poll); return nil }
+                }
+                switch await group.next() {
+                case let id??: inFlight.remove(id)
+                case .some(nil): ticking = false
+                case nil: break
+                }
+            }
+            for await _ in group {}
+        }
+        await adapters.shutdown()
+    }
+
+    /// One attempt on the delivery's current channel, and its result recorded.
+    func attempt(_ delivery: RoutingV1.Delivery) async {
+        let result: RoutingStore.SendResult
+        if let adapter = adapters.adapter(for: delivery.channel) {
+            result = await adapter.send(delivery)
+        } else {
+            result = .permanent("no adapter configured for \(delivery.channel)")
+        }
+        let exponent = min(Int(delivery.attempts), 30)
+        let ceiling = min(Double(configuration.maxBackoffMs), Double(configuration.initialBackoffMs) * Double(1 << exponent))
+        let backoff = Int64(ceiling / 2 + Double.random(in: 0...(ceiling / 2)))  // "equal jitter": never near zero
+        do {
+            let update = RoutingStore.Update(deliveryID: delivery.deliveryId, channel: delivery.channel, result: result, atMs: clock(), backoffMs: backoff)
+            if let updated = try await store.record(update), updated.state == .deadLetter {
+                logger.warning("dead letter", metadata: ["delivery": "\(updated.deliveryId)", "error": "\(updated.lastError)"])
+            }
+        } catch {
+            // Not recorded: the delivery stays due and is attempted again (at least once).
+            logger.error("cannot record a delivery attempt", metadata: ["delivery": "\(delivery.deliveryId)", "error": "\(error)"])
+        }
+    }
+}
+
+/// Passes unsubscribes and complaints recorded here on to the profile service as denied
+/// consent, until it has confirmed each (the routing service honours them at once either way).
+public struct ConsentRevoker: Service {
+    let store: RoutingStore
+    let profile: RPCClient
+    let logger: Logger
+    let interval: Duration
+
+    init(store: RoutingStore, profile: RPCClient, logger: Logger, interval: Duration = .seconds(1)) {
+        self.store = store
+        self.profile = profile
+        self.logger = logger
+        self.interval = interval
+    }
+
+    public func run() async throws {
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            _ = await syncOnce()
+            try? await Task.sleep(for: interval)
+        }
+    }
+
+    /// Sends every unsynced opt-out; returns how many the profile service confirmed.
+    func syncOnce() async -> Int {
+        guard let pending = try? store.unsyncedOptOuts(limit: 100) else { return 0 }
+        var done = 0
+        for optOut in pending {
+            if await Self.revoke(optOut, profile: profile, store: store, logger: logger) { done += 1 } else { break }
+        }
+        return done
+    }
+
+    /// SetConsent(denied) for one opt-out; true once the profile service recorded it.
+    static func revoke(_ optOut: RoutingStore.OptOut, profile: RPCClient, store: RoutingStore, logger: Logger) async -> Bool {
+        var record = ProfileV1.ConsentRecord()
+        record.purpose = optOut.purpose
+        record.channel = optOut.channel
+        record.granted = false
+        record.source = optOut.source
+        record.atMs = optOut.atMs
+        var request = ProfileV1.SetConsentRequest()
+        var person = CommonV1.PersonRef()
+        person.ref = .personId(optOut.person)
+        request.person = person
+        request.consents = [record]
+        do {
+            _ = try await profile.call(ProfileV1.Profile.setConsent, request, timeout: .seconds(5))
+        } catch {
+            // A person the profile service no longer has cannot be contacted anyway.
+            guard error.code == .notFound else {
+                logger.warning("profile did not record a consent revocation; will retry", metadata: ["error": "\(error)"])
+                return false
+            }
+        }
+        try? store.markSynced(optOut)
+        return true
+    }
+}

@@ -1,0 +1,471 @@
+import Contracts
+import Foundation
+import GRDB
+import IdentityFeed
+import RPC
+import Storage
+import Synchronization
+
+/// The routing service's SQLite store: the outbox (every delivery, its plan, attempts and
+/// events), engagement evidence per person and channel and per local hour (person "" is
+/// the population), hard-bounced addresses, and unsubscribes and complaints waiting to be
+/// passed on to the profile service.
+///
+/// Deliveries are stored whole (`arbiter.routing.v1.Delivery`) with the columns the
+/// outbox is searched by. Database access is synchronous on the calling thread; the
+/// service runs its handlers on the concurrent pool.
+public final class RoutingStore: Sendable {
+    let pool: DatabasePool
+    let configuration: RoutingConfiguration
+    /// The population's engagement, mirrored in memory (changed only inside write transactions).
+    let population: Mutex<Evidence>
+    let inserts = GroupCommit<Insert, Inserted>(label: "arbiter.routing.route")
+    let updates = GroupCommit<Update, RoutingV1.Delivery?>(label: "arbiter.routing.dispatch")
+
+    public init(directory: String, configuration: RoutingConfiguration = .init()) throws {
+        pool = try SQLiteStore.open(directory: directory, name: "routing", migrator: Self.migrator)
+        self.configuration = configuration
+        population = Mutex(try pool.read { db in try Self.evidence(db, person: "") })
+    }
+
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1") { db in
+            try db.execute(sql: """
+                CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+                CREATE TABLE delivery (
+                  delivery_id TEXT PRIMARY KEY,              -- time-ordered
+                  idempotency_key TEXT NOT NULL UNIQUE,
+                  request_hash BLOB NOT NULL,                -- SHA-256 of the request, to refuse a reused key
+                  person_id TEXT NOT NULL,
+                  state INTEGER NOT NULL,                    -- Delivery.State
+                  channel INTEGER NOT NULL,
+                  send_at_ms INTEGER NOT NULL,
+                  next_attempt_ms INTEGER NOT NULL,
+                  record BLOB NOT NULL                       -- arbiter.routing.v1.Delivery
+                ) WITHOUT ROWID;
+                CREATE INDEX delivery_due ON delivery(next_attempt_ms) WHERE state = 1;
+                CREATE INDEX delivery_by_person ON delivery(person_id, send_at_ms);
+                CREATE TABLE delivery_event (               -- each reported kind once per delivery
+                  delivery_id TEXT NOT NULL, kind INTEGER NOT NULL, at_ms INTEGER NOT NULL,
+                  PRIMARY KEY (delivery_id, kind)
+                ) WITHOUT ROWID;
+                CREATE TABLE engagement (                  -- key: channel 1-5, or 100 + local hour
+                  person_id TEXT NOT NULL, key INTEGER NOT NULL,
+                  sends REAL NOT NULL, engaged REAL NOT NULL, updated_ms INTEGER NOT NULL,
+                  PRIMARY KEY (person_id, key)
+                ) WITHOUT ROWID;
+                CREATE TABLE unreachable (
+                  person_id TEXT NOT NULL, channel INTEGER NOT NULL, address TEXT NOT NULL, at_ms INTEGER NOT NULL,
+                  PRIMARY KEY (person_id, channel, address)
+                ) WITHOUT ROWID;
+                CREATE TABLE opt_out (                     -- unsubscribes and complaints
+                  person_id TEXT NOT NULL, purpose TEXT NOT NULL, channel INTEGER NOT NULL,
+                  at_ms INTEGER NOT NULL, source TEXT NOT NULL,
+                  synced INTEGER NOT NULL,                   -- 1 once the profile service recorded the denial
+                  PRIMARY KEY (person_id, purpose, channel)
+                ) WITHOUT ROWID;
+                CREATE INDEX opt_out_unsynced ON opt_out(at_ms) WHERE synced = 0;
+                """)
+        }
+        return migrator
+    }
+
+    // MARK: - Reading
+
+    static func evidence(_ db: Database, person: String) throws -> Evidence {
+        var evidence = Evidence()
+        for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT key, sends, engaged, updated_ms FROM engagement WHERE person_id = ?"), arguments: [person]) {
+            evidence.engagement[row[0]] = Engagement(sends: row[1], engaged: row[2], updatedMs: row[3])
+        }
+        guard !person.isEmpty else { return evidence }
+        for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT purpose, channel, at_ms FROM opt_out WHERE person_id = ?"), arguments: [person]) {
+            evidence.optOuts.append((row[0], row[1], row[2]))
+        }
+        for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT channel, address FROM unreachable WHERE person_id = ?"), arguments: [person]) {
+            evidence.unreachable.insert(Evidence.unreachableKey(CommonV1.Channel(rawValue: row[0]), row[1]))
+        }
+        return evidence
+    }
+
+    /// What the store knows about a person, and about the population.
+    func evidence(person: String) throws -> (person: Evidence, population: Evidence) {
+        (try pool.read { db in try Self.evidence(db, person: person) }, population.withLock { $0 })
+    }
+
+    static func record(_ data: Data) throws -> RoutingV1.Delivery { try RoutingV1.Delivery(serializedBytes: data) }
+
+    public func delivery(_ id: String) throws -> RoutingV1.Delivery? {
+        try pool.read { db in try Self.load(db, id) }
+    }
+
+    static func load(_ db: Database, _ id: String) throws -> RoutingV1.Delivery? {
+        try Data.fetchOne(db.cachedStatement(sql: "SELECT record FROM delivery WHERE delivery_id = ?"), arguments: [id]).map(record)
+    }
+
+    func delivery(idempotencyKey key: String) throws -> (RoutingV1.Delivery, Data)? {
+        try pool.read { db in
+            try Row.fetchOne(db.cachedStatement(sql: "SELECT record, request_hash FROM delivery WHERE idempotency_key = ?"), arguments: [key])
+                .map { (try Self.record($0[0]), $0[1]) }
+        }
+    }
+
+    /// A person's deliveries, newest send time first.
+    func deliveries(person: String, limit: Int) throws -> [RoutingV1.Delivery] {
+        try pool.read { db in
+            try Data.fetchAll(db, sql: "SELECT record FROM delivery WHERE person_id = ? ORDER BY send_at_ms DESC, delivery_id DESC LIMIT ?",
+                              arguments: [person, limit]).map(Self.record)
+        }
+    }
+
+    /// Scheduled deliveries whose next attempt is due, oldest first.
+    func due(nowMs: Int64, limit: Int) throws -> [RoutingV1.Delivery] {
+        try pool.read { db in
+            try Data.fetchAll(db.cachedStatement(sql: "SELECT record FROM delivery WHERE state = 1 AND next_attempt_ms <= ? ORDER BY next_attempt_ms LIMIT ?"),
+                              arguments: [nowMs, limit]).map(Self.record)
+        }
+    }
+
+    /// How many deliveries are waiting in the outbox (scheduled), and how many are dead letters.
+    public func counts() throws -> (scheduled: Int, deadLetters: Int) {
+        try pool.read { db in
+            (try Int.fetchOne(db, sql: "SELECT count(*) FROM delivery WHERE state = 1") ?? 0,
+             try Int.fetchOne(db, sql: "SELECT count(*) FROM delivery WHERE state = 5") ?? 0)
+        }
+    }
+
+    // MARK: - Storing a planned delivery (idempotency and caps)
+
+    struct Insert: Sendable {
+        var draft: RoutingV1.Delivery
+        var requestHash: Data
+    }
+
+    enum Inserted: Sendable {
+        case stored(RoutingV1.Delivery)
+        /// The idempotency key was known; `sameRequest` is false when its first request differed.
+        case existing(RoutingV1.Delivery, sameRequest: Bool)
+    }
+
+    /// Stores a planned delivery once per idempotency key. A normal delivery is checked
+    /// against the caps inside the same transaction (so concurrent Routes for one person
+    /// cannot both take the last slot): a channel at its cap is skipped for the next usable
+    /// one; over the overall cap, or with every channel capped, it is stored suppressed.
+    func insert(_ draft: RoutingV1.Delivery, requestHash: Data, nowMs: Int64) async throws -> Inserted {
+        try await inserts.submit(Insert(draft: draft, requestHash: requestHash)) { [self] entries in
+            try pool.write { db in try entries.map { try insert(db, $0, nowMs: nowMs) } }
+        }
+    }
+
+    private func insert(_ db: Database, _ entry: Insert, nowMs: Int64) throws -> Inserted {
+        if let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT record, request_hash FROM delivery WHERE idempotency_key = ?"),
+                                      arguments: [entry.draft.idempotencyKey]) {
+            return .existing(try Self.record(row[0]), sameRequest: (row[1] as Data) == entry.requestHash)
+        }
+        var d = entry.draft
+        d.deliveryId = TimeOrderedID.make("dl", nowMs: nowMs)
+        if d.state == .scheduled && d.urgency == .normal { try applyCaps(db, &d) }
+        try db.execute(sql: """
+            INSERT INTO delivery (delivery_id, idempotency_key, request_hash, person_id, state, channel, send_at_ms, next_attempt_ms, record)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """, arguments: [d.deliveryId, d.idempotencyKey, entry.requestHash, d.personId, d.state.rawValue, d.channel.rawValue,
+                             d.sendAtMs, d.nextAttemptAtMs, Data(d.serializedBytes())])
+        return .stored(d)
+    }
+
+    /// Caps count the person's scheduled and sent deliveries within a day (a week) either
+    /// side of the planned send time: no 24-hour (7-day) window around it goes over.
+    private func applyCaps(_ db: Database, _ d: inout RoutingV1.Delivery) throws {
+        let day: Int64 = 86_400_000, week = 7 * day, t = d.sendAtMs
+        let rows = try Row.fetchAll(db.cachedStatement(sql: """
+            SELECT channel, send_at_ms FROM delivery WHERE person_id = ? AND send_at_ms > ? AND send_at_ms < ? AND state IN (1, 3)
+            """), arguments: [d.personId, t - week, t + week])
+        let others = rows.map { (channel: $0[0] as Int32, at: $0[1] as Int64) }
+        let dayTotal = others.filter { abs($0.at - t) < day }.count
+        let c = configuration
+        func suppress(_ detail: String) {
+            d.state = .suppressed
+            d.suppressionReason = "capped"
+            d.suppressionDetail = detail
+            d.channel = .unspecified
+            d.address = ""
+            d.fallbackChannels = []
+            d.sendAtMs = 0
+            d.nextAttemptAtMs = 0
+            d.sendTimeReason = ""
+        }
+        if dayTotal >= c.capPerDay { return suppress("\(dayTotal) deliveries within 24 hours (cap \(c.capPerDay))") }
+        if others.count >= c.capPerWeek { return suppress("\(others.count) deliveries within 7 days (cap \(c.capPerWeek))") }
+        var chosen: [CommonV1.Channel] = []
+        for i in d.channels.indices where d.channels[i].excluded.isEmpty {
+            let channel = d.channels[i].channel
+            let mine = others.filter { $0.channel == channel.rawValue }
+            let perDay = mine.filter { abs($0.at - t) < day }.count
+            if perDay >= c.capPerChannelPerDay || mine.count >= c.capPerChannelPerWeek {
+                d.channels[i].excluded = "capped"
+                d.channels[i].detail = "\(perDay) within 24 hours (cap \(c.capPerChannelPerDay)), \(mine.count) within 7 days (cap \(c.capPerChannelPerWeek))"
+            } else {
+                chosen.append(channel)
+            }
+        }
+        guard let first = chosen.first else { return suppress("every usable channel is at its cap") }
+        d.channel = first
+        d.address = d.channels.first { $0.channel == first }!.address
+        d.fallbackChannels = Array(chosen.dropFirst())
+    }
+
+    // MARK: - Dispatch results
+
+    enum SendResult: Sendable, Equatable {
+        case sent
+        /// Worth retrying (timeouts, 5xx, 429, SMTP 4xx).
+        case transient(String)
+        /// Not worth retrying on this channel (other 4xx, SMTP 5xx, a revoked consent).
+        case permanent(String)
+    }
+
+    struct Update: Sendable {
+        var deliveryID: String
+        var channel: CommonV1.Channel
+        var result: SendResult
+        var atMs: Int64
+        var backoffMs: Int64
+    }
+
+    /// Records an attempt's result: sent; or a retry after `backoffMs`; or, after the last
+    /// attempt or a permanent failure, the next channel of the chain, else a dead letter.
+    /// Nil when the delivery is gone (erased) or no longer scheduled on that channel.
+    func record(_ update: Update) async throws -> RoutingV1.Delivery? {
+        try await updates.submit(update) { [self] entries in
+            try pool.write { db in try entries.map { try record(db, $0) } }
+        }
+    }
+
+    private func record(_ db: Database, _ u: Update) throws -> RoutingV1.Delivery? {
+        guard var d = try Self.load(db, u.deliveryID), d.state == .scheduled, d.channel == u.channel else { return nil }
+        func event(_ kind: RoutingV1.DeliveryEventKind, _ detail: String = "") {
+            var e = RoutingV1.DeliveryEvent()
+            e.kind = kind
+            e.atMs = u.atMs
+            e.channel = d.channel
+            e.detail = detail
+            d.events.append(e)
+        }
+        switch u.result {
+        case .sent:
+            d.state = .sent
+            d.sentAtMs = u.atMs
+            d.attempts += 1
+            d.lastError = ""
+            event(.sent, d.address)
+            try addEngagement(db, person: d.personId, keys: [EngagementKey.channel(d.channel)], sends: 1, engaged: 0, atMs: u.atMs)
+        case .transient(let error), .permanent(let error):
+            d.attempts += 1
+            d.lastError = error
+            event(.attemptFailed, error)
+            if case .transient = u.result, Int(d.attempts) < configuration.maxAttempts {
+                d.nextAttemptAtMs = u.atMs + u.backoffMs
+            } else {
+                Self.fallBack(&d, atMs: u.atMs, why: "\(d.attempts) attempt(s) on \(d.channel.ruleName) failed: \(error)")
+            }
+        }
+        try save(db, d)
+        return d
+    }
+
+    /// Moves a delivery to the next channel of its chain, or dead-letters it.
+    static func fallBack(_ d: inout RoutingV1.Delivery, atMs: Int64, why: String) {
+        var e = RoutingV1.DeliveryEvent()
+        e.atMs = atMs
+        e.channel = d.channel
+        e.detail = why
+        if let next = d.fallbackChannels.first {
+            e.kind = .fellBack
+            d.fallbackChannels.removeFirst()
+            d.channel = next
+            d.address = d.channels.first { $0.channel == next }?.address ?? ""
+            d.attempts = 0
+            d.state = .scheduled
+            d.nextAttemptAtMs = atMs
+        } else {
+            e.kind = .deadLettered
+            d.state = .deadLetter
+        }
+        d.events.append(e)
+    }
+
+    func save(_ db: Database, _ d: RoutingV1.Delivery) throws {
+        try db.execute(sql: "UPDATE delivery SET state = ?, channel = ?, next_attempt_ms = ?, person_id = ?, record = ? WHERE delivery_id = ?",
+                       arguments: [d.state.rawValue, d.channel.rawValue, d.nextAttemptAtMs, d.personId, Data(d.serializedBytes()), d.deliveryId])
+    }
+
+    /// Adds decayed evidence for the person and the population.
+    func addEngagement(_ db: Database, person: String, keys: [Int], sends: Double, engaged: Double, atMs: Int64) throws {
+        let halfLife = configuration.halfLifeMs
+        for who in [person, ""] {
+            for key in keys {
+                let old = try Row.fetchOne(db.cachedStatement(sql: "SELECT sends, engaged, updated_ms FROM engagement WHERE person_id = ? AND key = ?"),
+                                           arguments: [who, key]).map { Engagement(sends: $0[0], engaged: $0[1], updatedMs: $0[2]) } ?? Engagement()
+                var new = old.decayed(to: atMs, halfLifeMs: halfLife)
+                new.sends += sends
+                new.engaged += engaged
+                new.updatedMs = max(new.updatedMs, atMs)
+                try db.execute(sql: "INSERT OR REPLACE INTO engagement (person_id, key, sends, engaged, updated_ms) VALUES (?, ?, ?, ?, ?)",
+                               arguments: [who, key, new.sends, new.engaged, new.updatedMs])
+                if who.isEmpty { population.withLock { $0.engagement[key] = new } }
+            }
+        }
+    }
+
+    // MARK: - Reported events
+
+    struct OptOut: Sendable, Equatable {
+        var person: String
+        var purpose: String
+        var channel: CommonV1.Channel
+        var atMs: Int64
+        var source: String
+    }
+
+    /// Records a reported event once per delivery and kind. Opens and clicks teach channel
+    /// preference and the person's hours; a hard bounce marks the address unreachable (and
+    /// sends the delivery on to its next channel, if any); an unsubscribe or a complaint
+    /// records an opt-out here at once and returns it for the profile service.
+    func report(_ id: String, kind: RoutingV1.DeliveryEventKind, hardBounce: Bool, atMs: Int64) throws -> (RoutingV1.Delivery, OptOut?)? {
+        try pool.write { db in
+            guard var d = try Self.load(db, id) else { return nil }
+            try db.execute(sql: "INSERT OR IGNORE INTO delivery_event (delivery_id, kind, at_ms) VALUES (?, ?, ?)", arguments: [id, kind.rawValue, atMs])
+            guard db.changesCount > 0 else { return (d, nil) }
+            let channel = d.channel
+            var e = RoutingV1.DeliveryEvent()
+            e.kind = kind
+            e.atMs = atMs
+            e.channel = channel
+            e.detail = kind == .bounced ? (hardBounce ? "hard" : "soft") : ""
+            let engagedBefore = d.events.contains { $0.kind == .opened || $0.kind == .clicked }
+            d.events.append(e)
+            var optOut: OptOut?
+            switch kind {
+            case .opened, .clicked:
+                if !engagedBefore {
+                    let zone = TimeZone(identifier: d.timeZone) ?? TimeZone(identifier: "UTC")!
+                    let hour = LocalClock(zone).hour(atMs)
+                    try addEngagement(db, person: d.personId, keys: [EngagementKey.channel(channel), EngagementKey.hour(hour)],
+                                      sends: 0, engaged: 1, atMs: atMs)
+                }
+            case .bounced where hardBounce:
+                try db.execute(sql: "INSERT OR REPLACE INTO unreachable (person_id, channel, address, at_ms) VALUES (?, ?, ?, ?)",
+                               arguments: [d.personId, channel.rawValue, d.address, atMs])
+                if d.state == .sent && !d.fallbackChannels.isEmpty {
+                    Self.fallBack(&d, atMs: atMs, why: "hard bounce on \(channel.ruleName) \(d.address)")
+                }
+            case .complained, .unsubscribed:
+                let source = kind == .complained ? "routing:complaint" : "routing:unsubscribe"
+                try db.execute(sql: """
+                    INSERT OR REPLACE INTO opt_out (person_id, purpose, channel, at_ms, source, synced) VALUES (?, ?, ?, ?, ?, 0)
+                    """, arguments: [d.personId, d.purpose, channel.rawValue, atMs, source])
+                optOut = OptOut(person: d.personId, purpose: d.purpose, channel: channel, atMs: atMs, source: source)
+            default:
+                break
+            }
+            try save(db, d)
+            return (d, optOut)
+        }
+    }
+
+    /// Opt-outs the profile service has not yet confirmed, oldest first.
+    func unsyncedOptOuts(limit: Int) throws -> [OptOut] {
+        try pool.read { db in
+            try Row.fetchAll(db, sql: "SELECT person_id, purpose, channel, at_ms, source FROM opt_out WHERE synced = 0 ORDER BY at_ms LIMIT ?",
+                             arguments: [limit]).map { OptOut(person: $0[0], purpose: $0[1], channel: CommonV1.Channel(rawValue: $0[2]), atMs: $0[3], source: $0[4]) }
+        }
+    }
+
+    func markSynced(_ optOut: OptOut) throws {
+        try pool.write { db in
+            try db.execute(sql: "UPDATE opt_out SET synced = 1 WHERE person_id = ? AND purpose = ? AND channel = ? AND at_ms = ?",
+                           arguments: [optOut.person, optOut.purpose, optOut.channel.rawValue, optOut.atMs])
+        }
+    }
+
+    /// Puts a dead letter back in the outbox on its last channel, attempts reset.
+    func requeue(_ id: String, atMs: Int64) throws -> RoutingV1.Delivery? {
+        try pool.write { db in
+            guard var d = try Self.load(db, id) else { return nil }
+            guard d.state == .deadLetter else { return d }
+            d.state = .scheduled
+            d.attempts = 0
+            d.nextAttemptAtMs = atMs
+            var e = RoutingV1.DeliveryEvent()
+            e.kind = .requeued
+            e.atMs = atMs
+            e.channel = d.channel
+            d.events.append(e)
+            try save(db, d)
+            return d
+        }
+    }
+}
+
+// MARK: - The identity change feed
+
+extension RoutingStore: IdentityChangeSink {
+    public func identityCursor() throws -> Int64 {
+        try pool.read { db in try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0 }
+    }
+
+    /// Merges move deliveries, engagement (summed), bounces and opt-outs to the surviving
+    /// person; erasures delete all of them. Unmerges leave the survivor's deliveries where
+    /// they are (nothing here says which person a delivery was for before the merge).
+    public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
+        guard !changes.isEmpty else { return }
+        var erased = false
+        try pool.write { db in
+            let cursor = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0
+            for (seq, change) in changes where seq > cursor {
+                switch change {
+                case .merge(let target, let sources):
+                    for source in sources where source != target { try merge(db, source, into: target, nowMs: nowMs) }
+                case .erase(let person, let absorbed):
+                    for p in [person] + absorbed { try Self.erase(db, p) }
+                    erased = true
+                case .unmerge, .other:
+                    break
+                }
+            }
+            try db.execute(sql: "INSERT OR REPLACE INTO meta (key, value) VALUES ('identity_seq', ?)",
+                           arguments: [max(cursor, changes.map(\.seq).max()!)])
+        }
+        if erased { try SQLiteStore.checkpoint(pool) }
+    }
+
+    private func merge(_ db: Database, _ source: String, into target: String, nowMs: Int64) throws {
+        for data in try Data.fetchAll(db, sql: "SELECT record FROM delivery WHERE person_id = ?", arguments: [source]) {
+            var d = try Self.record(data)
+            d.personId = target
+            try save(db, d)
+        }
+        let halfLife = configuration.halfLifeMs
+        let mine = try Self.evidence(db, person: source).engagement
+        let theirs = try Self.evidence(db, person: target).engagement
+        for (key, e) in mine {
+            let sum = e.decayed(to: nowMs, halfLifeMs: halfLife) + (theirs[key] ?? Engagement()).decayed(to: nowMs, halfLifeMs: halfLife)
+            try db.execute(sql: "INSERT OR REPLACE INTO engagement (person_id, key, sends, engaged, updated_ms) VALUES (?, ?, ?, ?, ?)",
+                           arguments: [target, key, sum.sends, sum.engaged, nowMs])
+        }
+        for table in ["unreachable", "opt_out"] {
+            try db.execute(sql: "UPDATE OR IGNORE \(table) SET person_id = ? WHERE person_id = ?", arguments: [target, source])
+        }
+        for table in ["engagement", "unreachable", "opt_out"] {
+            try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [source])
+        }
+    }
+
+    static func erase(_ db: Database, _ person: String) throws {
+        guard !person.isEmpty else { return }
+        try db.execute(sql: "DELETE FROM delivery_event WHERE delivery_id IN (SELECT delivery_id FROM delivery WHERE person_id = ?)", arguments: [person])
+        for table in ["delivery", "engagement", "unreachable", "opt_out"] {
+            try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [person])
+        }
+    }
+}

@@ -1,0 +1,10 @@
+/// Record ids that sort by creation time (so inserts into a primary-key index append):
+/// a prefix, 12 hex digits of Unix milliseconds, then 16 random hex digits.
+public enum TimeOrderedID {
+    public static func make(_ prefix: String, nowMs: Int64) -> String {
+        let time = String(UInt64(max(0, nowMs)), radix: 16)
+        let random = String(UInt64.random(in: .min ... .max), radix: 16)
+        return prefix + String(repeating: "0", count: max(0, 12 - time.count)) + time
+            + String(repeating: "0", count: 16 - random.count) + random
+    }
+}

@@ -1,0 +1,102 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Synchronization
+
+/// A real HTTP server on a loopback port that records every POST it receives (a webhook
+/// receiver for tests and the dispatch benchmark). It can be told to fail the next N
+/// requests with a status, as a receiver that is down for a while and recovers.
+public final class WebhookSink: Sendable {
+    public struct Request: Sendable {
+        /// Header names in lower case.
+        public var headers: [String: String]
+        public var body: [UInt8]
+        public var bodyText: String { String(decoding: body, as: UTF8.self) }
+    }
+
+    let state = Mutex<(requests: [Request], failNext: Int, failStatus: Int, answered: Int)>(([], 0, 503, 0))
+    let channel: any Channel
+    public let port: Int
+
+    private init(channel: any Channel) {
+        self.channel = channel
+        port = channel.localAddress!.port!
+    }
+
+    /// Listens on 127.0.0.1 (a free port unless given).
+    public static func start(port: Int = 0, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> WebhookSink {
+        let box = NIOLockedValueBox<WebhookSink?>(nil)
+        let channel = try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 256)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.pipeline.configureHTTPServerPipeline().flatMap {
+                    channel.pipeline.addHandler(Handler(sink: { box.withLockedValue { $0 }! }))
+                }
+            }
+            .bind(host: "127.0.0.1", port: port).get()
+        let sink = WebhookSink(channel: channel)
+        box.withLockedValue { $0 = sink }
+        return sink
+    }
+
+    /// Answers the next `count` requests with `status` (and does not record them).
+    public func fail(next count: Int, status: Int = 503) {
+        state.withLock { $0.failNext = count; $0.failStatus = status }
+    }
+
+    /// Requests answered 2xx, in arrival order.
+    public var requests: [Request] { state.withLock { $0.requests } }
+    /// Every request answered, failed ones included.
+    public var answered: Int { state.withLock { $0.answered } }
+    /// Distinct `Idempotency-Key`s among the accepted requests: what a receiver that
+    /// discards duplicates keeps.
+    public var distinctKeys: Set<String> { Set(requests.compactMap { $0.headers["idempotency-key"] }) }
+
+    public func close() async { try? await channel.close() }
+
+    func receive(_ request: Request) -> Int {
+        state.withLock { state in
+            state.answered += 1
+            if state.failNext > 0 {
+                state.failNext -= 1
+                return state.failStatus
+            }
+            state.requests.append(request)
+            return 200
+        }
+    }
+
+    final class Handler: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = HTTPServerRequestPart
+        typealias OutboundOut = HTTPServerResponsePart
+        let sink: @Sendable () -> WebhookSink
+        var headers: [String: String] = [:]
+        var body: [UInt8] = []
+        var keepAlive = true
+
+        init(sink: @escaping @Sendable () -> WebhookSink) { self.sink = sink }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            switch unwrapInboundIn(data) {
+            case .head(let head):
+                headers = Dictionary(head.headers.map { ($0.name.lowercased(), $0.value) }, uniquingKeysWith: { a, _ in a })
+                body = []
+                keepAlive = head.isKeepAlive
+            case .body(var buffer):
+                body += buffer.readBytes(length: buffer.readableBytes) ?? []
+            case .end:
+                let status = sink().receive(Request(headers: headers, body: body))
+                var head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: status))
+                head.headers.add(name: "Content-Length", value: "0")
+                if !keepAlive { head.headers.add(name: "Connection", value: "close") }
+                context.write(wrapOutboundOut(.head(head)), promise: nil)
+                let keep = keepAlive
+                context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+                    if !keep { context.close(promise: nil) }
+                }
+            }
+        }
+    }
+}
