@@ -2,7 +2,7 @@
 """A real SMTP server for tests (aiosmtpd): stores each accepted message as a file in
 --dir and can refuse the first --fail-first messages with 451 (a relay that is down
 for a while and recovers). Prints "listening <port>" once it accepts connections."""
-import argparse, asyncio, os, sys, time
+import argparse, asyncio, os, signal, sys, time
 from aiosmtpd.controller import Controller
 
 class Sink:
@@ -21,6 +21,8 @@ class Sink:
         return "250 OK"
 
 def main():
+    # A parent may have blocked signals (posix_spawn inherits the mask): be stoppable.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--dir", required=True)

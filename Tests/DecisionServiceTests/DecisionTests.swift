@@ -74,28 +74,6 @@ func makeDecision(clock: TestClock = TestClock(), profile: RPCClient? = nil, see
     return DecisionService(store: store, configuration: configuration, profile: profile, seed: seed, clock: clock.read)
 }
 
-/// A profile service on a real loopback server, with a few persons in it.
-func withProfile<T: Sendable>(clock: TestClock, _ body: @Sendable (ProfileService, RPCClient) async throws -> T) async throws -> T {
-    let store = try ProfileStore(directory: temporaryDirectory("decision-profile"))
-    let profile = ProfileService(store: store, clock: clock.read)
-    return try await withRPCServer(configure: { $0.handlerExecution = .concurrentPool }, services: [profile]) { _, port in
-        let client = RPCClient(host: "127.0.0.1", port: port)
-        defer { client.close() }
-        return try await body(profile, client)
-    }
-}
-
-/// Seeds the profile store directly: these tests are about decisions, not profile validation.
-func seed(_ store: ProfileStore, _ person: String, traits: [(name: String, value: RuleValue)] = [],
-          consent: [(purpose: String, channel: CommonV1.Channel, granted: Bool)] = [], at: Int64) throws {
-    if !traits.isEmpty { _ = try store.setTraits(person: person, traits, source: "test", updatedAtMs: at) }
-    if !consent.isEmpty {
-        try store.setConsent(person: person, consent.map {
-            ProfileStore.Consent(purpose: $0.purpose, channel: $0.channel.rawValue, granted: $0.granted, source: "test", atMs: at)
-        })
-    }
-}
-
 @Suite("decision service")
 struct DecisionTests {
     @Test("the catalog validates every field, versions each change, and retires")

@@ -57,7 +57,6 @@ public struct Dispatcher: Service {
             }
             for await _ in group {}
         }
-        await adapters.shutdown()
     }
 
     /// One attempt on the delivery's current channel, and its result recorded.
@@ -80,6 +79,17 @@ public struct Dispatcher: Service {
             // Not recorded: the delivery stays due and is attempted again (at least once).
             logger.error("cannot record a delivery attempt", metadata: ["delivery": "\(delivery.deliveryId)", "error": "\(error)"])
         }
+    }
+}
+
+/// Owns the adapters' connections: closes them once the service group shuts down. Listed
+/// before the dispatcher, so that it stops after the dispatcher finished what was in flight.
+struct AdapterLifetime: Service {
+    let adapters: Adapters
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        await adapters.shutdown()
     }
 }
 

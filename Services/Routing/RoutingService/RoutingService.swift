@@ -34,9 +34,10 @@ public struct RoutingService: RPCService {
         self.clock = clock
     }
 
-    /// The background work: the dispatcher and, with a profile service, the consent revoker.
+    /// The background work: the dispatcher and, with a profile service, the consent revoker;
+    /// the adapters' connections are closed after the dispatcher stopped.
     public var background: [any Service] {
-        var services: [any Service] = [Dispatcher(store: store, adapters: adapters, configuration: configuration, logger: logger, clock: clock)]
+        var services: [any Service] = [AdapterLifetime(adapters: adapters), Dispatcher(store: store, adapters: adapters, configuration: configuration, logger: logger, clock: clock)]
         if let profile { services.append(ConsentRevoker(store: store, profile: profile, logger: logger)) }
         return services
     }
@@ -48,30 +49,36 @@ public struct RoutingService: RPCService {
         let methods = RoutingV1.Routing.self
         router.register(methods.route) { request, _ in try await route(request) }
         router.register(methods.reportDeliveryEvent) { request, _ in try await report(request) }
-        router.register(methods.getDelivery) { request, _ in
-            try Names.check(request.deliveryId, field: "delivery_id")
-            guard let delivery = try store.delivery(request.deliveryId) else {
-                throw RPCError(.notFound, "delivery_id: no delivery \"\(request.deliveryId)\"")
-            }
-            return delivery
+        router.register(methods.getDelivery) { request, _ in try getDelivery(request) }
+        router.register(methods.listDeliveries) { request, _ in try listDeliveries(request) }
+        router.register(methods.retryDeadLetter) { request, _ in try retryDeadLetter(request) }
+    }
+
+    func getDelivery(_ request: RoutingV1.GetDeliveryRequest) throws -> RoutingV1.Delivery {
+        try Names.check(request.deliveryId, field: "delivery_id")
+        guard let delivery = try store.delivery(request.deliveryId) else {
+            throw RPCError(.notFound, "delivery_id: no delivery \"\(request.deliveryId)\"")
         }
-        router.register(methods.listDeliveries) { request, _ in
-            let person = try Names.personID(request.personId, field: "person_id")
-            guard request.limit <= 1000 else { throw RPCError.invalidArgument(field: "limit", "at most 1000, got \(request.limit)") }
-            var response = RoutingV1.ListDeliveriesResponse()
-            response.deliveries = try store.deliveries(person: person, limit: request.limit == 0 ? 50 : Int(request.limit))
-            return response
+        return delivery
+    }
+
+    func listDeliveries(_ request: RoutingV1.ListDeliveriesRequest) throws -> RoutingV1.ListDeliveriesResponse {
+        let person = try Names.personID(request.personId, field: "person_id")
+        guard request.limit <= 1000 else { throw RPCError.invalidArgument(field: "limit", "at most 1000, got \(request.limit)") }
+        var response = RoutingV1.ListDeliveriesResponse()
+        response.deliveries = try store.deliveries(person: person, limit: request.limit == 0 ? 50 : Int(request.limit))
+        return response
+    }
+
+    func retryDeadLetter(_ request: RoutingV1.RetryDeadLetterRequest) throws -> RoutingV1.Delivery {
+        try Names.check(request.deliveryId, field: "delivery_id")
+        guard let before = try store.delivery(request.deliveryId) else {
+            throw RPCError(.notFound, "delivery_id: no delivery \"\(request.deliveryId)\"")
         }
-        router.register(methods.retryDeadLetter) { request, _ in
-            try Names.check(request.deliveryId, field: "delivery_id")
-            guard let delivery = try store.requeue(request.deliveryId, atMs: clock()) else {
-                throw RPCError(.notFound, "delivery_id: no delivery \"\(request.deliveryId)\"")
-            }
-            guard delivery.state == .scheduled else {
-                throw RPCError(.failedPrecondition, "delivery_id: \(request.deliveryId) is not a dead letter (state \(delivery.state.rawValue))")
-            }
-            return delivery
+        guard before.state == .deadLetter, let delivery = try store.requeue(request.deliveryId, atMs: clock()), delivery.state == .scheduled else {
+            throw RPCError(.failedPrecondition, "delivery_id: \(request.deliveryId) is not a dead letter")
         }
+        return delivery
     }
 
     // MARK: - Route

@@ -1,0 +1,461 @@
+import Contracts
+import Crypto
+import Foundation
+import IdentityFeed
+import Logging
+@testable import ProfileService
+import RPC
+@testable import RoutingService
+import Rules
+import TestSupport
+import Testing
+
+/// 2026-06-01 10:00 UTC: noon in Paris, 03:00 in Los Angeles, 19:00 in Tokyo.
+let june1 = Int64(1_780_308_000_000)
+let hour = Int64(3_600_000)
+let day = 24 * hour
+
+func routeRequest(_ person: String, key: String, channels: [CommonV1.Channel] = [], critical: Bool = false,
+                  purpose: String = "marketing", notBefore: Int64 = 0, notAfter: Int64 = 0,
+                  variables: [String: String] = ["subject": "Hello", "body": "Line one\n.line two"]) -> RoutingV1.RouteRequest {
+    var request = RoutingV1.RouteRequest()
+    request.person = personRef(person)
+    var message = RoutingV1.Message()
+    message.templateId = "welcome"
+    message.variables = variables
+    request.message = message
+    request.allowedChannels = channels
+    request.urgency = critical ? .critical : .normal
+    request.idempotencyKey = key
+    request.purpose = purpose
+    request.notBeforeMs = notBefore
+    request.notAfterMs = notAfter
+    return request
+}
+
+func event(_ delivery: String, _ kind: RoutingV1.DeliveryEventKind, at: Int64 = 0, hard: Bool = false) -> RoutingV1.ReportDeliveryEventRequest {
+    var request = RoutingV1.ReportDeliveryEventRequest()
+    request.deliveryId = delivery
+    request.kind = kind
+    request.occurredAtMs = at
+    request.hardBounce = hard
+    return request
+}
+
+/// A person reachable and consenting on email (verified) and push, in `zone`.
+func seedReachable(_ store: ProfileStore, _ person: String, zone: String = "Europe/Paris", at: Int64,
+                   channels: [CommonV1.Channel] = [.email, .push, .webhook]) throws {
+    try seed(store, person, traits: [("email", .string("\(person)@example.com")), ("email_verified", .bool(true)),
+                                     ("push_token", .string("tok-\(person)")), ("timezone", .string(zone))],
+             consent: channels.map { ("marketing", $0, true) }, at: at)
+}
+
+/// Runs `body` with a routing service over a real profile server; the webhook adapter posts
+/// to a real local sink. The service is shut down afterwards.
+func withRouting<T: Sendable>(clock: TestClock? = nil, sink: WebhookSink? = nil, smtpPort: Int? = nil, secretFile: String? = nil,
+                              configure: @Sendable (inout RoutingConfiguration) -> Void = { _ in },
+                              _ body: @Sendable (RoutingService, ProfileService, WebhookSink) async throws -> T) async throws -> T {
+    let profileClock = clock ?? TestClock()
+    let sink = if let sink { sink } else { try await WebhookSink.start() }
+    return try await withProfile(clock: profileClock) { profile, client in
+        var configuration = RoutingConfiguration()
+        configuration.webhook = .init(url: "http://127.0.0.1:\(sink.port)/hooks", secretFile: secretFile)
+        if let smtpPort { configuration.smtp = .init(port: smtpPort, from: "arbiter@example.com") }
+        configuration.initialBackoffMs = 5
+        configuration.maxBackoffMs = 20
+        configuration.dispatchPollMs = 5
+        configure(&configuration)
+        var logger = Logger(label: "routing-test")
+        logger.logLevel = .critical
+        let store = try RoutingStore(directory: temporaryDirectory("routing-test"), configuration: configuration)
+        let realClock: @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }
+        let service = try RoutingService(store: store, configuration: configuration, profile: client, group: .singletonMultiThreadedEventLoopGroup,
+                                         logger: logger, clock: clock?.read ?? realClock)
+        do {
+            let result = try await body(service, profile, sink)
+            await service.adapters.shutdown()
+            return result
+        } catch {
+            await service.adapters.shutdown()
+            throw error
+        }
+    }
+}
+
+/// Runs the dispatcher while `body` runs.
+func dispatching<T: Sendable>(_ service: RoutingService, _ body: @Sendable () async throws -> T) async throws -> T {
+    try await withThrowingTaskGroup(of: T?.self) { group in
+        group.addTask { try await service.dispatcher.run(); return nil }
+        let result = try await body()
+        group.cancelAll()
+        return result
+    }
+}
+
+/// Polls until `condition` holds (at most `seconds`).
+func eventually(_ seconds: Double = 10, _ condition: @Sendable () async throws -> Bool) async throws -> Bool {
+    let end = ContinuousClock.now + .seconds(seconds)
+    while ContinuousClock.now < end {
+        if try await condition() { return true }
+        try await Task.sleep(for: .milliseconds(10))
+    }
+    return try await condition()
+}
+
+/// Waits until `condition` holds; records an issue when it does not within 10 s.
+func waitFor(sourceLocation: SourceLocation = #_sourceLocation, _ condition: @Sendable () async throws -> Bool) async throws {
+    if !(try await eventually(10, condition)) { Issue.record("timed out waiting", sourceLocation: sourceLocation) }
+}
+
+func now() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
+
+@Suite("routing: timing")
+struct TimingTests {
+    let quiet = QuietHours(start: "21:00", end: "08:00")!
+
+    @Test("quiet hours end at 08:00 local across a DST change, both ways")
+    func dst() {
+        let newYork = LocalClock(TimeZone(identifier: "America/New_York")!)
+        // 2026-03-08 01:30 EST (06:30 UTC); clocks jump to 03:00 EDT: 08:00 EDT is 12:00 UTC.
+        #expect(newYork.leavingQuietHours(1_772_951_400_000, quiet) == 1_772_971_200_000)
+        // 2026-11-01 01:30 EDT (05:30 UTC); clocks fall back to 01:00 EST: 08:00 EST is 13:00 UTC.
+        #expect(newYork.leavingQuietHours(1_793_511_000_000, quiet) == 1_793_511_000_000 + 7 * hour + 30 * 60_000)
+    }
+
+    @Test("the same instant is quiet in one time zone and not in another")
+    func zones() {
+        for (zone, expected) in [("Europe/Paris", june1), ("Asia/Tokyo", june1), ("America/Los_Angeles", june1 + 5 * hour),
+                                 ("Asia/Kolkata", june1)] {
+            let clock = LocalClock(TimeZone(identifier: zone)!)
+            #expect(SendTime.choose(start: june1, end: june1 + day, critical: false, clock: clock, quiet: quiet, bestHours: [], bestHoursSource: "")
+                    == .at(expected, reason: expected == june1 ? "as soon as allowed" : "after quiet hours (\(zone))"), "\(zone)")
+        }
+        let la = LocalClock(TimeZone(identifier: "America/Los_Angeles")!)
+        #expect(SendTime.choose(start: june1, end: june1 + hour, critical: true, clock: la, quiet: quiet, bestHours: [], bestHoursSource: "")
+                == .at(june1, reason: "critical: as soon as allowed"))
+        guard case .suppressed("quiet_hours", _) = SendTime.choose(start: june1, end: june1 + hour, critical: false, clock: la, quiet: quiet,
+                                                                   bestHours: [], bestHoursSource: "") else {
+            Issue.record("a window inside quiet hours must suppress")
+            return
+        }
+        // Kolkata is UTC+05:30: its local hours do not start on UTC hours.
+        let kolkata = LocalClock(TimeZone(identifier: "Asia/Kolkata")!)
+        #expect(kolkata.nextInstant(inHour: 18, atOrAfter: june1) == june1 + 2 * hour + 30 * 60_000)
+    }
+
+    @Test("a best hour inside quiet hours is skipped for the next one")
+    func bestHourSkipsQuiet() {
+        let paris = LocalClock(TimeZone(identifier: "Europe/Paris")!)
+        // Best hours 23 (quiet) then 18: 18:00 Paris is 16:00 UTC.
+        #expect(SendTime.choose(start: june1, end: june1 + day, critical: false, clock: paris, quiet: quiet, bestHours: [23, 18], bestHoursSource: "person's")
+                == .at(june1 + 6 * hour, reason: "person's best hour 18:00 (Europe/Paris)"))
+        // A window too short for the best hour: as soon as allowed.
+        #expect(SendTime.choose(start: june1, end: june1 + hour, critical: false, clock: paris, quiet: quiet, bestHours: [18], bestHoursSource: "person's")
+                == .at(june1, reason: "as soon as allowed"))
+    }
+}
+
+@Suite("routing service")
+struct RoutingTests {
+    @Test("every field is validated and named")
+    func validation() async throws {
+        try await withRouting(clock: TestClock()) { routing, _, _ in
+            var r = routeRequest("p1", key: "k")
+            r.person = nil
+            await expectInvalid("person") { _ = try await routing.route(r) }
+            await expectInvalid("idempotency_key") { _ = try await routing.route(routeRequest("p1", key: "")) }
+            await expectInvalid("idempotency_key") { _ = try await routing.route(routeRequest("p1", key: "has space")) }
+            await expectInvalid("purpose") { _ = try await routing.route(routeRequest("p1", key: "k", purpose: "")) }
+            await expectInvalid("allowed_channels[1]") { _ = try await routing.route(routeRequest("p1", key: "k", channels: [.email, .email])) }
+            await expectInvalid("allowed_channels[0]") { _ = try await routing.route(routeRequest("p1", key: "k", channels: [CommonV1.Channel(rawValue: 9)])) }
+            await expectInvalid("not_after_ms") { _ = try await routing.route(routeRequest("p1", key: "k", notBefore: june1, notAfter: june1 - 1)) }
+            r = routeRequest("p1", key: "k")
+            r.message = nil
+            await expectInvalid("message") { _ = try await routing.route(r) }
+            r = routeRequest("p1", key: "k")
+            r.urgency = RoutingV1.Urgency(rawValue: 7)
+            await expectInvalid("urgency") { _ = try await routing.route(r) }
+            await expectInvalid("message.variables key") { _ = try await routing.route(routeRequest("p1", key: "k", variables: ["bad key": "x"])) }
+            await expectInvalid("kind") { _ = try await routing.report(event("dl1", .sent)) }
+            await expectInvalid("hard_bounce") { _ = try await routing.report(event("dl1", .opened, hard: true)) }
+            await #expect(throws: RPCError.self) { _ = try await routing.route(routeRequest("nobody", key: "k")) }  // NOT_FOUND
+        }
+    }
+
+    @Test("each suppression reason: no consent, denied, unverified, expired, quiet hours")
+    func suppressions() async throws {
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }
+        try await withRouting(clock: clock) { routing, profile, _ in
+            try seed(profile.store, "none", traits: [("email", .string("a@example.com")), ("email_verified", .bool(true))], at: june1 - day)
+            try seed(profile.store, "denied", traits: [("email", .string("b@example.com")), ("email_verified", .bool(true))],
+                     consent: [("marketing", .email, false)], at: june1 - day)
+            try seed(profile.store, "unverified", traits: [("email", .string("c@example.com"))], consent: [("marketing", .email, true)], at: june1 - day)
+            try seedReachable(profile.store, "ok", at: june1 - day)
+            try seedReachable(profile.store, "la", zone: "America/Los_Angeles", at: june1 - day)
+
+            func reason(_ person: String, _ key: String, notAfter: Int64 = 0) async throws -> (String, String) {
+                let d = try await routing.route(routeRequest(person, key: key, channels: [.email], notAfter: notAfter))
+                return (d.state == .suppressed ? d.suppressionReason : "scheduled", d.suppressionDetail)
+            }
+            #expect(try await reason("none", "k1").0 == "no_consent")
+            let denied = try await reason("denied", "k2")
+            #expect(denied.0 == "no_consent" && denied.1.contains("denied"), "\(denied)")
+            let unverified = try await reason("unverified", "k3")
+            #expect(unverified.0 == "unreachable" && unverified.1.contains("not verified"), "\(unverified)")
+            #expect(try await reason("ok", "k4", notAfter: june1 - 1000).0 == "expired")
+            #expect(try await reason("la", "k5", notAfter: june1 + hour).0 == "quiet_hours")
+            #expect(try await reason("ok", "k6").0 == "scheduled")
+            // A suppressed delivery is kept: the same key answers the same delivery.
+            let again = try await routing.route(routeRequest("none", key: "k1", channels: [.email]))
+            #expect(again.state == .suppressed && again.suppressionReason == "no_consent")
+            // Every candidate channel is explained.
+            let all = try await routing.route(routeRequest("unverified", key: "k7"))
+            #expect(all.channels.count == 5 && all.channels.allSatisfy { !$0.excluded.isEmpty && !$0.detail.isEmpty })
+        }
+    }
+
+    @Test("caps per day and per week, overall and per channel; critical messages are not held back")
+    func caps() async throws {
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }
+        try await withRouting(clock: clock, configure: {
+            $0.capPerDay = 2
+            $0.capPerWeek = 3
+            $0.capPerChannelPerDay = 1
+            $0.capPerChannelPerWeek = 5
+        }) { routing, profile, _ in
+            try seedReachable(profile.store, "p", at: june1 - day)
+            let first = try await routing.route(routeRequest("p", key: "c1", channels: [.email, .push]))
+            let second = try await routing.route(routeRequest("p", key: "c2", channels: [.email, .push]))
+            #expect(first.state == .scheduled && second.state == .scheduled)
+            #expect(first.channel != second.channel, "one per channel per day: the second goes on the other channel")
+            #expect(second.channels.contains { $0.channel == first.channel && $0.excluded == "capped" })
+            let third = try await routing.route(routeRequest("p", key: "c3", channels: [.email, .push]))
+            #expect(third.state == .suppressed && third.suppressionReason == "capped", "\(third.suppressionDetail)")
+            let critical = try await routing.route(routeRequest("p", key: "c4", channels: [.email], critical: true))
+            #expect(critical.state == .scheduled && critical.sendAtMs == june1)
+            clock.advance(seconds: 36 * 3600)  // the next day: the day cap is free again, the week cap (3) is not
+            let later = try await routing.route(routeRequest("p", key: "c5", channels: [.email, .push]))
+            #expect(later.state == .suppressed && later.suppressionReason == "capped" && later.suppressionDetail.contains("7 days"), "\(later.suppressionDetail)")
+        }
+    }
+
+    @Test("send time: the person's best hour from their opens, else the population's")
+    func sendTime() async throws {
+        let clock = TestClock()
+        try await withRouting(clock: clock, configure: {
+            $0.capPerDay = 100
+            $0.capPerWeek = 100
+            $0.capPerChannelPerDay = 100
+            $0.capPerChannelPerWeek = 100
+            // Three opens, decayed over the days since, weigh a little under 3.
+            $0.minPersonEngagements = 2
+            $0.minPopulationEngagements = 2
+        }) { routing, profile, _ in
+            try seedReachable(profile.store, "paris", at: june1 - 10 * day)
+            try seedReachable(profile.store, "utc", zone: "UTC", at: june1 - 10 * day)
+            // Three opens at 19:10 Paris time (17:10 UTC) on three days.
+            for i in 0..<3 {
+                let opened = june1 - Int64(3 - i) * day + 7 * hour + 10 * 60_000
+                clock.now.withLock { $0 = opened - hour }
+                let d = try await routing.route(routeRequest("paris", key: "h\(i)", channels: [.email], critical: true))
+                clock.now.withLock { $0 = opened + 2 * hour }
+                _ = try await routing.report(event(d.deliveryId, .opened, at: opened))
+                _ = try await routing.report(event(d.deliveryId, .opened, at: opened + hour))  // a second open of the same delivery counts once
+            }
+            clock.now.withLock { $0 = june1 }
+            let planned = try await routing.route(routeRequest("paris", key: "next", channels: [.email]))
+            #expect(planned.sendAtMs == june1 + 7 * hour, "19:00 Paris is 17:00 UTC: \(planned.sendTimeReason)")
+            #expect(planned.sendTimeReason == "person's best hour 19:00 (Europe/Paris)")
+            // A person without history gets the population's best hour (19 local), in their own zone.
+            let fresh = try await routing.route(routeRequest("utc", key: "fresh", channels: [.email]))
+            #expect(fresh.sendAtMs == june1 + 9 * hour && fresh.sendTimeReason.hasPrefix("population's"), "\(fresh.sendTimeReason)")
+        }
+    }
+
+    @Test("concurrent duplicate Routes make one delivery and one send; a reused key with another request is refused")
+    func idempotency() async throws {
+        try await withRouting(configure: { $0.quietHoursStart = "00:00"; $0.quietHoursEnd = "00:00" }) { routing, profile, sink in
+            try seedReachable(profile.store, "p", at: now() - day)
+            let ids = try await withThrowingTaskGroup(of: String.self) { group in
+                for _ in 0..<16 {
+                    group.addTask { try await routing.route(routeRequest("p", key: "same", channels: [.webhook], critical: true)).deliveryId }
+                }
+                return try await group.reduce(into: Set<String>()) { $0.insert($1) }
+            }
+            #expect(ids.count == 1)
+            do {
+                _ = try await routing.route(routeRequest("p", key: "same", channels: [.email], critical: true))
+                Issue.record("a reused key with another request was accepted")
+            } catch let error as RPCError {
+                #expect(error.code == .alreadyExists && error.message.hasPrefix("idempotency_key"))
+            }
+            try await dispatching(routing) {
+                try await waitFor { try routing.store.delivery(ids.first!)?.state == .sent }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(sink.requests.count == 1)
+        }
+    }
+
+    @Test("retries with backoff, then a dead letter with the last error; RetryDeadLetter replays; the webhook is signed")
+    func deadLetter() async throws {
+        let secret = temporaryDirectory("routing-secret") + "/secret"
+        FileManager.default.createFile(atPath: secret, contents: Data("s3cret\n".utf8))
+        try await withRouting(secretFile: secret, configure: { $0.maxAttempts = 3 }) { routing, profile, sink in
+            try seedReachable(profile.store, "p", at: now() - day)
+            sink.fail(next: 3, status: 503)
+            let d = try await routing.route(routeRequest("p", key: "dl", channels: [.webhook], critical: true))
+            try await dispatching(routing) {
+                try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .deadLetter }
+            }
+            let dead = try #require(try routing.store.delivery(d.deliveryId))
+            #expect(dead.attempts == 3 && dead.lastError == "webhook: HTTP 503")
+            #expect(dead.events.filter { $0.kind == .attemptFailed }.count == 3 && dead.events.last?.kind == .deadLettered)
+            #expect(sink.answered == 3 && sink.requests.isEmpty)
+
+            await #expect(throws: RPCError.self) { _ = try await routing.retryDeadLetter(RoutingV1.RetryDeadLetterRequest.with("missing")) }
+            let requeued = try await routing.retryDeadLetter(.with(d.deliveryId))
+            #expect(requeued.state == .scheduled && requeued.attempts == 0)
+            try await dispatching(routing) {
+                try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .sent }
+            }
+            let request = try #require(sink.requests.first)
+            #expect(request.headers["idempotency-key"] == "dl")
+            let body = try #require(try JSONSerialization.jsonObject(with: Data(request.body)) as? [String: Any])
+            #expect(body["template_id"] as? String == "welcome" && body["channel"] as? String == "webhook" && body["person_id"] as? String == "p")
+            // X-Arbiter-Signature: t=<seconds>,v1=<hex HMAC-SHA256("<t>." + body)>
+            let signature = try #require(request.headers["x-arbiter-signature"])
+            let parts = Dictionary(uniqueKeysWithValues: signature.split(separator: ",").map { $0.split(separator: "=", maxSplits: 1).map(String.init) }.map { ($0[0], $0[1]) })
+            let mac = HMAC<SHA256>.authenticationCode(for: Data("\(parts["t"]!).".utf8) + Data(request.body), using: SymmetricKey(data: Data("s3cret".utf8)))
+            #expect(parts["v1"] == mac.map { String(format: "%02x", $0) }.joined())
+            // A delivery that is not a dead letter cannot be replayed.
+            do {
+                _ = try await routing.retryDeadLetter(.with(d.deliveryId))
+                Issue.record("replayed a sent delivery")
+            } catch let error as RPCError {
+                #expect(error.code == .failedPrecondition)
+            }
+        }
+    }
+
+    @Test("fallback chain: a permanent failure on push moves the delivery to email over a real SMTP server; a hard bounce too")
+    func fallbackAndSMTP() async throws {
+        try await withSMTPServer(failFirst: 2) { port, directory in
+            try await withRouting(smtpPort: port, configure: { $0.quietHoursStart = "00:00"; $0.quietHoursEnd = "00:00"; $0.maxAttempts = 5 }) { routing, profile, sink in
+                try seedReachable(profile.store, "p", at: now() - day)
+                sink.fail(next: 1, status: 410)
+                let d = try await routing.route(routeRequest("p", key: "fb", channels: [.push, .email], critical: true))
+                #expect(d.channel == .push && d.fallbackChannels == [.email] && d.address == "tok-p")
+                try await dispatching(routing) {
+                    try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .sent }
+                }
+                let sent = try #require(try routing.store.delivery(d.deliveryId))
+                #expect(sent.channel == .email && sent.address == "p@example.com")
+                #expect(sent.events.map(\.kind).contains(.fellBack))
+                // The SMTP server refused twice (451) before accepting: three attempts on email.
+                #expect(sent.attempts == 3, "\(sent.events.map(\.detail))")
+                let files = try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasSuffix(".eml") }
+                #expect(files.count == 1)
+                let mail = try String(contentsOfFile: directory + "/" + files[0], encoding: .utf8)
+                #expect(mail.contains("Subject: Hello") && mail.contains("X-Arbiter-Idempotency-Key: fb") && mail.contains("X-Envelope-To: p@example.com"))
+                #expect(mail.contains("\n.line two"), "dot-stuffing is undone by the server: \(mail)")
+
+                // A hard bounce on push marks the token unreachable and sends on email instead.
+                let second = try await routing.route(routeRequest("p", key: "fb2", channels: [.push, .email], critical: true))
+                try await dispatching(routing) {
+                    try await waitFor { try routing.store.delivery(second.deliveryId)?.state == .sent }
+                    let bounced = try await routing.report(event(second.deliveryId, .bounced, hard: true))
+                    #expect(bounced.state == .scheduled && bounced.channel == .email)
+                    try await waitFor { try routing.store.delivery(second.deliveryId)?.state == .sent }
+                }
+                let third = try await routing.route(routeRequest("p", key: "fb3", channels: [.push], critical: true))
+                #expect(third.state == .suppressed && third.suppressionReason == "unreachable" && third.suppressionDetail.contains("hard-bounced"))
+            }
+        }
+    }
+
+    @Test("an unsubscribe revokes consent in the profile service and is honoured at once; events count once")
+    func unsubscribe() async throws {
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }
+        try await withRouting(clock: clock) { routing, profile, _ in
+            try seedReachable(profile.store, "p", at: june1 - day)
+            let d = try await routing.route(routeRequest("p", key: "u1", channels: [.email], critical: true))
+            clock.advance(seconds: 60)
+            let after = try await routing.report(event(d.deliveryId, .unsubscribed))
+            let again = try await routing.report(event(d.deliveryId, .unsubscribed))
+            #expect(after.events.count == 1 && again.events.count == 1)
+            var consent = ProfileV1.GetConsentRequest()
+            consent.person = personRef("p")
+            let current = try await profile.getConsent(consent).current.first { $0.purpose == "marketing" && $0.channel == .email }
+            #expect(current?.granted == false && current?.source == "routing:unsubscribe")
+            let next = try await routing.route(routeRequest("p", key: "u2", channels: [.email], critical: true))
+            #expect(next.state == .suppressed && next.suppressionReason == "no_consent")
+            // Other channels are untouched.
+            #expect(try await routing.route(routeRequest("p", key: "u3", channels: [.push], critical: true)).state == .scheduled)
+        }
+    }
+
+    @Test("merges move deliveries to the survivor; an erasure leaves nothing of the person in the file")
+    func identityChanges() async throws {
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }
+        try await withRouting(clock: clock) { routing, profile, _ in
+            try seedReachable(profile.store, "a", at: june1 - day)
+            try seedReachable(profile.store, "b", at: june1 - day)
+            let d = try await routing.route(routeRequest("a", key: "m1", channels: [.email], critical: true))
+            _ = try await routing.report(event(d.deliveryId, .bounced, hard: true))
+            try routing.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: june1)
+            #expect(try routing.store.deliveries(person: "b", limit: 10).map(\.deliveryId) == [d.deliveryId])
+            #expect(try routing.store.deliveries(person: "a", limit: 10).isEmpty)
+            #expect(try routing.store.evidence(person: "b").person.unreachable.contains(Evidence.unreachableKey(.email, "a@example.com")))
+            try routing.store.apply([(1, .erase(person: "b", absorbed: []))], nowMs: june1)  // seq 1 again: ignored
+            #expect(try routing.store.delivery(d.deliveryId) != nil)
+            try routing.store.apply([(2, .erase(person: "b", absorbed: ["a"]))], nowMs: june1)
+            #expect(try routing.store.delivery(d.deliveryId) == nil)
+            let directory = routing.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
+            #expect(!filesContain("a@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
+            #expect(try routing.store.identityCursor() == 2)
+        }
+    }
+}
+
+extension RoutingV1.RetryDeadLetterRequest {
+    static func with(_ id: String) -> Self {
+        var request = Self()
+        request.deliveryId = id
+        return request
+    }
+}
+
+/// Runs Debian's aiosmtpd (scripts/smtp-sink.py) on a free port for `body`, which gets the
+/// port and the directory the server writes each accepted message to.
+func withSMTPServer<T: Sendable>(failFirst: Int = 0, _ body: @Sendable (Int, String) async throws -> T) async throws -> T {
+    let port = try await unusedPort()
+    let directory = temporaryDirectory("smtp-sink")
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+    let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("scripts/smtp-sink.py").path
+    process.arguments = [script, "--port", "\(port)", "--dir", directory, "--fail-first", "\(failFirst)"]
+    let output = Pipe()
+    process.standardOutput = output
+    try process.run()
+    defer { kill(process.processIdentifier, SIGKILL); process.waitUntilExit() }
+    // Wait until it listens.
+    let ready = try await eventually(15) {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+        }
+    }
+    guard ready else { throw RPCError(.unavailable, "the SMTP test server did not start (is python3-aiosmtpd installed?)") }
+    return try await body(port, directory)
+}
