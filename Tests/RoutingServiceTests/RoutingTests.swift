@@ -92,21 +92,6 @@ func dispatching<T: Sendable>(_ service: RoutingService, _ body: @Sendable () as
     }
 }
 
-/// Polls until `condition` holds (at most `seconds`).
-func eventually(_ seconds: Double = 10, _ condition: @Sendable () async throws -> Bool) async throws -> Bool {
-    let end = ContinuousClock.now + .seconds(seconds)
-    while ContinuousClock.now < end {
-        if try await condition() { return true }
-        try await Task.sleep(for: .milliseconds(10))
-    }
-    return try await condition()
-}
-
-/// Waits until `condition` holds; records an issue when it does not within 10 s.
-func waitFor(sourceLocation: SourceLocation = #_sourceLocation, _ condition: @Sendable () async throws -> Bool) async throws {
-    if !(try await eventually(10, condition)) { Issue.record("timed out waiting", sourceLocation: sourceLocation) }
-}
-
 func now() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
 
 @Suite("routing: timing")
@@ -152,6 +137,27 @@ struct TimingTests {
         // A window too short for the best hour: as soon as allowed.
         #expect(SendTime.choose(start: june1, end: june1 + hour, critical: false, clock: paris, quiet: quiet, bestHours: [18], bestHoursSource: "person's")
                 == .at(june1, reason: "as soon as allowed"))
+    }
+}
+
+@Suite("routing: configuration")
+struct ConfigurationTests {
+    @Test("every key may be left out, nested ones too; a bad value is named")
+    func decoding() throws {
+        let decoded = try JSONDecoder().decode(RoutingConfiguration.self, from: Data("""
+            {"webhook": {"url": "http://127.0.0.1:9000/hooks"}, "smtp": {"from": "a@example.com"}, "capPerDay": 5}
+            """.utf8))
+        #expect(decoded.webhook == .init(url: "http://127.0.0.1:9000/hooks", secretFile: nil, timeoutMs: 5000))
+        #expect(decoded.smtp?.port == 25 && decoded.smtp?.timeoutMs == 10_000 && decoded.capPerDay == 5 && decoded.capPerWeek == 10)
+        for (json, named) in [(#"{"webhook": {"url": "ftp://x/"}}"#, "webhook.url"), (#"{"maxBackoffMs": 1}"#, "maxBackoffMs"),
+                              (#"{"defaultTimeZone": "Mars/Olympus"}"#, "defaultTimeZone"), (#"{"smtp": {"from": "nobody"}}"#, "smtp.from")] {
+            do {
+                _ = try JSONDecoder().decode(RoutingConfiguration.self, from: Data(json.utf8))
+                Issue.record("accepted \(json)")
+            } catch {
+                #expect("\(error)".contains(named), "\(error)")
+            }
+        }
     }
 }
 

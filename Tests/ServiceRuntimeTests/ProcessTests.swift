@@ -342,6 +342,79 @@ struct ProcessTests {
         #expect(await server.waitForExit() == 0)
     }
 
+    @Test("arbiter-routing: after a kill -9 during dispatch and a restart, every accepted delivery is sent; the sink keeps one per key")
+    func routingKilledDuringDispatch() async throws {
+        let profilePort = try await unusedPort(), profileAdmin = try await unusedPort()
+        let port = try await unusedPort(), admin = try await unusedPort()
+        let dataDir = NSTemporaryDirectory() + "/arbiter-routing-\(port)"
+        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        // A slow receiver and few senders: the kill lands while deliveries are in flight.
+        let sink = try await WebhookSink.start()
+        sink.delay(responses: .milliseconds(20))
+        let config = dataDir + "/config.json"
+        try Data("""
+            {"routing": {"webhook": {"url": "http://127.0.0.1:\(sink.port)/hooks"}, "dispatchConcurrency": 4,
+                         "initialBackoffMs": 20, "maxBackoffMs": 100}}
+            """.utf8).write(to: URL(fileURLWithPath: config))
+        let profile = try RunningProcess.start("arbiter-profile", [
+            "--port", "\(profilePort)", "--admin-port", "\(profileAdmin)", "--data-dir", dataDir + "/profile"])
+        defer { kill(profile.process.processIdentifier, SIGKILL) }
+        let profileClient = try await waitUntilServing(port: profilePort)
+        defer { profileClient.close() }
+        let persons = (0..<20).map { "p\($0)" }
+        for person in persons {
+            var record = ProfileV1.ConsentRecord()
+            record.purpose = "ops"
+            record.channel = .webhook
+            record.granted = true
+            var consent = ProfileV1.SetConsentRequest()
+            consent.person = personRef(person)
+            consent.consents = [record]
+            _ = try await profileClient.call(ProfileV1.Profile.setConsent, consent)
+        }
+        let arguments = ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir + "/routing",
+                         "--profile", "127.0.0.1:\(profilePort)", "--config", config]
+        var server = try RunningProcess.start("arbiter-routing", arguments)
+        var client = try await waitUntilServing(port: port)
+
+        let keys = Set((0..<200).map { "key-\($0)" })
+        for i in 0..<200 {
+            var route = RoutingV1.RouteRequest()
+            route.person = personRef(persons[i % persons.count])
+            var message = RoutingV1.Message()
+            message.templateId = "notice"
+            route.message = message
+            route.allowedChannels = [.webhook]
+            route.urgency = .critical
+            route.purpose = "ops"
+            route.idempotencyKey = "key-\(i)"
+            let delivery = try await client.call(RoutingV1.Routing.route, route)
+            #expect(delivery.state == .scheduled, "\(delivery.suppressionReason) \(delivery.suppressionDetail)")
+        }
+        #expect(try await eventually(30) { sink.answered >= 40 })
+        kill(server.process.processIdentifier, SIGKILL)
+        _ = await server.waitForExit()
+        client.close()
+        let beforeRestart = sink.distinctKeys.count
+        #expect(beforeRestart < keys.count, "the kill came too late to test anything")
+
+        server = try RunningProcess.start("arbiter-routing", arguments)
+        client = try await waitUntilServing(port: port)
+        #expect(try await eventually(60) { sink.distinctKeys.count == keys.count })
+        #expect(sink.distinctKeys == keys)
+        var sent = 0
+        for person in persons {
+            var list = RoutingV1.ListDeliveriesRequest()
+            list.personId = person
+            sent += try await client.call(RoutingV1.Routing.listDeliveries, list).deliveries.filter { $0.state == .sent }.count
+        }
+        #expect(sent == keys.count)
+        client.close()
+        kill(server.process.processIdentifier, SIGTERM)
+        #expect(await server.waitForExit() == 0)
+        await sink.close()
+    }
+
     @Test("a bad --config section stops arbiter-identity at start, naming the setting")
     func badIdentityConfig() async throws {
         let configFile = NSTemporaryDirectory() + "/arbiter-bad-config-\(UInt32.random(in: 0...UInt32.max)).json"

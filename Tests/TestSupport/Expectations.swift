@@ -14,3 +14,18 @@ public func expectInvalid(_ field: String, sourceLocation: SourceLocation = #_so
         Issue.record("unexpected \(error)", sourceLocation: sourceLocation)
     }
 }
+
+/// Polls until `condition` holds (at most `seconds`).
+public func eventually(_ seconds: Double = 10, _ condition: @Sendable () async throws -> Bool) async throws -> Bool {
+    let end = ContinuousClock.now + .seconds(seconds)
+    while ContinuousClock.now < end {
+        if try await condition() { return true }
+        try await Task.sleep(for: .milliseconds(10))
+    }
+    return try await condition()
+}
+
+/// Waits until `condition` holds; records an issue when it does not within 10 s.
+public func waitFor(sourceLocation: SourceLocation = #_sourceLocation, _ condition: @Sendable () async throws -> Bool) async throws {
+    if !(try await eventually(10, condition)) { Issue.record("timed out waiting", sourceLocation: sourceLocation) }
+}

@@ -15,7 +15,7 @@ public final class WebhookSink: Sendable {
         public var bodyText: String { String(decoding: body, as: UTF8.self) }
     }
 
-    let state = Mutex<(requests: [Request], failNext: Int, failStatus: Int, answered: Int)>(([], 0, 503, 0))
+    let state = Mutex<(requests: [Request], failNext: Int, failStatus: Int, answered: Int, delayMs: Int64)>(([], 0, 503, 0, 0))
     let channel: any Channel
     public let port: Int
 
@@ -46,6 +46,12 @@ public final class WebhookSink: Sendable {
         state.withLock { $0.failNext = count; $0.failStatus = status }
     }
 
+    /// Holds every response back for `delay` (a slow receiver): the request is recorded
+    /// when it arrives, so a sender killed meanwhile sends it again.
+    public func delay(responses delay: Duration) {
+        state.withLock { $0.delayMs = Int64(delay.components.seconds * 1000 + delay.components.attoseconds / 1_000_000_000_000_000) }
+    }
+
     /// Requests answered 2xx, in arrival order.
     public var requests: [Request] { state.withLock { $0.requests } }
     /// Every request answered, failed ones included.
@@ -56,15 +62,16 @@ public final class WebhookSink: Sendable {
 
     public func close() async { try? await channel.close() }
 
-    func receive(_ request: Request) -> Int {
+    /// Records a request: (status to answer, milliseconds to wait before answering).
+    func receive(_ request: Request) -> (status: Int, delayMs: Int64) {
         state.withLock { state in
             state.answered += 1
             if state.failNext > 0 {
                 state.failNext -= 1
-                return state.failStatus
+                return (state.failStatus, state.delayMs)
             }
             state.requests.append(request)
-            return 200
+            return (200, state.delayMs)
         }
     }
 
@@ -87,14 +94,21 @@ public final class WebhookSink: Sendable {
             case .body(var buffer):
                 body += buffer.readBytes(length: buffer.readableBytes) ?? []
             case .end:
-                let status = sink().receive(Request(headers: headers, body: body))
+                let (status, delayMs) = sink().receive(Request(headers: headers, body: body))
                 var head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: status))
                 head.headers.add(name: "Content-Length", value: "0")
                 if !keepAlive { head.headers.add(name: "Connection", value: "close") }
-                context.write(wrapOutboundOut(.head(head)), promise: nil)
                 let keep = keepAlive
-                context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
-                    if !keep { context.close(promise: nil) }
+                let respond = {
+                    context.write(self.wrapOutboundOut(.head(head)), promise: nil)
+                    context.writeAndFlush(self.wrapOutboundOut(.end(nil))).whenComplete { _ in
+                        if !keep { context.close(promise: nil) }
+                    }
+                }
+                if delayMs > 0 {
+                    context.eventLoop.scheduleTask(in: .milliseconds(delayMs)) { respond() }
+                } else {
+                    respond()
                 }
             }
         }

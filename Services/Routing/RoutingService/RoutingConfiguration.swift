@@ -35,7 +35,7 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
     public var minPopulationEngagements = 20.0
     /// Attempts per channel before falling back to the next channel, or dead-lettering. Default 6.
     public var maxAttempts = 6
-    /// Backoff before the second attempt; doubles per attempt (full jitter) up to
+    /// Backoff before the second attempt; doubles per attempt, each wait drawn between half and all of it (equal jitter), up to
     /// `maxBackoffMs`. Defaults 1000 and 600000.
     public var initialBackoffMs = 1000
     public var maxBackoffMs = 600_000
@@ -66,6 +66,12 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
             self.secretFile = secretFile
             self.timeoutMs = timeoutMs
         }
+
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            self.init(url: try c.decode(String.self, forKey: .url), secretFile: try c.decodeIfPresent(String.self, forKey: .secretFile),
+                      timeoutMs: try c.decodeIfPresent(Int.self, forKey: .timeoutMs) ?? 5000)
+        }
     }
 
     public struct SMTP: Sendable, Codable, Equatable {
@@ -83,6 +89,14 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
             self.host = host
             self.port = port
             self.from = from
+        }
+
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            self.init(host: try c.decodeIfPresent(String.self, forKey: .host) ?? "127.0.0.1",
+                      port: try c.decodeIfPresent(Int.self, forKey: .port) ?? 25, from: try c.decode(String.self, forKey: .from))
+            heloName = try c.decodeIfPresent(String.self, forKey: .heloName) ?? heloName
+            timeoutMs = try c.decodeIfPresent(Int.self, forKey: .timeoutMs) ?? timeoutMs
         }
     }
 
