@@ -143,7 +143,8 @@ let package = Package(
         .executableTarget(
             name: "arbiter-bench",
             dependencies: [
-                "RPC", "Contracts", "IdentityService", "ProfileService", "DecisionService",
+                "RPC", "Contracts", "IdentityService", "ProfileService", "DecisionService", "RoutingService",
+                "TestSupport",  // the webhook receiver the routing benchmark dispatches to
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

@@ -73,10 +73,10 @@ func withRouting<T: Sendable>(clock: TestClock? = nil, sink: WebhookSink? = nil,
                                          logger: logger, clock: clock?.read ?? realClock)
         do {
             let result = try await body(service, profile, sink)
-            await service.adapters.shutdown()
+            await service.shutdown()
             return result
         } catch {
-            await service.adapters.shutdown()
+            await service.shutdown()
             throw error
         }
     }

@@ -76,16 +76,24 @@ struct WebhookAdapter: ChannelAdapter {
         client = HTTPClient(eventLoopGroup: group, configuration: http)
     }
 
-    /// The JSON the endpoint receives.
+    /// The JSON the endpoint receives (keys sorted).
+    struct Body: Encodable {
+        var delivery_id, idempotency_key, person_id, channel, address, purpose, urgency, template_id: String
+        var variables: [String: String]
+        var attempt: Int
+    }
+
+    static let encoder = {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return encoder
+    }()
+
     static func body(_ d: RoutingV1.Delivery) -> Data {
-        let object: [String: Any] = [
-            "delivery_id": d.deliveryId, "idempotency_key": d.idempotencyKey, "person_id": d.personId,
-            "channel": d.channel.ruleName, "address": d.address, "purpose": d.purpose,
-            "urgency": d.urgency == .critical ? "critical" : "normal",
-            "template_id": d.message?.templateId ?? "", "variables": d.message?.variables ?? [:],
-            "attempt": Int(d.attempts) + 1,
-        ]
-        return (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
+        let body = Body(delivery_id: d.deliveryId, idempotency_key: d.idempotencyKey, person_id: d.personId, channel: d.channel.ruleName,
+                        address: d.address, purpose: d.purpose, urgency: d.urgency == .critical ? "critical" : "normal",
+                        template_id: d.message?.templateId ?? "", variables: d.message?.variables ?? [:], attempt: Int(d.attempts) + 1)
+        return (try? encoder.encode(body)) ?? Data("{}".utf8)
     }
 
     /// `t=<seconds>,v1=<hex>` for `body` at `seconds`.

@@ -31,12 +31,16 @@ public struct Dispatcher: Service {
             var inFlight: Set<String> = []
             var ticking = false
             var failures = 0
+            var polled = false
             while !Task.isCancelled && !Task.isShuttingDownGracefully {
-                if inFlight.count < limit {
+                // Look again when half the slots are free, or on each tick: not once per
+                // finished attempt.
+                if inFlight.count <= limit / 2 || (polled && inFlight.count < limit) {
+                    polled = false
                     do {
-                        let due = try store.due(nowMs: clock(), limit: limit + inFlight.count)
+                        let due = try store.due(nowMs: clock(), limit: limit - inFlight.count, excluding: inFlight)
                         failures = 0
-                        for delivery in due where inFlight.count < limit && !inFlight.contains(delivery.deliveryId) {
+                        for delivery in due {
                             inFlight.insert(delivery.deliveryId)
                             group.addTask { await attempt(delivery); return delivery.deliveryId }
                         }
@@ -51,7 +55,9 @@ public struct Dispatcher: Service {
                 }
                 switch await group.next() {
                 case let id??: inFlight.remove(id)
-                case .some(nil): ticking = false
+                case .some(nil):
+                    ticking = false
+                    polled = true
                 case nil: break
                 }
             }

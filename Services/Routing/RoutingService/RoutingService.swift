@@ -42,6 +42,10 @@ public struct RoutingService: RPCService {
         return services
     }
 
+    /// Closes the adapters' connections (the HTTP client must be shut down before it is
+    /// released). Call once, after the dispatcher stopped, when not running `background`.
+    public func shutdown() async { await adapters.shutdown() }
+
     /// The dispatcher alone (tests drive it directly).
     public var dispatcher: Dispatcher { Dispatcher(store: store, adapters: adapters, configuration: configuration, logger: logger, clock: clock) }
 

@@ -118,11 +118,14 @@ public final class RoutingStore: Sendable {
         }
     }
 
-    /// Scheduled deliveries whose next attempt is due, oldest first.
-    func due(nowMs: Int64, limit: Int) throws -> [RoutingV1.Delivery] {
+    /// Up to `limit` scheduled deliveries whose next attempt is due, oldest first, leaving
+    /// out those in `excluding` (the attempts in flight) without decoding them.
+    func due(nowMs: Int64, limit: Int, excluding: Set<String> = []) throws -> [RoutingV1.Delivery] {
         try pool.read { db in
-            try Data.fetchAll(db.cachedStatement(sql: "SELECT record FROM delivery WHERE state = 1 AND next_attempt_ms <= ? ORDER BY next_attempt_ms LIMIT ?"),
-                              arguments: [nowMs, limit]).map(Self.record)
+            let ids = try String.fetchAll(db.cachedStatement(sql: """
+                SELECT delivery_id FROM delivery WHERE state = 1 AND next_attempt_ms <= ? ORDER BY next_attempt_ms LIMIT ?
+                """), arguments: [nowMs, limit + excluding.count])
+            return try ids.lazy.filter { !excluding.contains($0) }.prefix(limit).compactMap { try Self.load(db, $0) }
         }
     }
 
