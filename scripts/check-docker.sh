@@ -14,6 +14,9 @@ for service in identity profile decision routing; do
   echo "$config" | grep -q "$service-data:/var/lib/arbiter" || fail "$service has no volume of its own"
 done
 
+python3 -m json.tool docker/arbiter.json >/dev/null || fail "docker/arbiter.json is not valid JSON"
+echo "$config" | grep -q "ARBITER_CONFIG: /etc/arbiter/arbiter.json" || fail "routing does not read docker/arbiter.json"
+
 build="swift build -c release --static-swift-stdlib"
 grep -qF "$build" docker/Dockerfile || fail "the Dockerfile does not build with '$build'"
 grep -qF "$build" README.md || fail "README.md does not document the image build '$build'"
