@@ -183,8 +183,9 @@ let package = Package(
         ),
         .testTarget(
             name: "DecisionServiceTests",
-            dependencies: ["DecisionService", "ProfileService", "RPC", "Contracts", "TestSupport",
-                           .product(name: "GRDB", package: "GRDB.swift"), .product(name: "Logging", package: "swift-log")]
+            dependencies: ["DecisionService", "ProfileService", "RoutingService", "RPC", "Contracts", "TestSupport",
+                           .product(name: "GRDB", package: "GRDB.swift"), .product(name: "Logging", package: "swift-log"),
+                           .product(name: "NIOPosix", package: "swift-nio")]
         ),
         .testTarget(
             name: "RoutingServiceTests",

@@ -2092,7 +2092,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__decide_request__descript
   (ProtobufCMessageInit) arbiter__decision__v1__decide_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__ranked_action__field_descriptors[5] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__ranked_action__field_descriptors[7] =
 {
   {
     "action_id",
@@ -2154,10 +2154,36 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__ranked_action__fiel
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "delivery",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__RankedAction, delivery),
+    &arbiter__routing__v1__delivery__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "delivery_error",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__RankedAction, delivery_error),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__ranked_action__field_indices_by_name[] = {
   0,   /* field[0] = action_id */
   3,   /* field[3] = channel */
+  5,   /* field[5] = delivery */
+  6,   /* field[6] = delivery_error */
   4,   /* field[4] = delivery_id */
   2,   /* field[2] = propensity */
   1,   /* field[1] = score */
@@ -2165,7 +2191,7 @@ static const unsigned arbiter__decision__v1__ranked_action__field_indices_by_nam
 static const ProtobufCIntRange arbiter__decision__v1__ranked_action__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 7 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__ranked_action__descriptor =
 {
@@ -2175,7 +2201,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__ranked_action__descripto
   "Arbiter__Decision__V1__RankedAction",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__RankedAction),
-  5,
+  7,
   arbiter__decision__v1__ranked_action__field_descriptors,
   arbiter__decision__v1__ranked_action__field_indices_by_name,
   1,  arbiter__decision__v1__ranked_action__number_ranges,

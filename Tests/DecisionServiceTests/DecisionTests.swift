@@ -2,8 +2,10 @@ import Contracts
 @testable import DecisionService
 import Foundation
 import Logging
+import NIOPosix
 @testable import ProfileService
 import RPC
+@testable import RoutingService
 import Rules
 import TestSupport
 import Testing
@@ -63,7 +65,7 @@ extension DecisionService {
     }
 }
 
-func makeDecision(clock: TestClock = TestClock(), profile: RPCClient? = nil, seed: UInt64 = 7,
+func makeDecision(clock: TestClock = TestClock(), profile: RPCClient? = nil, routing: RPCClient? = nil, seed: UInt64 = 7,
                   configure: (inout DecisionConfiguration) -> Void = { _ in }) throws -> DecisionService {
     var configuration = DecisionConfiguration()
     // Generous by default: a loaded test machine must not turn a healthy decision into a degraded one.
@@ -71,7 +73,7 @@ func makeDecision(clock: TestClock = TestClock(), profile: RPCClient? = nil, see
     configuration.peerTimeoutMs = 5_000
     configure(&configuration)
     let store = try DecisionStore(directory: temporaryDirectory("decision-test"), configuration: configuration.learner)
-    return DecisionService(store: store, configuration: configuration, profile: profile, seed: seed, clock: clock.read)
+    return DecisionService(store: store, configuration: configuration, profile: profile, routing: routing, seed: seed, clock: clock.read)
 }
 
 @Suite("decision service")
@@ -166,6 +168,59 @@ struct DecisionTests {
             #expect(try await verdicts("gold")["gold-offer"] == "suppression: OUTCOME_CONVERSION on this action within 2592000 s")
             clock.advance(seconds: 2 * 86_400)
             #expect(try await verdicts("gold")["gold-offer"] == "eligible")
+        }
+    }
+
+    @Test("deliver hands each chosen action to routing and returns its plan; without routing the decision stands with the error")
+    func deliver() async throws {
+        let clock = TestClock()
+        try await withProfile(clock: clock) { profile, profileClient in
+            try seed(profile.store, "p", traits: [("email", .string("p@example.com")), ("email_verified", .bool(true))],
+                     consent: [("marketing", .email, true)], at: clock.read())
+            var configuration = RoutingConfiguration()
+            configuration.webhook = .init(url: "http://127.0.0.1:9/unused")  // the dispatcher does not run here
+            var logger = Logger(label: "routing")
+            logger.logLevel = .critical
+            let routingStore = try RoutingStore(directory: temporaryDirectory("decision-routing"), configuration: configuration)
+            let routing = try RoutingService(store: routingStore, configuration: configuration, profile: profileClient,
+                                             group: MultiThreadedEventLoopGroup.singleton, logger: logger, clock: clock.read)
+            try await withRPCServer(configure: { $0.handlerExecution = .concurrentPool }, services: [routing]) { _, port in
+                let routingClient = RPCClient(host: "127.0.0.1", port: port)
+                defer { routingClient.close() }
+                let decision = try makeDecision(clock: clock, profile: profileClient, routing: routingClient)
+                try decision.upsert(action("mail", channels: [.email], purpose: "marketing"))
+                var request = decideRequest("p", context: ["device": "ios"])
+                request.deliver = true
+                let response = try await decision.decide(request)
+                let chosen = try #require(response.actions.first)
+                #expect(chosen.actionId == "mail" && chosen.deliveryError.isEmpty, "\(chosen.deliveryError)")
+                let delivery = try #require(chosen.delivery)
+                #expect(delivery.state == .scheduled && delivery.channel == .email && chosen.deliveryId == delivery.deliveryId)
+                let stored = try #require(try routingStore.delivery(delivery.deliveryId))
+                #expect(stored.idempotencyKey == "\(response.decisionId):mail" && stored.purpose == "marketing")
+                #expect(stored.message?.templateId == "mail" && stored.message?.variables["decision_id"] == response.decisionId
+                        && stored.message?.variables["context.device"] == "ios")
+
+                // Routing unreachable: the decision is still answered and logged; the error is on the action.
+                let closedPort = try await unusedPort()
+                let unreachable = RPCClient(host: "127.0.0.1", port: closedPort)
+                defer { unreachable.close() }
+                let stranded = try makeDecision(clock: clock, profile: profileClient, routing: unreachable)
+                try stranded.upsert(action("mail", channels: [.email], purpose: "marketing"))
+                let failed = try await stranded.decide(request)
+                #expect(failed.actions.first?.deliveryError.hasPrefix("UNAVAILABLE") == true, "\(failed.actions)")
+                #expect(try stranded.store.decision(failed.decisionId) != nil)
+
+                // No routing service configured: refused before deciding.
+                let alone = try makeDecision(clock: clock, profile: profileClient)
+                do {
+                    _ = try await alone.decide(request)
+                    Issue.record("deliver without routing was accepted")
+                } catch let error as RPCError {
+                    #expect(error.code == .failedPrecondition && error.message.hasPrefix("deliver"))
+                }
+            }
+            await routing.shutdown()
         }
     }
 

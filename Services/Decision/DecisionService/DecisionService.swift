@@ -16,6 +16,9 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
     public var breakerFailures = 5
     /// Default 1000.
     public var breakerCooldownMs = 1000
+    /// Longest wait for the routing service with `deliver` when the caller set no deadline
+    /// (delivery is not bound by `decideBudgetMs`: the decision is logged first). Default 2000.
+    public var routeTimeoutMs = 2000
 
     public init() {}
 
@@ -35,6 +38,7 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
         peerTimeoutMs = try read(.peerTimeoutMs, d.peerTimeoutMs, 1...60_000)
         breakerFailures = try read(.breakerFailures, d.breakerFailures, 1...1000)
         breakerCooldownMs = try read(.breakerCooldownMs, d.breakerCooldownMs, 1...600_000)
+        routeTimeoutMs = try read(.routeTimeoutMs, d.routeTimeoutMs, 1...60_000)
     }
 }
 
@@ -46,6 +50,7 @@ public struct DecisionService: RPCService {
     let configuration: DecisionConfiguration
     let identity: RPCClient?
     let profile: RPCClient?
+    let routing: RPCClient?
     let clock: @Sendable () -> Int64
     let random: Exclusive<SplitMix64>
     let identityBreaker: Breaker
@@ -57,12 +62,13 @@ public struct DecisionService: RPCService {
 
     /// - Parameter seed: seeds exploration (tests and simulations replay); nil: random.
     public init(store: DecisionStore, configuration: DecisionConfiguration = .init(), identity: RPCClient? = nil,
-                profile: RPCClient? = nil, seed: UInt64? = nil,
+                profile: RPCClient? = nil, routing: RPCClient? = nil, seed: UInt64? = nil,
                 clock: @escaping @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }) {
         self.store = store
         self.configuration = configuration
         self.identity = identity
         self.profile = profile
+        self.routing = routing
         self.clock = clock
         random = Exclusive(SplitMix64(seed: seed ?? UInt64.random(in: .min ... .max)))
         let cooldown = Duration.milliseconds(configuration.breakerCooldownMs)
@@ -127,8 +133,8 @@ public struct DecisionService: RPCService {
             try Names.check(key, field: "context key")
             guard value.utf8.count <= 256 else { throw RPCError.invalidArgument(field: "context[\(key)]", "is longer than 256 bytes") }
         }
-        if request.deliver {
-            throw RPCError(.unimplemented, "deliver: handing a decision to routing arrives with the routing service; decide, then call routing's Route")
+        if request.deliver && routing == nil {
+            throw RPCError(.failedPrecondition, "deliver: this decision service has no routing service (--routing)")
         }
         let localID: String?
         switch request.person?.ref {
@@ -194,7 +200,53 @@ public struct DecisionService: RPCService {
         response.personId = record.personId
         response.decidedAtMs = now
         if request.explain { response.explanations = record.candidates }
+        if request.deliver { response.actions = await deliver(record, context: request.context) }
         return response
+    }
+
+    /// Hands each chosen action to the routing service, concurrently, after the decision
+    /// was logged; a failure is reported on its action and the decision stands.
+    func deliver(_ record: DecisionV1.DecisionRecord, context: [String: String]) async -> [DecisionV1.RankedAction] {
+        guard let routing else { return record.actions }
+        let specs = Dictionary(store.catalog().actions.map { ($0.id, $0.action) }, uniquingKeysWith: { a, _ in a })
+        let timeout = RPCDeadline.current.map { ContinuousClock.now.duration(to: $0) } ?? .milliseconds(configuration.routeTimeoutMs)
+        return await withTaskGroup(of: (Int, DecisionV1.RankedAction).self) { group in
+            for (rank, ranked) in record.actions.enumerated() {
+                group.addTask {
+                    var action = ranked
+                    guard !record.personId.isEmpty else {
+                        action.deliveryError = "NOT_FOUND: the person is not known; there is no one to deliver to"
+                        return (rank, action)
+                    }
+                    var route = RoutingV1.RouteRequest()
+                    var person = CommonV1.PersonRef()
+                    person.ref = .personId(record.personId)
+                    route.person = person
+                    var message = RoutingV1.Message()
+                    message.templateId = ranked.actionId
+                    message.variables = ["decision_id": record.decisionId, "placement": record.placement]
+                    for (key, value) in context { message.variables["context.\(key)"] = value }
+                    route.message = message
+                    let spec = specs[ranked.actionId]
+                    route.allowedChannels = spec?.channels ?? []
+                    route.urgency = .normal
+                    route.purpose = spec.map { $0.consentPurpose.isEmpty ? "service" : $0.consentPurpose } ?? "service"
+                    route.idempotencyKey = "\(record.decisionId):\(ranked.actionId)"
+                    do {
+                        let delivery = try await routing.call(RoutingV1.Routing.route, route, timeout: max(timeout, .milliseconds(1)))
+                        action.delivery = delivery
+                        action.deliveryId = delivery.deliveryId
+                    } catch {
+                        let error = error as? RPCError ?? RPCError(.unknown, "\(error)")
+                        action.deliveryError = "\(error.code): \(error.message)"
+                    }
+                    return (rank, action)
+                }
+            }
+            var actions = record.actions
+            for await (rank, action) in group { actions[rank] = action }
+            return actions
+        }
     }
 
     /// Everything after the peers: candidates, caps, scores, the draw. Runs under the person's

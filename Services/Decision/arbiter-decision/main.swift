@@ -17,7 +17,11 @@ enum DecisionDefinition: ServiceDefinition {
         if context.profile == nil {
             context.logger.warning("no --profile: every decision is degraded (no traits, features, segments or consent)")
         }
-        let service = DecisionService(store: store, configuration: configuration, identity: context.identity, profile: context.profile)
+        if context.routing == nil {
+            context.logger.warning("no --routing: Decide with deliver answers FAILED_PRECONDITION")
+        }
+        let service = DecisionService(store: store, configuration: configuration, identity: context.identity, profile: context.profile,
+                                      routing: context.routing)
         return ServiceParts(rpcServices: [service])
     }
 }

@@ -15,6 +15,7 @@ PROTOBUF_C__BEGIN_DECLS
 #endif
 
 #include "common.pb-c.h"
+#include "routing.pb-c.h"
 
 typedef struct Arbiter__Decision__V1__Cap Arbiter__Decision__V1__Cap;
 typedef struct Arbiter__Decision__V1__Suppression Arbiter__Decision__V1__Suppression;
@@ -283,6 +284,11 @@ struct  Arbiter__Decision__V1__DecideRequest
    */
   uint32_t count;
   protobuf_c_boolean explain;
+  /*
+   * Hand each chosen action to the routing service (--routing) and return its delivery
+   * plan: message template_id = the action id, purpose = the action's consent purpose
+   * ("service" when it needs none), channels = the action's channels.
+   */
   protobuf_c_boolean deliver;
 };
 #define ARBITER__DECISION__V1__DECIDE_REQUEST__INIT \
@@ -306,11 +312,24 @@ struct  Arbiter__Decision__V1__RankedAction
    * The first of the action's channels the person may be contacted on.
    */
   Arbiter__Common__V1__Channel channel;
+  /*
+   * With deliver: the routing service's delivery (its id, also in delivery.delivery_id).
+   */
   char *delivery_id;
+  /*
+   * With deliver: the delivery plan (channel and send time, or a suppression and why),
+   * routed with idempotency key "<decision_id>:<action_id>".
+   */
+  Arbiter__Routing__V1__Delivery *delivery;
+  /*
+   * With deliver, when routing could not be asked or refused: "<CODE>: <message>". The
+   * decision stands; Route may be retried with the same idempotency key.
+   */
+  char *delivery_error;
 };
 #define ARBITER__DECISION__V1__RANKED_ACTION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__ranked_action__descriptor) \
-    , (char *)protobuf_c_empty_string, 0, 0, ARBITER__COMMON__V1__CHANNEL__CHANNEL_UNSPECIFIED, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, 0, 0, ARBITER__COMMON__V1__CHANNEL__CHANNEL_UNSPECIFIED, (char *)protobuf_c_empty_string, NULL, (char *)protobuf_c_empty_string }
 
 
 /*

@@ -253,6 +253,9 @@ extension DecisionV1 {
         /// How many ranked actions (1-20; 0 means 1).
         public var count: UInt32 = 0
         public var explain: Bool = false
+        /// Hand each chosen action to the routing service (--routing) and return its delivery
+        /// plan: message template_id = the action id, purpose = the action's consent purpose
+        /// ("service" when it needs none), channels = the action's channels.
         public var deliver: Bool = false
 
         public static let protoName = "arbiter.decision.v1.DecideRequest"
@@ -284,7 +287,14 @@ extension DecisionV1 {
         public var propensity: Double = 0
         /// The first of the action's channels the person may be contacted on.
         public var channel: CommonV1.Channel = CommonV1.Channel(rawValue: 0)
+        /// With deliver: the routing service's delivery (its id, also in delivery.delivery_id).
         public var deliveryId: String = ""
+        /// With deliver: the delivery plan (channel and send time, or a suppression and why),
+        /// routed with idempotency key "<decision_id>:<action_id>".
+        public var delivery: RoutingV1.Delivery? = nil
+        /// With deliver, when routing could not be asked or refused: "<CODE>: <message>". The
+        /// decision stands; Route may be retried with the same idempotency key.
+        public var deliveryError: String = ""
 
         public static let protoName = "arbiter.decision.v1.RankedAction"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__ranked_action__descriptor_ptr())
@@ -295,6 +305,8 @@ extension DecisionV1 {
             propensity = reader.double(3)
             channel = reader.enum(4)
             deliveryId = reader.string(5)
+            delivery = try reader.messageValue(6)
+            deliveryError = reader.string(7)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, actionId)
@@ -302,6 +314,8 @@ extension DecisionV1 {
             writer.setDouble(3, propensity)
             writer.setEnum(4, channel)
             writer.setString(5, deliveryId)
+            if let v = delivery { writer.setMessage(6, v) }
+            writer.setString(7, deliveryError)
         }
     }
 

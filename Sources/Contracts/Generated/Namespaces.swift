@@ -2,6 +2,8 @@
 
 /// Types of the protobuf package `arbiter.common.v1` (Protos/common.proto).
 public enum CommonV1 {}
+/// Types of the protobuf package `arbiter.routing.v1` (Protos/routing.proto).
+public enum RoutingV1 {}
 /// Types of the protobuf package `arbiter.decision.v1` (Protos/decision.proto).
 public enum DecisionV1 {}
 /// Types of the protobuf package `arbiter.echo.v1` (Protos/echo.proto).
@@ -14,8 +16,6 @@ public enum IdentityV1 {}
 public enum ProfileV1 {}
 /// Types of the protobuf package `arbiter.profile.store.v1` (Protos/profile_store.proto).
 public enum ProfileStoreV1 {}
-/// Types of the protobuf package `arbiter.routing.v1` (Protos/routing.proto).
-public enum RoutingV1 {}
 /// Types of the protobuf package `google.protobuf` (Protos/google/protobuf/any.proto).
 public enum GoogleProtobuf {}
 /// Types of the protobuf package `google.rpc` (Protos/status.proto).
