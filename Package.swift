@@ -104,7 +104,7 @@ let package = Package(
         .target(
             name: "DecisionService",
             dependencies: [
-                "RPC", "Contracts", "Storage", "Rules",
+                "RPC", "Contracts", "Storage", "Rules", "IdentityFeed",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -136,7 +136,7 @@ let package = Package(
         ),
         .executableTarget(name: "arbiter-identity", dependencies: ["IdentityService", "ServiceRuntime", "RPC"], path: "Services/Identity/arbiter-identity"),
         .executableTarget(name: "arbiter-profile", dependencies: ["ProfileService", "IdentityFeed", "ServiceRuntime", "RPC"], path: "Services/Profile/arbiter-profile"),
-        .executableTarget(name: "arbiter-decision", dependencies: ["DecisionService", "ServiceRuntime", "RPC"], path: "Services/Decision/arbiter-decision"),
+        .executableTarget(name: "arbiter-decision", dependencies: ["DecisionService", "IdentityFeed", "ServiceRuntime", "RPC"], path: "Services/Decision/arbiter-decision"),
         .executableTarget(name: "arbiter-routing", dependencies: ["RoutingService", "IdentityFeed", "ServiceRuntime", "RPC"], path: "Services/Routing/arbiter-routing"),
 
         // Benchmarks that print figures (not timed tests): `arbiter-bench identity`.

@@ -224,6 +224,34 @@ struct DecisionTests {
         }
     }
 
+    @Test("merges move decisions, offers and outcomes to the survivor; an erasure leaves none in the file")
+    func identityChanges() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock)
+        var cap = DecisionV1.Cap()
+        cap.scope = .action
+        cap.max = 1
+        cap.windowSeconds = 86_400
+        try decision.upsert(action("once", caps: [cap]))
+        let a = try await decision.decide(decideRequest("person-a"))
+        _ = try decision.outcome("o-a", a, .click)
+        #expect(a.actions.map(\.actionId) == ["once"])
+        try decision.store.apply([(1, .merge(target: "person-b", sources: ["person-a"]))], nowMs: clock.read())
+        // b inherits a's offer: the cap of one per day is taken.
+        let b = try await decision.decide(decideRequest("person-b", explain: true))
+        #expect(b.actions.isEmpty && b.explanations.first?.excludedBy.hasPrefix("cap") == true, "\(b.explanations)")
+        #expect(try decision.store.decision(a.decisionId)?.personId == "person-b")
+        #expect(try decision.store.history(person: "person-b", sinceMs: 0).outcomes.count == 1)
+        #expect(try decision.store.history(person: "person-a", sinceMs: 0).offers.isEmpty)
+
+        try decision.store.apply([(2, .erase(person: "person-b", absorbed: ["person-a"]))], nowMs: clock.read())
+        #expect(try decision.store.decision(a.decisionId) == nil && decision.store.decision(b.decisionId) == nil)
+        #expect(try decision.store.identityCursor() == 2)
+        let directory = decision.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
+        #expect(!filesContain("person-a", in: directory, files: ["decision.sqlite", "decision.sqlite-wal"]))
+        #expect(!filesContain("person-b", in: directory, files: ["decision.sqlite", "decision.sqlite-wal"]))
+    }
+
     @Test("caps per action, per channel and in total hold across their windows")
     func caps() async throws {
         let clock = TestClock()

@@ -1,6 +1,7 @@
 import Contracts
 import Foundation
 import GRDB
+import IdentityFeed
 import RPC
 import Storage
 import Synchronization
@@ -339,6 +340,60 @@ public final class DecisionStore: Sendable {
                 break
             }
             return true
+        }
+    }
+}
+
+// MARK: - The identity change feed
+
+extension DecisionStore: IdentityChangeSink {
+    public func identityCursor() throws -> Int64 {
+        try pool.read { db in try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0 }
+    }
+
+    /// Merges move the absorbed persons' decisions, offers and outcomes to the survivor
+    /// (caps and suppressions then count them together); erasures delete them. The learned
+    /// evidence per action is an aggregate over everyone and stays. Unmerges leave history
+    /// with the survivor (a decision does not say which identifier it was made for).
+    public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
+        guard !changes.isEmpty else { return }
+        var erased = false
+        try pool.write { db in
+            let cursor = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0
+            for (seq, change) in changes where seq > cursor {
+                switch change {
+                case .merge(let target, let sources):
+                    for source in sources where source != target && !source.isEmpty { try merge(db, source, into: target) }
+                case .erase(let person, let absorbed):
+                    for p in [person] + absorbed where !p.isEmpty {
+                        for table in ["decision", "offer", "outcome"] {
+                            try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [p])
+                        }
+                    }
+                    erased = true
+                case .unmerge, .other:
+                    break
+                }
+            }
+            try db.execute(sql: "INSERT OR REPLACE INTO meta (key, value) VALUES ('identity_seq', ?)",
+                           arguments: [max(cursor, changes.map(\.seq).max()!)])
+        }
+        if erased { try SQLiteStore.checkpoint(pool) }
+    }
+
+    private func merge(_ db: Database, _ source: String, into target: String) throws {
+        let rows = try Row.fetchAll(db, sql: "SELECT decision_id, record FROM decision WHERE person_id = ?", arguments: [source])
+        for row in rows {
+            var record = try DecisionV1.DecisionRecord(serializedBytes: row[1] as Data)
+            record.personId = target
+            try db.execute(sql: "UPDATE decision SET person_id = ?, record = ? WHERE decision_id = ?",
+                           arguments: [target, Data(record.serializedBytes()), row[0] as String])
+        }
+        try db.execute(sql: "UPDATE OR IGNORE offer SET person_id = ? WHERE person_id = ?", arguments: [target, source])
+        try db.execute(sql: "DELETE FROM offer WHERE person_id = ?", arguments: [source])
+        try db.execute(sql: "UPDATE outcome SET person_id = ? WHERE person_id = ?", arguments: [target, source])
+        pending.withLock { pending in
+            if let moved = pending.removeValue(forKey: source) { pending[target, default: []] += moved }
         }
     }
 }

@@ -1,4 +1,6 @@
 import DecisionService
+import Foundation
+import IdentityFeed
 import RPC
 import ServiceRuntime
 
@@ -22,7 +24,13 @@ enum DecisionDefinition: ServiceDefinition {
         }
         let service = DecisionService(store: store, configuration: configuration, identity: context.identity, profile: context.profile,
                                       routing: context.routing)
-        return ServiceParts(rpcServices: [service])
+        var parts = ServiceParts(rpcServices: [service])
+        if let identity = context.identity {
+            // Merges and erasures of persons apply to their decisions, offers and outcomes.
+            parts.background.append(IdentityFeedFollower(store: store, identity: identity, logger: context.logger,
+                                                         clock: { Int64(Date().timeIntervalSince1970 * 1000) }))
+        }
+        return parts
     }
 }
 
