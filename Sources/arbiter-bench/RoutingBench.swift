@@ -57,6 +57,18 @@ struct RoutingBench: AsyncParsableCommand {
         defer { routingTask.cancel() }
         let clients = (0..<connections).map { _ in RPCClient(host: "127.0.0.1", port: port) }
         let persons = self.persons
+        // For scale: the profile read each Route makes, alone, at the same concurrency.
+        let profileClients = (0..<connections).map { _ in RPCClient(host: "127.0.0.1", port: profilePort) }
+        _ = try await Bench.measure("GetProfile (traits, consent) alone, for scale", profileClients, duration: min(duration, 5),
+                                    concurrency: concurrency) { client, _ in
+            var request = ProfileV1.GetProfileRequest()
+            var ref = CommonV1.PersonRef()
+            ref.ref = .personId("p\(Int.random(in: 0..<persons))")
+            request.person = ref
+            request.fields = ["traits", "consent"]
+            _ = try await client.call(ProfileV1.Profile.getProfile, request, timeout: .seconds(5))
+        }
+        profileClients.forEach { $0.close() }
         let channels: [[CommonV1.Channel]] = [[], [.push, .email], [.email], [.webhook, .email]]
         let routed = try await Bench.measure("Route (normal urgency, caps checked)", clients, duration: duration, concurrency: concurrency) { client, i in
             var request = RoutingV1.RouteRequest()
