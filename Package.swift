@@ -173,7 +173,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "ServiceRuntimeTests", dependencies: ["ServiceRuntime", "RPC", "Contracts", "TestSupport"]),
+        .testTarget(name: "ServiceRuntimeTests", dependencies: ["ServiceRuntime", "RPC", "Contracts", "Rules", "TestSupport"]),
         .testTarget(name: "RulesTests", dependencies: ["Rules"]),
         .testTarget(
             name: "ProfileServiceTests",

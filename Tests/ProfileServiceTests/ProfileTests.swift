@@ -326,19 +326,7 @@ struct MergeEraseTests {
                 try service.define(definition)
                 try reference.define(definition)
             }
-            func identifier(_ type: String, _ value: String) -> CommonV1.Identifier {
-                var identifier = CommonV1.Identifier()
-                identifier.type = type
-                identifier.value = value
-                return identifier
-            }
-            func ref(_ type: String, _ value: String) -> CommonV1.PersonRef {
-                var list = CommonV1.IdentifierList()
-                list.identifiers = [identifier(type, value)]
-                var ref = CommonV1.PersonRef()
-                ref.ref = .identifiers(list)
-                return ref
-            }
+            func ref(_ type: String, _ value: String) -> CommonV1.PersonRef { personRef(identifier(type, value)) }
             let now = clock.read()
             // Two anonymous visitors, known only by cookie and by email, each with a history.
             var cookieEvents = Self.history("a", seed: 1, now: now)

@@ -209,19 +209,6 @@ struct ProcessTests {
         var server = try RunningProcess.start("arbiter-profile", arguments)
         var client = try await waitUntilServing(port: port)
 
-        func identifier(_ type: String, _ value: String) -> CommonV1.Identifier {
-            var id = CommonV1.Identifier()
-            id.type = type
-            id.value = value
-            return id
-        }
-        func ref(_ ids: CommonV1.Identifier...) -> CommonV1.PersonRef {
-            var list = CommonV1.IdentifierList()
-            list.identifiers = ids
-            var ref = CommonV1.PersonRef()
-            ref.ref = .identifiers(list)
-            return ref
-        }
         var define = ProfileV1.DefineFeatureRequest()
         var feature = ProfileV1.FeatureDefinition()
         feature.name = "views"
@@ -234,12 +221,12 @@ struct ProcessTests {
             var event = ProfileV1.Event()
             event.eventId = "ev-\(i)"
             event.type = "view"
-            event.person = i < 4 ? ref(identifier("cookie_id", "ck-9")) : ref(identifier("email", "Zoe@Example.org"))
+            event.person = i < 4 ? personRef(identifier("cookie_id", "ck-9")) : personRef(identifier("email", "Zoe@Example.org"))
             return event
         }
         #expect(try await client.call(ProfileV1.Profile.track, track).accepted == 6)
         var bad = track
-        bad.events[0].person = ref(identifier("email", "not an email"))
+        bad.events[0].person = personRef(identifier("email", "not an email"))
         bad.events[0].eventId = "ev-bad"
         let rejected = try await client.call(ProfileV1.Profile.track, bad)
         #expect(rejected.rejections.first?.reason.contains("identifiers[0].value") == true, "\(rejected)")
@@ -250,7 +237,7 @@ struct ProcessTests {
         let linked = try await identityClient.call(IdentityV1.Identity.link, link)
         #expect(linked.mergedPersonIds.count == 1)
         var get = ProfileV1.GetProfileRequest()
-        get.person = ref(identifier("email", "zoe@example.org"))
+        get.person = personRef(identifier("email", "zoe@example.org"))
         var views = 0.0
         for _ in 0..<100 {  // the follower polls once a second
             views = try await client.call(ProfileV1.Profile.getProfile, get).features.first?.value ?? 0

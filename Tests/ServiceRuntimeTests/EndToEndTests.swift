@@ -1,0 +1,129 @@
+import Contracts
+import Foundation
+import RPC
+import Rules
+import Testing
+import TestSupport
+
+/// The four executables as processes, wired as in production, driven over TCP.
+@Suite("end to end: the four services as processes")
+struct EndToEndTests {
+    @Test("identify, track, consent, decide with delivery through routing to a webhook, outcome; an erasure reaches every service")
+    func scenario() async throws {
+        var ports: [String: (rpc: Int, admin: Int)] = [:]
+        for name in ["identity", "profile", "routing", "decision"] { ports[name] = (try await unusedPort(), try await unusedPort()) }
+        let dataDir = NSTemporaryDirectory() + "/arbiter-e2e-\(ports["identity"]!.rpc)"
+        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        let sink = try await WebhookSink.start()
+        let config = dataDir + "/config.json"
+        try Data("""
+            {"routing": {"webhook": {"url": "http://127.0.0.1:\(sink.port)/arbiter"}, "quietHoursStart": "00:00", "quietHoursEnd": "00:00"},
+             "decision": {"decideBudgetMs": 5000, "peerTimeoutMs": 3000}}
+            """.utf8).write(to: URL(fileURLWithPath: config))
+        func address(_ name: String) -> String { "127.0.0.1:\(ports[name]!.rpc)" }
+        var processes: [RunningProcess] = []
+        defer { for p in processes { kill(p.process.processIdentifier, SIGKILL) } }
+        var clients: [String: RPCClient] = [:]
+        defer { clients.values.forEach { $0.close() } }
+        for (name, peers) in [("identity", [String]()), ("profile", ["--identity"]), ("routing", ["--identity", "--profile"]),
+                              ("decision", ["--identity", "--profile", "--routing"])] {
+            var arguments = ["--port", "\(ports[name]!.rpc)", "--admin-port", "\(ports[name]!.admin)", "--data-dir", dataDir + "/" + name,
+                             "--config", config]
+            for flag in peers { arguments += [flag, address(String(flag.dropFirst(2)))] }
+            processes.append(try RunningProcess.start("arbiter-\(name)", arguments))
+            clients[name] = try await waitUntilServing(port: ports[name]!.rpc)
+        }
+        let identity = clients["identity"]!, profile = clients["profile"]!, routing = clients["routing"]!, decision = clients["decision"]!
+
+        // Identify: an email and a device are one person.
+        var link = IdentityV1.LinkRequest()
+        link.identifiers = [identifier("email", "Ada@Example.com"), identifier("device_id", "dev-1")]
+        link.source = "signup"
+        let person = try await identity.call(IdentityV1.Identity.link, link).personId
+        let byEmail = personRef(identifier("email", "ada@example.com"))
+
+        // Profile, through identifiers: traits, consent, events.
+        var traits = ProfileV1.SetTraitsRequest()
+        traits.person = byEmail
+        traits.traits = [CommonV1.Field("email", .string("ada@example.com")), CommonV1.Field("email_verified", .bool(true))]
+        traits.source = "signup"
+        #expect(try await profile.call(ProfileV1.Profile.setTraits, traits).personId == person)
+        var consent = ProfileV1.SetConsentRequest()
+        consent.person = byEmail
+        var record = ProfileV1.ConsentRecord()
+        record.purpose = "marketing"
+        record.channel = .email
+        record.granted = true
+        record.source = "signup"
+        consent.consents = [record]
+        _ = try await profile.call(ProfileV1.Profile.setConsent, consent)
+        var track = ProfileV1.TrackRequest()
+        track.events = (0..<3).map { i in
+            var event = ProfileV1.Event()
+            event.eventId = "view-\(i)"
+            event.type = "view"
+            event.person = personRef(identifier("device_id", "dev-1"))
+            return event
+        }
+        #expect(try await profile.call(ProfileV1.Profile.track, track).accepted == 3)
+
+        // Decide, by email, with delivery.
+        var upsert = DecisionV1.UpsertActionRequest()
+        var action = DecisionV1.Action()
+        action.id = "welcome"
+        action.value = 10
+        action.channels = [.email]
+        action.consentPurpose = "marketing"
+        upsert.action = action
+        _ = try await decision.call(DecisionV1.Decision.upsertAction, upsert)
+        var decide = DecisionV1.DecideRequest()
+        decide.person = byEmail
+        decide.placement = "home"
+        decide.deliver = true
+        let decided = try await decision.call(DecisionV1.Decision.decide, decide)
+        #expect(decided.personId == person && !decided.degraded, "\(decided.degradedReasons)")
+        let chosen = try #require(decided.actions.first)
+        #expect(chosen.actionId == "welcome" && chosen.deliveryError.isEmpty, "\(chosen.deliveryError)")
+        #expect(chosen.delivery?.state == .scheduled && chosen.delivery?.channel == .email && chosen.delivery?.address == "ada@example.com")
+
+        // Routing sends it to the webhook (email goes there without an SMTP relay).
+        #expect(try await eventually(20) { sink.requests.count == 1 })
+        let sent = try #require(sink.requests.first)
+        #expect(sent.headers["idempotency-key"] == "\(decided.decisionId):welcome" && sent.bodyText.contains("\"person_id\":\"\(person)\""))
+        var opened = RoutingV1.ReportDeliveryEventRequest()
+        opened.deliveryId = chosen.deliveryId
+        opened.kind = .opened
+        _ = try await routing.call(RoutingV1.Routing.reportDeliveryEvent, opened)
+        var outcome = DecisionV1.ReportOutcomeRequest()
+        outcome.outcomeId = "click-1"
+        outcome.decisionId = decided.decisionId
+        outcome.actionId = "welcome"
+        outcome.outcome = .click
+        _ = try await decision.call(DecisionV1.Decision.reportOutcome, outcome)
+
+        // Erasure in the identity service reaches profile, decision and routing through the feed.
+        var erase = IdentityV1.EraseRequest()
+        erase.target = .personId(person)
+        _ = try await identity.call(IdentityV1.Identity.erase, erase)
+        var list = RoutingV1.ListDeliveriesRequest()
+        list.personId = person
+        var getDecision = DecisionV1.GetDecisionRequest()
+        getDecision.decisionId = decided.decisionId
+        var getProfile = ProfileV1.GetProfileRequest()
+        getProfile.person = personRef(person)
+        let (listRequest, decisionRequest, profileRequest) = (list, getDecision, getProfile)
+        #expect(try await eventually(20) {
+            let deliveries = try await routing.call(RoutingV1.Routing.listDeliveries, listRequest).deliveries
+            func gone(_ call: () async throws -> Void) async -> Bool {
+                do { try await call(); return false } catch { return (error as? RPCError)?.code == .notFound }
+            }
+            let decisionGone = await gone { _ = try await decision.call(DecisionV1.Decision.getDecision, decisionRequest) }
+            let profileGone = await gone { _ = try await profile.call(ProfileV1.Profile.getProfile, profileRequest) }
+            return deliveries.isEmpty && decisionGone && profileGone
+        })
+
+        for p in processes.reversed() { kill(p.process.processIdentifier, SIGTERM) }
+        for p in processes { #expect(await p.waitForExit() == 0) }
+        await sink.close()
+    }
+}
