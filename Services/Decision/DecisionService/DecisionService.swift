@@ -225,7 +225,8 @@ public struct DecisionService: RPCService {
                     var message = RoutingV1.Message()
                     message.templateId = ranked.actionId
                     message.variables = ["decision_id": record.decisionId, "placement": record.placement]
-                    for (key, value) in context { message.variables["context.\(key)"] = value }
+                    // The request context travels as context.<key> (keys too long for that are left out).
+                    for (key, value) in context where key.utf8.count + 8 <= Names.maxLength { message.variables["context.\(key)"] = value }
                     route.message = message
                     let spec = specs[ranked.actionId]
                     route.allowedChannels = spec?.channels ?? []
