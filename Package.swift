@@ -9,6 +9,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "arbiter-echo", targets: ["arbiter-echo"]),
+        .executable(name: "arbiter", targets: ["arbiter"]),
         .executable(name: "arbiter-bench", targets: ["arbiter-bench"]),
         .executable(name: "arbiter-identity", targets: ["arbiter-identity"]),
         .executable(name: "arbiter-profile", targets: ["arbiter-profile"]),
@@ -138,6 +139,16 @@ let package = Package(
         .executableTarget(name: "arbiter-profile", dependencies: ["ProfileService", "IdentityFeed", "ServiceRuntime", "RPC"], path: "Services/Profile/arbiter-profile"),
         .executableTarget(name: "arbiter-decision", dependencies: ["DecisionService", "IdentityFeed", "ServiceRuntime", "RPC"], path: "Services/Decision/arbiter-decision"),
         .executableTarget(name: "arbiter-routing", dependencies: ["RoutingService", "IdentityFeed", "ServiceRuntime", "RPC"], path: "Services/Routing/arbiter-routing"),
+
+        // The suite's command line: `arbiter up`.
+        .executableTarget(
+            name: "arbiter",
+            dependencies: [
+                "RPC", "Contracts",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ]
+        ),
 
         // Benchmarks that print figures (not timed tests): `arbiter-bench identity`.
         .executableTarget(

@@ -24,50 +24,32 @@ for port in 7100 7101 7102 7103 7104 8100 8101 8102 8103 8104; do
 done
 
 pids=()
-names=()
 stop() {
   echo
   echo "== stopping (SIGTERM: each service drains its in-flight calls)"
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  echo "stopped"
 }
 trap stop EXIT
 trap 'exit 0' INT TERM
 
-# name port admin-port extra-flags...
-start() {
-  local name=$1 port=$2 admin=$3; shift 3
-  "$bin/arbiter-$name" --port "$port" --admin-port "$admin" --data-dir "$data/$name" "$@" \
-    >>"$data/$name.log" 2>&1 &
-  pids+=($!)
-  names+=("$name")
-}
-start identity 7101 8101
-start profile  7102 8102 --identity 127.0.0.1:7101
-start routing  7104 8104 --identity 127.0.0.1:7101 --profile 127.0.0.1:7102
-start decision 7103 8103 --identity 127.0.0.1:7101 --profile 127.0.0.1:7102 --routing 127.0.0.1:7104
-start echo     7100 8100
+# The four services: `arbiter up` starts them wired together, waits until they serve,
+# prints their addresses, and stops them gracefully on Ctrl-C.
+"$bin/arbiter" up --data-dir "$data" &
+pids+=($!)
+# The conformance server for client authors (the Python demo talks to it).
+"$bin/arbiter-echo" --port 7100 --admin-port 8100 --data-dir "$data/echo" >>"$data/echo.log" 2>&1 &
+pids+=($!)
 
-echo "== waiting for readiness"
 for admin in 8101 8102 8104 8103 8100; do
-  for _ in $(seq 1 100); do
+  for _ in $(seq 1 300); do
     curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break
+    kill -0 "${pids[0]}" 2>/dev/null || { echo "arbiter up failed (see above)" >&2; exit 1; }
     sleep 0.1
   done
   curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null || { echo "service with admin port $admin did not become ready; see $data/*.log" >&2; exit 1; }
 done
-for i in "${!pids[@]}"; do
-  kill -0 "${pids[$i]}" 2>/dev/null || { echo "arbiter-${names[$i]} exited; its log:" >&2; tail -20 "$data/${names[$i]}.log" >&2; exit 1; }
-done
-cat <<TABLE
-service    rpc (ttrpc)       admin (HTTP)                    log
-identity   127.0.0.1:7101    http://127.0.0.1:8101/metrics   $data/identity.log
-profile    127.0.0.1:7102    http://127.0.0.1:8102/metrics   $data/profile.log
-decision   127.0.0.1:7103    http://127.0.0.1:8103/metrics   $data/decision.log
-routing    127.0.0.1:7104    http://127.0.0.1:8104/metrics   $data/routing.log
-echo       127.0.0.1:7100    http://127.0.0.1:8100/metrics   $data/echo.log
-TABLE
+echo "echo       127.0.0.1:7100       http://127.0.0.1:8100                     $data/echo.log"
 
 echo
 echo "== demo: a Python client speaking ttrpc to the suite (examples/python)"
@@ -80,4 +62,4 @@ done
 
 echo
 echo "running; Ctrl-C stops the suite"
-wait
+wait "${pids[0]}"

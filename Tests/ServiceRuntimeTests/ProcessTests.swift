@@ -22,8 +22,11 @@ let binDirectory: URL = {
 struct RunningProcess {
     let process: Process
     let stderr: Pipe
+    /// Standard output, when captured (small outputs only: nothing drains it while running).
+    var stdout: Pipe?
 
-    static func start(_ name: String, _ arguments: [String], environment: [String: String] = [:]) throws -> RunningProcess {
+    static func start(_ name: String, _ arguments: [String], environment: [String: String] = [:],
+                      captureOutput: Bool = false) throws -> RunningProcess {
         let process = Process()
         process.executableURL = binDirectory.appendingPathComponent(name)
         process.arguments = arguments
@@ -32,14 +35,23 @@ struct RunningProcess {
         process.environment = env
         let stderr = Pipe()
         process.standardError = stderr
-        process.standardOutput = FileHandle.nullDevice
+        let stdout = captureOutput ? Pipe() : nil
+        process.standardOutput = stdout ?? FileHandle.nullDevice
         try process.run()
-        return RunningProcess(process: process, stderr: stderr)
+        return RunningProcess(process: process, stderr: stderr, stdout: stdout)
     }
 
     func waitForExit() async -> Int32 {
         while process.isRunning { try? await Task.sleep(for: .milliseconds(20)) }
         return process.terminationStatus
+    }
+
+    /// Everything the process wrote to standard output, when captured (call after it exited).
+    var output: String {
+        get async {
+            guard let handle = stdout?.fileHandleForReading else { return "" }
+            return (try? await offPool { String(decoding: handle.readDataToEndOfFile(), as: UTF8.self) }) ?? ""
+        }
     }
 
     /// Everything the process wrote to standard error (call after it exited).

@@ -1,0 +1,136 @@
+import ArgumentParser
+import Contracts
+import Foundation
+import RPC
+import UnixSignals
+
+/// `arbiter`: runs and drives the suite.
+@main
+struct Arbiter: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "arbiter", abstract: "Run the Arbiter suite on this machine.", subcommands: [Up.self])
+}
+
+/// `arbiter up`: the four services as child processes on localhost, each with its store
+/// under one data directory, wired by address; waits until all serve, prints where they
+/// are, and stops them gracefully on Ctrl-C (SIGINT) or SIGTERM. If one of them exits on
+/// its own, the others are stopped and `up` fails with that service's log.
+struct Up: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Start identity, profile, routing and decision; Ctrl-C stops them.")
+
+    @Option(help: "Directory holding each service's store (<dir>/<service>) and log (<dir>/<service>.log).")
+    var dataDir = "./data"
+    @Option(help: "Interface the services listen on.") var host = "127.0.0.1"
+    @Option(help: "RPC ports are base+1 (identity), +2 (profile), +3 (decision), +4 (routing).") var portBase = 7100
+    @Option(help: "Admin (HTTP) ports likewise.") var adminPortBase = 8100
+    @Option(help: "JSON settings file passed to every service (--config).") var config: String?
+    @Option(help: "Token file passed to every service (--auth-token-file).") var authTokenFile: String?
+    @Option(help: "Log level of the services.") var logLevel = "info"
+    @Option(help: "Directory of the arbiter-* executables (default: next to this one).") var binDir: String?
+    @Option(help: "Seconds to wait for every service to serve.") var startTimeout = 60.0
+
+    /// The services in start order, with their port offset and the peers they are given.
+    static let services: [(name: String, offset: Int, peers: [String])] = [
+        ("identity", 1, []), ("profile", 2, ["identity"]), ("routing", 4, ["identity", "profile"]),
+        ("decision", 3, ["identity", "profile", "routing"]),
+    ]
+
+    func validate() throws {
+        guard (1...65_000).contains(portBase), (1...65_000).contains(adminPortBase) else {
+            throw ValidationError("--port-base and --admin-port-base must leave room for four ports below 65536")
+        }
+    }
+
+    func run() async throws {
+        // Trap the signals before any child starts: a Ctrl-C while starting stops them too.
+        let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
+        let bin = binDir ?? URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent().path
+        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        var running: [(name: String, process: Process, log: String)] = []
+        func stopAll() {
+            for child in running where child.process.isRunning { child.process.interrupt() }
+            for child in running { child.process.waitUntilExit() }
+        }
+        func fail(_ name: String, _ log: String, _ why: String) throws -> Never {
+            stopAll()
+            let tail = (try? String(contentsOfFile: log, encoding: .utf8))?.split(separator: "\n").suffix(20).joined(separator: "\n") ?? ""
+            say("arbiter up: arbiter-\(name) \(why); the end of \(log):\n\(tail)")
+            throw ExitCode(1)
+        }
+
+        for service in Self.services {
+            var arguments = ["--host", host, "--port", "\(portBase + service.offset)", "--admin-port", "\(adminPortBase + service.offset)",
+                             "--data-dir", dataDir + "/" + service.name, "--log-level", logLevel]
+            for peer in service.peers {
+                let offset = Self.services.first { $0.name == peer }!.offset
+                arguments += ["--\(peer)", "\(host == "0.0.0.0" ? "127.0.0.1" : host):\(portBase + offset)"]
+            }
+            if let config { arguments += ["--config", config] }
+            if let authTokenFile { arguments += ["--auth-token-file", authTokenFile] }
+            let log = dataDir + "/" + service.name + ".log"
+            if !FileManager.default.fileExists(atPath: log) { FileManager.default.createFile(atPath: log, contents: nil) }
+            guard let handle = FileHandle(forWritingAtPath: log) else { throw ValidationError("cannot write \(log)") }
+            handle.seekToEndOfFile()
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: bin + "/arbiter-" + service.name)
+            process.arguments = arguments
+            process.standardOutput = handle
+            process.standardError = handle
+            do { try process.run() } catch { try fail(service.name, log, "did not start: \(error)") }
+            running.append((service.name, process, log))
+        }
+
+        // Ready when each answers grpc.health.v1.Health/Check with SERVING.
+        let token = try authTokenFile.map { try String(contentsOfFile: $0, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
+        let end = ContinuousClock.now + .seconds(startTimeout)
+        for (service, child) in zip(Self.services, running) {
+            let client = RPCClient(host: host == "0.0.0.0" ? "127.0.0.1" : host, port: portBase + service.offset,
+                                   configuration: .withToken(token))
+            defer { client.close() }
+            while true {
+                guard child.process.isRunning else { try fail(service.name, child.log, "exited with status \(child.process.terminationStatus)") }
+                if (try? await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest(), timeout: .seconds(1)))?.status == .serving { break }
+                guard ContinuousClock.now < end else { try fail(service.name, child.log, "did not serve within \(Int(startTimeout)) s") }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        say("service    rpc (ttrpc)          admin (HTTP: /healthz /readyz /metrics)   log")
+        for service in Self.services.sorted(by: { $0.offset < $1.offset }) {
+            let rpc = "\(host):\(portBase + service.offset)", admin = "http://\(host):\(adminPortBase + service.offset)"
+            say(service.name.padding(toLength: 11, withPad: " ", startingAt: 0) + rpc.padding(toLength: 21, withPad: " ", startingAt: 0)
+                  + admin.padding(toLength: 42, withPad: " ", startingAt: 0) + dataDir + "/" + service.name + ".log")
+        }
+        say("all four serving; Ctrl-C stops them")
+
+        // Until a signal, or until a service exits on its own.
+        let processes = running.map { ($0.name, $0.process) }
+        let exited = await withTaskGroup(of: String?.self) { group in
+            group.addTask {
+                for await _ in signals { return nil }
+                return nil
+            }
+            group.addTask {
+                while !Task.isCancelled {
+                    if let (name, _) = processes.first(where: { !$0.1.isRunning }) { return name }
+                    try? await Task.sleep(for: .milliseconds(200))
+                }
+                return nil
+            }
+            let first = await group.next()!
+            group.cancelAll()
+            return first
+        }
+        if let name = exited, let child = running.first(where: { $0.name == name }) {
+            try fail(name, child.log, "exited with status \(child.process.terminationStatus)")
+        }
+        say("stopping (each service drains its calls in flight)")
+        stopAll()
+        say("stopped")
+    }
+}
+
+/// Writes a line to standard output at once (unbuffered, also when piped).
+func say(_ line: String) {
+    FileHandle.standardOutput.write(Data((line + "\n").utf8))
+}

@@ -1,0 +1,76 @@
+import Contracts
+import Foundation
+import RPC
+import Testing
+import TestSupport
+
+@Suite("arbiter up", .serialized)
+struct UpTests {
+    /// A base port whose next four ports are free too (base+1 … base+4 are used).
+    func freeBase(avoiding other: Int? = nil) async throws -> Int {
+        while true {
+            let base = try await unusedPort() - 1
+            guard base > 1024, base + 4 < 65_536, other.map({ abs($0 - base) > 8 }) ?? true else { continue }
+            var free = true
+            for port in base + 1...base + 4 where !portIsFree(port) { free = false }
+            if free { return base }
+        }
+    }
+
+    @Test("starts the four services wired together, each serving with its own store and log; SIGINT stops them all")
+    func upAndDown() async throws {
+        let rpcBase = try await freeBase(), adminBase = try await freeBase(avoiding: rpcBase)
+        let dataDir = NSTemporaryDirectory() + "/arbiter-up-\(rpcBase)"
+        let up = try RunningProcess.start("arbiter", ["up", "--data-dir", dataDir, "--port-base", "\(rpcBase)",
+                                                      "--admin-port-base", "\(adminBase)", "--log-level", "warning"], captureOutput: true)
+        defer { kill(up.process.processIdentifier, SIGKILL) }
+        var clients: [RPCClient] = []
+        for offset in 1...4 { clients.append(try await waitUntilServing(port: rpcBase + offset)) }
+        // Wired: the decision service reaches the profile service (a healthy, non-degraded answer).
+        var decide = DecisionV1.DecideRequest()
+        decide.person = personRef("nobody-yet")
+        decide.placement = "home"
+        let answer = try await clients[2].call(DecisionV1.Decision.decide, decide)
+        #expect(!answer.degraded, "\(answer.degradedReasons)")
+        for name in ["identity", "profile", "decision", "routing"] {
+            #expect(FileManager.default.fileExists(atPath: "\(dataDir)/\(name)/\(name).sqlite"), "\(name)")
+            #expect(FileManager.default.fileExists(atPath: "\(dataDir)/\(name).log"), "\(name)")
+        }
+        clients.forEach { $0.close() }
+
+        kill(up.process.processIdentifier, SIGINT)
+        #expect(await up.waitForExit() == 0)
+        let output = await up.output
+        #expect(output.contains("all four serving") && output.contains("127.0.0.1:\(rpcBase + 3)") && output.contains("stopped"), "\(output)")
+        for offset in 1...4 { #expect(portIsFree(rpcBase + offset), "port \(rpcBase + offset) still taken") }
+    }
+
+    @Test("a service that cannot start stops the others, and up fails with its log")
+    func failingService() async throws {
+        let rpcBase = try await freeBase(), adminBase = try await freeBase(avoiding: rpcBase)
+        let dataDir = NSTemporaryDirectory() + "/arbiter-up-bad-\(rpcBase)"
+        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        try Data(#"{"routing": {"capPerDay": -1}}"#.utf8).write(to: URL(fileURLWithPath: dataDir + "/config.json"))
+        let up = try RunningProcess.start("arbiter", ["up", "--data-dir", dataDir, "--port-base", "\(rpcBase)",
+                                                      "--admin-port-base", "\(adminBase)", "--config", dataDir + "/config.json"],
+                                          captureOutput: true)
+        defer { kill(up.process.processIdentifier, SIGKILL) }
+        #expect(await up.waitForExit() == 1)
+        let output = await up.output
+        #expect(output.contains("arbiter-routing") && output.contains("capPerDay"), "\(output)")
+        for offset in 1...4 { #expect(portIsFree(rpcBase + offset), "port \(rpcBase + offset) still taken") }
+    }
+}
+
+/// True when nothing accepts connections on 127.0.0.1:port.
+func portIsFree(_ port: Int) -> Bool {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_port = in_port_t(UInt16(port).bigEndian)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    return withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) != 0 }
+    }
+}
