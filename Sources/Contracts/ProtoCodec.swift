@@ -165,6 +165,8 @@ public struct MethodDescriptor<Input: ProtoMessage, Output: ProtoMessage>: AnyMe
     public let isIdempotent: Bool
     public var inputName: String { Input.protoName }
     public var outputName: String { Output.protoName }
+    public var inputType: any ProtoMessage.Type { Input.self }
+    public var outputType: any ProtoMessage.Type { Output.self }
     public init(service: String, method: String, isIdempotent: Bool) {
         self.service = service
         self.method = method
@@ -179,6 +181,8 @@ public protocol AnyMethodDescriptor: Sendable {
     var isIdempotent: Bool { get }
     var inputName: String { get }
     var outputName: String { get }
+    var inputType: any ProtoMessage.Type { get }
+    var outputType: any ProtoMessage.Type { get }
 }
 
 extension AnyMethodDescriptor {

@@ -74,13 +74,27 @@ public final class RPCClient: Sendable {
         _ method: MethodDescriptor<Input, Output>, _ request: Input,
         metadata: Metadata = [:], timeout: Duration? = nil
     ) async throws(RPCError) -> Output {
+        let payload = try await call(method, payload: request.serializedBytes(), metadata: metadata, timeout: timeout)
+        do {
+            return try Output(serializedBytes: payload)
+        } catch {
+            throw RPCError(.internal, "response of \(method.fullName) does not decode: \(error)")
+        }
+    }
+
+    /// Calls `method` with a request already encoded and returns the encoded response (for
+    /// tools that work on bytes, such as `arbiter call`). Deadlines and retries as `call`.
+    public func call(
+        _ method: any AnyMethodDescriptor, payload: [UInt8],
+        metadata: Metadata = [:], timeout: Duration? = nil
+    ) async throws(RPCError) -> [UInt8] {
         let now = ContinuousClock.now
         let deadline = [timeout.map { now + $0 }, RPCDeadline.current, configuration.defaultTimeout.map { now + $0 }]
             .compactMap { $0 }.min()
         var envelope = TTRPC.Request()
         envelope.service = method.service
         envelope.method = method.method
-        envelope.payload = request.serializedBytes()
+        envelope.payload = payload
         envelope.metadata = (configuration.metadata.entries + metadata.entries).map {
             var kv = TTRPC.KeyValue()
             kv.key = $0.key
@@ -91,12 +105,7 @@ public final class RPCClient: Sendable {
         var attempt = 1
         while true {
             do {
-                let payload = try await attemptCall(&envelope, deadline: deadline, allowRetry: method.isIdempotent)
-                do {
-                    return try Output(serializedBytes: payload)
-                } catch {
-                    throw RPCError(.internal, "response of \(method.fullName) does not decode: \(error)")
-                }
+                return try await attemptCall(&envelope, deadline: deadline, allowRetry: method.isIdempotent)
             } catch let failure as Failure {
                 guard attempt < configuration.maxAttempts, failure.retryable else { throw failure.error }
                 let backoff = Self.backoff(attempt: attempt, initial: configuration.initialBackoff, max: configuration.maxBackoff)

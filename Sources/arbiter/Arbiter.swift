@@ -8,7 +8,8 @@ import UnixSignals
 @main
 struct Arbiter: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "arbiter", abstract: "Run the Arbiter suite on this machine.", subcommands: [Up.self])
+        commandName: "arbiter", abstract: "Run the Arbiter suite on this machine, and call it.",
+        subcommands: [Up.self, Call.self, List.self])
 }
 
 /// `arbiter up`: the four services as child processes on localhost, each with its store

@@ -17,7 +17,7 @@ struct UpTests {
         }
     }
 
-    @Test("starts the four services wired together, each serving with its own store and log; SIGINT stops them all")
+    @Test("starts the four services wired together, each serving with its own store and log; arbiter call and list work against them; SIGINT stops them all")
     func upAndDown() async throws {
         let rpcBase = try await freeBase(), adminBase = try await freeBase(avoiding: rpcBase)
         let dataDir = NSTemporaryDirectory() + "/arbiter-up-\(rpcBase)"
@@ -37,6 +37,27 @@ struct UpTests {
             #expect(FileManager.default.fileExists(atPath: "\(dataDir)/\(name).log"), "\(name)")
         }
         clients.forEach { $0.close() }
+
+        // arbiter call: JSON in, JSON out, the status on error.
+        let profile = "127.0.0.1:\(rpcBase + 2)"
+        let set = try RunningProcess.start("arbiter", ["call", "Profile/SetTraits", """
+            {"person": {"personId": "p1"}, "traits": [{"name": "tier", "value": {"stringValue": "gold"}}], "source": "cli"}
+            """, "--address", profile], captureOutput: true)
+        let setStatus = await set.waitForExit()
+        let setErrors = await set.errorOutput
+        #expect(setStatus == 0, "\(setErrors)")
+        let get = try RunningProcess.start("arbiter", ["call", "profile/GetProfile", #"{"person": {"personId": "p1"}}"#, "--address", profile],
+                                           captureOutput: true)
+        #expect(await get.waitForExit() == 0)
+        let view = try JSONSerialization.jsonObject(with: Data(await get.output.utf8)) as? [String: Any]
+        let traits = view?["traits"] as? [[String: Any]]
+        #expect(view?["personId"] as? String == "p1" && (traits?.first?["value"] as? [String: Any])?["stringValue"] as? String == "gold", "\(String(describing: view))")
+        let bad = try RunningProcess.start("arbiter", ["call", "Profile/GetProfile", #"{"person": {"personId": ""}}"#, "--address", profile])
+        #expect(await bad.waitForExit() == 1)
+        #expect(await bad.errorOutput.hasPrefix("INVALID_ARGUMENT: person"))
+        let list = try RunningProcess.start("arbiter", ["list", "--short"], captureOutput: true)
+        #expect(await list.waitForExit() == 0)
+        #expect(await list.output.contains("Route(arbiter.routing.v1.RouteRequest) returns arbiter.routing.v1.Delivery"))
 
         kill(up.process.processIdentifier, SIGINT)
         #expect(await up.waitForExit() == 0)
