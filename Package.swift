@@ -140,11 +140,18 @@ let package = Package(
         .executableTarget(name: "arbiter-decision", dependencies: ["DecisionService", "IdentityFeed", "ServiceRuntime", "RPC"], path: "Services/Decision/arbiter-decision"),
         .executableTarget(name: "arbiter-routing", dependencies: ["RoutingService", "IdentityFeed", "ServiceRuntime", "RPC"], path: "Services/Routing/arbiter-routing"),
 
-        // The suite's command line: `arbiter up`.
+        // Load generation with latency histograms, for `arbiter load` and the benchmarks.
+        .target(
+            name: "LoadTest",
+            dependencies: ["RPC", .product(name: "Histogram", package: "hdrhistogram-swift")]
+        ),
+
+        // The suite's command line: `arbiter up`, `call`, `list`, `load`.
         .executableTarget(
             name: "arbiter",
             dependencies: [
-                "RPC", "Contracts",
+                "RPC", "Contracts", "LoadTest",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ]
@@ -156,7 +163,7 @@ let package = Package(
             dependencies: [
                 "RPC", "Contracts", "IdentityService", "ProfileService", "DecisionService", "RoutingService",
                 "TestSupport",  // the webhook receiver the routing benchmark dispatches to
-                .product(name: "Histogram", package: "hdrhistogram-swift"),
+                "LoadTest",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -1,7 +1,7 @@
 import ArgumentParser
 import Contracts
 import Foundation
-import Histogram
+import LoadTest
 import IdentityService
 import ProfileService
 import Logging
@@ -99,9 +99,6 @@ struct HealthBench: AsyncParsableCommand {
 }
 
 extension Bench {
-    /// Runs `call` for `duration` seconds with `concurrency` workers; prints and returns calls/s.
-    /// Closed loop by default; with `rate` (calls/s in total) open loop: each call has an
-    /// intended start time, and its latency counts from then (corrected for coordinated omission).
     /// Serves `service` on a free loopback port, logging errors only; cancel the task to stop it.
     static func serve(_ service: some RPCService, handlerExecution: RPCServerConfiguration.HandlerExecution = .concurrentPool)
         async throws -> (task: Task<Void, any Error>, port: Int) {
@@ -117,48 +114,20 @@ extension Bench {
         return (task, try await server.listeningAddress().port!)
     }
 
+    /// Runs `call` for `duration` seconds with `concurrency` workers (`LoadTest.run`: closed
+    /// loop, or open loop at `rate`); prints the figures and returns calls/s.
     static func measure(_ name: String, _ clients: [RPCClient], duration: Double, concurrency: Int, rate: Double? = nil,
                         _ call: @escaping @Sendable (RPCClient, Int) async throws -> Void) async throws -> Double {
-        let begin = ContinuousClock.now
-        let end = begin + .seconds(duration)
-        let results = try await withThrowingTaskGroup(of: (Histogram<UInt64>, Int).self) { group in
-            for worker in 0..<concurrency {
-                group.addTask {
-                    var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000)
-                    var errors = 0
-                    var i = worker
-                    let client = clients[worker % clients.count]
-                    let interval = rate.map { Duration.seconds(Double(concurrency) / $0) }
-                    var intended = begin + (interval ?? .zero) * Double(worker) / Double(concurrency)
-                    while ContinuousClock.now < end {
-                        if interval != nil {
-                            if intended > .now { try await Task.sleep(until: intended) }
-                            guard intended < end else { break }
-                        }
-                        let start = interval == nil ? ContinuousClock.now : intended
-                        intended = intended + (interval ?? .zero)
-                        do { try await call(client, i) } catch { errors += 1 }
-                        _ = histogram.record(UInt64(max(1, start.duration(to: .now).nanoseconds / 1000)))
-                        i += concurrency
-                    }
-                    return (histogram, errors)
-                }
-            }
-            var total = Histogram<UInt64>(highestTrackableValue: 60_000_000)
-            var errors = 0
-            for try await (histogram, failed) in group {
-                total.add(histogram)
-                errors += failed
-            }
-            return (total, errors)
+        let result = try await LoadTest.run(clients, seconds: duration, concurrency: concurrency, rate: rate) { client, i in
+            try await call(client, i)
+            return name
         }
-        let (histogram, errors) = results
-        let achieved = Double(histogram.totalCount) / duration
+        let total = result.total
         print(String(format: "%@: %.0f calls/s%@, p50 %d us, p99 %d us, p99.9 %d us, max %d us, errors %d (concurrency %d, %d connections)",
-                     name, achieved, rate.map { String(format: " (target %.0f/s, open loop)", $0) } ?? "",
-                     histogram.valueAtPercentile(50), histogram.valueAtPercentile(99),
-                     histogram.valueAtPercentile(99.9), histogram.max, errors, concurrency, clients.count))
-        return achieved
+                     name, result.throughput, rate.map { String(format: " (target %.0f/s, open loop)", $0) } ?? "",
+                     total.valueAtPercentile(50), total.valueAtPercentile(99), total.valueAtPercentile(99.9), total.max,
+                     result.errors.values.reduce(0, +), concurrency, clients.count))
+        return result.throughput
     }
 }
 

@@ -9,7 +9,7 @@ import UnixSignals
 struct Arbiter: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "arbiter", abstract: "Run the Arbiter suite on this machine, and call it.",
-        subcommands: [Up.self, Call.self, List.self])
+        subcommands: [Up.self, Call.self, List.self, Load.self])
 }
 
 /// `arbiter up`: the four services as child processes on localhost, each with its store

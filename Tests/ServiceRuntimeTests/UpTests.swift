@@ -17,7 +17,7 @@ struct UpTests {
         }
     }
 
-    @Test("starts the four services wired together, each serving with its own store and log; arbiter call and list work against them; SIGINT stops them all")
+    @Test("starts the four services wired together, each serving with its own store and log; arbiter call, list and load work against them; SIGINT stops them all")
     func upAndDown() async throws {
         let rpcBase = try await freeBase(), adminBase = try await freeBase(avoiding: rpcBase)
         let dataDir = NSTemporaryDirectory() + "/arbiter-up-\(rpcBase)"
@@ -58,6 +58,20 @@ struct UpTests {
         let list = try RunningProcess.start("arbiter", ["list", "--short"], captureOutput: true)
         #expect(await list.waitForExit() == 0)
         #expect(await list.output.contains("Route(arbiter.routing.v1.RouteRequest) returns arbiter.routing.v1.Delivery"))
+
+        // arbiter load: open loop against the decision service, figures as JSON and HdrHistogram text.
+        let load = try RunningProcess.start("arbiter", [
+            "load", "--address", "127.0.0.1:\(rpcBase + 3)", "--seed-profile", profile, "--persons", "50", "--actions", "3",
+            "--rate", "200", "--duration", "2", "--warmup", "0", "--json", dataDir + "/load.json", "--hdr", dataDir + "/decide.hgrm"],
+            captureOutput: true)
+        let loadStatus = await load.waitForExit()
+        let loadErrors = await load.errorOutput
+        #expect(loadStatus == 0, "\(loadErrors)")
+        let figures = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: dataDir + "/load.json"))) as? [String: Any]
+        let calls = (figures?["total"] as? [String: Any])?["calls"] as? Int ?? 0
+        #expect(calls >= 300 && calls <= 420, "about 400 calls at 200/s for 2 s: \(String(describing: figures))")
+        #expect((figures?["errors"] as? [String: Int])?.isEmpty == true && (figures?["by_kind"] as? [String: Any])?["Decide"] != nil)
+        #expect(try String(contentsOfFile: dataDir + "/decide.hgrm", encoding: .utf8).contains("Percentile"))
 
         kill(up.process.processIdentifier, SIGINT)
         #expect(await up.waitForExit() == 0)

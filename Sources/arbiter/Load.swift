@@ -1,0 +1,174 @@
+import ArgumentParser
+import Contracts
+import Foundation
+import Histogram
+import LoadTest
+import RPC
+import Synchronization
+
+/// `arbiter load`: the decision service's load generator.
+struct Load: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Drive Decide (and ReportOutcome) against a decision service; print throughput, errors and latency percentiles.",
+        discussion: """
+            Open loop at --rate calls/s (latency counted from each call's intended start, so a stall is
+            charged to every call it delayed), or closed loop with --concurrency calls in flight when
+            --rate is 0. Persons are drawn uniformly from load-p0 … load-p<persons-1>; --seed-profile
+            gives them traits and consent first, --actions puts a catalog in place.
+            Examples:
+              arbiter load --rate 3000 --duration 60 --warmup 5 --actions 50 --seed-profile 127.0.0.1:7102
+              arbiter load --rate 0 --concurrency 64 --duration 20 --json result.json --hdr decide.hgrm
+            """)
+
+    @Option(help: "The decision service, host:port.") var address = "127.0.0.1:7103"
+    @Option(help: "Calls per second (open loop); 0: closed loop.") var rate = 1000.0
+    @Option(help: "Calls in flight at most (open loop) or always (closed loop).") var concurrency = 64
+    @Option(help: "Connections.") var connections = 8
+    @Option(help: "Seconds measured.") var duration = 30.0
+    @Option(help: "Seconds of warm-up at the same load, not measured.") var warmup = 5.0
+    @Option(help: "Persons drawn from.") var persons = 100_000
+    @Option(help: "Placement of every Decide.") var placement = "home"
+    @Option(help: "Share of calls that report a click on an earlier decision (0…1).") var outcomeRatio = 0.1
+    @Option(help: "Upsert this many generic actions first (0: use the catalog as it is).") var actions = 0
+    @Option(help: "A profile service (host:port) to give every person traits and consent first.") var seedProfile: String?
+    @Option(help: "Write the figures as JSON to this file.") var json: String?
+    @Option(help: "Write Decide's latency percentile distribution (HdrHistogram text, ms) to this file.") var hdr: String?
+    @Option(help: "File holding the token sent as authorization: Bearer <token>.") var authTokenFile: String?
+
+    func validate() throws {
+        guard rate >= 0, concurrency >= 1, connections >= 1, duration > 0, warmup >= 0, persons >= 1 else {
+            throw ValidationError("--rate must be ≥ 0, --concurrency, --connections and --persons ≥ 1, --duration > 0, --warmup ≥ 0")
+        }
+        guard (0...1).contains(outcomeRatio) else { throw ValidationError("--outcome-ratio must be between 0 and 1") }
+    }
+
+    func client(_ address: String, token: String?) throws -> RPCClient {
+        guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]) else {
+            throw ValidationError("address must be host:port, got \(address)")
+        }
+        return RPCClient(host: String(address[..<colon]), port: port, configuration: .withToken(token))
+    }
+
+    func run() async throws {
+        let token = try authTokenFile.map { try String(contentsOfFile: $0, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
+        let clients = try (0..<connections).map { _ in try client(address, token: token) }
+        defer { clients.forEach { $0.close() } }
+        if let seedProfile { try await seed(profile: try client(seedProfile, token: token)) }
+        if actions > 0 {
+            for a in 0..<actions {
+                var upsert = DecisionV1.UpsertActionRequest()
+                var action = DecisionV1.Action()
+                action.id = "load-action-\(a)"
+                action.value = Double(5 + (a * 37) % 50)
+                action.channels = a % 2 == 0 ? [.email, .push] : []
+                action.consentPurpose = a % 2 == 0 ? "marketing" : ""
+                action.eligibility = ["", "trait.tier == \"gold\"", "context.device == \"ios\""][a % 3]
+                upsert.action = action
+                _ = try await clients[0].call(DecisionV1.Decision.upsertAction, upsert, timeout: .seconds(10))
+            }
+            say("catalog: \(actions) actions")
+        }
+
+        let recent = RecentDecisions()
+        let (persons, placement, ratio) = (self.persons, self.placement, outcomeRatio)
+        let call: @Sendable (RPCClient, Int) async throws -> String = { client, i in
+            if ratio > 0, Double.random(in: 0..<1) < ratio, let (decision, action) = recent.any() {
+                var outcome = DecisionV1.ReportOutcomeRequest()
+                outcome.outcomeId = "load-\(decision)-\(i)"
+                outcome.decisionId = decision
+                outcome.actionId = action
+                outcome.outcome = .click
+                _ = try await client.call(DecisionV1.Decision.reportOutcome, outcome, timeout: .seconds(10))
+                return "ReportOutcome"
+            }
+            var decide = DecisionV1.DecideRequest()
+            var ref = CommonV1.PersonRef()
+            ref.ref = .personId("load-p\(Int.random(in: 0..<persons))")
+            decide.person = ref
+            decide.placement = placement
+            decide.context = ["device": Bool.random() ? "ios" : "web"]
+            let response = try await client.call(DecisionV1.Decision.decide, decide, timeout: .seconds(10))
+            if let first = response.actions.first { recent.add(response.decisionId, first.actionId) }
+            return response.degraded ? "Decide (degraded)" : "Decide"
+        }
+        let mode = rate > 0 ? String(format: "open loop at %.0f/s", rate) : "closed loop"
+        if warmup > 0 {
+            say("warm-up: \(Int(warmup)) s, \(mode)")
+            _ = try await LoadTest.run(clients, seconds: warmup, concurrency: concurrency, rate: rate > 0 ? rate : nil, call)
+        }
+        say("measuring: \(Int(duration)) s, \(mode), \(concurrency) in flight at most, \(connections) connections")
+        let result = try await LoadTest.run(clients, seconds: duration, concurrency: concurrency, rate: rate > 0 ? rate : nil, call)
+        say("all calls: " + LoadTest.Result.line(result.total, seconds: result.seconds))
+        for kind in result.histograms.keys.sorted() {
+            say("  \(kind): " + LoadTest.Result.line(result.histograms[kind]!, seconds: result.seconds))
+        }
+        say("errors: " + (result.errors.isEmpty ? "none" : result.errors.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")))
+        if let json {
+            var object = result.json
+            object["mode"] = mode
+            object["target_rate"] = rate
+            let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
+            try data.write(to: URL(fileURLWithPath: json))
+            say("wrote \(json)")
+        }
+        if let hdr {
+            var text = ""
+            let decide = result.histograms["Decide", default: result.total]
+            decide.outputPercentileDistribution(to: &text, outputValueUnitScalingRatio: 1000)
+            try Data(text.utf8).write(to: URL(fileURLWithPath: hdr))
+            say("wrote \(hdr) (latency in ms)")
+        }
+    }
+
+    /// Gives every person a tier and marketing consent on email through the profile service.
+    func seed(profile: RPCClient) async throws {
+        defer { profile.close() }
+        let started = ContinuousClock.now
+        let persons = self.persons
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for worker in 0..<16 {
+                group.addTask {
+                    for p in stride(from: worker, to: persons, by: 16) {
+                        var traits = ProfileV1.SetTraitsRequest()
+                        var ref = CommonV1.PersonRef()
+                        ref.ref = .personId("load-p\(p)")
+                        traits.person = ref
+                        var tier = CommonV1.Field()
+                        tier.name = "tier"
+                        var value = CommonV1.Value()
+                        value.kind = .stringValue(["gold", "silver", "bronze"][p % 3])
+                        tier.value = value
+                        traits.traits = [tier]
+                        traits.source = "arbiter-load"
+                        _ = try await profile.call(ProfileV1.Profile.setTraits, traits, timeout: .seconds(10))
+                        var consent = ProfileV1.SetConsentRequest()
+                        consent.person = ref
+                        var record = ProfileV1.ConsentRecord()
+                        record.purpose = "marketing"
+                        record.channel = .email
+                        record.granted = p % 4 != 0
+                        record.source = "arbiter-load"
+                        consent.consents = [record]
+                        _ = try await profile.call(ProfileV1.Profile.setConsent, consent, timeout: .seconds(10))
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        say(String(format: "seeded %d persons in the profile service in %.1f s", persons, (ContinuousClock.now - started) / .seconds(1)))
+    }
+}
+
+/// The last decisions that chose an action, for outcomes to refer to.
+final class RecentDecisions: Sendable {
+    private let ring = Mutex<(items: [(String, String)], next: Int)>(([], 0))
+
+    func add(_ decision: String, _ action: String) {
+        ring.withLock { ring in
+            if ring.items.count < 1024 { ring.items.append((decision, action)) } else { ring.items[ring.next] = (decision, action) }
+            ring.next = (ring.next + 1) % 1024
+        }
+    }
+
+    func any() -> (String, String)? { ring.withLock { $0.items.randomElement() } }
+}
