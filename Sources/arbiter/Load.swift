@@ -34,6 +34,7 @@ struct Load: AsyncParsableCommand {
     @Option(help: "Write the figures as JSON to this file.") var json: String?
     @Option(help: "Write Decide's latency percentile distribution (HdrHistogram text, ms) to this file.") var hdr: String?
     @Option(help: "File holding the token sent as authorization: Bearer <token>.") var authTokenFile: String?
+    @Flag(help: "Only seed (--seed-profile, --actions), then exit.") var seedOnly = false
 
     func validate() throws {
         guard rate >= 0, concurrency >= 1, connections >= 1, duration > 0, warmup >= 0, persons >= 1 else {
@@ -68,6 +69,7 @@ struct Load: AsyncParsableCommand {
             }
             say("catalog: \(actions) actions")
         }
+        if seedOnly { return }
 
         let recent = RecentDecisions()
         let (persons, placement, ratio) = (self.persons, self.placement, outcomeRatio)
