@@ -598,6 +598,51 @@ void   arbiter__decision__v1__decide_response__free_unpacked
   assert(message->base.descriptor == &arbiter__decision__v1__decide_response__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   arbiter__decision__v1__override_effect__init
+                     (Arbiter__Decision__V1__OverrideEffect         *message)
+{
+  static const Arbiter__Decision__V1__OverrideEffect init_value = ARBITER__DECISION__V1__OVERRIDE_EFFECT__INIT;
+  *message = init_value;
+}
+size_t arbiter__decision__v1__override_effect__get_packed_size
+                     (const Arbiter__Decision__V1__OverrideEffect *message)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__override_effect__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t arbiter__decision__v1__override_effect__pack
+                     (const Arbiter__Decision__V1__OverrideEffect *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__override_effect__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t arbiter__decision__v1__override_effect__pack_to_buffer
+                     (const Arbiter__Decision__V1__OverrideEffect *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__override_effect__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Arbiter__Decision__V1__OverrideEffect *
+       arbiter__decision__v1__override_effect__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Arbiter__Decision__V1__OverrideEffect *)
+     protobuf_c_message_unpack (&arbiter__decision__v1__override_effect__descriptor,
+                                allocator, len, data);
+}
+void   arbiter__decision__v1__override_effect__free_unpacked
+                     (Arbiter__Decision__V1__OverrideEffect *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &arbiter__decision__v1__override_effect__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   arbiter__decision__v1__decision_record__context_entry__init
                      (Arbiter__Decision__V1__DecisionRecord__ContextEntry         *message)
 {
@@ -1195,6 +1240,51 @@ void   arbiter__decision__v1__list_overrides_request__free_unpacked
   assert(message->base.descriptor == &arbiter__decision__v1__list_overrides_request__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   arbiter__decision__v1__override_change__init
+                     (Arbiter__Decision__V1__OverrideChange         *message)
+{
+  static const Arbiter__Decision__V1__OverrideChange init_value = ARBITER__DECISION__V1__OVERRIDE_CHANGE__INIT;
+  *message = init_value;
+}
+size_t arbiter__decision__v1__override_change__get_packed_size
+                     (const Arbiter__Decision__V1__OverrideChange *message)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__override_change__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t arbiter__decision__v1__override_change__pack
+                     (const Arbiter__Decision__V1__OverrideChange *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__override_change__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t arbiter__decision__v1__override_change__pack_to_buffer
+                     (const Arbiter__Decision__V1__OverrideChange *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &arbiter__decision__v1__override_change__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Arbiter__Decision__V1__OverrideChange *
+       arbiter__decision__v1__override_change__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Arbiter__Decision__V1__OverrideChange *)
+     protobuf_c_message_unpack (&arbiter__decision__v1__override_change__descriptor,
+                                allocator, len, data);
+}
+void   arbiter__decision__v1__override_change__free_unpacked
+                     (Arbiter__Decision__V1__OverrideChange *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &arbiter__decision__v1__override_change__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   arbiter__decision__v1__list_overrides_response__init
                      (Arbiter__Decision__V1__ListOverridesResponse         *message)
 {
@@ -1458,7 +1548,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__suppression__descriptor 
   (ProtobufCMessageInit) arbiter__decision__v1__suppression__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__action__field_descriptors[17] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__action__field_descriptors[18] =
 {
   {
     "id",
@@ -1664,6 +1754,18 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__action__field_descr
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "holdout_share",
+    18,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__Action, holdout_share),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__action__field_indices_by_name[] = {
   10,   /* field[10] = caps */
@@ -1671,6 +1773,7 @@ static const unsigned arbiter__decision__v1__action__field_indices_by_name[] = {
   14,   /* field[14] = consent_purpose */
   8,   /* field[8] = eligibility */
   7,   /* field[7] = ends_at_ms */
+  17,   /* field[17] = holdout_share */
   0,   /* field[0] = id */
   5,   /* field[5] = lever */
   1,   /* field[1] = name */
@@ -1687,7 +1790,7 @@ static const unsigned arbiter__decision__v1__action__field_indices_by_name[] = {
 static const ProtobufCIntRange arbiter__decision__v1__action__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 17 }
+  { 0, 18 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__action__descriptor =
 {
@@ -1697,7 +1800,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__action__descriptor =
   "Arbiter__Decision__V1__Action",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__Action),
-  17,
+  18,
   arbiter__decision__v1__action__field_descriptors,
   arbiter__decision__v1__action__field_indices_by_name,
   1,  arbiter__decision__v1__action__number_ranges,
@@ -2376,7 +2479,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__candidate_explanation__d
   (ProtobufCMessageInit) arbiter__decision__v1__candidate_explanation__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__decide_response__field_descriptors[9] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__decide_response__field_descriptors[11] =
 {
   {
     "decision_id",
@@ -2486,6 +2589,30 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__decide_response__fi
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "held_out_actions",
+    10,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Arbiter__Decision__V1__DecideResponse, n_held_out_actions),
+    offsetof(Arbiter__Decision__V1__DecideResponse, held_out_actions),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "overrides",
+    11,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Arbiter__Decision__V1__DecideResponse, n_overrides),
+    offsetof(Arbiter__Decision__V1__DecideResponse, overrides),
+    &arbiter__decision__v1__override_effect__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__decide_response__field_indices_by_name[] = {
   1,   /* field[1] = actions */
@@ -2494,14 +2621,16 @@ static const unsigned arbiter__decision__v1__decide_response__field_indices_by_n
   3,   /* field[3] = degraded */
   4,   /* field[4] = degraded_reasons */
   6,   /* field[6] = explanations */
+  9,   /* field[9] = held_out_actions */
   5,   /* field[5] = holdout */
   2,   /* field[2] = model_version */
+  10,   /* field[10] = overrides */
   7,   /* field[7] = person_id */
 };
 static const ProtobufCIntRange arbiter__decision__v1__decide_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 9 }
+  { 0, 11 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__decide_response__descriptor =
 {
@@ -2511,11 +2640,62 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__decide_response__descrip
   "Arbiter__Decision__V1__DecideResponse",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__DecideResponse),
-  9,
+  11,
   arbiter__decision__v1__decide_response__field_descriptors,
   arbiter__decision__v1__decide_response__field_indices_by_name,
   1,  arbiter__decision__v1__decide_response__number_ranges,
   (ProtobufCMessageInit) arbiter__decision__v1__decide_response__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor arbiter__decision__v1__override_effect__field_descriptors[2] =
+{
+  {
+    "override_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__OverrideEffect, override_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "applied",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__OverrideEffect, applied),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned arbiter__decision__v1__override_effect__field_indices_by_name[] = {
+  1,   /* field[1] = applied */
+  0,   /* field[0] = override_id */
+};
+static const ProtobufCIntRange arbiter__decision__v1__override_effect__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor arbiter__decision__v1__override_effect__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "arbiter.decision.v1.OverrideEffect",
+  "OverrideEffect",
+  "Arbiter__Decision__V1__OverrideEffect",
+  "arbiter.decision.v1",
+  sizeof(Arbiter__Decision__V1__OverrideEffect),
+  2,
+  arbiter__decision__v1__override_effect__field_descriptors,
+  arbiter__decision__v1__override_effect__field_indices_by_name,
+  1,  arbiter__decision__v1__override_effect__number_ranges,
+  (ProtobufCMessageInit) arbiter__decision__v1__override_effect__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor arbiter__decision__v1__decision_record__context_entry__field_descriptors[2] =
@@ -2569,7 +2749,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__context
   (ProtobufCMessageInit) arbiter__decision__v1__decision_record__context_entry__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__decision_record__field_descriptors[12] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__decision_record__field_descriptors[15] =
 {
   {
     "decision_id",
@@ -2715,6 +2895,42 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__decision_record__fi
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "segments",
+    13,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Arbiter__Decision__V1__DecisionRecord, n_segments),
+    offsetof(Arbiter__Decision__V1__DecisionRecord, segments),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "held_out_actions",
+    14,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Arbiter__Decision__V1__DecisionRecord, n_held_out_actions),
+    offsetof(Arbiter__Decision__V1__DecisionRecord, held_out_actions),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "overrides",
+    15,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Arbiter__Decision__V1__DecisionRecord, n_overrides),
+    offsetof(Arbiter__Decision__V1__DecisionRecord, overrides),
+    &arbiter__decision__v1__override_effect__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__decision_record__field_indices_by_name[] = {
   10,   /* field[10] = actions */
@@ -2725,15 +2941,18 @@ static const unsigned arbiter__decision__v1__decision_record__field_indices_by_n
   0,   /* field[0] = decision_id */
   6,   /* field[6] = degraded */
   7,   /* field[7] = degraded_reasons */
+  13,   /* field[13] = held_out_actions */
   8,   /* field[8] = holdout */
   5,   /* field[5] = model_version */
+  14,   /* field[14] = overrides */
   1,   /* field[1] = person_id */
   2,   /* field[2] = placement */
+  12,   /* field[12] = segments */
 };
 static const ProtobufCIntRange arbiter__decision__v1__decision_record__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 12 }
+  { 0, 15 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__descriptor =
 {
@@ -2743,7 +2962,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__descrip
   "Arbiter__Decision__V1__DecisionRecord",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__DecisionRecord),
-  12,
+  15,
   arbiter__decision__v1__decision_record__field_descriptors,
   arbiter__decision__v1__decision_record__field_indices_by_name,
   1,  arbiter__decision__v1__decision_record__number_ranges,
@@ -2929,7 +3148,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__report_outcome_response_
   (ProtobufCMessageInit) arbiter__decision__v1__report_outcome_response__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__lift_report_request__field_descriptors[4] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__lift_report_request__field_descriptors[5] =
 {
   {
     "from_ms",
@@ -2979,17 +3198,30 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__lift_report_request
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "override_id",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__LiftReportRequest, override_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__lift_report_request__field_indices_by_name[] = {
   2,   /* field[2] = action_id */
   0,   /* field[0] = from_ms */
+  4,   /* field[4] = override_id */
   3,   /* field[3] = segment */
   1,   /* field[1] = to_ms */
 };
 static const ProtobufCIntRange arbiter__decision__v1__lift_report_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 5 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__lift_report_request__descriptor =
 {
@@ -2999,7 +3231,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__lift_report_request__des
   "Arbiter__Decision__V1__LiftReportRequest",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__LiftReportRequest),
-  4,
+  5,
   arbiter__decision__v1__lift_report_request__field_descriptors,
   arbiter__decision__v1__lift_report_request__field_indices_by_name,
   1,  arbiter__decision__v1__lift_report_request__number_ranges,
@@ -3057,7 +3289,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__interval__descriptor =
   (ProtobufCMessageInit) arbiter__decision__v1__interval__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__arm_stats__field_descriptors[3] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__arm_stats__field_descriptors[6] =
 {
   {
     "persons",
@@ -3095,16 +3327,55 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__arm_stats__field_de
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "decisions",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__ArmStats, decisions),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "converted_persons",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__ArmStats, converted_persons),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "value",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__ArmStats, value),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__arm_stats__field_indices_by_name[] = {
   1,   /* field[1] = conversion_rate */
+  4,   /* field[4] = converted_persons */
+  3,   /* field[3] = decisions */
   0,   /* field[0] = persons */
+  5,   /* field[5] = value */
   2,   /* field[2] = value_per_person */
 };
 static const ProtobufCIntRange arbiter__decision__v1__arm_stats__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 3 }
+  { 0, 6 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__arm_stats__descriptor =
 {
@@ -3114,14 +3385,14 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__arm_stats__descriptor =
   "Arbiter__Decision__V1__ArmStats",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__ArmStats),
-  3,
+  6,
   arbiter__decision__v1__arm_stats__field_descriptors,
   arbiter__decision__v1__arm_stats__field_indices_by_name,
   1,  arbiter__decision__v1__arm_stats__number_ranges,
   (ProtobufCMessageInit) arbiter__decision__v1__arm_stats__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__lift_report_response__field_descriptors[8] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__lift_report_response__field_descriptors[13] =
 {
   {
     "treated",
@@ -3219,21 +3490,86 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__lift_report_respons
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "comparison",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__LiftReportResponse, comparison),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "expected_control_share",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__LiftReportResponse, expected_control_share),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "value_lift",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__LiftReportResponse, value_lift),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "value_lift_ci95",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__LiftReportResponse, value_lift_ci95),
+    &arbiter__decision__v1__interval__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "notes",
+    13,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Arbiter__Decision__V1__LiftReportResponse, n_notes),
+    offsetof(Arbiter__Decision__V1__LiftReportResponse, notes),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__lift_report_response__field_indices_by_name[] = {
   2,   /* field[2] = absolute_lift */
   3,   /* field[3] = absolute_lift_ci95 */
+  8,   /* field[8] = comparison */
   1,   /* field[1] = control */
+  9,   /* field[9] = expected_control_share */
+  12,   /* field[12] = notes */
   4,   /* field[4] = relative_lift */
   5,   /* field[5] = relative_lift_ci95 */
   6,   /* field[6] = srm_p_value */
   7,   /* field[7] = srm_warning */
   0,   /* field[0] = treated */
+  10,   /* field[10] = value_lift */
+  11,   /* field[11] = value_lift_ci95 */
 };
 static const ProtobufCIntRange arbiter__decision__v1__lift_report_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 8 }
+  { 0, 13 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__lift_report_response__descriptor =
 {
@@ -3243,7 +3579,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__lift_report_response__de
   "Arbiter__Decision__V1__LiftReportResponse",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__LiftReportResponse),
-  8,
+  13,
   arbiter__decision__v1__lift_report_response__field_descriptors,
   arbiter__decision__v1__lift_report_response__field_indices_by_name,
   1,  arbiter__decision__v1__lift_report_response__number_ranges,
@@ -3314,7 +3650,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__evaluate_policy_request_
   (ProtobufCMessageInit) arbiter__decision__v1__evaluate_policy_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__evaluate_policy_response__field_descriptors[6] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__evaluate_policy_response__field_descriptors[8] =
 {
   {
     "ips",
@@ -3388,19 +3724,45 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__evaluate_policy_res
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "logged_value",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__EvaluatePolicyResponse, logged_value),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "matched",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__EvaluatePolicyResponse, matched),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__evaluate_policy_response__field_indices_by_name[] = {
   5,   /* field[5] = decisions */
   4,   /* field[4] = effective_sample_size */
   0,   /* field[0] = ips */
   1,   /* field[1] = ips_ci95 */
+  6,   /* field[6] = logged_value */
+  7,   /* field[7] = matched */
   2,   /* field[2] = snips */
   3,   /* field[3] = snips_ci95 */
 };
 static const ProtobufCIntRange arbiter__decision__v1__evaluate_policy_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 6 }
+  { 0, 8 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__evaluate_policy_response__descriptor =
 {
@@ -3410,7 +3772,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__evaluate_policy_response
   "Arbiter__Decision__V1__EvaluatePolicyResponse",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__EvaluatePolicyResponse),
-  6,
+  8,
   arbiter__decision__v1__evaluate_policy_response__field_descriptors,
   arbiter__decision__v1__evaluate_policy_response__field_indices_by_name,
   1,  arbiter__decision__v1__evaluate_policy_response__number_ranges,
@@ -3468,7 +3830,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__override__context_entry_
   (ProtobufCMessageInit) arbiter__decision__v1__override__context_entry__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__override__field_descriptors[9] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__override__field_descriptors[13] =
 {
   {
     "id",
@@ -3578,22 +3940,74 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__override__field_des
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "created_at_ms",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__Override, created_at_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "ended_at_ms",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__Override, ended_at_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "ended_by",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__Override, ended_by),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "version",
+    13,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__Override, version),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__override__field_indices_by_name[] = {
   2,   /* field[2] = action_id */
   8,   /* field[8] = active */
   6,   /* field[6] = author */
   4,   /* field[4] = context */
+  9,   /* field[9] = created_at_ms */
+  10,   /* field[10] = ended_at_ms */
+  11,   /* field[11] = ended_by */
   7,   /* field[7] = expires_at_ms */
   0,   /* field[0] = id */
   1,   /* field[1] = kind */
   5,   /* field[5] = reason */
   3,   /* field[3] = segment */
+  12,   /* field[12] = version */
 };
 static const ProtobufCIntRange arbiter__decision__v1__override__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 9 }
+  { 0, 13 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__override__descriptor =
 {
@@ -3603,7 +4017,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__override__descriptor =
   "Arbiter__Decision__V1__Override",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__Override),
-  9,
+  13,
   arbiter__decision__v1__override__field_descriptors,
   arbiter__decision__v1__override__field_indices_by_name,
   1,  arbiter__decision__v1__override__number_ranges,
@@ -3648,7 +4062,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__set_override_request__de
   (ProtobufCMessageInit) arbiter__decision__v1__set_override_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_request__field_descriptors[1] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_request__field_descriptors[2] =
 {
   {
     "include_ended",
@@ -3662,14 +4076,27 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_requ
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "include_history",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__ListOverridesRequest, include_history),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__list_overrides_request__field_indices_by_name[] = {
   0,   /* field[0] = include_ended */
+  1,   /* field[1] = include_history */
 };
 static const ProtobufCIntRange arbiter__decision__v1__list_overrides_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 1 }
+  { 0, 2 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_request__descriptor =
 {
@@ -3679,14 +4106,117 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_request__
   "Arbiter__Decision__V1__ListOverridesRequest",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__ListOverridesRequest),
-  1,
+  2,
   arbiter__decision__v1__list_overrides_request__field_descriptors,
   arbiter__decision__v1__list_overrides_request__field_indices_by_name,
   1,  arbiter__decision__v1__list_overrides_request__number_ranges,
   (ProtobufCMessageInit) arbiter__decision__v1__list_overrides_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_response__field_descriptors[1] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__override_change__field_descriptors[6] =
+{
+  {
+    "override_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__OverrideChange, override_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "at_ms",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__OverrideChange, at_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "author",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__OverrideChange, author),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "change",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__OverrideChange, change),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "reason",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__OverrideChange, reason),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "override",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__OverrideChange, override),
+    &arbiter__decision__v1__override__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned arbiter__decision__v1__override_change__field_indices_by_name[] = {
+  1,   /* field[1] = at_ms */
+  2,   /* field[2] = author */
+  3,   /* field[3] = change */
+  5,   /* field[5] = override */
+  0,   /* field[0] = override_id */
+  4,   /* field[4] = reason */
+};
+static const ProtobufCIntRange arbiter__decision__v1__override_change__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 6 }
+};
+const ProtobufCMessageDescriptor arbiter__decision__v1__override_change__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "arbiter.decision.v1.OverrideChange",
+  "OverrideChange",
+  "Arbiter__Decision__V1__OverrideChange",
+  "arbiter.decision.v1",
+  sizeof(Arbiter__Decision__V1__OverrideChange),
+  6,
+  arbiter__decision__v1__override_change__field_descriptors,
+  arbiter__decision__v1__override_change__field_indices_by_name,
+  1,  arbiter__decision__v1__override_change__number_ranges,
+  (ProtobufCMessageInit) arbiter__decision__v1__override_change__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_response__field_descriptors[2] =
 {
   {
     "overrides",
@@ -3700,14 +4230,27 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_resp
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "history",
+    2,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Arbiter__Decision__V1__ListOverridesResponse, n_history),
+    offsetof(Arbiter__Decision__V1__ListOverridesResponse, history),
+    &arbiter__decision__v1__override_change__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__list_overrides_response__field_indices_by_name[] = {
+  1,   /* field[1] = history */
   0,   /* field[0] = overrides */
 };
 static const ProtobufCIntRange arbiter__decision__v1__list_overrides_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 1 }
+  { 0, 2 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_response__descriptor =
 {
@@ -3717,14 +4260,14 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_response_
   "Arbiter__Decision__V1__ListOverridesResponse",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__ListOverridesResponse),
-  1,
+  2,
   arbiter__decision__v1__list_overrides_response__field_descriptors,
   arbiter__decision__v1__list_overrides_response__field_indices_by_name,
   1,  arbiter__decision__v1__list_overrides_response__number_ranges,
   (ProtobufCMessageInit) arbiter__decision__v1__list_overrides_response__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__end_override_request__field_descriptors[2] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__end_override_request__field_descriptors[3] =
 {
   {
     "id",
@@ -3750,15 +4293,28 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__end_override_reques
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "reason",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__EndOverrideRequest, reason),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__end_override_request__field_indices_by_name[] = {
   1,   /* field[1] = author */
   0,   /* field[0] = id */
+  2,   /* field[2] = reason */
 };
 static const ProtobufCIntRange arbiter__decision__v1__end_override_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 2 }
+  { 0, 3 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__end_override_request__descriptor =
 {
@@ -3768,7 +4324,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__end_override_request__de
   "Arbiter__Decision__V1__EndOverrideRequest",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__EndOverrideRequest),
-  2,
+  3,
   arbiter__decision__v1__end_override_request__field_descriptors,
   arbiter__decision__v1__end_override_request__field_indices_by_name,
   1,  arbiter__decision__v1__end_override_request__number_ranges,

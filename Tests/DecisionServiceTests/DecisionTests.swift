@@ -71,6 +71,8 @@ func makeDecision(clock: TestClock = TestClock(), profile: RPCClient? = nil, rou
     // Generous by default: a loaded test machine must not turn a healthy decision into a degraded one.
     configuration.decideBudgetMs = 10_000
     configuration.peerTimeoutMs = 5_000
+    // Tests of the learned policy see no global holdout unless they set one.
+    configuration.holdout.share = 0
     configure(&configuration)
     let store = try DecisionStore(directory: temporaryDirectory("decision-test"), configuration: configuration.learner)
     return DecisionService(store: store, configuration: configuration, profile: profile, routing: routing, seed: seed, clock: clock.read)

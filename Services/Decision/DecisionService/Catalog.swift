@@ -57,6 +57,9 @@ public struct ActionSpec: Sendable {
         guard action.priorResponseRate >= 0, action.priorResponseRate < 1 else {
             throw .invalidArgument(field: "action.prior_response_rate", "must be in [0, 1) (0: the service default)")
         }
+        guard action.holdoutShare >= 0, action.holdoutShare <= 0.5 else {
+            throw .invalidArgument(field: "action.holdout_share", "must be between 0 and 0.5, got \(action.holdoutShare)")
+        }
         self.action = action
     }
 

@@ -8,6 +8,8 @@ import Synchronization
 /// The decision service's settings (the `decision` section of `--config`). Defaults per field.
 public struct DecisionConfiguration: Sendable, Codable, Equatable {
     public var learner = LearnerConfiguration()
+    /// The global holdout and the overrides' control share.
+    public var holdout = HoldoutConfiguration()
     /// Decide answers within this many milliseconds, or the caller's deadline if sooner. Default 50.
     public var decideBudgetMs = 50
     /// Longest wait for the identity or the profile service within a Decide. Default 20.
@@ -34,6 +36,7 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
             return value
         }
         learner = try c.decodeIfPresent(LearnerConfiguration.self, forKey: .learner) ?? d.learner
+        holdout = try c.decodeIfPresent(HoldoutConfiguration.self, forKey: .holdout) ?? d.holdout
         decideBudgetMs = try read(.decideBudgetMs, d.decideBudgetMs, 5...60_000)
         peerTimeoutMs = try read(.peerTimeoutMs, d.peerTimeoutMs, 1...60_000)
         breakerFailures = try read(.breakerFailures, d.breakerFailures, 1...1000)
@@ -109,6 +112,27 @@ public struct DecisionService: RPCService {
             return record
         }
         router.register(methods.reportOutcome) { request, _ in try reportOutcome(request) }
+        router.register(methods.liftReport) { request, _ in try liftReport(request) }
+        router.register(methods.evaluatePolicy) { request, _ in try evaluatePolicy(request) }
+        router.register(methods.setOverride) { request, _ in
+            guard let override = request.override else { throw RPCError.invalidArgument(field: "override", "is required") }
+            return try store.setOverride(override, nowMs: clock())
+        }
+        router.register(methods.listOverrides) { request, _ in
+            var response = DecisionV1.ListOverridesResponse()
+            response.overrides = store.overrides(nowMs: clock(), includeEnded: request.includeEnded)
+            if request.includeHistory { response.history = try store.overrideHistory() }
+            return response
+        }
+        router.register(methods.endOverride) { request, _ in
+            guard !request.id.isEmpty else { throw RPCError.invalidArgument(field: "id", "is required") }
+            let author = request.author.trimmingCharacters(in: .whitespaces)
+            guard !author.isEmpty, author.utf8.count <= 128 else {
+                throw RPCError.invalidArgument(field: "author", "is required (1-128 bytes): every change says who")
+            }
+            guard request.reason.utf8.count <= 500 else { throw RPCError.invalidArgument(field: "reason", "is longer than 500 bytes") }
+            return try store.endOverride(request.id, author: author, reason: request.reason, nowMs: clock())
+        }
     }
 
     // MARK: - Decide
@@ -182,7 +206,8 @@ public struct DecisionService: RPCService {
         }
 
         let now = clock()
-        let choose = { try self.choose(request, person: person, reasons: reasons, nowMs: now) }
+        let unit = person.id ?? Self.unit(request.person)
+        let choose = { try self.choose(request, person: person, unit: unit, reasons: reasons, nowMs: now) }
         let record: DecisionV1.DecisionRecord
         if let id = person.id {
             record = try personLocks[Int(UInt(bitPattern: id.hashValue) % UInt(personLocks.count))].withLock { _ throws in try choose() }
@@ -199,6 +224,9 @@ public struct DecisionService: RPCService {
         response.degradedReasons = record.degradedReasons
         response.personId = record.personId
         response.decidedAtMs = now
+        response.holdout = record.holdout
+        response.heldOutActions = record.heldOutActions
+        response.overrides = record.overrides
         if request.explain { response.explanations = record.candidates }
         if request.deliver { response.actions = await deliver(record, context: request.context) }
         return response
@@ -250,12 +278,17 @@ public struct DecisionService: RPCService {
         }
     }
 
-    /// Everything after the peers: candidates, caps, scores, the draw. Runs under the person's
-    /// lock and reserves the chosen offers before returning, so that two decisions for one
-    /// person never both take a cap's last slot.
-    func choose(_ request: DecisionV1.DecideRequest, person: Person, reasons: [String], nowMs now: Int64) throws -> DecisionV1.DecisionRecord {
+    /// Everything after the peers: candidates, holdouts, overrides, caps, scores, the draw.
+    /// Runs under the person's lock and reserves the chosen offers before returning, so
+    /// that two decisions for one person never both take a cap's last slot.
+    ///
+    /// `unit` is who holdouts and override control shares are assigned by: the person id, or
+    /// the request's identifiers when the person could not be resolved.
+    func choose(_ request: DecisionV1.DecideRequest, person: Person, unit: String, reasons: [String], nowMs now: Int64) throws -> DecisionV1.DecisionRecord {
         let (actions, catalogVersion) = store.catalog()
         let policy = store.policy
+        let holdout = configuration.holdout
+        let control = holdout.isControl(unit)
         let facts = Facts(profile: person.profile, context: request.context)
         let windows = actions.flatMap { $0.action.caps.map(\.windowSeconds) + $0.action.suppressions.map(\.windowSeconds) }
             + policy.caps.map(\.windowSeconds)
@@ -264,6 +297,7 @@ public struct DecisionService: RPCService {
 
         var explanations: [DecisionV1.CandidateExplanation] = []
         var eligible: [(spec: ActionSpec, channels: [CommonV1.Channel], slot: Int)] = []
+        var heldOut: [String] = []
         for spec in actions where !spec.action.retired {
             var explanation = DecisionV1.CandidateExplanation()
             explanation.actionId = spec.id
@@ -272,6 +306,10 @@ public struct DecisionService: RPCService {
             switch exclusion(spec, request: request, person: person, facts: facts, usage: usage, policy: policy, now: now) {
             case .excluded(let reason):
                 explanation.excludedBy = reason
+            case .eligible where !control && spec.action.holdoutShare > 0
+                && holdout.position(of: unit, scope: "action:\(spec.id)") < spec.action.holdoutShare:
+                explanation.excludedBy = "holdout: held out for this person (the action's holdout, \(spec.action.holdoutShare) of persons)"
+                heldOut.append(spec.id)
             case .eligible(let channels):
                 explanation.eligible = true
                 eligible.append((spec, channels, explanations.count))
@@ -279,7 +317,31 @@ public struct DecisionService: RPCService {
             explanations.append(explanation)
         }
 
-        // Scores and Thompson sampling's choice probabilities over the eligible actions.
+        // Overrides, never for the control group: every matching ban, then the newest
+        // matching force of an eligible action; each spares its control share.
+        var effects: [DecisionV1.OverrideEffect] = []
+        var forced: Int?
+        if !control {
+            let matching = store.overrides(nowMs: now, includeEnded: false).filter { $0.matches(segments: facts.segments, context: request.context) }
+            func effect(_ o: DecisionV1.Override) -> Bool {
+                var effect = DecisionV1.OverrideEffect()
+                effect.overrideId = o.id
+                effect.applied = holdout.position(of: unit, scope: "override:\(o.id)") >= holdout.overrideControlShare
+                effects.append(effect)
+                return effect.applied
+            }
+            for o in matching where o.kind == "ban" {
+                guard let k = eligible.firstIndex(where: { $0.spec.id == o.actionId }), effect(o) else { continue }
+                explanations[eligible[k].slot].eligible = false
+                explanations[eligible[k].slot].excludedBy = "override: banned by \(o.id) (\(o.reason))"
+                eligible.remove(at: k)
+            }
+            if let o = matching.last(where: { o in o.kind == "force" && eligible.contains { $0.spec.id == o.actionId } }), effect(o) {
+                forced = eligible.firstIndex { $0.spec.id == o.actionId }
+            }
+        }
+
+        // Scores, and Thompson sampling's choice probabilities over the eligible actions.
         let learner = store.configuration
         var keys: [ArmKey] = []
         for (spec, _, _) in eligible { keys += [.global(spec.id), .placement(spec.id, request.placement)] }
@@ -299,15 +361,33 @@ public struct DecisionService: RPCService {
             explanations[slot].successes = estimate.successes
             explanations[slot].failures = estimate.failures
         }
-        let probabilities = Learner.withFloor(Learner.winProbabilities(means: means, sds: sds), learner.explorationFloor)
-        for (k, (_, _, slot)) in eligible.enumerated() { explanations[slot].choiceProbability = probabilities[k] }
-
-        // The draw: caps are rechecked as the slate fills (a total cap of 3 with 2 used leaves one slot).
-        let draws = random.withLock { random in
-            Learner.draw(probabilities, count: max(1, Int(request.count)), using: &random) { k in
-                usage.available(eligible[k].spec, among: eligible[k].channels, policy: policy) != nil
-            } chosen: { k in
-                usage.offer(eligible[k].spec, channel: usage.available(eligible[k].spec, among: eligible[k].channels, policy: policy)!)
+        let count = max(1, Int(request.count))
+        func available(_ k: Int) -> Bool { usage.available(eligible[k].spec, among: eligible[k].channels, policy: policy) != nil }
+        func take(_ k: Int) { usage.offer(eligible[k].spec, channel: usage.available(eligible[k].spec, among: eligible[k].channels, policy: policy)!) }
+        var draws: [(index: Int, probability: Double)] = []
+        if control {
+            // The default experience: the rules_only policy, deterministic (propensity 1).
+            let slots = TargetPolicy.rulesOnly.ranking(explanations)
+            for slot in slots where draws.count < count {
+                let k = eligible.firstIndex { $0.slot == slot }!
+                guard available(k) else { continue }
+                draws.append((k, 1))
+                take(k)
+            }
+            if let first = draws.first { explanations[eligible[first.index].slot].choiceProbability = 1 }
+        } else {
+            let probabilities = Learner.withFloor(Learner.winProbabilities(means: means, sds: sds), learner.explorationFloor)
+            if let forced {
+                for (k, (_, _, slot)) in eligible.enumerated() { explanations[slot].choiceProbability = k == forced ? 1 : 0 }
+                draws.append((forced, 1))
+                take(forced)
+            } else {
+                for (k, (_, _, slot)) in eligible.enumerated() { explanations[slot].choiceProbability = probabilities[k] }
+            }
+            // Caps are rechecked as the slate fills (a total cap of 3 with 2 used leaves one slot).
+            draws += random.withLock { random in
+                Learner.draw(probabilities, count: count - draws.count, using: &random,
+                             allowed: { k in k != forced && available(k) }, chosen: take)
             }
         }
         let ranked = draws.enumerated().map { rank, draw in
@@ -325,12 +405,16 @@ public struct DecisionService: RPCService {
         record.placement = request.placement
         record.context = request.context
         record.decidedAtMs = now
-        record.modelVersion = "thompson-v1/catalog-\(catalogVersion)"
+        record.modelVersion = "\(control ? "rules-only" : "thompson-v1")/catalog-\(catalogVersion)"
         record.degraded = !reasons.isEmpty
         record.degradedReasons = reasons
+        record.holdout = control
         record.candidates = explanations
         record.actions = ranked
         record.catalogVersion = catalogVersion
+        record.segments = facts.segments.sorted()
+        record.heldOutActions = heldOut
+        record.overrides = effects
         store.reserve(record)
         return record
     }
@@ -382,6 +466,13 @@ public struct DecisionService: RPCService {
             return .excluded("cap: every channel of the action is at its cap (\(channels.map(\.ruleName).joined(separator: ", ")))")
         }
         return .eligible(channels)
+    }
+
+    /// The holdout unit of a person the identity service could not resolve: the smallest of
+    /// their identifiers, so that the same identifiers always land in the same group.
+    static func unit(_ person: CommonV1.PersonRef?) -> String {
+        guard case .identifiers(let list)? = person?.ref else { return "" }
+        return "identifier:" + (list.identifiers.map { "\($0.type):\($0.value)" }.min() ?? "")
     }
 
     /// A time-ordered decision id: `d`, 12 hex digits of milliseconds, 16 random hex digits.

@@ -33,6 +33,7 @@ public final class DecisionStore: Sendable {
         var catalogVersion: UInt64 = 0
         var policy = DecisionV1.ContactPolicy()
         var arms: [ArmKey: Arm] = [:]
+        var overrides: [String: DecisionV1.Override] = [:]
     }
 
     public init(directory: String, configuration: LearnerConfiguration = .init()) throws {
@@ -52,6 +53,7 @@ public final class DecisionStore: Sendable {
                 loaded.arms[ArmKey(action: row["action_id"], context: row["context"])] =
                     Arm(successes: row["successes"], failures: row["failures"], updatedMs: row["updated_ms"])
             }
+            loaded.overrides = try Self.loadOverrides(db)
         }
         memory = Mutex(loaded)
     }
@@ -100,6 +102,18 @@ public final class DecisionStore: Sendable {
                   failures REAL NOT NULL,
                   updated_ms INTEGER NOT NULL,
                   PRIMARY KEY (action_id, context)
+                ) WITHOUT ROWID;
+                """)
+        }
+        migrator.registerMigration("v2: overrides") { db in
+            try db.execute(sql: """
+                CREATE TABLE override (id TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID;  -- arbiter.decision.v1.Override
+                CREATE TABLE override_change (            -- the audit trail
+                  override_id TEXT NOT NULL,
+                  version INTEGER NOT NULL,
+                  at_ms INTEGER NOT NULL,
+                  body BLOB NOT NULL,                     -- arbiter.decision.v1.OverrideChange
+                  PRIMARY KEY (override_id, version)
                 ) WITHOUT ROWID;
                 """)
         }

@@ -31,6 +31,7 @@ typedef struct Arbiter__Decision__V1__DecideRequest__ContextEntry Arbiter__Decis
 typedef struct Arbiter__Decision__V1__RankedAction Arbiter__Decision__V1__RankedAction;
 typedef struct Arbiter__Decision__V1__CandidateExplanation Arbiter__Decision__V1__CandidateExplanation;
 typedef struct Arbiter__Decision__V1__DecideResponse Arbiter__Decision__V1__DecideResponse;
+typedef struct Arbiter__Decision__V1__OverrideEffect Arbiter__Decision__V1__OverrideEffect;
 typedef struct Arbiter__Decision__V1__DecisionRecord Arbiter__Decision__V1__DecisionRecord;
 typedef struct Arbiter__Decision__V1__DecisionRecord__ContextEntry Arbiter__Decision__V1__DecisionRecord__ContextEntry;
 typedef struct Arbiter__Decision__V1__GetDecisionRequest Arbiter__Decision__V1__GetDecisionRequest;
@@ -46,6 +47,7 @@ typedef struct Arbiter__Decision__V1__Override Arbiter__Decision__V1__Override;
 typedef struct Arbiter__Decision__V1__Override__ContextEntry Arbiter__Decision__V1__Override__ContextEntry;
 typedef struct Arbiter__Decision__V1__SetOverrideRequest Arbiter__Decision__V1__SetOverrideRequest;
 typedef struct Arbiter__Decision__V1__ListOverridesRequest Arbiter__Decision__V1__ListOverridesRequest;
+typedef struct Arbiter__Decision__V1__OverrideChange Arbiter__Decision__V1__OverrideChange;
 typedef struct Arbiter__Decision__V1__ListOverridesResponse Arbiter__Decision__V1__ListOverridesResponse;
 typedef struct Arbiter__Decision__V1__EndOverrideRequest Arbiter__Decision__V1__EndOverrideRequest;
 
@@ -183,10 +185,15 @@ struct  Arbiter__Decision__V1__Action
    * Set by the service.
    */
   int64_t updated_at_ms;
+  /*
+   * Share of persons (0-0.5) for whom this action is held out: never offered to them, so
+   * that LiftReport(action_id) measures what offering it adds. 0: no holdout.
+   */
+  double holdout_share;
 };
 #define ARBITER__DECISION__V1__ACTION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__action__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0,NULL, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0,NULL, 0,NULL, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0 }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0,NULL, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0,NULL, 0,NULL, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0 }
 
 
 struct  Arbiter__Decision__V1__UpsertActionRequest
@@ -384,15 +391,47 @@ struct  Arbiter__Decision__V1__DecideResponse
   protobuf_c_boolean degraded;
   size_t n_degraded_reasons;
   char **degraded_reasons;
+  /*
+   * The person is in the global holdout (control group): they got the default experience
+   * (the rules_only policy), not the learned one.
+   */
   protobuf_c_boolean holdout;
   size_t n_explanations;
   Arbiter__Decision__V1__CandidateExplanation **explanations;
   char *person_id;
   int64_t decided_at_ms;
+  /*
+   * Eligible actions withheld because the person is in their per-action holdout.
+   */
+  size_t n_held_out_actions;
+  char **held_out_actions;
+  /*
+   * Overrides that changed (or, for their control share, would have changed) this decision.
+   */
+  size_t n_overrides;
+  Arbiter__Decision__V1__OverrideEffect **overrides;
 };
 #define ARBITER__DECISION__V1__DECIDE_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__decide_response__descriptor) \
-    , (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0,NULL, (char *)protobuf_c_empty_string, 0 }
+    , (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0,NULL, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL }
+
+
+/*
+ * An override that matched a decision and would change it.
+ */
+struct  Arbiter__Decision__V1__OverrideEffect
+{
+  ProtobufCMessage base;
+  char *override_id;
+  /*
+   * True: the override decided; false: the person is in the override's control share and
+   * kept the algorithm's choice (LiftReport compares the two).
+   */
+  protobuf_c_boolean applied;
+};
+#define ARBITER__DECISION__V1__OVERRIDE_EFFECT__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__override_effect__descriptor) \
+    , (char *)protobuf_c_empty_string, 0 }
 
 
 struct  Arbiter__Decision__V1__DecisionRecord__ContextEntry
@@ -428,10 +467,19 @@ struct  Arbiter__Decision__V1__DecisionRecord
   size_t n_actions;
   Arbiter__Decision__V1__RankedAction **actions;
   uint64_t catalog_version;
+  /*
+   * The person's segments when the decision was made (LiftReport filters by them).
+   */
+  size_t n_segments;
+  char **segments;
+  size_t n_held_out_actions;
+  char **held_out_actions;
+  size_t n_overrides;
+  Arbiter__Decision__V1__OverrideEffect **overrides;
 };
 #define ARBITER__DECISION__V1__DECISION_RECORD__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__decision_record__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0, (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0,NULL, 0,NULL, 0 }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0, (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0,NULL, 0,NULL, 0, 0,NULL, 0,NULL, 0,NULL }
 
 
 struct  Arbiter__Decision__V1__GetDecisionRequest
@@ -472,6 +520,13 @@ struct  Arbiter__Decision__V1__ReportOutcomeResponse
     , 0 }
 
 
+/*
+ * Treated against control over the decisions made in [from_ms, to_ms). Without action_id
+ * or override_id: persons outside the global holdout against persons in it. With
+ * action_id: persons for whom the action was eligible, outside against inside its
+ * per-action holdout. With override_id: persons the override decided for against its
+ * control share. segment: only decisions made while the person was in the segment.
+ */
 struct  Arbiter__Decision__V1__LiftReportRequest
 {
   ProtobufCMessage base;
@@ -479,10 +534,11 @@ struct  Arbiter__Decision__V1__LiftReportRequest
   int64_t to_ms;
   char *action_id;
   char *segment;
+  char *override_id;
 };
 #define ARBITER__DECISION__V1__LIFT_REPORT_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__lift_report_request__descriptor) \
-    , 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+    , 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
 
 
 struct  Arbiter__Decision__V1__Interval
@@ -496,16 +552,24 @@ struct  Arbiter__Decision__V1__Interval
     , 0, 0 }
 
 
+/*
+ * One side of a comparison. A person converted when a conversion was reported on any
+ * of their decisions in scope; value is the conversions' value (the reported value, or
+ * the action's value when none was reported).
+ */
 struct  Arbiter__Decision__V1__ArmStats
 {
   ProtobufCMessage base;
   uint64_t persons;
   double conversion_rate;
   double value_per_person;
+  uint64_t decisions;
+  uint64_t converted_persons;
+  double value;
 };
 #define ARBITER__DECISION__V1__ARM_STATS__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__arm_stats__descriptor) \
-    , 0, 0, 0 }
+    , 0, 0, 0, 0, 0, 0 }
 
 
 struct  Arbiter__Decision__V1__LiftReportResponse
@@ -513,25 +577,61 @@ struct  Arbiter__Decision__V1__LiftReportResponse
   ProtobufCMessage base;
   Arbiter__Decision__V1__ArmStats *treated;
   Arbiter__Decision__V1__ArmStats *control;
+  /*
+   * Conversion rate, treated minus control, with a 95 % interval (normal approximation).
+   */
   double absolute_lift;
   Arbiter__Decision__V1__Interval *absolute_lift_ci95;
+  /*
+   * treated / control - 1, with a 95 % interval (delta method on the log ratio).
+   */
   double relative_lift;
   Arbiter__Decision__V1__Interval *relative_lift_ci95;
+  /*
+   * Sample-ratio mismatch: chi-square test of the persons' split against the configured
+   * share; a warning below p = 0.001 means the split is broken and the lift is not to be trusted.
+   */
   double srm_p_value;
   protobuf_c_boolean srm_warning;
+  /*
+   * What was compared, e.g. "global holdout", "action holdout: welcome", "override o...".
+   */
+  char *comparison;
+  /*
+   * The share of persons the control was meant to have.
+   */
+  double expected_control_share;
+  /*
+   * Value per person, treated minus control, with a 95 % interval (Welch).
+   */
+  double value_lift;
+  Arbiter__Decision__V1__Interval *value_lift_ci95;
+  /*
+   * Caveats, e.g. too few persons for the intervals, decisions without a known person.
+   */
+  size_t n_notes;
+  char **notes;
 };
 #define ARBITER__DECISION__V1__LIFT_REPORT_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__lift_report_response__descriptor) \
-    , NULL, NULL, 0, NULL, 0, NULL, 0, 0 }
+    , NULL, NULL, 0, NULL, 0, NULL, 0, 0, (char *)protobuf_c_empty_string, 0, 0, NULL, 0,NULL }
 
 
+/*
+ * Estimates, from the logged propensities of the decisions in [from_ms, to_ms), the value
+ * per decision another policy would have earned (the first-ranked action; reward = the
+ * value of conversions reported on it).
+ */
 struct  Arbiter__Decision__V1__EvaluatePolicyRequest
 {
   ProtobufCMessage base;
   int64_t from_ms;
   int64_t to_ms;
   /*
-   * "no_exploration", "rules_only", "highest_value", or "always:<action id>".
+   * "no_exploration" (the highest score), "rules_only" (the highest lever, then the
+   * catalog order: the holdout's default experience), "highest_value" (the highest value x
+   * lever), "always:<action id>" (that action whenever it is eligible, else nothing), or
+   * "logging" (the policy that made the decisions: its on-policy value).
    */
   char *policy;
 };
@@ -543,16 +643,33 @@ struct  Arbiter__Decision__V1__EvaluatePolicyRequest
 struct  Arbiter__Decision__V1__EvaluatePolicyResponse
 {
   ProtobufCMessage base;
+  /*
+   * Inverse propensity scoring: mean of reward x [target chose the logged action] / propensity.
+   */
   double ips;
   Arbiter__Decision__V1__Interval *ips_ci95;
+  /*
+   * Self-normalized IPS (weights normalized to mean 1): lower variance, slightly biased.
+   */
   double snips;
   Arbiter__Decision__V1__Interval *snips_ci95;
+  /*
+   * (sum w)^2 / sum w^2: how many decisions the estimate is worth.
+   */
   double effective_sample_size;
   uint64_t decisions;
+  /*
+   * The logging policy's own value per decision over the same decisions, for comparison.
+   */
+  double logged_value;
+  /*
+   * Decisions whose logged first action is the one the target policy would have chosen.
+   */
+  uint64_t matched;
 };
 #define ARBITER__DECISION__V1__EVALUATE_POLICY_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__evaluate_policy_response__descriptor) \
-    , 0, NULL, 0, NULL, 0, 0 }
+    , 0, NULL, 0, NULL, 0, 0, 0, 0 }
 
 
 struct  Arbiter__Decision__V1__Override__ContextEntry
@@ -566,9 +683,20 @@ struct  Arbiter__Decision__V1__Override__ContextEntry
     , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
 
 
+/*
+ * Forces or bans an action for the persons in a segment and/or the requests whose
+ * context has every given pair (neither: all traffic), until it expires or is ended.
+ * A force puts the action first whenever it is eligible (consent, schedule, placement,
+ * rules, suppressions and caps still apply); a ban excludes it. A configured share of the
+ * affected persons keeps the algorithm's choice, so LiftReport(override_id) shows the
+ * override's cost or gain. The global holdout's control group is never overridden.
+ */
 struct  Arbiter__Decision__V1__Override
 {
   ProtobufCMessage base;
+  /*
+   * Set by the service on creation (SetOverride with an id changes that override).
+   */
   char *id;
   /*
    * "force" or "ban".
@@ -578,14 +706,33 @@ struct  Arbiter__Decision__V1__Override
   char *segment;
   size_t n_context;
   Arbiter__Decision__V1__Override__ContextEntry **context;
+  /*
+   * Why (required, audited).
+   */
   char *reason;
+  /*
+   * Who (required, audited).
+   */
   char *author;
+  /*
+   * Unix ms; 0: until ended.
+   */
   int64_t expires_at_ms;
+  /*
+   * Set by the service: not ended and not expired.
+   */
   protobuf_c_boolean active;
+  int64_t created_at_ms;
+  int64_t ended_at_ms;
+  char *ended_by;
+  /*
+   * Set by the service: changes so far (1 on creation).
+   */
+  uint64_t version;
 };
 #define ARBITER__DECISION__V1__OVERRIDE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__override__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0 }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0 }
 
 
 struct  Arbiter__Decision__V1__SetOverrideRequest
@@ -602,10 +749,38 @@ struct  Arbiter__Decision__V1__ListOverridesRequest
 {
   ProtobufCMessage base;
   protobuf_c_boolean include_ended;
+  /*
+   * Also return the audit trail of every change.
+   */
+  protobuf_c_boolean include_history;
 };
 #define ARBITER__DECISION__V1__LIST_OVERRIDES_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__list_overrides_request__descriptor) \
-    , 0 }
+    , 0, 0 }
+
+
+/*
+ * One audited change of an override.
+ */
+struct  Arbiter__Decision__V1__OverrideChange
+{
+  ProtobufCMessage base;
+  char *override_id;
+  int64_t at_ms;
+  char *author;
+  /*
+   * "created", "changed" or "ended".
+   */
+  char *change;
+  char *reason;
+  /*
+   * The override after the change.
+   */
+  Arbiter__Decision__V1__Override *override;
+};
+#define ARBITER__DECISION__V1__OVERRIDE_CHANGE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__override_change__descriptor) \
+    , (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, NULL }
 
 
 struct  Arbiter__Decision__V1__ListOverridesResponse
@@ -613,10 +788,12 @@ struct  Arbiter__Decision__V1__ListOverridesResponse
   ProtobufCMessage base;
   size_t n_overrides;
   Arbiter__Decision__V1__Override **overrides;
+  size_t n_history;
+  Arbiter__Decision__V1__OverrideChange **history;
 };
 #define ARBITER__DECISION__V1__LIST_OVERRIDES_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__list_overrides_response__descriptor) \
-    , 0,NULL }
+    , 0,NULL, 0,NULL }
 
 
 struct  Arbiter__Decision__V1__EndOverrideRequest
@@ -624,10 +801,11 @@ struct  Arbiter__Decision__V1__EndOverrideRequest
   ProtobufCMessage base;
   char *id;
   char *author;
+  char *reason;
 };
 #define ARBITER__DECISION__V1__END_OVERRIDE_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__end_override_request__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
 
 
 /* Arbiter__Decision__V1__Cap methods */
@@ -879,6 +1057,25 @@ Arbiter__Decision__V1__DecideResponse *
                       const uint8_t       *data);
 void   arbiter__decision__v1__decide_response__free_unpacked
                      (Arbiter__Decision__V1__DecideResponse *message,
+                      ProtobufCAllocator *allocator);
+/* Arbiter__Decision__V1__OverrideEffect methods */
+void   arbiter__decision__v1__override_effect__init
+                     (Arbiter__Decision__V1__OverrideEffect         *message);
+size_t arbiter__decision__v1__override_effect__get_packed_size
+                     (const Arbiter__Decision__V1__OverrideEffect   *message);
+size_t arbiter__decision__v1__override_effect__pack
+                     (const Arbiter__Decision__V1__OverrideEffect   *message,
+                      uint8_t             *out);
+size_t arbiter__decision__v1__override_effect__pack_to_buffer
+                     (const Arbiter__Decision__V1__OverrideEffect   *message,
+                      ProtobufCBuffer     *buffer);
+Arbiter__Decision__V1__OverrideEffect *
+       arbiter__decision__v1__override_effect__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   arbiter__decision__v1__override_effect__free_unpacked
+                     (Arbiter__Decision__V1__OverrideEffect *message,
                       ProtobufCAllocator *allocator);
 /* Arbiter__Decision__V1__DecisionRecord__ContextEntry methods */
 void   arbiter__decision__v1__decision_record__context_entry__init
@@ -1133,6 +1330,25 @@ Arbiter__Decision__V1__ListOverridesRequest *
 void   arbiter__decision__v1__list_overrides_request__free_unpacked
                      (Arbiter__Decision__V1__ListOverridesRequest *message,
                       ProtobufCAllocator *allocator);
+/* Arbiter__Decision__V1__OverrideChange methods */
+void   arbiter__decision__v1__override_change__init
+                     (Arbiter__Decision__V1__OverrideChange         *message);
+size_t arbiter__decision__v1__override_change__get_packed_size
+                     (const Arbiter__Decision__V1__OverrideChange   *message);
+size_t arbiter__decision__v1__override_change__pack
+                     (const Arbiter__Decision__V1__OverrideChange   *message,
+                      uint8_t             *out);
+size_t arbiter__decision__v1__override_change__pack_to_buffer
+                     (const Arbiter__Decision__V1__OverrideChange   *message,
+                      ProtobufCBuffer     *buffer);
+Arbiter__Decision__V1__OverrideChange *
+       arbiter__decision__v1__override_change__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   arbiter__decision__v1__override_change__free_unpacked
+                     (Arbiter__Decision__V1__OverrideChange *message,
+                      ProtobufCAllocator *allocator);
 /* Arbiter__Decision__V1__ListOverridesResponse methods */
 void   arbiter__decision__v1__list_overrides_response__init
                      (Arbiter__Decision__V1__ListOverridesResponse         *message);
@@ -1215,6 +1431,9 @@ typedef void (*Arbiter__Decision__V1__CandidateExplanation_Closure)
 typedef void (*Arbiter__Decision__V1__DecideResponse_Closure)
                  (const Arbiter__Decision__V1__DecideResponse *message,
                   void *closure_data);
+typedef void (*Arbiter__Decision__V1__OverrideEffect_Closure)
+                 (const Arbiter__Decision__V1__OverrideEffect *message,
+                  void *closure_data);
 typedef void (*Arbiter__Decision__V1__DecisionRecord__ContextEntry_Closure)
                  (const Arbiter__Decision__V1__DecisionRecord__ContextEntry *message,
                   void *closure_data);
@@ -1259,6 +1478,9 @@ typedef void (*Arbiter__Decision__V1__SetOverrideRequest_Closure)
                   void *closure_data);
 typedef void (*Arbiter__Decision__V1__ListOverridesRequest_Closure)
                  (const Arbiter__Decision__V1__ListOverridesRequest *message,
+                  void *closure_data);
+typedef void (*Arbiter__Decision__V1__OverrideChange_Closure)
+                 (const Arbiter__Decision__V1__OverrideChange *message,
                   void *closure_data);
 typedef void (*Arbiter__Decision__V1__ListOverridesResponse_Closure)
                  (const Arbiter__Decision__V1__ListOverridesResponse *message,
@@ -1417,6 +1639,7 @@ extern const ProtobufCMessageDescriptor arbiter__decision__v1__decide_request__c
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__ranked_action__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__candidate_explanation__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__decide_response__descriptor;
+extern const ProtobufCMessageDescriptor arbiter__decision__v1__override_effect__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__context_entry__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__get_decision_request__descriptor;
@@ -1432,6 +1655,7 @@ extern const ProtobufCMessageDescriptor arbiter__decision__v1__override__descrip
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__override__context_entry__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__set_override_request__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_request__descriptor;
+extern const ProtobufCMessageDescriptor arbiter__decision__v1__override_change__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_response__descriptor;
 extern const ProtobufCMessageDescriptor arbiter__decision__v1__end_override_request__descriptor;
 extern const ProtobufCServiceDescriptor arbiter__decision__v1__decision__descriptor;

@@ -114,6 +114,9 @@ extension DecisionV1 {
         public var priorResponseRate: Double = 0
         /// Set by the service.
         public var updatedAtMs: Int64 = 0
+        /// Share of persons (0-0.5) for whom this action is held out: never offered to them, so
+        /// that LiftReport(action_id) measures what offering it adds. 0: no holdout.
+        public var holdoutShare: Double = 0
 
         public static let protoName = "arbiter.decision.v1.Action"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__action__descriptor_ptr())
@@ -136,6 +139,7 @@ extension DecisionV1 {
             consentPurpose = reader.string(15)
             priorResponseRate = reader.double(16)
             updatedAtMs = reader.int64(17)
+            holdoutShare = reader.double(18)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, id)
@@ -155,6 +159,7 @@ extension DecisionV1 {
             writer.setString(15, consentPurpose)
             writer.setDouble(16, priorResponseRate)
             writer.setInt64(17, updatedAtMs)
+            writer.setDouble(18, holdoutShare)
         }
     }
 
@@ -377,10 +382,16 @@ extension DecisionV1 {
         public var modelVersion: String = ""
         public var degraded: Bool = false
         public var degradedReasons: [String] = []
+        /// The person is in the global holdout (control group): they got the default experience
+        /// (the rules_only policy), not the learned one.
         public var holdout: Bool = false
         public var explanations: [DecisionV1.CandidateExplanation] = []
         public var personId: String = ""
         public var decidedAtMs: Int64 = 0
+        /// Eligible actions withheld because the person is in their per-action holdout.
+        public var heldOutActions: [String] = []
+        /// Overrides that changed (or, for their control share, would have changed) this decision.
+        public var overrides: [DecisionV1.OverrideEffect] = []
 
         public static let protoName = "arbiter.decision.v1.DecideResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__decide_response__descriptor_ptr())
@@ -395,6 +406,8 @@ extension DecisionV1 {
             explanations = try reader.messages(7)
             personId = reader.string(8)
             decidedAtMs = reader.int64(9)
+            heldOutActions = reader.repeatedString(10)
+            overrides = try reader.messages(11)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, decisionId)
@@ -406,6 +419,28 @@ extension DecisionV1 {
             writer.setRepeatedMessages(7, explanations)
             writer.setString(8, personId)
             writer.setInt64(9, decidedAtMs)
+            writer.setRepeatedString(10, heldOutActions)
+            writer.setRepeatedMessages(11, overrides)
+        }
+    }
+
+    /// An override that matched a decision and would change it.
+    public struct OverrideEffect: ProtoMessage {
+        public var overrideId: String = ""
+        /// True: the override decided; false: the person is in the override's control share and
+        /// kept the algorithm's choice (LiftReport compares the two).
+        public var applied: Bool = false
+
+        public static let protoName = "arbiter.decision.v1.OverrideEffect"
+        public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__override_effect__descriptor_ptr())
+        public init() {}
+        public init(reader: ProtoReader) throws {
+            overrideId = reader.string(1)
+            applied = reader.bool(2)
+        }
+        public func write(to writer: ProtoWriter) {
+            writer.setString(1, overrideId)
+            writer.setBool(2, applied)
         }
     }
 
@@ -423,6 +458,10 @@ extension DecisionV1 {
         public var candidates: [DecisionV1.CandidateExplanation] = []
         public var actions: [DecisionV1.RankedAction] = []
         public var catalogVersion: UInt64 = 0
+        /// The person's segments when the decision was made (LiftReport filters by them).
+        public var segments: [String] = []
+        public var heldOutActions: [String] = []
+        public var overrides: [DecisionV1.OverrideEffect] = []
 
         public static let protoName = "arbiter.decision.v1.DecisionRecord"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__decision_record__descriptor_ptr())
@@ -440,6 +479,9 @@ extension DecisionV1 {
             candidates = try reader.messages(10)
             actions = try reader.messages(11)
             catalogVersion = reader.uint64(12)
+            segments = reader.repeatedString(13)
+            heldOutActions = reader.repeatedString(14)
+            overrides = try reader.messages(15)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, decisionId)
@@ -454,6 +496,9 @@ extension DecisionV1 {
             writer.setRepeatedMessages(10, candidates)
             writer.setRepeatedMessages(11, actions)
             writer.setUint64(12, catalogVersion)
+            writer.setRepeatedString(13, segments)
+            writer.setRepeatedString(14, heldOutActions)
+            writer.setRepeatedMessages(15, overrides)
         }
     }
 
@@ -515,11 +560,17 @@ extension DecisionV1 {
         }
     }
 
+    /// Treated against control over the decisions made in [from_ms, to_ms). Without action_id
+    /// or override_id: persons outside the global holdout against persons in it. With
+    /// action_id: persons for whom the action was eligible, outside against inside its
+    /// per-action holdout. With override_id: persons the override decided for against its
+    /// control share. segment: only decisions made while the person was in the segment.
     public struct LiftReportRequest: ProtoMessage {
         public var fromMs: Int64 = 0
         public var toMs: Int64 = 0
         public var actionId: String = ""
         public var segment: String = ""
+        public var overrideId: String = ""
 
         public static let protoName = "arbiter.decision.v1.LiftReportRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__lift_report_request__descriptor_ptr())
@@ -529,12 +580,14 @@ extension DecisionV1 {
             toMs = reader.int64(2)
             actionId = reader.string(3)
             segment = reader.string(4)
+            overrideId = reader.string(5)
         }
         public func write(to writer: ProtoWriter) {
             writer.setInt64(1, fromMs)
             writer.setInt64(2, toMs)
             writer.setString(3, actionId)
             writer.setString(4, segment)
+            writer.setString(5, overrideId)
         }
     }
 
@@ -555,10 +608,16 @@ extension DecisionV1 {
         }
     }
 
+    /// One side of a comparison. A person converted when a conversion was reported on any
+    /// of their decisions in scope; value is the conversions' value (the reported value, or
+    /// the action's value when none was reported).
     public struct ArmStats: ProtoMessage {
         public var persons: UInt64 = 0
         public var conversionRate: Double = 0
         public var valuePerPerson: Double = 0
+        public var decisions: UInt64 = 0
+        public var convertedPersons: UInt64 = 0
+        public var value: Double = 0
 
         public static let protoName = "arbiter.decision.v1.ArmStats"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__arm_stats__descriptor_ptr())
@@ -567,23 +626,42 @@ extension DecisionV1 {
             persons = reader.uint64(1)
             conversionRate = reader.double(2)
             valuePerPerson = reader.double(3)
+            decisions = reader.uint64(4)
+            convertedPersons = reader.uint64(5)
+            value = reader.double(6)
         }
         public func write(to writer: ProtoWriter) {
             writer.setUint64(1, persons)
             writer.setDouble(2, conversionRate)
             writer.setDouble(3, valuePerPerson)
+            writer.setUint64(4, decisions)
+            writer.setUint64(5, convertedPersons)
+            writer.setDouble(6, value)
         }
     }
 
     public struct LiftReportResponse: ProtoMessage {
         public var treated: DecisionV1.ArmStats? = nil
         public var control: DecisionV1.ArmStats? = nil
+        /// Conversion rate, treated minus control, with a 95 % interval (normal approximation).
         public var absoluteLift: Double = 0
         public var absoluteLiftCi95: DecisionV1.Interval? = nil
+        /// treated / control - 1, with a 95 % interval (delta method on the log ratio).
         public var relativeLift: Double = 0
         public var relativeLiftCi95: DecisionV1.Interval? = nil
+        /// Sample-ratio mismatch: chi-square test of the persons' split against the configured
+        /// share; a warning below p = 0.001 means the split is broken and the lift is not to be trusted.
         public var srmPValue: Double = 0
         public var srmWarning: Bool = false
+        /// What was compared, e.g. "global holdout", "action holdout: welcome", "override o...".
+        public var comparison: String = ""
+        /// The share of persons the control was meant to have.
+        public var expectedControlShare: Double = 0
+        /// Value per person, treated minus control, with a 95 % interval (Welch).
+        public var valueLift: Double = 0
+        public var valueLiftCi95: DecisionV1.Interval? = nil
+        /// Caveats, e.g. too few persons for the intervals, decisions without a known person.
+        public var notes: [String] = []
 
         public static let protoName = "arbiter.decision.v1.LiftReportResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__lift_report_response__descriptor_ptr())
@@ -597,6 +675,11 @@ extension DecisionV1 {
             relativeLiftCi95 = try reader.messageValue(6)
             srmPValue = reader.double(7)
             srmWarning = reader.bool(8)
+            comparison = reader.string(9)
+            expectedControlShare = reader.double(10)
+            valueLift = reader.double(11)
+            valueLiftCi95 = try reader.messageValue(12)
+            notes = reader.repeatedString(13)
         }
         public func write(to writer: ProtoWriter) {
             if let v = treated { writer.setMessage(1, v) }
@@ -607,13 +690,24 @@ extension DecisionV1 {
             if let v = relativeLiftCi95 { writer.setMessage(6, v) }
             writer.setDouble(7, srmPValue)
             writer.setBool(8, srmWarning)
+            writer.setString(9, comparison)
+            writer.setDouble(10, expectedControlShare)
+            writer.setDouble(11, valueLift)
+            if let v = valueLiftCi95 { writer.setMessage(12, v) }
+            writer.setRepeatedString(13, notes)
         }
     }
 
+    /// Estimates, from the logged propensities of the decisions in [from_ms, to_ms), the value
+    /// per decision another policy would have earned (the first-ranked action; reward = the
+    /// value of conversions reported on it).
     public struct EvaluatePolicyRequest: ProtoMessage {
         public var fromMs: Int64 = 0
         public var toMs: Int64 = 0
-        /// "no_exploration", "rules_only", "highest_value", or "always:<action id>".
+        /// "no_exploration" (the highest score), "rules_only" (the highest lever, then the
+        /// catalog order: the holdout's default experience), "highest_value" (the highest value x
+        /// lever), "always:<action id>" (that action whenever it is eligible, else nothing), or
+        /// "logging" (the policy that made the decisions: its on-policy value).
         public var policy: String = ""
 
         public static let protoName = "arbiter.decision.v1.EvaluatePolicyRequest"
@@ -632,12 +726,19 @@ extension DecisionV1 {
     }
 
     public struct EvaluatePolicyResponse: ProtoMessage {
+        /// Inverse propensity scoring: mean of reward x [target chose the logged action] / propensity.
         public var ips: Double = 0
         public var ipsCi95: DecisionV1.Interval? = nil
+        /// Self-normalized IPS (weights normalized to mean 1): lower variance, slightly biased.
         public var snips: Double = 0
         public var snipsCi95: DecisionV1.Interval? = nil
+        /// (sum w)^2 / sum w^2: how many decisions the estimate is worth.
         public var effectiveSampleSize: Double = 0
         public var decisions: UInt64 = 0
+        /// The logging policy's own value per decision over the same decisions, for comparison.
+        public var loggedValue: Double = 0
+        /// Decisions whose logged first action is the one the target policy would have chosen.
+        public var matched: UInt64 = 0
 
         public static let protoName = "arbiter.decision.v1.EvaluatePolicyResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__evaluate_policy_response__descriptor_ptr())
@@ -649,6 +750,8 @@ extension DecisionV1 {
             snipsCi95 = try reader.messageValue(4)
             effectiveSampleSize = reader.double(5)
             decisions = reader.uint64(6)
+            loggedValue = reader.double(7)
+            matched = reader.uint64(8)
         }
         public func write(to writer: ProtoWriter) {
             writer.setDouble(1, ips)
@@ -657,20 +760,38 @@ extension DecisionV1 {
             if let v = snipsCi95 { writer.setMessage(4, v) }
             writer.setDouble(5, effectiveSampleSize)
             writer.setUint64(6, decisions)
+            writer.setDouble(7, loggedValue)
+            writer.setUint64(8, matched)
         }
     }
 
+    /// Forces or bans an action for the persons in a segment and/or the requests whose
+    /// context has every given pair (neither: all traffic), until it expires or is ended.
+    /// A force puts the action first whenever it is eligible (consent, schedule, placement,
+    /// rules, suppressions and caps still apply); a ban excludes it. A configured share of the
+    /// affected persons keeps the algorithm's choice, so LiftReport(override_id) shows the
+    /// override's cost or gain. The global holdout's control group is never overridden.
     public struct Override: ProtoMessage {
+        /// Set by the service on creation (SetOverride with an id changes that override).
         public var id: String = ""
         /// "force" or "ban".
         public var kind: String = ""
         public var actionId: String = ""
         public var segment: String = ""
         public var context: [String: String] = [:]
+        /// Why (required, audited).
         public var reason: String = ""
+        /// Who (required, audited).
         public var author: String = ""
+        /// Unix ms; 0: until ended.
         public var expiresAtMs: Int64 = 0
+        /// Set by the service: not ended and not expired.
         public var active: Bool = false
+        public var createdAtMs: Int64 = 0
+        public var endedAtMs: Int64 = 0
+        public var endedBy: String = ""
+        /// Set by the service: changes so far (1 on creation).
+        public var version: UInt64 = 0
 
         public static let protoName = "arbiter.decision.v1.Override"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__override__descriptor_ptr())
@@ -685,6 +806,10 @@ extension DecisionV1 {
             author = reader.string(7)
             expiresAtMs = reader.int64(8)
             active = reader.bool(9)
+            createdAtMs = reader.int64(10)
+            endedAtMs = reader.int64(11)
+            endedBy = reader.string(12)
+            version = reader.uint64(13)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, id)
@@ -696,6 +821,10 @@ extension DecisionV1 {
             writer.setString(7, author)
             writer.setInt64(8, expiresAtMs)
             writer.setBool(9, active)
+            writer.setInt64(10, createdAtMs)
+            writer.setInt64(11, endedAtMs)
+            writer.setString(12, endedBy)
+            writer.setUint64(13, version)
         }
     }
 
@@ -715,35 +844,75 @@ extension DecisionV1 {
 
     public struct ListOverridesRequest: ProtoMessage {
         public var includeEnded: Bool = false
+        /// Also return the audit trail of every change.
+        public var includeHistory: Bool = false
 
         public static let protoName = "arbiter.decision.v1.ListOverridesRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__list_overrides_request__descriptor_ptr())
         public init() {}
         public init(reader: ProtoReader) throws {
             includeEnded = reader.bool(1)
+            includeHistory = reader.bool(2)
         }
         public func write(to writer: ProtoWriter) {
             writer.setBool(1, includeEnded)
+            writer.setBool(2, includeHistory)
+        }
+    }
+
+    /// One audited change of an override.
+    public struct OverrideChange: ProtoMessage {
+        public var overrideId: String = ""
+        public var atMs: Int64 = 0
+        public var author: String = ""
+        /// "created", "changed" or "ended".
+        public var change: String = ""
+        public var reason: String = ""
+        /// The override after the change.
+        public var `override`: DecisionV1.Override? = nil
+
+        public static let protoName = "arbiter.decision.v1.OverrideChange"
+        public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__override_change__descriptor_ptr())
+        public init() {}
+        public init(reader: ProtoReader) throws {
+            overrideId = reader.string(1)
+            atMs = reader.int64(2)
+            author = reader.string(3)
+            change = reader.string(4)
+            reason = reader.string(5)
+            `override` = try reader.messageValue(6)
+        }
+        public func write(to writer: ProtoWriter) {
+            writer.setString(1, overrideId)
+            writer.setInt64(2, atMs)
+            writer.setString(3, author)
+            writer.setString(4, change)
+            writer.setString(5, reason)
+            if let v = `override` { writer.setMessage(6, v) }
         }
     }
 
     public struct ListOverridesResponse: ProtoMessage {
         public var overrides: [DecisionV1.Override] = []
+        public var history: [DecisionV1.OverrideChange] = []
 
         public static let protoName = "arbiter.decision.v1.ListOverridesResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__list_overrides_response__descriptor_ptr())
         public init() {}
         public init(reader: ProtoReader) throws {
             overrides = try reader.messages(1)
+            history = try reader.messages(2)
         }
         public func write(to writer: ProtoWriter) {
             writer.setRepeatedMessages(1, overrides)
+            writer.setRepeatedMessages(2, history)
         }
     }
 
     public struct EndOverrideRequest: ProtoMessage {
         public var id: String = ""
         public var author: String = ""
+        public var reason: String = ""
 
         public static let protoName = "arbiter.decision.v1.EndOverrideRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__end_override_request__descriptor_ptr())
@@ -751,10 +920,12 @@ extension DecisionV1 {
         public init(reader: ProtoReader) throws {
             id = reader.string(1)
             author = reader.string(2)
+            reason = reader.string(3)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, id)
             writer.setString(2, author)
+            writer.setString(3, reason)
         }
     }
 

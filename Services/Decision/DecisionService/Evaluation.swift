@@ -1,0 +1,368 @@
+import Contracts
+import Foundation
+import GRDB
+import RPC
+import Rules
+
+/// A policy the log can be replayed against: EvaluatePolicy's targets, and (rules_only)
+/// the global holdout's default experience.
+enum TargetPolicy: Equatable {
+    /// The highest score (learned propensity × value × lever), no exploration.
+    case noExploration
+    /// The highest lever, then the catalog order (action id): business priority, no learning.
+    case rulesOnly
+    /// The highest value × lever.
+    case highestValue
+    /// That action whenever it is eligible, else nothing.
+    case always(String)
+    /// The policy that made the decisions (its logged propensities).
+    case logging
+
+    init(_ text: String) throws(RPCError) {
+        switch text {
+        case "no_exploration": self = .noExploration
+        case "rules_only": self = .rulesOnly
+        case "highest_value": self = .highestValue
+        case "logging": self = .logging
+        case let t where t.hasPrefix("always:"):
+            let id = String(t.dropFirst("always:".count))
+            try Names.check(id, field: "policy (always:<action id>)")
+            self = .always(id)
+        default:
+            throw .invalidArgument(field: "policy", "must be no_exploration, rules_only, highest_value, always:<action id> or logging, got \"\(text)\"")
+        }
+    }
+
+    /// The eligible candidates' indexes in this policy's order of preference (`logging`: none).
+    func ranking(_ candidates: [DecisionV1.CandidateExplanation]) -> [Int] {
+        let slots = candidates.indices.filter { candidates[$0].eligible }
+        func by(_ key: (DecisionV1.CandidateExplanation) -> Double) -> [Int] {
+            slots.sorted { a, b in
+                let (ka, kb) = (key(candidates[a]), key(candidates[b]))
+                return ka != kb ? ka > kb : candidates[a].actionId < candidates[b].actionId
+            }
+        }
+        switch self {
+        case .noExploration: return by(\.score)
+        case .rulesOnly: return by(\.lever)
+        case .highestValue: return by { $0.value * $0.lever }
+        case .always(let id): return slots.filter { candidates[$0].actionId == id }
+        case .logging: return []
+        }
+    }
+}
+
+/// Normal-approximation statistics for lift and off-policy estimates.
+enum Statistics {
+    static let z95 = 1.959963984540054
+
+    struct Comparison: Equatable {
+        var absolute: Double
+        var absoluteCI: (Double, Double)
+        /// nil when a side has no conversions (the ratio has no interval).
+        var relative: Double?
+        var relativeCI: (Double, Double)?
+
+        static func == (a: Self, b: Self) -> Bool {
+            a.absolute == b.absolute && a.absoluteCI == b.absoluteCI && a.relative == b.relative
+                && a.relativeCI.map { [$0.0, $0.1] } == b.relativeCI.map { [$0.0, $0.1] }
+        }
+    }
+
+    /// Two proportions, `x1/n1` (treated) against `x0/n0` (control): the difference with a
+    /// Wald interval, and the ratio minus one with a delta-method interval on its log.
+    static func proportions(x1: Int, n1: Int, x0: Int, n0: Int) -> Comparison? {
+        guard n1 > 0, n0 > 0 else { return nil }
+        let (p1, p0) = (Double(x1) / Double(n1), Double(x0) / Double(n0))
+        let se = (p1 * (1 - p1) / Double(n1) + p0 * (1 - p0) / Double(n0)).squareRoot()
+        var c = Comparison(absolute: p1 - p0, absoluteCI: (p1 - p0 - z95 * se, p1 - p0 + z95 * se))
+        if x1 > 0, x0 > 0 {
+            let log = Foundation.log(p1 / p0)
+            let seLog = ((1 - p1) / Double(x1) + (1 - p0) / Double(x0)).squareRoot()
+            c.relative = p1 / p0 - 1
+            c.relativeCI = (exp(log - z95 * seLog) - 1, exp(log + z95 * seLog) - 1)
+        }
+        return c
+    }
+
+    /// The difference of two means with Welch's standard error.
+    static func means(_ treated: [Double], _ control: [Double]) -> (difference: Double, ci: (Double, Double))? {
+        guard treated.count > 1, control.count > 1 else { return nil }
+        let (m1, v1) = meanVariance(treated)
+        let (m0, v0) = meanVariance(control)
+        let se = (v1 / Double(treated.count) + v0 / Double(control.count)).squareRoot()
+        return (m1 - m0, (m1 - m0 - z95 * se, m1 - m0 + z95 * se))
+    }
+
+    /// Mean and sample variance.
+    static func meanVariance(_ xs: [Double]) -> (mean: Double, variance: Double) {
+        guard !xs.isEmpty else { return (0, 0) }
+        let mean = xs.reduce(0, +) / Double(xs.count)
+        guard xs.count > 1 else { return (mean, 0) }
+        return (mean, xs.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Double(xs.count - 1))
+    }
+
+    /// Sample-ratio mismatch: the p-value of a chi-square test (1 degree of freedom) of
+    /// `control` persons out of `control + treated` against the expected control share.
+    static func srmPValue(treated: Int, control: Int, expectedControlShare share: Double) -> Double {
+        let n = Double(treated + control)
+        guard n > 0, share > 0, share < 1 else { return 1 }
+        let (e0, e1) = (n * share, n * (1 - share))
+        let chi2 = (Double(control) - e0) * (Double(control) - e0) / e0 + (Double(treated) - e1) * (Double(treated) - e1) / e1
+        return erfc((chi2 / 2).squareRoot())
+    }
+
+    struct OffPolicy {
+        var ips: Double
+        var ipsCI: (Double, Double)
+        var snips: Double
+        var snipsCI: (Double, Double)
+        var effectiveSampleSize: Double
+    }
+
+    /// IPS and self-normalized IPS from importance weights `w` (target probability over
+    /// logged propensity) and rewards `r`, with normal intervals and the effective sample size.
+    static func offPolicy(weights w: [Double], rewards r: [Double]) -> OffPolicy? {
+        guard !w.isEmpty, w.count == r.count else { return nil }
+        let n = Double(w.count)
+        let products = zip(w, r).map { $0 * $1 }
+        let (ips, variance) = meanVariance(products)
+        let seIPS = (variance / n).squareRoot()
+        let sumW = w.reduce(0, +)
+        let sumW2 = w.reduce(0) { $0 + $1 * $1 }
+        guard sumW > 0 else {
+            return OffPolicy(ips: ips, ipsCI: (ips - z95 * seIPS, ips + z95 * seIPS), snips: 0, snipsCI: (0, 0), effectiveSampleSize: 0)
+        }
+        let snips = products.reduce(0, +) / sumW
+        let residual = zip(w, r).reduce(0) { $0 + $1.0 * $1.0 * ($1.1 - snips) * ($1.1 - snips) }
+        let seSNIPS = residual.squareRoot() / sumW
+        return OffPolicy(ips: ips, ipsCI: (ips - z95 * seIPS, ips + z95 * seIPS),
+                         snips: snips, snipsCI: (snips - z95 * seSNIPS, snips + z95 * seSNIPS),
+                         effectiveSampleSize: sumW * sumW / sumW2)
+    }
+}
+
+// MARK: - Reading the log
+
+extension DecisionStore {
+    /// A conversion, click or other outcome reported on a logged decision.
+    struct LoggedOutcome {
+        var action: String
+        var kind: DecisionV1.Outcome
+        var value: Double
+    }
+
+    /// Calls `body` with every decision made in [fromMs, toMs), oldest first, and the
+    /// outcomes reported on it (whenever they happened). One read transaction.
+    func forEachDecision(fromMs: Int64, toMs: Int64, _ body: (DecisionV1.DecisionRecord, [LoggedOutcome]) throws -> Void) throws {
+        // Decision ids start with "d" and 12 hex digits of milliseconds: a time range is a key range.
+        func bound(_ ms: Int64) -> String {
+            let hex = String(UInt64(min(max(0, ms), 0xFFFF_FFFF_FFFF)), radix: 16)
+            return "d" + String(repeating: "0", count: 12 - hex.count) + hex
+        }
+        let (low, high) = (bound(fromMs), bound(toMs))
+        try pool.read { db in
+            var outcomes: [String: [LoggedOutcome]] = [:]
+            let rows = try Row.fetchCursor(db, sql: "SELECT decision_id, action_id, kind, value FROM outcome WHERE decision_id >= ? AND decision_id < ?",
+                                           arguments: [low, high])
+            while let row = try rows.next() {
+                outcomes[row[0], default: []].append(LoggedOutcome(action: row[1], kind: DecisionV1.Outcome(rawValue: row[2]), value: row[3]))
+            }
+            let decisions = try Row.fetchCursor(db, sql: "SELECT decision_id, record FROM decision WHERE decision_id >= ? AND decision_id < ? ORDER BY decision_id",
+                                                arguments: [low, high])
+            while let row = try decisions.next() {
+                let id: String = row[0]
+                try body(try DecisionV1.DecisionRecord(serializedBytes: row[1] as Data), outcomes[id] ?? [])
+            }
+        }
+    }
+}
+
+extension DecisionV1.DecisionRecord {
+    /// The value of the conversions reported on `action` in this decision (a conversion
+    /// without a value counts the action's value).
+    func conversionValue(of action: String?, _ outcomes: [DecisionStore.LoggedOutcome]) -> Double {
+        outcomes.reduce(0) { sum, o in
+            guard o.kind == .conversion, action == nil || o.action == action else { return sum }
+            return sum + (o.value > 0 ? o.value : candidates.first { $0.actionId == o.action }?.value ?? 0)
+        }
+    }
+}
+
+// MARK: - LiftReport and EvaluatePolicy
+
+extension DecisionService {
+    /// Validates a report window: from ≥ 0, to after from (0: now).
+    func window(_ from: Int64, _ to: Int64) throws(RPCError) -> (Int64, Int64) {
+        guard from >= 0 else { throw .invalidArgument(field: "from_ms", "must not be negative") }
+        let to = to == 0 ? clock() + 1 : to
+        guard to > from else { throw .invalidArgument(field: "to_ms", "must be after from_ms (0: now)") }
+        return (from, to)
+    }
+
+    func liftReport(_ request: DecisionV1.LiftReportRequest) throws -> DecisionV1.LiftReportResponse {
+        let (from, to) = try window(request.fromMs, request.toMs)
+        if !request.segment.isEmpty { try Names.check(request.segment, field: "segment") }
+        let holdout = configuration.holdout
+        var response = DecisionV1.LiftReportResponse()
+        // Which decisions are compared, and which side each is on (nil: not in scope).
+        let side: (DecisionV1.DecisionRecord) -> Bool?
+        switch (request.actionId.isEmpty, request.overrideId.isEmpty) {
+        case (false, false):
+            throw RPCError.invalidArgument(field: "override_id", "give action_id or override_id, not both")
+        case (false, true):
+            let id = request.actionId
+            try Names.check(id, field: "action_id")
+            guard let spec = store.catalog().actions.first(where: { $0.id == id }) else {
+                throw RPCError(.notFound, "action_id: no action \"\(id)\"")
+            }
+            response.comparison = "action holdout: \(id)"
+            response.expectedControlShare = spec.action.holdoutShare
+            if spec.action.holdoutShare == 0 { response.notes.append("action \(id) has no holdout (holdout_share 0): nothing to compare with") }
+            side = { record in
+                guard !record.holdout else { return nil }
+                if record.heldOutActions.contains(id) { return false }
+                return record.candidates.contains { $0.actionId == id && $0.eligible } ? true : nil
+            }
+        case (true, false):
+            let id = request.overrideId
+            guard store.overrides(nowMs: clock(), includeEnded: true).contains(where: { $0.id == id }) else {
+                throw RPCError(.notFound, "override_id: no override \"\(id)\"")
+            }
+            response.comparison = "override \(id): applied against its control share (the algorithm's choice)"
+            response.expectedControlShare = holdout.overrideControlShare
+            side = { record in record.overrides.first { $0.overrideId == id }.map(\.applied) }
+        case (true, true):
+            response.comparison = "global holdout: the learned policy against the default experience (rules_only)"
+            response.expectedControlShare = holdout.share
+            side = { record in !record.holdout }
+        }
+
+        struct Unit {
+            var treated: Bool
+            var decisions = 0
+            var converted = false
+            var value = 0.0
+        }
+        var units: [String: Unit] = [:]
+        var anonymous = 0
+        var switched = Set<String>()
+        try store.forEachDecision(fromMs: from, toMs: to) { record, outcomes in
+            guard request.segment.isEmpty || record.segments.contains(request.segment), let treated = side(record) else { return }
+            guard !record.personId.isEmpty else { anonymous += 1; return }
+            var unit = units[record.personId] ?? Unit(treated: treated)
+            if unit.treated != treated { switched.insert(record.personId) }
+            unit.decisions += 1
+            let value = record.conversionValue(of: nil, outcomes)
+            unit.converted = unit.converted || outcomes.contains { $0.kind == .conversion }
+            unit.value += value
+            units[record.personId] = unit
+        }
+
+        func stats(_ treated: Bool) -> (DecisionV1.ArmStats, [Double]) {
+            var arm = DecisionV1.ArmStats()
+            var values: [Double] = []
+            for unit in units.values where unit.treated == treated {
+                arm.persons += 1
+                arm.decisions += UInt64(unit.decisions)
+                if unit.converted { arm.convertedPersons += 1 }
+                arm.value += unit.value
+                values.append(unit.value)
+            }
+            if arm.persons > 0 {
+                arm.conversionRate = Double(arm.convertedPersons) / Double(arm.persons)
+                arm.valuePerPerson = arm.value / Double(arm.persons)
+            }
+            return (arm, values)
+        }
+        let (treated, treatedValues) = stats(true)
+        let (control, controlValues) = stats(false)
+        response.treated = treated
+        response.control = control
+        if let c = Statistics.proportions(x1: Int(treated.convertedPersons), n1: Int(treated.persons),
+                                          x0: Int(control.convertedPersons), n0: Int(control.persons)) {
+            response.absoluteLift = c.absolute
+            response.absoluteLiftCi95 = .init(c.absoluteCI)
+            if let relative = c.relative, let ci = c.relativeCI {
+                response.relativeLift = relative
+                response.relativeLiftCi95 = .init(ci)
+            } else {
+                response.notes.append("no relative lift: a side has no conversions")
+            }
+        } else {
+            response.notes.append("no lift: \(treated.persons == 0 ? "treated" : "control") has no persons in this window")
+        }
+        if let v = Statistics.means(treatedValues, controlValues) {
+            response.valueLift = v.difference
+            response.valueLiftCi95 = .init(v.ci)
+        }
+        response.srmPValue = Statistics.srmPValue(treated: Int(treated.persons), control: Int(control.persons),
+                                                  expectedControlShare: response.expectedControlShare)
+        response.srmWarning = response.srmPValue < 0.001
+        if response.srmWarning {
+            response.notes.append(String(format: "sample-ratio mismatch: %llu control persons of %llu where %.1f %% were expected (p = %.2g); the split is broken and the lift is not to be trusted",
+                                         control.persons, control.persons + treated.persons, response.expectedControlShare * 100, response.srmPValue))
+        }
+        if min(treated.convertedPersons, control.convertedPersons) < 10, treated.persons > 0, control.persons > 0 {
+            response.notes.append("fewer than 10 converted persons on a side: the intervals are rough")
+        }
+        if anonymous > 0 { response.notes.append("\(anonymous) decisions without a known person were left out") }
+        if !switched.isEmpty {
+            response.notes.append("\(switched.count) persons had decisions on both sides (merged persons or a changed salt/share); each counts on the side of their first decision")
+        }
+        return response
+    }
+
+    func evaluatePolicy(_ request: DecisionV1.EvaluatePolicyRequest) throws -> DecisionV1.EvaluatePolicyResponse {
+        let (from, to) = try window(request.fromMs, request.toMs)
+        let policy = try TargetPolicy(request.policy)
+        var weights: [Double] = []
+        var rewards: [Double] = []
+        var response = DecisionV1.EvaluatePolicyResponse()
+        var logged = 0.0
+        try store.forEachDecision(fromMs: from, toMs: to) { record, outcomes in
+            guard let first = record.actions.first else {
+                // Nothing was eligible: every policy shows nothing and earns nothing.
+                weights.append(1)
+                rewards.append(0)
+                response.matched += 1
+                return
+            }
+            guard first.propensity > 0 else { return }
+            let reward = record.conversionValue(of: first.actionId, outcomes)
+            logged += reward
+            let weight: Double
+            if policy == .logging {
+                weight = 1
+            } else if let choice = policy.ranking(record.candidates).first.map({ record.candidates[$0].actionId }) {
+                weight = choice == first.actionId ? 1 / first.propensity : 0
+            } else {
+                // The target shows nothing here (its action is not eligible): it earns 0, known without estimating.
+                weights.append(1)
+                rewards.append(0)
+                return
+            }
+            if weight > 0 { response.matched += 1 }
+            weights.append(weight)
+            rewards.append(reward)
+        }
+        response.decisions = UInt64(weights.count)
+        if response.decisions > 0 { response.loggedValue = logged / Double(response.decisions) }
+        if let estimate = Statistics.offPolicy(weights: weights, rewards: rewards) {
+            response.ips = estimate.ips
+            response.ipsCi95 = .init(estimate.ipsCI)
+            response.snips = estimate.snips
+            response.snipsCi95 = .init(estimate.snipsCI)
+            response.effectiveSampleSize = estimate.effectiveSampleSize
+        }
+        return response
+    }
+}
+
+extension DecisionV1.Interval {
+    init(_ bounds: (Double, Double)) {
+        self.init()
+        low = bounds.0
+        high = bounds.1
+    }
+}

@@ -1,0 +1,136 @@
+import Contracts
+import Foundation
+import GRDB
+import RPC
+import Rules
+import Storage
+
+/// Governed overrides: validation, storage with an audit trail, and matching in Decide.
+extension DecisionStore {
+    static let maxOverrides = 200
+
+    /// Creates an override (empty id) or changes an active one, after validating every
+    /// field against the catalog; each change is written with its audit record.
+    public func setOverride(_ request: DecisionV1.Override, nowMs: Int64) throws -> DecisionV1.Override {
+        var o = request
+        guard o.kind == "force" || o.kind == "ban" else {
+            throw RPCError.invalidArgument(field: "override.kind", "must be \"force\" or \"ban\", got \"\(o.kind)\"")
+        }
+        try Names.check(o.actionId, field: "override.action_id")
+        guard let action = memory.withLock({ $0.actions[o.actionId] }) else {
+            throw RPCError(.notFound, "override.action_id: no action \"\(o.actionId)\"")
+        }
+        guard !action.action.retired else {
+            throw RPCError(.failedPrecondition, "override.action_id: action \"\(o.actionId)\" is retired")
+        }
+        if !o.segment.isEmpty { try Names.check(o.segment, field: "override.segment") }
+        guard o.context.count <= 20 else { throw RPCError.invalidArgument(field: "override.context", "at most 20 entries") }
+        for (key, value) in o.context {
+            try Names.check(key, field: "override.context key")
+            guard value.utf8.count <= 256 else { throw RPCError.invalidArgument(field: "override.context[\(key)]", "is longer than 256 bytes") }
+        }
+        let reason = o.reason.trimmingCharacters(in: .whitespaces)
+        guard !reason.isEmpty, reason.utf8.count <= 500 else {
+            throw RPCError.invalidArgument(field: "override.reason", "is required (1-500 bytes): every override says why")
+        }
+        let author = o.author.trimmingCharacters(in: .whitespaces)
+        guard !author.isEmpty, author.utf8.count <= 128 else {
+            throw RPCError.invalidArgument(field: "override.author", "is required (1-128 bytes): every override says who")
+        }
+        guard o.expiresAtMs == 0 || o.expiresAtMs > nowMs else {
+            throw RPCError.invalidArgument(field: "override.expires_at_ms", "must be in the future (or 0: until ended)")
+        }
+        return try pool.write { db in
+            let existing = memory.withLock { m in o.id.isEmpty ? nil : m.overrides[o.id] }
+            if o.id.isEmpty {
+                guard memory.withLock({ m in m.overrides.values.count { Self.isActive($0, nowMs) } }) < Self.maxOverrides else {
+                    throw RPCError(.resourceExhausted, "override: at most \(Self.maxOverrides) active overrides; end one first")
+                }
+                o.id = TimeOrderedID.make("o", nowMs: nowMs)
+                o.createdAtMs = nowMs
+                o.version = 1
+            } else {
+                guard let existing else { throw RPCError(.notFound, "override.id: no override \"\(o.id)\"") }
+                guard Self.isActive(existing, nowMs) else {
+                    throw RPCError(.failedPrecondition, "override.id: override \"\(o.id)\" has ended; set a new one")
+                }
+                o.createdAtMs = existing.createdAtMs
+                o.version = existing.version + 1
+            }
+            o.reason = reason
+            o.author = author
+            o.endedAtMs = 0
+            o.endedBy = ""
+            o.active = true
+            try saveOverride(db, o, change: existing == nil ? "created" : "changed", author: author, reason: reason, nowMs: nowMs)
+            return o
+        }
+    }
+
+    /// Ends an override (ending an ended one changes nothing).
+    public func endOverride(_ id: String, author: String, reason: String, nowMs: Int64) throws -> DecisionV1.Override {
+        try pool.write { db in
+            guard var o = memory.withLock({ $0.overrides[id] }) else { throw RPCError(.notFound, "id: no override \"\(id)\"") }
+            guard o.endedAtMs == 0 else { return o }
+            o.endedAtMs = nowMs
+            o.endedBy = author
+            o.active = false
+            o.version += 1
+            try saveOverride(db, o, change: "ended", author: author, reason: reason, nowMs: nowMs)
+            return o
+        }
+    }
+
+    private func saveOverride(_ db: Database, _ o: DecisionV1.Override, change: String, author: String, reason: String, nowMs: Int64) throws {
+        try db.execute(sql: "INSERT OR REPLACE INTO override (id, body) VALUES (?, ?)", arguments: [o.id, Data(o.serializedBytes())])
+        var audit = DecisionV1.OverrideChange()
+        audit.overrideId = o.id
+        audit.atMs = nowMs
+        audit.author = author
+        audit.change = change
+        audit.reason = reason
+        audit.override = o
+        try db.execute(sql: "INSERT INTO override_change (override_id, version, at_ms, body) VALUES (?, ?, ?, ?)",
+                       arguments: [o.id, Int64(o.version), nowMs, Data(audit.serializedBytes())])
+        memory.withLock { $0.overrides[o.id] = o }
+    }
+
+    static func isActive(_ o: DecisionV1.Override, _ nowMs: Int64) -> Bool {
+        o.endedAtMs == 0 && (o.expiresAtMs == 0 || nowMs < o.expiresAtMs)
+    }
+
+    /// Overrides by creation time, with `active` as of `nowMs`.
+    public func overrides(nowMs: Int64, includeEnded: Bool) -> [DecisionV1.Override] {
+        memory.withLock { m in
+            m.overrides.values.compactMap { o -> DecisionV1.Override? in
+                var o = o
+                o.active = Self.isActive(o, nowMs)
+                return includeEnded || o.active ? o : nil
+            }.sorted { ($0.createdAtMs, $0.id) < ($1.createdAtMs, $1.id) }
+        }
+    }
+
+    /// Every audited change, oldest first.
+    public func overrideHistory() throws -> [DecisionV1.OverrideChange] {
+        try pool.read { db in
+            try Data.fetchAll(db, sql: "SELECT body FROM override_change ORDER BY at_ms, override_id, version")
+                .map { try DecisionV1.OverrideChange(serializedBytes: $0) }
+        }
+    }
+
+    static func loadOverrides(_ db: Database) throws -> [String: DecisionV1.Override] {
+        var overrides: [String: DecisionV1.Override] = [:]
+        for body in try Data.fetchAll(db, sql: "SELECT body FROM override") {
+            let o = try DecisionV1.Override(serializedBytes: body)
+            overrides[o.id] = o
+        }
+        return overrides
+    }
+}
+
+extension DecisionV1.Override {
+    /// Whether the override covers a decision for a person in `segments` with `context`.
+    func matches(segments: Set<String>, context: [String: String]) -> Bool {
+        (segment.isEmpty || segments.contains(segment)) && self.context.allSatisfy { context[$0.key] == $0.value }
+    }
+}
