@@ -14,18 +14,6 @@ func echoRequest(_ message: String = "", delayMs: Int64 = 0, failCode: Int32 = 0
     return request
 }
 
-func expectCode(_ code: RPCError.Code, message: String? = nil, _ body: () async throws -> Void) async {
-    do {
-        try await body()
-        Issue.record("expected \(code), got OK")
-    } catch let error as RPCError {
-        #expect(error.code == code, "\(error)")
-        if let message { #expect(error.message.contains(message), "\(error.message)") }
-    } catch {
-        Issue.record("expected RPCError \(code), got \(error)")
-    }
-}
-
 @Suite("RPC server and client over loopback")
 struct ServerTests {
     @Test("health and echo answer; metadata and blob round-trip")

@@ -15,6 +15,20 @@ public func expectInvalid(_ field: String, sourceLocation: SourceLocation = #_so
     }
 }
 
+/// Expects `body` to fail with `code` (and, when given, a message containing `message`).
+public func expectCode(_ code: RPCError.Code, message: String? = nil, sourceLocation: SourceLocation = #_sourceLocation,
+                       _ body: () async throws -> Void) async {
+    do {
+        try await body()
+        Issue.record("expected \(code), got OK", sourceLocation: sourceLocation)
+    } catch let error as RPCError {
+        #expect(error.code == code, "\(error)", sourceLocation: sourceLocation)
+        if let message { #expect(error.message.contains(message), "\(error.message)", sourceLocation: sourceLocation) }
+    } catch {
+        Issue.record("expected RPCError \(code), got \(error)", sourceLocation: sourceLocation)
+    }
+}
+
 /// Polls until `condition` holds (at most `seconds`).
 public func eventually(_ seconds: Double = 10, _ condition: @Sendable () async throws -> Bool) async throws -> Bool {
     let end = ContinuousClock.now + .seconds(seconds)

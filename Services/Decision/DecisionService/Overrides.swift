@@ -69,7 +69,13 @@ extension DecisionStore {
 
     /// Ends an override (ending an ended one changes nothing).
     public func endOverride(_ id: String, author: String, reason: String, nowMs: Int64) throws -> DecisionV1.Override {
-        try pool.write { db in
+        guard !id.isEmpty else { throw RPCError.invalidArgument(field: "id", "is required") }
+        let author = author.trimmingCharacters(in: .whitespaces)
+        guard !author.isEmpty, author.utf8.count <= 128 else {
+            throw RPCError.invalidArgument(field: "author", "is required (1-128 bytes): every change says who")
+        }
+        guard reason.utf8.count <= 500 else { throw RPCError.invalidArgument(field: "reason", "is longer than 500 bytes") }
+        return try pool.write { db in
             guard var o = memory.withLock({ $0.overrides[id] }) else { throw RPCError(.notFound, "id: no override \"\(id)\"") }
             guard o.endedAtMs == 0 else { return o }
             o.endedAtMs = nowMs
