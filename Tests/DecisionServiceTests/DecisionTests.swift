@@ -359,6 +359,37 @@ struct DecisionTests {
         #expect(late["annoying", default: 0] < 150, "\(late)")
     }
 
+    @Test("learning per segment: each learning segment finds its own best action")
+    func segmentLearning() async throws {
+        let clock = TestClock()
+        try await withProfile(clock: clock) { profile, client in
+            let decision = try makeDecision(clock: clock, profile: client, seed: 5) { $0.learner.segments = ["young", "senior"] }
+            try decision.upsert(action("gaming", value: 10))
+            try decision.upsert(action("pension", value: 10))
+            try profile.store.defineSegment(name: "young", rule: try Rule("trait.age < 30"), nowMs: clock.read())
+            try profile.store.defineSegment(name: "senior", rule: try Rule("trait.age >= 60"), nowMs: clock.read())
+            let truth = ["young": ["gaming": 0.20, "pension": 0.02], "senior": ["gaming": 0.02, "pension": 0.20]]
+            for n in 0..<200 { try seed(profile.store, "p\(n)", traits: [("age", .number(n % 2 == 0 ? 22 : 70))], at: clock.read()) }
+            var generator = SplitMix64(seed: 3)
+            var late: [String: [String: Int]] = [:]
+            for round in 0..<2000 {
+                let n = round % 200
+                let segment = n % 2 == 0 ? "young" : "senior"
+                let response = try await decision.decide(decideRequest("p\(n)"))
+                let chosen = response.actions[0].actionId
+                #expect(response.explanations.allSatisfy { $0.arm == "segment:\(segment)" })
+                if Double.random(in: 0..<1, using: &generator) < truth[segment]![chosen]! {
+                    _ = try decision.outcome("o\(round)", response, .conversion)
+                }
+                if round >= 1200 { late[segment, default: [:]][chosen, default: 0] += 1 }
+                clock.advance(seconds: 5)
+            }
+            // 400 late decisions per segment: each mostly on its own best action.
+            #expect(late["young"]!["gaming", default: 0] > 320, "\(late)")
+            #expect(late["senior"]!["pension", default: 0] > 320, "\(late)")
+        }
+    }
+
     @Test("with the profile service stopped or slow, Decide answers within its budget, degraded, and keeps known consent")
     func degraded() async throws {
         let clock = TestClock()

@@ -208,7 +208,7 @@ public struct DecisionService: RPCService {
         } else {
             record = try choose()
         }
-        try await store.log(record, arms: record.actions.flatMap { [ArmKey.global($0.actionId), .placement($0.actionId, request.placement)] })
+        try await store.log(record, arms: record.actions.flatMap { ArmKey.learned($0.actionId, in: record) })
 
         var response = DecisionV1.DecideResponse()
         response.decisionId = record.decisionId
@@ -338,7 +338,10 @@ public struct DecisionService: RPCService {
         // Scores, and Thompson sampling's choice probabilities over the eligible actions.
         let learner = store.configuration
         var keys: [ArmKey] = []
-        for (spec, _, _) in eligible { keys += [.global(spec.id), .placement(spec.id, request.placement)] }
+        let segment = learner.segments.first { facts.segments.contains($0) }
+        for (spec, _, _) in eligible {
+            keys += [.global(spec.id), segment.map { .segment(spec.id, $0) } ?? .placement(spec.id, request.placement)]
+        }
         let arms = store.arms(keys, nowMs: now)
         var means: [Double] = []
         var sds: [Double] = []

@@ -338,7 +338,7 @@ public final class DecisionStore: Sendable {
                 """, arguments: [outcome.outcomeId, outcome.decisionId, record.personId, outcome.actionId,
                                  outcome.outcome.rawValue, outcome.value, atMs])
             guard db.changesCount > 0 else { return false }
-            let keys = [ArmKey.global(outcome.actionId), .placement(outcome.actionId, record.placement)]
+            let keys = ArmKey.learned(outcome.actionId, in: record)
             switch outcome.outcome {
             case .click, .conversion:
                 let positives = try Int.fetchOne(db, sql: """

@@ -1,4 +1,6 @@
+import Contracts
 import Foundation
+import Rules
 
 /// How the decision service learns and explores. Defaults are documented per field.
 public struct LearnerConfiguration: Sendable, Codable, Equatable {
@@ -15,6 +17,11 @@ public struct LearnerConfiguration: Sendable, Codable, Equatable {
     public var dismissWeight = 1.0
     /// Failures a complaint or an unsubscribe counts for. Default 10.
     public var complaintWeight = 10.0
+    /// Profile segments the learner keeps evidence for separately (at most 20): a person in
+    /// one of them (the first listed) is estimated from that segment's evidence on each
+    /// action, everyone else from the placement's; both start from the action's evidence
+    /// everywhere. Default none: placements only.
+    public var segments: [String] = []
 
     public init() {}
 
@@ -35,6 +42,10 @@ public struct LearnerConfiguration: Sendable, Codable, Equatable {
         explorationFloor = try read(.explorationFloor, d.explorationFloor, { $0 >= 0 && $0 <= 1 }, "must be between 0 and 1")
         dismissWeight = try read(.dismissWeight, d.dismissWeight, { $0 >= 0 && $0.isFinite }, "must be 0 or more")
         complaintWeight = try read(.complaintWeight, d.complaintWeight, { $0 >= 0 && $0.isFinite }, "must be 0 or more")
+        segments = try c.decodeIfPresent([String].self, forKey: .segments) ?? d.segments
+        guard segments.count <= 20, segments.allSatisfy({ (try? Names.check($0, field: "segments")) != nil }) else {
+            throw DecodingError.dataCorruptedError(forKey: .segments, in: c, debugDescription: "segments must be at most 20 segment names (letters, digits, _ - . :)")
+        }
     }
 
     var halfLifeMs: Double { halfLifeDays * 86_400_000 }
@@ -58,11 +69,19 @@ struct Arm: Sendable, Equatable {
 
 struct ArmKey: Hashable, Sendable {
     var action: String
-    /// "*" (the action everywhere) or "placement:<name>".
+    /// "*" (the action everywhere), "placement:<name>" or "segment:<name>".
     var context: String
 
     static func global(_ action: String) -> ArmKey { ArmKey(action: action, context: "*") }
     static func placement(_ action: String, _ placement: String) -> ArmKey { ArmKey(action: action, context: "placement:\(placement)") }
+    static func segment(_ action: String, _ segment: String) -> ArmKey { ArmKey(action: action, context: "segment:\(segment)") }
+
+    /// The two arms a logged decision learns on for `action`: everywhere, and the context
+    /// its estimate came from (as logged in its explanation).
+    static func learned(_ action: String, in record: DecisionV1.DecisionRecord) -> [ArmKey] {
+        let context = record.candidates.first { $0.actionId == action }?.arm ?? ""
+        return [.global(action), context.isEmpty ? .placement(action, record.placement) : ArmKey(action: action, context: context)]
+    }
 }
 
 /// A response-rate estimate: a Beta posterior summarized by its mean and standard deviation.
