@@ -140,6 +140,10 @@ let package = Package(
         .executableTarget(name: "arbiter-decision", dependencies: ["DecisionService", "IdentityFeed", "ServiceRuntime", "RPC"], path: "Services/Decision/arbiter-decision"),
         .executableTarget(name: "arbiter-routing", dependencies: ["RoutingService", "IdentityFeed", "ServiceRuntime", "RPC"], path: "Services/Routing/arbiter-routing"),
 
+        // The synthetic market with a hidden truth that `arbiter demo` and the decision-quality
+        // benchmark drive through the real services.
+        .target(name: "Simulation", dependencies: ["Contracts", "RPC", "Rules", "LoadTest"]),
+
         // Load generation with latency histograms, for `arbiter load` and the benchmarks.
         .target(
             name: "LoadTest",
@@ -150,7 +154,7 @@ let package = Package(
         .executableTarget(
             name: "arbiter",
             dependencies: [
-                "RPC", "Contracts", "LoadTest",
+                "RPC", "Contracts", "LoadTest", "Simulation",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
@@ -163,7 +167,7 @@ let package = Package(
             dependencies: [
                 "RPC", "Contracts", "IdentityService", "ProfileService", "DecisionService", "RoutingService",
                 "TestSupport",  // the webhook receiver the routing benchmark dispatches to
-                "LoadTest",
+                "LoadTest", "Simulation",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -180,7 +184,7 @@ let package = Package(
             ],
             path: "Tests/TestSupport"
         ),
-        .testTarget(name: "ContractsTests", dependencies: ["Contracts"]),
+        .testTarget(name: "ContractsTests", dependencies: ["Contracts", "Rules"]),
         .testTarget(
             name: "RPCTests",
             dependencies: [

@@ -87,4 +87,17 @@ public enum LoadTest {
         result.seconds = seconds
         return result
     }
+
+    /// Calls `body` for every index in `0..<count`, `workers` at a time (worker `w` takes
+    /// `w`, `w + workers`, ...); the first error stops the rest.
+    public static func forEach(_ count: Int, workers: Int, _ body: @escaping @Sendable (Int) async throws -> Void) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for worker in 0..<max(1, min(workers, count)) {
+                group.addTask {
+                    for i in stride(from: worker, to: count, by: max(1, min(workers, count))) { try await body(i) }
+                }
+            }
+            try await group.waitForAll()
+        }
+    }
 }

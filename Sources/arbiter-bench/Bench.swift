@@ -13,7 +13,7 @@ import RPC
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "arbiter-bench", abstract: "Arbiter benchmarks (print throughput and latency percentiles).",
-        subcommands: [IdentityBench.self, ProfileBench.self, DecisionBench.self, RoutingBench.self, HealthBench.self])
+        subcommands: [IdentityBench.self, ProfileBench.self, DecisionBench.self, RoutingBench.self, SimulationBench.self, HealthBench.self])
 }
 
 struct IdentityBench: AsyncParsableCommand {

@@ -127,35 +127,28 @@ struct Load: AsyncParsableCommand {
         defer { profile.close() }
         let started = ContinuousClock.now
         let persons = self.persons
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for worker in 0..<16 {
-                group.addTask {
-                    for p in stride(from: worker, to: persons, by: 16) {
-                        var traits = ProfileV1.SetTraitsRequest()
-                        var ref = CommonV1.PersonRef()
-                        ref.ref = .personId("load-p\(p)")
-                        traits.person = ref
-                        var tier = CommonV1.Field()
-                        tier.name = "tier"
-                        var value = CommonV1.Value()
-                        value.kind = .stringValue(["gold", "silver", "bronze"][p % 3])
-                        tier.value = value
-                        traits.traits = [tier]
-                        traits.source = "arbiter-load"
-                        _ = try await profile.call(ProfileV1.Profile.setTraits, traits, timeout: .seconds(10))
-                        var consent = ProfileV1.SetConsentRequest()
-                        consent.person = ref
-                        var record = ProfileV1.ConsentRecord()
-                        record.purpose = "marketing"
-                        record.channel = .email
-                        record.granted = p % 4 != 0
-                        record.source = "arbiter-load"
-                        consent.consents = [record]
-                        _ = try await profile.call(ProfileV1.Profile.setConsent, consent, timeout: .seconds(10))
-                    }
-                }
-            }
-            try await group.waitForAll()
+        try await LoadTest.forEach(persons, workers: 16) { p in
+            var traits = ProfileV1.SetTraitsRequest()
+            var ref = CommonV1.PersonRef()
+            ref.ref = .personId("load-p\(p)")
+            traits.person = ref
+            var tier = CommonV1.Field()
+            tier.name = "tier"
+            var value = CommonV1.Value()
+            value.kind = .stringValue(["gold", "silver", "bronze"][p % 3])
+            tier.value = value
+            traits.traits = [tier]
+            traits.source = "arbiter-load"
+            _ = try await profile.call(ProfileV1.Profile.setTraits, traits, timeout: .seconds(10))
+            var consent = ProfileV1.SetConsentRequest()
+            consent.person = ref
+            var record = ProfileV1.ConsentRecord()
+            record.purpose = "marketing"
+            record.channel = .email
+            record.granted = p % 4 != 0
+            record.source = "arbiter-load"
+            consent.consents = [record]
+            _ = try await profile.call(ProfileV1.Profile.setConsent, consent, timeout: .seconds(10))
         }
         say(String(format: "seeded %d persons in the profile service in %.1f s", persons, (ContinuousClock.now - started) / .seconds(1)))
     }

@@ -1,4 +1,5 @@
 import Contracts
+import Rules
 import Testing
 
 @Suite("protobuf-c codec")
@@ -185,18 +186,5 @@ struct CodecTests {
         #expect(HealthV1.Health.check.fullName == "grpc.health.v1.Health/Check")
         #expect(HealthV1.Health.check.isIdempotent)
         #expect(HealthV1.Health.check.inputName == "grpc.health.v1.HealthCheckRequest")
-    }
-}
-
-/// A small deterministic generator so that fuzz runs repeat.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

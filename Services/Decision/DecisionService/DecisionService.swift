@@ -364,7 +364,7 @@ public struct DecisionService: RPCService {
         var draws: [(index: Int, probability: Double)] = []
         if control {
             // The default experience: the rules_only policy, deterministic (propensity 1).
-            let slots = TargetPolicy.rulesOnly.ranking(explanations)
+            let slots = DecisionPolicy.rulesOnly.ranking(explanations)
             for slot in slots where draws.count < count {
                 let k = eligible.firstIndex { $0.slot == slot }!
                 guard available(k) else { continue }

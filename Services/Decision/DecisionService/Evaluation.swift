@@ -4,54 +4,6 @@ import GRDB
 import RPC
 import Rules
 
-/// A policy the log can be replayed against: EvaluatePolicy's targets, and (rules_only)
-/// the global holdout's default experience.
-enum TargetPolicy: Equatable {
-    /// The highest score (learned propensity × value × lever), no exploration.
-    case noExploration
-    /// The highest lever, then the catalog order (action id): business priority, no learning.
-    case rulesOnly
-    /// The highest value × lever.
-    case highestValue
-    /// That action whenever it is eligible, else nothing.
-    case always(String)
-    /// The policy that made the decisions (its logged propensities).
-    case logging
-
-    init(_ text: String) throws(RPCError) {
-        switch text {
-        case "no_exploration": self = .noExploration
-        case "rules_only": self = .rulesOnly
-        case "highest_value": self = .highestValue
-        case "logging": self = .logging
-        case let t where t.hasPrefix("always:"):
-            let id = String(t.dropFirst("always:".count))
-            try Names.check(id, field: "policy (always:<action id>)")
-            self = .always(id)
-        default:
-            throw .invalidArgument(field: "policy", "must be no_exploration, rules_only, highest_value, always:<action id> or logging, got \"\(text)\"")
-        }
-    }
-
-    /// The eligible candidates' indexes in this policy's order of preference (`logging`: none).
-    func ranking(_ candidates: [DecisionV1.CandidateExplanation]) -> [Int] {
-        let slots = candidates.indices.filter { candidates[$0].eligible }
-        func by(_ key: (DecisionV1.CandidateExplanation) -> Double) -> [Int] {
-            slots.sorted { a, b in
-                let (ka, kb) = (key(candidates[a]), key(candidates[b]))
-                return ka != kb ? ka > kb : candidates[a].actionId < candidates[b].actionId
-            }
-        }
-        switch self {
-        case .noExploration: return by(\.score)
-        case .rulesOnly: return by(\.lever)
-        case .highestValue: return by { $0.value * $0.lever }
-        case .always(let id): return slots.filter { candidates[$0].actionId == id }
-        case .logging: return []
-        }
-    }
-}
-
 /// Normal-approximation statistics for lift and off-policy estimates.
 enum Statistics {
     static let z95 = 1.959963984540054
@@ -315,7 +267,9 @@ extension DecisionService {
 
     func evaluatePolicy(_ request: DecisionV1.EvaluatePolicyRequest) throws -> DecisionV1.EvaluatePolicyResponse {
         let (from, to) = try window(request.fromMs, request.toMs)
-        let policy = try TargetPolicy(request.policy)
+        guard let policy = DecisionPolicy(request.policy) else {
+            throw RPCError.invalidArgument(field: "policy", "must be no_exploration, rules_only, highest_value, always:<action id> or logging, got \"\(request.policy)\"")
+        }
         var weights: [Double] = []
         var rewards: [Double] = []
         var response = DecisionV1.EvaluatePolicyResponse()
