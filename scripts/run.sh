@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Setup and run: installs what is missing (apt packages included), builds, starts
 # the suite on localhost with every store under one data directory, waits until
-# every service is ready, runs a short demo over the wire, and keeps running until
-# Ctrl-C, which stops every service gracefully.
+# every service is ready, runs the demo (`arbiter demo`: a synthetic population through
+# the real services, with a report in the terminal and in $ARBITER_DATA/demo.html) and
+# a Python client over the wire, and keeps running until Ctrl-C, which stops every
+# service gracefully. Settings: examples/arbiter.json (per-segment learning, a 10 %
+# holdout, deliveries to a local webhook receiver, scripts/webhook-sink.py).
 #
 # Environment: ARBITER_DATA (default ./data), ARBITER_BUILD (debug or release, default release).
 set -euo pipefail
@@ -16,7 +19,7 @@ swift build -c "$config"
 bin=".build/$config"
 mkdir -p "$data"
 
-for port in 7100 7101 7102 7103 7104 8100 8101 8102 8103 8104; do
+for port in 7100 7101 7102 7103 7104 7199 8100 8101 8102 8103 8104; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "run: port $port is already in use; stop what listens there (ss -ltnp 'sport = :$port')" >&2
     exit 1
@@ -35,7 +38,10 @@ trap 'exit 0' INT TERM
 
 # The four services: `arbiter up` starts them wired together, waits until they serve,
 # prints their addresses, and stops them gracefully on Ctrl-C.
-"$bin/arbiter" up --data-dir "$data" &
+"$bin/arbiter" up --data-dir "$data" --config examples/arbiter.json &
+pids+=($!)
+# Where routing delivers (push, in-app, webhook and email go to its webhook adapter).
+/usr/bin/python3 scripts/webhook-sink.py --port 7199 --log "$data/webhook-deliveries.jsonl" >/dev/null &
 pids+=($!)
 # The conformance server for client authors (the Python demo talks to it).
 "$bin/arbiter-echo" --port 7100 --admin-port 8100 --data-dir "$data/echo" >>"$data/echo.log" 2>&1 &
@@ -52,7 +58,11 @@ done
 echo "echo       127.0.0.1:7100       http://127.0.0.1:8100                     $data/echo.log"
 
 echo
-echo "== demo: a Python client speaking ttrpc to the suite (examples/python)"
+echo "== demo: a synthetic population through the suite (arbiter demo)"
+"$bin/arbiter" demo --html "$data/demo.html" || echo "the demo failed (see above); the suite keeps running" >&2
+
+echo
+echo "== a Python client speaking ttrpc to the suite (examples/python)"
 if [ -f examples/python/example.py ]; then
   /usr/bin/python3 examples/python/example.py --addr 127.0.0.1:7100 || true
 fi

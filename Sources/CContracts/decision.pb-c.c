@@ -3650,7 +3650,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__evaluate_policy_request_
   (ProtobufCMessageInit) arbiter__decision__v1__evaluate_policy_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__evaluate_policy_response__field_descriptors[8] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__evaluate_policy_response__field_descriptors[9] =
 {
   {
     "ips",
@@ -3748,10 +3748,23 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__evaluate_policy_res
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "excluded",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__EvaluatePolicyResponse, excluded),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__evaluate_policy_response__field_indices_by_name[] = {
   5,   /* field[5] = decisions */
   4,   /* field[4] = effective_sample_size */
+  8,   /* field[8] = excluded */
   0,   /* field[0] = ips */
   1,   /* field[1] = ips_ci95 */
   6,   /* field[6] = logged_value */
@@ -3762,7 +3775,7 @@ static const unsigned arbiter__decision__v1__evaluate_policy_response__field_ind
 static const ProtobufCIntRange arbiter__decision__v1__evaluate_policy_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 8 }
+  { 0, 9 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__evaluate_policy_response__descriptor =
 {
@@ -3772,7 +3785,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__evaluate_policy_response
   "Arbiter__Decision__V1__EvaluatePolicyResponse",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__EvaluatePolicyResponse),
-  8,
+  9,
   arbiter__decision__v1__evaluate_policy_response__field_descriptors,
   arbiter__decision__v1__evaluate_policy_response__field_indices_by_name,
   1,  arbiter__decision__v1__evaluate_policy_response__number_ranges,

@@ -142,6 +142,7 @@ public struct Simulation: Sendable {
         let started = ContinuousClock.now
         state.withLock { $0.fromMs = Int64(Date().timeIntervalSince1970 * 1000) - 1 }
         let half = persons.lowerBound + persons.count / 2
+        let nonce = String(UInt32.random(in: .min ... .max), radix: 16)  // outcome ids stay new when a run is repeated
         let done = Mutex(0)
         try await LoadTest.forEach(persons.count, workers: workers) { [self] offset in
             let n = persons.lowerBound + offset
@@ -160,7 +161,7 @@ public struct Simulation: Sendable {
             let converted = chosen.map { u < world.truth($0, for: person) } ?? false
             if let chosen, converted {
                 var outcome = DecisionV1.ReportOutcomeRequest()
-                outcome.outcomeId = "sim-\(seed)-\(n)"
+                outcome.outcomeId = "sim-\(nonce)-\(n)"
                 outcome.decisionId = response.decisionId
                 outcome.actionId = chosen
                 outcome.outcome = .conversion
@@ -279,7 +280,7 @@ public struct Simulation: Sendable {
             lines.append("  \(policy): IPS \(f(e.ips)) (CI \(f(e.ipsCi95?.low ?? 0)) to \(f(e.ipsCi95?.high ?? 0))), SNIPS \(f(e.snips)), ESS \(Int(e.effectiveSampleSize)); actually run \(f(ran.valuePerDecision)) (truth \(f(ran.expectedValuePerDecision))) — \(inside ? "inside" : "OUTSIDE") the interval")
         }
         if let e = measured.estimates["logging"] {
-            lines.append("  logging policy: \(f(e.ips)) per decision on \(e.decisions) decisions (as run: \(f(run.arbiter.valuePerDecision)))")
+            lines.append("  logging policy: \(f(e.ips)) per decision on its \(e.decisions) decisions (\(e.excluded) holdout or overridden left out; the learned policy as run: \(f(run.treated.valuePerDecision)))")
         }
         lines.append("")
         lines.append("what the learner found (second half, learned choices per life stage; truth's best in brackets):")

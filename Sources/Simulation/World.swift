@@ -86,10 +86,13 @@ public struct World: Sendable {
          CommonV1.Field("push_token", .string("token-\(person.id)")), CommonV1.Field("timezone", .string("Europe/Paris"))]
     }
 
+    /// Marketing consent by email and push as drawn; service messages (purpose "service",
+    /// what routing uses for offers that need no marketing consent) on every channel.
     public func consent(_ person: Person, atMs: Int64) -> [ProfileV1.ConsentRecord] {
-        [(CommonV1.Channel.email, person.marketingEmail), (.push, person.marketingPush)].map { channel, granted in
+        [("marketing", CommonV1.Channel.email, person.marketingEmail), ("marketing", .push, person.marketingPush),
+         ("service", .unspecified, true)].map { purpose, channel, granted in
             var record = ProfileV1.ConsentRecord()
-            record.purpose = "marketing"
+            record.purpose = purpose
             record.channel = channel
             record.granted = granted
             record.source = "simulation"

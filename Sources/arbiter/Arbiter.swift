@@ -9,7 +9,7 @@ import UnixSignals
 struct Arbiter: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "arbiter", abstract: "Run the Arbiter suite on this machine, and call it.",
-        subcommands: [Up.self, Call.self, List.self, Load.self])
+        subcommands: [Up.self, Demo.self, Call.self, List.self, Load.self])
 }
 
 /// `arbiter up`: the four services as child processes on localhost, each with its store
@@ -134,4 +134,13 @@ struct Up: AsyncParsableCommand {
 /// Writes a line to standard output at once (unbuffered, also when piped).
 func say(_ line: String) {
     FileHandle.standardOutput.write(Data((line + "\n").utf8))
+}
+
+/// A client for `host:port`, sending the token in `tokenFile` (if any) as authorization.
+func makeClient(_ address: String, tokenFile: String?) throws -> RPCClient {
+    guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]) else {
+        throw ValidationError("address must be host:port, got \(address)")
+    }
+    let token = try tokenFile.map { try String(contentsOfFile: $0, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
+    return RPCClient(host: String(address[..<colon]), port: port, configuration: .withToken(token))
 }

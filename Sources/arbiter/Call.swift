@@ -70,12 +70,7 @@ struct Call: AsyncParsableCommand {
             guard let eq = header.firstIndex(of: "="), eq != header.startIndex else { throw ValidationError("--header must be key=value, got \(header)") }
             metadata.add(String(header[..<eq]), String(header[header.index(after: eq)...]))
         }
-        let target = address ?? "127.0.0.1:\(defaultPort)"
-        guard let colon = target.lastIndex(of: ":"), let port = Int(target[target.index(after: colon)...]) else {
-            throw ValidationError("--address must be host:port, got \(target)")
-        }
-        let token = try authTokenFile.map { try String(contentsOfFile: $0, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
-        let client = RPCClient(host: String(target[..<colon]), port: port, configuration: .withToken(token))
+        let client = try makeClient(address ?? "127.0.0.1:\(defaultPort)", tokenFile: authTokenFile)
         defer { client.close() }
         do {
             let response = try await client.call(descriptor, payload: payload, metadata: metadata, timeout: .seconds(timeout))

@@ -43,18 +43,10 @@ struct Load: AsyncParsableCommand {
         guard (0...1).contains(outcomeRatio) else { throw ValidationError("--outcome-ratio must be between 0 and 1") }
     }
 
-    func client(_ address: String, token: String?) throws -> RPCClient {
-        guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]) else {
-            throw ValidationError("address must be host:port, got \(address)")
-        }
-        return RPCClient(host: String(address[..<colon]), port: port, configuration: .withToken(token))
-    }
-
     func run() async throws {
-        let token = try authTokenFile.map { try String(contentsOfFile: $0, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
-        let clients = try (0..<connections).map { _ in try client(address, token: token) }
+        let clients = try (0..<connections).map { _ in try makeClient(address, tokenFile: authTokenFile) }
         defer { clients.forEach { $0.close() } }
-        if let seedProfile { try await seed(profile: try client(seedProfile, token: token)) }
+        if let seedProfile { try await seed(profile: try makeClient(seedProfile, tokenFile: authTokenFile)) }
         if actions > 0 {
             for a in 0..<actions {
                 var upsert = DecisionV1.UpsertActionRequest()

@@ -131,6 +131,12 @@ struct ProofOfValueTests {
             #expect(abs(report.treated!.valuePerPerson - 10 * report.treated!.conversionRate) < 1e-9)
             #expect(report.srmPValue > 0.001 && !report.srmWarning, "\(report)")
 
+            // EvaluatePolicy weighs only the learned policy's decisions: the holdout's are left out.
+            var logging = DecisionV1.EvaluatePolicyRequest()
+            logging.policy = "logging"
+            let evaluated = try decision.evaluatePolicy(logging)
+            #expect(evaluated.excluded == UInt64(controlPersons) && evaluated.decisions == UInt64(3000 - controlPersons))
+
             // Only the gold segment's decisions (every third person).
             let gold = try decision.liftReport(liftRequest(segment: "gold"))
             #expect(gold.treated!.persons + gold.control!.persons == 1000)

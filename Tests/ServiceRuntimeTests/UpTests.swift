@@ -80,6 +80,53 @@ struct UpTests {
         for offset in 1...4 { #expect(portIsFree(rpcBase + offset), "port \(rpcBase + offset) still taken") }
     }
 
+    @Test("arbiter demo seeds a population through the running suite, simulates decisions and outcomes, and reports in text and HTML")
+    func demo() async throws {
+        let rpcBase = try await freeBase(), adminBase = try await freeBase(avoiding: rpcBase)
+        let dataDir = NSTemporaryDirectory() + "/arbiter-demo-\(rpcBase)"
+        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        let sink = try await WebhookSink.start()
+        try Data(#"""
+            {"decision": {"learner": {"segments": ["young", "family", "senior"]}, "holdout": {"share": 0.2}},
+             "routing": {"webhook": {"url": "http://127.0.0.1:\#(sink.port)/hook"}}}
+            """#.utf8).write(to: URL(fileURLWithPath: dataDir + "/config.json"))
+        let up = try RunningProcess.start("arbiter", ["up", "--data-dir", dataDir, "--port-base", "\(rpcBase)", "--admin-port-base", "\(adminBase)",
+                                                      "--config", dataDir + "/config.json", "--log-level", "warning"], captureOutput: true)
+        defer { kill(up.process.processIdentifier, SIGKILL) }
+        var clients: [RPCClient] = []
+        for offset in 1...4 { clients.append(try await waitUntilServing(port: rpcBase + offset)) }
+        defer { clients.forEach { $0.close() } }
+
+        let demo = try RunningProcess.start("arbiter", ["demo", "--port-base", "\(rpcBase)", "--persons", "400", "--html", dataDir + "/demo.html"],
+                                            captureOutput: true)
+        let status = await demo.waitForExit()
+        let errors = await demo.errorOutput
+        #expect(status == 0, "\(errors)")
+        let output = await demo.output
+        for section in ["identities: ", "anonymous visitors merged at login", "cumulative reward", "rules_only", "most_popular",
+                        "lift against the global holdout", "off-policy estimates", "what the learner found", "deliveries planned", "degraded decisions: 0"] {
+            #expect(output.contains(section), "\(section) missing from:\n\(output)")
+        }
+        #expect(errors.contains("decisions   [##############################] 100 % (400/400)"))
+        let html = try String(contentsOfFile: dataDir + "/demo.html", encoding: .utf8)
+        #expect(html.contains("<svg") && html.contains("Lift against the global holdout"))
+
+        // What the demo reported is in the services: a customer resolved, profiled and decided for.
+        var resolve = IdentityV1.ResolveRequest()
+        resolve.identifiers = [identifier("customer_id", "sim-0")]
+        let person = try await clients[0].call(IdentityV1.Identity.resolve, resolve).personId
+        #expect(!person.isEmpty)
+        var get = ProfileV1.GetProfileRequest()
+        get.person = personRef(person)
+        let view = try await clients[1].call(ProfileV1.Profile.getProfile, get)
+        #expect(view.segments.contains { ["young", "family", "senior"].contains($0) } && view.features.contains { $0.name == "page_views_7d" })
+        let lift = try await clients[2].call(DecisionV1.Decision.liftReport, DecisionV1.LiftReportRequest())
+        #expect((lift.treated?.persons ?? 0) + (lift.control?.persons ?? 0) == 400)
+        kill(up.process.processIdentifier, SIGINT)
+        #expect(await up.waitForExit() == 0)
+        await sink.close()
+    }
+
     @Test("a service that cannot start stops the others, and up fails with its log")
     func failingService() async throws {
         let rpcBase = try await freeBase(), adminBase = try await freeBase(avoiding: rpcBase)

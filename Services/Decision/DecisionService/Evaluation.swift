@@ -275,6 +275,11 @@ extension DecisionService {
         var response = DecisionV1.EvaluatePolicyResponse()
         var logged = 0.0
         try store.forEachDecision(fromMs: from, toMs: to) { record, outcomes in
+            // The holdout's and the overrides' choices were certain: no propensity to weigh by.
+            guard !record.holdout, !record.overrides.contains(where: \.applied) else {
+                response.excluded += 1
+                return
+            }
             guard let first = record.actions.first else {
                 // Nothing was eligible: every policy shows nothing and earns nothing.
                 weights.append(1)

@@ -620,7 +620,9 @@ struct  Arbiter__Decision__V1__LiftReportResponse
 /*
  * Estimates, from the logged propensities of the decisions in [from_ms, to_ms), the value
  * per decision another policy would have earned (the first-ranked action; reward = the
- * value of conversions reported on it).
+ * value of conversions reported on it). Only the decisions the learned policy made count:
+ * those of the global holdout and those an override decided chose with certainty by
+ * construction, so they are left out (`excluded`).
  */
 struct  Arbiter__Decision__V1__EvaluatePolicyRequest
 {
@@ -666,10 +668,14 @@ struct  Arbiter__Decision__V1__EvaluatePolicyResponse
    * Decisions whose logged first action is the one the target policy would have chosen.
    */
   uint64_t matched;
+  /*
+   * Decisions in the window left out: the global holdout's, and those an override decided.
+   */
+  uint64_t excluded;
 };
 #define ARBITER__DECISION__V1__EVALUATE_POLICY_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__evaluate_policy_response__descriptor) \
-    , 0, NULL, 0, NULL, 0, 0, 0, 0 }
+    , 0, NULL, 0, NULL, 0, 0, 0, 0, 0 }
 
 
 struct  Arbiter__Decision__V1__Override__ContextEntry

@@ -700,7 +700,9 @@ extension DecisionV1 {
 
     /// Estimates, from the logged propensities of the decisions in [from_ms, to_ms), the value
     /// per decision another policy would have earned (the first-ranked action; reward = the
-    /// value of conversions reported on it).
+    /// value of conversions reported on it). Only the decisions the learned policy made count:
+    /// those of the global holdout and those an override decided chose with certainty by
+    /// construction, so they are left out (`excluded`).
     public struct EvaluatePolicyRequest: ProtoMessage {
         public var fromMs: Int64 = 0
         public var toMs: Int64 = 0
@@ -739,6 +741,8 @@ extension DecisionV1 {
         public var loggedValue: Double = 0
         /// Decisions whose logged first action is the one the target policy would have chosen.
         public var matched: UInt64 = 0
+        /// Decisions in the window left out: the global holdout's, and those an override decided.
+        public var excluded: UInt64 = 0
 
         public static let protoName = "arbiter.decision.v1.EvaluatePolicyResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__evaluate_policy_response__descriptor_ptr())
@@ -752,6 +756,7 @@ extension DecisionV1 {
             decisions = reader.uint64(6)
             loggedValue = reader.double(7)
             matched = reader.uint64(8)
+            excluded = reader.uint64(9)
         }
         public func write(to writer: ProtoWriter) {
             writer.setDouble(1, ips)
@@ -762,6 +767,7 @@ extension DecisionV1 {
             writer.setUint64(6, decisions)
             writer.setDouble(7, loggedValue)
             writer.setUint64(8, matched)
+            writer.setUint64(9, excluded)
         }
     }
 
