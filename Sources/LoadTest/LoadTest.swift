@@ -33,6 +33,44 @@ public enum LoadTest {
                    histogram.valueAtPercentile(99), histogram.valueAtPercentile(99.9), histogram.max)
         }
 
+        /// A self-contained HTML page: latency by percentile for each kind of call (the
+        /// x axis spreads the tail: 0 %, 90 %, 99 %, 99.9 %, 99.99 % are equally far apart, as in
+        /// HdrHistogram's plotter), with the summary figures.
+        public func html(title: String) -> String {
+            let colors = ["#2b7a4b", "#3d6fb6", "#b85c5c", "#c9a227", "#7a4b9e"]
+            let kinds = histograms.keys.sorted()
+            let percentiles = stride(from: 0.0, through: 4.0, by: 0.05).map { 100 * (1 - pow(10, -$0)) }
+            let top = Double(kinds.compactMap { histograms[$0]?.max }.max() ?? 1) / 1000
+            let (width, height, left, bottom) = (720.0, 360.0, 60.0, 30.0)
+            func x(_ p: Double) -> Double { left + (width - left) * min(4, -log10(max(1e-4, 1 - p / 100))) / 4 }
+            func y(_ ms: Double) -> Double { (height - bottom) * (1 - ms / max(top, 1e-9)) }
+            var svg = "<svg width=\"\(Int(width) + 20)\" height=\"\(Int(height))\" role=\"img\" font-size=\"12\">"
+            for (label, p) in [("0 %", 0.0), ("90 %", 90.0), ("99 %", 99.0), ("99.9 %", 99.9), ("99.99 %", 99.99)] {
+                svg += "<line x1=\"\(x(p))\" y1=\"0\" x2=\"\(x(p))\" y2=\"\(height - bottom)\" stroke=\"#ddd\"/>"
+                svg += "<text x=\"\(x(p) - 12)\" y=\"\(height - 10)\">\(label)</text>"
+            }
+            for k in 0...4 {
+                let ms = top * Double(k) / 4
+                svg += "<text x=\"0\" y=\"\(y(ms) + 4)\">\(String(format: "%.1f ms", ms))</text>"
+            }
+            for (i, kind) in kinds.enumerated() {
+                guard let h = histograms[kind], h.totalCount > 0 else { continue }
+                let points = percentiles.map { p in String(format: "%.1f,%.1f", x(p), y(Double(h.valueAtPercentile(p)) / 1000)) }
+                svg += "<polyline fill=\"none\" stroke-width=\"2\" stroke=\"\(colors[i % colors.count])\" points=\"\(points.joined(separator: " "))\"/>"
+                svg += "<text x=\"\(left + 10)\" y=\"\(16 + 16 * i)\" fill=\"\(colors[i % colors.count])\">\(kind)</text>"
+            }
+            svg += "</svg>"
+            let rows = kinds.map { "<tr><td>\($0)</td><td>\(Self.line(histograms[$0]!, seconds: seconds))</td></tr>" }.joined()
+            let failed = errors.isEmpty ? "none" : errors.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
+            return """
+                <!doctype html><html><head><meta charset="utf-8"><title>\(title)</title>
+                <style>body{font-family:system-ui,sans-serif;max-width:820px;margin:2em auto}td{padding:2px 8px}</style></head><body>
+                <h1>\(title)</h1><p>Latency by percentile, from each call's intended start (open loop) or its start (closed loop).</p>
+                \(svg)<table>\(rows)</table><p>errors: \(failed)</p></body></html>
+
+                """
+        }
+
         /// The figures as a JSON object (latencies in microseconds).
         public var json: [String: Any] {
             func figures(_ h: Histogram<UInt64>) -> [String: Any] {

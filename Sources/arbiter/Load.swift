@@ -34,6 +34,7 @@ struct Load: AsyncParsableCommand {
     @Option(help: "Write the figures as JSON to this file.") var json: String?
     @Option(help: "Write Decide's latency percentile distribution (HdrHistogram text, ms) to this file.") var hdr: String?
     @Option(help: "File holding the token sent as authorization: Bearer <token>.") var authTokenFile: String?
+    @Option(help: "Write an HTML page with the latency-by-percentile chart to this file.") var html: String?
     @Flag(help: "Only seed (--seed-profile, --actions), then exit.") var seedOnly = false
 
     func validate() throws {
@@ -111,6 +112,10 @@ struct Load: AsyncParsableCommand {
             decide.outputPercentileDistribution(to: &text, outputValueUnitScalingRatio: 1000)
             try Data(text.utf8).write(to: URL(fileURLWithPath: hdr))
             say("wrote \(hdr) (latency in ms)")
+        }
+        if let html {
+            try Data(result.html(title: "arbiter load: \(mode), \(Int(duration)) s").utf8).write(to: URL(fileURLWithPath: html))
+            say("wrote \(html)")
         }
     }
 

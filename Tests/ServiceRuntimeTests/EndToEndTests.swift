@@ -8,7 +8,7 @@ import TestSupport
 /// The four executables as processes, wired as in production, driven over TCP.
 @Suite("end to end: the four services as processes")
 struct EndToEndTests {
-    @Test("identify, track, consent, decide with delivery through routing to a webhook, outcome; an erasure reaches every service")
+    @Test("identify, track, consent, decide with delivery through routing to a webhook, outcome, lift; an erasure reaches every service")
     func scenario() async throws {
         var ports: [String: (rpc: Int, admin: Int)] = [:]
         for name in ["identity", "profile", "routing", "decision"] { ports[name] = (try await unusedPort(), try await unusedPort()) }
@@ -100,6 +100,16 @@ struct EndToEndTests {
         outcome.actionId = "welcome"
         outcome.outcome = .click
         _ = try await decision.call(DecisionV1.Decision.reportOutcome, outcome)
+        outcome.outcomeId = "conversion-1"
+        outcome.outcome = .conversion
+        outcome.value = 42
+        _ = try await decision.call(DecisionV1.Decision.reportOutcome, outcome)
+
+        // Lift: Ada counts once, converted, on the side of the holdout her decision was logged with.
+        let lift = try await decision.call(DecisionV1.Decision.liftReport, DecisionV1.LiftReportRequest())
+        let side = try #require(decided.holdout ? lift.control : lift.treated)
+        #expect(side.persons == 1 && side.convertedPersons == 1 && side.value == 42, "\(lift)")
+        #expect((decided.holdout ? lift.treated : lift.control)?.persons ?? 0 == 0 && !lift.notes.isEmpty)
 
         // Erasure in the identity service reaches profile, decision and routing through the feed.
         var erase = IdentityV1.EraseRequest()

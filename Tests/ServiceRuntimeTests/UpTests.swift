@@ -62,7 +62,8 @@ struct UpTests {
         // arbiter load: open loop against the decision service, figures as JSON and HdrHistogram text.
         let load = try RunningProcess.start("arbiter", [
             "load", "--address", "127.0.0.1:\(rpcBase + 3)", "--seed-profile", profile, "--persons", "50", "--actions", "3",
-            "--rate", "200", "--duration", "2", "--warmup", "0", "--json", dataDir + "/load.json", "--hdr", dataDir + "/decide.hgrm"],
+            "--rate", "200", "--duration", "2", "--warmup", "0", "--json", dataDir + "/load.json", "--hdr", dataDir + "/decide.hgrm",
+            "--html", dataDir + "/load.html"],
             captureOutput: true)
         let loadStatus = await load.waitForExit()
         let loadErrors = await load.errorOutput
@@ -72,6 +73,8 @@ struct UpTests {
         #expect(calls >= 300 && calls <= 420, "about 400 calls at 200/s for 2 s: \(String(describing: figures))")
         #expect((figures?["errors"] as? [String: Int])?.isEmpty == true && (figures?["by_kind"] as? [String: Any])?["Decide"] != nil)
         #expect(try String(contentsOfFile: dataDir + "/decide.hgrm", encoding: .utf8).contains("Percentile"))
+        let chart = try String(contentsOfFile: dataDir + "/load.html", encoding: .utf8)
+        #expect(chart.contains("<polyline") && chart.contains("Decide"))
 
         kill(up.process.processIdentifier, SIGINT)
         #expect(await up.waitForExit() == 0)

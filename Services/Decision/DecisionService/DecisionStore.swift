@@ -29,7 +29,11 @@ public final class DecisionStore: Sendable {
     }
 
     struct Memory: Sendable {
-        var actions: [String: ActionSpec] = [:]
+        var actions: [String: ActionSpec] = [:] {
+            didSet { sortedActions = actions.values.sorted { $0.id < $1.id } }
+        }
+        /// `actions` by id, kept sorted for Decide (which reads it on every call).
+        private(set) var sortedActions: [ActionSpec] = []
         var catalogVersion: UInt64 = 0
         var policy = DecisionV1.ContactPolicy()
         var arms: [ArmKey: Arm] = [:]
@@ -181,7 +185,7 @@ public final class DecisionStore: Sendable {
 
     /// The catalog (sorted by id) and its version.
     public func catalog() -> (actions: [ActionSpec], version: UInt64) {
-        memory.withLock { ($0.actions.values.sorted { $0.id < $1.id }, $0.catalogVersion) }
+        memory.withLock { ($0.sortedActions, $0.catalogVersion) }
     }
 
     public var policy: DecisionV1.ContactPolicy { memory.withLock { $0.policy } }
