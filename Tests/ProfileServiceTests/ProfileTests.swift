@@ -1,5 +1,6 @@
 import Contracts
 import Foundation
+import GRDB
 import IdentityFeed
 @testable import IdentityService
 import Logging
@@ -112,6 +113,47 @@ struct FeatureTests {
         let reopened = try makeProfile(directory, clock: clock)
         #expect(try await reopened.track(batch).duplicates == 5)
         #expect(try await reopened.features("p1") == ["purchases": 5, "spend": 50])
+    }
+
+    @Test("feature state is written behind: readers see it at once, a crash loses none of it, a flush writes it")
+    func writeBehind() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let store = try ProfileStore(directory: directory, flushThreshold: 1000)
+        let service = ProfileService(store: store, clock: clock.read)
+        try service.define(feature("views", "view", .count))
+        try service.define(feature("recent", "view", .decayedSum, halfLife: 3600))
+        let now = clock.read()
+        for batch in 0..<5 {
+            _ = try await service.track((0..<20).map { i in event("w\(batch)-\(i)", "p\(i % 4)", "view", at: now - Int64(i) * minute, value: 1) })
+        }
+        let before = try await service.features("p1")
+        #expect(before["views"] == 25)
+        func pending() throws -> Int { try store.pool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM dirty_person") ?? 0 } }
+        func filed() throws -> Int { try store.pool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state") ?? 0 } }
+        #expect(try pending() == 20 && filed() == 0)  // in memory, logged, not yet in person_state
+
+        // A crash: the process is gone without a flush; a new store on the files recomputes.
+        let reopened = ProfileService(store: try ProfileStore(directory: directory), clock: clock.read)
+        #expect(try await reopened.features("p1") == before)
+        #expect(try filed() == 4 && pending() == 0)
+
+        // A flush writes the states and empties the log; the threshold flushes by itself.
+        let small = try ProfileStore(directory: temporaryDirectory("profile-test"), flushThreshold: 2)
+        let flushing = ProfileService(store: small, clock: clock.read)
+        try flushing.define(feature("views", "view", .count))
+        _ = try await flushing.track([event("a", "x", "view", at: now), event("b", "y", "view", at: now)])
+        func written() throws -> Int { try small.pool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state") ?? 0 } }
+        #expect(try written() == 2)
+        #expect(small.dirty.withLock { $0.isEmpty })
+        #expect(try await flushing.features("x") == ["views": 1])
+    }
+
+    @Test("the profile settings keep their default when missing and name a bad value")
+    func configuration() throws {
+        #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data("{}".utf8)).stateFlushPersons == 20_000)
+        #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateFlushPersons": 5}"#.utf8)).stateFlushPersons == 5)
+        #expect(throws: DecodingError.self) { try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateFlushPersons": 0}"#.utf8)) }
     }
 
     @Test("a batch rejects bad events one by one, naming the field, and keeps the rest")

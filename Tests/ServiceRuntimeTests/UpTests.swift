@@ -90,7 +90,8 @@ struct UpTests {
         try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
         let sink = try await WebhookSink.start()
         try Data(#"""
-            {"decision": {"learner": {"segments": ["young", "family", "senior"]}, "holdout": {"share": 0.2}},
+            {"decision": {"learner": {"segments": ["young", "family", "senior"]}, "holdout": {"share": 0.2},
+                          "decideBudgetMs": 5000, "peerTimeoutMs": 3000},
              "routing": {"webhook": {"url": "http://127.0.0.1:\#(sink.port)/hook"}}}
             """#.utf8).write(to: URL(fileURLWithPath: dataDir + "/config.json"))
         let up = try RunningProcess.start("arbiter", ["up", "--data-dir", dataDir, "--port-base", "\(rpcBase)", "--admin-port-base", "\(adminBase)",

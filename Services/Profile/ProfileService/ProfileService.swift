@@ -6,6 +6,26 @@ import Rules
 /// arbiter.profile.v1.Profile over a `ProfileStore`: validates every request
 /// (INVALID_ARGUMENT naming the field) and resolves identifiers through the identity
 /// service when a request names a person by identifiers.
+/// The profile service's settings (the `profile` section of `--config`). Defaults per field.
+public struct ProfileConfiguration: Sendable, Codable, Equatable {
+    /// Persons whose feature state Track keeps in memory before writing them to the file
+    /// together. More is faster ingest (fewer, denser writes) for more memory (about 600
+    /// bytes a person with ten features) and a longer recomputation after a crash. Default 20,000.
+    public var stateFlushPersons = 20_000
+
+    public init() {}
+
+    /// Missing keys keep their defaults; a value out of range stops the service at start.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        stateFlushPersons = try c.decodeIfPresent(Int.self, forKey: .stateFlushPersons) ?? Self().stateFlushPersons
+        guard (1...10_000_000).contains(stateFlushPersons) else {
+            throw DecodingError.dataCorruptedError(forKey: .stateFlushPersons, in: c,
+                                                   debugDescription: "stateFlushPersons must be between 1 and 10000000, got \(stateFlushPersons)")
+        }
+    }
+}
+
 public struct ProfileService: RPCService {
     public let store: ProfileStore
     let identity: RPCClient?

@@ -14,9 +14,20 @@ import Synchronization
 ///
 /// Database access is synchronous on the calling thread (the service runs its handlers
 /// on the concurrent pool, never on an event loop).
+///
+/// Feature state is written behind: Track folds new events into the person's state in
+/// memory (`dirty`) and logs the person in `dirty_person` (an append, cheap), and the
+/// states reach `person_state` together, sorted, once `flushThreshold` persons are dirty or
+/// before any merge, split, erasure or backfill. The events are the durable truth: after a
+/// crash, the persons in `dirty_person` are recomputed from their events at start. Readers
+/// look in memory first, then in the file.
 public final class ProfileStore: Sendable {
     let pool: DatabasePool
     let definitions: Mutex<Definitions>
+    /// States newer than `person_state`, by person.
+    let dirty = Mutex<[String: ProfileStoreV1.PersonState]>([:])
+    /// Dirty persons that trigger a flush. Default 20,000.
+    public let flushThreshold: Int
 
     struct Definitions: Sendable {
         var features: [String: FeatureSpec] = [:]
@@ -29,7 +40,10 @@ public final class ProfileStore: Sendable {
         }
     }
 
-    public init(directory: String) throws {
+    /// - Parameter flushThreshold: dirty persons kept in memory before their states are
+    ///   written together (bounds memory and the recomputation after a crash).
+    public init(directory: String, flushThreshold: Int = 20_000) throws {
+        self.flushThreshold = max(1, flushThreshold)
         pool = try SQLiteStore.open(directory: directory, name: "profile", migrator: Self.migrator)
         var loaded = Definitions()
         try pool.read { db in
@@ -42,7 +56,43 @@ public final class ProfileStore: Sendable {
             }
         }
         definitions = Mutex(loaded)
+        try recoverDirty(nowMs: Int64(Date().timeIntervalSince1970 * 1000))
     }
+
+    /// Recomputes from their events the persons whose state had not reached the file when
+    /// the process stopped.
+    func recoverDirty(nowMs: Int64) throws {
+        try pool.write { db in
+            let specs = definitions.withLock { $0.byEventType }
+            for person in try String.fetchSet(db, sql: "SELECT DISTINCT person_id FROM dirty_person") {
+                try Self.recompute(db, person, specs: specs, now: nowMs)
+            }
+            try db.execute(sql: "DELETE FROM dirty_person")
+        }
+    }
+
+    /// Runs `body` in a write transaction after writing every dirty state to the file (in
+    /// the same transaction); once it has committed, and before any other writer runs, the
+    /// written states leave memory.
+    func flushing<T>(_ body: (Database) throws -> T) throws -> T {
+        try pool.writeWithoutTransaction { db in
+            var result: T?
+            try db.inTransaction {
+                let states = dirty.withLock { $0 }
+                if !states.isEmpty {
+                    for (person, state) in states.sorted(by: { $0.key < $1.key }) { try Self.saveState(db, person, state) }
+                    try db.execute(sql: "DELETE FROM dirty_person")
+                }
+                result = try body(db)
+                return .commit
+            }
+            dirty.withLock { $0 = [:] }
+            return result!
+        }
+    }
+
+    /// Writes every dirty state to the file now.
+    public func flush() throws { try flushing { _ in } }
 
     static var migrator: DatabaseMigrator {
         var migrator = DatabaseMigrator()
@@ -86,6 +136,10 @@ public final class ProfileStore: Sendable {
                 CREATE INDEX consent_by_person ON consent(person_id, purpose, channel, at_ms);
                 """)
         }
+        migrator.registerMigration("v2: write-behind feature state") { db in
+            // Persons whose person_state may lag their events; recomputed at start.
+            try db.execute(sql: "CREATE TABLE dirty_person (seq INTEGER PRIMARY KEY, person_id TEXT NOT NULL)")
+        }
         return migrator
     }
 
@@ -99,7 +153,7 @@ public final class ProfileStore: Sendable {
     /// recomputes the feature from every stored event of its type.
     public func define(_ definition: ProfileV1.FeatureDefinition, backfill: Bool, nowMs: Int64) throws -> FeatureSpec {
         let probe = try FeatureSpec(definition)
-        return try pool.write { db in
+        return try flushing { db in
             let current = definitions.withLock { $0.features[probe.name] }
             var spec = probe
             if let current { spec = current.definition == definition ? current : try FeatureSpec(definition, version: current.version + 1) }
@@ -162,31 +216,46 @@ public final class ProfileStore: Sendable {
         public var stored: [Bool]
     }
 
-    /// Stores `events` (each once: a known `event_id` is a duplicate) and folds the new
-    /// ones into their persons' feature state, all in one transaction.
+    /// Stores `events` (each once: a known `event_id` is a duplicate) in one transaction and
+    /// folds the new ones into their persons' feature state (in memory once committed,
+    /// written to the file with the next flush).
     public func track(_ events: [TrackedEvent], nowMs: Int64) throws -> TrackResult {
-        try pool.write { db in
+        let (result, dirtyCount) = try pool.writeWithoutTransaction { db -> (TrackResult, Int) in
             let byType = definitions.withLock { $0.byEventType }
             var stored: [Bool] = []
             stored.reserveCapacity(events.count)
-            var perPerson: [String: [TrackedEvent]] = [:]
-            let insert = try db.cachedStatement(sql: """
-                INSERT OR IGNORE INTO event (event_id, person_id, origin_person_id, type, occurred_at_ms, body) VALUES (?, ?, ?, ?, ?, ?)
-                """)
-            for event in events {
-                try insert.execute(arguments: [event.eventID, event.personID, event.personID, event.type, event.occurredAtMs,
-                                               Data(Self.encodeEvent(event))])
-                let isNew = db.changesCount > 0
-                stored.append(isNew)
-                if isNew { perPerson[event.personID, default: []].append(event) }
+            var updated: [String: ProfileStoreV1.PersonState] = [:]
+            try db.inTransaction {
+                var perPerson: [String: [TrackedEvent]] = [:]
+                let insert = try db.cachedStatement(sql: """
+                    INSERT OR IGNORE INTO event (event_id, person_id, origin_person_id, type, occurred_at_ms, body) VALUES (?, ?, ?, ?, ?, ?)
+                    """)
+                for event in events {
+                    try insert.execute(arguments: [event.eventID, event.personID, event.personID, event.type, event.occurredAtMs,
+                                                   Data(Self.encodeEvent(event))])
+                    let isNew = db.changesCount > 0
+                    stored.append(isNew)
+                    if isNew { perPerson[event.personID, default: []].append(event) }
+                }
+                let log = try db.cachedStatement(sql: "INSERT INTO dirty_person (person_id) VALUES (?)")
+                for (person, personEvents) in perPerson {
+                    let cached = dirty.withLock { $0[person] }
+                    var state = try cached ?? Self.loadState(db, person)
+                    Self.fold(personEvents, into: &state, specs: byType, now: nowMs)
+                    updated[person] = state
+                    try log.execute(arguments: [person])
+                }
+                return .commit
             }
-            for (person, personEvents) in perPerson {
-                var state = try Self.loadState(db, person)
-                Self.fold(personEvents, into: &state, specs: byType, now: nowMs)
-                try Self.saveState(db, person, state)
+            // Committed; no other writer runs before this.
+            let count = dirty.withLock { dirty in
+                dirty.merge(updated) { _, new in new }
+                return dirty.count
             }
-            return TrackResult(stored: stored)
+            return (TrackResult(stored: stored), count)
         }
+        if dirtyCount >= flushThreshold { try flush() }
+        return result
     }
 
     /// Adds events to a person's state: seen times, count, and every matching feature.
@@ -350,8 +419,11 @@ public final class ProfileStore: Sendable {
     /// nothing is known about them.
     public func profile(person: String, nowMs: Int64) throws -> Profile? {
         let (specs, segments) = definitions.withLock { ($0.features, $0.segments) }
+        // Memory before the file: a state leaves memory only once the file has it.
+        let cached = dirty.withLock { $0[person] }
         return try pool.read { db in
-            let stateData = try Data.fetchOne(db.cachedStatement(sql: "SELECT state FROM person_state WHERE person_id = ?"), arguments: [person])
+            let stateData = cached != nil ? nil
+                : try Data.fetchOne(db.cachedStatement(sql: "SELECT state FROM person_state WHERE person_id = ?"), arguments: [person])
             let traits = try Row.fetchAll(db.cachedStatement(sql: """
                 SELECT name, value, source, updated_at_ms FROM trait WHERE person_id = ? ORDER BY name
                 """), arguments: [person]).map { row in
@@ -359,8 +431,8 @@ public final class ProfileStore: Sendable {
                             source: row["source"], updatedAtMs: row["updated_at_ms"])
             }
             let consent = try Self.consent(db, person: person, history: false).current
-            guard stateData != nil || !traits.isEmpty || !consent.isEmpty else { return nil }
-            let state = try stateData.map { try ProfileStoreV1.PersonState(serializedBytes: $0) } ?? ProfileStoreV1.PersonState()
+            guard cached != nil || stateData != nil || !traits.isEmpty || !consent.isEmpty else { return nil }
+            let state = try cached ?? stateData.map { try ProfileStoreV1.PersonState(serializedBytes: $0) } ?? ProfileStoreV1.PersonState()
             let stateByName = Dictionary(state.features.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
             var features: [(name: String, value: Double)] = []
             var featureValues: [String: Double] = [:]
@@ -439,13 +511,14 @@ public final class ProfileStore: Sendable {
         try db.execute(sql: "DELETE FROM consent WHERE person_id = ?", arguments: [person])
         erased.consents = db.changesCount
         try db.execute(sql: "DELETE FROM person_state WHERE person_id = ?", arguments: [person])
+        try db.execute(sql: "DELETE FROM dirty_person WHERE person_id = ?", arguments: [person])
         return erased
     }
 
     /// Erases every event, trait and consent record of `person`, and checkpoints so no
     /// copy stays in the WAL.
     public func erase(person: String) throws -> Erased {
-        let erased = try pool.write { db in try Self.erase(db, person) }
+        let erased = try flushing { db in try Self.erase(db, person) }
         try SQLiteStore.checkpoint(pool)
         return erased
     }
@@ -462,7 +535,7 @@ public final class ProfileStore: Sendable {
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
         guard !changes.isEmpty else { return }
         var erasedAny = false
-        try pool.write { db in
+        try flushing { db in
             let specs = definitions.withLock { $0.byEventType }
             let cursor = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0
             for (seq, change) in changes where seq > cursor {

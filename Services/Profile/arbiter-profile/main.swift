@@ -14,7 +14,8 @@ enum ProfileDefinition: ServiceDefinition {
     static let handlerExecution = RPCServerConfiguration.HandlerExecution.concurrentPool
 
     static func makeServices(_ context: ServiceContext) async throws -> ServiceParts {
-        let store = try ProfileStore(directory: context.dataDirectory)
+        let configuration = try context.section("profile", as: ProfileConfiguration.self, default: .init())
+        let store = try ProfileStore(directory: context.dataDirectory, flushThreshold: configuration.stateFlushPersons)
         let clock: @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }
         let service = ProfileService(store: store, identity: context.identity, clock: clock)
         guard let identity = context.identity else {
