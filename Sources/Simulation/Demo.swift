@@ -176,15 +176,15 @@ public struct DemoReport: Sendable {
         func esc(_ s: String) -> String {
             s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
         }
-        func bars(_ rows: [(String, Double, String)], unit: String) -> String {
+        func bars(_ rows: [(String, Double, String)], unit: String, digits: Int = 3) -> String {
             let top = max(rows.map(\.1).max() ?? 1, 1e-9)
-            var svg = "<svg width=\"720\" height=\"\(rows.count * 30 + 10)\" role=\"img\">"
+            var svg = "<svg width=\"840\" height=\"\(rows.count * 30 + 10)\" role=\"img\">"
             for (i, (label, value, color)) in rows.enumerated() {
                 let y = i * 30 + 5
                 let w = Int(420 * value / top)
                 svg += "<text x=\"0\" y=\"\(y + 17)\" font-size=\"13\">\(esc(label))</text>"
                 svg += "<rect x=\"200\" y=\"\(y)\" width=\"\(max(w, 1))\" height=\"22\" fill=\"\(color)\"/>"
-                svg += "<text x=\"\(206 + w)\" y=\"\(y + 17)\" font-size=\"13\">\(String(format: "%.3f", value)) \(unit)</text>"
+                svg += "<text x=\"\(206 + w)\" y=\"\(y + 17)\" font-size=\"13\">\(String(format: "%.\(digits)f", value)) \(unit)</text>"
             }
             return svg + "</svg>"
         }
@@ -199,7 +199,7 @@ public struct DemoReport: Sendable {
         let deliveries = run.deliveries.sorted { $0.value > $1.value }.map { ($0.key, Double($0.value), $0.key.hasPrefix("suppressed") ? "#b85c5c" : "#3d6fb6") }
         var page = """
             <!doctype html><html><head><meta charset="utf-8"><title>Arbiter demo</title>
-            <style>body{font-family:system-ui,sans-serif;max-width:860px;margin:2em auto;color:#222}
+            <style>body{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}
             h2{margin-top:1.6em}pre{background:#f5f5f5;padding:1em;overflow-x:auto;font-size:12px}</style></head><body>
             <h1>Arbiter demo</h1>
             <p>\(run.arbiter.decisions) decisions through the real services in \(String(format: "%.1f", run.seconds)) s; \(run.degraded) degraded.</p>
@@ -210,7 +210,7 @@ public struct DemoReport: Sendable {
             \(bars(liftRows, unit: "conversion rate"))
             <p>Measured lift \(String(format: "%.4f", lift.absoluteLift)) (95 % interval \(String(format: "%.4f", lift.absoluteLiftCi95?.low ?? 0)) to \(String(format: "%.4f", lift.absoluteLiftCi95?.high ?? 0))); the truth's lift \(String(format: "%.4f", trueLift)). Sample-ratio check p = \(String(format: "%.3g", lift.srmPValue))\(lift.srmWarning ? " — <b>the split is broken</b>" : "").</p>
             <h2>Deliveries by channel</h2>
-            \(deliveries.isEmpty ? "<p>none</p>" : bars(deliveries, unit: ""))
+            \(deliveries.isEmpty ? "<p>none</p>" : bars(deliveries, unit: "deliveries", digits: 0))
             <h2>The full report</h2>
             <pre>
             """

@@ -149,6 +149,26 @@ struct FeatureTests {
         #expect(try await flushing.features("x") == ["views": 1])
     }
 
+    @Test("concurrent Track calls (sharing transactions) count every event once, duplicates across calls included")
+    func concurrentTrack() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        try service.define(feature("views", "view", .count))
+        let now = clock.read()
+        // 32 calls of 50 events over 5 persons; calls 2k and 2k+1 carry the same events.
+        let responses = try await withThrowingTaskGroup(of: ProfileV1.TrackResponse.self) { group in
+            for call in 0..<32 {
+                group.addTask {
+                    try await service.track((0..<50).map { i in event("c\(call / 2)-\(i)", "p\(i % 5)", "view", at: now - Int64(i) * 1000) })
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(responses.reduce(0) { $0 + Int($1.accepted) } == 16 * 50)
+        #expect(responses.reduce(0) { $0 + Int($1.duplicates) } == 16 * 50)
+        for person in 0..<5 { #expect(try await service.features("p\(person)") == ["views": Double(16 * 10)]) }
+    }
+
     @Test("the profile settings keep their default when missing and name a bad value")
     func configuration() throws {
         #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data("{}".utf8)).stateFlushPersons == 20_000)

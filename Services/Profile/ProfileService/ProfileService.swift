@@ -166,7 +166,7 @@ public struct ProfileService: RPCService {
             }
         }
         guard !accepted.isEmpty else { return response }
-        let result = try store.track(accepted.map(\.event), nowMs: now)
+        let result = try await store.track(accepted.map(\.event), nowMs: now)
         response.accepted = UInt32(result.stored.count { $0 })
         response.duplicates = UInt32(result.stored.count { !$0 })
         return response

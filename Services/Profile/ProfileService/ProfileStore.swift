@@ -216,35 +216,52 @@ public final class ProfileStore: Sendable {
         public var stored: [Bool]
     }
 
-    /// Stores `events` (each once: a known `event_id` is a duplicate) in one transaction and
-    /// folds the new ones into their persons' feature state (in memory once committed,
-    /// written to the file with the next flush).
-    public func track(_ events: [TrackedEvent], nowMs: Int64) throws -> TrackResult {
-        let (result, dirtyCount) = try pool.writeWithoutTransaction { db -> (TrackResult, Int) in
+    /// Track's group commit: calls arriving together share one transaction.
+    let ingest = GroupCommit<Ingest, TrackResult>(label: "arbiter.profile.track", maxBatch: 32)
+
+    struct Ingest: Sendable {
+        var events: [TrackedEvent]
+        var nowMs: Int64
+    }
+
+    /// Stores `events` (each once: a known `event_id` is a duplicate) and folds the new ones
+    /// into their persons' feature state (in memory once committed, written to the file with
+    /// the next flush). Calls arriving together share one transaction; this returns once the
+    /// transaction holding these events has committed.
+    public func track(_ events: [TrackedEvent], nowMs: Int64) async throws -> TrackResult {
+        try await ingest.submit(Ingest(events: events, nowMs: nowMs)) { [self] batch in try write(batch) }
+    }
+
+    private func write(_ batch: [Ingest]) throws -> [TrackResult] {
+        let (results, dirtyCount) = try pool.writeWithoutTransaction { db -> ([TrackResult], Int) in
             let byType = definitions.withLock { $0.byEventType }
-            var stored: [Bool] = []
-            stored.reserveCapacity(events.count)
+            var results: [TrackResult] = []
             var updated: [String: ProfileStoreV1.PersonState] = [:]
             try db.inTransaction {
-                var perPerson: [String: [TrackedEvent]] = [:]
                 let insert = try db.cachedStatement(sql: """
                     INSERT OR IGNORE INTO event (event_id, person_id, origin_person_id, type, occurred_at_ms, body) VALUES (?, ?, ?, ?, ?, ?)
                     """)
-                for event in events {
-                    try insert.execute(arguments: [event.eventID, event.personID, event.personID, event.type, event.occurredAtMs,
-                                                   Data(Self.encodeEvent(event))])
-                    let isNew = db.changesCount > 0
-                    stored.append(isNew)
-                    if isNew { perPerson[event.personID, default: []].append(event) }
+                for entry in batch {
+                    var stored: [Bool] = []
+                    stored.reserveCapacity(entry.events.count)
+                    var perPerson: [String: [TrackedEvent]] = [:]
+                    for event in entry.events {
+                        try insert.execute(arguments: [event.eventID, event.personID, event.personID, event.type, event.occurredAtMs,
+                                                       Data(Self.encodeEvent(event))])
+                        let isNew = db.changesCount > 0
+                        stored.append(isNew)
+                        if isNew { perPerson[event.personID, default: []].append(event) }
+                    }
+                    for (person, personEvents) in perPerson {
+                        let cached = updated[person] ?? dirty.withLock { $0[person] }
+                        var state = try cached ?? Self.loadState(db, person)
+                        Self.fold(personEvents, into: &state, specs: byType, now: entry.nowMs)
+                        updated[person] = state
+                    }
+                    results.append(TrackResult(stored: stored))
                 }
                 let log = try db.cachedStatement(sql: "INSERT INTO dirty_person (person_id) VALUES (?)")
-                for (person, personEvents) in perPerson {
-                    let cached = dirty.withLock { $0[person] }
-                    var state = try cached ?? Self.loadState(db, person)
-                    Self.fold(personEvents, into: &state, specs: byType, now: nowMs)
-                    updated[person] = state
-                    try log.execute(arguments: [person])
-                }
+                for person in updated.keys { try log.execute(arguments: [person]) }
                 return .commit
             }
             // Committed; no other writer runs before this.
@@ -252,10 +269,10 @@ public final class ProfileStore: Sendable {
                 dirty.merge(updated) { _, new in new }
                 return dirty.count
             }
-            return (TrackResult(stored: stored), count)
+            return (results, count)
         }
         if dirtyCount >= flushThreshold { try flush() }
-        return result
+        return results
     }
 
     /// Adds events to a person's state: seen times, count, and every matching feature.
