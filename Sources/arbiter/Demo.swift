@@ -22,7 +22,7 @@ struct Demo: AsyncParsableCommand {
 
     @Option(help: "Host of the services.") var host = "127.0.0.1"
     @Option(help: "RPC ports are base+1 (identity), +2 (profile), +3 (decision), +4 (routing), as `arbiter up`.") var portBase = 7100
-    @Option(help: "Persons in the population (one decision each).") var persons = 3000
+    @Option(help: "Persons in the population (one decision each).") var persons = 6000
     @Option(help: "Seed of the population and the draws.") var seed: UInt64 = 1
     @Option(help: "Calls in flight.") var workers = 8
     @Option(help: "Write the report as an HTML page with charts here.") var html = "arbiter-demo.html"
