@@ -245,6 +245,7 @@ struct ProofOfValueTests {
 
         await expectInvalid("policy") { _ = try evaluate("best") }
         await expectInvalid("policy") { _ = try evaluate("always:") }
+        await expectInvalid("policy") { _ = try evaluate("always:" + String(repeating: "x", count: 100)) }
     }
 
     @Test("an override decides for the persons it covers, its control share keeps the algorithm, and LiftReport shows its cost")

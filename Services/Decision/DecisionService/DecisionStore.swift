@@ -45,10 +45,12 @@ public final class DecisionStore: Sendable {
         self.configuration = configuration
         var loaded = Memory()
         try pool.read { db in
+            var actions: [String: ActionSpec] = [:]
             for row in try Row.fetchAll(db, sql: "SELECT body FROM action") {
                 let action = try DecisionV1.Action(serializedBytes: row["body"] as Data)
-                loaded.actions[action.id] = try ActionSpec(action)
+                actions[action.id] = try ActionSpec(action)
             }
+            loaded.actions = actions  // one sort, not one per action
             loaded.catalogVersion = try UInt64(Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'catalog_version'") ?? 0)
             if let policy = try Data.fetchOne(db, sql: "SELECT body FROM policy WHERE id = 1") {
                 loaded.policy = try DecisionV1.ContactPolicy(serializedBytes: policy)

@@ -270,6 +270,7 @@ extension DecisionService {
         guard let policy = DecisionPolicy(request.policy) else {
             throw RPCError.invalidArgument(field: "policy", "must be no_exploration, rules_only, highest_value, always:<action id> or logging, got \"\(request.policy)\"")
         }
+        if case .always(let id) = policy { try Names.check(id, field: "policy (always:<action id>)") }
         var weights: [Double] = []
         var rewards: [Double] = []
         var response = DecisionV1.EvaluatePolicyResponse()
