@@ -89,15 +89,25 @@ func httpGetBlocking(port: Int, _ path: String) throws -> (Int, String) {
     return (status, String(text[..<(text.lastIndex(of: "\n") ?? text.endIndex)]))
 }
 
-func waitUntilServing(port: Int) async throws -> RPCClient {
+/// Waits until the server on `port` answers Health/Check with SERVING. When it does not,
+/// and `process` is given, the error carries whether it is still running and the end of
+/// what it wrote to standard error (the process is killed to read it).
+func waitUntilServing(port: Int, process: RunningProcess? = nil) async throws -> RPCClient {
     let client = RPCClient(host: "127.0.0.1", port: port)
     for _ in 0..<200 {
-        if let status = try? await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest()).status, status == .serving {
+        if let status = try? await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest(), timeout: .seconds(2)).status,
+           status == .serving {
             return client
         }
         try await Task.sleep(for: .milliseconds(25))
     }
-    throw RPCError(.unavailable, "server on \(port) never became healthy")
+    client.close()
+    guard let process else { throw RPCError(.unavailable, "server on \(port) never became healthy") }
+    let running = process.process.isRunning
+    kill(process.process.processIdentifier, SIGKILL)
+    _ = await process.waitForExit()
+    let log = await process.errorOutput
+    throw RPCError(.unavailable, "server on \(port) never became healthy (\(running ? "still running" : "exited \(process.process.terminationStatus)")); its log ends:\n\(log.suffix(2000))")
 }
 
 @Suite("executables: operator contract and lifecycle", .serialized)
@@ -182,7 +192,7 @@ struct ProcessTests {
         try #"{"identity": {"default_region": "NL", "limits": {"customer_id": 1}}}"#.write(toFile: configFile, atomically: true, encoding: .utf8)
         let arguments = ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir, "--config", configFile]
         var server = try RunningProcess.start("arbiter-identity", arguments)
-        var client = try await waitUntilServing(port: port)
+        var client = try await waitUntilServing(port: port, process: server)
         var link = IdentityV1.LinkRequest()
         var phone = CommonV1.Identifier()
         phone.type = "phone"
@@ -196,7 +206,7 @@ struct ProcessTests {
         _ = await server.waitForExit()
         client.close()
         server = try RunningProcess.start("arbiter-identity", arguments)
-        client = try await waitUntilServing(port: port)
+        client = try await waitUntilServing(port: port, process: server)
         var get = IdentityV1.GetPersonRequest()
         get.personId = linked.personId
         let person = try await client.call(IdentityV1.Identity.getPerson, get)
@@ -219,7 +229,7 @@ struct ProcessTests {
         let arguments = ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir + "/profile",
                          "--identity", "127.0.0.1:\(identityPort)"]
         var server = try RunningProcess.start("arbiter-profile", arguments)
-        var client = try await waitUntilServing(port: port)
+        var client = try await waitUntilServing(port: port, process: server)
 
         var define = ProfileV1.DefineFeatureRequest()
         var feature = ProfileV1.FeatureDefinition()
@@ -262,7 +272,7 @@ struct ProcessTests {
         _ = await server.waitForExit()
         client.close()
         server = try RunningProcess.start("arbiter-profile", arguments)
-        client = try await waitUntilServing(port: port)
+        client = try await waitUntilServing(port: port, process: server)
         let profile = try await client.call(ProfileV1.Profile.getProfile, get)
         #expect(profile.personId == linked.personId && profile.features.first?.value == 6)
         #expect(try await client.call(ProfileV1.Profile.track, track).duplicates == 6)
@@ -288,7 +298,7 @@ struct ProcessTests {
         let arguments = ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir + "/decision",
                          "--profile", "127.0.0.1:\(profilePort)", "--config", config]
         var server = try RunningProcess.start("arbiter-decision", arguments)
-        var client = try await waitUntilServing(port: port)
+        var client = try await waitUntilServing(port: port, process: server)
 
         let person = personRef("p1")
         var record = ProfileV1.ConsentRecord()
@@ -329,7 +339,7 @@ struct ProcessTests {
         _ = await server.waitForExit()
         client.close()
         server = try RunningProcess.start("arbiter-decision", arguments)
-        client = try await waitUntilServing(port: port)
+        client = try await waitUntilServing(port: port, process: server)
         for decision in [healthy, degraded] {
             var get = DecisionV1.GetDecisionRequest()
             get.decisionId = decision.decisionId
@@ -376,7 +386,7 @@ struct ProcessTests {
         let arguments = ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir + "/routing",
                          "--profile", "127.0.0.1:\(profilePort)", "--config", config]
         var server = try RunningProcess.start("arbiter-routing", arguments)
-        var client = try await waitUntilServing(port: port)
+        var client = try await waitUntilServing(port: port, process: server)
 
         let keys = Set((0..<200).map { "key-\($0)" })
         for i in 0..<200 {
@@ -400,7 +410,7 @@ struct ProcessTests {
         #expect(beforeRestart < keys.count, "the kill came too late to test anything")
 
         server = try RunningProcess.start("arbiter-routing", arguments)
-        client = try await waitUntilServing(port: port)
+        client = try await waitUntilServing(port: port, process: server)
         #expect(try await eventually(60) { sink.distinctKeys.count == keys.count })
         #expect(sink.distinctKeys == keys)
         // The sink records a request before it answers: the last results are being recorded.

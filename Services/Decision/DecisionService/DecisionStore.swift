@@ -16,6 +16,8 @@ import Synchronization
 /// on the concurrent pool, never on an event loop).
 public final class DecisionStore: Sendable {
     let pool: DatabasePool
+    /// Keeps the WAL short from its own connection (see BackgroundCheckpointer).
+    let checkpointer: BackgroundCheckpointer
     let configuration: LearnerConfiguration
     let memory: Mutex<Memory>
     /// The decision log's group commit (one transaction for every decision waiting).
@@ -41,7 +43,7 @@ public final class DecisionStore: Sendable {
     }
 
     public init(directory: String, configuration: LearnerConfiguration = .init()) throws {
-        pool = try SQLiteStore.open(directory: directory, name: "decision", migrator: Self.migrator)
+        (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "decision", migrator: Self.migrator)
         self.configuration = configuration
         var loaded = Memory()
         try pool.read { db in

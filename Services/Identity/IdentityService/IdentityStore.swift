@@ -11,11 +11,13 @@ import Storage
 /// service therefore runs its handlers on the concurrent pool, never on an event loop.
 public final class IdentityStore: Sendable {
     let pool: DatabasePool
+    /// Keeps the WAL short from its own connection (see BackgroundCheckpointer).
+    let checkpointer: BackgroundCheckpointer
     let normalizer: Normalizer
 
     public init(directory: String, normalizer: Normalizer) throws {
         self.normalizer = normalizer
-        pool = try SQLiteStore.open(directory: directory, name: "identity", migrator: Self.migrator)
+        (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "identity", migrator: Self.migrator)
     }
 
     /// A read on the calling thread (synchronous GRDB access; see the type's note).

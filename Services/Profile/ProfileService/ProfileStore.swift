@@ -23,6 +23,8 @@ import Synchronization
 /// look in memory first, then in the file.
 public final class ProfileStore: Sendable {
     let pool: DatabasePool
+    /// Keeps the WAL short from its own connection (see BackgroundCheckpointer).
+    let checkpointer: BackgroundCheckpointer
     let definitions: Mutex<Definitions>
     /// States newer than `person_state`, by person.
     let dirty = Mutex<[String: ProfileStoreV1.PersonState]>([:])
@@ -44,7 +46,7 @@ public final class ProfileStore: Sendable {
     ///   written together (bounds memory and the recomputation after a crash).
     public init(directory: String, flushThreshold: Int = 20_000) throws {
         self.flushThreshold = max(1, flushThreshold)
-        pool = try SQLiteStore.open(directory: directory, name: "profile", migrator: Self.migrator)
+        (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "profile", migrator: Self.migrator)
         var loaded = Definitions()
         try pool.read { db in
             for row in try Row.fetchAll(db, sql: "SELECT definition, version FROM feature") {

@@ -16,6 +16,8 @@ import Synchronization
 /// service runs its handlers on the concurrent pool.
 public final class RoutingStore: Sendable {
     let pool: DatabasePool
+    /// Keeps the WAL short from its own connection (see BackgroundCheckpointer).
+    let checkpointer: BackgroundCheckpointer
     let configuration: RoutingConfiguration
     /// The population's engagement, mirrored in memory (changed only inside write transactions).
     let population: Mutex<Evidence>
@@ -23,7 +25,7 @@ public final class RoutingStore: Sendable {
     let updates = GroupCommit<Update, RoutingV1.Delivery?>(label: "arbiter.routing.dispatch")
 
     public init(directory: String, configuration: RoutingConfiguration = .init()) throws {
-        pool = try SQLiteStore.open(directory: directory, name: "routing", migrator: Self.migrator)
+        (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "routing", migrator: Self.migrator)
         self.configuration = configuration
         population = Mutex(try pool.read { db in try Self.evidence(db, person: "") })
     }
