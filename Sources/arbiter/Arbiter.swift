@@ -18,7 +18,7 @@ struct Arbiter: AsyncParsableCommand {
 /// its own, the others are stopped and `up` fails with that service's log.
 struct Up: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Start identity, profile, routing and decision; Ctrl-C stops them.")
+        abstract: "Start identity, profile, routing and decision (building any that are missing); Ctrl-C stops them.")
 
     @Option(help: "Directory holding each service's store (<dir>/<service>) and log (<dir>/<service>.log).")
     var dataDir = "./data"
@@ -43,11 +43,34 @@ struct Up: AsyncParsableCommand {
         }
     }
 
+    /// Builds the service executables missing from `bin` when run from the package (as
+    /// `swift run arbiter up` does: it builds only `arbiter`), in `bin`'s configuration.
+    func buildIfNeeded(_ bin: String) throws {
+        let missing = Self.services.map { "arbiter-\($0.name)" }.filter { !FileManager.default.isExecutableFile(atPath: bin + "/" + $0) }
+        guard !missing.isEmpty else { return }
+        guard binDir == nil, FileManager.default.fileExists(atPath: "Package.swift") else {
+            throw ValidationError("\(missing.joined(separator: ", ")) not found in \(bin); build them (swift build -c release) or pass --bin-dir")
+        }
+        let configuration = URL(fileURLWithPath: bin).lastPathComponent == "release" ? "release" : "debug"
+        for product in missing {
+            say("building \(product) (\(configuration))")
+            let build = Process()
+            build.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            build.arguments = ["swift", "build", "-c", configuration, "--product", product]
+            try build.run()
+            build.waitUntilExit()
+            guard build.terminationStatus == 0, FileManager.default.isExecutableFile(atPath: bin + "/" + product) else {
+                throw ValidationError("building \(product) failed (swift build -c \(configuration) --product \(product))")
+            }
+        }
+    }
+
     func run() async throws {
         // Trap the signals before any child starts: a Ctrl-C while starting stops them too.
         let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
         let bin = binDir ?? URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent().path
         try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        try buildIfNeeded(bin)
         var running: [(name: String, process: Process, log: String)] = []
         func stopAll() {
             for child in running where child.process.isRunning { child.process.interrupt() }

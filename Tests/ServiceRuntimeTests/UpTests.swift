@@ -131,6 +131,16 @@ struct UpTests {
         await sink.close()
     }
 
+    @Test("up names the executables it cannot find when it cannot build them")
+    func missingExecutables() async throws {
+        let empty = NSTemporaryDirectory() + "/arbiter-no-bin-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: empty, withIntermediateDirectories: true)
+        let up = try RunningProcess.start("arbiter", ["up", "--bin-dir", empty, "--data-dir", empty + "/data"], captureOutput: true)
+        #expect(await up.waitForExit() != 0)
+        let errors = await up.errorOutput
+        #expect(errors.contains("arbiter-identity, arbiter-profile, arbiter-routing, arbiter-decision not found in \(empty)"), "\(errors)")
+    }
+
     @Test("a service that cannot start stops the others, and up fails with its log")
     func failingService() async throws {
         let rpcBase = try await freeBase(), adminBase = try await freeBase(avoiding: rpcBase)
