@@ -44,9 +44,17 @@ public enum SQLiteStore {
 
     /// Moves everything in the WAL into the main file and truncates the WAL, so that
     /// data deleted with `secure_delete` leaves no copy in the WAL (used after erasure).
+    /// A checkpoint already running (the store's BackgroundCheckpointer) makes SQLite answer
+    /// BUSY at once, without waiting: this retries for up to 5 s.
     public static func checkpoint(_ pool: DatabasePool) throws {
-        try pool.writeWithoutTransaction { db in
-            _ = try db.checkpoint(.truncate)
+        let end = ContinuousClock.now + .seconds(5)
+        while true {
+            do {
+                try pool.writeWithoutTransaction { db in _ = try db.checkpoint(.truncate) }
+                return
+            } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY && ContinuousClock.now < end {
+                Thread.sleep(forTimeInterval: 0.01)
+            }
         }
     }
 }

@@ -95,8 +95,7 @@ func httpGetBlocking(port: Int, _ path: String) throws -> (Int, String) {
 func waitUntilServing(port: Int, process: RunningProcess? = nil) async throws -> RPCClient {
     let client = RPCClient(host: "127.0.0.1", port: port)
     for _ in 0..<200 {
-        if let status = try? await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest(), timeout: .seconds(2)).status,
-           status == .serving {
+        if let status = try? await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest()).status, status == .serving {
             return client
         }
         try await Task.sleep(for: .milliseconds(25))
