@@ -131,7 +131,7 @@ struct FeatureTests {
         #expect(before["views"] == 25)
         func pending() throws -> Int { try store.pool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM dirty_person") ?? 0 } }
         func filed() throws -> Int { try store.pool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state") ?? 0 } }
-        #expect(try pending() == 20 && filed() == 0)  // in memory, logged, not yet in person_state
+        #expect(try pending() == 4 && filed() == 0)  // in memory, logged once per person, not yet in person_state
 
         // A crash: the process is gone without a flush; a new store on the files recomputes.
         let reopened = ProfileService(store: try ProfileStore(directory: directory), clock: clock.read)
@@ -147,6 +147,44 @@ struct FeatureTests {
         #expect(try written() == 2)
         #expect(small.dirty.withLock { $0.isEmpty })
         #expect(try await flushing.features("x") == ["views": 1])
+    }
+
+    @Test("clean copies kept after a flush count on correctly, and merges, splits and erasure replace them")
+    func cleanStates() async throws {
+        let clock = TestClock()
+        let now = clock.read()
+        // Every write flushes (threshold 1), so every later event starts from a clean copy.
+        let store = try ProfileStore(directory: temporaryDirectory("profile-test"), flushThreshold: 1, cachePersons: 3)
+        let service = ProfileService(store: store, clock: clock.read)
+        try service.define(feature("views", "view", .count))
+        for round in 0..<3 {
+            _ = try await service.track((0..<5).map { event("r\(round)-\($0)", "p\($0)", "view", at: now - Int64($0) * minute) })
+        }
+        #expect(store.clean.withLock { $0.count } == 3)  // at most cachePersons copies
+        for p in 0..<5 { #expect(try await service.features("p\(p)") == ["views": 3]) }
+
+        // Merge p1 into p0, then split it off again: the copies of both are replaced.
+        try store.apply([(1, .merge(target: "p0", sources: ["p1"]))], nowMs: now)
+        #expect(try await service.features("p0") == ["views": 6])
+        _ = try await service.track([event("after-merge", "p0", "view", at: now)])
+        #expect(try await service.features("p0") == ["views": 7])
+        try store.apply([(2, .unmerge(survivor: "p0", split: "p1"))], nowMs: now)
+        #expect(try await service.features("p0") == ["views": 4])
+        #expect(try await service.features("p1") == ["views": 3])
+
+        // Erasure: no copy survives in memory or in the file.
+        _ = try await service.track([event("last", "p2", "view", at: now)])
+        _ = try store.erase(person: "p2")
+        #expect(store.cachedState("p2") == nil)
+        await expectCode(.notFound) { _ = try await service.features("p2") }
+
+        // A store that keeps no clean copies gives the same answers.
+        let uncached = try ProfileStore(directory: temporaryDirectory("profile-test"), flushThreshold: 1, cachePersons: 0)
+        let plain = ProfileService(store: uncached, clock: clock.read)
+        try plain.define(feature("views", "view", .count))
+        for round in 0..<3 { _ = try await plain.track([event("u\(round)", "q", "view", at: now)]) }
+        #expect(uncached.clean.withLock { $0.isEmpty })
+        #expect(try await plain.features("q") == ["views": 3])
     }
 
     @Test("concurrent Track calls (sharing transactions) count every event once, duplicates across calls included")
@@ -171,7 +209,10 @@ struct FeatureTests {
 
     @Test("the profile settings keep their default when missing and name a bad value")
     func configuration() throws {
-        #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data("{}".utf8)).stateFlushPersons == 20_000)
+        #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data("{}".utf8)) == ProfileConfiguration())
+        #expect(ProfileConfiguration().stateFlushPersons == 20_000 && ProfileConfiguration().stateCachePersons == 100_000)
+        #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateCachePersons": 0}"#.utf8)).stateCachePersons == 0)
+        #expect(throws: DecodingError.self) { try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateCachePersons": -1}"#.utf8)) }
         #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateFlushPersons": 5}"#.utf8)).stateFlushPersons == 5)
         #expect(throws: DecodingError.self) { try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateFlushPersons": 0}"#.utf8)) }
     }

@@ -12,6 +12,10 @@ public struct ProfileConfiguration: Sendable, Codable, Equatable {
     /// together. More is faster ingest (fewer, denser writes) for more memory (about 600
     /// bytes a person with ten features) and a longer recomputation after a crash. Default 20,000.
     public var stateFlushPersons = 20_000
+    /// Persons whose feature state stays in memory after it was written (a clean copy), so
+    /// their next event or GetProfile does not read it from the file. About 600 bytes a
+    /// person with ten features; 0 keeps none. Default 100,000.
+    public var stateCachePersons = 100_000
 
     public init() {}
 
@@ -22,6 +26,11 @@ public struct ProfileConfiguration: Sendable, Codable, Equatable {
         guard (1...10_000_000).contains(stateFlushPersons) else {
             throw DecodingError.dataCorruptedError(forKey: .stateFlushPersons, in: c,
                                                    debugDescription: "stateFlushPersons must be between 1 and 10000000, got \(stateFlushPersons)")
+        }
+        stateCachePersons = try c.decodeIfPresent(Int.self, forKey: .stateCachePersons) ?? Self().stateCachePersons
+        guard (0...100_000_000).contains(stateCachePersons) else {
+            throw DecodingError.dataCorruptedError(forKey: .stateCachePersons, in: c,
+                                                   debugDescription: "stateCachePersons must be between 0 and 100000000, got \(stateCachePersons)")
         }
     }
 }

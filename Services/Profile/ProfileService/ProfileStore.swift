@@ -1,6 +1,7 @@
 import Contracts
 import Foundation
 import GRDB
+import Logging
 import IdentityFeed
 import Rules
 import Storage
@@ -20,7 +21,10 @@ import Synchronization
 /// states reach `person_state` together, sorted, once `flushThreshold` persons are dirty or
 /// before any merge, split, erasure or backfill. The events are the durable truth: after a
 /// crash, the persons in `dirty_person` are recomputed from their events at start. Readers
-/// look in memory first, then in the file.
+/// look in memory first, then in the file. States written by a flush stay in memory as
+/// clean copies (up to `cachePersons`), so a busy person's next event or read does not go
+/// to the file; anything else that rewrites states (merges, splits, erasure, backfill)
+/// drops the clean copies.
 public final class ProfileStore: Sendable {
     let pool: DatabasePool
     /// Keeps the WAL short from its own connection (see BackgroundCheckpointer).
@@ -28,8 +32,13 @@ public final class ProfileStore: Sendable {
     let definitions: Mutex<Definitions>
     /// States newer than `person_state`, by person.
     let dirty = Mutex<[String: ProfileStoreV1.PersonState]>([:])
+    /// States equal to `person_state`, by person (at most `cachePersons`).
+    let clean = Mutex<[String: ProfileStoreV1.PersonState]>([:])
     /// Dirty persons that trigger a flush. Default 20,000.
     public let flushThreshold: Int
+    /// Clean states kept in memory. Default 100,000.
+    public let cachePersons: Int
+    let logger: Logger
 
     struct Definitions: Sendable {
         var features: [String: FeatureSpec] = [:]
@@ -42,10 +51,15 @@ public final class ProfileStore: Sendable {
         }
     }
 
-    /// - Parameter flushThreshold: dirty persons kept in memory before their states are
-    ///   written together (bounds memory and the recomputation after a crash).
-    public init(directory: String, flushThreshold: Int = 20_000) throws {
+    /// - Parameters:
+    ///   - flushThreshold: dirty persons kept in memory before their states are written
+    ///     together (bounds memory and the recomputation after a crash).
+    ///   - cachePersons: clean states kept in memory after a flush (0: none).
+    public init(directory: String, flushThreshold: Int = 20_000, cachePersons: Int = 100_000,
+                logger: Logger = Logger(label: "arbiter.profile.store")) throws {
         self.flushThreshold = max(1, flushThreshold)
+        self.cachePersons = max(0, cachePersons)
+        self.logger = logger
         (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "profile", migrator: Self.migrator)
         var loaded = Definitions()
         try pool.read { db in
@@ -75,12 +89,18 @@ public final class ProfileStore: Sendable {
 
     /// Runs `body` in a write transaction after writing every dirty state to the file (in
     /// the same transaction); once it has committed, and before any other writer runs, the
-    /// written states leave memory.
-    func flushing<T>(_ body: (Database) throws -> T) throws -> T {
+    /// written states leave the dirty set and stay as clean copies. The clean copies of the
+    /// persons `body` rewrites are dropped first (`rewrites`: nil for every person).
+    func flushing<T>(rewrites: Set<String>?, _ body: (Database) throws -> T) throws -> T {
         try pool.writeWithoutTransaction { db in
             var result: T?
+            let states = dirty.withLock { $0 }
+            // Dropped before `body` changes the file, so no reader sees a copy older than it.
+            clean.withLock { clean in
+                guard let rewrites else { return clean = [:] }
+                for person in rewrites { clean.removeValue(forKey: person) }
+            }
             try db.inTransaction {
-                let states = dirty.withLock { $0 }
                 if !states.isEmpty {
                     for (person, state) in states.sorted(by: { $0.key < $1.key }) { try Self.saveState(db, person, state) }
                     try db.execute(sql: "DELETE FROM dirty_person")
@@ -88,13 +108,25 @@ public final class ProfileStore: Sendable {
                 result = try body(db)
                 return .commit
             }
+            clean.withLock { clean in
+                guard cachePersons > 0 else { return }
+                clean.merge(states.filter { rewrites?.contains($0.key) == false }) { _, new in new }
+                // Over the limit: drop arbitrary copies (a dictionary's order is effectively random).
+                let excess = clean.count - cachePersons
+                if excess > 0 { for key in Array(clean.keys.prefix(excess)) { clean.removeValue(forKey: key) } }
+            }
             dirty.withLock { $0 = [:] }
             return result!
         }
     }
 
     /// Writes every dirty state to the file now.
-    public func flush() throws { try flushing { _ in } }
+    public func flush() throws { try flushing(rewrites: []) { _ in } }
+
+    /// The state of `person` kept in memory (dirty first), if any.
+    func cachedState(_ person: String) -> ProfileStoreV1.PersonState? {
+        dirty.withLock { $0[person] } ?? clean.withLock { $0[person] }
+    }
 
     static var migrator: DatabaseMigrator {
         var migrator = DatabaseMigrator()
@@ -155,7 +187,7 @@ public final class ProfileStore: Sendable {
     /// recomputes the feature from every stored event of its type.
     public func define(_ definition: ProfileV1.FeatureDefinition, backfill: Bool, nowMs: Int64) throws -> FeatureSpec {
         let probe = try FeatureSpec(definition)
-        return try flushing { db in
+        return try flushing(rewrites: nil) { db in
             let current = definitions.withLock { $0.features[probe.name] }
             var spec = probe
             if let current { spec = current.definition == definition ? current : try FeatureSpec(definition, version: current.version + 1) }
@@ -223,6 +255,8 @@ public final class ProfileStore: Sendable {
 
     struct Ingest: Sendable {
         var events: [TrackedEvent]
+        /// Each event's stored body, encoded before the write (off the single writer).
+        var bodies: [Data]
         var nowMs: Int64
     }
 
@@ -231,7 +265,8 @@ public final class ProfileStore: Sendable {
     /// the next flush). Calls arriving together share one transaction; this returns once the
     /// transaction holding these events has committed.
     public func track(_ events: [TrackedEvent], nowMs: Int64) async throws -> TrackResult {
-        try await ingest.submit(Ingest(events: events, nowMs: nowMs)) { [self] batch in try write(batch) }
+        let ingest = Ingest(events: events, bodies: events.map { Data(Self.encodeEvent($0)) }, nowMs: nowMs)
+        return try await self.ingest.submit(ingest) { [self] batch in try write(batch) }
     }
 
     private func write(_ batch: [Ingest]) throws -> [TrackResult] {
@@ -239,6 +274,7 @@ public final class ProfileStore: Sendable {
             let byType = definitions.withLock { $0.byEventType }
             var results: [TrackResult] = []
             var updated: [String: ProfileStoreV1.PersonState] = [:]
+            var newlyDirty: [String] = []
             try db.inTransaction {
                 let insert = try db.cachedStatement(sql: """
                     INSERT OR IGNORE INTO event (event_id, person_id, origin_person_id, type, occurred_at_ms, body) VALUES (?, ?, ?, ?, ?, ?)
@@ -247,23 +283,29 @@ public final class ProfileStore: Sendable {
                     var stored: [Bool] = []
                     stored.reserveCapacity(entry.events.count)
                     var perPerson: [String: [TrackedEvent]] = [:]
-                    for event in entry.events {
-                        try insert.execute(arguments: [event.eventID, event.personID, event.personID, event.type, event.occurredAtMs,
-                                                       Data(Self.encodeEvent(event))])
+                    for (event, body) in zip(entry.events, entry.bodies) {
+                        try insert.execute(arguments: [event.eventID, event.personID, event.personID, event.type, event.occurredAtMs, body])
                         let isNew = db.changesCount > 0
                         stored.append(isNew)
                         if isNew { perPerson[event.personID, default: []].append(event) }
                     }
                     for (person, personEvents) in perPerson {
-                        let cached = updated[person] ?? dirty.withLock { $0[person] }
-                        var state = try cached ?? Self.loadState(db, person)
+                        var state: ProfileStoreV1.PersonState
+                        if let current = updated[person] {
+                            state = current
+                        } else if let current = dirty.withLock({ $0[person] }) {
+                            state = current  // logged in dirty_person already
+                        } else {
+                            state = try clean.withLock { $0[person] } ?? Self.loadState(db, person)
+                            newlyDirty.append(person)
+                        }
                         Self.fold(personEvents, into: &state, specs: byType, now: entry.nowMs)
                         updated[person] = state
                     }
                     results.append(TrackResult(stored: stored))
                 }
                 let log = try db.cachedStatement(sql: "INSERT INTO dirty_person (person_id) VALUES (?)")
-                for person in updated.keys { try log.execute(arguments: [person]) }
+                for person in newlyDirty { try log.execute(arguments: [person]) }
                 return .commit
             }
             // Committed; no other writer runs before this.
@@ -273,7 +315,11 @@ public final class ProfileStore: Sendable {
             }
             return (results, count)
         }
-        if dirtyCount >= flushThreshold { try flush() }
+        if dirtyCount >= flushThreshold {
+            // The events are committed and the dirty persons logged: a failed flush loses
+            // nothing and is tried again by the next write, so these calls still succeed.
+            do { try flush() } catch { logger.error("profile: writing \(dirtyCount) feature states failed (retried with the next Track): \(error)") }
+        }
         return results
     }
 
@@ -439,7 +485,7 @@ public final class ProfileStore: Sendable {
     public func profile(person: String, nowMs: Int64) throws -> Profile? {
         let (specs, segments) = definitions.withLock { ($0.features, $0.segments) }
         // Memory before the file: a state leaves memory only once the file has it.
-        let cached = dirty.withLock { $0[person] }
+        let cached = cachedState(person)
         return try pool.read { db in
             let stateData = cached != nil ? nil
                 : try Data.fetchOne(db.cachedStatement(sql: "SELECT state FROM person_state WHERE person_id = ?"), arguments: [person])
@@ -537,7 +583,7 @@ public final class ProfileStore: Sendable {
     /// Erases every event, trait and consent record of `person`, and checkpoints so no
     /// copy stays in the WAL.
     public func erase(person: String) throws -> Erased {
-        let erased = try flushing { db in try Self.erase(db, person) }
+        let erased = try flushing(rewrites: [person]) { db in try Self.erase(db, person) }
         try SQLiteStore.checkpoint(pool)
         return erased
     }
@@ -554,7 +600,16 @@ public final class ProfileStore: Sendable {
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
         guard !changes.isEmpty else { return }
         var erasedAny = false
-        try flushing { db in
+        var rewrites = Set<String>()
+        for (_, change) in changes {
+            switch change {
+            case .merge(let target, let sources): rewrites.formUnion([target] + sources)
+            case .unmerge(let survivor, let split): rewrites.formUnion([survivor, split])
+            case .erase(let person, let absorbed): rewrites.formUnion([person] + absorbed)
+            case .other: break
+            }
+        }
+        try flushing(rewrites: rewrites) { db in
             let specs = definitions.withLock { $0.byEventType }
             let cursor = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0
             for (seq, change) in changes where seq > cursor {
