@@ -16,11 +16,13 @@ struct ProfileBench: AsyncParsableCommand {
     @Option(help: "Connections (calls are spread over them).") var connections = 4
     @Option(help: "GetProfile rate (calls/s, open loop).") var profileRate = 5000.0
     @Option(help: "Store directory (default: a new temporary directory, removed afterwards).") var dataDir: String?
+    @Option(help: "profile.stateFlushPersons (dirty feature states kept in memory before a flush).") var stateFlushPersons = ProfileConfiguration().stateFlushPersons
+    @Option(help: "profile.stateCachePersons (clean feature states kept in memory).") var stateCachePersons = ProfileConfiguration().stateCachePersons
 
     func run() async throws {
         let directory = dataDir ?? NSTemporaryDirectory() + "/arbiter-bench-profile-\(UUID().uuidString)"
         defer { if dataDir == nil { try? FileManager.default.removeItem(atPath: directory) } }
-        let store = try ProfileStore(directory: directory)
+        let store = try ProfileStore(directory: directory, flushThreshold: stateFlushPersons, cachePersons: stateCachePersons)
         let now = Int64(Date().timeIntervalSince1970 * 1000)
         // Ten features over the two event types the benchmark sends.
         let features: [(String, String, ProfileV1.FeatureDefinition.Aggregation, Int64, Int64, String)] = [

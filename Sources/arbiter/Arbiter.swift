@@ -48,7 +48,9 @@ struct Up: AsyncParsableCommand {
     func buildIfNeeded(_ bin: String) throws {
         let missing = Self.services.map { "arbiter-\($0.name)" }.filter { !FileManager.default.isExecutableFile(atPath: bin + "/" + $0) }
         guard !missing.isEmpty else { return }
-        guard binDir == nil, FileManager.default.fileExists(atPath: "Package.swift") else {
+        // Only when this arbiter was built from the package in the current directory.
+        let here = FileManager.default.currentDirectoryPath
+        guard binDir == nil, FileManager.default.fileExists(atPath: "Package.swift"), bin.hasPrefix(here + "/.build/") else {
             throw ValidationError("\(missing.joined(separator: ", ")) not found in \(bin); build them (swift build -c release) or pass --bin-dir")
         }
         let configuration = URL(fileURLWithPath: bin).lastPathComponent == "release" ? "release" : "debug"

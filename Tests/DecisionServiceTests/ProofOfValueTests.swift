@@ -163,6 +163,8 @@ struct ProofOfValueTests {
             await expectInvalid("segment") { _ = try decision.liftReport(liftRequest(segment: "bad segment")) }
             await expectInvalid("override_id") { _ = try decision.liftReport(liftRequest(action: "weak", override: "o1")) }
             await expectCode(.notFound) { _ = try decision.liftReport(liftRequest(action: "missing")) }
+            await expectInvalid("override_id") { _ = try decision.liftReport(liftRequest(override: "no such override")) }
+            await expectCode(.notFound) { _ = try decision.liftReport(liftRequest(override: "o-missing")) }
         }
     }
 
@@ -201,6 +203,22 @@ struct ProofOfValueTests {
             let share = Double(count) / Double(runs)
             #expect((0.92...0.98).contains(share), "\(name) lift interval covered the truth in \(share) of runs")
         }
+
+        // Small sides (8 persons each, unequal spread): Welch's t interval keeps its coverage,
+        // where a normal-quantile interval covers only about 90 %.
+        func normal() -> Double {
+            (-2 * log(1 - Double.random(in: 0..<1, using: &generator))).squareRoot() * cos(2 * .pi * Double.random(in: 0..<1, using: &generator))
+        }
+        let smallRuns = 2000
+        var smallCovered = 0
+        for _ in 0..<smallRuns {
+            let v = Statistics.means((0..<8).map { _ in 5 + 2 * normal() }, (0..<8).map { _ in 3 + 4 * normal() })!
+            if v.ci.0 <= 2, 2 <= v.ci.1 { smallCovered += 1 }
+        }
+        #expect((0.935...0.965).contains(Double(smallCovered) / Double(smallRuns)), "small sides: \(smallCovered) of \(smallRuns)")
+        // A side without a single conversion still gets an interval with a width.
+        let none = Statistics.proportions(x1: 0, n1: 40, x0: 0, n0: 40)!
+        #expect(none.absolute == 0 && none.absoluteCI.0 < -0.05 && none.absoluteCI.1 > 0.05)
     }
 
     @Test("EvaluatePolicy: IPS of the logging policy and of other policies lands on their true value within the interval")
@@ -246,6 +264,7 @@ struct ProofOfValueTests {
         await expectInvalid("policy") { _ = try evaluate("best") }
         await expectInvalid("policy") { _ = try evaluate("always:") }
         await expectInvalid("policy") { _ = try evaluate("always:" + String(repeating: "x", count: 100)) }
+        await expectCode(.notFound, message: "no action \"nope\"") { _ = try evaluate("always:nope") }  // not a confident 0
     }
 
     @Test("an override decides for the persons it covers, its control share keeps the algorithm, and LiftReport shows its cost")
@@ -307,6 +326,10 @@ struct ProofOfValueTests {
         changed.author = "bo"
         #expect(try decision.store.setOverride(changed, nowMs: clock.read()).version == 2)
         await expectInvalid("author") { _ = try decision.store.endOverride(force.id, author: "", reason: "", nowMs: clock.read()) }
+        await expectInvalid("id") { _ = try decision.store.endOverride(String(repeating: "o", count: 200), author: "cy", reason: "", nowMs: clock.read()) }
+        var unnamed = changed
+        unnamed.id = "o 1"
+        await expectInvalid("override.id") { _ = try decision.store.setOverride(unnamed, nowMs: clock.read()) }
         let ended = try decision.store.endOverride(force.id, author: "cy", reason: "campaign over", nowMs: clock.read())
         #expect(!ended.active && ended.endedBy == "cy")
         #expect(try await decision.decide(decideRequest("p1", context: ["campaign": "spring"])).overrides.isEmpty)

@@ -39,7 +39,11 @@ public final class DecisionStore: Sendable {
         var catalogVersion: UInt64 = 0
         var policy = DecisionV1.ContactPolicy()
         var arms: [ArmKey: Arm] = [:]
-        var overrides: [String: DecisionV1.Override] = [:]
+        var overrides: [String: DecisionV1.Override] = [:] {
+            didSet { openOverrides = overrides.values.filter { $0.endedAtMs == 0 }.sorted(by: DecisionStore.byCreation) }
+        }
+        /// The overrides not ended, by creation (expired ones are filtered per call).
+        private(set) var openOverrides: [DecisionV1.Override] = []
     }
 
     public init(directory: String, configuration: LearnerConfiguration = .init()) throws {

@@ -21,13 +21,16 @@ enum Statistics {
         }
     }
 
-    /// Two proportions, `x1/n1` (treated) against `x0/n0` (control): the difference with a
-    /// Wald interval, and the ratio minus one with a delta-method interval on its log.
+    /// Two proportions, `x1/n1` (treated) against `x0/n0` (control): the difference with
+    /// the Agresti–Caffo interval (Wald's after one success and one failure are added to
+    /// each side, so a side at 0 % or 100 % still has a width), and the ratio minus one with
+    /// a delta-method interval on its log.
     static func proportions(x1: Int, n1: Int, x0: Int, n0: Int) -> Comparison? {
         guard n1 > 0, n0 > 0 else { return nil }
         let (p1, p0) = (Double(x1) / Double(n1), Double(x0) / Double(n0))
-        let se = (p1 * (1 - p1) / Double(n1) + p0 * (1 - p0) / Double(n0)).squareRoot()
-        var c = Comparison(absolute: p1 - p0, absoluteCI: (p1 - p0 - z95 * se, p1 - p0 + z95 * se))
+        let (a1, a0) = (Double(x1 + 1) / Double(n1 + 2), Double(x0 + 1) / Double(n0 + 2))
+        let se = (a1 * (1 - a1) / Double(n1 + 2) + a0 * (1 - a0) / Double(n0 + 2)).squareRoot()
+        var c = Comparison(absolute: p1 - p0, absoluteCI: (a1 - a0 - z95 * se, a1 - a0 + z95 * se))
         if x1 > 0, x0 > 0 {
             let log = Foundation.log(p1 / p0)
             let seLog = ((1 - p1) / Double(x1) + (1 - p0) / Double(x0)).squareRoot()
@@ -37,13 +40,31 @@ enum Statistics {
         return c
     }
 
-    /// The difference of two means with Welch's standard error.
+    /// The difference of two means with Welch's interval (Student's t with the
+    /// Welch–Satterthwaite degrees of freedom: wider than the normal one on small sides).
     static func means(_ treated: [Double], _ control: [Double]) -> (difference: Double, ci: (Double, Double))? {
         guard treated.count > 1, control.count > 1 else { return nil }
         let (m1, v1) = meanVariance(treated)
         let (m0, v0) = meanVariance(control)
-        let se = (v1 / Double(treated.count) + v0 / Double(control.count)).squareRoot()
-        return (m1 - m0, (m1 - m0 - z95 * se, m1 - m0 + z95 * se))
+        let (q1, q0) = (v1 / Double(treated.count), v0 / Double(control.count))
+        let se = (q1 + q0).squareRoot()
+        let denominator = q1 * q1 / Double(treated.count - 1) + q0 * q0 / Double(control.count - 1)
+        let t = denominator > 0 ? t975(degreesOfFreedom: (q1 + q0) * (q1 + q0) / denominator) : z95
+        return (m1 - m0, (m1 - m0 - t * se, m1 - m0 + t * se))
+    }
+
+    /// The 97.5 % quantile of Student's t with `ν` degrees of freedom: below 5, the exact
+    /// value at ν rounded down (wider, never narrower); from 5 on, the Cornish–Fisher expansion
+    /// around the normal quantile (0.003 short at 5, under 0.0002 from 10).
+    static func t975(degreesOfFreedom ν: Double) -> Double {
+        if ν < 2 { return 12.706204736174705 }
+        if ν < 3 { return 4.302652729749464 }
+        if ν < 4 { return 3.182446305284263 }
+        if ν < 5 { return 2.7764451051977934 }
+        let z = z95
+        let (z3, z5, z7) = (z * z * z, z * z * z * z * z, z * z * z * z * z * z * z)
+        return z + (z3 + z) / (4 * ν) + (5 * z5 + 16 * z3 + 3 * z) / (96 * ν * ν)
+            + (3 * z7 + 19 * z5 + 17 * z3 - 15 * z) / (384 * ν * ν * ν)
     }
 
     /// Mean and sample variance.
@@ -106,6 +127,9 @@ extension DecisionStore {
 
     /// Calls `body` with every decision made in [fromMs, toMs), oldest first, and the
     /// outcomes reported on it (whenever they happened). One read transaction.
+    /// Most decisions one LiftReport or EvaluatePolicy reads.
+    static let maxReportDecisions = 5_000_000
+
     func forEachDecision(fromMs: Int64, toMs: Int64, _ body: (DecisionV1.DecisionRecord, [LoggedOutcome]) throws -> Void) throws {
         // Decision ids start with "d" and 12 hex digits of milliseconds: a time range is a key range.
         func bound(_ ms: Int64) -> String {
@@ -122,7 +146,14 @@ extension DecisionStore {
             }
             let decisions = try Row.fetchCursor(db, sql: "SELECT decision_id, record FROM decision WHERE decision_id >= ? AND decision_id < ? ORDER BY decision_id",
                                                 arguments: [low, high])
+            var scanned = 0
             while let row = try decisions.next() {
+                scanned += 1
+                guard scanned <= Self.maxReportDecisions else {
+                    // One read transaction holds the WAL while it runs: keep it bounded.
+                    throw RPCError(.resourceExhausted,
+                                   "from_ms/to_ms: the window holds more than \(Self.maxReportDecisions) decisions; narrow it")
+                }
                 let id: String = row[0]
                 try body(try DecisionV1.DecisionRecord(serializedBytes: row[1] as Data), outcomes[id] ?? [])
             }
@@ -178,6 +209,7 @@ extension DecisionService {
             }
         case (true, false):
             let id = request.overrideId
+            try Names.check(id, field: "override_id")
             guard store.overrides(nowMs: clock(), includeEnded: true).contains(where: { $0.id == id }) else {
                 throw RPCError(.notFound, "override_id: no override \"\(id)\"")
             }
@@ -270,7 +302,13 @@ extension DecisionService {
         guard let policy = DecisionPolicy(request.policy) else {
             throw RPCError.invalidArgument(field: "policy", "must be no_exploration, rules_only, highest_value, always:<action id> or logging, got \"\(request.policy)\"")
         }
-        if case .always(let id) = policy { try Names.check(id, field: "policy (always:<action id>)") }
+        if case .always(let id) = policy {
+            try Names.check(id, field: "policy (always:<action id>)")
+            // Retired actions count: the log may hold decisions from when they were offered.
+            guard store.catalog().actions.contains(where: { $0.id == id }) else {
+                throw RPCError(.notFound, "policy: no action \"\(id)\" (always:<action id>)")
+            }
+        }
         var weights: [Double] = []
         var rewards: [Double] = []
         var response = DecisionV1.EvaluatePolicyResponse()

@@ -13,6 +13,7 @@ extension DecisionStore {
     /// field against the catalog; each change is written with its audit record.
     public func setOverride(_ request: DecisionV1.Override, nowMs: Int64) throws -> DecisionV1.Override {
         var o = request
+        if !o.id.isEmpty { try Names.check(o.id, field: "override.id") }
         guard o.kind == "force" || o.kind == "ban" else {
             throw RPCError.invalidArgument(field: "override.kind", "must be \"force\" or \"ban\", got \"\(o.kind)\"")
         }
@@ -40,7 +41,7 @@ extension DecisionStore {
         guard o.expiresAtMs == 0 || o.expiresAtMs > nowMs else {
             throw RPCError.invalidArgument(field: "override.expires_at_ms", "must be in the future (or 0: until ended)")
         }
-        return try pool.write { db in
+        let saved = try pool.write { db in
             let existing = memory.withLock { m in o.id.isEmpty ? nil : m.overrides[o.id] }
             if o.id.isEmpty {
                 guard memory.withLock({ m in m.overrides.values.count { Self.isActive($0, nowMs) } }) < Self.maxOverrides else {
@@ -65,17 +66,19 @@ extension DecisionStore {
             try saveOverride(db, o, change: existing == nil ? "created" : "changed", author: author, reason: reason, nowMs: nowMs)
             return o
         }
+        memory.withLock { $0.overrides[saved.id] = saved }  // once committed
+        return saved
     }
 
     /// Ends an override (ending an ended one changes nothing).
     public func endOverride(_ id: String, author: String, reason: String, nowMs: Int64) throws -> DecisionV1.Override {
-        guard !id.isEmpty else { throw RPCError.invalidArgument(field: "id", "is required") }
+        try Names.check(id, field: "id")
         let author = author.trimmingCharacters(in: .whitespaces)
         guard !author.isEmpty, author.utf8.count <= 128 else {
             throw RPCError.invalidArgument(field: "author", "is required (1-128 bytes): every change says who")
         }
         guard reason.utf8.count <= 500 else { throw RPCError.invalidArgument(field: "reason", "is longer than 500 bytes") }
-        return try pool.write { db in
+        let ended = try pool.write { db in
             guard var o = memory.withLock({ $0.overrides[id] }) else { throw RPCError(.notFound, "id: no override \"\(id)\"") }
             guard o.endedAtMs == 0 else { return o }
             o.endedAtMs = nowMs
@@ -85,6 +88,8 @@ extension DecisionStore {
             try saveOverride(db, o, change: "ended", author: author, reason: reason, nowMs: nowMs)
             return o
         }
+        memory.withLock { $0.overrides[ended.id] = ended }  // once committed
+        return ended
     }
 
     private func saveOverride(_ db: Database, _ o: DecisionV1.Override, change: String, author: String, reason: String, nowMs: Int64) throws {
@@ -98,7 +103,6 @@ extension DecisionStore {
         audit.override = o
         try db.execute(sql: "INSERT INTO override_change (override_id, version, at_ms, body) VALUES (?, ?, ?, ?)",
                        arguments: [o.id, Int64(o.version), nowMs, Data(audit.serializedBytes())])
-        memory.withLock { $0.overrides[o.id] = o }
     }
 
     static func isActive(_ o: DecisionV1.Override, _ nowMs: Int64) -> Bool {
@@ -108,12 +112,20 @@ extension DecisionStore {
     /// Overrides by creation time, with `active` as of `nowMs`.
     public func overrides(nowMs: Int64, includeEnded: Bool) -> [DecisionV1.Override] {
         memory.withLock { m in
-            m.overrides.values.compactMap { o -> DecisionV1.Override? in
+            // Decide asks for the active ones on every call: those come from the short list
+            // of overrides not ended (kept sorted on write), without copying the rest.
+            let candidates = includeEnded ? m.overrides.values.sorted(by: Self.byCreation) : m.openOverrides
+            return candidates.compactMap { o -> DecisionV1.Override? in
+                guard includeEnded || Self.isActive(o, nowMs) else { return nil }
                 var o = o
                 o.active = Self.isActive(o, nowMs)
-                return includeEnded || o.active ? o : nil
-            }.sorted { ($0.createdAtMs, $0.id) < ($1.createdAtMs, $1.id) }
+                return o
+            }
         }
+    }
+
+    static func byCreation(_ a: DecisionV1.Override, _ b: DecisionV1.Override) -> Bool {
+        (a.createdAtMs, a.id) < (b.createdAtMs, b.id)
     }
 
     /// Every audited change, oldest first.
