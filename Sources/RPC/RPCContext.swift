@@ -55,7 +55,7 @@ public struct RPCContext: Sendable {
     public var metadata: Metadata
     /// The call's deadline, from the request's `timeout_nano`; nil when it has none.
     public var deadline: ContinuousClock.Instant?
-    /// A logger carrying `rpc.service`, `rpc.method` and `rpc.stream_id`.
+    /// A logger carrying `rpc.peer`, and `rpc.stream_id` when the level is `debug` or lower.
     public var logger: Logger
 
     public init(service: String, method: String, metadata: Metadata = [:],

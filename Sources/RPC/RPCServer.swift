@@ -257,7 +257,9 @@ public final class RPCServer: Service, Sendable {
         defer { metrics.inFlight.decrement() }
         let service = call.request.service, method = call.request.method
         var logger = connectionLogger
-        logger[metadataKey: "rpc.stream_id"] = .stringConvertible(call.streamID)
+        // Setting metadata re-renders the logger's metadata (StreamLogHandler does on every
+        // set): per call only when debug logs are wanted; the answer's own log names the stream.
+        if logger.logLevel <= .debug { logger[metadataKey: "rpc.stream_id"] = .stringConvertible(call.streamID) }
         let context = RPCContext(
             service: service, method: method,
             metadata: Metadata(call.request.metadata.map { (key: $0.key, value: $0.value) }),
