@@ -390,6 +390,21 @@ struct ProofOfValueTests {
         #expect(report.control!.persons == UInt64(heldOut.count) && report.treated!.persons == UInt64(2000 - heldOut.count))
         #expect(report.expectedControlShare == 0.3 && !report.srmWarning)
         #expect(report.absoluteLift > 0.05 && report.absoluteLiftCi95!.low > 0, "\(report)")
+
+        // A ban on the action counts its persons as treated (intent to treat): the split stays
+        // as drawn, with no sample-ratio warning, where dropping them would leave mostly control.
+        var ban = DecisionV1.Override()
+        ban.kind = "ban"
+        ban.actionId = "upsell"
+        ban.reason = "complaints"
+        ban.author = "ana"
+        _ = try decision.store.setOverride(ban, nowMs: clock.read())
+        let banned = try await drive(decision, persons: 2000..<2400, truth: ["upsell": 0.25, "plain": 0.05], clock: clock, seed: 4)
+        #expect(banned.count { $0.explanations.contains { $0.excludedBy.hasPrefix("override: banned by") } } > 200)
+        let withBan = try decision.liftReport(liftRequest(action: "upsell"))
+        #expect(withBan.control!.persons + withBan.treated!.persons == 2400)
+        #expect(!withBan.srmWarning, "\(withBan)")
+
         // Without a holdout there is nothing to compare with, and the report says so.
         let plain = try decision.liftReport(liftRequest(action: "plain"))
         #expect(plain.control!.persons == 0 && plain.notes.contains { $0.contains("no holdout") })

@@ -327,7 +327,7 @@ public struct DecisionService: RPCService {
             for o in matching where o.kind == "ban" {
                 guard let k = eligible.firstIndex(where: { $0.spec.id == o.actionId }), effect(o) else { continue }
                 explanations[eligible[k].slot].eligible = false
-                explanations[eligible[k].slot].excludedBy = "override: banned by \(o.id) (\(o.reason))"
+                explanations[eligible[k].slot].excludedBy = "\(Self.banPrefix)\(o.id) (\(o.reason))"
                 eligible.remove(at: k)
             }
             if let o = matching.last(where: { o in o.kind == "force" && eligible.contains { $0.spec.id == o.actionId } }), effect(o) {
@@ -474,6 +474,9 @@ public struct DecisionService: RPCService {
 
     /// A time-ordered decision id: `d`, 12 hex digits of milliseconds, 16 random hex digits.
     static func decisionID(_ nowMs: Int64) -> String { TimeOrderedID.make("d", nowMs: nowMs) }
+
+    /// How a candidate banned by an override is explained (`override: banned by <id> (<reason>)`).
+    static let banPrefix = "override: banned by "
 
     // MARK: - Outcomes
 

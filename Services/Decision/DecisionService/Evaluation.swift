@@ -202,10 +202,13 @@ extension DecisionService {
             response.comparison = "action holdout: \(id)"
             response.expectedControlShare = spec.action.holdoutShare
             if spec.action.holdoutShare == 0 { response.notes.append("action \(id) has no holdout (holdout_share 0): nothing to compare with") }
+            // Intent to treat: the holdout is drawn among persons the action is eligible for,
+            // before overrides; a person an override then banned it for stays on the treated side
+            // (had they been held out, they would count as control).
             side = { record in
                 guard !record.holdout else { return nil }
                 if record.heldOutActions.contains(id) { return false }
-                return record.candidates.contains { $0.actionId == id && $0.eligible } ? true : nil
+                return record.candidates.contains { $0.actionId == id && ($0.eligible || $0.excludedBy.hasPrefix(Self.banPrefix)) } ? true : nil
             }
         case (true, false):
             let id = request.overrideId
