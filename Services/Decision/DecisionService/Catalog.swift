@@ -3,7 +3,9 @@ import RPC
 import Rules
 
 /// A validated action: its wire form and its parsed eligibility rule.
-public struct ActionSpec: Sendable {
+/// A reference type: Decide passes every catalog entry around on every call, and copying the
+/// action message each time showed as 2 % of the decision service's CPU in a profile.
+public final class ActionSpec: Sendable {
     public let action: DecisionV1.Action
     let eligibility: Rule?
 
