@@ -4075,7 +4075,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__set_override_request__de
   (ProtobufCMessageInit) arbiter__decision__v1__set_override_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_request__field_descriptors[2] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_request__field_descriptors[4] =
 {
   {
     "include_ended",
@@ -4101,15 +4101,41 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_requ
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "history_override_id",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__ListOverridesRequest, history_override_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "history_limit",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__ListOverridesRequest, history_limit),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__list_overrides_request__field_indices_by_name[] = {
+  3,   /* field[3] = history_limit */
+  2,   /* field[2] = history_override_id */
   0,   /* field[0] = include_ended */
   1,   /* field[1] = include_history */
 };
 static const ProtobufCIntRange arbiter__decision__v1__list_overrides_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 2 }
+  { 0, 4 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_request__descriptor =
 {
@@ -4119,7 +4145,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_request__
   "Arbiter__Decision__V1__ListOverridesRequest",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__ListOverridesRequest),
-  2,
+  4,
   arbiter__decision__v1__list_overrides_request__field_descriptors,
   arbiter__decision__v1__list_overrides_request__field_indices_by_name,
   1,  arbiter__decision__v1__list_overrides_request__number_ranges,
@@ -4229,7 +4255,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__override_change__descrip
   (ProtobufCMessageInit) arbiter__decision__v1__override_change__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_response__field_descriptors[2] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_response__field_descriptors[3] =
 {
   {
     "overrides",
@@ -4255,15 +4281,28 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_resp
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "history_truncated",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__ListOverridesResponse, history_truncated),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__list_overrides_response__field_indices_by_name[] = {
   1,   /* field[1] = history */
+  2,   /* field[2] = history_truncated */
   0,   /* field[0] = overrides */
 };
 static const ProtobufCIntRange arbiter__decision__v1__list_overrides_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 2 }
+  { 0, 3 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_response__descriptor =
 {
@@ -4273,7 +4312,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_response_
   "Arbiter__Decision__V1__ListOverridesResponse",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__ListOverridesResponse),
-  2,
+  3,
   arbiter__decision__v1__list_overrides_response__field_descriptors,
   arbiter__decision__v1__list_overrides_response__field_indices_by_name,
   1,  arbiter__decision__v1__list_overrides_response__number_ranges,

@@ -362,9 +362,24 @@ struct ProofOfValueTests {
         list.includeHistory = true
         let all = reopened.store.overrides(nowMs: clock.read(), includeEnded: true)
         #expect(all.map(\.id) == [force.id, ban.id] && all.allSatisfy { !$0.active })
-        let history = try reopened.store.overrideHistory()
+        let listed = try reopened.listOverrides(list)
+        #expect(listed.overrides.map(\.id) == [force.id, ban.id] && !listed.historyTruncated)
+        let history = listed.history
         #expect(history.map { "\($0.change) by \($0.author)" } == ["created by ana", "changed by bo", "ended by cy", "created by ana"])
         #expect(history[2].reason == "campaign over" && history[1].override?.reason == "spring campaign, extended")
+        // The history is bounded: the newest changes (still oldest first), of one override or all.
+        list.historyLimit = 2
+        let newest = try reopened.listOverrides(list)
+        #expect(newest.history.map(\.change) == ["ended", "created"] && newest.historyTruncated)
+        list.historyOverrideId = force.id
+        list.historyLimit = 0
+        let one = try reopened.listOverrides(list)
+        #expect(one.history.map(\.change) == ["created", "changed", "ended"] && !one.historyTruncated)
+        list.historyLimit = 10_001
+        await expectInvalid("history_limit") { _ = try reopened.listOverrides(list) }
+        list.historyLimit = 0
+        list.historyOverrideId = "not a name"
+        await expectInvalid("history_override_id") { _ = try reopened.listOverrides(list) }
     }
 
     @Test("a per-action holdout withholds the action from its share of persons, and LiftReport measures what the action adds")

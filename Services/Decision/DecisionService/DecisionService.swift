@@ -118,12 +118,7 @@ public struct DecisionService: RPCService {
             guard let override = request.override else { throw RPCError.invalidArgument(field: "override", "is required") }
             return try store.setOverride(override, nowMs: clock())
         }
-        router.register(methods.listOverrides) { request, _ in
-            var response = DecisionV1.ListOverridesResponse()
-            response.overrides = store.overrides(nowMs: clock(), includeEnded: request.includeEnded)
-            if request.includeHistory { response.history = try store.overrideHistory() }
-            return response
-        }
+        router.register(methods.listOverrides) { request, _ in try listOverrides(request) }
         router.register(methods.endOverride) { request, _ in
             try store.endOverride(request.id, author: request.author, reason: request.reason, nowMs: clock())
         }
@@ -223,6 +218,22 @@ public struct DecisionService: RPCService {
         response.overrides = record.overrides
         if request.explain { response.explanations = record.candidates }
         if request.deliver { response.actions = await deliver(record, context: request.context) }
+        return response
+    }
+
+    /// The overrides, and on request their audit trail: the newest `history_limit` changes
+    /// (default 1,000, at most 10,000), of one override or of all.
+    func listOverrides(_ request: DecisionV1.ListOverridesRequest) throws -> DecisionV1.ListOverridesResponse {
+        var response = DecisionV1.ListOverridesResponse()
+        response.overrides = store.overrides(nowMs: clock(), includeEnded: request.includeEnded)
+        guard request.includeHistory else { return response }
+        if !request.historyOverrideId.isEmpty { try Names.check(request.historyOverrideId, field: "history_override_id") }
+        guard request.historyLimit <= 10_000 else {
+            throw RPCError.invalidArgument(field: "history_limit", "at most 10000, got \(request.historyLimit)")
+        }
+        let limit = request.historyLimit == 0 ? 1000 : Int(request.historyLimit)
+        (response.history, response.historyTruncated) = try store.overrideHistory(
+            of: request.historyOverrideId.isEmpty ? nil : request.historyOverrideId, limit: limit)
         return response
     }
 

@@ -128,11 +128,17 @@ extension DecisionStore {
         (a.createdAtMs, a.id) < (b.createdAtMs, b.id)
     }
 
-    /// Every audited change, oldest first.
-    public func overrideHistory() throws -> [DecisionV1.OverrideChange] {
+    /// The newest `limit` audited changes (of one override, or of all), oldest first, and
+    /// whether older ones were left out.
+    public func overrideHistory(of id: String? = nil, limit: Int = 1000) throws -> (changes: [DecisionV1.OverrideChange], truncated: Bool) {
         try pool.read { db in
-            try Data.fetchAll(db, sql: "SELECT body FROM override_change ORDER BY at_ms, override_id, version")
-                .map { try DecisionV1.OverrideChange(serializedBytes: $0) }
+            let filter = id == nil ? "" : "WHERE override_id = :id"
+            var changes = try Data.fetchAll(db, sql: """
+                SELECT body FROM override_change \(filter) ORDER BY at_ms DESC, override_id DESC, version DESC LIMIT :limit
+                """, arguments: ["id": id, "limit": limit + 1]).map { try DecisionV1.OverrideChange(serializedBytes: $0) }
+            let truncated = changes.count > limit
+            if truncated { changes.removeLast() }
+            return (changes.reversed(), truncated)
         }
     }
 

@@ -756,13 +756,21 @@ struct  Arbiter__Decision__V1__ListOverridesRequest
   ProtobufCMessage base;
   protobuf_c_boolean include_ended;
   /*
-   * Also return the audit trail of every change.
+   * Also return the audit trail of every change (oldest first; the newest history_limit).
    */
   protobuf_c_boolean include_history;
+  /*
+   * Only this override's changes in the history (empty: every override's).
+   */
+  char *history_override_id;
+  /*
+   * Most changes returned in the history: 1-10000, 0 means 1000.
+   */
+  uint32_t history_limit;
 };
 #define ARBITER__DECISION__V1__LIST_OVERRIDES_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__list_overrides_request__descriptor) \
-    , 0, 0 }
+    , 0, 0, (char *)protobuf_c_empty_string, 0 }
 
 
 /*
@@ -796,10 +804,14 @@ struct  Arbiter__Decision__V1__ListOverridesResponse
   Arbiter__Decision__V1__Override **overrides;
   size_t n_history;
   Arbiter__Decision__V1__OverrideChange **history;
+  /*
+   * True when older changes were left out (raise history_limit or filter by override).
+   */
+  protobuf_c_boolean history_truncated;
 };
 #define ARBITER__DECISION__V1__LIST_OVERRIDES_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__list_overrides_response__descriptor) \
-    , 0,NULL, 0,NULL }
+    , 0,NULL, 0,NULL, 0 }
 
 
 struct  Arbiter__Decision__V1__EndOverrideRequest

@@ -850,8 +850,12 @@ extension DecisionV1 {
 
     public struct ListOverridesRequest: ProtoMessage {
         public var includeEnded: Bool = false
-        /// Also return the audit trail of every change.
+        /// Also return the audit trail of every change (oldest first; the newest history_limit).
         public var includeHistory: Bool = false
+        /// Only this override's changes in the history (empty: every override's).
+        public var historyOverrideId: String = ""
+        /// Most changes returned in the history: 1-10000, 0 means 1000.
+        public var historyLimit: UInt32 = 0
 
         public static let protoName = "arbiter.decision.v1.ListOverridesRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__list_overrides_request__descriptor_ptr())
@@ -859,10 +863,14 @@ extension DecisionV1 {
         public init(reader: ProtoReader) throws {
             includeEnded = reader.bool(1)
             includeHistory = reader.bool(2)
+            historyOverrideId = reader.string(3)
+            historyLimit = reader.uint32(4)
         }
         public func write(to writer: ProtoWriter) {
             writer.setBool(1, includeEnded)
             writer.setBool(2, includeHistory)
+            writer.setString(3, historyOverrideId)
+            writer.setUint32(4, historyLimit)
         }
     }
 
@@ -901,6 +909,8 @@ extension DecisionV1 {
     public struct ListOverridesResponse: ProtoMessage {
         public var overrides: [DecisionV1.Override] = []
         public var history: [DecisionV1.OverrideChange] = []
+        /// True when older changes were left out (raise history_limit or filter by override).
+        public var historyTruncated: Bool = false
 
         public static let protoName = "arbiter.decision.v1.ListOverridesResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__list_overrides_response__descriptor_ptr())
@@ -908,10 +918,12 @@ extension DecisionV1 {
         public init(reader: ProtoReader) throws {
             overrides = try reader.messages(1)
             history = try reader.messages(2)
+            historyTruncated = reader.bool(3)
         }
         public func write(to writer: ProtoWriter) {
             writer.setRepeatedMessages(1, overrides)
             writer.setRepeatedMessages(2, history)
+            writer.setBool(3, historyTruncated)
         }
     }
 
