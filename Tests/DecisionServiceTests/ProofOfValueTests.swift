@@ -382,6 +382,31 @@ struct ProofOfValueTests {
         await expectInvalid("history_override_id") { _ = try reopened.listOverrides(list) }
     }
 
+    @Test("concurrent changes of one override each get their own version (none fails on the audit key)")
+    func concurrentOverrideChanges() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock, seed: 5)
+        try decision.upsert(action("a", value: 10))
+        var o = DecisionV1.Override()
+        o.kind = "ban"
+        o.actionId = "a"
+        o.reason = "first"
+        o.author = "ana"
+        let first = try decision.store.setOverride(o, nowMs: clock.read())
+        let store = decision.store
+        let now = clock.read()
+        let versions = try await withThrowingTaskGroup(of: UInt64.self) { group in
+            for n in 0..<16 {
+                var change = first
+                change.reason = "change \(n)"
+                group.addTask { try store.setOverride(change, nowMs: now).version }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(Set(versions) == Set(2...17))
+        #expect(try decision.store.overrideHistory(of: first.id).changes.count == 17)
+    }
+
     @Test("a per-action holdout withholds the action from its share of persons, and LiftReport measures what the action adds")
     func actionHoldout() async throws {
         let clock = TestClock()

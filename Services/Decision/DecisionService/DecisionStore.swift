@@ -42,8 +42,16 @@ public final class DecisionStore: Sendable {
         var overrides: [String: DecisionV1.Override] = [:] {
             didSet { openOverrides = overrides.values.filter { $0.endedAtMs == 0 }.sorted(by: DecisionStore.byCreation) }
         }
-        /// The overrides not ended, by creation (expired ones are filtered per call).
+        /// The overrides neither ended nor expired (as of the last read), by creation.
         private(set) var openOverrides: [DecisionV1.Override] = []
+
+        /// Leaves out of `openOverrides` those expired by `nowMs` (nothing ends them: an
+        /// expiry is a time, so without this every Decide would scan them forever).
+        mutating func dropExpired(nowMs: Int64) {
+            if openOverrides.contains(where: { !DecisionStore.isActive($0, nowMs) }) {
+                openOverrides.removeAll { !DecisionStore.isActive($0, nowMs) }
+            }
+        }
     }
 
     public init(directory: String, configuration: LearnerConfiguration = .init()) throws {

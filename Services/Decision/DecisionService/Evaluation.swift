@@ -125,11 +125,12 @@ extension DecisionStore {
         var value: Double
     }
 
-    /// Calls `body` with every decision made in [fromMs, toMs), oldest first, and the
-    /// outcomes reported on it (whenever they happened). One read transaction.
     /// Most decisions one LiftReport or EvaluatePolicy reads.
     static let maxReportDecisions = 5_000_000
 
+    /// Calls `body` with every decision made in [fromMs, toMs), oldest first, and the
+    /// outcomes reported on it (whenever they happened). One read transaction; a window of
+    /// more than `maxReportDecisions` is refused before anything is loaded.
     func forEachDecision(fromMs: Int64, toMs: Int64, _ body: (DecisionV1.DecisionRecord, [LoggedOutcome]) throws -> Void) throws {
         // Decision ids start with "d" and 12 hex digits of milliseconds: a time range is a key range.
         func bound(_ ms: Int64) -> String {
@@ -138,6 +139,11 @@ extension DecisionStore {
         }
         let (low, high) = (bound(fromMs), bound(toMs))
         try pool.read { db in
+            // One key-range probe: is there a decision past the limit? (the window is refused whole)
+            guard try String.fetchOne(db, sql: "SELECT decision_id FROM decision WHERE decision_id >= ? AND decision_id < ? ORDER BY decision_id LIMIT 1 OFFSET ?",
+                                      arguments: [low, high, Self.maxReportDecisions]) == nil else {
+                throw RPCError(.resourceExhausted, "from_ms/to_ms: the window holds more than \(Self.maxReportDecisions) decisions; narrow it")
+            }
             var outcomes: [String: [LoggedOutcome]] = [:]
             let rows = try Row.fetchCursor(db, sql: "SELECT decision_id, action_id, kind, value FROM outcome WHERE decision_id >= ? AND decision_id < ?",
                                            arguments: [low, high])
@@ -146,14 +152,7 @@ extension DecisionStore {
             }
             let decisions = try Row.fetchCursor(db, sql: "SELECT decision_id, record FROM decision WHERE decision_id >= ? AND decision_id < ? ORDER BY decision_id",
                                                 arguments: [low, high])
-            var scanned = 0
             while let row = try decisions.next() {
-                scanned += 1
-                guard scanned <= Self.maxReportDecisions else {
-                    // One read transaction holds the WAL while it runs: keep it bounded.
-                    throw RPCError(.resourceExhausted,
-                                   "from_ms/to_ms: the window holds more than \(Self.maxReportDecisions) decisions; narrow it")
-                }
                 let id: String = row[0]
                 try body(try DecisionV1.DecisionRecord(serializedBytes: row[1] as Data), outcomes[id] ?? [])
             }

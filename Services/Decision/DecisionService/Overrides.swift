@@ -8,6 +8,8 @@ import Storage
 /// Governed overrides: validation, storage with an audit trail, and matching in Decide.
 extension DecisionStore {
     static let maxOverrides = 200
+    /// Most encoded bytes of history one ListOverrides returns (under the 4 MiB frame).
+    static let maxHistoryBytes = 2 << 20
 
     /// Creates an override (empty id) or changes an active one, after validating every
     /// field against the catalog; each change is written with its audit record.
@@ -41,7 +43,23 @@ extension DecisionStore {
         guard o.expiresAtMs == 0 || o.expiresAtMs > nowMs else {
             throw RPCError.invalidArgument(field: "override.expires_at_ms", "must be in the future (or 0: until ended)")
         }
-        let saved = try pool.write { db in
+        // Memory follows the commit before the writer is released (a second change of the
+        // same override must see this one's version).
+        return try pool.writeWithoutTransaction { db in
+            var saved: DecisionV1.Override?
+            try db.inTransaction {
+                saved = try createOrChange(db, o, reason: reason, author: author, nowMs: nowMs)
+                return .commit
+            }
+            memory.withLock { $0.overrides[saved!.id] = saved! }
+            return saved!
+        }
+    }
+
+    private func createOrChange(_ db: Database, _ request: DecisionV1.Override, reason: String, author: String,
+                                nowMs: Int64) throws -> DecisionV1.Override {
+        var o = request
+        do {
             let existing = memory.withLock { m in o.id.isEmpty ? nil : m.overrides[o.id] }
             if o.id.isEmpty {
                 guard memory.withLock({ m in m.overrides.values.count { Self.isActive($0, nowMs) } }) < Self.maxOverrides else {
@@ -66,8 +84,6 @@ extension DecisionStore {
             try saveOverride(db, o, change: existing == nil ? "created" : "changed", author: author, reason: reason, nowMs: nowMs)
             return o
         }
-        memory.withLock { $0.overrides[saved.id] = saved }  // once committed
-        return saved
     }
 
     /// Ends an override (ending an ended one changes nothing).
@@ -78,18 +94,20 @@ extension DecisionStore {
             throw RPCError.invalidArgument(field: "author", "is required (1-128 bytes): every change says who")
         }
         guard reason.utf8.count <= 500 else { throw RPCError.invalidArgument(field: "reason", "is longer than 500 bytes") }
-        let ended = try pool.write { db in
+        return try pool.writeWithoutTransaction { db in
             guard var o = memory.withLock({ $0.overrides[id] }) else { throw RPCError(.notFound, "id: no override \"\(id)\"") }
             guard o.endedAtMs == 0 else { return o }
             o.endedAtMs = nowMs
             o.endedBy = author
             o.active = false
             o.version += 1
-            try saveOverride(db, o, change: "ended", author: author, reason: reason, nowMs: nowMs)
+            try db.inTransaction {
+                try saveOverride(db, o, change: "ended", author: author, reason: reason, nowMs: nowMs)
+                return .commit
+            }
+            memory.withLock { $0.overrides[o.id] = o }  // committed, before the next writer
             return o
         }
-        memory.withLock { $0.overrides[ended.id] = ended }  // once committed
-        return ended
     }
 
     private func saveOverride(_ db: Database, _ o: DecisionV1.Override, change: String, author: String, reason: String, nowMs: Int64) throws {
@@ -114,6 +132,7 @@ extension DecisionStore {
         memory.withLock { m in
             // Decide asks for the active ones on every call: those come from the short list
             // of overrides not ended (kept sorted on write), without copying the rest.
+            if !includeEnded { m.dropExpired(nowMs: nowMs) }
             let candidates = includeEnded ? m.overrides.values.sorted(by: Self.byCreation) : m.openOverrides
             return candidates.compactMap { o -> DecisionV1.Override? in
                 guard includeEnded || Self.isActive(o, nowMs) else { return nil }
@@ -136,8 +155,17 @@ extension DecisionStore {
             var changes = try Data.fetchAll(db, sql: """
                 SELECT body FROM override_change \(filter) ORDER BY at_ms DESC, override_id DESC, version DESC LIMIT :limit
                 """, arguments: ["id": id, "limit": limit + 1]).map { try DecisionV1.OverrideChange(serializedBytes: $0) }
-            let truncated = changes.count > limit
+            var truncated = changes.count > limit
             if truncated { changes.removeLast() }
+            // And at most `maxHistoryBytes` encoded (a change can be 8 KB: large contexts and reasons).
+            var bytes = 0
+            if let cut = changes.firstIndex(where: { change in
+                bytes += change.serializedBytes().count + 8
+                return bytes > Self.maxHistoryBytes
+            }) {
+                changes.removeSubrange(cut...)
+                truncated = true
+            }
             return (changes.reversed(), truncated)
         }
     }
