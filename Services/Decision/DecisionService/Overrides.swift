@@ -59,31 +59,29 @@ extension DecisionStore {
     private func createOrChange(_ db: Database, _ request: DecisionV1.Override, reason: String, author: String,
                                 nowMs: Int64) throws -> DecisionV1.Override {
         var o = request
-        do {
-            let existing = memory.withLock { m in o.id.isEmpty ? nil : m.overrides[o.id] }
-            if o.id.isEmpty {
-                guard memory.withLock({ m in m.overrides.values.count { Self.isActive($0, nowMs) } }) < Self.maxOverrides else {
-                    throw RPCError(.resourceExhausted, "override: at most \(Self.maxOverrides) active overrides; end one first")
-                }
-                o.id = TimeOrderedID.make("o", nowMs: nowMs)
-                o.createdAtMs = nowMs
-                o.version = 1
-            } else {
-                guard let existing else { throw RPCError(.notFound, "override.id: no override \"\(o.id)\"") }
-                guard Self.isActive(existing, nowMs) else {
-                    throw RPCError(.failedPrecondition, "override.id: override \"\(o.id)\" has ended; set a new one")
-                }
-                o.createdAtMs = existing.createdAtMs
-                o.version = existing.version + 1
+        let existing = memory.withLock { m in o.id.isEmpty ? nil : m.overrides[o.id] }
+        if o.id.isEmpty {
+            guard memory.withLock({ m in m.overrides.values.count { Self.isActive($0, nowMs) } }) < Self.maxOverrides else {
+                throw RPCError(.resourceExhausted, "override: at most \(Self.maxOverrides) active overrides; end one first")
             }
-            o.reason = reason
-            o.author = author
-            o.endedAtMs = 0
-            o.endedBy = ""
-            o.active = true
-            try saveOverride(db, o, change: existing == nil ? "created" : "changed", author: author, reason: reason, nowMs: nowMs)
-            return o
+            o.id = TimeOrderedID.make("o", nowMs: nowMs)
+            o.createdAtMs = nowMs
+            o.version = 1
+        } else {
+            guard let existing else { throw RPCError(.notFound, "override.id: no override \"\(o.id)\"") }
+            guard Self.isActive(existing, nowMs) else {
+                throw RPCError(.failedPrecondition, "override.id: override \"\(o.id)\" has ended; set a new one")
+            }
+            o.createdAtMs = existing.createdAtMs
+            o.version = existing.version + 1
         }
+        o.reason = reason
+        o.author = author
+        o.endedAtMs = 0
+        o.endedBy = ""
+        o.active = true
+        try saveOverride(db, o, change: existing == nil ? "created" : "changed", author: author, reason: reason, nowMs: nowMs)
+        return o
     }
 
     /// Ends an override (ending an ended one changes nothing).
@@ -130,12 +128,13 @@ extension DecisionStore {
     /// Overrides by creation time, with `active` as of `nowMs`.
     public func overrides(nowMs: Int64, includeEnded: Bool) -> [DecisionV1.Override] {
         memory.withLock { m in
-            // Decide asks for the active ones on every call: those come from the short list
-            // of overrides not ended (kept sorted on write), without copying the rest.
-            if !includeEnded { m.dropExpired(nowMs: nowMs) }
-            let candidates = includeEnded ? m.overrides.values.sorted(by: Self.byCreation) : m.openOverrides
-            return candidates.compactMap { o -> DecisionV1.Override? in
-                guard includeEnded || Self.isActive(o, nowMs) else { return nil }
+            // Decide asks for the active ones on every call: the short list kept on write (each
+            // stored with `active` true), returned as it is once the expired ones left it.
+            guard includeEnded else {
+                m.dropExpired(nowMs: nowMs)
+                return m.openOverrides
+            }
+            return m.overrides.values.sorted(by: Self.byCreation).map { o in
                 var o = o
                 o.active = Self.isActive(o, nowMs)
                 return o
@@ -152,21 +151,18 @@ extension DecisionStore {
     public func overrideHistory(of id: String? = nil, limit: Int = 1000) throws -> (changes: [DecisionV1.OverrideChange], truncated: Bool) {
         try pool.read { db in
             let filter = id == nil ? "" : "WHERE override_id = :id"
-            var changes = try Data.fetchAll(db, sql: """
+            var bodies = try Data.fetchAll(db, sql: """
                 SELECT body FROM override_change \(filter) ORDER BY at_ms DESC, override_id DESC, version DESC LIMIT :limit
-                """, arguments: ["id": id, "limit": limit + 1]).map { try DecisionV1.OverrideChange(serializedBytes: $0) }
-            var truncated = changes.count > limit
-            if truncated { changes.removeLast() }
+                """, arguments: ["id": id, "limit": limit + 1])
+            var truncated = bodies.count > limit
+            if truncated { bodies.removeLast() }
             // And at most `maxHistoryBytes` encoded (a change can be 8 KB: large contexts and reasons).
             var bytes = 0
-            if let cut = changes.firstIndex(where: { change in
-                bytes += change.serializedBytes().count + 8
-                return bytes > Self.maxHistoryBytes
-            }) {
-                changes.removeSubrange(cut...)
+            if let cut = bodies.firstIndex(where: { bytes += $0.count + 8; return bytes > Self.maxHistoryBytes }) {
+                bodies.removeSubrange(cut...)
                 truncated = true
             }
-            return (changes.reversed(), truncated)
+            return (try bodies.reversed().map { try DecisionV1.OverrideChange(serializedBytes: $0) }, truncated)
         }
     }
 

@@ -10,7 +10,7 @@ import Rules
 public struct ProfileConfiguration: Sendable, Codable, Equatable {
     /// Persons whose feature state Track keeps in memory before writing them to the file
     /// together. More is faster ingest (fewer, denser writes) for more memory (about 1 KiB
-    /// bytes a person with ten features) and a longer recomputation after a crash. Default 20,000.
+    /// a person with ten features) and a longer recomputation after a crash. Default 20,000.
     public var stateFlushPersons = 20_000
     /// Persons whose feature state stays in memory after it was written (a clean copy), so
     /// their next event or GetProfile does not read it from the file. About 1 KiB a

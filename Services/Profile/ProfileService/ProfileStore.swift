@@ -110,7 +110,8 @@ public final class ProfileStore: Sendable {
             }
             clean.withLock { clean in
                 guard cachePersons > 0 else { return }
-                clean.merge(states.filter { rewrites?.contains($0.key) == false }) { _, new in new }
+                let kept = rewrites?.isEmpty == true ? states : states.filter { rewrites?.contains($0.key) == false }
+                clean.merge(kept) { _, new in new }
                 // Over the limit: drop arbitrary copies (a dictionary's order is effectively random).
                 let excess = clean.count - cachePersons
                 if excess > 0 { for key in Array(clean.keys.prefix(excess)) { clean.removeValue(forKey: key) } }
