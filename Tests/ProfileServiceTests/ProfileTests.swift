@@ -1,4 +1,5 @@
 import Contracts
+import Dispatch
 import Foundation
 import GRDB
 import IdentityFeed
@@ -130,7 +131,7 @@ struct FeatureTests {
         let before = try await service.features("p1")
         #expect(before["views"] == 25)
         func pending() throws -> Int { try store.pool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM dirty_person") ?? 0 } }
-        func filed() throws -> Int { try store.pool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state") ?? 0 } }
+        func filed() throws -> Int { try store.statePool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state") ?? 0 } }
         #expect(try pending() == 4 && filed() == 0)  // in memory, logged once per person, not yet in person_state
 
         // A crash: the process is gone without a flush; a new store on the files recomputes.
@@ -143,10 +144,100 @@ struct FeatureTests {
         let flushing = ProfileService(store: small, clock: clock.read)
         try flushing.define(feature("views", "view", .count))
         _ = try await flushing.track([event("a", "x", "view", at: now), event("b", "y", "view", at: now)])
-        func written() throws -> Int { try small.pool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state") ?? 0 } }
+        small.waitForFlush()  // flushes run on their own queue
+        func written() throws -> Int { try small.statePool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state") ?? 0 } }
+        func logged() throws -> [String] { try small.pool.read { db in try String.fetchAll(db, sql: "SELECT person_id FROM dirty_person ORDER BY seq") } }
         #expect(try written() == 2)
-        #expect(small.dirty.withLock { $0.isEmpty })
+        #expect(small.memory.withLock { $0.dirty.isEmpty })
         #expect(try await flushing.features("x") == ["views": 1])
+        // The written persons leave the log with the next write.
+        #expect(try Set(logged()) == ["x", "y"])
+        _ = try await flushing.track([event("c", "z", "view", at: now)])
+        #expect(try logged() == ["z"])
+    }
+
+    @Test("events tracked while a flush writes are not lost: a crash at any point recovers every count")
+    func trackDuringFlush() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let now = clock.read()
+        let store = try ProfileStore(directory: directory, flushThreshold: 3, cachePersons: 5)
+        let service = ProfileService(store: store, clock: clock.read)
+        try service.define(feature("views", "view", .count))
+        // 40 concurrent calls of 10 events over 12 persons: flushes start, and run while calls commit.
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for call in 0..<40 {
+                group.addTask {
+                    _ = try await service.track((0..<10).map { i in event("f\(call)-\(i)", "p\((call + i) % 12)", "view", at: now - Int64(i) * minute) })
+                }
+            }
+            try await group.waitForAll()
+        }
+        var expected: [String: Double] = [:]
+        for call in 0..<40 { for i in 0..<10 { expected["p\((call + i) % 12)", default: 0] += 1 } }
+        for (person, views) in expected { #expect(try await service.features(person) == ["views": views]) }
+        // A crash with states dirty, being written, or written with their log rows pruned by a
+        // later write: a store opened on the files counts the same.
+        store.waitForFlush()
+        _ = try await service.track([event("last", "p0", "view", at: now)])
+        expected["p0", default: 0] += 1
+        let reopened = ProfileService(store: try ProfileStore(directory: directory), clock: clock.read)
+        for (person, views) in expected { #expect(try await reopened.features(person) == ["views": views]) }
+    }
+
+    @Test("a person tracked again while a flush writes their state is logged again: a crash after the flush recovers it")
+    func trackWhileFlushing() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let now = clock.read()
+        let store = try ProfileStore(directory: directory, flushThreshold: 2)
+        let service = ProfileService(store: store, clock: clock.read)
+        try service.define(feature("views", "view", .count))
+        // Hold the flush queue, so the flush the next call starts waits behind this.
+        let gate = DispatchSemaphore(value: 0)
+        store.flushQueue.async { gate.wait() }
+        _ = try await service.track([event("a1", "a", "view", at: now), event("b1", "b", "view", at: now)])
+        #expect(store.memory.withLock { $0.flushRunning && $0.flushing.count == 2 })
+        _ = try await service.track([event("a2", "a", "view", at: now)])  // "a" is being flushed
+        gate.signal()
+        store.waitForFlush()
+        // The flush's log rows are pruned; "a" at 2 views is only in memory now.
+        try await store.pool.writeWithoutTransaction { db in try store.pruneDirtyLog(db) }
+        #expect(try await service.features("a") == ["views": 2])
+        let reopened = ProfileService(store: try ProfileStore(directory: directory), clock: clock.read)
+        #expect(try await reopened.features("a") == ["views": 2])
+        #expect(try await reopened.features("b") == ["views": 1])
+    }
+
+    @Test("a store from before the state file moved out opens with every state recomputed from its events")
+    func stateFileMigration() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let now = clock.read()
+        // The v2 layout: person_state inside profile.sqlite, here with a stale state (1 view of 3).
+        do {
+            let old = try DatabasePool(path: directory + "/profile.sqlite")
+            try ProfileStore.migrator.migrate(old, upTo: "v2: write-behind feature state")
+            try await old.write { db in
+                try db.execute(sql: "INSERT INTO feature (name, version, definition, defined_at_ms) VALUES ('views', 1, ?, 0)",
+                               arguments: [Data(feature("views", "view", .count).serializedBytes())])
+                for i in 0..<3 {
+                    try db.execute(sql: "INSERT INTO event VALUES (?, 'p', 'p', 'view', ?, ?)", arguments: [
+                        "e\(i)", now, Data(ProfileStore.encodeEvent(TrackedEvent(eventID: "e\(i)", personID: "p", type: "view", occurredAtMs: now)))])
+                }
+                var stale = ProfileStoreV1.PersonState()
+                stale.events = 1
+                try db.execute(sql: "INSERT INTO person_state VALUES ('p', ?)", arguments: [Data(stale.serializedBytes())])
+            }
+        }
+        let store = try ProfileStore(directory: directory)
+        #expect(try await ProfileService(store: store, clock: clock.read).features("p") == ["views": 3])
+        #expect(try await store.pool.read { db in try db.tableExists("person_state") } == false)
+        #expect(try await store.statePool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state") } == 1)
+
+        // A lost state file is rebuilt from the events.
+        for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: directory + "/profile-state.sqlite" + suffix) }
+        #expect(try await ProfileService(store: try ProfileStore(directory: directory), clock: clock.read).features("p") == ["views": 3])
     }
 
     @Test("clean copies kept after a flush count on correctly, and merges, splits and erasure replace them")
@@ -160,7 +251,8 @@ struct FeatureTests {
         for round in 0..<3 {
             _ = try await service.track((0..<5).map { event("r\(round)-\($0)", "p\($0)", "view", at: now - Int64($0) * minute) })
         }
-        #expect(store.clean.withLock { $0.count } == 3)  // at most cachePersons copies
+        store.waitForFlush()
+        #expect(store.memory.withLock { $0.clean.count } == 3)  // at most cachePersons copies
         for p in 0..<5 { #expect(try await service.features("p\(p)") == ["views": 3]) }
 
         // Merge p1 into p0, then split it off again: the copies of both are replaced.
@@ -183,7 +275,8 @@ struct FeatureTests {
         let plain = ProfileService(store: uncached, clock: clock.read)
         try plain.define(feature("views", "view", .count))
         for round in 0..<3 { _ = try await plain.track([event("u\(round)", "q", "view", at: now)]) }
-        #expect(uncached.clean.withLock { $0.isEmpty })
+        uncached.waitForFlush()
+        #expect(uncached.memory.withLock { $0.clean.isEmpty })
         #expect(try await plain.features("q") == ["views": 3])
     }
 
@@ -501,13 +594,16 @@ struct MergeEraseTests {
         _ = try await service.track([event("keep-1", "keeper", "view", at: now, ["page": .string("home")])])
         _ = try await service.traits("victim", ["nickname": .string("\(marker)-nick")], at: now)
         try await service.consent("victim", "marketing", .email, true, at: now, source: "\(marker)-form")
-        #expect(filesContain(marker, in: directory, files: ["profile.sqlite", "profile.sqlite-wal"]))
+        let files = ["profile.sqlite", "profile.sqlite-wal", "profile-state.sqlite", "profile-state.sqlite-wal"]
+        try service.store.flush()  // the victim's feature state (its distinct pages) in the state file too
+        #expect(filesContain(marker, in: directory, files: ["profile-state.sqlite", "profile-state.sqlite-wal"]))
+        #expect(filesContain(marker, in: directory, files: files))
 
         var request = ProfileV1.EraseRequest()
         request.personId = "victim"
         let erased = try service.erase(request)
         #expect(erased.eventsRemoved == 20 && erased.traitsRemoved == 1 && erased.consentsRemoved == 1)
-        #expect(!filesContain(marker, in: directory, files: ["profile.sqlite", "profile.sqlite-wal"]))
+        #expect(!filesContain(marker, in: directory, files: files))
         await #expect(throws: RPCError.self) { _ = try await service.profile("victim") }
         #expect(try await service.features("keeper") == ["pages": 1])
     }

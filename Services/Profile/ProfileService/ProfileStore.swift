@@ -1,4 +1,5 @@
 import Contracts
+import Dispatch
 import Foundation
 import GRDB
 import Logging
@@ -7,34 +8,41 @@ import Rules
 import Storage
 import Synchronization
 
-/// Profiles in SQLite: the events (the source of truth, kept for backfills, merges and
-/// splits), one feature-state row per person updated incrementally at ingest, traits
-/// with provenance, consent with its full history, and the definitions of features and
-/// segments. Writes are serialized by SQLite's single writer; the feature and segment
-/// definitions live in memory too, changed only inside a write transaction.
+/// Profiles in SQLite, in two files. `profile.sqlite` holds the events (the source of
+/// truth, kept for backfills, merges and splits), traits with provenance, consent with its
+/// full history, and the definitions of features and segments. `profile-state.sqlite`
+/// holds one feature-state row per person, maintained incrementally from the events.
+/// Writes to each file are serialized by SQLite's single writer; the feature and segment
+/// definitions live in memory too, changed only on the event file's writer.
 ///
 /// Database access is synchronous on the calling thread (the service runs its handlers
 /// on the concurrent pool, never on an event loop).
 ///
-/// Feature state is written behind: Track folds new events into the person's state in
-/// memory (`dirty`) and logs the person in `dirty_person` (an append, cheap), and the
-/// states reach `person_state` together, sorted, once `flushThreshold` persons are dirty or
-/// before any merge, split, erasure or backfill. The events are the durable truth: after a
-/// crash, the persons in `dirty_person` are recomputed from their events at start. Readers
-/// look in memory first, then in the file. States written by a flush stay in memory as
-/// clean copies (up to `cachePersons`), so a busy person's next event or read does not go
-/// to the file; anything else that rewrites states (merges, splits, erasure, backfill)
-/// drops the clean copies.
+/// Feature state is written behind, by its own writer: Track folds new events into the
+/// person's state in memory (`dirty`) and logs the person in `dirty_person` in the same
+/// transaction as the events (an append, cheap). Once `flushThreshold` persons are dirty,
+/// they move to `flushing` and a flush writes them to the state file on a queue of its
+/// own, while Track goes on; after that commit their `dirty_person` rows are deleted by the
+/// next event-file write. The invariant: a person whose row in the state file may lag their
+/// events is in `dirty_person`; at start those persons are recomputed from their events.
+/// Readers look in memory (dirty, flushing, clean) first, then in the state file. States
+/// written by a flush stay in memory as clean copies (up to `cachePersons`). Merges,
+/// splits and erasure recompute the persons they touch into `dirty` like Track does (an
+/// erased person's state is an empty state, which a flush deletes); erasure then flushes at
+/// once and checkpoints both files.
 public final class ProfileStore: Sendable {
+    /// `profile.sqlite`: events, traits, consent, definitions, `dirty_person`.
     let pool: DatabasePool
-    /// Keeps the WAL short from its own connection (see BackgroundCheckpointer).
-    let checkpointer: BackgroundCheckpointer
+    /// `profile-state.sqlite`: `person_state`, written only by flushes, recovery and backfills.
+    let statePool: DatabasePool
+    /// Keep each WAL short from connections of their own (see BackgroundCheckpointer).
+    let checkpointers: [BackgroundCheckpointer]
     let definitions: Mutex<Definitions>
-    /// States newer than `person_state`, by person.
-    let dirty = Mutex<[String: ProfileStoreV1.PersonState]>([:])
-    /// States equal to `person_state`, by person (at most `cachePersons`).
-    let clean = Mutex<[String: ProfileStoreV1.PersonState]>([:])
-    /// Dirty persons that trigger a flush. Default 20,000.
+    let memory: Mutex<StateMemory>
+    /// Flushes run here, one at a time. Nothing on it waits for the event file's writer, so
+    /// the writer may wait for it.
+    let flushQueue = DispatchQueue(label: "arbiter.profile.flush")
+    /// Dirty persons that start a flush. Default 20,000.
     public let flushThreshold: Int
     /// Clean states kept in memory. Default 100,000.
     public let cachePersons: Int
@@ -51,6 +59,40 @@ public final class ProfileStore: Sendable {
         }
     }
 
+    /// Feature states in memory. An empty state (no events) stands for a deleted one.
+    struct StateMemory: Sendable {
+        /// Newer than the state file, by person; changed on the event file's writer only.
+        var dirty: [String: ProfileStoreV1.PersonState] = [:]
+        /// Being written by the running flush.
+        var flushing: [String: ProfileStoreV1.PersonState] = [:]
+        var flushRunning = false
+        /// Equal to the state file (at most `cachePersons`).
+        var clean: [String: ProfileStoreV1.PersonState] = [:]
+        /// The `seq` the next `dirty_person` row gets (rows are numbered here, not by SQLite,
+        /// so a number is never reused while a flush may refer to it).
+        var nextSeq: Int64 = 1
+        /// `dirty_person` rows up to here belong to states a flush has committed.
+        var flushedUpTo: Int64 = 0
+        /// ... and rows up to here are deleted.
+        var prunedUpTo: Int64 = 0
+
+        /// The newest state in memory.
+        func newest(_ person: String) -> ProfileStoreV1.PersonState? {
+            dirty[person] ?? flushing[person] ?? clean[person]
+        }
+
+        /// Moves the dirty states to `flushing`; nil when a flush runs or nothing is dirty.
+        /// Called on the event file's writer, between transactions: every `dirty_person` row
+        /// numbered below `nextSeq` then belongs to a state in the snapshot or already written.
+        mutating func beginFlush() -> (states: [String: ProfileStoreV1.PersonState], upTo: Int64)? {
+            guard !flushRunning, !dirty.isEmpty else { return nil }
+            flushRunning = true
+            flushing = dirty
+            dirty = [:]
+            return (flushing, nextSeq - 1)
+        }
+    }
+
     /// - Parameters:
     ///   - flushThreshold: dirty persons kept in memory before their states are written
     ///     together (bounds memory and the recomputation after a crash).
@@ -60,7 +102,10 @@ public final class ProfileStore: Sendable {
         self.flushThreshold = max(1, flushThreshold)
         self.cachePersons = max(0, cachePersons)
         self.logger = logger
-        (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "profile", migrator: Self.migrator)
+        let (events, eventCheckpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "profile", migrator: Self.migrator)
+        let (states, stateCheckpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "profile-state",
+                                                                                migrator: Self.stateMigrator)
+        (pool, statePool, checkpointers) = (events, states, [eventCheckpointer, stateCheckpointer])
         var loaded = Definitions()
         try pool.read { db in
             for row in try Row.fetchAll(db, sql: "SELECT definition, version FROM feature") {
@@ -72,61 +117,155 @@ public final class ProfileStore: Sendable {
             }
         }
         definitions = Mutex(loaded)
+        memory = Mutex(StateMemory())
+        // A state file that is new (or was lost) beside stored events: every state is rebuilt.
+        if try statePool.read({ db in try !Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM person_state)")! }) {
+            try pool.write { db in
+                try db.execute(sql: "INSERT INTO dirty_person (person_id) SELECT DISTINCT person_id FROM event WHERE true")
+            }
+        }
         try recoverDirty(nowMs: Int64(Date().timeIntervalSince1970 * 1000))
     }
 
-    /// Recomputes from their events the persons whose state had not reached the file when
-    /// the process stopped.
+    /// Recomputes from their events the persons whose state had not reached the state file
+    /// when the process stopped, writes them, and only then empties the log.
     func recoverDirty(nowMs: Int64) throws {
-        try pool.write { db in
-            let specs = definitions.withLock { $0.byEventType }
-            for person in try String.fetchSet(db, sql: "SELECT DISTINCT person_id FROM dirty_person") {
-                try Self.recompute(db, person, specs: specs, now: nowMs)
+        let specs = definitions.withLock { $0.byEventType }
+        let states = try pool.read { db in
+            try String.fetchSet(db, sql: "SELECT DISTINCT person_id FROM dirty_person").map { person in
+                (person, try Self.recompute(db, person, specs: specs, now: nowMs))
             }
-            try db.execute(sql: "DELETE FROM dirty_person")
         }
+        guard !states.isEmpty else { return }
+        try statePool.write { db in
+            for (person, state) in states.sorted(by: { $0.0 < $1.0 }) { try Self.saveState(db, person, state) }
+        }
+        try pool.write { db in try db.execute(sql: "DELETE FROM dirty_person") }
     }
 
-    /// Runs `body` in a write transaction after writing every dirty state to the file (in
-    /// the same transaction); once it has committed, and before any other writer runs, the
-    /// written states leave the dirty set and stay as clean copies. The clean copies of the
-    /// persons `body` rewrites are dropped first (`rewrites`: nil for every person).
-    func flushing<T>(rewrites: Set<String>?, _ body: (Database) throws -> T) throws -> T {
+    // MARK: - Writing states behind
+
+    /// Logs `persons` in `dirty_person` (in the caller's transaction on the event file), and
+    /// first deletes the rows whose states a flush has committed. Returns the memory's
+    /// counters to set once the transaction has committed.
+    func logDirty(_ db: Database, _ persons: some Collection<String>) throws -> (nextSeq: Int64, prunedUpTo: Int64) {
+        var (next, flushed, pruned) = memory.withLock { ($0.nextSeq, $0.flushedUpTo, $0.prunedUpTo) }
+        if flushed > pruned {
+            try db.execute(sql: "DELETE FROM dirty_person WHERE seq <= ?", arguments: [flushed])
+            pruned = flushed
+        }
+        let log = try db.cachedStatement(sql: "INSERT INTO dirty_person (seq, person_id) VALUES (?, ?)")
+        for person in persons {
+            try log.execute(arguments: [next, person])
+            next += 1
+        }
+        return (next, pruned)
+    }
+
+    /// Runs `body` in a transaction on the event file; the states it returns (an empty
+    /// state: deleted) are logged as dirty in that transaction and, once it has committed,
+    /// replace the persons' states in memory. Starts a flush when enough persons are dirty.
+    func rewriting<T>(_ body: (Database) throws -> (T, [String: ProfileStoreV1.PersonState])) throws -> T {
         try pool.writeWithoutTransaction { db in
             var result: T?
-            let states = dirty.withLock { $0 }
-            // Dropped before `body` changes the file, so no reader sees a copy older than it.
-            clean.withLock { clean in
-                guard let rewrites else { return clean = [:] }
-                for person in rewrites { clean.removeValue(forKey: person) }
-            }
+            var states: [String: ProfileStoreV1.PersonState] = [:]
+            var counters: (nextSeq: Int64, prunedUpTo: Int64)?
             try db.inTransaction {
-                if !states.isEmpty {
-                    for (person, state) in states.sorted(by: { $0.key < $1.key }) { try Self.saveState(db, person, state) }
-                    try db.execute(sql: "DELETE FROM dirty_person")
-                }
-                result = try body(db)
+                (result, states) = try body(db)
+                counters = try logDirty(db, states.keys)
                 return .commit
             }
-            clean.withLock { clean in
-                guard cachePersons > 0 else { return }
-                let kept = rewrites?.isEmpty == true ? states : states.filter { rewrites?.contains($0.key) == false }
-                clean.merge(kept) { _, new in new }
-                // Over the limit: drop arbitrary copies (a dictionary's order is effectively random).
-                let excess = clean.count - cachePersons
-                if excess > 0 { for key in Array(clean.keys.prefix(excess)) { clean.removeValue(forKey: key) } }
+            // Committed; no other writer of the event file runs before this.
+            memory.withLock { m in
+                (m.nextSeq, m.prunedUpTo) = counters!
+                for (person, state) in states {
+                    m.dirty[person] = state
+                    m.clean.removeValue(forKey: person)
+                }
             }
-            dirty.withLock { $0 = [:] }
+            flushIfDue()
             return result!
         }
     }
 
-    /// Writes every dirty state to the file now.
-    public func flush() throws { try flushing(rewrites: []) { _ in } }
+    /// Starts a flush when `flushThreshold` persons are dirty. When one is still running and
+    /// twice as many are dirty, waits for it first (this bounds the memory). Call on the
+    /// event file's writer, after a commit.
+    func flushIfDue() {
+        let (count, running) = memory.withLock { ($0.dirty.count, $0.flushRunning) }
+        guard count >= flushThreshold else { return }
+        if running {
+            guard count >= 2 * flushThreshold else { return }
+            flushQueue.sync {}
+        }
+        guard let start = memory.withLock({ $0.beginFlush() }) else { return }
+        flushQueue.async { [self] in try? writeFlush(start.states, upTo: start.upTo) }
+    }
 
-    /// The state of `person` kept in memory (dirty first), if any.
+    /// Writes a flush's states to the state file (deleting empty ones) and makes them clean
+    /// copies; on failure they go back to `dirty` (their `dirty_person` rows stay) and the
+    /// next flush writes them. Runs on `flushQueue`.
+    func writeFlush(_ states: [String: ProfileStoreV1.PersonState], upTo seq: Int64) throws {
+        do {
+            try statePool.write { db in
+                for (person, state) in states.sorted(by: { $0.key < $1.key }) { try Self.saveState(db, person, state) }
+            }
+        } catch {
+            memory.withLock { m in
+                m.dirty.merge(m.flushing) { newer, _ in newer }
+                m.flushing = [:]
+                m.flushRunning = false
+            }
+            logger.error("profile: writing \(states.count) feature states failed (retried with the next flush): \(error)")
+            throw error
+        }
+        memory.withLock { m in
+            if cachePersons > 0 {
+                for (person, state) in states {
+                    if state.events == 0 { m.clean.removeValue(forKey: person) } else { m.clean[person] = state }
+                }
+                // Over the limit: drop arbitrary copies (a dictionary's order is effectively random).
+                let excess = m.clean.count - cachePersons
+                if excess > 0 { for key in Array(m.clean.keys.prefix(excess)) { m.clean.removeValue(forKey: key) } }
+            }
+            m.flushing = [:]
+            m.flushRunning = false
+            m.flushedUpTo = max(m.flushedUpTo, seq)
+        }
+    }
+
+    /// Waits for a running flush, then writes every dirty state. Call on the event file's
+    /// writer: no Track can dirty a state meanwhile.
+    func flushOnWriter() throws {
+        flushQueue.sync {}
+        guard let start = memory.withLock({ $0.beginFlush() }) else { return }
+        try flushQueue.sync { try writeFlush(start.states, upTo: start.upTo) }
+    }
+
+    /// Writes every dirty state to the state file now, and deletes their `dirty_person` rows.
+    public func flush() throws {
+        try pool.writeWithoutTransaction { db in
+            try flushOnWriter()
+            try pruneDirtyLog(db)
+        }
+    }
+
+    /// Deletes the `dirty_person` rows of committed states now (on the event file's writer).
+    func pruneDirtyLog(_ db: Database) throws {
+        var counters: (nextSeq: Int64, prunedUpTo: Int64)?
+        try db.inTransaction {
+            counters = try logDirty(db, [])
+            return .commit
+        }
+        memory.withLock { m in (m.nextSeq, m.prunedUpTo) = counters! }
+    }
+
+    /// Waits until no flush runs (tests).
+    func waitForFlush() { flushQueue.sync {} }
+
+    /// The state of `person` kept in memory, if any.
     func cachedState(_ person: String) -> ProfileStoreV1.PersonState? {
-        dirty.withLock { $0[person] } ?? clean.withLock { $0[person] }
+        memory.withLock { $0.newest(person) }
     }
 
     static var migrator: DatabaseMigrator {
@@ -175,6 +314,24 @@ public final class ProfileStore: Sendable {
             // Persons whose person_state may lag their events; recomputed at start.
             try db.execute(sql: "CREATE TABLE dirty_person (seq INTEGER PRIMARY KEY, person_id TEXT NOT NULL)")
         }
+        migrator.registerMigration("v3: feature state in its own file") { db in
+            // Every person with a state is recomputed from their events into
+            // profile-state.sqlite at start (recoverDirty), so nothing is copied across files.
+            try db.execute(sql: """
+                INSERT INTO dirty_person (person_id) SELECT person_id FROM person_state;
+                DROP TABLE person_state;
+                """)
+        }
+        return migrator
+    }
+
+    /// `profile-state.sqlite`.
+    static var stateMigrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1") { db in
+            // state: an encoded arbiter.profile.store.v1.PersonState
+            try db.execute(sql: "CREATE TABLE person_state (person_id TEXT PRIMARY KEY, state BLOB NOT NULL) WITHOUT ROWID")
+        }
         return migrator
     }
 
@@ -188,15 +345,24 @@ public final class ProfileStore: Sendable {
     /// recomputes the feature from every stored event of its type.
     public func define(_ definition: ProfileV1.FeatureDefinition, backfill: Bool, nowMs: Int64) throws -> FeatureSpec {
         let probe = try FeatureSpec(definition)
-        return try flushing(rewrites: nil) { db in
+        return try pool.writeWithoutTransaction { db in
             let current = definitions.withLock { $0.features[probe.name] }
             var spec = probe
             if let current { spec = current.definition == definition ? current : try FeatureSpec(definition, version: current.version + 1) }
-            if spec.version != current?.version {
-                try db.execute(sql: "INSERT OR REPLACE INTO feature (name, version, definition, defined_at_ms) VALUES (?, ?, ?, ?)",
-                               arguments: [spec.name, Int64(spec.version), Data(definition.serializedBytes()), nowMs])
+            if backfill {
+                // Every state in the file first (no Track runs while this holds the writer), then
+                // the feature recomputed there, before the definition that makes readers use it.
+                try flushOnWriter()
+                try statePool.write { states in try Self.backfill(events: db, states: states, spec, nowMs: nowMs) }
+                memory.withLock { $0.clean = [:] }
             }
-            if backfill { try Self.backfill(db, spec, nowMs: nowMs) }
+            if spec.version != current?.version {
+                try db.inTransaction {
+                    try db.execute(sql: "INSERT OR REPLACE INTO feature (name, version, definition, defined_at_ms) VALUES (?, ?, ?, ?)",
+                                   arguments: [spec.name, Int64(spec.version), Data(definition.serializedBytes()), nowMs])
+                    return .commit
+                }
+            }
             let defined = spec
             definitions.withLock { $0.set(defined) }
             return spec
@@ -216,19 +382,21 @@ public final class ProfileStore: Sendable {
         }
     }
 
-    static func backfill(_ db: Database, _ spec: FeatureSpec, nowMs: Int64) throws {
+    /// Recomputes `spec` for every person with events of its type (read from `events`) in
+    /// their states in `states`.
+    static func backfill(events db: Database, states: Database, _ spec: FeatureSpec, nowMs: Int64) throws {
         var person: String?
         var events: [TrackedEvent] = []
         func flush() throws {
             guard let person else { return }
-            var state = try loadState(db, person)
+            var state = try loadState(states, person)
             var feature = ProfileStoreV1.FeatureState()
             feature.name = spec.name
             feature.version = spec.version
             for event in events where spec.matches(event) { spec.apply(event, to: &feature, now: nowMs) }
             state.features.removeAll { $0.name == spec.name }
             state.features.append(feature)
-            try saveState(db, person, state)
+            try saveState(states, person, state)
         }
         let cursor = try Row.fetchCursor(db, sql: "SELECT person_id, body FROM event WHERE type = ? ORDER BY person_id",
                                          arguments: [spec.definition.eventType])
@@ -271,57 +439,66 @@ public final class ProfileStore: Sendable {
     }
 
     private func write(_ batch: [Ingest]) throws -> [TrackResult] {
-        let (results, dirtyCount) = try pool.writeWithoutTransaction { db -> ([TrackResult], Int) in
+        try pool.writeWithoutTransaction { db in
             let byType = definitions.withLock { $0.byEventType }
             var results: [TrackResult] = []
             var updated: [String: ProfileStoreV1.PersonState] = [:]
             var newlyDirty: [String] = []
+            var counters: (nextSeq: Int64, prunedUpTo: Int64)?
             try db.inTransaction {
                 let insert = try db.cachedStatement(sql: """
                     INSERT OR IGNORE INTO event (event_id, person_id, origin_person_id, type, occurred_at_ms, body) VALUES (?, ?, ?, ?, ?, ?)
                     """)
+                var perPerson: [[String: [TrackedEvent]]] = []
                 for entry in batch {
                     var stored: [Bool] = []
                     stored.reserveCapacity(entry.events.count)
-                    var perPerson: [String: [TrackedEvent]] = [:]
+                    var byPerson: [String: [TrackedEvent]] = [:]
                     for (event, body) in zip(entry.events, entry.bodies) {
                         try insert.execute(arguments: [event.eventID, event.personID, event.personID, event.type, event.occurredAtMs, body])
                         let isNew = db.changesCount > 0
                         stored.append(isNew)
-                        if isNew { perPerson[event.personID, default: []].append(event) }
+                        if isNew { byPerson[event.personID, default: []].append(event) }
                     }
-                    for (person, personEvents) in perPerson {
-                        var state: ProfileStoreV1.PersonState
-                        if let current = updated[person] {
-                            state = current
-                        } else if let current = dirty.withLock({ $0[person] }) {
-                            state = current  // logged in dirty_person already
-                        } else {
-                            state = try clean.withLock { $0[person] } ?? Self.loadState(db, person)
-                            newlyDirty.append(person)
-                        }
-                        Self.fold(personEvents, into: &state, specs: byType, now: entry.nowMs)
-                        updated[person] = state
-                    }
+                    perPerson.append(byPerson)
                     results.append(TrackResult(stored: stored))
                 }
-                let log = try db.cachedStatement(sql: "INSERT INTO dirty_person (person_id) VALUES (?)")
-                for person in newlyDirty { try log.execute(arguments: [person]) }
+                // Each person's newest state: memory first; the others in one read of the state
+                // file (no flush is writing a state that is not in memory).
+                var missing: [String] = []
+                memory.withLock { m in
+                    for byPerson in perPerson {
+                        for person in byPerson.keys where updated[person] == nil {
+                            if let state = m.newest(person) {
+                                updated[person] = state
+                                if m.dirty[person] == nil { newlyDirty.append(person) }
+                            } else {
+                                missing.append(person)
+                                updated[person] = ProfileStoreV1.PersonState()
+                            }
+                        }
+                    }
+                }
+                if !missing.isEmpty {
+                    try statePool.read { states in
+                        for person in missing { updated[person] = try Self.loadState(states, person) }
+                    }
+                    newlyDirty += missing
+                }
+                for (entry, byPerson) in zip(batch, perPerson) {
+                    for (person, personEvents) in byPerson { Self.fold(personEvents, into: &updated[person]!, specs: byType, now: entry.nowMs) }
+                }
+                counters = try logDirty(db, newlyDirty)
                 return .commit
             }
-            // Committed; no other writer runs before this.
-            let count = dirty.withLock { dirty in
-                dirty.merge(updated) { _, new in new }
-                return dirty.count
+            // Committed; no other writer of the event file runs before this.
+            memory.withLock { m in
+                (m.nextSeq, m.prunedUpTo) = counters!
+                m.dirty.merge(updated) { _, new in new }
             }
-            return (results, count)
+            flushIfDue()
+            return results
         }
-        if dirtyCount >= flushThreshold {
-            // The events are committed and the dirty persons logged: a failed flush loses
-            // nothing and is tried again by the next write, so these calls still succeed.
-            do { try flush() } catch { logger.error("profile: writing \(dirtyCount) feature states failed (retried with the next Track): \(error)") }
-        }
-        return results
     }
 
     /// Adds events to a person's state: seen times, count, and every matching feature.
@@ -352,28 +529,31 @@ public final class ProfileStore: Sendable {
         }
     }
 
-    /// Rebuilds a person's whole state from the events stored for them (after a merge or split).
-    static func recompute(_ db: Database, _ person: String, specs: [String: [FeatureSpec]], now: Int64) throws {
+    /// A person's whole state rebuilt from the events stored for them in `db` (the event
+    /// file); an empty state when there are none.
+    static func recompute(_ db: Database, _ person: String, specs: [String: [FeatureSpec]], now: Int64) throws -> ProfileStoreV1.PersonState {
         let events = try Row.fetchAll(db, sql: "SELECT body FROM event WHERE person_id = ? ORDER BY occurred_at_ms", arguments: [person])
             .map { try decodeEvent($0["body"], person: person) }
-        guard !events.isEmpty else {
-            try db.execute(sql: "DELETE FROM person_state WHERE person_id = ?", arguments: [person])
-            return
-        }
         var state = ProfileStoreV1.PersonState()
         fold(events, into: &state, specs: specs, now: now)
-        try saveState(db, person, state)
+        return state
     }
 
+    /// The person's state in `db` (the state file); an empty state when it has none.
     static func loadState(_ db: Database, _ person: String) throws -> ProfileStoreV1.PersonState {
         guard let data = try Data.fetchOne(db.cachedStatement(sql: "SELECT state FROM person_state WHERE person_id = ?"),
                                            arguments: [person]) else { return ProfileStoreV1.PersonState() }
         return try ProfileStoreV1.PersonState(serializedBytes: data)
     }
 
+    /// Writes the person's state to `db` (the state file); an empty state deletes it.
     static func saveState(_ db: Database, _ person: String, _ state: ProfileStoreV1.PersonState) throws {
-        try db.cachedStatement(sql: "INSERT OR REPLACE INTO person_state (person_id, state) VALUES (?, ?)")
-            .execute(arguments: [person, Data(state.serializedBytes())])
+        if state.events == 0 {
+            try db.cachedStatement(sql: "DELETE FROM person_state WHERE person_id = ?").execute(arguments: [person])
+        } else {
+            try db.cachedStatement(sql: "INSERT OR REPLACE INTO person_state (person_id, state) VALUES (?, ?)")
+                .execute(arguments: [person, Data(state.serializedBytes())])
+        }
     }
 
     static func encodeEvent(_ event: TrackedEvent) -> [UInt8] {
@@ -486,10 +666,8 @@ public final class ProfileStore: Sendable {
     public func profile(person: String, nowMs: Int64) throws -> Profile? {
         let (specs, segments) = definitions.withLock { ($0.features, $0.segments) }
         // Memory before the file: a state leaves memory only once the file has it.
-        let cached = cachedState(person)
+        let state = try cachedState(person) ?? statePool.read { db in try Self.loadState(db, person) }
         return try pool.read { db in
-            let stateData = cached != nil ? nil
-                : try Data.fetchOne(db.cachedStatement(sql: "SELECT state FROM person_state WHERE person_id = ?"), arguments: [person])
             let traits = try Row.fetchAll(db.cachedStatement(sql: """
                 SELECT name, value, source, updated_at_ms FROM trait WHERE person_id = ? ORDER BY name
                 """), arguments: [person]).map { row in
@@ -497,8 +675,7 @@ public final class ProfileStore: Sendable {
                             source: row["source"], updatedAtMs: row["updated_at_ms"])
             }
             let consent = try Self.consent(db, person: person, history: false).current
-            guard cached != nil || stateData != nil || !traits.isEmpty || !consent.isEmpty else { return nil }
-            let state = try cached ?? stateData.map { try ProfileStoreV1.PersonState(serializedBytes: $0) } ?? ProfileStoreV1.PersonState()
+            guard state.events > 0 || !traits.isEmpty || !consent.isEmpty else { return nil }
             let stateByName = Dictionary(state.features.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
             var features: [(name: String, value: Double)] = []
             var featureValues: [String: Double] = [:]
@@ -538,8 +715,10 @@ public final class ProfileStore: Sendable {
 
     /// Applies a merge from the identity change feed: `sources`' events, traits (the newest
     /// per name wins) and consent move to `target`, whose features are recomputed from all
-    /// the events, as if one person had them from the start.
-    static func merge(_ db: Database, sources: [String], into target: String, specs: [String: [FeatureSpec]], now: Int64) throws {
+    /// the events, as if one person had them from the start. Adds the new states (the
+    /// sources' empty) to `states`.
+    static func merge(_ db: Database, sources: [String], into target: String, specs: [String: [FeatureSpec]], now: Int64,
+                      states: inout [String: ProfileStoreV1.PersonState]) throws {
         for source in sources where source != target {
             try db.execute(sql: "UPDATE event SET person_id = ? WHERE person_id = ?", arguments: [target, source])
             try db.execute(sql: """
@@ -550,25 +729,29 @@ public final class ProfileStore: Sendable {
                 """, arguments: [target, source])
             try db.execute(sql: "DELETE FROM trait WHERE person_id = ?", arguments: [source])
             try db.execute(sql: "UPDATE consent SET person_id = ? WHERE person_id = ?", arguments: [target, source])
-            try db.execute(sql: "DELETE FROM person_state WHERE person_id = ?", arguments: [source])
+            states[source] = ProfileStoreV1.PersonState()
         }
-        try recompute(db, target, specs: specs, now: now)
+        states[target] = try recompute(db, target, specs: specs, now: now)
     }
 
     /// Applies an unmerge: the events first tracked for `split` go back to it, and both
-    /// persons' features are recomputed. Traits and consent carry no origin and stay.
-    static func split(_ db: Database, _ split: String, from survivor: String, specs: [String: [FeatureSpec]], now: Int64) throws {
+    /// persons' features are recomputed (added to `states`). Traits and consent carry no
+    /// origin and stay.
+    static func split(_ db: Database, _ split: String, from survivor: String, specs: [String: [FeatureSpec]], now: Int64,
+                      states: inout [String: ProfileStoreV1.PersonState]) throws {
         try db.execute(sql: "UPDATE event SET person_id = ? WHERE person_id = ? AND origin_person_id = ?",
                        arguments: [split, survivor, split])
-        try recompute(db, survivor, specs: specs, now: now)
-        try recompute(db, split, specs: specs, now: now)
+        states[survivor] = try recompute(db, survivor, specs: specs, now: now)
+        states[split] = try recompute(db, split, specs: specs, now: now)
     }
 
     public struct Erased: Sendable, Equatable {
         public var events = 0, traits = 0, consents = 0
     }
 
-    static func erase(_ db: Database, _ person: String) throws -> Erased {
+    /// Deletes the person's events, traits and consent from the event file; their state
+    /// (an empty one added to `states`) leaves the state file with the next flush.
+    static func erase(_ db: Database, _ person: String, states: inout [String: ProfileStoreV1.PersonState]) throws -> Erased {
         var erased = Erased()
         try db.execute(sql: "DELETE FROM event WHERE person_id = ?1 OR origin_person_id = ?1", arguments: [person])
         erased.events = db.changesCount
@@ -576,17 +759,27 @@ public final class ProfileStore: Sendable {
         erased.traits = db.changesCount
         try db.execute(sql: "DELETE FROM consent WHERE person_id = ?", arguments: [person])
         erased.consents = db.changesCount
-        try db.execute(sql: "DELETE FROM person_state WHERE person_id = ?", arguments: [person])
-        try db.execute(sql: "DELETE FROM dirty_person WHERE person_id = ?", arguments: [person])
+        states[person] = ProfileStoreV1.PersonState()
         return erased
     }
 
-    /// Erases every event, trait and consent record of `person`, and checkpoints so no
-    /// copy stays in the WAL.
+    /// Erases every event, trait and consent record and the feature state of `person`, and
+    /// checkpoints both files so no copy stays in a WAL.
     public func erase(person: String) throws -> Erased {
-        let erased = try flushing(rewrites: [person]) { db in try Self.erase(db, person) }
-        try SQLiteStore.checkpoint(pool)
+        let erased = try rewriting { db in
+            var states: [String: ProfileStoreV1.PersonState] = [:]
+            return (try Self.erase(db, person, states: &states), states)
+        }
+        try eraseFromFiles()
         return erased
+    }
+
+    /// After an erasure: the empty states reach the state file, the erased persons' rows
+    /// leave `dirty_person`, and both WALs are checkpointed.
+    func eraseFromFiles() throws {
+        try flush()
+        try SQLiteStore.checkpoint(statePool)
+        try SQLiteStore.checkpoint(pool)
     }
 
     // MARK: - The identity change feed (IdentityChangeSink)
@@ -600,33 +793,28 @@ public final class ProfileStore: Sendable {
     /// after a crash the feed resumes exactly where the store stopped.
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
         guard !changes.isEmpty else { return }
-        var erasedAny = false
-        var rewrites = Set<String>()
-        for (_, change) in changes {
-            switch change {
-            case .merge(let target, let sources): rewrites.formUnion([target] + sources)
-            case .unmerge(let survivor, let split): rewrites.formUnion([survivor, split])
-            case .erase(let person, let absorbed): rewrites.formUnion([person] + absorbed)
-            case .other: break
-            }
-        }
-        try flushing(rewrites: rewrites) { db in
+        let erasedAny = try rewriting { db in
+            var erasedAny = false
+            var states: [String: ProfileStoreV1.PersonState] = [:]
             let specs = definitions.withLock { $0.byEventType }
             let cursor = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0
             for (seq, change) in changes where seq > cursor {
                 switch change {
-                case .merge(let target, let sources): try Self.merge(db, sources: sources, into: target, specs: specs, now: nowMs)
-                case .unmerge(let survivor, let split): try Self.split(db, split, from: survivor, specs: specs, now: nowMs)
+                case .merge(let target, let sources):
+                    try Self.merge(db, sources: sources, into: target, specs: specs, now: nowMs, states: &states)
+                case .unmerge(let survivor, let split):
+                    try Self.split(db, split, from: survivor, specs: specs, now: nowMs, states: &states)
                 case .erase(let person, let absorbed):
-                    for p in [person] + absorbed { _ = try Self.erase(db, p) }
+                    for p in [person] + absorbed { _ = try Self.erase(db, p, states: &states) }
                     erasedAny = true
                 case .other: break
                 }
             }
             try db.execute(sql: "INSERT OR REPLACE INTO meta (key, value) VALUES ('identity_seq', ?)",
                            arguments: [max(cursor, changes.map(\.seq).max()!)])
+            return (erasedAny, states)
         }
-        if erasedAny { try SQLiteStore.checkpoint(pool) }
+        if erasedAny { try eraseFromFiles() }
     }
 }
 
