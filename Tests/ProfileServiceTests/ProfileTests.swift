@@ -266,7 +266,7 @@ struct FeatureTests {
 
         // Erasure: no copy survives in memory or in the file.
         _ = try await service.track([event("last", "p2", "view", at: now)])
-        _ = try store.erase(person: "p2")
+        _ = try store.erase(person: "p2", nowMs: now)
         #expect(store.cachedState("p2") == nil)
         await expectCode(.notFound) { _ = try await service.features("p2") }
 
@@ -606,5 +606,24 @@ struct MergeEraseTests {
         #expect(!filesContain(marker, in: directory, files: files))
         await #expect(throws: RPCError.self) { _ = try await service.profile("victim") }
         #expect(try await service.features("keeper") == ["pages": 1])
+    }
+
+    @Test("erasing a person whose events a merge gave another person recomputes that person without them")
+    func eraseMergedOrigin() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let now = clock.read()
+        let service = try makeProfile(directory, clock: clock)
+        try service.define(feature("views", "view", .count))
+        _ = try await service.track((0..<3).map { event("a\($0)", "a", "view", at: now) } + (0..<2).map { event("b\($0)", "b", "view", at: now) })
+        try service.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: now)
+        #expect(try await service.features("b") == ["views": 5])
+        var request = ProfileV1.EraseRequest()
+        request.personId = "a"
+        #expect(try service.erase(request).eventsRemoved == 3)
+        #expect(try await service.features("b") == ["views": 2])
+        // And after a restart (the states in the file agree).
+        try service.store.flush()
+        #expect(try await makeProfile(directory, clock: clock).features("b") == ["views": 2])
     }
 }

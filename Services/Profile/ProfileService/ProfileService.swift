@@ -340,7 +340,7 @@ public struct ProfileService: RPCService {
     }
 
     func erase(_ request: ProfileV1.EraseRequest) throws -> ProfileV1.EraseResponse {
-        let erased = try store.erase(person: try Names.personID(request.personId, field: "person_id"))
+        let erased = try store.erase(person: try Names.personID(request.personId, field: "person_id"), nowMs: clock())
         var response = ProfileV1.EraseResponse()
         response.eventsRemoved = UInt32(erased.events)
         response.traitsRemoved = UInt32(erased.traits)

@@ -749,10 +749,15 @@ public final class ProfileStore: Sendable {
         public var events = 0, traits = 0, consents = 0
     }
 
-    /// Deletes the person's events, traits and consent from the event file; their state
-    /// (an empty one added to `states`) leaves the state file with the next flush.
-    static func erase(_ db: Database, _ person: String, states: inout [String: ProfileStoreV1.PersonState]) throws -> Erased {
+    /// Deletes the person's events (those tracked for them that a merge gave another person
+    /// too), traits and consent from the event file; their state (an empty one added to
+    /// `states`) leaves the state file with the next flush, and the persons who owned some of
+    /// their events are recomputed without them.
+    static func erase(_ db: Database, _ person: String, specs: [String: [FeatureSpec]], now: Int64,
+                      states: inout [String: ProfileStoreV1.PersonState]) throws -> Erased {
         var erased = Erased()
+        let owners = try String.fetchAll(db, sql: "SELECT DISTINCT person_id FROM event WHERE origin_person_id = ?1 AND person_id <> ?1",
+                                         arguments: [person])
         try db.execute(sql: "DELETE FROM event WHERE person_id = ?1 OR origin_person_id = ?1", arguments: [person])
         erased.events = db.changesCount
         try db.execute(sql: "DELETE FROM trait WHERE person_id = ?", arguments: [person])
@@ -760,15 +765,17 @@ public final class ProfileStore: Sendable {
         try db.execute(sql: "DELETE FROM consent WHERE person_id = ?", arguments: [person])
         erased.consents = db.changesCount
         states[person] = ProfileStoreV1.PersonState()
+        for owner in owners { states[owner] = try recompute(db, owner, specs: specs, now: now) }
         return erased
     }
 
     /// Erases every event, trait and consent record and the feature state of `person`, and
     /// checkpoints both files so no copy stays in a WAL.
-    public func erase(person: String) throws -> Erased {
+    public func erase(person: String, nowMs: Int64) throws -> Erased {
         let erased = try rewriting { db in
             var states: [String: ProfileStoreV1.PersonState] = [:]
-            return (try Self.erase(db, person, states: &states), states)
+            let specs = definitions.withLock { $0.byEventType }
+            return (try Self.erase(db, person, specs: specs, now: nowMs, states: &states), states)
         }
         try eraseFromFiles()
         return erased
@@ -805,7 +812,7 @@ public final class ProfileStore: Sendable {
                 case .unmerge(let survivor, let split):
                     try Self.split(db, split, from: survivor, specs: specs, now: nowMs, states: &states)
                 case .erase(let person, let absorbed):
-                    for p in [person] + absorbed { _ = try Self.erase(db, p, states: &states) }
+                    for p in [person] + absorbed { _ = try Self.erase(db, p, specs: specs, now: nowMs, states: &states) }
                     erasedAny = true
                 case .other: break
                 }
