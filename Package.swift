@@ -98,6 +98,7 @@ let package = Package(
                 "RPC", "Contracts", "Storage", "Rules", "IdentityFeed",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             path: "Services/Profile/ProfileService"
         ),
@@ -195,7 +196,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "ServiceRuntimeTests", dependencies: ["ServiceRuntime", "RPC", "Contracts", "Rules", "TestSupport"]),
+        .testTarget(name: "ServiceRuntimeTests", dependencies: ["ServiceRuntime", "RPC", "Contracts", "Rules", "TestSupport",
+                                                               .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "RulesTests", dependencies: ["Rules"]),
         .testTarget(
             name: "ProfileServiceTests",

@@ -269,6 +269,11 @@ struct ServerTests {
                 for i in 0..<6 {
                     group.addTask { try await client.call(TestMethods.block, echoRequest("b\(i)")).message }
                 }
+                // Two start (however busy the machine), and no third follows while they block.
+                let deadline = ContinuousClock.now + .seconds(10)
+                while test.started.load(ordering: .relaxed) < 2, ContinuousClock.now < deadline {
+                    try await Task.sleep(for: .milliseconds(10))
+                }
                 try await Task.sleep(for: .milliseconds(300))
                 #expect(test.started.load(ordering: .relaxed) == 2)
                 // Health on another connection is not held up.

@@ -1,5 +1,6 @@
 import Contracts
 import Foundation
+import GRDB
 import NIOCore
 import NIOPosix
 import RPC
@@ -215,7 +216,7 @@ struct ProcessTests {
         #expect(await server.waitForExit() == 0)
     }
 
-    @Test("arbiter-profile resolves identifiers through arbiter-identity, follows its merges, and keeps acknowledged events across a kill -9")
+    @Test("arbiter-profile resolves identifiers through arbiter-identity, follows its merges, keeps acknowledged events across a kill -9, and writes its feature states when stopped")
     func profileWithIdentity() async throws {
         let identityPort = try await unusedPort(), identityAdmin = try await unusedPort()
         let port = try await unusedPort(), admin = try await unusedPort()
@@ -275,9 +276,22 @@ struct ProcessTests {
         let profile = try await client.call(ProfileV1.Profile.getProfile, get)
         #expect(profile.personId == linked.personId && profile.features.first?.value == 6)
         #expect(try await client.call(ProfileV1.Profile.track, track).duplicates == 6)
+        var more = track
+        more.events = [track.events[5]]
+        more.events[0].eventId = "ev-after-restart"
+        #expect(try await client.call(ProfileV1.Profile.track, more).accepted == 1)
         client.close()
         kill(server.process.processIdentifier, SIGTERM)
         #expect(await server.waitForExit() == 0)
+        // A graceful stop writes the feature states it kept in memory: nothing is left to
+        // recompute at the next start, and the state file counts the last event.
+        let events = try DatabaseQueue(path: dataDir + "/profile/profile.sqlite")
+        #expect(try await events.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM dirty_person") } == 0)
+        let states = try DatabaseQueue(path: dataDir + "/profile/profile-state.sqlite")
+        let stored = try await states.read { db in
+            try Data.fetchOne(db, sql: "SELECT state FROM person_state WHERE person_id = ?", arguments: [linked.personId])
+        }
+        #expect(try stored.map { try ProfileStoreV1.PersonState(serializedBytes: $0).events } == 7)
     }
 
     @Test("arbiter-decision keeps answering with arbiter-profile killed, degraded and within known consent, and keeps its log across a kill -9")

@@ -219,19 +219,36 @@ public final class ProfileStore: Sendable {
             logger.error("profile: writing \(states.count) feature states failed (retried with the next flush): \(error)")
             throw error
         }
-        memory.withLock { m in
-            if cachePersons > 0 {
-                for (person, state) in states {
-                    if state.events == 0 { m.clean.removeValue(forKey: person) } else { m.clean[person] = state }
+        if cachePersons > 0 {
+            // In slices, so readers never wait long for the lock (they find these states in
+            // `flushing` meanwhile); the copies replaced are released outside it.
+            let written = Array(states)
+            for start in stride(from: 0, to: written.count, by: 1000) {
+                let replaced = memory.withLock { m in
+                    var replaced: [ProfileStoreV1.PersonState] = []
+                    replaced.reserveCapacity(1000)
+                    for (person, state) in written[start..<min(start + 1000, written.count)] {
+                        let old = state.events == 0 ? m.clean.removeValue(forKey: person) : m.clean.updateValue(state, forKey: person)
+                        if let old { replaced.append(old) }
+                    }
+                    // Over the limit: drop arbitrary copies (a dictionary's order is effectively random).
+                    var excess = m.clean.count - cachePersons
+                    while excess > 0, let key = m.clean.keys.first {
+                        replaced.append(m.clean.removeValue(forKey: key)!)
+                        excess -= 1
+                    }
+                    return replaced
                 }
-                // Over the limit: drop arbitrary copies (a dictionary's order is effectively random).
-                let excess = m.clean.count - cachePersons
-                if excess > 0 { for key in Array(m.clean.keys.prefix(excess)) { m.clean.removeValue(forKey: key) } }
+                _ = replaced
             }
-            m.flushing = [:]
+        }
+        let done = memory.withLock { m in
             m.flushRunning = false
             m.flushedUpTo = max(m.flushedUpTo, seq)
+            defer { m.flushing = [:] }
+            return m.flushing  // released outside the lock
         }
+        _ = done
     }
 
     /// Waits for a running flush, then writes every dirty state. Call on the event file's
@@ -777,13 +794,14 @@ public final class ProfileStore: Sendable {
             let specs = definitions.withLock { $0.byEventType }
             return (try Self.erase(db, person, specs: specs, now: nowMs, states: &states), states)
         }
-        try eraseFromFiles()
+        try settle()
         return erased
     }
 
-    /// After an erasure: the empty states reach the state file, the erased persons' rows
-    /// leave `dirty_person`, and both WALs are checkpointed.
-    func eraseFromFiles() throws {
+    /// Writes every dirty state, empties `dirty_person` of them, and checkpoints both files:
+    /// after an erasure no copy stays in a WAL; at a graceful shutdown the next start has
+    /// nothing to recompute.
+    public func settle() throws {
         try flush()
         try SQLiteStore.checkpoint(statePool)
         try SQLiteStore.checkpoint(pool)
@@ -821,7 +839,7 @@ public final class ProfileStore: Sendable {
                            arguments: [max(cursor, changes.map(\.seq).max()!)])
             return (erasedAny, states)
         }
-        if erasedAny { try eraseFromFiles() }
+        if erasedAny { try settle() }
     }
 }
 

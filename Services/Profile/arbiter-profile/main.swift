@@ -19,12 +19,14 @@ enum ProfileDefinition: ServiceDefinition {
                                      cachePersons: configuration.stateCachePersons, logger: context.logger)
         let clock: @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }
         let service = ProfileService(store: store, identity: context.identity, clock: clock)
+        let settler = ProfileStoreSettler(store: store, logger: context.logger)
         guard let identity = context.identity else {
             context.logger.warning("no --identity: requests must name persons by person_id, and merges are not followed")
-            return ServiceParts(rpcServices: [service])
+            return ServiceParts(rpcServices: [service], background: [settler])
         }
         let follower = IdentityFeedFollower(store: store, identity: identity, logger: context.logger, clock: clock)
-        return ServiceParts(rpcServices: [service], background: [follower])
+        // The settler first: background work stops in reverse order, so it runs after the follower.
+        return ServiceParts(rpcServices: [service], background: [settler, follower])
     }
 }
 
