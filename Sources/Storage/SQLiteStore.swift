@@ -10,9 +10,12 @@ public import GRDB
 public enum SQLiteStore {
     public enum Synchronous: String, Sendable { case normal = "NORMAL", full = "FULL" }
 
-    /// `directory/name.sqlite`, created if missing, migrated with `migrator`.
+    /// `directory/name.sqlite`, created if missing, migrated with `migrator`. The files in
+    /// `readersAttach` (schema name → path) are attached to the reader connections only, so
+    /// one read transaction spans them; never to the writer, whose `BEGIN IMMEDIATE` would
+    /// take their write locks too.
     public static func open(directory: String, name: String, migrator: DatabaseMigrator,
-                            synchronous: Synchronous = .normal) throws -> DatabasePool {
+                            synchronous: Synchronous = .normal, readersAttach: [String: String] = [:]) throws -> DatabasePool {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         var configuration = Configuration()
         configuration.foreignKeysEnabled = true
@@ -27,6 +30,11 @@ public enum SQLiteStore {
             // connection checkpoints by itself only when the WAL passes 64 MiB (a safety valve
             // for a checkpointer that falls behind). Measured on Track: 29k -> 34k events/s.
             try db.execute(sql: "PRAGMA wal_autocheckpoint = 16000")
+            if db.configuration.readonly {
+                for (schema, path) in readersAttach.sorted(by: { $0.key < $1.key }) {
+                    try db.execute(sql: "ATTACH DATABASE ? AS \(schema)", arguments: [path])
+                }
+            }
         }
         let pool = try DatabasePool(path: (directory as NSString).appendingPathComponent("\(name).sqlite"),
                                     configuration: configuration)
@@ -37,8 +45,9 @@ public enum SQLiteStore {
     /// `open`, and the checkpointer that keeps the store's WAL short: keep both as long as
     /// the store.
     public static func openWithCheckpointer(directory: String, name: String, migrator: DatabaseMigrator,
-                                            synchronous: Synchronous = .normal) throws -> (DatabasePool, BackgroundCheckpointer) {
-        let pool = try open(directory: directory, name: name, migrator: migrator, synchronous: synchronous)
+                                            synchronous: Synchronous = .normal,
+                                            readersAttach: [String: String] = [:]) throws -> (DatabasePool, BackgroundCheckpointer) {
+        let pool = try open(directory: directory, name: name, migrator: migrator, synchronous: synchronous, readersAttach: readersAttach)
         return (pool, try BackgroundCheckpointer(path: pool.path))
     }
 

@@ -232,7 +232,9 @@ struct FeatureTests {
         }
         let store = try ProfileStore(directory: directory)
         #expect(try await ProfileService(store: store, clock: clock.read).features("p") == ["views": 3])
-        #expect(try await store.pool.read { db in try db.tableExists("person_state") } == false)
+        #expect(try await store.pool.read { db in
+            try Int.fetchOne(db, sql: "SELECT count(*) FROM main.sqlite_master WHERE name = 'person_state'")
+        } == 0)
         #expect(try await store.statePool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state") } == 1)
 
         // A lost state file is rebuilt from the events.

@@ -102,9 +102,12 @@ public final class ProfileStore: Sendable {
         self.flushThreshold = max(1, flushThreshold)
         self.cachePersons = max(0, cachePersons)
         self.logger = logger
-        let (events, eventCheckpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "profile", migrator: Self.migrator)
         let (states, stateCheckpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "profile-state",
                                                                                 migrator: Self.stateMigrator)
+        // Readers of the event file see the state file too (`state.person_state`): GetProfile
+        // reads both in one transaction.
+        let (events, eventCheckpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "profile", migrator: Self.migrator,
+                                                                                readersAttach: ["state": states.path])
         (pool, statePool, checkpointers) = (events, states, [eventCheckpointer, stateCheckpointer])
         var loaded = Definitions()
         try pool.read { db in
@@ -683,8 +686,9 @@ public final class ProfileStore: Sendable {
     public func profile(person: String, nowMs: Int64) throws -> Profile? {
         let (specs, segments) = definitions.withLock { ($0.features, $0.segments) }
         // Memory before the file: a state leaves memory only once the file has it.
-        let state = try cachedState(person) ?? statePool.read { db in try Self.loadState(db, person) }
+        let cached = cachedState(person)
         return try pool.read { db in
+            let state = try cached ?? Self.loadState(db, person)  // `state.person_state`, attached to readers
             let traits = try Row.fetchAll(db.cachedStatement(sql: """
                 SELECT name, value, source, updated_at_ms FROM trait WHERE person_id = ? ORDER BY name
                 """), arguments: [person]).map { row in
