@@ -281,6 +281,21 @@ final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     private var nextStreamID: UInt32 = 1
     private var pending: [UInt32: (promise: EventLoopPromise<ByteBuffer>, timer: Scheduled<Void>?)] = [:]
+    private var flushScheduled = false
+
+    /// Coalesces flushes: calls sent from other threads arrive as separate event-loop tasks,
+    /// each asking for a flush; the requests written until the loop gets to the flush go
+    /// out in one syscall.
+    func flush(context: ChannelHandlerContext) {
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.eventLoop.execute {
+            handler.value.flushScheduled = false
+            boundContext.value.flush()
+        }
+    }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise writePromise: EventLoopPromise<Void>?) {
         let call = unwrapOutboundIn(data)
