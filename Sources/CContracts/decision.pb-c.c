@@ -4075,7 +4075,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__set_override_request__de
   (ProtobufCMessageInit) arbiter__decision__v1__set_override_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_request__field_descriptors[4] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_request__field_descriptors[5] =
 {
   {
     "include_ended",
@@ -4125,8 +4125,21 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_requ
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "ended_limit",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__ListOverridesRequest, ended_limit),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__list_overrides_request__field_indices_by_name[] = {
+  4,   /* field[4] = ended_limit */
   3,   /* field[3] = history_limit */
   2,   /* field[2] = history_override_id */
   0,   /* field[0] = include_ended */
@@ -4135,7 +4148,7 @@ static const unsigned arbiter__decision__v1__list_overrides_request__field_indic
 static const ProtobufCIntRange arbiter__decision__v1__list_overrides_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 5 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_request__descriptor =
 {
@@ -4145,7 +4158,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_request__
   "Arbiter__Decision__V1__ListOverridesRequest",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__ListOverridesRequest),
-  4,
+  5,
   arbiter__decision__v1__list_overrides_request__field_descriptors,
   arbiter__decision__v1__list_overrides_request__field_indices_by_name,
   1,  arbiter__decision__v1__list_overrides_request__number_ranges,
@@ -4255,7 +4268,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__override_change__descrip
   (ProtobufCMessageInit) arbiter__decision__v1__override_change__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_response__field_descriptors[3] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_response__field_descriptors[4] =
 {
   {
     "overrides",
@@ -4293,8 +4306,21 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__list_overrides_resp
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "ended_truncated",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__ListOverridesResponse, ended_truncated),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__list_overrides_response__field_indices_by_name[] = {
+  3,   /* field[3] = ended_truncated */
   1,   /* field[1] = history */
   2,   /* field[2] = history_truncated */
   0,   /* field[0] = overrides */
@@ -4302,7 +4328,7 @@ static const unsigned arbiter__decision__v1__list_overrides_response__field_indi
 static const ProtobufCIntRange arbiter__decision__v1__list_overrides_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 3 }
+  { 0, 4 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_response__descriptor =
 {
@@ -4312,7 +4338,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__list_overrides_response_
   "Arbiter__Decision__V1__ListOverridesResponse",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__ListOverridesResponse),
-  3,
+  4,
   arbiter__decision__v1__list_overrides_response__field_descriptors,
   arbiter__decision__v1__list_overrides_response__field_indices_by_name,
   1,  arbiter__decision__v1__list_overrides_response__number_ranges,

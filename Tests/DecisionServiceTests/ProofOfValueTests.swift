@@ -357,13 +357,20 @@ struct ProofOfValueTests {
         // Listing, history and persistence across a restart.
         let reopened = DecisionService(store: try DecisionStore(directory: directory), configuration: configuration, clock: clock.read)
         var list = DecisionV1.ListOverridesRequest()
-        #expect(reopened.store.overrides(nowMs: clock.read(), includeEnded: false).isEmpty)
+        #expect(try reopened.listOverrides(list).overrides.isEmpty)  // none applies now
         list.includeEnded = true
         list.includeHistory = true
-        let all = reopened.store.overrides(nowMs: clock.read(), includeEnded: true)
-        #expect(all.map(\.id) == [force.id, ban.id] && all.allSatisfy { !$0.active })
         let listed = try reopened.listOverrides(list)
-        #expect(listed.overrides.map(\.id) == [force.id, ban.id] && !listed.historyTruncated)
+        #expect(listed.overrides.map(\.id) == [force.id, ban.id] && listed.overrides.allSatisfy { !$0.active })
+        #expect(!listed.historyTruncated && !listed.endedTruncated)
+        // Those that stopped applying are bounded too: the one that stopped most recently (the
+        // ban expired after the force ended) is kept.
+        list.endedLimit = 1
+        let recent = try reopened.listOverrides(list)
+        #expect(recent.overrides.map(\.id) == [ban.id] && recent.endedTruncated)
+        list.endedLimit = 10_001
+        await expectInvalid("ended_limit") { _ = try reopened.listOverrides(list) }
+        list.endedLimit = 0
         let history = listed.history
         #expect(history.map { "\($0.change) by \($0.author)" } == ["created by ana", "changed by bo", "ended by cy", "created by ana"])
         #expect(history[2].reason == "campaign over" && history[1].override?.reason == "spring campaign, extended")

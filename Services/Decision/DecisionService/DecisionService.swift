@@ -221,11 +221,20 @@ public struct DecisionService: RPCService {
         return response
     }
 
-    /// The overrides, and on request their audit trail: the newest `history_limit` changes
-    /// (default 1,000, at most 10,000), of one override or of all.
+    /// The active overrides (with `include_ended` also the `ended_limit` that stopped most
+    /// recently, default 1,000, at most 10,000), and on request their audit trail: the newest
+    /// `history_limit` changes (default 1,000, at most 10,000), of one override or of all.
     func listOverrides(_ request: DecisionV1.ListOverridesRequest) throws -> DecisionV1.ListOverridesResponse {
         var response = DecisionV1.ListOverridesResponse()
-        response.overrides = store.overrides(nowMs: clock(), includeEnded: request.includeEnded)
+        guard request.endedLimit <= 10_000 else {
+            throw RPCError.invalidArgument(field: "ended_limit", "at most 10000, got \(request.endedLimit)")
+        }
+        if request.includeEnded {
+            (response.overrides, response.endedTruncated) = store.overrides(
+                nowMs: clock(), endedLimit: request.endedLimit == 0 ? 1000 : Int(request.endedLimit))
+        } else {
+            response.overrides = store.activeOverrides(nowMs: clock())
+        }
         guard request.includeHistory else { return response }
         if !request.historyOverrideId.isEmpty { try Names.check(request.historyOverrideId, field: "history_override_id") }
         guard request.historyLimit <= 10_000 else {
@@ -327,7 +336,7 @@ public struct DecisionService: RPCService {
         var effects: [DecisionV1.OverrideEffect] = []
         var forced: Int?
         if !control {
-            let matching = store.overrides(nowMs: now, includeEnded: false).filter { $0.matches(segments: facts.segments, context: request.context) }
+            let matching = store.activeOverrides(nowMs: now).filter { $0.matches(segments: facts.segments, context: request.context) }
             func effect(_ o: DecisionV1.Override) -> Bool {
                 var effect = DecisionV1.OverrideEffect()
                 effect.overrideId = o.id

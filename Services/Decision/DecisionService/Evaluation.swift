@@ -212,7 +212,7 @@ extension DecisionService {
         case (true, false):
             let id = request.overrideId
             try Names.check(id, field: "override_id")
-            guard store.overrides(nowMs: clock(), includeEnded: true).contains(where: { $0.id == id }) else {
+            guard store.overrideExists(id) else {
                 throw RPCError(.notFound, "override_id: no override \"\(id)\"")
             }
             response.comparison = "override \(id): applied against its control share (the algorithm's choice)"

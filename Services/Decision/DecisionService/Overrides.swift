@@ -125,22 +125,44 @@ extension DecisionStore {
         o.endedAtMs == 0 && (o.expiresAtMs == 0 || nowMs < o.expiresAtMs)
     }
 
-    /// Overrides by creation time, with `active` as of `nowMs`.
-    public func overrides(nowMs: Int64, includeEnded: Bool) -> [DecisionV1.Override] {
+    /// The active overrides by creation time (each with `active` true).
+    public func activeOverrides(nowMs: Int64) -> [DecisionV1.Override] {
+        // Decide asks on every call: the short list kept on write, returned as it is once the
+        // expired ones left it.
         memory.withLock { m in
-            // Decide asks for the active ones on every call: the short list kept on write (each
-            // stored with `active` true), returned as it is once the expired ones left it.
-            guard includeEnded else {
-                m.dropExpired(nowMs: nowMs)
-                return m.openOverrides
-            }
-            return m.overrides.values.sorted(by: Self.byCreation).map { o in
-                var o = o
-                o.active = Self.isActive(o, nowMs)
-                return o
-            }
+            m.dropExpired(nowMs: nowMs)
+            return m.openOverrides
         }
     }
+
+    /// Most encoded bytes of overrides that no longer apply in one ListOverrides (with the
+    /// active ones, at most 200 of ~8 KB, and the history's 2 MiB: under the 4 MiB frame).
+    static let maxEndedBytes = 512 << 10
+
+    /// Every override by creation time with `active` as of `nowMs`, but of those that no
+    /// longer apply (ended or expired) only the `endedLimit` that stopped most recently (and
+    /// at most `maxEndedBytes`); and whether some were left out.
+    public func overrides(nowMs: Int64, endedLimit: Int) -> (overrides: [DecisionV1.Override], endedTruncated: Bool) {
+        let all = memory.withLock { Array($0.overrides.values) }
+        var active: [DecisionV1.Override] = [], stopped: [DecisionV1.Override] = []
+        for var o in all {
+            o.active = Self.isActive(o, nowMs)
+            if o.active { active.append(o) } else { stopped.append(o) }
+        }
+        func stoppedAt(_ o: DecisionV1.Override) -> Int64 { o.endedAtMs != 0 ? o.endedAtMs : o.expiresAtMs }
+        stopped.sort { (stoppedAt($0), $0.id) > (stoppedAt($1), $1.id) }
+        var truncated = stopped.count > endedLimit
+        stopped = Array(stopped.prefix(endedLimit))
+        var bytes = 0
+        if let cut = stopped.firstIndex(where: { bytes += $0.serializedBytes().count + 8; return bytes > Self.maxEndedBytes }) {
+            stopped.removeSubrange(cut...)
+            truncated = true
+        }
+        return ((active + stopped).sorted(by: Self.byCreation), truncated)
+    }
+
+    /// Whether an override with this id was ever set.
+    public func overrideExists(_ id: String) -> Bool { memory.withLock { $0.overrides[id] != nil } }
 
     static func byCreation(_ a: DecisionV1.Override, _ b: DecisionV1.Override) -> Bool {
         (a.createdAtMs, a.id) < (b.createdAtMs, b.id)

@@ -767,10 +767,15 @@ struct  Arbiter__Decision__V1__ListOverridesRequest
    * Most changes returned in the history: 1-10000, 0 means 1000.
    */
   uint32_t history_limit;
+  /*
+   * With include_ended: most overrides that no longer apply (ended or expired) returned,
+   * the most recently stopped first kept: 1-10000, 0 means 1000 (and at most 512 KiB).
+   */
+  uint32_t ended_limit;
 };
 #define ARBITER__DECISION__V1__LIST_OVERRIDES_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__list_overrides_request__descriptor) \
-    , 0, 0, (char *)protobuf_c_empty_string, 0 }
+    , 0, 0, (char *)protobuf_c_empty_string, 0, 0 }
 
 
 /*
@@ -808,10 +813,14 @@ struct  Arbiter__Decision__V1__ListOverridesResponse
    * True when older changes were left out (raise history_limit or filter by override).
    */
   protobuf_c_boolean history_truncated;
+  /*
+   * True when overrides that stopped applying earlier were left out (see ended_limit).
+   */
+  protobuf_c_boolean ended_truncated;
 };
 #define ARBITER__DECISION__V1__LIST_OVERRIDES_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__list_overrides_response__descriptor) \
-    , 0,NULL, 0,NULL, 0 }
+    , 0,NULL, 0,NULL, 0, 0 }
 
 
 struct  Arbiter__Decision__V1__EndOverrideRequest

@@ -856,6 +856,9 @@ extension DecisionV1 {
         public var historyOverrideId: String = ""
         /// Most changes returned in the history: 1-10000, 0 means 1000.
         public var historyLimit: UInt32 = 0
+        /// With include_ended: most overrides that no longer apply (ended or expired) returned,
+        /// the most recently stopped first kept: 1-10000, 0 means 1000 (and at most 512 KiB).
+        public var endedLimit: UInt32 = 0
 
         public static let protoName = "arbiter.decision.v1.ListOverridesRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__list_overrides_request__descriptor_ptr())
@@ -865,12 +868,14 @@ extension DecisionV1 {
             includeHistory = reader.bool(2)
             historyOverrideId = reader.string(3)
             historyLimit = reader.uint32(4)
+            endedLimit = reader.uint32(5)
         }
         public func write(to writer: ProtoWriter) {
             writer.setBool(1, includeEnded)
             writer.setBool(2, includeHistory)
             writer.setString(3, historyOverrideId)
             writer.setUint32(4, historyLimit)
+            writer.setUint32(5, endedLimit)
         }
     }
 
@@ -911,6 +916,8 @@ extension DecisionV1 {
         public var history: [DecisionV1.OverrideChange] = []
         /// True when older changes were left out (raise history_limit or filter by override).
         public var historyTruncated: Bool = false
+        /// True when overrides that stopped applying earlier were left out (see ended_limit).
+        public var endedTruncated: Bool = false
 
         public static let protoName = "arbiter.decision.v1.ListOverridesResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__list_overrides_response__descriptor_ptr())
@@ -919,11 +926,13 @@ extension DecisionV1 {
             overrides = try reader.messages(1)
             history = try reader.messages(2)
             historyTruncated = reader.bool(3)
+            endedTruncated = reader.bool(4)
         }
         public func write(to writer: ProtoWriter) {
             writer.setRepeatedMessages(1, overrides)
             writer.setRepeatedMessages(2, history)
             writer.setBool(3, historyTruncated)
+            writer.setBool(4, endedTruncated)
         }
     }
 
