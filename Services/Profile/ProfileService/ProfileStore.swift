@@ -75,6 +75,11 @@ public final class ProfileStore: Sendable {
         var flushedUpTo: Int64 = 0
         /// ... and rows up to here are deleted.
         var prunedUpTo: Int64 = 0
+        /// No row is deleted until a restart (a backfill failed after logging its persons).
+        var holdLog = false
+        /// An erasure committed whose states and WALs are not settled yet (retried first by
+        /// the next `apply` or erase).
+        var settlePending = false
 
         /// The newest state in memory.
         func newest(_ person: String) -> ProfileStoreV1.PersonState? {
@@ -102,8 +107,11 @@ public final class ProfileStore: Sendable {
         self.flushThreshold = max(1, flushThreshold)
         self.cachePersons = max(0, cachePersons)
         self.logger = logger
+        // FULL: a flush's commit is on disk before the next event-file write deletes its
+        // persons' log rows (with NORMAL a power loss could keep the deletion and lose the flush).
+        // One fsync per flush of thousands of states.
         let (states, stateCheckpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "profile-state",
-                                                                                migrator: Self.stateMigrator)
+                                                                                migrator: Self.stateMigrator, synchronous: .full)
         // Readers of the event file see the state file too (`state.person_state`): GetProfile
         // reads both in one transaction.
         let (events, eventCheckpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "profile", migrator: Self.migrator,
@@ -144,6 +152,9 @@ public final class ProfileStore: Sendable {
             for (person, state) in states.sorted(by: { $0.0 < $1.0 }) { try Self.saveState(db, person, state) }
         }
         try pool.write { db in try db.execute(sql: "DELETE FROM dirty_person") }
+        // An erasure may have been among them: no copy of it stays in either WAL.
+        try SQLiteStore.checkpoint(statePool)
+        try SQLiteStore.checkpoint(pool)
     }
 
     // MARK: - Writing states behind
@@ -152,8 +163,8 @@ public final class ProfileStore: Sendable {
     /// first deletes the rows whose states a flush has committed. Returns the memory's
     /// counters to set once the transaction has committed.
     func logDirty(_ db: Database, _ persons: some Collection<String>) throws -> (nextSeq: Int64, prunedUpTo: Int64) {
-        var (next, flushed, pruned) = memory.withLock { ($0.nextSeq, $0.flushedUpTo, $0.prunedUpTo) }
-        if flushed > pruned {
+        var (next, flushed, pruned, hold) = memory.withLock { ($0.nextSeq, $0.flushedUpTo, $0.prunedUpTo, $0.holdLog) }
+        if flushed > pruned && !hold {
             try db.execute(sql: "DELETE FROM dirty_person WHERE seq <= ?", arguments: [flushed])
             pruned = flushed
         }
@@ -369,21 +380,41 @@ public final class ProfileStore: Sendable {
             let current = definitions.withLock { $0.features[probe.name] }
             var spec = probe
             if let current { spec = current.definition == definition ? current : try FeatureSpec(definition, version: current.version + 1) }
-            if backfill {
-                // Every state in the file first (no Track runs while this holds the writer), then
-                // the feature recomputed there, before the definition that makes readers use it.
-                try flushOnWriter()
-                try statePool.write { states in try Self.backfill(events: db, states: states, spec, nowMs: nowMs) }
-                memory.withLock { $0.clean = [:] }
+            guard spec.version != current?.version || backfill else { return spec }
+            // Every state in the state file first (no Track runs while this holds the writer).
+            if backfill { try flushOnWriter() }
+            // The definition, and for a backfill every person it rewrites logged as dirty, in one
+            // transaction made durable at once (a crash or a failure after it leaves those persons
+            // to be recomputed from their events, under this definition, at start).
+            var counters: (nextSeq: Int64, prunedUpTo: Int64)?
+            try db.execute(sql: "PRAGMA synchronous = FULL")
+            defer { try? db.execute(sql: "PRAGMA synchronous = NORMAL") }
+            try db.inTransaction {
+                try db.execute(sql: "INSERT OR REPLACE INTO feature (name, version, definition, defined_at_ms) VALUES (?, ?, ?, ?)",
+                               arguments: [spec.name, Int64(spec.version), Data(definition.serializedBytes()), nowMs])
+                let persons = backfill ? try String.fetchAll(db, sql: "SELECT DISTINCT person_id FROM event WHERE type = ?",
+                                                             arguments: [spec.definition.eventType]) : []
+                counters = try logDirty(db, persons)
+                return .commit
             }
-            if spec.version != current?.version {
-                try db.inTransaction {
-                    try db.execute(sql: "INSERT OR REPLACE INTO feature (name, version, definition, defined_at_ms) VALUES (?, ?, ?, ?)",
-                                   arguments: [spec.name, Int64(spec.version), Data(definition.serializedBytes()), nowMs])
-                    return .commit
+            memory.withLock { m in (m.nextSeq, m.prunedUpTo) = counters! }
+            let defined = spec
+            if backfill {
+                do {
+                    try statePool.write { states in try Self.backfill(events: db, states: states, defined, nowMs: nowMs) }
+                } catch {
+                    // The file has the definition and the logged persons: keep them logged until
+                    // a restart recomputes them (their feature undercounts until then).
+                    memory.withLock { $0.holdLog = true }
+                    definitions.withLock { $0.set(defined) }
+                    logger.error("profile: backfilling \(defined.name) failed; its persons are recomputed at the next start: \(error)")
+                    throw error
+                }
+                memory.withLock { m in
+                    m.clean = [:]
+                    m.flushedUpTo = max(m.flushedUpTo, m.nextSeq - 1)  // the backfilled states are in the file
                 }
             }
-            let defined = spec
             definitions.withLock { $0.set(defined) }
             return spec
         }
@@ -793,12 +824,13 @@ public final class ProfileStore: Sendable {
     /// Erases every event, trait and consent record and the feature state of `person`, and
     /// checkpoints both files so no copy stays in a WAL.
     public func erase(person: String, nowMs: Int64) throws -> Erased {
+        try settlePendingErasure()
         let erased = try rewriting { db in
             var states: [String: ProfileStoreV1.PersonState] = [:]
             let specs = definitions.withLock { $0.byEventType }
             return (try Self.erase(db, person, specs: specs, now: nowMs, states: &states), states)
         }
-        try settle()
+        try settleErasure()
         return erased
     }
 
@@ -809,6 +841,19 @@ public final class ProfileStore: Sendable {
         try flush()
         try SQLiteStore.checkpoint(statePool)
         try SQLiteStore.checkpoint(pool)
+    }
+
+    /// `settle` after an erasure; if it fails, the next `apply` or erase tries it first (the
+    /// feed does not replay the erasure, its position is already past it).
+    func settleErasure() throws {
+        memory.withLock { $0.settlePending = true }
+        try settle()
+        memory.withLock { $0.settlePending = false }
+    }
+
+    /// Settles an erasure whose settling failed before.
+    func settlePendingErasure() throws {
+        if memory.withLock({ $0.settlePending }) { try settleErasure() }
     }
 
     // MARK: - The identity change feed (IdentityChangeSink)
@@ -822,6 +867,7 @@ public final class ProfileStore: Sendable {
     /// after a crash the feed resumes exactly where the store stopped.
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
         guard !changes.isEmpty else { return }
+        try settlePendingErasure()
         let erasedAny = try rewriting { db in
             var erasedAny = false
             var states: [String: ProfileStoreV1.PersonState] = [:]
@@ -843,7 +889,7 @@ public final class ProfileStore: Sendable {
                            arguments: [max(cursor, changes.map(\.seq).max()!)])
             return (erasedAny, states)
         }
-        if erasedAny { try settle() }
+        if erasedAny { try settleErasure() }
     }
 }
 
