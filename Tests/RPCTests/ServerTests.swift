@@ -307,7 +307,9 @@ struct ServerTests {
 
     @Test("idle connections are closed")
     func idleTimeout() async throws {
-        try await withServer(configure: { $0.idleTimeout = .milliseconds(300) }) { _, port in
+        // Long enough that a busy machine sends the first call before it passes (300 ms was
+        // not, under the parallel suite), short enough to wait for.
+        try await withServer(configure: { $0.idleTimeout = .milliseconds(1500) }) { _, port in
             let connection = try await RawConnection(port: port)
             let check = RawConnection.request(service: HealthV1.Health.name, method: "Check", HealthV1.HealthCheckRequest())
             try await connection.send(RawConnection.frame(stream: 1, payload: check))
