@@ -610,6 +610,39 @@ struct MergeEraseTests {
         #expect(try await service.features("keeper") == ["pages": 1])
     }
 
+    @Test("an erasure whose checkpoint failed is settled by the next change from the feed")
+    func erasureSettledLater() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let now = clock.read()
+        let service = try makeProfile(directory, clock: clock)
+        try service.define(feature("pages", "view", .distinctCount, property: "page"))
+        let marker = "gnu\(UInt32.random(in: 0...UInt32.max))"
+        _ = try await service.track([event("v1", "victim", "view", at: now, ["page": .string(marker)])])
+        try service.store.settle()  // the victim's state, with the marker, in profile-state.sqlite
+        let files = ["profile-state.sqlite", "profile-state.sqlite-wal"]
+        #expect(filesContain(marker, in: directory, files: files))
+
+        // A reader holding a snapshot of the state file makes its checkpoint fail (after 5 s).
+        let reader = try DatabaseQueue(path: directory + "/profile-state.sqlite")
+        let release = DispatchSemaphore(value: 0), holding = DispatchSemaphore(value: 0)
+        let held = Task.detached {
+            try reader.read { db in
+                _ = try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state")
+                holding.signal()
+                release.wait()
+            }
+        }
+        holding.wait()
+        #expect(throws: (any Error).self) { try service.store.apply([(1, .erase(person: "victim", absorbed: []))], nowMs: now) }
+        #expect(filesContain(marker, in: directory, files: files))  // deleted, not yet checkpointed away
+        release.signal()
+        try await held.value
+        // The feed moves on past the erasure; the next change settles it first.
+        try service.store.apply([(2, .other)], nowMs: now)
+        #expect(!filesContain(marker, in: directory, files: files))
+    }
+
     @Test("erasing a person whose events a merge gave another person recomputes that person without them")
     func eraseMergedOrigin() async throws {
         let directory = temporaryDirectory("profile-test")
