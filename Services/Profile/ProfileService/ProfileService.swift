@@ -8,9 +8,10 @@ import Rules
 /// service when a request names a person by identifiers.
 /// The profile service's settings (the `profile` section of `--config`). Defaults per field.
 public struct ProfileConfiguration: Sendable, Codable, Equatable {
-    /// Persons whose feature state Track keeps in memory before writing them to the file
-    /// together. More is faster ingest (fewer, denser writes) for more memory (about 1 KiB
-    /// a person with ten features) and a longer recomputation after a crash. Default 20,000.
+    /// Persons whose feature state Track keeps in memory before a flush writes them to the
+    /// state file together, beside Track (with twice as many dirty before it ends, Track
+    /// waits for it). More is fewer, denser writes for more memory (about 1 KiB a person with
+    /// ten features) and a longer recomputation after a crash. Default 20,000.
     public var stateFlushPersons = 20_000
     /// Persons whose feature state stays in memory after it was written (a clean copy), so
     /// their next event or GetProfile does not read it from the file. About 1 KiB a

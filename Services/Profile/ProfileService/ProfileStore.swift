@@ -29,7 +29,8 @@ import Synchronization
 /// written by a flush stay in memory as clean copies (up to `cachePersons`). Merges,
 /// splits and erasure recompute the persons they touch into `dirty` like Track does (an
 /// erased person's state is an empty state, which a flush deletes); erasure then flushes at
-/// once and checkpoints both files.
+/// once and checkpoints both files. A backfill logs the persons it rewrites in the same
+/// durable transaction as the definition, then rewrites their states in the state file.
 public final class ProfileStore: Sendable {
     /// `profile.sqlite`: events, traits, consent, definitions, `dirty_person`.
     let pool: DatabasePool
