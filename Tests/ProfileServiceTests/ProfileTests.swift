@@ -34,6 +34,33 @@ func feature(_ name: String, _ type: String, _ aggregation: ProfileV1.FeatureDef
     .make(name, on: type, aggregation, window: window, halfLife: halfLife, property: property, filter: filter)
 }
 
+/// Runs `body` on a thread of its own (never Swift's cooperative pool, which the tests share):
+/// `body` calls `done` once it holds what it holds, and then waits inside `done` until the
+/// returned function is called. Returns once `done` was called; rethrows an error of `body`
+/// that came before it.
+func holdOnThread(_ body: @escaping @Sendable (_ done: () -> Void) throws -> Void) throws -> @Sendable () -> Void {
+    let holding = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0), finished = DispatchSemaphore(value: 0)
+    let failure = Mutex<(any Error)?>(nil)
+    Thread.detachNewThread {
+        do {
+            try body {
+                holding.signal()
+                release.wait()
+            }
+        } catch {
+            failure.withLock { $0 = error }
+            holding.signal()
+        }
+        finished.signal()
+    }
+    holding.wait()
+    if let error = failure.withLock({ $0 }) { throw error }
+    return {
+        release.signal()
+        finished.wait()
+    }
+}
+
 extension ProfileService {
     func track(_ events: [ProfileV1.Event]) async throws -> ProfileV1.TrackResponse {
         var request = ProfileV1.TrackRequest()
@@ -240,6 +267,36 @@ struct FeatureTests {
         // A lost state file is rebuilt from the events.
         for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: directory + "/profile-state.sqlite" + suffix) }
         #expect(try await ProfileService(store: try ProfileStore(directory: directory), clock: clock.read).features("p") == ["views": 3])
+    }
+
+    @Test("a backfill that fails after its definition committed leaves its persons to the next start, which recomputes them")
+    func failedBackfill() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let now = clock.read()
+        let store = try ProfileStore(directory: directory, flushThreshold: 2)
+        let service = ProfileService(store: store, clock: clock.read)
+        try service.define(feature("views", "view", .count))
+        _ = try await service.track([event("a1", "a", "view", at: now), event("a2", "a", "view", at: now), event("b1", "b", "view", at: now)])
+
+        // Another connection holds the state file's write lock: the backfill fails (after 5 s).
+        let blocker = try DatabaseQueue(path: directory + "/profile-state.sqlite")
+        let release = try holdOnThread { done in
+            try blocker.inTransaction(.immediate) { _ in
+                done()
+                return .rollback
+            }
+        }
+        #expect(throws: (any Error).self) { try service.define(feature("views_again", "view", .count), backfill: true) }
+        release()
+        // Later flushes (threshold 2) and their log pruning must not drop the backfill's persons.
+        for n in 0..<3 { _ = try await service.track([event("c\(n)", "c\(n)", "view", at: now), event("d\(n)", "d\(n)", "view", at: now)]) }
+        store.waitForFlush()
+        _ = try await service.track([event("e", "e", "view", at: now)])
+
+        let restarted = ProfileService(store: try ProfileStore(directory: directory), clock: clock.read)
+        #expect(try await restarted.features("a") == ["views": 2, "views_again": 2])
+        #expect(try await restarted.features("b") == ["views": 1, "views_again": 1])
     }
 
     @Test("clean copies kept after a flush count on correctly, and merges, splits and erasure replace them")
@@ -625,19 +682,15 @@ struct MergeEraseTests {
 
         // A reader holding a snapshot of the state file makes its checkpoint fail (after 5 s).
         let reader = try DatabaseQueue(path: directory + "/profile-state.sqlite")
-        let release = DispatchSemaphore(value: 0), holding = DispatchSemaphore(value: 0)
-        let held = Task.detached {
+        let release = try holdOnThread { done in
             try reader.read { db in
                 _ = try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state")
-                holding.signal()
-                release.wait()
+                done()
             }
         }
-        holding.wait()
         #expect(throws: (any Error).self) { try service.store.apply([(1, .erase(person: "victim", absorbed: []))], nowMs: now) }
         #expect(filesContain(marker, in: directory, files: files))  // deleted, not yet checkpointed away
-        release.signal()
-        try await held.value
+        release()
         // The feed moves on past the erasure; the next change settles it first.
         try service.store.apply([(2, .other)], nowMs: now)
         #expect(!filesContain(marker, in: directory, files: files))
