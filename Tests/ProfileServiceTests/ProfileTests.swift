@@ -166,6 +166,18 @@ struct FeatureTests {
         #expect(try await reopened.features("p1") == before)
         #expect(try filed() == 4 && pending() == 0)
 
+        // Recovery works in slices (bounded memory when everyone is logged): 5 persons, slices of 2.
+        let slicedDirectory = temporaryDirectory("profile-test")
+        let sliced = try ProfileStore(directory: slicedDirectory, flushThreshold: 1000)
+        let slicedService = ProfileService(store: sliced, clock: clock.read)
+        try slicedService.define(feature("views", "view", .count))
+        _ = try await slicedService.track((0..<10).map { i in event("s\(i)", "s\(i % 5)", "view", at: now) })
+        try sliced.recoverDirty(nowMs: now, recoverySlice: 2)
+        #expect(try await sliced.statePool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state") } == 5)
+        #expect(try await sliced.pool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM dirty_person") } == 0)
+        let slicedReopened = ProfileService(store: try ProfileStore(directory: slicedDirectory), clock: clock.read)
+        for p in 0..<5 { #expect(try await slicedReopened.features("s\(p)") == ["views": 2]) }
+
         // A flush writes the states and empties the log; the threshold flushes by itself.
         let small = try ProfileStore(directory: temporaryDirectory("profile-test"), flushThreshold: 2)
         let flushing = ProfileService(store: small, clock: clock.read)

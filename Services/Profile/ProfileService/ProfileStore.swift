@@ -141,16 +141,20 @@ public final class ProfileStore: Sendable {
 
     /// Recomputes from their events the persons whose state had not reached the state file
     /// when the process stopped, writes them, and only then empties the log.
-    func recoverDirty(nowMs: Int64) throws {
+    /// In slices of `recoverySlice` persons, so memory stays bounded when everyone is logged
+    /// (after the v3 migration, a lost state file or a failed backfill).
+    func recoverDirty(nowMs: Int64, recoverySlice: Int = 10_000) throws {
         let specs = definitions.withLock { $0.byEventType }
-        let states = try pool.read { db in
-            try String.fetchSet(db, sql: "SELECT DISTINCT person_id FROM dirty_person").map { person in
-                (person, try Self.recompute(db, person, specs: specs, now: nowMs))
-            }
+        let persons = try pool.read { db in
+            try String.fetchAll(db, sql: "SELECT DISTINCT person_id FROM dirty_person ORDER BY person_id")
         }
-        guard !states.isEmpty else { return }
-        try statePool.write { db in
-            for (person, state) in states.sorted(by: { $0.0 < $1.0 }) { try Self.saveState(db, person, state) }
+        guard !persons.isEmpty else { return }
+        for start in stride(from: 0, to: persons.count, by: recoverySlice) {
+            let slice = persons[start..<min(start + recoverySlice, persons.count)]
+            let states = try pool.read { db in try slice.map { ($0, try Self.recompute(db, $0, specs: specs, now: nowMs)) } }
+            try statePool.write { db in
+                for (person, state) in states { try Self.saveState(db, person, state) }
+            }
         }
         try pool.write { db in try db.execute(sql: "DELETE FROM dirty_person") }
         // An erasure may have been among them: no copy of it stays in either WAL.
