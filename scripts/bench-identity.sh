@@ -19,7 +19,7 @@ swift build -c release --product arbiter-bench >/dev/null
 swift build -c release --product arbiter-identity >/dev/null
 [ "${SKIP_GO_BUILD:-0}" = 1 ] || scripts/build-go-examples.sh >/dev/null
 .build/release/arbiter-bench identity --identifiers "$IDENTIFIERS" --data-dir "$WORK/data" --seed-only
-P=$(free_port); A=$(free_port)
+free_port P; free_port A
 .build/release/arbiter-identity --port "$P" --admin-port "$A" --data-dir "$WORK/data" --log-level warning >"$WORK/identity.log" 2>&1 &
 PIDS+=($!); SERVER=$!
 wait_accept "$P" "$SERVER" identity

@@ -41,9 +41,9 @@ PIDS=()
 trap stop_all EXIT
 trap 'exit 130' INT TERM
 
-RPC_PORT=$(free_port)
-ADMIN_PORT=$(free_port)
-REF_PORT=$(free_port)
+free_port RPC_PORT
+free_port ADMIN_PORT
+free_port REF_PORT
 
 "$ECHO_BIN" --host 127.0.0.1 --port "$RPC_PORT" --admin-port "$ADMIN_PORT" \
     --data-dir "$WORK/data" --log-level warning >"$WORK/arbiter-echo.log" 2>&1 &

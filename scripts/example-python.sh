@@ -20,7 +20,7 @@ trap 'exit 130' INT TERM
 
 TOKEN="py-$RANDOM$RANDOM"
 printf '%s\n' "$TOKEN" >"$WORK/token"   # the server trims the file's content
-P1=$(free_port); A1=$(free_port); P2=$(free_port); A2=$(free_port)
+free_port P1; free_port A1; free_port P2; free_port A2
 "$ECHO_BIN" --host 127.0.0.1 --port "$P1" --admin-port "$A1" --data-dir "$WORK/open" \
   >"$WORK/echo-open.log" 2>&1 &
 PIDS+=($!); wait_accept "$P1" $! echo-open

@@ -35,12 +35,12 @@ TOKEN="interop-$RANDOM$RANDOM"
 printf '%s\n' "$TOKEN" >"$WORK/token"
 
 # Server 1: no auth.
-P1=$(free_port); A1=$(free_port)
+free_port P1; free_port A1
 "$ECHO_BIN" --host 127.0.0.1 --port "$P1" --admin-port "$A1" --data-dir "$WORK/data-open" \
     >"$WORK/arbiter-echo-open.log" 2>&1 &
 PIDS+=($!); PID1=$!
 # Server 2: --auth-token-file.
-P2=$(free_port); A2=$(free_port)
+free_port P2; free_port A2
 "$ECHO_BIN" --host 127.0.0.1 --port "$P2" --admin-port "$A2" --data-dir "$WORK/data-auth" \
     --auth-token-file "$WORK/token" >"$WORK/arbiter-echo-auth.log" 2>&1 &
 PIDS+=($!); PID2=$!

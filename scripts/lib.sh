@@ -1,6 +1,8 @@
 # Shell helpers shared by the scripts that start servers (source it; set SCRIPT, WORK, PIDS first).
 
-# free_port: a TCP port in 17300-17999 that nothing listens on and that this script has not taken yet.
+# free_port VAR: sets VAR to a TCP port in 17300-17999 that nothing listens on and that this
+# script has not taken yet. It sets a variable rather than printing, because $(free_port)
+# would run in a subshell that forgets what it took (two calls could return the same port).
 TAKEN=" "
 free_port() {
     local p tries=0
@@ -10,7 +12,7 @@ free_port() {
         case "$TAKEN" in *" $p "*) continue ;; esac
         if [ -z "$(ss -Htln "sport = :$p" 2>/dev/null)" ]; then
             TAKEN="$TAKEN$p "
-            echo "$p"
+            printf -v "$1" '%s' "$p"
             return 0
         fi
     done
