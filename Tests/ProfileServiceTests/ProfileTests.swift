@@ -119,8 +119,9 @@ extension ProfileService {
 }
 
 func makeProfile(_ directory: String = temporaryDirectory("profile-test"), clock: TestClock = TestClock(),
-                 identity: RPCClient? = nil) throws -> ProfileService {
-    ProfileService(store: try ProfileStore(directory: directory), identity: identity, clock: clock.read)
+                 identity: RPCClient? = nil, flushThreshold: Int = 20_000, cachePersons: Int = 100_000) throws -> ProfileService {
+    ProfileService(store: try ProfileStore(directory: directory, flushThreshold: flushThreshold, cachePersons: cachePersons),
+                   identity: identity, clock: clock.read)
 }
 
 @Suite("profile: events and features")
@@ -147,8 +148,8 @@ struct FeatureTests {
     func writeBehind() async throws {
         let directory = temporaryDirectory("profile-test")
         let clock = TestClock()
-        let store = try ProfileStore(directory: directory, flushThreshold: 1000)
-        let service = ProfileService(store: store, clock: clock.read)
+        let service = try makeProfile(directory, clock: clock, flushThreshold: 1000)
+        let store = service.store
         try service.define(feature("views", "view", .count))
         try service.define(feature("recent", "view", .decayedSum, halfLife: 3600))
         let now = clock.read()
@@ -162,25 +163,25 @@ struct FeatureTests {
         #expect(try pending() == 4 && filed() == 0)  // in memory, logged once per person, not yet in person_state
 
         // A crash: the process is gone without a flush; a new store on the files recomputes.
-        let reopened = ProfileService(store: try ProfileStore(directory: directory), clock: clock.read)
+        let reopened = try makeProfile(directory, clock: clock)
         #expect(try await reopened.features("p1") == before)
         #expect(try filed() == 4 && pending() == 0)
 
         // Recovery works in slices (bounded memory when everyone is logged): 5 persons, slices of 2.
         let slicedDirectory = temporaryDirectory("profile-test")
-        let sliced = try ProfileStore(directory: slicedDirectory, flushThreshold: 1000)
-        let slicedService = ProfileService(store: sliced, clock: clock.read)
+        let slicedService = try makeProfile(slicedDirectory, clock: clock, flushThreshold: 1000)
+        let sliced = slicedService.store
         try slicedService.define(feature("views", "view", .count))
         _ = try await slicedService.track((0..<10).map { i in event("s\(i)", "s\(i % 5)", "view", at: now) })
         try sliced.recoverDirty(nowMs: now, recoverySlice: 2)
         #expect(try await sliced.statePool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state") } == 5)
         #expect(try await sliced.pool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM dirty_person") } == 0)
-        let slicedReopened = ProfileService(store: try ProfileStore(directory: slicedDirectory), clock: clock.read)
+        let slicedReopened = try makeProfile(slicedDirectory, clock: clock)
         for p in 0..<5 { #expect(try await slicedReopened.features("s\(p)") == ["views": 2]) }
 
         // A flush writes the states and empties the log; the threshold flushes by itself.
-        let small = try ProfileStore(directory: temporaryDirectory("profile-test"), flushThreshold: 2)
-        let flushing = ProfileService(store: small, clock: clock.read)
+        let flushing = try makeProfile(temporaryDirectory("profile-test"), clock: clock, flushThreshold: 2)
+        let small = flushing.store
         try flushing.define(feature("views", "view", .count))
         _ = try await flushing.track([event("a", "x", "view", at: now), event("b", "y", "view", at: now)])
         small.waitForFlush()  // flushes run on their own queue
@@ -200,8 +201,8 @@ struct FeatureTests {
         let directory = temporaryDirectory("profile-test")
         let clock = TestClock()
         let now = clock.read()
-        let store = try ProfileStore(directory: directory, flushThreshold: 3, cachePersons: 5)
-        let service = ProfileService(store: store, clock: clock.read)
+        let service = try makeProfile(directory, clock: clock, flushThreshold: 3, cachePersons: 5)
+        let store = service.store
         try service.define(feature("views", "view", .count))
         // 40 concurrent calls of 10 events over 12 persons: flushes start, and run while calls commit.
         try await withThrowingTaskGroup(of: Void.self) { group in
@@ -220,7 +221,7 @@ struct FeatureTests {
         store.waitForFlush()
         _ = try await service.track([event("last", "p0", "view", at: now)])
         expected["p0", default: 0] += 1
-        let reopened = ProfileService(store: try ProfileStore(directory: directory), clock: clock.read)
+        let reopened = try makeProfile(directory, clock: clock)
         for (person, views) in expected { #expect(try await reopened.features(person) == ["views": views]) }
     }
 
@@ -229,8 +230,8 @@ struct FeatureTests {
         let directory = temporaryDirectory("profile-test")
         let clock = TestClock()
         let now = clock.read()
-        let store = try ProfileStore(directory: directory, flushThreshold: 2)
-        let service = ProfileService(store: store, clock: clock.read)
+        let service = try makeProfile(directory, clock: clock, flushThreshold: 2)
+        let store = service.store
         try service.define(feature("views", "view", .count))
         // Hold the flush queue, so the flush the next call starts waits behind this.
         let gate = DispatchSemaphore(value: 0)
@@ -243,7 +244,7 @@ struct FeatureTests {
         // The flush's log rows are pruned; "a" at 2 views is only in memory now.
         try await store.pool.writeWithoutTransaction { db in try store.pruneDirtyLog(db) }
         #expect(try await service.features("a") == ["views": 2])
-        let reopened = ProfileService(store: try ProfileStore(directory: directory), clock: clock.read)
+        let reopened = try makeProfile(directory, clock: clock)
         #expect(try await reopened.features("a") == ["views": 2])
         #expect(try await reopened.features("b") == ["views": 1])
     }
@@ -278,7 +279,7 @@ struct FeatureTests {
 
         // A lost state file is rebuilt from the events.
         for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: directory + "/profile-state.sqlite" + suffix) }
-        #expect(try await ProfileService(store: try ProfileStore(directory: directory), clock: clock.read).features("p") == ["views": 3])
+        #expect(try await makeProfile(directory, clock: clock).features("p") == ["views": 3])
     }
 
     @Test("a backfill that fails after its definition committed leaves its persons to the next start, which recomputes them")
@@ -286,8 +287,8 @@ struct FeatureTests {
         let directory = temporaryDirectory("profile-test")
         let clock = TestClock()
         let now = clock.read()
-        let store = try ProfileStore(directory: directory, flushThreshold: 2)
-        let service = ProfileService(store: store, clock: clock.read)
+        let service = try makeProfile(directory, clock: clock, flushThreshold: 2)
+        let store = service.store
         try service.define(feature("views", "view", .count))
         _ = try await service.track([event("a1", "a", "view", at: now), event("a2", "a", "view", at: now), event("b1", "b", "view", at: now)])
 
@@ -306,7 +307,7 @@ struct FeatureTests {
         store.waitForFlush()
         _ = try await service.track([event("e", "e", "view", at: now)])
 
-        let restarted = ProfileService(store: try ProfileStore(directory: directory), clock: clock.read)
+        let restarted = try makeProfile(directory, clock: clock)
         #expect(try await restarted.features("a") == ["views": 2, "views_again": 2])
         #expect(try await restarted.features("b") == ["views": 1, "views_again": 1])
     }
@@ -316,8 +317,8 @@ struct FeatureTests {
         let clock = TestClock()
         let now = clock.read()
         // Every write flushes (threshold 1), so every later event starts from a clean copy.
-        let store = try ProfileStore(directory: temporaryDirectory("profile-test"), flushThreshold: 1, cachePersons: 3)
-        let service = ProfileService(store: store, clock: clock.read)
+        let service = try makeProfile(temporaryDirectory("profile-test"), clock: clock, flushThreshold: 1, cachePersons: 3)
+        let store = service.store
         try service.define(feature("views", "view", .count))
         for round in 0..<3 {
             _ = try await service.track((0..<5).map { event("r\(round)-\($0)", "p\($0)", "view", at: now - Int64($0) * minute) })
@@ -342,8 +343,8 @@ struct FeatureTests {
         await expectCode(.notFound) { _ = try await service.features("p2") }
 
         // A store that keeps no clean copies gives the same answers.
-        let uncached = try ProfileStore(directory: temporaryDirectory("profile-test"), flushThreshold: 1, cachePersons: 0)
-        let plain = ProfileService(store: uncached, clock: clock.read)
+        let plain = try makeProfile(temporaryDirectory("profile-test"), clock: clock, flushThreshold: 1, cachePersons: 0)
+        let uncached = plain.store
         try plain.define(feature("views", "view", .count))
         for round in 0..<3 { _ = try await plain.track([event("u\(round)", "q", "view", at: now)]) }
         uncached.waitForFlush()
