@@ -419,27 +419,28 @@ public struct ProtoWriter {
         store(number, UnsafeMutableRawPointer?(build(value)))
     }
 
-    /// Stores a repeated field: the count at the quantifier offset, an array at the offset.
-    private func storeArray<T>(_ number: Int, _ values: [T]) {
-        guard !values.isEmpty else { return }
+    /// Stores a repeated field: the count at the quantifier offset, an array at the offset
+    /// whose elements are `element(i)`, written straight into the arena.
+    private func storeArray<T>(_ number: Int, count: Int, _ element: (Int) -> T) {
+        guard count > 0 else { return }
         let f = field(number)
-        let array = arena.allocate(MemoryLayout<T>.stride * values.count).bindMemory(to: T.self, capacity: values.count)
-        array.initialize(from: values, count: values.count)
-        message.storeBytes(of: values.count, toByteOffset: Int(f.pointee.quantifier_offset), as: Int.self)
+        let array = arena.allocate(MemoryLayout<T>.stride * count).bindMemory(to: T.self, capacity: count)
+        for i in 0..<count { (array + i).initialize(to: element(i)) }
+        message.storeBytes(of: count, toByteOffset: Int(f.pointee.quantifier_offset), as: Int.self)
         message.storeBytes(of: UnsafeMutablePointer<T>?(array), toByteOffset: Int(f.pointee.offset),
                            as: UnsafeMutablePointer<T>?.self)
     }
 
     func setRepeatedMessages<M: ProtoMessage>(_ number: Int, _ values: [M]) {
-        storeArray(number, values.map { UnsafeMutableRawPointer?(build($0)) })
+        storeArray(number, count: values.count) { UnsafeMutableRawPointer?(build(values[$0])) }
     }
 
     func setRepeatedString(_ number: Int, _ values: [String]) {
-        storeArray(number, values.map { UnsafeMutablePointer<CChar>?(cString($0)) })
+        storeArray(number, count: values.count) { UnsafeMutablePointer<CChar>?(cString(values[$0])) }
     }
 
     func setRepeatedEnums<E: ProtoEnum>(_ number: Int, _ values: [E]) {
-        storeArray(number, values.map(\.rawValue))
+        storeArray(number, count: values.count) { values[$0].rawValue }
     }
 
     /// A map field, written as entries sorted by key so that equal maps encode to equal bytes.
@@ -447,11 +448,11 @@ public struct ProtoWriter {
         guard !values.isEmpty else { return }
         guard let entryDescriptor = field(number).pointee.descriptor?
             .assumingMemoryBound(to: ProtobufCMessageDescriptor.self) else { return }
-        let entries = values.sorted { $0.key < $1.key }.map { key, value -> UnsafeMutableRawPointer? in
+        let entries = values.sorted { $0.key < $1.key }
+        storeArray(number, count: entries.count) { i -> UnsafeMutableRawPointer? in
             let writer = ProtoWriter(entryDescriptor, arena)
-            entry(writer, key, value)
+            entry(writer, entries[i].key, entries[i].value)
             return writer.message
         }
-        storeArray(number, entries)
     }
 }

@@ -46,6 +46,24 @@ struct CodecTests {
         #expect(try DecisionV1.DecideRequest(serializedBytes: request.serializedBytes()) == request)
     }
 
+    @Test("a large message (more C memory than one arena chunk, strings longer than a chunk) survives a round trip")
+    func largeRoundTrip() throws {
+        var record = DecisionV1.DecisionRecord()
+        record.decisionId = String(repeating: "d", count: 3 << 20)  // longer than the largest chunk (1 MiB)
+        record.context = Dictionary(uniqueKeysWithValues: (0..<300).map { ("key\($0)", String(repeating: "v", count: $0)) })
+        record.candidates = (0..<2000).map { i in
+            var candidate = DecisionV1.CandidateExplanation()
+            candidate.actionId = "action-\(i)"
+            candidate.excludedBy = i % 3 == 0 ? "" : "eligibility: " + String(repeating: "x", count: i)
+            candidate.score = Double(i) / 7
+            return candidate
+        }
+        record.actions = [DecisionV1.RankedAction()]
+        let bytes = record.serializedBytes()
+        #expect(bytes.count > 4 << 20)
+        #expect(try DecisionV1.DecisionRecord(serializedBytes: bytes) == record)
+    }
+
     @Test("oneof members are distinguished, including empty values", arguments: [
         CommonV1.Value.OneOfKind.stringValue(""), .stringValue("x"), .numberValue(0), .numberValue(-2.5),
         .boolValue(false), .boolValue(true),
