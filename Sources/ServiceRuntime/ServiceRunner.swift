@@ -33,6 +33,9 @@ public struct ServiceContext: Sendable {
         guard let data = configurationData else { return value }
         return try ConfigFile.decode(section, from: data, as: type) ?? value
     }
+
+    /// The error that stops a service at start over its configuration (`--config: <message>`).
+    public func configurationError(_ message: String) -> any Error { ValidationError("--config: \(message)") }
 }
 
 /// What a service consists of.

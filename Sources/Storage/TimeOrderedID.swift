@@ -2,9 +2,13 @@
 /// a prefix, 12 hex digits of Unix milliseconds, then 16 random hex digits.
 public enum TimeOrderedID {
     public static func make(_ prefix: String, nowMs: Int64) -> String {
-        let time = String(UInt64(max(0, nowMs)), radix: 16)
         let random = String(UInt64.random(in: .min ... .max), radix: 16)
+        return lowerBound(prefix, atMs: nowMs) + String(repeating: "0", count: 16 - random.count) + random
+    }
+
+    /// Sorts at or below every id made at `atMs` or later, and above every id made before.
+    public static func lowerBound(_ prefix: String, atMs: Int64) -> String {
+        let time = String(UInt64(max(0, atMs)), radix: 16)
         return prefix + String(repeating: "0", count: max(0, 12 - time.count)) + time
-            + String(repeating: "0", count: 16 - random.count) + random
     }
 }

@@ -284,6 +284,52 @@ struct DecisionTests {
         #expect(try await decision.decide(decideRequest("q", count: 5)).actions.count == 2)
     }
 
+    @Test("logRetentionDays: older decisions go with their offers and outcomes; windows may not outlast the log")
+    func logRetention() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock) { $0.logRetentionDays = 30 }
+        // A window longer than the log would count deleted offers.
+        var upsert = DecisionV1.UpsertActionRequest()
+        upsert.action = action("a", caps: [cap(.action, 5, per: 31 * 86_400)])
+        await expectInvalid("action.caps[0].window_seconds: 2678400 s is longer than the decision log is kept (decision.logRetentionDays 30)") {
+            _ = try decision.upsertAction(upsert)
+        }
+        upsert.action = action("a", suppressions: [{ var s = DecisionV1.Suppression(); s.outcome = .conversion; s.windowSeconds = 40 * 86_400; return s }()])
+        await expectInvalid("action.suppressions[0].window_seconds: 3456000 s is longer") { _ = try decision.upsertAction(upsert) }
+        var policy = DecisionV1.ContactPolicy()
+        policy.caps = [cap(.total, 3, per: 7 * 86_400), cap(.total, 9, per: 60 * 86_400)]
+        await expectInvalid("caps[1].window_seconds: 5184000 s is longer") { _ = try decision.setContactPolicy(policy) }
+        upsert.action = action("a", caps: [cap(.action, 5, per: 30 * 86_400)])
+        _ = try decision.upsertAction(upsert)
+        #expect(decision.windowsBeyondRetention().isEmpty)
+        // The same catalog under a shorter retention: the service refuses to start with it.
+        var shorter = DecisionConfiguration()
+        shorter.logRetentionDays = 10
+        #expect(DecisionService(store: decision.store, configuration: shorter).windowsBeyondRetention() == ["a: action.caps[0].window_seconds is 2592000 s"])
+
+        let old = try await decision.decide(decideRequest("p1"))
+        _ = try decision.outcome("early", old, .click)
+        clock.advance(seconds: 20 * 86_400)
+        let late = try decision.outcome("late", old, .conversion)  // a late outcome: suppressions may still need it
+        #expect(!late.duplicate)
+        let kept = try await decision.decide(decideRequest("p2"))
+        clock.advance(seconds: 11 * 86_400)  // `old` is 31 days old, `kept` 11
+
+        let pruner = DecisionLogPruner(store: decision.store, retentionDays: 30, batch: 1, logger: Logger(label: "test"), clock: clock.read)
+        #expect(await pruner.pruneOnce() == 2)  // the decision and its early outcome, a row per batch
+        #expect(try decision.store.decision(old.decisionId) == nil)
+        #expect(try decision.store.decision(kept.decisionId) != nil)
+        let rows = try await decision.store.pool.read { db in
+            (try Int.fetchOne(db, sql: "SELECT count(*) FROM offer WHERE person_id = 'p1'"),
+             try String.fetchAll(db, sql: "SELECT outcome_id FROM outcome ORDER BY outcome_id"),
+             try Int.fetchOne(db, sql: "SELECT count(*) FROM offer WHERE person_id = 'p2'"))
+        }
+        #expect(rows.0 == 0 && rows.1 == ["late"] && rows.2 == 1)
+        #expect(await pruner.pruneOnce() == 0)
+        // An outcome for a deleted decision is NOT_FOUND, like any unknown decision.
+        await expectCode(.notFound) { _ = try decision.outcome("after", old, .click) }
+    }
+
     @Test("every candidate is explained; choice probabilities sum to one and are the logged propensities")
     func propensities() async throws {
         let decision = try makeDecision()
@@ -494,12 +540,14 @@ struct DecisionTests {
 
     @Test("the configuration keeps defaults for missing keys and names a bad value")
     func configuration() throws {
-        let partial = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"decideBudgetMs": 80, "learner": {"halfLifeDays": 7}}"#.utf8))
+        let partial = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"decideBudgetMs": 80, "logRetentionDays": 90, "learner": {"halfLifeDays": 7}}"#.utf8))
         var expected = DecisionConfiguration()
         expected.decideBudgetMs = 80
+        expected.logRetentionDays = 90
         expected.learner.halfLifeDays = 7
         #expect(partial == expected)
         #expect(throws: DecodingError.self) { _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"peerTimeoutMs": 0}"#.utf8)) }
+        #expect(throws: DecodingError.self) { _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"logRetentionDays": -1}"#.utf8)) }
         do {
             _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"learner": {"explorationFloor": 2}}"#.utf8))
             Issue.record("accepted an exploration floor of 2")

@@ -21,6 +21,11 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
     /// Longest wait for the routing service with `deliver` when the caller set no deadline
     /// (delivery is not bound by `decideBudgetMs`: the decision is logged first). Default 2000.
     public var routeTimeoutMs = 2000
+    /// Decisions older than this many days are deleted with their offers and outcomes
+    /// (`DecisionLogPruner`); 0 keeps every decision. A cap or suppression window may not be
+    /// longer. Default 0. A decision over a 50-action catalog takes ~4.6 KB: at 3,000
+    /// decisions/s the log grows ~1.2 TB a day.
+    public var logRetentionDays = 0
 
     public init() {}
 
@@ -42,6 +47,17 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
         breakerFailures = try read(.breakerFailures, d.breakerFailures, 1...1000)
         breakerCooldownMs = try read(.breakerCooldownMs, d.breakerCooldownMs, 1...600_000)
         routeTimeoutMs = try read(.routeTimeoutMs, d.routeTimeoutMs, 1...60_000)
+        logRetentionDays = try read(.logRetentionDays, d.logRetentionDays, 0...36_500)
+    }
+
+    /// The longest cap or suppression window the log's retention allows (nil: any).
+    var longestWindowSeconds: Int64? { logRetentionDays == 0 ? nil : Int64(logRetentionDays) * 86_400 }
+
+    /// Each cap and suppression window (as `field`: seconds) longer than the log keeps
+    /// offers and outcomes: such a window would count what was deleted.
+    func windowsBeyondRetention(_ windows: [(field: String, seconds: Int64)]) -> [(field: String, seconds: Int64)] {
+        guard let longest = longestWindowSeconds else { return [] }
+        return windows.filter { $0.seconds > longest }
     }
 }
 
@@ -82,10 +98,7 @@ public struct DecisionService: RPCService {
 
     public func register(in router: inout RPCRouter) {
         let methods = DecisionV1.Decision.self
-        router.register(methods.upsertAction) { request, _ in
-            guard let action = request.action else { throw RPCError.invalidArgument(field: "action", "is required") }
-            return try store.upsert(try ActionSpec(action), nowMs: clock())
-        }
+        router.register(methods.upsertAction) { request, _ in try upsertAction(request) }
         router.register(methods.listActions) { request, _ in
             let (actions, version) = store.catalog()
             var response = DecisionV1.ListActionsResponse()
@@ -97,11 +110,7 @@ public struct DecisionService: RPCService {
             try Names.check(request.id, field: "id")
             return try store.retire(request.id, nowMs: clock())
         }
-        router.register(methods.setContactPolicy) { request, _ in
-            guard request.caps.count <= 50 else { throw RPCError.invalidArgument(field: "caps", "at most 50") }
-            for (i, cap) in request.caps.enumerated() { try ActionSpec.check(cap, field: "caps[\(i)]", onAction: false) }
-            return try store.setPolicy(request.caps)
-        }
+        router.register(methods.setContactPolicy) { request, _ in try setContactPolicy(request) }
         router.register(methods.getContactPolicy) { _, _ in store.policy }
         router.register(methods.decide) { request, _ in try await decide(request) }
         router.register(methods.getDecision) { request, _ in
@@ -122,6 +131,41 @@ public struct DecisionService: RPCService {
         router.register(methods.endOverride) { request, _ in
             try store.endOverride(request.id, author: request.author, reason: request.reason, nowMs: clock())
         }
+    }
+
+    func upsertAction(_ request: DecisionV1.UpsertActionRequest) throws -> DecisionV1.Action {
+        guard let action = request.action else { throw RPCError.invalidArgument(field: "action", "is required") }
+        let spec = try ActionSpec(action)
+        try checkRetention(Self.windows(of: action))
+        return try store.upsert(spec, nowMs: clock())
+    }
+
+    func setContactPolicy(_ request: DecisionV1.ContactPolicy) throws -> DecisionV1.ContactPolicy {
+        guard request.caps.count <= 50 else { throw RPCError.invalidArgument(field: "caps", "at most 50") }
+        for (i, cap) in request.caps.enumerated() { try ActionSpec.check(cap, field: "caps[\(i)]", onAction: false) }
+        try checkRetention(request.caps.enumerated().map { ("caps[\($0)].window_seconds", $1.windowSeconds) })
+        return try store.setPolicy(request.caps)
+    }
+
+    /// The cap and suppression windows of an action, named as its fields.
+    static func windows(of action: DecisionV1.Action) -> [(field: String, seconds: Int64)] {
+        action.caps.enumerated().map { ("action.caps[\($0)].window_seconds", $1.windowSeconds) }
+            + action.suppressions.enumerated().map { ("action.suppressions[\($0)].window_seconds", $1.windowSeconds) }
+    }
+
+    private func checkRetention(_ windows: [(field: String, seconds: Int64)]) throws {
+        if let window = configuration.windowsBeyondRetention(windows).first {
+            throw RPCError.invalidArgument(field: window.field, "\(window.seconds) s is longer than the decision log is kept (decision.logRetentionDays \(configuration.logRetentionDays))")
+        }
+    }
+
+    /// The stored catalog's and contact policy's windows that the configured retention
+    /// would cut short (checked at start: the service refuses to run with them).
+    public func windowsBeyondRetention() -> [String] {
+        let actions = store.catalog().actions.filter { !$0.action.retired }
+        let windows = actions.flatMap { spec in Self.windows(of: spec.action).map { ("\(spec.id): \($0.field)", $0.seconds) } }
+            + store.policy.caps.enumerated().map { ("contact policy: caps[\($0)].window_seconds", $1.windowSeconds) }
+        return configuration.windowsBeyondRetention(windows).map { "\($0.field) is \($0.seconds) s" }
     }
 
     // MARK: - Decide

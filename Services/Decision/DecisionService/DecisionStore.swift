@@ -415,6 +415,32 @@ extension DecisionStore: IdentityChangeSink {
         if erased { try SQLiteStore.checkpoint(pool) }
     }
 
+    /// Deletes up to `limit` decisions made before `beforeMs` with their offers, and up to
+    /// `limit` outcomes of such decisions that occurred before it too (a later outcome stays
+    /// while suppressions may read it). Returns how many decisions and outcomes went; call
+    /// again while that is `limit` or more.
+    func pruneLog(beforeMs: Int64, limit: Int) throws -> Int {
+        let bound = TimeOrderedID.lowerBound("d", atMs: beforeMs)
+        return try pool.write { db in
+            let rows = try Row.fetchAll(db.cachedStatement(sql: """
+                SELECT decision_id, person_id, decided_at_ms FROM decision WHERE decision_id < ? ORDER BY decision_id LIMIT ?
+                """), arguments: [bound, limit])
+            let offers = try db.cachedStatement(sql: "DELETE FROM offer WHERE person_id = ? AND at_ms = ? AND decision_id = ?")
+            let decision = try db.cachedStatement(sql: "DELETE FROM decision WHERE decision_id = ?")
+            for row in rows {
+                let id: String = row[0]
+                let person: String = row[1]
+                if !person.isEmpty { try offers.execute(arguments: [person, row[2] as Int64, id]) }
+                try decision.execute(arguments: [id])
+            }
+            try db.cachedStatement(sql: """
+                DELETE FROM outcome WHERE outcome_id IN
+                  (SELECT outcome_id FROM outcome WHERE decision_id < ? AND occurred_at_ms < ? LIMIT ?)
+                """).execute(arguments: [bound, beforeMs, limit])
+            return rows.count + db.changesCount
+        }
+    }
+
     private func merge(_ db: Database, _ source: String, into target: String) throws {
         let rows = try Row.fetchAll(db, sql: "SELECT decision_id, record FROM decision WHERE person_id = ?", arguments: [source])
         for row in rows {

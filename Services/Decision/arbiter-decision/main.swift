@@ -25,6 +25,14 @@ enum DecisionDefinition: ServiceDefinition {
         let service = DecisionService(store: store, configuration: configuration, identity: context.identity, profile: context.profile,
                                       routing: context.routing)
         var parts = ServiceParts(rpcServices: [service])
+        if configuration.logRetentionDays > 0 {
+            let conflicts = service.windowsBeyondRetention()
+            guard conflicts.isEmpty else {
+                throw context.configurationError("decision.logRetentionDays \(configuration.logRetentionDays) is shorter than windows in the catalog, which would count deleted offers: \(conflicts.joined(separator: "; "))")
+            }
+            parts.background.append(DecisionLogPruner(store: store, retentionDays: configuration.logRetentionDays, logger: context.logger,
+                                                      clock: { Int64(Date().timeIntervalSince1970 * 1000) }))
+        }
         if let identity = context.identity {
             // Merges and erasures of persons apply to their decisions, offers and outcomes.
             parts.background.append(IdentityFeedFollower(store: store, identity: identity, logger: context.logger,
