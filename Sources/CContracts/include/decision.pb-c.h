@@ -88,7 +88,8 @@ typedef enum _Arbiter__Decision__V1__Outcome {
 
 /*
  * A contact cap: at most `max` offers in `window_seconds` per person, counted from
- * the service's own decision log (an action returned by Decide is an offer).
+ * the service's own decision log (an action returned by Decide is an offer). A window
+ * is 1 s to 400 days, and no longer than the log is kept (decision.logRetentionDays).
  */
 struct  Arbiter__Decision__V1__Cap
 {
@@ -105,7 +106,8 @@ struct  Arbiter__Decision__V1__Cap
 
 /*
  * Do not offer an action within `window_seconds` after `outcome` (on this action, or
- * on any action when `any_action`), e.g. not within 30 days after a conversion.
+ * on any action when `any_action`), e.g. not within 30 days after a conversion. The
+ * window has the same bounds as a Cap's.
  */
 struct  Arbiter__Decision__V1__Suppression
 {

@@ -20,7 +20,8 @@ extension DecisionV1 {
     }
 
     /// A contact cap: at most `max` offers in `window_seconds` per person, counted from
-    /// the service's own decision log (an action returned by Decide is an offer).
+    /// the service's own decision log (an action returned by Decide is an offer). A window
+    /// is 1 s to 400 days, and no longer than the log is kept (decision.logRetentionDays).
     public struct Cap: ProtoMessage {
         public var scope: DecisionV1.Cap.Scope = DecisionV1.Cap.Scope(rawValue: 0)
         public var max: UInt32 = 0
@@ -59,7 +60,8 @@ extension DecisionV1 {
     }
 
     /// Do not offer an action within `window_seconds` after `outcome` (on this action, or
-    /// on any action when `any_action`), e.g. not within 30 days after a conversion.
+    /// on any action when `any_action`), e.g. not within 30 days after a conversion. The
+    /// window has the same bounds as a Cap's.
     public struct Suppression: ProtoMessage {
         public var outcome: DecisionV1.Outcome = DecisionV1.Outcome(rawValue: 0)
         public var windowSeconds: Int64 = 0
