@@ -452,6 +452,34 @@ struct ProcessTests {
         #expect(await process.errorOutput.contains("identity.default_region"))
     }
 
+    @Test("arbiter-decision will not start with a log retention shorter than a stored cap window")
+    func decisionRetentionConflict() async throws {
+        let port = try await unusedPort(), admin = try await unusedPort()
+        let dataDir = NSTemporaryDirectory() + "/arbiter-retention-\(port)"
+        let arguments = ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir]
+        let server = try RunningProcess.start("arbiter-decision", arguments)
+        let client = try await waitUntilServing(port: port, process: server)
+        var cap = DecisionV1.Cap()
+        cap.scope = .action
+        cap.max = 3
+        cap.windowSeconds = 30 * 86_400
+        var upsert = DecisionV1.UpsertActionRequest()
+        upsert.action = DecisionV1.Action()
+        upsert.action?.id = "weekly-offer"
+        upsert.action?.value = 1
+        upsert.action?.caps = [cap]
+        _ = try await client.call(DecisionV1.Decision.upsertAction, upsert)
+        client.close()
+        kill(server.process.processIdentifier, SIGTERM)
+        #expect(await server.waitForExit() == 0)
+
+        let config = dataDir + "/config.json"
+        try Data(#"{"decision": {"logRetentionDays": 10}}"#.utf8).write(to: URL(fileURLWithPath: config))
+        let refused = try RunningProcess.start("arbiter-decision", arguments + ["--config", config])
+        #expect(await refused.waitForExit() != 0)
+        #expect(await refused.errorOutput.contains("decision.logRetentionDays 10 is shorter than windows in the catalog, which would count deleted offers: weekly-offer: action.caps[0].window_seconds is 2592000 s"))
+    }
+
     @Test("every service executable serves health on its port")
     func servicesServeHealth() async throws {
         for name in ["arbiter-identity", "arbiter-profile", "arbiter-decision", "arbiter-routing"] {
