@@ -453,18 +453,27 @@ struct DecisionTests {
             for n in 0..<200 { try seed(profile.store, "p\(n)", traits: [("age", .number(n % 2 == 0 ? 22 : 70))], at: clock.read()) }
             var generator = SplitMix64(seed: 3)
             var late: [String: [String: Int]] = [:]
+            var degraded = 0
             for round in 0..<2000 {
                 let n = round % 200
                 let segment = n % 2 == 0 ? "young" : "senior"
                 let response = try await decision.decide(decideRequest("p\(n)"))
                 let chosen = response.actions[0].actionId
-                #expect(response.explanations.allSatisfy { $0.arm == "segment:\(segment)" })
+                // A degraded answer (the profile slow on a loaded machine: it happened once in
+                // CI) has no segments and learns per placement; it must say why.
+                if response.degraded {
+                    degraded += 1
+                    #expect(!response.degradedReasons.isEmpty)
+                } else {
+                    #expect(response.explanations.allSatisfy { $0.arm == "segment:\(segment)" }, "\(response.explanations.map(\.arm))")
+                }
                 if Double.random(in: 0..<1, using: &generator) < truth[segment]![chosen]! {
                     _ = try decision.outcome("o\(round)", response, .conversion)
                 }
                 if round >= 1200 { late[segment, default: [:]][chosen, default: 0] += 1 }
                 clock.advance(seconds: 5)
             }
+            #expect(degraded < 20)
             // 400 late decisions per segment: each mostly on its own best action.
             #expect(late["young"]!["gaming", default: 0] > 320, "\(late)")
             #expect(late["senior"]!["pension", default: 0] > 320, "\(late)")
