@@ -6,9 +6,10 @@ public enum TimeOrderedID {
         return lowerBound(prefix, atMs: nowMs) + String(repeating: "0", count: 16 - random.count) + random
     }
 
-    /// Sorts at or below every id made at `atMs` or later, and above every id made before.
+    /// Sorts at or below every id made at `atMs` or later, and above every id made before
+    /// (times are clamped to 0 ... 0xFFFFFFFFFFFF, so `Int64.max` bounds every id).
     public static func lowerBound(_ prefix: String, atMs: Int64) -> String {
-        let time = String(UInt64(max(0, atMs)), radix: 16)
+        let time = String(UInt64(min(max(0, atMs), 0xFFFF_FFFF_FFFF)), radix: 16)
         return prefix + String(repeating: "0", count: max(0, 12 - time.count)) + time
     }
 }

@@ -50,14 +50,11 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
         logRetentionDays = try read(.logRetentionDays, d.logRetentionDays, 0...36_500)
     }
 
-    /// The longest cap or suppression window the log's retention allows (nil: any).
-    var longestWindowSeconds: Int64? { logRetentionDays == 0 ? nil : Int64(logRetentionDays) * 86_400 }
-
     /// Each cap and suppression window (as `field`: seconds) longer than the log keeps
     /// offers and outcomes: such a window would count what was deleted.
     func windowsBeyondRetention(_ windows: [(field: String, seconds: Int64)]) -> [(field: String, seconds: Int64)] {
-        guard let longest = longestWindowSeconds else { return [] }
-        return windows.filter { $0.seconds > longest }
+        guard logRetentionDays > 0 else { return [] }
+        return windows.filter { $0.seconds > Int64(logRetentionDays) * 86_400 }
     }
 }
 
@@ -537,7 +534,7 @@ public struct DecisionService: RPCService {
     }
 
     /// A time-ordered decision id: `d`, 12 hex digits of milliseconds, 16 random hex digits.
-    static func decisionID(_ nowMs: Int64) -> String { TimeOrderedID.make("d", nowMs: nowMs) }
+    static func decisionID(_ nowMs: Int64) -> String { TimeOrderedID.make(DecisionStore.decisionIDPrefix, nowMs: nowMs) }
 
     /// How a candidate banned by an override is explained (`override: banned by <id> (<reason>)`).
     static let banPrefix = "override: banned by "

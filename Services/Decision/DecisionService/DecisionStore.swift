@@ -22,6 +22,8 @@ public final class DecisionStore: Sendable {
     let memory: Mutex<Memory>
     /// The decision log's group commit (one transaction for every decision waiting).
     let log = GroupCommit<LogEntry, Void>(label: "arbiter.decision.log")
+    /// Decision ids are `TimeOrderedID`s with this prefix, so a time range is a key range.
+    static let decisionIDPrefix = "d"
     /// Offers of decisions not yet committed, by person: caps see them at once.
     let pending = Mutex<[String: [PendingOffer]]>([:])
 
@@ -420,7 +422,7 @@ extension DecisionStore: IdentityChangeSink {
     /// while suppressions may read it). Returns how many decisions and outcomes went; call
     /// again while that is `limit` or more.
     func pruneLog(beforeMs: Int64, limit: Int) throws -> Int {
-        let bound = TimeOrderedID.lowerBound("d", atMs: beforeMs)
+        let bound = TimeOrderedID.lowerBound(Self.decisionIDPrefix, atMs: beforeMs)
         return try pool.write { db in
             let rows = try Row.fetchAll(db.cachedStatement(sql: """
                 SELECT decision_id, person_id, decided_at_ms FROM decision WHERE decision_id < ? ORDER BY decision_id LIMIT ?

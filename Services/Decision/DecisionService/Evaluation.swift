@@ -3,6 +3,7 @@ import Foundation
 import GRDB
 import RPC
 import Rules
+import Storage
 
 /// Normal-approximation statistics for lift and off-policy estimates.
 enum Statistics {
@@ -132,12 +133,9 @@ extension DecisionStore {
     /// outcomes reported on it (whenever they happened). One read transaction; a window of
     /// more than `maxReportDecisions` is refused before anything is loaded.
     func forEachDecision(fromMs: Int64, toMs: Int64, _ body: (DecisionV1.DecisionRecord, [LoggedOutcome]) throws -> Void) throws {
-        // Decision ids start with "d" and 12 hex digits of milliseconds: a time range is a key range.
-        func bound(_ ms: Int64) -> String {
-            let hex = String(UInt64(min(max(0, ms), 0xFFFF_FFFF_FFFF)), radix: 16)
-            return "d" + String(repeating: "0", count: 12 - hex.count) + hex
-        }
-        let (low, high) = (bound(fromMs), bound(toMs))
+        // Decision ids are time-ordered: a time range is a key range.
+        let (low, high) = (TimeOrderedID.lowerBound(Self.decisionIDPrefix, atMs: fromMs),
+                           TimeOrderedID.lowerBound(Self.decisionIDPrefix, atMs: toMs))
         try pool.read { db in
             // One key-range probe: is there a decision past the limit? (the window is refused whole)
             guard try String.fetchOne(db, sql: "SELECT decision_id FROM decision WHERE decision_id >= ? AND decision_id < ? ORDER BY decision_id LIMIT 1 OFFSET ?",
