@@ -46,7 +46,7 @@ public final class GroupCommit<Entry: Sendable, Output: Sendable>: Sendable {
             }
             guard !batch.isEmpty else { return }
             do {
-                let outputs = try write(batch.map(\.0))
+                let outputs = try write(batch.map { $0.0 })
                 precondition(outputs.count == batch.count, "GroupCommit: write returned \(outputs.count) outputs for \(batch.count) entries")
                 for ((_, continuation), output) in zip(batch, outputs) { continuation.resume(returning: output) }
             } catch {

@@ -302,6 +302,29 @@ struct RoutingTests {
                 try await Task.sleep(for: .milliseconds(100))
             }
             #expect(sink.requests.count == 1)
+
+            // With the profile service unreachable, a replay is still answered from the store;
+            // a new key is not routed, and a reused key with another request is still refused.
+            let down = RPCClient(host: "127.0.0.1", port: try await unusedPort())
+            defer { down.close() }
+            var logger = Logger(label: "routing-test")
+            logger.logLevel = .critical
+            let blind = try RoutingService(store: routing.store, configuration: RoutingConfiguration(), profile: down,
+                                           group: .singletonMultiThreadedEventLoopGroup, logger: logger)
+            #expect(try await blind.route(routeRequest("p", key: "same", channels: [.webhook], critical: true)).deliveryId == ids.first!)
+            do {
+                _ = try await blind.route(routeRequest("p", key: "new", channels: [.webhook], critical: true))
+                Issue.record("a new key was routed without the profile service")
+            } catch let error as RPCError {
+                #expect(error.code == .unavailable)
+            }
+            do {
+                _ = try await blind.route(routeRequest("p", key: "same", channels: [.email], critical: true))
+                Issue.record("a reused key with another request was accepted while the profile was down")
+            } catch let error as RPCError {
+                #expect(error.code == .alreadyExists)
+            }
+            await blind.shutdown()
         }
     }
 

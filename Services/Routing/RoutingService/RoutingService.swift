@@ -157,10 +157,14 @@ public struct RoutingService: RPCService {
             }
             return delivery
         }
-        if let (existing, firstHash) = try store.delivery(idempotencyKey: request.idempotencyKey) {
-            return try answer(existing, sameRequest: firstHash == hash)
+        // A known key is found when the delivery is stored, so the common case (a new key)
+        // reads the store once; a replay is answered without the profile service only
+        // when that service cannot answer.
+        func replay() throws -> RoutingV1.Delivery? {
+            try store.delivery(idempotencyKey: request.idempotencyKey).map { try answer($0.0, sameRequest: $0.1 == hash) }
         }
         guard let profile else {
+            if let delivery = try replay() { return delivery }
             throw RPCError(.unavailable, "profile: not configured (--profile); consent cannot be checked, nothing is routed")
         }
         var profileRequest = ProfileV1.GetProfileRequest()
@@ -170,15 +174,16 @@ public struct RoutingService: RPCService {
         do {
             view = try await profile.call(ProfileV1.Profile.getProfile, profileRequest, timeout: .milliseconds(configuration.profileTimeoutMs))
         } catch {
+            if let delivery = try replay() { return delivery }
             if error.code == .notFound { throw RPCError(.notFound, "person: unknown to the profile service (\(error.message))") }
             if error.code == .invalidArgument { throw RPCError(.invalidArgument, error.message) }
             throw RPCError(.unavailable, "profile: \(error.code) \(error.message); consent cannot be checked, nothing is routed")
         }
         let now = clock()
-        let evidence = try store.evidence(person: view.personId)
-        let draft = Planner(configuration: configuration, adapters: adapters.channels)
-            .plan(request, profile: view, person: evidence.person, population: evidence.population, now: now)
-        switch try await store.insert(draft, requestHash: hash, nowMs: now) {
+        let planner = Planner(configuration: configuration, adapters: adapters.channels)
+        switch try await store.insert(person: view.personId, idempotencyKey: request.idempotencyKey, requestHash: hash, nowMs: now, plan: { person, population in
+            planner.plan(request, profile: view, person: person, population: population, now: now)
+        }) {
         case .stored(let delivery): return delivery
         case .existing(let delivery, let same): return try answer(delivery, sameRequest: same)
         }

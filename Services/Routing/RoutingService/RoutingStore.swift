@@ -142,8 +142,12 @@ public final class RoutingStore: Sendable {
     // MARK: - Storing a planned delivery (idempotency and caps)
 
     struct Insert: Sendable {
-        var draft: RoutingV1.Delivery
+        var person: String
+        var idempotencyKey: String
         var requestHash: Data
+        var nowMs: Int64
+        /// Plans the delivery from the person's evidence and the population's.
+        var plan: @Sendable (_ person: Evidence, _ population: Evidence) -> RoutingV1.Delivery
     }
 
     enum Inserted: Sendable {
@@ -152,29 +156,33 @@ public final class RoutingStore: Sendable {
         case existing(RoutingV1.Delivery, sameRequest: Bool)
     }
 
-    /// Stores a planned delivery once per idempotency key. A normal delivery is checked
-    /// against the caps inside the same transaction (so concurrent Routes for one person
-    /// cannot both take the last slot): a channel at its cap is skipped for the next usable
-    /// one; over the overall cap, or with every channel capped, it is stored suppressed.
-    func insert(_ draft: RoutingV1.Delivery, requestHash: Data, nowMs: Int64) async throws -> Inserted {
-        try await inserts.submit(Insert(draft: draft, requestHash: requestHash)) { [self] entries in
-            try pool.write { db in try entries.map { try insert(db, $0, nowMs: nowMs) } }
+    /// Plans and stores a delivery once per idempotency key, in one transaction: the
+    /// evidence `plan` reads (engagement, opt-outs, hard bounces) is the one current when
+    /// the delivery is stored. A normal delivery is checked against the caps in the same
+    /// transaction (so concurrent Routes for one person cannot both take the last slot): a
+    /// channel at its cap is skipped for the next usable one; over the overall cap, or with
+    /// every channel capped, it is stored suppressed.
+    func insert(person: String, idempotencyKey: String, requestHash: Data, nowMs: Int64,
+                plan: @escaping @Sendable (_ person: Evidence, _ population: Evidence) -> RoutingV1.Delivery) async throws -> Inserted {
+        let entry = Insert(person: person, idempotencyKey: idempotencyKey, requestHash: requestHash, nowMs: nowMs, plan: plan)
+        return try await inserts.submit(entry) { [self] entries in
+            try pool.write { db in try entries.map { try insert(db, $0) } }
         }
     }
 
-    private func insert(_ db: Database, _ entry: Insert, nowMs: Int64) throws -> Inserted {
+    private func insert(_ db: Database, _ entry: Insert) throws -> Inserted {
         if let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT record, request_hash FROM delivery WHERE idempotency_key = ?"),
-                                      arguments: [entry.draft.idempotencyKey]) {
+                                      arguments: [entry.idempotencyKey]) {
             return .existing(try Self.record(row[0]), sameRequest: (row[1] as Data) == entry.requestHash)
         }
-        var d = entry.draft
-        d.deliveryId = TimeOrderedID.make("dl", nowMs: nowMs)
+        var d = entry.plan(try Self.evidence(db, person: entry.person), population.withLock { $0 })
+        d.deliveryId = TimeOrderedID.make("dl", nowMs: entry.nowMs)
         if d.state == .scheduled && d.urgency == .normal { try applyCaps(db, &d) }
-        try db.execute(sql: """
+        try db.cachedStatement(sql: """
             INSERT INTO delivery (delivery_id, idempotency_key, request_hash, person_id, state, channel, send_at_ms, next_attempt_ms, record)
             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-            """, arguments: [d.deliveryId, d.idempotencyKey, entry.requestHash, d.personId, d.state.rawValue, d.channel.rawValue,
-                             d.sendAtMs, d.nextAttemptAtMs, Data(d.serializedBytes())])
+            """).execute(arguments: [d.deliveryId, d.idempotencyKey, entry.requestHash, d.personId, d.state.rawValue, d.channel.rawValue,
+                                     d.sendAtMs, d.nextAttemptAtMs, Data(d.serializedBytes())])
         return .stored(d)
     }
 
