@@ -137,6 +137,24 @@ struct TimingTests {
         // A window too short for the best hour: as soon as allowed.
         #expect(SendTime.choose(start: june1, end: june1 + hour, critical: false, clock: paris, quiet: quiet, bestHours: [18], bestHoursSource: "person's")
                 == .at(june1, reason: "as soon as allowed"))
+        // 09:00 Paris the next day is 07:00 UTC.
+        #expect(SendTime.choose(start: june1, end: june1 + day, critical: false, clock: paris, quiet: quiet, bestHours: [9], bestHoursSource: "population's")
+                == .at(june1 + 21 * hour, reason: "population's best hour 09:00 (Europe/Paris)"))
+    }
+
+    @Test("explanations print numbers as %.Nf does")
+    func decimals() {
+        var generator = SplitMix64(seed: 7)
+        for _ in 0..<10_000 {
+            let value = (Double(generator.next() % 2_000_000) - 1_000_000) / Double([1, 7, 1000, 65_536][Int(generator.next() % 4)])
+            for digits in [0, 1, 3] {
+                let expected = String(format: "%.\(digits)f", value)
+                // Exact ties may round either way; everything else must agree.
+                let tie = abs((abs(value) * pow(10, Double(digits))).truncatingRemainder(dividingBy: 1) - 0.5) < 1e-9
+                if !tie { #expect(decimal(value, digits) == expected, "\(value) with \(digits) digits") }
+            }
+        }
+        #expect(decimal(0.1, 3) == "0.100" && decimal(-0.0004, 3) == "-0.000" && decimal(2.5e-3, 1) == "0.0" && decimal(12, 0) == "12")
     }
 }
 

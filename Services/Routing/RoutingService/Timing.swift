@@ -86,7 +86,7 @@ enum SendTime: Equatable {
         for hour in bestHours {
             let candidate = clock.leavingQuietHours(clock.nextInstant(inHour: hour, atOrAfter: start), quiet)
             if candidate <= end && clock.hour(candidate) == hour {
-                return .at(candidate, reason: String(format: "%@ best hour %02d:00 (%@)", bestHoursSource, hour, clock.zone.identifier))
+                return .at(candidate, reason: "\(bestHoursSource) best hour \(hour < 10 ? "0" : "")\(hour):00 (\(clock.zone.identifier))")
             }
         }
         return .at(earliest, reason: earliest == start ? "as soon as allowed" : "after quiet hours (\(clock.zone.identifier))")
