@@ -689,10 +689,12 @@ public final class ProfileStore: Sendable {
     }
 
     static func consent(_ db: Database, person: String, history: Bool) throws -> (current: [Consent], history: [Consent]) {
-        let all = try Row.fetchAll(db.cachedStatement(sql: """
+        var all: [Consent] = []
+        let rows = try Row.fetchCursor(db.cachedStatement(sql: """
             SELECT purpose, channel, granted, source, at_ms FROM consent WHERE person_id = ? ORDER BY purpose, channel, at_ms, id
-            """), arguments: [person]).map {
-            Consent(purpose: $0["purpose"], channel: $0["channel"], granted: $0["granted"], source: $0["source"], atMs: $0["at_ms"])
+            """), arguments: [person])
+        while let row = try rows.next() {
+            all.append(Consent(purpose: row[0], channel: row[1], granted: row[2], source: row[3], atMs: row[4]))
         }
         var current: [Consent] = []
         for record in all {
@@ -725,11 +727,14 @@ public final class ProfileStore: Sendable {
         let cached = cachedState(person)
         return try pool.read { db in
             let state = try cached ?? Self.loadState(db, person)  // `state.person_state`, attached to readers
-            let traits = try Row.fetchAll(db.cachedStatement(sql: """
+            // Columns by position: GRDB finds a name by lowercasing every column name.
+            var traits: [StoredTrait] = []
+            let rows = try Row.fetchCursor(db.cachedStatement(sql: """
                 SELECT name, value, source, updated_at_ms FROM trait WHERE person_id = ? ORDER BY name
-                """), arguments: [person]).map { row in
-                StoredTrait(name: row["name"], value: RuleValue(try CommonV1.Value(serializedBytes: row["value"] as Data)) ?? .string(""),
-                            source: row["source"], updatedAtMs: row["updated_at_ms"])
+                """), arguments: [person])
+            while let row = try rows.next() {
+                traits.append(StoredTrait(name: row[0], value: RuleValue(try CommonV1.Value(serializedBytes: row[1] as Data)) ?? .string(""),
+                                          source: row[2], updatedAtMs: row[3]))
             }
             let consent = try Self.consent(db, person: person, history: false).current
             guard state.events > 0 || !traits.isEmpty || !consent.isEmpty else { return nil }
