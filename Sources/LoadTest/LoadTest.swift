@@ -12,6 +12,9 @@ public enum LoadTest {
         public var histograms: [String: Histogram<UInt64>] = [:]
         public var errors: [String: Int] = [:]
         public var seconds: Double = 0
+        /// Open loop: how late the generator itself started each call after its intended start
+        /// (µs). It is part of every latency above, and not the server's doing.
+        public var lateness = Histogram<UInt64>(highestTrackableValue: 60_000_000)
 
         public var total: Histogram<UInt64> {
             histograms.values.reduce(into: Histogram<UInt64>(highestTrackableValue: 60_000_000)) { $0.add($1) }
@@ -24,6 +27,13 @@ public enum LoadTest {
                 histograms[kind, default: Histogram<UInt64>(highestTrackableValue: 60_000_000)].add(histogram)
             }
             errors.merge(other.errors, uniquingKeysWith: +)
+            lateness.add(other.lateness)
+        }
+
+        /// Open loop: the generator's own lateness in one line; nil in a closed loop.
+        public var latenessLine: String? {
+            lateness.totalCount == 0 ? nil : "generator late by p50 \(lateness.valueAtPercentile(50)) us, p99 \(lateness.valueAtPercentile(99)) us, "
+                + "p99.9 \(lateness.valueAtPercentile(99.9)) us (part of the latencies)"
         }
 
         /// One line: throughput, percentiles and errors of `histogram`.
@@ -77,8 +87,10 @@ public enum LoadTest {
                 ["calls": h.totalCount, "per_second": Double(h.totalCount) / seconds, "p50_us": h.valueAtPercentile(50),
                  "p90_us": h.valueAtPercentile(90), "p99_us": h.valueAtPercentile(99), "p99_9_us": h.valueAtPercentile(99.9), "max_us": h.max]
             }
-            return ["seconds": seconds, "total": figures(total), "errors": errors,
-                    "by_kind": histograms.mapValues { figures($0) }]
+            var object: [String: Any] = ["seconds": seconds, "total": figures(total), "errors": errors,
+                                         "by_kind": histograms.mapValues { figures($0) }]
+            if lateness.totalCount > 0 { object["generator_lateness"] = figures(lateness) }
+            return object
         }
     }
 
@@ -98,8 +110,10 @@ public enum LoadTest {
                     var intended = begin + (interval ?? .zero) * Double(worker) / Double(concurrency)
                     while ContinuousClock.now < end {
                         if interval != nil {
-                            if intended > .now { try await Task.sleep(until: intended) }
+                            // No tolerance: a timer allowed to fire late would add its slack to the latencies.
+                            if intended > .now { try await Task.sleep(until: intended, tolerance: .zero) }
                             guard intended < end else { break }
+                            mine.lateness.record(UInt64(max(1, intended.duration(to: .now).nanoseconds / 1000)))
                         }
                         let start = interval == nil ? ContinuousClock.now : intended
                         intended = intended + (interval ?? .zero)

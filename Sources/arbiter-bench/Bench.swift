@@ -127,6 +127,7 @@ extension Bench {
                      name, result.throughput, rate.map { String(format: " (target %.0f/s, open loop)", $0) } ?? "",
                      total.valueAtPercentile(50), total.valueAtPercentile(99), total.valueAtPercentile(99.9), total.max,
                      result.errors.values.reduce(0, +), concurrency, clients.count))
+        if let line = result.latenessLine { print("  \(line)") }
         return result.throughput
     }
 }

@@ -97,6 +97,7 @@ struct Load: AsyncParsableCommand {
         for kind in result.histograms.keys.sorted() {
             say("  \(kind): " + LoadTest.Result.line(result.histograms[kind]!, seconds: result.seconds))
         }
+        if let line = result.latenessLine { say(line) }
         say("errors: " + (result.errors.isEmpty ? "none" : result.errors.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")))
         if let json {
             var object = result.json
