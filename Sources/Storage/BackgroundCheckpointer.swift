@@ -1,6 +1,6 @@
 import Dispatch
 import Foundation
-public import GRDB
+import GRDB
 
 /// Copies a store's WAL into its main file from a connection of its own, so that the writer
 /// does not stop to checkpoint on its commit path. Every `interval` it looks at the WAL's

@@ -95,7 +95,7 @@ struct Up: AsyncParsableCommand {
             if let config { arguments += ["--config", config] }
             if let authTokenFile { arguments += ["--auth-token-file", authTokenFile] }
             let log = dataDir + "/" + service.name + ".log"
-            if !FileManager.default.fileExists(atPath: log) { FileManager.default.createFile(atPath: log, contents: nil) }
+            if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
             guard let handle = FileHandle(forWritingAtPath: log) else { throw ValidationError("cannot write \(log)") }
             handle.seekToEndOfFile()
             let process = Process()

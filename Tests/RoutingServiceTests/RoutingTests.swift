@@ -349,7 +349,7 @@ struct RoutingTests {
     @Test("retries with backoff, then a dead letter with the last error; RetryDeadLetter replays; the webhook is signed")
     func deadLetter() async throws {
         let secret = temporaryDirectory("routing-secret") + "/secret"
-        FileManager.default.createFile(atPath: secret, contents: Data("s3cret\n".utf8))
+        _ = FileManager.default.createFile(atPath: secret, contents: Data("s3cret\n".utf8))
         try await withRouting(secretFile: secret, configure: { $0.maxAttempts = 3 }) { routing, profile, sink in
             try seedReachable(profile.store, "p", at: now() - day)
             sink.fail(next: 3, status: 503)
@@ -362,8 +362,8 @@ struct RoutingTests {
             #expect(dead.events.filter { $0.kind == .attemptFailed }.count == 3 && dead.events.last?.kind == .deadLettered)
             #expect(sink.answered == 3 && sink.requests.isEmpty)
 
-            await #expect(throws: RPCError.self) { _ = try await routing.retryDeadLetter(RoutingV1.RetryDeadLetterRequest.with("missing")) }
-            let requeued = try await routing.retryDeadLetter(.with(d.deliveryId))
+            #expect(throws: RPCError.self) { _ = try routing.retryDeadLetter(RoutingV1.RetryDeadLetterRequest.with("missing")) }
+            let requeued = try routing.retryDeadLetter(.with(d.deliveryId))
             #expect(requeued.state == .scheduled && requeued.attempts == 0)
             try await dispatching(routing) {
                 try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .sent }
@@ -379,7 +379,7 @@ struct RoutingTests {
             #expect(parts["v1"] == mac.map { String(format: "%02x", $0) }.joined())
             // A delivery that is not a dead letter cannot be replayed.
             do {
-                _ = try await routing.retryDeadLetter(.with(d.deliveryId))
+                _ = try routing.retryDeadLetter(.with(d.deliveryId))
                 Issue.record("replayed a sent delivery")
             } catch let error as RPCError {
                 #expect(error.code == .failedPrecondition)

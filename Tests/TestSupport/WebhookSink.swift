@@ -101,12 +101,12 @@ public final class WebhookSink: Sendable {
                 let keep = keepAlive
                 let respond = {
                     context.write(self.wrapOutboundOut(.head(head)), promise: nil)
-                    context.writeAndFlush(self.wrapOutboundOut(.end(nil))).whenComplete { _ in
+                    context.writeAndFlush(self.wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
                         if !keep { context.close(promise: nil) }
                     }
                 }
                 if delayMs > 0 {
-                    context.eventLoop.scheduleTask(in: .milliseconds(delayMs)) { respond() }
+                    context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(delayMs)) { respond() }
                 } else {
                     respond()
                 }

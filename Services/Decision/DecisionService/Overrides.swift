@@ -14,7 +14,7 @@ extension DecisionStore {
     /// Creates an override (empty id) or changes an active one, after validating every
     /// field against the catalog; each change is written with its audit record.
     public func setOverride(_ request: DecisionV1.Override, nowMs: Int64) throws -> DecisionV1.Override {
-        var o = request
+        let o = request
         if !o.id.isEmpty { try Names.check(o.id, field: "override.id") }
         guard o.kind == "force" || o.kind == "ban" else {
             throw RPCError.invalidArgument(field: "override.kind", "must be \"force\" or \"ban\", got \"\(o.kind)\"")
