@@ -64,14 +64,6 @@ struct RunningProcess {
     }
 }
 
-/// Runs blocking work (waiting for a child process, reading a pipe to its end) on a thread
-/// of its own, so that it never holds one of the few threads of Swift's cooperative pool.
-func offPool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-    try await withCheckedThrowingContinuation { continuation in
-        Thread.detachNewThread { continuation.resume(with: Result { try body() }) }
-    }
-}
-
 /// GET http://127.0.0.1:port/path with curl: (status, body).
 func httpGet(port: Int, _ path: String) async throws -> (Int, String) {
     try await offPool { try httpGetBlocking(port: port, path) }
