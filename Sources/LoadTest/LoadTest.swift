@@ -12,8 +12,9 @@ public enum LoadTest {
         public var histograms: [String: Histogram<UInt64>] = [:]
         public var errors: [String: Int] = [:]
         public var seconds: Double = 0
-        /// Open loop: how late the generator itself started each call after its intended start
-        /// (µs). It is part of every latency above, and not the server's doing.
+        /// Open loop: how late each call started after its intended start (µs): the generator's
+        /// timers and threads on a busy machine, or every worker still in an earlier call. It is
+        /// part of every latency above.
         public var lateness = Histogram<UInt64>(highestTrackableValue: 60_000_000)
 
         public var total: Histogram<UInt64> {
@@ -30,9 +31,9 @@ public enum LoadTest {
             lateness.add(other.lateness)
         }
 
-        /// Open loop: the generator's own lateness in one line; nil in a closed loop.
+        /// Open loop: the lateness in one line; nil in a closed loop.
         public var latenessLine: String? {
-            lateness.totalCount == 0 ? nil : "generator late by p50 \(lateness.valueAtPercentile(50)) us, p99 \(lateness.valueAtPercentile(99)) us, "
+            lateness.totalCount == 0 ? nil : "calls started late by p50 \(lateness.valueAtPercentile(50)) us, p99 \(lateness.valueAtPercentile(99)) us, "
                 + "p99.9 \(lateness.valueAtPercentile(99.9)) us (part of the latencies)"
         }
 
@@ -89,7 +90,7 @@ public enum LoadTest {
             }
             var object: [String: Any] = ["seconds": seconds, "total": figures(total), "errors": errors,
                                          "by_kind": histograms.mapValues { figures($0) }]
-            if lateness.totalCount > 0 { object["generator_lateness"] = figures(lateness) }
+            if lateness.totalCount > 0 { object["start_lateness"] = figures(lateness) }
             return object
         }
     }

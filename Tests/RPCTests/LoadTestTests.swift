@@ -5,7 +5,7 @@ import Testing
 
 @Suite("load generator")
 struct LoadTestTests {
-    @Test("open loop: calls at their intended times, failures counted, the generator's own lateness reported; closed loop: none")
+    @Test("open loop: calls at their intended times, failures counted, how late each started reported; closed loop: none")
     func openAndClosedLoop() async throws {
         try await withServer { _, port in
             let client = makeClient(port)
@@ -21,7 +21,7 @@ struct LoadTestTests {
             #expect(open.errors.values.reduce(0, +) == Int(open.histograms["error"]?.totalCount ?? 0))
             #expect(open.errors.keys.allSatisfy { $0 == "NOT_FOUND" }, "\(open.errors)")
             #expect(open.lateness.totalCount == open.total.totalCount)
-            #expect(open.latenessLine != nil && open.json["generator_lateness"] != nil)
+            #expect(open.latenessLine != nil && open.json["start_lateness"] != nil)
             // A call's latency counts from its intended start, so it is never below the lateness.
             #expect(open.total.max >= open.lateness.max)
 
@@ -30,7 +30,7 @@ struct LoadTestTests {
                 return "Echo"
             }
             #expect(closed.total.totalCount > 0 && closed.errors.isEmpty)
-            #expect(closed.lateness.totalCount == 0 && closed.latenessLine == nil && closed.json["generator_lateness"] == nil)
+            #expect(closed.lateness.totalCount == 0 && closed.latenessLine == nil && closed.json["start_lateness"] == nil)
         }
     }
 }
