@@ -274,9 +274,9 @@ public final class DecisionStore: Sendable {
         // Pending first, then the file: an offer committed in between is in the file, and one
         // in both is counted once (by decision id).
         let pending = pending.withLock { $0[person] ?? [] }
-        // Without a transaction (each SELECT is consistent on its own): BEGIN and COMMIT were
-        // a quarter of this read's cost, and an outcome committed between the two SELECTs
-        // only counts one decision earlier.
+        // Without a transaction (BEGIN and COMMIT were a quarter of this read's cost): each
+        // SELECT is consistent on its own, and an outcome committed between the two is one this
+        // decision could as well have read a moment later.
         return try pool.unsafeRead { db in
             var history = History()
             var seen = Set<String>()
