@@ -1,4 +1,5 @@
 import Contracts
+import Dispatch
 import Logging
 import RPC
 import ServiceLifecycle
@@ -31,6 +32,10 @@ public struct IdentityFeedFollower<Sink: IdentityChangeSink>: Service {
     let logger: Logger
     let pollInterval: Duration
     let clock: @Sendable () -> Int64
+    /// Where `apply` runs: a merge recomputes features from every event of the persons
+    /// involved and an erasure may wait seconds for a checkpoint, which must not hold one of
+    /// the few threads of Swift's cooperative pool that the service's calls run on.
+    let applier = DispatchQueue(label: "arbiter.identity-feed.apply")
 
     public init(store: Sink, identity: RPCClient, logger: Logger, pollInterval: Duration = .seconds(1),
                 clock: @escaping @Sendable () -> Int64) {
@@ -83,7 +88,10 @@ public struct IdentityFeedFollower<Sink: IdentityChangeSink>: Service {
             }
             changes.append((Int64(change.seq), kind))
         }
-        try store.apply(changes, nowMs: clock())
+        let (store, now, batch) = (self.store, clock(), changes)
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            applier.async { continuation.resume(with: Result { try store.apply(batch, nowMs: now) }) }
+        }
         if let last = changes.last?.seq { logger.debug("applied identity changes", metadata: ["through": "\(last)"]) }
         return changes.count
     }

@@ -655,6 +655,41 @@ struct MergeEraseTests {
         }
     }
 
+    @Test("the feed follower applies changes off Swift's cooperative pool (a long merge or erasure must not hold it)")
+    func followerAppliesOffPool() async throws {
+        final class Sink: IdentityChangeSink {
+            let applied = Mutex<[(changes: Int, inTask: Bool)]>([])
+            func identityCursor() throws -> Int64 { applied.withLock { Int64($0.reduce(0) { $0 + $1.changes }) } }
+            func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
+                let inTask = withUnsafeCurrentTask { $0 != nil }
+                applied.withLock { $0.append((changes.count, inTask)) }
+            }
+        }
+        let clock = TestClock()
+        let identity = IdentityService(store: try IdentityStore(directory: temporaryDirectory("identity-test"), normalizer: Normalizer(rules: IdentityRules())),
+                                       clock: clock.read)
+        try await withRPCServer(services: [identity]) { _, port in
+            let client = RPCClient(host: "127.0.0.1", port: port)
+            defer { client.close() }
+            // Two persons, then one link between them: a merge in the change feed.
+            for id in [identifier("cookie_id", "ck-1"), identifier("email", "ann@example.org")] {
+                var resolve = IdentityV1.ResolveRequest()
+                resolve.identifiers = [id]
+                resolve.createIfMissing = true
+                _ = try await identity.resolve(resolve)
+            }
+            var link = IdentityV1.LinkRequest()
+            link.identifiers = [identifier("cookie_id", "ck-1"), identifier("email", "ann@example.org")]
+            #expect(try await identity.link(link).mergedPersonIds.count == 1)
+            let sink = Sink()
+            let follower = IdentityFeedFollower(store: sink, identity: client, logger: Logger(label: "t"), clock: clock.read)
+            #expect(try await follower.pollOnce() > 0)
+            let applied = sink.applied.withLock { $0 }
+            #expect(!applied.isEmpty && applied.allSatisfy { !$0.inTask }, "\(applied)")
+            #expect(try await follower.pollOnce() == 0)
+        }
+    }
+
     @Test("after Erase no event, trait or consent of the person is in the SQLite files")
     func eraseLeavesNothing() async throws {
         let directory = temporaryDirectory("profile-test")
