@@ -181,8 +181,7 @@ struct DecisionTests {
                      consent: [("marketing", .email, true)], at: clock.read())
             var configuration = RoutingConfiguration()
             configuration.webhook = .init(url: "http://127.0.0.1:9/unused")  // the dispatcher does not run here
-            var logger = Logger(label: "routing")
-            logger.logLevel = .critical
+            let logger = quietLogger("routing")
             let routingStore = try RoutingStore(directory: temporaryDirectory("decision-routing"), configuration: configuration)
             let routing = try RoutingService(store: routingStore, configuration: configuration, profile: profileClient,
                                              group: MultiThreadedEventLoopGroup.singleton, logger: logger, clock: clock.read)
@@ -485,8 +484,7 @@ struct DecisionTests {
         let clock = TestClock()
         let store = try ProfileStore(directory: temporaryDirectory("decision-profile"))
         let profile = ProfileService(store: store, clock: clock.read)
-        var logger = Logger(label: "test")
-        logger.logLevel = .critical
+        let logger = quietLogger("test")
         var router = RPCRouter()
         router.register(profile)
         var configuration = RPCServerConfiguration()

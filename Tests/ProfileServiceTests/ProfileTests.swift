@@ -34,6 +34,18 @@ func feature(_ name: String, _ type: String, _ aggregation: ProfileV1.FeatureDef
     .make(name, on: type, aggregation, window: window, halfLife: halfLife, property: property, filter: filter)
 }
 
+/// An identity service on a real loopback server, and a client of it, for the tests that
+/// follow its change feed.
+func withIdentity<T: Sendable>(clock: TestClock, _ body: @Sendable (IdentityService, RPCClient) async throws -> T) async throws -> T {
+    let identity = IdentityService(store: try IdentityStore(directory: temporaryDirectory("identity-test"), normalizer: Normalizer(rules: IdentityRules())),
+                                   clock: clock.read)
+    return try await withRPCServer(services: [identity]) { _, port in
+        let client = RPCClient(host: "127.0.0.1", port: port)
+        defer { client.close() }
+        return try await body(identity, client)
+    }
+}
+
 /// Runs `body` on a thread of its own (never Swift's cooperative pool, which the tests share):
 /// `body` calls `done` once it holds what it holds, and then waits inside `done` until the
 /// returned function is called. Returns once `done` was called; rethrows an error of `body`
@@ -584,11 +596,7 @@ struct MergeEraseTests {
     @Test("merges from the identity feed give the features of one person with all the events; unmerge splits them back")
     func mergeAndSplitFollowTheIdentityFeed() async throws {
         let clock = TestClock()
-        let identity = IdentityService(store: try IdentityStore(directory: temporaryDirectory("identity-test"), normalizer: Normalizer(rules: IdentityRules())),
-                                       clock: clock.read)
-        try await withRPCServer(services: [identity]) { _, port in
-            let client = RPCClient(host: "127.0.0.1", port: port)
-            defer { client.close() }
+        try await withIdentity(clock: clock) { identity, client in
             let service = try makeProfile(clock: clock, identity: client)
             let reference = try makeProfile(clock: clock)
             for definition in Self.definitions {
@@ -666,11 +674,7 @@ struct MergeEraseTests {
             }
         }
         let clock = TestClock()
-        let identity = IdentityService(store: try IdentityStore(directory: temporaryDirectory("identity-test"), normalizer: Normalizer(rules: IdentityRules())),
-                                       clock: clock.read)
-        try await withRPCServer(services: [identity]) { _, port in
-            let client = RPCClient(host: "127.0.0.1", port: port)
-            defer { client.close() }
+        try await withIdentity(clock: clock) { identity, client in
             // Two persons, then one link between them: a merge in the change feed.
             for id in [identifier("cookie_id", "ck-1"), identifier("email", "ann@example.org")] {
                 var resolve = IdentityV1.ResolveRequest()

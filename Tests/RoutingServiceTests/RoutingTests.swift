@@ -65,8 +65,7 @@ func withRouting<T: Sendable>(clock: TestClock? = nil, sink: WebhookSink? = nil,
         configuration.maxBackoffMs = 20
         configuration.dispatchPollMs = 5
         configure(&configuration)
-        var logger = Logger(label: "routing-test")
-        logger.logLevel = .critical
+        let logger = quietLogger("routing-test")
         let store = try RoutingStore(directory: temporaryDirectory("routing-test"), configuration: configuration)
         let realClock: @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }
         let service = try RoutingService(store: store, configuration: configuration, profile: client, group: .singletonMultiThreadedEventLoopGroup,
@@ -325,10 +324,8 @@ struct RoutingTests {
             // a new key is not routed, and a reused key with another request is still refused.
             let down = RPCClient(host: "127.0.0.1", port: try await unusedPort())
             defer { down.close() }
-            var logger = Logger(label: "routing-test")
-            logger.logLevel = .critical
             let blind = try RoutingService(store: routing.store, configuration: RoutingConfiguration(), profile: down,
-                                           group: .singletonMultiThreadedEventLoopGroup, logger: logger)
+                                           group: .singletonMultiThreadedEventLoopGroup, logger: quietLogger("routing-test"))
             #expect(try await blind.route(routeRequest("p", key: "same", channels: [.webhook], critical: true)).deliveryId == ids.first!)
             do {
                 _ = try await blind.route(routeRequest("p", key: "new", channels: [.webhook], critical: true))

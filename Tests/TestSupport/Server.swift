@@ -1,6 +1,13 @@
 import Logging
 import RPC
 
+/// A logger that prints only critical messages, so that tests of failures stay quiet.
+public func quietLogger(_ label: String) -> Logger {
+    var logger = Logger(label: label)
+    logger.logLevel = .critical
+    return logger
+}
+
 /// Runs an `RPCServer` with `services` on a free loopback port for the duration of `body`,
 /// which gets the server and its port.
 public func withRPCServer<T: Sendable>(
@@ -13,9 +20,7 @@ public func withRPCServer<T: Sendable>(
     configure(&configuration)
     var router = RPCRouter()
     for service in services { router.register(service) }
-    var logger = Logger(label: "test")
-    logger.logLevel = .critical
-    let server = RPCServer(configuration: configuration, router: router, logger: logger)
+    let server = RPCServer(configuration: configuration, router: router, logger: quietLogger("test"))
     return try await withThrowingTaskGroup(of: T?.self) { group in
         group.addTask {
             try await server.run()
