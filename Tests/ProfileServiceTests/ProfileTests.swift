@@ -131,8 +131,10 @@ extension ProfileService {
 }
 
 func makeProfile(_ directory: String = temporaryDirectory("profile-test"), clock: TestClock = TestClock(),
-                 identity: RPCClient? = nil, flushThreshold: Int = 20_000, cachePersons: Int = 100_000) throws -> ProfileService {
-    ProfileService(store: try ProfileStore(directory: directory, flushThreshold: flushThreshold, cachePersons: cachePersons),
+                 identity: RPCClient? = nil, flushThreshold: Int = 20_000, cachePersons: Int = 100_000,
+                 tailEvents: Int = 50_000) throws -> ProfileService {
+    ProfileService(store: try ProfileStore(directory: directory, flushThreshold: flushThreshold, cachePersons: cachePersons,
+                                           tailEvents: tailEvents),
                    identity: identity, clock: clock.read)
 }
 
@@ -154,6 +156,52 @@ struct FeatureTests {
         let reopened = try makeProfile(directory, clock: clock)
         #expect(try await reopened.track(batch).duplicates == 5)
         #expect(try await reopened.features("p1") == ["purchases": 5, "spend": 50])
+    }
+
+    @Test("new events wait in an append-only tail, then move together: replays, merges, backfills and restarts see every event once")
+    func eventTail() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let service = try makeProfile(directory, clock: clock, tailEvents: 3)
+        let store = service.store
+        try service.define(feature("views", "view", .count))
+        func rows() throws -> (tail: Int, moved: Int) {
+            try store.pool.read { db in
+                (try Int.fetchOne(db, sql: "SELECT count(*) FROM event_tail")!, try Int.fetchOne(db, sql: "SELECT count(*) FROM event")!)
+            }
+        }
+        let now = clock.read()
+        let first = [event("e1", "p1", "view", at: now), event("e2", "p1", "view", at: now)]
+        #expect(try await service.track(first).accepted == 2)
+        #expect(try rows() == (2, 0))
+        #expect(try await service.track(first).duplicates == 2)  // found in the tail
+        // The third event fills the tail: all three move in the same transaction.
+        let second = [event("e3", "p1", "view", at: now), event("e2", "p1", "view", at: now)]
+        let tracked = try await service.track(second)
+        #expect(tracked.accepted == 1 && tracked.duplicates == 1)
+        #expect(try rows() == (0, 3))
+        #expect(try await service.track(first).duplicates == 2)  // found in `event`
+        #expect(try await service.features("p1") == ["views": 3])
+
+        // A merge reads the target's events by person: those still in the tail count too.
+        _ = try await service.track([event("e4", "p2", "view", at: now), event("e5", "p2", "view", at: now)])
+        #expect(try rows() == (2, 3))
+        try store.apply([(1, .merge(target: "p1", sources: ["p2"]))], nowMs: now)
+        #expect(try rows() == (0, 5))
+        #expect(try await service.features("p1") == ["views": 5])
+        // So does a backfill.
+        _ = try await service.track([event("e6", "p1", "view", at: now)])
+        try service.define(feature("views_again", "view", .count), backfill: true)
+        #expect(try await service.features("p1") == ["views": 6, "views_again": 6])
+
+        // A crash with events in the tail and their states not yet written: the next start
+        // recomputes from both tables.
+        _ = try await service.track([event("e7", "p3", "view", at: now), event("e8", "p1", "view", at: now)])
+        #expect(try rows().tail == 2)
+        let reopened = try makeProfile(directory, clock: clock, tailEvents: 3)
+        #expect(try await reopened.features("p3") == ["views": 1, "views_again": 1])
+        #expect(try await reopened.features("p1") == ["views": 7, "views_again": 7])
+        #expect(try await reopened.track([event("e7", "p3", "view", at: now), event("e1", "p1", "view", at: now)]).duplicates == 2)
     }
 
     @Test("feature state is written behind: readers see it at once, a crash loses none of it, a flush writes it")
