@@ -131,7 +131,7 @@ extension ProfileService {
 }
 
 func makeProfile(_ directory: String = temporaryDirectory("profile-test"), clock: TestClock = TestClock(),
-                 identity: RPCClient? = nil, flushThreshold: Int = 20_000, cachePersons: Int = 100_000,
+                 identity: RPCClient? = nil, flushThreshold: Int = 50_000, cachePersons: Int = 100_000,
                  tailEvents: Int = 50_000) throws -> ProfileService {
     ProfileService(store: try ProfileStore(directory: directory, flushThreshold: flushThreshold, cachePersons: cachePersons,
                                            tailEvents: tailEvents),
@@ -436,7 +436,7 @@ struct FeatureTests {
     @Test("the profile settings keep their default when missing and name a bad value")
     func configuration() throws {
         #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data("{}".utf8)) == ProfileConfiguration())
-        #expect(ProfileConfiguration().stateFlushPersons == 20_000 && ProfileConfiguration().stateCachePersons == 100_000)
+        #expect(ProfileConfiguration().stateFlushPersons == 50_000 && ProfileConfiguration().stateCachePersons == 100_000)
         #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateCachePersons": 0}"#.utf8)).stateCachePersons == 0)
         #expect(throws: DecodingError.self) { try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateCachePersons": -1}"#.utf8)) }
         #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateFlushPersons": 5}"#.utf8)).stateFlushPersons == 5)

@@ -50,7 +50,7 @@ public final class ProfileStore: Sendable {
     /// Flushes run here, one at a time. Nothing on it waits for the event file's writer, so
     /// the writer may wait for it.
     let flushQueue = DispatchQueue(label: "arbiter.profile.flush")
-    /// Dirty persons that start a flush. Default 20,000.
+    /// Dirty persons that start a flush. Default 50,000.
     public let flushThreshold: Int
     /// Clean states kept in memory. Default 100,000.
     public let cachePersons: Int
@@ -114,7 +114,7 @@ public final class ProfileStore: Sendable {
     ///   - cachePersons: clean states kept in memory after a flush (0: none).
     ///   - tailEvents: events appended to `event_tail` before they move to `event` together
     ///     (bounds the move's transaction and the work of the next merge or erasure).
-    public init(directory: String, flushThreshold: Int = 20_000, cachePersons: Int = 100_000, tailEvents: Int = 50_000,
+    public init(directory: String, flushThreshold: Int = 50_000, cachePersons: Int = 100_000, tailEvents: Int = 50_000,
                 logger: Logger = Logger(label: "arbiter.profile.store")) throws {
         self.flushThreshold = max(1, flushThreshold)
         self.cachePersons = max(0, cachePersons)
