@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import ProfileService
 import RPC
+import Rules
 
 struct ProfileBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -44,14 +45,16 @@ struct ProfileBench: AsyncParsableCommand {
 
         let track = try await Bench.measure("Track (100 events)", clients, duration: duration, concurrency: concurrency) { client, i in
             var request = ProfileV1.TrackRequest()
+            // Seeded per call: the system generator makes a getrandom call per number, 200 per request.
+            var random = SplitMix64(seed: UInt64(i))
             request.events = (0..<100).map { j in
                 var event = ProfileV1.Event()
                 event.eventId = "\(runID)-\(i)-\(j)"
                 var person = CommonV1.PersonRef()
-                person.ref = .personId("p\(Int.random(in: 0..<persons))")
+                person.ref = .personId("p\(random.int(persons))")
                 event.person = person
                 event.type = j % 5 == 0 ? "purchase" : "view"
-                event.occurredAtMs = now - Int64.random(in: 0..<(7 * 86_400_000))
+                event.occurredAtMs = now - Int64(random.int(7 * 86_400_000))
                 event.value = Double(j % 50)
                 var page = CommonV1.Field()
                 page.name = "page"
