@@ -132,7 +132,7 @@ extension ProfileService {
 
 func makeProfile(_ directory: String = temporaryDirectory("profile-test"), clock: TestClock = TestClock(),
                  identity: RPCClient? = nil, flushThreshold: Int = 50_000, cachePersons: Int = 100_000,
-                 tailEvents: Int = 50_000) throws -> ProfileService {
+                 tailEvents: Int = ProfileStore.defaultTailEvents) throws -> ProfileService {
     ProfileService(store: try ProfileStore(directory: directory, flushThreshold: flushThreshold, cachePersons: cachePersons,
                                            tailEvents: tailEvents),
                    identity: identity, clock: clock.read)
