@@ -200,8 +200,9 @@ public final class ProfileStore: Sendable {
     }
 
     /// Runs `body` in a transaction on the event file, with every event in `event` (the tail
-    /// moved first); the states it returns (an empty state: deleted) are logged as dirty in that transaction and, once it has committed,
-    /// replace the persons' states in memory. Starts a flush when enough persons are dirty.
+    /// moved first); the states it returns (an empty state: deleted) are logged as dirty in
+    /// that transaction and, once it has committed, replace the persons' states in memory.
+    /// Starts a flush when enough persons are dirty.
     func rewriting<T>(_ body: (Database) throws -> (T, [String: ProfileStoreV1.PersonState])) throws -> T {
         try pool.writeWithoutTransaction { db in
             var result: T?
