@@ -6,20 +6,13 @@ import TestSupport
 
 @Suite("arbiter up", .serialized)
 struct UpTests {
-    /// A base port whose next four ports are free too (base+1 … base+4 are used).
-    func freeBase(avoiding other: Int? = nil) async throws -> Int {
-        while true {
-            let base = try await unusedPort() - 1
-            guard base > 1024, base + 4 < 65_536, other.map({ abs($0 - base) > 8 }) ?? true else { continue }
-            var free = true
-            for port in base + 1...base + 4 where !portIsFree(port) { free = false }
-            if free { return base }
-        }
-    }
+    /// A base port whose next four ports (base+1 … base+4, which `arbiter up` uses) are free
+    /// and handed to no other test.
+    func freeBase() async throws -> Int { try await unusedPorts(4).lowerBound - 1 }
 
     @Test("starts the four services wired together, each serving with its own store and log; arbiter call, list and load work against them; SIGINT stops them all")
     func upAndDown() async throws {
-        let rpcBase = try await freeBase(), adminBase = try await freeBase(avoiding: rpcBase)
+        let rpcBase = try await freeBase(), adminBase = try await freeBase()
         let dataDir = NSTemporaryDirectory() + "/arbiter-up-\(rpcBase)"
         let up = try RunningProcess.start("arbiter", ["up", "--data-dir", dataDir, "--port-base", "\(rpcBase)",
                                                       "--admin-port-base", "\(adminBase)", "--log-level", "warning"], captureOutput: true)
@@ -85,7 +78,7 @@ struct UpTests {
 
     @Test("arbiter demo seeds a population through the running suite, simulates decisions and outcomes, and reports in text and HTML")
     func demo() async throws {
-        let rpcBase = try await freeBase(), adminBase = try await freeBase(avoiding: rpcBase)
+        let rpcBase = try await freeBase(), adminBase = try await freeBase()
         let dataDir = NSTemporaryDirectory() + "/arbiter-demo-\(rpcBase)"
         try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
         let sink = try await WebhookSink.start()
@@ -143,7 +136,7 @@ struct UpTests {
 
     @Test("a service that cannot start stops the others, and up fails with its log")
     func failingService() async throws {
-        let rpcBase = try await freeBase(), adminBase = try await freeBase(avoiding: rpcBase)
+        let rpcBase = try await freeBase(), adminBase = try await freeBase()
         let dataDir = NSTemporaryDirectory() + "/arbiter-up-bad-\(rpcBase)"
         try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
         try Data(#"{"routing": {"capPerDay": -1}}"#.utf8).write(to: URL(fileURLWithPath: dataDir + "/config.json"))
