@@ -195,7 +195,7 @@ struct FeatureTests {
         #expect(try await service.features("p1") == ["views": 6, "views_again": 6])
 
         // A crash with events in the tail and their states not yet written: the next start
-        // recomputes from both tables.
+        // moves the tail, then recomputes those persons from their events.
         _ = try await service.track([event("e7", "p3", "view", at: now), event("e8", "p1", "view", at: now)])
         #expect(try rows().tail == 2)
         let reopened = try makeProfile(directory, clock: clock, tailEvents: 3)
