@@ -38,7 +38,10 @@ public final class RPCClient: Sendable {
     public let host: String
     public let port: Int
     public let configuration: RPCClientConfiguration
-    private let group: any EventLoopGroup
+    /// The event loop every connection of this client lives on (picked from the group once).
+    /// Tasks that prefer it (`EventLoopTaskExecutor(client.eventLoop)`) send and receive
+    /// without a thread hop.
+    public let eventLoop: any EventLoop
 
     private struct State {
         var connection: ClientConnection?
@@ -54,7 +57,7 @@ public final class RPCClient: Sendable {
         self.host = host
         self.port = port
         self.configuration = configuration
-        self.group = group
+        eventLoop = group.next()
     }
 
     /// Closes the connection; pending calls fail with UNAVAILABLE and later calls are refused.
@@ -215,7 +218,7 @@ public final class RPCClient: Sendable {
 
     private func openConnection() -> EventLoopFuture<ClientConnection> {
         let maxMessageSize = configuration.maxMessageSize
-        return ClientBootstrap(group: group)
+        return ClientBootstrap(group: eventLoop)
             .connectTimeout(.nanoseconds(configuration.connectTimeout.nanoseconds))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in

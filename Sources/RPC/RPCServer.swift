@@ -139,8 +139,9 @@ public final class RPCServer: Service, Sendable {
                     try pipeline.addHandler(IdleStateHandler(readTimeout: idleTimeout))
                     try pipeline.addHandler(ByteToMessageHandler(TTRPCFrameDecoder(maxPayloadSize: maxMessageSize)))
                     try pipeline.addHandler(MessageToByteHandler(TTRPCFrameEncoder()))
-                    let executor = handlersOnEventLoop ? EventLoopTaskExecutor(channel.eventLoop) : nil
-                    try pipeline.addHandler(RPCConnectionHandler(server: self, limit: limit, logger: logger, executor: executor))
+                    try pipeline.addHandler(RPCConnectionHandler(server: self, limit: limit, logger: logger,
+                                                                 executor: EventLoopTaskExecutor(channel.eventLoop),
+                                                                 handlersOnEventLoop: handlersOnEventLoop))
                     return channel
                 }
             }
@@ -342,13 +343,14 @@ final class CloseOnActive: ChannelInboundHandler, Sendable {
     }
 }
 
-/// Runs a job of a Swift task on an event loop, so that handlers and their answers
-/// need no thread hop. Handlers must not block: slow work belongs in async APIs.
-final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
-    let eventLoop: any EventLoop
-    init(_ eventLoop: any EventLoop) { self.eventLoop = eventLoop }
+/// Runs a job of a Swift task on an event loop, so that handlers and their answers (or a
+/// client's calls and their responses) need no thread hop. Tasks that prefer it must not
+/// block: slow work belongs in async APIs.
+public final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
+    public let eventLoop: any EventLoop
+    public init(_ eventLoop: any EventLoop) { self.eventLoop = eventLoop }
 
-    func enqueue(_ job: consuming ExecutorJob) {
+    public func enqueue(_ job: consuming ExecutorJob) {
         let job = UnownedJob(job)
         eventLoop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
     }
@@ -366,7 +368,10 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     private let server: RPCServer
     private let limit: Int
     private let logger: Logger
-    private let executor: EventLoopTaskExecutor?
+    /// The connection's event loop as a task executor.
+    private let executor: EventLoopTaskExecutor
+    /// The server's `handlerExecution` is `.eventLoop` (a route may say otherwise).
+    private let handlersOnEventLoop: Bool
     private var lastStreamID: UInt32 = 0
     private var running: [UInt32: Task<Void, Never>] = [:]
     private var timers: [UInt32: Scheduled<Void>] = [:]
@@ -381,11 +386,12 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     private var needsFlush = false
     private var flushScheduled = false
 
-    init(server: RPCServer, limit: Int, logger: Logger, executor: EventLoopTaskExecutor?) {
+    init(server: RPCServer, limit: Int, logger: Logger, executor: EventLoopTaskExecutor, handlersOnEventLoop: Bool) {
         self.server = server
         self.limit = limit
         self.logger = logger
         self.executor = executor
+        self.handlersOnEventLoop = handlersOnEventLoop
     }
 
     private var busy: Bool { running.count >= limit || queueHead < queued.count }
@@ -425,7 +431,8 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
         let handler = NIOLoopBound(self, eventLoop: loop)
         let boundContext = NIOLoopBound(context, eventLoop: loop)
         let server = self.server, logger = self.logger, streamID = call.streamID
-        running[streamID] = Task(executorPreference: executor) {
+        let onLoop = call.route.execution.map { $0 == .eventLoop } ?? handlersOnEventLoop
+        running[streamID] = Task(executorPreference: onLoop ? executor : nil) {
             let frame = await server.run(call, logger: logger)
             if loop.inEventLoop {
                 handler.value.finished(boundContext.value, streamID, frame)
