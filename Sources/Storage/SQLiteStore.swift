@@ -51,6 +51,23 @@ public enum SQLiteStore {
         return (pool, try BackgroundCheckpointer(path: pool.path))
     }
 
+    /// `pool.read`'s snapshot (one read transaction around `body`) for hot paths: GRDB's
+    /// `read` parses `BEGIN DEFERRED TRANSACTION` anew on every call; this uses cached
+    /// statements (GetProfile: that parse was ~4 % of the call's CPU, client included).
+    public static func snapshotRead<T>(_ pool: DatabasePool, _ body: (Database) throws -> T) throws -> T {
+        try pool.unsafeRead { db in
+            try db.cachedStatement(sql: "BEGIN").execute()
+            do {
+                let value = try body(db)
+                try db.cachedStatement(sql: "COMMIT").execute()
+                return value
+            } catch {
+                try? db.cachedStatement(sql: "ROLLBACK").execute()
+                throw error
+            }
+        }
+    }
+
     /// Moves everything in the WAL into the main file and truncates the WAL, so that
     /// data deleted with `secure_delete` leaves no copy in the WAL (used after erasure).
     /// A checkpoint already running (the store's BackgroundCheckpointer) makes SQLite answer

@@ -781,7 +781,7 @@ public final class ProfileStore: Sendable {
         let (specs, segments) = definitions.withLock { ($0.features, $0.segments) }
         // Memory before the file: a state leaves memory only once the file has it.
         let cached = cachedState(person)
-        return try pool.read { db in
+        return try SQLiteStore.snapshotRead(pool) { db in
             let state = try cached ?? Self.loadState(db, person)  // `state.person_state`, attached to readers
             // Columns by position: GRDB finds a name by lowercasing every column name.
             var traits: [StoredTrait] = []
