@@ -55,13 +55,13 @@ extension DecisionService {
     }
 
     func outcome(_ id: String, _ decision: DecisionV1.DecideResponse, _ kind: DecisionV1.Outcome,
-                 action: String? = nil) throws -> DecisionV1.ReportOutcomeResponse {
+                 action: String? = nil) async throws -> DecisionV1.ReportOutcomeResponse {
         var request = DecisionV1.ReportOutcomeRequest()
         request.outcomeId = id
         request.decisionId = decision.decisionId
         request.actionId = action ?? decision.actions[0].actionId
         request.outcome = kind
-        return try reportOutcome(request)
+        return try await reportOutcome(request)
     }
 }
 
@@ -121,13 +121,13 @@ struct DecisionTests {
         var noPerson = decideRequest("p1")
         noPerson.person = nil
         await expectInvalid("person") { _ = try await decision.decide(noPerson) }
-        await expectInvalid("outcome_id") { _ = try decision.reportOutcome(DecisionV1.ReportOutcomeRequest()) }
+        await expectInvalid("outcome_id") { _ = try await decision.reportOutcome(DecisionV1.ReportOutcomeRequest()) }
         var unknown = DecisionV1.ReportOutcomeRequest()
         unknown.outcomeId = "o1"
         unknown.decisionId = "d-missing"
         unknown.actionId = "a"
         unknown.outcome = .click
-        #expect(throws: RPCError(.notFound, "decision_id: no decision \"d-missing\"")) { _ = try decision.reportOutcome(unknown) }
+        await #expect(throws: RPCError(.notFound, "decision_id: no decision \"d-missing\"")) { _ = try await decision.reportOutcome(unknown) }
     }
 
     @Test("eligibility rules read traits, segments, consent and context; suppression follows outcomes")
@@ -165,7 +165,7 @@ struct DecisionTests {
             // A conversion on gold-offer suppresses it for 30 days, then it returns.
             let offer = try await decision.decide(decideRequest("gold", count: 4))
             #expect(offer.actions.contains { $0.actionId == "gold-offer" })
-            _ = try decision.outcome("conv-1", offer, .conversion, action: "gold-offer")
+            _ = try await decision.outcome("conv-1", offer, .conversion, action: "gold-offer")
             clock.advance(seconds: 29 * 86_400)
             #expect(try await verdicts("gold")["gold-offer"] == "suppression: OUTCOME_CONVERSION on this action within 2592000 s")
             clock.advance(seconds: 2 * 86_400)
@@ -235,7 +235,7 @@ struct DecisionTests {
         cap.windowSeconds = 86_400
         try decision.upsert(action("once", caps: [cap]))
         let a = try await decision.decide(decideRequest("person-a"))
-        _ = try decision.outcome("o-a", a, .click)
+        _ = try await decision.outcome("o-a", a, .click)
         #expect(a.actions.map(\.actionId) == ["once"])
         try decision.store.apply([(1, .merge(target: "person-b", sources: ["person-a"]))], nowMs: clock.read())
         // b inherits a's offer: the cap of one per day is taken.
@@ -307,9 +307,9 @@ struct DecisionTests {
         #expect(DecisionService(store: decision.store, configuration: shorter).windowsBeyondRetention() == ["a: action.caps[0].window_seconds is 2592000 s"])
 
         let old = try await decision.decide(decideRequest("p1"))
-        _ = try decision.outcome("early", old, .click)
+        _ = try await decision.outcome("early", old, .click)
         clock.advance(seconds: 20 * 86_400)
-        let late = try decision.outcome("late", old, .conversion)  // a late outcome: suppressions may still need it
+        let late = try await decision.outcome("late", old, .conversion)  // a late outcome: suppressions may still need it
         #expect(!late.duplicate)
         let kept = try await decision.decide(decideRequest("p2"))
         clock.advance(seconds: 11 * 86_400)  // `old` is 31 days old, `kept` 11
@@ -326,7 +326,7 @@ struct DecisionTests {
         #expect(rows.0 == 0 && rows.1 == ["late"] && rows.2 == 1)
         #expect(await pruner.pruneOnce() == 0)
         // An outcome for a deleted decision is NOT_FOUND, like any unknown decision.
-        await expectCode(.notFound) { _ = try decision.outcome("after", old, .click) }
+        await expectCode(.notFound) { _ = try await decision.outcome("after", old, .click) }
     }
 
     @Test("every candidate is explained; choice probabilities sum to one and are the logged propensities")
@@ -358,6 +358,17 @@ struct DecisionTests {
         // Cold start: same prior for all, so the highest value wins most often, but not always.
         #expect(firstPicks["a11"]! > firstPicks["a1"] ?? 0)
         #expect(firstPicks.count >= 3)
+    }
+
+    @Test("the interpolated normal distribution function agrees with erfc's")
+    func standardNormal() {
+        var worst = 0.0
+        for k in 0...200_000 {
+            let z = -10 + Double(k) * 0.0001 + 0.00003  // off the table's points
+            worst = max(worst, abs(StandardNormal.cdf(z) - 0.5 * erfc(-z / 2.0.squareRoot())))
+        }
+        #expect(worst < 2e-9, "largest difference \(worst)")
+        #expect(StandardNormal.cdf(-9) == 0 && StandardNormal.cdf(9) == 1 && StandardNormal.cdf(0) == 0.5)
     }
 
     @Test("Thompson choice probabilities agree with sampling the posteriors", arguments: 0..<6)
@@ -400,14 +411,24 @@ struct DecisionTests {
         let decision = try makeDecision()
         try decision.upsert(action("a"))
         let response = try await decision.decide(decideRequest("p"))
-        #expect(try decision.outcome("o1", response, .click).duplicate == false)
-        #expect(try decision.outcome("o1", response, .click).duplicate == true)
-        #expect(try decision.outcome("o2", response, .conversion).duplicate == false)  // a second positive on the same offer
-        await expectInvalid("action_id") { _ = try decision.outcome("o3", response, .click, action: "b") }
+        #expect(try await decision.outcome("o1", response, .click).duplicate == false)
+        #expect(try await decision.outcome("o1", response, .click).duplicate == true)
+        #expect(try await decision.outcome("o2", response, .conversion).duplicate == false)  // a second positive on the same offer
+        await expectInvalid("action_id") { _ = try await decision.outcome("o3", response, .click, action: "b") }
+        // Outcomes share the decisions' group commit: replays sent together, which may land in
+        // one transaction, still count once.
+        let second = try await decision.decide(decideRequest("r"))
+        let replays = try await withThrowingTaskGroup(of: Bool.self) { group in
+            for _ in 0..<8 { group.addTask { try await decision.outcome("o4", second, .dismiss).duplicate } }
+            return try await group.reduce(into: [Bool]()) { $0.append($1) }
+        }
+        #expect(replays.filter { !$0 }.count == 1, "\(replays)")
         let after = try await decision.decide(decideRequest("q"))
         let explanation = try #require(after.explanations.first)
         #expect(abs(explanation.successes - 1) < 1e-6)
-        #expect(abs(explanation.failures - 0) < 1e-6)  // the first offer's failure became the success
+        // The first offer's failure became the success; the second offer's failure stays, and
+        // its dismissal counted once.
+        #expect(abs(explanation.failures - (1 + LearnerConfiguration().dismissWeight)) < 1e-6)
         #expect(explanation.arm == "placement:home")
     }
 
@@ -425,11 +446,11 @@ struct DecisionTests {
             let response = try await decision.decide(decideRequest("p\(n)", explain: false))
             let chosen = response.actions[0].actionId
             if Double.random(in: 0..<1, using: &generator) < truth[chosen]! {
-                _ = try decision.outcome("o\(n)", response, .click)
+                _ = try await decision.outcome("o\(n)", response, .click)
             }
             // "annoying" gets clicks, but also a complaint now and then.
             if chosen == "annoying", Double.random(in: 0..<1, using: &generator) < 0.1 {
-                _ = try decision.outcome("c\(n)", response, .complaint)
+                _ = try await decision.outcome("c\(n)", response, .complaint)
             }
             if n >= 2000 { late[chosen, default: 0] += 1 }
             clock.advance(seconds: 10)
@@ -467,7 +488,7 @@ struct DecisionTests {
                     #expect(response.explanations.allSatisfy { $0.arm == "segment:\(segment)" }, "\(response.explanations.map(\.arm))")
                 }
                 if Double.random(in: 0..<1, using: &generator) < truth[segment]![chosen]! {
-                    _ = try decision.outcome("o\(round)", response, .conversion)
+                    _ = try await decision.outcome("o\(round)", response, .conversion)
                 }
                 if round >= 1200 { late[segment, default: [:]][chosen, default: 0] += 1 }
                 clock.advance(seconds: 5)

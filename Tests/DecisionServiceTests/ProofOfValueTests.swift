@@ -16,7 +16,7 @@ func drive(_ decision: DecisionService, persons: Range<Int>, truth: [String: Dou
     for n in persons {
         let response = try await decision.decide(decideRequest("\(prefix)\(n)", context: context))
         if let chosen = response.actions.first, Double.random(in: 0..<1, using: &generator) < truth[chosen.actionId, default: 0] {
-            _ = try decision.outcome("conv-\(prefix)\(n)", response, .conversion)
+            _ = try await decision.outcome("conv-\(prefix)\(n)", response, .conversion)
         }
         responses.append(response)
         clock.advance(seconds: 1)

@@ -8,6 +8,20 @@ import Rules
 public final class ActionSpec: Sendable {
     public let action: DecisionV1.Action
     let eligibility: Rule?
+    /// The consent each channel needs (`purpose.channel`, or `purpose` for an action without
+    /// channels), with the explanations Decide gives when it is denied or unknown: built once
+    /// here, not for every candidate of every decision.
+    let consentPaths: [ConsentPath]
+    /// "eligibility: <rule>" and "placement: offered only on ...", as Decide explains them.
+    let eligibilityExclusion: String
+    let placementExclusion: String
+
+    struct ConsentPath: Sendable {
+        let channel: CommonV1.Channel
+        let path: String
+        let denied: String
+        let unknown: String
+    }
 
     public var id: String { action.id }
     /// The lever, with 0 read as 1.
@@ -63,6 +77,12 @@ public final class ActionSpec: Sendable {
             throw .invalidArgument(field: "action.holdout_share", "must be between 0 and 0.5, got \(action.holdoutShare)")
         }
         self.action = action
+        let purpose = action.consentPurpose
+        let paths = purpose.isEmpty ? [] : action.channels.isEmpty ? [(CommonV1.Channel.unspecified, purpose)]
+            : action.channels.map { ($0, "\(purpose).\($0.ruleName)") }
+        consentPaths = paths.map { ConsentPath(channel: $0, path: $1, denied: "consent.\($1) is denied", unknown: "consent.\($1) is unknown") }
+        eligibilityExclusion = "eligibility: \(eligibility?.source ?? "")"
+        placementExclusion = "placement: offered only on \(action.placements.joined(separator: ", "))"
     }
 
     /// An eligibility rule: the namespaces a decision can read.

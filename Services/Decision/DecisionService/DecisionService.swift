@@ -117,7 +117,7 @@ public struct DecisionService: RPCService {
             }
             return record
         }
-        router.register(methods.reportOutcome) { request, _ in try reportOutcome(request) }
+        router.register(methods.reportOutcome) { request, _ in try await reportOutcome(request) }
         router.register(methods.liftReport) { request, _ in try liftReport(request) }
         router.register(methods.evaluatePolicy) { request, _ in try evaluatePolicy(request) }
         router.register(methods.setOverride) { request, _ in
@@ -489,29 +489,23 @@ public struct DecisionService: RPCService {
         let action = spec.action
         if action.startsAtMs != 0, now < action.startsAtMs { return .excluded("schedule: starts at \(action.startsAtMs)") }
         if action.endsAtMs != 0, now >= action.endsAtMs { return .excluded("schedule: ended at \(action.endsAtMs)") }
-        guard spec.offers(request.placement) else {
-            return .excluded("placement: offered only on \(action.placements.joined(separator: ", "))")
-        }
+        guard spec.offers(request.placement) else { return .excluded(spec.placementExclusion) }
         var channels = action.channels
-        if !action.consentPurpose.isEmpty {
-            let purpose = action.consentPurpose
-            let paths = channels.isEmpty ? [(CommonV1.Channel.unspecified, purpose)] : channels.map { ($0, "\(purpose).\($0.ruleName)") }
+        if !spec.consentPaths.isEmpty {
             var allowed: [CommonV1.Channel] = []
             var refusals: [String] = []
-            for (channel, path) in paths {
-                switch person.profileKnown ? facts.consent[path] : nil {
-                case true?: allowed.append(channel)
-                case false?: refusals.append("consent.\(path) is denied")
+            for consent in spec.consentPaths {
+                switch person.profileKnown ? facts.consent[consent.path] : nil {
+                case true?: allowed.append(consent.channel)
+                case false?: refusals.append(consent.denied)
                 case nil:
-                    if action.safeWithoutConsent { allowed.append(channel) } else { refusals.append("consent.\(path) is unknown") }
+                    if action.safeWithoutConsent { allowed.append(consent.channel) } else { refusals.append(consent.unknown) }
                 }
             }
-            guard !allowed.isEmpty else { return .excluded("consent: \(refusals.joined(separator: "; "))") }
+            guard !allowed.isEmpty else { return .excluded("consent: " + refusals.joined(separator: "; ")) }
             channels = channels.isEmpty ? [] : allowed
         }
-        if let rule = spec.eligibility, !rule.evaluate(facts.lookup) {
-            return .excluded("eligibility: \(rule.source)")
-        }
+        if let rule = spec.eligibility, !rule.evaluate(facts.lookup) { return .excluded(spec.eligibilityExclusion) }
         for suppression in action.suppressions {
             let since = now - suppression.windowSeconds * 1000
             if usage.history.outcomes.contains(where: { $0.kind == suppression.outcome && $0.atMs > since && (suppression.anyAction || $0.action == spec.id) }) {
@@ -541,7 +535,7 @@ public struct DecisionService: RPCService {
 
     // MARK: - Outcomes
 
-    func reportOutcome(_ request: DecisionV1.ReportOutcomeRequest) throws -> DecisionV1.ReportOutcomeResponse {
+    func reportOutcome(_ request: DecisionV1.ReportOutcomeRequest) async throws -> DecisionV1.ReportOutcomeResponse {
         guard !request.outcomeId.isEmpty, request.outcomeId.utf8.count <= 128 else {
             throw RPCError.invalidArgument(field: "outcome_id", "must be 1-128 bytes (it makes a replay harmless)")
         }
@@ -562,7 +556,7 @@ public struct DecisionService: RPCService {
             throw RPCError.invalidArgument(field: "action_id", "decision \(request.decisionId) did not offer \"\(request.actionId)\"")
         }
         var response = DecisionV1.ReportOutcomeResponse()
-        response.duplicate = try !store.report(request, record: record, atMs: request.occurredAtMs == 0 ? now : request.occurredAtMs)
+        response.duplicate = try await !store.report(request, record: record, atMs: request.occurredAtMs == 0 ? now : request.occurredAtMs)
         return response
     }
 }

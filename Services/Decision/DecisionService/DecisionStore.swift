@@ -20,16 +20,20 @@ public final class DecisionStore: Sendable {
     let checkpointer: BackgroundCheckpointer
     let configuration: LearnerConfiguration
     let memory: Mutex<Memory>
-    /// The decision log's group commit (one transaction for every decision waiting).
-    let log = GroupCommit<LogEntry, Void>(label: "arbiter.decision.log")
+    /// The decision log's group commit: one transaction for every decision and outcome
+    /// waiting (an outcome in a transaction of its own cost as much CPU as a decision).
+    let log = GroupCommit<LogEntry, Bool>(label: "arbiter.decision.log")
     /// Decision ids are `TimeOrderedID`s with this prefix, so a time range is a key range.
     static let decisionIDPrefix = "d"
     /// Offers of decisions not yet committed, by person: caps see them at once.
     let pending = Mutex<[String: [PendingOffer]]>([:])
 
-    struct LogEntry: Sendable {
-        var record: DecisionV1.DecisionRecord
-        var arms: [ArmKey]
+    /// What the log's group commit writes.
+    enum LogEntry: Sendable {
+        /// A decision, with the arms its chosen actions count a failure on until a positive outcome.
+        case decision(DecisionV1.DecisionRecord, arms: [ArmKey])
+        /// An outcome reported on a logged decision.
+        case outcome(DecisionV1.ReportOutcomeRequest, record: DecisionV1.DecisionRecord, atMs: Int64)
     }
 
     struct Memory: Sendable {
@@ -311,36 +315,48 @@ public final class DecisionStore: Sendable {
     /// turns it into a success. Decisions arriving together share one transaction (group
     /// commit); this returns once the transaction holding this one has committed.
     func log(_ record: DecisionV1.DecisionRecord, arms: [ArmKey]) async throws {
-        try await log.submit(LogEntry(record: record, arms: arms)) { [self] entries in
-            defer { release(entries) }
-            try write(entries)
-            return entries.map { _ in () }
+        _ = try await log.submit(.decision(record, arms: arms)) { [self] entries in try commit(entries) }
+    }
+
+    /// Records an outcome once (a known outcome id is a duplicate: returns false) and learns
+    /// from it: the first click or conversion on an offer turns its failure into a success;
+    /// a dismiss, complaint or unsubscribe adds failures. Outcomes share the decisions'
+    /// group commit; this returns once the outcome is committed.
+    func report(_ outcome: DecisionV1.ReportOutcomeRequest, record: DecisionV1.DecisionRecord, atMs: Int64) async throws -> Bool {
+        try await log.submit(.outcome(outcome, record: record, atMs: atMs)) { [self] entries in try commit(entries) }
+    }
+
+    /// Writes a batch of the log in one transaction, in order (an outcome's duplicate later in
+    /// the same batch is a duplicate), then releases the decisions' reservations.
+    private func commit(_ entries: [LogEntry]) throws -> [Bool] {
+        defer { release(entries) }
+        return try pool.write { db in
+            let decision = try db.cachedStatement(sql: "INSERT INTO decision (decision_id, person_id, decided_at_ms, record) VALUES (?, ?, ?, ?)")
+            let offer = try db.cachedStatement(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES (?, ?, ?, ?, ?)")
+            return try entries.map { entry in
+                switch entry {
+                case .decision(let record, let arms):
+                    try decision.execute(arguments: [record.decisionId, record.personId, record.decidedAtMs, Data(record.serializedBytes())])
+                    if !record.personId.isEmpty {
+                        for action in record.actions {
+                            try offer.execute(arguments: [record.personId, record.decidedAtMs, action.actionId, action.channel.rawValue, record.decisionId])
+                        }
+                    }
+                    try addEvidence(db, arms.map { ($0, 0, 1) }, nowMs: record.decidedAtMs)
+                    return true
+                case .outcome(let outcome, let record, let atMs):
+                    return try insert(db, outcome, record: record, atMs: atMs)
+                }
+            }
         }
     }
 
     /// Drops the reservations of logged (or failed) decisions: from now on caps read them from the store.
     private func release(_ entries: [LogEntry]) {
         pending.withLock { pending in
-            for entry in entries where !entry.record.personId.isEmpty {
-                pending[entry.record.personId]?.removeAll { $0.decision == entry.record.decisionId }
-                if pending[entry.record.personId]?.isEmpty == true { pending[entry.record.personId] = nil }
-            }
-        }
-    }
-
-    func write(_ entries: [LogEntry]) throws {
-        try pool.write { db in
-            let decision = try db.cachedStatement(sql: "INSERT INTO decision (decision_id, person_id, decided_at_ms, record) VALUES (?, ?, ?, ?)")
-            let offer = try db.cachedStatement(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES (?, ?, ?, ?, ?)")
-            for entry in entries {
-                let record = entry.record
-                try decision.execute(arguments: [record.decisionId, record.personId, record.decidedAtMs, Data(record.serializedBytes())])
-                if !record.personId.isEmpty {
-                    for action in record.actions {
-                        try offer.execute(arguments: [record.personId, record.decidedAtMs, action.actionId, action.channel.rawValue, record.decisionId])
-                    }
-                }
-                try addEvidence(db, entry.arms.map { ($0, 0, 1) }, nowMs: record.decidedAtMs)
+            for case .decision(let record, _) in entries where !record.personId.isEmpty {
+                pending[record.personId]?.removeAll { $0.decision == record.decisionId }
+                if pending[record.personId]?.isEmpty == true { pending[record.personId] = nil }
             }
         }
     }
@@ -352,34 +368,31 @@ public final class DecisionStore: Sendable {
         }
     }
 
-    /// Records an outcome once (a known outcome id is a duplicate: returns false) and learns
-    /// from it: the first click or conversion on an offer turns its failure into a success;
-    /// a dismiss, complaint or unsubscribe adds failures.
-    func report(_ outcome: DecisionV1.ReportOutcomeRequest, record: DecisionV1.DecisionRecord, atMs: Int64) throws -> Bool {
-        try pool.write { db in
-            try db.execute(sql: """
-                INSERT OR IGNORE INTO outcome (outcome_id, decision_id, person_id, action_id, kind, value, occurred_at_ms)
-                VALUES (?, ?, ?, ?, ?, ?, ?)
-                """, arguments: [outcome.outcomeId, outcome.decisionId, record.personId, outcome.actionId,
-                                 outcome.outcome.rawValue, outcome.value, atMs])
-            guard db.changesCount > 0 else { return false }
-            let keys = ArmKey.learned(outcome.actionId, in: record)
-            switch outcome.outcome {
-            case .click, .conversion:
-                let positives = try Int.fetchOne(db, sql: """
-                    SELECT count(*) FROM outcome WHERE decision_id = ? AND action_id = ? AND kind IN (?, ?)
-                    """, arguments: [outcome.decisionId, outcome.actionId, DecisionV1.Outcome.click.rawValue,
-                                     DecisionV1.Outcome.conversion.rawValue]) ?? 0
-                if positives == 1 { try addEvidence(db, keys.map { ($0, 1, -1) }, nowMs: atMs) }
-            case .dismiss:
-                try addEvidence(db, keys.map { ($0, 0, configuration.dismissWeight) }, nowMs: atMs)
-            case .complaint, .unsubscribe:
-                try addEvidence(db, keys.map { ($0, 0, configuration.complaintWeight) }, nowMs: atMs)
-            default:
-                break
-            }
-            return true
+    /// `report`'s write: false when the outcome id is known.
+    private func insert(_ db: Database, _ outcome: DecisionV1.ReportOutcomeRequest, record: DecisionV1.DecisionRecord,
+                        atMs: Int64) throws -> Bool {
+        try db.cachedStatement(sql: """
+            INSERT OR IGNORE INTO outcome (outcome_id, decision_id, person_id, action_id, kind, value, occurred_at_ms)
+            VALUES (?, ?, ?, ?, ?, ?, ?)
+            """).execute(arguments: [outcome.outcomeId, outcome.decisionId, record.personId, outcome.actionId,
+                                     outcome.outcome.rawValue, outcome.value, atMs])
+        guard db.changesCount > 0 else { return false }
+        let keys = ArmKey.learned(outcome.actionId, in: record)
+        switch outcome.outcome {
+        case .click, .conversion:
+            let positives = try Int.fetchOne(db.cachedStatement(sql: """
+                SELECT count(*) FROM outcome WHERE decision_id = ? AND action_id = ? AND kind IN (?, ?)
+                """), arguments: [outcome.decisionId, outcome.actionId, DecisionV1.Outcome.click.rawValue,
+                                  DecisionV1.Outcome.conversion.rawValue]) ?? 0
+            if positives == 1 { try addEvidence(db, keys.map { ($0, 1, -1) }, nowMs: atMs) }
+        case .dismiss:
+            try addEvidence(db, keys.map { ($0, 0, configuration.dismissWeight) }, nowMs: atMs)
+        case .complaint, .unsubscribe:
+            try addEvidence(db, keys.map { ($0, 0, configuration.complaintWeight) }, nowMs: atMs)
+        default:
+            break
         }
+        return true
     }
 }
 

@@ -132,8 +132,9 @@ enum Learner {
         }
         let cells = 48
         let width = (top - floor) / Double(cells)
+        let inverseSDs = sds.map { $0 > 0 ? 1 / $0 : 0 }
         func cdf(_ i: Int, _ x: Double) -> Double {
-            sds[i] > 0 ? 0.5 * erfc(-(x - means[i]) / (sds[i] * 2.0.squareRoot())) : (x >= means[i] ? 1 : 0)
+            sds[i] > 0 ? StandardNormal.cdf((x - means[i]) * inverseSDs[i]) : (x >= means[i] ? 1 : 0)
         }
         var lower = contenders.map { cdf($0, floor) }
         var atMid = lower
@@ -200,5 +201,33 @@ enum Learner {
             chosen(index)
         }
         return picks
+    }
+}
+
+/// The standard normal distribution function Φ, interpolated from a table: Thompson
+/// sampling's quadrature evaluates it ~2,000 times a decision over a 50-action catalog, and
+/// `erfc` was 8 % of the decision service's CPU under load.
+enum StandardNormal {
+    /// Φ and its derivative (the density) at steps of 1/32 over [-limit, limit]; cubic Hermite
+    /// interpolation between them is within 2e-9 of Φ (the error bound is h⁴/384 · max|Φ⁗|,
+    /// 1.4e-9), and monotone. Outside, Φ is 0 or 1 to within 1e-17.
+    static let limit = 8.5
+    static let step = 1.0 / 32
+    static let table: [(cdf: Double, pdf: Double)] = (0...Int(2 * limit / step)).map { k in
+        let z = -limit + Double(k) * step
+        return (0.5 * erfc(-z / 2.0.squareRoot()), exp(-z * z / 2) / (2 * Double.pi).squareRoot())
+    }
+
+    static func cdf(_ z: Double) -> Double {
+        guard z > -limit else { return 0 }
+        guard z < limit else { return 1 }
+        let x = (z + limit) / step
+        let k = min(Int(x), table.count - 2)
+        let t = x - Double(k)
+        let (c0, p0) = table[k]
+        let (c1, p1) = table[k + 1]
+        let t2 = t * t
+        let t3 = t2 * t
+        return (2 * t3 - 3 * t2 + 1) * c0 + (t3 - 2 * t2 + t) * step * p0 + (3 * t2 - 2 * t3) * c1 + (t3 - t2) * step * p1
     }
 }
