@@ -5,6 +5,8 @@ import LoadTest
 import IdentityService
 import ProfileService
 import Logging
+import NIOCore
+import NIOPosix
 import RPC
 
 /// Benchmarks that print figures. Each drives a real server over loopback TCP with
@@ -46,7 +48,7 @@ struct IdentityBench: AsyncParsableCommand {
 
         let (serverTask, port) = try await Bench.serve(IdentityService(store: store), handlerExecution: onEventLoop ? .eventLoop : .concurrentPool)
         defer { serverTask.cancel() }
-        let clients = (0..<connections).map { _ in RPCClient(host: "127.0.0.1", port: port) }
+        let clients = Bench.loadClients(connections, port: port)
 
         // Resolve: known identifiers, random persons.
         let resolve = try await Bench.measure("Resolve (known identifier)", clients, duration: duration, concurrency: concurrency) { client, i in
@@ -90,7 +92,7 @@ struct HealthBench: AsyncParsableCommand {
 
     func run() async throws {
         let parts = address.split(separator: ":")
-        let clients = (0..<connections).map { _ in RPCClient(host: String(parts[0]), port: Int(parts[1])!) }
+        let clients = Bench.loadClients(connections, port: Int(parts[1])!, host: String(parts[0]))
         _ = try await Bench.measure("Health/Check", clients, duration: duration, concurrency: concurrency) { client, _ in
             _ = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest(), timeout: .seconds(5))
         }
@@ -99,6 +101,16 @@ struct HealthBench: AsyncParsableCommand {
 }
 
 extension Bench {
+    /// The load generator's event loops, apart from the servers' (the singleton group): the
+    /// generator's workers run on their client's loop (LoadTest), and on a server's loops they
+    /// would delay that server's I/O (the decision bench's profile calls then timed out).
+    static let loadGroup = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+
+    /// `count` clients of the load generator for `host:port`, on `loadGroup`.
+    static func loadClients(_ count: Int, port: Int, host: String = "127.0.0.1") -> [RPCClient] {
+        (0..<count).map { _ in RPCClient(host: host, port: port, group: loadGroup) }
+    }
+
     /// Serves `service` on a free loopback port, logging errors only; cancel the task to stop it.
     static func serve(_ service: some RPCService, handlerExecution: RPCServerConfiguration.HandlerExecution = .concurrentPool)
         async throws -> (task: Task<Void, any Error>, port: Int) {

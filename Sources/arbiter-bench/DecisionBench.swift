@@ -73,7 +73,7 @@ struct DecisionBench: AsyncParsableCommand {
 
         let (decisionTask, port) = try await Bench.serve(decision)
         defer { decisionTask.cancel() }
-        let clients = (0..<connections).map { _ in RPCClient(host: "127.0.0.1", port: port) }
+        let clients = Bench.loadClients(connections, port: port)
         let persons = self.persons
         let degraded = Counter()
         let decide: @Sendable (RPCClient, Int) async throws -> Void = { client, _ in

@@ -41,7 +41,7 @@ struct ProfileBench: AsyncParsableCommand {
         }
         let (serverTask, port) = try await Bench.serve(ProfileService(store: store))
         defer { serverTask.cancel() }
-        let clients = (0..<connections).map { _ in RPCClient(host: "127.0.0.1", port: port) }
+        let clients = Bench.loadClients(connections, port: port)
         let persons = self.persons
         let runID = UUID().uuidString.prefix(8)
 

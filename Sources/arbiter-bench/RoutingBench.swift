@@ -55,10 +55,10 @@ struct RoutingBench: AsyncParsableCommand {
                                          group: .singletonMultiThreadedEventLoopGroup, logger: logger)
         let (routingTask, port) = try await Bench.serve(routing)
         defer { routingTask.cancel() }
-        let clients = (0..<connections).map { _ in RPCClient(host: "127.0.0.1", port: port) }
+        let clients = Bench.loadClients(connections, port: port)
         let persons = self.persons
         // For scale: the profile read each Route makes, alone, at the same concurrency.
-        let profileClients = (0..<connections).map { _ in RPCClient(host: "127.0.0.1", port: profilePort) }
+        let profileClients = Bench.loadClients(connections, port: profilePort)
         _ = try await Bench.measure("GetProfile (traits, consent) alone, for scale", profileClients, duration: min(duration, 5),
                                     concurrency: concurrency) { client, _ in
             var request = ProfileV1.GetProfileRequest()
