@@ -116,8 +116,8 @@ public enum LoadTest {
                     var intended = begin + (interval ?? .zero) * Double(worker) / Double(concurrency)
                     while ContinuousClock.now < end {
                         if interval != nil {
+                            guard intended < end else { break }  // no wait for a start past the end
                             if intended > .now { try await Self.wait(until: intended, on: client.eventLoop) }
-                            guard intended < end else { break }
                             mine.lateness.record(UInt64(max(1, intended.duration(to: .now).nanoseconds / 1000)))
                         }
                         let start = interval == nil ? ContinuousClock.now : intended
@@ -146,12 +146,17 @@ public enum LoadTest {
     }
 
     /// Waits on `loop`'s timer until `instant` (a timer, not a sleep with tolerance: slack
-    /// would add to the latencies).
+    /// would add to the latencies). Cancelling the task cancels the timer.
     static func wait(until instant: ContinuousClock.Instant, on loop: any EventLoop) async throws {
         try Task.checkCancellation()
         let delay = ContinuousClock.now.duration(to: instant)
         guard delay > .zero else { return }
-        try await loop.scheduleTask(in: .nanoseconds(delay.nanoseconds)) {}.futureResult.get()
+        let timer = loop.scheduleTask(in: .nanoseconds(delay.nanoseconds)) {}
+        try await withTaskCancellationHandler {
+            try await timer.futureResult.get()
+        } onCancel: {
+            timer.cancel()
+        }
     }
 
     /// Calls `body` for every index in `0..<count`, `workers` at a time (worker `w` takes

@@ -21,7 +21,8 @@ public final class DecisionStore: Sendable {
     let configuration: LearnerConfiguration
     let memory: Mutex<Memory>
     /// The decision log's group commit: one transaction for every decision and outcome
-    /// waiting (an outcome in a transaction of its own cost as much CPU as a decision).
+    /// waiting (an outcome in a transaction of its own cost more CPU than a decision,
+    /// profiled at 3,000 decisions/s).
     let log = GroupCommit<LogEntry, Bool>(label: "arbiter.decision.log")
     /// Decision ids are `TimeOrderedID`s with this prefix, so a time range is a key range.
     static let decisionIDPrefix = "d"
