@@ -74,7 +74,8 @@ func makeDecision(clock: TestClock = TestClock(), profile: RPCClient? = nil, rou
     // Tests of the learned policy see no global holdout unless they set one.
     configuration.holdout.share = 0
     configure(&configuration)
-    let store = try DecisionStore(directory: temporaryDirectory("decision-test"), configuration: configuration.learner)
+    let store = try DecisionStore(directory: temporaryDirectory("decision-test"), configuration: configuration.learner,
+                                  recentEntries: configuration.recentHistoryEntries)
     return DecisionService(store: store, configuration: configuration, profile: profile, routing: routing, seed: seed, clock: clock.read)
 }
 
@@ -225,10 +226,15 @@ struct DecisionTests {
         }
     }
 
-    @Test("merges move decisions, offers and outcomes to the survivor; an erasure leaves none in the file")
-    func identityChanges() async throws {
+    /// Caps and suppressions read recent history from memory, from memory past its limit
+    /// (the older part from the file) and from the file alone: the answers must not differ.
+    static let recentHistorySizes = [1_000_000, 2, 0]
+
+    @Test("merges move decisions, offers and outcomes to the survivor; an erasure leaves none in the file",
+          arguments: recentHistorySizes)
+    func identityChanges(recentEntries: Int) async throws {
         let clock = TestClock()
-        let decision = try makeDecision(clock: clock)
+        let decision = try makeDecision(clock: clock) { $0.recentHistoryEntries = recentEntries }
         var cap = DecisionV1.Cap()
         cap.scope = .action
         cap.max = 1
@@ -244,19 +250,22 @@ struct DecisionTests {
         #expect(try decision.store.decision(a.decisionId)?.personId == "person-b")
         #expect(try decision.store.history(person: "person-b", sinceMs: 0).outcomes.count == 1)
         #expect(try decision.store.history(person: "person-a", sinceMs: 0).offers.isEmpty)
+        #expect(try decision.store.history(person: "person-b", sinceMs: clock.read() - 1000).offers.count == 1)
 
         try decision.store.apply([(2, .erase(person: "person-b", absorbed: ["person-a"]))], nowMs: clock.read())
         #expect(try decision.store.decision(a.decisionId) == nil && decision.store.decision(b.decisionId) == nil)
         #expect(try decision.store.identityCursor() == 2)
+        #expect(try decision.store.history(person: "person-b", sinceMs: clock.read() - 1000).offers.isEmpty)
+        #expect(try decision.store.history(person: "person-b", sinceMs: 0).outcomes.isEmpty)
         let directory = decision.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
         #expect(!filesContain("person-a", in: directory, files: ["decision.sqlite", "decision.sqlite-wal"]))
         #expect(!filesContain("person-b", in: directory, files: ["decision.sqlite", "decision.sqlite-wal"]))
     }
 
-    @Test("caps per action, per channel and in total hold across their windows")
-    func caps() async throws {
+    @Test("caps per action, per channel and in total hold across their windows", arguments: recentHistorySizes)
+    func caps(recentEntries: Int) async throws {
         let clock = TestClock()
-        let decision = try makeDecision(clock: clock)
+        let decision = try makeDecision(clock: clock) { $0.recentHistoryEntries = recentEntries }
         try decision.upsert(action("a", caps: [cap(.action, 1, per: 3600)]))
         try decision.upsert(action("b", channels: [.email, .sms]))
         var policy = DecisionV1.ContactPolicy()
@@ -281,6 +290,47 @@ struct DecisionTests {
         #expect(try await decision.decide(decideRequest("p", count: 5)).actions.count == 2)
         // Another person is not affected by p's caps.
         #expect(try await decision.decide(decideRequest("q", count: 5)).actions.count == 2)
+    }
+
+    @Test("caps and suppressions hold across a restart: recent history is read back from the file, within its limit",
+          arguments: [1_000_000, 1])
+    func recentHistoryAtStart(recentEntries: Int) async throws {
+        let clock = TestClock()
+        let directory = temporaryDirectory("decision-restart")
+        var configuration = DecisionConfiguration()
+        configuration.holdout.share = 0
+        configuration.recentHistoryEntries = recentEntries
+        func open() throws -> DecisionService {
+            DecisionService(store: try DecisionStore(directory: directory, recentEntries: recentEntries),
+                            configuration: configuration, seed: 3, clock: clock.read)
+        }
+        var dismissed = DecisionV1.Suppression()
+        dismissed.outcome = .dismiss
+        dismissed.windowSeconds = 86_400
+        do {
+            let decision = try open()
+            try decision.upsert(action("capped", caps: [cap(.action, 1, per: 3600)]))
+            try decision.upsert(action("suppressed", suppressions: [dismissed]))
+            let first = try await decision.decide(decideRequest("p", count: 2))
+            #expect(Set(first.actions.map(\.actionId)) == ["capped", "suppressed"])
+            _ = try await decision.outcome("dismissal", first, .dismiss, action: "suppressed")
+        }
+        clock.advance(seconds: 60)
+        let reopened = try open()
+        let window = clock.read() - 86_400_000
+        // All three rows fit in a million; with room for one, memory covers only what
+        // follows the newest row, and the day's history comes from the file.
+        let fromMemory = reopened.store.contacts.withLock { $0.recent.history(of: "p", sinceMs: window) }
+        if recentEntries == 1 {
+            #expect(fromMemory == nil)
+        } else {
+            #expect(fromMemory?.offers.count == 2 && fromMemory?.outcomes.count == 1)
+        }
+        let second = try await reopened.decide(decideRequest("p", count: 2))
+        let verdicts = Dictionary(uniqueKeysWithValues: second.explanations.map { ($0.actionId, $0.excludedBy) })
+        #expect(second.actions.isEmpty)
+        #expect(verdicts["capped"] == "cap: at most 1 offers of this action per 3600 s")
+        #expect(verdicts["suppressed"] == "suppression: OUTCOME_DISMISS on this action within 86400 s")
     }
 
     @Test("logRetentionDays: older decisions go with their offers and outcomes; windows may not outlast the log")

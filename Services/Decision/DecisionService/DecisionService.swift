@@ -26,6 +26,11 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
     /// longer. Default 0. A decision over a 50-action catalog takes ~4.6 KB: at 3,000
     /// decisions/s the log grows ~1.2 TB a day.
     public var logRetentionDays = 0
+    /// How many recent offers and outcomes are kept in memory for caps and suppressions, so
+    /// that Decide reads no SQLite for them (`RecentHistory`); a window reaching back past
+    /// what memory holds is read from the file. About 100 bytes each. 0 reads every
+    /// history from the file. Default 1,000,000.
+    public var recentHistoryEntries = 1_000_000
 
     public init() {}
 
@@ -48,6 +53,7 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
         breakerCooldownMs = try read(.breakerCooldownMs, d.breakerCooldownMs, 1...600_000)
         routeTimeoutMs = try read(.routeTimeoutMs, d.routeTimeoutMs, 1...60_000)
         logRetentionDays = try read(.logRetentionDays, d.logRetentionDays, 0...36_500)
+        recentHistoryEntries = try read(.recentHistoryEntries, d.recentHistoryEntries, 0...1_000_000_000)
     }
 
     /// Each cap and suppression window (as `field`: seconds) longer than the log keeps

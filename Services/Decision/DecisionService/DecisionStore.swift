@@ -26,8 +26,17 @@ public final class DecisionStore: Sendable {
     let log = GroupCommit<LogEntry, Bool>(label: "arbiter.decision.log")
     /// Decision ids are `TimeOrderedID`s with this prefix, so a time range is a key range.
     static let decisionIDPrefix = "d"
-    /// Offers of decisions not yet committed, by person: caps see them at once.
-    let pending = Mutex<[String: [PendingOffer]]>([:])
+    /// What caps and suppressions read: the offers of decisions not yet committed, and the
+    /// recent offers and outcomes (see `Contacts`).
+    let contacts: Mutex<Contacts>
+
+    /// The offers of decisions not yet committed, by person (caps see them at once), and the
+    /// recent offers and outcomes in memory. One lock, so that a decision moves from one to
+    /// the other at once: `inMemory` marks the pending offers already in `recent`.
+    struct Contacts: Sendable {
+        var pending: [String: [PendingOffer]] = [:]
+        var recent: RecentHistory
+    }
 
     /// What the log's group commit writes.
     enum LogEntry: Sendable {
@@ -61,10 +70,14 @@ public final class DecisionStore: Sendable {
         }
     }
 
-    public init(directory: String, configuration: LearnerConfiguration = .init()) throws {
+    /// - Parameter recentEntries: how many recent offers and outcomes to keep in memory
+    ///   (`DecisionConfiguration.recentHistoryEntries`); 0 reads every history from the file.
+    public init(directory: String, configuration: LearnerConfiguration = .init(),
+                recentEntries: Int = DecisionConfiguration().recentHistoryEntries) throws {
         (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "decision", migrator: Self.migrator)
         self.configuration = configuration
         var loaded = Memory()
+        var recent = RecentHistory(limit: recentEntries)
         try pool.read { db in
             var actions: [String: ActionSpec] = [:]
             for row in try Row.fetchAll(db, sql: "SELECT body FROM action") {
@@ -81,8 +94,10 @@ public final class DecisionStore: Sendable {
                     Arm(successes: row["successes"], failures: row["failures"], updatedMs: row["updated_ms"])
             }
             loaded.overrides = try Self.loadOverrides(db)
+            recent = try RecentHistory.load(db, limit: recentEntries)
         }
         memory = Mutex(loaded)
+        contacts = Mutex(Contacts(recent: recent))
     }
 
     static var migrator: DatabaseMigrator {
@@ -272,13 +287,22 @@ public final class DecisionStore: Sendable {
         var action: String
         var channel: Int32
         var atMs: Int64
+        /// Written into `recent` by the transaction logging it (which has not returned yet).
+        var inMemory = false
     }
 
-    /// The person's offers and outcomes since `sinceMs`, including offers still being logged.
+    /// The person's offers and outcomes since `sinceMs`, including offers still being logged:
+    /// from memory when `recent` covers the time since then, else from the file.
     func history(person: String, sinceMs: Int64) throws -> History {
+        let (pending, recent) = contacts.withLock { ($0.pending[person] ?? [], $0.recent.history(of: person, sinceMs: sinceMs)) }
+        if var history = recent {
+            for offer in pending where offer.atMs > sinceMs && !offer.inMemory {
+                history.offers.append((offer.action, offer.channel, offer.atMs))
+            }
+            return history
+        }
         // Pending first, then the file: an offer committed in between is in the file, and one
         // in both is counted once (by decision id).
-        let pending = pending.withLock { $0[person] ?? [] }
         // Without a transaction (BEGIN and COMMIT were a quarter of this read's cost): each
         // SELECT is consistent on its own, and an outcome committed between the two is one this
         // decision could as well have read a moment later.
@@ -304,8 +328,8 @@ public final class DecisionStore: Sendable {
     /// Marks a decision's offers as taken before it is logged, so that caps see them at once.
     func reserve(_ record: DecisionV1.DecisionRecord) {
         guard !record.personId.isEmpty, !record.actions.isEmpty else { return }
-        pending.withLock { pending in
-            pending[record.personId, default: []] += record.actions.map {
+        contacts.withLock { contacts in
+            contacts.pending[record.personId, default: []] += record.actions.map {
                 PendingOffer(decision: record.decisionId, action: $0.actionId, channel: $0.channel.rawValue, atMs: record.decidedAtMs)
             }
         }
@@ -331,10 +355,10 @@ public final class DecisionStore: Sendable {
     /// the same batch is a duplicate), then releases the decisions' reservations.
     private func commit(_ entries: [LogEntry]) throws -> [Bool] {
         defer { release(entries) }
-        return try pool.write { db in
+        return try writeContacts { db in
             let decision = try db.cachedStatement(sql: "INSERT INTO decision (decision_id, person_id, decided_at_ms, record) VALUES (?, ?, ?, ?)")
             let offer = try db.cachedStatement(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES (?, ?, ?, ?, ?)")
-            return try entries.map { entry in
+            let written = try entries.map { entry in
                 switch entry {
                 case .decision(let record, let arms):
                     try decision.execute(arguments: [record.decisionId, record.personId, record.decidedAtMs, Data(record.serializedBytes())])
@@ -349,15 +373,53 @@ public final class DecisionStore: Sendable {
                     return try insert(db, outcome, record: record, atMs: atMs)
                 }
             }
+            contacts.withLock { contacts in
+                for (entry, new) in zip(entries, written) {
+                    switch entry {
+                    case .decision(let record, _) where !record.personId.isEmpty && !record.actions.isEmpty:
+                        for action in record.actions {
+                            contacts.recent.addOffer(person: record.personId, action: action.actionId,
+                                                     channel: action.channel.rawValue, atMs: record.decidedAtMs)
+                        }
+                        if var offers = contacts.pending[record.personId] {
+                            for i in offers.indices where offers[i].decision == record.decisionId { offers[i].inMemory = true }
+                            contacts.pending[record.personId] = offers
+                        }
+                    case .outcome(let outcome, let record, let atMs) where new && !record.personId.isEmpty:
+                        contacts.recent.addOutcome(person: record.personId, action: outcome.actionId, kind: outcome.outcome, atMs: atMs)
+                    default:
+                        break
+                    }
+                }
+            }
+            return written
+        }
+    }
+
+    /// `pool.write` for transactions that change `recent` as they go: when one fails, memory
+    /// may hold what the file does not, and is read again from the file.
+    private func writeContacts<T>(_ body: (Database) throws -> T) throws -> T {
+        do {
+            return try pool.write(body)
+        } catch {
+            let reloaded = Result { try pool.writeWithoutTransaction { db in try RecentHistory.load(db, limit: contacts.withLock { $0.recent.limit }) } }
+            contacts.withLock { contacts in
+                // A file that cannot be read either leaves every history to the file.
+                contacts.recent = (try? reloaded.get()) ?? RecentHistory(limit: 0)
+                for (person, offers) in contacts.pending {
+                    contacts.pending[person] = offers.map { var offer = $0; offer.inMemory = false; return offer }
+                }
+            }
+            throw error
         }
     }
 
     /// Drops the reservations of logged (or failed) decisions: from now on caps read them from the store.
     private func release(_ entries: [LogEntry]) {
-        pending.withLock { pending in
+        contacts.withLock { contacts in
             for case .decision(let record, _) in entries where !record.personId.isEmpty {
-                pending[record.personId]?.removeAll { $0.decision == record.decisionId }
-                if pending[record.personId]?.isEmpty == true { pending[record.personId] = nil }
+                contacts.pending[record.personId]?.removeAll { $0.decision == record.decisionId }
+                if contacts.pending[record.personId]?.isEmpty == true { contacts.pending[record.personId] = nil }
             }
         }
     }
@@ -413,7 +475,7 @@ extension DecisionStore: IdentityChangeSink {
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
         guard !changes.isEmpty else { return }
         var erased = false
-        try pool.write { db in
+        try writeContacts { db in
             let cursor = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0
             for (seq, change) in changes where seq > cursor {
                 switch change {
@@ -424,6 +486,7 @@ extension DecisionStore: IdentityChangeSink {
                         for table in ["decision", "offer", "outcome"] {
                             try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [p])
                         }
+                        contacts.withLock { $0.recent.remove(p) }
                     }
                     erased = true
                 case .unmerge, .other:
@@ -473,8 +536,9 @@ extension DecisionStore: IdentityChangeSink {
         try db.execute(sql: "UPDATE OR IGNORE offer SET person_id = ? WHERE person_id = ?", arguments: [target, source])
         try db.execute(sql: "DELETE FROM offer WHERE person_id = ?", arguments: [source])
         try db.execute(sql: "UPDATE outcome SET person_id = ? WHERE person_id = ?", arguments: [target, source])
-        pending.withLock { pending in
-            if let moved = pending.removeValue(forKey: source) { pending[target, default: []] += moved }
+        contacts.withLock { contacts in
+            if let moved = contacts.pending.removeValue(forKey: source) { contacts.pending[target, default: []] += moved }
+            contacts.recent.move(source, to: target)
         }
     }
 }
