@@ -251,12 +251,18 @@ struct DecisionTests {
         #expect(try decision.store.history(person: "person-b", sinceMs: 0).outcomes.count == 1)
         #expect(try decision.store.history(person: "person-a", sinceMs: 0).offers.isEmpty)
         #expect(try decision.store.history(person: "person-b", sinceMs: clock.read() - 1000).offers.count == 1)
+        // An outcome reported after the merge on a's decision counts for b.
+        _ = try await decision.outcome("o-a2", a, .dismiss)
+        #expect(try decision.store.history(person: "person-b", sinceMs: 0).outcomes.count == 2)
+        #expect(try await decision.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM outcome WHERE person_id = 'person-b'") } == 2)
 
         try decision.store.apply([(2, .erase(person: "person-b", absorbed: ["person-a"]))], nowMs: clock.read())
         #expect(try decision.store.decision(a.decisionId) == nil && decision.store.decision(b.decisionId) == nil)
         #expect(try decision.store.identityCursor() == 2)
         #expect(try decision.store.history(person: "person-b", sinceMs: clock.read() - 1000).offers.isEmpty)
         #expect(try decision.store.history(person: "person-b", sinceMs: 0).outcomes.isEmpty)
+        // The erased decisions are gone for ReportOutcome too.
+        await #expect(throws: RPCError.self) { try await decision.outcome("o-a3", a, .click) }
         let directory = decision.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
         #expect(!filesContain("person-a", in: directory, files: ["decision.sqlite", "decision.sqlite-wal"]))
         #expect(!filesContain("person-b", in: directory, files: ["decision.sqlite", "decision.sqlite-wal"]))
@@ -331,6 +337,31 @@ struct DecisionTests {
         #expect(second.actions.isEmpty)
         #expect(verdicts["capped"] == "cap: at most 1 offers of this action per 3600 s")
         #expect(verdicts["suppressed"] == "suppression: OUTCOME_DISMISS on this action within 86400 s")
+    }
+
+    @Test("ReportOutcome finds the latest decisions in memory, first in first out, and older ones in the file")
+    func recentDecisions() async throws {
+        var recent = DecisionStore.RecentDecisions(capacity: 2)
+        var record = DecisionV1.DecisionRecord()
+        record.personId = "p"
+        for id in ["d1", "d2", "d3"] {
+            record.decisionId = id
+            recent.insert(id, .init(record))
+        }
+        #expect(recent["d1"] == nil && recent["d2"]?.personId == "p" && recent["d3"] != nil)
+        recent.remove("d3")
+        recent.insert("d4", .init(record))
+        #expect(recent["d2"] == nil && recent["d3"] == nil && recent["d4"] != nil)
+
+        // A decision past memory is read from the file, with the same arms.
+        let decision = try makeDecision()
+        try decision.upsert(action("a"))
+        let decided = try await decision.decide(decideRequest("p"))
+        let fromMemory = try #require(try decision.store.offered(decided.decisionId))
+        decision.store.contacts.withLock { $0.decisions.removeAll() }
+        let fromFile = try #require(try decision.store.offered(decided.decisionId))
+        #expect(fromFile.personId == "p" && fromFile.arms == fromMemory.arms && fromFile.arms["a"]?.count == 2)
+        #expect(try await !decision.outcome("o", decided, .click).duplicate)
     }
 
     @Test("logRetentionDays: older decisions go with their offers and outcomes; windows may not outlast the log")

@@ -555,14 +555,14 @@ public struct DecisionService: RPCService {
         guard request.occurredAtMs >= 0, request.occurredAtMs <= now + 86_400_000 else {
             throw RPCError.invalidArgument(field: "occurred_at_ms", "must be a Unix time in milliseconds, at most a day ahead")
         }
-        guard let record = try store.decision(request.decisionId) else {
+        guard let offered = try store.offered(request.decisionId) else {
             throw RPCError(.notFound, "decision_id: no decision \"\(request.decisionId)\"")
         }
-        guard record.actions.contains(where: { $0.actionId == request.actionId }) else {
+        guard offered.arms[request.actionId] != nil else {
             throw RPCError.invalidArgument(field: "action_id", "decision \(request.decisionId) did not offer \"\(request.actionId)\"")
         }
         var response = DecisionV1.ReportOutcomeResponse()
-        response.duplicate = try await !store.report(request, record: record, atMs: request.occurredAtMs == 0 ? now : request.occurredAtMs)
+        response.duplicate = try await !store.report(request, offered: offered, atMs: request.occurredAtMs == 0 ? now : request.occurredAtMs)
         return response
     }
 }

@@ -36,14 +36,65 @@ public final class DecisionStore: Sendable {
     struct Contacts: Sendable {
         var pending: [String: [PendingOffer]] = [:]
         var recent: RecentHistory
+        /// The latest decisions that offered something, for ReportOutcome.
+        var decisions = RecentDecisions(capacity: DecisionStore.recentDecisions)
+    }
+
+    /// How many of the latest decisions ReportOutcome finds in memory (about 200 bytes
+    /// each); an outcome on an older one reads and decodes its record (~4.6 KB) from the file.
+    static let recentDecisions = 100_000
+
+    /// What an outcome needs of the decision it names: for whom it was made and, per offered
+    /// action, the arms an outcome on it teaches.
+    struct Offered: Sendable {
+        var personId: String
+        var arms: [String: [ArmKey]]
+
+        init(_ record: DecisionV1.DecisionRecord) {
+            personId = record.personId
+            arms = Dictionary(record.actions.map { ($0.actionId, ArmKey.learned($0.actionId, in: record)) }) { first, _ in first }
+        }
+    }
+
+    /// The latest `capacity` decisions that offered something, by id (first in, first out).
+    struct RecentDecisions: Sendable {
+        private var byID: [String: Offered] = [:]
+        private var order: [String] = []
+        private var oldest = 0
+        let capacity: Int
+
+        init(capacity: Int) { self.capacity = capacity }
+
+        subscript(id: String) -> Offered? { byID[id] }
+
+        mutating func insert(_ id: String, _ offered: Offered) {
+            if order.count < capacity {
+                order.append(id)
+            } else {
+                byID[order[oldest]] = nil
+                order[oldest] = id
+                oldest = (oldest + 1) % capacity
+            }
+            byID[id] = offered
+        }
+
+        /// Forgets a decision (its slot in `order` is reused in turn).
+        mutating func remove(_ id: String) { byID[id] = nil }
+
+        mutating func removeAll() {
+            byID.removeAll()
+            order.removeAll()
+            oldest = 0
+        }
     }
 
     /// What the log's group commit writes.
     enum LogEntry: Sendable {
-        /// A decision, with the arms its chosen actions count a failure on until a positive outcome.
-        case decision(DecisionV1.DecisionRecord, arms: [ArmKey])
+        /// A decision (and its encoding: encoded by the caller, so that the single writer
+        /// does not), with the arms its chosen actions count a failure on until a positive outcome.
+        case decision(DecisionV1.DecisionRecord, encoded: Data, arms: [ArmKey])
         /// An outcome reported on a logged decision.
-        case outcome(DecisionV1.ReportOutcomeRequest, record: DecisionV1.DecisionRecord, atMs: Int64)
+        case outcome(DecisionV1.ReportOutcomeRequest, offered: Offered, atMs: Int64)
     }
 
     struct Memory: Sendable {
@@ -340,15 +391,16 @@ public final class DecisionStore: Sendable {
     /// turns it into a success. Decisions arriving together share one transaction (group
     /// commit); this returns once the transaction holding this one has committed.
     func log(_ record: DecisionV1.DecisionRecord, arms: [ArmKey]) async throws {
-        _ = try await log.submit(.decision(record, arms: arms)) { [self] entries in try commit(entries) }
+        let encoded = Data(record.serializedBytes())
+        _ = try await log.submit(.decision(record, encoded: encoded, arms: arms)) { [self] entries in try commit(entries) }
     }
 
     /// Records an outcome once (a known outcome id is a duplicate: returns false) and learns
     /// from it: the first click or conversion on an offer turns its failure into a success;
     /// a dismiss, complaint or unsubscribe adds failures. Outcomes share the decisions'
     /// group commit; this returns once the outcome is committed.
-    func report(_ outcome: DecisionV1.ReportOutcomeRequest, record: DecisionV1.DecisionRecord, atMs: Int64) async throws -> Bool {
-        try await log.submit(.outcome(outcome, record: record, atMs: atMs)) { [self] entries in try commit(entries) }
+    func report(_ outcome: DecisionV1.ReportOutcomeRequest, offered: Offered, atMs: Int64) async throws -> Bool {
+        try await log.submit(.outcome(outcome, offered: offered, atMs: atMs)) { [self] entries in try commit(entries) }
     }
 
     /// Writes a batch of the log in one transaction, in order (an outcome's duplicate later in
@@ -360,8 +412,8 @@ public final class DecisionStore: Sendable {
             let offer = try db.cachedStatement(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES (?, ?, ?, ?, ?)")
             let written = try entries.map { entry in
                 switch entry {
-                case .decision(let record, let arms):
-                    try decision.execute(arguments: [record.decisionId, record.personId, record.decidedAtMs, Data(record.serializedBytes())])
+                case .decision(let record, let encoded, let arms):
+                    try decision.execute(arguments: [record.decisionId, record.personId, record.decidedAtMs, encoded])
                     if !record.personId.isEmpty {
                         for action in record.actions {
                             try offer.execute(arguments: [record.personId, record.decidedAtMs, action.actionId, action.channel.rawValue, record.decisionId])
@@ -369,14 +421,16 @@ public final class DecisionStore: Sendable {
                     }
                     try addEvidence(db, arms.map { ($0, 0, 1) }, nowMs: record.decidedAtMs)
                     return true
-                case .outcome(let outcome, let record, let atMs):
-                    return try insert(db, outcome, record: record, atMs: atMs)
+                case .outcome(let outcome, let offered, let atMs):
+                    return try insert(db, outcome, offered: offered, atMs: atMs)
                 }
             }
             contacts.withLock { contacts in
                 for (entry, new) in zip(entries, written) {
                     switch entry {
-                    case .decision(let record, _) where !record.personId.isEmpty && !record.actions.isEmpty:
+                    case .decision(let record, _, _) where !record.actions.isEmpty:
+                        contacts.decisions.insert(record.decisionId, Offered(record))
+                        guard !record.personId.isEmpty else { break }
                         for action in record.actions {
                             contacts.recent.addOffer(person: record.personId, action: action.actionId,
                                                      channel: action.channel.rawValue, atMs: record.decidedAtMs)
@@ -385,8 +439,8 @@ public final class DecisionStore: Sendable {
                             for i in offers.indices where offers[i].decision == record.decisionId { offers[i].inMemory = true }
                             contacts.pending[record.personId] = offers
                         }
-                    case .outcome(let outcome, let record, let atMs) where new && !record.personId.isEmpty:
-                        contacts.recent.addOutcome(person: record.personId, action: outcome.actionId, kind: outcome.outcome, atMs: atMs)
+                    case .outcome(let outcome, let offered, let atMs) where new && !offered.personId.isEmpty:
+                        contacts.recent.addOutcome(person: offered.personId, action: outcome.actionId, kind: outcome.outcome, atMs: atMs)
                     default:
                         break
                     }
@@ -406,6 +460,7 @@ public final class DecisionStore: Sendable {
             contacts.withLock { contacts in
                 // A file that cannot be read either leaves every history to the file.
                 contacts.recent = (try? reloaded.get()) ?? RecentHistory(limit: 0)
+                contacts.decisions.removeAll()
                 for (person, offers) in contacts.pending {
                     contacts.pending[person] = offers.map { var offer = $0; offer.inMemory = false; return offer }
                 }
@@ -417,11 +472,18 @@ public final class DecisionStore: Sendable {
     /// Drops the reservations of logged (or failed) decisions: from now on caps read them from the store.
     private func release(_ entries: [LogEntry]) {
         contacts.withLock { contacts in
-            for case .decision(let record, _) in entries where !record.personId.isEmpty {
+            for case .decision(let record, _, _) in entries where !record.personId.isEmpty {
                 contacts.pending[record.personId]?.removeAll { $0.decision == record.decisionId }
                 if contacts.pending[record.personId]?.isEmpty == true { contacts.pending[record.personId] = nil }
             }
         }
+    }
+
+    /// What an outcome on decision `id` needs: from memory for the latest decisions, else
+    /// from the file (nil when there is no such decision).
+    func offered(_ id: String) throws -> Offered? {
+        if let offered = contacts.withLock({ $0.decisions[id] }) { return offered }
+        return try decision(id).map(Offered.init)
     }
 
     public func decision(_ id: String) throws -> DecisionV1.DecisionRecord? {
@@ -434,15 +496,15 @@ public final class DecisionStore: Sendable {
     }
 
     /// `report`'s write: false when the outcome id is known.
-    private func insert(_ db: Database, _ outcome: DecisionV1.ReportOutcomeRequest, record: DecisionV1.DecisionRecord,
+    private func insert(_ db: Database, _ outcome: DecisionV1.ReportOutcomeRequest, offered: Offered,
                         atMs: Int64) throws -> Bool {
         try db.cachedStatement(sql: """
             INSERT OR IGNORE INTO outcome (outcome_id, decision_id, person_id, action_id, kind, value, occurred_at_ms)
             VALUES (?, ?, ?, ?, ?, ?, ?)
-            """).execute(arguments: [outcome.outcomeId, outcome.decisionId, record.personId, outcome.actionId,
+            """).execute(arguments: [outcome.outcomeId, outcome.decisionId, offered.personId, outcome.actionId,
                                      outcome.outcome.rawValue, outcome.value, atMs])
         guard db.changesCount > 0 else { return false }
-        let keys = ArmKey.learned(outcome.actionId, in: record)
+        let keys = offered.arms[outcome.actionId] ?? []
         switch outcome.outcome {
         case .click, .conversion:
             let positives = try Int.fetchOne(db.cachedStatement(sql: """
@@ -495,6 +557,11 @@ extension DecisionStore: IdentityChangeSink {
             }
             try db.execute(sql: "INSERT OR REPLACE INTO meta (key, value) VALUES ('identity_seq', ?)",
                            arguments: [max(cursor, changes.map(\.seq).max()!)])
+            // The latest decisions' persons may have changed: ReportOutcome reads them from the
+            // file until new decisions come (merges and erasures are rare).
+            if changes.contains(where: { if case .merge = $0.change { true } else if case .erase = $0.change { true } else { false } }) {
+                contacts.withLock { $0.decisions.removeAll() }
+            }
         }
         if erased { try SQLiteStore.checkpoint(pool) }
     }
@@ -517,6 +584,7 @@ extension DecisionStore: IdentityChangeSink {
                 if !person.isEmpty { try offers.execute(arguments: [person, row[2] as Int64, id]) }
                 try decision.execute(arguments: [id])
             }
+            contacts.withLock { contacts in for row in rows { contacts.decisions.remove(row[0]) } }
             try db.cachedStatement(sql: """
                 DELETE FROM outcome WHERE outcome_id IN
                   (SELECT outcome_id FROM outcome WHERE decision_id < ? AND occurred_at_ms < ? LIMIT ?)
