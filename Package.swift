@@ -156,7 +156,7 @@ let package = Package(
         .executableTarget(
             name: "arbiter",
             dependencies: [
-                "RPC", "Contracts", "LoadTest", "Simulation",
+                "RPC", "Contracts", "LoadTest", "Rules", "Simulation",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),

@@ -4,6 +4,7 @@ import Foundation
 import Histogram
 import LoadTest
 import RPC
+import Rules
 import Synchronization
 
 /// `arbiter load`: the decision service's load generator.
@@ -66,8 +67,11 @@ struct Load: AsyncParsableCommand {
 
         let recent = RecentDecisions()
         let (persons, placement, ratio) = (self.persons, self.placement, outcomeRatio)
-        let call: @Sendable (RPCClient, Int) async throws -> String = { client, i in
-            if ratio > 0, Double.random(in: 0..<1) < ratio, let (decision, action) = recent.any() {
+        // Call i of a run draws from SplitMix64 seeded by the run's base and i: no system call
+        // per number (the system generator made three getrandom calls per Decide).
+        let calls: @Sendable (UInt64) -> @Sendable (RPCClient, Int) async throws -> String = { base in { client, i in
+            var random = SplitMix64(seed: base &+ UInt64(i))
+            if ratio > 0, random.unit() < ratio, let (decision, action) = recent.any(using: &random) {
                 var outcome = DecisionV1.ReportOutcomeRequest()
                 outcome.outcomeId = "load-\(decision)-\(i)"
                 outcome.decisionId = decision
@@ -78,21 +82,23 @@ struct Load: AsyncParsableCommand {
             }
             var decide = DecisionV1.DecideRequest()
             var ref = CommonV1.PersonRef()
-            ref.ref = .personId("load-p\(Int.random(in: 0..<persons))")
+            ref.ref = .personId("load-p\(random.int(persons))")
             decide.person = ref
             decide.placement = placement
-            decide.context = ["device": Bool.random() ? "ios" : "web"]
+            decide.context = ["device": random.int(2) == 0 ? "ios" : "web"]
             let response = try await client.call(DecisionV1.Decision.decide, decide, timeout: .seconds(10))
             if let first = response.actions.first { recent.add(response.decisionId, first.actionId) }
             return response.degraded ? "Decide (degraded)" : "Decide"
-        }
+        } }
         let mode = rate > 0 ? String(format: "open loop at %.0f/s", rate) : "closed loop"
         if warmup > 0 {
             say("warm-up: \(Int(warmup)) s, \(mode)")
-            _ = try await LoadTest.run(clients, seconds: warmup, concurrency: concurrency, rate: rate > 0 ? rate : nil, call)
+            _ = try await LoadTest.run(clients, seconds: warmup, concurrency: concurrency, rate: rate > 0 ? rate : nil,
+                                       calls(.random(in: .min ... .max)))
         }
         say("measuring: \(Int(duration)) s, \(mode), \(concurrency) in flight at most, \(connections) connections")
-        let result = try await LoadTest.run(clients, seconds: duration, concurrency: concurrency, rate: rate > 0 ? rate : nil, call)
+        let result = try await LoadTest.run(clients, seconds: duration, concurrency: concurrency, rate: rate > 0 ? rate : nil,
+                                            calls(.random(in: .min ... .max)))
         say("all calls: " + LoadTest.Result.line(result.total, seconds: result.seconds))
         for kind in result.histograms.keys.sorted() {
             say("  \(kind): " + LoadTest.Result.line(result.histograms[kind]!, seconds: result.seconds))
@@ -163,5 +169,7 @@ final class RecentDecisions: Sendable {
         }
     }
 
-    func any() -> (String, String)? { ring.withLock { $0.items.randomElement() } }
+    func any(using random: inout SplitMix64) -> (String, String)? {
+        ring.withLock { $0.items.isEmpty ? nil : $0.items[random.int($0.items.count)] }
+    }
 }

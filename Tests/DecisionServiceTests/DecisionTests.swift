@@ -1,6 +1,7 @@
 import Contracts
 @testable import DecisionService
 import Foundation
+import GRDB
 import Logging
 import NIOPosix
 @testable import ProfileService
@@ -362,6 +363,34 @@ struct DecisionTests {
         let fromFile = try #require(try decision.store.offered(decided.decisionId))
         #expect(fromFile.personId == "p" && fromFile.arms == fromMemory.arms && fromFile.arms["a"]?.count == 2)
         #expect(try await !decision.outcome("o", decided, .click).duplicate)
+    }
+
+    @Test("migration v3: a store from before it finds every decision by person, and an erasure still removes them all")
+    func migrationV3() async throws {
+        let directory = temporaryDirectory("decision-v2")
+        let old = try DatabaseQueue(path: directory + "/decision.sqlite")
+        try DecisionStore.migrator.migrate(old, upTo: "v2: overrides")
+        try await old.write { db in
+            for (id, person) in [("d1", "p"), ("d2", "p"), ("d3", "")] {
+                var record = DecisionV1.DecisionRecord()
+                record.decisionId = id
+                record.personId = person
+                try db.execute(sql: "INSERT INTO decision (decision_id, person_id, decided_at_ms, record) VALUES (?, ?, 5, ?)",
+                               arguments: [id, person, Data(record.serializedBytes())])
+            }
+            // d1 offered an action; d2 offered nothing (before v3 it had no offer row).
+            try db.execute(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES ('p', 5, 'a', 0, 'd1')")
+        }
+        try old.close()
+        let store = try DecisionStore(directory: directory)
+        let (offers, index) = try await store.pool.read { db in
+            (try String.fetchAll(db, sql: "SELECT decision_id || ':' || action_id FROM offer ORDER BY decision_id"),
+             try Bool.fetchOne(db, sql: "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'decision_by_person'"))
+        }
+        #expect(offers == ["d1:a", "d2:"] && index == false)
+        #expect(try store.history(person: "p", sinceMs: 0).offers.map(\.action) == ["a"])
+        try store.apply([(1, .erase(person: "p", absorbed: []))], nowMs: 10)
+        #expect(try store.decision("d1") == nil && store.decision("d2") == nil && store.decision("d3") != nil)
     }
 
     @Test("logRetentionDays: older decisions go with their offers and outcomes; windows may not outlast the log")

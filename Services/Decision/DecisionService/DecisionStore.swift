@@ -169,7 +169,7 @@ public final class DecisionStore: Sendable {
                   record BLOB NOT NULL                    -- arbiter.decision.v1.DecisionRecord
                 ) WITHOUT ROWID;
                 CREATE INDEX decision_by_person ON decision(person_id) WHERE person_id != '';
-                CREATE TABLE offer (                      -- what each person was offered: contact caps
+                CREATE TABLE offer (                      -- what each person was offered: contact caps (v3: and a row with action_id '' for a decision that offered nothing)
                   person_id TEXT NOT NULL,
                   at_ms INTEGER NOT NULL,
                   action_id TEXT NOT NULL,
@@ -208,6 +208,18 @@ public final class DecisionStore: Sendable {
                   body BLOB NOT NULL,                     -- arbiter.decision.v1.OverrideChange
                   PRIMARY KEY (override_id, version)
                 ) WITHOUT ROWID;
+                """)
+        }
+        migrator.registerMigration("v3: decisions found by person through offer") { db in
+            // The person index on `decision` cost a random page write per decision. `offer`
+            // already has a row per offered action by person: a decision that offered nothing
+            // gets one with no action, and merges and erasures find decisions through it.
+            try db.execute(sql: """
+                INSERT OR IGNORE INTO offer (person_id, at_ms, action_id, channel, decision_id)
+                  SELECT person_id, decided_at_ms, '', 0, decision_id FROM decision d
+                  WHERE person_id != '' AND NOT EXISTS
+                    (SELECT 1 FROM offer o WHERE o.person_id = d.person_id AND o.at_ms = d.decided_at_ms AND o.decision_id = d.decision_id);
+                DROP INDEX decision_by_person;
                 """)
         }
         return migrator
@@ -360,7 +372,7 @@ public final class DecisionStore: Sendable {
         return try pool.unsafeRead { db in
             var history = History()
             var seen = Set<String>()
-            let offers = try Row.fetchCursor(db.cachedStatement(sql: "SELECT action_id, channel, at_ms, decision_id FROM offer WHERE person_id = ? AND at_ms > ?"),
+            let offers = try Row.fetchCursor(db.cachedStatement(sql: "SELECT action_id, channel, at_ms, decision_id FROM offer WHERE person_id = ? AND at_ms > ? AND action_id != ''"),
                                              arguments: [person, sinceMs])
             while let row = try offers.next() {
                 history.offers.append((row[0], row[1], row[2]))
@@ -418,6 +430,8 @@ public final class DecisionStore: Sendable {
                         for action in record.actions {
                             try offer.execute(arguments: [record.personId, record.decidedAtMs, action.actionId, action.channel.rawValue, record.decisionId])
                         }
+                        // Merges and erasures find a person's decisions through `offer`.
+                        if record.actions.isEmpty { try offer.execute(arguments: [record.personId, record.decidedAtMs, "", 0, record.decisionId]) }
                     }
                     try addEvidence(db, arms.map { ($0, 0, 1) }, nowMs: record.decidedAtMs)
                     return true
@@ -545,7 +559,8 @@ extension DecisionStore: IdentityChangeSink {
                     for source in sources where source != target && !source.isEmpty { try merge(db, source, into: target) }
                 case .erase(let person, let absorbed):
                     for p in [person] + absorbed where !p.isEmpty {
-                        for table in ["decision", "offer", "outcome"] {
+                        try db.execute(sql: "DELETE FROM decision WHERE decision_id IN (SELECT decision_id FROM offer WHERE person_id = ?)", arguments: [p])
+                        for table in ["offer", "outcome"] {
                             try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [p])
                         }
                         contacts.withLock { $0.recent.remove(p) }
@@ -594,7 +609,9 @@ extension DecisionStore: IdentityChangeSink {
     }
 
     private func merge(_ db: Database, _ source: String, into target: String) throws {
-        let rows = try Row.fetchAll(db, sql: "SELECT decision_id, record FROM decision WHERE person_id = ?", arguments: [source])
+        let rows = try Row.fetchAll(db, sql: """
+            SELECT decision_id, record FROM decision WHERE decision_id IN (SELECT decision_id FROM offer WHERE person_id = ?)
+            """, arguments: [source])
         for row in rows {
             var record = try DecisionV1.DecisionRecord(serializedBytes: row[1] as Data)
             record.personId = target

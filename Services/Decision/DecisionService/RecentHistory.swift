@@ -32,7 +32,7 @@ struct RecentHistory: Sendable {
         guard limit > 0 else { return recent }
         var oldest: [Int64] = []
         let offers = try Row.fetchCursor(db, sql: """
-            SELECT person_id, action_id, channel, at_ms FROM offer ORDER BY at_ms DESC LIMIT ?
+            SELECT person_id, action_id, channel, at_ms FROM offer WHERE action_id != '' ORDER BY at_ms DESC LIMIT ?
             """, arguments: [limit])
         var count = 0
         while let row = try offers.next() {
