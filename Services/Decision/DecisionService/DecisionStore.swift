@@ -169,7 +169,7 @@ public final class DecisionStore: Sendable {
                   record BLOB NOT NULL                    -- arbiter.decision.v1.DecisionRecord
                 ) WITHOUT ROWID;
                 CREATE INDEX decision_by_person ON decision(person_id) WHERE person_id != '';
-                CREATE TABLE offer (                      -- what each person was offered: contact caps (v3: and a row with action_id '' for a decision that offered nothing)
+                CREATE TABLE offer (                      -- what each person was offered: contact caps
                   person_id TEXT NOT NULL,
                   at_ms INTEGER NOT NULL,
                   action_id TEXT NOT NULL,
@@ -213,7 +213,7 @@ public final class DecisionStore: Sendable {
         migrator.registerMigration("v3: decisions found by person through offer") { db in
             // The person index on `decision` cost a random page write per decision. `offer`
             // already has a row per offered action by person: a decision that offered nothing
-            // gets one with no action, and merges and erasures find decisions through it.
+            // gets one with action_id '', and merges and erasures find decisions through it.
             try db.execute(sql: """
                 INSERT OR IGNORE INTO offer (person_id, at_ms, action_id, channel, decision_id)
                   SELECT person_id, decided_at_ms, '', 0, decision_id FROM decision d
