@@ -340,6 +340,28 @@ struct DecisionTests {
         #expect(verdicts["suppressed"] == "suppression: OUTCOME_DISMISS on this action within 86400 s")
     }
 
+    @Test("recent history past its limit drops its oldest minutes and covers only what follows them")
+    func recentHistoryLimit() {
+        var recent = RecentHistory(limit: 4)
+        let minute: Int64 = 60_000
+        for (i, person) in ["p", "q", "p", "q"].enumerated() {
+            recent.addOffer(person: person, action: "a", channel: 1, atMs: Int64(i) * minute + 1)
+        }
+        #expect(recent.entries == 4 && recent.history(of: "p", sinceMs: .min)?.offers.count == 2)
+        // The fifth passes the limit: the minutes kept hold at most three, so the first two go.
+        recent.addOutcome(person: "p", action: "a", kind: .click, atMs: 4 * minute + 1)
+        #expect(recent.coveredAfterMs == 2 * minute - 1 && recent.entries == 3)
+        #expect(recent.history(of: "p", sinceMs: 0) == nil)
+        let p = recent.history(of: "p", sinceMs: 2 * minute - 1)
+        #expect(p?.offers.map(\.atMs) == [2 * minute + 1] && p?.outcomes.count == 1)
+        // Older than the covered span: not kept (the file has it).
+        recent.addOffer(person: "q", action: "a", channel: 1, atMs: minute)
+        #expect(recent.entries == 3 && recent.history(of: "q", sinceMs: 2 * minute - 1)?.offers.count == 1)
+        recent.remove("p")
+        #expect(recent.entries == 1 && recent.history(of: "p", sinceMs: 2 * minute)?.offers.isEmpty == true)
+        #expect(RecentHistory(limit: 0).history(of: "p", sinceMs: 0) == nil)
+    }
+
     @Test("ReportOutcome finds the latest decisions in memory, first in first out, and older ones in the file")
     func recentDecisions() async throws {
         var recent = DecisionStore.RecentDecisions(capacity: 2)

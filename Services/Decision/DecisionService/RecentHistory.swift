@@ -7,16 +7,23 @@ import GRDB
 /// goes and the covered span starts later. A history reaching back before it is read from
 /// the file instead (`DecisionStore.history`), so the answer is the same either way.
 ///
+/// Cutting is O(minutes held), not O(entries): the entries it drops are left where they
+/// are (no read sees them: every read starts after `coveredAfterMs`) and purged a few
+/// persons at a time by later additions, and whenever their person is added to.
+///
 /// Changed only inside the log's write transactions (and the identity feed's), under the
 /// store's lock; a transaction that fails reloads it from the file.
 struct RecentHistory: Sendable {
     /// Every offer and outcome after this time is here (`Int64.min`: all of them).
     private(set) var coveredAfterMs: Int64
+    /// By person; may still hold entries at or before `coveredAfterMs`, not yet purged.
     private(set) var byPerson: [String: DecisionStore.History] = [:]
-    /// Offers and outcomes held, for `limit`.
+    /// Offers and outcomes held after `coveredAfterMs`, for `limit`.
     private(set) var entries = 0
-    /// How many are held per minute: where to cut when `limit` is passed.
+    /// How many of `entries` fall in each minute: where to cut when `limit` is passed.
     private var perMinute: [Int64: Int] = [:]
+    /// Persons that may hold entries a cut dropped, purged a few per addition.
+    private var toPurge: [String] = []
     let limit: Int
 
     /// Nothing held; with `limit` 0, nothing is ever covered (every read goes to the file).
@@ -25,33 +32,26 @@ struct RecentHistory: Sendable {
         coveredAfterMs = limit > 0 ? .min : .max
     }
 
-    /// The newest `limit` offers and outcomes of the file (of each kind; fewer when the file
-    /// holds more, and then the covered span starts at the oldest kept).
+    /// The newest `limit` offers and outcomes of the file (of each kind; when the file holds
+    /// more, the covered span starts at the oldest kept).
     static func load(_ db: Database, limit: Int) throws -> RecentHistory {
         var recent = RecentHistory(limit: limit)
         guard limit > 0 else { return recent }
-        var oldest: [Int64] = []
-        let offers = try Row.fetchCursor(db, sql: """
+        // Oldest first, as additions come: each person's entries stay in time order.
+        let offers = try Row.fetchAll(db, sql: """
             SELECT person_id, action_id, channel, at_ms FROM offer WHERE action_id != '' ORDER BY at_ms DESC LIMIT ?
             """, arguments: [limit])
-        var count = 0
-        while let row = try offers.next() {
-            recent.addOffer(person: row[0], action: row[1], channel: row[2], atMs: row[3])
-            count += 1
-            if count == limit { oldest.append(row[3]) }
-        }
-        count = 0
-        let outcomes = try Row.fetchCursor(db, sql: """
+        let outcomes = try Row.fetchAll(db, sql: """
             SELECT person_id, action_id, kind, occurred_at_ms FROM outcome WHERE person_id != '' ORDER BY occurred_at_ms DESC LIMIT ?
             """, arguments: [limit])
-        while let row = try outcomes.next() {
-            recent.addOutcome(person: row[0], action: row[1], kind: DecisionV1.Outcome(rawValue: row[2]), atMs: row[3])
-            count += 1
-            if count == limit { oldest.append(row[3]) }
+        // Rows at the oldest time kept may have been cut by the LIMIT: only later ones are covered.
+        recent.coveredAfterMs = [offers, outcomes].filter { $0.count == limit }.map { $0.last![3] as Int64 }.max() ?? .min
+        for row in offers.reversed() {
+            recent.addOffer(person: row[0], action: row[1], channel: row[2], atMs: row[3])
         }
-        // Rows at the oldest time kept may have been cut: only later ones are covered.
-        if let bound = oldest.max() { recent.coveredAfterMs = bound }
-        recent.shrink()
+        for row in outcomes.reversed() {
+            recent.addOutcome(person: row[0], action: row[1], kind: DecisionV1.Outcome(rawValue: row[2]), atMs: row[3])
+        }
         return recent
     }
 
@@ -67,15 +67,17 @@ struct RecentHistory: Sendable {
     }
 
     mutating func addOffer(person: String, action: String, channel: Int32, atMs: Int64) {
-        guard limit > 0 else { return }
+        guard atMs > coveredAfterMs else { return }  // before the covered span (and with limit 0)
+        purge(person)
         byPerson[person, default: .init()].offers.append((action, channel, atMs))
-        counted(atMs, 1)
+        added(atMs)
     }
 
     mutating func addOutcome(person: String, action: String, kind: DecisionV1.Outcome, atMs: Int64) {
-        guard limit > 0 else { return }
+        guard atMs > coveredAfterMs else { return }
+        purge(person)
         byPerson[person, default: .init()].outcomes.append((action, kind, atMs))
-        counted(atMs, 1)
+        added(atMs)
     }
 
     /// A merge: the source's offers and outcomes become the target's.
@@ -88,48 +90,53 @@ struct RecentHistory: Sendable {
     /// An erasure.
     mutating func remove(_ person: String) {
         guard let removed = byPerson.removeValue(forKey: person) else { return }
-        for offer in removed.offers { counted(offer.atMs, -1) }
-        for outcome in removed.outcomes { counted(outcome.atMs, -1) }
+        for time in removed.offers.map(\.atMs) + removed.outcomes.map(\.atMs) where time > coveredAfterMs {
+            let minute = Self.minute(time)
+            perMinute[minute]! -= 1
+            if perMinute[minute] == 0 { perMinute[minute] = nil }
+            entries -= 1
+        }
     }
 
     private static func minute(_ atMs: Int64) -> Int64 { atMs >= 0 ? atMs / 60_000 : (atMs + 1) / 60_000 - 1 }
 
-    private mutating func counted(_ atMs: Int64, _ delta: Int) {
-        let minute = Self.minute(atMs)
-        perMinute[minute, default: 0] += delta
-        if perMinute[minute] == 0 { perMinute[minute] = nil }
-        entries += delta
-        if entries > limit { shrink() }
+    private mutating func added(_ atMs: Int64) {
+        perMinute[Self.minute(atMs), default: 0] += 1
+        entries += 1
+        if entries > limit { cut() }
+        // A few persons a cut left entries with, per addition: a cut's leftovers are gone
+        // after a fraction of the additions that led to it.
+        for _ in 0..<4 {
+            guard let person = toPurge.popLast() else { break }
+            purge(person)
+        }
     }
 
-    /// Past `limit`, keeps the newest minutes holding at most three quarters of it (so the
-    /// next cut is `limit / 4` additions away), and drops what is no longer covered.
-    private mutating func shrink() {
-        if entries > limit {
-            var kept = 0
-            for minute in perMinute.keys.sorted(by: >) {
-                kept += perMinute[minute]!
-                if kept > limit * 3 / 4 {
-                    coveredAfterMs = max(coveredAfterMs, (minute + 1) * 60_000 - 1)
-                    break
-                }
+    /// Keeps the newest minutes holding at most three quarters of `limit` (so the next cut
+    /// is `limit / 4` additions away): the covered span starts after the others.
+    private mutating func cut() {
+        var kept = 0
+        for minute in perMinute.keys.sorted(by: >) {
+            kept += perMinute[minute]!
+            if kept > limit * 3 / 4 {
+                coveredAfterMs = max(coveredAfterMs, (minute + 1) * 60_000 - 1)
+                break
             }
         }
-        guard coveredAfterMs != .min else { return }
+        for (minute, count) in perMinute where minute * 60_000 <= coveredAfterMs {
+            perMinute[minute] = nil
+            entries -= count
+        }
+        toPurge = Array(byPerson.keys)
+    }
+
+    /// Drops the person's entries at or before `coveredAfterMs`.
+    private mutating func purge(_ person: String) {
         let bound = coveredAfterMs
-        var kept: [String: DecisionStore.History] = [:]
-        perMinute = [:]
-        entries = 0
-        for (person, held) in byPerson {
-            let history = DecisionStore.History(offers: held.offers.filter { $0.atMs > bound },
-                                                outcomes: held.outcomes.filter { $0.atMs > bound })
-            guard !history.offers.isEmpty || !history.outcomes.isEmpty else { continue }
-            kept[person] = history
-            for time in history.offers.map(\.atMs) + history.outcomes.map(\.atMs) {
-                perMinute[Self.minute(time), default: 0] += 1
-            }
-            entries += history.offers.count + history.outcomes.count
-        }
-        byPerson = kept
+        guard bound != .min, let held = byPerson[person],
+              held.offers.contains(where: { $0.atMs <= bound }) || held.outcomes.contains(where: { $0.atMs <= bound }) else { return }
+        let offers = held.offers.filter { $0.atMs > bound }
+        let outcomes = held.outcomes.filter { $0.atMs > bound }
+        byPerson[person] = offers.isEmpty && outcomes.isEmpty ? nil : DecisionStore.History(offers: offers, outcomes: outcomes)
     }
 }
