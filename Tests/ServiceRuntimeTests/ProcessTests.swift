@@ -286,7 +286,7 @@ struct ProcessTests {
         #expect(try stored.map { try ProfileStoreV1.PersonState(serializedBytes: $0).events } == 7)
     }
 
-    @Test("arbiter-decision keeps answering with arbiter-profile killed, degraded and within known consent, and keeps its log across a kill -9")
+    @Test("arbiter-decision keeps answering with arbiter-profile killed, degraded and within known consent, and keeps its log and its offers (caps) across a kill -9")
     func decisionWithProfileKilled() async throws {
         let profilePort = try await unusedPort(), profileAdmin = try await unusedPort()
         let port = try await unusedPort(), admin = try await unusedPort()
@@ -322,6 +322,13 @@ struct ProcessTests {
             action.channels = [.email]
             action.consentPurpose = "marketing"
             action.safeWithoutConsent = safe
+            if safe {  // two a day: both decisions below offer it
+                var cap = DecisionV1.Cap()
+                cap.scope = .action
+                cap.max = 2
+                cap.windowSeconds = 86_400
+                action.caps = [cap]
+            }
             upsert.action = action
             _ = try await client.call(DecisionV1.Decision.upsertAction, upsert)
         }
@@ -351,6 +358,12 @@ struct ProcessTests {
             let logged = try await client.call(DecisionV1.Decision.getDecision, get)
             #expect(logged.actions == decision.actions && logged.degraded == decision.degraded)
         }
+        // The restarted service read its recent offers back: the cap of two is taken.
+        decide.explain = true
+        let capped = try await client.call(DecisionV1.Decision.decide, decide, timeout: .seconds(5))
+        #expect(capped.actions.isEmpty)
+        #expect(capped.explanations.first { $0.actionId == "safe" }?.excludedBy == "cap: at most 2 offers of this action per 86400 s",
+                "\(capped.explanations)")
         client.close()
         kill(server.process.processIdentifier, SIGTERM)
         #expect(await server.waitForExit() == 0)
