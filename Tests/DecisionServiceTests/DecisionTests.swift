@@ -362,6 +362,28 @@ struct DecisionTests {
         #expect(RecentHistory(limit: 0).history(of: "p", sinceMs: 0) == nil)
     }
 
+    @Test("a log transaction that fails leaves memory as the file is: read again from it")
+    func failedLogReloadsMemory() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock)
+        try decision.upsert(action("a", caps: [cap(.action, 2, per: 3600)]))
+        let first = try await decision.decide(decideRequest("p"))
+        #expect(first.actions.map(\.actionId) == ["a"])
+        try await decision.store.pool.write { db in
+            try db.execute(sql: "CREATE TRIGGER refuse AFTER INSERT ON offer BEGIN SELECT RAISE(ABORT, 'disk trouble'); END")
+        }
+        await #expect(throws: (any Error).self) { _ = try await decision.decide(decideRequest("p")) }
+        try await decision.store.pool.write { db in try db.execute(sql: "DROP TRIGGER refuse") }
+        // Memory still covers the hour, and holds the one logged offer, not the failed one.
+        let held = decision.store.contacts.withLock { $0.recent.history(of: "p", sinceMs: clock.read() - 3_600_000) }
+        #expect(held?.offers.count == 1)
+        #expect(decision.store.contacts.withLock { $0.pending.isEmpty })
+        #expect(try await decision.decide(decideRequest("p")).actions.map(\.actionId) == ["a"])
+        let third = try await decision.decide(decideRequest("p"))
+        #expect(third.actions.isEmpty && third.explanations.first?.excludedBy == "cap: at most 2 offers of this action per 3600 s")
+        #expect(try await !decision.outcome("o", first, .click).duplicate)  // from the file: memory's decisions were forgotten
+    }
+
     @Test("ReportOutcome finds the latest decisions in memory, first in first out, and older ones in the file")
     func recentDecisions() async throws {
         var recent = DecisionStore.RecentDecisions(capacity: 2)

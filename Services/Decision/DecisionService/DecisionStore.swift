@@ -470,14 +470,20 @@ public final class DecisionStore: Sendable {
         do {
             return try pool.write(body)
         } catch {
-            let reloaded = Result { try pool.writeWithoutTransaction { db in try RecentHistory.load(db, limit: contacts.withLock { $0.recent.limit }) } }
-            contacts.withLock { contacts in
-                // A file that cannot be read either leaves every history to the file.
-                contacts.recent = (try? reloaded.get()) ?? RecentHistory(limit: 0)
-                contacts.decisions.removeAll()
-                for (person, offers) in contacts.pending {
-                    contacts.pending[person] = offers.map { var offer = $0; offer.inMemory = false; return offer }
+            func replace(_ recent: RecentHistory) {
+                contacts.withLock { contacts in
+                    contacts.recent = recent
+                    contacts.decisions.removeAll()
+                    for (person, offers) in contacts.pending {
+                        contacts.pending[person] = offers.map { var offer = $0; offer.inMemory = false; return offer }
+                    }
                 }
+            }
+            do {
+                // On the writer, so that no commit lands between the read and the swap.
+                try pool.writeWithoutTransaction { db in replace(try RecentHistory.load(db, limit: contacts.withLock { $0.recent.limit })) }
+            } catch {
+                replace(RecentHistory(limit: 0))  // a file that cannot be read either: every history from the file
             }
             throw error
         }

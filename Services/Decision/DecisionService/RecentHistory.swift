@@ -92,8 +92,8 @@ struct RecentHistory: Sendable {
         guard let removed = byPerson.removeValue(forKey: person) else { return }
         for time in removed.offers.map(\.atMs) + removed.outcomes.map(\.atMs) where time > coveredAfterMs {
             let minute = Self.minute(time)
-            perMinute[minute]! -= 1
-            if perMinute[minute] == 0 { perMinute[minute] = nil }
+            guard let count = perMinute[minute] else { continue }
+            perMinute[minute] = count > 1 ? count - 1 : nil
             entries -= 1
         }
     }
@@ -123,7 +123,8 @@ struct RecentHistory: Sendable {
                 break
             }
         }
-        for (minute, count) in perMinute where minute * 60_000 <= coveredAfterMs {
+        // Whole minutes only: one that straddles a bound set at load holds later entries too.
+        for (minute, count) in perMinute where (minute + 1) * 60_000 - 1 <= coveredAfterMs {
             perMinute[minute] = nil
             entries -= count
         }
