@@ -28,8 +28,8 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
     public var logRetentionDays = 0
     /// How many recent offers and outcomes are kept in memory for caps and suppressions, so
     /// that Decide reads no SQLite for them (`RecentHistory`); a window reaching back past
-    /// what memory holds is read from the file. About 100 bytes each. 0 reads every
-    /// history from the file. Default 1,000,000.
+    /// what memory holds is read from the file. About 85 bytes each, and they are read at
+    /// start (1.1 million: 90 MB, 0.9 s). 0 reads every history from the file. Default 1,000,000.
     public var recentHistoryEntries = 1_000_000
 
     public init() {}
