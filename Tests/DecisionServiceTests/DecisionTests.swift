@@ -362,6 +362,24 @@ struct DecisionTests {
         #expect(RecentHistory(limit: 0).history(of: "p", sinceMs: 0) == nil)
     }
 
+    @Test("a decision being logged while its person merges counts for the survivor until logged, and then leaves no reservation")
+    func mergeDuringLog() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock)
+        var record = DecisionV1.DecisionRecord()
+        record.decisionId = DecisionService.decisionID(clock.read())
+        record.personId = "a"
+        record.decidedAtMs = clock.read()
+        var offered = DecisionV1.RankedAction()
+        offered.actionId = "x"
+        record.actions = [offered]
+        decision.store.reserve(record)
+        try decision.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: clock.read())
+        #expect(try decision.store.history(person: "b", sinceMs: 0).offers.count == 1)
+        try await decision.store.log(record, arms: [])
+        #expect(decision.store.contacts.withLock { $0.pending.isEmpty })
+    }
+
     @Test("a log transaction that fails leaves memory as the file is: read again from it")
     func failedLogReloadsMemory() async throws {
         let clock = TestClock()

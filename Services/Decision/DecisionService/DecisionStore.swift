@@ -492,9 +492,15 @@ public final class DecisionStore: Sendable {
     /// Drops the reservations of logged (or failed) decisions: from now on caps read them from the store.
     private func release(_ entries: [LogEntry]) {
         contacts.withLock { contacts in
-            for case .decision(let record, _, _) in entries where !record.personId.isEmpty {
-                contacts.pending[record.personId]?.removeAll { $0.decision == record.decisionId }
-                if contacts.pending[record.personId]?.isEmpty == true { contacts.pending[record.personId] = nil }
+            for case .decision(let record, _, _) in entries where !record.personId.isEmpty && !record.actions.isEmpty {
+                // A merge while the decision was being logged moved its reservation to the
+                // survivor: look there too (pending holds only decisions in flight).
+                let holder = contacts.pending[record.personId]?.contains { $0.decision == record.decisionId } == true
+                    ? record.personId
+                    : contacts.pending.first { $0.value.contains { $0.decision == record.decisionId } }?.key
+                guard let holder else { continue }
+                contacts.pending[holder]?.removeAll { $0.decision == record.decisionId }
+                if contacts.pending[holder]?.isEmpty == true { contacts.pending[holder] = nil }
             }
         }
     }
