@@ -10,6 +10,7 @@ import RPC
 import Rules
 import TestSupport
 import Testing
+import Synchronization
 
 func action(_ id: String, value: Double = 10, placements: [String] = [], channels: [CommonV1.Channel] = [],
             eligibility: String = "", purpose: String = "", safe: Bool = false, prior: Double = 0,
@@ -227,8 +228,10 @@ struct DecisionTests {
         }
     }
 
-    /// Caps and suppressions read recent history from memory, from memory past its limit
-    /// (the older part from the file) and from the file alone: the answers must not differ.
+    /// Caps and suppressions read recent history from memory, past a limit of 2 (the test
+    /// clock stays in one minute, so the first cut drops it all and reads go to the file, as
+    /// for a window reaching back past memory) and from the file alone: the answers must not
+    /// differ. `recentHistoryLimit` covers a cut that keeps the newer minutes.
     static let recentHistorySizes = [1_000_000, 2, 0]
 
     @Test("merges move decisions, offers and outcomes to the survivor; an erasure leaves none in the file",
@@ -362,37 +365,73 @@ struct DecisionTests {
         #expect(RecentHistory(limit: 0).history(of: "p", sinceMs: 0) == nil)
     }
 
-    @Test("a decision being logged while its person merges counts for the survivor until logged, and then leaves no reservation")
-    func mergeDuringLog() async throws {
+    @Test("a decision being logged while its person merges is logged for the survivor (unless the merge fails); while they are erased, for no one")
+    func identityChangeDuringLog() async throws {
         let clock = TestClock()
         let decision = try makeDecision(clock: clock)
-        var record = DecisionV1.DecisionRecord()
-        record.decisionId = DecisionService.decisionID(clock.read())
-        record.personId = "a"
-        record.decidedAtMs = clock.read()
-        var offered = DecisionV1.RankedAction()
-        offered.actionId = "x"
-        record.actions = [offered]
-        decision.store.reserve(record)
+        func inFlight(_ person: String) -> DecisionV1.DecisionRecord {
+            var record = DecisionV1.DecisionRecord()
+            record.decisionId = DecisionService.decisionID(clock.read())
+            record.personId = person
+            record.decidedAtMs = clock.read()
+            var offered = DecisionV1.RankedAction()
+            offered.actionId = "x"
+            record.actions = [offered]
+            decision.store.reserve(record)
+            return record
+        }
+        // A merge whose commit fails leaves the reservation with its person.
+        let failing = FailingCommit()
+        try await decision.store.pool.writeWithoutTransaction { db in db.add(transactionObserver: failing, extent: .observerLifetime) }
+        let kept = inFlight("k")
+        #expect(throws: (any Error).self) { try decision.store.apply([(1, .merge(target: "m", sources: ["k"]))], nowMs: clock.read()) }
+        failing.armed.withLock { $0 = false }
+        #expect(try decision.store.history(person: "k", sinceMs: 0).offers.count == 1)
+        #expect(try decision.store.history(person: "m", sinceMs: 0).offers.isEmpty)
+        try await decision.store.log(kept, arms: [])
+        #expect(try decision.store.decision(kept.decisionId)?.personId == "k")
+
+        let merged = inFlight("a")
         try decision.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: clock.read())
         #expect(try decision.store.history(person: "b", sinceMs: 0).offers.count == 1)
-        try await decision.store.log(record, arms: [])
+        try await decision.store.log(merged, arms: [])
+        #expect(try decision.store.history(person: "b", sinceMs: 0).offers.count == 1)
+        #expect(try decision.store.history(person: "a", sinceMs: 0).offers.isEmpty)
+        #expect(try decision.store.decision(merged.decisionId)?.personId == "b")
+        #expect(try decision.store.offered(merged.decisionId)?.personId == "b")
+
+        let erased = inFlight("c")
+        try decision.store.apply([(2, .erase(person: "c", absorbed: []))], nowMs: clock.read())
+        try await decision.store.log(erased, arms: [])
+        #expect(try decision.store.decision(erased.decisionId)?.personId == "")
+        #expect(try decision.store.history(person: "c", sinceMs: 0).offers.isEmpty)
         #expect(decision.store.contacts.withLock { $0.pending.isEmpty })
     }
 
-    @Test("a log transaction that fails leaves memory as the file is: read again from it")
+    /// Fails every commit while armed.
+    final class FailingCommit: TransactionObserver, Sendable {
+        let armed = Mutex(true)
+        func observes(eventsOfKind eventKind: DatabaseEventKind) -> Bool { true }
+        func databaseDidChange(with event: DatabaseEvent) {}
+        func databaseWillCommit() throws {
+            if armed.withLock({ $0 }) { throw DatabaseError(resultCode: .SQLITE_IOERR, message: "disk trouble") }
+        }
+        func databaseDidCommit(_ db: Database) {}
+        func databaseDidRollback(_ db: Database) {}
+    }
+
+    @Test("a log transaction whose commit fails leaves memory as the file is: read again from it")
     func failedLogReloadsMemory() async throws {
         let clock = TestClock()
         let decision = try makeDecision(clock: clock)
         try decision.upsert(action("a", caps: [cap(.action, 2, per: 3600)]))
         let first = try await decision.decide(decideRequest("p"))
         #expect(first.actions.map(\.actionId) == ["a"])
-        try await decision.store.pool.write { db in
-            try db.execute(sql: "CREATE TRIGGER refuse AFTER INSERT ON offer BEGIN SELECT RAISE(ABORT, 'disk trouble'); END")
-        }
+        let failing = FailingCommit()
+        try await decision.store.pool.writeWithoutTransaction { db in db.add(transactionObserver: failing, extent: .observerLifetime) }
+        // The batch reached memory inside the transaction; the commit then failed.
         await #expect(throws: (any Error).self) { _ = try await decision.decide(decideRequest("p")) }
-        try await decision.store.pool.write { db in try db.execute(sql: "DROP TRIGGER refuse") }
-        // Memory still covers the hour, and holds the one logged offer, not the failed one.
+        failing.armed.withLock { $0 = false }
         let held = decision.store.contacts.withLock { $0.recent.history(of: "p", sinceMs: clock.read() - 3_600_000) }
         #expect(held?.offers.count == 1)
         #expect(decision.store.contacts.withLock { $0.pending.isEmpty })
@@ -451,7 +490,10 @@ struct DecisionTests {
         }
         #expect(offers == ["d1:a", "d2:"] && index == false)
         #expect(try store.history(person: "p", sinceMs: 0).offers.map(\.action) == ["a"])
-        try store.apply([(1, .erase(person: "p", absorbed: []))], nowMs: 10)
+        // A merge finds both through offer, the offer-less one too; then the erasure does.
+        try store.apply([(1, .merge(target: "q", sources: ["p"]))], nowMs: 10)
+        #expect(try store.decision("d1")?.personId == "q" && store.decision("d2")?.personId == "q")
+        try store.apply([(2, .erase(person: "q", absorbed: ["p"]))], nowMs: 10)
         #expect(try store.decision("d1") == nil && store.decision("d2") == nil && store.decision("d3") != nil)
     }
 

@@ -422,6 +422,17 @@ public final class DecisionStore: Sendable {
         return try writeContacts { db in
             let decision = try db.cachedStatement(sql: "INSERT INTO decision (decision_id, person_id, decided_at_ms, record) VALUES (?, ?, ?, ?)")
             let offer = try db.cachedStatement(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES (?, ?, ?, ?, ?)")
+            // A merge or an erasure applied while a decision was being logged moved or dropped
+            // its reservation: the decision is logged for the survivor, or for no one.
+            let entries = contacts.withLock { contacts in
+                entries.map { entry -> LogEntry in
+                    guard case .decision(var record, _, let arms) = entry, !record.personId.isEmpty, !record.actions.isEmpty,
+                          contacts.pending[record.personId]?.contains(where: { $0.decision == record.decisionId }) != true
+                    else { return entry }
+                    record.personId = contacts.pending.first { $0.value.contains { $0.decision == record.decisionId } }?.key ?? ""
+                    return .decision(record, encoded: Data(record.serializedBytes()), arms: arms)
+                }
+            }
             let written = try entries.map { entry in
                 switch entry {
                 case .decision(let record, let encoded, let arms):
@@ -563,19 +574,54 @@ extension DecisionStore: IdentityChangeSink {
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
         guard !changes.isEmpty else { return }
         var erased = false
+        // Reservations of decisions in flight that merges moved, moved back if the transaction
+        // fails (an erasure's dropped ones are not put back: those decisions are logged for no one).
+        var moves: [(from: String, to: String, ids: Set<String>)] = []
+        do {
+            try applyChanges(changes, moves: &moves, erased: &erased)
+        } catch {
+            contacts.withLock { contacts in
+                for move in moves.reversed() {
+                    var back: [PendingOffer] = []
+                    contacts.pending[move.to]?.removeAll { offer in
+                        guard move.ids.contains(offer.decision) else { return false }
+                        back.append(offer)
+                        return true
+                    }
+                    if contacts.pending[move.to]?.isEmpty == true { contacts.pending[move.to] = nil }
+                    if !back.isEmpty { contacts.pending[move.from, default: []] += back }
+                }
+            }
+            throw error
+        }
+        if erased { try SQLiteStore.checkpoint(pool) }
+    }
+
+    private func applyChanges(_ changes: [(seq: Int64, change: IdentityChange)], moves: inout [(from: String, to: String, ids: Set<String>)],
+                              erased: inout Bool) throws {
         try writeContacts { db in
             let cursor = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0
             for (seq, change) in changes where seq > cursor {
                 switch change {
                 case .merge(let target, let sources):
-                    for source in sources where source != target && !source.isEmpty { try merge(db, source, into: target) }
+                    for source in sources where source != target && !source.isEmpty {
+                        try merge(db, source, into: target)
+                        contacts.withLock { contacts in
+                            guard let moved = contacts.pending.removeValue(forKey: source) else { return }
+                            contacts.pending[target, default: []] += moved
+                            moves.append((source, target, Set(moved.map(\.decision))))
+                        }
+                    }
                 case .erase(let person, let absorbed):
                     for p in [person] + absorbed where !p.isEmpty {
                         try db.execute(sql: "DELETE FROM decision WHERE decision_id IN (SELECT decision_id FROM offer WHERE person_id = ?)", arguments: [p])
                         for table in ["offer", "outcome"] {
                             try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [p])
                         }
-                        contacts.withLock { $0.recent.remove(p) }
+                        contacts.withLock { contacts in
+                            contacts.recent.remove(p)
+                            contacts.pending[p] = nil  // its decisions in flight are logged for no one
+                        }
                     }
                     erased = true
                 case .unmerge, .other:
@@ -590,7 +636,6 @@ extension DecisionStore: IdentityChangeSink {
                 contacts.withLock { $0.decisions.removeAll() }
             }
         }
-        if erased { try SQLiteStore.checkpoint(pool) }
     }
 
     /// Deletes up to `limit` decisions made before `beforeMs` with their offers, and up to
@@ -633,9 +678,6 @@ extension DecisionStore: IdentityChangeSink {
         try db.execute(sql: "UPDATE OR IGNORE offer SET person_id = ? WHERE person_id = ?", arguments: [target, source])
         try db.execute(sql: "DELETE FROM offer WHERE person_id = ?", arguments: [source])
         try db.execute(sql: "UPDATE outcome SET person_id = ? WHERE person_id = ?", arguments: [target, source])
-        contacts.withLock { contacts in
-            if let moved = contacts.pending.removeValue(forKey: source) { contacts.pending[target, default: []] += moved }
-            contacts.recent.move(source, to: target)
-        }
+        contacts.withLock { $0.recent.move(source, to: target) }
     }
 }
