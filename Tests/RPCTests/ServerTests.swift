@@ -341,16 +341,21 @@ struct ServerTests {
         var configuration = RPCServerConfiguration()
         configuration.port = 0
         var router = RPCRouter()
-        router.register(EchoService())
+        let test = TestService()
+        router.register(test)
         router.register(HealthService())
         let server = RPCServer(configuration: configuration, router: router, logger: .init(label: "drain"))
         async let running: Void = server.run()
         let port = try await server.listeningAddress().port!
         let client = makeClient(port) { $0.maxAttempts = 1 }
         _ = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest())  // connected before draining
-        async let slow = client.call(EchoV1.Echo.echo, echoRequest("finishing", delayMs: 400))
-        try await Task.sleep(for: .milliseconds(100))
+        async let slow = client.call(TestMethods.block, echoRequest("finishing"))
+        // Drain only once the call is in flight on the server (a fixed sleep raced a loaded
+        // machine: the call could arrive after the drain had closed the idle connection).
+        #expect(try await eventually { test.started.load(ordering: .relaxed) == 1 })
         server.drain()
+        try await Task.sleep(for: .milliseconds(100))
+        test.gate.open()
         #expect(try await slow.message == "finishing")
         try await running
         let late = RPC.RPCClient(host: "127.0.0.1", port: port)
