@@ -438,7 +438,9 @@ struct DecisionTests {
         #expect(try await decision.decide(decideRequest("p")).actions.map(\.actionId) == ["a"])
         let third = try await decision.decide(decideRequest("p"))
         #expect(third.actions.isEmpty && third.explanations.first?.excludedBy == "cap: at most 2 offers of this action per 3600 s")
-        #expect(try await !decision.outcome("o", first, .click).duplicate)  // from the file: memory's decisions were forgotten
+        // Memory's decisions were forgotten: the outcome finds its decision in the file.
+        #expect(decision.store.contacts.withLock { $0.decisions[first.decisionId] } == nil)
+        #expect(try await !decision.outcome("o", first, .click).duplicate)
     }
 
     @Test("ReportOutcome finds the latest decisions in memory, first in first out, and older ones in the file")

@@ -38,10 +38,20 @@ public final class DecisionStore: Sendable {
         var recent: RecentHistory
         /// The latest decisions that offered something, for ReportOutcome.
         var decisions = RecentDecisions(capacity: DecisionStore.recentDecisions)
+
+        /// Whose reservations hold `record`'s offers: its person's, the survivor's after a
+        /// merge while it was being logged, or no one's after an erasure (or when it reserved
+        /// nothing). `pending` holds only decisions in flight, so the search is short.
+        func holder(of record: DecisionV1.DecisionRecord) -> String? {
+            let id = record.decisionId
+            if pending[record.personId]?.contains(where: { $0.decision == id }) == true { return record.personId }
+            return pending.first { $0.value.contains { $0.decision == id } }?.key
+        }
     }
 
-    /// How many of the latest decisions ReportOutcome finds in memory (about 200 bytes
-    /// each); an outcome on an older one reads and decodes its record (~4.6 KB) from the file.
+    /// How many of the latest decisions ReportOutcome finds in memory (a person id and the
+    /// offered actions' arm keys each); an outcome on an older one reads and decodes its
+    /// record (~4.6 KB) from the file.
     static let recentDecisions = 100_000
 
     /// What an outcome needs of the decision it names: for whom it was made and, per offered
@@ -426,10 +436,10 @@ public final class DecisionStore: Sendable {
             // its reservation: the decision is logged for the survivor, or for no one.
             let entries = contacts.withLock { contacts in
                 entries.map { entry -> LogEntry in
-                    guard case .decision(var record, _, let arms) = entry, !record.personId.isEmpty, !record.actions.isEmpty,
-                          contacts.pending[record.personId]?.contains(where: { $0.decision == record.decisionId }) != true
-                    else { return entry }
-                    record.personId = contacts.pending.first { $0.value.contains { $0.decision == record.decisionId } }?.key ?? ""
+                    guard case .decision(var record, _, let arms) = entry, !record.personId.isEmpty, !record.actions.isEmpty else { return entry }
+                    let holder = contacts.holder(of: record) ?? ""
+                    guard holder != record.personId else { return entry }
+                    record.personId = holder
                     return .decision(record, encoded: Data(record.serializedBytes()), arms: arms)
                 }
             }
@@ -450,11 +460,16 @@ public final class DecisionStore: Sendable {
                     return try insert(db, outcome, offered: offered, atMs: atMs)
                 }
             }
+            // Built before taking the lock, which Decide's history reads wait for.
+            let offered = entries.map { entry -> Offered? in
+                guard case .decision(let record, _, _) = entry, !record.actions.isEmpty else { return nil }
+                return Offered(record)
+            }
             contacts.withLock { contacts in
-                for (entry, new) in zip(entries, written) {
+                for (i, (entry, new)) in zip(entries, written).enumerated() {
                     switch entry {
                     case .decision(let record, _, _) where !record.actions.isEmpty:
-                        contacts.decisions.insert(record.decisionId, Offered(record))
+                        contacts.decisions.insert(record.decisionId, offered[i]!)
                         guard !record.personId.isEmpty else { break }
                         for action in record.actions {
                             contacts.recent.addOffer(person: record.personId, action: action.actionId,
@@ -504,12 +519,8 @@ public final class DecisionStore: Sendable {
     private func release(_ entries: [LogEntry]) {
         contacts.withLock { contacts in
             for case .decision(let record, _, _) in entries where !record.personId.isEmpty && !record.actions.isEmpty {
-                // A merge while the decision was being logged moved its reservation to the
-                // survivor: look there too (pending holds only decisions in flight).
-                let holder = contacts.pending[record.personId]?.contains { $0.decision == record.decisionId } == true
-                    ? record.personId
-                    : contacts.pending.first { $0.value.contains { $0.decision == record.decisionId } }?.key
-                guard let holder else { continue }
+                // A merge while the decision was being logged moved its reservation.
+                guard let holder = contacts.holder(of: record) else { continue }
                 contacts.pending[holder]?.removeAll { $0.decision == record.decisionId }
                 if contacts.pending[holder]?.isEmpty == true { contacts.pending[holder] = nil }
             }
@@ -578,7 +589,39 @@ extension DecisionStore: IdentityChangeSink {
         // fails (an erasure's dropped ones are not put back: those decisions are logged for no one).
         var moves: [(from: String, to: String, ids: Set<String>)] = []
         do {
-            try applyChanges(changes, moves: &moves, erased: &erased)
+            try writeContacts { db in
+                let cursor = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0
+                for (seq, change) in changes where seq > cursor {
+                    switch change {
+                    case .merge(let target, let sources):
+                        for source in sources where source != target && !source.isEmpty {
+                            let moved = try merge(db, source, into: target)
+                            if !moved.isEmpty { moves.append((source, target, moved)) }
+                        }
+                    case .erase(let person, let absorbed):
+                        for p in [person] + absorbed where !p.isEmpty {
+                            try db.execute(sql: "DELETE FROM decision WHERE decision_id IN (SELECT decision_id FROM offer WHERE person_id = ?)", arguments: [p])
+                            for table in ["offer", "outcome"] {
+                                try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [p])
+                            }
+                            contacts.withLock { contacts in
+                                contacts.recent.remove(p)
+                                contacts.pending[p] = nil  // its decisions in flight are logged for no one
+                            }
+                        }
+                        erased = true
+                    case .unmerge, .other:
+                        break
+                    }
+                }
+                try db.execute(sql: "INSERT OR REPLACE INTO meta (key, value) VALUES ('identity_seq', ?)",
+                               arguments: [max(cursor, changes.map(\.seq).max()!)])
+                // The latest decisions' persons may have changed: ReportOutcome reads them from the
+                // file until new decisions come (merges and erasures are rare).
+                if changes.contains(where: { if case .merge = $0.change { true } else if case .erase = $0.change { true } else { false } }) {
+                    contacts.withLock { $0.decisions.removeAll() }
+                }
+            }
         } catch {
             contacts.withLock { contacts in
                 for move in moves.reversed() {
@@ -595,47 +638,6 @@ extension DecisionStore: IdentityChangeSink {
             throw error
         }
         if erased { try SQLiteStore.checkpoint(pool) }
-    }
-
-    private func applyChanges(_ changes: [(seq: Int64, change: IdentityChange)], moves: inout [(from: String, to: String, ids: Set<String>)],
-                              erased: inout Bool) throws {
-        try writeContacts { db in
-            let cursor = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0
-            for (seq, change) in changes where seq > cursor {
-                switch change {
-                case .merge(let target, let sources):
-                    for source in sources where source != target && !source.isEmpty {
-                        try merge(db, source, into: target)
-                        contacts.withLock { contacts in
-                            guard let moved = contacts.pending.removeValue(forKey: source) else { return }
-                            contacts.pending[target, default: []] += moved
-                            moves.append((source, target, Set(moved.map(\.decision))))
-                        }
-                    }
-                case .erase(let person, let absorbed):
-                    for p in [person] + absorbed where !p.isEmpty {
-                        try db.execute(sql: "DELETE FROM decision WHERE decision_id IN (SELECT decision_id FROM offer WHERE person_id = ?)", arguments: [p])
-                        for table in ["offer", "outcome"] {
-                            try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [p])
-                        }
-                        contacts.withLock { contacts in
-                            contacts.recent.remove(p)
-                            contacts.pending[p] = nil  // its decisions in flight are logged for no one
-                        }
-                    }
-                    erased = true
-                case .unmerge, .other:
-                    break
-                }
-            }
-            try db.execute(sql: "INSERT OR REPLACE INTO meta (key, value) VALUES ('identity_seq', ?)",
-                           arguments: [max(cursor, changes.map(\.seq).max()!)])
-            // The latest decisions' persons may have changed: ReportOutcome reads them from the
-            // file until new decisions come (merges and erasures are rare).
-            if changes.contains(where: { if case .merge = $0.change { true } else if case .erase = $0.change { true } else { false } }) {
-                contacts.withLock { $0.decisions.removeAll() }
-            }
-        }
     }
 
     /// Deletes up to `limit` decisions made before `beforeMs` with their offers, and up to
@@ -665,7 +667,8 @@ extension DecisionStore: IdentityChangeSink {
         }
     }
 
-    private func merge(_ db: Database, _ source: String, into target: String) throws {
+    /// Returns the decisions in flight whose reservations moved to `target`.
+    private func merge(_ db: Database, _ source: String, into target: String) throws -> Set<String> {
         let rows = try Row.fetchAll(db, sql: """
             SELECT decision_id, record FROM decision WHERE decision_id IN (SELECT decision_id FROM offer WHERE person_id = ?)
             """, arguments: [source])
@@ -678,6 +681,11 @@ extension DecisionStore: IdentityChangeSink {
         try db.execute(sql: "UPDATE OR IGNORE offer SET person_id = ? WHERE person_id = ?", arguments: [target, source])
         try db.execute(sql: "DELETE FROM offer WHERE person_id = ?", arguments: [source])
         try db.execute(sql: "UPDATE outcome SET person_id = ? WHERE person_id = ?", arguments: [target, source])
-        contacts.withLock { $0.recent.move(source, to: target) }
+        return contacts.withLock { contacts in
+            contacts.recent.move(source, to: target)
+            guard let moved = contacts.pending.removeValue(forKey: source) else { return [] }
+            contacts.pending[target, default: []] += moved
+            return Set(moved.map(\.decision))
+        }
     }
 }

@@ -118,7 +118,7 @@ struct RecentHistory: Sendable {
                 break
             }
         }
-        // Whole minutes only: one that straddles a bound set at load holds later entries too.
+        // The bound is a minute's last millisecond: these minutes hold nothing after it.
         for (minute, count) in perMinute where (minute + 1) * 60_000 - 1 <= coveredAfterMs {
             perMinute[minute] = nil
             entries -= count
