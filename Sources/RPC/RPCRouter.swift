@@ -12,6 +12,8 @@ public struct RPCRouter: Sendable {
 
     struct Route: Sendable {
         let descriptor: any AnyMethodDescriptor
+        /// Where the handler runs; nil: the server's `handlerExecution`.
+        let execution: RPCServerConfiguration.HandlerExecution?
         let handler: Handler
     }
 
@@ -21,11 +23,16 @@ public struct RPCRouter: Sendable {
 
     /// Registers `handler` for `method`. The request payload is decoded before the handler runs;
     /// a payload that does not decode is answered INVALID_ARGUMENT without calling it.
+    ///
+    /// `execution` overrides the server's `handlerExecution` for this method: a short,
+    /// never-blocking read on a server whose other handlers block can run on the event loop
+    /// (no thread hop), and a method that may block can be kept off it.
     public mutating func register<Input, Output>(
         _ method: MethodDescriptor<Input, Output>,
+        execution: RPCServerConfiguration.HandlerExecution? = nil,
         _ handler: @escaping @Sendable (Input, RPCContext) async throws -> Output
     ) {
-        routes[method.service, default: [:]][method.method] = Route(descriptor: method) { payload, context in
+        routes[method.service, default: [:]][method.method] = Route(descriptor: method, execution: execution) { payload, context in
             let request: Input
             do {
                 request = try Input(serializedBytes: payload)

@@ -139,8 +139,9 @@ public final class RPCServer: Service, Sendable {
                     try pipeline.addHandler(IdleStateHandler(readTimeout: idleTimeout))
                     try pipeline.addHandler(ByteToMessageHandler(TTRPCFrameDecoder(maxPayloadSize: maxMessageSize)))
                     try pipeline.addHandler(MessageToByteHandler(TTRPCFrameEncoder()))
-                    let executor = handlersOnEventLoop ? EventLoopTaskExecutor(channel.eventLoop) : nil
-                    try pipeline.addHandler(RPCConnectionHandler(server: self, limit: limit, logger: logger, executor: executor))
+                    try pipeline.addHandler(RPCConnectionHandler(server: self, limit: limit, logger: logger,
+                                                                 executor: EventLoopTaskExecutor(channel.eventLoop),
+                                                                 handlersOnEventLoop: handlersOnEventLoop))
                     return channel
                 }
             }
@@ -367,7 +368,10 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     private let server: RPCServer
     private let limit: Int
     private let logger: Logger
-    private let executor: EventLoopTaskExecutor?
+    /// The connection's event loop as a task executor.
+    private let executor: EventLoopTaskExecutor
+    /// The server's `handlerExecution` is `.eventLoop` (a route may say otherwise).
+    private let handlersOnEventLoop: Bool
     private var lastStreamID: UInt32 = 0
     private var running: [UInt32: Task<Void, Never>] = [:]
     private var timers: [UInt32: Scheduled<Void>] = [:]
@@ -382,11 +386,12 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     private var needsFlush = false
     private var flushScheduled = false
 
-    init(server: RPCServer, limit: Int, logger: Logger, executor: EventLoopTaskExecutor?) {
+    init(server: RPCServer, limit: Int, logger: Logger, executor: EventLoopTaskExecutor, handlersOnEventLoop: Bool) {
         self.server = server
         self.limit = limit
         self.logger = logger
         self.executor = executor
+        self.handlersOnEventLoop = handlersOnEventLoop
     }
 
     private var busy: Bool { running.count >= limit || queueHead < queued.count }
@@ -426,7 +431,8 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
         let handler = NIOLoopBound(self, eventLoop: loop)
         let boundContext = NIOLoopBound(context, eventLoop: loop)
         let server = self.server, logger = self.logger, streamID = call.streamID
-        running[streamID] = Task(executorPreference: executor) {
+        let onLoop = call.route.execution.map { $0 == .eventLoop } ?? handlersOnEventLoop
+        running[streamID] = Task(executorPreference: onLoop ? executor : nil) {
             let frame = await server.run(call, logger: logger)
             if loop.inEventLoop {
                 handler.value.finished(boundContext.value, streamID, frame)

@@ -21,6 +21,11 @@ enum TestMethods {
     static let relay = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "Relay", isIdempotent: false)
     /// Waits `delay_ms` for something that ignores cancellation (a detached task).
     static let stubborn = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "Stubborn", isIdempotent: false)
+    /// Answer "loop" or "pool": where the handler ran. Registered with the server's default
+    /// execution, with `.eventLoop` and with `.concurrentPool`.
+    static let whereDefault = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "WhereDefault", isIdempotent: true)
+    static let whereLoop = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "WhereLoop", isIdempotent: true)
+    static let wherePool = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "WherePool", isIdempotent: true)
 }
 
 struct Boom: Error {}
@@ -61,6 +66,14 @@ final class TestService: RPCService {
             echo.message = request.message
             return try await client.call(EchoV1.Echo.echo, echo)
         }
+        let whereRun: @Sendable (EchoV1.EchoRequest, RPCContext) async throws -> EchoV1.EchoResponse = { _, _ in
+            var response = EchoV1.EchoResponse()
+            response.message = MultiThreadedEventLoopGroup.currentEventLoop == nil ? "pool" : "loop"
+            return response
+        }
+        router.register(TestMethods.whereDefault, whereRun)
+        router.register(TestMethods.whereLoop, execution: .eventLoop, whereRun)
+        router.register(TestMethods.wherePool, execution: .concurrentPool, whereRun)
         router.register(TestMethods.stubborn) { request, _ in
             await Task.detached { try? await Task.sleep(for: .milliseconds(request.delayMs)) }.value
             return EchoV1.EchoResponse()

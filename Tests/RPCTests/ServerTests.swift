@@ -138,6 +138,24 @@ struct ServerTests {
         }
     }
 
+    @Test("a method registered with an execution runs there whatever the server's default; the others follow the default", arguments: [
+        RPCServerConfiguration.HandlerExecution.eventLoop, .concurrentPool,
+    ])
+    func perMethodExecution(execution: RPCServerConfiguration.HandlerExecution) async throws {
+        try await withServer(configure: { $0.handlerExecution = execution }, services: [TestService()]) { _, port in
+            let client = makeClient(port)
+            defer { client.close() }
+            func ranOn(_ method: MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>) async throws -> String {
+                try await client.call(method, echoRequest(), timeout: .seconds(5)).message
+            }
+            let (byDefault, onLoop, onPool) = (try await ranOn(TestMethods.whereDefault), try await ranOn(TestMethods.whereLoop),
+                                               try await ranOn(TestMethods.wherePool))
+            #expect(byDefault == (execution == .eventLoop ? "loop" : "pool"))
+            #expect(onLoop == "loop")
+            #expect(onPool == "pool")
+        }
+    }
+
     @Test("a negative timeout_nano has already expired")
     func expiredDeadline() async throws {
         try await withServer { _, port in

@@ -10,7 +10,8 @@ enum DecisionDefinition: ServiceDefinition {
     static let abstract = "Arbiter decision service: next-best action with eligibility, contact policy, arbitration, online learning and a degraded mode."
     static let defaultPort = 7103
     static let defaultAdminPort = 8103
-    /// The store reads and writes SQLite synchronously: keep that off the event loops.
+    /// Most methods read or write SQLite synchronously: keep them off the event loop.
+    /// Decide and ReportOutcome ask for the loop themselves (DecisionService.register).
     static let handlerExecution = RPCServerConfiguration.HandlerExecution.concurrentPool
 
     static func makeServices(_ context: ServiceContext) async throws -> ServiceParts {
