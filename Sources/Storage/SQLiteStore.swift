@@ -45,10 +45,10 @@ public enum SQLiteStore {
     /// `open`, and the checkpointer that keeps the store's WAL short: keep both as long as
     /// the store.
     public static func openWithCheckpointer(directory: String, name: String, migrator: DatabaseMigrator,
-                                            synchronous: Synchronous = .normal,
-                                            readersAttach: [String: String] = [:]) throws -> (DatabasePool, BackgroundCheckpointer) {
+                                            synchronous: Synchronous = .normal, readersAttach: [String: String] = [:],
+                                            checkpoints: BackgroundCheckpointer.Pace = .standard) throws -> (DatabasePool, BackgroundCheckpointer) {
         let pool = try open(directory: directory, name: name, migrator: migrator, synchronous: synchronous, readersAttach: readersAttach)
-        return (pool, try BackgroundCheckpointer(path: pool.path))
+        return (pool, try BackgroundCheckpointer(path: pool.path, pace: checkpoints))
     }
 
     /// `pool.read`'s snapshot (one read transaction around `body`) for hot paths: GRDB's

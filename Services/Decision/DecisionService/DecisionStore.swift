@@ -135,7 +135,9 @@ public final class DecisionStore: Sendable {
     ///   (`DecisionConfiguration.recentHistoryEntries`); 0 reads every history from the file.
     public init(directory: String, configuration: LearnerConfiguration = .init(),
                 recentEntries: Int = DecisionConfiguration().recentHistoryEntries) throws {
-        (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "decision", migrator: Self.migrator)
+        // Every decision is a write: the log is written without pause under load.
+        (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "decision", migrator: Self.migrator,
+                                                                    checkpoints: .continuous)
         self.configuration = configuration
         var loaded = Memory()
         var recent = RecentHistory(limit: recentEntries)
