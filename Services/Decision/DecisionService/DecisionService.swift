@@ -116,10 +116,10 @@ public struct DecisionService: RPCService {
         router.register(methods.setContactPolicy) { request, _ in try setContactPolicy(request) }
         router.register(methods.getContactPolicy) { _, _ in store.policy }
         // Decide and ReportOutcome run on the connection's event loop: no thread hop between
-        // the socket, the profile call and the answer (the suite at 3,000/s: Decide p99 30-41 ms
-        // against 82 ms on the pool, and 11 % less CPU). They read memory and await the log's
-        // writer; only a history or decision older than memory holds is read from the file
-        // there (an indexed read). The methods that scan or write SQLite stay on the pool.
+        // the socket, the profile call and the answer (the suite at 3,000/s: 10 % less CPU in
+        // alternating 60 s runs). They read memory and await the log's writer; only a history
+        // or decision older than memory holds is read from the file there (an indexed read).
+        // The methods that scan or write SQLite stay on the pool.
         router.register(methods.decide, execution: .eventLoop) { request, _ in try await decide(request) }
         router.register(methods.getDecision) { request, _ in
             guard !request.decisionId.isEmpty else { throw RPCError.invalidArgument(field: "decision_id", "is required") }
