@@ -69,7 +69,7 @@ let package = Package(
             ]
         ),
         // Shared SQLite setup: WAL, secure_delete, migrations before serving.
-        .target(name: "Storage", dependencies: [.product(name: "GRDB", package: "GRDB.swift")]),
+        .target(name: "Storage", dependencies: [.product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift")]),
         // The identity graph: normalization, merge rules, unmerge, change feed, erasure.
         .target(
             name: "IdentityService",

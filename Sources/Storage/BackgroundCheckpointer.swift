@@ -1,9 +1,7 @@
 import Dispatch
 import Foundation
 import GRDB
-#if canImport(Glibc)
-import Glibc
-#endif
+import GRDBSQLite
 
 /// Copies a store's WAL into its main file from a connection of its own, so that the writer
 /// does not stop to checkpoint on its commit path. Every `pace.interval` it looks at the WAL's
@@ -40,26 +38,39 @@ public final class BackgroundCheckpointer: Sendable {
         configuration.busyMode = .timeout(5)
         let connection = try DatabaseQueue(path: path, configuration: configuration)
         let wal = path + "-wal"
-        let file = pace.flushesFile ? open(path, O_RDONLY | O_CLOEXEC) : -1
-        if pace.flushesFile && file < 0 {
-            throw DatabaseError(resultCode: .SQLITE_CANTOPEN, message: "cannot open \(path) to flush it")
-        }
         let timer = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "arbiter.sqlite.checkpoint"))
         nonisolated(unsafe) var lastSeen: Date?
+        nonisolated(unsafe) var lastCopied = -1
         timer.schedule(deadline: .now() + pace.interval, repeating: pace.interval, leeway: .milliseconds(5))
         timer.setEventHandler {
             guard let modified = (try? FileManager.default.attributesOfItem(atPath: wal))?[.modificationDate] as? Date,
                   modified != lastSeen else { return }
             // A failed checkpoint (the file busy for 5 s, a disk error) is retried on the next
             // tick; meanwhile the writer's own automatic checkpoint keeps the WAL bounded.
-            guard (try? connection.writeWithoutTransaction({ db in try db.checkpoint(.passive) })) != nil else { return }
-            lastSeen = modified
-            // A failed flush is harmless: SQLite flushes the file itself before the WAL starts over.
-            if file >= 0 { _ = fdatasync(file) }
+            _ = try? connection.writeWithoutTransaction { db in
+                let result = try db.checkpoint(.passive)
+                // Looked at again next tick unless everything was copied: a commit within the
+                // file system's timestamp granularity of this look leaves the time unchanged.
+                if result.checkpointedFrameCount == result.walFrameCount { lastSeen = modified }
+                if pace.flushesFile && result.checkpointedFrameCount != lastCopied {
+                    lastCopied = result.checkpointedFrameCount
+                    Self.flushMainFile(db)
+                }
+            }
         }
-        timer.setCancelHandler { if file >= 0 { close(file) } }
         timer.resume()
         self.timer = timer
+    }
+
+    /// Flushes the main file through SQLite's own handle: a descriptor of our own would,
+    /// when closed, drop every POSIX lock this process holds on the file. No SQLite lock is
+    /// held meanwhile, so the writer and the readers go on. A failed flush is harmless:
+    /// SQLite flushes the file itself before the WAL starts over.
+    private static func flushMainFile(_ db: Database) {
+        var file: UnsafeMutablePointer<sqlite3_file>?
+        guard sqlite3_file_control(db.sqliteConnection, "main", SQLITE_FCNTL_FILE_POINTER, &file) == SQLITE_OK,
+              let file, let sync = file.pointee.pMethods?.pointee.xSync else { return }
+        _ = sync(file, SQLITE_SYNC_NORMAL)
     }
 
     deinit { timer.cancel() }

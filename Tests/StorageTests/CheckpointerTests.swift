@@ -13,22 +13,26 @@ struct CheckpointerTests {
         migrator.registerMigration("v1") { db in try db.execute(sql: "CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB NOT NULL)") }
         let (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "t", migrator: migrator,
                                                                         checkpoints: continuous ? .continuous : .standard)
-        // 2,000 rows of 2 KB in 200 transactions: about 1,000 pages, far below the writer's own
-        // checkpoint at 16,000, so only the checkpointer can bring them into the main file.
+        // 2,000 rows of 2 KB in 200 transactions: about 2,400 WAL frames, far below the writer's
+        // own checkpoint at 16,000, so only the checkpointer can bring them into the main file.
         let body = Data(repeating: 7, count: 2048)
         for batch in 0..<200 {
             try await pool.write { db in
                 for i in 0..<10 { try db.execute(sql: "INSERT INTO t (id, body) VALUES (?, ?)", arguments: [batch * 10 + i, body]) }
             }
         }
-        // The main file alone (copied without its WAL) holds every row once the checkpointer has run.
+        // The main file alone (copied without its WAL) holds every row once the checkpointer has
+        // run. `cp` copies it from another process: opening and closing the file here would drop
+        // this process's SQLite locks on it. A copy taken mid-checkpoint may not read: try again.
         let copy = directory + "/copy.sqlite"
         var rows = 0
         for _ in 0..<100 where rows < 2000 {
             try await Task.sleep(for: .milliseconds(50))
             try? FileManager.default.removeItem(atPath: copy)
-            try FileManager.default.copyItem(atPath: pool.path, toPath: copy)
-            rows = try await DatabaseQueue(path: copy).read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM t") ?? 0 }
+            let cp = try Process.run(URL(fileURLWithPath: "/bin/cp"), arguments: [pool.path, copy])
+            cp.waitUntilExit()
+            guard cp.terminationStatus == 0 else { continue }
+            rows = (try? await DatabaseQueue(path: copy).read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM t") ?? 0 }) ?? 0
         }
         #expect(rows == 2000)
         // The store goes on as before.
