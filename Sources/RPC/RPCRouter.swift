@@ -24,9 +24,10 @@ public struct RPCRouter: Sendable {
     /// Registers `handler` for `method`. The request payload is decoded before the handler runs;
     /// a payload that does not decode is answered INVALID_ARGUMENT without calling it.
     ///
-    /// `execution` overrides the server's `handlerExecution` for this method: a short,
-    /// never-blocking read on a server whose other handlers block can run on the event loop
-    /// (no thread hop), and a method that may block can be kept off it.
+    /// `execution` overrides the server's `handlerExecution` for this method: a handler that
+    /// only computes and awaits, on a server whose other handlers block, can run on the event
+    /// loop (no thread hop), and a method that may block can be kept off it. A handler on the
+    /// loop that must block moves that part off it (`withTaskExecutorPreference`).
     public mutating func register<Input, Output>(
         _ method: MethodDescriptor<Input, Output>,
         execution: RPCServerConfiguration.HandlerExecution? = nil,

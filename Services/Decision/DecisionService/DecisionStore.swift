@@ -12,8 +12,9 @@ import Synchronization
 /// evidence per action and context. The catalog, policy and evidence are mirrored in
 /// memory and changed only inside write transactions.
 ///
-/// Database access is synchronous on the calling thread (the service runs its handlers
-/// on the concurrent pool, never on an event loop).
+/// Database access is synchronous on the calling thread: keep it off event loops (Decide
+/// and ReportOutcome, which run on one, ask `historyInMemory` and `recentlyOffered` first
+/// and read the file on the concurrent pool).
 public final class DecisionStore: Sendable {
     let pool: DatabasePool
     /// Keeps the WAL short from its own connection (see BackgroundCheckpointer).
@@ -366,6 +367,12 @@ public final class DecisionStore: Sendable {
         var inMemory = false
     }
 
+    /// Whether `history(person:sinceMs:)` answers from memory (else it reads the file). A cut
+    /// may move the bound meanwhile: the answer is right either way, only slower.
+    func historyInMemory(sinceMs: Int64) -> Bool {
+        contacts.withLock { sinceMs >= $0.recent.coveredAfterMs }
+    }
+
     /// The person's offers and outcomes since `sinceMs`, including offers still being logged:
     /// from memory when `recent` covers the time since then, else from the file.
     func history(person: String, sinceMs: Int64) throws -> History {
@@ -532,8 +539,13 @@ public final class DecisionStore: Sendable {
     /// What an outcome on decision `id` needs: from memory for the latest decisions, else
     /// from the file (nil when there is no such decision).
     func offered(_ id: String) throws -> Offered? {
-        if let offered = contacts.withLock({ $0.decisions[id] }) { return offered }
+        if let offered = recentlyOffered(id) { return offered }
         return try decision(id).map(Offered.init)
+    }
+
+    /// `offered` from memory only: nil when the decision is not among the latest.
+    func recentlyOffered(_ id: String) -> Offered? {
+        contacts.withLock { $0.decisions[id] }
     }
 
     public func decision(_ id: String) throws -> DecisionV1.DecisionRecord? {
