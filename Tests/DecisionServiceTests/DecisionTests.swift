@@ -462,7 +462,8 @@ struct DecisionTests {
         try decision.upsert(action("a"))
         let decided = try await decision.decide(decideRequest("p"))
         let fromMemory = try #require(try decision.store.offered(decided.decisionId))
-        decision.store.contacts.withLock { $0.decisions.removeAll() }
+        let taken = decision.store.contacts.withLock { $0.decisions.takeAll() }
+        #expect(taken[decided.decisionId] != nil && decision.store.recentlyOffered(decided.decisionId) == nil)
         let fromFile = try #require(try decision.store.offered(decided.decisionId))
         #expect(fromFile.personId == "p" && fromFile.arms == fromMemory.arms && fromFile.arms["a"]?.count == 2)
         #expect(try await !decision.outcome("o", decided, .click).duplicate)
