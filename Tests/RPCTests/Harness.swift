@@ -26,6 +26,8 @@ enum TestMethods {
     static let whereDefault = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "WhereDefault", isIdempotent: true)
     static let whereLoop = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "WhereLoop", isIdempotent: true)
     static let wherePool = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "WherePool", isIdempotent: true)
+    /// On the loop, then moved off it for a part that would block: "loop-pool".
+    static let whereMoved = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "WhereMoved", isIdempotent: true)
 }
 
 struct Boom: Error {}
@@ -74,6 +76,14 @@ final class TestService: RPCService {
         router.register(TestMethods.whereDefault, whereRun)
         router.register(TestMethods.whereLoop, execution: .eventLoop, whereRun)
         router.register(TestMethods.wherePool, execution: .concurrentPool, whereRun)
+        router.register(TestMethods.whereMoved, execution: .eventLoop) { _, _ in
+            func here() -> String { MultiThreadedEventLoopGroup.currentEventLoop == nil ? "pool" : "loop" }
+            let before = here()
+            let moved = await withTaskExecutorPreference(globalConcurrentExecutor) { here() }
+            var response = EchoV1.EchoResponse()
+            response.message = "\(before)-\(moved)"
+            return response
+        }
         router.register(TestMethods.stubborn) { request, _ in
             await Task.detached { try? await Task.sleep(for: .milliseconds(request.delayMs)) }.value
             return EchoV1.EchoResponse()

@@ -138,7 +138,7 @@ struct ServerTests {
         }
     }
 
-    @Test("a method registered with an execution runs there whatever the server's default; the others follow the default", arguments: [
+    @Test("a method registered with an execution runs there whatever the server's default; the others follow the default; a handler on the loop can move a part off it", arguments: [
         RPCServerConfiguration.HandlerExecution.eventLoop, .concurrentPool,
     ])
     func perMethodExecution(execution: RPCServerConfiguration.HandlerExecution) async throws {
@@ -153,6 +153,8 @@ struct ServerTests {
             #expect(byDefault == (execution == .eventLoop ? "loop" : "pool"))
             #expect(onLoop == "loop")
             #expect(onPool == "pool")
+            // How a handler on the loop keeps a blocking part off it (the decision service's file reads).
+            #expect(try await ranOn(TestMethods.whereMoved) == "loop-pool")
         }
     }
 
