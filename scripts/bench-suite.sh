@@ -5,6 +5,7 @@
 # actions, then drives Decide (with 10 % ReportOutcome) open loop at RATE/s for DURATION
 # seconds after a warm-up, and prints the figures and where the CPU went (per process).
 #   PERSONS (100000)  ACTIONS (50)  RATE (3000)  DURATION (60)  WARMUP (5)  CONCURRENCY (256)
+#   CAPS (unset; 1: each action capped at 3 offers a week per person, 20 a day per person)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PERSONS="${PERSONS:-100000}"; ACTIONS="${ACTIONS:-50}"; RATE="${RATE:-3000}"; DURATION="${DURATION:-60}"
@@ -24,7 +25,7 @@ cpu() { for s in identity profile decision routing; do
   pid=$(pgrep -f "arbiter-$s .*--port 1740" | head -1)
   printf '%s=%s ' "$s" "$(awk '{print $14 + $15}' "/proc/$pid/stat")"; done; echo; }
 "$bin/arbiter" load --address 127.0.0.1:17403 --seed-profile 127.0.0.1:17402 --persons "$PERSONS" --actions "$ACTIONS" \
-  --seed-only
+  ${CAPS:+--caps} --seed-only
 echo "CPU ticks (1/100 s) before: $(cpu)"
 "$bin/arbiter" load --address 127.0.0.1:17403 --persons "$PERSONS" --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" \
   --concurrency "$CONCURRENCY" --json "$ROOT/.build/bench-suite.json" --hdr "$ROOT/.build/bench-suite.hgrm"

@@ -36,13 +36,23 @@ struct Load: AsyncParsableCommand {
     @Option(help: "Write Decide's latency percentile distribution (HdrHistogram text, ms) to this file.") var hdr: String?
     @Option(help: "File holding the token sent as authorization: Bearer <token>.") var authTokenFile: String?
     @Option(help: "Write an HTML page with the latency-by-percentile chart to this file.") var html: String?
+    @Flag(help: "With --actions: cap each action at 3 offers a week per person, and every person at 20 a day (the contact policy), so that Decide counts each person's offers.") var caps = false
     @Flag(help: "Only seed (--seed-profile, --actions), then exit.") var seedOnly = false
+
+    static func cap(_ scope: DecisionV1.Cap.Scope, max: UInt32, days: Int64) -> DecisionV1.Cap {
+        var cap = DecisionV1.Cap()
+        cap.scope = scope
+        cap.max = max
+        cap.windowSeconds = days * 86_400
+        return cap
+    }
 
     func validate() throws {
         guard rate >= 0, concurrency >= 1, connections >= 1, duration > 0, warmup >= 0, persons >= 1 else {
             throw ValidationError("--rate must be ≥ 0, --concurrency, --connections and --persons ≥ 1, --duration > 0, --warmup ≥ 0")
         }
         guard (0...1).contains(outcomeRatio) else { throw ValidationError("--outcome-ratio must be between 0 and 1") }
+        if caps && actions == 0 { throw ValidationError("--caps needs --actions (it caps the actions it puts in place)") }
     }
 
     func run() async throws {
@@ -58,10 +68,16 @@ struct Load: AsyncParsableCommand {
                 action.channels = a % 2 == 0 ? [.email, .push] : []
                 action.consentPurpose = a % 2 == 0 ? "marketing" : ""
                 action.eligibility = ["", "trait.tier == \"gold\"", "context.device == \"ios\""][a % 3]
+                if caps { action.caps = [Self.cap(.action, max: 3, days: 7)] }
                 upsert.action = action
                 _ = try await clients[0].call(DecisionV1.Decision.upsertAction, upsert, timeout: .seconds(10))
             }
-            say("catalog: \(actions) actions")
+            if caps {
+                var policy = DecisionV1.ContactPolicy()
+                policy.caps = [Self.cap(.total, max: 20, days: 1)]
+                _ = try await clients[0].call(DecisionV1.Decision.setContactPolicy, policy, timeout: .seconds(10))
+            }
+            say("catalog: \(actions) actions" + (caps ? ", each at most 3 offers a week per person; at most 20 offers a day per person" : ""))
         }
         if seedOnly { return }
 

@@ -54,7 +54,7 @@ struct UpTests {
 
         // arbiter load: open loop against the decision service, figures as JSON and HdrHistogram text.
         let load = try RunningProcess.start("arbiter", [
-            "load", "--address", "127.0.0.1:\(rpcBase + 3)", "--seed-profile", profile, "--persons", "50", "--actions", "3",
+            "load", "--address", "127.0.0.1:\(rpcBase + 3)", "--seed-profile", profile, "--persons", "50", "--actions", "3", "--caps",
             "--rate", "200", "--duration", "2", "--warmup", "0", "--json", dataDir + "/load.json", "--hdr", dataDir + "/decide.hgrm",
             "--html", dataDir + "/load.html"],
             captureOutput: true)
@@ -68,6 +68,18 @@ struct UpTests {
         #expect(try String(contentsOfFile: dataDir + "/decide.hgrm", encoding: .utf8).contains("Percentile"))
         let chart = try String(contentsOfFile: dataDir + "/load.html", encoding: .utf8)
         #expect(chart.contains("<polyline") && chart.contains("Decide"))
+        // --caps put a cap on each action and a daily cap in the contact policy.
+        let listed = try RunningProcess.start("arbiter", ["call", "Decision/ListActions", "{}", "--address", "127.0.0.1:\(rpcBase + 3)"],
+                                              captureOutput: true)
+        #expect(await listed.waitForExit() == 0)
+        let catalog = try JSONSerialization.jsonObject(with: Data(await listed.output.utf8)) as? [String: Any]
+        let capped = (catalog?["actions"] as? [[String: Any]])?.map { (($0["caps"] as? [[String: Any]])?.first?["max"] as? Int) }
+        #expect(capped == [3, 3, 3], "\(String(describing: catalog))")
+        let policy = try RunningProcess.start("arbiter", ["call", "Decision/GetContactPolicy", "{}", "--address", "127.0.0.1:\(rpcBase + 3)"],
+                                              captureOutput: true)
+        #expect(await policy.waitForExit() == 0)
+        let daily = try JSONSerialization.jsonObject(with: Data(await policy.output.utf8)) as? [String: Any]
+        #expect(((daily?["caps"] as? [[String: Any]])?.first?["max"] as? Int) == 20, "\(String(describing: daily))")
 
         kill(up.process.processIdentifier, SIGINT)
         #expect(await up.waitForExit() == 0)
