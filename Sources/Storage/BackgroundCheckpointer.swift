@@ -49,9 +49,7 @@ public final class BackgroundCheckpointer: Sendable {
             // tick; meanwhile the writer's own automatic checkpoint keeps the WAL bounded.
             _ = try? connection.writeWithoutTransaction { db in
                 let result = try db.checkpoint(.passive)
-                // Looked at again next tick unless everything was copied: a commit within the
-                // file system's timestamp granularity of this look leaves the time unchanged.
-                if result.checkpointedFrameCount == result.walFrameCount { lastSeen = modified }
+                lastSeen = modified
                 if pace.flushesFile && result.checkpointedFrameCount != lastCopied {
                     lastCopied = result.checkpointedFrameCount
                     Self.flushMainFile(db)
