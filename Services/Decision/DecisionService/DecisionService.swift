@@ -248,12 +248,13 @@ public struct DecisionService: RPCService {
 
         let now = clock()
         let unit = person.id ?? Self.unit(request.person)
-        let choose = { try self.choose(request, person: person, unit: unit, reasons: reasons, nowMs: now) }
+        let rules = Rules(store, nowMs: now)
+        let choose = { try self.choose(request, person: person, unit: unit, reasons: reasons, rules: rules, nowMs: now) }
         let record: DecisionV1.DecisionRecord
         if let id = person.id {
             let lock = personLocks[Int(UInt(bitPattern: id.hashValue) % UInt(personLocks.count))]
             let chooseLocked = { try lock.withLock { _ throws in try choose() } }
-            if store.historyInMemory(sinceMs: historyStart(store.catalog().actions, store.policy, nowMs: now)) {
+            if store.historyInMemory(sinceMs: rules.historySinceMs) {
                 record = try chooseLocked()
             } else {
                 // The person's history is read from the file: not on the event loop.
@@ -351,12 +352,21 @@ public struct DecisionService: RPCService {
         }
     }
 
-    /// The earliest time a cap or suppression window of the catalog or the policy reaches
-    /// back to: the history Decide reads.
-    func historyStart(_ actions: [ActionSpec], _ policy: DecisionV1.ContactPolicy, nowMs now: Int64) -> Int64 {
-        let windows = actions.flatMap { $0.action.caps.map(\.windowSeconds) + $0.action.suppressions.map(\.windowSeconds) }
-            + policy.caps.map(\.windowSeconds)
-        return now - (windows.max() ?? 0) * 1000
+    /// The catalog and the contact policy one decision reads, taken once, and the earliest
+    /// time their cap and suppression windows reach back to: the history Decide reads.
+    struct Rules {
+        let actions: [ActionSpec]
+        let catalogVersion: UInt64
+        let policy: DecisionV1.ContactPolicy
+        let historySinceMs: Int64
+
+        init(_ store: DecisionStore, nowMs now: Int64) {
+            (actions, catalogVersion) = store.catalog()
+            policy = store.policy
+            let windows = actions.flatMap { $0.action.caps.map(\.windowSeconds) + $0.action.suppressions.map(\.windowSeconds) }
+                + policy.caps.map(\.windowSeconds)
+            historySinceMs = now - (windows.max() ?? 0) * 1000
+        }
     }
 
     /// Everything after the peers: candidates, holdouts, overrides, caps, scores, the draw.
@@ -365,13 +375,13 @@ public struct DecisionService: RPCService {
     ///
     /// `unit` is who holdouts and override control shares are assigned by: the person id, or
     /// the request's identifiers when the person could not be resolved.
-    func choose(_ request: DecisionV1.DecideRequest, person: Person, unit: String, reasons: [String], nowMs now: Int64) throws -> DecisionV1.DecisionRecord {
-        let (actions, catalogVersion) = store.catalog()
-        let policy = store.policy
+    func choose(_ request: DecisionV1.DecideRequest, person: Person, unit: String, reasons: [String], rules: Rules,
+                nowMs now: Int64) throws -> DecisionV1.DecisionRecord {
+        let (actions, catalogVersion, policy) = (rules.actions, rules.catalogVersion, rules.policy)
         let holdout = configuration.holdout
         let control = holdout.isControl(unit)
         let facts = Facts(profile: person.profile, context: request.context)
-        let history = try person.id.map { try store.history(person: $0, sinceMs: historyStart(actions, policy, nowMs: now)) } ?? .init()
+        let history = try person.id.map { try store.history(person: $0, sinceMs: rules.historySinceMs) } ?? .init()
         var usage = CapUsage(history: history, now: now)
 
         var explanations: [DecisionV1.CandidateExplanation] = []
