@@ -202,7 +202,7 @@ let package = Package(
         .testTarget(name: "ServiceRuntimeTests", dependencies: ["ServiceRuntime", "RPC", "Contracts", "Rules", "TestSupport",
                                                                .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "RulesTests", dependencies: ["Rules"]),
-        .testTarget(name: "StorageTests", dependencies: ["Storage", .product(name: "GRDB", package: "GRDB.swift")]),
+        .testTarget(name: "StorageTests", dependencies: ["Storage", "TestSupport", .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(
             name: "ProfileServiceTests",
             dependencies: ["ProfileService", "IdentityService", "IdentityFeed", "RPC", "Contracts", "Rules", "TestSupport",

@@ -7,6 +7,11 @@ import Synchronization
 /// with its own output. Under load, one fsync-bearing commit serves hundreds of writes;
 /// alone, an entry is written at once.
 ///
+/// Under concurrent load a commit interval makes batches larger: the writer starts a
+/// transaction at most once per `commitInterval`, so fewer transactions write the pages
+/// every transaction rewrites (the header page, the tables' last leaves). It waits only
+/// after a batch of more than one entry: one caller at a time is written at once.
+///
 /// The store that owns it passes its write function with every entry (a store cannot hand
 /// a closure over itself to a property during its own `init`); a batch is written with the
 /// function of the caller that found the writer idle, so every caller passes the same one.
@@ -14,14 +19,32 @@ public final class GroupCommit<Entry: Sendable, Output: Sendable>: Sendable {
     /// Writes a batch in one transaction; returns one output per entry, in order.
     public typealias Write = @Sendable ([Entry]) throws -> [Output]
 
-    private let queue = Mutex<(waiting: [(Entry, CheckedContinuation<Output, any Error>)], writing: Bool)>(([], false))
+    private struct State {
+        var waiting: [(Entry, CheckedContinuation<Output, any Error>)] = []
+        var writing = false
+        /// When the last batch began to be written, and how many entries it held.
+        var lastStart: ContinuousClock.Instant?
+        var lastBatch = 0
+    }
+
+    private let queue = Mutex(State())
     private let writer: DispatchQueue
     private let maxBatch: Int
+    private let commitInterval: Duration
 
-    public init(label: String, maxBatch: Int = 512) {
+    /// - Parameters:
+    ///   - maxBatch: the most entries one transaction writes.
+    ///   - commitInterval: after a batch of more than one entry, the next batch begins no
+    ///     sooner than this after it began. Zero (the default) writes as soon as the writer
+    ///     is free.
+    public init(label: String, maxBatch: Int = 512, commitInterval: Duration = .zero) {
         writer = DispatchQueue(label: label)
         self.maxBatch = max(1, maxBatch)
+        self.commitInterval = max(.zero, commitInterval)
     }
+
+    /// Entries submitted and not yet taken into a batch (tests wait on it).
+    var waitingCount: Int { queue.withLock { $0.waiting.count } }
 
     /// Returns `entry`'s output once it is committed; throws what the batch's write threw.
     public func submit(_ entry: Entry, write: @escaping Write) async throws -> Output {
@@ -36,14 +59,30 @@ public final class GroupCommit<Entry: Sendable, Output: Sendable>: Sendable {
         }
     }
 
-    private func drain(_ write: Write) {
+    private func drain(_ write: @escaping Write) {
         while true {
-            let batch = queue.withLock { queue -> [(Entry, CheckedContinuation<Output, any Error>)] in
+            let now = ContinuousClock.now
+            let next = queue.withLock { queue -> (batch: [(Entry, CheckedContinuation<Output, any Error>)], wait: Duration) in
+                guard !queue.waiting.isEmpty else {
+                    queue.writing = false
+                    return ([], .zero)
+                }
+                if queue.lastBatch > 1, let last = queue.lastStart, now < last + commitInterval {
+                    return ([], last + commitInterval - now)
+                }
                 let batch = Array(queue.waiting.prefix(maxBatch))
                 queue.waiting.removeFirst(batch.count)
-                if batch.isEmpty { queue.writing = false }
-                return batch
+                queue.lastStart = now
+                queue.lastBatch = batch.count
+                return (batch, .zero)
             }
+            if next.wait > .zero {
+                // Still `writing`: entries submitted meanwhile join the batch this resumes.
+                let nanoseconds = next.wait.components.seconds * 1_000_000_000 + next.wait.components.attoseconds / 1_000_000_000
+                writer.asyncAfter(deadline: .now() + .nanoseconds(Int(nanoseconds))) { self.drain(write) }
+                return
+            }
+            let batch = next.batch
             guard !batch.isEmpty else { return }
             do {
                 let outputs = try write(batch.map { $0.0 })

@@ -46,8 +46,11 @@ struct DecisionBench: AsyncParsableCommand {
         let profileClient = RPCClient(host: "127.0.0.1", port: profilePort)
 
         // The catalog: a mix of rules, consent purposes, placements and caps.
-        let store = try DecisionStore(directory: base + "/decision")
-        let decision = DecisionService(store: store, profile: profileClient)
+        // As the service runs it: the default configuration's history and commit interval.
+        let configuration = DecisionConfiguration()
+        let store = try DecisionStore(directory: base + "/decision", recentEntries: configuration.recentHistoryEntries,
+                                      commitInterval: .milliseconds(configuration.logCommitIntervalMs))
+        let decision = DecisionService(store: store, configuration: configuration, profile: profileClient)
         for a in 0..<actions {
             var action = DecisionV1.Action()
             action.id = "action-\(a)"

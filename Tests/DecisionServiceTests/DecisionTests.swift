@@ -77,7 +77,8 @@ func makeDecision(clock: TestClock = TestClock(), profile: RPCClient? = nil, rou
     configuration.holdout.share = 0
     configure(&configuration)
     let store = try DecisionStore(directory: temporaryDirectory("decision-test"), configuration: configuration.learner,
-                                  recentEntries: configuration.recentHistoryEntries)
+                                  recentEntries: configuration.recentHistoryEntries,
+                                  commitInterval: .milliseconds(configuration.logCommitIntervalMs))
     return DecisionService(store: store, configuration: configuration, profile: profile, routing: routing, seed: seed, clock: clock.read)
 }
 
@@ -785,14 +786,16 @@ struct DecisionTests {
 
     @Test("the configuration keeps defaults for missing keys and names a bad value")
     func configuration() throws {
-        let partial = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"decideBudgetMs": 80, "logRetentionDays": 90, "learner": {"halfLifeDays": 7}}"#.utf8))
+        let partial = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"decideBudgetMs": 80, "logRetentionDays": 90, "logCommitIntervalMs": 0, "learner": {"halfLifeDays": 7}}"#.utf8))
         var expected = DecisionConfiguration()
         expected.decideBudgetMs = 80
         expected.logRetentionDays = 90
+        expected.logCommitIntervalMs = 0
         expected.learner.halfLifeDays = 7
         #expect(partial == expected)
         #expect(throws: DecodingError.self) { _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"peerTimeoutMs": 0}"#.utf8)) }
         #expect(throws: DecodingError.self) { _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"logRetentionDays": -1}"#.utf8)) }
+        #expect(throws: DecodingError.self) { _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"logCommitIntervalMs": 5000}"#.utf8)) }
         do {
             _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"learner": {"explorationFloor": 2}}"#.utf8))
             Issue.record("accepted an exploration floor of 2")

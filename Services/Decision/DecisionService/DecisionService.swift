@@ -31,6 +31,11 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
     /// what memory holds is read from the file. About 85 bytes each, and they are read at
     /// start (1.1 million: 90 MB, 0.9 s). 0 reads every history from the file. Default 1,000,000.
     public var recentHistoryEntries = 1_000_000
+    /// Under concurrent Decides, the decision log begins a transaction at most once per this
+    /// many milliseconds (after one that held more than a decision), so that more decisions
+    /// share one: fewer pages are written per decision. A decision waits at most this much
+    /// longer for its commit; one caller at a time does not wait. 0 writes at once. Default 2.
+    public var logCommitIntervalMs = 2
 
     public init() {}
 
@@ -54,6 +59,7 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
         routeTimeoutMs = try read(.routeTimeoutMs, d.routeTimeoutMs, 1...60_000)
         logRetentionDays = try read(.logRetentionDays, d.logRetentionDays, 0...36_500)
         recentHistoryEntries = try read(.recentHistoryEntries, d.recentHistoryEntries, 0...1_000_000_000)
+        logCommitIntervalMs = try read(.logCommitIntervalMs, d.logCommitIntervalMs, 0...1000)
     }
 
     /// Each cap and suppression window (as `field`: seconds) longer than the log keeps

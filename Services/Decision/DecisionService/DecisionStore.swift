@@ -24,7 +24,7 @@ public final class DecisionStore: Sendable {
     /// The decision log's group commit: one transaction for every decision and outcome
     /// waiting (an outcome in a transaction of its own cost more CPU than a decision,
     /// profiled at 3,000 decisions/s).
-    let log = GroupCommit<LogEntry, Bool>(label: "arbiter.decision.log")
+    let log: GroupCommit<LogEntry, Bool>
     /// Decision ids are `TimeOrderedID`s with this prefix, so a time range is a key range.
     static let decisionIDPrefix = "d"
     /// What caps and suppressions read: the offers of decisions not yet committed, and the
@@ -135,10 +135,14 @@ public final class DecisionStore: Sendable {
         }
     }
 
-    /// - Parameter recentEntries: how many recent offers and outcomes to keep in memory
-    ///   (`DecisionConfiguration.recentHistoryEntries`); 0 reads every history from the file.
+    /// - Parameters:
+    ///   - recentEntries: how many recent offers and outcomes to keep in memory
+    ///     (`DecisionConfiguration.recentHistoryEntries`); 0 reads every history from the file.
+    ///   - commitInterval: the log's `GroupCommit.commitInterval`
+    ///     (`DecisionConfiguration.logCommitIntervalMs`); zero writes at once.
     public init(directory: String, configuration: LearnerConfiguration = .init(),
-                recentEntries: Int = DecisionConfiguration().recentHistoryEntries) throws {
+                recentEntries: Int = DecisionConfiguration().recentHistoryEntries, commitInterval: Duration = .zero) throws {
+        log = GroupCommit(label: "arbiter.decision.log", commitInterval: commitInterval)
         // Every decision is a write: the log is written without pause under load.
         (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "decision", migrator: Self.migrator,
                                                                     checkpoints: .continuous)
