@@ -109,6 +109,7 @@ let package = Package(
                 "RPC", "Contracts", "Storage", "Rules", "IdentityFeed",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             path: "Services/Decision/DecisionService"

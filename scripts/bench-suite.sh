@@ -3,7 +3,8 @@
 # processes (`arbiter up`) and the load generator (`arbiter load`) on this machine.
 # Seeds PERSONS persons (traits and consent) through the profile service and ACTIONS
 # actions, then drives Decide (with 10 % ReportOutcome) open loop at RATE/s for DURATION
-# seconds after a warm-up, and prints the figures and where the CPU went (per process).
+# seconds after a warm-up, and prints the figures, where the CPU went (per process) and
+# where a Decide's time went inside the services (peers, choose, log).
 #   PERSONS (100000)  ACTIONS (50)  RATE (3000)  DURATION (60)  WARMUP (5)  CONCURRENCY (256)
 #   CAPS (unset; 1: each action capped at 3 offers a week per person, 20 a day per person)
 set -euo pipefail
@@ -26,7 +27,28 @@ cpu() { for s in identity profile decision routing; do
   printf '%s=%s ' "$s" "$(awk '{print $14 + $15}' "/proc/$pid/stat")"; done; echo; }
 "$bin/arbiter" load --address 127.0.0.1:17403 --seed-profile 127.0.0.1:17402 --persons "$PERSONS" --actions "$ACTIONS" \
   ${CAPS:+--caps} --seed-only
+# Sums and counts of the decision service's Decide stages and the profile service's
+# GetProfile handling, from their /metrics (the series named in DecideMetrics, RPCServerMetrics).
+timings() {
+  { curl -sf http://127.0.0.1:17503/metrics; curl -sf http://127.0.0.1:17502/metrics; } |
+    grep -E '^(decision_decide_stage_seconds_(sum|count)|decision_decisions_total|rpc_server_duration_seconds_(sum|count)\{rpc_service="arbiter.profile.v1.Profile",rpc_method="GetProfile"\})' || true; }
 echo "CPU ticks (1/100 s) before: $(cpu)"
+timings > "$WORK/timings-before"
 "$bin/arbiter" load --address 127.0.0.1:17403 --persons "$PERSONS" --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" \
   --concurrency "$CONCURRENCY" --json "$ROOT/.build/bench-suite.json" --hdr "$ROOT/.build/bench-suite.hgrm"
 echo "CPU ticks (1/100 s) after:  $(cpu)"
+timings > "$WORK/timings-after"
+# Where a Decide's time went inside the services (warm-up included), means per call:
+awk 'FILENAME == ARGV[1] { before[$1] = $2; next } { d[$1] = $2 - before[$1] }
+  END {
+    for (k in d) if (k ~ /^decision_decide_stage_seconds_sum/) {
+      stage = k; sub(/.*stage="/, "", stage); sub(/".*/, "", stage)
+      count = d["decision_decide_stage_seconds_count{stage=\"" stage "\"}"]
+      if (count > 0) line = line sprintf("%s %.2f ms, ", stage, 1000 * d[k] / count)
+    }
+    degraded = d["decision_decisions_total{degraded=\"true\"}"]; complete = d["decision_decisions_total{degraded=\"false\"}"]
+    gp = "rpc_server_duration_seconds_%s{rpc_service=\"arbiter.profile.v1.Profile\",rpc_method=\"GetProfile\"}"
+    gsum = d[sprintf(gp, "sum")]; gcount = d[sprintf(gp, "count")]
+    printf "inside the services, means per Decide: %sdegraded %.1f %%; GetProfile handled in %.2f ms (profile service)\n",
+      line, 100 * degraded / (degraded + complete + 1e-9), (gcount > 0 ? 1000 * gsum / gcount : 0)
+  }' "$WORK/timings-before" "$WORK/timings-after"

@@ -74,6 +74,17 @@ struct UpTests {
         #expect(try String(contentsOfFile: dataDir + "/decide.hgrm", encoding: .utf8).contains("Percentile"))
         let chart = try String(contentsOfFile: dataDir + "/load.html", encoding: .utf8)
         #expect(chart.contains("<polyline") && chart.contains("Decide"))
+        // Where Decide's time went: every logged decision passed each stage once.
+        let metrics = try await httpGet(port: adminBase + 3, "/metrics").1
+        func value(_ series: String) -> Double? {
+            metrics.split(separator: "\n").first { $0.hasPrefix(series + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") }
+        }
+        let decided = (value("decision_decisions_total{degraded=\"false\"}") ?? 0) + (value("decision_decisions_total{degraded=\"true\"}") ?? 0)
+        #expect(decided >= Double(calls) * 0.85, "\(calls) calls (about 90 % Decide), \(decided) decisions counted")
+        for stage in ["peers", "choose", "log"] {
+            #expect(value("decision_decide_stage_seconds_count{stage=\"\(stage)\"}") == decided, "stage \(stage)")
+            #expect((value("decision_decide_stage_seconds_sum{stage=\"\(stage)\"}") ?? 0) > 0, "stage \(stage)")
+        }
         // --caps put a cap on each action and a daily cap in the contact policy.
         let listed = try RunningProcess.start("arbiter", ["call", "Decision/ListActions", "{}", "--address", "127.0.0.1:\(rpcBase + 3)"],
                                               captureOutput: true)

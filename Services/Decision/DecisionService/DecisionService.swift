@@ -1,5 +1,6 @@
 import Contracts
 import Foundation
+import Metrics
 import RPC
 import Rules
 import Storage
@@ -84,6 +85,7 @@ public struct DecisionService: RPCService {
     let identityBreaker: Breaker
     let profileBreaker: Breaker
     let personLocks: [Exclusive<Void>]
+    let metrics = DecideMetrics()
 
     public static let maxCount = 20
     public static let maxContext = 50
@@ -252,6 +254,8 @@ public struct DecisionService: RPCService {
             person.profileKnown = true  // an unknown person: no profile, and no failure
         }
 
+        let chosen = ContinuousClock.now
+        metrics.peers.recordNanoseconds((chosen - started).nanoseconds)
         let now = clock()
         let unit = person.id ?? Self.unit(request.person)
         let rules = Rules(store, nowMs: now)
@@ -269,7 +273,11 @@ public struct DecisionService: RPCService {
         } else {
             record = try choose()
         }
+        let logged = ContinuousClock.now
+        metrics.choose.recordNanoseconds((logged - chosen).nanoseconds)
         try await store.log(record, arms: record.actions.flatMap { ArmKey.learned($0.actionId, in: record) })
+        metrics.log.recordNanoseconds((ContinuousClock.now - logged).nanoseconds)
+        (record.degraded ? metrics.degraded : metrics.complete).increment()
 
         var response = DecisionV1.DecideResponse()
         response.decisionId = record.decisionId
@@ -701,4 +709,19 @@ final class Exclusive<Value: Sendable>: Sendable {
     func withLock<Result, Failure: Error>(_ body: (inout sending Value) throws(Failure) -> sending Result) throws(Failure) -> sending Result {
         try mutex.withLock(body)
     }
+}
+
+/// Where Decide's time goes, through swift-metrics (exported by the admin port's /metrics):
+/// - `decision_decide_stage_seconds{stage}`: `peers` (identity and profile calls, within
+///   `peerTimeoutMs`), `choose` (eligibility, caps, scoring, the draw; with a wait for the
+///   person's lock, and a history read from the file when memory does not reach back far
+///   enough) and `log` (waiting for the log's transaction and writing it), a histogram each
+/// - `decision_decisions_total{degraded}`: logged decisions, degraded ("true") or not
+/// Delivery (`deliver`) comes after and is not in these.
+struct DecideMetrics: Sendable {
+    let peers = Timer(label: "decision_decide_stage_seconds", dimensions: [("stage", "peers")], preferredDisplayUnit: .seconds)
+    let choose = Timer(label: "decision_decide_stage_seconds", dimensions: [("stage", "choose")], preferredDisplayUnit: .seconds)
+    let log = Timer(label: "decision_decide_stage_seconds", dimensions: [("stage", "log")], preferredDisplayUnit: .seconds)
+    let complete = Counter(label: "decision_decisions_total", dimensions: [("degraded", "false")])
+    let degraded = Counter(label: "decision_decisions_total", dimensions: [("degraded", "true")])
 }
