@@ -23,24 +23,24 @@ public final class GroupCommit<Entry: Sendable, Output: Sendable>: Sendable {
         var waiting: [(Entry, CheckedContinuation<Output, any Error>)] = []
         var writing = false
         /// When the last batch began to be written, and how many entries it held.
-        var lastStart: ContinuousClock.Instant?
+        var lastStart = DispatchTime(uptimeNanoseconds: 0)
         var lastBatch = 0
     }
 
     private let queue = Mutex(State())
     private let writer: DispatchQueue
     private let maxBatch: Int
-    private let commitInterval: Duration
+    private let commitInterval: DispatchTimeInterval
 
     /// - Parameters:
     ///   - maxBatch: the most entries one transaction writes.
     ///   - commitInterval: after a batch of more than one entry, the next batch begins no
     ///     sooner than this after it began. Zero (the default) writes as soon as the writer
     ///     is free.
-    public init(label: String, maxBatch: Int = 512, commitInterval: Duration = .zero) {
+    public init(label: String, maxBatch: Int = 512, commitInterval: DispatchTimeInterval = .nanoseconds(0)) {
         writer = DispatchQueue(label: label)
         self.maxBatch = max(1, maxBatch)
-        self.commitInterval = max(.zero, commitInterval)
+        self.commitInterval = commitInterval
     }
 
     /// Entries submitted and not yet taken into a batch (tests wait on it).
@@ -61,25 +61,24 @@ public final class GroupCommit<Entry: Sendable, Output: Sendable>: Sendable {
 
     private func drain(_ write: @escaping Write) {
         while true {
-            let now = ContinuousClock.now
-            let next = queue.withLock { queue -> (batch: [(Entry, CheckedContinuation<Output, any Error>)], wait: Duration) in
+            let now = DispatchTime.now()
+            let next = queue.withLock { queue -> (batch: [(Entry, CheckedContinuation<Output, any Error>)], resumeAt: DispatchTime?) in
                 guard !queue.waiting.isEmpty else {
                     queue.writing = false
-                    return ([], .zero)
+                    return ([], nil)
                 }
-                if queue.lastBatch > 1, let last = queue.lastStart, now < last + commitInterval {
-                    return ([], last + commitInterval - now)
+                if queue.lastBatch > 1, now < queue.lastStart + commitInterval {
+                    return ([], queue.lastStart + commitInterval)
                 }
                 let batch = Array(queue.waiting.prefix(maxBatch))
                 queue.waiting.removeFirst(batch.count)
                 queue.lastStart = now
                 queue.lastBatch = batch.count
-                return (batch, .zero)
+                return (batch, nil)
             }
-            if next.wait > .zero {
+            if let resumeAt = next.resumeAt {
                 // Still `writing`: entries submitted meanwhile join the batch this resumes.
-                let nanoseconds = next.wait.components.seconds * 1_000_000_000 + next.wait.components.attoseconds / 1_000_000_000
-                writer.asyncAfter(deadline: .now() + .nanoseconds(Int(nanoseconds))) { self.drain(write) }
+                writer.asyncAfter(deadline: resumeAt) { self.drain(write) }
                 return
             }
             let batch = next.batch

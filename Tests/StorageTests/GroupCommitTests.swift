@@ -23,22 +23,26 @@ struct GroupCommitTests {
                 return entries.map { $0.uppercased() }
             }
         }
+
+        /// Two entries queue while the writer is busy with a first: they are written together.
+        func batchOfTwo(_ commit: GroupCommit<String, String>) async throws {
+            async let gate = commit.submit("gate", write: write)
+            try await waitFor { self.gateReached.withLock { $0 } }
+            async let a = commit.submit("a", write: write)
+            async let b = commit.submit("b", write: write)
+            try await waitFor { commit.waitingCount == 2 }
+            self.gate.signal()
+            #expect(try await [gate, a, b] == ["GATE", "A", "B"])
+            #expect(batches.withLock { $0 } == [["gate"], ["a", "b"]])
+        }
     }
 
     @Test("after a batch of several entries, entries arriving within the commit interval share one batch; one caller at a time does not wait")
     func commitInterval() async throws {
-        let interval = Duration.milliseconds(1500)
-        let commit = GroupCommit<String, String>(label: "arbiter.test.group-commit", commitInterval: interval)
+        let interval = 1500  // milliseconds
+        let commit = GroupCommit<String, String>(label: "arbiter.test.group-commit", commitInterval: .milliseconds(interval))
         let writes = Writes()
-
-        // Two entries queue while the writer is busy with a first: they are written together.
-        async let gate = commit.submit("gate", write: writes.write)
-        try await waitFor { writes.gateReached.withLock { $0 } }
-        async let a = commit.submit("a", write: writes.write)
-        async let b = commit.submit("b", write: writes.write)
-        try await waitFor { commit.waitingCount == 2 }
-        writes.gate.signal()
-        #expect(try await [gate, a, b] == ["GATE", "A", "B"])
+        try await writes.batchOfTwo(commit)
 
         // That batch held two: "c" waits out the interval, and "d", submitted meanwhile,
         // joins it.
@@ -53,7 +57,7 @@ struct GroupCommitTests {
         #expect(try await commit.submit("e", write: writes.write) == "E")
         let start = ContinuousClock.now
         #expect(try await commit.submit("f", write: writes.write) == "F")
-        #expect(ContinuousClock.now - start < interval / 2, "a lone entry after a batch of one waited for the interval")
+        #expect(ContinuousClock.now - start < .milliseconds(interval / 2), "a lone entry after a batch of one waited for the interval")
         #expect(writes.batches.withLock { $0 }.suffix(2) == [["e"], ["f"]])
     }
 
@@ -61,13 +65,7 @@ struct GroupCommitTests {
     func noInterval() async throws {
         let commit = GroupCommit<String, String>(label: "arbiter.test.group-commit")
         let writes = Writes()
-        async let gate = commit.submit("gate", write: writes.write)
-        try await waitFor { writes.gateReached.withLock { $0 } }
-        async let a = commit.submit("a", write: writes.write)
-        async let b = commit.submit("b", write: writes.write)
-        try await waitFor { commit.waitingCount == 2 }
-        writes.gate.signal()
-        #expect(try await [gate, a, b] == ["GATE", "A", "B"])
+        try await writes.batchOfTwo(commit)
         let start = ContinuousClock.now
         #expect(try await commit.submit("c", write: writes.write) == "C")
         #expect(ContinuousClock.now - start < .milliseconds(750), "an entry waited with no commit interval")

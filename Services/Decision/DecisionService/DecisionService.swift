@@ -254,8 +254,8 @@ public struct DecisionService: RPCService {
             person.profileKnown = true  // an unknown person: no profile, and no failure
         }
 
-        let chosen = ContinuousClock.now
-        metrics.peers.recordNanoseconds((chosen - started).nanoseconds)
+        let choosing = ContinuousClock.now
+        metrics.peers.recordNanoseconds((choosing - started).nanoseconds)
         let now = clock()
         let unit = person.id ?? Self.unit(request.person)
         let rules = Rules(store, nowMs: now)
@@ -273,10 +273,10 @@ public struct DecisionService: RPCService {
         } else {
             record = try choose()
         }
-        let logged = ContinuousClock.now
-        metrics.choose.recordNanoseconds((logged - chosen).nanoseconds)
+        let logging = ContinuousClock.now
+        metrics.choose.recordNanoseconds((logging - choosing).nanoseconds)
         try await store.log(record, arms: record.actions.flatMap { ArmKey.learned($0.actionId, in: record) })
-        metrics.log.recordNanoseconds((ContinuousClock.now - logged).nanoseconds)
+        metrics.log.recordNanoseconds((ContinuousClock.now - logging).nanoseconds)
         (record.degraded ? metrics.degraded : metrics.complete).increment()
 
         var response = DecisionV1.DecideResponse()

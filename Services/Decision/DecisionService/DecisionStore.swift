@@ -141,7 +141,8 @@ public final class DecisionStore: Sendable {
     ///   - commitInterval: the log's `GroupCommit.commitInterval`
     ///     (`DecisionConfiguration.logCommitIntervalMs`); zero writes at once.
     public init(directory: String, configuration: LearnerConfiguration = .init(),
-                recentEntries: Int = DecisionConfiguration().recentHistoryEntries, commitInterval: Duration = .zero) throws {
+                recentEntries: Int = DecisionConfiguration().recentHistoryEntries,
+                commitInterval: DispatchTimeInterval = .nanoseconds(0)) throws {
         log = GroupCommit(label: "arbiter.decision.log", commitInterval: commitInterval)
         // Every decision is a write: the log is written without pause under load.
         (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "decision", migrator: Self.migrator,
