@@ -7,6 +7,7 @@
 # where a Decide's time went inside the services (peers, choose, log).
 #   PERSONS (100000)  ACTIONS (50)  RATE (3000)  DURATION (60)  WARMUP (5)  CONCURRENCY (256)
 #   CAPS (unset; 1: each action capped at 3 offers a week per person, 20 a day per person)
+#   TIMELINE (unset; seconds: latency over time per that interval in .build/bench-suite-timeline.csv)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PERSONS="${PERSONS:-100000}"; ACTIONS="${ACTIONS:-50}"; RATE="${RATE:-3000}"; DURATION="${DURATION:-60}"
@@ -35,7 +36,7 @@ timings() {
 echo "CPU ticks (1/100 s) before: $(cpu)"
 timings > "$WORK/timings-before"
 "$bin/arbiter" load --address 127.0.0.1:17403 --persons "$PERSONS" --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" \
-  --concurrency "$CONCURRENCY" --json "$ROOT/.build/bench-suite.json" --hdr "$ROOT/.build/bench-suite.hgrm"
+  --concurrency "$CONCURRENCY" --json "$ROOT/.build/bench-suite.json" --hdr "$ROOT/.build/bench-suite.hgrm" ${TIMELINE:+--timeline "$ROOT/.build/bench-suite-timeline.csv" --timeline-interval "$TIMELINE"}
 echo "CPU ticks (1/100 s) after:  $(cpu)"
 timings > "$WORK/timings-after"
 # Where a Decide's time went inside the services (warm-up included), means per call:

@@ -17,6 +17,9 @@ public enum LoadTest {
         /// timers and threads on a busy machine, or every worker still in an earlier call. It is
         /// part of every latency above.
         public var lateness = Histogram<UInt64>(highestTrackableValue: 60_000_000)
+        /// With `timeline`: every call's start (µs after the run began; open loop: its intended
+        /// start) and latency (µs), for figures over time (`timeline(every:)`).
+        public var calls: [(startUs: UInt32, latencyUs: UInt32)] = []
 
         public var total: Histogram<UInt64> {
             histograms.values.reduce(into: Histogram<UInt64>(highestTrackableValue: 60_000_000)) { $0.add($1) }
@@ -30,6 +33,46 @@ public enum LoadTest {
             }
             errors.merge(other.errors, uniquingKeysWith: +)
             lateness.add(other.lateness)
+            calls += other.calls
+        }
+
+        /// One interval of the run: the calls that started in it (all kinds together).
+        public struct Interval: Sendable, Equatable {
+            /// Seconds after the run began.
+            public var start: Double
+            public var calls: Int
+            public var p50Us: UInt32
+            public var p99Us: UInt32
+            public var maxUs: UInt32
+        }
+
+        /// The figures per `seconds` of the run, by when calls started (needs `timeline`):
+        /// a stall shows as the intervals whose calls it delayed. Intervals without a call are
+        /// listed with zeros. Percentiles are exact (nearest rank).
+        public func timeline(every seconds: Double) -> [Interval] {
+            let width = max(1, UInt64(seconds * 1_000_000))
+            let span = (self.seconds * 1_000_000 / Double(width)).rounded(.up)
+            var buckets: [[UInt32]] = Array(repeating: [], count: max(1, span.isFinite ? Int(span) : 1))
+            for call in calls {
+                let b = Int(UInt64(call.startUs) / width)
+                if b >= buckets.count { buckets += Array(repeating: [], count: b - buckets.count + 1) }
+                buckets[b].append(call.latencyUs)
+            }
+            return buckets.enumerated().map { b, latencies in
+                let sorted = latencies.sorted()
+                func rank(_ p: Double) -> UInt32 {
+                    sorted.isEmpty ? 0 : sorted[max(0, Int((p / 100 * Double(sorted.count)).rounded(.up)) - 1)]
+                }
+                return Interval(start: Double(UInt64(b) * width) / 1_000_000, calls: sorted.count,
+                                p50Us: rank(50), p99Us: rank(99), maxUs: sorted.last ?? 0)
+            }
+        }
+
+        /// Intervals (`timeline(every:)`) as CSV with a header line.
+        public static func csv(_ intervals: [Interval]) -> String {
+            "start_s,calls,p50_us,p99_us,max_us\n" + intervals.map {
+                String(format: "%.3f,%d,%u,%u,%u\n", $0.start, $0.calls, $0.p50Us, $0.p99Us, $0.maxUs)
+            }.joined()
         }
 
         /// Open loop: the lateness in one line; nil in a closed loop.
@@ -98,7 +141,8 @@ public enum LoadTest {
 
     /// Runs `call` for `seconds` with `concurrency` workers spread over `clients`; with `rate`
     /// (calls/s in total), open loop. `call` returns the kind of call it made (for per-kind figures).
-    public static func run(_ clients: [RPCClient], seconds: Double, concurrency: Int, rate: Double? = nil,
+    /// With `timeline`, every call's start and latency is kept too (8 bytes a call).
+    public static func run(_ clients: [RPCClient], seconds: Double, concurrency: Int, rate: Double? = nil, timeline: Bool = false,
                            _ call: @escaping @Sendable (RPCClient, Int) async throws -> String) async throws -> Result {
         let begin = ContinuousClock.now
         let end = begin + .seconds(seconds)
@@ -130,8 +174,12 @@ public enum LoadTest {
                         } catch {
                             mine.errors["\(error)", default: 0] += 1
                         }
-                        _ = mine.histograms[kind, default: Histogram<UInt64>(highestTrackableValue: 60_000_000)]
-                            .record(UInt64(max(1, start.duration(to: .now).nanoseconds / 1000)))
+                        let latency = UInt64(max(1, start.duration(to: .now).nanoseconds / 1000))
+                        _ = mine.histograms[kind, default: Histogram<UInt64>(highestTrackableValue: 60_000_000)].record(latency)
+                        if timeline {
+                            let offset = max(0, begin.duration(to: start).nanoseconds / 1000)
+                            mine.calls.append((UInt32(clamping: offset), UInt32(clamping: latency)))
+                        }
                         i += concurrency
                     }
                     return mine

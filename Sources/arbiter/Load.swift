@@ -36,6 +36,8 @@ struct Load: AsyncParsableCommand {
     @Option(help: "Write Decide's latency percentile distribution (HdrHistogram text, ms) to this file.") var hdr: String?
     @Option(help: "File holding the token sent as authorization: Bearer <token>.") var authTokenFile: String?
     @Option(help: "Write an HTML page with the latency-by-percentile chart to this file.") var html: String?
+    @Option(help: "Write the latency over time to this file (CSV: start_s, calls, p50_us, p99_us, max_us per --timeline-interval, by when calls started), and print the worst interval.") var timeline: String?
+    @Option(help: "Seconds per line of --timeline.") var timelineInterval = 1.0
     @Flag(help: "With --actions: cap each action at 3 offers a week per person, and every person at 20 a day (the contact policy), so that Decide counts each person's offers.") var caps = false
     @Flag(help: "Only seed (--seed-profile, --actions), then exit.") var seedOnly = false
 
@@ -51,6 +53,7 @@ struct Load: AsyncParsableCommand {
         guard rate >= 0, concurrency >= 1, connections >= 1, duration > 0, warmup >= 0, persons >= 1 else {
             throw ValidationError("--rate must be ≥ 0, --concurrency, --connections and --persons ≥ 1, --duration > 0, --warmup ≥ 0")
         }
+        guard timelineInterval >= 0.001 else { throw ValidationError("--timeline-interval must be at least 0.001 s") }
         guard (0...1).contains(outcomeRatio) else { throw ValidationError("--outcome-ratio must be between 0 and 1") }
         if caps && actions == 0 { throw ValidationError("--caps needs --actions (it caps the actions it puts in place)") }
     }
@@ -114,6 +117,7 @@ struct Load: AsyncParsableCommand {
         }
         say("measuring: \(Int(duration)) s, \(mode), \(concurrency) in flight at most, \(connections) connections")
         let result = try await LoadTest.run(clients, seconds: duration, concurrency: concurrency, rate: rate > 0 ? rate : nil,
+                                            timeline: timeline != nil,
                                             calls(.random(in: .min ... .max)))
         say("all calls: " + LoadTest.Result.line(result.total, seconds: result.seconds))
         for kind in result.histograms.keys.sorted() {
@@ -135,6 +139,16 @@ struct Load: AsyncParsableCommand {
             decide.outputPercentileDistribution(to: &text, outputValueUnitScalingRatio: 1000)
             try Data(text.utf8).write(to: URL(fileURLWithPath: hdr))
             say("wrote \(hdr) (latency in ms)")
+        }
+        if let timeline {
+            let intervals = result.timeline(every: timelineInterval)
+            try Data(LoadTest.Result.csv(intervals).utf8).write(to: URL(fileURLWithPath: timeline))
+            if let worst = intervals.max(by: { $0.p99Us < $1.p99Us }) {
+                let median = intervals.map(\.p99Us).sorted()[intervals.count / 2]
+                let slow = intervals.filter { $0.p99Us > 2 * median }.count
+                say("wrote \(timeline): " + String(format: "worst interval at %.3f s (p99 %u us, max %u us); %d of %d intervals have a p99 over twice the median interval's",
+                                                     worst.start, worst.p99Us, worst.maxUs, slow, intervals.count))
+            }
         }
         if let html {
             try Data(result.html(title: "arbiter load: \(mode), \(Int(duration)) s").utf8).write(to: URL(fileURLWithPath: html))

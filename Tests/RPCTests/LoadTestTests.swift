@@ -1,5 +1,5 @@
 import Contracts
-import LoadTest
+@testable import LoadTest
 import RPC
 import Testing
 
@@ -32,5 +32,41 @@ struct LoadTestTests {
             #expect(closed.total.totalCount > 0 && closed.errors.isEmpty)
             #expect(closed.lateness.totalCount == 0 && closed.latenessLine == nil && closed.json["start_lateness"] == nil)
         }
+    }
+
+    @Test("timeline: a stall shows in the intervals whose calls it delayed, and every call is in one interval")
+    func timelineShowsAStall() async throws {
+        try await withServer { _, port in
+            let client = makeClient(port)
+            defer { client.close() }
+            // 200/s with 8 workers: call i is meant to start at i × 5 ms. The calls meant for
+            // 0.4-0.5 s take 300 ms in the server.
+            let result = try await LoadTest.run([client], seconds: 1, concurrency: 8, rate: 200, timeline: true) { client, i in
+                _ = try await client.call(EchoV1.Echo.echo, echoRequest("load", delayMs: (80..<100).contains(i) ? 300 : 0))
+                return "Echo"
+            }
+            #expect(result.calls.count == Int(result.total.totalCount))
+            let intervals = result.timeline(every: 0.1)
+            #expect(intervals.map(\.calls).reduce(0, +) == result.calls.count)
+            #expect(intervals.prefix(4).map(\.start) == [0, 0.1, 0.2, 0.3])
+            #expect(intervals.prefix(4).allSatisfy { $0.calls > 0 && $0.p99Us < 300_000 }, "\(intervals.prefix(4))")
+            #expect(intervals.count > 4 && intervals[4].maxUs >= 300_000, "\(intervals)")
+            let lines = LoadTest.Result.csv(intervals).split(separator: "\n")
+            #expect(lines.first == "start_s,calls,p50_us,p99_us,max_us" && lines.count == intervals.count + 1)
+        }
+    }
+
+    @Test("timeline: nearest-rank percentiles per interval, empty intervals listed with zeros")
+    func timelineFigures() {
+        var result = LoadTest.Result()
+        result.seconds = 3
+        // 100 calls in the first second with latencies 1…100 ms, none in the second, one in the third.
+        result.calls = (1...100).map { (UInt32($0 * 5_000), UInt32($0 * 1_000)) } + [(2_500_000, 7)]
+        #expect(result.timeline(every: 1) == [
+            .init(start: 0, calls: 100, p50Us: 50_000, p99Us: 99_000, maxUs: 100_000),
+            .init(start: 1, calls: 0, p50Us: 0, p99Us: 0, maxUs: 0),
+            .init(start: 2, calls: 1, p50Us: 7, p99Us: 7, maxUs: 7),
+        ])
+        #expect(result.timeline(every: 2).map(\.calls) == [100, 1])
     }
 }

@@ -58,11 +58,11 @@ struct UpTests {
         #expect(await list.waitForExit() == 0)
         #expect(await list.output.contains("Route(arbiter.routing.v1.RouteRequest) returns arbiter.routing.v1.Delivery"))
 
-        // arbiter load: open loop against the decision service, figures as JSON and HdrHistogram text.
+        // arbiter load: open loop against the decision service, figures as JSON, HdrHistogram text, HTML and a timeline.
         let load = try RunningProcess.start("arbiter", [
             "load", "--address", "127.0.0.1:\(rpcBase + 3)", "--seed-profile", profile, "--persons", "50", "--actions", "3", "--caps",
             "--rate", "200", "--duration", "2", "--warmup", "0", "--json", dataDir + "/load.json", "--hdr", dataDir + "/decide.hgrm",
-            "--html", dataDir + "/load.html"],
+            "--html", dataDir + "/load.html", "--timeline", dataDir + "/timeline.csv", "--timeline-interval", "0.5"],
             captureOutput: true)
         let loadStatus = await load.waitForExit()
         let loadErrors = await load.errorOutput
@@ -74,6 +74,11 @@ struct UpTests {
         #expect(try String(contentsOfFile: dataDir + "/decide.hgrm", encoding: .utf8).contains("Percentile"))
         let chart = try String(contentsOfFile: dataDir + "/load.html", encoding: .utf8)
         #expect(chart.contains("<polyline") && chart.contains("Decide"))
+        // The timeline: a line per half second of the 2 s, holding every call.
+        let timeline = try String(contentsOfFile: dataDir + "/timeline.csv", encoding: .utf8).split(separator: "\n").dropFirst()
+        #expect(timeline.map { $0.split(separator: ",")[0] } == ["0.000", "0.500", "1.000", "1.500"], "\(timeline)")
+        #expect(timeline.map { Int($0.split(separator: ",")[1]) ?? 0 }.reduce(0, +) == calls)
+        #expect(await load.output.contains("wrote \(dataDir)/timeline.csv: worst interval at"))
         // Where Decide's time went: every logged decision passed each stage once.
         let metrics = try await httpGet(port: adminBase + 3, "/metrics").1
         func value(_ series: String) -> Double? {
