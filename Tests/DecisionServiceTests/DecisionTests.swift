@@ -428,11 +428,15 @@ struct DecisionTests {
         try decision.upsert(action("a", caps: [cap(.action, 2, per: 3600)]))
         let first = try await decision.decide(decideRequest("p"))
         #expect(first.actions.map(\.actionId) == ["a"])
+        let keys = [ArmKey.global("a"), .placement("a", "home")]
+        let learned = decision.store.arms(keys, nowMs: clock.read())
+        #expect(learned.map(\.failures) == [1, 1])  // the offer counts as a failure until an outcome
         let failing = FailingCommit()
         try await decision.store.pool.writeWithoutTransaction { db in db.add(transactionObserver: failing, extent: .observerLifetime) }
         // The batch reached memory inside the transaction; the commit then failed.
         await #expect(throws: (any Error).self) { _ = try await decision.decide(decideRequest("p")) }
         failing.armed.withLock { $0 = false }
+        #expect(decision.store.arms(keys, nowMs: clock.read()) == learned, "the failed decision's evidence is not learned")
         let held = decision.store.contacts.withLock { $0.recent.history(of: "p", sinceMs: clock.read() - 3_600_000) }
         #expect(held?.offers.count == 1)
         #expect(decision.store.contacts.withLock { $0.pending.isEmpty })

@@ -161,10 +161,7 @@ public final class DecisionStore: Sendable {
             if let policy = try Data.fetchOne(db, sql: "SELECT body FROM policy WHERE id = 1") {
                 loaded.policy = try DecisionV1.ContactPolicy(serializedBytes: policy)
             }
-            for row in try Row.fetchAll(db, sql: "SELECT action_id, context, successes, failures, updated_ms FROM arm") {
-                loaded.arms[ArmKey(action: row["action_id"], context: row["context"])] =
-                    Arm(successes: row["successes"], failures: row["failures"], updatedMs: row["updated_ms"])
-            }
+            loaded.arms = try Self.loadArms(db)
             loaded.overrides = try Self.loadOverrides(db)
             recent = try RecentHistory.load(db, limit: recentEntries)
         }
@@ -334,7 +331,18 @@ public final class DecisionStore: Sendable {
         return memory.withLock { m in keys.map { (m.arms[$0] ?? Arm()).decayed(to: nowMs, halfLifeMs: halfLife) } }
     }
 
-    /// Adds evidence to arms inside a write transaction (memory follows the database).
+    /// The learning state as the file holds it.
+    static func loadArms(_ db: Database) throws -> [ArmKey: Arm] {
+        var arms: [ArmKey: Arm] = [:]
+        for row in try Row.fetchAll(db, sql: "SELECT action_id, context, successes, failures, updated_ms FROM arm") {
+            arms[ArmKey(action: row["action_id"], context: row["context"])] =
+                Arm(successes: row["successes"], failures: row["failures"], updatedMs: row["updated_ms"])
+        }
+        return arms
+    }
+
+    /// Adds evidence to arms inside a write transaction (memory follows the database; a
+    /// transaction that fails has memory read again from the file: `writeContacts`).
     private func addEvidence(_ db: Database, _ changes: [(ArmKey, successes: Double, failures: Double)], nowMs: Int64) throws {
         let halfLife = configuration.halfLifeMs
         let updated: [(ArmKey, Arm)] = memory.withLock { m in
@@ -352,8 +360,7 @@ public final class DecisionStore: Sendable {
         for (key, arm) in updated {
             try statement.execute(arguments: [key.action, key.context, arm.successes, arm.failures, arm.updatedMs])
         }
-        // Memory changes inside the transaction, after every row is written (a commit that
-        // failed after this would leave memory ahead of the file until a restart reloads it).
+        // Memory changes inside the transaction, after every row is written.
         memory.withLock { m in for (key, arm) in updated { m.arms[key] = arm } }
     }
 
@@ -507,13 +514,14 @@ public final class DecisionStore: Sendable {
         }
     }
 
-    /// `pool.write` for transactions that change `recent` as they go: when one fails, memory
-    /// may hold what the file does not, and is read again from the file.
+    /// `pool.write` for transactions that change memory as they go (`recent`, the arms): when
+    /// one fails, memory may hold what the file does not, and is read again from the file.
     private func writeContacts<T>(_ body: (Database) throws -> T) throws -> T {
         do {
             return try pool.write(body)
         } catch {
-            func replace(_ recent: RecentHistory) {
+            func replace(_ recent: RecentHistory, arms: [ArmKey: Arm]?) {
+                if let arms { memory.withLock { $0.arms = arms } }
                 // What memory held is freed after the lock is released (see takeAll).
                 let held = contacts.withLock { contacts in
                     let held = (contacts.recent, contacts.decisions.takeAll())
@@ -527,9 +535,13 @@ public final class DecisionStore: Sendable {
             }
             do {
                 // On the writer, so that no commit lands between the read and the swap.
-                try pool.writeWithoutTransaction { db in replace(try RecentHistory.load(db, limit: contacts.withLock { $0.recent.limit })) }
+                try pool.writeWithoutTransaction { db in
+                    replace(try RecentHistory.load(db, limit: contacts.withLock { $0.recent.limit }), arms: try Self.loadArms(db))
+                }
             } catch {
-                replace(RecentHistory(limit: 0))  // a file that cannot be read either: every history from the file
+                // A file that cannot be read either: every history from the file; the arms as
+                // they are (at worst ahead by the failed batch's evidence until a restart).
+                replace(RecentHistory(limit: 0), arms: nil)
             }
             throw error
         }
