@@ -5,7 +5,8 @@
 # actions, then drives Decide (with 10 % ReportOutcome) open loop at RATE/s for DURATION
 # seconds after a warm-up, and prints the figures, where the CPU went (per process) and
 # where a Decide's time went inside the services (peers, choose, log).
-#   PERSONS (100000)  ACTIONS (50)  RATE (3000)  DURATION (60)  WARMUP (5)  CONCURRENCY (256)
+#   PERSONS (100000)  ACTIONS (50)  RATE (3000; several, e.g. "1500 2000 3000": a run each and a table)
+#   DURATION (60)  WARMUP (5)  CONCURRENCY (256)
 #   CAPS (unset; 1: each action capped at 3 offers a week per person, 20 a day per person)
 #   TIMELINE (unset; seconds: latency over time per that interval in .build/bench-suite-timeline.csv)
 set -euo pipefail
@@ -33,23 +34,42 @@ cpu() { for s in identity profile decision routing; do
 timings() {
   { curl -sf http://127.0.0.1:17503/metrics; curl -sf http://127.0.0.1:17502/metrics; } |
     grep -E '^(decision_decide_stage_seconds_(sum|count)|decision_decisions_total|rpc_server_duration_seconds_(sum|count)\{rpc_service="arbiter.profile.v1.Profile",rpc_method="GetProfile"\})' || true; }
-echo "CPU ticks (1/100 s) before: $(cpu)"
-timings > "$WORK/timings-before"
-"$bin/arbiter" load --address 127.0.0.1:17403 --persons "$PERSONS" --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" \
-  --concurrency "$CONCURRENCY" --json "$ROOT/.build/bench-suite.json" --hdr "$ROOT/.build/bench-suite.hgrm" ${TIMELINE:+--timeline "$ROOT/.build/bench-suite-timeline.csv" --timeline-interval "$TIMELINE"}
-echo "CPU ticks (1/100 s) after:  $(cpu)"
-timings > "$WORK/timings-after"
-# Where a Decide's time went inside the services (warm-up included), means per call:
-awk 'FILENAME == ARGV[1] { before[$1] = $2; next } { d[$1] = $2 - before[$1] }
-  END {
-    for (k in d) if (k ~ /^decision_decide_stage_seconds_sum/) {
-      stage = k; sub(/.*stage="/, "", stage); sub(/".*/, "", stage)
-      count = d["decision_decide_stage_seconds_count{stage=\"" stage "\"}"]
-      if (count > 0) line = line sprintf("%s %.2f ms, ", stage, 1000 * d[k] / count)
-    }
-    degraded = d["decision_decisions_total{degraded=\"true\"}"]; complete = d["decision_decisions_total{degraded=\"false\"}"]
-    gp = "rpc_server_duration_seconds_%s{rpc_service=\"arbiter.profile.v1.Profile\",rpc_method=\"GetProfile\"}"
-    gsum = d[sprintf(gp, "sum")]; gcount = d[sprintf(gp, "count")]
-    printf "inside the services, means per Decide: %sdegraded %.1f %%; GetProfile handled in %.2f ms (profile service)\n",
-      line, 100 * degraded / (degraded + complete + 1e-9), (gcount > 0 ? 1000 * gsum / gcount : 0)
-  }' "$WORK/timings-before" "$WORK/timings-after"
+# One run per rate in RATE (the same seeded suite; each run has its own warm-up).
+for rate in $RATE; do
+  suffix=""; [ "$RATE" = "$rate" ] || suffix="-$rate"
+  echo "CPU ticks (1/100 s) before: $(cpu)"
+  timings > "$WORK/timings-before"
+  "$bin/arbiter" load --address 127.0.0.1:17403 --persons "$PERSONS" --rate "$rate" --duration "$DURATION" --warmup "$WARMUP" \
+    --concurrency "$CONCURRENCY" --json "$ROOT/.build/bench-suite$suffix.json" --hdr "$ROOT/.build/bench-suite$suffix.hgrm" ${TIMELINE:+--timeline "$ROOT/.build/bench-suite$suffix-timeline.csv" --timeline-interval "$TIMELINE"}
+  echo "CPU ticks (1/100 s) after:  $(cpu)"
+  timings > "$WORK/timings-after"
+  # Where a Decide's time went inside the services (warm-up included), means per call:
+  awk 'FILENAME == ARGV[1] { before[$1] = $2; next } { d[$1] = $2 - before[$1] }
+    END {
+      for (k in d) if (k ~ /^decision_decide_stage_seconds_sum/) {
+        stage = k; sub(/.*stage="/, "", stage); sub(/".*/, "", stage)
+        count = d["decision_decide_stage_seconds_count{stage=\"" stage "\"}"]
+        if (count > 0) line = line sprintf("%s %.2f ms, ", stage, 1000 * d[k] / count)
+      }
+      degraded = d["decision_decisions_total{degraded=\"true\"}"]; complete = d["decision_decisions_total{degraded=\"false\"}"]
+      gp = "rpc_server_duration_seconds_%s{rpc_service=\"arbiter.profile.v1.Profile\",rpc_method=\"GetProfile\"}"
+      gsum = d[sprintf(gp, "sum")]; gcount = d[sprintf(gp, "count")]
+      printf "inside the services, means per Decide: %sdegraded %.1f %%; GetProfile handled in %.2f ms (profile service)\n",
+        line, 100 * degraded / (degraded + complete + 1e-9), (gcount > 0 ? 1000 * gsum / gcount : 0)
+    }' "$WORK/timings-before" "$WORK/timings-after"
+done
+if [ "$RATE" != "${RATE%% *}" ]; then
+  echo "Decide (not degraded) by rate; issue 5's goal is p99 <= 10 ms and p99.9 <= 25 ms at 3,000/s:"
+  for rate in $RATE; do
+    python3 -c '
+import json, sys
+figures = json.load(open(sys.argv[1])); rate = sys.argv[2]
+decide = figures["by_kind"].get("Decide", {}); degraded = figures["by_kind"].get("Decide (degraded)", {})
+p99, p999 = decide.get("p99_us", 0) / 1000, decide.get("p99_9_us", 0) / 1000
+print("  %5s/s: p50 %6.1f ms, p99 %6.1f ms, p99.9 %6.1f ms, degraded %5.1f %%, errors %d, goal %s" % (
+    rate, decide.get("p50_us", 0) / 1000, p99, p999,
+    100 * degraded.get("calls", 0) / max(1, decide.get("calls", 0) + degraded.get("calls", 0)),
+    sum(figures["errors"].values()), "held" if decide and p99 <= 10 and p999 <= 25 else "not held"))
+' "$ROOT/.build/bench-suite-$rate.json" "$rate"
+  done
+fi
