@@ -141,6 +141,8 @@ struct DecisionTests {
             let decision = try makeDecision(clock: clock, profile: client)
             try seed(profile.store, "gold", traits: [("tier", .string("gold"))], consent: [("marketing", .email, true)], at: clock.read())
             try seed(profile.store, "silver", traits: [("tier", .string("silver"))], consent: [("marketing", .email, false)], at: clock.read())
+            try seed(profile.store, "bronze", traits: [("tier", .string("bronze"))],
+                     consent: [("marketing", .email, false), ("marketing", .push, false)], at: clock.read())
             var thirtyDays = DecisionV1.Suppression()
             thirtyDays.outcome = .conversion
             thirtyDays.windowSeconds = 30 * 86_400
@@ -160,6 +162,7 @@ struct DecisionTests {
             let silver = try await verdicts("silver")
             #expect(silver["gold-offer"] == "eligibility: trait.tier == \"gold\"")
             #expect(silver["mail"] == "consent: consent.marketing.email is denied; consent.marketing.push is unknown")
+            #expect(try await verdicts("bronze")["mail"] == "consent: consent.marketing.email is denied; consent.marketing.push is denied")
             #expect(silver["mobile-only"] == "eligibility: context.device == \"ios\"")
 
             // The mail goes out on email: the only channel with consent.

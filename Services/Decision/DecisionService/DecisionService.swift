@@ -400,6 +400,8 @@ public struct DecisionService: RPCService {
 
         var explanations: [DecisionV1.CandidateExplanation] = []
         var eligible: [(spec: ActionSpec, channels: [CommonV1.Channel], slot: Int)] = []
+        explanations.reserveCapacity(actions.count)  // grown one append at a time, 2.5 % of the service's CPU
+        eligible.reserveCapacity(actions.count)
         var heldOut: [String] = []
         for spec in actions where !spec.action.retired {
             var explanation = DecisionV1.CandidateExplanation()
@@ -447,13 +449,17 @@ public struct DecisionService: RPCService {
         // Scores, and Thompson sampling's choice probabilities over the eligible actions.
         let learner = store.configuration
         var keys: [ArmKey] = []
+        keys.reserveCapacity(2 * eligible.count)
         let segment = learner.segments.first { facts.segments.contains($0) }
         for (spec, _, _) in eligible {
-            keys += [.global(spec.id), segment.map { .segment(spec.id, $0) } ?? .placement(spec.id, request.placement)]
+            keys.append(.global(spec.id))
+            keys.append(segment.map { .segment(spec.id, $0) } ?? .placement(spec.id, request.placement))
         }
         let arms = store.arms(keys, nowMs: now)
         var means: [Double] = []
         var sds: [Double] = []
+        means.reserveCapacity(eligible.count)
+        sds.reserveCapacity(eligible.count)
         for (k, (spec, _, slot)) in eligible.enumerated() {
             let prior = spec.action.priorResponseRate > 0 ? spec.action.priorResponseRate : learner.defaultPriorRate
             let estimate = Learner.estimate(global: arms[2 * k], context: arms[2 * k + 1], contextName: keys[2 * k + 1].context,
@@ -540,17 +546,24 @@ public struct DecisionService: RPCService {
         guard spec.offers(request.placement) else { return .excluded(spec.placementExclusion) }
         var channels = action.channels
         if !spec.consentPaths.isEmpty {
+            // The refusal texts are the action's own when every path is unknown or every one
+            // denied (built once); only a mix is put together here.
             var allowed: [CommonV1.Channel] = []
-            var refusals: [String] = []
+            var (denied, unknown) = (false, false)
             for consent in spec.consentPaths {
                 switch person.profileKnown ? facts.consent[consent.path] : nil {
                 case true?: allowed.append(consent.channel)
-                case false?: refusals.append(consent.denied)
+                case false?: denied = true
                 case nil:
-                    if action.safeWithoutConsent { allowed.append(consent.channel) } else { refusals.append(consent.unknown) }
+                    if action.safeWithoutConsent { allowed.append(consent.channel) } else { unknown = true }
                 }
             }
-            guard !allowed.isEmpty else { return .excluded("consent: " + refusals.joined(separator: "; ")) }
+            guard !allowed.isEmpty else {
+                if !denied { return .excluded(spec.consentUnknownExclusion) }
+                if !unknown { return .excluded(spec.consentDeniedExclusion) }
+                return .excluded("consent: " + spec.consentPaths.map { facts.consent[$0.path] == false ? $0.denied : $0.unknown }
+                    .joined(separator: "; "))
+            }
             channels = channels.isEmpty ? [] : allowed
         }
         if let rule = spec.eligibility, !rule.evaluate(facts.lookup) { return .excluded(spec.eligibilityExclusion) }
