@@ -12,6 +12,9 @@ public final class ActionSpec: Sendable {
     /// channels), with the explanations Decide gives when it is denied or unknown: built once
     /// here, not for every candidate of every decision.
     let consentPaths: [ConsentPath]
+    /// The longest cap or suppression window of the action, in seconds (0: none): how far
+    /// back Decide reads the person's history for it.
+    let longestWindowSeconds: Int64
     /// The exclusion when every consent path is unknown, and when every one is denied.
     let consentUnknownExclusion: String
     let consentDeniedExclusion: String
@@ -84,6 +87,7 @@ public final class ActionSpec: Sendable {
         let paths = purpose.isEmpty ? [] : action.channels.isEmpty ? [(CommonV1.Channel.unspecified, purpose)]
             : action.channels.map { ($0, "\(purpose).\($0.ruleName)") }
         consentPaths = paths.map { ConsentPath(channel: $0, path: $1, denied: "consent.\($1) is denied", unknown: "consent.\($1) is unknown") }
+        longestWindowSeconds = (action.caps.map(\.windowSeconds) + action.suppressions.map(\.windowSeconds)).max() ?? 0
         consentUnknownExclusion = "consent: " + consentPaths.map(\.unknown).joined(separator: "; ")
         consentDeniedExclusion = "consent: " + consentPaths.map(\.denied).joined(separator: "; ")
         eligibilityExclusion = "eligibility: \(eligibility?.source ?? "")"

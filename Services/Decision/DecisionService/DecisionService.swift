@@ -377,9 +377,8 @@ public struct DecisionService: RPCService {
         init(_ store: DecisionStore, nowMs now: Int64) {
             (actions, catalogVersion) = store.catalog()
             policy = store.policy
-            let windows = actions.flatMap { $0.action.caps.map(\.windowSeconds) + $0.action.suppressions.map(\.windowSeconds) }
-                + policy.caps.map(\.windowSeconds)
-            historySinceMs = now - (windows.max() ?? 0) * 1000
+            let longest = actions.reduce(policy.caps.map(\.windowSeconds).max() ?? 0) { max($0, $1.longestWindowSeconds) }
+            historySinceMs = now - longest * 1000
         }
     }
 
