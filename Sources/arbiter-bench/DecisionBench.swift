@@ -48,8 +48,7 @@ struct DecisionBench: AsyncParsableCommand {
         // The catalog: a mix of rules, consent purposes, placements and caps.
         // As the service runs it: the default configuration's history and commit interval.
         let configuration = DecisionConfiguration()
-        let store = try DecisionStore(directory: base + "/decision", recentEntries: configuration.recentHistoryEntries,
-                                      commitInterval: .milliseconds(configuration.logCommitIntervalMs))
+        let store = try DecisionStore(directory: base + "/decision", for: configuration)
         let decision = DecisionService(store: store, configuration: configuration, profile: profileClient)
         for a in 0..<actions {
             var action = DecisionV1.Action()

@@ -76,9 +76,7 @@ func makeDecision(clock: TestClock = TestClock(), profile: RPCClient? = nil, rou
     // Tests of the learned policy see no global holdout unless they set one.
     configuration.holdout.share = 0
     configure(&configuration)
-    let store = try DecisionStore(directory: temporaryDirectory("decision-test"), configuration: configuration.learner,
-                                  recentEntries: configuration.recentHistoryEntries,
-                                  commitInterval: .milliseconds(configuration.logCommitIntervalMs))
+    let store = try DecisionStore(directory: temporaryDirectory("decision-test"), for: configuration)
     return DecisionService(store: store, configuration: configuration, profile: profile, routing: routing, seed: seed, clock: clock.read)
 }
 

@@ -399,7 +399,7 @@ public struct DecisionService: RPCService {
 
         var explanations: [DecisionV1.CandidateExplanation] = []
         var eligible: [(spec: ActionSpec, channels: [CommonV1.Channel], slot: Int)] = []
-        explanations.reserveCapacity(actions.count)  // grown one append at a time, 2.5 % of the service's CPU
+        explanations.reserveCapacity(actions.count)  // grown one append at a time: ~2 % of the service's CPU
         eligible.reserveCapacity(actions.count)
         var heldOut: [String] = []
         for spec in actions where !spec.action.retired {

@@ -135,6 +135,12 @@ public final class DecisionStore: Sendable {
         }
     }
 
+    /// The store as the service runs it: `service`'s learner, recent history and commit interval.
+    public convenience init(directory: String, for service: DecisionConfiguration) throws {
+        try self.init(directory: directory, configuration: service.learner, recentEntries: service.recentHistoryEntries,
+                      commitInterval: .milliseconds(service.logCommitIntervalMs))
+    }
+
     /// - Parameters:
     ///   - recentEntries: how many recent offers and outcomes to keep in memory
     ///     (`DecisionConfiguration.recentHistoryEntries`); 0 reads every history from the file.

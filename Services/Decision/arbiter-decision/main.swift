@@ -16,9 +16,7 @@ enum DecisionDefinition: ServiceDefinition {
 
     static func makeServices(_ context: ServiceContext) async throws -> ServiceParts {
         let configuration = try context.section("decision", as: DecisionConfiguration.self, default: .init())
-        let store = try DecisionStore(directory: context.dataDirectory, configuration: configuration.learner,
-                                      recentEntries: configuration.recentHistoryEntries,
-                                      commitInterval: .milliseconds(configuration.logCommitIntervalMs))
+        let store = try DecisionStore(directory: context.dataDirectory, for: configuration)
         if context.profile == nil {
             context.logger.warning("no --profile: every decision is degraded (no traits, features, segments or consent)")
         }
