@@ -12,8 +12,7 @@ struct EndToEndTests {
     func scenario() async throws {
         var ports: [String: (rpc: Int, admin: Int)] = [:]
         for name in ["identity", "profile", "routing", "decision"] { ports[name] = (try await unusedPort(), try await unusedPort()) }
-        let dataDir = NSTemporaryDirectory() + "/arbiter-e2e-\(ports["identity"]!.rpc)"
-        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        let dataDir = temporaryDirectory("e2e")
         let sink = try await WebhookSink.start()
         let config = dataDir + "/config.json"
         try Data("""

@@ -107,7 +107,7 @@ struct ProcessTests {
     @Test("SIGTERM drains: the call in flight is answered, readiness drops, the process exits 0")
     func sigtermDrains() async throws {
         let port = try await unusedPort(), admin = try await unusedPort()
-        let dataDir = FileManager.default.temporaryDirectory.appendingPathComponent("arbiter-test-\(port)").path
+        let dataDir = temporaryDirectory("sigterm")
         // Configured through the environment only.
         let server = try RunningProcess.start("arbiter-echo", [], environment: [
             "ARBITER_PORT": "\(port)", "ARBITER_ADMIN_PORT": "\(admin)", "ARBITER_DATA_DIR": dataDir,
@@ -146,7 +146,7 @@ struct ProcessTests {
         (["--max-in-flight", "0"], [:], "--max-in-flight"),
     ])
     func badConfiguration(arguments: [String], environment: [String: String], flag: String) async throws {
-        let process = try RunningProcess.start("arbiter-identity", arguments + ["--data-dir", NSTemporaryDirectory() + "/arbiter-bad"],
+        let process = try RunningProcess.start("arbiter-identity", arguments + ["--data-dir", temporaryDirectory("bad-flag")],
                                                environment: environment)
         let status = await process.waitForExit()
         #expect(status != 0)
@@ -156,11 +156,11 @@ struct ProcessTests {
     @Test("with --auth-token-file, calls need the token; health does not", .timeLimit(.minutes(1)))
     func authTokenFile() async throws {
         let port = try await unusedPort(), admin = try await unusedPort()
-        let tokenFile = NSTemporaryDirectory() + "/arbiter-token-\(port)"
+        let tokenFile = temporaryDirectory("auth") + "/token"
         try "  t0ken\n".write(toFile: tokenFile, atomically: true, encoding: .utf8)
         let server = try RunningProcess.start("arbiter-echo", [
             "--port", "\(port)", "--admin-port", "\(admin)", "--auth-token-file", tokenFile,
-            "--data-dir", NSTemporaryDirectory() + "/arbiter-auth",
+            "--data-dir", temporaryDirectory("auth-data"),
         ])
         let anonymous = try await waitUntilServing(port: port)
         let authorized = RPCClient(host: "127.0.0.1", port: port, configuration: .withToken("t0ken"))
@@ -179,7 +179,7 @@ struct ProcessTests {
     @Test("arbiter-identity serves the identity graph over the wire, from its own store, across a kill -9")
     func identityOverTheWire() async throws {
         let port = try await unusedPort(), admin = try await unusedPort()
-        let dataDir = NSTemporaryDirectory() + "/arbiter-identity-\(port)"
+        let dataDir = temporaryDirectory("identity")
         let configFile = dataDir + "-config.json"
         try #"{"identity": {"default_region": "NL", "limits": {"customer_id": 1}}}"#.write(toFile: configFile, atomically: true, encoding: .utf8)
         let arguments = ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir, "--config", configFile]
@@ -212,7 +212,7 @@ struct ProcessTests {
     func profileWithIdentity() async throws {
         let identityPort = try await unusedPort(), identityAdmin = try await unusedPort()
         let port = try await unusedPort(), admin = try await unusedPort()
-        let dataDir = NSTemporaryDirectory() + "/arbiter-profile-\(port)"
+        let dataDir = temporaryDirectory("profile")
         let identity = try RunningProcess.start("arbiter-identity", [
             "--port", "\(identityPort)", "--admin-port", "\(identityAdmin)", "--data-dir", dataDir + "/identity"])
         defer { kill(identity.process.processIdentifier, SIGKILL) }
@@ -238,7 +238,8 @@ struct ProcessTests {
             event.person = i < 4 ? personRef(identifier("cookie_id", "ck-9")) : personRef(identifier("email", "Zoe@Example.org"))
             return event
         }
-        #expect(try await client.call(ProfileV1.Profile.track, track).accepted == 6)
+        let tracked = try await client.call(ProfileV1.Profile.track, track)
+        #expect(tracked.accepted == 6, "\(tracked)")
         var bad = track
         bad.events[0].person = personRef(identifier("email", "not an email"))
         bad.events[0].eventId = "ev-bad"
@@ -290,8 +291,7 @@ struct ProcessTests {
     func decisionWithProfileKilled() async throws {
         let profilePort = try await unusedPort(), profileAdmin = try await unusedPort()
         let port = try await unusedPort(), admin = try await unusedPort()
-        let dataDir = NSTemporaryDirectory() + "/arbiter-decision-\(port)"
-        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        let dataDir = temporaryDirectory("decision")
         // Generous peer timeouts, so that a loaded machine cannot fail the healthy decision.
         let config = dataDir + "/config.json"
         try Data(#"{"decision": {"decideBudgetMs": 3000, "peerTimeoutMs": 2000}}"#.utf8).write(to: URL(fileURLWithPath: config))
@@ -373,8 +373,7 @@ struct ProcessTests {
     func routingKilledDuringDispatch() async throws {
         let profilePort = try await unusedPort(), profileAdmin = try await unusedPort()
         let port = try await unusedPort(), admin = try await unusedPort()
-        let dataDir = NSTemporaryDirectory() + "/arbiter-routing-\(port)"
-        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        let dataDir = temporaryDirectory("routing")
         // A slow receiver and few senders: the kill lands while deliveries are in flight.
         let sink = try await WebhookSink.start()
         // Slow enough that 200 deliveries take 5 s with 4 senders: the kill lands mid-dispatch
@@ -450,9 +449,9 @@ struct ProcessTests {
 
     @Test("a bad --config section stops arbiter-identity at start, naming the setting")
     func badIdentityConfig() async throws {
-        let configFile = NSTemporaryDirectory() + "/arbiter-bad-config-\(UInt32.random(in: 0...UInt32.max)).json"
+        let configFile = temporaryDirectory("bad-config") + "/config.json"
         try #"{"identity": {"default_region": "Atlantis"}}"#.write(toFile: configFile, atomically: true, encoding: .utf8)
-        let process = try RunningProcess.start("arbiter-identity", ["--config", configFile, "--data-dir", NSTemporaryDirectory() + "/arbiter-bad2"])
+        let process = try RunningProcess.start("arbiter-identity", ["--config", configFile, "--data-dir", temporaryDirectory("bad-config-data")])
         #expect(await process.waitForExit() != 0)
         #expect(await process.errorOutput.contains("identity.default_region"))
     }
@@ -460,7 +459,7 @@ struct ProcessTests {
     @Test("arbiter-decision will not start with a log retention shorter than a stored cap window")
     func decisionRetentionConflict() async throws {
         let port = try await unusedPort(), admin = try await unusedPort()
-        let dataDir = NSTemporaryDirectory() + "/arbiter-retention-\(port)"
+        let dataDir = temporaryDirectory("retention")
         let arguments = ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir]
         let server = try RunningProcess.start("arbiter-decision", arguments)
         let client = try await waitUntilServing(port: port, process: server)
@@ -490,7 +489,7 @@ struct ProcessTests {
         for name in ["arbiter-identity", "arbiter-profile", "arbiter-decision", "arbiter-routing"] {
             let port = try await unusedPort(), admin = try await unusedPort()
             let server = try RunningProcess.start(name, [
-                "--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", NSTemporaryDirectory() + "/\(name)",
+                "--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", temporaryDirectory(name),
             ])
             let client = try await waitUntilServing(port: port)
             client.close()

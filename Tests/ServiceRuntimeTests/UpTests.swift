@@ -13,7 +13,7 @@ struct UpTests {
     @Test("starts the four services wired together, each serving with its own store and log; arbiter call, list and load work against them; SIGINT stops them all")
     func upAndDown() async throws {
         let rpcBase = try await freeBase(), adminBase = try await freeBase()
-        let dataDir = NSTemporaryDirectory() + "/arbiter-up-\(rpcBase)"
+        let dataDir = temporaryDirectory("up")
         let up = try RunningProcess.start("arbiter", ["up", "--data-dir", dataDir, "--port-base", "\(rpcBase)",
                                                       "--admin-port-base", "\(adminBase)", "--log-level", "warning"], captureOutput: true)
         defer { kill(up.process.processIdentifier, SIGKILL) }
@@ -113,8 +113,7 @@ struct UpTests {
     @Test("arbiter demo seeds a population through the running suite, simulates decisions and outcomes, and reports in text and HTML")
     func demo() async throws {
         let rpcBase = try await freeBase(), adminBase = try await freeBase()
-        let dataDir = NSTemporaryDirectory() + "/arbiter-demo-\(rpcBase)"
-        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        let dataDir = temporaryDirectory("demo")
         let sink = try await WebhookSink.start()
         try Data(#"""
             {"decision": {"learner": {"segments": ["young", "family", "senior"]}, "holdout": {"share": 0.2},
@@ -160,8 +159,7 @@ struct UpTests {
 
     @Test("up names the executables it cannot find when it cannot build them")
     func missingExecutables() async throws {
-        let empty = NSTemporaryDirectory() + "/arbiter-no-bin-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: empty, withIntermediateDirectories: true)
+        let empty = temporaryDirectory("no-bin")
         let up = try RunningProcess.start("arbiter", ["up", "--bin-dir", empty, "--data-dir", empty + "/data"], captureOutput: true)
         #expect(await up.waitForExit() != 0)
         let errors = await up.errorOutput
@@ -171,8 +169,7 @@ struct UpTests {
     @Test("a service that cannot start stops the others, and up fails with its log")
     func failingService() async throws {
         let rpcBase = try await freeBase(), adminBase = try await freeBase()
-        let dataDir = NSTemporaryDirectory() + "/arbiter-up-bad-\(rpcBase)"
-        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        let dataDir = temporaryDirectory("up-bad")
         try Data(#"{"routing": {"capPerDay": -1}}"#.utf8).write(to: URL(fileURLWithPath: dataDir + "/config.json"))
         let up = try RunningProcess.start("arbiter", ["up", "--data-dir", dataDir, "--port-base", "\(rpcBase)",
                                                       "--admin-port-base", "\(adminBase)", "--config", dataDir + "/config.json"],

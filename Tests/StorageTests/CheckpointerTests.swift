@@ -2,13 +2,13 @@ import Foundation
 import GRDB
 import Storage
 import Testing
+import TestSupport
 
 @Suite("SQLite stores: the background checkpointer")
 struct CheckpointerTests {
     @Test("copies what the writer commits into the main file, with either pace", arguments: [false, true])
     func copiesTheWAL(continuous: Bool) async throws {
-        let directory = NSTemporaryDirectory() + "arbiter-checkpointer-\(UUID().uuidString)"
-        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let directory = temporaryDirectory("checkpointer")
         var migrator = DatabaseMigrator()
         migrator.registerMigration("v1") { db in try db.execute(sql: "CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB NOT NULL)") }
         let (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "t", migrator: migrator,

@@ -1,10 +1,24 @@
 import Foundation
 
-/// A new empty directory under the system's temporary directory.
+/// A new empty directory, unique to the call (never one a test run before used: a store left
+/// there would answer for the last run), inside this test process's own temporary directory.
 public func temporaryDirectory(_ prefix: String = "arbiter-test") -> String {
-    let path = NSTemporaryDirectory() + "/\(prefix)-\(UUID().uuidString)"
+    let path = TestFiles.root + "/\(prefix)-\(UUID().uuidString)"
     try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
     return path
+}
+
+/// One directory under the system's temporary directory per test process, removed when the
+/// process exits: stores, WALs and sockets' files do not pile up over runs.
+enum TestFiles {
+    static let root: String = {
+        let path = NSTemporaryDirectory() + "/arbiter-tests-\(getpid())-\(UUID().uuidString)"
+        try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        atexit { TestFiles.remove() }
+        return path
+    }()
+
+    static func remove() { try? FileManager.default.removeItem(atPath: root) }
 }
 
 /// Whether any of `files` (in `directory`) holds `needle`'s UTF-8 bytes: for proving that
