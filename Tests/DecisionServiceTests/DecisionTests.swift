@@ -449,6 +449,46 @@ struct DecisionTests {
         #expect(try await !decision.outcome("o", first, .click).duplicate)
     }
 
+    /// Counts the transactions that commit.
+    final class CommitCounter: TransactionObserver, Sendable {
+        let commits = Mutex(0)
+        func observes(eventsOfKind eventKind: DatabaseEventKind) -> Bool { true }
+        func databaseDidChange(with event: DatabaseEvent) {}
+        func databaseDidCommit(_ db: Database) { commits.withLock { $0 += 1 } }
+        func databaseDidRollback(_ db: Database) {}
+    }
+
+    @Test("decisions and outcomes logged in one transaction write each arm once, with the evidence of all of them")
+    func batchedEvidence() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock) { $0.logCommitIntervalMs = 50 }
+        try decision.upsert(action("a"))
+        let counter = CommitCounter()
+        try await decision.store.pool.writeWithoutTransaction { db in db.add(transactionObserver: counter, extent: .observerLifetime) }
+        let decided = try await withThrowingTaskGroup(of: DecisionV1.DecideResponse.self) { group in
+            for p in 0..<40 { group.addTask { try await decision.decide(decideRequest("p\(p)")) } }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        // Dismissals, then clicks: batches of each kind alone, the last of clicks only.
+        for (kind, responses) in [(DecisionV1.Outcome.dismiss, decided.suffix(5)), (.click, decided.prefix(10))] {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for response in responses {
+                    group.addTask { _ = try await decision.outcome("\(kind)-\(response.decisionId)", response, kind) }
+                }
+                try await group.waitForAll()
+            }
+        }
+        let commits = counter.commits.withLock { $0 }
+        #expect(commits < 55, "the 55 entries were logged in \(commits) transactions: none was batched")
+        let keys = [ArmKey.global("a"), .placement("a", "home")]
+        let inMemory = decision.store.arms(keys, nowMs: clock.read())
+        // 40 offers count as failures, 10 of them turned into successes; 5 dismissals weigh 1 each.
+        #expect(inMemory.map(\.successes) == [10, 10])
+        #expect(inMemory.map(\.failures) == [35, 35])
+        let inFile = try await decision.store.pool.read { try DecisionStore.loadArms($0) }
+        #expect(keys.map { inFile[$0] } == inMemory)
+    }
+
     @Test("ReportOutcome finds the latest decisions in memory, first in first out, and older ones in the file")
     func recentDecisions() async throws {
         var recent = DecisionStore.RecentDecisions(capacity: 2)

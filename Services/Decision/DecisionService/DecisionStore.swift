@@ -347,27 +347,35 @@ public final class DecisionStore: Sendable {
         return arms
     }
 
-    /// Adds evidence to arms inside a write transaction (memory follows the database; a
-    /// transaction that fails has memory read again from the file: `writeContacts`).
-    private func addEvidence(_ db: Database, _ changes: [(ArmKey, successes: Double, failures: Double)], nowMs: Int64) throws {
+    /// Adds evidence to arms in memory, inside a write transaction that then writes the arms
+    /// named in `changed` (`writeArms`): a batch of decisions writes each arm once, not once
+    /// per decision. A transaction that fails has memory read again from the file
+    /// (`writeContacts`).
+    private func addEvidence(_ changes: [(ArmKey, successes: Double, failures: Double)], nowMs: Int64,
+                             changed: inout Set<ArmKey>) {
         let halfLife = configuration.halfLifeMs
-        let updated: [(ArmKey, Arm)] = memory.withLock { m in
-            changes.map { key, successes, failures in
+        memory.withLock { m in
+            for (key, successes, failures) in changes {
                 var arm = (m.arms[key] ?? Arm()).decayed(to: nowMs, halfLifeMs: halfLife)
                 arm.successes = max(0, arm.successes + successes)
                 arm.failures = max(0, arm.failures + failures)
                 arm.updatedMs = nowMs
-                return (key, arm)
+                m.arms[key] = arm
             }
         }
+        changed.formUnion(changes.lazy.map(\.0))
+    }
+
+    /// Writes the arms `keys` as memory holds them (only this transaction's writer changes them).
+    private func writeArms(_ db: Database, _ keys: Set<ArmKey>) throws {
+        guard !keys.isEmpty else { return }
+        let arms = memory.withLock { m in keys.map { ($0, m.arms[$0] ?? Arm()) } }
         let statement = try db.cachedStatement(sql: """
             INSERT OR REPLACE INTO arm (action_id, context, successes, failures, updated_ms) VALUES (?, ?, ?, ?, ?)
             """)
-        for (key, arm) in updated {
+        for (key, arm) in arms {
             try statement.execute(arguments: [key.action, key.context, arm.successes, arm.failures, arm.updatedMs])
         }
-        // Memory changes inside the transaction, after every row is written.
-        memory.withLock { m in for (key, arm) in updated { m.arms[key] = arm } }
     }
 
     // MARK: - Decisions
@@ -473,6 +481,7 @@ public final class DecisionStore: Sendable {
                     return .decision(record, encoded: Data(record.serializedBytes()), arms: arms)
                 }
             }
+            var changedArms = Set<ArmKey>()
             let written = try entries.map { entry in
                 switch entry {
                 case .decision(let record, let encoded, let arms):
@@ -484,12 +493,13 @@ public final class DecisionStore: Sendable {
                         // Merges and erasures find a person's decisions through `offer`.
                         if record.actions.isEmpty { try offer.execute(arguments: [record.personId, record.decidedAtMs, "", 0, record.decisionId]) }
                     }
-                    try addEvidence(db, arms.map { ($0, 0, 1) }, nowMs: record.decidedAtMs)
+                    addEvidence(arms.map { ($0, 0, 1) }, nowMs: record.decidedAtMs, changed: &changedArms)
                     return true
                 case .outcome(let outcome, let offered, let atMs):
-                    return try insert(db, outcome, offered: offered, atMs: atMs)
+                    return try insert(db, outcome, offered: offered, atMs: atMs, changedArms: &changedArms)
                 }
             }
+            try writeArms(db, changedArms)
             // Built before taking the lock, which Decide's history reads wait for.
             let offered = entries.map { entry -> Offered? in
                 guard case .decision(let record, _, _) = entry, !record.actions.isEmpty else { return nil }
@@ -588,7 +598,7 @@ public final class DecisionStore: Sendable {
 
     /// `report`'s write: false when the outcome id is known.
     private func insert(_ db: Database, _ outcome: DecisionV1.ReportOutcomeRequest, offered: Offered,
-                        atMs: Int64) throws -> Bool {
+                        atMs: Int64, changedArms: inout Set<ArmKey>) throws -> Bool {
         try db.cachedStatement(sql: """
             INSERT OR IGNORE INTO outcome (outcome_id, decision_id, person_id, action_id, kind, value, occurred_at_ms)
             VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -602,11 +612,11 @@ public final class DecisionStore: Sendable {
                 SELECT count(*) FROM outcome WHERE decision_id = ? AND action_id = ? AND kind IN (?, ?)
                 """), arguments: [outcome.decisionId, outcome.actionId, DecisionV1.Outcome.click.rawValue,
                                   DecisionV1.Outcome.conversion.rawValue]) ?? 0
-            if positives == 1 { try addEvidence(db, keys.map { ($0, 1, -1) }, nowMs: atMs) }
+            if positives == 1 { addEvidence(keys.map { ($0, 1, -1) }, nowMs: atMs, changed: &changedArms) }
         case .dismiss:
-            try addEvidence(db, keys.map { ($0, 0, configuration.dismissWeight) }, nowMs: atMs)
+            addEvidence(keys.map { ($0, 0, configuration.dismissWeight) }, nowMs: atMs, changed: &changedArms)
         case .complaint, .unsubscribe:
-            try addEvidence(db, keys.map { ($0, 0, configuration.complaintWeight) }, nowMs: atMs)
+            addEvidence(keys.map { ($0, 0, configuration.complaintWeight) }, nowMs: atMs, changed: &changedArms)
         default:
             break
         }
