@@ -200,7 +200,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "ServiceRuntimeTests", dependencies: ["ServiceRuntime", "RPC", "Contracts", "Rules", "TestSupport",
+        .testTarget(name: "ServiceRuntimeTests", dependencies: ["ServiceRuntime", "RPC", "Contracts", "CContracts", "Rules", "TestSupport",
                                                                .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "RulesTests", dependencies: ["Rules"]),
         .testTarget(name: "StorageTests", dependencies: ["Storage", "TestSupport", .product(name: "GRDB", package: "GRDB.swift")]),
@@ -212,7 +212,7 @@ let package = Package(
         ),
         .testTarget(
             name: "DecisionServiceTests",
-            dependencies: ["DecisionService", "ProfileService", "RoutingService", "RPC", "Contracts", "TestSupport",
+            dependencies: ["DecisionService", "IdentityService", "ProfileService", "RoutingService", "RPC", "Contracts", "TestSupport",
                            .product(name: "GRDB", package: "GRDB.swift"), .product(name: "Logging", package: "swift-log"),
                            .product(name: "NIOPosix", package: "swift-nio")]
         ),

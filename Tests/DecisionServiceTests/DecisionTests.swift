@@ -1,5 +1,6 @@
 import Contracts
 @testable import DecisionService
+import IdentityService
 import Foundation
 import GRDB
 import Logging
@@ -67,7 +68,7 @@ extension DecisionService {
     }
 }
 
-func makeDecision(clock: TestClock = TestClock(), profile: RPCClient? = nil, routing: RPCClient? = nil, seed: UInt64 = 7,
+func makeDecision(clock: TestClock = TestClock(), identity: RPCClient? = nil, profile: RPCClient? = nil, routing: RPCClient? = nil, seed: UInt64 = 7,
                   configure: (inout DecisionConfiguration) -> Void = { _ in }) throws -> DecisionService {
     var configuration = DecisionConfiguration()
     // Generous by default: a loaded test machine must not turn a healthy decision into a degraded one.
@@ -77,7 +78,8 @@ func makeDecision(clock: TestClock = TestClock(), profile: RPCClient? = nil, rou
     configuration.holdout.share = 0
     configure(&configuration)
     let store = try DecisionStore(directory: temporaryDirectory("decision-test"), for: configuration)
-    return DecisionService(store: store, configuration: configuration, profile: profile, routing: routing, seed: seed, clock: clock.read)
+    return DecisionService(store: store, configuration: configuration, identity: identity, profile: profile, routing: routing,
+                           seed: seed, clock: clock.read)
 }
 
 @Suite("decision service")
@@ -447,6 +449,40 @@ struct DecisionTests {
         // Memory's decisions were forgotten: the outcome finds its decision in the file.
         #expect(decision.store.contacts.withLock { $0.decisions[first.decisionId] } == nil)
         #expect(try await !decision.outcome("o", first, .click).duplicate)
+    }
+
+    @Test("identifiers the identity service rejects are the client's error, naming the field, not a degraded decision; they leave its breaker closed")
+    func rejectedIdentifiers() async throws {
+        let identityStore = try IdentityStore(directory: temporaryDirectory("decision-identity"), normalizer: Normalizer(rules: IdentityRules()))
+        try await withRPCServer(services: [IdentityService(store: identityStore)]) { _, port in
+            let identity = RPCClient(host: "127.0.0.1", port: port)
+            defer { identity.close() }
+            let decision = try makeDecision(identity: identity)
+            try decision.upsert(action("a"))
+            func email(_ value: String) -> CommonV1.Identifier {
+                var identifier = CommonV1.Identifier()
+                identifier.type = "email"
+                identifier.value = value
+                return identifier
+            }
+            func byEmail(_ value: String) -> DecisionV1.DecideRequest {
+                var request = decideRequest("unused")
+                var list = CommonV1.IdentifierList()
+                list.identifiers = [email(value)]
+                request.person?.ref = .identifiers(list)
+                return request
+            }
+            // More than the breaker's threshold: a client's mistakes must not make others' decisions degraded.
+            for _ in 0...DecisionConfiguration().breakerFailures {
+                await expectInvalid("person.identifiers[0].value") { _ = try await decision.decide(byEmail("not an email")) }
+            }
+            var link = IdentityV1.LinkRequest()
+            link.identifiers = [email("ada@example.com")]
+            let person = try await identity.call(IdentityV1.Identity.link, link).personId
+            let known = try await decision.decide(byEmail("ada@example.com"))
+            // (Degraded only for the profile service this test leaves out.)
+            #expect(known.personId == person && known.degradedReasons == ["profile: not configured"], "\(known.degradedReasons)")
+        }
     }
 
     /// Counts the transactions that commit.

@@ -235,6 +235,9 @@ public struct DecisionService: RPCService {
             switch await PeerCall.call(identity, identityBreaker, IdentityV1.Identity.resolve, resolve, deadline: peersDeadline, timeout: peerTimeout) {
             case .answered(let response): person.id = response.personId.isEmpty ? nil : response.personId
             case .unknown: person.id = nil
+            // Identifiers the identity service cannot read are the client's error (a malformed
+            // email, an unknown type), not a reason to decide degraded.
+            case .rejected(let error): throw RPCError(.invalidArgument, "person.\(error.message)")
             case .failed(let reason): reasons.append(reason)
             }
         }
@@ -248,6 +251,7 @@ public struct DecisionService: RPCService {
                 person.profile = view
                 person.profileKnown = true
             case .unknown: person.profileKnown = true
+            case .rejected(let error): reasons.append("profile: \(error.code) \(error.message)")
             case .failed(let reason): reasons.append(reason)
             }
         } else if reasons.isEmpty {

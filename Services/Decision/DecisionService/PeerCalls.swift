@@ -48,6 +48,8 @@ enum PeerCall {
         case answered(Output)
         /// The peer answered NOT_FOUND: it does not know the person (not a failure).
         case unknown
+        /// The peer answered INVALID_ARGUMENT: the request was wrong, the peer is well.
+        case rejected(RPCError)
         case failed(String)
     }
 
@@ -64,9 +66,15 @@ enum PeerCall {
             breaker.record(success: true)
             return .answered(output)
         } catch {
-            guard error.code != .notFound else {
+            switch error.code {
+            case .notFound:
                 breaker.record(success: true)
                 return .unknown
+            case .invalidArgument:
+                breaker.record(success: true)
+                return .rejected(error)
+            default:
+                break
             }
             breaker.record(success: false)
             return .failed("\(breaker.name): \(error.code) \(error.message)")
