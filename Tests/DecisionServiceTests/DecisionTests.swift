@@ -95,6 +95,11 @@ struct DecisionTests {
             #expect(error.message.contains("at position 26"), "\(error)")
         }
         await expectInvalid("action.value") { try decision.upsert(action("a", value: 0)) }
+        // Beyond these bounds a score (rate × value × lever) could overflow to infinity.
+        await expectInvalid("action.value") { try decision.upsert(action("a", value: 1e13)) }
+        var levered = action("a")
+        levered.lever = 2e6
+        await expectInvalid("action.lever") { try decision.upsert(levered) }
         await expectInvalid("action.id") { try decision.upsert(action("no spaces")) }
         await expectInvalid("action.caps[0].window_seconds") { try decision.upsert(action("a", caps: [cap(.action, 1, per: 0)])) }
         await expectInvalid("action.caps[0].scope") { try decision.upsert(action("a", caps: [cap(.channel, 1, per: 60)])) }
@@ -668,6 +673,19 @@ struct DecisionTests {
         }
         #expect(worst < 2e-9, "largest difference \(worst)")
         #expect(StandardNormal.cdf(-9) == 0 && StandardNormal.cdf(9) == 1 && StandardNormal.cdf(0) == 0.5)
+    }
+
+    @Test("choice probabilities stay numbers when scores are not: every arm equally likely, and a draw never traps")
+    func winProbabilitiesOfNonNumbers() {
+        for (means, sds) in [([Double.infinity, .infinity], [Double.infinity, .infinity]), ([.nan, 1], [.nan, .nan]),
+                             ([.greatestFiniteMagnitude, 1], [.infinity, 0.1])] {
+            let p = Learner.withFloor(Learner.winProbabilities(means: means, sds: sds), 0.05)
+            #expect(p.allSatisfy(\.isFinite) && abs(p.reduce(0, +) - 1) < 1e-9, "\(means), \(sds): \(p)")
+            var random = SplitMix64(seed: 1)
+            #expect(Learner.draw(p, count: 2, using: &random).count == 2)
+        }
+        var random = SplitMix64(seed: 1)
+        #expect(Learner.draw([.infinity, 1], count: 1, using: &random).isEmpty)
     }
 
     @Test("Thompson choice probabilities agree with sampling the posteriors", arguments: 0..<6)

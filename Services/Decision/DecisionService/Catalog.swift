@@ -36,6 +36,10 @@ public final class ActionSpec: Sendable {
     static let maxCaps = 20
     static let maxSuppressions = 20
     static let maxWindowSeconds: Int64 = 400 * 86_400
+    /// Bounds that keep every score (response rate × value × lever, and its spread) finite:
+    /// a value of 1e308 made the choice probabilities NaN.
+    static let maxValue = 1e12
+    static let maxLever = 1e6
 
     /// Validates `action`; every error names its field (`action.eligibility`, `action.caps[1].max`, ...).
     public init(_ action: DecisionV1.Action) throws(RPCError) {
@@ -50,11 +54,11 @@ public final class ActionSpec: Sendable {
                 throw .invalidArgument(field: "action.channels[\(i)]", "appears twice")
             }
         }
-        guard action.value.isFinite, action.value > 0 else {
-            throw .invalidArgument(field: "action.value", "must be a positive number, got \(action.value)")
+        guard action.value.isFinite, action.value > 0, action.value <= Self.maxValue else {
+            throw .invalidArgument(field: "action.value", "must be a positive number up to 1e12, got \(action.value)")
         }
-        guard action.lever.isFinite, action.lever >= 0 else {
-            throw .invalidArgument(field: "action.lever", "must be positive (0 means 1), got \(action.lever)")
+        guard action.lever.isFinite, action.lever >= 0, action.lever <= Self.maxLever else {
+            throw .invalidArgument(field: "action.lever", "must be positive, up to 1e6 (0 means 1), got \(action.lever)")
         }
         guard action.startsAtMs >= 0 else { throw .invalidArgument(field: "action.starts_at_ms", "must not be negative") }
         guard action.endsAtMs >= 0 else { throw .invalidArgument(field: "action.ends_at_ms", "must not be negative") }

@@ -120,6 +120,9 @@ enum Learner {
         // The maximum is almost surely above `floor`; arms that cannot reach it never win.
         let floor = zip(means, sds).map { $0 - 6 * $1 }.max()!
         let contenders = (0..<n).filter { means[$0] + 6 * sds[$0] >= floor && sds[$0].isFinite }
+        // Scores that are not numbers (no catalog allows them) leave no contender: every arm
+        // is as likely as the others, rather than a crash.
+        guard !contenders.isEmpty else { return Array(repeating: 1 / Double(n), count: n) }
         var p = Array(repeating: 0.0, count: n)
         if contenders.count == 1 {
             p[contenders[0]] = 1
@@ -189,7 +192,7 @@ enum Learner {
         while picks.count < count {
             remaining = remaining.filter(allowed)
             let mass = remaining.reduce(0) { $0 + p[$1] }
-            guard mass > 0 else { break }
+            guard mass > 0, mass.isFinite else { break }
             var u = Double.random(in: 0..<mass, using: &random)
             var pick = remaining.count - 1
             for (slot, i) in remaining.enumerated() {

@@ -140,11 +140,11 @@ struct  Arbiter__Decision__V1__Action
   size_t n_channels;
   Arbiter__Common__V1__Channel *channels;
   /*
-   * Business value of a positive response (> 0).
+   * Business value of a positive response (> 0, at most 1e12).
    */
   double value;
   /*
-   * Business priority multiplier (> 0; 0 means 1).
+   * Business priority multiplier (> 0, at most 1e6; 0 means 1).
    */
   double lever;
   /*

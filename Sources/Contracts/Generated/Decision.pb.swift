@@ -90,9 +90,9 @@ extension DecisionV1 {
         public var placements: [String] = []
         /// Channels it may be delivered on, in order of preference.
         public var channels: [CommonV1.Channel] = []
-        /// Business value of a positive response (> 0).
+        /// Business value of a positive response (> 0, at most 1e12).
         public var value: Double = 0
-        /// Business priority multiplier (> 0; 0 means 1).
+        /// Business priority multiplier (> 0, at most 1e6; 0 means 1).
         public var lever: Double = 0
         /// Active from (0: always) until (0: no end), Unix ms.
         public var startsAtMs: Int64 = 0
