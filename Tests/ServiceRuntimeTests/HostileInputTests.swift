@@ -14,7 +14,7 @@ struct HostileInputTests {
     /// Codes that say the service failed, not the request.
     static let failures: Set<RPCError.Code> = [.internal, .unknown, .unimplemented, .dataLoss]
 
-    @Test("random well-formed requests to every method get an answer or a client's error; no service crashes; every store passes integrity_check")
+    @Test("random well-formed requests to every method, one at a time and then from 8 clients at once, get an answer or a client's error; no service crashes; every store passes integrity_check")
     func randomRequests() async throws {
         var ports: [String: (rpc: Int, admin: Int)] = [:]
         for name in ["identity", "profile", "routing", "decision"] { ports[name] = (try await unusedPort(), try await unusedPort()) }
@@ -69,6 +69,42 @@ struct HostileInputTests {
             }
         }
         print("hostile input, seed \(seed):", answers.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value.sorted { $0.key < $1.key })" }.joined(separator: "\n"))
+
+        // Then the same at once from 8 clients, so that writes race each other and the
+        // identity feed's merges and erasures race the calls they touch.
+        let targets = services.flatMap { service in service.methods.map { (service.name, $0) } }
+        let clientsByName = clients
+        let failures = await withTaskGroup(of: [String].self) { group in
+            for worker in 0..<8 {
+                var generator = messages
+                generator.random = SplitMix64(seed: seed &+ UInt64(worker) &+ 1)
+                group.addTask {
+                    var failures: [String] = []
+                    for call in 0..<rounds * 4 {
+                        let (name, method) = targets[generator.random.int(targets.count)]
+                        let payload = generator.bytes(for: method.inputType.protoDescriptor.pointer)
+                        do {
+                            let answer = try await clientsByName[name]!.call(method, payload: payload, timeout: .seconds(20))
+                            generator.learn(answer, method.outputType.protoDescriptor.pointer)
+                        } catch let error as RPCError {
+                            guard Self.failures.contains(error.code) || error.code == .unavailable else { continue }
+                            failures.append("\(name) \(method.fullName) (seed \(seed), worker \(worker), call \(call)) answered \(error.code): \(error.message); request \(payload.hexString)")
+                        } catch {
+                            failures.append("\(name) \(method.fullName): \(error)")
+                        }
+                    }
+                    return failures
+                }
+            }
+            return await group.reduce(into: []) { $0 += $1 }
+        }
+        #expect(failures.isEmpty, "\(failures.prefix(5).joined(separator: "\n"))")
+        for (name, process) in processes where !process.process.isRunning {
+            let log = await process.errorOutput
+            let start = log.range(of: "Fatal error")?.lowerBound ?? log.range(of: "crashed:")?.lowerBound ?? log.startIndex
+            Issue.record("\(name) exited; stderr: \(log[start...].prefix(6000))")
+            return
+        }
         for (name, _) in services {
             let health = try await clients[name]!.call(HealthV1.Health.check, HealthV1.HealthCheckRequest())
             #expect(health.status == .serving, "\(name)")
