@@ -192,6 +192,10 @@ struct RoutingTests {
             await expectInvalid("allowed_channels[1]") { _ = try await routing.route(routeRequest("p1", key: "k", channels: [.email, .email])) }
             await expectInvalid("allowed_channels[0]") { _ = try await routing.route(routeRequest("p1", key: "k", channels: [CommonV1.Channel(rawValue: 9)])) }
             await expectInvalid("not_after_ms") { _ = try await routing.route(routeRequest("p1", key: "k", notBefore: june1, notAfter: june1 - 1)) }
+            // The planner adds the send window to these: Int64.max crashed the service.
+            await expectInvalid("not_before_ms") { _ = try await routing.route(routeRequest("p1", key: "k", notBefore: .max)) }
+            await expectInvalid("not_after_ms") { _ = try await routing.route(routeRequest("p1", key: "k", notAfter: .max)) }
+            await expectInvalid("not_before_ms") { _ = try await routing.route(routeRequest("p1", key: "k", notBefore: -1)) }
             r = routeRequest("p1", key: "k")
             r.message = nil
             await expectInvalid("message") { _ = try await routing.route(r) }

@@ -87,6 +87,9 @@ public struct RoutingService: RPCService {
 
     // MARK: - Route
 
+    /// 3000-01-01T00:00:00Z: the latest `not_before_ms` or `not_after_ms` a Route may name.
+    static let latestMs: Int64 = 32_503_680_000_000
+
     static func validate(_ request: RoutingV1.RouteRequest) throws(RPCError) {
         switch request.person?.ref {
         case .personId(let id)?: _ = try Names.personID(id, field: "person.person_id")
@@ -120,8 +123,13 @@ public struct RoutingService: RPCService {
             throw .invalidArgument(field: "idempotency_key", "must be 1–128 printable ASCII characters without spaces")
         }
         try Names.check(request.purpose, field: "purpose")
-        guard request.notBeforeMs >= 0 else { throw .invalidArgument(field: "not_before_ms", "must not be negative") }
-        guard request.notAfterMs >= 0 else { throw .invalidArgument(field: "not_after_ms", "must not be negative") }
+        // Before the year 3000: the planner adds the send window to these (Int64.max overflowed).
+        guard (0..<Self.latestMs).contains(request.notBeforeMs) else {
+            throw .invalidArgument(field: "not_before_ms", "must be a Unix time in milliseconds before the year 3000, got \(request.notBeforeMs)")
+        }
+        guard (0..<Self.latestMs).contains(request.notAfterMs) else {
+            throw .invalidArgument(field: "not_after_ms", "must be a Unix time in milliseconds before the year 3000, got \(request.notAfterMs)")
+        }
         if request.notAfterMs > 0 {
             guard request.notAfterMs >= request.notBeforeMs else {
                 throw .invalidArgument(field: "not_after_ms", "is before not_before_ms")

@@ -124,7 +124,8 @@ struct  Arbiter__Routing__V1__RouteRequest
    */
   char *idempotency_key;
   /*
-   * Earliest and latest send time (0: now, and now + the configured window).
+   * Earliest and latest send time (0: now, and now + the configured window); Unix
+   * milliseconds before the year 3000.
    */
   int64_t not_before_ms;
   int64_t not_after_ms;

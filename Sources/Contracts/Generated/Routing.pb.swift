@@ -65,7 +65,8 @@ extension RoutingV1 {
         /// Required. Same key, same delivery; the key goes to the adapter so that the
         /// receiving end can discard a duplicate after a crash (at-least-once).
         public var idempotencyKey: String = ""
-        /// Earliest and latest send time (0: now, and now + the configured window).
+        /// Earliest and latest send time (0: now, and now + the configured window); Unix
+        /// milliseconds before the year 3000.
         public var notBeforeMs: Int64 = 0
         public var notAfterMs: Int64 = 0
         /// Required: the consent purpose, e.g. "marketing" or "transactional".
