@@ -162,12 +162,12 @@ struct HostileMessages {
         "id": ["a", "b"], "action_id": ["a", "b"], "held_out_actions": ["a"],
         "policy": ["no_exploration", "rules_only", "highest_value", "always:a", "logging"],
         "author": ["ops"], "source": ["crm", "web"], "reason": ["test"], "ended_by": ["ops"],
-        "name": ["views_7d", "vip", "tier", "a"], "event_type": ["view", "purchase"], "property": ["sku", "price"],
+        "name": ["views_7d", "vip", "tier", "a", "email", "email_verified", "phone", "phone_verified", "push_token"], "event_type": ["view", "purchase"], "property": ["sku", "price"],
         "purpose": ["marketing"], "consent_purpose": ["marketing"],
         "segment": ["vip", "gold"], "segments": ["vip", "gold"],
         "time_zone": ["Europe/Paris", "UTC", "America/New_York"],
         "fields": ["traits", "features", "segments", "consent"],
-        "key": ["device", "tier", "sku"], "string_value": ["gold", "ios", "x"],
+        "key": ["device", "tier", "sku"], "string_value": ["gold", "ios", "x", "ada@example.com", "+14155550123"],
         "kind": ["force", "ban"],
     ]
     static let plausibleStrings = ["a", "b", "p1", "p2", "home", "gold", "vip", "x"]
@@ -254,6 +254,8 @@ struct HostileMessages {
     }
 
     private mutating func plausibleString(_ name: String) -> String {
+        // Idempotency keys: mostly new ones, sometimes one used before (a replay).
+        if ["idempotency_key", "event_id", "outcome_id"].contains(name), random.unit() < 0.7 { return "k\(random.next() % 1_000_000)" }
         if let pool = Self.plausibleByName[name], random.unit() < 0.9 { return pool[random.int(pool.count)] }
         if !seen.isEmpty, random.unit() < 0.5 { return seen[random.int(seen.count)] }
         return Self.plausibleStrings[random.int(Self.plausibleStrings.count)]
