@@ -130,6 +130,7 @@ struct GraphTests {
         await expectInvalid("identifiers") { _ = try await service.link([]) }
         await expectInvalid("identifiers") { _ = try await service.link([id("customer_id", "null")]) }
         await expectInvalid("observed_at_ms") { _ = try await service.link([id("email", "a@x.io")], at: -5) }
+        await expectInvalid("observed_at_ms") { _ = try await service.link([id("email", "a@x.io")], at: .max) }
     }
 
     @Test("blocked values never link two people")

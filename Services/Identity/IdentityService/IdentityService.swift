@@ -73,8 +73,11 @@ public struct IdentityService: RPCService {
     }
 
     func timestamp(_ ms: Int64, field: String) throws(RPCError) -> Int64 {
-        if ms == 0 { return clock() }
+        let now = clock()
+        if ms == 0 { return now }
         guard ms > 0 else { throw .invalidArgument(field: field, "must be a positive Unix time in milliseconds, got \(ms)") }
+        // As the profile service reads event times: a clock a little ahead is tolerated.
+        guard ms <= now + 86_400_000 else { throw .invalidArgument(field: field, "is more than a day in the future") }
         return ms
     }
 
