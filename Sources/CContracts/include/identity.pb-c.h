@@ -85,6 +85,9 @@ struct  Arbiter__Identity__V1__LinkRequest
   size_t n_identifiers;
   Arbiter__Common__V1__Identifier **identifiers;
   char *source;
+  /*
+   * When the link was seen, Unix milliseconds (0: now; at most a day ahead).
+   */
   int64_t observed_at_ms;
 };
 #define ARBITER__IDENTITY__V1__LINK_REQUEST__INIT \

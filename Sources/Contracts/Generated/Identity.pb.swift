@@ -46,6 +46,7 @@ extension IdentityV1 {
     public struct LinkRequest: ProtoMessage {
         public var identifiers: [CommonV1.Identifier] = []
         public var source: String = ""
+        /// When the link was seen, Unix milliseconds (0: now; at most a day ahead).
         public var observedAtMs: Int64 = 0
 
         public static let protoName = "arbiter.identity.v1.LinkRequest"
