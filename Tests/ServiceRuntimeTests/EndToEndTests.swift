@@ -10,8 +10,6 @@ import TestSupport
 struct EndToEndTests {
     @Test("identify, track, consent, decide with delivery through routing to a webhook, outcome, lift; an erasure reaches every service")
     func scenario() async throws {
-        var ports: [String: (rpc: Int, admin: Int)] = [:]
-        for name in ["identity", "profile", "routing", "decision"] { ports[name] = (try await unusedPort(), try await unusedPort()) }
         let dataDir = temporaryDirectory("e2e")
         let sink = try await WebhookSink.start()
         let config = dataDir + "/config.json"
@@ -19,19 +17,9 @@ struct EndToEndTests {
             {"routing": {"webhook": {"url": "http://127.0.0.1:\(sink.port)/arbiter"}, "quietHoursStart": "00:00", "quietHoursEnd": "00:00"},
              "decision": {"decideBudgetMs": 5000, "peerTimeoutMs": 3000}}
             """.utf8).write(to: URL(fileURLWithPath: config))
-        func address(_ name: String) -> String { "127.0.0.1:\(ports[name]!.rpc)" }
-        var processes: [RunningProcess] = []
-        defer { for p in processes { kill(p.process.processIdentifier, SIGKILL) } }
-        var clients: [String: RPCClient] = [:]
-        defer { clients.values.forEach { $0.close() } }
-        for (name, peers) in [("identity", [String]()), ("profile", ["--identity"]), ("routing", ["--identity", "--profile"]),
-                              ("decision", ["--identity", "--profile", "--routing"])] {
-            var arguments = ["--port", "\(ports[name]!.rpc)", "--admin-port", "\(ports[name]!.admin)", "--data-dir", dataDir + "/" + name,
-                             "--config", config]
-            for flag in peers { arguments += [flag, address(String(flag.dropFirst(2)))] }
-            processes.append(try RunningProcess.start("arbiter-\(name)", arguments))
-            clients[name] = try await waitUntilServing(port: ports[name]!.rpc)
-        }
+        let suite = try await WiredSuite.start(dataDir: dataDir, arguments: ["--config", config])
+        defer { suite.kill() }
+        let clients = suite.clients
         let identity = clients["identity"]!, profile = clients["profile"]!, routing = clients["routing"]!, decision = clients["decision"]!
 
         // Identify: an email and a device are one person.
@@ -131,8 +119,7 @@ struct EndToEndTests {
             return deliveries.isEmpty && decisionGone && profileGone
         })
 
-        for p in processes.reversed() { kill(p.process.processIdentifier, SIGTERM) }
-        for p in processes { #expect(await p.waitForExit() == 0) }
+        for (name, status) in await suite.stop() { #expect(status == 0, "\(name)") }
         await sink.close()
     }
 }

@@ -16,28 +16,17 @@ struct HostileInputTests {
 
     @Test("random well-formed requests to every method, one at a time and then from 8 clients at once, get an answer or a client's error; no service crashes; every store passes integrity_check")
     func randomRequests() async throws {
-        var ports: [String: (rpc: Int, admin: Int)] = [:]
-        for name in ["identity", "profile", "routing", "decision"] { ports[name] = (try await unusedPort(), try await unusedPort()) }
         let dataDir = temporaryDirectory("hostile")
-        func address(_ name: String) -> String { "127.0.0.1:\(ports[name]!.rpc)" }
-        var processes: [String: RunningProcess] = [:]
-        defer { for p in processes.values { kill(p.process.processIdentifier, SIGKILL) } }
-        var clients: [String: RPCClient] = [:]
-        defer { clients.values.forEach { $0.close() } }
-        for (name, peers) in [("identity", [String]()), ("profile", ["--identity"]), ("routing", ["--identity", "--profile"]),
-                              ("decision", ["--identity", "--profile", "--routing"])] {
-            var arguments = ["--port", "\(ports[name]!.rpc)", "--admin-port", "\(ports[name]!.admin)", "--data-dir", dataDir + "/" + name,
-                             "--log-level", "critical"]
-            for flag in peers { arguments += [flag, address(String(flag.dropFirst(2)))] }
-            processes[name] = try RunningProcess.start("arbiter-\(name)", arguments)
-            clients[name] = try await waitUntilServing(port: ports[name]!.rpc, process: processes[name])
-        }
+        let suite = try await WiredSuite.start(dataDir: dataDir, arguments: ["--log-level", "critical"])
+        defer { suite.kill() }
+        let (processes, clients) = (suite.processes, suite.clients)
         let services: [(name: String, methods: [any AnyMethodDescriptor])] = [
             ("identity", IdentityV1.Identity.methods), ("profile", ProfileV1.Profile.methods),
             ("routing", RoutingV1.Routing.methods), ("decision", DecisionV1.Decision.methods),
         ]
-        // A failure names its seed: HOSTILE_SEED=<seed> draws the same requests again
-        // (HOSTILE_ROUNDS=<n> draws more of them).
+        // A failure names its seed: HOSTILE_SEED=<seed> draws the same sequence again, though
+        // not the same bytes where a request carries ids the services made (they are random),
+        // nor the same interleaving from 8 clients. HOSTILE_ROUNDS=<n> draws more.
         let environment = ProcessInfo.processInfo.environment
         let seed = environment["HOSTILE_SEED"].flatMap { UInt64($0) } ?? .random(in: 0 ... .max)
         let rounds = environment["HOSTILE_ROUNDS"].flatMap { Int($0) } ?? 60
@@ -58,10 +47,7 @@ struct HostileInputTests {
                         #expect(running && !Self.failures.contains(error.code),
                                 "\(name) \(method.fullName) (seed \(seed), round \(round)) answered \(error.code): \(error.message)\(running ? "" : " and exited"); request \(payload.hexString)")
                         if !running {
-                            // The runtime's report: the fatal error and the crashed thread's stack.
-                            let log = await processes[name]!.errorOutput
-                            let start = log.range(of: "Fatal error")?.lowerBound ?? log.range(of: "crashed:")?.lowerBound ?? log.startIndex
-                            Issue.record("\(name) stderr: \(log[start...].prefix(6000))")
+                            Issue.record("\(name) stderr: \(await processes[name]!.crashReport)")
                             return
                         }
                     }
@@ -100,20 +86,15 @@ struct HostileInputTests {
         }
         #expect(failures.isEmpty, "\(failures.prefix(5).joined(separator: "\n"))")
         for (name, process) in processes where !process.process.isRunning {
-            let log = await process.errorOutput
-            let start = log.range(of: "Fatal error")?.lowerBound ?? log.range(of: "crashed:")?.lowerBound ?? log.startIndex
-            Issue.record("\(name) exited; stderr: \(log[start...].prefix(6000))")
+            Issue.record("\(name) exited; stderr: \(await process.crashReport)")
             return
         }
         for (name, _) in services {
             let health = try await clients[name]!.call(HealthV1.Health.check, HealthV1.HealthCheckRequest())
             #expect(health.status == .serving, "\(name)")
         }
-        for name in ["decision", "routing", "profile", "identity"] {
-            kill(processes[name]!.process.processIdentifier, SIGTERM)
-            #expect(await processes[name]!.waitForExit() == 0, "\(name) stopped")
-        }
-        for name in ["identity", "profile", "routing", "decision"] {
+        for (name, status) in await suite.stop() { #expect(status == 0, "\(name) stopped") }
+        for name in WiredSuite.names {
             let directory = dataDir + "/" + name
             for file in try FileManager.default.contentsOfDirectory(atPath: directory) where file.hasSuffix(".sqlite") {
                 let queue = try DatabaseQueue(path: directory + "/" + file)

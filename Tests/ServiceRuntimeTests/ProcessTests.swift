@@ -102,6 +102,62 @@ func waitUntilServing(port: Int, process: RunningProcess? = nil) async throws ->
     throw RPCError(.unavailable, "server on \(port) never became healthy (\(running ? "still running" : "exited \(process.process.terminationStatus)")); its log ends:\n\(log.suffix(2000))")
 }
 
+/// The four services as processes, wired as in production (profile follows identity;
+/// routing reads both; decision calls all three), each serving before the next starts.
+struct WiredSuite {
+    /// In the order they start (each needs the ones before it).
+    static let names = ["identity", "profile", "routing", "decision"]
+    var processes: [String: RunningProcess] = [:]
+    var clients: [String: RPCClient] = [:]
+
+    /// Starts them with stores under `dataDir/<name>` and `arguments` added to each one's.
+    static func start(dataDir: String, arguments extra: [String]) async throws -> WiredSuite {
+        var ports: [String: Int] = [:]
+        for name in names { ports[name] = try await unusedPort() }
+        var suite = WiredSuite()
+        do {
+            for (i, name) in names.enumerated() {
+                var arguments = ["--port", "\(ports[name]!)", "--admin-port", "\(try await unusedPort())",
+                                 "--data-dir", dataDir + "/" + name] + extra
+                for peer in names[..<i] { arguments += ["--\(peer)", "127.0.0.1:\(ports[peer]!)"] }
+                let process = try RunningProcess.start("arbiter-\(name)", arguments)
+                suite.processes[name] = process
+                suite.clients[name] = try await waitUntilServing(port: ports[name]!, process: process)
+            }
+        } catch {
+            suite.kill()
+            throw error
+        }
+        return suite
+    }
+
+    /// Kills every process (SIGKILL) and closes the clients: for `defer`.
+    func kill() {
+        for process in processes.values { Foundation.kill(process.process.processIdentifier, SIGKILL) }
+        clients.values.forEach { $0.close() }
+    }
+
+    /// Sends each SIGTERM, the last started first; the exit statuses by name.
+    func stop() async -> [String: Int32] {
+        for name in Self.names.reversed() { Foundation.kill(processes[name]!.process.processIdentifier, SIGTERM) }
+        var statuses: [String: Int32] = [:]
+        for name in Self.names { statuses[name] = await processes[name]!.waitForExit() }
+        return statuses
+    }
+}
+
+/// The runtime's report of a process that crashed: the fatal error and the crashed thread's
+/// stack, from what it wrote to standard error (call after it exited).
+extension RunningProcess {
+    var crashReport: String {
+        get async {
+            let log = await errorOutput
+            let start = log.range(of: "Fatal error")?.lowerBound ?? log.range(of: "crashed:")?.lowerBound ?? log.startIndex
+            return String(log[start...].prefix(6000))
+        }
+    }
+}
+
 @Suite("executables: operator contract and lifecycle", .serialized)
 struct ProcessTests {
     @Test("SIGTERM drains: the call in flight is answered, readiness drops, the process exits 0")

@@ -251,7 +251,7 @@ public struct DecisionService: RPCService {
                 person.profile = view
                 person.profileKnown = true
             case .unknown: person.profileKnown = true
-            case .rejected(let error): reasons.append("profile: \(error.code) \(error.message)")
+            case .rejected(let error): reasons.append(PeerCall.reason(profileBreaker, error))
             case .failed(let reason): reasons.append(reason)
             }
         } else if reasons.isEmpty {

@@ -53,6 +53,9 @@ enum PeerCall {
         case failed(String)
     }
 
+    /// How a peer's error reads among a degraded answer's reasons: `profile: UNAVAILABLE …`.
+    static func reason(_ breaker: Breaker, _ error: RPCError) -> String { "\(breaker.name): \(error.code) \(error.message)" }
+
     static func call<Input, Output>(
         _ client: RPCClient?, _ breaker: Breaker, _ method: MethodDescriptor<Input, Output>, _ request: Input,
         deadline: ContinuousClock.Instant, timeout: Duration
@@ -77,7 +80,7 @@ enum PeerCall {
                 break
             }
             breaker.record(success: false)
-            return .failed("\(breaker.name): \(error.code) \(error.message)")
+            return .failed(reason(breaker, error))
         }
     }
 }
