@@ -74,7 +74,14 @@ public final class DecisionStore: Sendable {
         private var oldest = 0
         let capacity: Int
 
-        init(capacity: Int) { self.capacity = capacity }
+        /// Sized for `capacity` at once: growing rehashes every entry under the store's lock,
+        /// which Decide waits for on the event loop (~24 ms at 98,000 decisions, 50–95 ms
+        /// under load: a stall at the same second of every benchmark run).
+        init(capacity: Int) {
+            self.capacity = capacity
+            byID.reserveCapacity(capacity)
+            order.reserveCapacity(capacity)
+        }
 
         subscript(id: String) -> Offered? { byID[id] }
 

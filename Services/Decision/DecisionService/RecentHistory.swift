@@ -17,7 +17,7 @@ struct RecentHistory: Sendable {
     /// Every offer and outcome after this time is here (`Int64.min`: all of them).
     private(set) var coveredAfterMs: Int64
     /// By person; may still hold entries at or before `coveredAfterMs`, not yet purged.
-    private(set) var byPerson: [String: DecisionStore.History] = [:]
+    private(set) var byPerson = ShardedDictionary<String, DecisionStore.History>()
     /// Offers and outcomes held after `coveredAfterMs`, for `limit`.
     private(set) var entries = 0
     /// How many of `entries` fall in each minute: where to cut when `limit` is passed.
@@ -64,22 +64,24 @@ struct RecentHistory: Sendable {
     mutating func addOffer(person: String, action: String, channel: Int32, atMs: Int64) {
         guard atMs > coveredAfterMs else { return }  // before the covered span (and with limit 0)
         purge(person)
-        byPerson[person, default: .init()].offers.append((action, channel, atMs))
+        byPerson.update(person, default: .init()) { $0.offers.append((action, channel, atMs)) }
         added(atMs)
     }
 
     mutating func addOutcome(person: String, action: String, kind: DecisionV1.Outcome, atMs: Int64) {
         guard atMs > coveredAfterMs else { return }
         purge(person)
-        byPerson[person, default: .init()].outcomes.append((action, kind, atMs))
+        byPerson.update(person, default: .init()) { $0.outcomes.append((action, kind, atMs)) }
         added(atMs)
     }
 
     /// A merge: the source's offers and outcomes become the target's.
     mutating func move(_ source: String, to target: String) {
         guard let moved = byPerson.removeValue(forKey: source) else { return }
-        byPerson[target, default: .init()].offers += moved.offers
-        byPerson[target, default: .init()].outcomes += moved.outcomes
+        byPerson.update(target, default: .init()) { held in
+            held.offers += moved.offers
+            held.outcomes += moved.outcomes
+        }
     }
 
     /// An erasure.
@@ -123,7 +125,7 @@ struct RecentHistory: Sendable {
             perMinute[minute] = nil
             entries -= count
         }
-        toPurge = Array(byPerson.keys)
+        toPurge = byPerson.keys
     }
 
     /// Drops the person's entries at or before `coveredAfterMs`.
