@@ -374,6 +374,29 @@ struct DecisionTests {
         #expect(RecentHistory(limit: 0).history(of: "p", sinceMs: 0) == nil)
     }
 
+    @Test("the recent history's map in parts answers as one dictionary would, through inserts, updates and removals")
+    func shardedDictionary() {
+        var sharded = ShardedDictionary<String, [Int]>()
+        var model: [String: [Int]] = [:]
+        var random = SplitMix64(seed: 7)
+        for step in 0..<20_000 {
+            let key = "p\(random.int(3_000))"
+            switch random.int(4) {
+            case 0, 1:
+                sharded.update(key, default: []) { $0.append(step) }
+                model[key, default: []].append(step)
+            case 2:
+                #expect(sharded.removeValue(forKey: key) == model.removeValue(forKey: key))
+            default:
+                sharded[key] = [step]
+                model[key] = [step]
+            }
+        }
+        #expect(sharded.count == model.count && Set(sharded.keys) == Set(model.keys) && sharded.keys.count == model.count)
+        #expect(model.allSatisfy { sharded[$0.key] == $0.value })
+        #expect(sharded["absent"] == nil)
+    }
+
     @Test("a decision being logged while its person merges is logged for the survivor (unless the merge fails); while they are erased, for no one")
     func identityChangeDuringLog() async throws {
         let clock = TestClock()
