@@ -170,7 +170,7 @@ let package = Package(
             dependencies: [
                 "RPC", "Contracts", "IdentityService", "ProfileService", "DecisionService", "RoutingService",
                 "TestSupport",  // the webhook receiver the routing benchmark dispatches to
-                "LoadTest", "Simulation",
+                "LoadTest", "Simulation", "ServiceRuntime",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -22,6 +22,10 @@ extension ServiceDefinition {
     public static var handlerExecution: RPCServerConfiguration.HandlerExecution { .eventLoop }
 }
 
+/// A service's event-loop threads unless `--event-loop-threads` says otherwise: one (its
+/// handlers that block run on Swift's concurrent pool).
+public let defaultEventLoopThreads = 1
+
 /// The operator contract shared by every executable. Each flag can also be given in
 /// the environment as `ARBITER_<FLAG>` (upper case, dashes as underscores); a flag
 /// on the command line wins over the environment.
@@ -75,7 +79,7 @@ public struct ServiceOptions<Definition: ServiceDefinition>: ParsableArguments, 
     public var gracePeriod: Int = 10
 
     @Option(help: "Event-loop threads. [env: ARBITER_EVENT_LOOP_THREADS]")
-    public var eventLoopThreads: Int = 1
+    public var eventLoopThreads: Int = defaultEventLoopThreads
 
     public init() {}
 

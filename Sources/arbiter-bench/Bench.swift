@@ -8,6 +8,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import RPC
+import ServiceRuntime
 
 /// Benchmarks that print figures. Each drives a real server over loopback TCP with
 /// Arbiter's own client, `--concurrency` calls in flight, closed loop.
@@ -112,6 +113,8 @@ extension Bench {
     }
 
     /// Serves `service` on a free loopback port, logging errors only; cancel the task to stop it.
+    /// Each server has event loops of its own, as many as a service process has by default
+    /// (`defaultEventLoopThreads`), so that a benchmark measures the service as deployed.
     static func serve(_ service: some RPCService, handlerExecution: RPCServerConfiguration.HandlerExecution = .concurrentPool)
         async throws -> (task: Task<Void, any Error>, port: Int) {
         var router = RPCRouter()
@@ -121,7 +124,8 @@ extension Bench {
         configuration.handlerExecution = handlerExecution
         var logger = Logger(label: "bench")
         logger.logLevel = .error
-        let server = RPCServer(configuration: configuration, router: router, logger: logger)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: defaultEventLoopThreads)
+        let server = RPCServer(configuration: configuration, router: router, logger: logger, group: group)
         let task = Task { try await server.run() }
         return (task, try await server.listeningAddress().port!)
     }
