@@ -479,6 +479,43 @@ struct DecisionTests {
         #expect(try await !decision.outcome("o", first, .click).duplicate)
     }
 
+    @Test("the breaker skips a failing peer for an eighth of its cooldown first, doubles the skip per failed probe up to the cooldown, and closes on a success")
+    func breakerBacksOff() {
+        let now = Mutex(ContinuousClock.now)
+        let breaker = Breaker(name: "profile", failures: 3, cooldown: .milliseconds(800), clock: { now.withLock { $0 } })
+        func advance(_ ms: Int) { now.withLock { $0 += .milliseconds(ms) } }
+        for _ in 0..<2 { breaker.record(success: false) }
+        #expect(breaker.refusal() == nil)  // two failures in a row: still closed
+        breaker.record(success: false)
+        // Open for 100 ms. Calls that were in flight fail too; they do not lengthen the skip.
+        for _ in 0..<50 { breaker.record(success: false) }
+        #expect(breaker.refusal()?.contains("retrying within 0.1 seconds") == true)
+        advance(99)
+        #expect(breaker.refusal() != nil)
+        advance(1)
+        #expect(breaker.refusal() == nil)  // the probe
+        #expect(breaker.refusal() != nil)  // the others wait for it
+        breaker.record(success: false)  // the probe failed: 200 ms
+        for (skip, expected) in [(200, "0.2"), (400, "0.4"), (800, "0.8"), (800, "0.8")] {
+            #expect(breaker.refusal()?.contains("retrying within \(expected) seconds") == true)
+            advance(skip - 1)
+            #expect(breaker.refusal() != nil)
+            advance(1)
+            #expect(breaker.refusal() == nil)
+            breaker.record(success: false)
+        }
+        // A success closes it, and the next trip starts short again.
+        advance(800)
+        #expect(breaker.refusal() == nil)
+        breaker.record(success: true)
+        #expect(breaker.refusal() == nil)
+        for _ in 0..<3 { breaker.record(success: false) }
+        advance(99)
+        #expect(breaker.refusal() != nil)
+        advance(1)
+        #expect(breaker.refusal() == nil)
+    }
+
     @Test("identifiers the identity service rejects are the client's error, naming the field, not a degraded decision; they leave its breaker closed")
     func rejectedIdentifiers() async throws {
         let identityStore = try IdentityStore(directory: temporaryDirectory("decision-identity"), normalizer: Normalizer(rules: IdentityRules()))

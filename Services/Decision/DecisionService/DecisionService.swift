@@ -15,9 +15,11 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
     public var decideBudgetMs = 50
     /// Longest wait for the identity or the profile service within a Decide. Default 20.
     public var peerTimeoutMs = 20
-    /// Failed calls in a row after which a peer is skipped for `breakerCooldownMs`. Default 5.
+    /// Failed calls in a row after which a peer is skipped for a while (see `breakerCooldownMs`). Default 5.
     public var breakerFailures = 5
-    /// Default 1000.
+    /// The longest a peer is skipped. The first skip lasts an eighth of it, and each failed
+    /// probe after one doubles it up to this, so a peer that stalled for 100 ms is asked again
+    /// after 125 ms, and one that is down is asked about once a second. Default 1000.
     public var breakerCooldownMs = 1000
     /// Longest wait for the routing service with `deliver` when the caller set no deadline
     /// (delivery is not bound by `decideBudgetMs`: the decision is logged first). Default 2000.

@@ -3,41 +3,63 @@ import RPC
 import Synchronization
 
 /// A circuit breaker for one peer: after `failures` failed calls in a row the peer is
-/// skipped for `cooldown`, so that a peer that is down or slow costs Decide nothing;
-/// then one call is let through, and a success closes the breaker again.
+/// skipped for a while, so that a peer that is down or slow costs Decide nothing; then one
+/// call is let through (a probe), and a success closes the breaker again. The first skip
+/// lasts an eighth of `cooldown` and each failed probe doubles it, up to `cooldown`: a
+/// stall of the peer shorter than that costs a short skip (under load every call in flight
+/// fails together, so one stall of 100 ms opened the breaker for the whole cooldown, a
+/// second of degraded decisions at 3,000/s), and a peer that is down is probed once per
+/// `cooldown` after a few doublings.
 final class Breaker: Sendable {
     let name: String
     let threshold: Int
     let cooldown: Duration
-    private let state = Mutex<(failures: Int, openUntil: ContinuousClock.Instant?)>((0, nil))
+    let clock: @Sendable () -> ContinuousClock.Instant
+    private struct State {
+        var failures = 0
+        var openUntil: ContinuousClock.Instant?
+        /// How long the current or last skip lasts (nil: closed since the last success).
+        var skip: Duration?
+        /// A probe is out: its failure opens the breaker again, for twice as long.
+        var probing = false
+    }
+    private let state = Mutex(State())
 
-    init(name: String, failures: Int, cooldown: Duration) {
+    init(name: String, failures: Int, cooldown: Duration, clock: @escaping @Sendable () -> ContinuousClock.Instant = { .now }) {
         self.name = name
         self.threshold = max(1, failures)
         self.cooldown = cooldown
+        self.clock = clock
     }
 
     /// Nil when a call may be made; else why not.
     func refusal() -> String? {
         state.withLock { state in
             guard let until = state.openUntil else { return nil }
-            let now = ContinuousClock.now
+            let now = clock()
             guard now < until else {
-                state.openUntil = now + cooldown  // half-open: this caller probes, the others wait
+                // Half-open: this caller probes, the others are refused until it answers.
+                state.openUntil = now + cooldown
+                state.probing = true
                 return nil
             }
-            return "\(name): skipped, \(state.failures) calls in a row failed (retrying within \(cooldown))"
+            return "\(name): skipped, \(state.failures) calls in a row failed (retrying within \(state.skip ?? cooldown))"
         }
     }
 
     func record(success: Bool) {
         state.withLock { state in
-            if success {
-                state = (0, nil)
-            } else {
-                state.failures += 1
-                if state.failures >= threshold { state.openUntil = ContinuousClock.now + cooldown }
+            guard !success else {
+                state = State()
+                return
             }
+            state.failures += 1
+            // Calls in flight when it opened fail too: they neither reopen it nor lengthen the skip.
+            guard state.failures >= threshold, state.openUntil == nil || state.probing else { return }
+            let skip = state.probing ? min(cooldown, (state.skip ?? cooldown / 8) * 2) : cooldown / 8
+            state.skip = skip
+            state.openUntil = clock() + skip
+            state.probing = false
         }
     }
 }
