@@ -363,6 +363,9 @@ struct DecisionTests {
         // The fifth passes the limit: the minutes kept hold at most three, so the first two go.
         recent.addOutcome(person: "p", action: "a", kind: .click, atMs: 4 * minute + 1)
         #expect(recent.coveredAfterMs == 2 * minute - 1 && recent.entries == 3)
+        // What the cut dropped leaves memory too, a few persons per addition (here at once).
+        #expect(recent.byPerson["q"]?.offers.map(\.atMs) == [3 * minute + 1])
+        #expect(recent.byPerson["p"]?.offers.map(\.atMs) == [2 * minute + 1])
         #expect(recent.history(of: "p", sinceMs: 0) == nil)
         let p = recent.history(of: "p", sinceMs: 2 * minute - 1)
         #expect(p?.offers.map(\.atMs) == [2 * minute + 1] && p?.outcomes.count == 1)
@@ -392,7 +395,8 @@ struct DecisionTests {
                 model[key] = [step]
             }
         }
-        #expect(sharded.count == model.count && Set(sharded.keys) == Set(model.keys) && sharded.keys.count == model.count)
+        let keys = (0..<ShardedDictionary<String, [Int]>.parts).flatMap { sharded.keys(inPart: $0) }
+        #expect(sharded.count == model.count && Set(keys) == Set(model.keys) && keys.count == model.count)
         #expect(model.allSatisfy { sharded[$0.key] == $0.value })
         #expect(sharded["absent"] == nil)
     }

@@ -24,6 +24,9 @@ struct RecentHistory: Sendable {
     private var perMinute: [Int64: Int] = [:]
     /// Persons that may hold entries a cut dropped, purged a few per addition.
     private var toPurge: [String] = []
+    /// The parts of `byPerson` whose persons go to `toPurge` next, one part at a time: a
+    /// copy of every key at once held the lock for milliseconds with 100,000s of persons.
+    private var partsToPurge = 0..<0
     let limit: Int
 
     /// Nothing held; with `limit` 0, nothing is ever covered (every read goes to the file).
@@ -104,6 +107,10 @@ struct RecentHistory: Sendable {
         // A few persons a cut left entries with, per addition: a cut's leftovers are gone
         // after a fraction of the additions that led to it.
         for _ in 0..<4 {
+            while toPurge.isEmpty, let part = partsToPurge.first {  // empty parts cost no turn
+                partsToPurge = partsToPurge.dropFirst()
+                toPurge = byPerson.keys(inPart: part)
+            }
             guard let person = toPurge.popLast() else { break }
             purge(person)
         }
@@ -125,7 +132,8 @@ struct RecentHistory: Sendable {
             perMinute[minute] = nil
             entries -= count
         }
-        toPurge = byPerson.keys
+        toPurge = []
+        partsToPurge = 0..<ShardedDictionary<String, DecisionStore.History>.parts
     }
 
     /// Drops the person's entries at or before `coveredAfterMs`.

@@ -4,7 +4,9 @@
 /// 50–95 ms under load, which showed as Decide stalls at the same second of every
 /// benchmark run. Here each part grows alone, moving a 64th of the entries.
 struct ShardedDictionary<Key: Hashable & Sendable, Value: Sendable>: Sendable {
-    private var shards: [[Key: Value]] = Array(repeating: [:], count: 64)
+    /// How many parts.
+    static var parts: Int { 64 }
+    private var shards: [[Key: Value]] = Array(repeating: [:], count: parts)
 
     init() {}
 
@@ -23,8 +25,8 @@ struct ShardedDictionary<Key: Hashable & Sendable, Value: Sendable>: Sendable {
     @discardableResult
     mutating func removeValue(forKey key: Key) -> Value? { shards[shard(key)].removeValue(forKey: key) }
 
-    /// Every key, in no particular order.
-    var keys: [Key] { shards.flatMap(\.keys) }
+    /// The keys of part `part` (`0..<parts`): every key is in exactly one.
+    func keys(inPart part: Int) -> [Key] { Array(shards[part].keys) }
 
     var count: Int { shards.reduce(0) { $0 + $1.count } }
 }
