@@ -74,7 +74,7 @@ let package = Package(
         .target(
             name: "IdentityService",
             dependencies: [
-                "RPC", "Contracts", "Storage",
+                "RPC", "Contracts", "Storage", "Rules",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],

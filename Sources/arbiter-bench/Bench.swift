@@ -126,7 +126,10 @@ extension Bench {
         logger.logLevel = .error
         let group = MultiThreadedEventLoopGroup(numberOfThreads: defaultEventLoopThreads)
         let server = RPCServer(configuration: configuration, router: router, logger: logger, group: group)
-        let task = Task { try await server.run() }
+        let task = Task {
+            defer { group.shutdownGracefully { _ in } }
+            try await server.run()
+        }
         return (task, try await server.listeningAddress().port!)
     }
 

@@ -611,10 +611,7 @@ public struct DecisionService: RPCService {
             throw RPCError.invalidArgument(field: "outcome", "must be OUTCOME_IMPRESSION ... OUTCOME_UNSUBSCRIBE")
         }
         guard request.value.isFinite, request.value >= 0 else { throw RPCError.invalidArgument(field: "value", "must be a finite number >= 0") }
-        let now = clock()
-        guard request.occurredAtMs >= 0, request.occurredAtMs <= now + 86_400_000 else {
-            throw RPCError.invalidArgument(field: "occurred_at_ms", "must be a Unix time in milliseconds, at most a day ahead")
-        }
+        let at = try ClientTime.read(request.occurredAtMs, field: "occurred_at_ms", now: clock())
         // A decision older than the latest is read from the file: not on the event loop.
         let id = request.decisionId
         var found = store.recentlyOffered(id)
@@ -626,7 +623,7 @@ public struct DecisionService: RPCService {
             throw RPCError.invalidArgument(field: "action_id", "decision \(request.decisionId) did not offer \"\(request.actionId)\"")
         }
         var response = DecisionV1.ReportOutcomeResponse()
-        response.duplicate = try await !store.report(request, offered: offered, atMs: request.occurredAtMs == 0 ? now : request.occurredAtMs)
+        response.duplicate = try await !store.report(request, offered: offered, atMs: at)
         return response
     }
 }

@@ -75,7 +75,7 @@ public final class DecisionStore: Sendable {
         let capacity: Int
 
         /// Sized for `capacity` at once: growing rehashes every entry under the store's lock,
-        /// which Decide waits for on the event loop (~24 ms at 98,000 decisions, 50–95 ms
+        /// which Decide waits for on the event loop (~24 ms at 98,000 decisions, 40–150 ms
         /// under load: a stall at the same second of every benchmark run).
         init(capacity: Int) {
             self.capacity = capacity

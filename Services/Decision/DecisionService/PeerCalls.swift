@@ -7,8 +7,8 @@ import Synchronization
 /// call is let through (a probe), and a success closes the breaker again. The first skip
 /// lasts an eighth of `cooldown` and each failed probe doubles it, up to `cooldown`: a
 /// stall of the peer shorter than that costs a short skip (under load every call in flight
-/// fails together, so one stall of 100 ms opened the breaker for the whole cooldown, a
-/// second of degraded decisions at 3,000/s), and a peer that is down is probed once per
+/// fails together, so a stall of 100 ms opened the breaker for the whole cooldown: up to
+/// a second of degraded decisions), and a peer that is down is probed once per
 /// `cooldown` after a few doublings.
 final class Breaker: Sendable {
     let name: String

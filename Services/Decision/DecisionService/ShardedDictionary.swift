@@ -1,7 +1,7 @@
 /// A dictionary kept in 64 parts by the key's hash, for large maps changed under a lock
 /// that an event loop waits for. A Swift dictionary grows by rehashing every entry in the
 /// insert that crosses its load factor: ~24 ms at 98,000 entries on the 2-core machine,
-/// 50–95 ms under load, which showed as Decide stalls at the same second of every
+/// 40–150 ms under load, which showed as Decide stalls at the same second of every
 /// benchmark run. Here each part grows alone, moving a 64th of the entries.
 struct ShardedDictionary<Key: Hashable & Sendable, Value: Sendable>: Sendable {
     /// How many parts.

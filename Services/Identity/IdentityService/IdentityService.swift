@@ -1,6 +1,7 @@
 import Contracts
 import Foundation
 import RPC
+import Rules
 
 /// arbiter.identity.v1.Identity over an `IdentityStore`: validates every request
 /// (INVALID_ARGUMENT naming the field) and maps store errors to status codes.
@@ -72,15 +73,6 @@ public struct IdentityService: RPCService {
         }
     }
 
-    func timestamp(_ ms: Int64, field: String) throws(RPCError) -> Int64 {
-        let now = clock()
-        if ms == 0 { return now }
-        guard ms > 0 else { throw .invalidArgument(field: field, "must be a positive Unix time in milliseconds, got \(ms)") }
-        // As the profile service reads event times: a clock a little ahead is tolerated.
-        guard ms <= now + 86_400_000 else { throw .invalidArgument(field: field, "is more than a day in the future") }
-        return ms
-    }
-
     static func source(_ source: String) throws(RPCError) -> String {
         guard source.count <= 128 else { throw .invalidArgument(field: "source", "is longer than 128 characters") }
         return source.isEmpty ? "unspecified" : source
@@ -106,7 +98,7 @@ public struct IdentityService: RPCService {
                 "every identifier is blocked (\(blocked.map { "\($0.type) \"\($0.value)\"" }.joined(separator: ", "))) and cannot link")
         }
         let source = try Self.source(request.source)
-        let at = try timestamp(request.observedAtMs, field: "observed_at_ms")
+        let at = try ClientTime.read(request.observedAtMs, field: "observed_at_ms", now: clock())
         let result = try await mapped { try await store.link(ids, source: source, observedAtMs: at) }
         var response = IdentityV1.LinkResponse()
         response.personId = result.personID

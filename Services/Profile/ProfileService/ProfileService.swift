@@ -47,8 +47,6 @@ public struct ProfileService: RPCService {
     public static let maxEvents = 1000
     /// Most properties on an event, traits in one SetTraits, consents in one SetConsent.
     public static let maxFields = 100
-    /// How far in the future an event may be stamped (clock skew).
-    public static let maxFutureMs: Int64 = 86_400_000
 
     public init(store: ProfileStore, identity: RPCClient? = nil,
                 clock: @escaping @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }) {
@@ -123,13 +121,6 @@ public struct ProfileService: RPCService {
             throw RPCError(.notFound, "person: no person has these identifiers")
         }
         return person
-    }
-
-    func timestamp(_ ms: Int64, field: String, now: Int64) throws(RPCError) -> Int64 {
-        if ms == 0 { return now }
-        guard ms > 0 else { throw .invalidArgument(field: field, "must be a positive Unix time in milliseconds, got \(ms)") }
-        guard ms <= now + Self.maxFutureMs else { throw .invalidArgument(field: field, "is more than a day in the future") }
-        return ms
     }
 
     static func source(_ source: String, field: String = "source") throws(RPCError) -> String {
@@ -228,7 +219,7 @@ public struct ProfileService: RPCService {
         guard event.value.isFinite else { throw .invalidArgument(field: "value", "must be finite") }
         let properties = try Self.fields(event.properties, field: "properties")
         return TrackedEvent(eventID: event.eventId, personID: person, type: event.type,
-                            occurredAtMs: try timestamp(event.occurredAtMs, field: "occurred_at_ms", now: now),
+                            occurredAtMs: try ClientTime.read(event.occurredAtMs, field: "occurred_at_ms", now: now),
                             value: event.value, properties: Dictionary(properties.map { ($0.name, $0.value) }, uniquingKeysWith: { a, _ in a }))
     }
 
@@ -236,7 +227,7 @@ public struct ProfileService: RPCService {
         let traits = try Self.fields(request.traits, field: "traits")
         guard !traits.isEmpty else { throw RPCError.invalidArgument(field: "traits", "is empty") }
         let source = try Self.source(request.source)
-        let at = try timestamp(request.updatedAtMs, field: "updated_at_ms", now: clock())
+        let at = try ClientTime.read(request.updatedAtMs, field: "updated_at_ms", now: clock())
         let person = try await createdPerson(request.person, field: "person")
         var response = ProfileV1.SetTraitsResponse()
         response.personId = person
@@ -283,7 +274,7 @@ public struct ProfileService: RPCService {
             }
             records.append(ProfileStore.Consent(purpose: c.purpose, channel: c.channel.rawValue, granted: c.granted,
                                                 source: try Self.source(c.source, field: "consents[\(i)].source"),
-                                                atMs: try timestamp(c.atMs, field: "consents[\(i)].at_ms", now: now)))
+                                                atMs: try ClientTime.read(c.atMs, field: "consents[\(i)].at_ms", now: now)))
         }
         let person = try await createdPerson(request.person, field: "person")
         try store.setConsent(person: person, records)

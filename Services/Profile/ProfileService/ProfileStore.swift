@@ -98,12 +98,13 @@ public final class ProfileStore: Sendable {
         /// `dirty` and `clean` sized for what they hold at most (before a flush, and the cache):
         /// a dictionary grows by rehashing every entry in one insert, under this lock, which
         /// GetProfile waits for (in the decision service such a rehash of 98,000 entries
-        /// stalled every call for 50–150 ms). Up to a million each: a larger setting
+        /// stalled every call for 40–150 ms). Up to `maxPresized` each: a larger setting
         /// grows past that as it fills.
         init(flushThreshold: Int, cachePersons: Int) {
-            dirty.reserveCapacity(min(flushThreshold, 1 << 20))
-            clean.reserveCapacity(min(cachePersons, 1 << 20))
+            dirty.reserveCapacity(min(flushThreshold, Self.maxPresized))
+            clean.reserveCapacity(min(cachePersons, Self.maxPresized))
         }
+        static let maxPresized = 1 << 20
 
         /// The newest state in memory.
         func newest(_ person: String) -> ProfileStoreV1.PersonState? {
@@ -117,7 +118,7 @@ public final class ProfileStore: Sendable {
             guard !flushRunning, !dirty.isEmpty else { return nil }
             flushRunning = true
             flushing = dirty
-            dirty = Dictionary(minimumCapacity: min(flushing.count, 1 << 20))
+            dirty = Dictionary(minimumCapacity: min(flushing.count, Self.maxPresized))
             return (flushing, nextSeq - 1)
         }
     }

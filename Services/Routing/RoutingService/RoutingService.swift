@@ -207,11 +207,7 @@ public struct RoutingService: RPCService {
         guard !request.hardBounce || request.kind == .bounced else {
             throw RPCError.invalidArgument(field: "hard_bounce", "applies to BOUNCED only")
         }
-        let now = clock()
-        guard request.occurredAtMs >= 0, request.occurredAtMs <= now + 86_400_000 else {
-            throw RPCError.invalidArgument(field: "occurred_at_ms", "must be between 0 and a day from now")
-        }
-        let at = request.occurredAtMs == 0 ? now : request.occurredAtMs
+        let at = try ClientTime.read(request.occurredAtMs, field: "occurred_at_ms", now: clock())
         guard let (delivery, optOut) = try store.report(request.deliveryId, kind: request.kind, hardBounce: request.hardBounce, atMs: at) else {
             throw RPCError(.notFound, "delivery_id: no delivery \"\(request.deliveryId)\"")
         }
