@@ -68,8 +68,10 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // liblz4 (Debian liblz4-dev): large blobs are stored compressed (BlobCompression).
+        .systemLibrary(name: "CLZ4", path: "Sources/CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
         // Shared SQLite setup: WAL, secure_delete, migrations before serving.
-        .target(name: "Storage", dependencies: [.product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift")]),
+        .target(name: "Storage", dependencies: ["CLZ4", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift")]),
         // The identity graph: normalization, merge rules, unmerge, change feed, erasure.
         .target(
             name: "IdentityService",

@@ -4,13 +4,14 @@
 #   protobuf-compiler libprotobuf-dev      protoc and google/protobuf/*.proto (code generation, examples)
 #   python3-protobuf                       the code generator and the Python example
 #   libsqlite3-dev                         the services' stores
+#   liblz4-dev                             compressing the decision log's records (Storage.BlobCompression)
 #   golang-go golang-github-containerd-ttrpc-dev   containerd's ttrpc, for the interop test and benchmark
 #   docker-compose                         validating docker/compose.yaml
 #   curl iproute2                          probing the admin ports, finding free ports (ss)
 #   python3-aiosmtpd                       the SMTP server the routing tests deliver to
 set -euo pipefail
 packages=(protobuf-c-compiler libprotobuf-c-dev protobuf-compiler libprotobuf-dev python3-protobuf
-          libsqlite3-dev golang-go golang-github-containerd-ttrpc-dev docker-compose curl iproute2 python3-aiosmtpd)
+          libsqlite3-dev liblz4-dev golang-go golang-github-containerd-ttrpc-dev docker-compose curl iproute2 python3-aiosmtpd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

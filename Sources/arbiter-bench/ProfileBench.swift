@@ -19,13 +19,14 @@ struct ProfileBench: AsyncParsableCommand {
     @Option(help: "Store directory (default: a new temporary directory, removed afterwards).") var dataDir: String?
     @Option(help: "profile.stateFlushPersons (dirty feature states kept in memory before a flush).") var stateFlushPersons = ProfileConfiguration().stateFlushPersons
     @Option(help: "profile.stateCachePersons (clean feature states kept in memory).") var stateCachePersons = ProfileConfiguration().stateCachePersons
+    @Option(help: "profile.factsCachePersons (persons whose traits and consent are kept in memory).") var factsCachePersons = ProfileConfiguration().factsCachePersons
     @Option(help: "Events appended to the store's tail before they move to the event table together.") var tailEvents = ProfileStore.defaultTailEvents
 
     func run() async throws {
         let directory = dataDir ?? NSTemporaryDirectory() + "/arbiter-bench-profile-\(UUID().uuidString)"
         defer { if dataDir == nil { try? FileManager.default.removeItem(atPath: directory) } }
         let store = try ProfileStore(directory: directory, flushThreshold: stateFlushPersons, cachePersons: stateCachePersons,
-                                     tailEvents: tailEvents)
+                                     factsPersons: factsCachePersons, tailEvents: tailEvents)
         let now = Int64(Date().timeIntervalSince1970 * 1000)
         // Ten features over the two event types the benchmark sends.
         let features: [(String, String, ProfileV1.FeatureDefinition.Aggregation, Int64, Int64, String)] = [

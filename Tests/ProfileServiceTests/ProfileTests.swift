@@ -607,6 +607,72 @@ struct TraitSegmentConsentTests {
         #expect(try await service.getConsent(request).current.isEmpty)
     }
 
+    @Test("GetProfile answers from memory, which follows every write (traits, consent, events, merges, erasure); a read that raced a write keeps no old copy")
+    func profileFromMemory() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        let store = service.store
+        try service.define(feature("views", "view", .count))
+        try service.segment("gold", #"trait.tier == "gold" and consent.marketing.email"#)
+        let now = clock.read()
+        func inMemory(_ person: String) -> ProfileStore.Profile? {
+            guard case .answered(let profile) = store.profileInMemory(person: person, nowMs: clock.read()) else {
+                Issue.record("\(person)'s profile is not all in memory")
+                return nil
+            }
+            return profile
+        }
+        func tier(_ profile: ProfileStore.Profile?) -> RuleValue? { profile?.traits.first { $0.name == "tier" }?.value }
+
+        // Traits and consent only (no event, so no state in the file): the first read keeps both.
+        _ = try await service.traits("a", ["tier": .string("gold")], at: now)
+        try await service.consent("a", "marketing", .email, true, at: now)
+        guard case .readFiles = store.profileInMemory(person: "a", nowMs: now) else {
+            Issue.record("a person never read has no state in memory yet")
+            return
+        }
+        #expect(try await service.profile("a").segments == ["gold"])
+        #expect(inMemory("a")?.segments == ["gold"])
+        // Writes replace what memory holds.
+        _ = try await service.traits("a", ["tier": .string("silver")], at: now + 1)
+        #expect(tier(inMemory("a")) == .string("silver") && inMemory("a")?.segments == [])
+        _ = try await service.traits("a", ["tier": .string("gold")], at: now + 2)
+        try await service.consent("a", "marketing", .email, false, at: now + 1)
+        #expect(inMemory("a")?.consent.map(\.granted) == [false] && inMemory("a")?.segments == [])
+        _ = try await service.track([event("a-1", "a", "view", at: now)])
+        #expect(inMemory("a")?.features.map(\.value) == [1])
+
+        // A read of the file that began before a write keeps nothing: its copy is older.
+        let factsGeneration = store.facts.withLock { $0.generation }
+        let before = try await store.pool.read { try ProfileStore.readFacts($0, "a") }
+        _ = try await service.traits("a", ["tier": .string("bronze")], at: now + 3)
+        store.keepFacts("a", before, since: factsGeneration)
+        #expect(tier(inMemory("a")) == .string("bronze"))
+        // ... nor does a read of a state the file gained meanwhile (the copy evicted since).
+        let fileGeneration = store.memory.withLock { $0.fileGeneration }
+        let noState = try await store.statePool.read { try ProfileStore.loadState($0, "b") }
+        _ = try await service.track([event("b-1", "b", "view", at: now)])
+        try store.flush()
+        store.memory.withLock { $0.clean.removeValue(forKey: "b") }
+        store.keepClean("b", noState, since: fileGeneration)
+        #expect(store.cachedState("b") == nil)
+        #expect(try await service.features("b") == ["views": 1])
+        #expect(inMemory("b")?.features.map(\.value) == [1])
+
+        // A merge moves the traits: both persons are read again.
+        _ = try await service.traits("b", ["vip": .bool(true)], at: now)
+        _ = try await service.profile("b")
+        try store.apply([(1, .merge(target: "a", sources: ["b"]))], nowMs: now)
+        #expect(try await service.profile("a").traits.map(\.name) == ["tier", "vip"])
+        #expect(inMemory("a")?.features.map(\.value) == [2])
+        await expectCode(.notFound) { _ = try await service.profile("b") }
+        // Erasure leaves nothing of the person in memory.
+        _ = try store.erase(person: "a", nowMs: now)
+        #expect(store.facts.withLock { $0.cache["a"] } == nil)
+        await expectCode(.notFound) { _ = try await service.profile("a") }
+        #expect(inMemory("a") == nil)
+    }
+
     @Test("GetProfile of an unknown person is NOT_FOUND; unknown fields are INVALID_ARGUMENT")
     func profileErrors() async throws {
         let service = try makeProfile()

@@ -152,7 +152,7 @@ extension DecisionStore {
                                                 arguments: [low, high])
             while let row = try decisions.next() {
                 let id: String = row[0]
-                try body(try DecisionV1.DecisionRecord(serializedBytes: row[1] as Data), outcomes[id] ?? [])
+                try body(try DecisionStore.record(stored: row[1]), outcomes[id] ?? [])
             }
         }
     }

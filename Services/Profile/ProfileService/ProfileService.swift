@@ -3,9 +3,6 @@ import Foundation
 import RPC
 import Rules
 
-/// arbiter.profile.v1.Profile over a `ProfileStore`: validates every request
-/// (INVALID_ARGUMENT naming the field) and resolves identifiers through the identity
-/// service when a request names a person by identifiers.
 /// The profile service's settings (the `profile` section of `--config`). Defaults per field.
 public struct ProfileConfiguration: Sendable, Codable, Equatable {
     /// Persons whose feature state Track keeps in memory before a flush writes them to the
@@ -19,6 +16,10 @@ public struct ProfileConfiguration: Sendable, Codable, Equatable {
     /// their next event or GetProfile does not read it from the file. About 1 KiB a
     /// person with ten features; 0 keeps none. Default 100,000.
     public var stateCachePersons = 100_000
+    /// Persons whose traits and current consent stay in memory (the latest written or read),
+    /// so that GetProfile reads no file for them. A few hundred bytes a person with a few
+    /// traits; 0 keeps none. Default 100,000.
+    public var factsCachePersons = 100_000
 
     public init() {}
 
@@ -35,9 +36,17 @@ public struct ProfileConfiguration: Sendable, Codable, Equatable {
             throw DecodingError.dataCorruptedError(forKey: .stateCachePersons, in: c,
                                                    debugDescription: "stateCachePersons must be between 0 and 100000000, got \(stateCachePersons)")
         }
+        factsCachePersons = try c.decodeIfPresent(Int.self, forKey: .factsCachePersons) ?? Self().factsCachePersons
+        guard (0...100_000_000).contains(factsCachePersons) else {
+            throw DecodingError.dataCorruptedError(forKey: .factsCachePersons, in: c,
+                                                   debugDescription: "factsCachePersons must be between 0 and 100000000, got \(factsCachePersons)")
+        }
     }
 }
 
+/// arbiter.profile.v1.Profile over a `ProfileStore`: validates every request
+/// (INVALID_ARGUMENT naming the field) and resolves identifiers through the identity
+/// service when a request names a person by identifiers.
 public struct ProfileService: RPCService {
     public let store: ProfileStore
     let identity: RPCClient?
@@ -68,7 +77,9 @@ public struct ProfileService: RPCService {
         router.register(methods.defineSegment) { request, _ in try defineSegment(request) }
         router.register(methods.setConsent) { request, _ in try await setConsent(request) }
         router.register(methods.getConsent) { request, _ in try await getConsent(request) }
-        router.register(methods.getProfile) { request, _ in try await getProfile(request) }
+        // Most profiles are answered from memory: no hop to the pool and back (the profile
+        // service's handlers otherwise run on the pool, as they read and write files).
+        router.register(methods.getProfile, execution: .eventLoop) { request, _ in try await getProfile(request) }
         router.register(methods.erase) { request, _ in try erase(request) }
     }
 
@@ -302,7 +313,14 @@ public struct ProfileService: RPCService {
         let wanted = request.fields.isEmpty ? Self.profileFields : Set(request.fields)
         let person = try await existingPerson(request.person)
         let now = clock()
-        guard let profile = try store.profile(person: person, nowMs: now) else {
+        // On the event loop when memory holds the whole profile; the files are read off it.
+        let found: ProfileStore.Profile?
+        switch store.profileInMemory(person: person, nowMs: now) {
+        case .answered(let profile): found = profile
+        case .readFiles:
+            found = try await withTaskExecutorPreference(globalConcurrentExecutor) { try store.profile(person: person, nowMs: now) }
+        }
+        guard let profile = found else {
             throw RPCError(.notFound, "person: no profile for \(person)")
         }
         var view = ProfileV1.ProfileView()

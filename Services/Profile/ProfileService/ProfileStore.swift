@@ -47,6 +47,8 @@ public final class ProfileStore: Sendable {
     let checkpointers: [BackgroundCheckpointer]
     let definitions: Mutex<Definitions>
     let memory: Mutex<StateMemory>
+    /// Traits and current consent in memory (see `FactsMemory`).
+    let facts: Mutex<FactsMemory>
     /// Flushes run here, one at a time. Nothing on it waits for the event file's writer, so
     /// the writer may wait for it.
     let flushQueue = DispatchQueue(label: "arbiter.profile.flush")
@@ -54,6 +56,8 @@ public final class ProfileStore: Sendable {
     public let flushThreshold: Int
     /// Clean states kept in memory. Default 100,000.
     public let cachePersons: Int
+    /// Persons whose traits and current consent are kept in memory. Default 100,000.
+    public let factsPersons: Int
     /// Events kept in `event_tail` before they move to `event` (`defaultTailEvents`).
     public let tailEvents: Int
     /// 25,000. A move holds the event file's writer for about 10 µs an event (on the 2-core
@@ -80,8 +84,12 @@ public final class ProfileStore: Sendable {
         /// Being written by the running flush.
         var flushing: [String: ProfileStoreV1.PersonState] = [:]
         var flushRunning = false
-        /// Equal to the state file (at most `cachePersons`).
+        /// Equal to the state file (at most `cachePersons`); an empty state: the file has none.
         var clean: [String: ProfileStoreV1.PersonState] = [:]
+        /// Counts the changes of the state file readers may have missed (flushes, backfills):
+        /// a reader keeps what it read from the file as a clean copy only if none counted
+        /// since it looked in memory (otherwise its snapshot may be older than the file).
+        var fileGeneration: UInt64 = 0
         /// The `seq` the next `dirty_person` row gets (rows are numbered here, not by SQLite,
         /// so a number is never reused while a flush may refer to it).
         var nextSeq: Int64 = 1
@@ -123,16 +131,39 @@ public final class ProfileStore: Sendable {
         }
     }
 
+    /// What GetProfile reads of a person besides their feature state: their traits by name,
+    /// and the newest consent record per purpose and channel.
+    struct Facts: Sendable {
+        var traits: [StoredTrait]
+        var consent: [Consent]
+    }
+
+    /// Traits and current consent of the persons last written or read (first in, first
+    /// out), so that GetProfile reads no file for them: read from the event file, they
+    /// took two-thirds of the profile service's CPU under the decision benchmark's load.
+    ///
+    /// A write of traits or consent sets or forgets its persons' entries after it has
+    /// committed, while it still holds the event file's writer, and counts a `generation`.
+    /// A reader that missed fills an entry from its snapshot only if no write counted since
+    /// before that snapshot began: otherwise the snapshot may be older than a write.
+    struct FactsMemory: Sendable {
+        var cache: FIFOCache<String, Facts>
+        var generation: UInt64 = 0
+    }
+
     /// - Parameters:
     ///   - flushThreshold: dirty persons kept in memory before their states are written
     ///     together (bounds memory and the recomputation after a crash).
     ///   - cachePersons: clean states kept in memory after a flush (0: none).
+    ///   - factsPersons: persons whose traits and current consent are kept in memory (0: none).
     ///   - tailEvents: events appended to `event_tail` before they move to `event` together
     ///     (bounds the move's transaction and the work of the next merge or erasure).
-    public init(directory: String, flushThreshold: Int = 50_000, cachePersons: Int = 100_000, tailEvents: Int = defaultTailEvents,
-                logger: Logger = Logger(label: "arbiter.profile.store")) throws {
+    public init(directory: String, flushThreshold: Int = 50_000, cachePersons: Int = 100_000, factsPersons: Int = 100_000,
+                tailEvents: Int = defaultTailEvents, logger: Logger = Logger(label: "arbiter.profile.store")) throws {
         self.flushThreshold = max(1, flushThreshold)
         self.cachePersons = max(0, cachePersons)
+        self.factsPersons = max(0, factsPersons)
+        facts = Mutex(FactsMemory(cache: FIFOCache(capacity: self.factsPersons)))
         self.tailEvents = max(1, tailEvents)
         self.logger = logger
         // FULL: a flush's commit is on disk before the next event-file write deletes its
@@ -233,6 +264,8 @@ public final class ProfileStore: Sendable {
                     m.clean.removeValue(forKey: person)
                 }
             }
+            // Their traits and consent may have moved or gone too: read again when next asked.
+            factsChanged(states.keys.map { (person: $0, facts: nil) })
             flushIfDue()
             return result!
         }
@@ -269,6 +302,7 @@ public final class ProfileStore: Sendable {
             logger.error("profile: writing \(states.count) feature states failed (retried with the next flush): \(error)")
             throw error
         }
+        memory.withLock { $0.fileGeneration += 1 }
         if cachePersons > 0 {
             // In slices, so readers never wait long for the lock (they find these states in
             // `flushing` meanwhile); the copies replaced are released outside it.
@@ -333,6 +367,17 @@ public final class ProfileStore: Sendable {
     /// The state of `person` kept in memory, if any.
     func cachedState(_ person: String) -> ProfileStoreV1.PersonState? {
         memory.withLock { $0.newest(person) }
+    }
+
+    /// Keeps a state a reader read from the state file (an empty one: the file had none) as
+    /// a clean copy, when the file has not changed since `generation` (read with the miss
+    /// in memory, before the read began) and the copies have room.
+    func keepClean(_ person: String, _ state: ProfileStoreV1.PersonState, since generation: UInt64) {
+        guard cachePersons > 0 else { return }  // flushes keep no copies then: they would go stale
+        memory.withLock { m in
+            guard m.fileGeneration == generation, m.clean.count < cachePersons, m.newest(person) == nil else { return }
+            m.clean[person] = state
+        }
     }
 
     static var migrator: DatabaseMigrator {
@@ -475,6 +520,7 @@ public final class ProfileStore: Sendable {
                 }
                 memory.withLock { m in
                     m.clean = [:]
+                    m.fileGeneration += 1
                     m.flushedUpTo = max(m.flushedUpTo, m.nextSeq - 1)  // the backfilled states are in the file
                 }
             }
@@ -710,7 +756,7 @@ public final class ProfileStore: Sendable {
     /// Returns the names of the traits left alone (stale).
     public func setTraits(person: String, _ traits: [(name: String, value: RuleValue)], source: String,
                           updatedAtMs: Int64) throws -> [String] {
-        try pool.write { db in
+        try writingFacts(of: person) { db in
             var stale: [String] = []
             for (name, value) in traits {
                 try db.execute(sql: """
@@ -742,7 +788,7 @@ public final class ProfileStore: Sendable {
 
     /// Appends consent records to the person's history.
     public func setConsent(person: String, _ records: [Consent]) throws {
-        try pool.write { db in
+        try writingFacts(of: person) { db in
             for r in records {
                 try db.execute(sql: "INSERT INTO consent (person_id, purpose, channel, granted, source, at_ms) VALUES (?, ?, ?, ?, ?, ?)",
                                arguments: [person, r.purpose, r.channel, r.granted, r.source, r.atMs])
@@ -786,39 +832,101 @@ public final class ProfileStore: Sendable {
         public var lastSeenMs: Int64
     }
 
+    /// Where a profile was found: in memory (nil: nothing is known about the person), or
+    /// not all of it there (`profile(person:nowMs:)` reads the rest from the files).
+    public enum MemoryLookup: Sendable {
+        case answered(Profile?)
+        case readFiles
+    }
+
+    /// The person's profile as of `nowMs` when memory holds all of it (their feature state,
+    /// traits and consent): it reads no file, so it may run on an event loop.
+    public func profileInMemory(person: String, nowMs: Int64) -> MemoryLookup {
+        guard let state = cachedState(person), let known = facts.withLock({ $0.cache[person] }) else { return .readFiles }
+        return .answered(compose(person, state, known, nowMs: nowMs))
+    }
+
     /// The person's profile as of `nowMs` (features decayed and windowed now), or nil when
-    /// nothing is known about them.
+    /// nothing is known about them. Reads the files for what memory does not hold.
     public func profile(person: String, nowMs: Int64) throws -> Profile? {
-        let (specs, segments) = definitions.withLock { ($0.features, $0.segments) }
         // Memory before the file: a state leaves memory only once the file has it.
-        let cached = cachedState(person)
-        return try SQLiteStore.snapshotRead(pool) { db in
-            let state = try cached ?? Self.loadState(db, person)  // `state.person_state`, attached to readers
-            // Columns by position: GRDB finds a name by lowercasing every column name.
-            var traits: [StoredTrait] = []
-            let rows = try Row.fetchCursor(db.cachedStatement(sql: """
-                SELECT name, value, source, updated_at_ms FROM trait WHERE person_id = ? ORDER BY name
-                """), arguments: [person])
-            while let row = try rows.next() {
-                traits.append(StoredTrait(name: row[0], value: RuleValue(try CommonV1.Value(serializedBytes: row[1] as Data)) ?? .string(""),
-                                          source: row[2], updatedAtMs: row[3]))
+        let (cached, fileGeneration) = memory.withLock { ($0.newest(person), $0.fileGeneration) }
+        let (known, factsGeneration) = facts.withLock { ($0.cache[person], $0.generation) }
+        if let cached, let known { return compose(person, cached, known, nowMs: nowMs) }
+        let (state, read) = try SQLiteStore.snapshotRead(pool) { db in
+            // `state.person_state`, attached to readers
+            (try cached ?? Self.loadState(db, person), try known ?? Self.readFacts(db, person))
+        }
+        if cached == nil { keepClean(person, state, since: fileGeneration) }
+        if known == nil { keepFacts(person, read, since: factsGeneration) }
+        return compose(person, state, read, nowMs: nowMs)
+    }
+
+    /// A profile from its parts; nil when the person has no event, trait or consent.
+    func compose(_ person: String, _ state: ProfileStoreV1.PersonState, _ known: Facts, nowMs: Int64) -> Profile? {
+        guard state.events > 0 || !known.traits.isEmpty || !known.consent.isEmpty else { return nil }
+        let (specs, segments) = definitions.withLock { ($0.features, $0.segments) }
+        let stateByName = Dictionary(state.features.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        var features: [(name: String, value: Double)] = []
+        var featureValues: [String: Double] = [:]
+        for spec in specs.values.sorted(by: { $0.name < $1.name }) {
+            if let value = spec.value(stateByName[spec.name], now: nowMs) {
+                features.append((spec.name, value))
+                featureValues[spec.name] = value
             }
-            let consent = try Self.consent(db, person: person, history: false).current
-            guard state.events > 0 || !traits.isEmpty || !consent.isEmpty else { return nil }
-            let stateByName = Dictionary(state.features.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
-            var features: [(name: String, value: Double)] = []
-            var featureValues: [String: Double] = [:]
-            for spec in specs.values.sorted(by: { $0.name < $1.name }) {
-                if let value = spec.value(stateByName[spec.name], now: nowMs) {
-                    features.append((spec.name, value))
-                    featureValues[spec.name] = value
-                }
+        }
+        let traitValues = Dictionary(known.traits.map { ($0.name, $0.value) }, uniquingKeysWith: { a, _ in a })
+        let lookup = Self.lookup(traits: traitValues, features: featureValues, consent: known.consent)
+        let members = segments.filter { $0.rule.evaluate(lookup) }.map { $0.name }
+        return Profile(personID: person, traits: known.traits, features: features, segments: members, consent: known.consent,
+                       firstSeenMs: state.firstSeenMs, lastSeenMs: state.lastSeenMs)
+    }
+
+    /// The person's traits (by name) and current consent in `db` (the event file).
+    static func readFacts(_ db: Database, _ person: String) throws -> Facts {
+        // Columns by position: GRDB finds a name by lowercasing every column name.
+        var traits: [StoredTrait] = []
+        let rows = try Row.fetchCursor(db.cachedStatement(sql: """
+            SELECT name, value, source, updated_at_ms FROM trait WHERE person_id = ? ORDER BY name
+            """), arguments: [person])
+        while let row = try rows.next() {
+            traits.append(StoredTrait(name: row[0], value: RuleValue(try CommonV1.Value(serializedBytes: row[1] as Data)) ?? .string(""),
+                                      source: row[2], updatedAtMs: row[3]))
+        }
+        return Facts(traits: traits, consent: try consent(db, person: person, history: false).current)
+    }
+
+    /// Runs `body` in a transaction on the event file that changes `person`'s traits or
+    /// consent; once it has committed (still on the writer) memory holds their new facts.
+    func writingFacts<T>(of person: String, _ body: (Database) throws -> T) throws -> T {
+        try pool.writeWithoutTransaction { db in
+            var result: T?
+            var now: Facts?
+            try db.inTransaction {
+                result = try body(db)
+                now = try Self.readFacts(db, person)
+                return .commit
             }
-            let traitValues = Dictionary(traits.map { ($0.name, $0.value) }, uniquingKeysWith: { a, _ in a })
-            let lookup = Self.lookup(traits: traitValues, features: featureValues, consent: consent)
-            let members = segments.filter { $0.rule.evaluate(lookup) }.map(\.name)
-            return Profile(personID: person, traits: traits, features: features, segments: members, consent: consent,
-                           firstSeenMs: state.firstSeenMs, lastSeenMs: state.lastSeenMs)
+            factsChanged([(person: person, facts: now)])
+            return result!
+        }
+    }
+
+    /// Keeps facts a reader read from the event file, when no write of traits or consent
+    /// counted since `generation` (read before the read began).
+    func keepFacts(_ person: String, _ read: Facts, since generation: UInt64) {
+        facts.withLock { if $0.generation == generation { $0.cache.insert(person, read) } }
+    }
+
+    /// After a commit that changed traits or consent, on the event file's writer: each
+    /// person's facts as committed, or nil to forget them (read again when next asked).
+    func factsChanged(_ changes: [(person: String, facts: Facts?)]) {
+        guard !changes.isEmpty else { return }
+        facts.withLock { memory in
+            memory.generation += 1
+            for (person, known) in changes {
+                if let known { memory.cache.insert(person, known) } else { memory.cache.remove(person) }
+            }
         }
     }
 

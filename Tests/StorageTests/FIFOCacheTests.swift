@@ -1,0 +1,38 @@
+import Storage
+import Testing
+
+@Suite("FIFOCache")
+struct FIFOCacheTests {
+    @Test("keeps the latest keys inserted, first in first out; an update keeps its place; a removed slot is reused in turn")
+    func firstInFirstOut() {
+        var cache = FIFOCache<String, Int>(capacity: 2)
+        cache.insert("a", 1)
+        cache.insert("b", 2)
+        cache.insert("a", 10)  // an update: "a" is still the oldest
+        #expect(cache["a"] == 10 && cache.count == 2)
+        cache.insert("c", 3)
+        #expect(cache["a"] == nil && cache["b"] == 2 && cache["c"] == 3)
+        #expect(cache.remove("c") == 3 && cache.count == 1)
+        cache.insert("d", 4)  // takes the slot of "b", the oldest
+        #expect(cache["b"] == nil && cache["c"] == nil && cache["d"] == 4 && cache.count == 1)
+        cache.insert("e", 5)  // the slot "c" left
+        #expect(cache["d"] == 4 && cache["e"] == 5 && cache.count == 2)
+
+        let held = cache.takeAll()
+        #expect(held["e"] == 5 && cache.count == 0 && cache["e"] == nil && cache.capacity == 2)
+    }
+
+    @Test("never holds more than its capacity, whatever the mix of inserts and removals")
+    func bounded() {
+        var cache = FIFOCache<Int, Int>(capacity: 100)
+        var generator = SystemRandomNumberGenerator()
+        for i in 0..<20_000 {
+            let key = Int.random(in: 0..<300, using: &generator)
+            if i % 3 == 0 { cache.remove(key) } else { cache.insert(key, i) }
+            #expect(cache.count <= 100)
+        }
+        var empty = FIFOCache<Int, Int>(capacity: 0)
+        empty.insert(1, 1)
+        #expect(empty[1] == nil)
+    }
+}
