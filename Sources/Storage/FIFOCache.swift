@@ -23,19 +23,22 @@ public struct FIFOCache<Key: Hashable & Sendable, Value: Sendable>: Sendable {
     public var count: Int { values.count }
 
     /// Sets the value of `key`. A key already held keeps its place in line; a new one may
-    /// push out the oldest. With a capacity of 0, nothing is kept.
-    public mutating func insert(_ key: Key, _ value: Value) {
-        guard capacity > 0 else { return }
-        if values.updateValue(value, forKey: key) != nil { return }
+    /// push out the oldest. With a capacity of 0, nothing is kept. Returns true when another
+    /// key's value was forgotten to make room.
+    @discardableResult
+    public mutating func insert(_ key: Key, _ value: Value) -> Bool {
+        guard capacity > 0 else { return false }
+        if values.updateValue(value, forKey: key) != nil { return false }
         if order.count < capacity {
             order.append(key)
-        } else {
-            let evicted = order[oldest]
-            order[oldest] = key
-            oldest = (oldest + 1) % capacity
-            // The slot may name `key` itself (removed, then inserted again): it stays.
-            if evicted != key { values[evicted] = nil }
+            return false
         }
+        let evicted = order[oldest]
+        order[oldest] = key
+        oldest = (oldest + 1) % capacity
+        // The slot may name `key` itself (removed, then inserted again): it stays.
+        guard evicted != key else { return false }
+        return values.removeValue(forKey: evicted) != nil
     }
 
     /// Forgets `key` (its slot is reused in turn).

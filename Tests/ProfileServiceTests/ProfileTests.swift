@@ -131,10 +131,10 @@ extension ProfileService {
 }
 
 func makeProfile(_ directory: String = temporaryDirectory("profile-test"), clock: TestClock = TestClock(),
-                 identity: RPCClient? = nil, flushThreshold: Int = 50_000, cachePersons: Int = 100_000,
+                 identity: RPCClient? = nil, flushThreshold: Int = 50_000, cachePersons: Int = 100_000, factsPersons: Int = 100_000,
                  tailEvents: Int = ProfileStore.defaultTailEvents) throws -> ProfileService {
     ProfileService(store: try ProfileStore(directory: directory, flushThreshold: flushThreshold, cachePersons: cachePersons,
-                                           tailEvents: tailEvents),
+                                           factsPersons: factsPersons, tailEvents: tailEvents),
                    identity: identity, clock: clock.read)
 }
 
@@ -607,11 +607,14 @@ struct TraitSegmentConsentTests {
         #expect(try await service.getConsent(request).current.isEmpty)
     }
 
-    @Test("GetProfile answers from memory, which follows every write (traits, consent, events, merges, erasure); a read that raced a write keeps no old copy")
+    @Test("GetProfile answers from the memory it filled, which follows every write (traits, consent, events, merges, erasure); a read that raced a write keeps no old copy")
     func profileFromMemory() async throws {
         let clock = TestClock()
         let service = try makeProfile(clock: clock)
         let store = service.store
+        // As when more persons than fit were stored at start: memory holds some, and a miss reads the files.
+        store.facts.withLock { $0.complete = false }
+        store.memory.withLock { $0.complete = false }
         try service.define(feature("views", "view", .count))
         try service.segment("gold", #"trait.tier == "gold" and consent.marketing.email"#)
         let now = clock.read()
@@ -671,6 +674,55 @@ struct TraitSegmentConsentTests {
         #expect(store.facts.withLock { $0.cache["a"] } == nil)
         await expectCode(.notFound) { _ = try await service.profile("a") }
         #expect(inMemory("a") == nil)
+    }
+
+    @Test("while every person fits in memory, a restart loads them all and GetProfile reads no file, for unknown persons too; one more, and misses read the file")
+    func everyoneInMemory() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let now = clock.read()
+        var service = try makeProfile(directory, clock: clock, cachePersons: 3, factsPersons: 3)
+        try service.define(feature("views", "view", .count))
+        _ = try await service.traits("a", ["tier": .string("gold")], at: now)
+        try await service.consent("b", "marketing", .email, true, at: now)
+        _ = try await service.track([event("1", "a", "view", at: now), event("2", "c", "view", at: now)])
+        try service.store.settle()
+
+        service = try makeProfile(directory, clock: clock, cachePersons: 3, factsPersons: 3)
+        let store = service.store
+        func lookup(_ person: String) -> (answered: Bool, profile: ProfileStore.Profile?) {
+            guard case .answered(let profile) = store.profileInMemory(person: person, nowMs: now) else { return (false, nil) }
+            return (true, profile)
+        }
+        func complete(_ store: ProfileStore) -> (facts: Bool, states: Bool) {
+            (store.facts.withLock { $0.complete }, store.memory.withLock { $0.complete })
+        }
+        #expect(complete(store) == (true, true))
+        #expect(lookup("a").profile?.traits.map(\.name) == ["tier"] && lookup("a").profile?.features.map(\.value) == [1])
+        #expect(lookup("b").profile?.consent.count == 1 && lookup("c").profile?.features.map(\.value) == [1])
+        #expect(lookup("nobody").answered && lookup("nobody").profile == nil)  // known to be unknown: no file read
+        await expectCode(.notFound) { _ = try await service.profile("nobody") }
+
+        // A fourth person with traits: the oldest copy goes, and misses read the file again.
+        _ = try await service.traits("d", ["tier": .string("silver")], at: now)
+        _ = try await service.traits("e", ["tier": .string("bronze")], at: now)
+        #expect(complete(store) == (false, true))
+        #expect(!lookup("nobody").answered)
+        #expect(try await service.profile("a").traits.map(\.name) == ["tier"])
+        #expect(try await service.profile("b").consent.count == 1)
+        // ... and likewise a fourth feature state, once written.
+        _ = try await service.track([event("3", "d", "view", at: now), event("4", "e", "view", at: now)])
+        try store.flush()
+        #expect(complete(store) == (false, false))
+        #expect(try await service.features("c") == ["views": 1])
+        #expect(try await service.features("e") == ["views": 1])
+
+        // More persons than fit at start: nothing is assumed.
+        let small = try makeProfile(directory, clock: clock, cachePersons: 2, factsPersons: 2)
+        #expect(complete(small.store) == (false, false))
+        #expect(try await small.profile("e").traits.map(\.name) == ["tier"])
+        #expect(try await small.features("a") == ["views": 1])
+        await expectCode(.notFound) { _ = try await small.profile("nobody") }
     }
 
     @Test("GetProfile of an unknown person is NOT_FOUND; unknown fields are INVALID_ARGUMENT")

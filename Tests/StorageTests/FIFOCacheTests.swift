@@ -8,14 +8,17 @@ struct FIFOCacheTests {
         var cache = FIFOCache<String, Int>(capacity: 2)
         cache.insert("a", 1)
         cache.insert("b", 2)
-        cache.insert("a", 10)  // an update: "a" is still the oldest
+        let updated = cache.insert("a", 10)  // an update: "a" is still the oldest
+        #expect(!updated)
         #expect(cache["a"] == 10 && cache.count == 2)
-        cache.insert("c", 3)
+        let pushed = cache.insert("c", 3)  // pushes "a" out
+        #expect(pushed)
         #expect(cache["a"] == nil && cache["b"] == 2 && cache["c"] == 3)
         #expect(cache.remove("c") == 3 && cache.count == 1)
         cache.insert("d", 4)  // takes the slot of "b", the oldest
         #expect(cache["b"] == nil && cache["c"] == nil && cache["d"] == 4 && cache.count == 1)
-        cache.insert("e", 5)  // the slot "c" left
+        let reused = cache.insert("e", 5)  // the slot "c" left: nothing is pushed out
+        #expect(!reused)
         #expect(cache["d"] == 4 && cache["e"] == 5 && cache.count == 2)
 
         let held = cache.takeAll()

@@ -86,6 +86,10 @@ public final class ProfileStore: Sendable {
         var flushRunning = false
         /// Equal to the state file (at most `cachePersons`); an empty state: the file has none.
         var clean: [String: ProfileStoreV1.PersonState] = [:]
+        /// `clean` holds every state of the state file (loaded at start, while they fit): a
+        /// person in no memory has no state, and no file is read. Ends when a copy is
+        /// dropped for room, or by a backfill.
+        var complete = false
         /// Counts the changes of the state file readers may have missed (flushes, backfills):
         /// a reader keeps what it read from the file as a clean copy only if none counted
         /// since it looked in memory (otherwise its snapshot may be older than the file).
@@ -114,9 +118,9 @@ public final class ProfileStore: Sendable {
         }
         static let maxPresized = 1 << 20
 
-        /// The newest state in memory.
+        /// The newest state in memory (an empty one: none, the file has none either).
         func newest(_ person: String) -> ProfileStoreV1.PersonState? {
-            dirty[person] ?? flushing[person] ?? clean[person]
+            dirty[person] ?? flushing[person] ?? clean[person] ?? (complete ? ProfileStoreV1.PersonState() : nil)
         }
 
         /// Moves the dirty states to `flushing`; nil when a flush runs or nothing is dirty.
@@ -134,21 +138,42 @@ public final class ProfileStore: Sendable {
     /// What GetProfile reads of a person besides their feature state: their traits by name,
     /// and the newest consent record per purpose and channel.
     struct Facts: Sendable {
-        var traits: [StoredTrait]
-        var consent: [Consent]
+        var traits: [StoredTrait] = []
+        var consent: [Consent] = []
+        var isEmpty: Bool { traits.isEmpty && consent.isEmpty }
     }
 
-    /// Traits and current consent of the persons last written or read (first in, first
-    /// out), so that GetProfile reads no file for them: read from the event file, they
-    /// took two-thirds of the profile service's CPU under the decision benchmark's load.
+    /// Traits and current consent in memory, so that GetProfile reads no file for them: read
+    /// from the event file, they took two-thirds of the profile service's CPU under the
+    /// decision benchmark's load.
     ///
-    /// A write of traits or consent sets or forgets its persons' entries after it has
-    /// committed, while it still holds the event file's writer, and counts a `generation`.
-    /// A reader that missed fills an entry from its snapshot only if no write counted since
-    /// before that snapshot began: otherwise the snapshot may be older than a write.
+    /// While every person with traits or consent fits (`factsPersons`), memory holds them
+    /// all (`complete`: loaded at start, kept by every write), and a person it lacks has
+    /// none. Once one more would not fit, it holds those last written or read (first in,
+    /// first out), and a reader that misses reads the file.
+    ///
+    /// A write of traits or consent sets its persons' entries after it has committed, while
+    /// it still holds the event file's writer, and counts a `generation`. A reader that
+    /// missed fills an entry from its snapshot only if no write counted since before that
+    /// snapshot began: otherwise the snapshot may be older than a write.
     struct FactsMemory: Sendable {
         var cache: FIFOCache<String, Facts>
         var generation: UInt64 = 0
+        var complete = false
+
+        /// The person's facts, or nil when memory does not know them.
+        func lookup(_ person: String) -> Facts? {
+            cache[person] ?? (complete ? Facts() : nil)
+        }
+
+        /// Sets the person's facts (as committed, or read from the file).
+        mutating func keep(_ person: String, _ facts: Facts) {
+            if complete && facts.isEmpty {
+                cache.remove(person)
+            } else if cache.insert(person, facts) {
+                complete = false  // someone was forgotten: a miss is no longer an answer
+            }
+        }
     }
 
     /// - Parameters:
@@ -188,6 +213,12 @@ public final class ProfileStore: Sendable {
         }
         definitions = Mutex(loaded)
         memory = Mutex(StateMemory(flushThreshold: self.flushThreshold, cachePersons: self.cachePersons))
+        if self.factsPersons > 0, let all = try pool.read({ try Self.allFacts($0, upTo: self.factsPersons) }) {
+            facts.withLock { memory in
+                for (person, known) in all { memory.cache.insert(person, known) }
+                memory.complete = true
+            }
+        }
         // A state file that is new (or was lost) beside stored events: every state is rebuilt.
         if try statePool.read({ db in try !Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM person_state)")! }) {
             try pool.write { db in
@@ -196,6 +227,25 @@ public final class ProfileStore: Sendable {
             }
         }
         try recoverDirty(nowMs: Int64(Date().timeIntervalSince1970 * 1000))
+        // Every state in memory, when they fit: no GetProfile or Track reads the state file.
+        if self.cachePersons > 0, let all = try statePool.read({ try Self.allStates($0, upTo: self.cachePersons) }) {
+            memory.withLock { m in
+                m.clean = all
+                m.complete = true
+            }
+        }
+    }
+
+    /// Every state in `db` (the state file), or nil when there are more than `limit`.
+    static func allStates(_ db: Database, upTo limit: Int) throws -> [String: ProfileStoreV1.PersonState]? {
+        var all: [String: ProfileStoreV1.PersonState] = [:]
+        all.reserveCapacity(min(limit, StateMemory.maxPresized))
+        let rows = try Row.fetchCursor(db, sql: "SELECT person_id, state FROM person_state")
+        while let row = try rows.next() {
+            guard all.count < limit else { return nil }
+            all[row[0]] = try ProfileStoreV1.PersonState(serializedBytes: row[1] as Data)
+        }
+        return all
     }
 
     /// Recomputes from their events the persons whose state had not reached the state file
@@ -250,10 +300,13 @@ public final class ProfileStore: Sendable {
             var result: T?
             var states: [String: ProfileStoreV1.PersonState] = [:]
             var counters: (nextSeq: Int64, prunedUpTo: Int64)?
+            var touched: [(person: String, facts: Facts)] = []
             try db.inTransaction {
                 try Self.moveTail(db)
                 (result, states) = try body(db)
                 counters = try logDirty(db, states.keys)
+                // Their traits and consent may have moved or gone too.
+                touched = try states.keys.map { (person: $0, facts: try Self.readFacts(db, $0)) }
                 return .commit
             }
             // Committed; no other writer of the event file runs before this.
@@ -264,8 +317,7 @@ public final class ProfileStore: Sendable {
                     m.clean.removeValue(forKey: person)
                 }
             }
-            // Their traits and consent may have moved or gone too: read again when next asked.
-            factsChanged(states.keys.map { (person: $0, facts: nil) })
+            factsChanged(touched)
             flushIfDue()
             return result!
         }
@@ -317,6 +369,7 @@ public final class ProfileStore: Sendable {
                     }
                     // Over the limit: drop arbitrary copies (a dictionary's order is effectively random).
                     var excess = m.clean.count - cachePersons
+                    if excess > 0 { m.complete = false }
                     while excess > 0, let key = m.clean.keys.first {
                         replaced.append(m.clean.removeValue(forKey: key)!)
                         excess -= 1
@@ -520,6 +573,7 @@ public final class ProfileStore: Sendable {
                 }
                 memory.withLock { m in
                     m.clean = [:]
+                    m.complete = false
                     m.fileGeneration += 1
                     m.flushedUpTo = max(m.flushedUpTo, m.nextSeq - 1)  // the backfilled states are in the file
                 }
@@ -809,15 +863,20 @@ public final class ProfileStore: Sendable {
         while let row = try rows.next() {
             all.append(Consent(purpose: row[0], channel: row[1], granted: row[2], source: row[3], atMs: row[4]))
         }
+        return (current(all), history ? all.sorted { ($0.atMs, $0.purpose, $0.channel) < ($1.atMs, $1.purpose, $1.channel) } : [])
+    }
+
+    /// The newest record per purpose and channel of records ordered by purpose, channel and time.
+    static func current(_ ordered: [Consent]) -> [Consent] {
         var current: [Consent] = []
-        for record in all {
+        for record in ordered {
             if let last = current.last, last.purpose == record.purpose, last.channel == record.channel {
                 current[current.count - 1] = record
             } else {
                 current.append(record)
             }
         }
-        return (current, history ? all.sorted { ($0.atMs, $0.purpose, $0.channel) < ($1.atMs, $1.purpose, $1.channel) } : [])
+        return current
     }
 
     // MARK: - Profiles
@@ -842,7 +901,7 @@ public final class ProfileStore: Sendable {
     /// The person's profile as of `nowMs` when memory holds all of it (their feature state,
     /// traits and consent): it reads no file, so it may run on an event loop.
     public func profileInMemory(person: String, nowMs: Int64) -> MemoryLookup {
-        guard let state = cachedState(person), let known = facts.withLock({ $0.cache[person] }) else { return .readFiles }
+        guard let state = cachedState(person), let known = facts.withLock({ $0.lookup(person) }) else { return .readFiles }
         return .answered(compose(person, state, known, nowMs: nowMs))
     }
 
@@ -851,7 +910,7 @@ public final class ProfileStore: Sendable {
     public func profile(person: String, nowMs: Int64) throws -> Profile? {
         // Memory before the file: a state leaves memory only once the file has it.
         let (cached, fileGeneration) = memory.withLock { ($0.newest(person), $0.fileGeneration) }
-        let (known, factsGeneration) = facts.withLock { ($0.cache[person], $0.generation) }
+        let (known, factsGeneration) = facts.withLock { ($0.lookup(person), $0.generation) }
         if let cached, let known { return compose(person, cached, known, nowMs: nowMs) }
         let (state, read) = try SQLiteStore.snapshotRead(pool) { db in
             // `state.person_state`, attached to readers
@@ -901,7 +960,7 @@ public final class ProfileStore: Sendable {
     func writingFacts<T>(of person: String, _ body: (Database) throws -> T) throws -> T {
         try pool.writeWithoutTransaction { db in
             var result: T?
-            var now: Facts?
+            var now = Facts()
             try db.inTransaction {
                 result = try body(db)
                 now = try Self.readFacts(db, person)
@@ -915,19 +974,54 @@ public final class ProfileStore: Sendable {
     /// Keeps facts a reader read from the event file, when no write of traits or consent
     /// counted since `generation` (read before the read began).
     func keepFacts(_ person: String, _ read: Facts, since generation: UInt64) {
-        facts.withLock { if $0.generation == generation { $0.cache.insert(person, read) } }
+        facts.withLock { if $0.generation == generation { $0.keep(person, read) } }
     }
 
     /// After a commit that changed traits or consent, on the event file's writer: each
-    /// person's facts as committed, or nil to forget them (read again when next asked).
-    func factsChanged(_ changes: [(person: String, facts: Facts?)]) {
+    /// person's facts as committed.
+    func factsChanged(_ changes: [(person: String, facts: Facts)]) {
         guard !changes.isEmpty else { return }
         facts.withLock { memory in
             memory.generation += 1
+            // None left (erased, merged away): nothing of the person stays in memory.
             for (person, known) in changes {
-                if let known { memory.cache.insert(person, known) } else { memory.cache.remove(person) }
+                if known.isEmpty { memory.cache.remove(person) } else { memory.keep(person, known) }
             }
         }
+    }
+
+    /// Every person's traits and current consent in `db` (the event file), or nil when more
+    /// than `limit` persons have some (reads stop there).
+    static func allFacts(_ db: Database, upTo limit: Int) throws -> [String: Facts]? {
+        var all: [String: Facts] = [:]
+        let traits = try Row.fetchCursor(db, sql: "SELECT person_id, name, value, source, updated_at_ms FROM trait ORDER BY person_id, name")
+        while let row = try traits.next() {
+            let person: String = row[0]
+            if all[person] == nil && all.count == limit { return nil }
+            all[person, default: Facts()].traits.append(
+                StoredTrait(name: row[1], value: RuleValue(try CommonV1.Value(serializedBytes: row[2] as Data)) ?? .string(""),
+                            source: row[3], updatedAtMs: row[4]))
+        }
+        let consent = try Row.fetchCursor(db, sql: """
+            SELECT person_id, purpose, channel, granted, source, at_ms FROM consent ORDER BY person_id, purpose, channel, at_ms, id
+            """)
+        var person: String?
+        var records: [Consent] = []
+        func flush() -> Bool {
+            guard let person else { return true }
+            if all[person] == nil && all.count == limit { return false }
+            all[person, default: Facts()].consent = current(records)
+            return true
+        }
+        while let row = try consent.next() {
+            let owner: String = row[0]
+            if owner != person {
+                guard flush() else { return nil }
+                (person, records) = (owner, [])
+            }
+            records.append(Consent(purpose: row[1], channel: row[2], granted: row[3], source: row[4], atMs: row[5]))
+        }
+        return flush() ? all : nil
     }
 
     /// How rules read a profile: `trait.<name>`, `feature.<name>`, and `consent.<purpose>`
