@@ -441,6 +441,9 @@ struct FeatureTests {
         #expect(throws: DecodingError.self) { try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateCachePersons": -1}"#.utf8)) }
         #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateFlushPersons": 5}"#.utf8)).stateFlushPersons == 5)
         #expect(throws: DecodingError.self) { try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateFlushPersons": 0}"#.utf8)) }
+        #expect(ProfileConfiguration().factsCachePersons == 100_000)
+        #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"factsCachePersons": 0}"#.utf8)).factsCachePersons == 0)
+        #expect(throws: DecodingError.self) { try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"factsCachePersons": -1}"#.utf8)) }
     }
 
     @Test("a batch rejects bad events one by one, naming the field, and keeps the rest")
@@ -723,6 +726,12 @@ struct TraitSegmentConsentTests {
         #expect(try await small.profile("e").traits.map(\.name) == ["tier"])
         #expect(try await small.features("a") == ["views": 1])
         await expectCode(.notFound) { _ = try await small.profile("nobody") }
+        // Nothing kept in memory at all: the same answers, from the files.
+        let none = try makeProfile(directory, clock: clock, cachePersons: 0, factsPersons: 0)
+        #expect(complete(none.store) == (false, false))
+        #expect(try await none.profile("d").traits.map(\.name) == ["tier"])
+        #expect(try await none.features("e") == ["views": 1])
+        #expect(none.store.facts.withLock { $0.cache.count } == 0)
     }
 
     @Test("GetProfile of an unknown person is NOT_FOUND; unknown fields are INVALID_ARGUMENT")
