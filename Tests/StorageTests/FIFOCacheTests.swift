@@ -25,6 +25,28 @@ struct FIFOCacheTests {
         #expect(held["e"] == 5 && cache.count == 0 && cache["e"] == nil && cache.capacity == 2)
     }
 
+    final class Tag: Hashable, Sendable {
+        let id: Int
+        init(_ id: Int) { self.id = id }
+        static func == (a: Tag, b: Tag) -> Bool { a.id == b.id }
+        func hash(into hasher: inout Hasher) { hasher.combine(id) }
+    }
+
+    @Test("a removed key leaves nothing behind: its copy is released at once, not when its slot comes round")
+    func removedKeyReleased() {
+        var cache = FIFOCache<Tag, Int>(capacity: 4)
+        weak var held: Tag?
+        do {
+            let key = Tag(1)
+            held = key
+            cache.insert(key, 1)
+            cache.insert(Tag(2), 2)
+        }
+        #expect(held != nil)
+        cache.remove(Tag(1))
+        #expect(held == nil && cache.count == 1)
+    }
+
     @Test("never holds more than its capacity, whatever the mix of inserts and removals")
     func bounded() {
         var cache = FIFOCache<Int, Int>(capacity: 100)
