@@ -581,8 +581,8 @@ public final class DecisionStore: Sendable {
 
     /// A record as the `decision` table stores it: compressed (`BlobCompression`). With fifty
     /// candidates explained, a record is ~4.6 KB, ~1.9 KB compressed; every byte is written
-    /// to the WAL and again by a checkpoint (compressed in a rowid table, the service used
-    /// 4–5 % less CPU per decision at the same load).
+    /// to the WAL and again by a checkpoint (compressed in a rowid table, a decision takes
+    /// 2.9 KB of the file instead of 5.5 KB).
     static func stored(_ record: DecisionV1.DecisionRecord) -> Data {
         Data(BlobCompression.compress(record.serializedBytes()))
     }
