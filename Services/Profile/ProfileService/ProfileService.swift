@@ -17,8 +17,9 @@ public struct ProfileConfiguration: Sendable, Codable, Equatable {
     /// person with ten features; 0 keeps none. Default 100,000.
     public var stateCachePersons = 100_000
     /// Persons whose traits and current consent stay in memory (the latest written or read),
-    /// so that GetProfile reads no file for them. A few hundred bytes a person with a few
-    /// traits; 0 keeps none. Default 100,000.
+    /// so that GetProfile reads no file for them. About 0.5 KB a person with a trait and a
+    /// consent record (RSS 33 → 81 MiB with 100,000 such persons loaded); 0 keeps none.
+    /// Default 100,000.
     public var factsCachePersons = 100_000
 
     public init() {}

@@ -166,11 +166,10 @@ public final class ProfileStore: Sendable {
             cache[person] ?? (complete ? Facts() : nil)
         }
 
-        /// Sets the person's facts (as committed, or read from the file).
+        /// Sets the person's facts (as committed, or read from the file: then none may be kept
+        /// too, so that the next read does not look again).
         mutating func keep(_ person: String, _ facts: Facts) {
-            if complete && facts.isEmpty {
-                cache.remove(person)
-            } else if cache.insert(person, facts) {
+            if cache.insert(person, facts) {
                 complete = false  // someone was forgotten: a miss is no longer an answer
             }
         }
