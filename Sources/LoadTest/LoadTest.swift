@@ -127,12 +127,19 @@ public enum LoadTest {
                 """
         }
 
+        /// The calls of these kinds together (e.g. every Decide, degraded or not).
+        public func merged(_ kinds: [String]) -> Histogram<UInt64> {
+            kinds.compactMap { histograms[$0] }.reduce(into: Histogram<UInt64>(highestTrackableValue: 60_000_000)) { $0.add($1) }
+        }
+
+        /// One histogram's figures as a JSON object (latencies in microseconds).
+        public func figures(_ h: Histogram<UInt64>) -> [String: Any] {
+            ["calls": h.totalCount, "per_second": Double(h.totalCount) / seconds, "p50_us": h.valueAtPercentile(50),
+             "p90_us": h.valueAtPercentile(90), "p99_us": h.valueAtPercentile(99), "p99_9_us": h.valueAtPercentile(99.9), "max_us": h.max]
+        }
+
         /// The figures as a JSON object (latencies in microseconds).
         public var json: [String: Any] {
-            func figures(_ h: Histogram<UInt64>) -> [String: Any] {
-                ["calls": h.totalCount, "per_second": Double(h.totalCount) / seconds, "p50_us": h.valueAtPercentile(50),
-                 "p90_us": h.valueAtPercentile(90), "p99_us": h.valueAtPercentile(99), "p99_9_us": h.valueAtPercentile(99.9), "max_us": h.max]
-            }
             var object: [String: Any] = ["seconds": seconds, "total": figures(total), "errors": errors,
                                          "by_kind": histograms.mapValues { figures($0) }]
             if lateness.totalCount > 0 { object["start_lateness"] = figures(lateness) }

@@ -71,6 +71,10 @@ struct UpTests {
         let calls = (figures?["total"] as? [String: Any])?["calls"] as? Int ?? 0
         #expect(calls >= 300 && calls <= 420, "about 400 calls at 200/s for 2 s: \(String(describing: figures))")
         #expect((figures?["errors"] as? [String: Int])?.isEmpty == true && (figures?["by_kind"] as? [String: Any])?["Decide"] != nil)
+        // "decisions": every Decide, degraded or not (what a Decide goal is held to).
+        let byKind = figures?["by_kind"] as? [String: [String: Any]]
+        let decideCalls = ["Decide", "Decide (degraded)"].compactMap { byKind?[$0]?["calls"] as? Int }.reduce(0, +)
+        #expect(decideCalls > 0 && (figures?["decisions"] as? [String: Any])?["calls"] as? Int == decideCalls)
         #expect(try String(contentsOfFile: dataDir + "/decide.hgrm", encoding: .utf8).contains("Percentile"))
         let chart = try String(contentsOfFile: dataDir + "/load.html", encoding: .utf8)
         #expect(chart.contains("<polyline") && chart.contains("Decide"))
