@@ -895,7 +895,7 @@ struct DecisionTests {
     }
 
     @Test("with the profile service stopped or slow, Decide answers within its budget, degraded, and keeps known consent")
-    func degraded() async throws {
+    func degradedTimed() async throws {
         let clock = TestClock()
         let store = try ProfileStore(directory: temporaryDirectory("decision-profile"))
         let profile = ProfileService(store: store, clock: clock.read)
@@ -938,7 +938,7 @@ struct DecisionTests {
     }
 
     @Test("a profile service slower than the budget does not slow Decide down")
-    func slowProfile() async throws {
+    func slowProfileTimed() async throws {
         struct Slow: RPCService {
             func register(in router: inout RPCRouter) {
                 router.register(ProfileV1.Profile.getProfile) { (_: ProfileV1.GetProfileRequest, _) in

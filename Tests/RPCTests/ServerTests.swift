@@ -124,7 +124,7 @@ struct ServerTests {
     @Test("a handler that ignores cancellation is still answered at the deadline", arguments: [
         RPCServerConfiguration.HandlerExecution.eventLoop, .concurrentPool,
     ])
-    func stubbornHandler(execution: RPCServerConfiguration.HandlerExecution) async throws {
+    func stubbornHandlerTimed(execution: RPCServerConfiguration.HandlerExecution) async throws {
         let test = TestService()
         try await withServer(configure: { $0.handlerExecution = execution }, services: [test]) { _, port in
             let raw = try await RawConnection(port: port)
@@ -171,7 +171,7 @@ struct ServerTests {
     }
 
     @Test("a handler's calls inherit what is left of its deadline")
-    func propagation() async throws {
+    func propagationTimed() async throws {
         let test = TestService()
         try await withServer(services: [test]) { _, port in
             test.relayTarget.withLock { $0 = makeClient(port) }
@@ -328,7 +328,7 @@ struct ServerTests {
     }
 
     @Test("idle connections are closed")
-    func idleTimeout() async throws {
+    func idleTimeoutTimed() async throws {
         // Long enough that a busy machine sends the first call before it passes (300 ms was
         // not, under the parallel suite), short enough to wait for.
         try await withServer(configure: { $0.idleTimeout = .milliseconds(1500) }) { _, port in

@@ -432,9 +432,10 @@ struct ProcessTests {
         let dataDir = temporaryDirectory("routing")
         // A slow receiver and few senders: the kill lands while deliveries are in flight.
         let sink = try await WebhookSink.start()
-        // Slow enough that 200 deliveries take 5 s with 4 senders: the kill lands mid-dispatch
-        // even on a loaded machine.
-        sink.delay(responses: .milliseconds(100))
+        // After 20 answers the sink hangs: the 4 senders stop with at most 24 requests received,
+        // so the kill lands mid-dispatch however slow the machine (a 100 ms delay per answer
+        // was not enough: once the 200 Route calls took over 5 s under the parallel suite).
+        sink.holdResponses(after: 20)
         let config = dataDir + "/config.json"
         try Data("""
             {"routing": {"webhook": {"url": "http://127.0.0.1:\(sink.port)/hooks"}, "dispatchConcurrency": 4,
@@ -481,6 +482,7 @@ struct ProcessTests {
         client.close()
         let beforeRestart = sink.distinctKeys.count
         #expect(beforeRestart < keys.count, "the kill came too late to test anything")
+        sink.holdResponses(after: nil)
 
         server = try RunningProcess.start("arbiter-routing", arguments)
         client = try await waitUntilServing(port: port, process: server)

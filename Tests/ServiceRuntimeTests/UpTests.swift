@@ -70,8 +70,10 @@ struct UpTests {
         let figures = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: dataDir + "/load.json"))) as? [String: Any]
         let calls = (figures?["total"] as? [String: Any])?["calls"] as? Int ?? 0
         #expect(calls >= 300 && calls <= 420, "about 400 calls at 200/s for 2 s: \(String(describing: figures))")
-        #expect((figures?["errors"] as? [String: Int])?.isEmpty == true && (figures?["by_kind"] as? [String: Any])?["Decide"] != nil)
-        // "decisions": every Decide, degraded or not (what a Decide goal is held to).
+        #expect((figures?["errors"] as? [String: Int])?.isEmpty == true, "\(String(describing: figures))")
+        // "decisions": every Decide, degraded or not (what a Decide goal is held to). Under the
+        // parallel suite every one of these 400 was once degraded (the profile slower than the
+        // budget), so either kind counts here.
         let byKind = figures?["by_kind"] as? [String: [String: Any]]
         let decideCalls = ["Decide", "Decide (degraded)"].compactMap { byKind?[$0]?["calls"] as? Int }.reduce(0, +)
         #expect(decideCalls > 0 && (figures?["decisions"] as? [String: Any])?["calls"] as? Int == decideCalls)

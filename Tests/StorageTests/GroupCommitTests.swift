@@ -38,7 +38,7 @@ struct GroupCommitTests {
     }
 
     @Test("after a batch of several entries, entries arriving within the commit interval share one batch; one caller at a time does not wait")
-    func commitInterval() async throws {
+    func commitIntervalTimed() async throws {
         let interval = 1500  // milliseconds
         let commit = GroupCommit<String, String>(label: "arbiter.test.group-commit", commitInterval: .milliseconds(interval))
         let writes = Writes()
@@ -62,7 +62,7 @@ struct GroupCommitTests {
     }
 
     @Test("without a commit interval, an entry submitted while the writer is idle is written at once")
-    func noInterval() async throws {
+    func noIntervalTimed() async throws {
         let commit = GroupCommit<String, String>(label: "arbiter.test.group-commit")
         let writes = Writes()
         try await writes.batchOfTwo(commit)

@@ -6,7 +6,7 @@ import Synchronization
 
 /// A real HTTP server on a loopback port that records every POST it receives (a webhook
 /// receiver for tests and the dispatch benchmark). It can be told to fail the next N
-/// requests with a status, as a receiver that is down for a while and recovers.
+/// requests with a status, as a receiver that is down for a while and recovers, or to hang.
 public final class WebhookSink: Sendable {
     public struct Request: Sendable {
         /// Header names in lower case.
@@ -15,7 +15,7 @@ public final class WebhookSink: Sendable {
         public var bodyText: String { String(decoding: body, as: UTF8.self) }
     }
 
-    let state = Mutex<(requests: [Request], failNext: Int, failStatus: Int, answered: Int, delayMs: Int64)>(([], 0, 503, 0, 0))
+    let state = Mutex<(requests: [Request], failNext: Int, failStatus: Int, answered: Int, holdAfter: Int?)>(([], 0, 503, 0, nil))
     let channel: any Channel
     public let port: Int
 
@@ -46,13 +46,14 @@ public final class WebhookSink: Sendable {
         state.withLock { $0.failNext = count; $0.failStatus = status }
     }
 
-    /// Holds every response back for `delay` (a slow receiver): the request is recorded
-    /// when it arrives, so a sender killed meanwhile sends it again.
-    public func delay(responses delay: Duration) {
-        state.withLock { $0.delayMs = Int64(delay.components.seconds * 1000 + delay.components.attoseconds / 1_000_000_000_000_000) }
+    /// Once `count` requests have been answered, records later ones but never answers them
+    /// (nil: answer again): a receiver that hangs, for a sender about to be killed, so the
+    /// kill lands mid-dispatch however slow the machine is.
+    public func holdResponses(after count: Int?) {
+        state.withLock { $0.holdAfter = count }
     }
 
-    /// Requests answered 2xx, in arrival order.
+    /// Requests answered 2xx (or held), in arrival order.
     public var requests: [Request] { state.withLock { $0.requests } }
     /// Every request answered, failed ones included.
     public var answered: Int { state.withLock { $0.answered } }
@@ -62,16 +63,20 @@ public final class WebhookSink: Sendable {
 
     public func close() async { try? await channel.close() }
 
-    /// Records a request: (status to answer, milliseconds to wait before answering).
-    func receive(_ request: Request) -> (status: Int, delayMs: Int64) {
+    /// Records a request: the status to answer, nil to hold it.
+    func receive(_ request: Request) -> Int? {
         state.withLock { state in
+            if let limit = state.holdAfter, state.answered >= limit {
+                state.requests.append(request)
+                return nil
+            }
             state.answered += 1
             if state.failNext > 0 {
                 state.failNext -= 1
-                return (state.failStatus, state.delayMs)
+                return state.failStatus
             }
             state.requests.append(request)
-            return (200, state.delayMs)
+            return 200
         }
     }
 
@@ -94,21 +99,14 @@ public final class WebhookSink: Sendable {
             case .body(var buffer):
                 body += buffer.readBytes(length: buffer.readableBytes) ?? []
             case .end:
-                let (status, delayMs) = sink().receive(Request(headers: headers, body: body))
+                guard let status = sink().receive(Request(headers: headers, body: body)) else { return }  // held: never answered
                 var head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: status))
                 head.headers.add(name: "Content-Length", value: "0")
                 if !keepAlive { head.headers.add(name: "Connection", value: "close") }
                 let keep = keepAlive
-                let respond = {
-                    context.write(self.wrapOutboundOut(.head(head)), promise: nil)
-                    context.writeAndFlush(self.wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
-                        if !keep { context.close(promise: nil) }
-                    }
-                }
-                if delayMs > 0 {
-                    context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(delayMs)) { respond() }
-                } else {
-                    respond()
+                context.write(wrapOutboundOut(.head(head)), promise: nil)
+                context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+                    if !keep { context.close(promise: nil) }
                 }
             }
         }
