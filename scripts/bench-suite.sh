@@ -11,9 +11,9 @@
 #   DURATION (60)  WARMUP (5)  CONCURRENCY (256)
 #   CAPS (unset; 1: each action capped at 3 offers a week per person, 20 a day per person)
 #   TIMELINE (unset; seconds: latency over time per that interval in .build/bench-suite-timeline.csv)
-# On a virtual machine it also prints the steal time over each run (/proc/stat: CPU the host
-# gave to other guests while this one had work); above 5 % the verdict says the figures are
-# not this machine's.
+# On a virtual machine `arbiter load` also prints the steal time over each run (/proc/stat: CPU
+# the host gave to other guests while this one had work); above 5 % the verdict says the
+# figures are not this machine's alone.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PERSONS="${PERSONS:-100000}"; ACTIONS="${ACTIONS:-50}"; RATE="${RATE:-3000}"; DURATION="${DURATION:-60}"
@@ -29,8 +29,6 @@ trap 'kill -TERM $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$WORK"' EXIT
 for port in 17501 17502 17503 17504; do
   for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
 done
-# The CPU counters of /proc/stat's first line (user nice system idle iowait irq softirq steal ...).
-cputotals() { head -1 /proc/stat | cut -d' ' -f3-; }
 cpu() { for s in identity profile decision routing; do
   pid=$(pgrep -f "arbiter-$s .*--port 1740" | head -1)
   printf '%s=%s ' "$s" "$(awk '{print $14 + $15}' "/proc/$pid/stat")"; done; echo; }
@@ -46,18 +44,12 @@ for rate in $RATE; do
   suffix=""; [ "$RATE" = "$rate" ] || suffix="-$rate"
   echo "CPU ticks (1/100 s) before: $(cpu)"
   timings > "$WORK/timings-before"
-  cputotals > "$WORK/stat-before"
   calls=$(python3 -c "import sys; print(round(float(sys.argv[1]) / (1 - float(sys.argv[2]))))" "$rate" "$OUTCOMES")
   echo "$rate decisions/s with $OUTCOMES of the calls ReportOutcome: $calls calls/s"
   "$bin/arbiter" load --address 127.0.0.1:17403 --persons "$PERSONS" --rate "$calls" --outcome-ratio "$OUTCOMES" \
     --duration "$DURATION" --warmup "$WARMUP" --concurrency "$CONCURRENCY" --json "$ROOT/.build/bench-suite$suffix.json" --hdr "$ROOT/.build/bench-suite$suffix.hgrm" ${TIMELINE:+--timeline "$ROOT/.build/bench-suite$suffix-timeline.csv" --timeline-interval "$TIMELINE"}
   echo "CPU ticks (1/100 s) after:  $(cpu)"
   timings > "$WORK/timings-after"
-  cputotals > "$WORK/stat-after"
-  # Steal: the share of the machine's CPU time the host gave elsewhere during the run.
-  paste -d' ' "$WORK/stat-before" "$WORK/stat-after" | awk '{ n = NF / 2; for (i = 1; i <= n; i++) { d = $(i + n) - $i; if (i <= 8) all += d; if (i == 8) steal = d } }
-    END { printf "%.1f\n", 100 * steal / (all > 0 ? all : 1) }' > "$WORK/steal-$rate"
-  echo "host steal time during the run: $(cat "$WORK/steal-$rate") % of the machine's CPU"
   # Where a Decide's time went inside the services (warm-up included), means per call:
   awk 'FILENAME == ARGV[1] { before[$1] = $2; next } { d[$1] = $2 - before[$1] }
     END {
@@ -78,7 +70,7 @@ for rate in $RATE; do
   suffix=""; [ "$RATE" = "$rate" ] || suffix="-$rate"
   python3 -c '
 import json, sys
-figures = json.load(open(sys.argv[1])); rate = sys.argv[2]; steal = float(open(sys.argv[3]).read())
+figures = json.load(open(sys.argv[1])); rate = sys.argv[2]; steal = figures.get("host_steal_percent", 0)
 decide = figures.get("decisions", {}); degraded = figures["by_kind"].get("Decide (degraded)", {})
 p99, p999 = decide.get("p99_us", 0) / 1000, decide.get("p99_9_us", 0) / 1000
 # The goal: at least 3,000 decisions/s answered, no errors, and these latencies.
@@ -94,5 +86,5 @@ print("  %5s decisions/s: %5.0f/s answered, p50 %6.1f ms, p99 %6.1f ms, p99.9 %6
     rate, decide.get("per_second", 0), decide.get("p50_us", 0) / 1000, p99, p999,
     100 * degraded.get("calls", 0) / max(1, decide.get("calls", 0)),
     sum(figures["errors"].values()), verdict))
-' "$ROOT/.build/bench-suite$suffix.json" "$rate" "$WORK/steal-$rate"
+' "$ROOT/.build/bench-suite$suffix.json" "$rate"
 done

@@ -21,6 +21,10 @@ public enum LoadTest {
         /// With `timeline`: every call's start (µs after the run began; open loop: its intended
         /// start) and latency (µs), for figures over time (`timeline(every:)`).
         public var calls: [(startUs: UInt32, latencyUs: UInt32)] = []
+        /// The share of the machine's CPU time its host gave to other guests during the run
+        /// (steal, per cent; nil off Linux). Above a few per cent the latencies are not
+        /// those of this machine alone.
+        public var hostStealPercent: Double?
 
         public var total: Histogram<UInt64> {
             histograms.values.reduce(into: Histogram<UInt64>(highestTrackableValue: 60_000_000)) { $0.add($1) }
@@ -74,6 +78,11 @@ public enum LoadTest {
             "start_s,calls,p50_us,p99_us,max_us\n" + intervals.map {
                 String(format: "%.3f,%d,%u,%u,%u\n", $0.start, $0.calls, $0.p50Us, $0.p99Us, $0.maxUs)
             }.joined()
+        }
+
+        /// The host's steal time in one line; nil when unknown.
+        public var stealLine: String? {
+            hostStealPercent.map { String(format: "host steal time during the run: %.1f %% of the machine's CPU", $0) }
         }
 
         /// Open loop: the lateness in one line; nil in a closed loop.
@@ -143,6 +152,7 @@ public enum LoadTest {
             var object: [String: Any] = ["seconds": seconds, "total": figures(total), "errors": errors,
                                          "by_kind": histograms.mapValues { figures($0) }]
             if lateness.totalCount > 0 { object["start_lateness"] = figures(lateness) }
+            if let hostStealPercent { object["host_steal_percent"] = hostStealPercent }
             return object
         }
     }
@@ -152,6 +162,7 @@ public enum LoadTest {
     /// With `timeline`, every call's start and latency is kept too (8 bytes a call).
     public static func run(_ clients: [RPCClient], seconds: Double, concurrency: Int, rate: Double? = nil, timeline: Bool = false,
                            _ call: @escaping @Sendable (RPCClient, Int) async throws -> String) async throws -> Result {
+        let cpuBefore = HostCPU.now()
         let begin = ContinuousClock.now
         let end = begin + .seconds(seconds)
         // One Result per client, shared by its workers (they run on the client's event loop,
@@ -206,6 +217,7 @@ public enum LoadTest {
         var result = Result()
         for part in parts { result.merge(part.result.withLock { $0 }) }
         result.seconds = seconds
+        if let cpuBefore, let cpuAfter = HostCPU.now() { result.hostStealPercent = cpuBefore.stealPercent(until: cpuAfter) }
         return result
     }
 

@@ -5,6 +5,22 @@ import Testing
 
 @Suite("load generator")
 struct LoadTestTests {
+    @Test("steal time: the host's share of the machine's CPU between two readings of /proc/stat")
+    func hostSteal() throws {
+        let before = try #require(HostCPU(procStat: "cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 18 0 0\nintr 1\n"))
+        #expect(before == HostCPU(total: 1000, steal: 35))
+        let after = try #require(HostCPU(procStat: "cpu  400 0 150 1200 10 0 5 235 0 0\n"))
+        // 1,000 ticks passed, 200 of them stolen.
+        #expect(before.stealPercent(until: after) == 20)
+        #expect(after.stealPercent(until: before) == nil && before.stealPercent(until: before) == nil)
+        #expect(HostCPU(procStat: "cpu  1 2 3 4 5 6 7\n") == nil)  // no steal column
+        #expect(HostCPU(procStat: "intr 1\n") == nil)
+        #if os(Linux)
+        let now = try #require(HostCPU.now())
+        #expect(now.total > 0 && now.steal <= now.total)
+        #endif
+    }
+
     @Test("open loop: calls at their intended times, failures counted, how late each started reported; closed loop: none")
     func openAndClosedLoop() async throws {
         try await withServer { _, port in
@@ -22,6 +38,11 @@ struct LoadTestTests {
             #expect(open.errors.keys.allSatisfy { $0 == "NOT_FOUND" }, "\(open.errors)")
             #expect(open.lateness.totalCount == open.total.totalCount)
             #expect(open.latenessLine != nil && open.json["start_lateness"] != nil)
+            #if os(Linux)
+            // Linux has /proc/stat: the run reports the host's steal time over it.
+            #expect(open.hostStealPercent.map { (0...100).contains($0) } == true && open.json["host_steal_percent"] != nil)
+            #expect(open.stealLine?.hasPrefix("host steal time during the run: ") == true)
+            #endif
             // A call's latency counts from its intended start, so it is never below the lateness.
             #expect(open.total.max >= open.lateness.max)
 
