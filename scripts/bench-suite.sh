@@ -5,12 +5,16 @@
 # actions, then drives Decide open loop at RATE decisions/s, plus ReportOutcome clicks on
 # earlier decisions as OUTCOMES of all calls (so 3,000 decisions/s with 0.1 is 3,334 calls/s),
 # for DURATION seconds after a warm-up, and prints the figures, where the CPU went (per
-# process) and where a Decide's time went inside the services (peers, choose, log).
+# process, and the decision service's per 1,000 decisions by thread) and where a Decide's
+# time went inside the services (peers, choose, log).
 #   PERSONS (100000)  ACTIONS (50)  OUTCOMES (0.1)
 #   RATE (3000 decisions/s; several, e.g. "1500 2000 3000": a run each and a table)
 #   DURATION (60)  WARMUP (5)  CONCURRENCY (256)
 #   CAPS (unset; 1: each action capped at 3 offers a week per person, 20 a day per person)
 #   TIMELINE (unset; seconds: latency over time per that interval in .build/bench-suite-timeline.csv)
+#   BIN (unset: builds and runs .build/release; a directory holding arbiter and the four
+#   arbiter-* executables runs those instead, unbuilt: to compare two builds, copy each
+#   build's executables to a directory and alternate runs)
 # On a virtual machine `arbiter load` also prints the steal time over each run (/proc/stat: CPU
 # the host gave to other guests while this one had work); above 5 % the verdict says the
 # figures are not this machine's alone.
@@ -20,10 +24,12 @@ PERSONS="${PERSONS:-100000}"; ACTIONS="${ACTIONS:-50}"; RATE="${RATE:-3000}"; DU
 WARMUP="${WARMUP:-5}"; CONCURRENCY="${CONCURRENCY:-256}"; OUTCOMES="${OUTCOMES:-0.1}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/bench-suite.XXXXXX")"
 cd "$ROOT"
-swift build -c release --product arbiter >/dev/null
-for s in identity profile decision routing; do swift build -c release --product "arbiter-$s" >/dev/null; done
-bin=.build/release
-"$bin/arbiter" up --data-dir "$WORK" --port-base 17400 --admin-port-base 17500 --log-level warning &
+if [ -z "${BIN:-}" ]; then
+  swift build -c release --product arbiter >/dev/null
+  for s in identity profile decision routing; do swift build -c release --product "arbiter-$s" >/dev/null; done
+fi
+bin="${BIN:-.build/release}"
+"$bin/arbiter" up ${BIN:+--bin-dir "$BIN"} --data-dir "$WORK" --port-base 17400 --admin-port-base 17500 --log-level warning &
 UP=$!
 trap 'kill -TERM $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$WORK"' EXIT
 for port in 17501 17502 17503 17504; do
@@ -35,10 +41,15 @@ cpu() { for s in identity profile decision routing; do
 "$bin/arbiter" load --address 127.0.0.1:17403 --seed-profile 127.0.0.1:17402 --persons "$PERSONS" --actions "$ACTIONS" \
   ${CAPS:+--caps} --seed-only
 # Sums and counts of the decision service's Decide stages and the profile service's
-# GetProfile handling, from their /metrics (the series named in DecideMetrics, RPCServerMetrics).
+# GetProfile handling, from their /metrics (the series named in DecideMetrics, RPCServerMetrics),
+# and the decision service's CPU by thread.
 timings() {
   { curl -sf http://127.0.0.1:17503/metrics; curl -sf http://127.0.0.1:17502/metrics; } |
-    grep -E '^(decision_decide_stage_seconds_(sum|count)|decision_decisions_total|rpc_server_duration_seconds_(sum|count)\{rpc_service="arbiter.profile.v1.Profile",rpc_method="GetProfile"\})' || true; }
+    grep -E '^(decision_decide_stage_seconds_(sum|count)|decision_decisions_total|rpc_server_duration_seconds_(sum|count)\{rpc_service="arbiter.profile.v1.Profile",rpc_method="GetProfile"\})' || true
+  # The decision service's CPU ticks on its event loop (NIO-ELT-*) and on its other threads.
+  pid=$(pgrep -f "arbiter-decision .*--port 1740" | head -1)
+  for t in /proc/"$pid"/task/*; do awk -v comm="$(cat "$t/comm")" '{ print (comm ~ /^NIO-ELT/ ? "cpu_eventloop" : "cpu_other"), $14 + $15 }' "$t/stat"; done |
+    awk '{ sum[$1] += $2 } END { for (k in sum) print k, sum[k] }'; }
 # One run per rate in RATE (the same seeded suite; each run has its own warm-up).
 for rate in $RATE; do
   suffix=""; [ "$RATE" = "$rate" ] || suffix="-$rate"
@@ -63,6 +74,10 @@ for rate in $RATE; do
       gsum = d[sprintf(gp, "sum")]; gcount = d[sprintf(gp, "count")]
       printf "inside the services, means per Decide: %sdegraded %.1f %%; GetProfile handled in %.2f ms (profile service)\n",
         line, 100 * degraded / (degraded + complete + 1e-9), (gcount > 0 ? 1000 * gsum / gcount : 0)
+      # CPU per decision is steadier than latency when the host is contended: compare builds by it.
+      printf "decision service CPU per 1,000 decisions: %.1f ticks (event loop %.1f, other threads %.1f)\n",
+        1000 * (d["cpu_eventloop"] + d["cpu_other"]) / (degraded + complete + 1e-9),
+        1000 * d["cpu_eventloop"] / (degraded + complete + 1e-9), 1000 * d["cpu_other"] / (degraded + complete + 1e-9)
     }' "$WORK/timings-before" "$WORK/timings-after"
 done
 echo "Every Decide (degraded or not) by rate; issue 5's goal is p99 <= 10 ms and p99.9 <= 25 ms at 3,000 decisions/s:"
