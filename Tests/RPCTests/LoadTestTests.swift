@@ -56,7 +56,7 @@ struct LoadTestTests {
     }
 
     @Test("timeline: a stall shows in the intervals whose calls it delayed, and every call is in one interval")
-    func timelineShowsAStall() async throws {
+    func timelineShowsAStallTimed() async throws {
         try await withServer { _, port in
             let client = makeClient(port)
             defer { client.close() }

@@ -64,6 +64,9 @@ func withRouting<T: Sendable>(clock: TestClock? = nil, sink: WebhookSink? = nil,
         configuration.initialBackoffMs = 5
         configuration.maxBackoffMs = 20
         configuration.dispatchPollMs = 5
+        // No test here is about the profile call's deadline (2 s by default), and on a
+        // contended host the parallel test run once held an in-process GetProfile longer.
+        configuration.profileTimeoutMs = 10_000
         configure(&configuration)
         let logger = quietLogger("routing-test")
         let store = try RoutingStore(directory: temporaryDirectory("routing-test"), configuration: configuration)
