@@ -181,9 +181,13 @@ struct ProcessTests {
 
         var request = EchoV1.EchoRequest()
         request.message = "in flight"
-        request.delayMs = 700
+        request.delayMs = 1500
         async let slow = client.call(EchoV1.Echo.echo, request)
-        try await Task.sleep(for: .milliseconds(200))
+        // SIGTERM once the call is in flight on the server (a fixed sleep races a loaded host).
+        #expect(try await eventually {
+            try await httpGet(port: admin, "/metrics").1.split(separator: "\n")
+                .contains { $0.hasPrefix("rpc_server_in_flight_requests ") && !$0.hasSuffix(" 0") && !$0.hasSuffix(" 0.0") }
+        })
         kill(server.process.processIdentifier, SIGTERM)
         try await Task.sleep(for: .milliseconds(150))
         #expect(try await httpGet(port: admin, "/readyz").0 == 503)
