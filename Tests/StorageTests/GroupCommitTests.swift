@@ -51,7 +51,8 @@ struct GroupCommitTests {
         try await waitFor { commit.waitingCount == 1 }
         async let d = commit.submit("d", write: writes.write)
         #expect(try await [c, d] == ["C", "D"])
-        #expect(writes.batches.withLock { $0 }.suffix(1) == [["c", "d"]] && writes.batches.withLock { $0 }.count == 3)
+        let batches = writes.batches.withLock { $0 }
+        #expect(batches.count == 3 && batches.last == ["c", "d"], "\(batches)")
 
         // One caller at a time: "e" follows a batch of two (it may wait), "f" a batch of one
         // (it does not).
