@@ -17,7 +17,8 @@
 #   build's executables to a directory and alternate runs)
 # On a virtual machine `arbiter load` also prints the steal time over each run (/proc/stat: CPU
 # the host gave to other guests while this one had work); above 5 % the verdict says the
-# figures are not this machine's alone.
+# figures are not this machine's alone. It prints how busy the machine was too (its own work,
+# the generator's included); at 90 % and more the verdict says there was no CPU to spare.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PERSONS="${PERSONS:-100000}"; ACTIONS="${ACTIONS:-50}"; RATE="${RATE:-3000}"; DURATION="${DURATION:-60}"
@@ -101,6 +102,9 @@ else:
     verdict = "below the goal rate; its latency bounds " + ("held" if fast and kept_up else "not held")
 if steal > 5:
     verdict += "; the host took %.0f %% of the CPU (steal time): the figures are not those of this machine alone" % steal
+busy = figures.get("host_busy_percent")
+if busy is not None and busy >= 90:
+    verdict += "; the machine was %.0f %% busy (services and load generator): no CPU to spare" % busy
 print("  %5s decisions/s: %5.0f/s answered, p50 %6.1f ms, p99 %6.1f ms, p99.9 %6.1f ms, degraded %5.1f %%, errors %d: %s" % (
     rate, decide.get("per_second", 0), decide.get("p50_us", 0) / 1000, p99, p999,
     100 * degraded.get("calls", 0) / max(1, decide.get("calls", 0)),

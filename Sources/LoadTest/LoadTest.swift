@@ -25,6 +25,10 @@ public enum LoadTest {
         /// (steal, per cent; nil off Linux). Above a few per cent the latencies are not
         /// those of this machine alone.
         public var hostStealPercent: Double?
+        /// The share of the machine's CPU time spent on its own work during the run (per
+        /// cent; nil off Linux): the services and this generator together. Near 100, the
+        /// machine was saturated.
+        public var hostBusyPercent: Double?
 
         public var total: Histogram<UInt64> {
             histograms.values.reduce(into: Histogram<UInt64>(highestTrackableValue: 60_000_000)) { $0.add($1) }
@@ -80,9 +84,11 @@ public enum LoadTest {
             }.joined()
         }
 
-        /// The host's steal time in one line; nil when unknown.
+        /// The machine's busy and steal time in one line; nil when unknown.
         public var stealLine: String? {
-            hostStealPercent.map { String(format: "host steal time during the run: %.1f %% of the machine's CPU", $0) }
+            guard let hostStealPercent else { return nil }
+            let busy = hostBusyPercent.map { String(format: "; busy (its own work, this generator's included): %.1f %%", $0) } ?? ""
+            return String(format: "host steal time during the run: %.1f %% of the machine's CPU", hostStealPercent) + busy
         }
 
         /// Open loop: the lateness in one line; nil in a closed loop.
@@ -153,6 +159,7 @@ public enum LoadTest {
                                          "by_kind": histograms.mapValues { figures($0) }]
             if lateness.totalCount > 0 { object["start_lateness"] = figures(lateness) }
             if let hostStealPercent { object["host_steal_percent"] = hostStealPercent }
+            if let hostBusyPercent { object["host_busy_percent"] = hostBusyPercent }
             return object
         }
     }
@@ -217,7 +224,10 @@ public enum LoadTest {
         var result = Result()
         for part in parts { result.merge(part.result.withLock { $0 }) }
         result.seconds = seconds
-        if let cpuBefore, let cpuAfter = HostCPU.now() { result.hostStealPercent = cpuBefore.stealPercent(until: cpuAfter) }
+        if let cpuBefore, let cpuAfter = HostCPU.now() {
+            result.hostStealPercent = cpuBefore.stealPercent(until: cpuAfter)
+            result.hostBusyPercent = cpuBefore.busyPercent(until: cpuAfter)
+        }
         return result
     }
 

@@ -5,19 +5,21 @@ import Testing
 
 @Suite("load generator")
 struct LoadTestTests {
-    @Test("steal time: the host's share of the machine's CPU between two readings of /proc/stat")
+    @Test("steal and busy time: the host's share and the machine's own work between two readings of /proc/stat")
     func hostSteal() throws {
         let before = try #require(HostCPU(procStat: "cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 18 0 0\nintr 1\n"))
-        #expect(before == HostCPU(total: 1000, steal: 35))
+        #expect(before == HostCPU(total: 1000, steal: 35, idle: 810))
         let after = try #require(HostCPU(procStat: "cpu  400 0 150 1200 10 0 5 235 0 0\n"))
-        // 1,000 ticks passed, 200 of them stolen.
+        // 1,000 ticks passed: 200 stolen, 400 idle, 400 (300 user, 100 system) the machine's own work.
         #expect(before.stealPercent(until: after) == 20)
+        #expect(before.busyPercent(until: after) == 40)
         #expect(after.stealPercent(until: before) == nil && before.stealPercent(until: before) == nil)
+        #expect(after.busyPercent(until: before) == nil && before.busyPercent(until: before) == nil)
         #expect(HostCPU(procStat: "cpu  1 2 3 4 5 6 7\n") == nil)  // no steal column
         #expect(HostCPU(procStat: "intr 1\n") == nil)
         #if os(Linux)
         let now = try #require(HostCPU.now())
-        #expect(now.total > 0 && now.steal <= now.total)
+        #expect(now.total > 0 && now.steal + now.idle <= now.total)
         #endif
     }
 
@@ -41,7 +43,9 @@ struct LoadTestTests {
             #if os(Linux)
             // Linux has /proc/stat: the run reports the host's steal time over it.
             #expect(open.hostStealPercent.map { (0...100).contains($0) } == true && open.json["host_steal_percent"] != nil)
+            #expect(open.hostBusyPercent.map { (0...100).contains($0) } == true && open.json["host_busy_percent"] != nil)
             #expect(open.stealLine?.hasPrefix("host steal time during the run: ") == true)
+            #expect(open.stealLine?.contains("busy (its own work, this generator's included): ") == true)
             #endif
             // A call's latency counts from its intended start, so it is never below the lateness.
             #expect(open.total.max >= open.lateness.max)
