@@ -71,7 +71,9 @@ let package = Package(
         // liblz4 (Debian liblz4-dev): large blobs are stored compressed (BlobCompression).
         .systemLibrary(name: "CLZ4", path: "Sources/CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
         // Shared SQLite setup: WAL, secure_delete, migrations before serving.
-        .target(name: "Storage", dependencies: ["CLZ4", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift")]),
+        // Configures SQLite as the process loads (no allocation statistics: no global lock).
+        .target(name: "CSQLiteConfig", linkerSettings: [.linkedLibrary("sqlite3")]),
+        .target(name: "Storage", dependencies: ["CLZ4", "CSQLiteConfig", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift")]),
         // The identity graph: normalization, merge rules, unmerge, change feed, erasure.
         .target(
             name: "IdentityService",
@@ -205,7 +207,8 @@ let package = Package(
         .testTarget(name: "ServiceRuntimeTests", dependencies: ["ServiceRuntime", "RPC", "Contracts", "CContracts", "Rules", "TestSupport",
                                                                .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "RulesTests", dependencies: ["Rules"]),
-        .testTarget(name: "StorageTests", dependencies: ["Storage", "TestSupport", .product(name: "GRDB", package: "GRDB.swift")]),
+        .testTarget(name: "StorageTests", dependencies: ["Storage", "TestSupport", .product(name: "GRDB", package: "GRDB.swift"),
+                                                       .product(name: "GRDBSQLite", package: "GRDB.swift")]),
         .testTarget(
             name: "ProfileServiceTests",
             dependencies: ["ProfileService", "IdentityService", "IdentityFeed", "RPC", "Contracts", "Rules", "TestSupport",

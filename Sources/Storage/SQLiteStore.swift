@@ -1,5 +1,7 @@
+import CSQLiteConfig
 import Foundation
 public import GRDB
+import GRDBSQLite
 
 /// Opens a service's SQLite store: WAL journal, foreign keys, `secure_delete` (erased
 /// rows are overwritten, not just unlinked), and migrations run before anything else.
@@ -9,6 +11,12 @@ public import GRDB
 /// may lose the last transactions; set `synchronous` to `.full` for that.
 public enum SQLiteStore {
     public enum Synchronous: String, Sendable { case normal = "NORMAL", full = "FULL" }
+
+    /// Whether SQLite keeps no allocation statistics in this process (set as it loads, by
+    /// the CSQLiteConfig target). With them on, SQLite's default, every allocation and free
+    /// takes one mutex shared by every connection: during Track the store's writer, its
+    /// flush, its checkpointers and GetProfile's readers slept there more than anywhere else.
+    public static var allocationStatisticsOff: Bool { arbiter_sqlite_memstatus_result() == SQLITE_OK }
 
     /// `directory/name.sqlite`, created if missing, migrated with `migrator`. The files in
     /// `readersAttach` (schema name → path) are attached to the reader connections only, so
