@@ -69,9 +69,9 @@ public final class DecisionStore: Sendable {
 
     /// What the log's group commit writes.
     enum LogEntry: Sendable {
-        /// A decision, with the arms its chosen actions count a failure on until a positive
-        /// outcome. The writer encodes the record: off the event loop that Decide waits on.
-        case decision(DecisionV1.DecisionRecord, arms: [ArmKey])
+        /// A decision (and its encoding: encoded by the caller, so that the single writer
+        /// does not), with the arms its chosen actions count a failure on until a positive outcome.
+        case decision(DecisionV1.DecisionRecord, encoded: Data, arms: [ArmKey])
         /// An outcome reported on a logged decision.
         case outcome(DecisionV1.ReportOutcomeRequest, offered: Offered, atMs: Int64)
     }
@@ -434,7 +434,8 @@ public final class DecisionStore: Sendable {
     /// turns it into a success. Decisions arriving together share one transaction (group
     /// commit); this returns once the transaction holding this one has committed.
     func log(_ record: DecisionV1.DecisionRecord, arms: [ArmKey]) async throws {
-        _ = try await log.submit(.decision(record, arms: arms)) { [self] entries in try commit(entries) }
+        let encoded = Self.stored(record)
+        _ = try await log.submit(.decision(record, encoded: encoded, arms: arms)) { [self] entries in try commit(entries) }
     }
 
     /// Records an outcome once (a known outcome id is a duplicate: returns false) and learns
@@ -456,18 +457,18 @@ public final class DecisionStore: Sendable {
             // its reservation: the decision is logged for the survivor, or for no one.
             let entries = contacts.withLock { contacts in
                 entries.map { entry -> LogEntry in
-                    guard case .decision(var record, let arms) = entry, !record.personId.isEmpty, !record.actions.isEmpty else { return entry }
+                    guard case .decision(var record, _, let arms) = entry, !record.personId.isEmpty, !record.actions.isEmpty else { return entry }
                     let holder = contacts.holder(of: record) ?? ""
                     guard holder != record.personId else { return entry }
                     record.personId = holder
-                    return .decision(record, arms: arms)
+                    return .decision(record, encoded: Self.stored(record), arms: arms)
                 }
             }
             var changedArms = Set<ArmKey>()
             let written = try entries.map { entry in
                 switch entry {
-                case .decision(let record, let arms):
-                    try decision.execute(arguments: [record.decisionId, record.personId, record.decidedAtMs, Self.stored(record)])
+                case .decision(let record, let encoded, let arms):
+                    try decision.execute(arguments: [record.decisionId, record.personId, record.decidedAtMs, encoded])
                     if !record.personId.isEmpty {
                         for action in record.actions {
                             try offer.execute(arguments: [record.personId, record.decidedAtMs, action.actionId, action.channel.rawValue, record.decisionId])
@@ -484,13 +485,13 @@ public final class DecisionStore: Sendable {
             try writeArms(db, changedArms)
             // Built before taking the lock, which Decide's history reads wait for.
             let offered = entries.map { entry -> Offered? in
-                guard case .decision(let record, _) = entry, !record.actions.isEmpty else { return nil }
+                guard case .decision(let record, _, _) = entry, !record.actions.isEmpty else { return nil }
                 return Offered(record)
             }
             contacts.withLock { contacts in
                 for (i, (entry, new)) in zip(entries, written).enumerated() {
                     switch entry {
-                    case .decision(let record, _) where !record.actions.isEmpty:
+                    case .decision(let record, _, _) where !record.actions.isEmpty:
                         contacts.decisions.insert(record.decisionId, offered[i]!)
                         guard !record.personId.isEmpty else { break }
                         for action in record.actions {
@@ -548,7 +549,7 @@ public final class DecisionStore: Sendable {
     /// Drops the reservations of logged (or failed) decisions: from now on caps read them from the store.
     private func release(_ entries: [LogEntry]) {
         contacts.withLock { contacts in
-            for case .decision(let record, _) in entries where !record.personId.isEmpty && !record.actions.isEmpty {
+            for case .decision(let record, _, _) in entries where !record.personId.isEmpty && !record.actions.isEmpty {
                 // A merge while the decision was being logged moved its reservation.
                 guard let holder = contacts.holder(of: record) else { continue }
                 contacts.pending[holder]?.removeAll { $0.decision == record.decisionId }
