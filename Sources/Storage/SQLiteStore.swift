@@ -14,8 +14,9 @@ public enum SQLiteStore {
 
     /// Whether SQLite keeps no allocation statistics in this process (set as it loads, by
     /// the CSQLiteConfig target). With them on, SQLite's default, every allocation and free
-    /// takes one mutex shared by every connection: during Track the store's writer, its
-    /// flush, its checkpointers and GetProfile's readers slept there more than anywhere else.
+    /// takes one mutex shared by every connection: in the profile bench's Track phase the
+    /// store's threads (writer, state flush, checkpointers) slept there more than anywhere
+    /// but idle.
     public static var allocationStatisticsOff: Bool { arbiter_sqlite_memstatus_result() == SQLITE_OK }
 
     /// `directory/name.sqlite`, created if missing, migrated with `migrator`. The files in
