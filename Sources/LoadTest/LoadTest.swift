@@ -85,7 +85,7 @@ public enum LoadTest {
         }
 
         /// The machine's busy and steal time in one line; nil when unknown.
-        public var stealLine: String? {
+        public var hostCPULine: String? {
             guard let hostStealPercent else { return nil }
             let busy = hostBusyPercent.map { String(format: "; busy (its own work, this generator's included): %.1f %%", $0) } ?? ""
             return String(format: "host steal time during the run: %.1f %% of the machine's CPU", hostStealPercent) + busy

@@ -129,7 +129,7 @@ struct Load: AsyncParsableCommand {
             say("  every Decide, degraded or not: " + LoadTest.Result.line(decisions, seconds: result.seconds))
         }
         if let line = result.latenessLine { say(line) }
-        if let line = result.stealLine { say(line) }
+        if let line = result.hostCPULine { say(line) }
         say("errors: " + (result.errors.isEmpty ? "none" : result.errors.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")))
         if let json {
             var object = result.json

@@ -44,8 +44,8 @@ struct LoadTestTests {
             // Linux has /proc/stat: the run reports the host's steal time over it.
             #expect(open.hostStealPercent.map { (0...100).contains($0) } == true && open.json["host_steal_percent"] != nil)
             #expect(open.hostBusyPercent.map { (0...100).contains($0) } == true && open.json["host_busy_percent"] != nil)
-            #expect(open.stealLine?.hasPrefix("host steal time during the run: ") == true)
-            #expect(open.stealLine?.contains("busy (its own work, this generator's included): ") == true)
+            #expect(open.hostCPULine?.hasPrefix("host steal time during the run: ") == true)
+            #expect(open.hostCPULine?.contains("busy (its own work, this generator's included): ") == true)
             #endif
             // A call's latency counts from its intended start, so it is never below the lateness.
             #expect(open.total.max >= open.lateness.max)

@@ -455,14 +455,18 @@ public final class DecisionStore: Sendable {
             let offer = try db.cachedStatement(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES (?, ?, ?, ?, ?)")
             // A merge or an erasure applied while a decision was being logged moved or dropped
             // its reservation: the decision is logged for the survivor, or for no one.
-            let entries = contacts.withLock { contacts in
-                entries.map { entry -> LogEntry in
-                    guard case .decision(var record, _, let arms) = entry, !record.personId.isEmpty, !record.actions.isEmpty else { return entry }
+            let holders = contacts.withLock { contacts in
+                entries.map { entry -> String? in
+                    guard case .decision(let record, _, _) = entry, !record.personId.isEmpty, !record.actions.isEmpty else { return nil }
                     let holder = contacts.holder(of: record) ?? ""
-                    guard holder != record.personId else { return entry }
-                    record.personId = holder
-                    return .decision(record, encoded: Self.stored(record), arms: arms)
+                    return holder == record.personId ? nil : holder
                 }
+            }
+            // Re-encoded outside the lock, which Decide's history reads wait for.
+            let entries = zip(entries, holders).map { entry, holder -> LogEntry in
+                guard let holder, case .decision(var record, _, let arms) = entry else { return entry }
+                record.personId = holder
+                return .decision(record, encoded: Self.stored(record), arms: arms)
             }
             var changedArms = Set<ArmKey>()
             let written = try entries.map { entry in
