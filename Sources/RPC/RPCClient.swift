@@ -283,7 +283,9 @@ final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private var nextStreamID: UInt32 = 1
-    private var pending: [UInt32: (promise: EventLoopPromise<ByteBuffer>, timer: Scheduled<Void>?)] = [:]
+    private var pending: [UInt32: EventLoopPromise<ByteBuffer>] = [:]
+    /// The deadlines of the calls in `pending`, behind one timer.
+    private var deadlines = DeadlineQueue()
     private var flushScheduled = false
 
     /// Coalesces flushes: calls sent from other threads arrive as separate event-loop tasks,
@@ -310,36 +312,42 @@ final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         let streamID = nextStreamID
         nextStreamID += 2
-        var timer: Scheduled<Void>?
+        pending[streamID] = call.promise
         if let deadline = call.deadline {
-            let delay = TimeAmount.nanoseconds(ContinuousClock.now.duration(to: deadline).nanoseconds)
-            let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
-            timer = context.eventLoop.scheduleTask(in: delay) {
-                // The server answers at the same moment; this covers a server that does not.
-                if let entry = loopBound.value.pending.removeValue(forKey: streamID) {
-                    entry.promise.fail(RPCError(.deadlineExceeded, "deadline exceeded"))
-                }
-            }
+            // The server answers at the same moment; this covers a server that does not.
+            deadlines.add(streamID, deadline: deadline)
+            armDeadlines(context.eventLoop)
         }
-        pending[streamID] = (call.promise, timer)
         call.promise.futureResult.whenFailure { [loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)] _ in
             // Cancelled or timed out: forget the stream; a late answer is dropped.
-            loopBound.value.pending.removeValue(forKey: streamID)?.timer?.cancel()
+            loopBound.value.pending.removeValue(forKey: streamID)
         }
         context.write(wrapOutboundOut(OutboundFrame(streamID: streamID, kind: .request, payload: call.payload)),
                       promise: writePromise)
     }
 
+    private func armDeadlines(_ loop: any EventLoop) {
+        let handler = NIOLoopBound(self, eventLoop: loop)
+        deadlines.arm(on: loop) {
+            let this = handler.value
+            this.deadlines.fired()
+            for streamID in this.deadlines.popDue(now: .now) {
+                this.pending.removeValue(forKey: streamID)?.fail(RPCError(.deadlineExceeded, "deadline exceeded"))
+            }
+            this.armDeadlines(loop)
+        }
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .frame(let header, let payload):
-            guard header.kind == .response, let entry = pending.removeValue(forKey: header.streamID) else { return }
-            entry.timer?.cancel()
-            entry.promise.succeed(payload)
+            guard header.kind == .response, let promise = pending.removeValue(forKey: header.streamID) else { return }
+            deadlines.dropFinished { pending[$0] != nil }
+            promise.succeed(payload)
         case .oversize(let header):
-            guard let entry = pending.removeValue(forKey: header.streamID) else { return }
-            entry.timer?.cancel()
-            entry.promise.fail(RPCError(.resourceExhausted, "response length \(header.length) exceeds the maximum message size"))
+            guard let promise = pending.removeValue(forKey: header.streamID) else { return }
+            deadlines.dropFinished { pending[$0] != nil }
+            promise.fail(RPCError(.resourceExhausted, "response length \(header.length) exceeds the maximum message size"))
         }
     }
 
@@ -356,9 +364,7 @@ final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func failAll(_ error: RPCError) {
         let entries = pending
         pending = [:]
-        for (_, entry) in entries {
-            entry.timer?.cancel()
-            entry.promise.fail(error)
-        }
+        deadlines.removeAll()
+        for (_, promise) in entries { promise.fail(error) }
     }
 }

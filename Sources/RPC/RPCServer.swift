@@ -373,8 +373,10 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     /// The server's `handlerExecution` is `.eventLoop` (a route may say otherwise).
     private let handlersOnEventLoop: Bool
     private var lastStreamID: UInt32 = 0
-    private var running: [UInt32: Task<Void, Never>] = [:]
-    private var timers: [UInt32: Scheduled<Void>] = [:]
+    private var running: [UInt32: (task: Task<Void, Never>, call: RPCServer.Call)] = [:]
+    /// The deadlines of the calls in `running`, behind one timer: at a deadline the call is
+    /// answered and its handler cancelled.
+    private var deadlines = DeadlineQueue()
     /// Calls answered DEADLINE_EXCEEDED whose handler has not returned yet.
     private var expired: Set<UInt32> = []
     /// Requests decoded in the same read as others once the limit was reached (bounded by one read).
@@ -432,7 +434,8 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
         let boundContext = NIOLoopBound(context, eventLoop: loop)
         let server = self.server, logger = self.logger, streamID = call.streamID
         let onLoop = call.route.execution.map { $0 == .eventLoop } ?? handlersOnEventLoop
-        running[streamID] = Task(executorPreference: onLoop ? executor : nil) {
+        // The task's first job is enqueued, not run here: `running` holds it before it finishes.
+        let task = Task(executorPreference: onLoop ? executor : nil) {
             let frame = await server.run(call, logger: logger)
             if loop.inEventLoop {
                 handler.value.finished(boundContext.value, streamID, frame)
@@ -440,26 +443,36 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
                 loop.execute { handler.value.finished(boundContext.value, streamID, frame) }
             }
         }
+        running[streamID] = (task, call)
         if let deadline = call.deadline {
-            // The deadline is a timer on the loop: at it, answer and cancel the handler.
-            let delay = TimeAmount.nanoseconds(ContinuousClock.now.duration(to: deadline).nanoseconds)
-            timers[streamID] = loop.scheduleTask(in: delay) {
-                handler.value.expire(boundContext.value, call)
-            }
+            deadlines.add(streamID, deadline: deadline)
+            armDeadlines(context)
         }
     }
 
-    private func expire(_ context: ChannelHandlerContext, _ call: RPCServer.Call) {
-        timers[call.streamID] = nil
-        guard let task = running[call.streamID] else { return }
-        expired.insert(call.streamID)
-        write(context, server.deadlineExceeded(call, logger: logger))
-        task.cancel()
+    private func armDeadlines(_ context: ChannelHandlerContext) {
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        deadlines.arm(on: context.eventLoop) {
+            handler.value.expire(boundContext.value)
+        }
+    }
+
+    /// At the earliest deadline: answers every call past its deadline and cancels its handler.
+    private func expire(_ context: ChannelHandlerContext) {
+        deadlines.fired()
+        for streamID in deadlines.popDue(now: .now) {
+            guard let (task, call) = running[streamID], !expired.contains(streamID) else { continue }
+            expired.insert(streamID)
+            write(context, server.deadlineExceeded(call, logger: logger))
+            task.cancel()
+        }
+        armDeadlines(context)
     }
 
     private func finished(_ context: ChannelHandlerContext, _ streamID: UInt32, _ frame: OutboundFrame) {
         guard running.removeValue(forKey: streamID) != nil else { return }  // connection already gone
-        timers.removeValue(forKey: streamID)?.cancel()
+        deadlines.dropFinished { running[$0] != nil }
         if expired.remove(streamID) == nil { write(context, frame) }
         while running.count < limit && queueHead < queued.count {
             let call = queued[queueHead]
@@ -535,9 +548,8 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        for task in running.values { task.cancel() }
-        for timer in timers.values { timer.cancel() }
-        timers = [:]
+        for (task, _) in running.values { task.cancel() }
+        deadlines.removeAll()
         queued.removeAll()
         queueHead = 0
         context.fireChannelInactive()

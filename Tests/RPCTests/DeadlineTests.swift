@@ -1,0 +1,73 @@
+import Contracts
+import EchoService
+import NIOCore
+import NIOPosix
+@testable import RPC
+import Testing
+import TestSupport
+
+/// Each connection keeps its calls' deadlines behind one timer (DeadlineQueue), armed for the
+/// earliest; these check that a call with a shorter deadline, sent after one with a longer
+/// deadline, still ends at its own.
+@Suite("deadlines behind one timer per connection")
+struct DeadlineTests {
+    @Test("the queue hands out the calls due, earliest first, whatever order they came in; finished calls at the front are dropped")
+    func queue() {
+        var queue = DeadlineQueue()
+        let t0 = ContinuousClock.now
+        queue.add(1, deadline: t0 + .seconds(5))
+        queue.add(3, deadline: t0 + .seconds(1))
+        queue.add(5, deadline: t0 + .seconds(3))
+        queue.add(7, deadline: t0 + .seconds(3))
+        #expect(queue.popDue(now: t0) == [])
+        #expect(queue.popDue(now: t0 + .seconds(3)) == [3, 5, 7])
+        queue.dropFinished { $0 == 1 }  // 1 is still in flight: it stays
+        #expect(queue.count == 1)
+        queue.dropFinished { _ in false }
+        #expect(queue.isEmpty)
+    }
+
+    @Test("the server answers DEADLINE_EXCEEDED at a short deadline sent after a long one on the same connection, and at the long one later")
+    func server() async throws {
+        try await withServer(services: [TestService()]) { _, port in
+            let raw = try await RawConnection(port: port)
+            let start = ContinuousClock.now
+            for (stream, timeout) in [(UInt32(1), Int64(3_000_000_000)), (3, 100_000_000)] {
+                try await raw.send(RawConnection.frame(stream: stream, payload: RawConnection.request(
+                    service: TestMethods.service, method: "Block", echoRequest(), timeoutNano: timeout)))
+            }
+            let first = try #require(try await raw.readFrame())
+            #expect(first.header.streamID == 3)
+            #expect(first.response.status?.code == RPCError.Code.deadlineExceeded.rawValue)
+            // Well before the first call's 3 s: its timer did not hold the second call back.
+            #expect(ContinuousClock.now - start < .seconds(2))
+            let second = try #require(try await raw.readFrame())
+            #expect(second.header.streamID == 1)
+            #expect(second.response.status?.code == RPCError.Code.deadlineExceeded.rawValue)
+            #expect(ContinuousClock.now - start >= .seconds(3))
+            await raw.close()
+        }
+    }
+
+    @Test("the client fails a call the server never answers at its deadline, a short one sent after a long one first")
+    func client() async throws {
+        // Accepts connections and never answers.
+        let silent = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { $0.eventLoop.makeSucceededVoidFuture() }
+            .bind(host: "127.0.0.1", port: 0).get()
+        defer { silent.close(promise: nil) }
+        let client = makeClient(silent.localAddress!.port!)
+        defer { client.close() }
+        let start = ContinuousClock.now
+        async let long: Void = expectCode(.deadlineExceeded) {
+            _ = try await client.call(EchoV1.Echo.echo, echoRequest(), timeout: .seconds(3))
+        }
+        try await Task.sleep(for: .milliseconds(200))  // the long call is written first
+        await expectCode(.deadlineExceeded) {
+            _ = try await client.call(EchoV1.Echo.echo, echoRequest(), timeout: .milliseconds(100))
+        }
+        #expect(ContinuousClock.now - start < .seconds(2))
+        await long
+        #expect(ContinuousClock.now - start >= .seconds(3))
+    }
+}
