@@ -162,6 +162,8 @@ let package = Package(
             name: "arbiter",
             dependencies: [
                 "RPC", "Contracts", "LoadTest", "Rules", "Simulation",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Contracts
 import Foundation
+import NIOCore
+import NIOPosix
 import RPC
 import UnixSignals
 
@@ -162,10 +164,10 @@ func say(_ line: String) {
 }
 
 /// A client for `host:port`, sending the token in `tokenFile` (if any) as authorization.
-func makeClient(_ address: String, tokenFile: String?) throws -> RPCClient {
+func makeClient(_ address: String, tokenFile: String?, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws -> RPCClient {
     guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]) else {
         throw ValidationError("address must be host:port, got \(address)")
     }
     let token = try tokenFile.map { try String(contentsOfFile: $0, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
-    return RPCClient(host: String(address[..<colon]), port: port, configuration: .withToken(token))
+    return RPCClient(host: String(address[..<colon]), port: port, configuration: .withToken(token), group: group)
 }
