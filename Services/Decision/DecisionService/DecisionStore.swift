@@ -472,13 +472,13 @@ public final class DecisionStore: Sendable {
             let written = try entries.map { entry in
                 switch entry {
                 case .decision(let record, let encoded, let arms):
-                    try decision.execute(arguments: [record.decisionId, record.personId, record.decidedAtMs, encoded])
+                    try decision.run(db, .text(record.decisionId), .text(record.personId), .integer(record.decidedAtMs), .blob(encoded))
                     if !record.personId.isEmpty {
                         for action in record.actions {
-                            try offer.execute(arguments: [record.personId, record.decidedAtMs, action.actionId, action.channel.rawValue, record.decisionId])
+                            try offer.run(db, .text(record.personId), .integer(record.decidedAtMs), .text(action.actionId), .integer(Int64(action.channel.rawValue)), .text(record.decisionId))
                         }
                         // Merges and erasures find a person's decisions through `offer`.
-                        if record.actions.isEmpty { try offer.execute(arguments: [record.personId, record.decidedAtMs, "", 0, record.decisionId]) }
+                        if record.actions.isEmpty { try offer.run(db, .text(record.personId), .integer(record.decidedAtMs), .text(""), .integer(0), .text(record.decisionId)) }
                     }
                     addEvidence(arms.map { ($0, 0, 1) }, nowMs: record.decidedAtMs, changed: &changedArms)
                     return true

@@ -670,7 +670,7 @@ public final class ProfileStore: Sendable {
                     stored.reserveCapacity(entry.events.count)
                     var byPerson: [String: [TrackedEvent]] = [:]
                     for (event, body) in zip(entry.events, entry.bodies) {
-                        try insert.execute(arguments: [event.eventID, event.personID, event.personID, event.type, event.occurredAtMs, body])
+                        try insert.run(db, .text(event.eventID), .text(event.personID), .text(event.personID), .text(event.type), .integer(event.occurredAtMs), .blob(body))
                         let isNew = db.changesCount > 0
                         stored.append(isNew)
                         if isNew { byPerson[event.personID, default: []].append(event) }
