@@ -13,8 +13,8 @@ import NIOCore
 struct DeadlineQueue {
     private var entries: [(deadline: ContinuousClock.Instant, id: UInt32)] = []
     private var head = 0
-    private var timer: Scheduled<Void>?
-    private var armedFor: ContinuousClock.Instant?
+    /// The timer, and the deadline it is armed for.
+    private var armed: (timer: Scheduled<Void>, at: ContinuousClock.Instant)?
 
     var isEmpty: Bool { head == entries.count }
     var count: Int { entries.count - head }
@@ -59,24 +59,21 @@ struct DeadlineQueue {
     mutating func arm(on loop: any EventLoop, _ fire: @escaping @Sendable () -> Void) {
         guard head < entries.count else { return }
         let earliest = entries[head].deadline
-        if let armedFor, armedFor <= earliest, timer != nil { return }
-        timer?.cancel()
-        armedFor = earliest
+        if let armed, armed.at <= earliest { return }
+        armed?.timer.cancel()
         let delay = TimeAmount.nanoseconds(max(0, ContinuousClock.now.duration(to: earliest).nanoseconds))
-        timer = loop.scheduleTask(in: delay, fire)
+        armed = (loop.scheduleTask(in: delay, fire), earliest)
     }
 
     /// Called first thing when the timer fires: it is no longer armed.
     mutating func fired() {
-        timer = nil
-        armedFor = nil
+        armed = nil
     }
 
     /// Cancels the timer and forgets every call (the connection is gone).
     mutating func removeAll() {
-        timer?.cancel()
-        timer = nil
-        armedFor = nil
+        armed?.timer.cancel()
+        armed = nil
         entries.removeAll()
         head = 0
     }

@@ -8,7 +8,6 @@ public enum BoundValue: Sendable {
     case integer(Int64)
     case real(Double)
     case blob(Data)
-    case bytes([UInt8])
     case null
 }
 
@@ -44,8 +43,6 @@ extension Statement {
                 code = sqlite3_bind_double(statement, index, real)
             case .blob(let data):
                 code = data.withUnsafeBytes { sqlite3_bind_blob(statement, index, $0.baseAddress, Int32($0.count), transient) }
-            case .bytes(let bytes):
-                code = bytes.withUnsafeBytes { sqlite3_bind_blob(statement, index, $0.baseAddress, Int32($0.count), transient) }
             case .null:
                 code = sqlite3_bind_null(statement, index)
             }

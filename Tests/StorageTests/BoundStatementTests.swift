@@ -22,8 +22,8 @@ struct BoundStatementTests {
         let id = "a\u{0}b é 😀"
         try await pool.write { db in
             let insert = try db.cachedStatement(sql: "INSERT INTO t (id, n, x, body, raw, note) VALUES (?, ?, ?, ?, ?, ?)")
-            try insert.run(db, .text(id), .integer(.min), .real(-2.5), .blob(Data([0, 1, 255])), .bytes([]), .null)
-            try insert.run(db, .text("second"), .integer(.max), .real(.infinity), .blob(Data()), .bytes([7]), .text(""))
+            try insert.run(db, .text(id), .integer(.min), .real(-2.5), .blob(Data([0, 1, 255])), .blob(Data()), .null)
+            try insert.run(db, .text("second"), .integer(.max), .real(.infinity), .blob(Data()), .blob(Data([7])), .text(""))
         }
         try await pool.write { db in
             let insert = "INSERT INTO grdb (id, n, x, body, raw, note) VALUES (?, ?, ?, ?, ?, ?)"
