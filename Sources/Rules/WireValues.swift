@@ -47,3 +47,12 @@ extension CommonV1.Channel {
         }
     }
 }
+
+/// Which of a person's current consent records governs a purpose on one channel: the newer
+/// of the channel's own record and the purpose's record for every channel (the channel's own
+/// when both are as new); nil when there is neither. Profile segments, Decide and routing
+/// all read consent this way, so a blanket denial given after a channel's grant holds.
+public func governingConsent<Record>(exact: Record?, general: Record?, atMs: (Record) -> Int64) -> Record? {
+    guard let exact, let general else { return exact ?? general }
+    return atMs(general) > atMs(exact) ? general : exact
+}

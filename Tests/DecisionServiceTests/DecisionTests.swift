@@ -185,6 +185,86 @@ struct DecisionTests {
         }
     }
 
+    @Test("consent for a purpose on every channel governs channels without their own record, and the newer record of the two wins")
+    func purposeWideConsent() async throws {
+        let clock = TestClock()
+        try await withProfile(clock: clock) { profile, client in
+            let decision = try makeDecision(clock: clock, profile: client)
+            let t0 = clock.read()
+            // A blanket denial: no channel record of its own.
+            try seed(profile.store, "denied", consent: [("marketing", .unspecified, false)], at: t0)
+            // A blanket grant.
+            try seed(profile.store, "granted", consent: [("marketing", .unspecified, true)], at: t0)
+            // An email grant, then a blanket denial after it; and the other way round.
+            try seed(profile.store, "revoked", consent: [("marketing", .email, true)], at: t0)
+            try seed(profile.store, "revoked", consent: [("marketing", .unspecified, false)], at: t0 + 1000)
+            try seed(profile.store, "regranted", consent: [("marketing", .unspecified, false)], at: t0)
+            try seed(profile.store, "regranted", consent: [("marketing", .email, true)], at: t0 + 1000)
+            try decision.upsert(action("banner", channels: [.inApp], purpose: "marketing", safe: true))
+            try decision.upsert(action("mail", channels: [.email], purpose: "marketing"))
+            try decision.upsert(action("segment-mail", eligibility: "consent.marketing.email", purpose: ""))
+
+            func verdicts(_ person: String) async throws -> [String: String] {
+                let response = try await decision.decide(decideRequest(person, count: 3))
+                #expect(!response.degraded, "\(response.degradedReasons)")
+                return Dictionary(uniqueKeysWithValues: response.explanations.map { ($0.actionId, $0.eligible ? "eligible" : $0.excludedBy) })
+            }
+            // A known denial excludes even an action safe without consent.
+            #expect(try await verdicts("denied") == ["banner": "consent: consent.marketing.in_app is denied",
+                                                     "mail": "consent: consent.marketing.email is denied",
+                                                     "segment-mail": "eligibility: consent.marketing.email"])
+            #expect(try await verdicts("granted") == ["banner": "eligible", "mail": "eligible", "segment-mail": "eligible"])
+            #expect(try await verdicts("revoked")["mail"] == "consent: consent.marketing.email is denied")
+            #expect(try await verdicts("regranted") == ["banner": "consent: consent.marketing.in_app is denied",
+                                                        "mail": "eligible", "segment-mail": "eligible"])
+
+            // Profile segments read consent the same way.
+            try profile.store.defineSegment(name: "mailable", rule: try Rule("consent.marketing.email"), nowMs: clock.read())
+            for (person, member) in [("denied", false), ("granted", true), ("revoked", false), ("regranted", true)] {
+                let view = try #require(try profile.store.profile(person: person, nowMs: clock.read()))
+                #expect(view.segments.contains("mailable") == member, "\(person)")
+            }
+        }
+    }
+
+    @Test("a late outcome counts as decayed since it happened and does not rewind what was learned; one dated before its decision is refused")
+    func lateOutcomes() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock) { $0.learner.halfLifeDays = 1 }
+        try decision.upsert(action("a"))
+        let first = try await decision.decide(decideRequest("p1"))
+        clock.advance(seconds: 86_400)
+        _ = try await decision.decide(decideRequest("p2"))
+        // Dismissed a minute after the first decision, reported a day later.
+        var late = DecisionV1.ReportOutcomeRequest()
+        late.outcomeId = "late"
+        late.decisionId = first.decisionId
+        late.actionId = "a"
+        late.outcome = .dismiss
+        late.occurredAtMs = first.decidedAtMs + 60_000
+        #expect(try await decision.reportOutcome(late).duplicate == false)
+        let keys = [ArmKey.global("a"), .placement("a", "home")]
+        let dismiss = LearnerConfiguration().dismissWeight
+        // The first offer, a half-life old (0.5); the second (1); the dismissal, a minute
+        // short of a half-life old. Before, the arm's time went back to the dismissal's and
+        // the day between decayed everything again: (1.5 + dismiss) / 2.
+        let expected = 0.5 + 1 + dismiss * exp2(-(86_400_000 - 60_000) / 86_400_000)
+        for arm in decision.store.arms(keys, nowMs: clock.read()) {
+            #expect(abs(arm.failures - expected) < 1e-9, "\(arm.failures) failures, expected \(expected)")
+            #expect(arm.updatedMs == clock.read())
+        }
+        let inFile = try await decision.store.pool.read { try DecisionStore.loadArms($0) }
+        #expect(inFile[keys[0]]?.updatedMs == clock.read())
+
+        // A time in seconds, not milliseconds, is decades before the decision.
+        late.outcomeId = "in-seconds"
+        late.occurredAtMs = first.decidedAtMs / 1000
+        await expectInvalid("occurred_at_ms") { _ = try await decision.reportOutcome(late) }
+        late.occurredAtMs = 0
+        late.value = 1e13
+        await expectInvalid("value") { _ = try await decision.reportOutcome(late) }
+    }
+
     @Test("deliver hands each chosen action to routing and returns its plan; without routing the decision stands with the error")
     func deliver() async throws {
         let clock = TestClock()

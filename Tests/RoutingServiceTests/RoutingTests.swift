@@ -212,6 +212,32 @@ struct RoutingTests {
         }
     }
 
+    @Test("consent on a channel is the newer of its own record and the purpose's record for every channel")
+    func governingConsentRecord() {
+        let planner = Planner(configuration: RoutingConfiguration(), adapters: [])
+        func record(_ channel: CommonV1.Channel, _ granted: Bool, at: Int64) -> ProfileV1.ConsentRecord {
+            var record = ProfileV1.ConsentRecord()
+            record.purpose = "marketing"
+            record.channel = channel
+            record.granted = granted
+            record.source = "test"
+            record.atMs = at
+            return record
+        }
+        func refusal(_ channel: CommonV1.Channel, _ records: [ProfileV1.ConsentRecord]) -> String? {
+            var profile = ProfileV1.ProfileView()
+            profile.consent = records
+            return planner.consentRefusal(channel, purpose: "marketing", profile: profile, person: Evidence())
+        }
+        // An email grant, then "no marketing at all": the later denial holds on email too.
+        #expect(refusal(.email, [record(.email, true, at: 1000), record(.unspecified, false, at: 2000)])?.contains("denied") == true)
+        // The other way round, the email grant is newer; other channels stay denied.
+        let regranted = [record(.email, true, at: 2000), record(.unspecified, false, at: 1000)]
+        #expect(refusal(.email, regranted) == nil)
+        #expect(refusal(.sms, regranted)?.contains("denied") == true)
+        #expect(refusal(.sms, [record(.email, true, at: 1000)]) == "no consent recorded for marketing.sms")
+    }
+
     @Test("each suppression reason: no consent, denied, unverified, expired, quiet hours")
     func suppressions() async throws {
         let clock = TestClock()

@@ -610,7 +610,10 @@ public struct DecisionService: RPCService {
         guard (1...6).contains(request.outcome.rawValue) else {
             throw RPCError.invalidArgument(field: "outcome", "must be OUTCOME_IMPRESSION ... OUTCOME_UNSUBSCRIBE")
         }
-        guard request.value.isFinite, request.value >= 0 else { throw RPCError.invalidArgument(field: "value", "must be a finite number >= 0") }
+        // Bounded as an action's value is: sums over outcomes (lift, policy evaluation) stay finite.
+        guard request.value.isFinite, request.value >= 0, request.value <= ActionSpec.maxValue else {
+            throw RPCError.invalidArgument(field: "value", "must be a number from 0 to 1e12, got \(request.value)")
+        }
         let at = try ClientTime.read(request.occurredAtMs, field: "occurred_at_ms", now: clock())
         // A decision older than the latest is read from the file: not on the event loop.
         let id = request.decisionId
@@ -621,6 +624,12 @@ public struct DecisionService: RPCService {
         }
         guard offered.arms[request.actionId] != nil else {
             throw RPCError.invalidArgument(field: "action_id", "decision \(request.decisionId) did not offer \"\(request.actionId)\"")
+        }
+        // An outcome cannot precede its decision; a client's clock may be off by up to the
+        // tolerance `ClientTime` allows ahead. (A time in seconds, not milliseconds, lands here.)
+        guard at >= offered.decidedAtMs - ClientTime.maxAheadMs else {
+            throw RPCError.invalidArgument(field: "occurred_at_ms",
+                "\(at) is more than a day before decision \(request.decisionId) was made (\(offered.decidedAtMs); Unix milliseconds)")
         }
         var response = DecisionV1.ReportOutcomeResponse()
         response.duplicate = try await !store.report(request, offered: offered, atMs: at)
@@ -633,7 +642,8 @@ struct Facts {
     var traits: [String: RuleValue] = [:]
     var features: [String: Double] = [:]
     var segments: Set<String> = []
-    /// `purpose.channel` (or `purpose` for channel-less consent) → granted.
+    /// `purpose.channel` → granted, by the governing record (`governingConsent`: the newer of
+    /// the channel's and the purpose's for every channel); `purpose` → the latter's.
     var consent: [String: Bool] = [:]
     var context: [String: String]
 
@@ -643,9 +653,19 @@ struct Facts {
         for trait in profile.traits { traits[trait.name] = RuleValue(trait.value) }
         for feature in profile.features { features[feature.name] = feature.value }
         segments = Set(profile.segments)
+        let general = profile.consent.filter { $0.channel == .unspecified }
         for record in profile.consent {
             let channel = record.channel.ruleName
-            consent[channel.isEmpty ? record.purpose : "\(record.purpose).\(channel)"] = record.granted
+            guard !channel.isEmpty else { consent[record.purpose] = record.granted; continue }
+            let governing = governingConsent(exact: record, general: general.first { $0.purpose == record.purpose }, atMs: \.atMs)
+            consent["\(record.purpose).\(channel)"] = governing?.granted
+        }
+        // The purpose's record for every channel also answers for channels without one of their own.
+        for record in general {
+            for raw: Int32 in 1...5 {
+                let path = "\(record.purpose).\(CommonV1.Channel(rawValue: raw).ruleName)"
+                if consent[path] == nil { consent[path] = record.granted }
+            }
         }
     }
 

@@ -59,10 +59,12 @@ public final class DecisionStore: Sendable {
     /// action, the arms an outcome on it teaches.
     struct Offered: Sendable {
         var personId: String
+        var decidedAtMs: Int64
         var arms: [String: [ArmKey]]
 
         init(_ record: DecisionV1.DecisionRecord) {
             personId = record.personId
+            decidedAtMs = record.decidedAtMs
             arms = Dictionary(record.actions.map { ($0.actionId, ArmKey.learned($0.actionId, in: record)) }) { first, _ in first }
         }
     }
@@ -334,16 +336,12 @@ public final class DecisionStore: Sendable {
     /// named in `changed` (`writeArms`): a batch of decisions writes each arm once, not once
     /// per decision. A transaction that fails has memory read again from the file
     /// (`writeContacts`).
-    private func addEvidence(_ changes: [(ArmKey, successes: Double, failures: Double)], nowMs: Int64,
+    private func addEvidence(_ changes: [(ArmKey, successes: Double, failures: Double)], atMs: Int64,
                              changed: inout Set<ArmKey>) {
         let halfLife = configuration.halfLifeMs
         memory.withLock { m in
             for (key, successes, failures) in changes {
-                var arm = (m.arms[key] ?? Arm()).decayed(to: nowMs, halfLifeMs: halfLife)
-                arm.successes = max(0, arm.successes + successes)
-                arm.failures = max(0, arm.failures + failures)
-                arm.updatedMs = nowMs
-                m.arms[key] = arm
+                m.arms[key] = (m.arms[key] ?? Arm()).adding(successes: successes, failures: failures, atMs: atMs, halfLifeMs: halfLife)
             }
         }
         changed.formUnion(changes.lazy.map(\.0))
@@ -480,7 +478,7 @@ public final class DecisionStore: Sendable {
                         // Merges and erasures find a person's decisions through `offer`.
                         if record.actions.isEmpty { try offer.run(db, .text(record.personId), .integer(record.decidedAtMs), .text(""), .integer(0), .text(record.decisionId)) }
                     }
-                    addEvidence(arms.map { ($0, 0, 1) }, nowMs: record.decidedAtMs, changed: &changedArms)
+                    addEvidence(arms.map { ($0, 0, 1) }, atMs: record.decidedAtMs, changed: &changedArms)
                     return true
                 case .outcome(let outcome, let offered, let atMs):
                     return try insert(db, outcome, offered: offered, atMs: atMs, changedArms: &changedArms)
@@ -612,11 +610,11 @@ public final class DecisionStore: Sendable {
                 SELECT count(*) FROM outcome WHERE decision_id = ? AND action_id = ? AND kind IN (?, ?)
                 """), arguments: [outcome.decisionId, outcome.actionId, DecisionV1.Outcome.click.rawValue,
                                   DecisionV1.Outcome.conversion.rawValue]) ?? 0
-            if positives == 1 { addEvidence(keys.map { ($0, 1, -1) }, nowMs: atMs, changed: &changedArms) }
+            if positives == 1 { addEvidence(keys.map { ($0, 1, -1) }, atMs: atMs, changed: &changedArms) }
         case .dismiss:
-            addEvidence(keys.map { ($0, 0, configuration.dismissWeight) }, nowMs: atMs, changed: &changedArms)
+            addEvidence(keys.map { ($0, 0, configuration.dismissWeight) }, atMs: atMs, changed: &changedArms)
         case .complaint, .unsubscribe:
-            addEvidence(keys.map { ($0, 0, configuration.complaintWeight) }, nowMs: atMs, changed: &changedArms)
+            addEvidence(keys.map { ($0, 0, configuration.complaintWeight) }, atMs: atMs, changed: &changedArms)
         default:
             break
         }

@@ -65,6 +65,18 @@ struct Arm: Sendable, Equatable {
         let factor = exp2(-Double(now - updatedMs) / halfLifeMs)
         return Arm(successes: successes * factor, failures: failures * factor, updatedMs: now)
     }
+
+    /// The evidence with `successes` and `failures` seen at `atMs` added (either may be
+    /// negative; neither count goes below zero). Evidence older than the arm's time (an
+    /// outcome reported late) counts as decayed since it was seen, and the arm's time never
+    /// moves back: a late or backdated report must not decay what was learned since.
+    func adding(successes: Double, failures: Double, atMs: Int64, halfLifeMs: Double) -> Arm {
+        var arm = decayed(to: atMs, halfLifeMs: halfLifeMs)
+        let weight = atMs < arm.updatedMs ? exp2(-Double(arm.updatedMs - atMs) / halfLifeMs) : 1
+        arm.successes = max(0, arm.successes + successes * weight)
+        arm.failures = max(0, arm.failures + failures * weight)
+        return arm
+    }
 }
 
 struct ArmKey: Hashable, Sendable {

@@ -1024,7 +1024,8 @@ public final class ProfileStore: Sendable {
     }
 
     /// How rules read a profile: `trait.<name>`, `feature.<name>`, and `consent.<purpose>`
-    /// or `consent.<purpose>.<channel>` (true when the newest record grants).
+    /// (the purpose's record for every channel) or `consent.<purpose>.<channel>` (the newer of
+    /// the channel's record and that one: `governingConsent`), true when it grants.
     static func lookup(traits: [String: RuleValue], features: [String: Double], consent: [Consent])
         -> (String, String) -> RuleValue? {
         { namespace, name in
@@ -1032,10 +1033,16 @@ public final class ProfileStore: Sendable {
             case "trait": return traits[name]
             case "feature": return features[name].map(RuleValue.number)
             case "consent":
-                return consent.last { record in
-                    let channel = CommonV1.Channel(rawValue: record.channel).ruleName
-                    return name == record.purpose && record.channel == 0 || name == "\(record.purpose).\(channel)"
-                }.map { .bool($0.granted) }
+                if let general = consent.last(where: { $0.channel == 0 && $0.purpose == name }) { return .bool(general.granted) }
+                let exact = consent.last { record in
+                    record.channel != 0 && name == "\(record.purpose).\(CommonV1.Channel(rawValue: record.channel).ruleName)"
+                }
+                let general = exact.flatMap { exact in consent.last { $0.channel == 0 && $0.purpose == exact.purpose } }
+                    ?? consent.last { record in
+                        record.channel == 0 && name.hasPrefix(record.purpose + ".")
+                            && (1...5).contains { CommonV1.Channel(rawValue: $0).ruleName == name.dropFirst(record.purpose.count + 1) }
+                    }
+                return governingConsent(exact: exact, general: general, atMs: \.atMs).map { .bool($0.granted) }
             default: return nil
             }
         }

@@ -176,12 +176,15 @@ struct Planner {
     }
 
     /// Why the person may not be contacted on `channel` for `purpose`, or nil when they may:
-    /// the profile's consent for purpose and channel (else for the purpose on every channel)
-    /// must be granted, and not followed by an unsubscribe or complaint recorded here.
+    /// the profile's consent for purpose and channel (the newer of the channel's record and
+    /// the purpose's record for every channel: `governingConsent`) must be granted, and not
+    /// followed by an unsubscribe or complaint recorded here.
     func consentRefusal(_ channel: CommonV1.Channel, purpose: String, profile: ProfileV1.ProfileView, person: Evidence) -> String? {
         let exact = profile.consent.first { $0.purpose == purpose && $0.channel == channel }
         let general = profile.consent.first { $0.purpose == purpose && $0.channel == .unspecified }
-        guard let record = exact ?? general else { return "no consent recorded for \(purpose).\(channel.ruleName)" }
+        guard let record = governingConsent(exact: exact, general: general, atMs: \.atMs) else {
+            return "no consent recorded for \(purpose).\(channel.ruleName)"
+        }
         guard record.granted else { return "consent \(purpose).\(channel.ruleName) denied by \(record.source) at \(record.atMs)" }
         if let optOut = person.optOuts.first(where: {
             $0.purpose == purpose && ($0.channel == channel.rawValue || $0.channel == 0) && $0.atMs >= record.atMs

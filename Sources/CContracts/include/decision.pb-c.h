@@ -504,7 +504,14 @@ struct  Arbiter__Decision__V1__ReportOutcomeRequest
   char *decision_id;
   char *action_id;
   Arbiter__Decision__V1__Outcome outcome;
+  /*
+   * 0 to 1e12.
+   */
   double value;
+  /*
+   * Unix milliseconds (0: now): at most a day ahead of the service's clock, and at most a
+   * day before the decision. Learning counts a late outcome as decayed since this time.
+   */
   int64_t occurred_at_ms;
 };
 #define ARBITER__DECISION__V1__REPORT_OUTCOME_REQUEST__INIT \

@@ -524,7 +524,10 @@ extension DecisionV1 {
         public var decisionId: String = ""
         public var actionId: String = ""
         public var outcome: DecisionV1.Outcome = DecisionV1.Outcome(rawValue: 0)
+        /// 0 to 1e12.
         public var value: Double = 0
+        /// Unix milliseconds (0: now): at most a day ahead of the service's clock, and at most a
+        /// day before the decision. Learning counts a late outcome as decayed since this time.
         public var occurredAtMs: Int64 = 0
 
         public static let protoName = "arbiter.decision.v1.ReportOutcomeRequest"
