@@ -523,6 +523,22 @@ struct FeatureTests {
         #expect(abs(features["recent_shoes"]! - shoes) <= 1e-9 * max(shoes, 1e-12))
     }
 
+    @Test("an event dated ahead of the clock counts in a decayed sum as if it happened now, not grown back from the future")
+    func decayFutureEvent() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        try service.define(feature("minute", "click", .decayedSum, halfLife: 60))
+        let now = clock.read()
+        // A client's clock a day ahead (the most Track accepts), then one on time.
+        _ = try await service.track([event("ahead", "p", "click", at: now + 86_400_000, value: 3),
+                                     event("zero", "q", "click", at: now + 86_400_000, value: 0)])
+        #expect(try await service.features("p")["minute"] == 3)
+        #expect(try await service.features("q")["minute"] == 0)  // was NaN (0 × infinity)
+        clock.advance(seconds: 60)
+        _ = try await service.track([event("on-time", "p", "click", at: clock.read(), value: 1)])
+        #expect(abs(try await service.features("p")["minute"]! - (1.5 + 1)) < 1e-9)
+    }
+
     @Test("a feature defined later starts empty, or is backfilled from stored events")
     func backfill() async throws {
         let clock = TestClock()

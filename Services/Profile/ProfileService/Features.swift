@@ -157,6 +157,10 @@ public struct FeatureSpec: Sendable {
             }
         case .decayedSum:
             guard let v = number(event) else { return }
+            // An event dated ahead of this service's clock (a client's clock may be up to a
+            // day ahead) counts as happening now: decaying back from the future would weigh
+            // it 2^(ahead/half-life), infinite with a short half-life.
+            let t = min(t, now)
             if state.decayRefMs == 0 && state.decayed == 0 {
                 state.decayed = v
                 state.decayRefMs = t
@@ -188,7 +192,7 @@ public struct FeatureSpec: Sendable {
         case .distinctCount:
             return Double(state.distinct.count { inWindow($0.lastMs, now: now) })
         case .decayedSum:
-            return state.decayRefMs == 0 && state.decayed == 0 ? 0 : state.decayed * decay(Double(now - state.decayRefMs))
+            return state.decayRefMs == 0 && state.decayed == 0 ? 0 : state.decayed * decay(Double(max(0, now - state.decayRefMs)))
         default:
             return nil
         }
