@@ -294,6 +294,22 @@ struct DecisionTests {
                 #expect(stored.message?.templateId == "mail" && stored.message?.variables["decision_id"] == response.decisionId
                         && stored.message?.variables["context.device"] == "ios")
 
+                // Delivered on the channel Decide chose, which the contact policy counts: with
+                // email's daily cap used, on sms, though routing would rank email first.
+                try seed(profile.store, "two", traits: [("email", .string("two@example.com")), ("email_verified", .bool(true)),
+                                                        ("phone", .string("+14155550100")), ("phone_verified", .bool(true))],
+                         consent: [("marketing", .email, true), ("marketing", .sms, true)], at: clock.read())
+                try decision.upsert(action("both", channels: [.email, .sms], purpose: "marketing"))
+                _ = try decision.store.setPolicy([cap(.channel, 1, per: 86_400, channel: .email)])
+                var twice = decideRequest("two", count: 2)
+                twice.deliver = true
+                let byEmail = try await decision.decide(twice)
+                let bySMS = try await decision.decide(twice)
+                for (answer, channel) in [(byEmail, CommonV1.Channel.email), (bySMS, .sms)] {
+                    let both = try #require(answer.actions.first { $0.actionId == "both" }, "\(answer.actions)")
+                    #expect(both.channel == channel && both.delivery?.channel == channel, "\(both.channel) \(String(describing: both.delivery)) \(both.deliveryError)")
+                }
+
                 // Routing unreachable: the decision is still answered and logged; the error is on the action.
                 let closedPort = try await unusedPort()
                 let unreachable = RPCClient(host: "127.0.0.1", port: closedPort)

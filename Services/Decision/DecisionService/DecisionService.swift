@@ -351,7 +351,9 @@ public struct DecisionService: RPCService {
                     for (key, value) in context where key.utf8.count + 8 <= Names.maxLength { message.variables["context.\(key)"] = value }
                     route.message = message
                     let spec = specs[ranked.actionId]
-                    route.allowedChannels = spec?.channels ?? []
+                    // The channel Decide chose (consent and the contact policy's channel caps
+                    // allowed it) and logged, which those caps count: routing may not pick another.
+                    route.allowedChannels = ranked.channel == .unspecified ? [] : [ranked.channel]
                     route.urgency = .normal
                     route.purpose = spec.map { $0.consentPurpose.isEmpty ? "service" : $0.consentPurpose } ?? "service"
                     route.idempotencyKey = "\(record.decisionId):\(ranked.actionId)"

@@ -296,7 +296,8 @@ struct  Arbiter__Decision__V1__DecideRequest
   /*
    * Hand each chosen action to the routing service (--routing) and return its delivery
    * plan: message template_id = the action id, purpose = the action's consent purpose
-   * ("service" when it needs none), channels = the action's channels.
+   * ("service" when it needs none), channels = the channel chosen for it
+   * (RankedAction.channel, which the contact policy counts).
    */
   protobuf_c_boolean deliver;
 };

@@ -262,7 +262,8 @@ extension DecisionV1 {
         public var explain: Bool = false
         /// Hand each chosen action to the routing service (--routing) and return its delivery
         /// plan: message template_id = the action id, purpose = the action's consent purpose
-        /// ("service" when it needs none), channels = the action's channels.
+        /// ("service" when it needs none), channels = the channel chosen for it
+        /// (RankedAction.channel, which the contact policy counts).
         public var deliver: Bool = false
 
         public static let protoName = "arbiter.decision.v1.DecideRequest"
