@@ -462,12 +462,16 @@ struct FeatureTests {
             event("e5", "p1", "view", at: now, ["": .bool(true)]),
             event("e6", "p1", "view", at: now, value: .infinity),
             event("e7", "p1", "view", at: now - hour),
+            // Finite, but two of them would sum to infinity.
+            event("e8", "p1", "view", at: now, value: 1e308),
+            event("e9", "p1", "view", at: now, ["price": .number(-1e300)]),
         ])
         #expect(response.accepted == 2)
-        #expect(response.rejections.map(\.index) == [1, 2, 3, 4, 5, 6])
+        #expect(response.rejections.map(\.index) == [1, 2, 3, 4, 5, 6, 8, 9])
         let reasons = response.rejections.map(\.reason)
         #expect(reasons[0].hasPrefix("event_id:") && reasons[1].hasPrefix("type:") && reasons[2].hasPrefix("person:"))
         #expect(reasons[3].hasPrefix("occurred_at_ms:") && reasons[4].hasPrefix("properties[0].name:") && reasons[5].hasPrefix("value:"))
+        #expect(reasons[6].hasPrefix("value:") && reasons[7].hasPrefix("properties[0].value:"), "\(reasons.suffix(2))")
         await expectInvalid("events") { _ = try await service.track([]) }
     }
 

@@ -224,12 +224,23 @@ public struct ProfileService: RPCService {
         }
     }
 
+    /// The largest magnitude of an event's value or numeric property: SUM and DECAYED_SUM over
+    /// any number of them stay finite (1e308 twice was infinity, and then NaN).
+    static let maxEventNumber = 1e15
+
     func validated(_ event: ProfileV1.Event, person: String, now: Int64) throws(RPCError) -> TrackedEvent {
         guard !event.eventId.isEmpty else { throw .invalidArgument(field: "event_id", "is required (it makes a replay harmless)") }
         guard event.eventId.utf8.count <= 128 else { throw .invalidArgument(field: "event_id", "is longer than 128 bytes") }
         try Names.check(event.type, field: "type")
-        guard event.value.isFinite else { throw .invalidArgument(field: "value", "must be finite") }
+        guard event.value.isFinite, abs(event.value) <= Self.maxEventNumber else {
+            throw .invalidArgument(field: "value", "must be a finite number within ±1e15, got \(event.value)")
+        }
         let properties = try Self.fields(event.properties, field: "properties")
+        for (i, property) in properties.enumerated() {
+            if case .number(let n) = property.value, abs(n) > Self.maxEventNumber {
+                throw .invalidArgument(field: "properties[\(i)].value", "must be within ±1e15, got \(n)")
+            }
+        }
         return TrackedEvent(eventID: event.eventId, personID: person, type: event.type,
                             occurredAtMs: try ClientTime.read(event.occurredAtMs, field: "occurred_at_ms", now: now),
                             value: event.value, properties: Dictionary(properties.map { ($0.name, $0.value) }, uniquingKeysWith: { a, _ in a }))

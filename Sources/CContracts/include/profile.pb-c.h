@@ -65,8 +65,14 @@ struct  Arbiter__Profile__V1__Event
   Arbiter__Common__V1__PersonRef *person;
   char *type;
   int64_t occurred_at_ms;
+  /*
+   * Numbers finite and within ±1e15 (sums of any number of them stay finite).
+   */
   size_t n_properties;
   Arbiter__Common__V1__Field **properties;
+  /*
+   * Within ±1e15.
+   */
   double value;
 };
 #define ARBITER__PROFILE__V1__EVENT__INIT \

@@ -10,7 +10,9 @@ extension ProfileV1 {
         public var person: CommonV1.PersonRef? = nil
         public var `type`: String = ""
         public var occurredAtMs: Int64 = 0
+        /// Numbers finite and within ±1e15 (sums of any number of them stay finite).
         public var properties: [CommonV1.Field] = []
+        /// Within ±1e15.
         public var value: Double = 0
 
         public static let protoName = "arbiter.profile.v1.Event"
