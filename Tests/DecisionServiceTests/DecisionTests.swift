@@ -227,6 +227,22 @@ struct DecisionTests {
         }
     }
 
+    @Test("a person the profile service knows was merged away is decided for, and capped, as its survivor")
+    func mergedAwayPerson() async throws {
+        let clock = TestClock()
+        try await withProfile(clock: clock) { profile, client in
+            let decision = try makeDecision(clock: clock, profile: client)
+            try seed(profile.store, "survivor", traits: [("tier", .string("gold"))], at: clock.read())
+            try seed(profile.store, "absorbed", traits: [("tier", .string("silver"))], at: clock.read())
+            try profile.store.apply([(1, .merge(target: "survivor", sources: ["absorbed"]))], nowMs: clock.read())
+            try decision.upsert(action("a", caps: [cap(.action, 1, per: 86_400)]))
+            let first = try await decision.decide(decideRequest("absorbed"))
+            #expect(first.personId == "survivor" && first.actions.map(\.actionId) == ["a"])
+            // The cap counts the survivor's offers, whichever id the client sends.
+            #expect(try await decision.decide(decideRequest("survivor")).actions.isEmpty)
+        }
+    }
+
     @Test("a late outcome counts as decayed since it happened and does not rewind what was learned; one dated before its decision is refused")
     func lateOutcomes() async throws {
         let clock = TestClock()

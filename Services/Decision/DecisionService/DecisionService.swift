@@ -252,6 +252,8 @@ public struct DecisionService: RPCService {
             case .answered(let view):
                 person.profile = view
                 person.profileKnown = true
+                // A person merged away is answered by its survivor: decide (and count caps) for it.
+                if !view.personId.isEmpty { person.id = view.personId }
             case .unknown: person.profileKnown = true
             case .rejected(let error): reasons.append(PeerCall.reason(profileBreaker, error))
             case .failed(let reason): reasons.append(reason)

@@ -135,6 +135,13 @@ public struct ProfileService: RPCService {
         return person
     }
 
+    /// `person` as the identity feed left it: the person it was merged into, or NOT_FOUND
+    /// when it was erased (no new data is kept for it).
+    func living(_ person: String, field: String = "person") throws(RPCError) -> String {
+        guard let current = store.current(person) else { throw RPCError(.notFound, "\(field): person \(person) was erased") }
+        return current
+    }
+
     static func source(_ source: String, field: String = "source") throws(RPCError) -> String {
         guard source.utf8.count <= 128 else { throw .invalidArgument(field: field, "is longer than 128 bytes") }
         return source.isEmpty ? "unspecified" : source
@@ -171,7 +178,11 @@ public struct ProfileService: RPCService {
         var accepted: [(index: Int, event: TrackedEvent)] = []
         for (i, event) in request.events.enumerated() {
             do {
-                accepted.append((i, try validated(event, person: try persons[event.person]!.get(), now: now)))
+                // A person merged away keeps its id here: the store files the event under the
+                // survivor with this id as its origin, which an unmerge takes it back by.
+                let person = try persons[event.person]!.get()
+                _ = try living(person)
+                accepted.append((i, try validated(event, person: person, now: now)))
             } catch {  // INVALID_ARGUMENT from validation or from resolving its person: this event only
                 var rejection = ProfileV1.EventRejection()
                 rejection.index = UInt32(i)
@@ -251,7 +262,7 @@ public struct ProfileService: RPCService {
         guard !traits.isEmpty else { throw RPCError.invalidArgument(field: "traits", "is empty") }
         let source = try Self.source(request.source)
         let at = try ClientTime.read(request.updatedAtMs, field: "updated_at_ms", now: clock())
-        let person = try await createdPerson(request.person, field: "person")
+        let person = try living(try await createdPerson(request.person, field: "person"))
         var response = ProfileV1.SetTraitsResponse()
         response.personId = person
         response.stale = try store.setTraits(person: person, traits, source: source, updatedAtMs: at)
@@ -299,7 +310,7 @@ public struct ProfileService: RPCService {
                                                 source: try Self.source(c.source, field: "consents[\(i)].source"),
                                                 atMs: try ClientTime.read(c.atMs, field: "consents[\(i)].at_ms", now: now)))
         }
-        let person = try await createdPerson(request.person, field: "person")
+        let person = try living(try await createdPerson(request.person, field: "person"))
         try store.setConsent(person: person, records)
         var response = ProfileV1.SetConsentResponse()
         response.personId = person
@@ -307,7 +318,7 @@ public struct ProfileService: RPCService {
     }
 
     func getConsent(_ request: ProfileV1.GetConsentRequest) async throws -> ProfileV1.GetConsentResponse {
-        let person = try await existingPerson(request.person)
+        let person = try living(try await existingPerson(request.person))
         let (current, history) = try store.consent(person: person, history: request.includeHistory)
         var response = ProfileV1.GetConsentResponse()
         response.personId = person
@@ -323,7 +334,7 @@ public struct ProfileService: RPCService {
             throw RPCError.invalidArgument(field: "fields[\(i)]", "unknown field \"\(name)\" (traits, features, segments, consent)")
         }
         let wanted = request.fields.isEmpty ? Self.profileFields : Set(request.fields)
-        let person = try await existingPerson(request.person)
+        let person = try living(try await existingPerson(request.person))
         let now = clock()
         // On the event loop when memory holds the whole profile; the files are read off it.
         let found: ProfileStore.Profile?

@@ -47,6 +47,10 @@ public final class ProfileStore: Sendable {
     let checkpointers: [BackgroundCheckpointer]
     let definitions: Mutex<Definitions>
     let memory: Mutex<StateMemory>
+    /// Persons the identity feed merged into another (→ that person) or that were erased
+    /// (→ ""), as `person_gone` holds them. Chains are followed when read (`current`), so a
+    /// person an unmerge brings back brings back the persons it had absorbed.
+    let gone: Mutex<[String: String]>
     /// Traits and current consent in memory (see `FactsMemory`).
     let facts: Mutex<FactsMemory>
     /// Flushes run here, one at a time. Nothing on it waits for the event file's writer, so
@@ -211,6 +215,10 @@ public final class ProfileStore: Sendable {
             }
         }
         definitions = Mutex(loaded)
+        gone = Mutex(try pool.read { db in
+            Dictionary(try Row.fetchAll(db, sql: "SELECT person_id, target FROM person_gone").map { ($0["person_id"] as String, $0["target"] as String) },
+                       uniquingKeysWith: { a, _ in a })
+        })
         memory = Mutex(StateMemory(flushThreshold: self.flushThreshold, cachePersons: self.cachePersons))
         if self.factsPersons > 0, let all = try pool.read({ try Self.allFacts($0, upTo: self.factsPersons) }) {
             facts.withLock { memory in
@@ -294,7 +302,8 @@ public final class ProfileStore: Sendable {
     /// moved first); the states it returns (an empty state: deleted) are logged as dirty in
     /// that transaction and, once it has committed, replace the persons' states in memory.
     /// Starts a flush when enough persons are dirty.
-    func rewriting<T>(_ body: (Database) throws -> (T, [String: ProfileStoreV1.PersonState])) throws -> T {
+    func rewriting<T>(_ body: (Database) throws -> (T, [String: ProfileStoreV1.PersonState]),
+                      afterCommit: () -> Void = {}) throws -> T {
         try pool.writeWithoutTransaction { db in
             var result: T?
             var states: [String: ProfileStoreV1.PersonState] = [:]
@@ -317,6 +326,7 @@ public final class ProfileStore: Sendable {
                 }
             }
             factsChanged(touched)
+            afterCommit()
             flushIfDue()
             return result!
         }
@@ -501,6 +511,16 @@ public final class ProfileStore: Sendable {
                 )
                 """)
         }
+        migrator.registerMigration("v5: persons merged away or erased") { db in
+            // A write for a person the feed merged away goes to its survivor; an erased person
+            // gets no new data. (Before, both were stored under the old id, out of every profile.)
+            try db.execute(sql: """
+                CREATE TABLE person_gone (
+                  person_id TEXT PRIMARY KEY,
+                  target TEXT NOT NULL                    -- the person it was merged into; '' when erased
+                ) WITHOUT ROWID
+                """)
+        }
         return migrator
     }
 
@@ -665,15 +685,25 @@ public final class ProfileStore: Sendable {
                     SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS (SELECT 1 FROM event WHERE event_id = ?1)
                     """)
                 var perPerson: [[String: [TrackedEvent]]] = []
+                // Read on the writer, which the feed's merges and erasures also write on: an
+                // event for a person merged away goes to the survivor (and keeps its origin,
+                // for an unmerge); one for an erased person is not stored (the service refuses
+                // those it sees before; this is one erased while the call was on its way).
+                let gone = self.gone.withLock { $0 }
                 for entry in batch {
                     var stored: [Bool] = []
                     stored.reserveCapacity(entry.events.count)
                     var byPerson: [String: [TrackedEvent]] = [:]
                     for (event, body) in zip(entry.events, entry.bodies) {
-                        try insert.run(db, .text(event.eventID), .text(event.personID), .text(event.personID), .text(event.type), .integer(event.occurredAtMs), .blob(body))
+                        let person = gone.isEmpty ? event.personID : Self.follow(event.personID, in: gone)
+                        guard let person else {
+                            stored.append(false)
+                            continue
+                        }
+                        try insert.run(db, .text(event.eventID), .text(person), .text(event.personID), .text(event.type), .integer(event.occurredAtMs), .blob(body))
                         let isNew = db.changesCount > 0
                         stored.append(isNew)
-                        if isNew { byPerson[event.personID, default: []].append(event) }
+                        if isNew { byPerson[person, default: []].append(event) }
                     }
                     perPerson.append(byPerson)
                     results.append(TrackResult(stored: stored))
@@ -1110,11 +1140,14 @@ public final class ProfileStore: Sendable {
     /// checkpoints both files so no copy stays in a WAL.
     public func erase(person: String, nowMs: Int64) throws -> Erased {
         try settlePendingErasure()
-        let erased = try rewriting { db in
+        var goneChanges: [(person: String, target: String?)] = []
+        let erased = try rewriting({ db in
             var states: [String: ProfileStoreV1.PersonState] = [:]
             let specs = definitions.withLock { $0.byEventType }
-            return (try Self.erase(db, person, specs: specs, now: nowMs, states: &states), states)
-        }
+            let erased = try Self.erase(db, person, specs: specs, now: nowMs, states: &states)
+            try Self.markGone(db, person, "", &goneChanges)
+            return (erased, states)
+        }, afterCommit: { noteGone(goneChanges) })
         try settleErasure()
         return erased
     }
@@ -1141,6 +1174,42 @@ public final class ProfileStore: Sendable {
         if memory.withLock({ $0.settlePending }) { try settleErasure() }
     }
 
+    // MARK: - Persons merged away or erased
+
+    /// `person` as the identity feed left it: the person it was merged into (through any
+    /// chain), itself, or nil when it was erased.
+    public func current(_ person: String) -> String? {
+        gone.withLock { Self.follow(person, in: $0) }
+    }
+
+    static func follow(_ person: String, in gone: [String: String]) -> String? {
+        var person = person
+        for _ in 0..<64 {  // a chain is as long as the merges that made it; no cycle is stored
+            guard let next = gone[person] else { return person }
+            if next.isEmpty { return nil }
+            person = next
+        }
+        return person
+    }
+
+    /// Records in `person_gone` that `person` was merged into `target`, erased (`""`), or is
+    /// back (nil, after an unmerge); `changes` collects it for memory once committed.
+    static func markGone(_ db: Database, _ person: String, _ target: String?, _ changes: inout [(person: String, target: String?)]) throws {
+        if let target {
+            try db.execute(sql: "INSERT OR REPLACE INTO person_gone (person_id, target) VALUES (?, ?)", arguments: [person, target])
+        } else {
+            try db.execute(sql: "DELETE FROM person_gone WHERE person_id = ?", arguments: [person])
+        }
+        changes.append((person, target))
+    }
+
+    /// `markGone`'s changes, in memory: call on the event file's writer right after they
+    /// committed, so that no Track transaction sees the file and memory disagree.
+    private func noteGone(_ changes: [(person: String, target: String?)]) {
+        guard !changes.isEmpty else { return }
+        gone.withLock { gone in for (person, target) in changes { gone[person] = target } }
+    }
+
     // MARK: - The identity change feed (IdentityChangeSink)
 
     /// The last identity change applied (0: none); the feed resumes after it.
@@ -1153,7 +1222,8 @@ public final class ProfileStore: Sendable {
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
         guard !changes.isEmpty else { return }
         try settlePendingErasure()
-        let erasedAny = try rewriting { db in
+        var goneChanges: [(person: String, target: String?)] = []
+        let erasedAny = try rewriting({ db in
             var erasedAny = false
             var states: [String: ProfileStoreV1.PersonState] = [:]
             let specs = definitions.withLock { $0.byEventType }
@@ -1162,10 +1232,15 @@ public final class ProfileStore: Sendable {
                 switch change {
                 case .merge(let target, let sources):
                     try Self.merge(db, sources: sources, into: target, specs: specs, now: nowMs, states: &states)
+                    for source in sources where source != target { try Self.markGone(db, source, target, &goneChanges) }
                 case .unmerge(let survivor, let split):
                     try Self.split(db, split, from: survivor, specs: specs, now: nowMs, states: &states)
+                    try Self.markGone(db, split, nil, &goneChanges)
                 case .erase(let person, let absorbed):
-                    for p in [person] + absorbed { _ = try Self.erase(db, p, specs: specs, now: nowMs, states: &states) }
+                    for p in [person] + absorbed {
+                        _ = try Self.erase(db, p, specs: specs, now: nowMs, states: &states)
+                        try Self.markGone(db, p, "", &goneChanges)
+                    }
                     erasedAny = true
                 case .other: break
                 }
@@ -1173,7 +1248,7 @@ public final class ProfileStore: Sendable {
             try db.execute(sql: "INSERT OR REPLACE INTO meta (key, value) VALUES ('identity_seq', ?)",
                            arguments: [max(cursor, changes.map(\.seq).max()!)])
             return (erasedAny, states)
-        }
+        }, afterCommit: { noteGone(goneChanges) })
         if erasedAny { try settleErasure() }
     }
 }
