@@ -77,6 +77,45 @@ public struct Rule: Sendable, CustomStringConvertible {
         Self.truth(root, lookup)
     }
 
+    /// Evaluates the rule when the paths of some namespaces cannot be known (their source is
+    /// unreachable, not merely without a value): true or false when the rule's answer is the
+    /// same whatever they hold (Kleene's three-valued logic), nil when it depends on them.
+    /// `trait.age >= 18 or context.staff == "true"` is true for staff; `not segment.minors`
+    /// is nil, where `evaluate` would read it as true.
+    public func evaluate(_ lookup: (_ namespace: String, _ name: String) -> RuleValue?,
+                         unknown: (_ namespace: String) -> Bool) -> Bool? {
+        Self.truth(root, lookup, unknown)
+    }
+
+    static func truth(_ node: Node, _ lookup: (String, String) -> RuleValue?, _ unknown: (String) -> Bool) -> Bool? {
+        switch node {
+        case .not(let inner): return truth(inner, lookup, unknown).map { !$0 }
+        case .and(let a, let b):
+            let (x, y) = (truth(a, lookup, unknown), truth(b, lookup, unknown))
+            if x == false || y == false { return false }
+            return x == nil || y == nil ? nil : true
+        case .or(let a, let b):
+            let (x, y) = (truth(a, lookup, unknown), truth(b, lookup, unknown))
+            if x == true || y == true { return true }
+            return x == nil || y == nil ? nil : false
+        case .compare(_, let a, let b):
+            return isUnknown(a, lookup, unknown) || isUnknown(b, lookup, unknown) ? nil : truth(node, lookup)
+        case .member(let a, _):
+            return isUnknown(a, lookup, unknown) ? nil : truth(node, lookup)
+        case .literal, .path:
+            return isUnknown(node, lookup, unknown) ? nil : truth(node, lookup)
+        }
+    }
+
+    /// Whether `node`'s value depends on an unknown namespace.
+    static func isUnknown(_ node: Node, _ lookup: (String, String) -> RuleValue?, _ unknown: (String) -> Bool) -> Bool {
+        switch node {
+        case .literal: return false
+        case .path(let namespace, _): return unknown(namespace)
+        default: return truth(node, lookup, unknown) == nil
+        }
+    }
+
     static func truth(_ node: Node, _ lookup: (String, String) -> RuleValue?) -> Bool {
         switch node {
         case .not(let inner): return !truth(inner, lookup)

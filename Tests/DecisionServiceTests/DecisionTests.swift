@@ -1049,6 +1049,43 @@ struct DecisionTests {
         #expect(last.degradedReasons[0].contains("skipped"), "\(last.degradedReasons)")
     }
 
+    @Test("without the profile, a rule that depends on it excludes its action (as unknown consent does), one the context decides does not; a segment's ban holds and its force does not")
+    func degradedRulesAndOverrides() async throws {
+        let clock = TestClock()
+        let closed = RPCClient(host: "127.0.0.1", port: try await unusedPort())
+        defer { closed.close() }
+        let decision = try makeDecision(clock: clock, profile: closed) { $0.holdout.overrideControlShare = 0 }
+        try decision.upsert(action("not-minors", eligibility: "not segment.minors"))
+        try decision.upsert(action("gold-or-ios", eligibility: #"trait.tier == "gold" or context.device == "ios""#))
+        try decision.upsert(action("gold-and-ios", eligibility: #"trait.tier == "gold" and context.device == "ios""#))
+        try decision.upsert(action("android-only", eligibility: #"context.device == "android" and not segment.minors"#))
+        try decision.upsert(action("banner"))
+        try decision.upsert(action("house-ad"))
+        func override(_ kind: String, _ action: String, segment: String) -> DecisionV1.Override {
+            var o = DecisionV1.Override()
+            o.kind = kind
+            o.actionId = action
+            o.segment = segment
+            o.reason = "test"
+            o.author = "ana"
+            return o
+        }
+        let ban = try decision.store.setOverride(override("ban", "banner", segment: "minors"), nowMs: clock.read())
+        _ = try decision.store.setOverride(override("force", "house-ad", segment: "vip"), nowMs: clock.read())
+
+        let response = try await decision.decide(decideRequest("p", count: 6, context: ["device": "ios"]))
+        #expect(response.degraded)
+        let verdicts = Dictionary(uniqueKeysWithValues: response.explanations.map { ($0.actionId, $0.eligible ? "eligible" : $0.excludedBy) })
+        #expect(verdicts["not-minors"] == "eligibility: not segment.minors (unknown without the profile)")
+        #expect(verdicts["gold-or-ios"] == "eligible")
+        #expect(verdicts["gold-and-ios"] == #"eligibility: trait.tier == "gold" and context.device == "ios" (unknown without the profile)"#)
+        #expect(verdicts["android-only"] == #"eligibility: context.device == "android" and not segment.minors"#)  // false whatever the profile says
+        #expect(verdicts["banner"]?.hasPrefix(DecisionService.banPrefix) == true, "\(verdicts)")
+        #expect(Set(response.actions.map(\.actionId)) == ["gold-or-ios", "house-ad"])
+        // Only the ban took effect: the force of house-ad for vip did not (it is chosen by the draw).
+        #expect(response.overrides.map(\.overrideId) == [ban.id] && response.overrides.allSatisfy(\.applied))
+    }
+
     @Test("a profile service slower than the budget does not slow Decide down")
     func slowProfileTimed() async throws {
         struct Slow: RPCService {

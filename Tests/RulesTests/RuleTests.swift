@@ -63,6 +63,26 @@ import Testing
         }
     }
 
+    /// With `trait.` and `segment.` unknown (their source unreachable), only `context.` known.
+    @Test(arguments: [
+        ("not segment.minors", nil),
+        (#"trait.tier == "gold" or context.page.type == "cart""#, true),
+        (#"trait.tier == "gold" and context.page.type == "cart""#, nil),
+        (#"trait.tier == "gold" and context.page.type == "home""#, false),
+        (#"not (trait.tier == "gold" or context.page.type == "cart")"#, false),
+        (#"context.page.type in ["cart", "home"]"#, true),
+        ("trait.age in [1, 2]", nil),
+        (#"(segment.vip == true) == false or context.page.type == "home""#, nil),
+        ("true or segment.vip", true),
+        ("false and segment.vip", false),
+    ] as [(String, Bool?)])
+    func unknownNamespacesGiveKleeneAnswers(rule: String, expected: Bool?) throws {
+        let answer = try Rule(rule).evaluate({ profile["\($0).\($1)"] }, unknown: { $0 != "context" })
+        #expect(answer == expected)
+        // Where the answer does not depend on the unknown paths, it is the two-valued one.
+        if let answer { #expect(try Rule(rule).evaluate { profile["\($0).\($1)"] } == answer) }
+    }
+
     @Test func checkRejectsPathsWithTheirPosition() {
         do {
             _ = try Rule(#"trait.tier == "gold" and feature.nope > 1"#) { ns, name in

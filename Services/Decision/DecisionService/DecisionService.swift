@@ -436,7 +436,9 @@ public struct DecisionService: RPCService {
         var effects: [DecisionV1.OverrideEffect] = []
         var forced: Int?
         if !control {
-            let matching = store.activeOverrides(nowMs: now).filter { $0.matches(segments: facts.segments, context: request.context) }
+            let matching = store.activeOverrides(nowMs: now).filter {
+                $0.matches(segments: facts.segments, context: request.context, segmentsKnown: person.profileKnown)
+            }
             func effect(_ o: DecisionV1.Override) -> Bool {
                 var effect = DecisionV1.OverrideEffect()
                 effect.overrideId = o.id
@@ -575,7 +577,19 @@ public struct DecisionService: RPCService {
             }
             channels = channels.isEmpty ? [] : allowed
         }
-        if let rule = spec.eligibility, !rule.evaluate(facts.lookup) { return .excluded(spec.eligibilityExclusion) }
+        if let rule = spec.eligibility {
+            if person.profileKnown {
+                if !rule.evaluate(facts.lookup) { return .excluded(spec.eligibilityExclusion) }
+            } else {
+                // Without the profile only the request context is known: a rule whose answer
+                // depends on the profile (`not segment.minors`) excludes, as unknown consent does.
+                switch rule.evaluate(facts.lookup, unknown: { $0 != "context" }) {
+                case true?: break
+                case false?: return .excluded(spec.eligibilityExclusion)
+                case nil: return .excluded(spec.eligibilityExclusion + " (unknown without the profile)")
+                }
+            }
+        }
         for suppression in action.suppressions {
             let since = now - suppression.windowSeconds * 1000
             if usage.history.outcomes.contains(where: { $0.kind == suppression.outcome && $0.atMs > since && (suppression.anyAction || $0.action == spec.id) }) {

@@ -200,7 +200,10 @@ extension DecisionStore {
 
 extension DecisionV1.Override {
     /// Whether the override covers a decision for a person in `segments` with `context`.
-    func matches(segments: Set<String>, context: [String: String]) -> Bool {
-        (segment.isEmpty || segments.contains(segment)) && self.context.allSatisfy { context[$0.key] == $0.value }
+    /// When the person's segments are not known (the profile unreachable), a ban scoped to a
+    /// segment covers them and a force does not: the safe side of each.
+    func matches(segments: Set<String>, context: [String: String], segmentsKnown: Bool) -> Bool {
+        let inSegment = segment.isEmpty || (segmentsKnown ? segments.contains(segment) : kind == "ban")
+        return inSegment && self.context.allSatisfy { context[$0.key] == $0.value }
     }
 }
