@@ -535,6 +535,7 @@ struct DecisionTests {
         let kept = inFlight("k")
         #expect(throws: (any Error).self) { try decision.store.apply([(1, .merge(target: "m", sources: ["k"]))], nowMs: clock.read()) }
         failing.armed.withLock { $0 = false }
+        #expect(decision.store.contacts.withLock { $0.current("k") } == "k")
         #expect(try decision.store.history(person: "k", sinceMs: 0).offers.count == 1)
         #expect(try decision.store.history(person: "m", sinceMs: 0).offers.isEmpty)
         try await decision.store.log(kept, arms: [])
@@ -554,6 +555,35 @@ struct DecisionTests {
         try await decision.store.log(erased, arms: [])
         #expect(try decision.store.decision(erased.decisionId)?.personId == "")
         #expect(try decision.store.history(person: "c", sinceMs: 0).offers.isEmpty)
+        #expect(decision.store.contacts.withLock { $0.pending.isEmpty })
+
+        // A Decide that began before the change and reserves after it: for the survivor, or
+        // for no one. Before, the erased person's reservation was made again and kept.
+        try decision.store.apply([(3, .merge(target: "e", sources: ["d"]))], nowMs: clock.read())
+        let lateMerged = inFlight("d")
+        let lateErased = inFlight("c")
+        var nothing = DecisionV1.DecisionRecord()  // a decision that offered nothing
+        nothing.decisionId = DecisionService.decisionID(clock.read())
+        nothing.personId = "c"
+        nothing.decidedAtMs = clock.read()
+        for record in [lateMerged, lateErased, nothing] { try await decision.store.log(record, arms: []) }
+        #expect(try decision.store.decision(lateMerged.decisionId)?.personId == "e")
+        #expect(try decision.store.history(person: "e", sinceMs: 0).offers.count == 1)
+        #expect(try decision.store.decision(lateErased.decisionId)?.personId == "")
+        #expect(try decision.store.decision(nothing.decisionId)?.personId == "")
+        // An outcome reported on a decision of a person erased meanwhile is kept for no one.
+        var outcome = DecisionV1.ReportOutcomeRequest()
+        outcome.outcomeId = "o-erased"
+        outcome.decisionId = erased.decisionId
+        outcome.actionId = "x"
+        outcome.outcome = .click
+        var offered = DecisionStore.Offered(erased)
+        offered.personId = "c"  // as read before the erasure
+        #expect(try await decision.store.report(outcome, offered: offered, atMs: clock.read()))
+        let remaining = try await decision.store.pool.read { db in
+            try Int.fetchOne(db, sql: "SELECT (SELECT count(*) FROM offer WHERE person_id = 'c') + (SELECT count(*) FROM outcome WHERE person_id = 'c')")
+        }
+        #expect(remaining == 0)
         #expect(decision.store.contacts.withLock { $0.pending.isEmpty })
     }
 

@@ -39,6 +39,22 @@ public final class DecisionStore: Sendable {
         var recent: RecentHistory
         /// The latest decisions that offered something, by id, for ReportOutcome.
         var decisions = FIFOCache<String, Offered>(capacity: DecisionStore.recentDecisions)
+        /// Persons the identity feed recently merged into another (→ that person) or erased
+        /// (→ ""): a decision or outcome in flight for one when the change came is logged for
+        /// the survivor, or for no one. (Only calls in flight need it; a Decide that starts
+        /// later asks the profile service, which answers for the survivor.)
+        var gone = FIFOCache<String, String>(capacity: 10_000)
+
+        /// `person` after the recent merges and erasures: the survivor, itself, or nil (erased).
+        func current(_ person: String) -> String? {
+            var person = person
+            for _ in 0..<64 {
+                guard let next = gone[person] else { return person }
+                if next.isEmpty { return nil }
+                person = next
+            }
+            return person
+        }
 
         /// Whose reservations hold `record`'s offers: its person's, the survivor's after a
         /// merge while it was being logged, or no one's after an erasure (or when it reserved
@@ -421,7 +437,10 @@ public final class DecisionStore: Sendable {
     func reserve(_ record: DecisionV1.DecisionRecord) {
         guard !record.personId.isEmpty, !record.actions.isEmpty else { return }
         contacts.withLock { contacts in
-            contacts.pending[record.personId, default: []] += record.actions.map {
+            // Merged away or erased since this Decide began: held by the survivor, or by no
+            // one (the commit then logs it for them).
+            guard let person = contacts.current(record.personId) else { return }
+            contacts.pending[person, default: []] += record.actions.map {
                 PendingOffer(decision: record.decisionId, action: $0.actionId, channel: $0.channel.rawValue, atMs: record.decidedAtMs)
             }
         }
@@ -453,18 +472,35 @@ public final class DecisionStore: Sendable {
             let offer = try db.cachedStatement(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES (?, ?, ?, ?, ?)")
             // A merge or an erasure applied while a decision was being logged moved or dropped
             // its reservation: the decision is logged for the survivor, or for no one.
+            // A decision that offered nothing, and an outcome, follow the recent merges and
+            // erasures (`gone`) alike.
             let holders = contacts.withLock { contacts in
                 entries.map { entry -> String? in
-                    guard case .decision(let record, _, _) = entry, !record.personId.isEmpty, !record.actions.isEmpty else { return nil }
-                    let holder = contacts.holder(of: record) ?? ""
-                    return holder == record.personId ? nil : holder
+                    let person: String, holder: String
+                    switch entry {
+                    case .decision(let record, _, _) where !record.personId.isEmpty:
+                        person = record.personId
+                        holder = (record.actions.isEmpty ? contacts.current(person) : contacts.holder(of: record)) ?? ""
+                    case .outcome(_, let offered, _) where !offered.personId.isEmpty:
+                        person = offered.personId
+                        holder = contacts.current(person) ?? ""
+                    default:
+                        return nil
+                    }
+                    return holder == person ? nil : holder
                 }
             }
             // Re-encoded outside the lock, which Decide's history reads wait for.
             let entries = zip(entries, holders).map { entry, holder -> LogEntry in
-                guard let holder, case .decision(var record, _, let arms) = entry else { return entry }
-                record.personId = holder
-                return .decision(record, encoded: Self.stored(record), arms: arms)
+                guard let holder else { return entry }
+                switch entry {
+                case .decision(var record, _, let arms):
+                    record.personId = holder
+                    return .decision(record, encoded: Self.stored(record), arms: arms)
+                case .outcome(let outcome, var offered, let atMs):
+                    offered.personId = holder
+                    return .outcome(outcome, offered: offered, atMs: atMs)
+                }
             }
             var changedArms = Set<ArmKey>()
             let written = try entries.map { entry in
@@ -656,12 +692,15 @@ extension DecisionStore: IdentityChangeSink {
                                 try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [p])
                             }
                             contacts.withLock { contacts in
+                                _ = contacts.gone.insert(p, "")
                                 contacts.recent.remove(p)
                                 contacts.pending[p] = nil  // its decisions in flight are logged for no one
                             }
                         }
                         erased = true
-                    case .unmerge, .other:
+                    case .unmerge(_, let split):
+                        contacts.withLock { _ = $0.gone.remove(split) }  // it is a person again
+                    case .other:
                         break
                     }
                 }
@@ -676,6 +715,14 @@ extension DecisionStore: IdentityChangeSink {
             }
         } catch {
             contacts.withLock { contacts in
+                // Not merged or erased after all (the feed brings the changes again).
+                for (_, change) in changes {
+                    switch change {
+                    case .merge(_, let persons), .erase(_, let persons): persons.forEach { contacts.gone.remove($0) }
+                    default: break
+                    }
+                    if case .erase(let person, _) = change { contacts.gone.remove(person) }
+                }
                 for move in moves.reversed() {
                     var back: [PendingOffer] = []
                     contacts.pending[move.to]?.removeAll { offer in
@@ -734,6 +781,7 @@ extension DecisionStore: IdentityChangeSink {
         try db.execute(sql: "DELETE FROM offer WHERE person_id = ?", arguments: [source])
         try db.execute(sql: "UPDATE outcome SET person_id = ? WHERE person_id = ?", arguments: [target, source])
         return contacts.withLock { contacts in
+            _ = contacts.gone.insert(source, target)
             contacts.recent.move(source, to: target)
             guard let moved = contacts.pending.removeValue(forKey: source) else { return [] }
             contacts.pending[target, default: []] += moved
