@@ -264,7 +264,14 @@ public final class ProfileStore: Sendable {
         let persons = try pool.read { db in
             try String.fetchAll(db, sql: "SELECT DISTINCT person_id FROM dirty_person ORDER BY person_id")
         }
-        guard !persons.isEmpty else { return }
+        guard !persons.isEmpty else {
+            // A settle cut short by a crash (its flush done, its checkpoints not) leaves an
+            // erasure's rows in old WAL frames, and no dirty person to say so: truncate both
+            // WALs at every start.
+            try SQLiteStore.checkpoint(statePool)
+            try SQLiteStore.checkpoint(pool)
+            return
+        }
         try pool.write { db in try Self.moveTail(db) }  // their events are read by person
         for start in stride(from: 0, to: persons.count, by: recoverySlice) {
             let slice = persons[start..<min(start + recoverySlice, persons.count)]
@@ -1220,8 +1227,11 @@ public final class ProfileStore: Sendable {
     /// Applies identity changes in order, each with the cursor in the same transaction:
     /// after a crash the feed resumes exactly where the store stopped.
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
-        guard !changes.isEmpty else { return }
+        // First, at every poll (the follower polls with no change too): an erasure whose
+        // settling failed must not wait for the next change, which on a quiet system may
+        // never come.
         try settlePendingErasure()
+        guard !changes.isEmpty else { return }
         var goneChanges: [(person: String, target: String?)] = []
         let erasedAny = try rewriting({ db in
             var erasedAny = false
