@@ -906,6 +906,23 @@ struct MergeEraseTests {
         #expect(files == 0)
     }
 
+    @Test("an unmerge gives the split person back the events of the persons it had absorbed too")
+    func unmergeOfAChain() async throws {
+        let clock = TestClock()
+        let now = clock.read()
+        let service = try makeProfile(clock: clock)
+        try service.define(feature("views", "view", .count))
+        _ = try await service.track([event("a1", "a", "view", at: now), event("b1", "b", "view", at: now), event("c1", "c", "view", at: now)])
+        try service.store.apply([(1, .merge(target: "b", sources: ["a"])), (2, .merge(target: "c", sources: ["b"]))], nowMs: now)
+        #expect(try await service.features("c")["views"] == 3)
+        // Undoing the second merge brings b back with a, as the identity service gives a's
+        // identifiers back to b. Before, a's event stayed with c.
+        try service.store.apply([(3, .unmerge(survivor: "c", split: "b"))], nowMs: now)
+        #expect(try await service.features("b")["views"] == 2)
+        #expect(try await service.features("c")["views"] == 1)
+        #expect(try await service.profile("a").personId == "b")
+    }
+
     @Test("the feed follower applies changes off Swift's cooperative pool (a long merge or erasure must not hold it)")
     func followerAppliesOffPool() async throws {
         final class Sink: IdentityChangeSink {

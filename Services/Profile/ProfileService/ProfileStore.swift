@@ -1108,13 +1108,23 @@ public final class ProfileStore: Sendable {
         states[target] = try recompute(db, target, specs: specs, now: now)
     }
 
-    /// Applies an unmerge: the events first tracked for `split` go back to it, and both
-    /// persons' features are recomputed (added to `states`). Traits and consent carry no
-    /// origin and stay.
+    /// Applies an unmerge: the events first tracked for `split`, or for a person it had
+    /// absorbed, go back to it, and both persons' features are recomputed (added to
+    /// `states`). Traits and consent carry no origin and stay.
     static func split(_ db: Database, _ split: String, from survivor: String, specs: [String: [FeatureSpec]], now: Int64,
                       states: inout [String: ProfileStoreV1.PersonState]) throws {
-        try db.execute(sql: "UPDATE event SET person_id = ? WHERE person_id = ? AND origin_person_id = ?",
-                       arguments: [split, survivor, split])
+        // The split person comes back with the persons it had absorbed (as the identity
+        // service gives their identifiers back): their events go back with it.
+        let absorbed = try String.fetchAll(db, sql: """
+            WITH RECURSIVE absorbed(person_id) AS (
+              SELECT person_id FROM person_gone WHERE target = ?1
+              UNION SELECT g.person_id FROM person_gone g JOIN absorbed a ON g.target = a.person_id)
+            SELECT person_id FROM absorbed
+            """, arguments: [split])
+        for origin in [split] + absorbed {
+            try db.execute(sql: "UPDATE event SET person_id = ? WHERE person_id = ? AND origin_person_id = ?",
+                           arguments: [split, survivor, origin])
+        }
         states[survivor] = try recompute(db, survivor, specs: specs, now: now)
         states[split] = try recompute(db, split, specs: specs, now: now)
     }
