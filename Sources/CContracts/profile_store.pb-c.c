@@ -302,7 +302,7 @@ const ProtobufCMessageDescriptor arbiter__profile__store__v1__distinct_value__de
   (ProtobufCMessageInit) arbiter__profile__store__v1__distinct_value__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__profile__store__v1__feature_state__field_descriptors[9] =
+static const ProtobufCFieldDescriptor arbiter__profile__store__v1__feature_state__field_descriptors[10] =
 {
   {
     "name",
@@ -412,6 +412,18 @@ static const ProtobufCFieldDescriptor arbiter__profile__store__v1__feature_state
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "last_event_id",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Profile__Store__V1__FeatureState, last_event_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__profile__store__v1__feature_state__field_indices_by_name[] = {
   2,   /* field[2] = buckets */
@@ -420,6 +432,7 @@ static const unsigned arbiter__profile__store__v1__feature_state__field_indices_
   6,   /* field[6] = distinct */
   3,   /* field[3] = has_last */
   5,   /* field[5] = last_at_ms */
+  9,   /* field[9] = last_event_id */
   4,   /* field[4] = last_value */
   0,   /* field[0] = name */
   1,   /* field[1] = version */
@@ -427,7 +440,7 @@ static const unsigned arbiter__profile__store__v1__feature_state__field_indices_
 static const ProtobufCIntRange arbiter__profile__store__v1__feature_state__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 9 }
+  { 0, 10 }
 };
 const ProtobufCMessageDescriptor arbiter__profile__store__v1__feature_state__descriptor =
 {
@@ -437,7 +450,7 @@ const ProtobufCMessageDescriptor arbiter__profile__store__v1__feature_state__des
   "Arbiter__Profile__Store__V1__FeatureState",
   "arbiter.profile.store.v1",
   sizeof(Arbiter__Profile__Store__V1__FeatureState),
-  9,
+  10,
   arbiter__profile__store__v1__feature_state__field_descriptors,
   arbiter__profile__store__v1__feature_state__field_indices_by_name,
   1,  arbiter__profile__store__v1__feature_state__number_ranges,

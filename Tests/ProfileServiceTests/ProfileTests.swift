@@ -906,6 +906,21 @@ struct MergeEraseTests {
         #expect(files == 0)
     }
 
+    @Test("LAST of events at the same time is the one with the greatest id, whatever their order, live and after a rebuild")
+    func lastTies() async throws {
+        let clock = TestClock()
+        let now = clock.read()
+        let service = try makeProfile(clock: clock, tailEvents: 1)  // every event moves to `event` at once
+        try service.define(feature("last_price", "buy", .last))
+        // Ids in an order unlike that of arrival.
+        for (id, value) in [("y", 2.0), ("z", 1.0), ("x", 3.0)] {
+            _ = try await service.track([event(id, "p", "buy", at: now, value: value)])
+        }
+        #expect(try await service.features("p")["last_price"] == 1)
+        try service.store.apply([(1, .merge(target: "p", sources: ["nobody"]))], nowMs: now)  // recomputes p
+        #expect(try await service.features("p")["last_price"] == 1)
+    }
+
     @Test("an unmerge gives the split person back the events of the persons it had absorbed too")
     func unmergeOfAChain() async throws {
         let clock = TestClock()

@@ -131,10 +131,13 @@ public struct FeatureSpec: Sendable {
             }
         case .last:
             guard let n = number(event) else { return }
-            if !state.hasLast || t >= state.lastAtMs {
+            // Of events at the same time the greatest id wins, whatever order they arrive or
+            // are rebuilt in.
+            if !state.hasLast || t > state.lastAtMs || (t == state.lastAtMs && event.eventID >= state.lastEventId) {
                 state.hasLast = true
                 state.lastValue = n
                 state.lastAtMs = t
+                state.lastEventId = event.eventID
             }
         case .distinctCount:
             guard let raw = event.properties[definition.property] else { return }

@@ -69,11 +69,13 @@ struct  Arbiter__Profile__Store__V1__FeatureState
   size_t n_buckets;
   Arbiter__Profile__Store__V1__Bucket **buckets;
   /*
-   * LAST: the value of the newest event and its time.
+   * LAST: the value of the newest event, its time and its id (of events at the same time,
+   * the greatest id is the newest: the same after a rebuild from stored events).
    */
   protobuf_c_boolean has_last;
   double last_value;
   int64_t last_at_ms;
+  char *last_event_id;
   size_t n_distinct;
   Arbiter__Profile__Store__V1__DistinctValue **distinct;
   /*
@@ -84,7 +86,7 @@ struct  Arbiter__Profile__Store__V1__FeatureState
 };
 #define ARBITER__PROFILE__STORE__V1__FEATURE_STATE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__profile__store__v1__feature_state__descriptor) \
-    , (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0, 0, 0,NULL, 0, 0 }
+    , (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0, 0, (char *)protobuf_c_empty_string, 0,NULL, 0, 0 }
 
 
 struct  Arbiter__Profile__Store__V1__PersonState

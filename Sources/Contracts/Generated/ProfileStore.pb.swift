@@ -49,10 +49,12 @@ extension ProfileStoreV1 {
         /// The feature definition's version: state of an older definition is ignored.
         public var version: UInt32 = 0
         public var buckets: [ProfileStoreV1.Bucket] = []
-        /// LAST: the value of the newest event and its time.
+        /// LAST: the value of the newest event, its time and its id (of events at the same time,
+        /// the greatest id is the newest: the same after a rebuild from stored events).
         public var hasLast: Bool = false
         public var lastValue: Double = 0
         public var lastAtMs: Int64 = 0
+        public var lastEventId: String = ""
         public var distinct: [ProfileStoreV1.DistinctValue] = []
         /// DECAYED_SUM: the sum as of decay_ref_ms.
         public var decayed: Double = 0
@@ -68,6 +70,7 @@ extension ProfileStoreV1 {
             hasLast = reader.bool(4)
             lastValue = reader.double(5)
             lastAtMs = reader.int64(6)
+            lastEventId = reader.string(10)
             distinct = try reader.messages(7)
             decayed = reader.double(8)
             decayRefMs = reader.int64(9)
@@ -79,6 +82,7 @@ extension ProfileStoreV1 {
             writer.setBool(4, hasLast)
             writer.setDouble(5, lastValue)
             writer.setInt64(6, lastAtMs)
+            writer.setString(10, lastEventId)
             writer.setRepeatedMessages(7, distinct)
             writer.setDouble(8, decayed)
             writer.setInt64(9, decayRefMs)
