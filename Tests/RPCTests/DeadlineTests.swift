@@ -28,7 +28,7 @@ struct DeadlineTests {
     }
 
     @Test("the server answers DEADLINE_EXCEEDED at a short deadline sent after a long one on the same connection, and at the long one later")
-    func server() async throws {
+    func serverTimed() async throws {
         try await withServer(services: [TestService()]) { _, port in
             let raw = try await RawConnection(port: port)
             let start = ContinuousClock.now
@@ -53,7 +53,7 @@ struct DeadlineTests {
     }
 
     @Test("the client fails a call the server never answers at its deadline, a short one sent after a long one first")
-    func client() async throws {
+    func clientTimed() async throws {
         // Accepts connections and never answers.
         let silent = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .childChannelInitializer { $0.eventLoop.makeSucceededVoidFuture() }
