@@ -2195,7 +2195,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__decide_request__descript
   (ProtobufCMessageInit) arbiter__decision__v1__decide_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__ranked_action__field_descriptors[7] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__ranked_action__field_descriptors[8] =
 {
   {
     "action_id",
@@ -2281,6 +2281,18 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__ranked_action__fiel
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "fallback_channels",
+    8,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_ENUM,
+    offsetof(Arbiter__Decision__V1__RankedAction, n_fallback_channels),
+    offsetof(Arbiter__Decision__V1__RankedAction, fallback_channels),
+    &arbiter__common__v1__channel__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__ranked_action__field_indices_by_name[] = {
   0,   /* field[0] = action_id */
@@ -2288,13 +2300,14 @@ static const unsigned arbiter__decision__v1__ranked_action__field_indices_by_nam
   5,   /* field[5] = delivery */
   6,   /* field[6] = delivery_error */
   4,   /* field[4] = delivery_id */
+  7,   /* field[7] = fallback_channels */
   2,   /* field[2] = propensity */
   1,   /* field[1] = score */
 };
 static const ProtobufCIntRange arbiter__decision__v1__ranked_action__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 7 }
+  { 0, 8 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__ranked_action__descriptor =
 {
@@ -2304,7 +2317,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__ranked_action__descripto
   "Arbiter__Decision__V1__RankedAction",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__RankedAction),
-  7,
+  8,
   arbiter__decision__v1__ranked_action__field_descriptors,
   arbiter__decision__v1__ranked_action__field_indices_by_name,
   1,  arbiter__decision__v1__ranked_action__number_ranges,

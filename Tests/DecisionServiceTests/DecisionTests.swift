@@ -272,6 +272,13 @@ struct DecisionTests {
         let inFile = try await decision.store.pool.read { try DecisionStore.loadArms($0) }
         #expect(inFile[keys[0]]?.updatedMs == clock.read())
 
+        // A time ahead of the service's clock (a client's, up to a day) is learned as now: the
+        // arm's time does not move ahead of the clock.
+        late.outcomeId = "ahead"
+        late.occurredAtMs = clock.read() + 12 * 3_600_000
+        #expect(try await decision.reportOutcome(late).duplicate == false)
+        #expect(decision.store.arms(keys, nowMs: 0).allSatisfy { $0.updatedMs == clock.read() })
+
         // A time in seconds, not milliseconds, is decades before the decision.
         late.outcomeId = "in-seconds"
         late.occurredAtMs = first.decidedAtMs / 1000
@@ -325,6 +332,25 @@ struct DecisionTests {
                     let both = try #require(answer.actions.first { $0.actionId == "both" }, "\(answer.actions)")
                     #expect(both.channel == channel && both.delivery?.channel == channel, "\(both.channel) \(String(describing: both.delivery)) \(both.deliveryError)")
                 }
+                #expect(try #require(bySMS.actions.first { $0.actionId == "both" }).fallbackChannels.isEmpty)  // email's cap is used
+
+                // Routing falls back to another channel Decide allowed when the chosen one cannot
+                // reach the person (no verified email here); the offer then counts on it.
+                try seed(profile.store, "phone-only", traits: [("email", .string("p@example.com")), ("phone", .string("+14155550101")),
+                                                               ("phone_verified", .bool(true))],
+                         consent: [("marketing", .email, true), ("marketing", .sms, true)], at: clock.read())
+                _ = try decision.store.retire("mail", nowMs: clock.read())  // it would take email's daily cap first
+                var fallback = decideRequest("phone-only", count: 2)
+                fallback.deliver = true
+                let fellBack = try #require(try await decision.decide(fallback).actions.first { $0.actionId == "both" })
+                #expect(fellBack.channel == .email && fellBack.fallbackChannels == [.sms])
+                #expect(fellBack.delivery?.channel == .sms && fellBack.delivery?.state == .scheduled, "\(String(describing: fellBack.delivery))")
+                let counted = try decision.store.history(person: "phone-only", sinceMs: 0).offers.filter { $0.action == "both" }.map(\.channel)
+                #expect(counted == [CommonV1.Channel.sms.rawValue])
+                let inFile = try await decision.store.pool.read { db in
+                    try Int32.fetchAll(db, sql: "SELECT channel FROM offer WHERE person_id = 'phone-only' AND action_id = 'both'")
+                }
+                #expect(inFile == [CommonV1.Channel.sms.rawValue])
 
                 // Routing unreachable: the decision is still answered and logged; the error is on the action.
                 let closedPort = try await unusedPort()

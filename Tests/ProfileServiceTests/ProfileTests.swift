@@ -870,6 +870,11 @@ struct MergeEraseTests {
             try service.define(feature("views", "view", .count))
             _ = try await service.track([event("a1", "a", "view", at: now), event("b1", "b", "view", at: now)])
             try service.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: now)
+            // A SetTraits for a that the service mapped before the merge, and that waited for the
+            // writer meanwhile, is refused there (retryable), not written under a.
+            #expect(throws: RPCError(.aborted, "person: a was merged or erased while this call waited; retry it")) {
+                _ = try service.store.setTraits(person: "a", [(name: "tier", value: .string("silver"))], source: "crm", updatedAtMs: now)
+            }
             // A client still holding a's id: before, these were kept under a, in no profile.
             #expect(try await service.track([event("a2", "a", "view", at: now)]).accepted == 1)
             #expect(try await service.traits("a", ["tier": .string("gold")], at: now).personId == "b")

@@ -353,9 +353,10 @@ public struct DecisionService: RPCService {
                     for (key, value) in context where key.utf8.count + 8 <= Names.maxLength { message.variables["context.\(key)"] = value }
                     route.message = message
                     let spec = specs[ranked.actionId]
-                    // The channel Decide chose (consent and the contact policy's channel caps
-                    // allowed it) and logged, which those caps count: routing may not pick another.
-                    route.allowedChannels = ranked.channel == .unspecified ? [] : [ranked.channel]
+                    // The channel Decide chose and logged, then the others consent and the
+                    // contact policy's channel caps allowed: no channel past its cap. Routing
+                    // falls back to those when the first cannot reach the person.
+                    route.allowedChannels = ranked.channel == .unspecified ? [] : [ranked.channel] + ranked.fallbackChannels
                     route.urgency = .normal
                     route.purpose = spec.map { $0.consentPurpose.isEmpty ? "service" : $0.consentPurpose } ?? "service"
                     route.idempotencyKey = "\(record.decisionId):\(ranked.actionId)"
@@ -363,6 +364,13 @@ public struct DecisionService: RPCService {
                         let delivery = try await routing.call(RoutingV1.Routing.route, route, timeout: max(timeout, .milliseconds(1)))
                         action.delivery = delivery
                         action.deliveryId = delivery.deliveryId
+                        // Sent on a fallback: from now on the offer counts on that channel.
+                        // (Should that write fail, the offer stays counted on the chosen channel.)
+                        if delivery.state != .suppressed, delivery.channel != ranked.channel, ranked.fallbackChannels.contains(delivery.channel) {
+                            try? await withTaskExecutorPreference(globalConcurrentExecutor) {
+                                try store.rechannel(record, action: ranked.actionId, from: ranked.channel, to: delivery.channel)
+                            }
+                        }
                     } catch {
                         let error = error as? RPCError ?? RPCError(.unknown, "\(error)")
                         action.deliveryError = "\(error.code): \(error.message)"
@@ -519,6 +527,9 @@ public struct DecisionService: RPCService {
             action.score = means[draw.index]
             action.propensity = draw.probability
             action.channel = usage.offered[rank].channel  // offers are appended in the order drawn
+            action.fallbackChannels = eligible[draw.index].channels.filter {
+                $0 != action.channel && usage.belowChannelCaps($0, policy: policy)
+            }
             return action
         }
 
@@ -632,7 +643,10 @@ public struct DecisionService: RPCService {
         guard request.value.isFinite, request.value >= 0, request.value <= ActionSpec.maxValue else {
             throw RPCError.invalidArgument(field: "value", "must be a number from 0 to 1e12, got \(request.value)")
         }
-        let at = try ClientTime.read(request.occurredAtMs, field: "occurred_at_ms", now: clock())
+        // A time ahead of this service's clock (a client's clock, up to a day) is taken as now:
+        // learned at a future time, the arms' evidence would weigh less at every read before it.
+        let now = clock()
+        let at = min(try ClientTime.read(request.occurredAtMs, field: "occurred_at_ms", now: now), now)
         // A decision older than the latest is read from the file: not on the event loop.
         let id = request.decisionId
         var found = store.recentlyOffered(id)
@@ -742,11 +756,14 @@ struct CapUsage {
     /// channels), or nil when none is.
     func channel(among channels: [CommonV1.Channel], policy: DecisionV1.ContactPolicy) -> CommonV1.Channel? {
         guard !channels.isEmpty else { return .unspecified }
-        return channels.first { channel in
-            policy.caps.allSatisfy { cap in
-                cap.scope != .channel || cap.channel != channel
-                    || count(windowSeconds: cap.windowSeconds, { _, c in c == channel.rawValue }) < cap.max
-            }
+        return channels.first { belowChannelCaps($0, policy: policy) }
+    }
+
+    /// Whether `channel` is below every channel cap of the policy.
+    func belowChannelCaps(_ channel: CommonV1.Channel, policy: DecisionV1.ContactPolicy) -> Bool {
+        policy.caps.allSatisfy { cap in
+            cap.scope != .channel || cap.channel != channel
+                || count(windowSeconds: cap.windowSeconds, { _, c in c == channel.rawValue }) < cap.max
         }
     }
 

@@ -455,6 +455,18 @@ public final class DecisionStore: Sendable {
         _ = try await log.submit(.decision(record, encoded: encoded, arms: arms)) { [self] entries in try commit(entries) }
     }
 
+    /// A logged offer that routing delivered on another of the action's channels: caps count
+    /// it on that channel from now on (the decision's record keeps the channel it chose).
+    func rechannel(_ record: DecisionV1.DecisionRecord, action: String, from: CommonV1.Channel, to: CommonV1.Channel) throws {
+        guard !record.personId.isEmpty else { return }
+        try pool.write { db in
+            try db.execute(sql: "UPDATE offer SET channel = ? WHERE person_id = ? AND at_ms = ? AND decision_id = ? AND action_id = ?",
+                           arguments: [to.rawValue, record.personId, record.decidedAtMs, record.decisionId, action])
+            guard db.changesCount > 0 else { return }
+            contacts.withLock { $0.recent.rechannel(person: record.personId, action: action, atMs: record.decidedAtMs, from: from.rawValue, to: to.rawValue) }
+        }
+    }
+
     /// Records an outcome once (a known outcome id is a duplicate: returns false) and learns
     /// from it: the first click or conversion on an offer turns its failure into a success;
     /// a dismiss, complaint or unsubscribe adds failures. Outcomes share the decisions'

@@ -71,6 +71,14 @@ struct RecentHistory: Sendable {
         added(atMs)
     }
 
+    /// The offer of `action` at `atMs` counts on channel `to` instead of `from`.
+    mutating func rechannel(person: String, action: String, atMs: Int64, from: Int32, to: Int32) {
+        guard var held = byPerson[person],
+              let i = held.offers.lastIndex(where: { $0.action == action && $0.atMs == atMs && $0.channel == from }) else { return }
+        held.offers[i].channel = to
+        byPerson[person] = held
+    }
+
     mutating func addOutcome(person: String, action: String, kind: DecisionV1.Outcome, atMs: Int64) {
         guard atMs > coveredAfterMs else { return }
         purge(person)

@@ -4,6 +4,7 @@ import Foundation
 import GRDB
 import Logging
 import IdentityFeed
+import RPC
 import Rules
 import Storage
 import Synchronization
@@ -525,7 +526,8 @@ public final class ProfileStore: Sendable {
                 CREATE TABLE person_gone (
                   person_id TEXT PRIMARY KEY,
                   target TEXT NOT NULL                    -- the person it was merged into; '' when erased
-                ) WITHOUT ROWID
+                ) WITHOUT ROWID;
+                CREATE INDEX person_gone_by_target ON person_gone(target);  -- an unmerge's persons absorbed
                 """)
         }
         return migrator
@@ -995,6 +997,11 @@ public final class ProfileStore: Sendable {
     /// consent; once it has committed (still on the writer) memory holds their new facts.
     func writingFacts<T>(of person: String, _ body: (Database) throws -> T) throws -> T {
         try pool.writeWithoutTransaction { db in
+            // The service mapped the person before the call waited for the writer; a merge or
+            // an erasure the feed applied meanwhile must not get data under the old id.
+            guard gone.withLock({ $0[person] }) == nil else {
+                throw RPCError(.aborted, "person: \(person) was merged or erased while this call waited; retry it")
+            }
             var result: T?
             var now = Facts()
             try db.inTransaction {

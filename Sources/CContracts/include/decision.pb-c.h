@@ -297,7 +297,8 @@ struct  Arbiter__Decision__V1__DecideRequest
    * Hand each chosen action to the routing service (--routing) and return its delivery
    * plan: message template_id = the action id, purpose = the action's consent purpose
    * ("service" when it needs none), channels = the channel chosen for it
-   * (RankedAction.channel, which the contact policy counts).
+   * (RankedAction.channel) and then its fallback_channels. When routing delivers on a fallback
+   * channel, the contact policy counts the offer on that channel from then on.
    */
   protobuf_c_boolean deliver;
 };
@@ -336,10 +337,16 @@ struct  Arbiter__Decision__V1__RankedAction
    * decision stands; Route may be retried with the same idempotency key.
    */
   char *delivery_error;
+  /*
+   * The action's other channels the person may be contacted on (consent allowed, under the
+   * contact policy's channel caps), in order: with deliver, routing may fall back to them.
+   */
+  size_t n_fallback_channels;
+  Arbiter__Common__V1__Channel *fallback_channels;
 };
 #define ARBITER__DECISION__V1__RANKED_ACTION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__ranked_action__descriptor) \
-    , (char *)protobuf_c_empty_string, 0, 0, ARBITER__COMMON__V1__CHANNEL__CHANNEL_UNSPECIFIED, (char *)protobuf_c_empty_string, NULL, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, 0, 0, ARBITER__COMMON__V1__CHANNEL__CHANNEL_UNSPECIFIED, (char *)protobuf_c_empty_string, NULL, (char *)protobuf_c_empty_string, 0,NULL }
 
 
 /*

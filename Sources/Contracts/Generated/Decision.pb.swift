@@ -263,7 +263,8 @@ extension DecisionV1 {
         /// Hand each chosen action to the routing service (--routing) and return its delivery
         /// plan: message template_id = the action id, purpose = the action's consent purpose
         /// ("service" when it needs none), channels = the channel chosen for it
-        /// (RankedAction.channel, which the contact policy counts).
+        /// (RankedAction.channel) and then its fallback_channels. When routing delivers on a fallback
+        /// channel, the contact policy counts the offer on that channel from then on.
         public var deliver: Bool = false
 
         public static let protoName = "arbiter.decision.v1.DecideRequest"
@@ -303,6 +304,9 @@ extension DecisionV1 {
         /// With deliver, when routing could not be asked or refused: "<CODE>: <message>". The
         /// decision stands; Route may be retried with the same idempotency key.
         public var deliveryError: String = ""
+        /// The action's other channels the person may be contacted on (consent allowed, under the
+        /// contact policy's channel caps), in order: with deliver, routing may fall back to them.
+        public var fallbackChannels: [CommonV1.Channel] = []
 
         public static let protoName = "arbiter.decision.v1.RankedAction"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__ranked_action__descriptor_ptr())
@@ -315,6 +319,7 @@ extension DecisionV1 {
             deliveryId = reader.string(5)
             delivery = try reader.messageValue(6)
             deliveryError = reader.string(7)
+            fallbackChannels = reader.enums(8)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, actionId)
@@ -324,6 +329,7 @@ extension DecisionV1 {
             writer.setString(5, deliveryId)
             if let v = delivery { writer.setMessage(6, v) }
             writer.setString(7, deliveryError)
+            writer.setRepeatedEnums(8, fallbackChannels)
         }
     }
 
