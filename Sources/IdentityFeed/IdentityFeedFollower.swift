@@ -16,6 +16,20 @@ public enum IdentityChange: Sendable, Equatable {
     case other
 }
 
+/// `person` after the merges and erasures a store noted: `next` gives the person one was
+/// merged into, "" when erased, nil when neither. Returns the last of the chain, or nil when
+/// it ends in an erasure. Chains are as long as the merges that made them (no cycle is
+/// stored); past 64 hops the person reached is returned.
+public func survivor(of person: String, next: (String) -> String?) -> String? {
+    var person = person
+    for _ in 0..<64 {
+        guard let following = next(person) else { return person }
+        if following.isEmpty { return nil }
+        person = following
+    }
+    return person
+}
+
 /// A store that applies identity changes. `apply` must store the position with the
 /// changes, in one transaction, so that a restart neither skips nor repeats one.
 public protocol IdentityChangeSink: Sendable {

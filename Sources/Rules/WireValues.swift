@@ -34,6 +34,9 @@ extension CommonV1.Field {
 }
 
 extension CommonV1.Channel {
+    /// Every channel a message can go out on (all but UNSPECIFIED).
+    public static let delivery: [CommonV1.Channel] = [.email, .sms, .push, .inApp, .webhook]
+
     /// The channel's name in rule paths such as `consent.marketing.email`: `email`, `sms`,
     /// `push`, `in_app`, `webhook`; empty for an unknown channel.
     public var ruleName: String {

@@ -40,6 +40,19 @@ func cap(_ scope: DecisionV1.Cap.Scope, _ max: UInt32, per seconds: Int64, chann
     return cap
 }
 
+func override(_ kind: String, _ action: String, segment: String = "", context: [String: String] = [:],
+              expires: Int64 = 0) -> DecisionV1.Override {
+    var o = DecisionV1.Override()
+    o.kind = kind
+    o.actionId = action
+    o.segment = segment
+    o.context = context
+    o.reason = "spring campaign"
+    o.author = "ana"
+    o.expiresAtMs = expires
+    return o
+}
+
 func decideRequest(_ person: String, placement: String = "home", count: UInt32 = 1, explain: Bool = true,
                    context: [String: String] = [:]) -> DecisionV1.DecideRequest {
     var request = DecisionV1.DecideRequest()
@@ -1117,15 +1130,6 @@ struct DecisionTests {
         try decision.upsert(action("android-only", eligibility: #"context.device == "android" and not segment.minors"#))
         try decision.upsert(action("banner"))
         try decision.upsert(action("house-ad"))
-        func override(_ kind: String, _ action: String, segment: String) -> DecisionV1.Override {
-            var o = DecisionV1.Override()
-            o.kind = kind
-            o.actionId = action
-            o.segment = segment
-            o.reason = "test"
-            o.author = "ana"
-            return o
-        }
         let ban = try decision.store.setOverride(override("ban", "banner", segment: "minors"), nowMs: clock.read())
         _ = try decision.store.setOverride(override("force", "house-ad", segment: "vip"), nowMs: clock.read())
 

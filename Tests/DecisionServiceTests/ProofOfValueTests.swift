@@ -280,28 +280,18 @@ struct ProofOfValueTests {
         let truth = ["good": 0.3, "bad": 0.03]
         _ = try await drive(decision, persons: 0..<1500, truth: truth, clock: clock, seed: 1, prefix: "warm")
 
-        func request(_ kind: String, _ action: String, context: [String: String] = [:], expires: Int64 = 0) -> DecisionV1.Override {
-            var o = DecisionV1.Override()
-            o.kind = kind
-            o.actionId = action
-            o.context = context
-            o.reason = "spring campaign"
-            o.author = "ana"
-            o.expiresAtMs = expires
-            return o
-        }
         // Validation names the field.
-        await expectInvalid("override.kind") { _ = try decision.store.setOverride(request("boost", "bad"), nowMs: clock.read()) }
-        var noReason = request("force", "bad")
+        await expectInvalid("override.kind") { _ = try decision.store.setOverride(override("boost", "bad"), nowMs: clock.read()) }
+        var noReason = override("force", "bad")
         noReason.reason = " "
         await expectInvalid("override.reason") { _ = try decision.store.setOverride(noReason, nowMs: clock.read()) }
-        var noAuthor = request("force", "bad")
+        var noAuthor = override("force", "bad")
         noAuthor.author = ""
         await expectInvalid("override.author") { _ = try decision.store.setOverride(noAuthor, nowMs: clock.read()) }
-        await expectInvalid("override.expires_at_ms") { _ = try decision.store.setOverride(request("force", "bad", expires: 5), nowMs: clock.read()) }
-        await expectCode(.notFound) { _ = try decision.store.setOverride(request("force", "nope"), nowMs: clock.read()) }
+        await expectInvalid("override.expires_at_ms") { _ = try decision.store.setOverride(override("force", "bad", expires: 5), nowMs: clock.read()) }
+        await expectCode(.notFound) { _ = try decision.store.setOverride(override("force", "nope"), nowMs: clock.read()) }
 
-        let force = try decision.store.setOverride(request("force", "bad", context: ["campaign": "spring"]), nowMs: clock.read())
+        let force = try decision.store.setOverride(override("force", "bad", context: ["campaign": "spring"]), nowMs: clock.read())
         #expect(force.active && force.version == 1 && force.id.hasPrefix("o"))
         let covered = try await drive(decision, persons: 0..<3000, truth: truth, clock: clock, seed: 2, context: ["campaign": "spring"])
         for response in covered {
@@ -336,7 +326,7 @@ struct ProofOfValueTests {
         await expectCode(.failedPrecondition) { _ = try decision.store.setOverride(changed, nowMs: clock.read()) }
 
         // A ban with an expiry: excluded (and explained) until it expires; its control share still sees the action.
-        let ban = try decision.store.setOverride(request("ban", "good", expires: clock.read() + 60_000), nowMs: clock.read())
+        let ban = try decision.store.setOverride(override("ban", "good", expires: clock.read() + 60_000), nowMs: clock.read())
         var bannedFor = 0
         for n in 0..<200 {
             let response = try await decision.decide(decideRequest("q\(n)"))

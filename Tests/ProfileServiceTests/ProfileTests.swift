@@ -701,6 +701,7 @@ struct TraitSegmentConsentTests {
         await expectCode(.notFound) { _ = try await service.profile("a") }
         // (The service refuses an erased person before reading, so memory may not know yet.)
         if case .answered(let profile) = store.profileInMemory(person: "a", nowMs: clock.read()) { #expect(profile == nil) }
+        #expect(store.cachedState("a")?.events ?? 0 == 0)  // its state in memory is the empty one erasure left
     }
 
     @Test("while every person fits in memory, a restart loads them all and GetProfile reads no file, for unknown persons too; one more, and misses read the file")

@@ -694,8 +694,8 @@ struct Facts {
         }
         // The purpose's record for every channel also answers for channels without one of their own.
         for record in general {
-            for raw: Int32 in 1...5 {
-                let path = "\(record.purpose).\(CommonV1.Channel(rawValue: raw).ruleName)"
+            for channel in CommonV1.Channel.delivery {
+                let path = "\(record.purpose).\(channel.ruleName)"
                 if consent[path] == nil { consent[path] = record.granted }
             }
         }

@@ -47,13 +47,7 @@ public final class DecisionStore: Sendable {
 
         /// `person` after the recent merges and erasures: the survivor, itself, or nil (erased).
         func current(_ person: String) -> String? {
-            var person = person
-            for _ in 0..<64 {
-                guard let next = gone[person] else { return person }
-                if next.isEmpty { return nil }
-                person = next
-            }
-            return person
+            survivor(of: person) { gone[$0] }
         }
 
         /// Whose reservations hold `record`'s offers: its person's, the survivor's after a
@@ -704,7 +698,7 @@ extension DecisionStore: IdentityChangeSink {
                                 try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [p])
                             }
                             contacts.withLock { contacts in
-                                _ = contacts.gone.insert(p, "")
+                                contacts.gone.insert(p, "")
                                 contacts.recent.remove(p)
                                 contacts.pending[p] = nil  // its decisions in flight are logged for no one
                             }
@@ -730,10 +724,10 @@ extension DecisionStore: IdentityChangeSink {
                 // Not merged or erased after all (the feed brings the changes again).
                 for (_, change) in changes {
                     switch change {
-                    case .merge(_, let persons), .erase(_, let persons): persons.forEach { contacts.gone.remove($0) }
-                    default: break
+                    case .merge(_, let sources): sources.forEach { contacts.gone.remove($0) }
+                    case .erase(let person, let absorbed): ([person] + absorbed).forEach { contacts.gone.remove($0) }
+                    case .unmerge, .other: break
                     }
-                    if case .erase(let person, _) = change { contacts.gone.remove(person) }
                 }
                 for move in moves.reversed() {
                     var back: [PendingOffer] = []
@@ -793,7 +787,7 @@ extension DecisionStore: IdentityChangeSink {
         try db.execute(sql: "DELETE FROM offer WHERE person_id = ?", arguments: [source])
         try db.execute(sql: "UPDATE outcome SET person_id = ? WHERE person_id = ?", arguments: [target, source])
         return contacts.withLock { contacts in
-            _ = contacts.gone.insert(source, target)
+            contacts.gone.insert(source, target)
             contacts.recent.move(source, to: target)
             guard let moved = contacts.pending.removeValue(forKey: source) else { return [] }
             contacts.pending[target, default: []] += moved

@@ -1081,11 +1081,10 @@ public final class ProfileStore: Sendable {
                 let exact = consent.last { record in
                     record.channel != 0 && name == "\(record.purpose).\(CommonV1.Channel(rawValue: record.channel).ruleName)"
                 }
-                let general = exact.flatMap { exact in consent.last { $0.channel == 0 && $0.purpose == exact.purpose } }
-                    ?? consent.last { record in
-                        record.channel == 0 && name.hasPrefix(record.purpose + ".")
-                            && (1...5).contains { CommonV1.Channel(rawValue: $0).ruleName == name.dropFirst(record.purpose.count + 1) }
-                    }
+                let general = consent.last { record in
+                    record.channel == 0 && name.hasPrefix(record.purpose + ".")
+                        && CommonV1.Channel.delivery.contains { $0.ruleName == name.dropFirst(record.purpose.count + 1) }
+                }
                 return governingConsent(exact: exact, general: general, atMs: \.atMs).map { .bool($0.granted) }
             default: return nil
             }
@@ -1207,13 +1206,7 @@ public final class ProfileStore: Sendable {
     }
 
     static func follow(_ person: String, in gone: [String: String]) -> String? {
-        var person = person
-        for _ in 0..<64 {  // a chain is as long as the merges that made it; no cycle is stored
-            guard let next = gone[person] else { return person }
-            if next.isEmpty { return nil }
-            person = next
-        }
-        return person
+        survivor(of: person) { gone[$0] }
     }
 
     /// Records in `person_gone` that `person` was merged into `target`, erased (`""`), or is

@@ -70,7 +70,7 @@ struct Planner {
     /// Channels that have an adapter.
     let adapters: Set<CommonV1.Channel>
 
-    static let allChannels: [CommonV1.Channel] = [.email, .sms, .push, .inApp, .webhook]
+    static let allChannels = CommonV1.Channel.delivery
 
     func plan(_ request: RoutingV1.RouteRequest, profile: ProfileV1.ProfileView, person: Evidence, population: Evidence,
               now: Int64) -> RoutingV1.Delivery {
