@@ -347,8 +347,7 @@ struct FeatureTests {
         let directory = temporaryDirectory("profile-test")
         let clock = TestClock()
         let now = clock.read()
-        // The first store is closed before the restart (two stores on one directory raced for
-        // its write lock: one full run failed with "database is locked").
+        // The first store is closed before the restart.
         do {
             let service = try makeProfile(directory, clock: clock, flushThreshold: 2)
             let store = service.store
@@ -356,7 +355,12 @@ struct FeatureTests {
             _ = try await service.track([event("a1", "a", "view", at: now), event("a2", "a", "view", at: now), event("b1", "b", "view", at: now)])
 
             // Another connection holds the state file's write lock: the backfill fails (after 5 s).
-            let blocker = try DatabaseQueue(path: directory + "/profile-state.sqlite")
+            // The flush the Track started (threshold 2) must be done first: the blocker, taking
+            // the lock while it wrote, failed at once ("database is locked", two full runs).
+            store.waitForFlush()
+            var waits = Configuration()
+            waits.busyMode = .timeout(5)
+            let blocker = try DatabaseQueue(path: directory + "/profile-state.sqlite", configuration: waits)
             let release = try holdOnThread { done in
                 try blocker.inTransaction(.immediate) { _ in
                     done()
