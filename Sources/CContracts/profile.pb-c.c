@@ -2427,7 +2427,7 @@ const ProtobufCMessageDescriptor arbiter__profile__v1__erase_request__descriptor
   (ProtobufCMessageInit) arbiter__profile__v1__erase_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__profile__v1__erase_response__field_descriptors[3] =
+static const ProtobufCFieldDescriptor arbiter__profile__v1__erase_response__field_descriptors[4] =
 {
   {
     "events_removed",
@@ -2465,16 +2465,29 @@ static const ProtobufCFieldDescriptor arbiter__profile__v1__erase_response__fiel
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "person_id",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Profile__V1__EraseResponse, person_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__profile__v1__erase_response__field_indices_by_name[] = {
   2,   /* field[2] = consents_removed */
   0,   /* field[0] = events_removed */
+  3,   /* field[3] = person_id */
   1,   /* field[1] = traits_removed */
 };
 static const ProtobufCIntRange arbiter__profile__v1__erase_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 3 }
+  { 0, 4 }
 };
 const ProtobufCMessageDescriptor arbiter__profile__v1__erase_response__descriptor =
 {
@@ -2484,7 +2497,7 @@ const ProtobufCMessageDescriptor arbiter__profile__v1__erase_response__descripto
   "Arbiter__Profile__V1__EraseResponse",
   "arbiter.profile.v1",
   sizeof(Arbiter__Profile__V1__EraseResponse),
-  3,
+  4,
   arbiter__profile__v1__erase_response__field_descriptors,
   arbiter__profile__v1__erase_response__field_indices_by_name,
   1,  arbiter__profile__v1__erase_response__number_ranges,

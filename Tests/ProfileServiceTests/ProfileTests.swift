@@ -1039,7 +1039,7 @@ struct MergeEraseTests {
         #expect(!filesContain(marker, in: directory, files: files))
     }
 
-    @Test("erasing a person whose events a merge gave another person recomputes that person without them")
+    @Test("the feed's erasure of a person whose events a merge gave another person recomputes that person without them")
     func eraseMergedOrigin() async throws {
         let directory = temporaryDirectory("profile-test")
         let clock = TestClock()
@@ -1049,12 +1049,45 @@ struct MergeEraseTests {
         _ = try await service.track((0..<3).map { event("a\($0)", "a", "view", at: now) } + (0..<2).map { event("b\($0)", "b", "view", at: now) })
         try service.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: now)
         #expect(try await service.features("b") == ["views": 5])
-        var request = ProfileV1.EraseRequest()
-        request.personId = "a"
-        #expect(try service.erase(request).eventsRemoved == 3)
+        try service.store.apply([(2, .erase(person: "a", absorbed: []))], nowMs: now)
         #expect(try await service.features("b") == ["views": 2])
         // And after a restart (the states in the file agree).
         try service.store.flush()
         #expect(try await makeProfile(directory, clock: clock).features("b") == ["views": 2])
+    }
+
+    @Test("Erase of an id merged away erases the person it was merged into, with everything it absorbed, and says which")
+    func eraseAbsorbedID() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let now = clock.read()
+        do {
+            let service = try makeProfile(directory, clock: clock)
+            try service.define(feature("views", "view", .count))
+            _ = try await service.track([event("a1", "a", "view", at: now), event("b1", "b", "view", at: now), event("c1", "c", "view", at: now)])
+            _ = try await service.traits("a", ["tier": .string("gold")], at: now)
+            try await service.consent("a", "marketing", .email, true, at: now)
+            _ = try await service.traits("b", ["city": .string("Lyon")], at: now)
+            try service.store.apply([(1, .merge(target: "b", sources: ["a"])), (2, .merge(target: "c", sources: ["b"]))], nowMs: now)
+            // a's traits and consent moved to c with no origin: before, Erase(a) deleted a's
+            // events only and left them, and c's own data, in the profile a's id still reads.
+            var request = ProfileV1.EraseRequest()
+            request.personId = "a"
+            let erased = try service.erase(request)
+            #expect(erased.personId == "c" && erased.eventsRemoved == 3 && erased.traitsRemoved == 2 && erased.consentsRemoved == 1, "\(erased)")
+            for person in ["a", "b", "c"] {
+                await #expect(throws: RPCError(.notFound, "person: person \(person) was erased")) { _ = try await service.profile(person) }
+            }
+            // Again: nothing is left to erase (an erased id names itself).
+            let again = try service.erase(request)
+            #expect(again.personId == "a" && again.eventsRemoved == 0 && again.traitsRemoved == 0 && again.consentsRemoved == 0)
+        }
+        let service = try makeProfile(directory, clock: clock)
+        let refused = try await service.track([event("a-late", "a", "view", at: now)])
+        #expect(refused.accepted == 0 && refused.rejections.first?.reason == "person: person a was erased", "\(refused)")
+        let rows = try await service.store.pool.read { db in
+            try Int.fetchOne(db, sql: "SELECT (SELECT count(*) FROM event) + (SELECT count(*) FROM event_tail) + (SELECT count(*) FROM trait) + (SELECT count(*) FROM consent)")
+        }
+        #expect(rows == 0)
     }
 }

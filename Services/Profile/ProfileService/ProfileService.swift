@@ -380,6 +380,7 @@ public struct ProfileService: RPCService {
         response.eventsRemoved = UInt32(erased.events)
         response.traitsRemoved = UInt32(erased.traits)
         response.consentsRemoved = UInt32(erased.consents)
+        response.personId = erased.person
         return response
     }
 

@@ -1137,6 +1137,9 @@ public final class ProfileStore: Sendable {
 
     public struct Erased: Sendable, Equatable {
         public var events = 0, traits = 0, consents = 0
+        /// The person erased (`erase(person:nowMs:)`: the one given, or the one it had been
+        /// merged into).
+        public var person = ""
     }
 
     /// Deletes the person's events (those tracked for them that a merge gave another person
@@ -1160,15 +1163,21 @@ public final class ProfileStore: Sendable {
     }
 
     /// Erases every event, trait and consent record and the feature state of `person`, and
-    /// checkpoints both files so no copy stays in a WAL.
+    /// checkpoints both files so no copy stays in a WAL. An id the feed merged away names the
+    /// person it was merged into, as in every other call: that person is erased, with what it
+    /// absorbed (its traits and consent carry no origin, so erasing only the events first
+    /// tracked for the id would leave them). An erased id erases nothing more.
     public func erase(person: String, nowMs: Int64) throws -> Erased {
         try settlePendingErasure()
         var goneChanges: [(person: String, target: String?)] = []
         let erased = try rewriting({ db in
             var states: [String: ProfileStoreV1.PersonState] = [:]
             let specs = definitions.withLock { $0.byEventType }
-            let erased = try Self.erase(db, person, specs: specs, now: nowMs, states: &states)
-            try Self.markGone(db, person, "", &goneChanges)
+            // On the writer: the feed changes `gone` only here, so this is the file's answer.
+            let target = current(person) ?? person
+            var erased = try Self.erase(db, target, specs: specs, now: nowMs, states: &states)
+            erased.person = target
+            try Self.markGone(db, target, "", &goneChanges)
             return (erased, states)
         }, afterCommit: { noteGone(goneChanges) })
         try settleErasure()

@@ -373,10 +373,15 @@ struct  Arbiter__Profile__V1__EraseResponse
   uint32_t events_removed;
   uint32_t traits_removed;
   uint32_t consents_removed;
+  /*
+   * The person erased: person_id, or the person it had been merged into (an id merged away
+   * names the survivor, as in every other call; everything it absorbed goes too).
+   */
+  char *person_id;
 };
 #define ARBITER__PROFILE__V1__ERASE_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__profile__v1__erase_response__descriptor) \
-    , 0, 0, 0 }
+    , 0, 0, 0, (char *)protobuf_c_empty_string }
 
 
 /* Arbiter__Profile__V1__Event methods */

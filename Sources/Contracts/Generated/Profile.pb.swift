@@ -461,6 +461,9 @@ extension ProfileV1 {
         public var eventsRemoved: UInt32 = 0
         public var traitsRemoved: UInt32 = 0
         public var consentsRemoved: UInt32 = 0
+        /// The person erased: person_id, or the person it had been merged into (an id merged away
+        /// names the survivor, as in every other call; everything it absorbed goes too).
+        public var personId: String = ""
 
         public static let protoName = "arbiter.profile.v1.EraseResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__profile__v1__erase_response__descriptor_ptr())
@@ -469,11 +472,13 @@ extension ProfileV1 {
             eventsRemoved = reader.uint32(1)
             traitsRemoved = reader.uint32(2)
             consentsRemoved = reader.uint32(3)
+            personId = reader.string(4)
         }
         public func write(to writer: ProtoWriter) {
             writer.setUint32(1, eventsRemoved)
             writer.setUint32(2, traitsRemoved)
             writer.setUint32(3, consentsRemoved)
+            writer.setString(4, personId)
         }
     }
 
