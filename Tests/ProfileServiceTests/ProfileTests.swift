@@ -913,6 +913,12 @@ struct MergeEraseTests {
             }
             await #expect(throws: RPCError.self) { _ = try await service.profile(person) }
         }
+        // An event that passed the service's check before its person was erased reaches the
+        // store: it is not stored, and it is said so (before: counted as a duplicate).
+        let late = try await service.store.track([TrackedEvent(eventID: "b-in-flight", personID: "b", type: "view", occurredAtMs: now),
+                                                  TrackedEvent(eventID: "c1", personID: "c", type: "view", occurredAtMs: now)], nowMs: now)
+        #expect(late.outcomes == [.personErased, .stored])
+        _ = try service.store.erase(person: "c", nowMs: now)
         let files = try await service.store.pool.read { db in
             try Int.fetchOne(db, sql: "SELECT (SELECT count(*) FROM event) + (SELECT count(*) FROM event_tail) + (SELECT count(*) FROM trait) + (SELECT count(*) FROM consent)")
         }

@@ -193,8 +193,19 @@ public struct ProfileService: RPCService {
         }
         guard !accepted.isEmpty else { return response }
         let result = try await store.track(accepted.map(\.event), nowMs: now)
-        response.accepted = UInt32(result.stored.count { $0 })
-        response.duplicates = UInt32(result.stored.count { !$0 })
+        for ((i, event), outcome) in zip(accepted, result.outcomes) {
+            switch outcome {
+            case .stored: response.accepted += 1
+            case .duplicate: response.duplicates += 1
+            case .personErased:
+                var rejection = ProfileV1.EventRejection()
+                rejection.index = UInt32(i)
+                rejection.eventId = event.eventID
+                rejection.reason = "person: person \(event.personID) was erased"
+                response.rejections.append(rejection)
+            }
+        }
+        response.rejections.sort { $0.index < $1.index }
         return response
     }
 

@@ -657,8 +657,15 @@ public final class ProfileStore: Sendable {
     // MARK: - Events
 
     public struct TrackResult: Sendable, Equatable {
-        /// For each event given: true when stored, false when its id was seen before.
-        public var stored: [Bool]
+        public enum Outcome: Sendable, Equatable {
+            case stored
+            /// Its id was seen before.
+            case duplicate
+            /// Its person was erased while the call was on its way: not stored.
+            case personErased
+        }
+        /// For each event given, in order.
+        public var outcomes: [Outcome]
     }
 
     /// Track's group commit: calls arriving together share one transaction.
@@ -700,22 +707,22 @@ public final class ProfileStore: Sendable {
                 // those it sees before; this is one erased while the call was on its way).
                 let gone = self.gone.withLock { $0 }
                 for entry in batch {
-                    var stored: [Bool] = []
-                    stored.reserveCapacity(entry.events.count)
+                    var outcomes: [TrackResult.Outcome] = []
+                    outcomes.reserveCapacity(entry.events.count)
                     var byPerson: [String: [TrackedEvent]] = [:]
                     for (event, body) in zip(entry.events, entry.bodies) {
                         let person = gone.isEmpty ? event.personID : Self.follow(event.personID, in: gone)
                         guard let person else {
-                            stored.append(false)
+                            outcomes.append(.personErased)
                             continue
                         }
                         try insert.run(db, .text(event.eventID), .text(person), .text(event.personID), .text(event.type), .integer(event.occurredAtMs), .blob(body))
                         let isNew = db.changesCount > 0
-                        stored.append(isNew)
+                        outcomes.append(isNew ? .stored : .duplicate)
                         if isNew { byPerson[person, default: []].append(event) }
                     }
                     perPerson.append(byPerson)
-                    results.append(TrackResult(stored: stored))
+                    results.append(TrackResult(outcomes: outcomes))
                 }
                 // Each person's newest state: memory first; the others in one read of the state
                 // file (no flush is writing a state that is not in memory).
