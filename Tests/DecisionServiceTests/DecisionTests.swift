@@ -421,7 +421,9 @@ struct DecisionTests {
         #expect(try await decision.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM outcome WHERE person_id = 'person-b'") } == 2)
 
         let directory = decision.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
-        #expect(filesContain("person-a", in: directory, files: ["decision.sqlite", "decision.sqlite-wal"]))  // the check below can fail
+        let files = ["decision.sqlite", "decision.sqlite-wal"]
+        // (The erased ids stay, as tombstones in `person_erased`: the decisions must not.)
+        #expect(filesContain(a.decisionId, in: directory, files: files))  // the check below can fail
         try decision.store.apply([(2, .erase(person: "person-b", absorbed: ["person-a"]))], nowMs: clock.read())
         #expect(try decision.store.decision(a.decisionId) == nil && decision.store.decision(b.decisionId) == nil)
         #expect(try decision.store.identityCursor() == 2)
@@ -429,8 +431,25 @@ struct DecisionTests {
         #expect(try decision.store.history(person: "person-b", sinceMs: 0).outcomes.isEmpty)
         // The erased decisions are gone for ReportOutcome too.
         await #expect(throws: RPCError.self) { try await decision.outcome("o-a3", a, .click) }
-        #expect(!filesContain("person-a", in: directory, files: ["decision.sqlite", "decision.sqlite-wal"]))
-        #expect(!filesContain("person-b", in: directory, files: ["decision.sqlite", "decision.sqlite-wal"]))
+        #expect(!filesContain(a.decisionId, in: directory, files: files))
+        #expect(!filesContain(b.decisionId, in: directory, files: files))
+        #expect(try await decision.store.pool.read { db in
+            try Int.fetchOne(db, sql: """
+                SELECT (SELECT count(*) FROM decision WHERE person_id IN ('person-a', 'person-b'))
+                     + (SELECT count(*) FROM offer WHERE person_id IN ('person-a', 'person-b'))
+                     + (SELECT count(*) FROM outcome WHERE person_id IN ('person-a', 'person-b'))
+                """)
+        } == 0)
+        // No new decision is logged for them, now or after a restart (before, the profile's
+        // NOT_FOUND read as a person not seen yet, and a decision was kept under the id).
+        let configuration = decision.configuration
+        for service in [decision, DecisionService(store: try DecisionStore(directory: directory, for: configuration), configuration: configuration, clock: clock.read)] {
+            for person in ["person-a", "person-b"] {
+                await #expect(throws: RPCError(.notFound, "person.person_id: person \(person) was erased")) {
+                    _ = try await service.decide(decideRequest(person))
+                }
+            }
+        }
     }
 
     @Test("caps per action, per channel and in total hold across their windows", arguments: recentHistorySizes)

@@ -244,6 +244,9 @@ public struct DecisionService: RPCService {
             }
         }
         if let id = person.id {
+            // No new data is kept for an erased person (the profile service refuses it too, with
+            // a NOT_FOUND that would read here as a person not seen yet).
+            guard !store.isErased(id) else { throw RPCError(.notFound, "person.person_id: person \(id) was erased") }
             var get = ProfileV1.GetProfileRequest()
             var ref = CommonV1.PersonRef()
             ref.ref = .personId(id)

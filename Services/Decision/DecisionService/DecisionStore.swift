@@ -39,15 +39,20 @@ public final class DecisionStore: Sendable {
         var recent: RecentHistory
         /// The latest decisions that offered something, by id, for ReportOutcome.
         var decisions = FIFOCache<String, Offered>(capacity: DecisionStore.recentDecisions)
-        /// Persons the identity feed recently merged into another (→ that person) or erased
-        /// (→ ""): a decision or outcome in flight for one when the change came is logged for
-        /// the survivor, or for no one. (Only calls in flight need it; a Decide that starts
-        /// later asks the profile service, which answers for the survivor.)
+        /// Persons the identity feed recently merged into another: a decision or outcome in
+        /// flight for one when the merge came is logged for the survivor. (Only calls in
+        /// flight need it; a Decide that starts later asks the profile service, which answers
+        /// for the survivor.)
         var gone = FIFOCache<String, String>(capacity: 10_000)
+        /// Every person the identity feed erased (`person_erased`; erasures are rare): a
+        /// decision or outcome in flight for one is logged for no one, and a later Decide for
+        /// one is refused (the profile's NOT_FOUND would read as a person not seen yet).
+        var erased: Set<String> = []
 
-        /// `person` after the recent merges and erasures: the survivor, itself, or nil (erased).
+        /// `person` after the recent merges and every erasure: the survivor, itself, or nil
+        /// (erased).
         func current(_ person: String) -> String? {
-            survivor(of: person) { gone[$0] }
+            survivor(of: person) { erased.contains($0) ? "" : gone[$0] }
         }
 
         /// Whose reservations hold `record`'s offers: its person's, the survivor's after a
@@ -133,6 +138,7 @@ public final class DecisionStore: Sendable {
         self.configuration = configuration
         var loaded = Memory()
         var recent = RecentHistory(limit: recentEntries)
+        var erased: Set<String> = []
         try pool.read { db in
             var actions: [String: ActionSpec] = [:]
             for row in try Row.fetchAll(db, sql: "SELECT body FROM action") {
@@ -147,9 +153,12 @@ public final class DecisionStore: Sendable {
             loaded.arms = try Self.loadArms(db)
             loaded.overrides = try Self.loadOverrides(db)
             recent = try RecentHistory.load(db, limit: recentEntries)
+            erased = Set(try String.fetchAll(db, sql: "SELECT person_id FROM person_erased"))
         }
         memory = Mutex(loaded)
-        contacts = Mutex(Contacts(recent: recent))
+        var contacts = Contacts(recent: recent)
+        contacts.erased = erased
+        self.contacts = Mutex(contacts)
     }
 
     static var migrator: DatabaseMigrator {
@@ -240,6 +249,9 @@ public final class DecisionStore: Sendable {
                 DROP TABLE decision;
                 ALTER TABLE decision_v4 RENAME TO decision;
                 """)
+        }
+        migrator.registerMigration("v5: persons erased") { db in
+            try db.execute(sql: "CREATE TABLE person_erased (person_id TEXT PRIMARY KEY) WITHOUT ROWID")
         }
         return migrator
     }
@@ -385,6 +397,11 @@ public final class DecisionStore: Sendable {
         var atMs: Int64
         /// Written into `recent` by the transaction logging it (which has not returned yet).
         var inMemory = false
+    }
+
+    /// Whether the identity feed erased `person` (or the person it was recently merged into).
+    func isErased(_ person: String) -> Bool {
+        contacts.withLock { $0.current(person) == nil }
     }
 
     /// Whether `history(person:sinceMs:)` answers from memory (else it reads the file). A cut
@@ -678,6 +695,7 @@ extension DecisionStore: IdentityChangeSink {
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
         guard !changes.isEmpty else { return }
         var erased = false
+        var newlyErased: [String] = []
         // Reservations of decisions in flight that merges moved, moved back if the transaction
         // fails (an erasure's dropped ones are not put back: those decisions are logged for no one).
         var moves: [(from: String, to: String, ids: Set<String>)] = []
@@ -697,8 +715,9 @@ extension DecisionStore: IdentityChangeSink {
                             for table in ["offer", "outcome"] {
                                 try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [p])
                             }
+                            try db.execute(sql: "INSERT OR IGNORE INTO person_erased (person_id) VALUES (?)", arguments: [p])
                             contacts.withLock { contacts in
-                                contacts.gone.insert(p, "")
+                                if contacts.erased.insert(p).inserted { newlyErased.append(p) }
                                 contacts.recent.remove(p)
                                 contacts.pending[p] = nil  // its decisions in flight are logged for no one
                             }
@@ -725,10 +744,10 @@ extension DecisionStore: IdentityChangeSink {
                 for (_, change) in changes {
                     switch change {
                     case .merge(_, let sources): sources.forEach { contacts.gone.remove($0) }
-                    case .erase(let person, let absorbed): ([person] + absorbed).forEach { contacts.gone.remove($0) }
-                    case .unmerge, .other: break
+                    case .erase, .unmerge, .other: break
                     }
                 }
+                for p in newlyErased { contacts.erased.remove(p) }
                 for move in moves.reversed() {
                     var back: [PendingOffer] = []
                     contacts.pending[move.to]?.removeAll { offer in
