@@ -897,7 +897,7 @@ const ProtobufCEnumDescriptor arbiter__routing__v1__delivery__state__descriptor 
   arbiter__routing__v1__delivery__state__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCFieldDescriptor arbiter__routing__v1__delivery__field_descriptors[22] =
+static const ProtobufCFieldDescriptor arbiter__routing__v1__delivery__field_descriptors[23] =
 {
   {
     "delivery_id",
@@ -1163,6 +1163,18 @@ static const ProtobufCFieldDescriptor arbiter__routing__v1__delivery__field_desc
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "not_after_ms",
+    23,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__Delivery, not_after_ms),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__routing__v1__delivery__field_indices_by_name[] = {
   14,   /* field[14] = address */
@@ -1177,6 +1189,7 @@ static const unsigned arbiter__routing__v1__delivery__field_indices_by_name[] = 
   7,   /* field[7] = last_error */
   10,   /* field[10] = message */
   19,   /* field[19] = next_attempt_at_ms */
+  22,   /* field[22] = not_after_ms */
   1,   /* field[1] = person_id */
   11,   /* field[11] = purpose */
   4,   /* field[4] = send_at_ms */
@@ -1191,7 +1204,7 @@ static const unsigned arbiter__routing__v1__delivery__field_indices_by_name[] = 
 static const ProtobufCIntRange arbiter__routing__v1__delivery__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 22 }
+  { 0, 23 }
 };
 const ProtobufCMessageDescriptor arbiter__routing__v1__delivery__descriptor =
 {
@@ -1201,7 +1214,7 @@ const ProtobufCMessageDescriptor arbiter__routing__v1__delivery__descriptor =
   "Arbiter__Routing__V1__Delivery",
   "arbiter.routing.v1",
   sizeof(Arbiter__Routing__V1__Delivery),
-  22,
+  23,
   arbiter__routing__v1__delivery__field_descriptors,
   arbiter__routing__v1__delivery__field_indices_by_name,
   1,  arbiter__routing__v1__delivery__number_ranges,
@@ -1478,7 +1491,7 @@ const ProtobufCEnumDescriptor arbiter__routing__v1__urgency__descriptor =
   arbiter__routing__v1__urgency__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCEnumValue arbiter__routing__v1__delivery_event_kind__enum_values_by_number[12] =
+static const ProtobufCEnumValue arbiter__routing__v1__delivery_event_kind__enum_values_by_number[13] =
 {
   { "DELIVERY_EVENT_KIND_UNSPECIFIED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_UNSPECIFIED", 0 },
   { "DELIVERY_EVENT_KIND_DELIVERED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_DELIVERED", 1 },
@@ -1492,11 +1505,12 @@ static const ProtobufCEnumValue arbiter__routing__v1__delivery_event_kind__enum_
   { "DELIVERY_EVENT_KIND_FELL_BACK", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_FELL_BACK", 22 },
   { "DELIVERY_EVENT_KIND_DEAD_LETTERED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_DEAD_LETTERED", 23 },
   { "DELIVERY_EVENT_KIND_REQUEUED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_REQUEUED", 24 },
+  { "DELIVERY_EVENT_KIND_SUPPRESSED", "ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_SUPPRESSED", 25 },
 };
 static const ProtobufCIntRange arbiter__routing__v1__delivery_event_kind__value_ranges[] = {
-{0, 0},{20, 7},{0, 12}
+{0, 0},{20, 7},{0, 13}
 };
-static const ProtobufCEnumValueIndex arbiter__routing__v1__delivery_event_kind__enum_values_by_name[12] =
+static const ProtobufCEnumValueIndex arbiter__routing__v1__delivery_event_kind__enum_values_by_name[13] =
 {
   { "DELIVERY_EVENT_KIND_ATTEMPT_FAILED", 8 },
   { "DELIVERY_EVENT_KIND_BOUNCED", 4 },
@@ -1508,6 +1522,7 @@ static const ProtobufCEnumValueIndex arbiter__routing__v1__delivery_event_kind__
   { "DELIVERY_EVENT_KIND_OPENED", 2 },
   { "DELIVERY_EVENT_KIND_REQUEUED", 11 },
   { "DELIVERY_EVENT_KIND_SENT", 7 },
+  { "DELIVERY_EVENT_KIND_SUPPRESSED", 12 },
   { "DELIVERY_EVENT_KIND_UNSPECIFIED", 0 },
   { "DELIVERY_EVENT_KIND_UNSUBSCRIBED", 6 },
 };
@@ -1518,9 +1533,9 @@ const ProtobufCEnumDescriptor arbiter__routing__v1__delivery_event_kind__descrip
   "DeliveryEventKind",
   "Arbiter__Routing__V1__DeliveryEventKind",
   "arbiter.routing.v1",
-  12,
+  13,
   arbiter__routing__v1__delivery_event_kind__enum_values_by_number,
-  12,
+  13,
   arbiter__routing__v1__delivery_event_kind__enum_values_by_name,
   2,
   arbiter__routing__v1__delivery_event_kind__value_ranges,

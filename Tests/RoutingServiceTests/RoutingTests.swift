@@ -475,6 +475,65 @@ struct RoutingTests {
         }
     }
 
+    @Test("a due delivery is judged again: an unsubscribe or a hard bounce since it was planned moves it along its chain or stops it; quiet hours and not_after hold at send time")
+    func judgedWhenDue() async throws {
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }  // noon in Paris
+        let uncapped: @Sendable (inout RoutingConfiguration) -> Void = {
+            ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (100, 100, 100, 100)
+        }
+        try await withRouting(clock: clock, configure: uncapped) { routing, profile, sink in
+            try seedReachable(profile.store, "p", at: june1 - day)
+            let store = routing.store
+            func stored(_ d: RoutingV1.Delivery) throws -> RoutingV1.Delivery { try #require(try store.delivery(d.deliveryId)) }
+            let first = try await routing.route(routeRequest("p", key: "k1", channels: [.email], critical: true))
+            let second = try await routing.route(routeRequest("p", key: "k2", channels: [.email, .push]))
+            let third = try await routing.route(routeRequest("p", key: "k3", channels: [.push, .webhook], critical: true))
+            #expect(second.state == .scheduled && second.channel == .email && second.sendAtMs == june1)
+            clock.advance(seconds: 60)
+            _ = try await routing.report(event(first.deliveryId, .unsubscribed))
+            let at = june1 + 61_000
+
+            // Planned before the unsubscribe: email is refused now, push is its fallback.
+            let moved = try #require(try store.beforeSending(second, nowMs: at))
+            #expect(moved.channel == .push && moved.address == "tok-p" && moved.state == .scheduled)
+            #expect(try stored(second).events.last.map { $0.kind == .fellBack && $0.detail.contains("unsubscribed") } == true)
+            // With no channel left it is stopped, and says why.
+            #expect(try store.beforeSending(first, nowMs: at) == nil)
+            let stopped = try stored(first)
+            #expect(stopped.state == .suppressed && stopped.suppressionReason == "no_consent" && stopped.events.last?.kind == .suppressed)
+
+            // A hard bounce of the push token since it was planned: on to the webhook.
+            _ = try await routing.report(event(second.deliveryId, .bounced, hard: true))
+            #expect(try store.beforeSending(third, nowMs: at)?.channel == .webhook)
+
+            // Quiet hours: a normal message due at 22:00 in Paris waits until 08:00; a critical one goes.
+            let normal = try await routing.route(routeRequest("p", key: "k4", channels: [.webhook]))
+            #expect(try store.beforeSending(normal, nowMs: june1 + 10 * hour) == nil)
+            #expect(try stored(normal).state == .scheduled && stored(normal).nextAttemptAtMs == june1 + 20 * hour)
+            #expect(try store.beforeSending(stored(third), nowMs: june1 + 10 * hour)?.channel == .webhook)
+
+            // not_after passed, or quiet hours lasting past it: expired.
+            let late = try await routing.route(routeRequest("p", key: "k5", channels: [.webhook], notAfter: june1 + 2 * hour))
+            #expect(try store.beforeSending(late, nowMs: june1 + 3 * hour) == nil)
+            let lateNow = try stored(late)
+            #expect(lateNow.state == .suppressed && lateNow.suppressionReason == "expired", "\(lateNow)")
+            let evening = try await routing.route(routeRequest("p", key: "k6", channels: [.webhook], notAfter: june1 + 10 * hour + 30 * 60_000))
+            #expect(try store.beforeSending(evening, nowMs: june1 + 10 * hour) == nil)
+            #expect(try stored(evening).suppressionReason == "expired")
+
+            // The dispatcher judges the same way: the third goes by webhook; the second, moved to
+            // push before the token bounced, is stopped there; the first never goes.
+            clock.advance(seconds: 2)
+            try await dispatching(routing) {
+                try await waitFor { try store.delivery(third.deliveryId)?.state == .sent }
+                try await waitFor { try store.delivery(second.deliveryId)?.state == .suppressed }
+            }
+            #expect(try stored(third).channel == .webhook && stored(second).suppressionReason == "unreachable")
+            #expect(sink.requests.compactMap { $0.headers["x-arbiter-delivery"] } == [third.deliveryId])
+        }
+    }
+
     @Test("merges move deliveries to the survivor; an erasure leaves nothing of the person in the file")
     func identityChanges() async throws {
         let clock = TestClock()

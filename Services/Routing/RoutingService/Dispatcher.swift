@@ -65,8 +65,18 @@ public struct Dispatcher: Service {
         }
     }
 
-    /// One attempt on the delivery's current channel, and its result recorded.
-    func attempt(_ delivery: RoutingV1.Delivery) async {
+    /// One attempt on the delivery's current channel, and its result recorded; first the
+    /// delivery is judged again with what was learned since it was planned.
+    func attempt(_ planned: RoutingV1.Delivery) async {
+        let delivery: RoutingV1.Delivery
+        do {
+            guard let ready = try store.beforeSending(planned, nowMs: clock()) else { return }
+            delivery = ready
+        } catch {
+            // Not judged: the delivery stays due and is looked at again.
+            logger.error("cannot check a delivery before sending it", metadata: ["delivery": "\(planned.deliveryId)", "error": "\(error)"])
+            return
+        }
         let result: RoutingStore.SendResult
         if let adapter = adapters.adapter(for: delivery.channel) {
             result = await adapter.send(delivery)

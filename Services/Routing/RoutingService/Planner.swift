@@ -81,6 +81,7 @@ struct Planner {
         delivery.purpose = request.purpose
         delivery.urgency = request.urgency
         delivery.createdAtMs = now
+        delivery.notAfterMs = request.notAfterMs
         let traits = Dictionary(profile.traits.compactMap { t in RuleValue(t.value).map { (t.name, $0) } }, uniquingKeysWith: { a, _ in a })
         let zoneName: String
         if case .string(let name)? = traits[configuration.timeZoneTrait], TimeZone(identifier: name) != nil {

@@ -227,6 +227,100 @@ public final class RoutingStore: Sendable {
         d.fallbackChannels = Array(chosen.dropFirst())
     }
 
+    // MARK: - Judged again at send time
+
+    /// What the dispatcher may do with a due delivery now.
+    enum SendCheck: Equatable {
+        case send
+        /// Not before `atMs` (quiet hours, for a message that is not critical).
+        case later(atMs: Int64, why: String)
+        /// Not on this channel: an unsubscribe or complaint, or a hard bounce of its address,
+        /// recorded since the delivery was planned (`reason` as a suppression reason).
+        case refused(reason: String, why: String)
+        /// Not at all: `not_after` has passed.
+        case expired(why: String)
+    }
+
+    /// Judges `d` on its current channel at `nowMs` with what this store has learned since it
+    /// was planned. Opt-outs older than the plan were weighed by the planner against the
+    /// consent it read, so only newer ones refuse here.
+    func check(_ d: RoutingV1.Delivery, _ evidence: Evidence, nowMs: Int64) -> SendCheck {
+        if d.notAfterMs > 0 && nowMs > d.notAfterMs {
+            return .expired(why: "not_after \(d.notAfterMs) passed before it could be sent (now \(nowMs))")
+        }
+        if let optOut = evidence.optOuts.first(where: {
+            $0.purpose == d.purpose && ($0.channel == d.channel.rawValue || $0.channel == 0) && $0.atMs >= d.createdAtMs
+        }) {
+            return .refused(reason: "no_consent", why: "unsubscribed or complained at \(optOut.atMs), after it was planned")
+        }
+        if evidence.unreachable.contains(Evidence.unreachableKey(d.channel, d.address)) {
+            return .refused(reason: "unreachable", why: "\(d.address) hard-bounced since it was planned")
+        }
+        if d.urgency != .critical {
+            let clock = LocalClock(TimeZone(identifier: d.timeZone) ?? TimeZone(identifier: "UTC")!)
+            let at = clock.leavingQuietHours(nowMs, configuration.quietHours)
+            if at != nowMs {
+                if d.notAfterMs > 0 && at > d.notAfterMs {
+                    return .expired(why: "quiet hours (\(clock.zone.identifier)) last past not_after \(d.notAfterMs)")
+                }
+                return .later(atMs: at, why: "quiet hours (\(clock.zone.identifier))")
+            }
+        }
+        return .send
+    }
+
+    /// Called by the dispatcher just before it sends `planned`: the delivery to send now (it
+    /// may have moved to a fallback channel), or nil when it is not to be sent now. An
+    /// unsubscribe, a complaint or a hard bounce recorded since it was planned moves it along
+    /// its channel chain, or suppresses it when none is left; past `not_after` it is
+    /// suppressed ("expired"); in quiet hours (a retry, a fallback, a requeued dead letter, an
+    /// outage) it waits for their end. Most deliveries pass on one read.
+    func beforeSending(_ planned: RoutingV1.Delivery, nowMs: Int64) throws -> RoutingV1.Delivery? {
+        let evidence = try pool.read { db in try Self.evidence(db, person: planned.personId) }
+        if check(planned, evidence, nowMs: nowMs) == .send { return planned }
+        return try pool.write { db in
+            guard var d = try Self.load(db, planned.deliveryId), d.state == .scheduled, d.channel == planned.channel,
+                  d.nextAttemptAtMs <= nowMs else { return nil }
+            let evidence = try Self.evidence(db, person: d.personId)
+            while true {
+                switch check(d, evidence, nowMs: nowMs) {
+                case .send:
+                    try save(db, d)
+                    return d
+                case .later(let at, _):
+                    d.nextAttemptAtMs = at
+                    try save(db, d)
+                    return nil
+                case .expired(let why):
+                    Self.suppress(&d, reason: "expired", why: why, atMs: nowMs)
+                    try save(db, d)
+                    return nil
+                case .refused(let reason, let why):
+                    guard !d.fallbackChannels.isEmpty else {
+                        Self.suppress(&d, reason: reason, why: "\(d.channel.ruleName): \(why)", atMs: nowMs)
+                        try save(db, d)
+                        return nil
+                    }
+                    Self.fallBack(&d, atMs: nowMs, why: "\(d.channel.ruleName): \(why)")
+                }
+            }
+        }
+    }
+
+    /// Stops a scheduled delivery for good, with the event that says why.
+    static func suppress(_ d: inout RoutingV1.Delivery, reason: String, why: String, atMs: Int64) {
+        var e = RoutingV1.DeliveryEvent()
+        e.kind = .suppressed
+        e.atMs = atMs
+        e.channel = d.channel
+        e.detail = why
+        d.events.append(e)
+        d.state = .suppressed
+        d.suppressionReason = reason
+        d.suppressionDetail = why
+        d.fallbackChannels = []
+    }
+
     // MARK: - Dispatch results
 
     enum SendResult: Sendable, Equatable {

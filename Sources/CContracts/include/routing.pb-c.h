@@ -73,7 +73,12 @@ typedef enum _Arbiter__Routing__V1__DeliveryEventKind {
   ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_ATTEMPT_FAILED = 21,
   ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_FELL_BACK = 22,
   ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_DEAD_LETTERED = 23,
-  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_REQUEUED = 24
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_REQUEUED = 24,
+  /*
+   * Stopped before sending: an unsubscribe, complaint or hard bounce recorded since it was
+   * planned left no channel, or not_after passed (the delivery's suppression_reason says which).
+   */
+  ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_SUPPRESSED = 25
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND)
 } Arbiter__Routing__V1__DeliveryEventKind;
 
@@ -232,10 +237,14 @@ struct  Arbiter__Routing__V1__Delivery
    * Human-readable suppression detail.
    */
   char *suppression_detail;
+  /*
+   * The request's not_after_ms (0: none): a delivery still unsent then is suppressed ("expired").
+   */
+  int64_t not_after_ms;
 };
 #define ARBITER__ROUTING__V1__DELIVERY__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__routing__v1__delivery__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, ARBITER__ROUTING__V1__DELIVERY__STATE__STATE_UNSPECIFIED, ARBITER__COMMON__V1__CHANNEL__CHANNEL_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, NULL, (char *)protobuf_c_empty_string, ARBITER__ROUTING__V1__URGENCY__URGENCY_NORMAL, 0,NULL, (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, ARBITER__ROUTING__V1__DELIVERY__STATE__STATE_UNSPECIFIED, ARBITER__COMMON__V1__CHANNEL__CHANNEL_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, NULL, (char *)protobuf_c_empty_string, ARBITER__ROUTING__V1__URGENCY__URGENCY_NORMAL, 0,NULL, (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0 }
 
 
 struct  Arbiter__Routing__V1__ReportDeliveryEventRequest

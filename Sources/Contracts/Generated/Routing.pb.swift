@@ -32,8 +32,11 @@ extension RoutingV1 {
         public static let fellBack = DeliveryEventKind(rawValue: 22)
         public static let deadLettered = DeliveryEventKind(rawValue: 23)
         public static let requeued = DeliveryEventKind(rawValue: 24)
+        /// Stopped before sending: an unsubscribe, complaint or hard bounce recorded since it was
+        /// planned left no channel, or not_after passed (the delivery's suppression_reason says which).
+        public static let suppressed = DeliveryEventKind(rawValue: 25)
         public static let protoName = "arbiter.routing.v1.DeliveryEventKind"
-        public static let valueNames: [(name: String, rawValue: Int32)] = [("DELIVERY_EVENT_KIND_UNSPECIFIED", 0), ("DELIVERY_EVENT_KIND_DELIVERED", 1), ("DELIVERY_EVENT_KIND_OPENED", 2), ("DELIVERY_EVENT_KIND_CLICKED", 3), ("DELIVERY_EVENT_KIND_BOUNCED", 4), ("DELIVERY_EVENT_KIND_COMPLAINED", 5), ("DELIVERY_EVENT_KIND_UNSUBSCRIBED", 6), ("DELIVERY_EVENT_KIND_SENT", 20), ("DELIVERY_EVENT_KIND_ATTEMPT_FAILED", 21), ("DELIVERY_EVENT_KIND_FELL_BACK", 22), ("DELIVERY_EVENT_KIND_DEAD_LETTERED", 23), ("DELIVERY_EVENT_KIND_REQUEUED", 24)]
+        public static let valueNames: [(name: String, rawValue: Int32)] = [("DELIVERY_EVENT_KIND_UNSPECIFIED", 0), ("DELIVERY_EVENT_KIND_DELIVERED", 1), ("DELIVERY_EVENT_KIND_OPENED", 2), ("DELIVERY_EVENT_KIND_CLICKED", 3), ("DELIVERY_EVENT_KIND_BOUNCED", 4), ("DELIVERY_EVENT_KIND_COMPLAINED", 5), ("DELIVERY_EVENT_KIND_UNSUBSCRIBED", 6), ("DELIVERY_EVENT_KIND_SENT", 20), ("DELIVERY_EVENT_KIND_ATTEMPT_FAILED", 21), ("DELIVERY_EVENT_KIND_FELL_BACK", 22), ("DELIVERY_EVENT_KIND_DEAD_LETTERED", 23), ("DELIVERY_EVENT_KIND_REQUEUED", 24), ("DELIVERY_EVENT_KIND_SUPPRESSED", 25)]
     }
 
     /// What to send: a template the adapter (or the system behind the webhook)
@@ -183,6 +186,8 @@ extension RoutingV1 {
         public var timeZone: String = ""
         /// Human-readable suppression detail.
         public var suppressionDetail: String = ""
+        /// The request's not_after_ms (0: none): a delivery still unsent then is suppressed ("expired").
+        public var notAfterMs: Int64 = 0
 
         public struct State: ProtoEnum {
             public var rawValue: Int32
@@ -225,6 +230,7 @@ extension RoutingV1 {
             nextAttemptAtMs = reader.int64(20)
             timeZone = reader.string(21)
             suppressionDetail = reader.string(22)
+            notAfterMs = reader.int64(23)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, deliveryId)
@@ -249,6 +255,7 @@ extension RoutingV1 {
             writer.setInt64(20, nextAttemptAtMs)
             writer.setString(21, timeZone)
             writer.setString(22, suppressionDetail)
+            writer.setInt64(23, notAfterMs)
         }
     }
 
