@@ -534,6 +534,31 @@ struct RoutingTests {
         }
     }
 
+    @Test("a hard bounce after a soft one marks the address; a hard bounce on the fallback channel counts too")
+    func bouncesPerChannel() async throws {
+        try await withRouting { routing, profile, _ in
+            try seedReachable(profile.store, "p", at: now() - day)
+            let d = try await routing.route(routeRequest("p", key: "b1", channels: [.push, .webhook], critical: true))
+            try await dispatching(routing) {
+                try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .sent }
+            }
+            _ = try await routing.report(event(d.deliveryId, .bounced))  // soft: nothing changes
+            #expect(try routing.store.evidence(person: "p").person.unreachable.isEmpty)
+            // Before, this was dropped as a second BOUNCED on the delivery.
+            let hard = try await routing.report(event(d.deliveryId, .bounced, hard: true))
+            #expect(hard.state == .scheduled && hard.channel == .webhook)
+            try await dispatching(routing) {
+                try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .sent }
+            }
+            // And a hard bounce on the fallback channel: before, dropped too.
+            _ = try await routing.report(event(d.deliveryId, .bounced, hard: true))
+            let unreachable = try routing.store.evidence(person: "p").person.unreachable
+            #expect(unreachable == [Evidence.unreachableKey(.push, "tok-p"), Evidence.unreachableKey(.webhook, "p")])
+            let bounces = try #require(try routing.store.delivery(d.deliveryId)).events.filter { $0.kind == .bounced }
+            #expect(bounces.map(\.detail) == ["soft", "hard", "hard"] && bounces.map(\.channel) == [.push, .push, .webhook])
+        }
+    }
+
     @Test("merges move deliveries to the survivor; an erasure leaves nothing of the person in the file")
     func identityChanges() async throws {
         let clock = TestClock()
@@ -551,6 +576,12 @@ struct RoutingTests {
             #expect(try routing.store.delivery(d.deliveryId) != nil)
             try routing.store.apply([(2, .erase(person: "b", absorbed: ["a"]))], nowMs: june1)
             #expect(try routing.store.delivery(d.deliveryId) == nil)
+            // A Route that reached the store after the erasure (here the profile service has
+            // not erased b yet) stores nothing: before, its delivery was sent and kept.
+            await #expect(throws: RPCError(.notFound, "person: person b was erased")) {
+                _ = try await routing.route(routeRequest("b", key: "m2", channels: [.email], critical: true))
+            }
+            #expect(try routing.store.deliveries(person: "b", limit: 10).isEmpty)
             let directory = routing.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
             #expect(!filesContain("a@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
             #expect(try routing.store.identityCursor() == 2)

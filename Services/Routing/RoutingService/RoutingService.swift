@@ -194,6 +194,7 @@ public struct RoutingService: RPCService {
         }) {
         case .stored(let delivery): return delivery
         case .existing(let delivery, let same): return try answer(delivery, sameRequest: same)
+        case .personErased: throw RPCError(.notFound, "person: person \(view.personId) was erased")
         }
     }
 

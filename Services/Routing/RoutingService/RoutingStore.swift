@@ -70,6 +70,22 @@ public final class RoutingStore: Sendable {
                 CREATE INDEX opt_out_unsynced ON opt_out(at_ms) WHERE synced = 0;
                 """)
         }
+        migrator.registerMigration("v2: events per channel, erased persons") { db in
+            // Each reported kind once per delivery and channel (a bounce on a fallback channel
+            // counts too), and a hard bounce apart from a soft one (`eventKey`). Rows from
+            // before are taken as reported on the delivery's current channel.
+            try db.execute(sql: """
+                CREATE TABLE delivery_event_v2 (
+                  delivery_id TEXT NOT NULL, channel INTEGER NOT NULL, kind INTEGER NOT NULL, at_ms INTEGER NOT NULL,
+                  PRIMARY KEY (delivery_id, channel, kind)
+                ) WITHOUT ROWID;
+                INSERT OR IGNORE INTO delivery_event_v2 (delivery_id, channel, kind, at_ms)
+                  SELECT e.delivery_id, d.channel, e.kind, e.at_ms FROM delivery_event e JOIN delivery d USING (delivery_id);
+                DROP TABLE delivery_event;
+                ALTER TABLE delivery_event_v2 RENAME TO delivery_event;
+                CREATE TABLE person_erased (person_id TEXT PRIMARY KEY) WITHOUT ROWID;  -- no delivery is stored for them again
+                """)
+        }
         return migrator
     }
 
@@ -154,6 +170,8 @@ public final class RoutingStore: Sendable {
         case stored(RoutingV1.Delivery)
         /// The idempotency key was known; `sameRequest` is false when its first request differed.
         case existing(RoutingV1.Delivery, sameRequest: Bool)
+        /// The identity feed erased the person while the Route was on its way: nothing stored.
+        case personErased
     }
 
     /// Plans and stores a delivery once per idempotency key, in one transaction: the
@@ -174,6 +192,9 @@ public final class RoutingStore: Sendable {
         if let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT record, request_hash FROM delivery WHERE idempotency_key = ?"),
                                       arguments: [entry.idempotencyKey]) {
             return .existing(try Self.record(row[0]), sameRequest: (row[1] as Data) == entry.requestHash)
+        }
+        if try Bool.fetchOne(db.cachedStatement(sql: "SELECT EXISTS (SELECT 1 FROM person_erased WHERE person_id = ?)"), arguments: [entry.person])! {
+            return .personErased
         }
         var d = entry.plan(try Self.evidence(db, person: entry.person), population.withLock { $0 })
         d.deliveryId = TimeOrderedID.make("dl", nowMs: entry.nowMs)
@@ -434,14 +455,21 @@ public final class RoutingStore: Sendable {
         var source: String
     }
 
-    /// Records a reported event once per delivery and kind. Opens and clicks teach channel
+    /// The key a reported event counts once by, per delivery and channel: its kind, and for a
+    /// hard bounce a key of its own (one after a soft bounce still marks the address).
+    static func eventKey(_ kind: RoutingV1.DeliveryEventKind, hardBounce: Bool) -> Int32 {
+        kind == .bounced && hardBounce ? 100 + kind.rawValue : kind.rawValue
+    }
+
+    /// Records a reported event once per delivery, channel and kind. Opens and clicks teach channel
     /// preference and the person's hours; a hard bounce marks the address unreachable (and
     /// sends the delivery on to its next channel, if any); an unsubscribe or a complaint
     /// records an opt-out here at once and returns it for the profile service.
     func report(_ id: String, kind: RoutingV1.DeliveryEventKind, hardBounce: Bool, atMs: Int64) throws -> (RoutingV1.Delivery, OptOut?)? {
         try pool.write { db in
             guard var d = try Self.load(db, id) else { return nil }
-            try db.execute(sql: "INSERT OR IGNORE INTO delivery_event (delivery_id, kind, at_ms) VALUES (?, ?, ?)", arguments: [id, kind.rawValue, atMs])
+            try db.execute(sql: "INSERT OR IGNORE INTO delivery_event (delivery_id, channel, kind, at_ms) VALUES (?, ?, ?, ?)",
+                           arguments: [id, d.channel.rawValue, Self.eventKey(kind, hardBounce: hardBounce), atMs])
             guard db.changesCount > 0 else { return (d, nil) }
             let channel = d.channel
             var e = RoutingV1.DeliveryEvent()
@@ -534,7 +562,10 @@ extension RoutingStore: IdentityChangeSink {
                 case .merge(let target, let sources):
                     for source in sources where source != target { try merge(db, source, into: target, nowMs: nowMs) }
                 case .erase(let person, let absorbed):
-                    for p in [person] + absorbed { try Self.erase(db, p) }
+                    for p in [person] + absorbed where !p.isEmpty {
+                        try Self.erase(db, p)
+                        try db.execute(sql: "INSERT OR IGNORE INTO person_erased (person_id) VALUES (?)", arguments: [p])
+                    }
                     erased = true
                 case .unmerge, .other:
                     break
