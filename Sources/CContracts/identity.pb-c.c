@@ -1598,7 +1598,7 @@ const ProtobufCEnumDescriptor arbiter__identity__v1__change__kind__descriptor =
   arbiter__identity__v1__change__kind__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCFieldDescriptor arbiter__identity__v1__change__field_descriptors[6] =
+static const ProtobufCFieldDescriptor arbiter__identity__v1__change__field_descriptors[7] =
 {
   {
     "seq",
@@ -1672,11 +1672,24 @@ static const ProtobufCFieldDescriptor arbiter__identity__v1__change__field_descr
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "merge_id",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_INT64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Identity__V1__Change, merge_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__identity__v1__change__field_indices_by_name[] = {
   5,   /* field[5] = at_ms */
   4,   /* field[4] = cause */
   1,   /* field[1] = kind */
+  6,   /* field[6] = merge_id */
   0,   /* field[0] = seq */
   3,   /* field[3] = source_person_ids */
   2,   /* field[2] = target_person_id */
@@ -1684,7 +1697,7 @@ static const unsigned arbiter__identity__v1__change__field_indices_by_name[] = {
 static const ProtobufCIntRange arbiter__identity__v1__change__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 6 }
+  { 0, 7 }
 };
 const ProtobufCMessageDescriptor arbiter__identity__v1__change__descriptor =
 {
@@ -1694,7 +1707,7 @@ const ProtobufCMessageDescriptor arbiter__identity__v1__change__descriptor =
   "Arbiter__Identity__V1__Change",
   "arbiter.identity.v1",
   sizeof(Arbiter__Identity__V1__Change),
-  6,
+  7,
   arbiter__identity__v1__change__field_descriptors,
   arbiter__identity__v1__change__field_indices_by_name,
   1,  arbiter__identity__v1__change__number_ranges,

@@ -63,6 +63,12 @@ struct NormalizationTests {
         ("phone", "0031-6-12345678", "+31612345678"),
         ("phone", "06 12 34 56 78", "+31612345678"),
         ("phone", "(020) 555 1234", "+31205551234"),
+        // The trunk 0 written in an international number: one person, not two.
+        ("phone", "+44 (0)20 7946 0000", "+442079460000"),
+        ("phone", "+31 (0)6 1234 5678", "+31612345678"),
+        ("phone", "+31 06 1234 5678", "+31612345678"),
+        ("phone", "0044 020 7946 0000", "+442079460000"),
+        ("phone", "+39 06 1234 5678", "+390612345678"),  // Italy keeps its 0
         ("customer_id", "  CRM-42 ", "CRM-42"),
         ("device_id", "A1B2", "A1B2"),
         ("cookie_id", "\tabc\n", "abc"),
@@ -217,6 +223,36 @@ struct GraphTests {
             both.personId = a.personId
             _ = try await service.unmerge(both)
         }
+    }
+
+    @Test("undoing an inner merge gives back the persons it had absorbed; the split holds for whoever absorbs them; the feed names each merge")
+    func unmergeInnerMerge() async throws {
+        let service = try makeService()
+        let z = try await service.link([id("cookie_id", "z")])  // the oldest: it survives every merge
+        let a = try await service.link([id("cookie_id", "a")])
+        let b = try await service.link([id("cookie_id", "b")])
+        let c = try await service.link([id("cookie_id", "c")])
+        _ = try await service.link([id("cookie_id", "b"), id("cookie_id", "c")])  // c into b
+        _ = try await service.link([id("cookie_id", "a"), id("cookie_id", "b")])  // b (with c) into a
+        let merges = try await service.feed().changes
+        #expect(merges.map { [$0.targetPersonId, $0.sourcePersonIds.first ?? ""] } == [[b.personId, c.personId], [a.personId, b.personId]])
+        #expect(merges.map(\.mergeId) == [1, 2])
+
+        // Undo b's merge into a, by the id the feed gave: c comes back with b, as its identifier does.
+        var unmerge = IdentityV1.UnmergeRequest()
+        unmerge.personId = a.personId
+        unmerge.mergeId = merges[1].mergeId
+        #expect(try await service.unmerge(unmerge).newPersonId == b.personId)
+        #expect(Set(try await service.person(b.personId).identifiers.compactMap(\.identifier?.value)) == ["b", "c"])
+        // Before, c still pointed at a, which holds none of its identifiers.
+        #expect(try await service.person(c.personId).personId == b.personId)
+
+        // a goes into z; the operator's split of a and b still holds for z.
+        _ = try await service.link([id("cookie_id", "z"), id("cookie_id", "a")])
+        #expect(try await service.person(a.personId).personId == z.personId)
+        let relink = try await service.link([id("cookie_id", "a"), id("cookie_id", "b")], source: "shared laptop")
+        #expect(relink.mergedPersonIds.isEmpty, "before, z absorbed b: the split named a, not z")
+        #expect(relink.conflicts.first?.rule == "unmerged by an operator: \(min(a.personId, b.personId)) and \(max(a.personId, b.personId)) stay apart")
     }
 
     @Test("racing links on overlapping identifiers end in one consistent graph")

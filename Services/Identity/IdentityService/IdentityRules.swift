@@ -84,4 +84,6 @@ enum PhoneRegions {
     static let trunkZero: Set<String> = [
         "GB", "IE", "NL", "BE", "DE", "AT", "CH", "FR", "SE", "FI", "AU", "NZ", "JP", "IN", "ZA",
     ]
+    /// The calling codes of those regions (none is a prefix of another's code followed by 0).
+    static let trunkZeroCodes: [String] = trunkZero.compactMap { callingCode[$0] }.sorted()
 }

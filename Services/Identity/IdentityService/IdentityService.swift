@@ -205,6 +205,7 @@ public struct IdentityService: RPCService {
         wire.sourcePersonIds = change.sources
         wire.cause = change.cause
         wire.atMs = change.atMs
+        wire.mergeId = change.mergeID
         return wire
     }
 }

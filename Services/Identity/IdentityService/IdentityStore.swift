@@ -84,6 +84,16 @@ public final class IdentityStore: Sendable {
                 CREATE INDEX change_by_target ON change(target);
                 """)
         }
+        migrator.registerMigration("v2: merge ids in the feed, absorbed persons indexed") { db in
+            // Every merge re-points the persons its source had absorbed, and erasure and
+            // unmerge look them up: without an index each was a scan of every person.
+            try db.execute(sql: """
+                CREATE INDEX person_by_merged_into ON person(merged_into) WHERE merged_into IS NOT NULL;
+                ALTER TABLE change ADD COLUMN merge_id INTEGER NOT NULL DEFAULT 0;  -- MERGE: the merge, for Unmerge
+                UPDATE change SET merge_id = coalesce((SELECT m.id FROM merge m WHERE m.target = change.target
+                  AND m.source = change.sources AND m.at_ms = change.at_ms ORDER BY m.id LIMIT 1), 0) WHERE kind = 1;
+                """)
+        }
         return migrator
     }
 
@@ -112,6 +122,8 @@ public final class IdentityStore: Sendable {
         public var sources: [String]
         public var cause: String
         public var atMs: Int64
+        /// MERGE: the merge's id (what Unmerge's `merge_id` names); 0 otherwise.
+        public var mergeID: Int64 = 0
     }
 
     public struct Conflict: Hashable, Sendable {
@@ -301,12 +313,23 @@ public final class IdentityStore: Sendable {
                 }
                 guard (row["undone"] as Int) == 0 else { throw StoreError.invalid("merge_id: merge \(mergeID) was already undone") }
                 split = row["source"]
+                guard try String.fetchOne(db, sql: "SELECT state FROM person WHERE id = ?", arguments: [split]) == "merged" else {
+                    throw StoreError.invalid("merge_id: person \(split), merged by merge \(mergeID), was erased since")
+                }
                 moving = try Row.fetchAll(db, sql: """
                     SELECT m.type, m.value FROM merge_member m JOIN identifier i ON i.type = m.type AND i.value = m.value
                     WHERE m.merge_id = ? AND i.person_id = ?
                     """, arguments: [mergeID, survivor]).map { ($0["type"], $0["value"]) }
-                // The former person comes back under its own id, and with the persons it had absorbed.
+                // The former person comes back under its own id, and with the persons it had absorbed:
+                // their identifiers come back with it (merge_member), and so must they (the merge
+                // had pointed them at the survivor). Found through the merges into it, and into them.
                 try db.execute(sql: "UPDATE person SET state = 'active', merged_into = NULL WHERE id = ?", arguments: [split])
+                try db.execute(sql: """
+                    WITH RECURSIVE absorbed(id) AS (
+                      SELECT source FROM merge WHERE target = ?1 AND id < ?2 AND undone = 0
+                      UNION SELECT m.source FROM merge m JOIN absorbed a ON m.target = a.id WHERE m.id < ?2 AND m.undone = 0)
+                    UPDATE person SET merged_into = ?1 WHERE state = 'merged' AND merged_into = ?3 AND id IN (SELECT id FROM absorbed)
+                    """, arguments: [split, mergeID, survivor])
                 try db.execute(sql: "UPDATE merge SET undone = 1 WHERE id = ?", arguments: [mergeID])
             } else {
                 guard !stored.isEmpty else { throw StoreError.invalid("identifiers: name identifiers to detach, or a merge_id") }
@@ -448,11 +471,18 @@ public final class IdentityStore: Sendable {
     /// The rule a merge of `persons` (plus new identifiers) would break, checked in priority order.
     static func mergeBlocker(_ db: Database, persons: [String], adding: [NormalizedIdentifier],
                              rules: IdentityRules) throws -> (rule: String, type: String)? {
+        // An operator's split holds for the persons split and for whoever absorbed them since:
+        // each side is a person with the persons merged into it.
+        let apart = try db.cachedStatement(sql: """
+            SELECT a, b FROM split WHERE
+              (a IN (SELECT ?1 UNION ALL SELECT id FROM person WHERE merged_into = ?1) AND b IN (SELECT ?2 UNION ALL SELECT id FROM person WHERE merged_into = ?2))
+              OR (a IN (SELECT ?2 UNION ALL SELECT id FROM person WHERE merged_into = ?2) AND b IN (SELECT ?1 UNION ALL SELECT id FROM person WHERE merged_into = ?1))
+            LIMIT 1
+            """)
         for (i, a) in persons.enumerated() {
             for b in persons[(i + 1)...] {
-                let (x, y) = a < b ? (a, b) : (b, a)
-                if try Bool.fetchOne(db, sql: "SELECT 1 FROM split WHERE a = ? AND b = ?", arguments: [x, y]) != nil {
-                    return ("unmerged by an operator: \(x) and \(y) stay apart", "")
+                if let row = try Row.fetchOne(apart, arguments: [a, b]) {
+                    return ("unmerged by an operator: \(row[0] as String) and \(row[1] as String) stay apart", "")
                 }
             }
         }
@@ -477,17 +507,17 @@ public final class IdentityStore: Sendable {
         try db.execute(sql: "UPDATE person SET state = 'merged', merged_into = ? WHERE id = ?", arguments: [target, source])
         // Persons merged earlier into the source now point at the target directly.
         try db.execute(sql: "UPDATE person SET merged_into = ? WHERE merged_into = ?", arguments: [target, source])
-        try appendChange(db, .merge, target: target, sources: [source], cause: cause, atMs: atMs)
+        try appendChange(db, .merge, target: target, sources: [source], cause: cause, atMs: atMs, mergeID: mergeID)
     }
 
     /// Appends to the change feed. `seq` is the previous maximum plus one inside the
     /// write transaction: gap-free, and a rolled-back transaction leaves no hole.
     @discardableResult
     static func appendChange(_ db: Database, _ kind: ChangeKind, target: String, sources: [String], cause: String,
-                             atMs: Int64) throws -> Int64 {
+                             atMs: Int64, mergeID: Int64 = 0) throws -> Int64 {
         let seq = (try Int64.fetchOne(db, sql: "SELECT MAX(seq) FROM change") ?? 0) + 1
-        try db.execute(sql: "INSERT INTO change (seq, kind, target, sources, cause, at_ms) VALUES (?, ?, ?, ?, ?, ?)",
-                       arguments: [seq, kind.rawValue, target, sources.joined(separator: ","), cause, atMs])
+        try db.execute(sql: "INSERT INTO change (seq, kind, target, sources, cause, at_ms, merge_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       arguments: [seq, kind.rawValue, target, sources.joined(separator: ","), cause, atMs, mergeID])
         return seq
     }
 
@@ -495,7 +525,7 @@ public final class IdentityStore: Sendable {
         try Row.fetchAll(db, sql: sql, arguments: arguments).map { row in
             ChangeRecord(seq: row["seq"], kind: ChangeKind(rawValue: row["kind"]) ?? .merge, target: row["target"],
                          sources: (row["sources"] as String).split(separator: ",").map(String.init),
-                         cause: row["cause"], atMs: row["at_ms"])
+                         cause: row["cause"], atMs: row["at_ms"], mergeID: row["merge_id"])
         }
     }
 }

@@ -103,7 +103,9 @@ public struct Normalizer: Sendable {
     }
 
     /// E.164: `+` and 8 to 15 digits. Accepts `+31 6 1234 5678`, `0031…`, and national
-    /// numbers (`06 1234 5678`) in the default region.
+    /// numbers (`06 1234 5678`) in the default region. The trunk prefix 0, dialled only at
+    /// home, is dropped however it is written: `+44 (0)20…`, `+31 06…` (not for regions that
+    /// keep the 0 in the international number, such as Italy: `+39 06…`).
     static func e164(_ raw: String, region: String) -> Result<String, RulesError> {
         var text = raw.trimmingCharacters(in: .whitespacesAndNewlines)
         guard !text.isEmpty else { return .failure(RulesError("is empty")) }
@@ -111,7 +113,11 @@ public struct Normalizer: Sendable {
         guard text.allSatisfy({ allowed.contains($0) }) else { return .failure(RulesError("contains characters that are not part of a phone number")) }
         let international = text.hasPrefix("+") || text.hasPrefix("00")
         if text.hasPrefix("00") { text.removeFirst(2) }
+        text = text.replacingOccurrences(of: "(0)", with: "")
         var digits = text.filter(\.isNumber)
+        if international, let code = PhoneRegions.trunkZeroCodes.first(where: { digits.hasPrefix($0 + "0") }) {
+            digits.remove(at: digits.index(digits.startIndex, offsetBy: code.count))
+        }
         if !international {
             guard let code = PhoneRegions.callingCode[region] else { return .failure(RulesError("no default region")) }
             if PhoneRegions.trunkZero.contains(region), digits.hasPrefix("0") { digits.removeFirst() }

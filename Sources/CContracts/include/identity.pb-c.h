@@ -256,10 +256,14 @@ struct  Arbiter__Identity__V1__Change
   char **source_person_ids;
   char *cause;
   int64_t at_ms;
+  /*
+   * MERGE: the merge's id, which Unmerge's merge_id names (History lists them per person).
+   */
+  int64_t merge_id;
 };
 #define ARBITER__IDENTITY__V1__CHANGE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__identity__v1__change__descriptor) \
-    , 0, ARBITER__IDENTITY__V1__CHANGE__KIND__KIND_UNSPECIFIED, (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0 }
+    , 0, ARBITER__IDENTITY__V1__CHANGE__KIND__KIND_UNSPECIFIED, (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0 }
 
 
 typedef enum {

@@ -277,6 +277,8 @@ extension IdentityV1 {
         public var sourcePersonIds: [String] = []
         public var cause: String = ""
         public var atMs: Int64 = 0
+        /// MERGE: the merge's id, which Unmerge's merge_id names (History lists them per person).
+        public var mergeId: Int64 = 0
 
         public struct Kind: ProtoEnum {
             public var rawValue: Int32
@@ -300,6 +302,7 @@ extension IdentityV1 {
             sourcePersonIds = reader.repeatedString(4)
             cause = reader.string(5)
             atMs = reader.int64(6)
+            mergeId = reader.int64(7)
         }
         public func write(to writer: ProtoWriter) {
             writer.setUint64(1, seq)
@@ -308,6 +311,7 @@ extension IdentityV1 {
             writer.setRepeatedString(4, sourcePersonIds)
             writer.setString(5, cause)
             writer.setInt64(6, atMs)
+            writer.setInt64(7, mergeId)
         }
     }
 
