@@ -122,12 +122,13 @@ public struct IdentityService: RPCService {
         let ids = request.identifiers.isEmpty ? [] : try normalized(request.identifiers).usable
         guard request.reason.count <= 512 else { throw RPCError.invalidArgument(field: "reason", "is longer than 512 characters") }
         let reason = request.reason.isEmpty ? "unmerge" : request.reason
-        let split = try await mapped {
+        let (survivor, split) = try await mapped {
             try await store.unmerge(personID: person, identifiers: ids, mergeID: request.mergeId == 0 ? nil : request.mergeId,
                                     reason: reason, nowMs: clock())
         }
         var response = IdentityV1.UnmergeResponse()
-        response.personId = try await mapped { try await store.person(person).id }
+        // The person split from: given a merged-away id (even the one split off), its survivor.
+        response.personId = survivor
         response.newPersonId = split
         return response
     }

@@ -259,8 +259,13 @@ public final class IdentityStore: Sendable {
                 // No merge. New identifiers join the person of the highest-priority identifier.
                 target = self.bestPerson(owners.map { ($0.type, $0.person) }, oldestFirst: persons)!
                 conflicts.append(Conflict(rule: blocked.rule, identifierType: blocked.type, personIDs: persons))
-                try db.execute(sql: "INSERT INTO conflict (person_ids, rule, identifier_type, cause, at_ms) VALUES (?, ?, ?, ?, ?)",
-                               arguments: [persons.joined(separator: ","), blocked.rule, blocked.type, source, observedAtMs])
+                // Once per persons, rule and type: the same evidence replayed is not a new conflict
+                // (and History reads every conflict row).
+                try db.execute(sql: """
+                    INSERT INTO conflict (person_ids, rule, identifier_type, cause, at_ms)
+                    SELECT ?1, ?2, ?3, ?4, ?5 WHERE NOT EXISTS
+                      (SELECT 1 FROM conflict WHERE person_ids = ?1 AND rule = ?2 AND identifier_type = ?3)
+                    """, arguments: [persons.joined(separator: ","), blocked.rule, blocked.type, source, observedAtMs])
             } else {
                 // Merge everything into the oldest person.
                 target = persons[0]
@@ -298,9 +303,10 @@ public final class IdentityStore: Sendable {
     }
 
     /// Detaches `identifiers` from `personID` into a new person, or, with `mergeID`, gives
-    /// the person merged by that merge its identifiers back. Returns the person split off.
+    /// the person merged by that merge its identifiers back. Returns the person split from
+    /// (the one `personID` names now) and the person split off.
     public func unmerge(personID: String, identifiers: [NormalizedIdentifier], mergeID: Int64?, reason: String,
-                        nowMs: Int64) async throws -> String {
+                        nowMs: Int64) async throws -> (survivor: String, split: String) {
         let stored = identifiers.map { ($0.type, normalizer.storedValue($0)) }
         return try writing { db in
             let survivor = try Self.survivor(db, personID)
@@ -350,7 +356,7 @@ public final class IdentityStore: Sendable {
             let (a, b) = survivor < split ? (survivor, split) : (split, survivor)
             try db.execute(sql: "INSERT OR IGNORE INTO split (a, b) VALUES (?, ?)", arguments: [a, b])
             try Self.appendChange(db, .unmerge, target: survivor, sources: [split], cause: reason, atMs: nowMs)
-            return split
+            return (survivor, split)
         }
     }
 
