@@ -96,6 +96,13 @@ func dispatching<T: Sendable>(_ service: RoutingService, _ body: @Sendable () as
 
 func now() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
 
+/// Runs the dispatcher until `deliveries` are sent (events are reported on sent deliveries only).
+func send(_ routing: RoutingService, _ deliveries: RoutingV1.Delivery...) async throws {
+    try await dispatching(routing) {
+        for d in deliveries { try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .sent } }
+    }
+}
+
 @Suite("routing: timing")
 struct TimingTests {
     let quiet = QuietHours(start: "21:00", end: "08:00")!
@@ -460,10 +467,11 @@ struct RoutingTests {
         try await withRouting(clock: clock) { routing, profile, _ in
             try seedReachable(profile.store, "p", at: june1 - day)
             let d = try await routing.route(routeRequest("p", key: "u1", channels: [.email], critical: true))
+            try await send(routing, d)
             clock.advance(seconds: 60)
             let after = try await routing.report(event(d.deliveryId, .unsubscribed))
             let again = try await routing.report(event(d.deliveryId, .unsubscribed))
-            #expect(after.events.count == 1 && again.events.count == 1)
+            #expect(after.events.map(\.kind) == [.sent, .unsubscribed] && again.events.count == 2)
             var consent = ProfileV1.GetConsentRequest()
             consent.person = personRef("p")
             let current = try await profile.getConsent(consent).current.first { $0.purpose == "marketing" && $0.channel == .email }
@@ -486,12 +494,16 @@ struct RoutingTests {
             try seedReachable(profile.store, "p", at: june1 - day)
             let store = routing.store
             func stored(_ d: RoutingV1.Delivery) throws -> RoutingV1.Delivery { try #require(try store.delivery(d.deliveryId)) }
+            // Sent already: the person will unsubscribe from the email and the push token bounce.
+            let email = try await routing.route(routeRequest("p", key: "k0e", channels: [.email], critical: true))
+            let push = try await routing.route(routeRequest("p", key: "k0p", channels: [.push], critical: true))
+            try await send(routing, email, push)
             let first = try await routing.route(routeRequest("p", key: "k1", channels: [.email], critical: true))
             let second = try await routing.route(routeRequest("p", key: "k2", channels: [.email, .push]))
             let third = try await routing.route(routeRequest("p", key: "k3", channels: [.push, .webhook], critical: true))
             #expect(second.state == .scheduled && second.channel == .email && second.sendAtMs == june1)
             clock.advance(seconds: 60)
-            _ = try await routing.report(event(first.deliveryId, .unsubscribed))
+            _ = try await routing.report(event(email.deliveryId, .unsubscribed))
             let at = june1 + 61_000
 
             // Planned before the unsubscribe: email is refused now, push is its fallback.
@@ -502,9 +514,14 @@ struct RoutingTests {
             #expect(try store.beforeSending(first, nowMs: at) == nil)
             let stopped = try stored(first)
             #expect(stopped.state == .suppressed && stopped.suppressionReason == "no_consent" && stopped.events.last?.kind == .suppressed)
+            // Nothing was sent to unsubscribe from (before, an unsubscribe on a delivery
+            // suppressed when planned, with no channel, opted the person out of every channel).
+            await #expect(throws: RPCError(.failedPrecondition, "delivery_id: delivery \(first.deliveryId) was suppressed, never sent")) {
+                _ = try await routing.report(event(first.deliveryId, .unsubscribed))
+            }
 
             // A hard bounce of the push token since it was planned: on to the webhook.
-            _ = try await routing.report(event(second.deliveryId, .bounced, hard: true))
+            _ = try await routing.report(event(push.deliveryId, .bounced, hard: true))
             #expect(try store.beforeSending(third, nowMs: at)?.channel == .webhook)
 
             // Quiet hours: a normal message due at 22:00 in Paris waits until 08:00; a critical one goes.
@@ -530,7 +547,17 @@ struct RoutingTests {
                 try await waitFor { try store.delivery(second.deliveryId)?.state == .suppressed }
             }
             #expect(try stored(third).channel == .webhook && stored(second).suppressionReason == "unreachable")
-            #expect(sink.requests.compactMap { $0.headers["x-arbiter-delivery"] } == [third.deliveryId])
+            #expect(Set(sink.requests.compactMap { $0.headers["x-arbiter-delivery"] }) == Set([email, push, third].map(\.deliveryId)))
+            #expect(sink.requests.count == 3)
+
+            // ListDeliveries: newest first, by creation (before, by send time: a suppressed one,
+            // with none, came after every scheduled one).
+            clock.advance(seconds: 1)
+            let tomorrow = try await routing.route(routeRequest("p", key: "k7", channels: [.webhook], notBefore: june1 + day))
+            clock.advance(seconds: 1)
+            let expired = try await routing.route(routeRequest("p", key: "k8", channels: [.webhook], notAfter: june1 + 60_000))
+            #expect(tomorrow.state == .scheduled && expired.suppressionReason == "expired")
+            #expect(try store.deliveries(person: "p", limit: 2).map(\.deliveryId) == [expired.deliveryId, tomorrow.deliveryId])
         }
     }
 
@@ -539,9 +566,7 @@ struct RoutingTests {
         try await withRouting { routing, profile, _ in
             try seedReachable(profile.store, "p", at: now() - day)
             let d = try await routing.route(routeRequest("p", key: "b1", channels: [.push, .webhook], critical: true))
-            try await dispatching(routing) {
-                try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .sent }
-            }
+            try await send(routing, d)
             _ = try await routing.report(event(d.deliveryId, .bounced))  // soft: nothing changes
             #expect(try routing.store.evidence(person: "p").person.unreachable.isEmpty)
             // Before, this was dropped as a second BOUNCED on the delivery.
@@ -567,8 +592,16 @@ struct RoutingTests {
             try seedReachable(profile.store, "a", at: june1 - day)
             try seedReachable(profile.store, "b", at: june1 - day)
             let d = try await routing.route(routeRequest("a", key: "m1", channels: [.email], critical: true))
+            try await send(routing, d)
             _ = try await routing.report(event(d.deliveryId, .bounced, hard: true))
+            // Both opted out of marketing by SMS: the newer record stays with the survivor, unsynced
+            // (before, a's was dropped and b kept its older one).
+            try await routing.store.pool.write { db in
+                try db.execute(sql: "INSERT INTO opt_out VALUES ('b', 'marketing', 2, ?, 'routing:unsubscribe', 1), ('a', 'marketing', 2, ?, 'routing:complaint', 0)",
+                               arguments: [june1 - day, june1 - hour])
+            }
             try routing.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: june1)
+            #expect(try routing.store.unsyncedOptOuts(limit: 10) == [RoutingStore.OptOut(person: "b", purpose: "marketing", channel: .sms, atMs: june1 - hour, source: "routing:complaint")])
             #expect(try routing.store.deliveries(person: "b", limit: 10).map(\.deliveryId) == [d.deliveryId])
             #expect(try routing.store.deliveries(person: "a", limit: 10).isEmpty)
             #expect(try routing.store.evidence(person: "b").person.unreachable.contains(Evidence.unreachableKey(.email, "a@example.com")))

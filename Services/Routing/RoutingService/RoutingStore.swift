@@ -128,10 +128,11 @@ public final class RoutingStore: Sendable {
         }
     }
 
-    /// A person's deliveries, newest send time first.
+    /// A person's deliveries, newest first (by creation: delivery ids are time-ordered; send
+    /// times are not, and a suppressed delivery has none).
     func deliveries(person: String, limit: Int) throws -> [RoutingV1.Delivery] {
         try pool.read { db in
-            try Data.fetchAll(db, sql: "SELECT record FROM delivery WHERE person_id = ? ORDER BY send_at_ms DESC, delivery_id DESC LIMIT ?",
+            try Data.fetchAll(db, sql: "SELECT record FROM delivery WHERE person_id = ? ORDER BY delivery_id DESC LIMIT ?",
                               arguments: [person, limit]).map(Self.record)
         }
     }
@@ -468,6 +469,13 @@ public final class RoutingStore: Sendable {
     func report(_ id: String, kind: RoutingV1.DeliveryEventKind, hardBounce: Bool, atMs: Int64) throws -> (RoutingV1.Delivery, OptOut?)? {
         try pool.write { db in
             guard var d = try Self.load(db, id) else { return nil }
+            // A suppressed delivery was never sent: nothing to open, bounce or unsubscribe from
+            // (one suppressed when planned has no channel, and an unsubscribe there read as one
+            // from every channel). A scheduled one may be in flight: a receiver can report
+            // before the send is recorded.
+            guard d.state != .suppressed || d.events.contains(where: { $0.kind == .sent }) else {
+                throw RPCError(.failedPrecondition, "delivery_id: delivery \(id) was suppressed, never sent")
+            }
             try db.execute(sql: "INSERT OR IGNORE INTO delivery_event (delivery_id, channel, kind, at_ms) VALUES (?, ?, ?, ?)",
                            arguments: [id, d.channel.rawValue, Self.eventKey(kind, hardBounce: hardBounce), atMs])
             guard db.changesCount > 0 else { return (d, nil) }
@@ -591,9 +599,15 @@ extension RoutingStore: IdentityChangeSink {
             try db.execute(sql: "INSERT OR REPLACE INTO engagement (person_id, key, sends, engaged, updated_ms) VALUES (?, ?, ?, ?, ?)",
                            arguments: [target, key, sum.sends, sum.engaged, nowMs])
         }
-        for table in ["unreachable", "opt_out"] {
-            try db.execute(sql: "UPDATE OR IGNORE \(table) SET person_id = ? WHERE person_id = ?", arguments: [target, source])
-        }
+        try db.execute(sql: "UPDATE OR IGNORE unreachable SET person_id = ? WHERE person_id = ?", arguments: [target, source])
+        // Both persons opted out of the same purpose and channel: the newer record stays, unsynced
+        // when it is (it must still reach the profile service).
+        try db.execute(sql: """
+            INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced)
+              SELECT ?1, purpose, channel, at_ms, source, synced FROM opt_out WHERE person_id = ?2 AND true
+            ON CONFLICT (person_id, purpose, channel) DO UPDATE SET at_ms = excluded.at_ms, source = excluded.source,
+              synced = excluded.synced WHERE excluded.at_ms > opt_out.at_ms
+            """, arguments: [target, source])
         for table in ["engagement", "unreachable", "opt_out"] {
             try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [source])
         }

@@ -353,7 +353,7 @@ extension RoutingV1 {
         /// reachability and consent. Idempotent per delivery and kind.
         public static let reportDeliveryEvent = MethodDescriptor<RoutingV1.ReportDeliveryEventRequest, RoutingV1.Delivery>(service: name, method: "ReportDeliveryEvent", isIdempotent: true)
         public static let getDelivery = MethodDescriptor<RoutingV1.GetDeliveryRequest, RoutingV1.Delivery>(service: name, method: "GetDelivery", isIdempotent: true)
-        /// A person's deliveries, newest first.
+        /// A person's deliveries, newest first (by creation).
         public static let listDeliveries = MethodDescriptor<RoutingV1.ListDeliveriesRequest, RoutingV1.ListDeliveriesResponse>(service: name, method: "ListDeliveries", isIdempotent: true)
         /// Puts a dead-lettered delivery back in the outbox, attempts reset.
         public static let retryDeadLetter = MethodDescriptor<RoutingV1.RetryDeadLetterRequest, RoutingV1.Delivery>(service: name, method: "RetryDeadLetter", isIdempotent: true)
