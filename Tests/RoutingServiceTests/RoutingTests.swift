@@ -304,6 +304,33 @@ struct RoutingTests {
         }
     }
 
+    @Test("a cap holds over any window of its length: deliveries on both sides of the send time that no single window holds do not block it")
+    func capWindows() async throws {
+        // Before: everything within 24 hours either side counted, 3 here.
+        #expect(RoutingStore.busiestWindow([-20 * hour, -19 * hour, 20 * hour], around: 0, length: day) == 2)
+        #expect(RoutingStore.busiestWindow([-20 * hour, -19 * hour, 3 * hour], around: 0, length: day) == 3)
+        #expect(RoutingStore.busiestWindow([-day, day], around: 0, length: day) == 0)  // windows are [s, s + 24 h)
+        #expect(RoutingStore.busiestWindow([], around: 0, length: day) == 0)
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }
+        try await withRouting(clock: clock, configure: {
+            ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (3, 100, 100, 100)
+        }) { routing, profile, _ in
+            try seedReachable(profile.store, "p", at: june1 - day)
+            // Two deliveries this afternoon, one the morning after tomorrow.
+            for (key, at) in [("w1", june1 + hour), ("w2", june1 + 2 * hour), ("w3", june1 + 45 * hour)] {
+                #expect(try await routing.route(routeRequest("p", key: key, channels: [.webhook], notBefore: at)).state == .scheduled)
+            }
+            // Tomorrow morning: all three are within 24 hours of it, but any 24 hours holding it
+            // hold two of them at most.
+            let morning = try await routing.route(routeRequest("p", key: "w4", channels: [.webhook], notBefore: june1 + 22 * hour))
+            #expect(morning.state == .scheduled, "\(morning.suppressionDetail)")
+            // One more there fills a window: the 24 hours from this afternoon's first would hold four.
+            let more = try await routing.route(routeRequest("p", key: "w5", channels: [.webhook], notBefore: june1 + 22 * hour))
+            #expect(more.state == .suppressed && more.suppressionReason == "capped", "\(more.state)")
+        }
+    }
+
     @Test("send time: the person's best hour from their opens, else the population's")
     func sendTime() async throws {
         let clock = TestClock()

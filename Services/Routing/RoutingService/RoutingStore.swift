@@ -208,15 +208,17 @@ public final class RoutingStore: Sendable {
         return .stored(d)
     }
 
-    /// Caps count the person's scheduled and sent deliveries within a day (a week) either
-    /// side of the planned send time: no 24-hour (7-day) window around it goes over.
+    /// Caps hold over any 24 hours (7 days): the person's scheduled and sent deliveries in
+    /// the busiest window of that length that contains the planned send time, this one
+    /// included, may not go over.
     private func applyCaps(_ db: Database, _ d: inout RoutingV1.Delivery) throws {
         let day: Int64 = 86_400_000, week = 7 * day, t = d.sendAtMs
         let rows = try Row.fetchAll(db.cachedStatement(sql: """
             SELECT channel, send_at_ms FROM delivery WHERE person_id = ? AND send_at_ms > ? AND send_at_ms < ? AND state IN (1, 3)
             """), arguments: [d.personId, t - week, t + week])
         let others = rows.map { (channel: $0[0] as Int32, at: $0[1] as Int64) }
-        let dayTotal = others.filter { abs($0.at - t) < day }.count
+        let dayTotal = Self.busiestWindow(others.map(\.at), around: t, length: day)
+        let weekTotal = Self.busiestWindow(others.map(\.at), around: t, length: week)
         let c = configuration
         func suppress(_ detail: String) {
             d.state = .suppressed
@@ -230,15 +232,16 @@ public final class RoutingStore: Sendable {
             d.sendTimeReason = ""
         }
         if dayTotal >= c.capPerDay { return suppress("\(dayTotal) deliveries within 24 hours (cap \(c.capPerDay))") }
-        if others.count >= c.capPerWeek { return suppress("\(others.count) deliveries within 7 days (cap \(c.capPerWeek))") }
+        if weekTotal >= c.capPerWeek { return suppress("\(weekTotal) deliveries within 7 days (cap \(c.capPerWeek))") }
         var chosen: [CommonV1.Channel] = []
         for i in d.channels.indices where d.channels[i].excluded.isEmpty {
             let channel = d.channels[i].channel
-            let mine = others.filter { $0.channel == channel.rawValue }
-            let perDay = mine.filter { abs($0.at - t) < day }.count
-            if perDay >= c.capPerChannelPerDay || mine.count >= c.capPerChannelPerWeek {
+            let mine = others.filter { $0.channel == channel.rawValue }.map(\.at)
+            let perDay = Self.busiestWindow(mine, around: t, length: day)
+            let perWeek = Self.busiestWindow(mine, around: t, length: week)
+            if perDay >= c.capPerChannelPerDay || perWeek >= c.capPerChannelPerWeek {
                 d.channels[i].excluded = "capped"
-                d.channels[i].detail = "\(perDay) within 24 hours (cap \(c.capPerChannelPerDay)), \(mine.count) within 7 days (cap \(c.capPerChannelPerWeek))"
+                d.channels[i].detail = "\(perDay) within 24 hours (cap \(c.capPerChannelPerDay)), \(perWeek) within 7 days (cap \(c.capPerChannelPerWeek))"
             } else {
                 chosen.append(channel)
             }
@@ -247,6 +250,18 @@ public final class RoutingStore: Sendable {
         d.channel = first
         d.address = d.channels.first { $0.channel == first }!.address
         d.fallbackChannels = Array(chosen.dropFirst())
+    }
+
+    /// The most of `times` in one window `length` long that also holds `t` (windows
+    /// [s, s + length) with t - length < s <= t).
+    static func busiestWindow(_ times: [Int64], around t: Int64, length: Int64) -> Int {
+        let near = times.filter { $0 > t - length && $0 < t + length }.sorted()
+        // The busiest such window starts at one of the times, or at t itself.
+        var best = 0
+        for start in near.filter({ $0 <= t }) + [t] {
+            best = max(best, near.count { $0 >= start && $0 < start + length })
+        }
+        return best
     }
 
     // MARK: - Judged again at send time
