@@ -335,6 +335,14 @@ struct FeedAndErasureTests {
         #expect(try await service.person(keep.personId).identifiers.count == 1)
         let last = try await service.feed().changes.last!
         #expect(last.kind == .erase && last.seq == erased.changeSeq)
+        // Again, by either id (a retry after a failed WAL truncation): the same erasure, nothing
+        // more removed, no new change. Before, NOT_FOUND, and the truncation was never redone.
+        for person in [a.personId, b.personId] {
+            erase.target = .personId(person)
+            let again = try await service.erase(erase)
+            #expect(again.changeSeq == erased.changeSeq && again.identifiersRemoved == 0)
+        }
+        #expect(try await service.feed().changes.last!.seq == erased.changeSeq)
     }
 
     @Test("privacy mode stores keyed hashes only, and lookups still work")

@@ -362,9 +362,20 @@ public final class IdentityStore: Sendable {
 
     /// Erases a person (with every person merged into it): identifiers, merge records and
     /// conflicts go; a tombstone without personal data stays; the change feed says so.
+    /// Erasing an erased person again answers its erasure's change and truncates the WAL
+    /// again: a retry completes an erasure whose truncation failed (the rows were deleted,
+    /// their old pages may still be in the WAL).
     public func erase(personID: String, nowMs: Int64) async throws -> (seq: Int64, removed: Int) {
         let result = try writing { db -> (Int64, Int) in
-            let survivor = try Self.survivor(db, personID)
+            let survivor: String
+            do {
+                survivor = try Self.survivor(db, personID)
+            } catch StoreError.personErased {
+                let seq = try Int64.fetchOne(db, sql: """
+                    SELECT max(seq) FROM change WHERE kind = ?1 AND (target = ?2 OR ',' || sources || ',' LIKE '%,' || ?2 || ',%')
+                    """, arguments: [ChangeKind.erase.rawValue, personID]) ?? 0
+                return (seq, 0)
+            }
             let absorbed = try String.fetchAll(db, sql: "SELECT id FROM person WHERE merged_into = ?", arguments: [survivor])
             let all = [survivor] + absorbed
             var removed = 0
