@@ -38,9 +38,15 @@ struct DeadlineQueue {
         return due
     }
 
-    /// Drops the calls at the front that have finished (`isPending` false).
-    mutating func dropFinished(_ isPending: (UInt32) -> Bool) {
+    /// Drops the calls at the front that have finished (`isPending` false), and all finished
+    /// calls once they outnumber the `pending` ones (a slow call at the front would otherwise
+    /// keep every later one's entry until it ends).
+    mutating func dropFinished(pending: Int, _ isPending: (UInt32) -> Bool) {
         while head < entries.count, !isPending(entries[head].id) { head += 1 }
+        if count > 2 * pending + 64 {
+            entries = entries[head...].filter { isPending($0.id) }
+            head = 0
+        }
         compact()
     }
 

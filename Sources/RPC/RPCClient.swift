@@ -342,11 +342,11 @@ final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
         switch unwrapInboundIn(data) {
         case .frame(let header, let payload):
             guard header.kind == .response, let promise = pending.removeValue(forKey: header.streamID) else { return }
-            deadlines.dropFinished { pending[$0] != nil }
+            deadlines.dropFinished(pending: pending.count) { pending[$0] != nil }
             promise.succeed(payload)
         case .oversize(let header):
             guard let promise = pending.removeValue(forKey: header.streamID) else { return }
-            deadlines.dropFinished { pending[$0] != nil }
+            deadlines.dropFinished(pending: pending.count) { pending[$0] != nil }
             promise.fail(RPCError(.resourceExhausted, "response length \(header.length) exceeds the maximum message size"))
         }
     }

@@ -70,6 +70,11 @@ public final class RPCServer: Service, Sendable {
         self.listening = group.next().makePromise(of: SocketAddress.self)
     }
 
+    /// A server that never ran leaves no promise unanswered (a completed one stays as it is).
+    deinit {
+        listening.fail(CancellationError())
+    }
+
     /// The address the server listens on, once it does (fails if binding fails).
     public func listeningAddress() async throws -> SocketAddress {
         try await listening.futureResult.get()
@@ -387,6 +392,12 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     private var inReadCycle = false
     private var needsFlush = false
     private var flushScheduled = false
+    /// False while the socket's send buffer is over its high-water mark (a client not reading
+    /// its answers): reads are held until it drains, so answers cannot pile up in memory.
+    private var writable = true
+    /// The last answer written: a closing connection closes once it is sent (a close cancels
+    /// the writes still pending).
+    private var lastWrite: EventLoopFuture<Void>?
 
     init(server: RPCServer, limit: Int, logger: Logger, executor: EventLoopTaskExecutor, handlersOnEventLoop: Bool) {
         self.server = server
@@ -397,6 +408,8 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     }
 
     private var busy: Bool { running.count >= limit || queueHead < queued.count }
+    /// Reads wait while calls are at the limit or answers are not being read.
+    private var holdReads: Bool { busy || !writable }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         inReadCycle = true
@@ -472,7 +485,7 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
 
     private func finished(_ context: ChannelHandlerContext, _ streamID: UInt32, _ frame: OutboundFrame) {
         guard running.removeValue(forKey: streamID) != nil else { return }  // connection already gone
-        deadlines.dropFinished { running[$0] != nil }
+        deadlines.dropFinished(pending: running.count) { running[$0] != nil }
         if expired.remove(streamID) == nil { write(context, frame) }
         while running.count < limit && queueHead < queued.count {
             let call = queued[queueHead]
@@ -483,17 +496,29 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
             queued.removeAll(keepingCapacity: true)
             queueHead = 0
         }
-        if readHeld && !busy {
+        resumeReads(context)
+        closeIfDrained(context)
+    }
+
+    private func resumeReads(_ context: ChannelHandlerContext) {
+        if readHeld && !holdReads {
             readHeld = false
             context.read()
         }
-        closeIfDrained(context)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        writable = context.channel.isWritable
+        resumeReads(context)
+        context.fireChannelWritabilityChanged()
     }
 
     /// Writes an answer. Answers are flushed once per read cycle, or once per turn of the
     /// event loop for those that finish outside one: one syscall for many answers under load.
     private func write(_ context: ChannelHandlerContext, _ frame: OutboundFrame) {
-        context.write(wrapOutboundOut(frame), promise: nil)
+        let written = context.eventLoop.makePromise(of: Void.self)
+        context.write(wrapOutboundOut(frame), promise: written)
+        lastWrite = written.futureResult
         needsFlush = true
         if !inReadCycle && !flushScheduled {
             flushScheduled = true
@@ -520,7 +545,7 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     }
 
     func read(context: ChannelHandlerContext) {
-        if busy { readHeld = true } else { context.read() }
+        if holdReads { readHeld = true } else { context.read() }
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -537,7 +562,11 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     private func closeIfDrained(_ context: ChannelHandlerContext) {
         if inputClosed && running.isEmpty && queueHead == queued.count {
             flushIfNeeded(context)
-            context.close(promise: nil)
+            // Once the last answer is sent (writes complete in order), not before: a close
+            // fails the writes still pending, and the client would get a cut frame.
+            guard let lastWrite else { return context.close(promise: nil) }
+            let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+            lastWrite.whenComplete { _ in boundContext.value.close(promise: nil) }
         }
     }
 

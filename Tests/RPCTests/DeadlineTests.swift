@@ -21,10 +21,23 @@ struct DeadlineTests {
         queue.add(7, deadline: t0 + .seconds(3))
         #expect(queue.popDue(now: t0) == [])
         #expect(queue.popDue(now: t0 + .seconds(3)) == [3, 5, 7])
-        queue.dropFinished { $0 == 1 }  // 1 is still in flight: it stays
+        queue.dropFinished(pending: 1) { $0 == 1 }  // 1 is still in flight: it stays
         #expect(queue.count == 1)
-        queue.dropFinished { _ in false }
+        queue.dropFinished(pending: 0) { _ in false }
         #expect(queue.isEmpty)
+
+        // A slow call at the front: the finished calls behind it do not pile up (before, every
+        // one stayed until the slow one ended).
+        queue.add(1, deadline: t0 + .seconds(3600))
+        var pending: Set<UInt32> = [1]
+        for id in stride(from: UInt32(3), to: 20_003, by: 2) {
+            queue.add(id, deadline: t0 + .seconds(7200))
+            pending.insert(id)
+            pending.remove(id)  // answered at once
+            queue.dropFinished(pending: pending.count) { pending.contains($0) }
+        }
+        #expect(queue.count <= 2 * pending.count + 64)
+        #expect(queue.popDue(now: t0 + .seconds(3600)) == [1])
     }
 
     @Test("the server answers DEADLINE_EXCEEDED at a short deadline sent after a long one on the same connection, and at the long one later")
