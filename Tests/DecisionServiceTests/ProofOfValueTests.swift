@@ -428,6 +428,24 @@ struct ProofOfValueTests {
         #expect(report.expectedControlShare == 0.3 && !report.srmWarning)
         #expect(report.absoluteLift > 0.05 && report.absoluteLiftCi95!.low > 0, "\(report)")
 
+        // A held-out person who buys the upsell anyway: the conversion is reported on the action
+        // held out (before, refused: "did not offer"), counts for the control side, and teaches
+        // nothing.
+        var control: DecisionV1.DecideResponse?
+        var tried = 0
+        for n in 0..<100 where control == nil {
+            tried += 1
+            let response = try await decision.decide(decideRequest("anyway-\(n)"))
+            if response.heldOutActions == ["upsell"] { control = response }
+        }
+        let withheld = try #require(control)
+        let arms = decision.store.memory.withLock { $0.arms }
+        _ = try await decision.outcome("anyway", withheld, .conversion, action: "upsell")
+        #expect(decision.store.memory.withLock { $0.arms } == arms)
+        let after = try decision.liftReport(liftRequest(action: "upsell"))
+        #expect(after.control!.convertedPersons == report.control!.convertedPersons + 1)
+        await #expect(throws: RPCError.self) { _ = try await decision.outcome("never", withheld, .conversion, action: "nothing-like-it") }
+
         // A ban on the action counts its persons as treated (intent to treat): the split stays
         // as drawn, with no sample-ratio warning, where dropping them would leave mostly control.
         var ban = DecisionV1.Override()
@@ -439,7 +457,7 @@ struct ProofOfValueTests {
         let banned = try await drive(decision, persons: 2000..<2400, truth: ["upsell": 0.25, "plain": 0.05], clock: clock, seed: 4)
         #expect(banned.count { $0.explanations.contains { $0.excludedBy.hasPrefix("override: banned by") } } > 200)
         let withBan = try decision.liftReport(liftRequest(action: "upsell"))
-        #expect(withBan.control!.persons + withBan.treated!.persons == 2400)
+        #expect(withBan.control!.persons + withBan.treated!.persons == UInt64(2400 + tried))
         #expect(!withBan.srmWarning, "\(withBan)")
 
         // Without a holdout there is nothing to compare with, and the report says so.

@@ -658,7 +658,7 @@ public struct DecisionService: RPCService {
             throw RPCError(.notFound, "decision_id: no decision \"\(request.decisionId)\"")
         }
         guard offered.arms[request.actionId] != nil else {
-            throw RPCError.invalidArgument(field: "action_id", "decision \(request.decisionId) did not offer \"\(request.actionId)\"")
+            throw RPCError.invalidArgument(field: "action_id", "decision \(request.decisionId) did not offer or hold out \"\(request.actionId)\"")
         }
         // An outcome cannot precede its decision; a client's clock may be off by up to the
         // tolerance `ClientTime` allows ahead. (A time in seconds, not milliseconds, lands here.)

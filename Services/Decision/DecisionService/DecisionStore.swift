@@ -37,7 +37,7 @@ public final class DecisionStore: Sendable {
     struct Contacts: Sendable {
         var pending: [String: [PendingOffer]] = [:]
         var recent: RecentHistory
-        /// The latest decisions that offered something, by id, for ReportOutcome.
+        /// The latest decisions that offered (or held out) something, by id, for ReportOutcome.
         var decisions = FIFOCache<String, Offered>(capacity: DecisionStore.recentDecisions)
         /// Persons the identity feed recently merged into another: a decision or outcome in
         /// flight for one when the merge came is logged for the survivor. (Only calls in
@@ -71,7 +71,9 @@ public final class DecisionStore: Sendable {
     static let recentDecisions = 100_000
 
     /// What an outcome needs of the decision it names: for whom it was made and, per offered
-    /// action, the arms an outcome on it teaches.
+    /// action, the arms an outcome on it teaches. An action the decision held out (its
+    /// holdout) takes outcomes too and teaches nothing: a held-out person who converts anyway
+    /// is the control LiftReport compares with.
     struct Offered: Sendable {
         var personId: String
         var decidedAtMs: Int64
@@ -81,6 +83,12 @@ public final class DecisionStore: Sendable {
             personId = record.personId
             decidedAtMs = record.decidedAtMs
             arms = Dictionary(record.actions.map { ($0.actionId, ArmKey.learned($0.actionId, in: record)) }) { first, _ in first }
+            for held in record.heldOutActions where arms[held] == nil { arms[held] = [] }
+        }
+
+        /// Whether an outcome may name a decision: it offered or held out an action.
+        static func takesOutcomes(_ record: DecisionV1.DecisionRecord) -> Bool {
+            !record.actions.isEmpty || !record.heldOutActions.isEmpty
         }
     }
 
@@ -546,13 +554,13 @@ public final class DecisionStore: Sendable {
             try writeArms(db, changedArms)
             // Built before taking the lock, which Decide's history reads wait for.
             let offered = entries.map { entry -> Offered? in
-                guard case .decision(let record, _, _) = entry, !record.actions.isEmpty else { return nil }
+                guard case .decision(let record, _, _) = entry, Offered.takesOutcomes(record) else { return nil }
                 return Offered(record)
             }
             contacts.withLock { contacts in
                 for (i, (entry, new)) in zip(entries, written).enumerated() {
                     switch entry {
-                    case .decision(let record, _, _) where !record.actions.isEmpty:
+                    case .decision(let record, _, _) where Offered.takesOutcomes(record):
                         contacts.decisions.insert(record.decisionId, offered[i]!)
                         guard !record.personId.isEmpty else { break }
                         for action in record.actions {
