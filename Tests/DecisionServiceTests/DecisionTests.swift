@@ -411,6 +411,10 @@ struct DecisionTests {
         // b inherits a's offer: the cap of one per day is taken.
         let b = try await decision.decide(decideRequest("person-b", explain: true))
         #expect(b.actions.isEmpty && b.explanations.first?.excludedBy.hasPrefix("cap") == true, "\(b.explanations)")
+        // A client still holding a's id, with no profile service to say a is b now (degraded):
+        // decided and logged for b, capped as b. Before, for a, with a's empty history.
+        let stale = try await decision.decide(decideRequest("person-a", explain: true))
+        #expect(stale.degraded && stale.personId == "person-b" && stale.actions.isEmpty, "\(stale)")
         #expect(try decision.store.decision(a.decisionId)?.personId == "person-b")
         #expect(try decision.store.history(person: "person-b", sinceMs: 0).outcomes.count == 1)
         #expect(try decision.store.history(person: "person-a", sinceMs: 0).offers.isEmpty)

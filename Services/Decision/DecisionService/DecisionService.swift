@@ -243,10 +243,13 @@ public struct DecisionService: RPCService {
             case .failed(let reason): reasons.append(reason)
             }
         }
-        if let id = person.id {
+        if let given = person.id {
             // No new data is kept for an erased person (the profile service refuses it too, with
-            // a NOT_FOUND that would read here as a person not seen yet).
-            guard !store.isErased(id) else { throw RPCError(.notFound, "person.person_id: person \(id) was erased") }
+            // a NOT_FOUND that would read here as a person not seen yet). A person merged away
+            // is the survivor, also when the profile service cannot say so (degraded): its
+            // holdout side, caps and log are the survivor's.
+            guard let id = store.currentPerson(given) else { throw RPCError(.notFound, "person.person_id: person \(given) was erased") }
+            person.id = id
             var get = ProfileV1.GetProfileRequest()
             var ref = CommonV1.PersonRef()
             ref.ref = .personId(id)

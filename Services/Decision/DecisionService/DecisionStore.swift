@@ -407,9 +407,10 @@ public final class DecisionStore: Sendable {
         var inMemory = false
     }
 
-    /// Whether the identity feed erased `person` (or the person it was recently merged into).
-    func isErased(_ person: String) -> Bool {
-        contacts.withLock { $0.current(person) == nil }
+    /// `person` after the identity feed's recent merges and every erasure: the survivor,
+    /// itself, or nil when erased.
+    func currentPerson(_ person: String) -> String? {
+        contacts.withLock { $0.current(person) }
     }
 
     /// Whether `history(person:sinceMs:)` answers from memory (else it reads the file). A cut
