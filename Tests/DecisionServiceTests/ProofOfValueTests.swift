@@ -404,6 +404,20 @@ struct ProofOfValueTests {
         #expect(try decision.store.overrideHistory(of: first.id).changes.count == 17)
     }
 
+    @Test("EndOverride needs a reason; ending one that already expired keeps the time it stopped")
+    func endExpiredOverride() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock)
+        try decision.upsert(action("good"))
+        let ban = try decision.store.setOverride(override("ban", "good", expires: clock.read() + 60_000), nowMs: clock.read())
+        // Before, an empty reason was taken: an audit entry saying nothing of why.
+        await expectInvalid("reason") { _ = try decision.store.endOverride(ban.id, author: "cy", reason: " ", nowMs: clock.read()) }
+        clock.advance(seconds: 3600)
+        // Before, it "stopped" an hour after it had stopped applying.
+        let ended = try decision.store.endOverride(ban.id, author: "cy", reason: "tidy up", nowMs: clock.read())
+        #expect(ended.endedAtMs == ban.expiresAtMs && ended.endedBy == "cy" && !ended.active)
+    }
+
     @Test("a per-action holdout withholds the action from its share of persons, and LiftReport measures what the action adds")
     func actionHoldout() async throws {
         let clock = TestClock()

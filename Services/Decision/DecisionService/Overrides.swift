@@ -91,11 +91,15 @@ extension DecisionStore {
         guard !author.isEmpty, author.utf8.count <= 128 else {
             throw RPCError.invalidArgument(field: "author", "is required (1-128 bytes): every change says who")
         }
-        guard reason.utf8.count <= 500 else { throw RPCError.invalidArgument(field: "reason", "is longer than 500 bytes") }
+        let reason = reason.trimmingCharacters(in: .whitespaces)
+        guard !reason.isEmpty, reason.utf8.count <= 500 else {
+            throw RPCError.invalidArgument(field: "reason", "is required (1-500 bytes): every change says why")
+        }
         return try pool.writeWithoutTransaction { db in
             guard var o = memory.withLock({ $0.overrides[id] }) else { throw RPCError(.notFound, "id: no override \"\(id)\"") }
             guard o.endedAtMs == 0 else { return o }
-            o.endedAtMs = nowMs
+            // One that expired already stopped then: ending it records who and why, not a later stop.
+            o.endedAtMs = o.expiresAtMs > 0 ? min(nowMs, o.expiresAtMs) : nowMs
             o.endedBy = author
             o.active = false
             o.version += 1
