@@ -404,6 +404,29 @@ struct ProofOfValueTests {
         #expect(try decision.store.overrideHistory(of: first.id).changes.count == 17)
     }
 
+    @Test("LiftReport counts every decision of a person from their first in scope: a cap the treatment used up does not drop the treated side's later conversions")
+    func liftAfterCap() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock, seed: 5)
+        var welcome = withLever(action("welcome", value: 10, caps: [cap(.action, 1, per: 7 * 86_400)]), 100)
+        welcome.holdoutShare = 0.5
+        try decision.upsert(welcome)
+        try decision.upsert(action("other", value: 1))
+        var treated: DecisionV1.DecideResponse?
+        for n in 0..<200 where treated == nil {
+            let response = try await decision.decide(decideRequest("t\(n)"))
+            if response.actions.first?.actionId == "welcome" { treated = response }
+        }
+        let first = try #require(treated)
+        // Its next decision: welcome is capped (out of scope on its own), and the person converts.
+        let next = try await decision.decide(decideRequest(first.personId))
+        #expect(next.actions.map(\.actionId) == ["other"])
+        _ = try await decision.outcome("converted", next, .conversion)
+        let report = try decision.liftReport(liftRequest(action: "welcome"))
+        // Before, 0: the decision with the conversion was dropped for the cap the treatment used.
+        #expect(report.treated!.convertedPersons == 1 && report.treated!.decisions >= 2, "\(report.treated!)")
+    }
+
     @Test("EndOverride needs a reason; ending one that already expired keeps the time it stopped")
     func endExpiredOverride() async throws {
         let clock = TestClock()

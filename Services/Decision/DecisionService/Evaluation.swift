@@ -231,11 +231,15 @@ extension DecisionService {
         var units: [String: Unit] = [:]
         var anonymous = 0
         var switched = Set<String>()
+        // A person enters with their first decision in scope (in the segment, on a side), and
+        // from then every decision of theirs counts, in scope or not: later scope depends on the
+        // treatment itself (an offer the treated side got uses up a cap, so the action is no
+        // longer eligible there), and dropping those decisions would compare unlike persons.
         try store.forEachDecision(fromMs: from, toMs: to) { record, outcomes in
-            guard request.segment.isEmpty || record.segments.contains(request.segment), let treated = side(record) else { return }
-            guard !record.personId.isEmpty else { anonymous += 1; return }
-            var unit = units[record.personId] ?? Unit(treated: treated)
-            if unit.treated != treated { switched.insert(record.personId) }
+            let inScope = request.segment.isEmpty || record.segments.contains(request.segment) ? side(record) : nil
+            guard !record.personId.isEmpty else { if inScope != nil { anonymous += 1 }; return }
+            guard var unit = units[record.personId] ?? inScope.map({ Unit(treated: $0) }) else { return }
+            if let inScope, unit.treated != inScope { switched.insert(record.personId) }
             unit.decisions += 1
             let value = record.conversionValue(of: nil, outcomes)
             unit.converted = unit.converted || outcomes.contains { $0.kind == .conversion }
