@@ -141,8 +141,10 @@ public final class RPCServer: Service, Sendable {
                     var logger = self.logger
                     logger[metadataKey: "rpc.peer"] = "\(channel.remoteAddress.map { "\($0)" } ?? "?")"
                     let pipeline = channel.pipeline.syncOperations
-                    try pipeline.addHandler(IdleStateHandler(readTimeout: idleTimeout))
                     try pipeline.addHandler(ByteToMessageHandler(TTRPCFrameDecoder(maxPayloadSize: maxMessageSize)))
+                    // After the decoder: only whole frames count as activity. Before it, a client
+                    // sending a frame a byte at a time held its connection (and a slot) for ever.
+                    try pipeline.addHandler(IdleStateHandler(readTimeout: idleTimeout))
                     try pipeline.addHandler(MessageToByteHandler(TTRPCFrameEncoder()))
                     try pipeline.addHandler(RPCConnectionHandler(server: self, limit: limit, logger: logger,
                                                                  executor: EventLoopTaskExecutor(channel.eventLoop),

@@ -340,6 +340,26 @@ struct ServerTests {
         }
     }
 
+    @Test("a connection sending a frame a byte at a time is closed as idle: only whole frames count")
+    func slowFrameTimed() async throws {
+        try await withServer(configure: { $0.idleTimeout = .milliseconds(1500) }) { _, port in
+            let connection = try await RawConnection(port: port)
+            let check = RawConnection.request(service: HealthV1.Health.name, method: "Check", HealthV1.HealthCheckRequest())
+            let frame = RawConnection.frame(stream: 1, payload: check)
+            // About 10 s for the whole frame; before, each byte kept the connection from idling
+            // and the answer came at the end.
+            let channel = connection.channel
+            let dribble = Task {
+                for byte in frame {
+                    try await channel.outbound.write(ByteBuffer(bytes: [byte]))
+                    try await Task.sleep(for: .milliseconds(250))
+                }
+            }
+            #expect(await connection.isClosedByServer())
+            dribble.cancel()
+        }
+    }
+
     @Test("with a token, calls need `authorization: Bearer <token>`; health stays open")
     func auth() async throws {
         try await withServer(configure: { $0.authToken = "s3cret" }) { _, port in
