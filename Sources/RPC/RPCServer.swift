@@ -108,8 +108,12 @@ public final class RPCServer: Service, Sendable {
         logger.info("rpc server stopped")
     }
 
-    /// Stops accepting and stops reading new requests; calls in flight finish and
-    /// are answered, then each connection closes and `run()` returns.
+    /// Told to each connection's handler by `drain()`.
+    struct Draining {}
+
+    /// Stops accepting; calls in flight finish and are answered, new requests on open
+    /// connections are answered UNAVAILABLE, then each connection closes (once its last
+    /// answer is sent) and `run()` returns.
     public func drain() {
         let (server, connections) = state.withLock { state -> ((any Channel)?, [any Channel]) in
             state.draining = true
@@ -118,7 +122,7 @@ public final class RPCServer: Service, Sendable {
         logger.info("rpc server draining", metadata: ["rpc.connections": "\(connections.count)"])
         server?.close(promise: nil)
         for connection in connections {
-            connection.close(mode: .input, promise: nil)
+            connection.pipeline.fireUserInboundEventTriggered(Draining())
         }
     }
 
@@ -391,6 +395,9 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     private var queueHead = 0
     private var readHeld = false
     private var inputClosed = false
+    /// The server is draining: new requests are answered UNAVAILABLE, and the connection
+    /// closes once nothing is in flight.
+    private var draining = false
     private var inReadCycle = false
     private var needsFlush = false
     private var flushScheduled = false
@@ -434,6 +441,11 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
                 return
             }
             lastStreamID = header.streamID
+            guard !draining else {
+                write(context, server.rejection(header.streamID, RPCError(.unavailable,
+                    "server is draining: retry on another connection"), logger: logger))
+                return
+            }
             switch server.prepare(streamID: header.streamID, payload: payload, logger: logger) {
             case .answer(let frame):
                 write(context, frame)
@@ -554,6 +566,9 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
         if let event = event as? ChannelEvent, event == .inputClosed {
             inputClosed = true
             closeIfDrained(context)
+        } else if event is RPCServer.Draining {
+            draining = true
+            closeIfDrained(context)
         } else if event is IdleStateHandler.IdleStateEvent {
             if running.isEmpty && queueHead == queued.count { context.close(promise: nil) }
         } else {
@@ -562,7 +577,7 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     }
 
     private func closeIfDrained(_ context: ChannelHandlerContext) {
-        if inputClosed && running.isEmpty && queueHead == queued.count {
+        if (inputClosed || draining) && running.isEmpty && queueHead == queued.count {
             flushIfNeeded(context)
             // Once the last answer is sent (writes complete in order), not before: a close
             // fails the writes still pending, and the client would get a cut frame.

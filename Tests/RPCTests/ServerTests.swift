@@ -396,7 +396,11 @@ struct ServerTests {
         // machine: the call could arrive after the drain had closed the idle connection).
         #expect(try await eventually { test.started.load(ordering: .relaxed) == 1 })
         server.drain()
-        try await Task.sleep(for: .milliseconds(100))
+        // A new call on the open connection while one is in flight: UNAVAILABLE at once (before,
+        // it was not read, and waited for the connection to close).
+        await expectCode(.unavailable, message: "server is draining") {
+            _ = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest(), timeout: .seconds(5))
+        }
         test.gate.open()
         #expect(try await slow.message == "finishing")
         try await running
