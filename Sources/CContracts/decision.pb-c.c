@@ -3663,7 +3663,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__evaluate_policy_request_
   (ProtobufCMessageInit) arbiter__decision__v1__evaluate_policy_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__evaluate_policy_response__field_descriptors[9] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__evaluate_policy_response__field_descriptors[10] =
 {
   {
     "ips",
@@ -3773,6 +3773,18 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__evaluate_policy_res
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "notes",
+    10,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Arbiter__Decision__V1__EvaluatePolicyResponse, n_notes),
+    offsetof(Arbiter__Decision__V1__EvaluatePolicyResponse, notes),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__evaluate_policy_response__field_indices_by_name[] = {
   5,   /* field[5] = decisions */
@@ -3782,13 +3794,14 @@ static const unsigned arbiter__decision__v1__evaluate_policy_response__field_ind
   1,   /* field[1] = ips_ci95 */
   6,   /* field[6] = logged_value */
   7,   /* field[7] = matched */
+  9,   /* field[9] = notes */
   2,   /* field[2] = snips */
   3,   /* field[3] = snips_ci95 */
 };
 static const ProtobufCIntRange arbiter__decision__v1__evaluate_policy_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 9 }
+  { 0, 10 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__evaluate_policy_response__descriptor =
 {
@@ -3798,7 +3811,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__evaluate_policy_response
   "Arbiter__Decision__V1__EvaluatePolicyResponse",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__EvaluatePolicyResponse),
-  9,
+  10,
   arbiter__decision__v1__evaluate_policy_response__field_descriptors,
   arbiter__decision__v1__evaluate_policy_response__field_indices_by_name,
   1,  arbiter__decision__v1__evaluate_policy_response__number_ranges,

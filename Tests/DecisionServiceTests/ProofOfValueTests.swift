@@ -256,6 +256,7 @@ struct ProofOfValueTests {
             #expect(estimate.effectiveSampleSize > 100 && estimate.effectiveSampleSize < 6000)
             #expect(zScore(estimate.ips, estimate.ipsCi95!, truth: value) < 3.29, "\(policy): IPS \(estimate.ips) \(estimate.ipsCi95) vs \(value)")
             #expect(zScore(estimate.snips, estimate.snipsCi95!, truth: value) < 3.29, "\(policy): SNIPS \(estimate.snips) vs \(value)")
+            #expect(estimate.notes.isEmpty, "\(estimate.notes)")
         }
         // The learner found b: the logged policy beats the rules-only baseline.
         let rulesOnly = try evaluate("rules_only")
@@ -265,6 +266,19 @@ struct ProofOfValueTests {
         await expectInvalid("policy") { _ = try evaluate("always:") }
         await expectInvalid("policy") { _ = try evaluate("always:" + String(repeating: "x", count: 100)) }
         await expectCode(.notFound, message: "no action \"nope\"") { _ = try evaluate("always:nope") }  // not a confident 0
+
+        // Nothing earned, or nothing to evaluate: said, not an interval of no width alone.
+        let quiet = try makeDecision(clock: clock, seed: 3)
+        try quiet.upsert(action("a"))
+        try quiet.upsert(action("b"))
+        for n in 0..<20 { _ = try await quiet.decide(decideRequest("z\(n)")) }
+        var request = DecisionV1.EvaluatePolicyRequest()
+        request.policy = "always:a"
+        let nothing = try quiet.evaluatePolicy(request)
+        #expect(nothing.ips == 0 && nothing.ipsCi95?.high == 0 && nothing.notes.contains { $0.hasPrefix("no reward observed") }, "\(nothing)")
+        request.fromMs = 1
+        request.toMs = 2
+        #expect(try quiet.evaluatePolicy(request).notes == ["no decision in this window to evaluate"])
     }
 
     @Test("an override decides for the persons it covers, its control share keeps the algorithm, and LiftReport shows its cost")
@@ -418,13 +432,15 @@ struct ProofOfValueTests {
             if response.actions.first?.actionId == "welcome" { treated = response }
         }
         let first = try #require(treated)
-        // Its next decision: welcome is capped (out of scope on its own), and the person converts.
+        // Its next decision, a minute later (ids order decisions to the millisecond): welcome is
+        // capped (out of scope on its own), and the person converts.
+        clock.advance(seconds: 60)
         let next = try await decision.decide(decideRequest(first.personId))
         #expect(next.actions.map(\.actionId) == ["other"])
         _ = try await decision.outcome("converted", next, .conversion)
         let report = try decision.liftReport(liftRequest(action: "welcome"))
         // Before, 0: the decision with the conversion was dropped for the cap the treatment used.
-        #expect(report.treated!.convertedPersons == 1 && report.treated!.decisions >= 2, "\(report.treated!)")
+        #expect(report.treated!.convertedPersons == 1 && report.treated!.decisions >= 2, "\(report)")
     }
 
     @Test("EndOverride needs a reason; ending one that already expired keeps the time it stopped")

@@ -89,8 +89,9 @@ enum Statistics {
     struct OffPolicy {
         var ips: Double
         var ipsCI: (Double, Double)
-        var snips: Double
-        var snipsCI: (Double, Double)
+        /// nil when no weight is positive (the target agrees with no logged decision): 0/0.
+        var snips: Double?
+        var snipsCI: (Double, Double)?
         var effectiveSampleSize: Double
     }
 
@@ -105,7 +106,7 @@ enum Statistics {
         let sumW = w.reduce(0, +)
         let sumW2 = w.reduce(0) { $0 + $1 * $1 }
         guard sumW > 0 else {
-            return OffPolicy(ips: ips, ipsCI: (ips - z95 * seIPS, ips + z95 * seIPS), snips: 0, snipsCI: (0, 0), effectiveSampleSize: 0)
+            return OffPolicy(ips: ips, ipsCI: (ips - z95 * seIPS, ips + z95 * seIPS), snips: nil, snipsCI: nil, effectiveSampleSize: 0)
         }
         let snips = products.reduce(0, +) / sumW
         let residual = zip(w, r).reduce(0) { $0 + $1.0 * $1.0 * ($1.1 - snips) * ($1.1 - snips) }
@@ -283,6 +284,8 @@ extension DecisionService {
         if let v = Statistics.means(treatedValues, controlValues) {
             response.valueLift = v.difference
             response.valueLiftCi95 = .init(v.ci)
+        } else if treated.persons > 0, control.persons > 0 {
+            response.notes.append("no value lift: a side has fewer than 2 persons")
         }
         response.srmPValue = Statistics.srmPValue(treated: Int(treated.persons), control: Int(control.persons),
                                                   expectedControlShare: response.expectedControlShare)
@@ -353,9 +356,19 @@ extension DecisionService {
         if let estimate = Statistics.offPolicy(weights: weights, rewards: rewards) {
             response.ips = estimate.ips
             response.ipsCi95 = .init(estimate.ipsCI)
-            response.snips = estimate.snips
-            response.snipsCi95 = .init(estimate.snipsCI)
+            if let snips = estimate.snips, let ci = estimate.snipsCI {
+                response.snips = snips
+                response.snipsCi95 = .init(ci)
+            } else {
+                response.notes.append("no SNIPS estimate: the target agrees with no logged decision here")
+            }
             response.effectiveSampleSize = estimate.effectiveSampleSize
+            // All products zero: the intervals have no width, which is not certainty.
+            if !zip(weights, rewards).contains(where: { $0 > 0 && $1 > 0 }) {
+                response.notes.append("no reward observed where the target agrees with the log (\(response.matched) decisions): the estimates are 0 with intervals of no width, which says only that the value is small, not that it is 0")
+            }
+        } else {
+            response.notes.append("no decision in this window to evaluate")
         }
         return response
     }

@@ -689,10 +689,15 @@ struct  Arbiter__Decision__V1__EvaluatePolicyResponse
    * Decisions in the window left out: the global holdout's, and those an override decided.
    */
   uint64_t excluded;
+  /*
+   * What the figures cannot say (no reward observed, no decision the target agrees with).
+   */
+  size_t n_notes;
+  char **notes;
 };
 #define ARBITER__DECISION__V1__EVALUATE_POLICY_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__evaluate_policy_response__descriptor) \
-    , 0, NULL, 0, NULL, 0, 0, 0, 0, 0 }
+    , 0, NULL, 0, NULL, 0, 0, 0, 0, 0, 0,NULL }
 
 
 struct  Arbiter__Decision__V1__Override__ContextEntry

@@ -755,6 +755,8 @@ extension DecisionV1 {
         public var matched: UInt64 = 0
         /// Decisions in the window left out: the global holdout's, and those an override decided.
         public var excluded: UInt64 = 0
+        /// What the figures cannot say (no reward observed, no decision the target agrees with).
+        public var notes: [String] = []
 
         public static let protoName = "arbiter.decision.v1.EvaluatePolicyResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__evaluate_policy_response__descriptor_ptr())
@@ -769,6 +771,7 @@ extension DecisionV1 {
             loggedValue = reader.double(7)
             matched = reader.uint64(8)
             excluded = reader.uint64(9)
+            notes = reader.repeatedString(10)
         }
         public func write(to writer: ProtoWriter) {
             writer.setDouble(1, ips)
@@ -780,6 +783,7 @@ extension DecisionV1 {
             writer.setDouble(7, loggedValue)
             writer.setUint64(8, matched)
             writer.setUint64(9, excluded)
+            writer.setRepeatedString(10, notes)
         }
     }
 
