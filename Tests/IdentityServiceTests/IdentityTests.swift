@@ -375,5 +375,25 @@ struct FeedAndErasureTests {
         let found = try await service.resolve(request)
         #expect(found.personId == created.personId && found.matched.map(\.value) == ["new@x.io"])
     }
+
+    @Test("two Resolves racing to create one person: one says it created it, the other that it matched")
+    func resolveCreateRace() async throws {
+        let service = try makeService()
+        for round in 0..<20 {
+            let request = {
+                var request = IdentityV1.ResolveRequest()
+                request.identifiers = [id("email", "race\(round)@x.io")]
+                request.createIfMissing = true
+                return request
+            }()
+            let both = try await withThrowingTaskGroup(of: IdentityV1.ResolveResponse.self) { group in
+                for _ in 0..<2 { group.addTask { try await service.resolve(request) } }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            // Before, both could say created (both read "unknown" before either wrote).
+            #expect(both.count { $0.created } == 1 && both[0].personId == both[1].personId, "round \(round): \(both)")
+            #expect(both.first { !$0.created }?.matched.map(\.value) == ["race\(round)@x.io"])
+        }
+    }
 }
 

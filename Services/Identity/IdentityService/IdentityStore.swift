@@ -136,6 +136,10 @@ public final class IdentityStore: Sendable {
         public var personID: String
         public var mergedPersonIDs: [String]
         public var conflicts: [Conflict]
+        /// The link made the person (none of the identifiers was known).
+        public var created = false
+        /// The identifiers that were known when the link was written.
+        public var known: [NormalizedIdentifier] = []
     }
 
     public struct ResolveResult: Sendable {
@@ -166,9 +170,10 @@ public final class IdentityStore: Sendable {
             let matched = keys.filter { key in found.contains { $0.type == key.0.type && $0.value == key.1 } }.map(\.0)
             return ResolveResult(personID: best, matched: matched, created: false)
         }
-        // Nothing known and asked to create: a link of these identifiers does exactly that.
+        // Nothing known and asked to create: a link of these identifiers does exactly that (or
+        // finds the person a concurrent call made meanwhile: then it was not created here).
         let linked = try await link(identifiers, source: source, observedAtMs: nowMs)
-        return ResolveResult(personID: linked.personID, matched: [], created: true)
+        return ResolveResult(personID: linked.personID, matched: linked.known, created: linked.created)
     }
 
     public func person(_ id: String) async throws -> PersonRecord {
@@ -251,8 +256,10 @@ public final class IdentityStore: Sendable {
             var merged: [String] = []
 
             let target: String
+            var created = false
             if persons.isEmpty {
                 target = try Self.createPerson(db, nowMs: observedAtMs)
+                created = true
             } else if persons.count == 1 {
                 target = persons[0]
             } else if let blocked = try Self.mergeBlocker(db, persons: persons, adding: [], rules: rules) {
@@ -298,7 +305,8 @@ public final class IdentityStore: Sendable {
                     WHERE type = ?2 AND value = ?3 AND (first_seen_ms > ?1 OR last_seen_ms < ?1)
                     """).execute(arguments: [observedAtMs, id.type, stored])
             }
-            return LinkResult(personID: target, mergedPersonIDs: merged, conflicts: conflicts)
+            let known = identifiers.filter { id in keys[id].map { ownerOf["\(id.type)\u{1}\($0)"] != nil } ?? false }
+            return LinkResult(personID: target, mergedPersonIDs: merged, conflicts: conflicts, created: created, known: known)
         }
     }
 
