@@ -376,6 +376,41 @@ struct FeedAndErasureTests {
         #expect(found.personId == created.personId && found.matched.map(\.value) == ["new@x.io"])
     }
 
+    @Test("History finds a person's entries by person; a store from before that index gets it filled")
+    func historyIndexMigration() async throws {
+        let directory = tempDirectory()
+        do {
+            // The v2 layout, with a merge of b into a, an unrelated erasure, and a conflict of a and c.
+            let old = try DatabasePool(path: directory + "/identity.sqlite")
+            try IdentityStore.migrator.migrate(old, upTo: "v2: merge ids in the feed, absorbed persons indexed")
+            try await old.write { db in
+                try db.execute(sql: """
+                    INSERT INTO person (seq, id, created_at_ms, state, merged_into) VALUES
+                      (1, 'pa', 1, 'active', NULL), (2, 'pb', 2, 'merged', 'pa'), (3, 'pc', 3, 'active', NULL), (4, 'pd', 4, 'erased', NULL);
+                    INSERT INTO merge (id, target, source, cause, at_ms) VALUES (1, 'pa', 'pb', 'login', 10);
+                    INSERT INTO change (seq, kind, target, sources, cause, at_ms, merge_id) VALUES
+                      (1, 1, 'pa', 'pb', 'login', 10, 1), (2, 3, 'pd', '', 'erased', 11, 0);
+                    INSERT INTO conflict (id, person_ids, rule, identifier_type, cause, at_ms) VALUES
+                      (1, 'pc,pa', 'max 1 customer_id per person', 'customer_id', 'crm', 12);
+                    """)
+            }
+            try old.close()
+        }
+        let service = try makeService(directory)
+        var request = IdentityV1.HistoryRequest()
+        request.personId = "pb"  // a merged-away id: the survivor's history
+        let entries = try await service.history(request).entries
+        #expect(entries.map(\.kind) == [.merge, .conflict] && entries[0].mergeId == 1, "\(entries)")
+        request.personId = "pc"
+        #expect(try await service.history(request).entries.map(\.kind) == [.conflict])
+        // New entries are indexed as they are written: a merge, found from its absorbed person.
+        _ = try await service.link([id("cookie_id", "k1")])
+        let second = try await service.link([id("cookie_id", "k2")])
+        _ = try await service.link([id("cookie_id", "k1"), id("cookie_id", "k2")])
+        request.personId = second.personId
+        #expect(try await service.history(request).entries.map(\.kind) == [.merge])
+    }
+
     @Test("two Resolves racing to create one person: one says it created it, the other that it matched")
     func resolveCreateRace() async throws {
         let service = try makeService()

@@ -94,6 +94,22 @@ public final class IdentityStore: Sendable {
                   AND m.source = change.sources AND m.at_ms = change.at_ms ORDER BY m.id LIMIT 1), 0) WHERE kind = 1;
                 """)
         }
+        migrator.registerMigration("v3: changes and conflicts by person") { db in
+            // History found a person's entries by reading every change and conflict; these find
+            // them by person (target and sources of a change, every person of a conflict).
+            try db.execute(sql: """
+                CREATE TABLE change_person (person_id TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (person_id, seq)) WITHOUT ROWID;
+                CREATE TABLE conflict_person (person_id TEXT NOT NULL, conflict_id INTEGER NOT NULL, PRIMARY KEY (person_id, conflict_id)) WITHOUT ROWID;
+                WITH RECURSIVE part(seq, rest, person) AS (
+                  SELECT seq, sources || ',', target FROM change
+                  UNION ALL SELECT seq, substr(rest, instr(rest, ',') + 1), substr(rest, 1, instr(rest, ',') - 1) FROM part WHERE rest <> '')
+                INSERT OR IGNORE INTO change_person (person_id, seq) SELECT person, seq FROM part WHERE person <> '';
+                WITH RECURSIVE part(id, rest, person) AS (
+                  SELECT id, person_ids || ',', '' FROM conflict
+                  UNION ALL SELECT id, substr(rest, instr(rest, ',') + 1), substr(rest, 1, instr(rest, ',') - 1) FROM part WHERE rest <> '')
+                INSERT OR IGNORE INTO conflict_person (person_id, conflict_id) SELECT person, id FROM part WHERE person <> '';
+                """)
+        }
         return migrator
     }
 
@@ -199,11 +215,20 @@ public final class IdentityStore: Sendable {
             let survivor = try Self.survivor(db, id)
             var involved = Set(try String.fetchAll(db, sql: "SELECT id FROM person WHERE merged_into = ?", arguments: [survivor]))
             involved.insert(survivor)
-            let changes = try Self.fetchChanges(db, sql: "SELECT * FROM change ORDER BY seq", arguments: [])
-                .filter { involved.contains($0.target) || !involved.isDisjoint(with: $0.sources) }
-            let conflicts = try Row.fetchAll(db, sql: "SELECT * FROM conflict ORDER BY id").compactMap { row -> ChangeRecord? in
+            // By person, through the index tables (not by reading every change and conflict).
+            var seqs = Set<Int64>(), conflictIDs = Set<Int64>()
+            let changeSeqs = try db.cachedStatement(sql: "SELECT seq FROM change_person WHERE person_id = ?")
+            let conflictsOf = try db.cachedStatement(sql: "SELECT conflict_id FROM conflict_person WHERE person_id = ?")
+            for person in involved {
+                seqs.formUnion(try Int64.fetchAll(changeSeqs, arguments: [person]))
+                conflictIDs.formUnion(try Int64.fetchAll(conflictsOf, arguments: [person]))
+            }
+            let changes = try seqs.sorted().flatMap { seq in
+                try Self.fetchChanges(db, sql: "SELECT * FROM change WHERE seq = ?", arguments: [seq])
+            }
+            let conflicts = try conflictIDs.sorted().compactMap { id -> ChangeRecord? in
+                guard let row = try Row.fetchOne(db, sql: "SELECT * FROM conflict WHERE id = ?", arguments: [id]) else { return nil }
                 let persons = (row["person_ids"] as String).split(separator: ",").map(String.init)
-                guard !involved.isDisjoint(with: persons) else { return nil }
                 return ChangeRecord(seq: 0, kind: .conflict, target: persons.first ?? "", sources: Array(persons.dropFirst()),
                                     cause: "\(row["rule"] as String) (\(row["cause"] as String))", atMs: row["at_ms"])
             }
@@ -266,13 +291,7 @@ public final class IdentityStore: Sendable {
                 // No merge. New identifiers join the person of the highest-priority identifier.
                 target = self.bestPerson(owners.map { ($0.type, $0.person) }, oldestFirst: persons)!
                 conflicts.append(Conflict(rule: blocked.rule, identifierType: blocked.type, personIDs: persons))
-                // Once per persons, rule and type: the same evidence replayed is not a new conflict
-                // (and History reads every conflict row).
-                try db.execute(sql: """
-                    INSERT INTO conflict (person_ids, rule, identifier_type, cause, at_ms)
-                    SELECT ?1, ?2, ?3, ?4, ?5 WHERE NOT EXISTS
-                      (SELECT 1 FROM conflict WHERE person_ids = ?1 AND rule = ?2 AND identifier_type = ?3)
-                    """, arguments: [persons.joined(separator: ","), blocked.rule, blocked.type, source, observedAtMs])
+                try Self.recordConflict(db, persons: persons, rule: blocked.rule, type: blocked.type, cause: source, atMs: observedAtMs)
             } else {
                 // Merge everything into the oldest person.
                 target = persons[0]
@@ -291,8 +310,7 @@ public final class IdentityStore: Sendable {
                     let own = try Self.createPerson(db, nowMs: observedAtMs)
                     try Self.insertIdentifier(db, id.type, stored, person: own, atMs: observedAtMs, source: source)
                     conflicts.append(Conflict(rule: rule, identifierType: id.type, personIDs: [target, own]))
-                    try db.execute(sql: "INSERT INTO conflict (person_ids, rule, identifier_type, cause, at_ms) VALUES (?, ?, ?, ?, ?)",
-                                   arguments: ["\(target),\(own)", rule, id.type, source, observedAtMs])
+                    try Self.recordConflict(db, persons: [target, own], rule: rule, type: id.type, cause: source, atMs: observedAtMs)
                     continue
                 }
                 try Self.insertIdentifier(db, id.type, stored, person: target, atMs: observedAtMs, source: source)
@@ -394,8 +412,16 @@ public final class IdentityStore: Sendable {
                 try db.execute(sql: "DELETE FROM identifier WHERE person_id = ?", arguments: [person])
                 removed += db.changesCount
                 try db.execute(sql: "UPDATE merge SET cause = '' WHERE target = ?1 OR source = ?1", arguments: [person])
-                try db.execute(sql: "DELETE FROM conflict WHERE ',' || person_ids || ',' LIKE '%,' || ? || ',%'", arguments: [person])
-                try db.execute(sql: "UPDATE change SET cause = '' WHERE target = ?1 OR ',' || sources || ',' LIKE '%,' || ?1 || ',%'",
+                for row in try Row.fetchAll(db, sql: """
+                    SELECT c.id, c.person_ids FROM conflict c JOIN conflict_person p ON p.conflict_id = c.id WHERE p.person_id = ?
+                    """, arguments: [person]) {
+                    let id: Int64 = row[0]
+                    for member in (row[1] as String).split(separator: ",") {
+                        try db.execute(sql: "DELETE FROM conflict_person WHERE person_id = ? AND conflict_id = ?", arguments: [String(member), id])
+                    }
+                    try db.execute(sql: "DELETE FROM conflict WHERE id = ?", arguments: [id])
+                }
+                try db.execute(sql: "UPDATE change SET cause = '' WHERE seq IN (SELECT seq FROM change_person WHERE person_id = ?)",
                                arguments: [person])
                 try db.execute(sql: "UPDATE person SET state = 'erased', merged_into = NULL WHERE id = ?", arguments: [person])
             }
@@ -535,6 +561,21 @@ public final class IdentityStore: Sendable {
         try appendChange(db, .merge, target: target, sources: [source], cause: cause, atMs: atMs, mergeID: mergeID)
     }
 
+    /// Records a conflict, once per persons, rule and type (the same evidence replayed is not
+    /// a new conflict), indexed by each of its persons for History.
+    static func recordConflict(_ db: Database, persons: [String], rule: String, type: String, cause: String, atMs: Int64) throws {
+        try db.execute(sql: """
+            INSERT INTO conflict (person_ids, rule, identifier_type, cause, at_ms)
+            SELECT ?1, ?2, ?3, ?4, ?5 WHERE NOT EXISTS
+              (SELECT 1 FROM conflict WHERE person_ids = ?1 AND rule = ?2 AND identifier_type = ?3)
+            """, arguments: [persons.joined(separator: ","), rule, type, cause, atMs])
+        guard db.changesCount > 0 else { return }
+        let id = db.lastInsertedRowID
+        for person in Set(persons) {
+            try db.execute(sql: "INSERT OR IGNORE INTO conflict_person (person_id, conflict_id) VALUES (?, ?)", arguments: [person, id])
+        }
+    }
+
     /// Appends to the change feed. `seq` is the previous maximum plus one inside the
     /// write transaction: gap-free, and a rolled-back transaction leaves no hole.
     @discardableResult
@@ -543,6 +584,9 @@ public final class IdentityStore: Sendable {
         let seq = (try Int64.fetchOne(db, sql: "SELECT MAX(seq) FROM change") ?? 0) + 1
         try db.execute(sql: "INSERT INTO change (seq, kind, target, sources, cause, at_ms, merge_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
                        arguments: [seq, kind.rawValue, target, sources.joined(separator: ","), cause, atMs, mergeID])
+        for person in Set([target] + sources) where !person.isEmpty {
+            try db.execute(sql: "INSERT OR IGNORE INTO change_person (person_id, seq) VALUES (?, ?)", arguments: [person, seq])
+        }
         return seq
     }
 
