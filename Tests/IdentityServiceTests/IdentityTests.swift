@@ -69,6 +69,7 @@ struct NormalizationTests {
         ("phone", "+31 06 1234 5678", "+31612345678"),
         ("phone", "0044 020 7946 0000", "+442079460000"),
         ("phone", "+39 06 1234 5678", "+390612345678"),  // Italy keeps its 0
+        ("phone", "+39 (0)6 1234 5678", "+390612345678"),
         ("customer_id", "  CRM-42 ", "CRM-42"),
         ("device_id", "A1B2", "A1B2"),
         ("cookie_id", "\tabc\n", "abc"),
@@ -409,6 +410,29 @@ struct FeedAndErasureTests {
         _ = try await service.link([id("cookie_id", "k1"), id("cookie_id", "k2")])
         request.personId = second.personId
         #expect(try await service.history(request).entries.map(\.kind) == [.merge])
+    }
+
+    @Test("numbers stored with a trunk 0 after the country code are rewritten, so the same input finds the same person")
+    func phoneMigration() async throws {
+        let directory = tempDirectory()
+        do {
+            let old = try DatabasePool(path: directory + "/identity.sqlite")
+            try IdentityStore.migrator.migrate(old, upTo: "v3: changes and conflicts by person")
+            try await old.write { db in
+                try db.execute(sql: """
+                    INSERT INTO person (seq, id, created_at_ms, state, merged_into) VALUES (1, 'pa', 1, 'active', NULL), (2, 'pi', 2, 'active', NULL);
+                    INSERT INTO identifier (type, value, person_id, first_seen_ms, last_seen_ms, source) VALUES
+                      ('phone', '+4402079460000', 'pa', 1, 1, 'crm'), ('phone', '+390612345678', 'pi', 1, 1, 'crm');
+                    """)
+            }
+            try old.close()
+        }
+        let service = try makeService(directory)
+        var request = IdentityV1.ResolveRequest()
+        request.identifiers = [id("phone", "+44 (0)20 7946 0000")]
+        #expect(try await service.resolve(request).personId == "pa")  // before, no one: it was stored as +4402…
+        request.identifiers = [id("phone", "+39 06 1234 5678")]
+        #expect(try await service.resolve(request).personId == "pi")  // Italy's 0 is part of the number
     }
 
     @Test("two Resolves racing to create one person: one says it created it, the other that it matched")

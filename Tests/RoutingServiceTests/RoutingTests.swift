@@ -530,7 +530,9 @@ struct RoutingTests {
             let third = try await routing.route(routeRequest("p", key: "k3", channels: [.push, .webhook], critical: true))
             #expect(second.state == .scheduled && second.channel == .email && second.sendAtMs == june1)
             clock.advance(seconds: 60)
-            _ = try await routing.report(event(email.deliveryId, .unsubscribed))
+            // Reported a minute after planning, though it happened ten minutes before: what counts
+            // is when this service learned it (before, its time was compared, and it was ignored).
+            _ = try await routing.report(event(email.deliveryId, .unsubscribed, at: june1 - 600_000))
             let at = june1 + 61_000
 
             // Planned before the unsubscribe: email is refused now, push is its fallback.
@@ -599,6 +601,11 @@ struct RoutingTests {
             // Before, this was dropped as a second BOUNCED on the delivery.
             let hard = try await routing.report(event(d.deliveryId, .bounced, hard: true))
             #expect(hard.state == .scheduled && hard.channel == .webhook)
+            // The same report again (a retry, a provider resending): still push's bounce. Before,
+            // it counted against the webhook the delivery had moved to, and stopped it.
+            let again = try await routing.report(event(d.deliveryId, .bounced, hard: true))
+            #expect(again.state == .scheduled && again.channel == .webhook && again.events.count == hard.events.count)
+            #expect(try routing.store.evidence(person: "p").person.unreachable == [Evidence.unreachableKey(.push, "tok-p")])
             try await dispatching(routing) {
                 try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .sent }
             }
@@ -624,8 +631,10 @@ struct RoutingTests {
             // Both opted out of marketing by SMS: the newer record stays with the survivor, unsynced
             // (before, a's was dropped and b kept its older one).
             try await routing.store.pool.write { db in
-                try db.execute(sql: "INSERT INTO opt_out VALUES ('b', 'marketing', 2, ?, 'routing:unsubscribe', 1), ('a', 'marketing', 2, ?, 'routing:complaint', 0)",
-                               arguments: [june1 - day, june1 - hour])
+                try db.execute(sql: """
+                    INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms)
+                    VALUES ('b', 'marketing', 2, ?1, 'routing:unsubscribe', 1, ?1), ('a', 'marketing', 2, ?2, 'routing:complaint', 0, ?2)
+                    """, arguments: [june1 - day, june1 - hour])
             }
             try routing.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: june1)
             #expect(try routing.store.unsyncedOptOuts(limit: 10) == [RoutingStore.OptOut(person: "b", purpose: "marketing", channel: .sms, atMs: june1 - hour, source: "routing:complaint")])

@@ -110,6 +110,21 @@ public final class IdentityStore: Sendable {
                 INSERT OR IGNORE INTO conflict_person (person_id, conflict_id) SELECT person, id FROM part WHERE person <> '';
                 """)
         }
+        migrator.registerMigration("v4: phone numbers without a trunk 0 after the country code") { db in
+            // The normalizer drops a trunk 0 written after the calling code (+44 (0)20…, +31 06…)
+            // since this version; numbers stored before with it are rewritten, so the same input
+            // finds the same person. One already stored in the new form keeps both rows (no
+            // merge is made here). Values stored as keyed hashes (privacy mode) cannot be
+            // rewritten: such a number is found again only as typed the new way.
+            for code in PhoneRegions.trunkZeroCodes {
+                for table in ["identifier", "merge_member"] {
+                    try db.execute(sql: """
+                        UPDATE OR IGNORE \(table) SET value = '+' || ?1 || substr(value, ?2)
+                        WHERE type = 'phone' AND value LIKE '+' || ?1 || '0%'
+                        """, arguments: [code, code.count + 3])
+                }
+            }
+        }
         return migrator
     }
 

@@ -113,7 +113,9 @@ public struct Normalizer: Sendable {
         guard text.allSatisfy({ allowed.contains($0) }) else { return .failure(RulesError("contains characters that are not part of a phone number")) }
         let international = text.hasPrefix("+") || text.hasPrefix("00")
         if text.hasPrefix("00") { text.removeFirst(2) }
-        text = text.replacingOccurrences(of: "(0)", with: "")
+        // "(0)" marks the trunk 0: dropped below where E.164 drops it, kept where it is part of
+        // the number (+39 (0)6… is +39 06…).
+        text = text.replacingOccurrences(of: "(0)", with: "0")
         var digits = text.filter(\.isNumber)
         if international, let code = PhoneRegions.trunkZeroCodes.first(where: { digits.hasPrefix($0 + "0") }) {
             digits.remove(at: digits.index(digits.startIndex, offsetBy: code.count))

@@ -43,8 +43,9 @@ enum EngagementKey {
 /// What the routing store knows about one person (or, with person "", the population).
 struct Evidence: Sendable {
     var engagement: [Int: Engagement] = [:]
-    /// (purpose, channel raw value, at) of unsubscribes and complaints recorded here.
-    var optOuts: [(purpose: String, channel: Int32, atMs: Int64)] = []
+    /// (purpose, channel raw value, when it happened, when this service learned it) of
+    /// unsubscribes and complaints recorded here.
+    var optOuts: [(purpose: String, channel: Int32, atMs: Int64, recordedAtMs: Int64)] = []
     /// "channel address" pairs that hard-bounced.
     var unreachable: Set<String> = []
 

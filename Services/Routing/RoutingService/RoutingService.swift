@@ -208,8 +208,10 @@ public struct RoutingService: RPCService {
         guard !request.hardBounce || request.kind == .bounced else {
             throw RPCError.invalidArgument(field: "hard_bounce", "applies to BOUNCED only")
         }
-        let at = try ClientTime.read(request.occurredAtMs, field: "occurred_at_ms", now: clock())
-        guard let (delivery, optOut) = try store.report(request.deliveryId, kind: request.kind, hardBounce: request.hardBounce, atMs: at) else {
+        let now = clock()
+        let at = try ClientTime.read(request.occurredAtMs, field: "occurred_at_ms", now: now)
+        guard let (delivery, optOut) = try store.report(request.deliveryId, kind: request.kind, hardBounce: request.hardBounce,
+                                                        atMs: at, nowMs: now) else {
             throw RPCError(.notFound, "delivery_id: no delivery \"\(request.deliveryId)\"")
         }
         if let optOut, let profile {

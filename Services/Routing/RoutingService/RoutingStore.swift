@@ -86,6 +86,15 @@ public final class RoutingStore: Sendable {
                 CREATE TABLE person_erased (person_id TEXT PRIMARY KEY) WITHOUT ROWID;  -- no delivery is stored for them again
                 """)
         }
+        migrator.registerMigration("v3: when an opt-out was learned") { db in
+            // A delivery is judged again at send time against the opt-outs this service learned
+            // after planning it: by when they were recorded here, not by when they happened (a
+            // provider reports an unsubscribe minutes late; a merge brings older ones).
+            try db.execute(sql: """
+                ALTER TABLE opt_out ADD COLUMN recorded_at_ms INTEGER NOT NULL DEFAULT 0;
+                UPDATE opt_out SET recorded_at_ms = at_ms;
+                """)
+        }
         return migrator
     }
 
@@ -97,8 +106,9 @@ public final class RoutingStore: Sendable {
             evidence.engagement[row[0]] = Engagement(sends: row[1], engaged: row[2], updatedMs: row[3])
         }
         guard !person.isEmpty else { return evidence }
-        for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT purpose, channel, at_ms FROM opt_out WHERE person_id = ?"), arguments: [person]) {
-            evidence.optOuts.append((row[0], row[1], row[2]))
+        for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT purpose, channel, at_ms, recorded_at_ms FROM opt_out WHERE person_id = ?"),
+                                    arguments: [person]) {
+            evidence.optOuts.append((row[0], row[1], row[2], row[3]))
         }
         for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT channel, address FROM unreachable WHERE person_id = ?"), arguments: [person]) {
             evidence.unreachable.insert(Evidence.unreachableKey(CommonV1.Channel(rawValue: row[0]), row[1]))
@@ -286,9 +296,9 @@ public final class RoutingStore: Sendable {
             return .expired(why: "not_after \(d.notAfterMs) passed before it could be sent (now \(nowMs))")
         }
         if let optOut = evidence.optOuts.first(where: {
-            $0.purpose == d.purpose && ($0.channel == d.channel.rawValue || $0.channel == 0) && $0.atMs >= d.createdAtMs
+            $0.purpose == d.purpose && ($0.channel == d.channel.rawValue || $0.channel == 0) && $0.recordedAtMs >= d.createdAtMs
         }) {
-            return .refused(reason: "no_consent", why: "unsubscribed or complained at \(optOut.atMs), after it was planned")
+            return .refused(reason: "no_consent", why: "unsubscribed or complained at \(optOut.atMs), learned after it was planned")
         }
         if evidence.unreachable.contains(Evidence.unreachableKey(d.channel, d.address)) {
             return .refused(reason: "unreachable", why: "\(d.address) hard-bounced since it was planned")
@@ -481,7 +491,10 @@ public final class RoutingStore: Sendable {
     /// preference and the person's hours; a hard bounce marks the address unreachable (and
     /// sends the delivery on to its next channel, if any); an unsubscribe or a complaint
     /// records an opt-out here at once and returns it for the profile service.
-    func report(_ id: String, kind: RoutingV1.DeliveryEventKind, hardBounce: Bool, atMs: Int64) throws -> (RoutingV1.Delivery, OptOut?)? {
+    /// `atMs` is when it happened (the reporter's time), `nowMs` when it is recorded here.
+    /// An event concerns the channel and address the delivery was last sent on (a fallback
+    /// may have moved it on since: a bounce reported again must not count against the next).
+    func report(_ id: String, kind: RoutingV1.DeliveryEventKind, hardBounce: Bool, atMs: Int64, nowMs: Int64) throws -> (RoutingV1.Delivery, OptOut?)? {
         try pool.write { db in
             guard var d = try Self.load(db, id) else { return nil }
             // A suppressed delivery was never sent: nothing to open, bounce or unsubscribe from
@@ -491,10 +504,11 @@ public final class RoutingStore: Sendable {
             guard d.state != .suppressed || d.events.contains(where: { $0.kind == .sent }) else {
                 throw RPCError(.failedPrecondition, "delivery_id: delivery \(id) was suppressed, never sent")
             }
+            let sent = d.events.last { $0.kind == .sent }
+            let channel = sent?.channel ?? d.channel, address = sent?.detail ?? d.address
             try db.execute(sql: "INSERT OR IGNORE INTO delivery_event (delivery_id, channel, kind, at_ms) VALUES (?, ?, ?, ?)",
-                           arguments: [id, d.channel.rawValue, Self.eventKey(kind, hardBounce: hardBounce), atMs])
+                           arguments: [id, channel.rawValue, Self.eventKey(kind, hardBounce: hardBounce), atMs])
             guard db.changesCount > 0 else { return (d, nil) }
-            let channel = d.channel
             var e = RoutingV1.DeliveryEvent()
             e.kind = kind
             e.atMs = atMs
@@ -513,15 +527,15 @@ public final class RoutingStore: Sendable {
                 }
             case .bounced where hardBounce:
                 try db.execute(sql: "INSERT OR REPLACE INTO unreachable (person_id, channel, address, at_ms) VALUES (?, ?, ?, ?)",
-                               arguments: [d.personId, channel.rawValue, d.address, atMs])
-                if d.state == .sent && !d.fallbackChannels.isEmpty {
-                    Self.fallBack(&d, atMs: atMs, why: "hard bounce on \(channel.ruleName) \(d.address)")
+                               arguments: [d.personId, channel.rawValue, address, atMs])
+                if d.state == .sent && d.channel == channel && !d.fallbackChannels.isEmpty {
+                    Self.fallBack(&d, atMs: atMs, why: "hard bounce on \(channel.ruleName) \(address)")
                 }
             case .complained, .unsubscribed:
                 let source = kind == .complained ? "routing:complaint" : "routing:unsubscribe"
                 try db.execute(sql: """
-                    INSERT OR REPLACE INTO opt_out (person_id, purpose, channel, at_ms, source, synced) VALUES (?, ?, ?, ?, ?, 0)
-                    """, arguments: [d.personId, d.purpose, channel.rawValue, atMs, source])
+                    INSERT OR REPLACE INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms) VALUES (?, ?, ?, ?, ?, 0, ?)
+                    """, arguments: [d.personId, d.purpose, channel.rawValue, atMs, source, nowMs])
                 optOut = OptOut(person: d.personId, purpose: d.purpose, channel: channel, atMs: atMs, source: source)
             default:
                 break
@@ -617,12 +631,14 @@ extension RoutingStore: IdentityChangeSink {
         try db.execute(sql: "UPDATE OR IGNORE unreachable SET person_id = ? WHERE person_id = ?", arguments: [target, source])
         // Both persons opted out of the same purpose and channel: the newer record stays, unsynced
         // when it is (it must still reach the profile service).
+        // The survivor's deliveries were planned without the source's opt-outs: they count as
+        // learned now.
         try db.execute(sql: """
-            INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced)
-              SELECT ?1, purpose, channel, at_ms, source, synced FROM opt_out WHERE person_id = ?2 AND true
+            INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms)
+              SELECT ?1, purpose, channel, at_ms, source, synced, ?3 FROM opt_out WHERE person_id = ?2 AND true
             ON CONFLICT (person_id, purpose, channel) DO UPDATE SET at_ms = excluded.at_ms, source = excluded.source,
-              synced = excluded.synced WHERE excluded.at_ms > opt_out.at_ms
-            """, arguments: [target, source])
+              synced = excluded.synced, recorded_at_ms = excluded.recorded_at_ms WHERE excluded.at_ms > opt_out.at_ms
+            """, arguments: [target, source, nowMs])
         for table in ["engagement", "unreachable", "opt_out"] {
             try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [source])
         }
