@@ -164,6 +164,9 @@ public final class RPCClient: Sendable {
         }
         if let status = response.status, status.code != 0 {
             let error = RPCError(RPCError.Code(rawValue: status.code), status.message)
+            // The server is draining this connection: the retry, and every later call, go on a
+            // new one (to another instance, behind a balancer).
+            if error.code == .unavailable && error.message == RPCServer.drainingMessage { connection.retire() }
             throw Failure(error: error, retryable: allowRetry && error.code == .unavailable)
         }
         return response.payload
@@ -241,8 +244,12 @@ final class ClientConnection: Sendable {
 
     init(channel: any Channel) { self.channel = channel }
 
-    /// True once the stream ids of this connection are used up; a new connection is opened.
+    /// True once the stream ids of this connection are used up, or the server is draining
+    /// it: a new connection is opened.
     var isExhausted: Bool { exhausted.load(ordering: .relaxed) }
+
+    /// No new call goes on this connection (its calls in flight still finish).
+    func retire() { exhausted.store(true, ordering: .relaxed) }
 
     func send(_ envelope: [UInt8], deadline: ContinuousClock.Instant?) async -> Result<TTRPC.Response, RPCError> {
         let promise = channel.eventLoop.makePromise(of: ByteBuffer.self)

@@ -111,6 +111,10 @@ public final class RPCServer: Service, Sendable {
     /// Told to each connection's handler by `drain()`.
     struct Draining {}
 
+    /// The UNAVAILABLE message for a request on a draining connection; a client that gets it
+    /// opens a new connection for its next call (`RPCClient`).
+    static let drainingMessage = "server is draining: retry on another connection"
+
     /// Stops accepting; calls in flight finish and are answered, new requests on open
     /// connections are answered UNAVAILABLE, then each connection closes (once its last
     /// answer is sent) and `run()` returns.
@@ -442,8 +446,7 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
             }
             lastStreamID = header.streamID
             guard !draining else {
-                write(context, server.rejection(header.streamID, RPCError(.unavailable,
-                    "server is draining: retry on another connection"), logger: logger))
+                write(context, server.rejection(header.streamID, RPCError(.unavailable, RPCServer.drainingMessage), logger: logger))
                 return
             }
             switch server.prepare(streamID: header.streamID, payload: payload, logger: logger) {

@@ -401,6 +401,11 @@ struct ServerTests {
         await expectCode(.unavailable, message: "server is draining") {
             _ = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest(), timeout: .seconds(5))
         }
+        // The client's next call goes on a new connection (here refused: the server no longer
+        // accepts), not again on the draining one.
+        await expectCode(.unavailable, message: "127.0.0.1:\(port)") {
+            _ = try await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest(), timeout: .seconds(5))
+        }
         test.gate.open()
         #expect(try await slow.message == "finishing")
         try await running
