@@ -1,9 +1,36 @@
+import Synchronization
+
 /// Record ids that sort by creation time (so inserts into a primary-key index append):
-/// a prefix, 12 hex digits of Unix milliseconds, then 16 random hex digits.
+/// a prefix, 12 hex digits of Unix milliseconds, then 16 hex digits that start at a random
+/// value in each millisecond and grow by a random step within it, so that ids made by one
+/// process in the same millisecond sort in the order they were made (a person's two
+/// decisions in one millisecond are read back in order) and stay hard to guess.
 public enum TimeOrderedID {
-    public static func make(_ prefix: String, nowMs: Int64) -> String {
-        let random = String(UInt64.random(in: .min ... .max), radix: 16)
-        return lowerBound(prefix, atMs: nowMs) + String(repeating: "0", count: 16 - random.count) + random
+    /// The process's sequence.
+    static let shared = Sequence()
+
+    public static func make(_ prefix: String, nowMs: Int64) -> String { shared.make(prefix, nowMs: nowMs) }
+
+    /// Ids in order within each millisecond (tests make their own, apart from the process's).
+    public final class Sequence: Sendable {
+        /// The last millisecond an id was made for, and the suffix it took.
+        private let last = Mutex<(ms: Int64, suffix: UInt64)>((-1, 0))
+
+        public init() {}
+
+        public func make(_ prefix: String, nowMs: Int64) -> String {
+            let suffix = last.withLock { last -> UInt64 in
+                if nowMs == last.ms {
+                    last.suffix += UInt64.random(in: 1...(1 << 32))
+                } else {
+                    // A new millisecond (or the clock stepped back: that time is used as it is).
+                    last = (nowMs, UInt64.random(in: 0...(1 << 62)))
+                }
+                return last.suffix
+            }
+            let digits = String(suffix, radix: 16)
+            return lowerBound(prefix, atMs: nowMs) + String(repeating: "0", count: 16 - digits.count) + digits
+        }
     }
 
     /// Sorts at or below every id made at `atMs` or later, and above every id made before
