@@ -1386,7 +1386,7 @@ const ProtobufCMessageDescriptor arbiter__identity__v1__person_identifier__descr
   (ProtobufCMessageInit) arbiter__identity__v1__person_identifier__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__identity__v1__history_request__field_descriptors[1] =
+static const ProtobufCFieldDescriptor arbiter__identity__v1__history_request__field_descriptors[2] =
 {
   {
     "person_id",
@@ -1400,14 +1400,27 @@ static const ProtobufCFieldDescriptor arbiter__identity__v1__history_request__fi
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "limit",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Identity__V1__HistoryRequest, limit),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__identity__v1__history_request__field_indices_by_name[] = {
+  1,   /* field[1] = limit */
   0,   /* field[0] = person_id */
 };
 static const ProtobufCIntRange arbiter__identity__v1__history_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 1 }
+  { 0, 2 }
 };
 const ProtobufCMessageDescriptor arbiter__identity__v1__history_request__descriptor =
 {
@@ -1417,14 +1430,14 @@ const ProtobufCMessageDescriptor arbiter__identity__v1__history_request__descrip
   "Arbiter__Identity__V1__HistoryRequest",
   "arbiter.identity.v1",
   sizeof(Arbiter__Identity__V1__HistoryRequest),
-  1,
+  2,
   arbiter__identity__v1__history_request__field_descriptors,
   arbiter__identity__v1__history_request__field_indices_by_name,
   1,  arbiter__identity__v1__history_request__number_ranges,
   (ProtobufCMessageInit) arbiter__identity__v1__history_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__identity__v1__history_response__field_descriptors[1] =
+static const ProtobufCFieldDescriptor arbiter__identity__v1__history_response__field_descriptors[2] =
 {
   {
     "entries",
@@ -1438,14 +1451,27 @@ static const ProtobufCFieldDescriptor arbiter__identity__v1__history_response__f
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "truncated",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Identity__V1__HistoryResponse, truncated),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__identity__v1__history_response__field_indices_by_name[] = {
   0,   /* field[0] = entries */
+  1,   /* field[1] = truncated */
 };
 static const ProtobufCIntRange arbiter__identity__v1__history_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 1 }
+  { 0, 2 }
 };
 const ProtobufCMessageDescriptor arbiter__identity__v1__history_response__descriptor =
 {
@@ -1455,7 +1481,7 @@ const ProtobufCMessageDescriptor arbiter__identity__v1__history_response__descri
   "Arbiter__Identity__V1__HistoryResponse",
   "arbiter.identity.v1",
   sizeof(Arbiter__Identity__V1__HistoryResponse),
-  1,
+  2,
   arbiter__identity__v1__history_response__field_descriptors,
   arbiter__identity__v1__history_response__field_indices_by_name,
   1,  arbiter__identity__v1__history_response__number_ranges,

@@ -183,11 +183,21 @@ struct GraphTests {
         #expect(try await service.history(history).entries.contains { $0.kind == .conflict })
         // The same evidence replayed is not a new conflict (before, one row per replay).
         for _ in 0..<3 { _ = try await service.link([id("email", "one@x.io"), id("email", "two@x.io"), id("device_id", "ipad")]) }
-        #expect(try await service.history(history).entries.count { $0.kind == .conflict } == 1)
+        let all = try await service.history(history)
+        #expect(all.entries.count { $0.kind == .conflict } == 1 && !all.truncated)
 
         // A second customer id for the same person: it becomes its own person.
         let extra = try await service.link([id("email", "one@x.io"), id("customer_id", "C3")])
         #expect(extra.conflicts.first?.rule == "max 1 customer_id per person")
+        // History is bounded: the newest entries, oldest first, and a flag when older ones were left out.
+        history.personId = one.personId
+        let both = try await service.history(history)
+        #expect(both.entries.count == 2 && !both.truncated, "\(both)")
+        history.limit = 1
+        let newest = try await service.history(history)
+        #expect(newest.entries == [both.entries[1]] && newest.truncated)
+        history.limit = 10_001
+        await expectInvalid("limit") { _ = try await service.history(history) }
         #expect(try await service.person(one.personId).identifiers.filter { $0.identifier?.type == "customer_id" }.count == 1)
     }
 

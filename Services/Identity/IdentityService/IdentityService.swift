@@ -155,8 +155,13 @@ public struct IdentityService: RPCService {
 
     func history(_ request: IdentityV1.HistoryRequest) async throws -> IdentityV1.HistoryResponse {
         let id = try Self.personID(request.personId)
+        guard request.limit <= 10_000 else { throw RPCError.invalidArgument(field: "limit", "must be at most 10000, got \(request.limit)") }
+        let limit = request.limit == 0 ? 1000 : Int(request.limit)
+        let entries = try await mapped { try await store.history(id) }
         var response = IdentityV1.HistoryResponse()
-        response.entries = try await mapped { try await store.history(id) }.map(Self.wire)
+        // The newest, oldest first: an answer stays within a frame however long the history.
+        response.entries = entries.suffix(limit).map(Self.wire)
+        response.truncated = entries.count > limit
         return response
     }
 

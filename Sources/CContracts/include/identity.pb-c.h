@@ -199,21 +199,32 @@ struct  Arbiter__Identity__V1__HistoryRequest
 {
   ProtobufCMessage base;
   char *person_id;
+  /*
+   * The newest entries to return: default 1000, at most 10000.
+   */
+  uint32_t limit;
 };
 #define ARBITER__IDENTITY__V1__HISTORY_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__identity__v1__history_request__descriptor) \
-    , (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, 0 }
 
 
 struct  Arbiter__Identity__V1__HistoryResponse
 {
   ProtobufCMessage base;
+  /*
+   * Oldest first.
+   */
   size_t n_entries;
   Arbiter__Identity__V1__Change **entries;
+  /*
+   * Older entries were left out (limit).
+   */
+  protobuf_c_boolean truncated;
 };
 #define ARBITER__IDENTITY__V1__HISTORY_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__identity__v1__history_response__descriptor) \
-    , 0,NULL }
+    , 0,NULL, 0 }
 
 
 struct  Arbiter__Identity__V1__ListChangesRequest

@@ -207,29 +207,38 @@ extension IdentityV1 {
 
     public struct HistoryRequest: ProtoMessage {
         public var personId: String = ""
+        /// The newest entries to return: default 1000, at most 10000.
+        public var limit: UInt32 = 0
 
         public static let protoName = "arbiter.identity.v1.HistoryRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__identity__v1__history_request__descriptor_ptr())
         public init() {}
         public init(reader: ProtoReader) throws {
             personId = reader.string(1)
+            limit = reader.uint32(2)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, personId)
+            writer.setUint32(2, limit)
         }
     }
 
     public struct HistoryResponse: ProtoMessage {
+        /// Oldest first.
         public var entries: [IdentityV1.Change] = []
+        /// Older entries were left out (limit).
+        public var truncated: Bool = false
 
         public static let protoName = "arbiter.identity.v1.HistoryResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__identity__v1__history_response__descriptor_ptr())
         public init() {}
         public init(reader: ProtoReader) throws {
             entries = try reader.messages(1)
+            truncated = reader.bool(2)
         }
         public func write(to writer: ProtoWriter) {
             writer.setRepeatedMessages(1, entries)
+            writer.setBool(2, truncated)
         }
     }
 
