@@ -16,6 +16,16 @@ func id(_ type: String, _ value: String) -> CommonV1.Identifier {
     return identifier
 }
 
+/// A new directory holding an identity store migrated up to `migration` only, with `sql` run in it.
+func storeBefore(_ migration: String, _ sql: String) async throws -> String {
+    let directory = tempDirectory()
+    let old = try DatabasePool(path: directory + "/identity.sqlite")
+    try IdentityStore.migrator.migrate(old, upTo: migration)
+    try await old.write { db in try db.execute(sql: sql) }
+    try old.close()
+    return directory
+}
+
 func makeService(_ directory: String = tempDirectory(), rules: IdentityRules = IdentityRules(), key: [UInt8]? = nil) throws -> IdentityService {
     let clock = Mutex<Int64>(1_700_000_000_000)
     return IdentityService(store: try IdentityStore(directory: directory, normalizer: Normalizer(rules: rules, privacyKey: key))) {
@@ -389,24 +399,16 @@ struct FeedAndErasureTests {
 
     @Test("History finds a person's entries by person; a store from before that index gets it filled")
     func historyIndexMigration() async throws {
-        let directory = tempDirectory()
-        do {
-            // The v2 layout, with a merge of b into a, an unrelated erasure, and a conflict of a and c.
-            let old = try DatabasePool(path: directory + "/identity.sqlite")
-            try IdentityStore.migrator.migrate(old, upTo: "v2: merge ids in the feed, absorbed persons indexed")
-            try await old.write { db in
-                try db.execute(sql: """
-                    INSERT INTO person (seq, id, created_at_ms, state, merged_into) VALUES
-                      (1, 'pa', 1, 'active', NULL), (2, 'pb', 2, 'merged', 'pa'), (3, 'pc', 3, 'active', NULL), (4, 'pd', 4, 'erased', NULL);
-                    INSERT INTO merge (id, target, source, cause, at_ms) VALUES (1, 'pa', 'pb', 'login', 10);
-                    INSERT INTO change (seq, kind, target, sources, cause, at_ms, merge_id) VALUES
-                      (1, 1, 'pa', 'pb', 'login', 10, 1), (2, 3, 'pd', '', 'erased', 11, 0);
-                    INSERT INTO conflict (id, person_ids, rule, identifier_type, cause, at_ms) VALUES
-                      (1, 'pc,pa', 'max 1 customer_id per person', 'customer_id', 'crm', 12);
-                    """)
-            }
-            try old.close()
-        }
+        // The v2 layout, with a merge of b into a, an unrelated erasure, and a conflict of a and c.
+        let directory = try await storeBefore("v2: merge ids in the feed, absorbed persons indexed", """
+            INSERT INTO person (seq, id, created_at_ms, state, merged_into) VALUES
+              (1, 'pa', 1, 'active', NULL), (2, 'pb', 2, 'merged', 'pa'), (3, 'pc', 3, 'active', NULL), (4, 'pd', 4, 'erased', NULL);
+            INSERT INTO merge (id, target, source, cause, at_ms) VALUES (1, 'pa', 'pb', 'login', 10);
+            INSERT INTO change (seq, kind, target, sources, cause, at_ms, merge_id) VALUES
+              (1, 1, 'pa', 'pb', 'login', 10, 1), (2, 3, 'pd', '', 'erased', 11, 0);
+            INSERT INTO conflict (id, person_ids, rule, identifier_type, cause, at_ms) VALUES
+              (1, 'pc,pa', 'max 1 customer_id per person', 'customer_id', 'crm', 12);
+            """)
         let service = try makeService(directory)
         var request = IdentityV1.HistoryRequest()
         request.personId = "pb"  // a merged-away id: the survivor's history
@@ -424,19 +426,11 @@ struct FeedAndErasureTests {
 
     @Test("numbers stored with a trunk 0 after the country code are rewritten, so the same input finds the same person")
     func phoneMigration() async throws {
-        let directory = tempDirectory()
-        do {
-            let old = try DatabasePool(path: directory + "/identity.sqlite")
-            try IdentityStore.migrator.migrate(old, upTo: "v3: changes and conflicts by person")
-            try await old.write { db in
-                try db.execute(sql: """
-                    INSERT INTO person (seq, id, created_at_ms, state, merged_into) VALUES (1, 'pa', 1, 'active', NULL), (2, 'pi', 2, 'active', NULL);
-                    INSERT INTO identifier (type, value, person_id, first_seen_ms, last_seen_ms, source) VALUES
-                      ('phone', '+4402079460000', 'pa', 1, 1, 'crm'), ('phone', '+390612345678', 'pi', 1, 1, 'crm');
-                    """)
-            }
-            try old.close()
-        }
+        let directory = try await storeBefore("v3: changes and conflicts by person", """
+            INSERT INTO person (seq, id, created_at_ms, state, merged_into) VALUES (1, 'pa', 1, 'active', NULL), (2, 'pi', 2, 'active', NULL);
+            INSERT INTO identifier (type, value, person_id, first_seen_ms, last_seen_ms, source) VALUES
+              ('phone', '+4402079460000', 'pa', 1, 1, 'crm'), ('phone', '+390612345678', 'pi', 1, 1, 'crm');
+            """)
         let service = try makeService(directory)
         var request = IdentityV1.ResolveRequest()
         request.identifiers = [id("phone", "+44 (0)20 7946 0000")]

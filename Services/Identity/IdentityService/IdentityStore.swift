@@ -230,24 +230,24 @@ public final class IdentityStore: Sendable {
             let survivor = try Self.survivor(db, id)
             var involved = Set(try String.fetchAll(db, sql: "SELECT id FROM person WHERE merged_into = ?", arguments: [survivor]))
             involved.insert(survivor)
-            // By person, through the index tables (not by reading every change and conflict).
-            var seqs = Set<Int64>(), conflictIDs = Set<Int64>()
-            let changeSeqs = try db.cachedStatement(sql: "SELECT seq FROM change_person WHERE person_id = ?")
-            let conflictsOf = try db.cachedStatement(sql: "SELECT conflict_id FROM conflict_person WHERE person_id = ?")
+            // By person, through the index tables (not by reading every change and conflict): one
+            // query each for a person's changes and conflicts; an entry of several is kept once.
+            var changes: [Int64: ChangeRecord] = [:], conflicts: [Int64: ChangeRecord] = [:]
             for person in involved {
-                seqs.formUnion(try Int64.fetchAll(changeSeqs, arguments: [person]))
-                conflictIDs.formUnion(try Int64.fetchAll(conflictsOf, arguments: [person]))
+                for change in try Self.fetchChanges(db, sql: "SELECT c.* FROM change_person p JOIN change c ON c.seq = p.seq WHERE p.person_id = ?",
+                                                    arguments: [person]) {
+                    changes[change.seq] = change
+                }
+                for row in try Row.fetchAll(db.cachedStatement(sql: """
+                    SELECT c.* FROM conflict_person p JOIN conflict c ON c.id = p.conflict_id WHERE p.person_id = ?
+                    """), arguments: [person]) {
+                    let persons = (row["person_ids"] as String).split(separator: ",").map(String.init)
+                    conflicts[row["id"]] = ChangeRecord(seq: 0, kind: .conflict, target: persons.first ?? "", sources: Array(persons.dropFirst()),
+                                                        cause: "\(row["rule"] as String) (\(row["cause"] as String))", atMs: row["at_ms"])
+                }
             }
-            let changes = try seqs.sorted().flatMap { seq in
-                try Self.fetchChanges(db, sql: "SELECT * FROM change WHERE seq = ?", arguments: [seq])
-            }
-            let conflicts = try conflictIDs.sorted().compactMap { id -> ChangeRecord? in
-                guard let row = try Row.fetchOne(db, sql: "SELECT * FROM conflict WHERE id = ?", arguments: [id]) else { return nil }
-                let persons = (row["person_ids"] as String).split(separator: ",").map(String.init)
-                return ChangeRecord(seq: 0, kind: .conflict, target: persons.first ?? "", sources: Array(persons.dropFirst()),
-                                    cause: "\(row["rule"] as String) (\(row["cause"] as String))", atMs: row["at_ms"])
-            }
-            return (changes + conflicts).sorted { ($0.atMs, $0.seq) < ($1.atMs, $1.seq) }
+            return (changes.values.sorted { $0.seq < $1.seq } + conflicts.sorted { $0.key < $1.key }.map(\.value))
+                .sorted { ($0.atMs, $0.seq) < ($1.atMs, $1.seq) }
         }
     }
 
@@ -413,8 +413,8 @@ public final class IdentityStore: Sendable {
                 survivor = try Self.survivor(db, personID)
             } catch StoreError.personErased {
                 let seq = try Int64.fetchOne(db, sql: """
-                    SELECT max(seq) FROM change WHERE kind = ?1 AND (target = ?2 OR ',' || sources || ',' LIKE '%,' || ?2 || ',%')
-                    """, arguments: [ChangeKind.erase.rawValue, personID]) ?? 0
+                    SELECT max(c.seq) FROM change_person p JOIN change c ON c.seq = p.seq WHERE p.person_id = ? AND c.kind = ?
+                    """, arguments: [personID, ChangeKind.erase.rawValue]) ?? 0
                 return (seq, 0)
             }
             let absorbed = try String.fetchAll(db, sql: "SELECT id FROM person WHERE merged_into = ?", arguments: [survivor])
@@ -540,10 +540,9 @@ public final class IdentityStore: Sendable {
         // An operator's split holds for the persons split and for whoever absorbed them since:
         // each side is a person with the persons merged into it.
         let apart = try db.cachedStatement(sql: """
-            SELECT a, b FROM split WHERE
-              (a IN (SELECT ?1 UNION ALL SELECT id FROM person WHERE merged_into = ?1) AND b IN (SELECT ?2 UNION ALL SELECT id FROM person WHERE merged_into = ?2))
-              OR (a IN (SELECT ?2 UNION ALL SELECT id FROM person WHERE merged_into = ?2) AND b IN (SELECT ?1 UNION ALL SELECT id FROM person WHERE merged_into = ?1))
-            LIMIT 1
+            WITH x(id) AS (SELECT ?1 UNION ALL SELECT id FROM person WHERE merged_into = ?1),
+                 y(id) AS (SELECT ?2 UNION ALL SELECT id FROM person WHERE merged_into = ?2)
+            SELECT a, b FROM split WHERE (a IN x AND b IN y) OR (a IN y AND b IN x) LIMIT 1
             """)
         for (i, a) in persons.enumerated() {
             for b in persons[(i + 1)...] {

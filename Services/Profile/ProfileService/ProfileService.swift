@@ -138,8 +138,21 @@ public struct ProfileService: RPCService {
     /// `person` as the identity feed left it: the person it was merged into, or NOT_FOUND
     /// when it was erased (no new data is kept for it).
     func living(_ person: String, field: String = "person") throws(RPCError) -> String {
-        guard let current = store.current(person) else { throw RPCError(.notFound, "\(field): person \(person) was erased") }
+        guard let current = store.current(person) else { throw Self.erased(person, field: field) }
         return current
+    }
+
+    static func erased(_ person: String, field: String = "person") -> RPCError {
+        RPCError(.notFound, "\(field): person \(person) was erased")
+    }
+
+    /// Track's answer for one event it did not store.
+    static func rejection(_ index: Int, _ eventID: String, _ error: RPCError) -> ProfileV1.EventRejection {
+        var rejection = ProfileV1.EventRejection()
+        rejection.index = UInt32(index)
+        rejection.eventId = eventID
+        rejection.reason = error.message
+        return rejection
     }
 
     static func source(_ source: String, field: String = "source") throws(RPCError) -> String {
@@ -184,11 +197,7 @@ public struct ProfileService: RPCService {
                 _ = try living(person)
                 accepted.append((i, try validated(event, person: person, now: now)))
             } catch {  // INVALID_ARGUMENT from validation or from resolving its person: this event only
-                var rejection = ProfileV1.EventRejection()
-                rejection.index = UInt32(i)
-                rejection.eventId = event.eventId
-                rejection.reason = error.message
-                response.rejections.append(rejection)
+                response.rejections.append(Self.rejection(i, event.eventId, error))
             }
         }
         guard !accepted.isEmpty else { return response }
@@ -197,12 +206,7 @@ public struct ProfileService: RPCService {
             switch outcome {
             case .stored: response.accepted += 1
             case .duplicate: response.duplicates += 1
-            case .personErased:
-                var rejection = ProfileV1.EventRejection()
-                rejection.index = UInt32(i)
-                rejection.eventId = event.eventID
-                rejection.reason = "person: person \(event.personID) was erased"
-                response.rejections.append(rejection)
+            case .personErased: response.rejections.append(Self.rejection(i, event.eventID, Self.erased(event.personID)))
             }
         }
         response.rejections.sort { $0.index < $1.index }

@@ -100,10 +100,14 @@ public final class RoutingStore: Sendable {
 
     // MARK: - Reading
 
-    static func evidence(_ db: Database, person: String) throws -> Evidence {
+    /// `engagement: false` leaves it out (the send-time check reads opt-outs and bounces only).
+    static func evidence(_ db: Database, person: String, engagement: Bool = true) throws -> Evidence {
         var evidence = Evidence()
-        for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT key, sends, engaged, updated_ms FROM engagement WHERE person_id = ?"), arguments: [person]) {
-            evidence.engagement[row[0]] = Engagement(sends: row[1], engaged: row[2], updatedMs: row[3])
+        if engagement {
+            for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT key, sends, engaged, updated_ms FROM engagement WHERE person_id = ?"),
+                                        arguments: [person]) {
+                evidence.engagement[row[0]] = Engagement(sends: row[1], engaged: row[2], updatedMs: row[3])
+            }
         }
         guard !person.isEmpty else { return evidence }
         for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT purpose, channel, at_ms, recorded_at_ms FROM opt_out WHERE person_id = ?"),
@@ -323,12 +327,12 @@ public final class RoutingStore: Sendable {
     /// suppressed ("expired"); in quiet hours (a retry, a fallback, a requeued dead letter, an
     /// outage) it waits for their end. Most deliveries pass on one read.
     func beforeSending(_ planned: RoutingV1.Delivery, nowMs: Int64) throws -> RoutingV1.Delivery? {
-        let evidence = try pool.read { db in try Self.evidence(db, person: planned.personId) }
+        let evidence = try pool.read { db in try Self.evidence(db, person: planned.personId, engagement: false) }
         if check(planned, evidence, nowMs: nowMs) == .send { return planned }
         return try pool.write { db in
             guard var d = try Self.load(db, planned.deliveryId), d.state == .scheduled, d.channel == planned.channel,
                   d.nextAttemptAtMs <= nowMs else { return nil }
-            let evidence = try Self.evidence(db, person: d.personId)
+            let evidence = try Self.evidence(db, person: d.personId, engagement: false)
             while true {
                 switch check(d, evidence, nowMs: nowMs) {
                 case .send:
