@@ -590,6 +590,72 @@ struct RoutingTests {
         }
     }
 
+    @Test("consent withdrawn in the profile service after planning is read again before the send: the delivery falls back or stops; while consent cannot be read it waits")
+    func consentReadAgain() async throws {
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }  // noon in Paris
+        let uncapped: @Sendable (inout RoutingConfiguration) -> Void = {
+            ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (100, 100, 100, 100)
+        }
+        try await withRouting(clock: clock, configure: uncapped) { routing, profile, sink in
+            try seedReachable(profile.store, "p", at: june1 - day)
+            let store = routing.store
+            func stored(_ d: RoutingV1.Delivery) throws -> RoutingV1.Delivery { try #require(try store.delivery(d.deliveryId)) }
+            let both = try await routing.route(routeRequest("p", key: "c1", channels: [.email, .push], notBefore: june1 + hour))
+            let emailOnly = try await routing.route(routeRequest("p", key: "c2", channels: [.email], notBefore: june1 + hour))
+            let waiting = try await routing.route(routeRequest("p", key: "c3", channels: [.push], notBefore: june1 + hour))
+            #expect([both, emailOnly, waiting].allSatisfy { $0.state == .scheduled && $0.sendAtMs == june1 + hour })
+            // Withdrawn in the profile service, not through routing: only a second read shows it.
+            try seed(profile.store, "p", consent: [("marketing", .email, false)], at: june1 + 60_000)
+            clock.advance(seconds: 3600)
+
+            // The profile service down: the delivery is not sent, and waits (the test's
+            // initialBackoffMs, 5 ms); past its not_after it would expire.
+            let down = RPCClient(host: "127.0.0.1", port: try await unusedPort())
+            defer { down.close() }
+            var configuration = routing.configuration
+            configuration.profileTimeoutMs = 2000
+            let blind = Dispatcher(store: store, adapters: routing.adapters, configuration: configuration, profile: down,
+                                   logger: quietLogger("routing-test"), clock: clock.read)
+            await blind.attempt(waiting)
+            #expect(try stored(waiting).state == .scheduled && stored(waiting).nextAttemptAtMs == june1 + hour + 5)
+            #expect(sink.requests.isEmpty)
+            #expect(store.check(waiting, .init(), consent: .unreadable("down"), nowMs: june1 + hour)
+                    == .later(atMs: june1 + hour + 5, why: "consent cannot be read again: down"))
+            var bounded = waiting
+            bounded.notAfterMs = june1 + hour + 1
+            guard case .expired = store.check(bounded, .init(), consent: .unreadable("down"), nowMs: june1 + hour) else {
+                Issue.record("a delivery that cannot wait past its not_after should expire")
+                return
+            }
+
+            // With the profile service: email is refused now; push is the fallback of one, the
+            // other has none left and stops, saying why.
+            clock.advance(seconds: 1)
+            try await dispatching(routing) {
+                try await waitFor { try store.delivery(both.deliveryId)?.state == .sent }
+                try await waitFor { try store.delivery(emailOnly.deliveryId)?.state == .suppressed }
+                try await waitFor { try store.delivery(waiting.deliveryId)?.state == .sent }
+            }
+            let fellBack = try stored(both)
+            #expect(fellBack.channel == .push)
+            #expect(fellBack.events.contains { $0.kind == .fellBack && $0.detail.contains("marketing.email denied by test") && $0.detail.contains("read again") },
+                    "\(fellBack.events)")
+            let stopped = try stored(emailOnly)
+            #expect(stopped.suppressionReason == "no_consent" && stopped.suppressionDetail.contains("marketing.email denied"), "\(stopped)")
+            #expect(Set(sink.requests.compactMap { $0.headers["x-arbiter-delivery"] }) == [both.deliveryId, waiting.deliveryId])
+
+            // An erased person (unknown to the profile service): nothing is sent.
+            let last = try await routing.route(routeRequest("p", key: "c4", channels: [.push], notBefore: june1 + 2 * hour))
+            _ = try profile.store.erase(person: "p", nowMs: june1 + hour + 2000)
+            clock.advance(seconds: 3600)
+            try await dispatching(routing) { try await waitFor { try store.delivery(last.deliveryId)?.state == .suppressed } }
+            let gone = try stored(last)
+            #expect(gone.suppressionDetail.contains("no longer knows the person"), "\(gone)")
+            #expect(sink.requests.count == 2)
+        }
+    }
+
     @Test("a hard bounce after a soft one marks the address; a hard bounce on the fallback channel counts too")
     func bouncesPerChannel() async throws {
         try await withRouting { routing, profile, _ in

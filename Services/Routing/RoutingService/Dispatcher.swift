@@ -13,13 +13,17 @@ public struct Dispatcher: Service {
     let store: RoutingStore
     let adapters: Adapters
     let configuration: RoutingConfiguration
+    /// Where consent is read again before a send (`consentRecheckAfterMs`); nil: never.
+    let profile: RPCClient?
     let logger: Logger
     let clock: @Sendable () -> Int64
 
-    init(store: RoutingStore, adapters: Adapters, configuration: RoutingConfiguration, logger: Logger, clock: @escaping @Sendable () -> Int64) {
+    init(store: RoutingStore, adapters: Adapters, configuration: RoutingConfiguration, profile: RPCClient?, logger: Logger,
+         clock: @escaping @Sendable () -> Int64) {
         self.store = store
         self.adapters = adapters
         self.configuration = configuration
+        self.profile = profile
         self.logger = logger
         self.clock = clock
     }
@@ -66,11 +70,13 @@ public struct Dispatcher: Service {
     }
 
     /// One attempt on the delivery's current channel, and its result recorded; first the
-    /// delivery is judged again with what was learned since it was planned.
+    /// delivery is judged again with what was learned since it was planned, the profile's
+    /// consent included once the plan is `consentRecheckAfterMs` old.
     func attempt(_ planned: RoutingV1.Delivery) async {
         let delivery: RoutingV1.Delivery
         do {
-            guard let ready = try store.beforeSending(planned, nowMs: clock()) else { return }
+            let consent = await consentNow(planned)
+            guard let ready = try store.beforeSending(planned, consent: consent, nowMs: clock()) else { return }
             delivery = ready
         } catch {
             // Not judged: the delivery stays due and is looked at again.
@@ -94,6 +100,27 @@ public struct Dispatcher: Service {
         } catch {
             // Not recorded: the delivery stays due and is attempted again (at least once).
             logger.error("cannot record a delivery attempt", metadata: ["delivery": "\(delivery.deliveryId)", "error": "\(error)"])
+        }
+    }
+}
+
+extension Dispatcher {
+    /// The person's consent from the profile service, read again unless the plan is recent.
+    func consentNow(_ d: RoutingV1.Delivery) async -> RoutingStore.SendTimeConsent {
+        guard let profile, clock() - d.createdAtMs >= Int64(configuration.consentRecheckAfterMs) else { return .notRead }
+        var request = ProfileV1.GetProfileRequest()
+        var person = CommonV1.PersonRef()
+        person.ref = .personId(d.personId)
+        request.person = person
+        request.fields = ["consent"]
+        do {
+            return .read(try await profile.call(ProfileV1.Profile.getProfile, request, timeout: .milliseconds(configuration.profileTimeoutMs)).consent)
+        } catch where error.code == .notFound {
+            return .personUnknown(error.message)
+        } catch {
+            logger.warning("cannot read consent again before sending; the delivery waits",
+                           metadata: ["delivery": "\(d.deliveryId)", "error": "\(error)"])
+            return .unreadable("profile: \(error.code) \(error.message)")
         }
     }
 }

@@ -182,18 +182,32 @@ struct Planner {
     /// the purpose's record for every channel: `governingConsent`) must be granted, and not
     /// followed by an unsubscribe or complaint recorded here.
     func consentRefusal(_ channel: CommonV1.Channel, purpose: String, profile: ProfileV1.ProfileView, person: Evidence) -> String? {
-        let exact = profile.consent.first { $0.purpose == purpose && $0.channel == channel }
-        let general = profile.consent.first { $0.purpose == purpose && $0.channel == .unspecified }
-        guard let record = governingConsent(exact: exact, general: general, atMs: \.atMs) else {
-            return "no consent recorded for \(purpose).\(channel.ruleName)"
-        }
-        guard record.granted else { return "consent \(purpose).\(channel.ruleName) denied by \(record.source) at \(record.atMs)" }
+        if let refusal = Self.profileConsentRefusal(channel, purpose: purpose, consent: profile.consent) { return refusal }
+        let record = Self.governing(channel, purpose: purpose, consent: profile.consent)!
         if let optOut = person.optOuts.first(where: {
             $0.purpose == purpose && ($0.channel == channel.rawValue || $0.channel == 0) && $0.atMs >= record.atMs
         }) {
             return "unsubscribed or complained at \(optOut.atMs) (after consent at \(record.atMs))"
         }
         return nil
+    }
+
+    /// Why the profile's consent records do not let the person be contacted on `channel` for
+    /// `purpose` (none recorded, or denied), or nil when they do. Also used at send time.
+    static func profileConsentRefusal(_ channel: CommonV1.Channel, purpose: String, consent: [ProfileV1.ConsentRecord]) -> String? {
+        guard let record = governing(channel, purpose: purpose, consent: consent) else {
+            return "no consent recorded for \(purpose).\(channel.ruleName)"
+        }
+        guard record.granted else { return "consent \(purpose).\(channel.ruleName) denied by \(record.source) at \(record.atMs)" }
+        return nil
+    }
+
+    /// The record that governs `purpose` on `channel`: the newer of the channel's own and the
+    /// purpose's record for every channel (`governingConsent`).
+    static func governing(_ channel: CommonV1.Channel, purpose: String, consent: [ProfileV1.ConsentRecord]) -> ProfileV1.ConsentRecord? {
+        let exact = consent.first { $0.purpose == purpose && $0.channel == channel }
+        let general = consent.first { $0.purpose == purpose && $0.channel == .unspecified }
+        return governingConsent(exact: exact, general: general, atMs: \.atMs)
     }
 
     /// The channel's address from the profile's traits, or why there is none.

@@ -45,6 +45,12 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
     public var dispatchPollMs = 50
     /// Longest wait for the profile service. Default 2000.
     public var profileTimeoutMs = 2000
+    /// A delivery attempted this long after it was planned (scheduled for later, retried,
+    /// fallen back, requeued) first reads the person's consent from the profile service
+    /// again: a consent withdrawn since the plan stops it on that channel. While the profile
+    /// service cannot answer, the delivery waits (`initialBackoffMs` between tries): consent
+    /// is never guessed. 0: before every attempt. Default 1000.
+    public var consentRecheckAfterMs = 1000
     /// The profile traits that hold each channel's address ("" means the person id itself:
     /// the system behind the webhook knows the person). Defaults below.
     public var addressTraits: [String: String] = ["email": "email", "sms": "phone", "push": "push_token", "in_app": "", "webhook": ""]
@@ -128,6 +134,7 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
         try take(.dispatchConcurrency, &v.dispatchConcurrency)
         try take(.dispatchPollMs, &v.dispatchPollMs)
         try take(.profileTimeoutMs, &v.profileTimeoutMs)
+        try take(.consentRecheckAfterMs, &v.consentRecheckAfterMs)
         if let traits = try c.decodeIfPresent([String: String].self, forKey: .addressTraits) {
             v.addressTraits.merge(traits) { $1 }
         }
@@ -161,6 +168,7 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
             range("initialBackoffMs", initialBackoffMs, 1...3_600_000), range("maxBackoffMs", maxBackoffMs, initialBackoffMs...86_400_000),
             range("dispatchConcurrency", dispatchConcurrency, 1...4096), range("dispatchPollMs", dispatchPollMs, 1...60_000),
             range("profileTimeoutMs", profileTimeoutMs, 1...60_000),
+            range("consentRecheckAfterMs", consentRecheckAfterMs, 0...86_400_000),
             addressTraits.keys.first { !channelNames.contains($0) }.map { "addressTraits: unknown channel \"\($0)\"" },
             verifiedTraits.keys.first { !channelNames.contains($0) }.map { "verifiedTraits: unknown channel \"\($0)\"" },
             webhook.flatMap { webhook in

@@ -37,7 +37,7 @@ public struct RoutingService: RPCService {
     /// The background work: the dispatcher and, with a profile service, the consent revoker;
     /// the adapters' connections are closed after the dispatcher stopped.
     public var background: [any Service] {
-        var services: [any Service] = [AdapterLifetime(adapters: adapters), Dispatcher(store: store, adapters: adapters, configuration: configuration, logger: logger, clock: clock)]
+        var services: [any Service] = [AdapterLifetime(adapters: adapters), Dispatcher(store: store, adapters: adapters, configuration: configuration, profile: profile, logger: logger, clock: clock)]
         if let profile { services.append(ConsentRevoker(store: store, profile: profile, logger: logger)) }
         return services
     }
@@ -47,7 +47,7 @@ public struct RoutingService: RPCService {
     public func shutdown() async { await adapters.shutdown() }
 
     /// The dispatcher alone (tests drive it directly).
-    public var dispatcher: Dispatcher { Dispatcher(store: store, adapters: adapters, configuration: configuration, logger: logger, clock: clock) }
+    public var dispatcher: Dispatcher { Dispatcher(store: store, adapters: adapters, configuration: configuration, profile: profile, logger: logger, clock: clock) }
 
     public func register(in router: inout RPCRouter) {
         let methods = RoutingV1.Routing.self

@@ -283,21 +283,52 @@ public final class RoutingStore: Sendable {
     /// What the dispatcher may do with a due delivery now.
     enum SendCheck: Equatable {
         case send
-        /// Not before `atMs` (quiet hours, for a message that is not critical).
+        /// Not before `atMs` (quiet hours, for a message that is not critical; consent that
+        /// could not be read again).
         case later(atMs: Int64, why: String)
         /// Not on this channel: an unsubscribe or complaint, or a hard bounce of its address,
-        /// recorded since the delivery was planned (`reason` as a suppression reason).
+        /// recorded since the delivery was planned, or the profile's consent withdrawn
+        /// (`reason` as a suppression reason).
         case refused(reason: String, why: String)
         /// Not at all: `not_after` has passed.
         case expired(why: String)
     }
 
+    /// The person's consent as the profile service answered just before a send
+    /// (`RoutingConfiguration.consentRecheckAfterMs`).
+    public enum SendTimeConsent: Sendable, Equatable {
+        /// Not read again: the plan is recent, or there is no profile service.
+        case notRead
+        /// The profile's consent records now.
+        case read([ProfileV1.ConsentRecord])
+        /// The profile service no longer knows the person (erased): no consent is left.
+        case personUnknown(String)
+        /// The profile service did not answer: the delivery waits, consent is never guessed.
+        case unreadable(String)
+    }
+
     /// Judges `d` on its current channel at `nowMs` with what this store has learned since it
-    /// was planned. Opt-outs older than the plan were weighed by the planner against the
-    /// consent it read, so only newer ones refuse here.
-    func check(_ d: RoutingV1.Delivery, _ evidence: Evidence, nowMs: Int64) -> SendCheck {
+    /// was planned, and with the profile's consent when it was read again (`consent`).
+    /// Opt-outs older than the plan were weighed by the planner against the consent it read,
+    /// so only newer ones refuse here.
+    func check(_ d: RoutingV1.Delivery, _ evidence: Evidence, consent: SendTimeConsent = .notRead, nowMs: Int64) -> SendCheck {
         if d.notAfterMs > 0 && nowMs > d.notAfterMs {
             return .expired(why: "not_after \(d.notAfterMs) passed before it could be sent (now \(nowMs))")
+        }
+        switch consent {
+        case .notRead: break
+        case .read(let records):
+            if let refusal = Planner.profileConsentRefusal(d.channel, purpose: d.purpose, consent: records) {
+                return .refused(reason: "no_consent", why: "\(refusal) (read again before sending)")
+            }
+        case .personUnknown(let why):
+            return .refused(reason: "no_consent", why: "the profile service no longer knows the person (\(why))")
+        case .unreadable(let why):
+            let at = nowMs + Int64(configuration.initialBackoffMs)
+            if d.notAfterMs > 0 && at > d.notAfterMs {
+                return .expired(why: "consent could not be read again before not_after \(d.notAfterMs) (\(why))")
+            }
+            return .later(atMs: at, why: "consent cannot be read again: \(why)")
         }
         if let optOut = evidence.optOuts.first(where: {
             $0.purpose == d.purpose && ($0.channel == d.channel.rawValue || $0.channel == 0) && $0.recordedAtMs >= d.createdAtMs
@@ -322,19 +353,20 @@ public final class RoutingStore: Sendable {
 
     /// Called by the dispatcher just before it sends `planned`: the delivery to send now (it
     /// may have moved to a fallback channel), or nil when it is not to be sent now. An
-    /// unsubscribe, a complaint or a hard bounce recorded since it was planned moves it along
+    /// unsubscribe, a complaint or a hard bounce recorded since it was planned, or a consent
+    /// the profile service no longer grants (`consent`, when read again), moves it along
     /// its channel chain, or suppresses it when none is left; past `not_after` it is
     /// suppressed ("expired"); in quiet hours (a retry, a fallback, a requeued dead letter, an
     /// outage) it waits for their end. Most deliveries pass on one read.
-    func beforeSending(_ planned: RoutingV1.Delivery, nowMs: Int64) throws -> RoutingV1.Delivery? {
+    func beforeSending(_ planned: RoutingV1.Delivery, consent: SendTimeConsent = .notRead, nowMs: Int64) throws -> RoutingV1.Delivery? {
         let evidence = try pool.read { db in try Self.evidence(db, person: planned.personId, engagement: false) }
-        if check(planned, evidence, nowMs: nowMs) == .send { return planned }
+        if check(planned, evidence, consent: consent, nowMs: nowMs) == .send { return planned }
         return try pool.write { db in
             guard var d = try Self.load(db, planned.deliveryId), d.state == .scheduled, d.channel == planned.channel,
                   d.nextAttemptAtMs <= nowMs else { return nil }
             let evidence = try Self.evidence(db, person: d.personId, engagement: false)
             while true {
-                switch check(d, evidence, nowMs: nowMs) {
+                switch check(d, evidence, consent: consent, nowMs: nowMs) {
                 case .send:
                     try save(db, d)
                     return d
