@@ -2,6 +2,7 @@ import Contracts
 import Logging
 import RPC
 import ServiceLifecycle
+import Synchronization
 
 /// Sends what is due from the outbox, `dispatchConcurrency` at a time: each attempt's
 /// result is committed before the delivery is looked at again, so a crash at any moment
@@ -17,6 +18,7 @@ public struct Dispatcher: Service {
     let profile: RPCClient?
     let logger: Logger
     let clock: @Sendable () -> Int64
+    let consentReadFailures = FailureCount()
 
     init(store: RoutingStore, adapters: Adapters, configuration: RoutingConfiguration, profile: RPCClient?, logger: Logger,
          clock: @escaping @Sendable () -> Int64) {
@@ -118,11 +120,21 @@ extension Dispatcher {
         } catch where error.code == .notFound {
             return .personUnknown(error.message)
         } catch {
-            logger.warning("cannot read consent again before sending; the delivery waits",
-                           metadata: ["delivery": "\(d.deliveryId)", "error": "\(error)"])
+            // Each waiting delivery tries again every initialBackoffMs: the first failure and
+            // every hundredth are logged, not each one.
+            let failures = consentReadFailures.count.add(1, ordering: .relaxed).newValue
+            if failures == 1 || failures % 100 == 0 {
+                logger.warning("cannot read consent again before sending; deliveries wait",
+                               metadata: ["delivery": "\(d.deliveryId)", "error": "\(error)", "failures": "\(failures)"])
+            }
             return .unreadable("profile: \(error.code) \(error.message)")
         }
     }
+}
+
+/// Failed consent reads since the dispatcher started (for logging them sparingly).
+final class FailureCount: Sendable {
+    let count = Atomic<Int>(0)
 }
 
 /// Owns the adapters' connections: closes them once the service group shuts down. Listed
