@@ -113,7 +113,7 @@ public final class RPCServer: Service, Sendable {
 
     /// The UNAVAILABLE message for a request on a draining connection; a client that gets it
     /// opens a new connection for its next call (`RPCClient`).
-    static let drainingMessage = "server is draining: retry on another connection"
+    public static let drainingMessage = "server is draining: retry on another connection"
 
     /// Stops accepting; calls in flight finish and are answered, new requests on open
     /// connections are answered UNAVAILABLE, then each connection closes (once its last

@@ -28,6 +28,8 @@ enum TestMethods {
     static let wherePool = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "WherePool", isIdempotent: true)
     /// On the loop, then moved off it for a part that would block: "loop-pool".
     static let whereMoved = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "WhereMoved", isIdempotent: true)
+    /// Answers a message of `message` (as a number) bytes; counts the calls answered.
+    static let large = MethodDescriptor<EchoV1.EchoRequest, EchoV1.EchoResponse>(service: service, method: "Large", isIdempotent: true)
 }
 
 struct Boom: Error {}
@@ -36,6 +38,7 @@ final class TestService: RPCService {
     let started = Atomic<Int>(0)
     let cancelled = Atomic<Int>(0)
     let flakyCalls = Atomic<Int>(0)
+    let largeAnswered = Atomic<Int>(0)
     let gate = Gate()
     let relayTarget = Mutex<RPCClient?>(nil)
 
@@ -82,6 +85,12 @@ final class TestService: RPCService {
             let moved = await withTaskExecutorPreference(globalConcurrentExecutor) { here() }
             var response = EchoV1.EchoResponse()
             response.message = "\(before)-\(moved)"
+            return response
+        }
+        router.register(TestMethods.large) { [self] request, _ in
+            var response = EchoV1.EchoResponse()
+            response.message = String(repeating: "x", count: Int(request.message) ?? 0)
+            largeAnswered.add(1, ordering: .relaxed)
             return response
         }
         router.register(TestMethods.stubborn) { request, _ in
@@ -151,8 +160,12 @@ final class RawConnection {
     private var inbound: NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator
     private var pending = ByteBuffer()
 
-    init(port: Int) async throws {
-        channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+    /// `receiveBuffer`: the socket's receive buffer in bytes (the kernel's default, which
+    /// grows with the traffic, when nil).
+    init(port: Int, receiveBuffer: Int? = nil) async throws {
+        var bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        if let receiveBuffer { bootstrap = bootstrap.channelOption(.socketOption(.so_rcvbuf), value: .init(receiveBuffer)) }
+        channel = try await bootstrap
             .connect(host: "127.0.0.1", port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
