@@ -428,11 +428,11 @@ struct ServerTests {
     func drainSendsAnswersWhole() async throws {
         let test = TestService()
         try await withServer(services: [test]) { server, port in
-            // 18 MB of answers to a client that reads nothing yet, through a small receive
+            // 6 MB of answers to a client that reads nothing yet, through a small receive
             // buffer: most of them wait in the server's memory when the drain closes the
             // connection. Before, that close dropped them: the client got a cut frame.
             let raw = try await RawConnection(port: port, receiveBuffer: 64 << 10)
-            let size = 3_000_000
+            let size = 1_000_000
             for stream in stride(from: UInt32(1), through: 11, by: 2) {
                 var request = EchoV1.EchoRequest()
                 request.message = "\(size)"
@@ -446,7 +446,8 @@ struct ServerTests {
             var streams: [UInt32] = []
             while let (header, response) = try await raw.readFrame() {
                 #expect((response.status?.code ?? 0) == 0)
-                #expect(try EchoV1.EchoResponse(serializedBytes: response.payload).message.utf8.count == size)
+                // Its length only: decoding 3 MB of text in a debug build stalls the tests running beside it.
+                #expect(response.payload.count > size && response.payload.count < size + 16)
                 streams.append(header.streamID)
             }
             #expect(streams == [1, 3, 5, 7, 9, 11])
