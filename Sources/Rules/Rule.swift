@@ -291,7 +291,12 @@ struct Parser {
             var words: [String] = []
             while true {
                 var word = ""
-                while index < text.count, Self.isNameScalar(text[index]) { word.unicodeScalars.append(text[index]); index += 1 }
+                // After the namespace, a name may also hold `-` and `:`, as every name the
+                // services accept may (`Names`): `feature.purchases-30d`, `consent.opt:in`.
+                while index < text.count, Self.isNameScalar(text[index]) || (!words.isEmpty && (text[index] == "-" || text[index] == ":")) {
+                    word.unicodeScalars.append(text[index])
+                    index += 1
+                }
                 guard !word.isEmpty else { throw error("expected a name after \".\"") }
                 words.append(word)
                 guard index < text.count, text[index] == "." else { break }

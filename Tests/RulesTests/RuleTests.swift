@@ -99,6 +99,17 @@ import Testing
         #expect(rule.references.map { "\($0.namespace).\($0.name)" } == ["trait.tier", "feature.n"])
     }
 
+    @Test("every name the services accept can be referenced: `-` and `:` after the namespace")
+    func namesWithDashesAndColons() throws {
+        let values: [String: RuleValue] = ["feature.purchases-30d": .number(3), "trait.first-name": .string("Ada"), "consent.opt:in.email": .bool(true)]
+        let rule = try Rule(#"feature.purchases-30d >= 2 and trait.first-name == "Ada" and consent.opt:in.email"#)
+        #expect(rule.evaluate { values["\($0).\($1)"] })
+        #expect(rule.references.map(\.name) == ["purchases-30d", "first-name", "opt:in.email"])
+        // A negative number after a name still reads as one, and a namespace stays letters, digits and _.
+        #expect(try Rule("feature.purchases-30d >= -1").evaluate { values["\($0).\($1)"] })
+        #expect(throws: RuleError.self) { try Rule("trait-x.a == 1") }
+    }
+
     @Test func deepNestingIsAnErrorNotACrash() {
         let rule = String(repeating: "(", count: 10_000) + "true" + String(repeating: ")", count: 10_000)
         #expect(throws: RuleError.self) { try Rule(rule) }
