@@ -312,6 +312,13 @@ public final class RPCServer: Service, Sendable {
     /// Records metrics and logs for an answer and encodes it.
     private func finish(_ streamID: UInt32, _ result: Result<[UInt8], RPCError>, service: String, method: String,
                         start: ContinuousClock.Instant, logger: Logger) -> OutboundFrame {
+        var result = result
+        var frame = Self.responseFrame(streamID, result)
+        if frame.payload.count > configuration.maxMessageSize {
+            // The client would refuse the frame (as containerd's does): say why instead.
+            result = .failure(RPCError(.resourceExhausted, "response of \(frame.payload.count) bytes exceeds the maximum message size of \(configuration.maxMessageSize): ask for less"))
+            frame = Self.responseFrame(streamID, result)
+        }
         let duration = ContinuousClock.now - start
         metrics.record(service: service, method: method, code: result.code, duration: duration)
         if case .failure(let error) = result {
@@ -326,7 +333,7 @@ public final class RPCServer: Service, Sendable {
                 "rpc.stream_id": "\(streamID)", "rpc.duration_ms": "\(Double(duration.nanoseconds) / 1e6)",
             ])
         }
-        return Self.responseFrame(streamID, result)
+        return frame
     }
 }
 

@@ -424,6 +424,22 @@ struct ServerTests {
         await expectCode(.unavailable) { _ = try await late.call(HealthV1.Health.check, HealthV1.HealthCheckRequest()) }
     }
 
+    @Test("an answer larger than the maximum message size is RESOURCE_EXHAUSTED with its size; the connection stays usable")
+    func oversizedAnswer() async throws {
+        let test = TestService()
+        try await withServer(configure: { $0.maxMessageSize = 100_000 }, services: [test]) { _, port in
+            let client = makeClient(port)
+            defer { client.close() }
+            await expectCode(.resourceExhausted, message: "exceeds the maximum message size of 100000: ask for less") {
+                _ = try await client.call(TestMethods.large, echoRequest("200000"))
+            }
+            let fits = try await client.call(TestMethods.large, echoRequest("90000"))
+            #expect(fits.message.utf8.count == 90_000)
+            let echoed = try await client.call(EchoV1.Echo.echo, echoRequest("still here"))
+            #expect(echoed.message == "still here")
+        }
+    }
+
     @Test("drain: a connection closes only once its answers are sent whole, also to a client slow to read them")
     func drainSendsAnswersWhole() async throws {
         let test = TestService()
