@@ -1004,6 +1004,23 @@ struct DecisionTests {
         }
     }
 
+    @Test("a conversion reported later turns its offer into a success as of the decision: the failure taken back is the one the offer added, as decayed since")
+    func delayedConversion() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock) { $0.learner.halfLifeDays = 1 }
+        try decision.upsert(action("a"))
+        let first = try await decision.decide(decideRequest("p1"))
+        clock.advance(seconds: 86_400)
+        _ = try await decision.decide(decideRequest("p2"))
+        // The first offer converts a half-life after it was made.
+        #expect(try await decision.outcome("c", first, .conversion).duplicate == false)
+        for arm in decision.store.arms([.global("a"), .placement("a", "home")], nowMs: clock.read()) {
+            // One success as old as the first offer (0.5), the second offer's failure (1). Before:
+            // a success of 1, and the flip took 1 failure from the 1.5 left: 0.5.
+            #expect(abs(arm.successes - 0.5) < 1e-9 && abs(arm.failures - 1) < 1e-9, "\(arm)")
+        }
+    }
+
     @Test("an outcome counts once, and clicks turn offers into successes")
     func outcomeIdempotency() async throws {
         let decision = try makeDecision()

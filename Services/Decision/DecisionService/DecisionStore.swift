@@ -678,7 +678,11 @@ public final class DecisionStore: Sendable {
                 SELECT count(*) FROM outcome WHERE decision_id = ? AND action_id = ? AND kind IN (?, ?)
                 """), arguments: [outcome.decisionId, outcome.actionId, DecisionV1.Outcome.click.rawValue,
                                   DecisionV1.Outcome.conversion.rawValue]) ?? 0
-            if positives == 1 { addEvidence(keys.map { ($0, 1, -1) }, atMs: atMs, changed: &changedArms) }
+            // The offer becomes a success instead of the failure it counted as since the
+            // decision: both dated then, so the failure taken back is the one added, as decayed
+            // since (taken back at full weight, a conversion days later removed more failure
+            // than was left, and slow-converting actions looked better than they are).
+            if positives == 1 { addEvidence(keys.map { ($0, 1, -1) }, atMs: offered.decidedAtMs, changed: &changedArms) }
         case .dismiss:
             addEvidence(keys.map { ($0, 0, configuration.dismissWeight) }, atMs: atMs, changed: &changedArms)
         case .complaint, .unsubscribe:
