@@ -725,6 +725,21 @@ struct DecisionTests {
         #expect(breaker.refusal() == nil)
     }
 
+    @Test("a call with no time left does not take the breaker's probe")
+    func probeNotTakenWithoutBudget() async {
+        let now = Mutex(ContinuousClock.now)
+        let breaker = Breaker(name: "profile", failures: 1, cooldown: .milliseconds(800), clock: { now.withLock { $0 } })
+        breaker.record(success: false)
+        now.withLock { $0 += .milliseconds(100) }  // half-open: the next call may probe
+        let client = RPCClient(host: "127.0.0.1", port: 9)  // never called
+        defer { client.close() }
+        let late = await PeerCall.call(client, breaker, HealthV1.Health.check, HealthV1.HealthCheckRequest(), deadline: .now, timeout: .seconds(1))
+        guard case .failed(let reason) = late else { Issue.record("called with no time left"); return }
+        #expect(reason == "profile: no time left in the deadline")
+        // Before, that call had claimed the probe: the peer was skipped for the whole cooldown.
+        #expect(breaker.refusal() == nil)
+    }
+
     @Test("identifiers the identity service rejects are the client's error, naming the field, not a degraded decision; they leave its breaker closed")
     func rejectedIdentifiers() async throws {
         let identityStore = try IdentityStore(directory: temporaryDirectory("decision-identity"), normalizer: Normalizer(rules: IdentityRules()))

@@ -83,9 +83,11 @@ enum PeerCall {
         deadline: ContinuousClock.Instant, timeout: Duration
     ) async -> Result<Output> {
         guard let client else { return .failed("\(breaker.name): not configured") }
-        if let refusal = breaker.refusal() { return .failed(refusal) }
+        // The budget first: a caller that will not call must not take the breaker's probe
+        // (the peer would then be skipped a whole cooldown with no probe made).
         let budget = min(timeout, ContinuousClock.now.duration(to: deadline))
         guard budget > .milliseconds(1) else { return .failed("\(breaker.name): no time left in the deadline") }
+        if let refusal = breaker.refusal() { return .failed(refusal) }
         do {
             let output = try await client.call(method, request, timeout: budget)
             breaker.record(success: true)
