@@ -456,6 +456,30 @@ struct DecisionTests {
         }
     }
 
+    @Test("with the profile service down, a merged-away id is decided for as its survivor also after a restart; an unmerge undoes it")
+    func mergesKeptInFile() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock)
+        try decision.upsert(action("once", caps: [cap(.action, 1, per: 86_400)]))
+        #expect(try await decision.decide(decideRequest("person-b")).actions.map(\.actionId) == ["once"])
+        // a into c, then c into b.
+        try decision.store.apply([(1, .merge(target: "person-c", sources: ["person-a"])), (2, .merge(target: "person-b", sources: ["person-c"]))],
+                                 nowMs: clock.read())
+        let directory = decision.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
+        let configuration = decision.configuration
+        func restarted() throws -> DecisionService {
+            DecisionService(store: try DecisionStore(directory: directory, for: configuration), configuration: configuration, clock: clock.read)
+        }
+        // No profile service (degraded): b's cap holds for a. Before, after a restart a was
+        // decided for as itself, with an empty history, and logged under a.
+        let stale = try await restarted().decide(decideRequest("person-a", explain: true))
+        #expect(stale.degraded && stale.personId == "person-b" && stale.actions.isEmpty, "\(stale)")
+        let again = try restarted()
+        try again.store.apply([(3, .unmerge(survivor: "person-b", split: "person-c"))], nowMs: clock.read())
+        let split = try await restarted().decide(decideRequest("person-a"))
+        #expect(split.personId == "person-c" && split.actions.map(\.actionId) == ["once"], "\(split)")
+    }
+
     @Test("caps per action, per channel and in total hold across their windows", arguments: recentHistorySizes)
     func caps(recentEntries: Int) async throws {
         let clock = TestClock()

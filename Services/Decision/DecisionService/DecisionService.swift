@@ -264,6 +264,12 @@ public struct DecisionService: RPCService {
             case .rejected(let error): reasons.append(PeerCall.reason(profileBreaker, error))
             case .failed(let reason): reasons.append(reason)
             }
+            if !person.profileKnown {
+                // Who the id is now, as the feed said (merges older than memory holds, or from
+                // before a restart), since the profile service cannot say.
+                guard let survivor = try store.survivorInFile(id) else { throw RPCError(.notFound, "person.person_id: person \(given) was erased") }
+                person.id = survivor
+            }
         } else if reasons.isEmpty {
             person.profileKnown = true  // an unknown person: no profile, and no failure
         }

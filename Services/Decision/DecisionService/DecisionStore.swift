@@ -40,9 +40,9 @@ public final class DecisionStore: Sendable {
         /// The latest decisions that offered (or held out) something, by id, for ReportOutcome.
         var decisions = FIFOCache<String, Offered>(capacity: DecisionStore.recentDecisions)
         /// Persons the identity feed recently merged into another: a decision or outcome in
-        /// flight for one when the merge came is logged for the survivor. (Only calls in
-        /// flight need it; a Decide that starts later asks the profile service, which answers
-        /// for the survivor.)
+        /// flight for one when the merge came is logged for the survivor. (A Decide that
+        /// starts later asks the profile service, which answers for the survivor; when it
+        /// cannot, `person_merged` in the file says: `survivorInFile`.)
         var gone = FIFOCache<String, String>(capacity: 10_000)
         /// Every person the identity feed erased (`person_erased`; erasures are rare): a
         /// decision or outcome in flight for one is logged for no one, and a later Decide for
@@ -261,6 +261,10 @@ public final class DecisionStore: Sendable {
         migrator.registerMigration("v5: persons erased") { db in
             try db.execute(sql: "CREATE TABLE person_erased (person_id TEXT PRIMARY KEY) WITHOUT ROWID")
         }
+        migrator.registerMigration("v6: persons merged away") { db in
+            // Merges applied before this version are not known here (they were kept in memory).
+            try db.execute(sql: "CREATE TABLE person_merged (person_id TEXT PRIMARY KEY, target TEXT NOT NULL) WITHOUT ROWID")
+        }
         return migrator
     }
 
@@ -411,6 +415,17 @@ public final class DecisionStore: Sendable {
     /// itself, or nil when erased.
     func currentPerson(_ person: String) -> String? {
         contacts.withLock { $0.current(person) }
+    }
+
+    /// `person` after every merge the identity feed brought (`person_merged`, read from the
+    /// file: for when the profile service cannot say who a person is now) and every erasure:
+    /// the survivor, itself, or nil when erased.
+    func survivorInFile(_ person: String) throws -> String? {
+        let merged = try pool.read { db in
+            let next = try db.cachedStatement(sql: "SELECT target FROM person_merged WHERE person_id = ?")
+            return IdentityFeed.survivor(of: person) { try? String.fetchOne(next, arguments: [$0]) } ?? person
+        }
+        return currentPerson(merged)
     }
 
     /// Whether `history(person:sinceMs:)` answers from memory (else it reads the file). A cut
@@ -729,6 +744,7 @@ extension DecisionStore: IdentityChangeSink {
                                 try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [p])
                             }
                             try db.execute(sql: "INSERT OR IGNORE INTO person_erased (person_id) VALUES (?)", arguments: [p])
+                            try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?1 OR target = ?1", arguments: [p])
                             contacts.withLock { contacts in
                                 if contacts.erased.insert(p).inserted { newlyErased.append(p) }
                                 contacts.recent.remove(p)
@@ -737,6 +753,7 @@ extension DecisionStore: IdentityChangeSink {
                         }
                         erased = true
                     case .unmerge(_, let split):
+                        try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?", arguments: [split])
                         contacts.withLock { _ = $0.gone.remove(split) }  // it is a person again
                     case .other:
                         break
@@ -818,6 +835,7 @@ extension DecisionStore: IdentityChangeSink {
         try db.execute(sql: "UPDATE OR IGNORE offer SET person_id = ? WHERE person_id = ?", arguments: [target, source])
         try db.execute(sql: "DELETE FROM offer WHERE person_id = ?", arguments: [source])
         try db.execute(sql: "UPDATE outcome SET person_id = ? WHERE person_id = ?", arguments: [target, source])
+        try db.execute(sql: "INSERT OR REPLACE INTO person_merged (person_id, target) VALUES (?, ?)", arguments: [source, target])
         return contacts.withLock { contacts in
             contacts.gone.insert(source, target)
             contacts.recent.move(source, to: target)
