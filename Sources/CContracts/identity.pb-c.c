@@ -1624,7 +1624,7 @@ const ProtobufCEnumDescriptor arbiter__identity__v1__change__kind__descriptor =
   arbiter__identity__v1__change__kind__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCFieldDescriptor arbiter__identity__v1__change__field_descriptors[7] =
+static const ProtobufCFieldDescriptor arbiter__identity__v1__change__field_descriptors[8] =
 {
   {
     "seq",
@@ -1710,10 +1710,23 @@ static const ProtobufCFieldDescriptor arbiter__identity__v1__change__field_descr
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "identifier_only",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Identity__V1__Change, identifier_only),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__identity__v1__change__field_indices_by_name[] = {
   5,   /* field[5] = at_ms */
   4,   /* field[4] = cause */
+  7,   /* field[7] = identifier_only */
   1,   /* field[1] = kind */
   6,   /* field[6] = merge_id */
   0,   /* field[0] = seq */
@@ -1723,7 +1736,7 @@ static const unsigned arbiter__identity__v1__change__field_indices_by_name[] = {
 static const ProtobufCIntRange arbiter__identity__v1__change__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 7 }
+  { 0, 8 }
 };
 const ProtobufCMessageDescriptor arbiter__identity__v1__change__descriptor =
 {
@@ -1733,7 +1746,7 @@ const ProtobufCMessageDescriptor arbiter__identity__v1__change__descriptor =
   "Arbiter__Identity__V1__Change",
   "arbiter.identity.v1",
   sizeof(Arbiter__Identity__V1__Change),
-  7,
+  8,
   arbiter__identity__v1__change__field_descriptors,
   arbiter__identity__v1__change__field_indices_by_name,
   1,  arbiter__identity__v1__change__number_ranges,

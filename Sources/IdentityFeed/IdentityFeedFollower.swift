@@ -94,10 +94,13 @@ public struct IdentityFeedFollower<Sink: IdentityChangeSink>: Service {
             case .merge: kind = .merge(target: change.targetPersonId, sources: change.sourcePersonIds)
             case .unmerge: kind = change.sourcePersonIds.first.map { .unmerge(survivor: change.targetPersonId, split: $0) } ?? .other
             case .erase:
-                // An erasure of one identifier leaves its person alive: only a person the
-                // identity service no longer has is erased here.
-                kind = try await personExists(change.targetPersonId)
-                    ? .other : .erase(person: change.targetPersonId, absorbed: change.sourcePersonIds)
+                // An erasure of one identifier leaves its person alive. The change says so
+                // (`identifier_only`); read afterwards, the person may have been erased since
+                // (taking that change for the person's erasure deleted events an unmerge
+                // between the two was to give back). An identity service older than that field
+                // says nothing: then only a person it no longer has is erased here.
+                let alive = if change.identifierOnly { true } else { try await personExists(change.targetPersonId) }
+                kind = alive ? .other : .erase(person: change.targetPersonId, absorbed: change.sourcePersonIds)
             default: kind = .other
             }
             changes.append((Int64(change.seq), kind))

@@ -988,6 +988,36 @@ struct MergeEraseTests {
         }
     }
 
+    @Test("the feed follower tells an identifier's erasure from its person's, also when the person was erased before it reads the feed")
+    func followerTellsErasuresApart() async throws {
+        final class Sink: IdentityChangeSink {
+            let applied = Mutex<[IdentityChange]>([])
+            func identityCursor() throws -> Int64 { applied.withLock { Int64($0.count) } }
+            func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
+                applied.withLock { $0 += changes.map(\.change) }
+            }
+        }
+        let clock = TestClock()
+        try await withIdentity(clock: clock) { identity, client in
+            var resolve = IdentityV1.ResolveRequest()
+            resolve.identifiers = [identifier("cookie_id", "ck-9"), identifier("email", "eve@example.org")]
+            resolve.createIfMissing = true
+            let person = try await identity.resolve(resolve).personId
+            var erase = IdentityV1.EraseRequest()
+            erase.target = .identifier(identifier("cookie_id", "ck-9"))
+            _ = try await identity.erase(erase)
+            erase.target = .personId(person)
+            _ = try await identity.erase(erase)
+            let sink = Sink()
+            let follower = IdentityFeedFollower(store: sink, identity: client, logger: Logger(label: "t"), clock: clock.read)
+            #expect(try await follower.pollOnce() > 0)
+            // Before, both read as the person's erasure: by the time the feed was read, the
+            // identity service no longer had the person.
+            let erasures = sink.applied.withLock { $0 }.filter { $0 != .other }
+            #expect(erasures == [.erase(person: person, absorbed: [])], "\(sink.applied.withLock { $0 })")
+        }
+    }
+
     @Test("after Erase no event, trait or consent of the person is in the SQLite files")
     func eraseLeavesNothing() async throws {
         let directory = temporaryDirectory("profile-test")

@@ -212,6 +212,7 @@ public struct IdentityService: RPCService {
         wire.cause = change.cause
         wire.atMs = change.atMs
         wire.mergeId = change.mergeID
+        wire.identifierOnly = change.kind == .erase && change.cause != IdentityStore.personErasedCause
         return wire
     }
 }

@@ -440,7 +440,7 @@ public final class IdentityStore: Sendable {
                                arguments: [person])
                 try db.execute(sql: "UPDATE person SET state = 'erased', merged_into = NULL WHERE id = ?", arguments: [person])
             }
-            let seq = try Self.appendChange(db, .erase, target: survivor, sources: absorbed, cause: "erased", atMs: nowMs)
+            let seq = try Self.appendChange(db, .erase, target: survivor, sources: absorbed, cause: Self.personErasedCause, atMs: nowMs)
             return (seq, removed)
         }
         try SQLiteStore.checkpoint(pool)
@@ -589,6 +589,10 @@ public final class IdentityStore: Sendable {
             try db.execute(sql: "INSERT OR IGNORE INTO conflict_person (person_id, conflict_id) VALUES (?, ?)", arguments: [person, id])
         }
     }
+
+    /// The cause of a person's erasure in the change feed (an identifier's erasure, which
+    /// leaves its person alive, says which identifier type).
+    static let personErasedCause = "erased"
 
     /// Appends to the change feed. `seq` is the previous maximum plus one inside the
     /// write transaction: gap-free, and a rolled-back transaction leaves no hole.

@@ -271,10 +271,15 @@ struct  Arbiter__Identity__V1__Change
    * MERGE: the merge's id, which Unmerge's merge_id names (History lists them per person).
    */
   int64_t merge_id;
+  /*
+   * ERASE: true when one identifier was erased and its person (target) lives on; false when
+   * the person was erased, with every person it had absorbed (sources).
+   */
+  protobuf_c_boolean identifier_only;
 };
 #define ARBITER__IDENTITY__V1__CHANGE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__identity__v1__change__descriptor) \
-    , 0, ARBITER__IDENTITY__V1__CHANGE__KIND__KIND_UNSPECIFIED, (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0 }
+    , 0, ARBITER__IDENTITY__V1__CHANGE__KIND__KIND_UNSPECIFIED, (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0 }
 
 
 typedef enum {

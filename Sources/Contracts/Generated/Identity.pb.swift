@@ -288,6 +288,9 @@ extension IdentityV1 {
         public var atMs: Int64 = 0
         /// MERGE: the merge's id, which Unmerge's merge_id names (History lists them per person).
         public var mergeId: Int64 = 0
+        /// ERASE: true when one identifier was erased and its person (target) lives on; false when
+        /// the person was erased, with every person it had absorbed (sources).
+        public var identifierOnly: Bool = false
 
         public struct Kind: ProtoEnum {
             public var rawValue: Int32
@@ -312,6 +315,7 @@ extension IdentityV1 {
             cause = reader.string(5)
             atMs = reader.int64(6)
             mergeId = reader.int64(7)
+            identifierOnly = reader.bool(8)
         }
         public func write(to writer: ProtoWriter) {
             writer.setUint64(1, seq)
@@ -321,6 +325,7 @@ extension IdentityV1 {
             writer.setString(5, cause)
             writer.setInt64(6, atMs)
             writer.setInt64(7, mergeId)
+            writer.setBool(8, identifierOnly)
         }
     }
 
