@@ -480,6 +480,19 @@ struct DecisionTests {
         #expect(split.personId == "person-c" && split.actions.map(\.actionId) == ["once"], "\(split)")
     }
 
+    @Test("a slate gives a channel as fallback no more often than its cap has room for")
+    func fallbacksWithinCaps() async throws {
+        let decision = try makeDecision()
+        try decision.upsert(action("x", channels: [.email, .sms]))
+        try decision.upsert(action("y", channels: [.email, .sms]))
+        _ = try decision.store.setPolicy([cap(.channel, 1, per: 86_400, channel: .sms)])
+        let slate = try await decision.decide(decideRequest("p", count: 2))
+        #expect(slate.actions.map(\.channel) == [.email, .email])
+        // One sms contact is left: one action may fall back to it. Before, both could, and
+        // routing could send two.
+        #expect(slate.actions.map(\.fallbackChannels) == [[.sms], []], "\(slate.actions)")
+    }
+
     @Test("caps per action, per channel and in total hold across their windows", arguments: recentHistorySizes)
     func caps(recentEntries: Int) async throws {
         let clock = TestClock()

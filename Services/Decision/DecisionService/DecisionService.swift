@@ -533,15 +533,20 @@ public struct DecisionService: RPCService {
                              allowed: { k in k != forced && available(k) }, chosen: take)
             }
         }
+        // A fallback channel is a possible contact: one the slate's earlier actions may fall
+        // back to counts against its caps for the later ones (two fallbacks to a channel with
+        // one contact left would be two contacts).
+        var claimed: [CommonV1.Channel] = []
         let ranked = draws.enumerated().map { rank, draw in
             var action = DecisionV1.RankedAction()
             action.actionId = eligible[draw.index].spec.id
             action.score = means[draw.index]
             action.propensity = draw.probability
             action.channel = usage.offered[rank].channel  // offers are appended in the order drawn
-            action.fallbackChannels = eligible[draw.index].channels.filter {
-                $0 != action.channel && usage.belowChannelCaps($0, policy: policy)
+            action.fallbackChannels = eligible[draw.index].channels.filter { channel in
+                channel != action.channel && usage.belowChannelCaps(channel, policy: policy, plus: claimed.count { $0 == channel })
             }
+            claimed += action.fallbackChannels
             return action
         }
 
@@ -771,11 +776,11 @@ struct CapUsage {
         return channels.first { belowChannelCaps($0, policy: policy) }
     }
 
-    /// Whether `channel` is below every channel cap of the policy.
-    func belowChannelCaps(_ channel: CommonV1.Channel, policy: DecisionV1.ContactPolicy) -> Bool {
+    /// Whether `channel` is below every channel cap of the policy, with `plus` more contacts on it.
+    func belowChannelCaps(_ channel: CommonV1.Channel, policy: DecisionV1.ContactPolicy, plus: Int = 0) -> Bool {
         policy.caps.allSatisfy { cap in
             cap.scope != .channel || cap.channel != channel
-                || count(windowSeconds: cap.windowSeconds, { _, c in c == channel.rawValue }) < cap.max
+                || count(windowSeconds: cap.windowSeconds, { _, c in c == channel.rawValue }) + plus < cap.max
         }
     }
 
