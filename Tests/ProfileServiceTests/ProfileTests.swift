@@ -256,6 +256,33 @@ struct FeatureTests {
         #expect(try logged() == ["z"])
     }
 
+    @Test("a person with more events than one read of the recomputation holds (1,000) gets the same features back after a crash")
+    func recomputeInChunks() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let service = try makeProfile(directory, clock: clock, flushThreshold: 100_000)
+        // No windows: the store recovers at its start by the wall clock, not the test's.
+        for definition in [feature("views", "view", .count), feature("spend", "purchase", .sum), feature("last_spend", "purchase", .last),
+                           feature("pages", "view", .distinctCount, property: "page"), feature("recency", "view", .decayedSum, halfLife: 3600)] {
+            try service.define(definition)
+        }
+        let now = clock.read()
+        for batch in 0..<25 {
+            _ = try await service.track((0..<100).map { i in
+                let n = batch * 100 + i
+                return n % 4 == 0
+                    ? event("h\(n)", "heavy", "purchase", at: now - Int64(n * 7919 % 200_000) * 1000, value: Double(n % 7))
+                    : event("h\(n)", "heavy", "view", at: now - Int64(n * 104_729 % 200_000) * 1000, value: 1, ["page": .string("page\(n % 13)")])
+            })
+        }
+        let before = try await service.features("heavy")
+        #expect(before["views"] == 1875 && before["pages"] == 13 && before["spend"].map { $0 > 0 } == true)
+        // A crash before the state was written: the next start recomputes it from 2,500 events.
+        let after = try await makeProfile(directory, clock: clock).features("heavy")
+        #expect(Set(after.keys) == Set(before.keys))
+        for (name, value) in before { #expect(abs(after[name]! - value) <= 1e-9 * max(1, abs(value)), "\(name): \(value) before, \(after[name]!) after") }
+    }
+
     @Test("events tracked while a flush writes are not lost: a crash at any point recovers every count")
     func trackDuringFlush() async throws {
         let directory = temporaryDirectory("profile-test")

@@ -627,15 +627,18 @@ public final class ProfileStore: Sendable {
     /// Recomputes `spec` for every person with events of its type (read from `events`) in
     /// their states in `states`.
     static func backfill(events db: Database, states: Database, _ spec: FeatureSpec, nowMs: Int64) throws {
-        var person: String?
-        var events: [TrackedEvent] = []
-        func flush() throws {
-            guard let person else { return }
-            var state = try loadState(states, person)
+        // Folded event by event: a person's events are never all in memory at once.
+        func empty() -> ProfileStoreV1.FeatureState {
             var feature = ProfileStoreV1.FeatureState()
             feature.name = spec.name
             feature.version = spec.version
-            for event in events where spec.matches(event) { spec.apply(event, to: &feature, now: nowMs) }
+            return feature
+        }
+        var person: String?
+        var feature = empty()
+        func flush() throws {
+            guard let person else { return }
+            var state = try loadState(states, person)
             state.features.removeAll { $0.name == spec.name }
             state.features.append(feature)
             try saveState(states, person, state)
@@ -647,9 +650,10 @@ public final class ProfileStore: Sendable {
             if owner != person {
                 try flush()
                 person = owner
-                events = []
+                feature = empty()
             }
-            events.append(try decodeEvent(row["body"], person: owner))
+            let event = try decodeEvent(row["body"], person: owner)
+            if spec.matches(event) { spec.apply(event, to: &feature, now: nowMs) }
         }
         try flush()
     }
@@ -800,10 +804,21 @@ public final class ProfileStore: Sendable {
     /// A person's whole state rebuilt from the events stored for them in `db` (the event
     /// file); an empty state when there are none.
     static func recompute(_ db: Database, _ person: String, specs: [String: [FeatureSpec]], now: Int64) throws -> ProfileStoreV1.PersonState {
-        let events = try Row.fetchAll(db, sql: "SELECT body FROM event WHERE person_id = ? ORDER BY occurred_at_ms", arguments: [person])
-            .map { try decodeEvent($0["body"], person: person) }
+        // Read and folded 1,000 events at a time: a person with millions of events (a shared
+        // anonymous id) must not need them all in memory at once, at every restart after a
+        // crash among them.
         var state = ProfileStoreV1.PersonState()
-        fold(events, into: &state, specs: specs, now: now)
+        var chunk: [TrackedEvent] = []
+        chunk.reserveCapacity(1000)
+        let cursor = try Row.fetchCursor(db, sql: "SELECT body FROM event WHERE person_id = ? ORDER BY occurred_at_ms", arguments: [person])
+        while let row = try cursor.next() {
+            chunk.append(try decodeEvent(row["body"], person: person))
+            if chunk.count == 1000 {
+                fold(chunk, into: &state, specs: specs, now: now)
+                chunk.removeAll(keepingCapacity: true)
+            }
+        }
+        fold(chunk, into: &state, specs: specs, now: now)
         return state
     }
 
