@@ -1966,7 +1966,7 @@ const ProtobufCMessageDescriptor arbiter__profile__v1__set_consent_response__des
   (ProtobufCMessageInit) arbiter__profile__v1__set_consent_response__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__profile__v1__get_consent_request__field_descriptors[2] =
+static const ProtobufCFieldDescriptor arbiter__profile__v1__get_consent_request__field_descriptors[3] =
 {
   {
     "person",
@@ -1992,15 +1992,28 @@ static const ProtobufCFieldDescriptor arbiter__profile__v1__get_consent_request_
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "history_limit",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Profile__V1__GetConsentRequest, history_limit),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__profile__v1__get_consent_request__field_indices_by_name[] = {
+  2,   /* field[2] = history_limit */
   1,   /* field[1] = include_history */
   0,   /* field[0] = person */
 };
 static const ProtobufCIntRange arbiter__profile__v1__get_consent_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 2 }
+  { 0, 3 }
 };
 const ProtobufCMessageDescriptor arbiter__profile__v1__get_consent_request__descriptor =
 {
@@ -2010,14 +2023,14 @@ const ProtobufCMessageDescriptor arbiter__profile__v1__get_consent_request__desc
   "Arbiter__Profile__V1__GetConsentRequest",
   "arbiter.profile.v1",
   sizeof(Arbiter__Profile__V1__GetConsentRequest),
-  2,
+  3,
   arbiter__profile__v1__get_consent_request__field_descriptors,
   arbiter__profile__v1__get_consent_request__field_indices_by_name,
   1,  arbiter__profile__v1__get_consent_request__number_ranges,
   (ProtobufCMessageInit) arbiter__profile__v1__get_consent_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__profile__v1__get_consent_response__field_descriptors[3] =
+static const ProtobufCFieldDescriptor arbiter__profile__v1__get_consent_response__field_descriptors[4] =
 {
   {
     "person_id",
@@ -2055,16 +2068,29 @@ static const ProtobufCFieldDescriptor arbiter__profile__v1__get_consent_response
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "history_truncated",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Profile__V1__GetConsentResponse, history_truncated),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__profile__v1__get_consent_response__field_indices_by_name[] = {
   1,   /* field[1] = current */
   2,   /* field[2] = history */
+  3,   /* field[3] = history_truncated */
   0,   /* field[0] = person_id */
 };
 static const ProtobufCIntRange arbiter__profile__v1__get_consent_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 3 }
+  { 0, 4 }
 };
 const ProtobufCMessageDescriptor arbiter__profile__v1__get_consent_response__descriptor =
 {
@@ -2074,7 +2100,7 @@ const ProtobufCMessageDescriptor arbiter__profile__v1__get_consent_response__des
   "Arbiter__Profile__V1__GetConsentResponse",
   "arbiter.profile.v1",
   sizeof(Arbiter__Profile__V1__GetConsentResponse),
-  3,
+  4,
   arbiter__profile__v1__get_consent_response__field_descriptors,
   arbiter__profile__v1__get_consent_response__field_indices_by_name,
   1,  arbiter__profile__v1__get_consent_response__number_ranges,

@@ -657,11 +657,62 @@ struct TraitSegmentConsentTests {
         request.includeHistory = true
         let consent = try await service.getConsent(request)
         #expect(consent.current.map { "\($0.channel.rawValue):\($0.granted):\($0.source)" } == ["1:false:unsubscribe-link", "2:true:app"])
-        #expect(consent.history.map(\.source) == ["signup", "late-import", "unsubscribe-link", "app"])
+        #expect(consent.history.map(\.source) == ["signup", "late-import", "unsubscribe-link", "app"] && !consent.historyTruncated)
+        // The newest records only, oldest first, and a flag when older ones were left out.
+        request.historyLimit = 2
+        let newest = try await service.getConsent(request)
+        #expect(newest.history.map(\.source) == ["unsubscribe-link", "app"] && newest.historyTruncated)
+        #expect(newest.current == consent.current)
+        request.historyLimit = 10_001
+        await expectInvalid("history_limit") { _ = try await service.getConsent(request) }
+        request.historyLimit = 0
         await expectInvalid("consents[0].purpose") { try await service.consent("p", "", .email, true, at: now) }
         request.person = personRef("nobody")
         request.includeHistory = false
         #expect(try await service.getConsent(request).current.isEmpty)
+    }
+
+    @Test("a person has at most 1,000 traits and consent for at most 1,000 purpose and channel pairs: more is RESOURCE_EXHAUSTED, and nothing of that call is kept")
+    func perPersonLimits() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        let now = clock.read()
+        for call in 0..<10 {
+            _ = try await service.traits("p", Dictionary(uniqueKeysWithValues: (0..<100).map { ("t\(call * 100 + $0)", RuleValue.number(1)) }), at: now)
+        }
+        await expectCode(.resourceExhausted, message: "traits: person p would have 1001 traits; at most 1000") {
+            _ = try await service.traits("p", ["t0": .number(2), "one-more": .number(1)], at: now + 1)
+        }
+        let traits = try await service.profile("p").traits
+        #expect(traits.count == 1000 && traits.first { $0.name == "t0" }?.value == CommonV1.Value(.number(1)))
+        _ = try await service.traits("p", ["t0": .number(3)], at: now + 2)  // a trait it has may change
+
+        var request = ProfileV1.SetConsentRequest()
+        request.person = personRef("p")
+        func records(_ purposes: Range<Int>) -> [ProfileV1.ConsentRecord] {
+            purposes.map { i in
+                var record = ProfileV1.ConsentRecord()
+                record.purpose = "purpose\(i)"
+                record.channel = .email
+                record.granted = true
+                record.source = "form"
+                record.atMs = now
+                return record
+            }
+        }
+        for call in 0..<10 {
+            request.consents = records(call * 100..<(call + 1) * 100)
+            _ = try await service.setConsent(request)
+        }
+        request.consents = records(1000..<1001)
+        await expectCode(.resourceExhausted, message: "consents: person p would have consent for 1001 purpose and channel pairs; at most 1000") {
+            _ = try await service.setConsent(request)
+        }
+        request.consents = records(5..<6)  // a pair it has may change
+        _ = try await service.setConsent(request)
+        var get = ProfileV1.GetConsentRequest()
+        get.person = personRef("p")
+        #expect(try await service.getConsent(get).current.count == 1000)
     }
 
     @Test("GetProfile answers from the memory it filled, which follows every write (traits, consent, events, merges, erasure); a read that raced a write keeps no old copy")

@@ -333,12 +333,20 @@ public struct ProfileService: RPCService {
     }
 
     func getConsent(_ request: ProfileV1.GetConsentRequest) async throws -> ProfileV1.GetConsentResponse {
+        guard request.historyLimit <= 10_000 else {
+            throw RPCError.invalidArgument(field: "history_limit", "at most 10000, got \(request.historyLimit)")
+        }
         let person = try living(try await existingPerson(request.person))
-        let (current, history) = try store.consent(person: person, history: request.includeHistory)
         var response = ProfileV1.GetConsentResponse()
         response.personId = person
-        response.current = current.map(Self.wire)
-        response.history = history.map(Self.wire)
+        if request.includeHistory {
+            let (current, history, truncated) = try store.consent(person: person, historyLimit: request.historyLimit == 0 ? 1000 : Int(request.historyLimit))
+            response.current = current.map(Self.wire)
+            response.history = history.map(Self.wire)
+            response.historyTruncated = truncated
+        } else {
+            response.current = try store.consent(person: person, history: false).current.map(Self.wire)
+        }
         return response
     }
 

@@ -880,6 +880,10 @@ public final class ProfileStore: Sendable {
                     """, arguments: [person, name, Data(CommonV1.Value(value).serializedBytes()), source, updatedAtMs])
                 if db.changesCount == 0 { stale.append(name) }
             }
+            let count = try Int.fetchOne(db, sql: "SELECT count(*) FROM trait WHERE person_id = ?", arguments: [person]) ?? 0
+            guard count <= Self.maxTraitsPerPerson else {
+                throw RPCError(.resourceExhausted, "traits: person \(person) would have \(count) traits; at most \(Self.maxTraitsPerPerson)")
+            }
             return stale
         }
     }
@@ -907,6 +911,12 @@ public final class ProfileStore: Sendable {
                 try db.execute(sql: "INSERT INTO consent (person_id, purpose, channel, granted, source, at_ms) VALUES (?, ?, ?, ?, ?, ?)",
                                arguments: [person, r.purpose, r.channel, r.granted, r.source, r.atMs])
             }
+            let pairs = try Int.fetchOne(db, sql: "SELECT count(*) FROM (SELECT DISTINCT purpose, channel FROM consent WHERE person_id = ?)",
+                                         arguments: [person]) ?? 0
+            guard pairs <= Self.maxConsentPairsPerPerson else {
+                throw RPCError(.resourceExhausted,
+                               "consents: person \(person) would have consent for \(pairs) purpose and channel pairs; at most \(Self.maxConsentPairsPerPerson)")
+            }
         }
     }
 
@@ -914,6 +924,28 @@ public final class ProfileStore: Sendable {
     public func consent(person: String, history: Bool) throws -> (current: [Consent], history: [Consent]) {
         try pool.read { db in try Self.consent(db, person: person, history: history) }
     }
+
+    /// The newest record per purpose and channel, and the newest `limit` records of the
+    /// history, oldest first, with whether older ones were left out.
+    public func consent(person: String, historyLimit limit: Int) throws -> (current: [Consent], history: [Consent], truncated: Bool) {
+        try pool.read { db in
+            let current = try Self.consent(db, person: person, history: false).current
+            var history: [Consent] = []
+            let rows = try Row.fetchCursor(db.cachedStatement(sql: """
+                SELECT purpose, channel, granted, source, at_ms FROM consent WHERE person_id = ? ORDER BY at_ms DESC, purpose DESC, channel DESC, id DESC LIMIT ?
+                """), arguments: [person, limit + 1])
+            while let row = try rows.next() {
+                history.append(Consent(purpose: row[0], channel: row[1], granted: row[2], source: row[3], atMs: row[4]))
+            }
+            let truncated = history.count > limit
+            return (current, Array(history.prefix(limit).reversed()), truncated)
+        }
+    }
+
+    /// The most distinct traits, and purpose and channel pairs of consent, one person may
+    /// have through SetTraits and SetConsent (their answers must fit in a message).
+    public static let maxTraitsPerPerson = 1000
+    public static let maxConsentPairsPerPerson = 1000
 
     static func consent(_ db: Database, person: String, history: Bool) throws -> (current: [Consent], history: [Consent]) {
         var all: [Consent] = []

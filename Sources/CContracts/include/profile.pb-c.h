@@ -276,10 +276,14 @@ struct  Arbiter__Profile__V1__GetConsentRequest
   ProtobufCMessage base;
   Arbiter__Common__V1__PersonRef *person;
   protobuf_c_boolean include_history;
+  /*
+   * With include_history: the newest this many records (0: 1,000; at most 10,000).
+   */
+  uint32_t history_limit;
 };
 #define ARBITER__PROFILE__V1__GET_CONSENT_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__profile__v1__get_consent_request__descriptor) \
-    , NULL, 0 }
+    , NULL, 0, 0 }
 
 
 struct  Arbiter__Profile__V1__GetConsentResponse
@@ -288,12 +292,19 @@ struct  Arbiter__Profile__V1__GetConsentResponse
   char *person_id;
   size_t n_current;
   Arbiter__Profile__V1__ConsentRecord **current;
+  /*
+   * Oldest first.
+   */
   size_t n_history;
   Arbiter__Profile__V1__ConsentRecord **history;
+  /*
+   * Older records than these were left out (history_limit).
+   */
+  protobuf_c_boolean history_truncated;
 };
 #define ARBITER__PROFILE__V1__GET_CONSENT_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__profile__v1__get_consent_response__descriptor) \
-    , (char *)protobuf_c_empty_string, 0,NULL, 0,NULL }
+    , (char *)protobuf_c_empty_string, 0,NULL, 0,NULL, 0 }
 
 
 struct  Arbiter__Profile__V1__GetProfileRequest

@@ -315,6 +315,8 @@ extension ProfileV1 {
     public struct GetConsentRequest: ProtoMessage {
         public var person: CommonV1.PersonRef? = nil
         public var includeHistory: Bool = false
+        /// With include_history: the newest this many records (0: 1,000; at most 10,000).
+        public var historyLimit: UInt32 = 0
 
         public static let protoName = "arbiter.profile.v1.GetConsentRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__profile__v1__get_consent_request__descriptor_ptr())
@@ -322,17 +324,22 @@ extension ProfileV1 {
         public init(reader: ProtoReader) throws {
             person = try reader.messageValue(1)
             includeHistory = reader.bool(2)
+            historyLimit = reader.uint32(3)
         }
         public func write(to writer: ProtoWriter) {
             if let v = person { writer.setMessage(1, v) }
             writer.setBool(2, includeHistory)
+            writer.setUint32(3, historyLimit)
         }
     }
 
     public struct GetConsentResponse: ProtoMessage {
         public var personId: String = ""
         public var current: [ProfileV1.ConsentRecord] = []
+        /// Oldest first.
         public var history: [ProfileV1.ConsentRecord] = []
+        /// Older records than these were left out (history_limit).
+        public var historyTruncated: Bool = false
 
         public static let protoName = "arbiter.profile.v1.GetConsentResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__profile__v1__get_consent_response__descriptor_ptr())
@@ -341,11 +348,13 @@ extension ProfileV1 {
             personId = reader.string(1)
             current = try reader.messages(2)
             history = try reader.messages(3)
+            historyTruncated = reader.bool(4)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, personId)
             writer.setRepeatedMessages(2, current)
             writer.setRepeatedMessages(3, history)
+            writer.setBool(4, historyTruncated)
         }
     }
 
