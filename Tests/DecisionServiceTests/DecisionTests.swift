@@ -134,6 +134,19 @@ struct DecisionTests {
         #expect(history == 3)
     }
 
+    @Test("the catalog offers at most 1,000 actions at once: one more is FAILED_PRECONDITION until one is retired")
+    func catalogLimit() throws {
+        let decision = try makeDecision()
+        for i in 0..<DecisionStore.maxActiveActions { try decision.upsert(action("a\(i)")) }
+        #expect(throws: RPCError(.failedPrecondition, "action: the catalog holds 1000 active actions, the most it may; retire one first")) {
+            try decision.upsert(action("one-more"))
+        }
+        try decision.upsert(action("a0", value: 2))  // an action it has may change
+        _ = try decision.store.retire("a1", nowMs: 0)
+        try decision.upsert(action("one-more"))
+        #expect(throws: RPCError.self) { try decision.upsert(action("a1")) }  // bringing a retired one back counts too
+    }
+
     @Test("bad Decide and ReportOutcome requests name their field")
     func validation() async throws {
         let decision = try makeDecision()

@@ -272,9 +272,18 @@ public final class DecisionStore: Sendable {
 
     /// Adds or changes an action. The same action again changes nothing; a change takes the
     /// next catalog version and keeps the previous form in the history.
+    /// The most actions the catalog offers at once (retired ones do not count): every Decide
+    /// weighs each, and explains each in its log record.
+    public static let maxActiveActions = 1000
+
     public func upsert(_ spec: ActionSpec, nowMs: Int64) throws -> DecisionV1.Action {
         try pool.write { db in
-            let (current, version) = memory.withLock { ($0.actions[spec.id], $0.catalogVersion) }
+            let (current, version, active) = memory.withLock { m in
+                (m.actions[spec.id], m.catalogVersion, m.actions.values.count { !$0.action.retired })
+            }
+            if current == nil || current!.action.retired, active >= Self.maxActiveActions {
+                throw RPCError(.failedPrecondition, "action: the catalog holds \(active) active actions, the most it may; retire one first")
+            }
             var action = spec.action
             action.retired = false
             if let current {
