@@ -61,10 +61,6 @@ public struct Rule: Sendable, CustomStringConvertible {
     /// Parses `source`. `check` is asked about each path (namespace, name) and returns an
     /// error message to reject it (an unknown namespace, an undefined feature), or nil.
     public init(_ source: String, check: (_ namespace: String, _ name: String) -> String? = { _, _ in nil }) throws(RuleError) {
-        // Every decision's explanation of an excluded action quotes its rule.
-        guard source.utf8.count <= Self.maxLength else {
-            throw RuleError(position: Self.maxLength + 1, "rule is longer than \(Self.maxLength) bytes")
-        }
         let (root, references) = try withoutActuallyEscaping(check) { (check) throws(RuleError) in
             var parser = Parser(Array(source.unicodeScalars), check: check)
             return (try parser.parseRule(), parser.references)
@@ -75,9 +71,6 @@ public struct Rule: Sendable, CustomStringConvertible {
     }
 
     public var description: String { source }
-
-    /// The longest rule text, in bytes.
-    public static let maxLength = 4096
 
     /// Evaluates the rule; `lookup(namespace, name)` gives a path's value, nil when missing.
     public func evaluate(_ lookup: (_ namespace: String, _ name: String) -> RuleValue?) -> Bool {
