@@ -493,6 +493,19 @@ struct DecisionTests {
         #expect(split.personId == "person-c" && split.actions.map(\.actionId) == ["once"], "\(split)")
     }
 
+    @Test("a Decide whose caller's deadline passed before it was logged keeps nothing: no offer takes a cap, no decision is logged")
+    func lateDecideKeepsNothing() async throws {
+        let decision = try makeDecision()
+        try decision.upsert(action("once", caps: [cap(.action, 1, per: 86_400)]))
+        await #expect(throws: RPCError(.deadlineExceeded, "deadline exceeded before the decision was logged; nothing was kept")) {
+            _ = try await RPCDeadline.$current.withValue(.now - .milliseconds(1)) { try await decision.decide(decideRequest("p")) }
+        }
+        #expect(try decision.store.history(person: "p", sinceMs: 0).offers.isEmpty)
+        #expect(try await decision.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM decision") } == 0)
+        // Before, it was logged, and its offer took the cap: the retry got nothing.
+        #expect(try await decision.decide(decideRequest("p")).actions.map(\.actionId) == ["once"])
+    }
+
     @Test("a slate gives a channel as fallback no more often than its cap has room for")
     func fallbacksWithinCaps() async throws {
         let decision = try makeDecision()

@@ -295,6 +295,12 @@ public struct DecisionService: RPCService {
         }
         let logging = ContinuousClock.now
         metrics.choose.recordNanoseconds((logging - choosing).nanoseconds)
+        // The caller has given up (its answer is DEADLINE_EXCEEDED either way): nothing is
+        // logged, so its offers take no cap and teach nothing, and a retry starts afresh.
+        if let callerDeadline = RPCDeadline.current, logging >= callerDeadline {
+            store.abandon(record)
+            throw RPCError(.deadlineExceeded, "deadline exceeded before the decision was logged; nothing was kept")
+        }
         try await store.log(record, arms: record.actions.flatMap { ArmKey.learned($0.actionId, in: record) })
         metrics.log.recordNanoseconds((ContinuousClock.now - logging).nanoseconds)
         (record.degraded ? metrics.degraded : metrics.complete).increment()

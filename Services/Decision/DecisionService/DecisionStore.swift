@@ -640,6 +640,11 @@ public final class DecisionStore: Sendable {
         }
     }
 
+    /// Drops the reservations of a decision that will not be logged (its caller gave up).
+    func abandon(_ record: DecisionV1.DecisionRecord) {
+        release([.decision(record, encoded: Data(), arms: [])])
+    }
+
     /// Drops the reservations of logged (or failed) decisions: from now on caps read them from the store.
     private func release(_ entries: [LogEntry]) {
         contacts.withLock { contacts in
