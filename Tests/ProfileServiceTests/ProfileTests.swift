@@ -710,9 +710,22 @@ struct TraitSegmentConsentTests {
         }
         request.consents = records(5..<6)  // a pair it has may change
         _ = try await service.setConsent(request)
+        // A denial is never refused: withdrawing consent must always be possible (routing
+        // passes unsubscribes on this way).
+        var denial = records(1000..<1001)
+        denial[0].granted = false
+        request.consents = denial
+        _ = try await service.setConsent(request)
         var get = ProfileV1.GetConsentRequest()
         get.person = personRef("p")
-        #expect(try await service.getConsent(get).current.count == 1000)
+        #expect(try await service.getConsent(get).current.count == 1001)
+
+        // A person a merge took past a limit may still change what they have.
+        _ = try await service.traits("q", ["only": .number(1)], at: now)
+        try service.store.apply([(1, .merge(target: "q", sources: ["p"]))], nowMs: now + 3)
+        #expect(try await service.profile("q").traits.count == 1001)
+        _ = try await service.traits("q", ["t0": .number(4)], at: now + 4)
+        await expectCode(.resourceExhausted, message: "at most 1000") { _ = try await service.traits("q", ["new": .number(1)], at: now + 4) }
     }
 
     @Test("GetProfile answers from the memory it filled, which follows every write (traits, consent, events, merges, erasure); a read that raced a write keeps no old copy")

@@ -871,6 +871,7 @@ public final class ProfileStore: Sendable {
     public func setTraits(person: String, _ traits: [(name: String, value: RuleValue)], source: String,
                           updatedAtMs: Int64) throws -> [String] {
         try writingFacts(of: person) { db in
+            let before = try Int.fetchOne(db, sql: "SELECT count(*) FROM trait WHERE person_id = ?", arguments: [person]) ?? 0
             var stale: [String] = []
             for (name, value) in traits {
                 try db.execute(sql: """
@@ -880,8 +881,9 @@ public final class ProfileStore: Sendable {
                     """, arguments: [person, name, Data(CommonV1.Value(value).serializedBytes()), source, updatedAtMs])
                 if db.changesCount == 0 { stale.append(name) }
             }
+            // Only new traits past the limit are refused: one a merge took past it may still change.
             let count = try Int.fetchOne(db, sql: "SELECT count(*) FROM trait WHERE person_id = ?", arguments: [person]) ?? 0
-            guard count <= Self.maxTraitsPerPerson else {
+            guard count <= max(before, Self.maxTraitsPerPerson) else {
                 throw RPCError(.resourceExhausted, "traits: person \(person) would have \(count) traits; at most \(Self.maxTraitsPerPerson)")
             }
             return stale
@@ -907,13 +909,16 @@ public final class ProfileStore: Sendable {
     /// Appends consent records to the person's history.
     public func setConsent(person: String, _ records: [Consent]) throws {
         try writingFacts(of: person) { db in
+            let pairsSQL = "SELECT count(*) FROM (SELECT DISTINCT purpose, channel FROM consent WHERE person_id = ?)"
+            let before = try Int.fetchOne(db, sql: pairsSQL, arguments: [person]) ?? 0
             for r in records {
                 try db.execute(sql: "INSERT INTO consent (person_id, purpose, channel, granted, source, at_ms) VALUES (?, ?, ?, ?, ?, ?)",
                                arguments: [person, r.purpose, r.channel, r.granted, r.source, r.atMs])
             }
-            let pairs = try Int.fetchOne(db, sql: "SELECT count(*) FROM (SELECT DISTINCT purpose, channel FROM consent WHERE person_id = ?)",
-                                         arguments: [person]) ?? 0
-            guard pairs <= Self.maxConsentPairsPerPerson else {
+            // Only new pairs past the limit are refused, and never a denial: withdrawing consent
+            // (routing passes unsubscribes on) must always be possible.
+            let pairs = try Int.fetchOne(db, sql: pairsSQL, arguments: [person]) ?? 0
+            guard pairs <= max(before, Self.maxConsentPairsPerPerson) || records.allSatisfy({ !$0.granted }) else {
                 throw RPCError(.resourceExhausted,
                                "consents: person \(person) would have consent for \(pairs) purpose and channel pairs; at most \(Self.maxConsentPairsPerPerson)")
             }
@@ -943,7 +948,9 @@ public final class ProfileStore: Sendable {
     }
 
     /// The most distinct traits, and purpose and channel pairs of consent, one person may
-    /// have through SetTraits and SetConsent (their answers must fit in a message).
+    /// have through SetTraits and SetConsent (their answers must fit in a message). A call
+    /// that adds past them is refused; a denial never is, nor a change of what the person has
+    /// (a merge may have taken them past the limit).
     public static let maxTraitsPerPerson = 1000
     public static let maxConsentPairsPerPerson = 1000
 

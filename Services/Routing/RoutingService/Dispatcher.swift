@@ -170,7 +170,8 @@ public struct ConsentRevoker: Service {
         }
     }
 
-    /// Sends every unsynced opt-out; returns how many the profile service confirmed.
+    /// Sends every unsynced opt-out; returns how many the profile service confirmed. Stops at
+    /// the first that failed for a reason worth retrying (the profile service is down).
     func syncOnce() async -> Int {
         guard let pending = try? store.unsyncedOptOuts(limit: 100) else { return 0 }
         var done = 0
@@ -179,6 +180,10 @@ public struct ConsentRevoker: Service {
         }
         return done
     }
+
+    /// Answers the profile service gives a request it will never accept: retrying one would
+    /// hold every later opt-out behind it.
+    static let refusals: Set<RPCError.Code> = [.invalidArgument, .failedPrecondition, .outOfRange]
 
     /// SetConsent(denied) for one opt-out; true once the profile service recorded it.
     static func revoke(_ optOut: RoutingStore.OptOut, profile: RPCClient, store: RoutingStore, logger: Logger) async -> Bool {
@@ -195,6 +200,10 @@ public struct ConsentRevoker: Service {
         request.consents = [record]
         do {
             _ = try await profile.call(ProfileV1.Profile.setConsent, request, timeout: .seconds(5))
+        } catch where refusals.contains(error.code) {
+            // Never accepted: given up, so that it holds no later one back (this service
+            // still honours it).
+            logger.error("profile refused a consent revocation; not retried", metadata: ["person": "\(optOut.person)", "error": "\(error)"])
         } catch {
             // A person the profile service no longer has cannot be contacted anyway.
             guard error.code == .notFound else {
