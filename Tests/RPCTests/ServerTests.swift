@@ -449,12 +449,15 @@ struct ServerTests {
             // connection. Before, that close dropped them: the client got a cut frame.
             let raw = try await RawConnection(port: port, receiveBuffer: 64 << 10)
             let size = 1_000_000
+            // All six requests in one write: once the first answer fills the server's buffer it
+            // reads nothing more (backpressure), so requests sent later would never be read.
+            var requests: [UInt8] = []
             for stream in stride(from: UInt32(1), through: 11, by: 2) {
                 var request = EchoV1.EchoRequest()
                 request.message = "\(size)"
-                try await raw.send(RawConnection.frame(stream: stream, payload: RawConnection.request(
-                    service: TestMethods.service, method: "Large", request)))
+                requests += RawConnection.frame(stream: stream, payload: RawConnection.request(service: TestMethods.service, method: "Large", request))
             }
+            try await raw.send(requests)
             #expect(try await eventually { test.largeAnswered.load(ordering: .relaxed) == 6 })
             try await Task.sleep(for: .milliseconds(100))
             server.drain()

@@ -622,9 +622,17 @@ struct RoutingTests {
             #expect(sink.requests.isEmpty)
             #expect(store.check(waiting, .init(), consent: .unreadable("down"), nowMs: june1 + hour)
                     == .later(atMs: june1 + hour + 5, why: "consent cannot be read again: down"))
+            // Each wait is as long as it has waited since it was due (5 ms at least, 20 at most here).
+            #expect(store.check(waiting, .init(), consent: .unreadable("down"), nowMs: june1 + hour + 8)
+                    == .later(atMs: june1 + hour + 16, why: "consent cannot be read again: down"))
+            #expect(store.check(waiting, .init(), consent: .unreadable("down"), nowMs: june1 + hour + 100)
+                    == .later(atMs: june1 + hour + 120, why: "consent cannot be read again: down"))
+            // Not past its not_after: it tries once more then; at not_after it expires.
             var bounded = waiting
             bounded.notAfterMs = june1 + hour + 1
-            guard case .expired = store.check(bounded, .init(), consent: .unreadable("down"), nowMs: june1 + hour) else {
+            #expect(store.check(bounded, .init(), consent: .unreadable("down"), nowMs: june1 + hour)
+                    == .later(atMs: june1 + hour + 1, why: "consent cannot be read again: down"))
+            guard case .expired = store.check(bounded, .init(), consent: .unreadable("down"), nowMs: june1 + hour + 1) else {
                 Issue.record("a delivery that cannot wait past its not_after should expire")
                 return
             }

@@ -116,7 +116,9 @@ extension Dispatcher {
         request.person = person
         request.fields = ["consent"]
         do {
-            return .read(try await profile.call(ProfileV1.Profile.getProfile, request, timeout: .milliseconds(configuration.profileTimeoutMs)).consent)
+            let consent = try await profile.call(ProfileV1.Profile.getProfile, request, timeout: .milliseconds(configuration.profileTimeoutMs)).consent
+            consentReadFailures.count.store(0, ordering: .relaxed)  // the next outage's first failure is logged
+            return .read(consent)
         } catch where error.code == .notFound {
             return .personUnknown(error.message)
         } catch {

@@ -324,9 +324,15 @@ public final class RoutingStore: Sendable {
         case .personUnknown(let why):
             return .refused(reason: "no_consent", why: "the profile service no longer knows the person (\(why))")
         case .unreadable(let why):
-            let at = nowMs + Int64(configuration.initialBackoffMs)
+            // Waits as long again as it has waited since it was due (initialBackoffMs at
+            // least, maxBackoffMs at most): a long outage costs each delivery a few tries.
+            let waited = nowMs - max(d.sendAtMs, d.createdAtMs)
+            let at = nowMs + min(Int64(configuration.maxBackoffMs), max(Int64(configuration.initialBackoffMs), waited))
             if d.notAfterMs > 0 && at > d.notAfterMs {
-                return .expired(why: "consent could not be read again before not_after \(d.notAfterMs) (\(why))")
+                guard nowMs < d.notAfterMs else {
+                    return .expired(why: "consent could not be read again before not_after \(d.notAfterMs) (\(why))")
+                }
+                return .later(atMs: d.notAfterMs, why: "consent cannot be read again: \(why)")
             }
             return .later(atMs: at, why: "consent cannot be read again: \(why)")
         }
