@@ -239,7 +239,8 @@ public struct DecisionService: RPCService {
             case .unknown: person.id = nil
             // Identifiers the identity service cannot read are the client's error (a malformed
             // email, an unknown type), not a reason to decide degraded.
-            case .rejected(let error): throw RPCError(.invalidArgument, "person.\(error.message)")
+            case .rejected(let error) where error.code == .invalidArgument: throw RPCError(.invalidArgument, "person.\(error.message)")
+            case .rejected(let error): reasons.append(PeerCall.reason(identityBreaker, error))
             case .failed(let reason): reasons.append(reason)
             }
         }
@@ -266,9 +267,16 @@ public struct DecisionService: RPCService {
             }
             if !person.profileKnown {
                 // Who the id is now, as the feed said (merges older than memory holds, or from
-                // before a restart), since the profile service cannot say.
-                guard let survivor = try store.survivorInFile(id) else { throw RPCError(.notFound, "person.person_id: person \(given) was erased") }
-                person.id = survivor
+                // before a restart), since the profile service cannot say. Read from the file:
+                // not on the event loop. Should the read fail, the id stands.
+                let inFile = await withTaskExecutorPreference(globalConcurrentExecutor) { [store] in
+                    Result { try store.survivorInFile(id) }
+                }
+                switch inFile {
+                case .success(nil): throw RPCError(.notFound, "person.person_id: person \(given) was erased")
+                case .success(let survivor?): person.id = survivor
+                case .failure(let error): reasons.append("merges: not read (\(error))")
+                }
             }
         } else if reasons.isEmpty {
             person.profileKnown = true  // an unknown person: no profile, and no failure

@@ -70,7 +70,8 @@ enum PeerCall {
         case answered(Output)
         /// The peer answered NOT_FOUND: it does not know the person (not a failure).
         case unknown
-        /// The peer answered INVALID_ARGUMENT: the request was wrong, the peer is well.
+        /// The peer answered INVALID_ARGUMENT or RESOURCE_EXHAUSTED: the request was wrong, or
+        /// its answer too large; the peer is well.
         case rejected(RPCError)
         case failed(String)
     }
@@ -97,7 +98,9 @@ enum PeerCall {
             case .notFound:
                 breaker.record(success: true)
                 return .unknown
-            case .invalidArgument:
+            case .invalidArgument, .resourceExhausted:
+                // The request was wrong, or its answer too large (a person whose profile
+                // outgrew a message): the peer is well.
                 breaker.record(success: true)
                 return .rejected(error)
             default:
