@@ -135,7 +135,7 @@ struct DecisionTests {
     }
 
     @Test("the catalog offers at most 1,000 actions at once: one more is FAILED_PRECONDITION until one is retired")
-    func catalogLimit() throws {
+    func catalogLimit() async throws {
         let decision = try makeDecision()
         for i in 0..<DecisionStore.maxActiveActions { try decision.upsert(action("a\(i)")) }
         #expect(throws: RPCError(.failedPrecondition, "action: the catalog holds 1000 active actions, the most it may; retire one first")) {
@@ -145,6 +145,25 @@ struct DecisionTests {
         _ = try decision.store.retire("a1", nowMs: 0)
         try decision.upsert(action("one-more"))
         #expect(throws: RPCError.self) { try decision.upsert(action("a1")) }  // bringing a retired one back counts too
+
+        // Long rules: the active catalog may take 2 MiB encoded, so an explained decision fits in a message.
+        let wordy = try makeDecision()
+        let rule = "context.x == \"" + String(repeating: "a", count: 4000) + "\""
+        var added = 0
+        do {
+            while added < 1000 {
+                try wordy.upsert(action("long\(added)", eligibility: rule))
+                added += 1
+            }
+            Issue.record("a catalog of 1,000 actions of 4 KB was taken")
+        } catch let error as RPCError {
+            #expect(error.code == .failedPrecondition && error.message.contains("at most 2097152"), "\(error)")
+        }
+        #expect(added > 500 && added < 530, "\(added)")
+        try wordy.upsert(action("long0", eligibility: "context.x == 1"))  // shrinking one is allowed
+        try wordy.upsert(action("short"))
+        let explained = try await wordy.decide(decideRequest("p", explain: true))
+        #expect(explained.serializedBytes().count < 4 << 20 && explained.explanations.count == added + 1)
     }
 
     @Test("bad Decide and ReportOutcome requests name their field")

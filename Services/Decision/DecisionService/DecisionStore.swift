@@ -275,14 +275,28 @@ public final class DecisionStore: Sendable {
     /// The most actions the catalog offers at once (retired ones do not count): every Decide
     /// weighs each, and explains each in its log record.
     public static let maxActiveActions = 1000
+    /// The most the active actions may take encoded together (2 MiB).
+    public static let maxActiveCatalogBytes = 2 << 20
 
     public func upsert(_ spec: ActionSpec, nowMs: Int64) throws -> DecisionV1.Action {
         try pool.write { db in
-            let (current, version, active) = memory.withLock { m in
-                (m.actions[spec.id], m.catalogVersion, m.actions.values.count { !$0.action.retired })
+            let (current, version, others) = memory.withLock { m in
+                (m.actions[spec.id], m.catalogVersion, m.actions.values.filter { !$0.action.retired && $0.id != spec.id })
             }
-            if current == nil || current!.action.retired, active >= Self.maxActiveActions {
-                throw RPCError(.failedPrecondition, "action: the catalog holds \(active) active actions, the most it may; retire one first")
+            let adding = current == nil || current!.action.retired
+            if adding, others.count >= Self.maxActiveActions {
+                throw RPCError(.failedPrecondition, "action: the catalog holds \(others.count) active actions, the most it may; retire one first")
+            }
+            // An explained decision, and every decision's record, carries each active action's
+            // rule and placements: they must fit in a message. (A change that does not grow
+            // an action is always allowed.)
+            let size = spec.action.serializedBytes().count
+            if size > (adding ? 0 : current!.action.serializedBytes().count) {
+                let total = others.reduce(size) { $0 + $1.action.serializedBytes().count }
+                if total > Self.maxActiveCatalogBytes {
+                    throw RPCError(.failedPrecondition,
+                                   "action: the active catalog would take \(total) bytes encoded, at most \(Self.maxActiveCatalogBytes); retire actions or shorten their rules first")
+                }
             }
             var action = spec.action
             action.retired = false
