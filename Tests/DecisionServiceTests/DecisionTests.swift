@@ -822,6 +822,29 @@ struct DecisionTests {
         #expect(breaker.refusal() == nil)
     }
 
+    @Test("a profile too large to answer (RESOURCE_EXHAUSTED) makes that person's decisions degraded, not everyone's: the breaker stays closed")
+    func oversizedProfileLeavesBreakerClosed() async throws {
+        struct TooLarge: RPCService {
+            func register(in router: inout RPCRouter) {
+                router.register(ProfileV1.Profile.getProfile) { _, _ in
+                    throw RPCError(.resourceExhausted, "response of 5000000 bytes exceeds the maximum message size of 4194304: ask for less")
+                }
+            }
+        }
+        try await withRPCServer(services: [TooLarge()]) { _, port in
+            let profile = RPCClient(host: "127.0.0.1", port: port)
+            defer { profile.close() }
+            let decision = try makeDecision(profile: profile)
+            try decision.upsert(action("a", safe: true))
+            for _ in 0...DecisionConfiguration().breakerFailures {
+                let answer = try await decision.decide(decideRequest("big"))
+                #expect(answer.degraded && answer.degradedReasons.first?.hasPrefix("profile: RESOURCE_EXHAUSTED") == true, "\(answer.degradedReasons)")
+            }
+            // Before, five in a row opened the breaker, and every person's Decide skipped the profile.
+            #expect(decision.profileBreaker.refusal() == nil)
+        }
+    }
+
     @Test("identifiers the identity service rejects are the client's error, naming the field, not a degraded decision; they leave its breaker closed")
     func rejectedIdentifiers() async throws {
         let identityStore = try IdentityStore(directory: temporaryDirectory("decision-identity"), normalizer: Normalizer(rules: IdentityRules()))
