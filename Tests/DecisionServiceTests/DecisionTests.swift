@@ -397,6 +397,31 @@ struct DecisionTests {
                 }
                 #expect(inFile == [CommonV1.Channel.sms.rawValue])
 
+                // An action with no channels of its own goes where routing picks, among the
+                // channels the contact policy's caps leave open, and then counts on that channel.
+                // (Before, routing could pick any channel, and the offer counted on none.)
+                _ = try decision.store.retire("both", nowMs: clock.read())
+                try decision.upsert(action("anywhere", purpose: "marketing"))
+                _ = try decision.store.setPolicy([cap(.channel, 1, per: 86_400, channel: .email), cap(.channel, 1, per: 86_400, channel: .sms)])
+                try seed(profile.store, "free", traits: [("email", .string("free@example.com")), ("email_verified", .bool(true)),
+                                                         ("phone", .string("+14155550102")), ("phone_verified", .bool(true))],
+                         consent: [("marketing", .unspecified, true)], at: clock.read())
+                var anywhere = decideRequest("free")
+                anywhere.deliver = true
+                var used: [CommonV1.Channel] = []
+                for _ in 0..<2 {
+                    let chosen = try #require(try await decision.decide(anywhere).actions.first { $0.actionId == "anywhere" })
+                    #expect(chosen.channel == .unspecified && chosen.deliveryError.isEmpty, "\(chosen)")
+                    #expect(used.allSatisfy { !chosen.fallbackChannels.contains($0) }, "\(chosen.fallbackChannels) after \(used)")
+                    let channel = try #require(chosen.delivery?.channel)
+                    #expect([.email, .sms].contains(channel) && !used.contains(channel), "\(channel)")
+                    used.append(channel)
+                }
+                let free = try decision.store.history(person: "free", sinceMs: 0).offers.map(\.channel).sorted()
+                #expect(free == used.map(\.rawValue).sorted())
+                let third = try #require(try await decision.decide(anywhere).actions.first { $0.actionId == "anywhere" })
+                #expect(!third.fallbackChannels.contains(.email) && !third.fallbackChannels.contains(.sms), "\(third.fallbackChannels)")
+
                 // Routing unreachable: the decision is still answered and logged; the error is on the action.
                 let closedPort = try await unusedPort()
                 let unreachable = RPCClient(host: "127.0.0.1", port: closedPort)

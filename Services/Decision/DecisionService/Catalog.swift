@@ -142,6 +142,9 @@ public final class ActionSpec: Sendable {
 }
 
 enum Channels {
+    /// Every channel a delivery can go on.
+    static let all: [CommonV1.Channel] = (1...5).map { CommonV1.Channel(rawValue: Int32($0)) }
+
     static func check(_ channel: CommonV1.Channel, field: String) throws(RPCError) {
         guard !channel.ruleName.isEmpty else {
             throw .invalidArgument(field: field, "must be CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_PUSH, CHANNEL_IN_APP or CHANNEL_WEBHOOK")

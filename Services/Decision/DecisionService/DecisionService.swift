@@ -381,8 +381,18 @@ public struct DecisionService: RPCService {
                     let spec = specs[ranked.actionId]
                     // The channel Decide chose and logged, then the others consent and the
                     // contact policy's channel caps allowed: no channel past its cap. Routing
-                    // falls back to those when the first cannot reach the person.
-                    route.allowedChannels = ranked.channel == .unspecified ? [] : [ranked.channel] + ranked.fallbackChannels
+                    // falls back to those when the first cannot reach the person. An action
+                    // with no channels of its own: those the channel caps leave open (any,
+                    // without channel caps; none open, and it is not routed).
+                    if ranked.channel == .unspecified {
+                        guard !ranked.fallbackChannels.isEmpty || !store.policy.caps.contains(where: { $0.scope == .channel }) else {
+                            action.deliveryError = "FAILED_PRECONDITION: every channel is at its contact-policy cap"
+                            return (rank, action)
+                        }
+                        route.allowedChannels = ranked.fallbackChannels
+                    } else {
+                        route.allowedChannels = [ranked.channel] + ranked.fallbackChannels
+                    }
                     route.urgency = .normal
                     route.purpose = spec.map { $0.consentPurpose.isEmpty ? "service" : $0.consentPurpose } ?? "service"
                     route.idempotencyKey = "\(record.decisionId):\(ranked.actionId)"
@@ -392,7 +402,8 @@ public struct DecisionService: RPCService {
                         action.deliveryId = delivery.deliveryId
                         // Sent on a fallback: from now on the offer counts on that channel.
                         // (Should that write fail, the offer stays counted on the chosen channel.)
-                        if delivery.state != .suppressed, delivery.channel != ranked.channel, ranked.fallbackChannels.contains(delivery.channel) {
+                        if delivery.state != .suppressed, delivery.channel != ranked.channel,
+                           ranked.fallbackChannels.contains(delivery.channel) || ranked.channel == .unspecified {
                             try? await withTaskExecutorPreference(globalConcurrentExecutor) {
                                 try store.rechannel(record, action: ranked.actionId, from: ranked.channel, to: delivery.channel)
                             }
@@ -551,13 +562,17 @@ public struct DecisionService: RPCService {
         // back to counts against its caps for the later ones (two fallbacks to a channel with
         // one contact left would be two contacts).
         var claimed: [CommonV1.Channel] = []
+        let hasChannelCaps = policy.caps.contains { $0.scope == .channel }
         let ranked = draws.enumerated().map { rank, draw in
             var action = DecisionV1.RankedAction()
             action.actionId = eligible[draw.index].spec.id
             action.score = means[draw.index]
             action.propensity = draw.probability
             action.channel = usage.offered[rank].channel  // offers are appended in the order drawn
-            action.fallbackChannels = eligible[draw.index].channels.filter { channel in
+            // An action with no channels of its own, delivered, goes on the channel routing
+            // picks: among those the contact policy's channel caps leave open, when it has any.
+            let channels = eligible[draw.index].channels.isEmpty && request.deliver && hasChannelCaps ? Channels.all : eligible[draw.index].channels
+            action.fallbackChannels = channels.filter { channel in
                 channel != action.channel && usage.belowChannelCaps(channel, policy: policy, plus: claimed.count { $0 == channel })
             }
             claimed += action.fallbackChannels

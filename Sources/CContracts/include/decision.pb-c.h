@@ -340,6 +340,8 @@ struct  Arbiter__Decision__V1__RankedAction
   /*
    * The action's other channels the person may be contacted on (consent allowed, under the
    * contact policy's channel caps), in order: with deliver, routing may fall back to them.
+   * For an action with no channels of its own, with deliver and a policy capping channels:
+   * the channels routing may pick from.
    */
   size_t n_fallback_channels;
   Arbiter__Common__V1__Channel *fallback_channels;

@@ -306,6 +306,8 @@ extension DecisionV1 {
         public var deliveryError: String = ""
         /// The action's other channels the person may be contacted on (consent allowed, under the
         /// contact policy's channel caps), in order: with deliver, routing may fall back to them.
+        /// For an action with no channels of its own, with deliver and a policy capping channels:
+        /// the channels routing may pick from.
         public var fallbackChannels: [CommonV1.Channel] = []
 
         public static let protoName = "arbiter.decision.v1.RankedAction"
