@@ -29,7 +29,7 @@ public struct ServiceContext: Sendable {
 
     /// Decodes the `section` of `--config` (e.g. "identity") as `T`, or returns `T()`'s defaults.
     /// A malformed file or section stops the service with a message naming it.
-    public func section<T: Decodable>(_ section: String, as type: T.Type, default value: T) throws -> T {
+    public func section<T: Codable>(_ section: String, as type: T.Type, default value: T) throws -> T {
         guard let data = configurationData else { return value }
         return try ConfigFile.decode(section, from: data, as: type) ?? value
     }

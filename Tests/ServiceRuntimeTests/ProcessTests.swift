@@ -516,6 +516,17 @@ struct ProcessTests {
         let process = try RunningProcess.start("arbiter-identity", ["--config", configFile, "--data-dir", temporaryDirectory("bad-config-data")])
         #expect(await process.waitForExit() != 0)
         #expect(await process.errorOutput.contains("identity.default_region"))
+        // A key the section does not know (here camelCase for snake_case: the privacy key would
+        // be left unset, and identifiers stored in the clear), and a section that is not an
+        // object (before, a crash with a backtrace).
+        for (config, message) in [(#"{"identity": {"privacyKeyFile": "/run/secrets/key"}}"#, "--config: identity.privacyKeyFile: unknown key"),
+                                  (#"{"identity": null}"#, "--config: identity: must be an object")] {
+            try config.write(toFile: configFile, atomically: true, encoding: .utf8)
+            let refused = try RunningProcess.start("arbiter-identity", ["--config", configFile, "--data-dir", temporaryDirectory("bad-config-data")])
+            #expect(await refused.waitForExit() != 0)
+            let output = await refused.errorOutput
+            #expect(output.contains(message), "\(output)")
+        }
     }
 
     @Test("arbiter-decision will not start with a log retention shorter than a stored cap window")
