@@ -207,7 +207,9 @@ let package = Package(
             ]
         ),
         .testTarget(name: "ServiceRuntimeTests", dependencies: ["ServiceRuntime", "RPC", "Contracts", "CContracts", "Rules", "TestSupport",
-                                                               .product(name: "GRDB", package: "GRDB.swift")]),
+                                                               .product(name: "GRDB", package: "GRDB.swift"),
+                                                               .product(name: "Prometheus", package: "swift-prometheus"),
+                                                               .product(name: "ServiceLifecycle", package: "swift-service-lifecycle")]),
         .testTarget(name: "RulesTests", dependencies: ["Rules"]),
         .testTarget(name: "StorageTests", dependencies: ["Storage", "TestSupport", .product(name: "GRDB", package: "GRDB.swift"),
                                                        .product(name: "GRDBSQLite", package: "GRDB.swift")]),

@@ -10,6 +10,9 @@ import Synchronization
 /// - `GET /healthz`: 200 while the process runs (liveness)
 /// - `GET /readyz`: 200 once the RPC server listens and until draining starts, else 503 (readiness)
 /// - `GET /metrics`: Prometheus text format
+///
+/// One request per connection (the answer says `connection: close`), at most
+/// `maxConnections` open, each closed after `idleTimeout` without a request.
 public final class AdminServer: Service, Sendable {
     let host: String
     let port: Int
@@ -36,15 +39,28 @@ public final class AdminServer: Service, Sendable {
         try await listening.futureResult.get()
     }
 
+    /// Open admin connections at most; more are closed at once.
+    static let maxConnections = 64
+    /// A connection that sends nothing for this long is closed (also one whose client does
+    /// not read its answer).
+    static let idleTimeout = TimeAmount.seconds(30)
+
     public func run() async throws {
         let registry = self.registry
         let isReady = self.isReady
+        let open = ConnectionCount()
         let channel: any Channel
         do {
             channel = try await ServerBootstrap(group: group)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
+                    guard open.count.add(1, ordering: .relaxed).newValue <= Self.maxConnections else {
+                        open.count.subtract(1, ordering: .relaxed)
+                        return channel.close()
+                    }
+                    channel.closeFuture.whenComplete { _ in open.count.subtract(1, ordering: .relaxed) }
+                    return channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: Self.idleTimeout))
                         try channel.pipeline.syncOperations.configureHTTPServerPipeline()
                         try channel.pipeline.syncOperations.addHandler(AdminHandler(registry: registry, isReady: isReady))
                     }
@@ -64,20 +80,34 @@ public final class AdminServer: Service, Sendable {
     }
 }
 
-final class AdminHandler: ChannelInboundHandler, Sendable {
+/// The admin connections open now.
+final class ConnectionCount: Sendable {
+    let count = Atomic<Int>(0)
+}
+
+/// Answers one request per connection, then closes it: a client that pipelines requests
+/// and reads no answer holds one answer in memory, not one per request (keep-alive let a
+/// single connection queue gigabytes of /metrics).
+final class AdminHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
     let registry: PrometheusCollectorRegistry
     let isReady: @Sendable () -> Bool
+    private var answered = false
 
     init(registry: PrometheusCollectorRegistry, isReady: @escaping @Sendable () -> Bool) {
         self.registry = registry
         self.isReady = isReady
     }
 
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent { context.close(promise: nil) } else { context.fireUserInboundEventTriggered(event) }
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard case .head(let head) = unwrapInboundIn(data) else { return }
+        guard case .head(let head) = unwrapInboundIn(data), !answered else { return }
+        answered = true
         let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
         let (status, contentType, body): (HTTPResponseStatus, String, [UInt8])
         switch (head.method, path) {
@@ -97,14 +127,10 @@ final class AdminHandler: ChannelInboundHandler, Sendable {
         var headers = HTTPHeaders()
         headers.add(name: "content-type", value: contentType)
         headers.add(name: "content-length", value: "\(body.count)")
-        let keepAlive = head.isKeepAlive
-        if !keepAlive { headers.add(name: "connection", value: "close") }
+        headers.add(name: "connection", value: "close")
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: body)))), promise: nil)
-        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
-        if !keepAlive {
-            let channel = context.channel
-            done.whenComplete { _ in channel.close(promise: nil) }
-        }
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
     }
 }
