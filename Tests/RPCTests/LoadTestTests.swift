@@ -24,7 +24,7 @@ struct LoadTestTests {
     }
 
     @Test("open loop: calls at their intended times, failures counted, how late each started reported; closed loop: none")
-    func openAndClosedLoop() async throws {
+    func openAndClosedLoopTimed() async throws {
         try await withServer { _, port in
             let client = makeClient(port)
             defer { client.close() }

@@ -15,6 +15,8 @@ public final class ActionSpec: Sendable {
     /// The longest cap or suppression window of the action, in seconds (0: none): how far
     /// back Decide reads the person's history for it.
     let longestWindowSeconds: Int64
+    /// The action's size encoded (the catalog's bound on what every decision carries).
+    let encodedSize: Int
     /// The exclusion when every consent path is unknown, and when every one is denied.
     let consentUnknownExclusion: String
     let consentDeniedExclusion: String
@@ -87,6 +89,7 @@ public final class ActionSpec: Sendable {
             throw .invalidArgument(field: "action.holdout_share", "must be between 0 and 0.5, got \(action.holdoutShare)")
         }
         self.action = action
+        encodedSize = action.serializedBytes().count
         let purpose = action.consentPurpose
         let paths = purpose.isEmpty ? [] : action.channels.isEmpty ? [(CommonV1.Channel.unspecified, purpose)]
             : action.channels.map { ($0, "\(purpose).\($0.ruleName)") }

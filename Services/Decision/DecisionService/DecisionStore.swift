@@ -290,9 +290,9 @@ public final class DecisionStore: Sendable {
             // An explained decision, and every decision's record, carries each active action's
             // rule and placements: they must fit in a message. (A change that does not grow
             // an action is always allowed.)
-            let size = spec.action.serializedBytes().count
-            if size > (adding ? 0 : current!.action.serializedBytes().count) {
-                let total = others.reduce(size) { $0 + $1.action.serializedBytes().count }
+            let size = spec.encodedSize
+            if size > (adding ? 0 : current!.encodedSize) {
+                let total = others.reduce(size) { $0 + $1.encodedSize }
                 if total > Self.maxActiveCatalogBytes {
                     throw RPCError(.failedPrecondition,
                                    "action: the active catalog would take \(total) bytes encoded, at most \(Self.maxActiveCatalogBytes); retire actions or shorten their rules first")
