@@ -290,14 +290,21 @@ struct DecisionTests {
         }
     }
 
-    @Test("a late outcome counts as decayed since it happened and does not rewind what was learned; one dated before its decision is refused")
-    func lateOutcomes() async throws {
+    /// A service whose evidence halves in a day, with action "a" offered to p1 and, a day
+    /// later (now), to p2; returns the first decision.
+    func twoOffersADayApart() async throws -> (DecisionService, TestClock, DecisionV1.DecideResponse) {
         let clock = TestClock()
         let decision = try makeDecision(clock: clock) { $0.learner.halfLifeDays = 1 }
         try decision.upsert(action("a"))
         let first = try await decision.decide(decideRequest("p1"))
         clock.advance(seconds: 86_400)
         _ = try await decision.decide(decideRequest("p2"))
+        return (decision, clock, first)
+    }
+
+    @Test("a late outcome counts as decayed since it happened and does not rewind what was learned; one dated before its decision is refused")
+    func lateOutcomes() async throws {
+        let (decision, clock, first) = try await twoOffersADayApart()
         // Dismissed a minute after the first decision, reported a day later.
         var late = DecisionV1.ReportOutcomeRequest()
         late.outcomeId = "late"
@@ -1153,12 +1160,7 @@ struct DecisionTests {
 
     @Test("a conversion reported later turns its offer into a success as of the decision: the failure taken back is the one the offer added, as decayed since")
     func delayedConversion() async throws {
-        let clock = TestClock()
-        let decision = try makeDecision(clock: clock) { $0.learner.halfLifeDays = 1 }
-        try decision.upsert(action("a"))
-        let first = try await decision.decide(decideRequest("p1"))
-        clock.advance(seconds: 86_400)
-        _ = try await decision.decide(decideRequest("p2"))
+        let (decision, clock, first) = try await twoOffersADayApart()
         // The first offer converts a half-life after it was made.
         #expect(try await decision.outcome("c", first, .conversion).duplicate == false)
         for arm in decision.store.arms([.global("a"), .placement("a", "home")], nowMs: clock.read()) {

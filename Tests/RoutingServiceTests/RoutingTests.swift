@@ -84,6 +84,11 @@ func withRouting<T: Sendable>(clock: TestClock? = nil, sink: WebhookSink? = nil,
     }
 }
 
+/// A configuration no cap holds back, for tests about something else.
+let uncapped: @Sendable (inout RoutingConfiguration) -> Void = {
+    ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (100, 100, 100, 100)
+}
+
 /// Runs the dispatcher while `body` runs.
 func dispatching<T: Sendable>(_ service: RoutingService, _ body: @Sendable () async throws -> T) async throws -> T {
     try await withThrowingTaskGroup(of: T?.self) { group in
@@ -514,9 +519,6 @@ struct RoutingTests {
     func judgedWhenDue() async throws {
         let clock = TestClock()
         clock.now.withLock { $0 = june1 }  // noon in Paris
-        let uncapped: @Sendable (inout RoutingConfiguration) -> Void = {
-            ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (100, 100, 100, 100)
-        }
         try await withRouting(clock: clock, configure: uncapped) { routing, profile, sink in
             try seedReachable(profile.store, "p", at: june1 - day)
             let store = routing.store
@@ -594,9 +596,6 @@ struct RoutingTests {
     func consentReadAgain() async throws {
         let clock = TestClock()
         clock.now.withLock { $0 = june1 }  // noon in Paris
-        let uncapped: @Sendable (inout RoutingConfiguration) -> Void = {
-            ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (100, 100, 100, 100)
-        }
         try await withRouting(clock: clock, configure: uncapped) { routing, profile, sink in
             try seedReachable(profile.store, "p", at: june1 - day)
             let store = routing.store

@@ -345,7 +345,7 @@ public struct ProfileService: RPCService {
             response.history = history.map(Self.wire)
             response.historyTruncated = truncated
         } else {
-            response.current = try store.consent(person: person, history: false).current.map(Self.wire)
+            response.current = try store.currentConsent(person: person).map(Self.wire)
         }
         return response
     }

@@ -925,16 +925,16 @@ public final class ProfileStore: Sendable {
         }
     }
 
-    /// The newest record per purpose and channel, and (optionally) the whole history, oldest first.
-    public func consent(person: String, history: Bool) throws -> (current: [Consent], history: [Consent]) {
-        try pool.read { db in try Self.consent(db, person: person, history: history) }
+    /// The newest record per purpose and channel.
+    public func currentConsent(person: String) throws -> [Consent] {
+        try pool.read { db in try Self.currentConsent(db, person: person) }
     }
 
     /// The newest record per purpose and channel, and the newest `limit` records of the
     /// history, oldest first, with whether older ones were left out.
     public func consent(person: String, historyLimit limit: Int) throws -> (current: [Consent], history: [Consent], truncated: Bool) {
         try pool.read { db in
-            let current = try Self.consent(db, person: person, history: false).current
+            let current = try Self.currentConsent(db, person: person)
             var history: [Consent] = []
             let rows = try Row.fetchCursor(db.cachedStatement(sql: """
                 SELECT purpose, channel, granted, source, at_ms FROM consent WHERE person_id = ? ORDER BY at_ms DESC, purpose DESC, channel DESC, id DESC LIMIT ?
@@ -954,7 +954,7 @@ public final class ProfileStore: Sendable {
     public static let maxTraitsPerPerson = 1000
     public static let maxConsentPairsPerPerson = 1000
 
-    static func consent(_ db: Database, person: String, history: Bool) throws -> (current: [Consent], history: [Consent]) {
+    static func currentConsent(_ db: Database, person: String) throws -> [Consent] {
         var all: [Consent] = []
         let rows = try Row.fetchCursor(db.cachedStatement(sql: """
             SELECT purpose, channel, granted, source, at_ms FROM consent WHERE person_id = ? ORDER BY purpose, channel, at_ms, id
@@ -962,7 +962,7 @@ public final class ProfileStore: Sendable {
         while let row = try rows.next() {
             all.append(Consent(purpose: row[0], channel: row[1], granted: row[2], source: row[3], atMs: row[4]))
         }
-        return (current(all), history ? all.sorted { ($0.atMs, $0.purpose, $0.channel) < ($1.atMs, $1.purpose, $1.channel) } : [])
+        return current(all)
     }
 
     /// The newest record per purpose and channel of records ordered by purpose, channel and time.
@@ -1051,7 +1051,7 @@ public final class ProfileStore: Sendable {
             traits.append(StoredTrait(name: row[0], value: RuleValue(try CommonV1.Value(serializedBytes: row[1] as Data)) ?? .string(""),
                                       source: row[2], updatedAtMs: row[3]))
         }
-        return Facts(traits: traits, consent: try consent(db, person: person, history: false).current)
+        return Facts(traits: traits, consent: try currentConsent(db, person: person))
     }
 
     /// Runs `body` in a transaction on the event file that changes `person`'s traits or
