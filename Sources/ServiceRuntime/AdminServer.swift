@@ -7,7 +7,7 @@ import ServiceLifecycle
 import Synchronization
 
 /// The HTTP admin port, for container probes and scraping:
-/// - `GET /healthz`: 200 while the process runs (liveness)
+/// - `GET /healthz`: 200 while the process runs (liveness), also while its stores open
 /// - `GET /readyz`: 200 once the RPC server listens and until draining starts, else 503 (readiness)
 /// - `GET /metrics`: Prometheus text format
 ///
@@ -72,9 +72,9 @@ public final class AdminServer: Service, Sendable {
         }
         listening.succeed(channel.localAddress!)
         logger.info("admin server listening", metadata: ["admin.address": "\(channel.localAddress!)"])
-        try await withGracefulShutdownHandler {
+        try await withTaskCancellationOrGracefulShutdownHandler {
             try await channel.closeFuture.get()
-        } onGracefulShutdown: {
+        } onCancelOrGracefulShutdown: {
             channel.close(promise: nil)
         }
     }

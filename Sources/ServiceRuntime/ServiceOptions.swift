@@ -81,13 +81,16 @@ public struct ServiceOptions<Definition: ServiceDefinition>: ParsableArguments, 
     @Option(help: "Event-loop threads. [env: ARBITER_EVENT_LOOP_THREADS]")
     public var eventLoopThreads: Int = defaultEventLoopThreads
 
+    @Option(help: "Stop gracefully once the process with this pid is no longer this one's parent (`arbiter up` passes its own, so its services do not outlive it, even after a kill -9). [env: ARBITER_PARENT_PID]")
+    public var parentPid: Int?
+
     public init() {}
 
     /// Long names of every option, for the environment mapping.
     static var optionNames: [String] {
         ["host", "port", "admin-port", "data-dir", "auth-token-file", "identity", "profile", "routing",
          "config", "log-level", "log-format", "max-connections", "max-in-flight", "max-message-size", "idle-timeout",
-         "grace-period", "event-loop-threads"]
+         "grace-period", "event-loop-threads", "parent-pid"]
     }
 
     public mutating func validate() throws {
@@ -106,6 +109,7 @@ public struct ServiceOptions<Definition: ServiceDefinition>: ParsableArguments, 
         try check("idle-timeout", idleTimeout, 1...86_400)
         try check("grace-period", gracePeriod, 0...3600)
         try check("event-loop-threads", eventLoopThreads, 1...256)
+        if let parentPid { try check("parent-pid", parentPid, 1...Int(Int32.max)) }
         guard !dataDir.isEmpty else { throw ValidationError("--data-dir must not be empty") }
     }
 

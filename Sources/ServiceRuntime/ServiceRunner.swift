@@ -91,6 +91,8 @@ public final class ServiceRuntime<Definition: ServiceDefinition>: Sendable {
     public let registry: PrometheusCollectorRegistry
     let group: MultiThreadedEventLoopGroup
     let authToken: String?
+    /// Held as long as the runtime: no second process of this service opens its store.
+    let dataDirectoryLock: DataDirectoryLock
     private let started = Mutex<(rpc: RPCServer?, admin: AdminServer?)>((nil, nil))
 
     /// Validates what can only be checked at start (the token file, the data directory)
@@ -115,6 +117,7 @@ public final class ServiceRuntime<Definition: ServiceDefinition>: Sendable {
         guard makeDirectories(options.dataDir) else {
             throw ValidationError("--data-dir: cannot create directory \(options.dataDir)")
         }
+        dataDirectoryLock = try DataDirectoryLock(directory: options.dataDir, holder: Definition.commandName)
         group = MultiThreadedEventLoopGroup(numberOfThreads: options.eventLoopThreads)
     }
 
@@ -147,35 +150,48 @@ public final class ServiceRuntime<Definition: ServiceDefinition>: Sendable {
             logger: logger, dataDirectory: options.dataDir, authToken: authToken, group: group,
             identity: client(options.identity), profile: client(options.profile), routing: client(options.routing),
             configurationData: configData)
-        // Stores open and migrate here, before anything listens.
-        let parts = try await Definition.makeServices(context)
-
-        var router = RPCRouter()
-        for service in parts.rpcServices { router.register(service) }
-        let health = HealthService(services: router.serviceNames + ["grpc.health.v1.Health"])
-        router.register(health)
-
-        var configuration = RPCServerConfiguration()
-        configuration.host = options.host
-        configuration.port = options.port
-        configuration.maxMessageSize = options.maxMessageSize
-        configuration.maxInFlightPerConnection = options.maxInFlight
-        configuration.maxConnections = options.maxConnections
-        configuration.idleTimeout = .seconds(options.idleTimeout)
-        configuration.authToken = authToken
-        configuration.handlerExecution = Definition.handlerExecution
-        let rpc = RPCServer(configuration: configuration, router: router, logger: logger, group: group)
-        let readiness = ReadinessGate(health: health)
+        // The admin port listens first: /healthz answers (and /readyz says not ready) while
+        // the stores open, migrate and recover, which after a crash can take a while.
+        let readiness = ReadinessGate()
         let admin = AdminServer(host: options.host, port: options.adminPort, registry: registry, logger: logger, group: group) {
             readiness.isReady
         }
-        started.withLock { $0 = (rpc, admin) }
-        readiness.markReadyWhenListening(rpc)
+        started.withLock { $0.admin = admin }
+        let serving = Serving { [self] in
+            // Stores open and migrate here, before the RPC port listens.
+            let parts = try await Definition.makeServices(context)
+            guard !Task.isShuttingDownGracefully else { return }
+            var router = RPCRouter()
+            for service in parts.rpcServices { router.register(service) }
+            let health = HealthService(services: router.serviceNames + ["grpc.health.v1.Health"])
+            router.register(health)
 
-        // Shutdown runs in reverse order: readiness flips first, then the RPC server drains,
-        // then the admin port and the background work stop.
+            var configuration = RPCServerConfiguration()
+            configuration.host = options.host
+            configuration.port = options.port
+            configuration.maxMessageSize = options.maxMessageSize
+            configuration.maxInFlightPerConnection = options.maxInFlight
+            configuration.maxConnections = options.maxConnections
+            configuration.idleTimeout = .seconds(options.idleTimeout)
+            configuration.authToken = authToken
+            configuration.handlerExecution = Definition.handlerExecution
+            let rpc = RPCServer(configuration: configuration, router: router, logger: logger, group: group)
+            started.withLock { $0.rpc = rpc }
+            readiness.markReadyWhenListening(rpc, health: health)
+            // Shutdown runs in reverse order: readiness flips first, then the RPC server
+            // drains, then the background work stops (and the admin port, outside, last).
+            let services = parts.background.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }
+                + [.init(service: rpc), .init(service: readiness)]
+            try await ServiceGroup(configuration: ServiceGroupConfiguration(services: services, logger: logger)).run()
+        }
+        // The parent watch, last, stops first; when it sees its parent gone it shuts the group
+        // down gracefully, as SIGTERM does.
+        let watch = options.parentPid.map {
+            ServiceGroupConfiguration.ServiceConfiguration(service: ParentWatch(parent: pid_t($0), logger: logger),
+                                                           successTerminationBehavior: .gracefullyShutdownGroup)
+        }
         var lifecycle = ServiceGroupConfiguration(
-            services: parts.background.map { .init(service: $0) } + [.init(service: admin), .init(service: rpc), .init(service: readiness)],
+            services: [.init(service: admin), .init(service: serving)] + (watch.map { [$0] } ?? []),
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger)
         lifecycle.maximumGracefulShutdownDuration = .seconds(options.gracePeriod)
@@ -221,14 +237,13 @@ enum ProcessBootstrap {
 /// Ready once the RPC server listens; not ready (and health NOT_SERVING) from the
 /// moment graceful shutdown begins.
 final class ReadinessGate: Service, Sendable {
-    let health: HealthService
+    private let health = Mutex<HealthService?>(nil)
     private let ready = Atomic<Bool>(false)
-
-    init(health: HealthService) { self.health = health }
 
     var isReady: Bool { ready.load(ordering: .relaxed) }
 
-    func markReadyWhenListening(_ server: RPCServer) {
+    func markReadyWhenListening(_ server: RPCServer, health: HealthService) {
+        self.health.withLock { $0 = health }
         Task {
             if (try? await server.listeningAddress()) != nil { ready.store(true, ordering: .relaxed) }
         }
@@ -237,8 +252,64 @@ final class ReadinessGate: Service, Sendable {
     func run() async throws {
         try? await gracefulShutdown()
         ready.store(false, ordering: .relaxed)
-        health.setAll(.notServing)
+        health.withLock { $0?.setAll(.notServing) }
     }
+}
+
+/// The service's own part, run beside the admin port: `body` opens the stores, then serves
+/// until the graceful shutdown it is given.
+struct Serving: Service {
+    let body: @Sendable () async throws -> Void
+    func run() async throws { try await body() }
+}
+
+/// Returns (ending the service gracefully, with `successTerminationBehavior`
+/// `.gracefullyShutdownGroup`) once `parent` is no longer this process's parent: it exited,
+/// even by `kill -9`, and this process was handed to init. Checked four times a second.
+struct ParentWatch: Service {
+    let parent: pid_t
+    let logger: Logger
+
+    func run() async {
+        let gone = await cancelWhenGracefulShutdown {
+            while !Task.isCancelled {
+                if getppid() != parent { return true }
+                try? await Task.sleep(for: .milliseconds(250))
+            }
+            return false
+        }
+        if gone { logger.warning("parent process exited; stopping", metadata: ["parent_pid": "\(parent)"]) }
+    }
+}
+
+/// An exclusive `flock` on `<directory>/<holder>.lock`, which holds the pid of the process
+/// that has it. Two processes of one service on one data directory would both write its
+/// store and each trust its own memory of it (the profile service's dirty persons, the
+/// decision service's caps): the second is refused at start instead. The lock goes with
+/// the process, however it ends; the file stays.
+final class DataDirectoryLock: Sendable {
+    let descriptor: Int32
+
+    init(directory: String, holder: String) throws {
+        let path = directory + "/" + holder + ".lock"
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw ValidationError("--data-dir: cannot open \(path): \(String(cString: strerror(errno)))") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            let reason = errno
+            let pid = readFile(path)?.trimmingWhitespace() ?? ""
+            close(fd)
+            guard reason == EWOULDBLOCK else {
+                throw ValidationError("--data-dir: cannot lock \(path): \(String(cString: strerror(reason)))")
+            }
+            throw ValidationError("--data-dir: \(directory) is in use by another \(holder)\(pid.isEmpty ? "" : " (pid \(pid))"); "
+                                  + "one store takes one process")
+        }
+        let pid = Array("\(getpid())\n".utf8)
+        if ftruncate(fd, 0) == 0 { _ = pid.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) } }
+        descriptor = fd
+    }
+
+    deinit { close(descriptor) }
 }
 
 func readFile(_ path: String) -> String? {

@@ -32,6 +32,7 @@ struct Up: AsyncParsableCommand {
     @Option(help: "Log level of the services.") var logLevel = "info"
     @Option(help: "Directory of the arbiter-* executables (default: next to this one).") var binDir: String?
     @Option(help: "Seconds to wait for every service to serve.") var startTimeout = 60.0
+    @Option(help: "Seconds each service is given to stop (it drains its calls for up to 10 s) before it is killed.") var stopTimeout = 20.0
 
     /// The services in start order, with their port offset and the peers they are given.
     static let services: [(name: String, offset: Int, peers: [String])] = [
@@ -40,6 +41,7 @@ struct Up: AsyncParsableCommand {
     ]
 
     func validate() throws {
+        guard stopTimeout > 0, startTimeout > 0 else { throw ValidationError("--start-timeout and --stop-timeout must be positive") }
         guard (1...65_000).contains(portBase), (1...65_000).contains(adminPortBase) else {
             throw ValidationError("--port-base and --admin-port-base must leave room for four ports below 65536")
         }
@@ -75,10 +77,31 @@ struct Up: AsyncParsableCommand {
         let bin = binDir ?? URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent().path
         try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
         try buildIfNeeded(bin)
+        // Read before any child starts: nothing after this may leave children running unless
+        // it stops them (each child also stops by itself once this process is gone: --parent-pid).
+        let token: String?
+        if let authTokenFile {
+            guard let data = FileManager.default.contents(atPath: authTokenFile) else { throw ValidationError("--auth-token-file: cannot read \(authTokenFile)") }
+            guard let text = String(data: data, encoding: .utf8) else { throw ValidationError("--auth-token-file: \(authTokenFile) is not UTF-8") }
+            token = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        } else {
+            token = nil
+        }
         var running: [(name: String, process: Process, log: String)] = []
+        /// Stops the children in reverse start order (the decision service drains its calls
+        /// while the services it calls still answer), each given `stopTimeout` seconds before
+        /// it is killed.
         func stopAll() {
-            for child in running where child.process.isRunning { child.process.interrupt() }
-            for child in running { child.process.waitUntilExit() }
+            for child in running.reversed() where child.process.isRunning {
+                child.process.interrupt()
+                let end = ContinuousClock.now + .seconds(stopTimeout)
+                while child.process.isRunning && ContinuousClock.now < end { Thread.sleep(forTimeInterval: 0.02) }
+                if child.process.isRunning {
+                    say("arbiter up: arbiter-\(child.name) did not stop within \(Int(stopTimeout)) s; killing it")
+                    kill(child.process.processIdentifier, SIGKILL)
+                }
+                child.process.waitUntilExit()
+            }
         }
         func fail(_ name: String, _ log: String, _ why: String) throws -> Never {
             stopAll()
@@ -89,7 +112,7 @@ struct Up: AsyncParsableCommand {
 
         for service in Self.services {
             var arguments = ["--host", host, "--port", "\(portBase + service.offset)", "--admin-port", "\(adminPortBase + service.offset)",
-                             "--data-dir", dataDir + "/" + service.name, "--log-level", logLevel]
+                             "--data-dir", dataDir + "/" + service.name, "--log-level", logLevel, "--parent-pid", "\(getpid())"]
             for peer in service.peers {
                 let offset = Self.services.first { $0.name == peer }!.offset
                 arguments += ["--\(peer)", "\(host == "0.0.0.0" ? "127.0.0.1" : host):\(portBase + offset)"]
@@ -98,7 +121,10 @@ struct Up: AsyncParsableCommand {
             if let authTokenFile { arguments += ["--auth-token-file", authTokenFile] }
             let log = dataDir + "/" + service.name + ".log"
             if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
-            guard let handle = FileHandle(forWritingAtPath: log) else { throw ValidationError("cannot write \(log)") }
+            guard let handle = FileHandle(forWritingAtPath: log) else {
+                stopAll()
+                throw ValidationError("cannot write \(log)")
+            }
             handle.seekToEndOfFile()
             let process = Process()
             process.executableURL = URL(fileURLWithPath: bin + "/arbiter-" + service.name)
@@ -110,7 +136,6 @@ struct Up: AsyncParsableCommand {
         }
 
         // Ready when each answers grpc.health.v1.Health/Check with SERVING.
-        let token = try authTokenFile.map { try String(contentsOfFile: $0, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
         let end = ContinuousClock.now + .seconds(startTimeout)
         for (service, child) in zip(Self.services, running) {
             let client = RPCClient(host: host == "0.0.0.0" ? "127.0.0.1" : host, port: portBase + service.offset,

@@ -268,6 +268,67 @@ struct ProcessTests {
         #expect(await server.waitForExit() == 0)
     }
 
+    @Test("a second process of a service on the same data directory is refused at start, naming the first; a kill -9 frees it")
+    func dataDirectoryLocked() async throws {
+        let dataDir = temporaryDirectory("locked")
+        let (port, admin) = (try await unusedPort(), try await unusedPort())
+        let first = try RunningProcess.start("arbiter-identity", ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir])
+        defer { kill(first.process.processIdentifier, SIGKILL) }
+        try await waitUntilServing(port: port, process: first).close()
+        let (otherPort, otherAdmin) = (try await unusedPort(), try await unusedPort())
+        let second = try RunningProcess.start("arbiter-identity", ["--port", "\(otherPort)", "--admin-port", "\(otherAdmin)", "--data-dir", dataDir])
+        #expect(await second.waitForExit() != 0)
+        let errors = await second.errorOutput
+        #expect(errors.contains("--data-dir: \(dataDir) is in use by another arbiter-identity (pid \(first.process.processIdentifier))"), "\(errors)")
+        // Another service may share the directory: its lock and store are its own.
+        let profilePort = try await unusedPort(), profileAdmin = try await unusedPort()
+        let profile = try RunningProcess.start("arbiter-profile", ["--port", "\(profilePort)", "--admin-port", "\(profileAdmin)", "--data-dir", dataDir])
+        defer { kill(profile.process.processIdentifier, SIGKILL) }
+        try await waitUntilServing(port: profilePort, process: profile).close()
+        // The kernel drops the lock with the process, however it ends.
+        kill(first.process.processIdentifier, SIGKILL)
+        _ = await first.waitForExit()
+        let third = try RunningProcess.start("arbiter-identity", ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir])
+        defer { kill(third.process.processIdentifier, SIGKILL) }
+        try await waitUntilServing(port: port, process: third).close()
+    }
+
+    @Test("while its store opens (here: held by another writer), a service answers /healthz, and /readyz says not ready; then it serves")
+    func healthWhileOpeningTimed() async throws {
+        let port = try await unusedPort(), admin = try await unusedPort()
+        let dataDir = temporaryDirectory("opening")
+        // Another writer holds the store's write lock: the service's migration waits for it
+        // (SQLite's busy timeout, 5 s), as a long recovery would hold it up.
+        let held = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+        let queue = try DatabaseQueue(path: dataDir + "/identity.sqlite")
+        try await queue.writeWithoutTransaction { try $0.execute(sql: "PRAGMA journal_mode = WAL") }
+        Thread.detachNewThread {
+            try? queue.inDatabase { db in
+                try db.execute(sql: "BEGIN IMMEDIATE")
+                held.signal()
+                release.wait()
+                try db.execute(sql: "COMMIT")
+            }
+        }
+        held.wait()
+        let server = try RunningProcess.start("arbiter-identity", ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir])
+        defer { kill(server.process.processIdentifier, SIGKILL) }
+        var health = (0, "")
+        for _ in 0..<200 where server.process.isRunning {
+            health = (try? await httpGet(port: admin, "/healthz")) ?? (0, "")
+            if health.0 == 200 { break }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        let ready = try await httpGet(port: admin, "/readyz").0
+        let listening = !portIsFree(port)
+        release.signal()
+        #expect(health.0 == 200, "/healthz while the store was held: \(health)")
+        #expect(ready == 503)
+        #expect(!listening, "the RPC port listens only once the store is open")
+        try await waitUntilServing(port: port, process: server).close()
+        #expect(try await httpGet(port: admin, "/readyz").0 == 200)
+    }
+
     @Test("arbiter-profile resolves identifiers through arbiter-identity, follows its merges, keeps acknowledged events across a kill -9, and writes its feature states when stopped")
     func profileWithIdentity() async throws {
         let identityPort = try await unusedPort(), identityAdmin = try await unusedPort()

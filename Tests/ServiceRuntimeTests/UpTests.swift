@@ -163,6 +163,38 @@ struct UpTests {
         await sink.close()
     }
 
+    @Test("the services stop by themselves when up is killed with SIGKILL (nothing is left running)")
+    func upKilled() async throws {
+        let rpcBase = try await freeBase(), adminBase = try await freeBase()
+        let dataDir = temporaryDirectory("up-killed")
+        let up = try RunningProcess.start("arbiter", ["up", "--data-dir", dataDir, "--port-base", "\(rpcBase)",
+                                                      "--admin-port-base", "\(adminBase)", "--log-level", "warning"])
+        for offset in 1...4 { try await waitUntilServing(port: rpcBase + offset).close() }
+        kill(up.process.processIdentifier, SIGKILL)
+        _ = await up.waitForExit()
+        // Each child sees its parent gone within 250 ms and drains as on SIGTERM.
+        let end = ContinuousClock.now + .seconds(30)
+        while (1...4).contains(where: { !portIsFree(rpcBase + $0) }) && ContinuousClock.now < end {
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        for offset in 1...4 { #expect(portIsFree(rpcBase + offset), "port \(rpcBase + offset) still taken after up was killed") }
+        let log = try String(contentsOfFile: dataDir + "/decision.log", encoding: .utf8)
+        #expect(log.contains("parent process exited; stopping"), "\(log)")
+    }
+
+    @Test("a token file up cannot use stops it before any service starts, naming the file")
+    func unusableTokenFile() async throws {
+        let rpcBase = try await freeBase(), adminBase = try await freeBase()
+        let dataDir = temporaryDirectory("up-token")
+        try Data([0x74, 0xff, 0xfe, 0x0a]).write(to: URL(fileURLWithPath: dataDir + "/token"))
+        let up = try RunningProcess.start("arbiter", ["up", "--data-dir", dataDir, "--port-base", "\(rpcBase)", "--admin-port-base", "\(adminBase)",
+                                                      "--auth-token-file", dataDir + "/token"])
+        #expect(await up.waitForExit() != 0)
+        let errors = await up.errorOutput
+        #expect(errors.contains("--auth-token-file: \(dataDir)/token is not UTF-8"), "\(errors)")
+        #expect(!FileManager.default.fileExists(atPath: dataDir + "/identity.log"), "no service was started")
+    }
+
     @Test("up names the executables it cannot find when it cannot build them")
     func missingExecutables() async throws {
         let empty = temporaryDirectory("no-bin")
