@@ -1,4 +1,5 @@
 import Logging
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -13,8 +14,17 @@ public struct JSONLogHandler: LogHandler {
     public var logLevel: Logger.Level = .info
     public var metadataProvider: Logger.MetadataProvider?
     let label: String
+    let descriptor: Int32
 
-    public init(label: String) { self.label = label }
+    /// - Parameter descriptor: where lines go; standard error unless a test says otherwise.
+    public init(label: String, descriptor: Int32 = 2) {
+        self.label = label
+        self.descriptor = descriptor
+    }
+
+    /// Held while a line is written: a line longer than the pipe's atomic write (4 KiB on
+    /// Linux), such as one quoting a long rule or error, is not interleaved with another.
+    private static let writing = Mutex(())
 
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }
@@ -31,9 +41,16 @@ public struct JSONLogHandler: LogHandler {
             line += ",\(Self.quote(key)):\(Self.quote("\(fields[key]!)"))"
         }
         line += "}\n"
-        // One write(2) per line: lines from concurrent tasks do not interleave.
-        var bytes = Array(line.utf8)
-        _ = bytes.withUnsafeMutableBytes { write(2, $0.baseAddress, $0.count) }
+        let bytes = Array(line.utf8)
+        Self.writing.withLock { _ in
+            bytes.withUnsafeBytes { buffer in
+                var offset = 0
+                while offset < buffer.count {
+                    let written = write(descriptor, buffer.baseAddress! + offset, buffer.count - offset)
+                    if written > 0 { offset += written } else if written < 0 && errno == EINTR { continue } else { return }
+                }
+            }
+        }
     }
 
     /// A JSON string literal.
