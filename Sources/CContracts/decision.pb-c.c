@@ -1845,7 +1845,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__upsert_action_request__d
   (ProtobufCMessageInit) arbiter__decision__v1__upsert_action_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__list_actions_request__field_descriptors[1] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__list_actions_request__field_descriptors[3] =
 {
   {
     "include_retired",
@@ -1859,14 +1859,40 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__list_actions_reques
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "page_size",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__ListActionsRequest, page_size),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "page_token",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__ListActionsRequest, page_token),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__list_actions_request__field_indices_by_name[] = {
   0,   /* field[0] = include_retired */
+  1,   /* field[1] = page_size */
+  2,   /* field[2] = page_token */
 };
 static const ProtobufCIntRange arbiter__decision__v1__list_actions_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 1 }
+  { 0, 3 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__list_actions_request__descriptor =
 {
@@ -1876,14 +1902,14 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__list_actions_request__de
   "Arbiter__Decision__V1__ListActionsRequest",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__ListActionsRequest),
-  1,
+  3,
   arbiter__decision__v1__list_actions_request__field_descriptors,
   arbiter__decision__v1__list_actions_request__field_indices_by_name,
   1,  arbiter__decision__v1__list_actions_request__number_ranges,
   (ProtobufCMessageInit) arbiter__decision__v1__list_actions_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__list_actions_response__field_descriptors[2] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__list_actions_response__field_descriptors[3] =
 {
   {
     "actions",
@@ -1909,15 +1935,28 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__list_actions_respon
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "next_page_token",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__ListActionsResponse, next_page_token),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__list_actions_response__field_indices_by_name[] = {
   0,   /* field[0] = actions */
   1,   /* field[1] = catalog_version */
+  2,   /* field[2] = next_page_token */
 };
 static const ProtobufCIntRange arbiter__decision__v1__list_actions_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 2 }
+  { 0, 3 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__list_actions_response__descriptor =
 {
@@ -1927,7 +1966,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__list_actions_response__d
   "Arbiter__Decision__V1__ListActionsResponse",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__ListActionsResponse),
-  2,
+  3,
   arbiter__decision__v1__list_actions_response__field_descriptors,
   arbiter__decision__v1__list_actions_response__field_indices_by_name,
   1,  arbiter__decision__v1__list_actions_response__number_ranges,

@@ -168,6 +168,37 @@ struct DecisionTests {
         #expect(explained.serializedBytes().count < 4 << 20 && explained.explanations.count == added + 1)
     }
 
+    @Test("ListActions pages the catalog in id order, retired actions on request; a bad page size or token names its field")
+    func listActionsPaged() async throws {
+        let decision = try makeDecision()
+        for id in ["e", "b", "d", "a", "c"] { try decision.upsert(action(id)) }
+        _ = try decision.store.retire("b", nowMs: 0)
+        _ = try decision.store.retire("e", nowMs: 0)
+        func pages(_ size: UInt32, retired: Bool) throws -> [[String]] {
+            var request = DecisionV1.ListActionsRequest()
+            request.pageSize = size
+            request.includeRetired = retired
+            var pages: [[String]] = []
+            repeat {
+                let page = try decision.listActions(request)
+                #expect(page.catalogVersion == 7)
+                pages.append(page.actions.map(\.id))
+                request.pageToken = page.nextPageToken
+            } while !request.pageToken.isEmpty && pages.count < 10
+            return pages
+        }
+        #expect(try pages(2, retired: true) == [["a", "b"], ["c", "d"], ["e"]])
+        #expect(try pages(2, retired: false) == [["a", "c"], ["d"]])
+        #expect(try pages(3, retired: false) == [["a", "c", "d"]])  // no token when nothing follows
+        #expect(try pages(0, retired: true) == [["a", "b", "c", "d", "e"]])
+        var bad = DecisionV1.ListActionsRequest()
+        bad.pageSize = 1001
+        await expectInvalid("page_size") { _ = try decision.listActions(bad) }
+        bad.pageSize = 10
+        bad.pageToken = "no spaces"
+        await expectInvalid("page_token") { _ = try decision.listActions(bad) }
+    }
+
     @Test("bad Decide and ReportOutcome requests name their field")
     func validation() async throws {
         let decision = try makeDecision()

@@ -112,13 +112,7 @@ public struct DecisionService: RPCService {
     public func register(in router: inout RPCRouter) {
         let methods = DecisionV1.Decision.self
         router.register(methods.upsertAction) { request, _ in try upsertAction(request) }
-        router.register(methods.listActions) { request, _ in
-            let (actions, version) = store.catalog()
-            var response = DecisionV1.ListActionsResponse()
-            response.actions = actions.map(\.action).filter { request.includeRetired || !$0.retired }
-            response.catalogVersion = version
-            return response
-        }
+        router.register(methods.listActions) { request, _ in try listActions(request) }
         router.register(methods.retireAction) { request, _ in
             try Names.check(request.id, field: "id")
             return try store.retire(request.id, nowMs: clock())
@@ -332,6 +326,32 @@ public struct DecisionService: RPCService {
     /// The active overrides (with `include_ended` also the `ended_limit` that stopped most
     /// recently, default 1,000, at most 10,000), and on request their audit trail: the newest
     /// `history_limit` changes (default 1,000, at most 10,000), of one override or of all.
+    /// The largest page ListActions gives.
+    public static let maxActionsPage = 1_000
+
+    /// A page of the catalog in id order: the actions after `page_token` (the last id of the
+    /// page before), `page_size` of them at most (0: all).
+    func listActions(_ request: DecisionV1.ListActionsRequest) throws -> DecisionV1.ListActionsResponse {
+        guard request.pageSize <= Self.maxActionsPage else {
+            throw RPCError.invalidArgument(field: "page_size", "must be at most \(Self.maxActionsPage), got \(request.pageSize)")
+        }
+        if !request.pageToken.isEmpty { try Names.check(request.pageToken, field: "page_token") }
+        let (actions, version) = store.catalog()
+        let listed = actions.lazy.map(\.action).filter { (request.includeRetired || !$0.retired) && $0.id > request.pageToken }
+        var response = DecisionV1.ListActionsResponse()
+        response.catalogVersion = version
+        guard request.pageSize > 0 else {
+            response.actions = Array(listed)
+            return response
+        }
+        response.actions = Array(listed.prefix(Int(request.pageSize) + 1))
+        if response.actions.count > Int(request.pageSize) {
+            response.actions.removeLast()
+            response.nextPageToken = response.actions.last!.id
+        }
+        return response
+    }
+
     func listOverrides(_ request: DecisionV1.ListOverridesRequest) throws -> DecisionV1.ListOverridesResponse {
         var response = DecisionV1.ListOverridesResponse()
         guard request.endedLimit <= 10_000 else {

@@ -208,14 +208,26 @@ struct  Arbiter__Decision__V1__UpsertActionRequest
     , NULL }
 
 
+/*
+ * Actions in the order of their ids, a page at a time.
+ */
 struct  Arbiter__Decision__V1__ListActionsRequest
 {
   ProtobufCMessage base;
   protobuf_c_boolean include_retired;
+  /*
+   * At most this many actions, 1 to 1,000. 0: every one, in one answer (retired actions
+   * are never dropped, so with include_retired that can outgrow an answer: RESOURCE_EXHAUSTED).
+   */
+  uint32_t page_size;
+  /*
+   * The previous answer's next_page_token; empty for the first page.
+   */
+  char *page_token;
 };
 #define ARBITER__DECISION__V1__LIST_ACTIONS_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__list_actions_request__descriptor) \
-    , 0 }
+    , 0, 0, (char *)protobuf_c_empty_string }
 
 
 struct  Arbiter__Decision__V1__ListActionsResponse
@@ -224,10 +236,14 @@ struct  Arbiter__Decision__V1__ListActionsResponse
   size_t n_actions;
   Arbiter__Decision__V1__Action **actions;
   uint64_t catalog_version;
+  /*
+   * Set when more actions follow: ask again with it as page_token.
+   */
+  char *next_page_token;
 };
 #define ARBITER__DECISION__V1__LIST_ACTIONS_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__list_actions_response__descriptor) \
-    , 0,NULL, 0 }
+    , 0,NULL, 0, (char *)protobuf_c_empty_string }
 
 
 struct  Arbiter__Decision__V1__RetireActionRequest

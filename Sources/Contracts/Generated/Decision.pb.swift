@@ -179,23 +179,35 @@ extension DecisionV1 {
         }
     }
 
+    /// Actions in the order of their ids, a page at a time.
     public struct ListActionsRequest: ProtoMessage {
         public var includeRetired: Bool = false
+        /// At most this many actions, 1 to 1,000. 0: every one, in one answer (retired actions
+        /// are never dropped, so with include_retired that can outgrow an answer: RESOURCE_EXHAUSTED).
+        public var pageSize: UInt32 = 0
+        /// The previous answer's next_page_token; empty for the first page.
+        public var pageToken: String = ""
 
         public static let protoName = "arbiter.decision.v1.ListActionsRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__list_actions_request__descriptor_ptr())
         public init() {}
         public init(reader: ProtoReader) throws {
             includeRetired = reader.bool(1)
+            pageSize = reader.uint32(2)
+            pageToken = reader.string(3)
         }
         public func write(to writer: ProtoWriter) {
             writer.setBool(1, includeRetired)
+            writer.setUint32(2, pageSize)
+            writer.setString(3, pageToken)
         }
     }
 
     public struct ListActionsResponse: ProtoMessage {
         public var actions: [DecisionV1.Action] = []
         public var catalogVersion: UInt64 = 0
+        /// Set when more actions follow: ask again with it as page_token.
+        public var nextPageToken: String = ""
 
         public static let protoName = "arbiter.decision.v1.ListActionsResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__list_actions_response__descriptor_ptr())
@@ -203,10 +215,12 @@ extension DecisionV1 {
         public init(reader: ProtoReader) throws {
             actions = try reader.messages(1)
             catalogVersion = reader.uint64(2)
+            nextPageToken = reader.string(3)
         }
         public func write(to writer: ProtoWriter) {
             writer.setRepeatedMessages(1, actions)
             writer.setUint64(2, catalogVersion)
+            writer.setString(3, nextPageToken)
         }
     }
 
