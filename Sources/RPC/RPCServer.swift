@@ -70,9 +70,15 @@ public final class RPCServer: Service, Sendable {
         self.listening = group.next().makePromise(of: SocketAddress.self)
     }
 
-    /// A server that never ran leaves no promise unanswered (a completed one stays as it is).
+    /// Whether `listening` was completed: run() bound or failed to.
+    private let answered = Atomic<Bool>(false)
+
+    /// A server that never ran leaves no promise unanswered. One that ran leaves its promise
+    /// alone: completing it again would schedule work on its event loop, which is shut down
+    /// by the time a service's last reference goes (NIO printed an error at every stop, and
+    /// will crash on it in its strict mode).
     deinit {
-        listening.fail(CancellationError())
+        if !answered.load(ordering: .acquiring) { listening.fail(CancellationError()) }
     }
 
     /// The address the server listens on, once it does (fails if binding fails).
@@ -86,11 +92,13 @@ public final class RPCServer: Service, Sendable {
         do {
             server = try await bind()
         } catch {
+            answered.store(true, ordering: .releasing)
             listening.fail(error)
             throw error
         }
         let address = server.channel.localAddress!
         state.withLock { $0.serverChannel = server.channel }
+        answered.store(true, ordering: .releasing)
         listening.succeed(address)
         logger.info("rpc server listening", metadata: ["rpc.address": "\(address)"])
 

@@ -179,6 +179,9 @@ struct Up: AsyncParsableCommand {
         }
         say("stopping (each service drains its calls in flight)")
         stopAll()
+        if let child = running.first(where: { $0.process.terminationReason != .exit || $0.process.terminationStatus != 0 }) {
+            try fail(child.name, child.log, "did not stop cleanly (status \(child.process.terminationStatus))")
+        }
         say("stopped")
     }
 }

@@ -164,10 +164,11 @@ struct ProcessTests {
     func sigtermDrains() async throws {
         let port = try await unusedPort(), admin = try await unusedPort()
         let dataDir = temporaryDirectory("sigterm")
-        // Configured through the environment only.
+        // Configured through the environment only. NIO's strict mode turns misuse it would
+        // only print about (work scheduled on an event loop already shut down) into a crash.
         let server = try RunningProcess.start("arbiter-echo", [], environment: [
             "ARBITER_PORT": "\(port)", "ARBITER_ADMIN_PORT": "\(admin)", "ARBITER_DATA_DIR": dataDir,
-            "ARBITER_LOG_FORMAT": "json",
+            "ARBITER_LOG_FORMAT": "json", "SWIFTNIO_STRICT": "1",
         ])
         let client = try await waitUntilServing(port: port)
         defer { client.close() }

@@ -14,8 +14,10 @@ struct UpTests {
     func upAndDown() async throws {
         let rpcBase = try await freeBase(), adminBase = try await freeBase()
         let dataDir = temporaryDirectory("up")
+        // Every service stops cleanly even in NIO's strict mode (up fails if one does not).
         let up = try RunningProcess.start("arbiter", ["up", "--data-dir", dataDir, "--port-base", "\(rpcBase)",
-                                                      "--admin-port-base", "\(adminBase)", "--log-level", "warning"], captureOutput: true)
+                                                      "--admin-port-base", "\(adminBase)", "--log-level", "warning"],
+                                          environment: ["SWIFTNIO_STRICT": "1"], captureOutput: true)
         defer { kill(up.process.processIdentifier, SIGKILL) }
         var clients: [RPCClient] = []
         for offset in 1...4 { clients.append(try await waitUntilServing(port: rpcBase + offset)) }
