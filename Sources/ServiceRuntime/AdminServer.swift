@@ -45,7 +45,13 @@ public final class AdminServer: Service, Sendable {
     /// not read its answer).
     static let idleTimeout = TimeAmount.seconds(30)
 
-    public func run() async throws {
+    /// The listening channel, once `bind` has run.
+    private let bound = Mutex<(any Channel)?>(nil)
+
+    /// Binds the port; `run` does if this was not called first. A service binds before its
+    /// stores open, so a port in use stops it at once, not after a long recovery.
+    public func bind() async throws {
+        guard bound.withLock({ $0 }) == nil else { return }
         let registry = self.registry
         let isReady = self.isReady
         let open = ConnectionCount()
@@ -70,8 +76,15 @@ public final class AdminServer: Service, Sendable {
             listening.fail(error)
             throw error
         }
+        bound.withLock { $0 = channel }
         listening.succeed(channel.localAddress!)
         logger.info("admin server listening", metadata: ["admin.address": "\(channel.localAddress!)"])
+    }
+
+    /// Serves until graceful shutdown or cancellation.
+    public func run() async throws {
+        try await bind()
+        let channel = bound.withLock { $0 }!
         try await withTaskCancellationOrGracefulShutdownHandler {
             try await channel.closeFuture.get()
         } onCancelOrGracefulShutdown: {

@@ -47,7 +47,15 @@ public struct JSONLogHandler: LogHandler {
                 var offset = 0
                 while offset < buffer.count {
                     let written = write(descriptor, buffer.baseAddress! + offset, buffer.count - offset)
-                    if written > 0 { offset += written } else if written < 0 && errno == EINTR { continue } else { return }
+                    if written > 0 {
+                        offset += written
+                    } else if written < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+                        // A non-blocking standard error that is full: wait until it takes more.
+                        var ready = pollfd(fd: descriptor, events: Int16(POLLOUT), revents: 0)
+                        _ = poll(&ready, 1, -1)
+                    } else if !(written < 0 && errno == EINTR) {
+                        return
+                    }
                 }
             }
         }

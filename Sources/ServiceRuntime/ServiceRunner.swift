@@ -91,8 +91,6 @@ public final class ServiceRuntime<Definition: ServiceDefinition>: Sendable {
     public let registry: PrometheusCollectorRegistry
     let group: MultiThreadedEventLoopGroup
     let authToken: String?
-    /// Held as long as the runtime: no second process of this service opens its store.
-    let dataDirectoryLock: DataDirectoryLock
     private let started = Mutex<(rpc: RPCServer?, admin: AdminServer?)>((nil, nil))
 
     /// Validates what can only be checked at start (the token file, the data directory)
@@ -117,7 +115,9 @@ public final class ServiceRuntime<Definition: ServiceDefinition>: Sendable {
         guard makeDirectories(options.dataDir) else {
             throw ValidationError("--data-dir: cannot create directory \(options.dataDir)")
         }
-        dataDirectoryLock = try DataDirectoryLock(directory: options.dataDir, holder: Definition.commandName)
+        if let parent = options.parentPid, getppid() != pid_t(parent) {
+            throw ValidationError("--parent-pid: \(parent) is not this process's parent (\(getppid()))")
+        }
         group = MultiThreadedEventLoopGroup(numberOfThreads: options.eventLoopThreads)
     }
 
@@ -138,6 +138,9 @@ public final class ServiceRuntime<Definition: ServiceDefinition>: Sendable {
     }
 
     public func run() async throws {
+        // Held until run returns: no second process of this service opens its store.
+        let lock = try DataDirectoryLock(directory: options.dataDir, holder: Definition.commandName)
+        defer { withExtendedLifetime(lock) {} }
         func client(_ peer: PeerAddress?) -> RPCClient? {
             peer.map { RPCClient(host: $0.host, port: $0.port, configuration: .withToken(authToken), group: group) }
         }
@@ -156,11 +159,21 @@ public final class ServiceRuntime<Definition: ServiceDefinition>: Sendable {
         let admin = AdminServer(host: options.host, port: options.adminPort, registry: registry, logger: logger, group: group) {
             readiness.isReady
         }
+        try await admin.bind()
         started.withLock { $0.admin = admin }
+        let logger = self.logger
         let serving = Serving { [self] in
-            // Stores open and migrate here, before the RPC port listens.
-            let parts = try await Definition.makeServices(context)
-            guard !Task.isShuttingDownGracefully else { return }
+            // Stores open and migrate here, before the RPC port listens. Nothing can stop
+            // that midway (a recovery may take minutes), so SIGTERM or a parent gone meanwhile
+            // ends the process at once, as SIGTERM did before the admin port listened this
+            // early: what the stores committed is kept, the rest resumes at the next start.
+            let parts = try await withGracefulShutdownHandler {
+                try await Definition.makeServices(context)
+            } onGracefulShutdown: {
+                logger.notice("stopping while the stores open: exiting now; the next start resumes")
+                _exit(0)
+            }
+            guard !Task.isShuttingDownGracefully && !Task.isCancelled else { return }
             var router = RPCRouter()
             for service in parts.rpcServices { router.register(service) }
             let health = HealthService(services: router.serviceNames + ["grpc.health.v1.Health"])

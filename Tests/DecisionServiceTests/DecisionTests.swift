@@ -191,6 +191,23 @@ struct DecisionTests {
         #expect(try pages(2, retired: false) == [["a", "c"], ["d"]])
         #expect(try pages(3, retired: false) == [["a", "c", "d"]])  // no token when nothing follows
         #expect(try pages(0, retired: true) == [["a", "b", "c", "d", "e"]])
+        // Retired actions have no bound: a page also stops at 2 MiB, so it always fits.
+        let rule = "context.x == \"" + String(repeating: "a", count: 4000) + "\""
+        for i in 0..<600 {
+            try decision.upsert(action(String(format: "r%03d", i), eligibility: rule))
+            _ = try decision.store.retire(String(format: "r%03d", i), nowMs: 0)
+        }
+        var all = DecisionV1.ListActionsRequest()
+        all.includeRetired = true
+        all.pageSize = 1000
+        let first = try decision.listActions(all)
+        #expect(first.actions.count > 400 && first.actions.count < 600 && first.nextPageToken == first.actions.last?.id)
+        #expect(first.serializedBytes().count <= DecisionService.maxActionsPageBytes)
+        all.pageToken = first.nextPageToken
+        let second = try decision.listActions(all)
+        #expect(second.nextPageToken.isEmpty)
+        #expect((first.actions + second.actions).map(\.id) == ["a", "b", "c", "d", "e"] + (0..<600).map { String(format: "r%03d", $0) })
+
         var bad = DecisionV1.ListActionsRequest()
         bad.pageSize = 1001
         await expectInvalid("page_size") { _ = try decision.listActions(bad) }

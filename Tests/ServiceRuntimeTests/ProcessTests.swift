@@ -5,6 +5,7 @@ import NIOCore
 import NIOPosix
 import RPC
 import ServiceRuntime
+import Synchronization
 import Testing
 import TestSupport
 
@@ -80,6 +81,25 @@ func httpGetBlocking(port: Int, _ path: String) throws -> (Int, String) {
     process.waitUntilExit()
     let status = Int(text.split(separator: "\n").last ?? "") ?? 0
     return (status, String(text[..<(text.lastIndex(of: "\n") ?? text.endIndex)]))
+}
+
+/// Holds the write lock of the SQLite file at `path` (made a WAL database if new) on a thread of
+/// its own, until the returned function is called (again: no effect).
+func holdWriteLock(_ path: String) async throws -> @Sendable () -> Void {
+    let held = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+    let queue = try DatabaseQueue(path: path)
+    try await queue.writeWithoutTransaction { try $0.execute(sql: "PRAGMA journal_mode = WAL") }
+    Thread.detachNewThread {
+        try? queue.inDatabase { db in
+            try db.execute(sql: "BEGIN IMMEDIATE")
+            held.signal()
+            release.wait()
+            try db.execute(sql: "COMMIT")
+        }
+    }
+    try await offPool { held.wait() }
+    let once = Mutex(false)
+    return { if !once.withLock({ let was = $0; $0 = true; return was }) { release.signal() } }
 }
 
 /// Waits until the server on `port` answers Health/Check with SERVING. When it does not,
@@ -205,6 +225,8 @@ struct ProcessTests {
         (["--auth-token-file", "/nonexistent/token"], [:], "--auth-token-file"),
         (["--log-level", "loud"], [:], "--log-level"),
         (["--max-in-flight", "0"], [:], "--max-in-flight"),
+        // A pid that is not the parent (one left in the environment) would stop it at once.
+        ([], ["ARBITER_PARENT_PID": "1"], "--parent-pid: 1 is not this process's parent"),
     ])
     func badConfiguration(arguments: [String], environment: [String: String], flag: String) async throws {
         let process = try RunningProcess.start("arbiter-identity", arguments + ["--data-dir", temporaryDirectory("bad-flag")],
@@ -300,34 +322,44 @@ struct ProcessTests {
         let dataDir = temporaryDirectory("opening")
         // Another writer holds the store's write lock: the service's migration waits for it
         // (SQLite's busy timeout, 5 s), as a long recovery would hold it up.
-        let held = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
-        let queue = try DatabaseQueue(path: dataDir + "/identity.sqlite")
-        try await queue.writeWithoutTransaction { try $0.execute(sql: "PRAGMA journal_mode = WAL") }
-        Thread.detachNewThread {
-            try? queue.inDatabase { db in
-                try db.execute(sql: "BEGIN IMMEDIATE")
-                held.signal()
-                release.wait()
-                try db.execute(sql: "COMMIT")
-            }
-        }
-        held.wait()
+        let release = try await holdWriteLock(dataDir + "/identity.sqlite")
+        defer { release() }
         let server = try RunningProcess.start("arbiter-identity", ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir])
         defer { kill(server.process.processIdentifier, SIGKILL) }
+        let health = try await healthz(admin, server)
+        let ready = try await httpGet(port: admin, "/readyz").0
+        let listening = !portIsFree(port)
+        release()
+        #expect(health.0 == 200, "/healthz while the store was held: \(health)")
+        #expect(ready == 503)
+        #expect(!listening, "the RPC port listens only once the store is open")
+        try await waitUntilServing(port: port, process: server).close()
+        #expect(try await httpGet(port: admin, "/readyz").0 == 200)
+    }
+
+    @Test("SIGTERM while the store opens ends the process at once, with status 0")
+    func sigtermWhileOpeningTimed() async throws {
+        let port = try await unusedPort(), admin = try await unusedPort()
+        let dataDir = temporaryDirectory("opening-stop")
+        let release = try await holdWriteLock(dataDir + "/identity.sqlite")
+        defer { release() }
+        let server = try RunningProcess.start("arbiter-identity", ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir])
+        defer { kill(server.process.processIdentifier, SIGKILL) }
+        #expect(try await healthz(admin, server).0 == 200)
+        kill(server.process.processIdentifier, SIGTERM)
+        #expect(await server.waitForExit() == 0)  // the lock is still held: it did not wait for the store
+        #expect(await server.errorOutput.contains("stopping while the stores open"))
+    }
+
+    /// Polls /healthz on `admin` until it answers 200 or `server` exits (at most 2 s).
+    func healthz(_ admin: Int, _ server: RunningProcess) async throws -> (Int, String) {
         var health = (0, "")
         for _ in 0..<200 where server.process.isRunning {
             health = (try? await httpGet(port: admin, "/healthz")) ?? (0, "")
             if health.0 == 200 { break }
             try await Task.sleep(for: .milliseconds(10))
         }
-        let ready = try await httpGet(port: admin, "/readyz").0
-        let listening = !portIsFree(port)
-        release.signal()
-        #expect(health.0 == 200, "/healthz while the store was held: \(health)")
-        #expect(ready == 503)
-        #expect(!listening, "the RPC port listens only once the store is open")
-        try await waitUntilServing(port: port, process: server).close()
-        #expect(try await httpGet(port: admin, "/readyz").0 == 200)
+        return health
     }
 
     @Test("arbiter-profile resolves identifiers through arbiter-identity, follows its merges, keeps acknowledged events across a kill -9, and writes its feature states when stopped")
@@ -575,7 +607,9 @@ struct ProcessTests {
     func badIdentityConfig() async throws {
         let configFile = temporaryDirectory("bad-config") + "/config.json"
         try #"{"identity": {"default_region": "Atlantis"}}"#.write(toFile: configFile, atomically: true, encoding: .utf8)
-        let process = try RunningProcess.start("arbiter-identity", ["--config", configFile, "--data-dir", temporaryDirectory("bad-config-data")])
+        let (port, admin) = (try await unusedPort(), try await unusedPort())
+        let ports = ["--port", "\(port)", "--admin-port", "\(admin)"]
+        let process = try RunningProcess.start("arbiter-identity", ports + ["--config", configFile, "--data-dir", temporaryDirectory("bad-config-data")])
         #expect(await process.waitForExit() != 0)
         #expect(await process.errorOutput.contains("identity.default_region"))
         // A key the section does not know (here camelCase for snake_case: the privacy key would
@@ -584,7 +618,7 @@ struct ProcessTests {
         for (config, message) in [(#"{"identity": {"privacyKeyFile": "/run/secrets/key"}}"#, "--config: identity.privacyKeyFile: unknown key"),
                                   (#"{"identity": null}"#, "--config: identity: must be an object")] {
             try config.write(toFile: configFile, atomically: true, encoding: .utf8)
-            let refused = try RunningProcess.start("arbiter-identity", ["--config", configFile, "--data-dir", temporaryDirectory("bad-config-data")])
+            let refused = try RunningProcess.start("arbiter-identity", ports + ["--config", configFile, "--data-dir", temporaryDirectory("bad-config-data")])
             #expect(await refused.waitForExit() != 0)
             let output = await refused.errorOutput
             #expect(output.contains(message), "\(output)")

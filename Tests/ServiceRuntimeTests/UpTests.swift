@@ -171,6 +171,18 @@ struct UpTests {
         let dataDir = temporaryDirectory("up-killed")
         let up = try RunningProcess.start("arbiter", ["up", "--data-dir", dataDir, "--port-base", "\(rpcBase)",
                                                       "--admin-port-base", "\(adminBase)", "--log-level", "warning"])
+        defer {
+            // Should a service outlive this test, it goes: its lock file, still locked, holds its pid.
+            for name in ["identity", "profile", "routing", "decision"] {
+                let path = "\(dataDir)/\(name)/arbiter-\(name).lock"
+                let fd = open(path, O_RDONLY)
+                defer { close(fd) }
+                guard fd >= 0, flock(fd, LOCK_SH | LOCK_NB) != 0,
+                      let pid = try? String(contentsOfFile: path, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines),
+                      let id = Int32(pid) else { continue }
+                kill(id, SIGKILL)
+            }
+        }
         for offset in 1...4 { try await waitUntilServing(port: rpcBase + offset).close() }
         kill(up.process.processIdentifier, SIGKILL)
         _ = await up.waitForExit()

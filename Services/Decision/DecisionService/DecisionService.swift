@@ -323,35 +323,43 @@ public struct DecisionService: RPCService {
         return response
     }
 
-    /// The active overrides (with `include_ended` also the `ended_limit` that stopped most
-    /// recently, default 1,000, at most 10,000), and on request their audit trail: the newest
-    /// `history_limit` changes (default 1,000, at most 10,000), of one override or of all.
-    /// The largest page ListActions gives.
+    /// The largest page ListActions gives, in actions and in encoded bytes (half the default
+    /// largest message: room for the rest of the answer and for a lowered limit).
     public static let maxActionsPage = 1_000
+    public static let maxActionsPageBytes = 2 << 20
 
     /// A page of the catalog in id order: the actions after `page_token` (the last id of the
-    /// page before), `page_size` of them at most (0: all).
+    /// page before), `page_size` of them at most (0: all), and fewer if the next would take
+    /// the page past `maxActionsPageBytes` (never none).
     func listActions(_ request: DecisionV1.ListActionsRequest) throws -> DecisionV1.ListActionsResponse {
         guard request.pageSize <= Self.maxActionsPage else {
             throw RPCError.invalidArgument(field: "page_size", "must be at most \(Self.maxActionsPage), got \(request.pageSize)")
         }
         if !request.pageToken.isEmpty { try Names.check(request.pageToken, field: "page_token") }
         let (actions, version) = store.catalog()
-        let listed = actions.lazy.map(\.action).filter { (request.includeRetired || !$0.retired) && $0.id > request.pageToken }
+        let listed = actions.lazy.filter { (request.includeRetired || !$0.action.retired) && $0.id > request.pageToken }
         var response = DecisionV1.ListActionsResponse()
         response.catalogVersion = version
         guard request.pageSize > 0 else {
-            response.actions = Array(listed)
+            response.actions = listed.map(\.action)
             return response
         }
-        response.actions = Array(listed.prefix(Int(request.pageSize) + 1))
-        if response.actions.count > Int(request.pageSize) {
-            response.actions.removeLast()
-            response.nextPageToken = response.actions.last!.id
+        var bytes = 0
+        for spec in listed {
+            // An action's field in the answer: its bytes, a tag and a length of up to 4 bytes.
+            bytes += spec.encodedSize + 5
+            if response.actions.count == Int(request.pageSize) || (bytes > Self.maxActionsPageBytes && !response.actions.isEmpty) {
+                response.nextPageToken = response.actions.last!.id
+                break
+            }
+            response.actions.append(spec.action)
         }
         return response
     }
 
+    /// The active overrides (with `include_ended` also the `ended_limit` that stopped most
+    /// recently, default 1,000, at most 10,000), and on request their audit trail: the newest
+    /// `history_limit` changes (default 1,000, at most 10,000), of one override or of all.
     func listOverrides(_ request: DecisionV1.ListOverridesRequest) throws -> DecisionV1.ListOverridesResponse {
         var response = DecisionV1.ListOverridesResponse()
         guard request.endedLimit <= 10_000 else {

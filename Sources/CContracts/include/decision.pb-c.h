@@ -216,7 +216,8 @@ struct  Arbiter__Decision__V1__ListActionsRequest
   ProtobufCMessage base;
   protobuf_c_boolean include_retired;
   /*
-   * At most this many actions, 1 to 1,000. 0: every one, in one answer (retired actions
+   * At most this many actions, 1 to 1,000 (fewer where the page would pass 2 MiB; the
+   * token then asks for the rest). 0: every one, in one answer (retired actions
    * are never dropped, so with include_retired that can outgrow an answer: RESOURCE_EXHAUSTED).
    */
   uint32_t page_size;

@@ -182,7 +182,8 @@ extension DecisionV1 {
     /// Actions in the order of their ids, a page at a time.
     public struct ListActionsRequest: ProtoMessage {
         public var includeRetired: Bool = false
-        /// At most this many actions, 1 to 1,000. 0: every one, in one answer (retired actions
+        /// At most this many actions, 1 to 1,000 (fewer where the page would pass 2 MiB; the
+        /// token then asks for the rest). 0: every one, in one answer (retired actions
         /// are never dropped, so with include_retired that can outgrow an answer: RESOURCE_EXHAUSTED).
         public var pageSize: UInt32 = 0
         /// The previous answer's next_page_token; empty for the first page.
