@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 
 step() { echo; echo "== $*"; }
 
+# NIO's strict mode: work scheduled on an event loop already shut down crashes the process
+# instead of printing an error (every service did that at each stop until it was fixed).
+export SWIFTNIO_STRICT=1
+
 step "dependencies"
 scripts/install-deps.sh
 
