@@ -330,6 +330,28 @@ struct FeedAndErasureTests {
         #expect(try await reopened.feed(after: rest.nextAfterSeq).changes.isEmpty)
     }
 
+    @Test("a ListChanges page stops at its byte bound, never empty, and the pages hold every change once")
+    func feedPagesByBytes() async throws {
+        var service = try makeService(tempDirectory())
+        for i in 0..<6 {  // a merge each
+            _ = try await service.link([id("cookie_id", "a\(i)")])
+            _ = try await service.link([id("cookie_id", "b\(i)")])
+            _ = try await service.link([id("cookie_id", "a\(i)"), id("cookie_id", "b\(i)")])
+        }
+        let all = try await service.feed().changes.map(\.seq)
+        #expect(all.count >= 6)
+        service.changesPageBytes = 1  // one change a page: the first always fits
+        var seen: [UInt64] = [], after: UInt64 = 0
+        while seen.count <= all.count {
+            let page = try await service.feed(after: after)
+            guard !page.changes.isEmpty else { break }
+            #expect(page.changes.count == 1 && page.nextAfterSeq == page.changes[0].seq)
+            seen += page.changes.map(\.seq)
+            after = page.nextAfterSeq
+        }
+        #expect(seen == all)
+    }
+
     @Test("after Erase no identifier of that person is in the SQLite files")
     func eraseLeavesNothing() async throws {
         let directory = tempDirectory()

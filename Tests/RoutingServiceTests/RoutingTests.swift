@@ -438,7 +438,7 @@ struct RoutingTests {
                 try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .sent }
             }
             let request = try #require(sink.requests.first)
-            #expect(request.headers["idempotency-key"] == "dl")
+            #expect(request.headers["idempotency-key"] == "dl:webhook")
             let body = try #require(try JSONSerialization.jsonObject(with: Data(request.body)) as? [String: Any])
             #expect(body["template_id"] as? String == "welcome" && body["channel"] as? String == "webhook" && body["person_id"] as? String == "p")
             // X-Arbiter-Signature: t=<seconds>,v1=<hex HMAC-SHA256("<t>." + body)>
@@ -475,7 +475,7 @@ struct RoutingTests {
                 let files = try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasSuffix(".eml") }
                 #expect(files.count == 1)
                 let mail = try String(contentsOfFile: directory + "/" + files[0], encoding: .utf8)
-                #expect(mail.contains("Subject: Hello") && mail.contains("X-Arbiter-Idempotency-Key: fb") && mail.contains("X-Envelope-To: p@example.com"))
+                #expect(mail.contains("Subject: Hello") && mail.contains("X-Arbiter-Idempotency-Key: fb:email") && mail.contains("X-Envelope-To: p@example.com"))
                 #expect(mail.contains("\n.line two"), "dot-stuffing is undone by the server: \(mail)")
 
                 // A hard bounce on push marks the token unreachable and sends on email instead.
@@ -489,6 +489,23 @@ struct RoutingTests {
                 let third = try await routing.route(routeRequest("p", key: "fb3", channels: [.push], critical: true))
                 #expect(third.state == .suppressed && third.suppressionReason == "unreachable" && third.suppressionDetail.contains("hard-bounced"))
             }
+        }
+    }
+
+    @Test("a fallback posted to the same webhook has its own Idempotency-Key (<key>:<channel>): a receiver that drops repeated keys keeps it")
+    func fallbackKeyPerChannel() async throws {
+        try await withRouting(configure: { $0.quietHoursStart = "00:00"; $0.quietHoursEnd = "00:00" }) { routing, profile, sink in
+            try seedReachable(profile.store, "p", at: now() - day)
+            // No SMTP relay: email goes to the webhook too.
+            let d = try await routing.route(routeRequest("p", key: "k1", channels: [.push, .email], critical: true))
+            try await dispatching(routing) {
+                try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .sent }
+                _ = try await routing.report(event(d.deliveryId, .bounced, hard: true))
+                try await waitFor { try routing.store.delivery(d.deliveryId).map { $0.channel == .email && $0.state == .sent } ?? false }
+            }
+            #expect(sink.requests.count == 2 && sink.distinctKeys == ["k1:push", "k1:email"], "\(sink.distinctKeys)")
+            // The body still names the client's key.
+            #expect(sink.requests.allSatisfy { $0.bodyText.contains("\"idempotency_key\":\"k1\"") })
         }
     }
 
@@ -580,6 +597,13 @@ struct RoutingTests {
             #expect(try stored(third).channel == .webhook && stored(second).suppressionReason == "unreachable")
             #expect(Set(sink.requests.compactMap { $0.headers["x-arbiter-delivery"] }) == Set([email, push, third].map(\.deliveryId)))
             #expect(sink.requests.count == 3)
+
+            // Erased with its person after the dispatcher read it: that copy is not sent, even
+            // on the path that needs no write (before, only evidence was read there).
+            let erasedLater = try await routing.route(routeRequest("p", key: "k7", channels: [.webhook], critical: true))
+            #expect(try store.beforeSending(erasedLater, nowMs: at) != nil)
+            try await store.pool.write { try RoutingStore.erase($0, "p") }
+            #expect(try store.beforeSending(erasedLater, nowMs: at) == nil)
 
             // ListDeliveries: newest first, by creation (before, by send time: a suppressed one,
             // with none, came after every scheduled one).

@@ -76,7 +76,7 @@ struct EndToEndTests {
         // Routing sends it to the webhook (email goes there without an SMTP relay).
         #expect(try await eventually(20) { sink.requests.count == 1 })
         let sent = try #require(sink.requests.first)
-        #expect(sent.headers["idempotency-key"] == "\(decided.decisionId):welcome" && sent.bodyText.contains("\"person_id\":\"\(person)\""))
+        #expect(sent.headers["idempotency-key"] == "\(decided.decisionId):welcome:email" && sent.bodyText.contains("\"person_id\":\"\(person)\""))
         var opened = RoutingV1.ReportDeliveryEventRequest()
         opened.deliveryId = chosen.deliveryId
         opened.kind = .opened

@@ -11,6 +11,9 @@ public struct IdentityService: RPCService {
 
     /// Most identifiers in one request.
     public static let maxIdentifiers = 100
+    /// The most a ListChanges page holds, encoded: half the default largest message (tests
+    /// set less).
+    var changesPageBytes = 2 << 20
 
     public init(store: IdentityStore, clock: @escaping @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }) {
         self.store = store
@@ -30,8 +33,9 @@ public struct IdentityService: RPCService {
 
     // MARK: - Validation
 
-    /// Normalizes `identifiers`; blocked values are dropped (never used to link). Errors name `field[i]`.
-    func normalized(_ identifiers: [CommonV1.Identifier], field: String = "identifiers") throws(RPCError)
+    /// Normalizes `identifiers`; blocked values are dropped (never used to link). Errors name
+    /// `field[i]`, or `field` where the request has a single identifier (`indexed` false).
+    func normalized(_ identifiers: [CommonV1.Identifier], field: String = "identifiers", indexed: Bool = true) throws(RPCError)
         -> (usable: [NormalizedIdentifier], blocked: [NormalizedIdentifier]) {
         guard !identifiers.isEmpty else { throw .invalidArgument(field: field, "at least one identifier is required") }
         guard identifiers.count <= Self.maxIdentifiers else {
@@ -39,14 +43,15 @@ public struct IdentityService: RPCService {
         }
         var usable: [NormalizedIdentifier] = [], blocked: [NormalizedIdentifier] = []
         for (i, id) in identifiers.enumerated() {
+            let name = indexed ? "\(field)[\(i)]" : field
             switch store.normalizer.normalize(type: id.type, value: id.value) {
             case .success(let n): if !usable.contains(n) { usable.append(n) }
             case .failure(.blocked(let type, let value)): blocked.append(NormalizedIdentifier(type: type, value: value))
             case .failure(.unknownType(let type)):
-                throw .invalidArgument(field: "\(field)[\(i)].type",
+                throw .invalidArgument(field: "\(name).type",
                     "unknown identifier type \"\(type)\" (known: \(store.normalizer.rules.allTypes.joined(separator: ", ")))")
             case .failure(.invalid(let type, _, let reason)):
-                throw .invalidArgument(field: "\(field)[\(i)].value", "\(type) \(reason)")
+                throw .invalidArgument(field: "\(name).value", "\(type) \(reason)")
             }
         }
         return (usable, blocked)
@@ -171,8 +176,18 @@ public struct IdentityService: RPCService {
         let limit = request.limit == 0 ? 100 : Int(request.limit)
         let changes = try await store.changes(after: Int64(request.afterSeq), limit: limit)
         var response = IdentityV1.ListChangesResponse()
-        response.changes = changes.map(Self.wire)
-        response.nextAfterSeq = changes.last.map { UInt64($0.seq) } ?? request.afterSeq
+        response.nextAfterSeq = request.afterSeq
+        // A page also stops at 2 MiB (never empty): an erasure lists every person it absorbed,
+        // so a page of them could outgrow a message, and a follower that asks again for the
+        // same page would stop for good.
+        var bytes = 0
+        for change in changes {
+            let wire = Self.wire(change)
+            bytes += wire.serializedBytes().count + 6
+            if bytes > changesPageBytes && !response.changes.isEmpty { break }
+            response.changes.append(wire)
+            response.nextAfterSeq = UInt64(change.seq)
+        }
         return response
     }
 
@@ -184,7 +199,7 @@ public struct IdentityService: RPCService {
             let person = try Self.personID(id)
             result = try await mapped { try await store.erase(personID: person, nowMs: now) }
         case .identifier(let identifier)?:
-            let (ids, blocked) = try normalized([identifier], field: "identifier")
+            let (ids, blocked) = try normalized([identifier], field: "identifier", indexed: false)
             guard let id = ids.first ?? blocked.first else { throw RPCError.invalidArgument(field: "identifier", "is required") }
             result = try await mapped { try await store.erase(identifier: id, nowMs: now) }
         case nil:

@@ -107,7 +107,7 @@ struct WebhookAdapter: ChannelAdapter {
         var request = HTTPClientRequest(url: endpoint.url)
         request.method = .POST
         request.headers.add(name: "Content-Type", value: "application/json")
-        request.headers.add(name: "Idempotency-Key", value: d.idempotencyKey)
+        request.headers.add(name: "Idempotency-Key", value: RoutingStore.sendKey(d))
         request.headers.add(name: "X-Arbiter-Delivery", value: d.deliveryId)
         if let secret {
             request.headers.add(name: "X-Arbiter-Signature", value: Self.signature(body, key: SymmetricKey(data: secret), seconds: Int64(Date().timeIntervalSince1970)))
@@ -164,7 +164,7 @@ struct SMTPAdapter: ChannelAdapter {
         formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss Z"
         let headers = [
             "From: <\(from)>", "To: <\(headerSafe(d.address))>", "Subject: \(subject)", "Date: \(formatter.string(from: date))",
-            "Message-ID: <\(d.deliveryId)@arbiter>", "X-Arbiter-Idempotency-Key: \(headerSafe(d.idempotencyKey))",
+            "Message-ID: <\(d.deliveryId)@arbiter>", "X-Arbiter-Idempotency-Key: \(headerSafe(RoutingStore.sendKey(d)))",
             "X-Arbiter-Delivery: \(d.deliveryId)", "MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8",
             "Content-Transfer-Encoding: 8bit",
         ]

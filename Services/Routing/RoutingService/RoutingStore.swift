@@ -365,8 +365,16 @@ public final class RoutingStore: Sendable {
     /// suppressed ("expired"); in quiet hours (a retry, a fallback, a requeued dead letter, an
     /// outage) it waits for their end. Most deliveries pass on one read.
     func beforeSending(_ planned: RoutingV1.Delivery, consent: SendTimeConsent = .notRead, nowMs: Int64) throws -> RoutingV1.Delivery? {
-        let evidence = try pool.read { db in try Self.evidence(db, person: planned.personId, engagement: false) }
-        if check(planned, evidence, consent: consent, nowMs: nowMs) == .send { return planned }
+        // The delivery as stored now, too: one erased (with its person), requeued or moved
+        // since the dispatcher read it is not sent from the dispatcher's copy.
+        let read = try pool.read { db -> (Evidence, still: Bool) in
+            let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, channel FROM delivery WHERE delivery_id = ?"),
+                                       arguments: [planned.deliveryId])
+            let still = row.map { $0["state"] as Int == RoutingV1.Delivery.State.scheduled.rawValue && $0["channel"] as Int == planned.channel.rawValue } ?? false
+            return (try Self.evidence(db, person: planned.personId, engagement: false), still)
+        }
+        guard read.still else { return nil }
+        if check(planned, read.0, consent: consent, nowMs: nowMs) == .send { return planned }
         return try pool.write { db in
             guard var d = try Self.load(db, planned.deliveryId), d.state == .scheduled, d.channel == planned.channel,
                   d.nextAttemptAtMs <= nowMs else { return nil }
@@ -468,6 +476,12 @@ public final class RoutingStore: Sendable {
         try save(db, d)
         return d
     }
+
+    /// The key a receiver deduplicates a send by: the client's idempotency key and the
+    /// channel, `<key>:<channel>`. A retry on one channel repeats it; a fallback to another
+    /// channel, often posted to the same webhook, has a key of its own (with the client's
+    /// key alone, a receiver that drops repeated keys dropped every fallback).
+    static func sendKey(_ d: RoutingV1.Delivery) -> String { "\(d.idempotencyKey):\(d.channel.ruleName)" }
 
     /// Moves a delivery to the next channel of its chain, or dead-letters it.
     static func fallBack(_ d: inout RoutingV1.Delivery, atMs: Int64, why: String) {
@@ -572,6 +586,8 @@ public final class RoutingStore: Sendable {
                                arguments: [d.personId, channel.rawValue, address, atMs])
                 if d.state == .sent && d.channel == channel && !d.fallbackChannels.isEmpty {
                     Self.fallBack(&d, atMs: atMs, why: "hard bounce on \(channel.ruleName) \(address)")
+                    // Sent by this service's clock, not the reporter's (which may run a day ahead).
+                    d.nextAttemptAtMs = nowMs
                 }
             case .complained, .unsubscribed:
                 let source = kind == .complained ? "routing:complaint" : "routing:unsubscribe"
