@@ -492,6 +492,27 @@ struct RoutingTests {
         }
     }
 
+    @Test("an attempt whose result cannot be recorded (another writer holds the store) is not sent again meanwhile; it is recorded once the store takes writes")
+    func unrecordedAttemptNotResent() async throws {
+        try await withRouting(configure: uncapped) { routing, profile, sink in
+            try seedReachable(profile.store, "p", at: now() - day)
+            let d = try await routing.route(routeRequest("p", key: "held", channels: [.webhook], critical: true))
+            let release = try await holdWriteLock(routing.store.pool.path)
+            defer { release() }
+            try await dispatching(routing) {
+                try await waitFor { sink.requests.count == 1 }
+                // Recording waits 5 s for the lock (SQLite's busy timeout), fails, and is tried
+                // again; the dispatcher polls every 50 ms all the while. Before, it sent again
+                // at the first poll after each failure.
+                try await Task.sleep(for: .seconds(6))
+                #expect(sink.requests.count == 1)
+                release()
+                try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .sent }
+            }
+            #expect(sink.requests.count == 1)
+        }
+    }
+
     @Test("a fallback posted to the same webhook has its own Idempotency-Key (<key>:<channel>): a receiver that drops repeated keys keeps it")
     func fallbackKeyPerChannel() async throws {
         try await withRouting(configure: { $0.quietHoursStart = "00:00"; $0.quietHoursEnd = "00:00" }) { routing, profile, sink in

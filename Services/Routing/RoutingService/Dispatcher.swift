@@ -94,14 +94,28 @@ public struct Dispatcher: Service {
         let exponent = min(Int(delivery.attempts), 30)
         let ceiling = min(Double(configuration.maxBackoffMs), Double(configuration.initialBackoffMs) * Double(1 << exponent))
         let backoff = Int64(ceiling / 2 + Double.random(in: 0...(ceiling / 2)))  // "equal jitter": never near zero
-        do {
-            let update = RoutingStore.Update(deliveryID: delivery.deliveryId, channel: delivery.channel, result: result, atMs: clock(), backoffMs: backoff)
-            if let updated = try await store.record(update), updated.state == .deadLetter {
-                logger.warning("dead letter", metadata: ["delivery": "\(updated.deliveryId)", "error": "\(updated.lastError)"])
+        let update = RoutingStore.Update(deliveryID: delivery.deliveryId, channel: delivery.channel, result: result, atMs: clock(), backoffMs: backoff)
+        // Until the result is recorded the delivery stays in flight, so it is not sent again:
+        // a store that cannot write (a full disk) holds the sends back instead of repeating
+        // them every poll. Saving is retried, from 100 ms up to every 5 s; should the service
+        // stop first, the delivery is still due and goes again after the restart (at least once).
+        var wait = Duration.milliseconds(100)
+        var failures = 0
+        while true {
+            do {
+                if let updated = try await store.record(update), updated.state == .deadLetter {
+                    logger.warning("dead letter", metadata: ["delivery": "\(updated.deliveryId)", "error": "\(updated.lastError)"])
+                }
+                return
+            } catch {
+                failures += 1
+                if failures == 1 || failures % 100 == 0 {
+                    logger.error("cannot record a delivery attempt; retrying", metadata: ["delivery": "\(delivery.deliveryId)", "error": "\(error)", "failures": "\(failures)"])
+                }
             }
-        } catch {
-            // Not recorded: the delivery stays due and is attempted again (at least once).
-            logger.error("cannot record a delivery attempt", metadata: ["delivery": "\(delivery.deliveryId)", "error": "\(error)"])
+            guard !Task.isCancelled && !Task.isShuttingDownGracefully else { return }
+            try? await Task.sleep(for: wait)
+            wait = min(wait * 2, .seconds(5))
         }
     }
 }

@@ -1,0 +1,22 @@
+import Foundation
+import GRDB
+import Synchronization
+
+/// Holds the write lock of the SQLite file at `path` (made a WAL database if new) on a thread of
+/// its own, until the returned function is called (again: no effect).
+public func holdWriteLock(_ path: String) async throws -> @Sendable () -> Void {
+    let held = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+    let queue = try DatabaseQueue(path: path)
+    try await queue.writeWithoutTransaction { try $0.execute(sql: "PRAGMA journal_mode = WAL") }
+    Thread.detachNewThread {
+        try? queue.inDatabase { db in
+            try db.execute(sql: "BEGIN IMMEDIATE")
+            held.signal()
+            release.wait()
+            try db.execute(sql: "COMMIT")
+        }
+    }
+    try await offPool { held.wait() }
+    let once = Mutex(false)
+    return { if !once.withLock({ let was = $0; $0 = true; return was }) { release.signal() } }
+}
