@@ -513,6 +513,19 @@ struct RoutingTests {
         }
     }
 
+    @Test("a hard bounce reported while the send is under way (before its result is recorded) still moves the delivery to its fallback")
+    func bounceDuringSend() async throws {
+        try await withRouting(configure: uncapped) { routing, profile, _ in
+            try seedReachable(profile.store, "p", at: now() - day)
+            let d = try await routing.route(routeRequest("p", key: "race", channels: [.push, .email], critical: true))
+            // The receiver reports the bounce before it answers the send.
+            _ = try await routing.report(event(d.deliveryId, .bounced, hard: true))
+            let recorded = try #require(try await routing.store.record(.init(deliveryID: d.deliveryId, channel: .push, result: .sent, atMs: now(), backoffMs: 0)))
+            #expect(recorded.state == .scheduled && recorded.channel == .email, "\(recorded.events.map(\.detail))")
+            #expect(recorded.events.map(\.kind).suffix(2) == [.sent, .fellBack])
+        }
+    }
+
     @Test("a fallback posted to the same webhook has its own Idempotency-Key (<key>:<channel>): a receiver that drops repeated keys keeps it")
     func fallbackKeyPerChannel() async throws {
         try await withRouting(configure: { $0.quietHoursStart = "00:00"; $0.quietHoursEnd = "00:00" }) { routing, profile, sink in

@@ -463,6 +463,14 @@ public final class RoutingStore: Sendable {
             d.lastError = ""
             event(.sent, d.address)
             try addEngagement(db, person: d.personId, keys: [EngagementKey.channel(d.channel)], sends: 1, engaged: 0, atMs: u.atMs)
+            // A hard bounce of this address reported while the send was under way (a receiver
+            // that reports before it answers): the check before the send had not seen it, and
+            // the report found the delivery not yet sent, so the fallback is taken now.
+            let bounced = try Bool.fetchOne(db.cachedStatement(sql: "SELECT 1 FROM unreachable WHERE person_id = ? AND channel = ? AND address = ?"),
+                                            arguments: [d.personId, d.channel.rawValue, d.address]) ?? false
+            if bounced && !d.fallbackChannels.isEmpty {
+                Self.fallBack(&d, atMs: u.atMs, why: "hard bounce on \(d.channel.ruleName) \(d.address), reported during the send")
+            }
         case .transient(let error), .permanent(let error):
             d.attempts += 1
             d.lastError = error
