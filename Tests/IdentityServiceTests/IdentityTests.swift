@@ -449,9 +449,11 @@ struct FeedAndErasureTests {
     @Test("numbers stored with a trunk 0 after the country code are rewritten, so the same input finds the same person")
     func phoneMigration() async throws {
         let directory = try await storeBefore("v3: changes and conflicts by person", """
-            INSERT INTO person (seq, id, created_at_ms, state, merged_into) VALUES (1, 'pa', 1, 'active', NULL), (2, 'pi', 2, 'active', NULL);
+            INSERT INTO person (seq, id, created_at_ms, state, merged_into) VALUES (1, 'pa', 1, 'active', NULL), (2, 'pi', 2, 'active', NULL),
+              (3, 'pb', 3, 'active', NULL), (4, 'pc', 4, 'active', NULL);
             INSERT INTO identifier (type, value, person_id, first_seen_ms, last_seen_ms, source) VALUES
-              ('phone', '+4402079460000', 'pa', 1, 1, 'crm'), ('phone', '+390612345678', 'pi', 1, 1, 'crm');
+              ('phone', '+4402079460000', 'pa', 1, 1, 'crm'), ('phone', '+390612345678', 'pi', 1, 1, 'crm'),
+              ('phone', '+442079460001', 'pb', 1, 1, 'crm'), ('phone', '+4402079460001', 'pc', 1, 1, 'crm');
             """)
         let service = try makeService(directory)
         var request = IdentityV1.ResolveRequest()
@@ -459,6 +461,11 @@ struct FeedAndErasureTests {
         #expect(try await service.resolve(request).personId == "pa")  // before, no one: it was stored as +4402…
         request.identifiers = [id("phone", "+39 06 1234 5678")]
         #expect(try await service.resolve(request).personId == "pi")  // Italy's 0 is part of the number
+        // Stored both ways: the old form, which no input finds and no erasure reached, is gone.
+        request.identifiers = [id("phone", "+44 (0)20 7946 0001")]
+        #expect(try await service.resolve(request).personId == "pb")
+        let copies = try await service.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM identifier WHERE value LIKE '%2079460001'") }
+        #expect(copies == 1)
     }
 
     @Test("two Resolves racing to create one person: one says it created it, the other that it matched")

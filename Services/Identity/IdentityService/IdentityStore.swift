@@ -125,6 +125,24 @@ public final class IdentityStore: Sendable {
                 }
             }
         }
+        migrator.registerMigration("v5: merges found by person and by identifier; old-form phone duplicates removed") { db in
+            // Erasure cleared each erased person's merges and merge members by scanning both
+            // tables, once per person of the cluster, holding the only writer meanwhile.
+            try db.execute(sql: """
+                CREATE INDEX merge_by_target ON merge(target);
+                CREATE INDEX merge_by_source ON merge(source);
+                CREATE INDEX merge_member_by_identifier ON merge_member(type, value);
+                """)
+            // v4 left a number stored with its trunk 0 where the same number was stored
+            // without it too (UPDATE OR IGNORE). No input finds that old form any more, and
+            // erasing the number removed only the new one: the old row, a copy of a number
+            // another row holds, goes.
+            for code in PhoneRegions.trunkZeroCodes {
+                for table in ["identifier", "merge_member"] {
+                    try db.execute(sql: "DELETE FROM \(table) WHERE type = 'phone' AND value LIKE '+' || ?1 || '0%'", arguments: [code])
+                }
+            }
+        }
         return migrator
     }
 
