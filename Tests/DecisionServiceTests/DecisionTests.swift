@@ -202,7 +202,7 @@ struct DecisionTests {
         all.pageSize = 1000
         let first = try decision.listActions(all)
         #expect(first.actions.count > 400 && first.actions.count < 600 && first.nextPageToken == first.actions.last?.id)
-        #expect(first.serializedBytes().count <= DecisionService.maxActionsPageBytes)
+        #expect(first.serializedBytes().count <= AnswerSize.listBudget)
         all.pageToken = first.nextPageToken
         let second = try decision.listActions(all)
         #expect(second.nextPageToken.isEmpty)

@@ -73,3 +73,15 @@ struct FramingTests {
         _ = try channel.finish()
     }
 }
+
+@Suite("answer size")
+struct AnswerSizeTests {
+    @Test("a page takes the leading items that fit with their field overhead; the first always, unless told otherwise")
+    func fitting() {
+        #expect(AnswerSize.fitting([10, 10, 10], maxBytes: 32) == 2)  // 16 + 16
+        #expect(AnswerSize.fitting([10, 10, 10], maxBytes: 31) == 1)
+        #expect(AnswerSize.fitting([100, 1], maxBytes: 50) == 1)  // too large, but first: a pager moves on
+        #expect(AnswerSize.fitting([100, 1], maxBytes: 50, atLeastOne: false) == 0)
+        #expect(AnswerSize.fitting([Int](), maxBytes: 50) == 0)
+    }
+}

@@ -299,19 +299,12 @@ struct ProcessTests {
 
     @Test("while its store opens (here: held by another writer), a service answers /healthz, and /readyz says not ready; then it serves")
     func healthWhileOpeningTimed() async throws {
-        let port = try await unusedPort(), admin = try await unusedPort()
-        let dataDir = temporaryDirectory("opening")
-        // Another writer holds the store's write lock: the service's migration waits for it
-        // (SQLite's busy timeout, 5 s), as a long recovery would hold it up.
-        let release = try await holdWriteLock(dataDir + "/identity.sqlite")
-        defer { release() }
-        let server = try RunningProcess.start("arbiter-identity", ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir])
-        defer { kill(server.process.processIdentifier, SIGKILL) }
-        let health = try await healthz(admin, server)
+        let (server, port, admin, healthy, release) = try await identityOnHeldStore("opening")
+        defer { release(); kill(server.process.processIdentifier, SIGKILL) }
         let ready = try await httpGet(port: admin, "/readyz").0
         let listening = !portIsFree(port)
         release()
-        #expect(health.0 == 200, "/healthz while the store was held: \(health)")
+        #expect(healthy, "/healthz while the store was held")
         #expect(ready == 503)
         #expect(!listening, "the RPC port listens only once the store is open")
         try await waitUntilServing(port: port, process: server).close()
@@ -320,27 +313,34 @@ struct ProcessTests {
 
     @Test("SIGTERM while the store opens ends the process at once, with status 0")
     func sigtermWhileOpeningTimed() async throws {
-        let port = try await unusedPort(), admin = try await unusedPort()
-        let dataDir = temporaryDirectory("opening-stop")
-        let release = try await holdWriteLock(dataDir + "/identity.sqlite")
-        defer { release() }
-        let server = try RunningProcess.start("arbiter-identity", ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir])
-        defer { kill(server.process.processIdentifier, SIGKILL) }
-        #expect(try await healthz(admin, server).0 == 200)
+        let (server, _, _, healthy, release) = try await identityOnHeldStore("opening-stop")
+        defer { release(); kill(server.process.processIdentifier, SIGKILL) }
+        #expect(healthy)
         kill(server.process.processIdentifier, SIGTERM)
         #expect(await server.waitForExit() == 0)  // the lock is still held: it did not wait for the store
         #expect(await server.errorOutput.contains("stopping while the stores open"))
     }
 
-    /// Polls /healthz on `admin` until it answers 200 or `server` exits (at most 2 s).
-    func healthz(_ admin: Int, _ server: RunningProcess) async throws -> (Int, String) {
-        var health = (0, "")
-        for _ in 0..<200 where server.process.isRunning {
-            health = (try? await httpGet(port: admin, "/healthz")) ?? (0, "")
-            if health.0 == 200 { break }
-            try await Task.sleep(for: .milliseconds(10))
+    /// arbiter-identity started on a new store whose write lock another writer holds, so its
+    /// migration waits (SQLite's busy timeout, 5 s) as a long recovery would. Returned once
+    /// its /healthz answers 200 (`healthy`), or it exited, or 3 s passed; `release` lets the
+    /// store open.
+    func identityOnHeldStore(_ name: String) async throws
+        -> (server: RunningProcess, port: Int, admin: Int, healthy: Bool, release: @Sendable () -> Void) {
+        let port = try await unusedPort(), admin = try await unusedPort()
+        let dataDir = temporaryDirectory(name)
+        let release = try await holdWriteLock(dataDir + "/identity.sqlite")
+        do {
+            let server = try RunningProcess.start("arbiter-identity", ["--port", "\(port)", "--admin-port", "\(admin)", "--data-dir", dataDir])
+            let answered = try await eventually(3) {
+                guard server.process.isRunning else { return true }
+                return (try? await httpGet(port: admin, "/healthz"))?.0 == 200
+            }
+            return (server, port, admin, answered && server.process.isRunning, release)
+        } catch {
+            release()
+            throw error
         }
-        return health
     }
 
     @Test("arbiter-profile resolves identifiers through arbiter-identity, follows its merges, keeps acknowledged events across a kill -9, and writes its feature states when stopped")

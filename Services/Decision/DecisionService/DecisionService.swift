@@ -323,14 +323,12 @@ public struct DecisionService: RPCService {
         return response
     }
 
-    /// The largest page ListActions gives, in actions and in encoded bytes (half the default
-    /// largest message: room for the rest of the answer and for a lowered limit).
+    /// The largest page ListActions gives (a page also stops at `AnswerSize.listBudget`).
     public static let maxActionsPage = 1_000
-    public static let maxActionsPageBytes = 2 << 20
 
     /// A page of the catalog in id order: the actions after `page_token` (the last id of the
     /// page before), `page_size` of them at most (0: all), and fewer if the next would take
-    /// the page past `maxActionsPageBytes` (never none).
+    /// the page past `AnswerSize.listBudget` (never none).
     func listActions(_ request: DecisionV1.ListActionsRequest) throws -> DecisionV1.ListActionsResponse {
         guard request.pageSize <= Self.maxActionsPage else {
             throw RPCError.invalidArgument(field: "page_size", "must be at most \(Self.maxActionsPage), got \(request.pageSize)")
@@ -344,16 +342,11 @@ public struct DecisionService: RPCService {
             response.actions = listed.map(\.action)
             return response
         }
-        var bytes = 0
-        for spec in listed {
-            // An action's field in the answer: its bytes, a tag and a length of up to 4 bytes.
-            bytes += spec.encodedSize + 5
-            if response.actions.count == Int(request.pageSize) || (bytes > Self.maxActionsPageBytes && !response.actions.isEmpty) {
-                response.nextPageToken = response.actions.last!.id
-                break
-            }
-            response.actions.append(spec.action)
-        }
+        // One more than the page, to know whether more follow.
+        let candidates = Array(listed.prefix(Int(request.pageSize) + 1))
+        let fit = AnswerSize.fitting(candidates.prefix(Int(request.pageSize)).lazy.map(\.encodedSize))
+        response.actions = candidates.prefix(fit).map(\.action)
+        if candidates.count > fit { response.nextPageToken = response.actions.last!.id }
         return response
     }
 

@@ -8,8 +8,6 @@ import Storage
 /// Governed overrides: validation, storage with an audit trail, and matching in Decide.
 extension DecisionStore {
     static let maxOverrides = 200
-    /// Most encoded bytes of history one ListOverrides returns (under the 4 MiB frame).
-    static let maxHistoryBytes = 2 << 20
 
     /// Creates an override (empty id) or changes an active one, after validating every
     /// field against the catalog; each change is written with its audit record.
@@ -182,10 +180,10 @@ extension DecisionStore {
                 """, arguments: ["id": id, "limit": limit + 1])
             var truncated = bodies.count > limit
             if truncated { bodies.removeLast() }
-            // And at most `maxHistoryBytes` encoded (a change can be 8 KB: large contexts and reasons).
-            var bytes = 0
-            if let cut = bodies.firstIndex(where: { bytes += $0.count + 8; return bytes > Self.maxHistoryBytes }) {
-                bodies.removeSubrange(cut...)
+            // And at most `AnswerSize.listBudget` encoded (a change can be 8 KB: large contexts and reasons).
+            let fit = AnswerSize.fitting(bodies.lazy.map(\.count), atLeastOne: false)
+            if fit < bodies.count {
+                bodies.removeSubrange(fit...)
                 truncated = true
             }
             return (try bodies.reversed().map { try DecisionV1.OverrideChange(serializedBytes: $0) }, truncated)

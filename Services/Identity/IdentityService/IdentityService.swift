@@ -11,9 +11,8 @@ public struct IdentityService: RPCService {
 
     /// Most identifiers in one request.
     public static let maxIdentifiers = 100
-    /// The most a ListChanges page holds, encoded: half the default largest message (tests
-    /// set less).
-    var changesPageBytes = 2 << 20
+    /// The most a ListChanges page holds, encoded (tests set less).
+    var changesPageBytes = AnswerSize.listBudget
 
     public init(store: IdentityStore, clock: @escaping @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }) {
         self.store = store
@@ -175,19 +174,13 @@ public struct IdentityService: RPCService {
         guard request.afterSeq <= UInt64(Int64.max) else { throw RPCError.invalidArgument(field: "after_seq", "is too large") }
         let limit = request.limit == 0 ? 100 : Int(request.limit)
         let changes = try await store.changes(after: Int64(request.afterSeq), limit: limit)
+        // A page also stops at `changesPageBytes` (never empty): an erasure lists every person
+        // it absorbed, so a page of them could outgrow a message, and a follower that asks
+        // again for the same page would stop for good.
+        let wires = changes.map(Self.wire)
         var response = IdentityV1.ListChangesResponse()
-        response.nextAfterSeq = request.afterSeq
-        // A page also stops at 2 MiB (never empty): an erasure lists every person it absorbed,
-        // so a page of them could outgrow a message, and a follower that asks again for the
-        // same page would stop for good.
-        var bytes = 0
-        for change in changes {
-            let wire = Self.wire(change)
-            bytes += wire.serializedBytes().count + 6
-            if bytes > changesPageBytes && !response.changes.isEmpty { break }
-            response.changes.append(wire)
-            response.nextAfterSeq = UInt64(change.seq)
-        }
+        response.changes = Array(wires.prefix(AnswerSize.fitting(wires.lazy.map { $0.serializedBytes().count }, maxBytes: changesPageBytes)))
+        response.nextAfterSeq = response.changes.last?.seq ?? request.afterSeq
         return response
     }
 

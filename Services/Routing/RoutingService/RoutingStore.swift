@@ -367,14 +367,14 @@ public final class RoutingStore: Sendable {
     func beforeSending(_ planned: RoutingV1.Delivery, consent: SendTimeConsent = .notRead, nowMs: Int64) throws -> RoutingV1.Delivery? {
         // The delivery as stored now, too: one erased (with its person), requeued or moved
         // since the dispatcher read it is not sent from the dispatcher's copy.
-        let read = try pool.read { db -> (Evidence, still: Bool) in
+        let read = try pool.read { db -> (evidence: Evidence, still: Bool) in
             let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, channel FROM delivery WHERE delivery_id = ?"),
                                        arguments: [planned.deliveryId])
             let still = row.map { $0["state"] as Int == RoutingV1.Delivery.State.scheduled.rawValue && $0["channel"] as Int == planned.channel.rawValue } ?? false
             return (try Self.evidence(db, person: planned.personId, engagement: false), still)
         }
         guard read.still else { return nil }
-        if check(planned, read.0, consent: consent, nowMs: nowMs) == .send { return planned }
+        if check(planned, read.evidence, consent: consent, nowMs: nowMs) == .send { return planned }
         return try pool.write { db in
             guard var d = try Self.load(db, planned.deliveryId), d.state == .scheduled, d.channel == planned.channel,
                   d.nextAttemptAtMs <= nowMs else { return nil }
