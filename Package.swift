@@ -154,7 +154,8 @@ let package = Package(
         // Load generation with latency histograms, for `arbiter load` and the benchmarks.
         .target(
             name: "LoadTest",
-            dependencies: ["RPC", .product(name: "Histogram", package: "hdrhistogram-swift"), .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["RPC", "Contracts", .product(name: "Histogram", package: "hdrhistogram-swift"),
+                           .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")]
         ),
 
         // The suite's command line: `arbiter up`, `call`, `list`, `load`.

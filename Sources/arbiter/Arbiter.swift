@@ -193,9 +193,19 @@ func say(_ line: String) {
 
 /// A client for `host:port`, sending the token in `tokenFile` (if any) as authorization.
 func makeClient(_ address: String, tokenFile: String?, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws -> RPCClient {
+    let (host, port) = try hostAndPort(address)
+    return RPCClient(host: host, port: port, configuration: .withToken(try readToken(tokenFile)), group: group)
+}
+
+/// `host:port` split; a clear error otherwise.
+func hostAndPort(_ address: String) throws -> (host: String, port: Int) {
     guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]) else {
         throw ValidationError("address must be host:port, got \(address)")
     }
-    let token = try tokenFile.map { try String(contentsOfFile: $0, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
-    return RPCClient(host: String(address[..<colon]), port: port, configuration: .withToken(token), group: group)
+    return (String(address[..<colon]), port)
+}
+
+/// The token in `file` (surrounding whitespace dropped); nil without a file.
+func readToken(_ file: String?) throws -> String? {
+    try file.map { try String(contentsOfFile: $0, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
 }

@@ -25,7 +25,7 @@ struct Load: AsyncParsableCommand {
 
     @Option(help: "The decision service, host:port.") var address = "127.0.0.1:7103"
     @Option(help: "Calls per second (open loop); 0: closed loop.") var rate = 1000.0
-    @Option(help: "Calls in flight at most (open loop) or always (closed loop).") var concurrency = 64
+    @Option(help: "Calls in flight at most (open loop: a call due when all are taken starts late, its lateness counted) or always (closed loop).") var concurrency = 64
     @Option(help: "Connections.") var connections = 8
     @Option(help: "Event-loop threads the connections are spread over. On a machine shared with the services, one wakes least often (each wake-up of a sleeping thread costs CPU the services wait for); raise it when the generator itself is the limit.") var threads = 1
     @Option(help: "Seconds measured.") var duration = 30.0
@@ -64,8 +64,8 @@ struct Load: AsyncParsableCommand {
     func run() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
         defer { group.shutdownGracefully { _ in } }
-        let clients = try (0..<connections).map { _ in try makeClient(address, tokenFile: authTokenFile, group: group) }
-        defer { clients.forEach { $0.close() } }
+        let client = try makeClient(address, tokenFile: authTokenFile, group: group)
+        defer { client.close() }
         if let seedProfile { try await seed(profile: try makeClient(seedProfile, tokenFile: authTokenFile)) }
         if actions > 0 {
             for a in 0..<actions {
@@ -78,12 +78,12 @@ struct Load: AsyncParsableCommand {
                 action.eligibility = ["", "trait.tier == \"gold\"", "context.device == \"ios\""][a % 3]
                 if caps { action.caps = [Self.cap(.action, max: 3, days: 7)] }
                 upsert.action = action
-                _ = try await clients[0].call(DecisionV1.Decision.upsertAction, upsert, timeout: .seconds(10))
+                _ = try await client.call(DecisionV1.Decision.upsertAction, upsert, timeout: .seconds(10))
             }
             if caps {
                 var policy = DecisionV1.ContactPolicy()
                 policy.caps = [Self.cap(.total, max: 20, days: 1)]
-                _ = try await clients[0].call(DecisionV1.Decision.setContactPolicy, policy, timeout: .seconds(10))
+                _ = try await client.call(DecisionV1.Decision.setContactPolicy, policy, timeout: .seconds(10))
             }
             say("catalog: \(actions) actions" + (caps ? ", each at most 3 offers a week per person; at most 20 offers a day per person" : ""))
         }
@@ -93,7 +93,7 @@ struct Load: AsyncParsableCommand {
         let (persons, placement, ratio) = (self.persons, self.placement, outcomeRatio)
         // Call i of a run draws from SplitMix64 seeded by the run's base and i: no system call
         // per number (the system generator made three getrandom calls per Decide).
-        let calls: @Sendable (UInt64) -> @Sendable (RPCClient, Int) async throws -> String = { base in { client, i in
+        let calls: @Sendable (UInt64) -> @Sendable (Int) -> LoadTest.WireCall = { base in { i in
             var random = SplitMix64(seed: base &+ UInt64(i))
             if ratio > 0, random.unit() < ratio, let (decision, action) = recent.any(using: &random) {
                 var outcome = DecisionV1.ReportOutcomeRequest()
@@ -101,8 +101,7 @@ struct Load: AsyncParsableCommand {
                 outcome.decisionId = decision
                 outcome.actionId = action
                 outcome.outcome = .click
-                _ = try await client.call(DecisionV1.Decision.reportOutcome, outcome, timeout: .seconds(10))
-                return "ReportOutcome"
+                return LoadTest.WireCall(DecisionV1.Decision.reportOutcome, payload: outcome.serializedBytes())
             }
             var decide = DecisionV1.DecideRequest()
             var ref = CommonV1.PersonRef()
@@ -110,20 +109,27 @@ struct Load: AsyncParsableCommand {
             decide.person = ref
             decide.placement = placement
             decide.context = ["device": random.int(2) == 0 ? "ios" : "web"]
-            let response = try await client.call(DecisionV1.Decision.decide, decide, timeout: .seconds(10))
+            return LoadTest.WireCall(DecisionV1.Decision.decide, payload: decide.serializedBytes())
+        } }
+        let answered: @Sendable (LoadTest.WireCall, [UInt8]) -> String = { call, payload in
+            guard call.method.method == DecisionV1.Decision.decide.method else { return call.method.method }
+            guard let response = try? DecisionV1.DecideResponse(serializedBytes: payload) else { return "Decide (answer does not decode)" }
             if let first = response.actions.first { recent.add(response.decisionId, first.actionId) }
             return response.degraded ? "Decide (degraded)" : "Decide"
-        } }
+        }
+        let (host, port) = try hostAndPort(address)
+        let metadata = RPCClientConfiguration.withToken(try readToken(authTokenFile)).metadata
         let mode = rate > 0 ? String(format: "open loop at %.0f/s", rate) : "closed loop"
         if warmup > 0 {
             say("warm-up: \(Int(warmup)) s, \(mode)")
-            _ = try await LoadTest.run(clients, seconds: warmup, concurrency: concurrency, rate: rate > 0 ? rate : nil,
-                                       calls(.random(in: .min ... .max)))
+            _ = try await LoadTest.drive(host: host, port: port, connections: connections, group: group, seconds: warmup,
+                                         rate: rate > 0 ? rate : nil, concurrency: concurrency, metadata: metadata,
+                                         call: calls(.random(in: .min ... .max)), answered: answered)
         }
         say("measuring: \(Int(duration)) s, \(mode), \(concurrency) in flight at most, \(connections) connections")
-        let result = try await LoadTest.run(clients, seconds: duration, concurrency: concurrency, rate: rate > 0 ? rate : nil,
-                                            timeline: timeline != nil,
-                                            calls(.random(in: .min ... .max)))
+        let result = try await LoadTest.drive(host: host, port: port, connections: connections, group: group, seconds: duration,
+                                              rate: rate > 0 ? rate : nil, concurrency: concurrency, metadata: metadata,
+                                              timeline: timeline != nil, call: calls(.random(in: .min ... .max)), answered: answered)
         say("all calls: " + LoadTest.Result.line(result.total, seconds: result.seconds))
         for kind in result.histograms.keys.sorted() {
             say("  \(kind): " + LoadTest.Result.line(result.histograms[kind]!, seconds: result.seconds))

@@ -1,6 +1,9 @@
 import Contracts
 @testable import LoadTest
+import NIOCore
+import NIOPosix
 import RPC
+import Synchronization
 import Testing
 
 @Suite("load generator")
@@ -95,5 +98,99 @@ struct LoadTestTests {
             .init(start: 2, calls: 1, p50Us: 7, p99Us: 7, maxUs: 7),
         ])
         #expect(result.timeline(every: 2).map(\.calls) == [100, 1])
+    }
+
+    static func echo(_ request: EchoV1.EchoRequest) -> LoadTest.WireCall {
+        LoadTest.WireCall(EchoV1.Echo.echo, payload: request.serializedBytes())
+    }
+
+    @Test("drive, open loop: every intended call is made, each failure counted by its code, metadata and deadline sent")
+    func driveOpenLoopTimed() async throws {
+        try await withServer(configure: { $0.authToken = "s3cret" }) { _, port in
+            let answers = Mutex<[EchoV1.EchoResponse]>([])
+            let loops = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+            defer { loops.shutdownGracefully { _ in } }
+            // 400/s for 1 s over 3 connections on 2 loops: 400 intended starts, 2.5 ms apart.
+            let open = try await LoadTest.drive(
+                host: "127.0.0.1", port: port, connections: 3, group: loops,
+                seconds: 1, rate: 400, concurrency: 8, metadata: ["authorization": "Bearer s3cret", "x-load": "yes"],
+                timeout: .seconds(7),
+                call: { i in Self.echo(echoRequest("load \(i)", failCode: i % 10 == 0 ? 5 : 0)) },
+                answered: { call, payload in
+                    let response = try! EchoV1.EchoResponse(serializedBytes: payload)
+                    answers.withLock { $0.append(response) }
+                    return call.method.method
+                })
+            // A late call still starts (its lateness counts): all 400, the 40 with i % 10 == 0 failed.
+            #expect(open.total.totalCount == 400 && open.histograms["Echo"]?.totalCount == 360)
+            #expect(open.errors == ["NOT_FOUND": 40] && open.histograms["error"]?.totalCount == 40)
+            #expect(open.lateness.totalCount == 400 && open.total.max >= open.lateness.max)
+            let received = answers.withLock { $0 }
+            #expect(Set(received.map(\.message)) == Set((0..<400).filter { $0 % 10 != 0 }.map { "load \($0)" }))
+            #expect(received.allSatisfy { $0.metadata.map { "\($0.key)=\($0.value)" } == ["x-load=yes"] })
+            // The deadline went with each call: the server saw at most 7 s left.
+            #expect(received.allSatisfy { $0.deadlineRemainingNanos > 0 && $0.deadlineRemainingNanos <= 7_000_000_000 })
+
+            // Without the token, every call fails as the server says.
+            let refused = try await LoadTest.drive(
+                host: "127.0.0.1", port: port, connections: 1, group: MultiThreadedEventLoopGroup.singleton,
+                seconds: 0.2, rate: 100, concurrency: 4, call: { _ in Self.echo(echoRequest("x")) }, answered: { _, _ in "Echo" })
+            #expect(refused.errors == ["UNAUTHENTICATED": 20] && refused.histograms.keys.sorted() == ["error"])
+        }
+    }
+
+    @Test("drive: a stall shows in the timeline of the calls it delayed; closed loop keeps its calls in flight")
+    func driveTimelineAndClosedLoopTimed() async throws {
+        try await withServer { _, port in
+            // 200/s: call i is meant to start at i × 5 ms; the calls meant for 0.4-0.5 s take 300 ms.
+            let result = try await LoadTest.drive(
+                host: "127.0.0.1", port: port, connections: 2, group: MultiThreadedEventLoopGroup.singleton,
+                seconds: 1, rate: 200, concurrency: 64, timeline: true,
+                call: { i in Self.echo(echoRequest("load", delayMs: (80..<100).contains(i) ? 300 : 0)) },
+                answered: { call, _ in call.method.method })
+            #expect(result.calls.count == 200 && result.errors.isEmpty)
+            let intervals = result.timeline(every: 0.1)
+            #expect(intervals.count == 10 && intervals.allSatisfy { $0.calls == 20 }, "\(intervals)")
+            #expect(intervals[4].p50Us >= 300_000, "\(intervals)")
+            #expect(intervals.prefix(4).allSatisfy { $0.p50Us < 300_000 }, "\(intervals.prefix(4))")
+
+            // Closed loop, 4 in flight, each call 20 ms: about 200 calls/s; no lateness.
+            let closed = try await LoadTest.drive(
+                host: "127.0.0.1", port: port, connections: 1, group: MultiThreadedEventLoopGroup.singleton,
+                seconds: 0.5, rate: nil, concurrency: 4,
+                call: { _ in Self.echo(echoRequest("load", delayMs: 20)) }, answered: { call, _ in call.method.method })
+            #expect(closed.errors.isEmpty && closed.lateness.totalCount == 0)
+            // At most 4 × (0.5 s / 20 ms) = 100; a slow machine makes fewer.
+            #expect((4...100).contains(closed.total.totalCount), "\(closed.total.totalCount)")
+            #expect(closed.total.min >= 20_000)
+        }
+    }
+
+    @Test("drive: calls a server never answers count as past their deadline after the run; a server gone fails the run")
+    func driveUnansweredTimed() async throws {
+        // Accepts connections and never answers.
+        let silent = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { $0.eventLoop.makeSucceededVoidFuture() }
+            .bind(host: "127.0.0.1", port: 0).get()
+        defer { silent.close(promise: nil) }
+        let start = ContinuousClock.now
+        let result = try await LoadTest.drive(
+            host: "127.0.0.1", port: silent.localAddress!.port!, connections: 1, group: MultiThreadedEventLoopGroup.singleton,
+            seconds: 0.2, rate: 100, concurrency: 5, timeout: .milliseconds(300),
+            call: { _ in Self.echo(echoRequest("x")) }, answered: { _, _ in "Echo" })
+        // 5 slots: the first 5 calls went out and were never answered; the other 15 never started.
+        #expect(result.errors == ["DEADLINE_EXCEEDED": 5] && result.total.totalCount == 5)
+        #expect(ContinuousClock.now - start >= .milliseconds(500))
+
+        // A server that closes every connection it accepts.
+        let closing = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in channel.eventLoop.scheduleTask(in: .milliseconds(100)) { channel.close(promise: nil) }.futureResult }
+            .bind(host: "127.0.0.1", port: 0).get()
+        defer { closing.close(promise: nil) }
+        await #expect(throws: RPCError.self) {
+            _ = try await LoadTest.drive(
+                host: "127.0.0.1", port: closing.localAddress!.port!, connections: 2, group: MultiThreadedEventLoopGroup.singleton,
+                seconds: 2, rate: 100, concurrency: 5, call: { _ in Self.echo(echoRequest("x")) }, answered: { _, _ in "Echo" })
+        }
     }
 }
