@@ -456,6 +456,102 @@ struct RoutingTests {
         }
     }
 
+    @Test("an outage of the webhook opens its circuit: deliveries wait without spending attempts, one probe at a time, and all go once it recovers; without the circuit they dead-letter")
+    func circuitBreakerTimed() async throws {
+        for threshold in [3, 0] {
+            try await withRouting(configure: {
+                $0.maxAttempts = 3
+                $0.breakerFailures = threshold
+                $0.breakerCooldownMs = 10
+                $0.breakerMaxCooldownMs = 40
+            }) { routing, profile, sink in
+                try seedReachable(profile.store, "p", at: now() - day)
+                // Down for 20 requests: with the circuit, 3 fail in a row and open it; the rest
+                // are probes, one at a time, none counted against its delivery.
+                sink.fail(next: 20, status: 503)
+                var routed: [String] = []
+                for k in 0..<5 { routed.append(try await routing.route(routeRequest("p", key: "cb\(k)", channels: [.webhook], critical: true)).deliveryId) }
+                let ids = routed
+                try await dispatching(routing) {
+                    try await waitFor {
+                        try ids.allSatisfy { [.sent, .deadLetter].contains(try routing.store.delivery($0)?.state) }
+                    }
+                }
+                let deliveries = try ids.map { try #require(try routing.store.delivery($0)) }
+                if threshold > 0 {
+                    #expect(deliveries.allSatisfy { $0.state == .sent }, "\(deliveries.map(\.state))")
+                    #expect(sink.answered == 25 && sink.requests.count == 5)
+                    // Only the 5 failures sent before the circuit opened (all 5 were in flight) count.
+                    #expect(deliveries.map(\.attempts).reduce(0, +) == 5 + 5, "\(deliveries.map(\.attempts))")
+                    let probes = deliveries.flatMap(\.events).filter { $0.kind == .attemptFailed && $0.detail.hasSuffix("(a probe while the circuit was open: not counted as an attempt)") }
+                    #expect(probes.count == 15)
+                } else {
+                    // Each delivery spent its 3 attempts within the outage.
+                    #expect(deliveries.allSatisfy { $0.state == .deadLetter && $0.attempts == 3 }, "\(deliveries.map(\.state))")
+                    #expect(sink.answered == 15 && sink.requests.isEmpty)
+                }
+            }
+        }
+    }
+
+    @Test("a 503 or 429 with Retry-After waits at least that long before the next attempt (up to maxBackoffMs)")
+    func retryAfterTimed() async throws {
+        try await withRouting(configure: { $0.maxBackoffMs = 60_000 }) { routing, profile, sink in
+            try seedReachable(profile.store, "p", at: now() - day)
+            sink.fail(next: 1, status: 429, retryAfter: "2")
+            let d = try await routing.route(routeRequest("p", key: "ra", channels: [.webhook], critical: true))
+            try await dispatching(routing) {
+                try await waitFor { try routing.store.delivery(d.deliveryId)?.attempts == 1 }
+            }
+            let waiting = try #require(try routing.store.delivery(d.deliveryId))
+            let failed = try #require(waiting.events.last { $0.kind == .attemptFailed })
+            #expect(waiting.state == .scheduled && failed.detail == "webhook: HTTP 429")
+            // 2 s asked for; without it the wait was 5–10 ms (initialBackoffMs 5).
+            #expect(waiting.nextAttemptAtMs - failed.atMs >= 2000, "\(waiting.nextAttemptAtMs - failed.atMs) ms")
+        }
+    }
+
+    @Test("Retry-After: delay seconds or an HTTP date; anything else ignored")
+    func retryAfterParsing() {
+        let now = Date(timeIntervalSince1970: 1_780_308_000)  // Mon, 01 Jun 2026 10:00:00 GMT
+        #expect(WebhookAdapter.retryAfterMs("120", now: now) == 120_000)
+        #expect(WebhookAdapter.retryAfterMs(" 0 ", now: now) == 0)
+        #expect(WebhookAdapter.retryAfterMs("Mon, 01 Jun 2026 10:00:30 GMT", now: now) == 30_000)
+        #expect(WebhookAdapter.retryAfterMs("Mon, 01 Jun 2026 09:00:00 GMT", now: now) == 0)
+        for junk in [nil, "", "-5", "1.5", "soon", "٣"] { #expect(WebhookAdapter.retryAfterMs(junk, now: now) == nil, "\(String(describing: junk))") }
+        #expect(WebhookAdapter.retryAfterMs("99999999999999999999", now: now) == nil)
+    }
+
+    @Test("circuit: opens after the failures in a row, admits one probe after the cooldown, doubles it per failed probe up to the maximum, closes on an answer")
+    func circuitStates() {
+        let breakers = CircuitBreakers(threshold: 2, initialCooldownMs: 100, maxCooldownMs: 300)
+        #expect(breakers.record("webhook", probe: false, transient: true, retryAfterMs: nil, nowMs: 0) == nil)
+        #expect(breakers.record("webhook", probe: false, transient: false, retryAfterMs: nil, nowMs: 1) == nil)  // an answer breaks the run
+        #expect(breakers.record("webhook", probe: false, transient: true, retryAfterMs: nil, nowMs: 2) == nil)
+        #expect(breakers.record("webhook", probe: false, transient: true, retryAfterMs: nil, nowMs: 10) == .opened(failures: 2, forMs: 100))
+        #expect(breakers.held(nowMs: 50) == ["webhook"] && breakers.admit("webhook", nowMs: 50) == .wait)
+        #expect(breakers.admit("smtp", nowMs: 50) == .send)  // each adapter has its own circuit
+        #expect(breakers.held(nowMs: 110).isEmpty)
+        #expect(breakers.admit("webhook", nowMs: 110) == .probe)
+        #expect(breakers.admit("webhook", nowMs: 111) == .wait && breakers.held(nowMs: 111) == ["webhook"])  // one probe at a time
+        breakers.release("webhook")  // not sent after all
+        #expect(breakers.admit("webhook", nowMs: 112) == .probe)
+        #expect(breakers.record("webhook", probe: true, transient: true, retryAfterMs: nil, nowMs: 120) == .reopened(forMs: 200))
+        #expect(breakers.admit("webhook", nowMs: 319) == .wait && breakers.admit("webhook", nowMs: 320) == .probe)
+        #expect(breakers.record("webhook", probe: true, transient: true, retryAfterMs: nil, nowMs: 330) == .reopened(forMs: 300))
+        #expect(breakers.admit("webhook", nowMs: 630) == .probe)
+        #expect(breakers.record("webhook", probe: true, transient: true, retryAfterMs: nil, nowMs: 640) == .reopened(forMs: 300))
+        #expect(breakers.admit("webhook", nowMs: 940) == .probe)
+        #expect(breakers.record("webhook", probe: true, transient: false, retryAfterMs: nil, nowMs: 950) == .closed)
+        #expect(breakers.admit("webhook", nowMs: 951) == .send && breakers.held(nowMs: 951).isEmpty)
+        // Retry-After lengthens the cooldown (within the maximum); threshold 0 never opens.
+        _ = breakers.record("webhook", probe: false, transient: true, retryAfterMs: nil, nowMs: 1000)
+        #expect(breakers.record("webhook", probe: false, transient: true, retryAfterMs: 250, nowMs: 1000) == .opened(failures: 2, forMs: 250))
+        let never = CircuitBreakers(threshold: 0, initialCooldownMs: 100, maxCooldownMs: 300)
+        for t in 0..<10 { #expect(never.record("webhook", probe: false, transient: true, retryAfterMs: nil, nowMs: Int64(t)) == nil) }
+        #expect(never.admit("webhook", nowMs: 10) == .send)
+    }
+
     @Test("fallback chain: a permanent failure on push moves the delivery to email over a real SMTP server; a hard bounce too")
     func fallbackAndSMTP() async throws {
         try await withSMTPServer(failFirst: 2) { port, directory in

@@ -15,7 +15,7 @@ public final class WebhookSink: Sendable {
         public var bodyText: String { String(decoding: body, as: UTF8.self) }
     }
 
-    let state = Mutex<(requests: [Request], failNext: Int, failStatus: Int, answered: Int, holdAfter: Int?)>(([], 0, 503, 0, nil))
+    let state = Mutex<(requests: [Request], failNext: Int, failStatus: Int, retryAfter: String?, answered: Int, holdAfter: Int?)>(([], 0, 503, nil, 0, nil))
     let channel: any Channel
     public let port: Int
 
@@ -41,9 +41,10 @@ public final class WebhookSink: Sendable {
         return sink
     }
 
-    /// Answers the next `count` requests with `status` (and does not record them).
-    public func fail(next count: Int, status: Int = 503) {
-        state.withLock { $0.failNext = count; $0.failStatus = status }
+    /// Answers the next `count` requests with `status` (and does not record them), with a
+    /// `Retry-After` header when given.
+    public func fail(next count: Int, status: Int = 503, retryAfter: String? = nil) {
+        state.withLock { $0.failNext = count; $0.failStatus = status; $0.retryAfter = retryAfter }
     }
 
     /// Once `count` requests have been answered, records later ones but never answers them
@@ -63,8 +64,8 @@ public final class WebhookSink: Sendable {
 
     public func close() async { try? await channel.close() }
 
-    /// Records a request: the status to answer, nil to hold it.
-    func receive(_ request: Request) -> Int? {
+    /// Records a request: the status to answer and its Retry-After, nil to hold it.
+    func receive(_ request: Request) -> (status: Int, retryAfter: String?)? {
         state.withLock { state in
             if let limit = state.holdAfter, state.answered >= limit {
                 state.requests.append(request)
@@ -73,10 +74,10 @@ public final class WebhookSink: Sendable {
             state.answered += 1
             if state.failNext > 0 {
                 state.failNext -= 1
-                return state.failStatus
+                return (state.failStatus, state.retryAfter)
             }
             state.requests.append(request)
-            return 200
+            return (200, nil)
         }
     }
 
@@ -99,9 +100,10 @@ public final class WebhookSink: Sendable {
             case .body(var buffer):
                 body += buffer.readBytes(length: buffer.readableBytes) ?? []
             case .end:
-                guard let status = sink().receive(Request(headers: headers, body: body)) else { return }  // held: never answered
+                guard let (status, retryAfter) = sink().receive(Request(headers: headers, body: body)) else { return }  // held: never answered
                 var head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: status))
                 head.headers.add(name: "Content-Length", value: "0")
+                if let retryAfter { head.headers.add(name: "Retry-After", value: retryAfter) }
                 if !keepAlive { head.headers.add(name: "Connection", value: "close") }
                 let keep = keepAlive
                 context.write(wrapOutboundOut(.head(head)), promise: nil)

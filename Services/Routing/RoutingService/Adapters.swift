@@ -10,6 +10,8 @@ import Rules
 
 /// Sends one delivery on its current channel to its address.
 protocol ChannelAdapter: Sendable {
+    /// The endpoint's name, for its circuit (`CircuitBreakers`) and the log.
+    var name: String { get }
     func send(_ delivery: RoutingV1.Delivery) async -> RoutingStore.SendResult
 }
 
@@ -18,10 +20,21 @@ protocol ChannelAdapter: Sendable {
 struct Adapters: Sendable {
     let webhook: WebhookAdapter?
     let smtp: SMTPAdapter?
+    /// A circuit per adapter, shared by every dispatcher of this service.
+    let breakers: CircuitBreakers
 
     init(configuration: RoutingConfiguration, group: any EventLoopGroup) throws {
         webhook = try configuration.webhook.map { try WebhookAdapter($0, group: group) }
         smtp = configuration.smtp.map { SMTPAdapter($0, group: group) }
+        breakers = CircuitBreakers(threshold: configuration.breakerFailures, initialCooldownMs: Int64(configuration.breakerCooldownMs),
+                                   maxCooldownMs: Int64(configuration.breakerMaxCooldownMs))
+    }
+
+    /// The channels whose adapter's circuit holds its deliveries now.
+    func heldChannels(nowMs: Int64) -> Set<CommonV1.Channel> {
+        let held = breakers.held(nowMs: nowMs)
+        guard !held.isEmpty else { return [] }
+        return Set(Planner.allChannels.filter { adapter(for: $0).map { held.contains($0.name) } ?? false })
     }
 
     func adapter(for channel: CommonV1.Channel) -> (any ChannelAdapter)? {
@@ -43,6 +56,8 @@ struct Adapters: Sendable {
 /// "<t>.<body>">`. 2xx is sent; 408, 429, 5xx, a timeout or a refused connection are
 /// retried; any other status is a permanent failure on this channel.
 struct WebhookAdapter: ChannelAdapter {
+    var name: String { "webhook" }
+
     struct Endpoint {
         var url: String
         init?(_ url: String) {
@@ -102,6 +117,21 @@ struct WebhookAdapter: ChannelAdapter {
         return "t=\(seconds),v1=" + mac.map { String(format: "%02x", $0) }.joined()
     }
 
+    /// `Retry-After` in milliseconds from `now`: delay seconds, or an HTTP date; nil when
+    /// absent or unreadable, 0 for a date already past.
+    static func retryAfterMs(_ value: String?, now: Date) -> Int64? {
+        guard let value = value?.trimmingCharacters(in: .whitespaces), !value.isEmpty else { return nil }
+        if value.allSatisfy(\.isASCII) && value.allSatisfy(\.isNumber) {
+            return Int64(value).map { $0.multipliedReportingOverflow(by: 1000).overflow ? Int64.max : $0 * 1000 }
+        }
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "GMT")
+        formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss zzz"
+        guard let date = formatter.date(from: value) else { return nil }
+        return max(0, Int64(date.timeIntervalSince(now) * 1000))
+    }
+
     func send(_ d: RoutingV1.Delivery) async -> RoutingStore.SendResult {
         let body = Self.body(d)
         var request = HTTPClientRequest(url: endpoint.url)
@@ -119,7 +149,8 @@ struct WebhookAdapter: ChannelAdapter {
             let code = Int(response.status.code)
             switch code {
             case 200..<300: return .sent
-            case 408, 429, 500...: return .transient("webhook: HTTP \(code)")
+            case 408, 429, 500...:
+                return .transient("webhook: HTTP \(code)", retryAfterMs: Self.retryAfterMs(response.headers.first(name: "Retry-After"), now: Date()))
             default: return .permanent("webhook: HTTP \(code)")
             }
         } catch {
@@ -133,6 +164,7 @@ struct WebhookAdapter: ChannelAdapter {
 /// template id and the variables as lines); the idempotency key travels in
 /// `X-Arbiter-Idempotency-Key`. A 4xx reply or a network error is retried; 5xx is permanent.
 struct SMTPAdapter: ChannelAdapter {
+    var name: String { "smtp" }
     let configuration: RoutingConfiguration.SMTP
     let group: any EventLoopGroup
 

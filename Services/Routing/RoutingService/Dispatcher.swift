@@ -44,11 +44,16 @@ public struct Dispatcher: Service {
                 if inFlight.count <= limit / 2 || (polled && inFlight.count < limit) {
                     polled = false
                     do {
-                        let due = try store.due(nowMs: clock(), limit: limit - inFlight.count, excluding: inFlight)
+                        let now = clock()
+                        let due = try store.due(nowMs: now, limit: limit - inFlight.count, excluding: inFlight,
+                                                skipping: adapters.heldChannels(nowMs: now))
                         failures = 0
                         for delivery in due {
+                            let adapter = adapters.adapter(for: delivery.channel)?.name
+                            let admission = adapter.map { adapters.breakers.admit($0, nowMs: now) } ?? .send
+                            guard admission != .wait else { continue }  // its circuit opened meanwhile, or a probe is out
                             inFlight.insert(delivery.deliveryId)
-                            group.addTask { await attempt(delivery); return delivery.deliveryId }
+                            group.addTask { await attempt(delivery, probe: admission == .probe); return delivery.deliveryId }
                         }
                     } catch {
                         failures += 1
@@ -73,28 +78,64 @@ public struct Dispatcher: Service {
 
     /// One attempt on the delivery's current channel, and its result recorded; first the
     /// delivery is judged again with what was learned since it was planned, the profile's
-    /// consent included once the plan is `consentRecheckAfterMs` old.
-    func attempt(_ planned: RoutingV1.Delivery) async {
+    /// consent included once the plan is `consentRecheckAfterMs` old. `probe`: the one
+    /// delivery sent while its adapter's circuit is open (`CircuitBreakers`).
+    func attempt(_ planned: RoutingV1.Delivery, probe admitted: Bool = false) async {
+        var probe = admitted
+        let plannedAdapter = adapters.adapter(for: planned.channel)?.name
+        func releaseProbe() { if probe, let plannedAdapter { adapters.breakers.release(plannedAdapter) } }
         let delivery: RoutingV1.Delivery
         do {
             let consent = await consentNow(planned)
-            guard let ready = try store.beforeSending(planned, consent: consent, nowMs: clock()) else { return }
+            guard let ready = try store.beforeSending(planned, consent: consent, nowMs: clock()) else {
+                releaseProbe()
+                return
+            }
             delivery = ready
         } catch {
             // Not judged: the delivery stays due and is looked at again.
             logger.error("cannot check a delivery before sending it", metadata: ["delivery": "\(planned.deliveryId)", "error": "\(error)"])
+            releaseProbe()
             return
         }
+        let adapter = adapters.adapter(for: delivery.channel)
+        if let adapter, adapter.name != plannedAdapter {
+            // Judged again, it fell back to a channel of another adapter: that one's circuit decides.
+            releaseProbe()
+            switch adapters.breakers.admit(adapter.name, nowMs: clock()) {
+            case .wait: return  // due on its new channel, it goes once the circuit lets it
+            case .probe: probe = true
+            case .send: probe = false
+            }
+        }
         let result: RoutingStore.SendResult
-        if let adapter = adapters.adapter(for: delivery.channel) {
+        var counted = true
+        if let adapter {
             result = await adapter.send(delivery)
+            var retryAfterMs: Int64?
+            if case .transient(_, let after) = result { retryAfterMs = after }
+            let transition = adapters.breakers.record(adapter.name, probe: probe, transient: result.isTransient,
+                                                      retryAfterMs: retryAfterMs, nowMs: clock())
+            counted = !(probe && result.isTransient)
+            switch transition {
+            case .opened(let failures, let ms)?:
+                logger.warning("circuit open: deliveries wait", metadata: ["adapter": "\(adapter.name)", "failures_in_a_row": "\(failures)", "probe_in_ms": "\(ms)", "error": "\(result)"])
+            case .reopened(let ms)?:
+                logger.warning("circuit still open: the probe failed", metadata: ["adapter": "\(adapter.name)", "probe_in_ms": "\(ms)", "error": "\(result)"])
+            case .closed?:
+                logger.notice("circuit closed: deliveries go again", metadata: ["adapter": "\(adapter.name)"])
+            case nil:
+                break
+            }
         } else {
             result = .permanent("no adapter configured for \(delivery.channel)")
         }
         let exponent = min(Int(delivery.attempts), 30)
         let ceiling = min(Double(configuration.maxBackoffMs), Double(configuration.initialBackoffMs) * Double(1 << exponent))
-        let backoff = Int64(ceiling / 2 + Double.random(in: 0...(ceiling / 2)))  // "equal jitter": never near zero
-        let update = RoutingStore.Update(deliveryID: delivery.deliveryId, channel: delivery.channel, result: result, atMs: clock(), backoffMs: backoff)
+        var backoff = Int64(ceiling / 2 + Double.random(in: 0...(ceiling / 2)))  // "equal jitter": never near zero
+        if case .transient(_, let after?) = result { backoff = min(Int64(configuration.maxBackoffMs), max(backoff, after)) }
+        let update = RoutingStore.Update(deliveryID: delivery.deliveryId, channel: delivery.channel, result: result, atMs: clock(),
+                                         backoffMs: backoff, counted: counted)
         // Until the result is recorded the delivery stays in flight, so it is not sent again:
         // a store that cannot write (a full disk) holds the sends back instead of repeating
         // them every poll. Saving is retried, from 100 ms up to every 5 s; should the service

@@ -39,6 +39,14 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
     /// `maxBackoffMs`. Defaults 1000 and 600000.
     public var initialBackoffMs = 1000
     public var maxBackoffMs = 600_000
+    /// Transient failures in a row that open an adapter's circuit (the webhook endpoint, the
+    /// SMTP relay): its deliveries then wait in the outbox without spending attempts, and one
+    /// goes as a probe after `breakerCooldownMs`, doubling per failed probe up to
+    /// `breakerMaxCooldownMs` (a `Retry-After` lengthens it). 0: never open. Defaults 5, 5000
+    /// and 60000.
+    public var breakerFailures = 5
+    public var breakerCooldownMs = 5000
+    public var breakerMaxCooldownMs = 60_000
     /// Deliveries sent at once. Default 64.
     public var dispatchConcurrency = 64
     /// How often the dispatcher looks for due deliveries when idle. Default 50.
@@ -131,6 +139,9 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
         try take(.maxAttempts, &v.maxAttempts)
         try take(.initialBackoffMs, &v.initialBackoffMs)
         try take(.maxBackoffMs, &v.maxBackoffMs)
+        try take(.breakerFailures, &v.breakerFailures)
+        try take(.breakerCooldownMs, &v.breakerCooldownMs)
+        try take(.breakerMaxCooldownMs, &v.breakerMaxCooldownMs)
         try take(.dispatchConcurrency, &v.dispatchConcurrency)
         try take(.dispatchPollMs, &v.dispatchPollMs)
         try take(.profileTimeoutMs, &v.profileTimeoutMs)
@@ -166,6 +177,8 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
             range("minPopulationEngagements", minPopulationEngagements, 0...1_000_000),
             range("maxAttempts", maxAttempts, 1...100),
             range("initialBackoffMs", initialBackoffMs, 1...3_600_000), range("maxBackoffMs", maxBackoffMs, initialBackoffMs...86_400_000),
+            range("breakerFailures", breakerFailures, 0...10_000), range("breakerCooldownMs", breakerCooldownMs, 1...3_600_000),
+            range("breakerMaxCooldownMs", breakerMaxCooldownMs, breakerCooldownMs...86_400_000),
             range("dispatchConcurrency", dispatchConcurrency, 1...4096), range("dispatchPollMs", dispatchPollMs, 1...60_000),
             range("profileTimeoutMs", profileTimeoutMs, 1...60_000),
             range("consentRecheckAfterMs", consentRecheckAfterMs, 0...86_400_000),

@@ -152,11 +152,14 @@ public final class RoutingStore: Sendable {
     }
 
     /// Up to `limit` scheduled deliveries whose next attempt is due, oldest first, leaving
-    /// out those in `excluding` (the attempts in flight) without decoding them.
-    func due(nowMs: Int64, limit: Int, excluding: Set<String> = []) throws -> [RoutingV1.Delivery] {
-        try pool.read { db in
+    /// out those in `excluding` (the attempts in flight) without decoding them, and those on
+    /// the channels `skipping` (whose circuit is open).
+    func due(nowMs: Int64, limit: Int, excluding: Set<String> = [], skipping: Set<CommonV1.Channel> = []) throws -> [RoutingV1.Delivery] {
+        // The channels are numbers of an enum: safe to write into the statement.
+        let held = skipping.isEmpty ? "" : " AND channel NOT IN (\(skipping.map { String($0.rawValue) }.sorted().joined(separator: ",")))"
+        return try pool.read { db in
             let ids = try String.fetchAll(db.cachedStatement(sql: """
-                SELECT delivery_id FROM delivery WHERE state = 1 AND next_attempt_ms <= ? ORDER BY next_attempt_ms LIMIT ?
+                SELECT delivery_id FROM delivery WHERE state = 1 AND next_attempt_ms <= ?\(held) ORDER BY next_attempt_ms LIMIT ?
                 """), arguments: [nowMs, limit + excluding.count])
             return try ids.lazy.filter { !excluding.contains($0) }.prefix(limit).compactMap { try Self.load(db, $0) }
         }
@@ -422,10 +425,16 @@ public final class RoutingStore: Sendable {
 
     enum SendResult: Sendable, Equatable {
         case sent
-        /// Worth retrying (timeouts, 5xx, 429, SMTP 4xx).
-        case transient(String)
+        /// Worth retrying (timeouts, 5xx, 429, SMTP 4xx); `retryAfterMs`: the wait the
+        /// endpoint asked for (`Retry-After`), if any.
+        case transient(String, retryAfterMs: Int64? = nil)
         /// Not worth retrying on this channel (other 4xx, SMTP 5xx, a revoked consent).
         case permanent(String)
+
+        var isTransient: Bool {
+            if case .transient = self { return true }
+            return false
+        }
     }
 
     struct Update: Sendable {
@@ -434,6 +443,8 @@ public final class RoutingStore: Sendable {
         var result: SendResult
         var atMs: Int64
         var backoffMs: Int64
+        /// False for a probe's transient failure (`CircuitBreakers`): the delivery keeps its attempts.
+        var counted = true
     }
 
     /// Records an attempt's result: sent; or a retry after `backoffMs`; or, after the last
@@ -471,11 +482,11 @@ public final class RoutingStore: Sendable {
             if bounced && !d.fallbackChannels.isEmpty {
                 Self.fallBack(&d, atMs: u.atMs, why: "hard bounce on \(d.channel.ruleName) \(d.address), reported during the send")
             }
-        case .transient(let error), .permanent(let error):
-            d.attempts += 1
+        case .transient(let error, _), .permanent(let error):
+            if u.counted { d.attempts += 1 }
             d.lastError = error
-            event(.attemptFailed, error)
-            if case .transient = u.result, Int(d.attempts) < configuration.maxAttempts {
+            event(.attemptFailed, u.counted ? error : "\(error) (a probe while the circuit was open: not counted as an attempt)")
+            if case .transient = u.result, !u.counted || Int(d.attempts) < configuration.maxAttempts {
                 d.nextAttemptAtMs = u.atMs + u.backoffMs
             } else {
                 Self.fallBack(&d, atMs: u.atMs, why: "\(d.attempts) attempt(s) on \(d.channel.ruleName) failed: \(error)")
