@@ -177,12 +177,14 @@ struct ConfigurationTests {
     @Test("every key may be left out, nested ones too; a bad value is named")
     func decoding() throws {
         let decoded = try JSONDecoder().decode(RoutingConfiguration.self, from: Data("""
-            {"webhook": {"url": "http://127.0.0.1:9000/hooks"}, "smtp": {"from": "a@example.com"}, "capPerDay": 5}
+            {"webhook": {"url": "http://127.0.0.1:9000/hooks"}, "smtp": {"from": "a@example.com"}, "capPerDay": 5, "breakerFailures": 0}
             """.utf8))
+        #expect(decoded.breakerFailures == 0 && decoded.breakerCooldownMs == 5000 && decoded.breakerMaxCooldownMs == 60_000)
         #expect(decoded.webhook == .init(url: "http://127.0.0.1:9000/hooks", secretFile: nil, timeoutMs: 5000))
         #expect(decoded.smtp?.port == 25 && decoded.smtp?.timeoutMs == 10_000 && decoded.capPerDay == 5 && decoded.capPerWeek == 10)
         for (json, named) in [(#"{"webhook": {"url": "ftp://x/"}}"#, "webhook.url"), (#"{"maxBackoffMs": 1}"#, "maxBackoffMs"),
-                              (#"{"defaultTimeZone": "Mars/Olympus"}"#, "defaultTimeZone"), (#"{"smtp": {"from": "nobody"}}"#, "smtp.from")] {
+                              (#"{"defaultTimeZone": "Mars/Olympus"}"#, "defaultTimeZone"), (#"{"smtp": {"from": "nobody"}}"#, "smtp.from"),
+                              (#"{"breakerMaxCooldownMs": 1000}"#, "breakerMaxCooldownMs"), (#"{"breakerFailures": -1}"#, "breakerFailures")] {
             do {
                 _ = try JSONDecoder().decode(RoutingConfiguration.self, from: Data(json.utf8))
                 Issue.record("accepted \(json)")
