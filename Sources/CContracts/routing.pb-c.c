@@ -1336,7 +1336,7 @@ const ProtobufCMessageDescriptor arbiter__routing__v1__get_delivery_request__des
   (ProtobufCMessageInit) arbiter__routing__v1__get_delivery_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__routing__v1__list_deliveries_request__field_descriptors[2] =
+static const ProtobufCFieldDescriptor arbiter__routing__v1__list_deliveries_request__field_descriptors[4] =
 {
   {
     "person_id",
@@ -1362,15 +1362,41 @@ static const ProtobufCFieldDescriptor arbiter__routing__v1__list_deliveries_requ
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "state",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__ListDeliveriesRequest, state),
+    &arbiter__routing__v1__delivery__state__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "page_token",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__ListDeliveriesRequest, page_token),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__routing__v1__list_deliveries_request__field_indices_by_name[] = {
   1,   /* field[1] = limit */
+  3,   /* field[3] = page_token */
   0,   /* field[0] = person_id */
+  2,   /* field[2] = state */
 };
 static const ProtobufCIntRange arbiter__routing__v1__list_deliveries_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 2 }
+  { 0, 4 }
 };
 const ProtobufCMessageDescriptor arbiter__routing__v1__list_deliveries_request__descriptor =
 {
@@ -1380,14 +1406,14 @@ const ProtobufCMessageDescriptor arbiter__routing__v1__list_deliveries_request__
   "Arbiter__Routing__V1__ListDeliveriesRequest",
   "arbiter.routing.v1",
   sizeof(Arbiter__Routing__V1__ListDeliveriesRequest),
-  2,
+  4,
   arbiter__routing__v1__list_deliveries_request__field_descriptors,
   arbiter__routing__v1__list_deliveries_request__field_indices_by_name,
   1,  arbiter__routing__v1__list_deliveries_request__number_ranges,
   (ProtobufCMessageInit) arbiter__routing__v1__list_deliveries_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__routing__v1__list_deliveries_response__field_descriptors[1] =
+static const ProtobufCFieldDescriptor arbiter__routing__v1__list_deliveries_response__field_descriptors[2] =
 {
   {
     "deliveries",
@@ -1401,14 +1427,27 @@ static const ProtobufCFieldDescriptor arbiter__routing__v1__list_deliveries_resp
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "next_page_token",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__ListDeliveriesResponse, next_page_token),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__routing__v1__list_deliveries_response__field_indices_by_name[] = {
   0,   /* field[0] = deliveries */
+  1,   /* field[1] = next_page_token */
 };
 static const ProtobufCIntRange arbiter__routing__v1__list_deliveries_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 1 }
+  { 0, 2 }
 };
 const ProtobufCMessageDescriptor arbiter__routing__v1__list_deliveries_response__descriptor =
 {
@@ -1418,7 +1457,7 @@ const ProtobufCMessageDescriptor arbiter__routing__v1__list_deliveries_response_
   "Arbiter__Routing__V1__ListDeliveriesResponse",
   "arbiter.routing.v1",
   sizeof(Arbiter__Routing__V1__ListDeliveriesResponse),
-  1,
+  2,
   arbiter__routing__v1__list_deliveries_response__field_descriptors,
   arbiter__routing__v1__list_deliveries_response__field_indices_by_name,
   1,  arbiter__routing__v1__list_deliveries_response__number_ranges,

@@ -496,6 +496,52 @@ struct RoutingTests {
         }
     }
 
+    @Test("ListDeliveries pages a person's deliveries and every dead letter, newest first; each can be replayed; bad requests name the field")
+    func listDeadLetters() async throws {
+        try await withRouting(configure: { $0.maxAttempts = 1; $0.breakerFailures = 0 }) { routing, profile, sink in
+            for person in ["p", "q"] { try seedReachable(profile.store, person, at: now() - day) }
+            sink.fail(next: 4, status: 503)
+            var routed: [String] = []
+            for (k, person) in ["p", "q", "p", "q"].enumerated() {
+                let id = try await routing.route(routeRequest(person, key: "dead\(k)", channels: [.webhook], critical: true)).deliveryId
+                routed.append(id)
+                try await dispatching(routing) { try await waitFor { try routing.store.delivery(id)?.state == .deadLetter } }
+            }
+            let sent = try await routing.route(routeRequest("p", key: "alive", channels: [.webhook], critical: true))
+            try await dispatching(routing) { try await waitFor { try routing.store.delivery(sent.deliveryId)?.state == .sent } }
+            func list(person: String = "", state: RoutingV1.Delivery.State = .init(rawValue: 0), limit: UInt32 = 0, token: String = "") throws -> RoutingV1.ListDeliveriesResponse {
+                var request = RoutingV1.ListDeliveriesRequest()
+                request.personId = person
+                request.state = state
+                request.limit = limit
+                request.pageToken = token
+                return try routing.listDeliveries(request)
+            }
+            // Every dead letter, newest first, in pages of 3.
+            let first = try list(state: .deadLetter, limit: 3)
+            #expect(first.deliveries.map(\.deliveryId) == routed.reversed().prefix(3).map { $0 } && !first.nextPageToken.isEmpty)
+            let second = try list(state: .deadLetter, limit: 3, token: first.nextPageToken)
+            #expect(second.deliveries.map(\.deliveryId) == [routed[0]] && second.nextPageToken.isEmpty)
+            #expect(try list(person: "p", state: .deadLetter).deliveries.map(\.deliveryId) == [routed[2], routed[0]])
+            let all = try list(person: "p", limit: 2)
+            #expect(all.deliveries.map(\.deliveryId) == [sent.deliveryId, routed[2]] && all.nextPageToken == routed[2])
+            #expect(try list(person: "p", limit: 2, token: all.nextPageToken).deliveries.map(\.deliveryId) == [routed[0]])
+            // Replayed, they leave the list.
+            for delivery in first.deliveries + second.deliveries { _ = try routing.retryDeadLetter(.with(delivery.deliveryId)) }
+            #expect(try list(state: .deadLetter).deliveries.isEmpty)
+            for (request, field) in [({ try list() }, "person_id"), ({ try list(state: .sent) }, "person_id"),
+                                     ({ try list(state: .init(rawValue: 9)) }, "state"), ({ try list(person: "p", limit: 1001) }, "limit"),
+                                     ({ try list(person: "p", token: "not a token") }, "page_token")] as [(() throws -> RoutingV1.ListDeliveriesResponse, String)] {
+                do {
+                    _ = try request()
+                    Issue.record("accepted a request without a valid \(field)")
+                } catch let error as RPCError {
+                    #expect(error.code == .invalidArgument && error.message.hasPrefix(field), "\(error)")
+                }
+            }
+        }
+    }
+
     @Test("a 503 or 429 with Retry-After waits at least that long before the next attempt (up to maxBackoffMs)")
     func retryAfterTimed() async throws {
         try await withRouting(configure: { $0.maxBackoffMs = 60_000 }) { routing, profile, sink in
@@ -744,7 +790,7 @@ struct RoutingTests {
             clock.advance(seconds: 1)
             let expired = try await routing.route(routeRequest("p", key: "k8", channels: [.webhook], notAfter: june1 + 60_000))
             #expect(tomorrow.state == .scheduled && expired.suppressionReason == "expired")
-            #expect(try store.deliveries(person: "p", limit: 2).map(\.deliveryId) == [expired.deliveryId, tomorrow.deliveryId])
+            #expect(try store.deliveries(person: "p", state: nil, before: nil, limit: 2).deliveries.map(\.deliveryId) == [expired.deliveryId, tomorrow.deliveryId])
         }
     }
 
@@ -867,8 +913,8 @@ struct RoutingTests {
             }
             try routing.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: june1)
             #expect(try routing.store.unsyncedOptOuts(limit: 10) == [RoutingStore.OptOut(person: "b", purpose: "marketing", channel: .sms, atMs: june1 - hour, source: "routing:complaint")])
-            #expect(try routing.store.deliveries(person: "b", limit: 10).map(\.deliveryId) == [d.deliveryId])
-            #expect(try routing.store.deliveries(person: "a", limit: 10).isEmpty)
+            #expect(try routing.store.deliveries(person: "b", state: nil, before: nil, limit: 10).deliveries.map(\.deliveryId) == [d.deliveryId])
+            #expect(try routing.store.deliveries(person: "a", state: nil, before: nil, limit: 10).deliveries.isEmpty)
             #expect(try routing.store.evidence(person: "b").person.unreachable.contains(Evidence.unreachableKey(.email, "a@example.com")))
             try routing.store.apply([(1, .erase(person: "b", absorbed: []))], nowMs: june1)  // seq 1 again: ignored
             #expect(try routing.store.delivery(d.deliveryId) != nil)
@@ -879,7 +925,7 @@ struct RoutingTests {
             await #expect(throws: RPCError(.notFound, "person: person b was erased")) {
                 _ = try await routing.route(routeRequest("b", key: "m2", channels: [.email], critical: true))
             }
-            #expect(try routing.store.deliveries(person: "b", limit: 10).isEmpty)
+            #expect(try routing.store.deliveries(person: "b", state: nil, before: nil, limit: 10).deliveries.isEmpty)
             let directory = routing.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
             #expect(!filesContain("a@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
             #expect(try routing.store.identityCursor() == 2)

@@ -67,10 +67,25 @@ public struct RoutingService: RPCService {
     }
 
     func listDeliveries(_ request: RoutingV1.ListDeliveriesRequest) throws -> RoutingV1.ListDeliveriesResponse {
-        let person = try Names.personID(request.personId, field: "person_id")
+        guard (0...5).contains(request.state.rawValue) else {
+            throw RPCError.invalidArgument(field: "state", "unknown state \(request.state.rawValue)")
+        }
+        let state = request.state.rawValue == 0 ? nil : request.state
+        let person: String?
+        if request.personId.isEmpty && state == .deadLetter {
+            person = nil
+        } else if request.personId.isEmpty {
+            throw RPCError.invalidArgument(field: "person_id", "is required unless state is STATE_DEAD_LETTER")
+        } else {
+            person = try Names.personID(request.personId, field: "person_id")
+        }
         guard request.limit <= 1000 else { throw RPCError.invalidArgument(field: "limit", "at most 1000, got \(request.limit)") }
+        if !request.pageToken.isEmpty { try Names.check(request.pageToken, field: "page_token") }
+        let (deliveries, more) = try store.deliveries(person: person, state: state, before: request.pageToken.isEmpty ? nil : request.pageToken,
+                                                      limit: request.limit == 0 ? 50 : Int(request.limit))
         var response = RoutingV1.ListDeliveriesResponse()
-        response.deliveries = try store.deliveries(person: person, limit: request.limit == 0 ? 50 : Int(request.limit))
+        response.deliveries = deliveries
+        if more, let last = deliveries.last { response.nextPageToken = last.deliveryId }
         return response
     }
 

@@ -95,6 +95,10 @@ public final class RoutingStore: Sendable {
                 UPDATE opt_out SET recorded_at_ms = at_ms;
                 """)
         }
+        migrator.registerMigration("v4: dead letters by id") { db in
+            // ListDeliveries lists every dead letter, newest first, without scanning the outbox.
+            try db.execute(sql: "CREATE INDEX delivery_dead ON delivery(delivery_id) WHERE state = 5")
+        }
         return migrator
     }
 
@@ -142,12 +146,30 @@ public final class RoutingStore: Sendable {
         }
     }
 
-    /// A person's deliveries, newest first (by creation: delivery ids are time-ordered; send
-    /// times are not, and a suppressed delivery has none).
-    func deliveries(person: String, limit: Int) throws -> [RoutingV1.Delivery] {
-        try pool.read { db in
-            try Data.fetchAll(db, sql: "SELECT record FROM delivery WHERE person_id = ? ORDER BY delivery_id DESC LIMIT ?",
-                              arguments: [person, limit]).map(Self.record)
+    /// Deliveries newest first (by creation: delivery ids are time-ordered; send times are
+    /// not, and a suppressed delivery has none): a person's, or without a person every one in
+    /// `state` (meant for dead letters, which have an index), older than the id `before`.
+    /// At most `limit`, and no more than fit in an answer (`AnswerSize`), decoded only once
+    /// they fit; `more` says whether others follow.
+    func deliveries(person: String?, state: RoutingV1.Delivery.State?, before: String?, limit: Int) throws
+        -> (deliveries: [RoutingV1.Delivery], more: Bool) {
+        var conditions: [String] = []
+        var arguments: StatementArguments = []
+        if let person {
+            conditions.append("person_id = ?")
+            _ = arguments.append(contentsOf: [person])
+        }
+        // A number of an enum, written into the statement so that the partial index applies.
+        if let state { conditions.append("state = \(state.rawValue)") }
+        if let before {
+            conditions.append("delivery_id < ?")
+            _ = arguments.append(contentsOf: [before])
+        }
+        let sql = "SELECT record FROM delivery WHERE \(conditions.joined(separator: " AND ")) ORDER BY delivery_id DESC LIMIT \(limit + 1)"
+        return try pool.read { db in
+            let records = try Data.fetchAll(db.cachedStatement(sql: sql), arguments: arguments)
+            let fit = AnswerSize.fitting(records.prefix(limit).lazy.map(\.count))
+            return (try records.prefix(fit).map(Self.record), records.count > fit)
         }
     }
 

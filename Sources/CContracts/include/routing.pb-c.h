@@ -276,18 +276,33 @@ struct  Arbiter__Routing__V1__GetDeliveryRequest
     , (char *)protobuf_c_empty_string }
 
 
+/*
+ * Newest first (by creation). A person's deliveries, or with state DEAD_LETTER and no
+ * person, every dead letter: what an operator replays after an outage.
+ */
 struct  Arbiter__Routing__V1__ListDeliveriesRequest
 {
   ProtobufCMessage base;
+  /*
+   * Required unless state is STATE_DEAD_LETTER.
+   */
   char *person_id;
   /*
-   * Default 50, at most 1000.
+   * Default 50, at most 1000. A page also stops at 2 MiB.
    */
   uint32_t limit;
+  /*
+   * Only deliveries in this state (STATE_UNSPECIFIED: any).
+   */
+  Arbiter__Routing__V1__Delivery__State state;
+  /*
+   * next_page_token of the previous page.
+   */
+  char *page_token;
 };
 #define ARBITER__ROUTING__V1__LIST_DELIVERIES_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__routing__v1__list_deliveries_request__descriptor) \
-    , (char *)protobuf_c_empty_string, 0 }
+    , (char *)protobuf_c_empty_string, 0, ARBITER__ROUTING__V1__DELIVERY__STATE__STATE_UNSPECIFIED, (char *)protobuf_c_empty_string }
 
 
 struct  Arbiter__Routing__V1__ListDeliveriesResponse
@@ -295,10 +310,14 @@ struct  Arbiter__Routing__V1__ListDeliveriesResponse
   ProtobufCMessage base;
   size_t n_deliveries;
   Arbiter__Routing__V1__Delivery **deliveries;
+  /*
+   * Set when more deliveries follow: pass it as page_token.
+   */
+  char *next_page_token;
 };
 #define ARBITER__ROUTING__V1__LIST_DELIVERIES_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__routing__v1__list_deliveries_response__descriptor) \
-    , 0,NULL }
+    , 0,NULL, (char *)protobuf_c_empty_string }
 
 
 struct  Arbiter__Routing__V1__RetryDeadLetterRequest

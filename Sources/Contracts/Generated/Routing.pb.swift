@@ -298,10 +298,17 @@ extension RoutingV1 {
         }
     }
 
+    /// Newest first (by creation). A person's deliveries, or with state DEAD_LETTER and no
+    /// person, every dead letter: what an operator replays after an outage.
     public struct ListDeliveriesRequest: ProtoMessage {
+        /// Required unless state is STATE_DEAD_LETTER.
         public var personId: String = ""
-        /// Default 50, at most 1000.
+        /// Default 50, at most 1000. A page also stops at 2 MiB.
         public var limit: UInt32 = 0
+        /// Only deliveries in this state (STATE_UNSPECIFIED: any).
+        public var state: RoutingV1.Delivery.State = RoutingV1.Delivery.State(rawValue: 0)
+        /// next_page_token of the previous page.
+        public var pageToken: String = ""
 
         public static let protoName = "arbiter.routing.v1.ListDeliveriesRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__routing__v1__list_deliveries_request__descriptor_ptr())
@@ -309,24 +316,32 @@ extension RoutingV1 {
         public init(reader: ProtoReader) throws {
             personId = reader.string(1)
             limit = reader.uint32(2)
+            state = reader.enum(3)
+            pageToken = reader.string(4)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, personId)
             writer.setUint32(2, limit)
+            writer.setEnum(3, state)
+            writer.setString(4, pageToken)
         }
     }
 
     public struct ListDeliveriesResponse: ProtoMessage {
         public var deliveries: [RoutingV1.Delivery] = []
+        /// Set when more deliveries follow: pass it as page_token.
+        public var nextPageToken: String = ""
 
         public static let protoName = "arbiter.routing.v1.ListDeliveriesResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__routing__v1__list_deliveries_response__descriptor_ptr())
         public init() {}
         public init(reader: ProtoReader) throws {
             deliveries = try reader.messages(1)
+            nextPageToken = reader.string(2)
         }
         public func write(to writer: ProtoWriter) {
             writer.setRepeatedMessages(1, deliveries)
+            writer.setString(2, nextPageToken)
         }
     }
 
@@ -353,7 +368,7 @@ extension RoutingV1 {
         /// reachability and consent. Idempotent per delivery and kind.
         public static let reportDeliveryEvent = MethodDescriptor<RoutingV1.ReportDeliveryEventRequest, RoutingV1.Delivery>(service: name, method: "ReportDeliveryEvent", isIdempotent: true)
         public static let getDelivery = MethodDescriptor<RoutingV1.GetDeliveryRequest, RoutingV1.Delivery>(service: name, method: "GetDelivery", isIdempotent: true)
-        /// A person's deliveries, newest first (by creation).
+        /// A person's deliveries, or every dead letter, newest first (by creation), paged.
         public static let listDeliveries = MethodDescriptor<RoutingV1.ListDeliveriesRequest, RoutingV1.ListDeliveriesResponse>(service: name, method: "ListDeliveries", isIdempotent: true)
         /// Puts a dead-lettered delivery back in the outbox, attempts reset.
         public static let retryDeadLetter = MethodDescriptor<RoutingV1.RetryDeadLetterRequest, RoutingV1.Delivery>(service: name, method: "RetryDeadLetter", isIdempotent: true)
