@@ -15,9 +15,13 @@ public final class IdentityStore: Sendable {
     let checkpointer: BackgroundCheckpointer
     let normalizer: Normalizer
 
-    public init(directory: String, normalizer: Normalizer) throws {
+    /// `startMs`: now, by default; the change feed's numbers start above it (see `appendChange`).
+    public init(directory: String, normalizer: Normalizer, startMs: Int64 = Int64(Date().timeIntervalSince1970 * 1000)) throws {
         self.normalizer = normalizer
         (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "identity", migrator: Self.migrator)
+        try pool.write { db in
+            try db.execute(sql: "UPDATE feed_floor SET seq = max(seq, ?)", arguments: [startMs.multipliedReportingOverflow(by: 1000).partialValue])
+        }
     }
 
     /// A read on the calling thread (synchronous GRDB access; see the type's note).
@@ -73,7 +77,7 @@ public final class IdentityStore: Sendable {
                   cause TEXT NOT NULL,
                   at_ms INTEGER NOT NULL
                 );
-                CREATE TABLE change (                     -- the change feed: seq is gap-free and increasing
+                CREATE TABLE change (                     -- the change feed: seq is increasing (see appendChange)
                   seq INTEGER PRIMARY KEY,
                   kind INTEGER NOT NULL,
                   target TEXT NOT NULL,
@@ -142,6 +146,10 @@ public final class IdentityStore: Sendable {
                     try db.execute(sql: "DELETE FROM \(table) WHERE type = 'phone' AND value LIKE '+' || ?1 || '0%'", arguments: [code])
                 }
             }
+        }
+        migrator.registerMigration("v6: change feed numbers never reused") { db in
+            // The least number of the next change: raised to the start time (µs) at each open.
+            try db.execute(sql: "CREATE TABLE feed_floor (seq INTEGER NOT NULL); INSERT INTO feed_floor VALUES (0);")
         }
         return migrator
     }
@@ -612,12 +620,21 @@ public final class IdentityStore: Sendable {
     /// leaves its person alive, says which identifier type).
     static let personErasedCause = "erased"
 
-    /// Appends to the change feed. `seq` is the previous maximum plus one inside the
-    /// write transaction: gap-free, and a rolled-back transaction leaves no hole.
+    /// Appends to the change feed. `seq` is the previous maximum plus one inside the write
+    /// transaction (a rolled-back transaction leaves no hole), and at least the floor the
+    /// store set when it opened: the time it started, in microseconds. So the numbers run
+    /// consecutively while the service runs and jump ahead at each start, and a number is
+    /// never given twice: after a backup is restored, or a power loss took the last commits
+    /// (`synchronous = NORMAL`), the lost changes' numbers, which followers may already have
+    /// passed, are not reused (a follower asks for changes after the last it applied, and
+    /// would have skipped a new change under an old number). A clock set back across the
+    /// restart by more than the service had run could still reuse one.
     @discardableResult
     static func appendChange(_ db: Database, _ kind: ChangeKind, target: String, sources: [String], cause: String,
                              atMs: Int64, mergeID: Int64 = 0) throws -> Int64 {
-        let seq = (try Int64.fetchOne(db, sql: "SELECT MAX(seq) FROM change") ?? 0) + 1
+        let seq = try Int64.fetchOne(db.cachedStatement(sql: """
+            SELECT max(coalesce((SELECT MAX(seq) FROM change), 0) + 1, (SELECT seq FROM feed_floor))
+            """))!
         try db.execute(sql: "INSERT INTO change (seq, kind, target, sources, cause, at_ms, merge_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
                        arguments: [seq, kind.rawValue, target, sources.joined(separator: ","), cause, atMs, mergeID])
         for person in Set([target] + sources) where !person.isEmpty {
