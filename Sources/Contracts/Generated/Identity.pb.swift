@@ -381,7 +381,8 @@ extension IdentityV1 {
         public static let unmerge = MethodDescriptor<IdentityV1.UnmergeRequest, IdentityV1.UnmergeResponse>(service: name, method: "Unmerge", isIdempotent: false)
         public static let getPerson = MethodDescriptor<IdentityV1.GetPersonRequest, IdentityV1.Person>(service: name, method: "GetPerson", isIdempotent: true)
         public static let history = MethodDescriptor<IdentityV1.HistoryRequest, IdentityV1.HistoryResponse>(service: name, method: "History", isIdempotent: true)
-        /// The change feed: merges, unmerges and erasures in sequence order.
+        /// The change feed: merges, unmerges and erasures in sequence order. Numbers increase and
+        /// are never reused; consecutive while the service runs, they jump ahead at each start.
         public static let listChanges = MethodDescriptor<IdentityV1.ListChangesRequest, IdentityV1.ListChangesResponse>(service: name, method: "ListChanges", isIdempotent: true)
         /// Erases a person or one identifier, leaving a tombstone without personal data.
         public static let erase = MethodDescriptor<IdentityV1.EraseRequest, IdentityV1.EraseResponse>(service: name, method: "Erase", isIdempotent: true)
