@@ -342,7 +342,9 @@ struct FeedAndErasureTests {
         }
         do { try await merge(try makeService(directory), "1") }
         // The backup, as SQLite makes one of a live database.
-        try DatabaseQueue(path: directory + "/identity.sqlite").inDatabase { db in
+        var waiting = Configuration()
+        waiting.busyMode = .timeout(30)  // the closed service's checkpointer may still hold the file a moment
+        try DatabaseQueue(path: directory + "/identity.sqlite", configuration: waiting).inDatabase { db in
             try db.execute(sql: "VACUUM INTO ?", arguments: [backup + "/identity.sqlite"])
         }
         var seen: UInt64 = 0

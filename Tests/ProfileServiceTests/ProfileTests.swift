@@ -1052,10 +1052,12 @@ struct MergeEraseTests {
     func followerAppliesOffPool() async throws {
         final class Sink: IdentityChangeSink {
             let applied = Mutex<[(changes: Int, inTask: Bool)]>([])
-            func identityCursor() throws -> Int64 { applied.withLock { Int64($0.reduce(0) { $0 + $1.changes }) } }
+            let cursor = Mutex<Int64>(0)
+            func identityCursor() throws -> Int64 { cursor.withLock { $0 } }
             func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
                 let inTask = withUnsafeCurrentTask { $0 != nil }
                 applied.withLock { $0.append((changes.count, inTask)) }
+                if let last = changes.last { cursor.withLock { $0 = last.seq } }
             }
         }
         let clock = TestClock()
@@ -1083,9 +1085,11 @@ struct MergeEraseTests {
     func followerTellsErasuresApart() async throws {
         final class Sink: IdentityChangeSink {
             let applied = Mutex<[IdentityChange]>([])
-            func identityCursor() throws -> Int64 { applied.withLock { Int64($0.count) } }
+            let cursor = Mutex<Int64>(0)
+            func identityCursor() throws -> Int64 { cursor.withLock { $0 } }
             func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
                 applied.withLock { $0 += changes.map(\.change) }
+                if let last = changes.last { cursor.withLock { $0 = last.seq } }
             }
         }
         let clock = TestClock()
