@@ -29,9 +29,12 @@ extension LoadTest {
     /// `call(i)` builds call `i` (run on an event loop of `group`); `answered(call, payload)`
     /// names the kind of a call that succeeded (for per-kind figures), from its answer. A call
     /// that fails is counted under its status code (`NOT_FOUND`) in `errors` and as kind
-    /// `error`. `timeout` is sent as each call's deadline; calls still unanswered that long
-    /// after the run count as `DEADLINE_EXCEEDED`. Every connection is opened before the run;
-    /// the run fails if every one of them is lost.
+    /// `error`. `timeout` is sent as each call's deadline. A server slower than `rate` makes
+    /// the calls start ever later, and the run lasts past `seconds` until they are answered:
+    /// `Result.seconds` is then the run's real length. Calls not answered (or, in open loop,
+    /// not even started) `timeout` after the run count as `DEADLINE_EXCEEDED`. Every
+    /// connection is opened before the run; a lost one fails its calls in flight, and the run
+    /// fails when an event loop's scheduler has lost all of its connections.
     public static func drive(
         host: String, port: Int, connections: Int, group: any EventLoopGroup,
         seconds: Double, rate: Double?, concurrency: Int, metadata: Metadata = [:],
@@ -40,7 +43,7 @@ extension LoadTest {
         answered: @escaping @Sendable (WireCall, [UInt8]) -> String
     ) async throws -> Result {
         let loops = Array(group.makeIterator())
-        let drivers = min(loops.count, connections)
+        let drivers = max(1, min(loops.count, connections, concurrency))
         let envelope: @Sendable (WireCall) -> [UInt8] = { call in
             var request = TTRPC.Request()
             request.service = call.method.service
@@ -58,6 +61,8 @@ extension LoadTest {
         // One scheduler per event loop, each with its share of the rate, the calls in flight
         // and the connections; scheduler d makes calls d, d + drivers, d + 2 × drivers, …
         var bound: [NIOLoopBound<WireScheduler>] = []
+        var channels: [any Channel] = []
+        func closeAll() { for channel in channels { channel.close(promise: nil) } }
         for d in 0..<drivers {
             let loop = loops[d]
             let share = (0..<connections).filter { $0 % drivers == d }.count
@@ -67,7 +72,8 @@ extension LoadTest {
                                            call: call, envelope: envelope, answered: answered), eventLoop: loop)
             }.get()
             for _ in 0..<share {
-                let channel = try await ClientBootstrap(group: loop)
+                do {
+                    channels.append(try await ClientBootstrap(group: loop)
                     .channelOption(.socketOption(.tcp_nodelay), value: 1)
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
@@ -75,8 +81,11 @@ extension LoadTest {
                             try channel.pipeline.syncOperations.addHandler(WireConnection(scheduler: scheduler.value))
                         }
                     }
-                    .connect(host: host, port: port).get()
-                _ = channel
+                    .connect(host: host, port: port).get())
+                } catch {
+                    closeAll()
+                    throw RPCError(.unavailable, "cannot connect to \(host):\(port): \(error)")
+                }
             }
             bound.append(scheduler)
         }
@@ -85,18 +94,23 @@ extension LoadTest {
         let end = begin + .nanoseconds(Int64(seconds * 1e9))
         let grace = end + .nanoseconds(timeout.nanoseconds)
         var result = Result()
-        try await withThrowingTaskGroup(of: Result.self) { group in
-            for scheduler in bound {
-                group.addTask {
-                    try await scheduler.eventLoop.flatSubmit {
-                        scheduler.value.start(begin: begin, end: end, grace: grace)
-                    }.get()
-                    return try await scheduler.eventLoop.submit { scheduler.value.finish() }.get()
+        do {
+            try await withThrowingTaskGroup(of: Result.self) { group in
+                for scheduler in bound {
+                    group.addTask {
+                        try await scheduler.eventLoop.flatSubmit {
+                            scheduler.value.start(begin: begin, end: end, grace: grace)
+                        }.get()
+                        return try await scheduler.eventLoop.submit { scheduler.value.finish() }.get()
+                    }
                 }
+                for try await part in group { result.merge(part) }
             }
-            for try await part in group { result.merge(part) }
+        } catch {
+            closeAll()
+            throw error
         }
-        result.seconds = seconds
+        result.seconds = max(seconds, Double((NIODeadline.now() - begin).nanoseconds) / 1e9)
         if let cpuBefore, let cpuAfter = HostCPU.now() {
             result.hostStealPercent = cpuBefore.stealPercent(until: cpuAfter)
             result.hostBusyPercent = cpuBefore.busyPercent(until: cpuAfter)
@@ -123,6 +137,7 @@ final class WireScheduler {
     private var inFlight = 0
     private var begin = NIODeadline.uptimeNanoseconds(0)
     private var end = NIODeadline.uptimeNanoseconds(0)
+    private var grace = NIODeadline.uptimeNanoseconds(0)
     private var starting = false
     private var timer: (task: Scheduled<Void>, at: NIODeadline)?
     private var graceTimer: Scheduled<Void>?
@@ -153,8 +168,13 @@ final class WireScheduler {
     func start(begin: NIODeadline, end: NIODeadline, grace: NIODeadline) -> EventLoopFuture<Void> {
         self.begin = begin
         self.end = end
-        starting = true
+        self.grace = grace
         let promise = loop.makePromise(of: Void.self)
+        guard !connections.isEmpty else {
+            promise.fail(RPCError(.unavailable, "the server closed every connection of the load generator before the run"))
+            return promise.futureResult
+        }
+        starting = true
         done = promise
         let this = NIOLoopBound(self, eventLoop: loop)
         graceTimer = loop.scheduleTask(deadline: grace) { this.value.giveUp() }
@@ -231,8 +251,9 @@ final class WireScheduler {
         if starting { pump() } else { finishIfDone() }
     }
 
-    private func record(kind: String, failure: String?, intended: NIODeadline) {
-        let latency = UInt64(max(1, (NIODeadline.now() - intended).nanoseconds / 1000))
+    private func record(kind: String, failure: String?, intended: NIODeadline, at now: NIODeadline = .now()) {
+        // The histograms' range: a longer latency is counted as 60 s rather than dropped.
+        let latency = UInt64(min(60_000_000, max(1, (now - intended).nanoseconds / 1000)))
         if let failure { result.errors[failure, default: 0] += 1 }
         _ = result.histograms[kind, default: Histogram<UInt64>(highestTrackableValue: 60_000_000)].record(latency)
         if timeline {
@@ -252,11 +273,20 @@ final class WireScheduler {
             done?.fail(RPCError(.unavailable, "every connection of the load generator was closed by the server"))
             done = nil
         }
-        finishIfDone()
+        if starting { pump() } else { finishIfDone() }  // the freed slots take the calls due
     }
 
-    /// The run is over and some calls were never answered: they count as past their deadline.
+    /// The run is over and some calls were never answered, or never started (open loop, a
+    /// server far slower than the rate): they count as past their deadline.
     private func giveUp() {
+        if starting, let intervalNs {
+            while true {
+                let intended = begin + .nanoseconds(Int64(Double(next) * intervalNs))
+                guard intended < end else { break }
+                record(kind: "error", failure: "\(RPCError.Code.deadlineExceeded)", intended: intended, at: grace)
+                next += stride
+            }
+        }
         starting = false
         for connection in connections {
             for call in connection.takePending() {

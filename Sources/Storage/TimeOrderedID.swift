@@ -33,6 +33,12 @@ public enum TimeOrderedID {
         }
     }
 
+    /// Whether `id` has the form `make(prefix, …)` gives: the prefix, then 28 lower-case hex digits.
+    public static func isWellFormed(_ id: String, prefix: String) -> Bool {
+        id.hasPrefix(prefix) && id.utf8.count == prefix.utf8.count + 28
+            && id.utf8.dropFirst(prefix.utf8.count).allSatisfy { (48...57).contains($0) || (97...102).contains($0) }
+    }
+
     /// Sorts at or below every id made at `atMs` or later, and above every id made before
     /// (times are clamped to 0 ... 0xFFFFFFFFFFFF, so `Int64.max` bounds every id).
     public static func lowerBound(_ prefix: String, atMs: Int64) -> String {

@@ -124,7 +124,7 @@ struct LoadTestTests {
             // A late call still starts (its lateness counts): all 400, the 40 with i % 10 == 0 failed.
             #expect(open.total.totalCount == 400 && open.histograms["Echo"]?.totalCount == 360)
             #expect(open.errors == ["NOT_FOUND": 40] && open.histograms["error"]?.totalCount == 40)
-            #expect(open.lateness.totalCount == 400 && open.total.max >= open.lateness.max)
+            #expect(open.lateness.totalCount == 400 && open.seconds >= 1)
             let received = answers.withLock { $0 }
             #expect(Set(received.map(\.message)) == Set((0..<400).filter { $0 % 10 != 0 }.map { "load \($0)" }))
             #expect(received.allSatisfy { $0.metadata.map { "\($0.key)=\($0.value)" } == ["x-load=yes"] })
@@ -150,7 +150,8 @@ struct LoadTestTests {
                 answered: { call, _ in call.method.method })
             #expect(result.calls.count == 200 && result.errors.isEmpty)
             let intervals = result.timeline(every: 0.1)
-            #expect(intervals.count == 10 && intervals.allSatisfy { $0.calls == 20 }, "\(intervals)")
+            // The run lasts until the last answer: an 11th interval, empty, may follow.
+            #expect(intervals.count >= 10 && intervals.prefix(10).allSatisfy { $0.calls == 20 }, "\(intervals)")
             #expect(intervals[4].p50Us >= 300_000, "\(intervals)")
             #expect(intervals.prefix(4).allSatisfy { $0.p50Us < 300_000 }, "\(intervals.prefix(4))")
 
@@ -178,13 +179,19 @@ struct LoadTestTests {
             host: "127.0.0.1", port: silent.localAddress!.port!, connections: 1, group: MultiThreadedEventLoopGroup.singleton,
             seconds: 0.2, rate: 100, concurrency: 5, timeout: .milliseconds(300),
             call: { _ in Self.echo(echoRequest("x")) }, answered: { _, _ in "Echo" })
-        // 5 slots: the first 5 calls went out and were never answered; the other 15 never started.
-        #expect(result.errors == ["DEADLINE_EXCEEDED": 5] && result.total.totalCount == 5)
-        #expect(ContinuousClock.now - start >= .milliseconds(500))
+        // 5 slots: the first 5 calls went out and were never answered; the other 15 never
+        // started. All 20 intended calls count as past their deadline, none is lost.
+        #expect(result.errors == ["DEADLINE_EXCEEDED": 20] && result.total.totalCount == 20)
+        #expect(result.histograms.keys.sorted() == ["error"] && result.total.min >= 300_000)
+        #expect(ContinuousClock.now - start >= .milliseconds(500) && result.seconds >= 0.5)
 
-        // A server that closes every connection it accepts.
+        // A server that closes a connection once a request arrives on it.
+        final class CloseOnRead: ChannelInboundHandler, Sendable {
+            typealias InboundIn = ByteBuffer
+            func channelRead(context: ChannelHandlerContext, data: NIOAny) { context.close(promise: nil) }
+        }
         let closing = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .childChannelInitializer { channel in channel.eventLoop.scheduleTask(in: .milliseconds(100)) { channel.close(promise: nil) }.futureResult }
+            .childChannelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(CloseOnRead()) } }
             .bind(host: "127.0.0.1", port: 0).get()
         defer { closing.close(promise: nil) }
         await #expect(throws: RPCError.self) {

@@ -14,7 +14,11 @@ struct TimeOrderedIDTests {
         let next = ids.make("d", nowMs: ms + 1)
         #expect(next > sameMillisecond.last! && next >= TimeOrderedID.lowerBound("d", atMs: ms + 1))
         #expect(sameMillisecond.allSatisfy { $0 >= TimeOrderedID.lowerBound("d", atMs: ms) && $0 < TimeOrderedID.lowerBound("d", atMs: ms + 1) })
-        #expect(sameMillisecond.allSatisfy { $0.count == 1 + 12 + 16 })
+        #expect(sameMillisecond.allSatisfy { $0.count == 1 + 12 + 16 && TimeOrderedID.isWellFormed($0, prefix: "d") })
+        for bad in ["", "d", "x" + sameMillisecond[0].dropFirst(), sameMillisecond[0] + "0", String(sameMillisecond[0].dropLast()) + "G",
+                    String(sameMillisecond[0].dropLast()) + "A"] {
+            #expect(!TimeOrderedID.isWellFormed(bad, prefix: "d"), "\(bad)")
+        }
         // A clock stepped back: the id carries the time it was given.
         let earlier = ids.make("d", nowMs: ms - 5_000)
         #expect(earlier.hasPrefix(TimeOrderedID.lowerBound("d", atMs: ms - 5_000)))

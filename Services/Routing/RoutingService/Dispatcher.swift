@@ -51,9 +51,14 @@ public struct Dispatcher: Service {
                         for delivery in due {
                             let adapter = adapters.adapter(for: delivery.channel)?.name
                             let admission = adapter.map { adapters.breakers.admit($0, nowMs: now) } ?? .send
-                            guard admission != .wait else { continue }  // its circuit opened meanwhile, or a probe is out
+                            let probe: Int?
+                            switch admission {
+                            case .wait: continue  // its circuit opened meanwhile, or a probe is out
+                            case .probe(let token): probe = token
+                            case .send: probe = nil
+                            }
                             inFlight.insert(delivery.deliveryId)
-                            group.addTask { await attempt(delivery, probe: admission == .probe); return delivery.deliveryId }
+                            group.addTask { await attempt(delivery, probe: probe); return delivery.deliveryId }
                         }
                     } catch {
                         failures += 1
@@ -78,12 +83,12 @@ public struct Dispatcher: Service {
 
     /// One attempt on the delivery's current channel, and its result recorded; first the
     /// delivery is judged again with what was learned since it was planned, the profile's
-    /// consent included once the plan is `consentRecheckAfterMs` old. `probe`: the one
-    /// delivery sent while its adapter's circuit is open (`CircuitBreakers`).
-    func attempt(_ planned: RoutingV1.Delivery, probe admitted: Bool = false) async {
+    /// consent included once the plan is `consentRecheckAfterMs` old. `probe`: the token of
+    /// the one delivery sent while its adapter's circuit is open (`CircuitBreakers`).
+    func attempt(_ planned: RoutingV1.Delivery, probe admitted: Int? = nil) async {
         var probe = admitted
         let plannedAdapter = adapters.adapter(for: planned.channel)?.name
-        func releaseProbe() { if probe, let plannedAdapter { adapters.breakers.release(plannedAdapter) } }
+        func releaseProbe() { if let probe, let plannedAdapter { adapters.breakers.release(plannedAdapter, token: probe) } }
         let delivery: RoutingV1.Delivery
         do {
             let consent = await consentNow(planned)
@@ -99,13 +104,17 @@ public struct Dispatcher: Service {
             return
         }
         let adapter = adapters.adapter(for: delivery.channel)
-        if let adapter, adapter.name != plannedAdapter {
-            // Judged again, it fell back to a channel of another adapter: that one's circuit decides.
+        if adapter?.name != plannedAdapter {
+            // Judged again, it fell back to a channel of another adapter (or of none): that
+            // one's circuit decides.
             releaseProbe()
-            switch adapters.breakers.admit(adapter.name, nowMs: clock()) {
-            case .wait: return  // due on its new channel, it goes once the circuit lets it
-            case .probe: probe = true
-            case .send: probe = false
+            probe = nil
+            if let adapter {
+                switch adapters.breakers.admit(adapter.name, nowMs: clock()) {
+                case .wait: return  // due on its new channel, it goes once the circuit lets it
+                case .probe(let token): probe = token
+                case .send: break
+                }
             }
         }
         let result: RoutingStore.SendResult
@@ -114,9 +123,9 @@ public struct Dispatcher: Service {
             result = await adapter.send(delivery)
             var retryAfterMs: Int64?
             if case .transient(_, let after) = result { retryAfterMs = after }
-            let transition = adapters.breakers.record(adapter.name, probe: probe, transient: result.isTransient,
-                                                      retryAfterMs: retryAfterMs, nowMs: clock())
-            counted = !(probe && result.isTransient)
+            let (wasProbe, transition) = adapters.breakers.record(adapter.name, probe: probe, transient: result.isTransient,
+                                                                  retryAfterMs: retryAfterMs, nowMs: clock())
+            counted = !(wasProbe && result.isTransient)
             switch transition {
             case .opened(let failures, let ms)?:
                 logger.warning("circuit open: deliveries wait", metadata: ["adapter": "\(adapter.name)", "failures_in_a_row": "\(failures)", "probe_in_ms": "\(ms)", "error": "\(result)"])

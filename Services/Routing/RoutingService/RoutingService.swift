@@ -6,6 +6,7 @@ import NIOCore
 import RPC
 import Rules
 import ServiceLifecycle
+import Storage
 
 /// arbiter.routing.v1.Routing: plans deliveries (consent, reachability, learned channel
 /// preference, quiet hours and send time, caps), keeps them in a durable outbox that the
@@ -67,8 +68,8 @@ public struct RoutingService: RPCService {
     }
 
     func listDeliveries(_ request: RoutingV1.ListDeliveriesRequest) throws -> RoutingV1.ListDeliveriesResponse {
-        guard (0...5).contains(request.state.rawValue) else {
-            throw RPCError.invalidArgument(field: "state", "unknown state \(request.state.rawValue)")
+        guard [0, 1, 3, 4, 5].contains(request.state.rawValue) else {
+            throw RPCError.invalidArgument(field: "state", "must be a delivery state other than STATE_SENDING (reserved), got \(request.state.rawValue)")
         }
         let state = request.state.rawValue == 0 ? nil : request.state
         let person: String?
@@ -80,7 +81,9 @@ public struct RoutingService: RPCService {
             person = try Names.personID(request.personId, field: "person_id")
         }
         guard request.limit <= 1000 else { throw RPCError.invalidArgument(field: "limit", "at most 1000, got \(request.limit)") }
-        if !request.pageToken.isEmpty { try Names.check(request.pageToken, field: "page_token") }
+        guard request.pageToken.isEmpty || TimeOrderedID.isWellFormed(request.pageToken, prefix: "dl") else {
+            throw RPCError.invalidArgument(field: "page_token", "is not a next_page_token of ListDeliveries")
+        }
         let (deliveries, more) = try store.deliveries(person: person, state: state, before: request.pageToken.isEmpty ? nil : request.pageToken,
                                                       limit: request.limit == 0 ? 50 : Int(request.limit))
         var response = RoutingV1.ListDeliveriesResponse()

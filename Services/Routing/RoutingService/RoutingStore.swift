@@ -95,9 +95,14 @@ public final class RoutingStore: Sendable {
                 UPDATE opt_out SET recorded_at_ms = at_ms;
                 """)
         }
-        migrator.registerMigration("v4: dead letters by id") { db in
-            // ListDeliveries lists every dead letter, newest first, without scanning the outbox.
-            try db.execute(sql: "CREATE INDEX delivery_dead ON delivery(delivery_id) WHERE state = 5")
+        migrator.registerMigration("v4: dead letters by id, due deliveries by channel") { db in
+            // ListDeliveries lists every dead letter, newest first, without scanning the outbox;
+            // while a circuit holds some channels, the dispatcher reads the others' due
+            // deliveries without walking the held backlog.
+            try db.execute(sql: """
+                CREATE INDEX delivery_dead ON delivery(delivery_id) WHERE state = 5;
+                CREATE INDEX delivery_due_by_channel ON delivery(channel, next_attempt_ms) WHERE state = 1;
+                """)
         }
         return migrator
     }
@@ -165,6 +170,7 @@ public final class RoutingStore: Sendable {
             conditions.append("delivery_id < ?")
             _ = arguments.append(contentsOf: [before])
         }
+        precondition(person != nil || state != nil, "deliveries of every person in every state are not listed")
         let sql = "SELECT record FROM delivery WHERE \(conditions.joined(separator: " AND ")) ORDER BY delivery_id DESC LIMIT \(limit + 1)"
         return try pool.read { db in
             let records = try Data.fetchAll(db.cachedStatement(sql: sql), arguments: arguments)
@@ -177,8 +183,11 @@ public final class RoutingStore: Sendable {
     /// out those in `excluding` (the attempts in flight) without decoding them, and those on
     /// the channels `skipping` (whose circuit is open).
     func due(nowMs: Int64, limit: Int, excluding: Set<String> = [], skipping: Set<CommonV1.Channel> = []) throws -> [RoutingV1.Delivery] {
-        // The channels are numbers of an enum: safe to write into the statement.
-        let held = skipping.isEmpty ? "" : " AND channel NOT IN (\(skipping.map { String($0.rawValue) }.sorted().joined(separator: ",")))"
+        // The channels left are numbers of an enum, safe to write into the statement; read by
+        // channel (delivery_due_by_channel), the held backlog is not walked.
+        let open = Planner.allChannels.filter { !skipping.contains($0) }.map { String($0.rawValue) }
+        guard !open.isEmpty else { return [] }
+        let held = skipping.isEmpty ? "" : " AND channel IN (\(open.joined(separator: ",")))"
         return try pool.read { db in
             let ids = try String.fetchAll(db.cachedStatement(sql: """
                 SELECT delivery_id FROM delivery WHERE state = 1 AND next_attempt_ms <= ?\(held) ORDER BY next_attempt_ms LIMIT ?
