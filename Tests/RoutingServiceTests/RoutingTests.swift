@@ -549,6 +549,27 @@ struct RoutingTests {
         }
     }
 
+    @Test("the outbox's due deliveries, oldest first, leave out the channels a circuit holds")
+    func dueSkipsHeldChannels() async throws {
+        try await withRouting { routing, profile, _ in
+            try seedReachable(profile.store, "p", at: now() - day)
+            var routed: [(String, CommonV1.Channel)] = []
+            for (k, channel) in [CommonV1.Channel.webhook, .push, .webhook, .email].enumerated() {
+                routed.append((try await routing.route(routeRequest("p", key: "due\(k)", channels: [channel], critical: true)).deliveryId, channel))
+                try await Task.sleep(for: .milliseconds(2))  // distinct due times
+            }
+            let later = now() + 60_000
+            func due(skipping: Set<CommonV1.Channel>, limit: Int = 10) throws -> [String] {
+                try routing.store.due(nowMs: later, limit: limit, skipping: skipping).map(\.deliveryId)
+            }
+            #expect(try due(skipping: []) == routed.map(\.0))
+            #expect(try due(skipping: [.push]) == routed.filter { $0.1 != .push }.map(\.0))
+            #expect(try due(skipping: [.webhook, .email]) == [routed[1].0])
+            #expect(try due(skipping: [.push], limit: 2) == [routed[0].0, routed[2].0])
+            #expect(try due(skipping: Set(Planner.allChannels)).isEmpty)
+        }
+    }
+
     @Test("a 503 or 429 with Retry-After waits at least that long before the next attempt (up to maxBackoffMs)")
     func retryAfterTimed() async throws {
         try await withRouting(configure: { $0.maxBackoffMs = 60_000 }) { routing, profile, sink in

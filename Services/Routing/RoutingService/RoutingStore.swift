@@ -183,15 +183,25 @@ public final class RoutingStore: Sendable {
     /// out those in `excluding` (the attempts in flight) without decoding them, and those on
     /// the channels `skipping` (whose circuit is open).
     func due(nowMs: Int64, limit: Int, excluding: Set<String> = [], skipping: Set<CommonV1.Channel> = []) throws -> [RoutingV1.Delivery] {
-        // The channels left are numbers of an enum, safe to write into the statement; read by
-        // channel (delivery_due_by_channel), the held backlog is not walked.
-        let open = Planner.allChannels.filter { !skipping.contains($0) }.map { String($0.rawValue) }
-        guard !open.isEmpty else { return [] }
-        let held = skipping.isEmpty ? "" : " AND channel IN (\(open.joined(separator: ",")))"
-        return try pool.read { db in
-            let ids = try String.fetchAll(db.cachedStatement(sql: """
-                SELECT delivery_id FROM delivery WHERE state = 1 AND next_attempt_ms <= ?\(held) ORDER BY next_attempt_ms LIMIT ?
-                """), arguments: [nowMs, limit + excluding.count])
+        try pool.read { db in
+            let wanted = limit + excluding.count
+            let ids: [String]
+            if skipping.isEmpty {
+                ids = try String.fetchAll(db.cachedStatement(sql: """
+                    SELECT delivery_id FROM delivery WHERE state = 1 AND next_attempt_ms <= ? ORDER BY next_attempt_ms LIMIT ?
+                    """), arguments: [nowMs, wanted])
+            } else {
+                // Channel by channel (delivery_due_by_channel), the oldest of them all first:
+                // the backlog a circuit holds is not walked at every poll.
+                var rows: [(id: String, at: Int64)] = []
+                for channel in Planner.allChannels where !skipping.contains(channel) {
+                    rows += try Row.fetchAll(db.cachedStatement(sql: """
+                        SELECT delivery_id, next_attempt_ms FROM delivery
+                        WHERE state = 1 AND channel = ? AND next_attempt_ms <= ? ORDER BY next_attempt_ms LIMIT ?
+                        """), arguments: [channel.rawValue, nowMs, wanted]).map { ($0[0], $0[1]) }
+                }
+                ids = rows.sorted { $0.at < $1.at }.prefix(wanted).map(\.id)
+            }
             return try ids.lazy.filter { !excluding.contains($0) }.prefix(limit).compactMap { try Self.load(db, $0) }
         }
     }
