@@ -311,6 +311,37 @@ struct RoutingTests {
         }
     }
 
+    @Test("caps hold when messages go later than planned: each send is checked against the person's sends before it, one send per person at a time")
+    func capsAtSendTime() async throws {
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }
+        try await withRouting(clock: clock, configure: {
+            ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (2, 100, 1, 100)
+        }) { routing, profile, sink in
+            try seedReachable(profile.store, "p", at: june1 - day)
+            // Planned a day apart each, so no cap holds any back; then an outage: none is sent
+            // until all three are due together.
+            let first = try await routing.route(routeRequest("p", key: "late1", channels: [.webhook]))
+            clock.advance(seconds: 25 * 3600)
+            let second = try await routing.route(routeRequest("p", key: "late2", channels: [.webhook, .push]))
+            clock.advance(seconds: 25 * 3600)
+            let third = try await routing.route(routeRequest("p", key: "late3", channels: [.webhook]))
+            #expect([first, second, third].allSatisfy { $0.state == .scheduled && $0.channel == .webhook }, "\([first, second, third].map(\.suppressionDetail))")
+            try await dispatching(routing) {
+                try await waitFor { try routing.store.delivery(third.deliveryId)?.state == .suppressed }
+            }
+            let (a, b, c) = (try #require(try routing.store.delivery(first.deliveryId)), try #require(try routing.store.delivery(second.deliveryId)),
+                             try #require(try routing.store.delivery(third.deliveryId)))
+            #expect(a.state == .sent && a.channel == .webhook)
+            // One webhook delivery a day: the second falls back to push.
+            #expect(b.state == .sent && b.channel == .push, "\(b.events.map(\.detail))")
+            #expect(b.events.contains { $0.kind == .fellBack && $0.detail.contains("sent now, 2 within 24 hours (cap 1)") }, "\(b.events.map(\.detail))")
+            // Two a day in all: the third is not sent.
+            #expect(c.suppressionReason == "capped" && c.suppressionDetail == "sent now, 3 deliveries within 24 hours (cap 2)", "\(c.suppressionDetail)")
+            #expect(sink.requests.count == 2)
+        }
+    }
+
     @Test("a cap holds over any window of its length: deliveries on both sides of the send time that no single window holds do not block it")
     func capWindows() async throws {
         // Before: everything within 24 hours either side counted, 3 here.

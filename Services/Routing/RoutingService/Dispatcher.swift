@@ -35,6 +35,12 @@ public struct Dispatcher: Service {
         let poll = Duration.milliseconds(configuration.dispatchPollMs)
         await withTaskGroup(of: String?.self) { group in
             var inFlight: Set<String> = []
+            // One attempt per person at a time, so that each send is judged (consent, caps)
+            // after the person's previous one was recorded: a backlog's deliveries for one
+            // person (after an outage) would otherwise all pass the caps together. Those
+            // waiting are left out of the next reads until an attempt ends.
+            var persons: [String: String] = [:]  // delivery in flight → its person
+            var waiting: Set<String> = []
             var ticking = false
             var failures = 0
             var polled = false
@@ -45,19 +51,27 @@ public struct Dispatcher: Service {
                     polled = false
                     do {
                         let now = clock()
-                        let due = try store.due(nowMs: now, limit: limit - inFlight.count, excluding: inFlight,
+                        let due = try store.due(nowMs: now, limit: limit - inFlight.count, excluding: inFlight.union(waiting),
                                                 skipping: adapters.heldChannels(nowMs: now))
                         failures = 0
+                        var busy = Set(persons.values)
                         for delivery in due {
+                            guard busy.insert(delivery.personId).inserted else {
+                                waiting.insert(delivery.deliveryId)
+                                continue
+                            }
                             let adapter = adapters.adapter(for: delivery.channel)?.name
                             let admission = adapter.map { adapters.breakers.admit($0, nowMs: now) } ?? .send
                             let probe: Int?
                             switch admission {
-                            case .wait: continue  // its circuit opened meanwhile, or a probe is out
+                            case .wait:  // its circuit opened meanwhile, or a probe is out
+                                busy.remove(delivery.personId)
+                                continue
                             case .probe(let token): probe = token
                             case .send: probe = nil
                             }
                             inFlight.insert(delivery.deliveryId)
+                            persons[delivery.deliveryId] = delivery.personId
                             group.addTask { await attempt(delivery, probe: probe); return delivery.deliveryId }
                         }
                     } catch {
@@ -70,7 +84,10 @@ public struct Dispatcher: Service {
                     group.addTask { try? await Task.sleep(for: poll); return nil }
                 }
                 switch await group.next() {
-                case let id??: inFlight.remove(id)
+                case let id??:
+                    inFlight.remove(id)
+                    persons.removeValue(forKey: id)
+                    waiting = []  // looked at again
                 case .some(nil):
                     ticking = false
                     polled = true

@@ -48,6 +48,9 @@ struct Evidence: Sendable {
     var optOuts: [(purpose: String, channel: Int32, atMs: Int64, recordedAtMs: Int64)] = []
     /// "channel address" pairs that hard-bounced.
     var unreachable: Set<String> = []
+    /// The person's deliveries sent in the last 7 days (channel raw value, when sent), when
+    /// read for a send (`RoutingStore.beforeSending`): the caps are checked again then.
+    var sent: [(channel: Int32, atMs: Int64)] = []
 
     func engagement(_ key: Int, now: Int64, halfLifeMs: Double) -> Engagement {
         (engagement[key] ?? Engagement()).decayed(to: now, halfLifeMs: halfLifeMs)

@@ -110,7 +110,7 @@ public final class RoutingStore: Sendable {
     // MARK: - Reading
 
     /// `engagement: false` leaves it out (the send-time check reads opt-outs and bounces only).
-    static func evidence(_ db: Database, person: String, engagement: Bool = true) throws -> Evidence {
+    static func evidence(_ db: Database, person: String, engagement: Bool = true, sentSince: Int64? = nil) throws -> Evidence {
         var evidence = Evidence()
         if engagement {
             for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT key, sends, engaged, updated_ms FROM engagement WHERE person_id = ?"),
@@ -125,6 +125,11 @@ public final class RoutingStore: Sendable {
         }
         for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT channel, address FROM unreachable WHERE person_id = ?"), arguments: [person]) {
             evidence.unreachable.insert(Evidence.unreachableKey(CommonV1.Channel(rawValue: row[0]), row[1]))
+        }
+        if let sentSince {
+            // A sent delivery's send_at_ms is when it was sent (`save`).
+            evidence.sent = try Row.fetchAll(db.cachedStatement(sql: "SELECT channel, send_at_ms FROM delivery WHERE person_id = ? AND send_at_ms > ? AND state = 3"),
+                                             arguments: [person, sentSince]).map { ($0[0], $0[1]) }
         }
         return evidence
     }
@@ -336,6 +341,9 @@ public final class RoutingStore: Sendable {
         case refused(reason: String, why: String)
         /// Not at all: `not_after` has passed.
         case expired(why: String)
+        /// Not at all: sent now, it would go over the person's overall caps (a message sent
+        /// later than planned: retried, held by an outage or quiet hours, requeued).
+        case capped(why: String)
     }
 
     /// The person's consent as the profile service answered just before a send
@@ -397,6 +405,20 @@ public final class RoutingStore: Sendable {
                 }
                 return .later(atMs: at, why: "quiet hours (\(clock.zone.identifier))")
             }
+            // The caps, again, over the sends of the last day and week: planned within them, a
+            // message sent later than planned (a retry, a fallback, an outage, a requeued dead
+            // letter) may meet other sends there. Checking each send against those before it
+            // keeps every window of that length within the cap.
+            let c = configuration
+            let day: Int64 = 86_400_000
+            let lastDay = evidence.sent.count { $0.atMs > nowMs - day }, lastWeek = evidence.sent.count
+            if lastDay >= c.capPerDay { return .capped(why: "sent now, \(lastDay + 1) deliveries within 24 hours (cap \(c.capPerDay))") }
+            if lastWeek >= c.capPerWeek { return .capped(why: "sent now, \(lastWeek + 1) deliveries within 7 days (cap \(c.capPerWeek))") }
+            let mine = evidence.sent.filter { $0.channel == d.channel.rawValue }
+            let channelDay = mine.count { $0.atMs > nowMs - day }
+            if channelDay >= c.capPerChannelPerDay || mine.count >= c.capPerChannelPerWeek {
+                return .refused(reason: "capped", why: "sent now, \(channelDay + 1) within 24 hours (cap \(c.capPerChannelPerDay)), \(mine.count + 1) within 7 days (cap \(c.capPerChannelPerWeek))")
+            }
         }
         return .send
     }
@@ -415,14 +437,14 @@ public final class RoutingStore: Sendable {
             let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, channel FROM delivery WHERE delivery_id = ?"),
                                        arguments: [planned.deliveryId])
             let still = row.map { $0["state"] as Int == RoutingV1.Delivery.State.scheduled.rawValue && $0["channel"] as Int == planned.channel.rawValue } ?? false
-            return (try Self.evidence(db, person: planned.personId, engagement: false), still)
+            return (try Self.evidence(db, person: planned.personId, engagement: false, sentSince: nowMs - 7 * 86_400_000), still)
         }
         guard read.still else { return nil }
         if check(planned, read.evidence, consent: consent, nowMs: nowMs) == .send { return planned }
         return try pool.write { db in
             guard var d = try Self.load(db, planned.deliveryId), d.state == .scheduled, d.channel == planned.channel,
                   d.nextAttemptAtMs <= nowMs else { return nil }
-            let evidence = try Self.evidence(db, person: d.personId, engagement: false)
+            let evidence = try Self.evidence(db, person: d.personId, engagement: false, sentSince: nowMs - 7 * 86_400_000)
             while true {
                 switch check(d, evidence, consent: consent, nowMs: nowMs) {
                 case .send:
@@ -434,6 +456,10 @@ public final class RoutingStore: Sendable {
                     return nil
                 case .expired(let why):
                     Self.suppress(&d, reason: "expired", why: why, atMs: nowMs)
+                    try save(db, d)
+                    return nil
+                case .capped(let why):
+                    Self.suppress(&d, reason: "capped", why: why, atMs: nowMs)
                     try save(db, d)
                     return nil
                 case .refused(let reason, let why):
@@ -564,9 +590,12 @@ public final class RoutingStore: Sendable {
         d.events.append(e)
     }
 
+    /// Writes `d` back. A sent delivery's `send_at_ms` becomes when it was sent: the caps
+    /// count it there.
     func save(_ db: Database, _ d: RoutingV1.Delivery) throws {
-        try db.execute(sql: "UPDATE delivery SET state = ?, channel = ?, next_attempt_ms = ?, person_id = ?, record = ? WHERE delivery_id = ?",
-                       arguments: [d.state.rawValue, d.channel.rawValue, d.nextAttemptAtMs, d.personId, Data(d.serializedBytes()), d.deliveryId])
+        try db.execute(sql: "UPDATE delivery SET state = ?, channel = ?, next_attempt_ms = ?, person_id = ?, send_at_ms = ?, record = ? WHERE delivery_id = ?",
+                       arguments: [d.state.rawValue, d.channel.rawValue, d.nextAttemptAtMs, d.personId,
+                                   d.state == .sent ? d.sentAtMs : d.sendAtMs, Data(d.serializedBytes()), d.deliveryId])
     }
 
     /// Adds decayed evidence for the person and the population.
