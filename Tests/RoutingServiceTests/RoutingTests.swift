@@ -501,12 +501,13 @@ struct RoutingTests {
                 $0.breakerCooldownMs = 10
                 $0.breakerMaxCooldownMs = 40
             }) { routing, profile, sink in
-                try seedReachable(profile.store, "p", at: now() - day)
+                // Five persons: the dispatcher sends one message per person at a time.
+                for k in 0..<5 { try seedReachable(profile.store, "p\(k)", at: now() - day) }
                 // Down for 20 requests: with the circuit, 3 fail in a row and open it; the rest
                 // are probes, one at a time, none counted against its delivery.
                 sink.fail(next: 20, status: 503)
                 var routed: [String] = []
-                for k in 0..<5 { routed.append(try await routing.route(routeRequest("p", key: "cb\(k)", channels: [.webhook], critical: true)).deliveryId) }
+                for k in 0..<5 { routed.append(try await routing.route(routeRequest("p\(k)", key: "cb\(k)", channels: [.webhook], critical: true)).deliveryId) }
                 let ids = routed
                 try await dispatching(routing) {
                     try await waitFor {
