@@ -36,6 +36,14 @@ func makeService(_ directory: String = tempDirectory(), rules: IdentityRules = I
     }
 }
 
+/// The store file of `directory` opened directly, waiting for a closed service's checkpointer,
+/// which may still hold it a moment.
+func openStoreFile(_ directory: String) throws -> DatabaseQueue {
+    var waiting = Configuration()
+    waiting.busyMode = .timeout(30)
+    return try DatabaseQueue(path: directory + "/identity.sqlite", configuration: waiting)
+}
+
 extension IdentityService {
     func link(_ identifiers: [CommonV1.Identifier], source: String = "test", at: Int64 = 0) async throws -> IdentityV1.LinkResponse {
         var request = IdentityV1.LinkRequest()
@@ -342,9 +350,7 @@ struct FeedAndErasureTests {
         }
         do { try await merge(try makeService(directory), "1") }
         // The backup, as SQLite makes one of a live database.
-        var waiting = Configuration()
-        waiting.busyMode = .timeout(30)  // the closed service's checkpointer may still hold the file a moment
-        try DatabaseQueue(path: directory + "/identity.sqlite", configuration: waiting).inDatabase { db in
+        try openStoreFile(directory).inDatabase { db in
             try db.execute(sql: "VACUUM INTO ?", arguments: [backup + "/identity.sqlite"])
         }
         var seen: UInt64 = 0
@@ -437,6 +443,39 @@ struct FeedAndErasureTests {
             #expect(![UInt8](data).contains(subsequence: Array("secret.person".utf8)))
             #expect(![UInt8](data).contains(subsequence: Array("442079460000".utf8)))
         }
+    }
+
+    @Test("a store opens only with the privacy key it was written with (or without one, if it was), also a store from before the check")
+    func privacyKeyTiedToStore() async throws {
+        let keyA = Array("0123456789abcdef0123456789abcdef".utf8), keyB = Array("fedcba9876543210fedcba9876543210".utf8)
+        func found(_ service: IdentityService, _ person: String) async throws -> Bool {
+            var resolve = IdentityV1.ResolveRequest()
+            resolve.identifiers = [id("email", "ann@example.org")]
+            return try await service.resolve(resolve).personId == person
+        }
+        let hashed = tempDirectory()
+        let person = try await makeService(hashed, key: keyA).link([id("email", "ann@example.org")]).personId
+        #expect(throws: IdentityStore.PrivacyKeyMismatch.self) { _ = try makeService(hashed, key: keyB) }
+        #expect(throws: IdentityStore.PrivacyKeyMismatch.self) { _ = try makeService(hashed) }
+        #expect(try await found(try makeService(hashed, key: keyA), person))
+
+        let plain = tempDirectory()
+        let plainPerson = try await makeService(plain).link([id("email", "ann@example.org")]).personId
+        do {
+            _ = try makeService(plain, key: keyA)
+            Issue.record("opened a store written in the clear with a key")
+        } catch let error as IdentityStore.PrivacyKeyMismatch {
+            #expect(error.description.hasPrefix("the store holds identifiers in the clear"))
+        }
+        // A store from before the check remembers nothing: its identifiers tell.
+        for directory in [hashed, plain] {
+            try await openStoreFile(directory).write { try $0.execute(sql: "DELETE FROM store_setting") }
+        }
+        #expect(throws: IdentityStore.PrivacyKeyMismatch.self) { _ = try makeService(plain, key: keyA) }
+        #expect(throws: IdentityStore.PrivacyKeyMismatch.self) { _ = try makeService(hashed) }
+        #expect(try await found(try makeService(plain), plainPerson))
+        _ = try makeService(hashed, key: keyA)  // which key made the hashes cannot be told: this one is remembered
+        #expect(throws: IdentityStore.PrivacyKeyMismatch.self) { _ = try makeService(hashed, key: keyB) }
     }
 
     @Test("Resolve without create_if_missing never writes")

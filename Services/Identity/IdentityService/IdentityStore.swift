@@ -21,7 +21,42 @@ public final class IdentityStore: Sendable {
         (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "identity", migrator: Self.migrator)
         try pool.write { db in
             try db.execute(sql: "UPDATE feed_floor SET seq = max(seq, ?)", arguments: [startMs.multipliedReportingOverflow(by: 1000).partialValue])
+            try Self.checkPrivacyKey(db, normalizer.keyFingerprint)
         }
+    }
+
+    /// The store was written with another privacy key, or with none, than the one given: every
+    /// lookup would miss what it holds, and each known identifier would make a new person.
+    public struct PrivacyKeyMismatch: Error, CustomStringConvertible, Sendable {
+        public var stored: String
+        public var given: String
+        public var description: String {
+            switch (stored, given) {
+            case ("none", _):
+                "the store holds identifiers in the clear (it was written without privacy_key_file); with a key every lookup would miss them. Start without the key, or with an empty data directory"
+            case (_, "none"):
+                "the store holds keyed hashes (it was written with privacy_key_file, key \(stored)); without that key every lookup would miss them"
+            default:
+                "the store was written with another privacy key (\(stored); this one is \(given)); every lookup would miss. Start with the key it was written with"
+            }
+        }
+    }
+
+    /// Refuses a privacy key (or its absence) other than the one the store was written with.
+    /// A store from before this check is judged by its identifiers, then remembers the key.
+    static func checkPrivacyKey(_ db: Database, _ given: String) throws {
+        if let stored = try String.fetchOne(db, sql: "SELECT value FROM store_setting WHERE name = 'privacy_key'") {
+            guard stored == given else { throw PrivacyKeyMismatch(stored: stored, given: given) }
+            return
+        }
+        let hashed = "length(value) = 66 AND value GLOB 'h:[0-9a-f]*'"
+        if given == "none", try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM identifier WHERE \(hashed))")! {
+            throw PrivacyKeyMismatch(stored: "an unknown key", given: given)
+        }
+        if given != "none", try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM identifier WHERE NOT (\(hashed)))")! {
+            throw PrivacyKeyMismatch(stored: "none", given: given)
+        }
+        try db.execute(sql: "INSERT INTO store_setting (name, value) VALUES ('privacy_key', ?)", arguments: [given])
     }
 
     /// A read on the calling thread (synchronous GRDB access; see the type's note).
@@ -150,6 +185,9 @@ public final class IdentityStore: Sendable {
         migrator.registerMigration("v6: change feed numbers never reused") { db in
             // The least number of the next change: raised to the start time (µs) at each open.
             try db.execute(sql: "CREATE TABLE feed_floor (seq INTEGER NOT NULL); INSERT INTO feed_floor VALUES (0);")
+        }
+        migrator.registerMigration("v7: the privacy key the store is written with") { db in
+            try db.execute(sql: "CREATE TABLE store_setting (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
         }
         return migrator
     }

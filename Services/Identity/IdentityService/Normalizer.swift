@@ -75,6 +75,14 @@ public struct Normalizer: Sendable {
         return blockedPatterns.expressions.contains { $0.firstMatch(in: value, range: range) != nil }
     }
 
+    /// Which key the stored values are made with, without revealing it: "none", or
+    /// "hmac-sha256:" and the first 8 bytes (hex) of the key's HMAC of a fixed text.
+    public var keyFingerprint: String {
+        guard let privacyKey else { return "none" }
+        let mac = HMAC<SHA256>.authenticationCode(for: Data("arbiter-identity privacy key check".utf8), using: SymmetricKey(data: privacyKey))
+        return "hmac-sha256:" + mac.prefix(8).map { String(format: "%02x", $0) }.joined()
+    }
+
     /// What is stored for an identifier: the value itself, or in privacy mode `h:` and
     /// the hex HMAC-SHA256 of `type:value`.
     public func storedValue(_ id: NormalizedIdentifier) -> String {

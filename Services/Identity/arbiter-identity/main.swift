@@ -22,7 +22,12 @@ enum IdentityDefinition: ServiceDefinition {
             }
             key = Array(data)
         }
-        let store = try IdentityStore(directory: context.dataDirectory, normalizer: Normalizer(rules: rules, privacyKey: key))
+        let store: IdentityStore
+        do {
+            store = try IdentityStore(directory: context.dataDirectory, normalizer: Normalizer(rules: rules, privacyKey: key))
+        } catch let mismatch as IdentityStore.PrivacyKeyMismatch {
+            throw ConfigurationError("--config: identity.privacy_key_file: \(mismatch)")
+        }
         return ServiceParts(rpcServices: [IdentityService(store: store)])
     }
 }
