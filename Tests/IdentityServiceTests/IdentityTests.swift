@@ -428,6 +428,31 @@ struct FeedAndErasureTests {
         #expect(try await service.feed().changes.last!.seq == erased.changeSeq)
     }
 
+    @Test("an identifier's erasure whose WAL truncation failed is completed by a retry, which answers NOT_FOUND")
+    func eraseIdentifierRetryTimed() async throws {
+        let directory = tempDirectory()
+        let service = try makeService(directory)
+        let marker = "okapi.unique.\(UInt32.random(in: 0...UInt32.max))"
+        _ = try await service.link([id("email", "\(marker)@example.org"), id("cookie_id", "keep-\(marker.count)")])
+        func stillInFiles() -> Bool {
+            ["identity.sqlite", "identity.sqlite-wal"].contains { file in
+                FileManager.default.contents(atPath: directory + "/" + file).map { [UInt8]($0).contains(subsequence: Array(marker.utf8)) } ?? false
+            }
+        }
+        var erase = IdentityV1.EraseRequest()
+        var identifier = CommonV1.Identifier()
+        (identifier.type, identifier.value) = ("email", "\(marker)@example.org")
+        erase.target = .identifier(identifier)
+        // A reader on an older snapshot: the truncation after the erasure cannot finish (5 s).
+        let release = try await holdReadSnapshot(directory + "/identity.sqlite")
+        await #expect(throws: (any Error).self) { _ = try await service.erase(erase) }
+        release()
+        #expect(stillInFiles(), "the failed truncation left old pages")
+        // The retry: nothing to erase (NOT_FOUND), and the truncation done.
+        await expectCode(.notFound) { _ = try await service.erase(erase) }
+        #expect(!stillInFiles())
+    }
+
     @Test("privacy mode stores keyed hashes only, and lookups still work")
     func privacyMode() async throws {
         let directory = tempDirectory()

@@ -5,12 +5,25 @@ import Synchronization
 /// Holds the write lock of the SQLite file at `path` (made a WAL database if new) on a thread of
 /// its own, until the returned function is called (again: no effect).
 public func holdWriteLock(_ path: String) async throws -> @Sendable () -> Void {
+    try await holdTransaction(path, begin: "BEGIN IMMEDIATE")
+}
+
+/// Holds a read transaction on the SQLite file at `path`, on the snapshot current now, until the
+/// returned function is called: a TRUNCATE checkpoint cannot finish meanwhile.
+public func holdReadSnapshot(_ path: String) async throws -> @Sendable () -> Void {
+    try await holdTransaction(path, begin: "BEGIN DEFERRED", then: "SELECT count(*) FROM sqlite_master")
+}
+
+func holdTransaction(_ path: String, begin: String, then statement: String? = nil) async throws -> @Sendable () -> Void {
     let held = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
-    let queue = try DatabaseQueue(path: path)
+    var configuration = Configuration()
+    configuration.busyMode = .timeout(30)
+    let queue = try DatabaseQueue(path: path, configuration: configuration)
     try await queue.writeWithoutTransaction { try $0.execute(sql: "PRAGMA journal_mode = WAL") }
     Thread.detachNewThread {
         try? queue.inDatabase { db in
-            try db.execute(sql: "BEGIN IMMEDIATE")
+            try db.execute(sql: begin)
+            if let statement { _ = try Row.fetchAll(db, sql: statement) }
             held.signal()
             release.wait()
             try db.execute(sql: "COMMIT")

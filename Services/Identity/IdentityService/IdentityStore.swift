@@ -511,13 +511,14 @@ public final class IdentityStore: Sendable {
         return result
     }
 
-    /// Erases one identifier.
+    /// Erases one identifier. One not stored (or no longer) is not found, and the WAL is
+    /// truncated all the same: a retry completes an erasure whose truncation failed.
     public func erase(identifier: NormalizedIdentifier, nowMs: Int64) async throws -> (seq: Int64, removed: Int) {
         let stored = normalizer.storedValue(identifier)
-        let result = try writing { db -> (Int64, Int) in
+        let result = try writing { db -> (Int64, Int)? in
             guard let owner = try String.fetchOne(db, sql: "SELECT person_id FROM identifier WHERE type = ? AND value = ?",
                                                   arguments: [identifier.type, stored]) else {
-                throw StoreError.identifierNotFound(identifier.type)
+                return nil
             }
             try db.execute(sql: "DELETE FROM merge_member WHERE type = ? AND value = ?", arguments: [identifier.type, stored])
             try db.execute(sql: "DELETE FROM identifier WHERE type = ? AND value = ?", arguments: [identifier.type, stored])
@@ -525,6 +526,7 @@ public final class IdentityStore: Sendable {
             return (seq, 1)
         }
         try SQLiteStore.checkpoint(pool)
+        guard let result else { throw StoreError.identifierNotFound(identifier.type) }
         return result
     }
 
