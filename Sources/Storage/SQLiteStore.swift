@@ -2,6 +2,7 @@ import CSQLiteConfig
 import Foundation
 public import GRDB
 import GRDBSQLite
+import Synchronization
 
 /// Opens a service's SQLite store: WAL journal, foreign keys, `secure_delete` (erased
 /// rows are overwritten, not just unlinked), and migrations run before anything else.
@@ -91,5 +92,28 @@ public enum SQLiteStore {
                 Thread.sleep(forTimeInterval: 0.01)
             }
         }
+    }
+}
+
+/// The WAL truncation an erasure owes: until a TRUNCATE checkpoint succeeds, the erased rows'
+/// old pages may still be in the WAL. `pay` checkpoints when something is owed, and a failed
+/// attempt (readers kept the WAL busy) leaves it owed for the next call: a store following
+/// the identity feed calls it at every poll, since the feed does not replay an erasure once
+/// its position is past it. A new store owes one, for an erasure a crash cut off before its
+/// checkpoint.
+public final class OwedTruncation: Sendable {
+    private let owed = Mutex<UInt64>(1)
+
+    public init() {}
+
+    /// An erasure committed: a truncation is owed.
+    public func owe() { owed.withLock { $0 &+= 1 } }
+
+    /// Truncates `pool`'s WAL if a truncation is owed. An erasure owed while it ran stays owed.
+    public func pay(_ pool: DatabasePool) throws {
+        let debt = owed.withLock { $0 }
+        guard debt != 0 else { return }
+        try SQLiteStore.checkpoint(pool)
+        owed.withLock { if $0 == debt { $0 = 0 } }
     }
 }

@@ -502,6 +502,25 @@ struct DecisionTests {
         }
     }
 
+    @Test("an erasure whose WAL truncation failed is truncated at the next poll of the feed, which does not replay it")
+    func erasureTruncationRetriedTimed() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock)
+        try decision.upsert(action("any"))
+        let made = try await decision.decide(decideRequest("person-t"))
+        let directory = decision.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
+        let files = ["decision.sqlite", "decision.sqlite-wal"]
+        try decision.store.apply([], nowMs: clock.read())  // the truncation a new store owes
+        // A reader on an older snapshot: the truncation after the erasure cannot finish (5 s).
+        let release = try await holdReadSnapshot(decision.store.pool.path)
+        #expect(throws: (any Error).self) { try decision.store.apply([(1, .erase(person: "person-t", absorbed: []))], nowMs: clock.read()) }
+        release()
+        #expect(try decision.store.decision(made.decisionId) == nil && decision.store.identityCursor() == 1)
+        #expect(filesContain(made.decisionId, in: directory, files: files))
+        try decision.store.apply([], nowMs: clock.read())  // the next poll: nothing new, the truncation owed
+        #expect(!filesContain(made.decisionId, in: directory, files: files))
+    }
+
     /// Caps and suppressions read recent history from memory, past a limit of 2 (the test
     /// clock stays in one minute, so the first cut drops it all and reads go to the file, as
     /// for a window reaching back past memory) and from the file alone: the answers must not

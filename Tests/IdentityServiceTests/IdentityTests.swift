@@ -434,11 +434,7 @@ struct FeedAndErasureTests {
         let service = try makeService(directory)
         let marker = "okapi.unique.\(UInt32.random(in: 0...UInt32.max))"
         _ = try await service.link([id("email", "\(marker)@example.org"), id("cookie_id", "keep-\(marker.count)")])
-        func stillInFiles() -> Bool {
-            ["identity.sqlite", "identity.sqlite-wal"].contains { file in
-                FileManager.default.contents(atPath: directory + "/" + file).map { [UInt8]($0).contains(subsequence: Array(marker.utf8)) } ?? false
-            }
-        }
+        func stillInFiles() -> Bool { filesContain(marker, in: directory, files: ["identity.sqlite", "identity.sqlite-wal"]) }
         var erase = IdentityV1.EraseRequest()
         var identifier = CommonV1.Identifier()
         (identifier.type, identifier.value) = ("email", "\(marker)@example.org")

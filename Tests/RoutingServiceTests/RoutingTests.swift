@@ -1008,6 +1008,24 @@ struct RoutingTests {
             #expect(try routing.store.identityCursor() == 2)
         }
     }
+
+    @Test("an erasure whose WAL truncation failed is truncated at the next poll of the feed, which does not replay it")
+    func erasureTruncationRetriedTimed() async throws {
+        try await withRouting(configure: uncapped) { routing, profile, _ in
+            try seedReachable(profile.store, "z", at: now() - day)
+            let d = try await routing.route(routeRequest("z", key: "t1", channels: [.email], critical: true))
+            let directory = routing.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
+            try routing.store.apply([], nowMs: now())  // the truncation a new store owes
+            // A reader on an older snapshot: the truncation after the erasure cannot finish (5 s).
+            let release = try await holdReadSnapshot(routing.store.pool.path)
+            #expect(throws: (any Error).self) { try routing.store.apply([(1, .erase(person: "z", absorbed: []))], nowMs: now()) }
+            release()
+            #expect(try routing.store.delivery(d.deliveryId) == nil && routing.store.identityCursor() == 1)
+            #expect(filesContain("z@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
+            try routing.store.apply([], nowMs: now())  // the next poll: nothing new, the truncation owed
+            #expect(!filesContain("z@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
+        }
+    }
 }
 
 extension RoutingV1.RetryDeadLetterRequest {

@@ -19,6 +19,8 @@ public final class DecisionStore: Sendable {
     let pool: DatabasePool
     /// Keeps the WAL short from its own connection (see BackgroundCheckpointer).
     let checkpointer: BackgroundCheckpointer
+    /// The WAL truncation an erasure from the identity feed owes, paid at every poll.
+    let truncation = OwedTruncation()
     let configuration: LearnerConfiguration
     let memory: Mutex<Memory>
     /// The decision log's group commit: one transaction for every decision and outcome
@@ -749,6 +751,7 @@ extension DecisionStore: IdentityChangeSink {
     /// evidence per action is an aggregate over everyone and stays. Unmerges leave history
     /// with the survivor (a decision does not say which identifier it was made for).
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
+        try truncation.pay(pool)  // an earlier erasure's, if its checkpoint failed
         guard !changes.isEmpty else { return }
         var erased = false
         var newlyErased: [String] = []
@@ -819,7 +822,10 @@ extension DecisionStore: IdentityChangeSink {
             }
             throw error
         }
-        if erased { try SQLiteStore.checkpoint(pool) }
+        if erased {
+            truncation.owe()
+            try truncation.pay(pool)
+        }
     }
 
     /// Deletes up to `limit` decisions made before `beforeMs` with their offers, and up to

@@ -18,6 +18,8 @@ public final class RoutingStore: Sendable {
     let pool: DatabasePool
     /// Keeps the WAL short from its own connection (see BackgroundCheckpointer).
     let checkpointer: BackgroundCheckpointer
+    /// The WAL truncation an erasure from the identity feed owes, paid at every poll.
+    let truncation = OwedTruncation()
     let configuration: RoutingConfiguration
     /// The population's engagement, mirrored in memory (changed only inside write transactions).
     let population: Mutex<Evidence>
@@ -737,6 +739,7 @@ extension RoutingStore: IdentityChangeSink {
     /// person; erasures delete all of them. Unmerges leave the survivor's deliveries where
     /// they are (nothing here says which person a delivery was for before the merge).
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
+        try truncation.pay(pool)  // an earlier erasure's, if its checkpoint failed
         guard !changes.isEmpty else { return }
         var erased = false
         try pool.write { db in
@@ -758,7 +761,10 @@ extension RoutingStore: IdentityChangeSink {
             try db.execute(sql: "INSERT OR REPLACE INTO meta (key, value) VALUES ('identity_seq', ?)",
                            arguments: [max(cursor, changes.map(\.seq).max()!)])
         }
-        if erased { try SQLiteStore.checkpoint(pool) }
+        if erased {
+            truncation.owe()
+            try truncation.pay(pool)
+        }
     }
 
     private func merge(_ db: Database, _ source: String, into target: String, nowMs: Int64) throws {
