@@ -29,7 +29,7 @@ public enum SQLiteStore {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         var configuration = Configuration()
         configuration.foreignKeysEnabled = true
-        configuration.busyMode = .timeout(5)
+        configuration.busyMode = .timeout(Double(busyTimeoutMs) / 1000)
         configuration.prepareDatabase { db in
             try db.execute(sql: "PRAGMA secure_delete = ON")
             try db.execute(sql: "PRAGMA synchronous = \(synchronous.rawValue)")
@@ -78,15 +78,25 @@ public enum SQLiteStore {
         }
     }
 
+    /// How long a connection waits for a lock another holds (5 s).
+    static let busyTimeoutMs: Int32 = 5000
+
     /// Moves everything in the WAL into the main file and truncates the WAL, so that
     /// data deleted with `secure_delete` leaves no copy in the WAL (used after erasure).
     /// A checkpoint already running (the store's BackgroundCheckpointer) makes SQLite answer
-    /// BUSY at once, without waiting: this retries for up to 5 s.
-    public static func checkpoint(_ pool: DatabasePool) throws {
-        let end = ContinuousClock.now + .seconds(5)
+    /// BUSY at once, without waiting: this retries for up to `patience` (5 s). With no
+    /// patience it makes one attempt that does not wait for readers either (the writer is
+    /// not held for the connection's busy timeout).
+    public static func checkpoint(_ pool: DatabasePool, patience: Duration = .seconds(5)) throws {
+        let end = ContinuousClock.now + patience
+        let once = patience <= .zero
         while true {
             do {
-                try pool.writeWithoutTransaction { db in _ = try db.checkpoint(.truncate) }
+                try pool.writeWithoutTransaction { db in
+                    if once { sqlite3_busy_timeout(db.sqliteConnection, 0) }
+                    defer { if once { sqlite3_busy_timeout(db.sqliteConnection, busyTimeoutMs) } }
+                    _ = try db.checkpoint(.truncate)
+                }
                 return
             } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY && ContinuousClock.now < end {
                 Thread.sleep(forTimeInterval: 0.01)
@@ -96,24 +106,29 @@ public enum SQLiteStore {
 }
 
 /// The WAL truncation an erasure owes: until a TRUNCATE checkpoint succeeds, the erased rows'
-/// old pages may still be in the WAL. `pay` checkpoints when something is owed, and a failed
-/// attempt (readers kept the WAL busy) leaves it owed for the next call: a store following
-/// the identity feed calls it at every poll, since the feed does not replay an erasure once
-/// its position is past it. A new store owes one, for an erasure a crash cut off before its
-/// checkpoint.
+/// old pages may still be in the WAL. `pay` checkpoints when something is owed; a failed
+/// attempt (a reader kept the WAL busy) leaves it owed for the next call. A store following
+/// the identity feed calls it after every poll, since the feed does not replay an erasure
+/// once its position is past it. A new store owes one, for an erasure a crash cut off before
+/// its checkpoint.
 public final class OwedTruncation: Sendable {
-    private let owed = Mutex<UInt64>(1)
+    /// Erasures owed so far, and how many of them a truncation covered (never reset: an
+    /// erasure owed while a truncation runs stays owed).
+    private let count = Mutex<(owed: UInt64, paid: UInt64)>((1, 0))
 
     public init() {}
 
     /// An erasure committed: a truncation is owed.
-    public func owe() { owed.withLock { $0 &+= 1 } }
+    public func owe() { count.withLock { $0.owed += 1 } }
 
-    /// Truncates `pool`'s WAL if a truncation is owed. An erasure owed while it ran stays owed.
-    public func pay(_ pool: DatabasePool) throws {
-        let debt = owed.withLock { $0 }
-        guard debt != 0 else { return }
-        try SQLiteStore.checkpoint(pool)
-        owed.withLock { if $0 == debt { $0 = 0 } }
+    public var isOwed: Bool { count.withLock { $0.owed != $0.paid } }
+
+    /// Truncates `pool`'s WAL if a truncation is owed, retrying a busy WAL for `patience`;
+    /// throws when it could not (and it stays owed).
+    public func pay(_ pool: DatabasePool, patience: Duration = .seconds(5)) throws {
+        let owed = count.withLock { $0.owed != $0.paid ? $0.owed : nil }
+        guard let owed else { return }
+        try SQLiteStore.checkpoint(pool, patience: patience)
+        count.withLock { $0.paid = max($0.paid, owed) }
     }
 }

@@ -20,16 +20,25 @@ func holdTransaction(_ path: String, begin: String, then statement: String? = ni
     configuration.busyMode = .timeout(30)
     let queue = try DatabaseQueue(path: path, configuration: configuration)
     try await queue.writeWithoutTransaction { try $0.execute(sql: "PRAGMA journal_mode = WAL") }
+    let failure = Mutex<(any Error)?>(nil)
     Thread.detachNewThread {
-        try? queue.inDatabase { db in
-            try db.execute(sql: begin)
-            if let statement { _ = try Row.fetchAll(db, sql: statement) }
+        do {
+            try queue.inDatabase { db in
+                try db.execute(sql: begin)
+                if let statement { _ = try Row.fetchAll(db, sql: statement) }
+                held.signal()
+                release.wait()
+                try db.execute(sql: "COMMIT")
+            }
+        } catch {
+            // Not held (BEGIN failed): the caller is told instead of waiting forever. (After
+            // the release, nobody waits: the extra signal is harmless.)
+            failure.withLock { $0 = error }
             held.signal()
-            release.wait()
-            try db.execute(sql: "COMMIT")
         }
     }
     try await offPool { held.wait() }
+    if let error = failure.withLock({ $0 }) { throw error }
     let once = Mutex(false)
     return { if !once.withLock({ let was = $0; $0 = true; return was }) { release.signal() } }
 }

@@ -751,7 +751,8 @@ extension DecisionStore: IdentityChangeSink {
     /// evidence per action is an aggregate over everyone and stays. Unmerges leave history
     /// with the survivor (a decision does not say which identifier it was made for).
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
-        try truncation.pay(pool)  // an earlier erasure's, if its checkpoint failed
+        // An earlier erasure's truncation, if it failed: one attempt, never in the feed's way.
+        defer { try? truncation.pay(pool, patience: .zero) }
         guard !changes.isEmpty else { return }
         var erased = false
         var newlyErased: [String] = []
@@ -824,7 +825,8 @@ extension DecisionStore: IdentityChangeSink {
         }
         if erased {
             truncation.owe()
-            try truncation.pay(pool)
+            // Up to 5 s for the readers to move on; failing that, the next polls try again.
+            try? truncation.pay(pool)
         }
     }
 

@@ -13,6 +13,8 @@ public final class IdentityStore: Sendable {
     let pool: DatabasePool
     /// Keeps the WAL short from its own connection (see BackgroundCheckpointer).
     let checkpointer: BackgroundCheckpointer
+    /// The WAL truncation an erasure owes until it succeeds (a retry of the erasure pays it).
+    let truncation = OwedTruncation()
     let normalizer: Normalizer
 
     /// `startMs`: now, by default; the change feed's numbers start above it (see `appendChange`).
@@ -49,7 +51,7 @@ public final class IdentityStore: Sendable {
             guard stored == given else { throw PrivacyKeyMismatch(stored: stored, given: given) }
             return
         }
-        let hashed = "length(value) = 66 AND value GLOB 'h:[0-9a-f]*'"
+        let hashed = "length(value) = 66 AND value GLOB 'h:*' AND substr(value, 3) NOT GLOB '*[^0-9a-f]*'"
         if given == "none", try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM identifier WHERE \(hashed))")! {
             throw PrivacyKeyMismatch(stored: "an unknown key", given: given)
         }
@@ -476,6 +478,7 @@ public final class IdentityStore: Sendable {
             do {
                 survivor = try Self.survivor(db, personID)
             } catch StoreError.personErased {
+                // Erased before: its change again, and the truncation if still owed.
                 let seq = try Int64.fetchOne(db, sql: """
                     SELECT max(c.seq) FROM change_person p JOIN change c ON c.seq = p.seq WHERE p.person_id = ? AND c.kind = ?
                     """, arguments: [personID, ChangeKind.erase.rawValue]) ?? 0
@@ -505,14 +508,16 @@ public final class IdentityStore: Sendable {
                 try db.execute(sql: "UPDATE person SET state = 'erased', merged_into = NULL WHERE id = ?", arguments: [person])
             }
             let seq = try Self.appendChange(db, .erase, target: survivor, sources: absorbed, cause: Self.personErasedCause, atMs: nowMs)
+            truncation.owe()
             return (seq, removed)
         }
-        try SQLiteStore.checkpoint(pool)
+        try truncation.pay(pool)
         return result
     }
 
-    /// Erases one identifier. One not stored (or no longer) is not found, and the WAL is
-    /// truncated all the same: a retry completes an erasure whose truncation failed.
+    /// Erases one identifier. One not stored (or no longer) is not found, and a truncation
+    /// an earlier erasure still owes is made first: a retry completes an erasure whose
+    /// truncation failed.
     public func erase(identifier: NormalizedIdentifier, nowMs: Int64) async throws -> (seq: Int64, removed: Int) {
         let stored = normalizer.storedValue(identifier)
         let result = try writing { db -> (Int64, Int)? in
@@ -523,9 +528,10 @@ public final class IdentityStore: Sendable {
             try db.execute(sql: "DELETE FROM merge_member WHERE type = ? AND value = ?", arguments: [identifier.type, stored])
             try db.execute(sql: "DELETE FROM identifier WHERE type = ? AND value = ?", arguments: [identifier.type, stored])
             let seq = try Self.appendChange(db, .erase, target: owner, sources: [], cause: "identifier erased (\(identifier.type))", atMs: nowMs)
+            truncation.owe()
             return (seq, 1)
         }
-        try SQLiteStore.checkpoint(pool)
+        try truncation.pay(pool)  // also when not found, if an earlier erasure's is still owed
         guard let result else { throw StoreError.identifierNotFound(identifier.type) }
         return result
     }

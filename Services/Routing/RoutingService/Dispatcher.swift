@@ -37,10 +37,9 @@ public struct Dispatcher: Service {
             var inFlight: Set<String> = []
             // One attempt per person at a time, so that each send is judged (consent, caps)
             // after the person's previous one was recorded: a backlog's deliveries for one
-            // person (after an outage) would otherwise all pass the caps together. Those
-            // waiting are left out of the next reads until an attempt ends.
+            // person (after an outage) would otherwise all pass the caps together. The reads
+            // leave those persons out.
             var persons: [String: String] = [:]  // delivery in flight → its person
-            var waiting: Set<String> = []
             var ticking = false
             var failures = 0
             var polled = false
@@ -51,15 +50,12 @@ public struct Dispatcher: Service {
                     polled = false
                     do {
                         let now = clock()
-                        let due = try store.due(nowMs: now, limit: limit - inFlight.count, excluding: inFlight.union(waiting),
-                                                skipping: adapters.heldChannels(nowMs: now))
-                        failures = 0
                         var busy = Set(persons.values)
+                        let due = try store.due(nowMs: now, limit: limit - inFlight.count, excluding: inFlight,
+                                                skipping: adapters.heldChannels(nowMs: now), busy: busy)
+                        failures = 0
                         for delivery in due {
-                            guard busy.insert(delivery.personId).inserted else {
-                                waiting.insert(delivery.deliveryId)
-                                continue
-                            }
+                            guard busy.insert(delivery.personId).inserted else { continue }  // the next read
                             let adapter = adapters.adapter(for: delivery.channel)?.name
                             let admission = adapter.map { adapters.breakers.admit($0, nowMs: now) } ?? .send
                             let probe: Int?
@@ -87,7 +83,6 @@ public struct Dispatcher: Service {
                 case let id??:
                     inFlight.remove(id)
                     persons.removeValue(forKey: id)
-                    waiting = []  // looked at again
                 case .some(nil):
                     ticking = false
                     polled = true

@@ -48,9 +48,10 @@ struct Evidence: Sendable {
     var optOuts: [(purpose: String, channel: Int32, atMs: Int64, recordedAtMs: Int64)] = []
     /// "channel address" pairs that hard-bounced.
     var unreachable: Set<String> = []
-    /// The person's deliveries sent in the last 7 days (channel raw value, when sent), when
-    /// read for a send (`RoutingStore.beforeSending`): the caps are checked again then.
-    var sent: [(channel: Int32, atMs: Int64)] = []
+    /// Read for a send (`RoutingStore.beforeSending`), to check the caps again: the person's
+    /// deliveries sent in the 7 days before it, and those scheduled in the 7 days after it
+    /// (channel raw value, when sent or planned).
+    var contacts: [(channel: Int32, atMs: Int64)] = []
 
     func engagement(_ key: Int, now: Int64, halfLifeMs: Double) -> Engagement {
         (engagement[key] ?? Engagement()).decayed(to: now, halfLifeMs: halfLifeMs)

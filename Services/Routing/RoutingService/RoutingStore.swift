@@ -112,7 +112,7 @@ public final class RoutingStore: Sendable {
     // MARK: - Reading
 
     /// `engagement: false` leaves it out (the send-time check reads opt-outs and bounces only).
-    static func evidence(_ db: Database, person: String, engagement: Bool = true, sentSince: Int64? = nil) throws -> Evidence {
+    static func evidence(_ db: Database, person: String, engagement: Bool = true, contactsAround: Int64? = nil) throws -> Evidence {
         var evidence = Evidence()
         if engagement {
             for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT key, sends, engaged, updated_ms FROM engagement WHERE person_id = ?"),
@@ -128,10 +128,14 @@ public final class RoutingStore: Sendable {
         for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT channel, address FROM unreachable WHERE person_id = ?"), arguments: [person]) {
             evidence.unreachable.insert(Evidence.unreachableKey(CommonV1.Channel(rawValue: row[0]), row[1]))
         }
-        if let sentSince {
-            // A sent delivery's send_at_ms is when it was sent (`save`).
-            evidence.sent = try Row.fetchAll(db.cachedStatement(sql: "SELECT channel, send_at_ms FROM delivery WHERE person_id = ? AND send_at_ms > ? AND state = 3"),
-                                             arguments: [person, sentSince]).map { ($0[0], $0[1]) }
+        if let t = contactsAround {
+            // A late delivery's send_at_ms is when it was sent (`save`). Scheduled ones planned
+            // before t are late too: each is checked when it goes.
+            let week: Int64 = 7 * 86_400_000
+            evidence.contacts = try Row.fetchAll(db.cachedStatement(sql: """
+                SELECT channel, send_at_ms FROM delivery WHERE person_id = ?1 AND send_at_ms > ?2 - ?3 AND send_at_ms < ?2 + ?3
+                  AND (state = 3 OR (state = 1 AND send_at_ms > ?2))
+                """), arguments: [person, t, week]).map { ($0[0], $0[1]) }
         }
         return evidence
     }
@@ -189,14 +193,19 @@ public final class RoutingStore: Sendable {
     /// Up to `limit` scheduled deliveries whose next attempt is due, oldest first, leaving
     /// out those in `excluding` (the attempts in flight) without decoding them, and those on
     /// the channels `skipping` (whose circuit is open).
-    func due(nowMs: Int64, limit: Int, excluding: Set<String> = [], skipping: Set<CommonV1.Channel> = []) throws -> [RoutingV1.Delivery] {
-        try pool.read { db in
+    func due(nowMs: Int64, limit: Int, excluding: Set<String> = [], skipping: Set<CommonV1.Channel> = [],
+             busy: Set<String> = []) throws -> [RoutingV1.Delivery] {
+        // The persons with an attempt in flight (`busy`) are left out in the statement, so
+        // that one person's backlog does not fill every read.
+        let notBusy = busy.isEmpty ? "" : " AND person_id NOT IN (\(Array(repeating: "?", count: busy.count).joined(separator: ",")))"
+        let busyArguments = StatementArguments(busy.sorted())
+        return try pool.read { db in
             let wanted = limit + excluding.count
             let ids: [String]
             if skipping.isEmpty {
                 ids = try String.fetchAll(db.cachedStatement(sql: """
-                    SELECT delivery_id FROM delivery WHERE state = 1 AND next_attempt_ms <= ? ORDER BY next_attempt_ms LIMIT ?
-                    """), arguments: [nowMs, wanted])
+                    SELECT delivery_id FROM delivery WHERE state = 1 AND next_attempt_ms <= ?\(notBusy) ORDER BY next_attempt_ms LIMIT ?
+                    """), arguments: [nowMs] + busyArguments + [wanted])
             } else {
                 // Channel by channel (delivery_due_by_channel), the oldest of them all first:
                 // the backlog a circuit holds is not walked at every poll.
@@ -204,8 +213,8 @@ public final class RoutingStore: Sendable {
                 for channel in Planner.allChannels where !skipping.contains(channel) {
                     rows += try Row.fetchAll(db.cachedStatement(sql: """
                         SELECT delivery_id, next_attempt_ms FROM delivery
-                        WHERE state = 1 AND channel = ? AND next_attempt_ms <= ? ORDER BY next_attempt_ms LIMIT ?
-                        """), arguments: [channel.rawValue, nowMs, wanted]).map { ($0[0], $0[1]) }
+                        WHERE state = 1 AND channel = ? AND next_attempt_ms <= ?\(notBusy) ORDER BY next_attempt_ms LIMIT ?
+                        """), arguments: [channel.rawValue, nowMs] + busyArguments + [wanted]).map { ($0[0], $0[1]) }
                 }
                 ids = rows.sorted { $0.at < $1.at }.prefix(wanted).map(\.id)
             }
@@ -407,19 +416,25 @@ public final class RoutingStore: Sendable {
                 }
                 return .later(atMs: at, why: "quiet hours (\(clock.zone.identifier))")
             }
-            // The caps, again, over the sends of the last day and week: planned within them, a
-            // message sent later than planned (a retry, a fallback, an outage, a requeued dead
-            // letter) may meet other sends there. Checking each send against those before it
-            // keeps every window of that length within the cap.
+            // The caps, again, for a message sent more than `lateAfterMs` after its planned time
+            // (held by an outage or quiet hours, retried for long, requeued): planned within
+            // them, it may meet other contacts where it goes now. It is checked as when
+            // planning, at now: against the sends before it and the deliveries scheduled after
+            // it, in the busiest window holding it. One on time was checked where it goes, when
+            // it was planned.
+            guard nowMs > d.sendAtMs + Self.lateAfterMs else { return .send }
             let c = configuration
-            let day: Int64 = 86_400_000
-            let lastDay = evidence.sent.count { $0.atMs > nowMs - day }, lastWeek = evidence.sent.count
-            if lastDay >= c.capPerDay { return .capped(why: "sent now, \(lastDay + 1) deliveries within 24 hours (cap \(c.capPerDay))") }
-            if lastWeek >= c.capPerWeek { return .capped(why: "sent now, \(lastWeek + 1) deliveries within 7 days (cap \(c.capPerWeek))") }
-            let mine = evidence.sent.filter { $0.channel == d.channel.rawValue }
-            let channelDay = mine.count { $0.atMs > nowMs - day }
-            if channelDay >= c.capPerChannelPerDay || mine.count >= c.capPerChannelPerWeek {
-                return .refused(reason: "capped", why: "sent now, \(channelDay + 1) within 24 hours (cap \(c.capPerChannelPerDay)), \(mine.count + 1) within 7 days (cap \(c.capPerChannelPerWeek))")
+            let day: Int64 = 86_400_000, week = 7 * day
+            let times = evidence.contacts.map(\.atMs)
+            let dayTotal = Self.busiestWindow(times, around: nowMs, length: day)
+            let weekTotal = Self.busiestWindow(times, around: nowMs, length: week)
+            if dayTotal >= c.capPerDay { return .capped(why: "sent now, \(dayTotal + 1) deliveries within 24 hours (cap \(c.capPerDay))") }
+            if weekTotal >= c.capPerWeek { return .capped(why: "sent now, \(weekTotal + 1) deliveries within 7 days (cap \(c.capPerWeek))") }
+            let mine = evidence.contacts.filter { $0.channel == d.channel.rawValue }.map(\.atMs)
+            let perDay = Self.busiestWindow(mine, around: nowMs, length: day)
+            let perWeek = Self.busiestWindow(mine, around: nowMs, length: week)
+            if perDay >= c.capPerChannelPerDay || perWeek >= c.capPerChannelPerWeek {
+                return .refused(reason: "capped", why: "sent now, \(perDay + 1) within 24 hours (cap \(c.capPerChannelPerDay)), \(perWeek + 1) within 7 days (cap \(c.capPerChannelPerWeek))")
             }
         }
         return .send
@@ -439,14 +454,14 @@ public final class RoutingStore: Sendable {
             let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, channel FROM delivery WHERE delivery_id = ?"),
                                        arguments: [planned.deliveryId])
             let still = row.map { $0["state"] as Int == RoutingV1.Delivery.State.scheduled.rawValue && $0["channel"] as Int == planned.channel.rawValue } ?? false
-            return (try Self.evidence(db, person: planned.personId, engagement: false, sentSince: nowMs - 7 * 86_400_000), still)
+            return (try Self.evidence(db, person: planned.personId, engagement: false, contactsAround: nowMs), still)
         }
         guard read.still else { return nil }
         if check(planned, read.evidence, consent: consent, nowMs: nowMs) == .send { return planned }
         return try pool.write { db in
             guard var d = try Self.load(db, planned.deliveryId), d.state == .scheduled, d.channel == planned.channel,
                   d.nextAttemptAtMs <= nowMs else { return nil }
-            let evidence = try Self.evidence(db, person: d.personId, engagement: false, sentSince: nowMs - 7 * 86_400_000)
+            let evidence = try Self.evidence(db, person: d.personId, engagement: false, contactsAround: nowMs)
             while true {
                 switch check(d, evidence, consent: consent, nowMs: nowMs) {
                 case .send:
@@ -592,12 +607,18 @@ public final class RoutingStore: Sendable {
         d.events.append(e)
     }
 
-    /// Writes `d` back. A sent delivery's `send_at_ms` becomes when it was sent: the caps
-    /// count it there.
+    /// A send this long after its planned time is late: the caps are checked again before it,
+    /// and count it when it went (5 minutes).
+    static let lateAfterMs: Int64 = 300_000
+
+    /// Writes `d` back. A delivery sent late has `send_at_ms` set to when it was sent: the
+    /// caps count it there. One sent on time keeps its planned instant (a best hour is on the
+    /// hour: daily messages planned exactly a day apart must stay so).
     func save(_ db: Database, _ d: RoutingV1.Delivery) throws {
+        let countedAt = d.state == .sent && d.sentAtMs > d.sendAtMs + Self.lateAfterMs ? d.sentAtMs : d.sendAtMs
         try db.execute(sql: "UPDATE delivery SET state = ?, channel = ?, next_attempt_ms = ?, person_id = ?, send_at_ms = ?, record = ? WHERE delivery_id = ?",
                        arguments: [d.state.rawValue, d.channel.rawValue, d.nextAttemptAtMs, d.personId,
-                                   d.state == .sent ? d.sentAtMs : d.sendAtMs, Data(d.serializedBytes()), d.deliveryId])
+                                   countedAt, Data(d.serializedBytes()), d.deliveryId])
     }
 
     /// Adds decayed evidence for the person and the population.
@@ -739,7 +760,8 @@ extension RoutingStore: IdentityChangeSink {
     /// person; erasures delete all of them. Unmerges leave the survivor's deliveries where
     /// they are (nothing here says which person a delivery was for before the merge).
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
-        try truncation.pay(pool)  // an earlier erasure's, if its checkpoint failed
+        // An earlier erasure's truncation, if it failed: one attempt, never in the feed's way.
+        defer { try? truncation.pay(pool, patience: .zero) }
         guard !changes.isEmpty else { return }
         var erased = false
         try pool.write { db in
@@ -763,7 +785,8 @@ extension RoutingStore: IdentityChangeSink {
         }
         if erased {
             truncation.owe()
-            try truncation.pay(pool)
+            // Up to 5 s for the readers to move on; failing that, the next polls try again.
+            try? truncation.pay(pool)
         }
     }
 
