@@ -1113,6 +1113,27 @@ struct MergeEraseTests {
         }
     }
 
+    @Test("an erasure from the feed whose checkpoints fail is settled at a later poll, and the feed goes on meanwhile")
+    func feedErasureSettledLaterTimed() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let service = try makeProfile(directory, clock: clock)
+        let marker = "tapir\(UInt32.random(in: 0...UInt32.max))"
+        _ = try await service.traits("victim", ["nickname": .string("\(marker)-nick")], at: clock.read())
+        let files = ["profile.sqlite", "profile.sqlite-wal", "profile-state.sqlite", "profile-state.sqlite-wal"]
+        try service.store.apply([], nowMs: clock.read())
+        // A reader on an older snapshot of the events file: the erasure's checkpoints cannot finish.
+        let release = try await holdReadSnapshot(directory + "/profile.sqlite")
+        #expect(throws: (any Error).self) { try service.store.apply([(1, .erase(person: "victim", absorbed: []))], nowMs: clock.read()) }
+        // Still busy: the next change is applied all the same.
+        try service.store.apply([(2, .merge(target: "y", sources: ["x"]))], nowMs: clock.read())
+        #expect(try service.store.identityCursor() == 2)
+        release()
+        #expect(filesContain(marker, in: directory, files: files))
+        try service.store.apply([], nowMs: clock.read())  // the next poll settles it
+        #expect(!filesContain(marker, in: directory, files: files))
+    }
+
     @Test("after Erase no event, trait or consent of the person is in the SQLite files")
     func eraseLeavesNothing() async throws {
         let directory = temporaryDirectory("profile-test")

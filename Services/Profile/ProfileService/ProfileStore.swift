@@ -1248,23 +1248,23 @@ public final class ProfileStore: Sendable {
     /// Writes every dirty state, empties `dirty_person` of them, and checkpoints both files:
     /// after an erasure no copy stays in a WAL; at a graceful shutdown the next start has
     /// nothing to recompute.
-    public func settle() throws {
+    public func settle(patience: Duration = .seconds(5)) throws {
         try flush()
-        try SQLiteStore.checkpoint(statePool)
-        try SQLiteStore.checkpoint(pool)
+        try SQLiteStore.checkpoint(statePool, patience: patience)
+        try SQLiteStore.checkpoint(pool, patience: patience)
     }
 
     /// `settle` after an erasure; if it fails, the next `apply` or erase tries it first (the
     /// feed does not replay the erasure, its position is already past it).
-    func settleErasure() throws {
+    func settleErasure(patience: Duration = .seconds(5)) throws {
         memory.withLock { $0.settlePending = true }
-        try settle()
+        try settle(patience: patience)
         memory.withLock { $0.settlePending = false }
     }
 
     /// Settles an erasure whose settling failed before.
-    func settlePendingErasure() throws {
-        if memory.withLock({ $0.settlePending }) { try settleErasure() }
+    func settlePendingErasure(patience: Duration = .seconds(5)) throws {
+        if memory.withLock({ $0.settlePending }) { try settleErasure(patience: patience) }
     }
 
     // MARK: - Persons merged away or erased
@@ -1307,10 +1307,11 @@ public final class ProfileStore: Sendable {
     /// Applies identity changes in order, each with the cursor in the same transaction:
     /// after a crash the feed resumes exactly where the store stopped.
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
-        // First, at every poll (the follower polls with no change too): an erasure whose
-        // settling failed must not wait for the next change, which on a quiet system may
-        // never come.
-        try settlePendingErasure()
+        // At every poll (the follower polls with no change too), after the changes: an
+        // erasure whose settling failed must not wait for the next change, which on a quiet
+        // system may never come. One attempt that does not wait for readers: a reader that
+        // never lets go must not stop the feed (nor hold the writer 5 s at every poll).
+        defer { try? settlePendingErasure(patience: .zero) }
         guard !changes.isEmpty else { return }
         var goneChanges: [(person: String, target: String?)] = []
         let erasedAny = try rewriting({ db in
