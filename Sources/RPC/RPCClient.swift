@@ -94,16 +94,7 @@ public final class RPCClient: Sendable {
         let now = ContinuousClock.now
         let deadline = [timeout.map { now + $0 }, RPCDeadline.current, configuration.defaultTimeout.map { now + $0 }]
             .compactMap { $0 }.min()
-        var envelope = TTRPC.Request()
-        envelope.service = method.service
-        envelope.method = method.method
-        envelope.payload = payload
-        envelope.metadata = (configuration.metadata.entries + metadata.entries).map {
-            var kv = TTRPC.KeyValue()
-            kv.key = $0.key
-            kv.value = $0.value
-            return kv
-        }
+        var envelope = TTRPC.Request(method, payload: payload, metadata: configuration.metadata.wire + metadata.wire)
 
         var attempt = 1
         while true {
@@ -373,5 +364,16 @@ final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
         pending = [:]
         deadlines.removeAll()
         for (_, promise) in entries { promise.fail(error) }
+    }
+}
+
+extension TTRPC.Request {
+    /// A call of `method` (its deadline, `timeoutNano`, set by the caller).
+    public init(_ method: any AnyMethodDescriptor, payload: [UInt8], metadata: [TTRPC.KeyValue]) {
+        self.init()
+        service = method.service
+        self.method = method.method
+        self.payload = payload
+        self.metadata = metadata
     }
 }

@@ -1,3 +1,4 @@
+import Contracts
 import Logging
 
 /// Request metadata: ordered key/value pairs; a key may repeat. Keys are compared lower-cased.
@@ -14,6 +15,16 @@ public struct Metadata: Sendable, Hashable, Sequence, ExpressibleByDictionaryLit
 
     public mutating func add(_ key: String, _ value: String) {
         entries.append((key: key.lowercased(), value: value))
+    }
+
+    /// The entries as a ttrpc request carries them.
+    public var wire: [TTRPC.KeyValue] {
+        entries.map {
+            var kv = TTRPC.KeyValue()
+            kv.key = $0.key
+            kv.value = $0.value
+            return kv
+        }
     }
 
     /// The first value for `key`, if any.

@@ -67,10 +67,7 @@ struct DeadlineTests {
 
     @Test("the client fails a call the server never answers at its deadline, a short one sent after a long one first")
     func clientTimed() async throws {
-        // Accepts connections and never answers.
-        let silent = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .childChannelInitializer { $0.eventLoop.makeSucceededVoidFuture() }
-            .bind(host: "127.0.0.1", port: 0).get()
+        let silent = try await silentServer()
         defer { silent.close(promise: nil) }
         let client = makeClient(silent.localAddress!.port!)
         defer { client.close() }

@@ -241,3 +241,10 @@ final class RawConnection {
         channel.channel.close(promise: nil)
     }
 }
+
+/// A TCP server on a loopback port that accepts connections and never answers; close it after.
+func silentServer() async throws -> any Channel {
+    try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        .childChannelInitializer { $0.eventLoop.makeSucceededVoidFuture() }
+        .bind(host: "127.0.0.1", port: 0).get()
+}

@@ -124,7 +124,7 @@ struct LoadTestTests {
             // A late call still starts (its lateness counts): all 400, the 40 with i % 10 == 0 failed.
             #expect(open.total.totalCount == 400 && open.histograms["Echo"]?.totalCount == 360)
             #expect(open.errors == ["NOT_FOUND": 40] && open.histograms["error"]?.totalCount == 40)
-            #expect(open.lateness.totalCount == 400 && open.seconds >= 1)
+            #expect(open.lateness.totalCount == 400)
             let received = answers.withLock { $0 }
             #expect(Set(received.map(\.message)) == Set((0..<400).filter { $0 % 10 != 0 }.map { "load \($0)" }))
             #expect(received.allSatisfy { $0.metadata.map { "\($0.key)=\($0.value)" } == ["x-load=yes"] })
@@ -169,10 +169,7 @@ struct LoadTestTests {
 
     @Test("drive: calls a server never answers count as past their deadline after the run; a server gone fails the run")
     func driveUnansweredTimed() async throws {
-        // Accepts connections and never answers.
-        let silent = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .childChannelInitializer { $0.eventLoop.makeSucceededVoidFuture() }
-            .bind(host: "127.0.0.1", port: 0).get()
+        let silent = try await silentServer()
         defer { silent.close(promise: nil) }
         let start = ContinuousClock.now
         let result = try await LoadTest.drive(

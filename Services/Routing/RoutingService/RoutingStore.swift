@@ -422,7 +422,7 @@ public final class RoutingStore: Sendable {
             // planning, at now: against the sends before it and the deliveries scheduled after
             // it, in the busiest window holding it. One on time was checked where it goes, when
             // it was planned.
-            guard nowMs > d.sendAtMs + Self.lateAfterMs else { return .send }
+            guard Self.isLate(d, nowMs) else { return .send }
             let c = configuration
             let day: Int64 = 86_400_000, week = 7 * day
             let times = evidence.contacts.map(\.atMs)
@@ -454,14 +454,14 @@ public final class RoutingStore: Sendable {
             let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, channel FROM delivery WHERE delivery_id = ?"),
                                        arguments: [planned.deliveryId])
             let still = row.map { $0["state"] as Int == RoutingV1.Delivery.State.scheduled.rawValue && $0["channel"] as Int == planned.channel.rawValue } ?? false
-            return (try Self.evidence(db, person: planned.personId, engagement: false, contactsAround: nowMs), still)
+            return (try Self.evidence(db, person: planned.personId, engagement: false, contactsAround: Self.isLate(planned, nowMs) ? nowMs : nil), still)
         }
         guard read.still else { return nil }
         if check(planned, read.evidence, consent: consent, nowMs: nowMs) == .send { return planned }
         return try pool.write { db in
             guard var d = try Self.load(db, planned.deliveryId), d.state == .scheduled, d.channel == planned.channel,
                   d.nextAttemptAtMs <= nowMs else { return nil }
-            let evidence = try Self.evidence(db, person: d.personId, engagement: false, contactsAround: nowMs)
+            let evidence = try Self.evidence(db, person: d.personId, engagement: false, contactsAround: Self.isLate(d, nowMs) ? nowMs : nil)
             while true {
                 switch check(d, evidence, consent: consent, nowMs: nowMs) {
                 case .send:
@@ -610,6 +610,12 @@ public final class RoutingStore: Sendable {
     /// A send this long after its planned time is late: the caps are checked again before it,
     /// and count it when it went (5 minutes).
     static let lateAfterMs: Int64 = 300_000
+
+    /// A normal message going now more than `lateAfterMs` after its planned time: the caps
+    /// are checked again (only then are the person's contacts read for it).
+    static func isLate(_ d: RoutingV1.Delivery, _ nowMs: Int64) -> Bool {
+        d.urgency != .critical && nowMs > d.sendAtMs + lateAfterMs
+    }
 
     /// Writes `d` back. A delivery sent late has `send_at_ms` set to when it was sent: the
     /// caps count it there. One sent on time keeps its planned instant (a best hour is on the
