@@ -1032,6 +1032,57 @@ struct RoutingTests {
         }
     }
 
+    @Test("an unmerge gives the split person back its deliveries and those it had absorbed; erasing it later leaves none of them under the survivor")
+    func unmergeThenErase() async throws {
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }
+        try await withRouting(clock: clock) { routing, profile, _ in
+            var routed: [String: String] = [:]
+            for (i, person) in ["a", "b", "c"].enumerated() {
+                try seedReachable(profile.store, person, at: june1 - day)
+                routed[person] = try await routing.route(routeRequest(person, key: "u\(i)", channels: [.email], critical: true)).deliveryId
+            }
+            func held(_ person: String) throws -> Set<String> {
+                Set(try routing.store.deliveries(person: person, state: nil, before: nil, limit: 10).deliveries.map(\.deliveryId))
+            }
+            // b into a, then a into c: c holds all three.
+            try routing.store.apply([(1, .merge(target: "a", sources: ["b"])), (2, .merge(target: "c", sources: ["a"]))], nowMs: june1)
+            #expect(try held("c") == Set(routed.values) && held("a").isEmpty && held("b").isEmpty)
+            // a split off c comes back with b: their deliveries go back to a (before, c kept them).
+            try routing.store.apply([(3, .unmerge(survivor: "c", split: "a"))], nowMs: june1)
+            #expect(try held("a") == [routed["a"]!, routed["b"]!])
+            #expect(try held("c") == [routed["c"]!])
+            #expect(try routing.store.delivery(routed["b"]!)?.personId == "a")
+            // a merged into c again, then erased with b: none of their deliveries stays with c.
+            try routing.store.apply([(4, .merge(target: "c", sources: ["a"])), (5, .unmerge(survivor: "c", split: "a")),
+                                     (6, .erase(person: "a", absorbed: ["b"]))], nowMs: june1)
+            #expect(try routing.store.delivery(routed["a"]!) == nil && routing.store.delivery(routed["b"]!) == nil)
+            #expect(try held("c") == [routed["c"]!])
+            let directory = routing.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
+            for address in ["a@example.com", "b@example.com"] {
+                #expect(!filesContain(address, in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
+            }
+            #expect(filesContain("c@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
+        }
+    }
+
+    @Test("an erasure finds the person's deliveries that a merge moved to a survivor the identity service no longer names")
+    func eraseFindsMovedDeliveries() async throws {
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }
+        try await withRouting(clock: clock) { routing, profile, _ in
+            for person in ["a", "c"] { try seedReachable(profile.store, person, at: june1 - day) }
+            let a = try await routing.route(routeRequest("a", key: "e1", channels: [.email], critical: true))
+            let c = try await routing.route(routeRequest("c", key: "e2", channels: [.email], critical: true))
+            try routing.store.apply([(1, .merge(target: "c", sources: ["a"]))], nowMs: june1)
+            // The erasure names a alone (as after an unmerge this store missed): its delivery is
+            // found under c all the same.
+            try routing.store.apply([(2, .erase(person: "a", absorbed: []))], nowMs: june1)
+            #expect(try routing.store.delivery(a.deliveryId) == nil)
+            #expect(try routing.store.delivery(c.deliveryId) != nil)
+        }
+    }
+
     @Test("an erasure whose WAL truncation failed is truncated at the next poll of the feed, which does not replay it")
     func erasureTruncationRetriedTimed() async throws {
         try await withRouting(configure: uncapped) { routing, profile, _ in

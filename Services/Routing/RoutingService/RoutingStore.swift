@@ -106,6 +106,17 @@ public final class RoutingStore: Sendable {
                 CREATE INDEX delivery_due_by_channel ON delivery(channel, next_attempt_ms) WHERE state = 1;
                 """)
         }
+        migrator.registerMigration("v5: whom a merged delivery was routed for") { db in
+            // A merge keeps, on each delivery it moves, the person it was routed for, so that an
+            // unmerge gives it back and an erasure of that person finds it under the survivor.
+            // Merges applied before this version are not known here: their deliveries stay with
+            // the survivor.
+            try db.execute(sql: """
+                ALTER TABLE delivery ADD COLUMN origin_person_id TEXT;  -- NULL: routed for person_id
+                CREATE INDEX delivery_by_origin ON delivery(origin_person_id) WHERE origin_person_id IS NOT NULL;
+                CREATE TABLE person_merged (person_id TEXT PRIMARY KEY, target TEXT NOT NULL) WITHOUT ROWID;
+                """)
+        }
         return migrator
     }
 
@@ -763,8 +774,10 @@ extension RoutingStore: IdentityChangeSink {
     }
 
     /// Merges move deliveries, engagement (summed), bounces and opt-outs to the surviving
-    /// person; erasures delete all of them. Unmerges leave the survivor's deliveries where
-    /// they are (nothing here says which person a delivery was for before the merge).
+    /// person; each moved delivery keeps the person it was routed for. An unmerge gives the
+    /// split person back its deliveries and those of the persons it had absorbed; engagement,
+    /// bounces and opt-outs carry no origin and stay with the survivor. Erasures delete the
+    /// persons' deliveries wherever a merge moved them, and everything else of theirs.
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
         // An earlier erasure's truncation, if it failed: one attempt, never in the feed's way.
         defer { try? truncation.pay(pool, patience: .zero) }
@@ -782,7 +795,9 @@ extension RoutingStore: IdentityChangeSink {
                         try db.execute(sql: "INSERT OR IGNORE INTO person_erased (person_id) VALUES (?)", arguments: [p])
                     }
                     erased = true
-                case .unmerge, .other:
+                case .unmerge(_, let split):
+                    try unmerge(db, split)
+                case .other:
                     break
                 }
             }
@@ -797,11 +812,10 @@ extension RoutingStore: IdentityChangeSink {
     }
 
     private func merge(_ db: Database, _ source: String, into target: String, nowMs: Int64) throws {
-        for data in try Data.fetchAll(db, sql: "SELECT record FROM delivery WHERE person_id = ?", arguments: [source]) {
-            var d = try Self.record(data)
-            d.personId = target
-            try save(db, d)
-        }
+        try db.execute(sql: "UPDATE delivery SET origin_person_id = person_id WHERE person_id = ? AND origin_person_id IS NULL",
+                       arguments: [source])
+        try move(db, "person_id = ?", [source], to: target)
+        try db.execute(sql: "INSERT OR REPLACE INTO person_merged (person_id, target) VALUES (?, ?)", arguments: [source, target])
         let halfLife = configuration.halfLifeMs
         let mine = try Self.evidence(db, person: source).engagement
         let theirs = try Self.evidence(db, person: target).engagement
@@ -826,11 +840,44 @@ extension RoutingStore: IdentityChangeSink {
         }
     }
 
+    /// Gives `split` back the deliveries routed for it or for a person it had absorbed (it
+    /// comes back with them, as the identity service gives their identifiers back), wherever
+    /// merges moved them.
+    private func unmerge(_ db: Database, _ split: String) throws {
+        let absorbed = try String.fetchAll(db, sql: """
+            WITH RECURSIVE absorbed(person_id) AS (
+              SELECT person_id FROM person_merged WHERE target = ?1
+              UNION SELECT m.person_id FROM person_merged m JOIN absorbed a ON m.target = a.person_id)
+            SELECT person_id FROM absorbed
+            """, arguments: [split])
+        try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?", arguments: [split])
+        for origin in [split] + absorbed {
+            try move(db, "origin_person_id = ?", [origin], to: split)
+        }
+        try db.execute(sql: "UPDATE delivery SET origin_person_id = NULL WHERE origin_person_id = ?1 AND person_id = ?1", arguments: [split])
+    }
+
+    /// The deliveries `condition` selects (SQL over `delivery`) now belong to `person`.
+    private func move(_ db: Database, _ condition: String, _ arguments: StatementArguments, to person: String) throws {
+        for data in try Data.fetchAll(db, sql: "SELECT record FROM delivery WHERE \(condition)", arguments: arguments) {
+            var d = try Self.record(data)
+            d.personId = person
+            try save(db, d)
+        }
+    }
+
+    /// Deletes everything of `person`: its deliveries (also those a merge moved to another
+    /// person), their events, engagement, bounces and opt-outs.
     static func erase(_ db: Database, _ person: String) throws {
         guard !person.isEmpty else { return }
-        try db.execute(sql: "DELETE FROM delivery_event WHERE delivery_id IN (SELECT delivery_id FROM delivery WHERE person_id = ?)", arguments: [person])
+        try db.execute(sql: """
+            DELETE FROM delivery_event WHERE delivery_id IN
+              (SELECT delivery_id FROM delivery WHERE person_id = ?1 UNION SELECT delivery_id FROM delivery WHERE origin_person_id = ?1)
+            """, arguments: [person])
+        try db.execute(sql: "DELETE FROM delivery WHERE origin_person_id = ?", arguments: [person])
         for table in ["delivery", "engagement", "unreachable", "opt_out"] {
             try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [person])
         }
+        try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?1 OR target = ?1", arguments: [person])
     }
 }
