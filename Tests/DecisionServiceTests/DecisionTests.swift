@@ -592,6 +592,59 @@ struct DecisionTests {
         }
     }
 
+    @Test("an unmerge gives the split person back its decisions, offers and outcomes, and those of the persons it had absorbed",
+          arguments: recentHistorySizes)
+    func unmergeGivesHistoryBack(recentEntries: Int) async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock) { $0.recentHistoryEntries = recentEntries }
+        try decision.upsert(action("twice", caps: [cap(.action, 2, per: 86_400)]))
+        var made: [String: DecisionV1.DecideResponse] = [:]
+        for person in ["person-a", "person-b", "person-c"] {
+            made[person] = try await decision.decide(decideRequest(person))
+            _ = try await decision.outcome("o-\(person)", made[person]!, .click)
+        }
+        // b into a, then a into c: c holds three offers, over its cap of two.
+        try decision.store.apply([(1, .merge(target: "person-a", sources: ["person-b"])), (2, .merge(target: "person-c", sources: ["person-a"]))],
+                                 nowMs: clock.read())
+        #expect(try await decision.decide(decideRequest("person-c")).actions.isEmpty)
+        // a split off c comes back with b's history (before, c kept all three).
+        try decision.store.apply([(3, .unmerge(survivor: "person-c", split: "person-a"))], nowMs: clock.read())
+        for (person, holder) in [("person-a", "person-a"), ("person-b", "person-a"), ("person-c", "person-c")] {
+            #expect(try decision.store.decision(made[person]!.decisionId)?.personId == holder)
+        }
+        let a = try decision.store.history(person: "person-a", sinceMs: 0)
+        let c = try decision.store.history(person: "person-c", sinceMs: 0)
+        #expect(a.offers.count == 2 && a.outcomes.count == 2 && c.offers.count == 1 && c.outcomes.count == 1)
+        // The caps count it so (from memory when it holds them): c has room for one more, a none.
+        #expect(try await decision.decide(decideRequest("person-c")).actions.map(\.actionId) == ["twice"])
+        #expect(try await decision.decide(decideRequest("person-a")).actions.isEmpty)
+        // An outcome reported now on b's decision counts for a.
+        _ = try await decision.outcome("o-b2", made["person-b"]!, .dismiss)
+        #expect(try decision.store.history(person: "person-a", sinceMs: 0).outcomes.count == 3)
+    }
+
+    @Test("an erasure deletes the person's decisions that a merge moved to another person, and that person's caps no longer count them",
+          arguments: recentHistorySizes)
+    func erasureFindsMovedDecisions(recentEntries: Int) async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock) { $0.recentHistoryEntries = recentEntries }
+        try decision.upsert(action("once", caps: [cap(.action, 1, per: 86_400)]))
+        let a = try await decision.decide(decideRequest("person-a"))
+        _ = try await decision.outcome("o-a", a, .click)
+        try decision.store.apply([(1, .merge(target: "person-c", sources: ["person-a"]))], nowMs: clock.read())
+        #expect(try await decision.decide(decideRequest("person-c")).actions.isEmpty)  // a's offer caps c
+        // The erasure names a alone (as after an unmerge that gave a back its identifiers): its
+        // decision, offer and outcome are found under c all the same.
+        let directory = decision.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
+        let files = ["decision.sqlite", "decision.sqlite-wal"]
+        #expect(filesContain(a.decisionId, in: directory, files: files))
+        try decision.store.apply([(2, .erase(person: "person-a", absorbed: []))], nowMs: clock.read())
+        #expect(try decision.store.decision(a.decisionId) == nil)
+        #expect(!filesContain(a.decisionId, in: directory, files: files))
+        #expect(try decision.store.history(person: "person-c", sinceMs: 0).outcomes.isEmpty)
+        #expect(try await decision.decide(decideRequest("person-c")).actions.map(\.actionId) == ["once"])
+    }
+
     @Test("with the profile service down, a merged-away id is decided for as its survivor also after a restart; an unmerge undoes it")
     func mergesKeptInFile() async throws {
         let clock = TestClock()

@@ -267,6 +267,16 @@ public final class DecisionStore: Sendable {
             // Merges applied before this version are not known here (they were kept in memory).
             try db.execute(sql: "CREATE TABLE person_merged (person_id TEXT PRIMARY KEY, target TEXT NOT NULL) WITHOUT ROWID")
         }
+        migrator.registerMigration("v7: whom a merged decision was made for") { db in
+            // A merge keeps, on each offer row it moves (a decision's rows move together), the
+            // person the decision was made for, so that an unmerge gives it back and an erasure
+            // of that person finds it under the survivor. Merges applied before this version
+            // are not known here: their decisions stay with the survivor.
+            try db.execute(sql: """
+                ALTER TABLE offer ADD COLUMN origin_person_id TEXT;  -- NULL: made for person_id
+                CREATE INDEX offer_by_origin ON offer(origin_person_id) WHERE origin_person_id IS NOT NULL;
+                """)
+        }
         return migrator
     }
 
@@ -747,9 +757,11 @@ extension DecisionStore: IdentityChangeSink {
     }
 
     /// Merges move the absorbed persons' decisions, offers and outcomes to the survivor
-    /// (caps and suppressions then count them together); erasures delete them. The learned
-    /// evidence per action is an aggregate over everyone and stays. Unmerges leave history
-    /// with the survivor (a decision does not say which identifier it was made for).
+    /// (caps and suppressions then count them together), each decision keeping whom it was
+    /// made for. An unmerge gives the split person back its decisions and those of the persons
+    /// it had absorbed, with their offers and outcomes. Erasures delete the persons' decisions
+    /// wherever a merge moved them, with their offers and outcomes. The learned evidence per
+    /// action is an aggregate over everyone and stays.
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
         // An earlier erasure's truncation, if it failed: one attempt, never in the feed's way.
         defer { try? truncation.pay(pool, patience: .zero) }
@@ -771,22 +783,30 @@ extension DecisionStore: IdentityChangeSink {
                         }
                     case .erase(let person, let absorbed):
                         for p in [person] + absorbed where !p.isEmpty {
-                            try db.execute(sql: "DELETE FROM decision WHERE decision_id IN (SELECT decision_id FROM offer WHERE person_id = ?)", arguments: [p])
-                            for table in ["offer", "outcome"] {
-                                try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [p])
-                            }
+                            // Its decisions a merge moved to another person go too: that person's
+                            // history in memory is read again without them.
+                            let holders = try String.fetchAll(db, sql: "SELECT DISTINCT person_id FROM offer WHERE origin_person_id = ?1 AND person_id <> ?1",
+                                                              arguments: [p])
+                            try db.execute(sql: """
+                                DELETE FROM decision WHERE decision_id IN
+                                  (SELECT decision_id FROM offer WHERE person_id = ?1 UNION SELECT decision_id FROM offer WHERE origin_person_id = ?1)
+                                """, arguments: [p])
+                            try db.execute(sql: "DELETE FROM outcome WHERE decision_id IN (SELECT decision_id FROM offer WHERE origin_person_id = ?)", arguments: [p])
+                            try db.execute(sql: "DELETE FROM outcome WHERE person_id = ?", arguments: [p])
+                            try db.execute(sql: "DELETE FROM offer WHERE origin_person_id = ?", arguments: [p])
+                            try db.execute(sql: "DELETE FROM offer WHERE person_id = ?", arguments: [p])
                             try db.execute(sql: "INSERT OR IGNORE INTO person_erased (person_id) VALUES (?)", arguments: [p])
                             try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?1 OR target = ?1", arguments: [p])
-                            contacts.withLock { contacts in
+                            try contacts.withLock { contacts in
                                 if contacts.erased.insert(p).inserted { newlyErased.append(p) }
                                 contacts.recent.remove(p)
                                 contacts.pending[p] = nil  // its decisions in flight are logged for no one
+                                for holder in holders { try contacts.recent.reload(holder, from: db) }
                             }
                         }
                         erased = true
                     case .unmerge(_, let split):
-                        try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?", arguments: [split])
-                        contacts.withLock { _ = $0.gone.remove(split) }  // it is a person again
+                        try unmerge(db, split)
                     case .other:
                         break
                     }
@@ -795,7 +815,7 @@ extension DecisionStore: IdentityChangeSink {
                                arguments: [max(cursor, changes.map(\.seq).max()!)])
                 // The latest decisions' persons may have changed: ReportOutcome reads them from the
                 // file until new decisions come (merges and erasures are rare).
-                if changes.contains(where: { if case .merge = $0.change { true } else if case .erase = $0.change { true } else { false } }) {
+                if changes.contains(where: { if case .other = $0.change { false } else { true } }) {
                     let held = contacts.withLock { $0.decisions.takeAll() }
                     withExtendedLifetime(held) {}  // freed here, not under the lock
                 }
@@ -857,6 +877,39 @@ extension DecisionStore: IdentityChangeSink {
         }
     }
 
+    /// Gives `split` back the decisions made for it or for a person it had absorbed (it comes
+    /// back with them, as the identity service gives their identifiers back), with their
+    /// offers and outcomes, wherever merges moved them; the histories in memory of every
+    /// person concerned are read again.
+    private func unmerge(_ db: Database, _ split: String) throws {
+        let absorbed = try String.fetchAll(db, sql: """
+            WITH RECURSIVE absorbed(person_id) AS (
+              SELECT person_id FROM person_merged WHERE target = ?1
+              UNION SELECT m.person_id FROM person_merged m JOIN absorbed a ON m.target = a.person_id)
+            SELECT person_id FROM absorbed
+            """, arguments: [split])
+        try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?", arguments: [split])
+        var concerned: Set<String> = [split]
+        for origin in [split] + absorbed {
+            concerned.formUnion(try String.fetchAll(db, sql: "SELECT DISTINCT person_id FROM offer WHERE origin_person_id = ?", arguments: [origin]))
+            let moved = "SELECT decision_id FROM offer WHERE origin_person_id = ?"
+            for row in try Row.fetchAll(db, sql: "SELECT decision_id, record FROM decision WHERE decision_id IN (\(moved))", arguments: [origin]) {
+                var record = try Self.record(stored: row[1])
+                record.personId = split
+                try db.execute(sql: "UPDATE decision SET person_id = ?, record = ? WHERE decision_id = ?",
+                               arguments: [split, Self.stored(record), row[0] as String])
+            }
+            try db.execute(sql: "UPDATE outcome SET person_id = ? WHERE decision_id IN (\(moved))", arguments: [split, origin])
+            // Back to the split person; its own need no origin any more, its absorbed persons' keep theirs.
+            try db.execute(sql: "UPDATE offer SET person_id = ?1, origin_person_id = nullif(origin_person_id, ?1) WHERE origin_person_id = ?2",
+                           arguments: [split, origin])
+        }
+        try contacts.withLock { contacts in
+            _ = contacts.gone.remove(split)  // it is a person again
+            for person in concerned { try contacts.recent.reload(person, from: db) }
+        }
+    }
+
     /// Returns the decisions in flight whose reservations moved to `target`.
     private func merge(_ db: Database, _ source: String, into target: String) throws -> Set<String> {
         let rows = try Row.fetchAll(db, sql: """
@@ -868,7 +921,8 @@ extension DecisionStore: IdentityChangeSink {
             try db.execute(sql: "UPDATE decision SET person_id = ?, record = ? WHERE decision_id = ?",
                            arguments: [target, Self.stored(record), row[0] as String])
         }
-        try db.execute(sql: "UPDATE OR IGNORE offer SET person_id = ? WHERE person_id = ?", arguments: [target, source])
+        try db.execute(sql: "UPDATE OR IGNORE offer SET origin_person_id = coalesce(origin_person_id, person_id), person_id = ? WHERE person_id = ?",
+                       arguments: [target, source])
         try db.execute(sql: "DELETE FROM offer WHERE person_id = ?", arguments: [source])
         try db.execute(sql: "UPDATE outcome SET person_id = ? WHERE person_id = ?", arguments: [target, source])
         try db.execute(sql: "INSERT OR REPLACE INTO person_merged (person_id, target) VALUES (?, ?)", arguments: [source, target])

@@ -106,6 +106,22 @@ struct RecentHistory: Sendable {
         }
     }
 
+    /// The person's entries as the file holds them now (after an unmerge or an erasure moved
+    /// or deleted some of them), for the covered span.
+    mutating func reload(_ person: String, from db: Database) throws {
+        remove(person)
+        guard coveredAfterMs != .max else { return }
+        let since = coveredAfterMs
+        for row in try Row.fetchAll(db, sql: "SELECT action_id, channel, at_ms FROM offer WHERE person_id = ? AND at_ms > ? AND action_id != ''",
+                                    arguments: [person, since]) {
+            addOffer(person: person, action: row[0], channel: row[1], atMs: row[2])
+        }
+        for row in try Row.fetchAll(db, sql: "SELECT action_id, kind, occurred_at_ms FROM outcome WHERE person_id = ? AND occurred_at_ms > ?",
+                                    arguments: [person, since]) {
+            addOutcome(person: person, action: row[0], kind: DecisionV1.Outcome(rawValue: row[1]), atMs: row[2])
+        }
+    }
+
     private static func minute(_ atMs: Int64) -> Int64 { atMs >= 0 ? atMs / 60_000 : (atMs + 1) / 60_000 - 1 }
 
     private mutating func added(_ atMs: Int64) {
