@@ -26,9 +26,11 @@ func storeBefore(_ migration: String, _ sql: String) async throws -> String {
     return directory
 }
 
-func makeService(_ directory: String = tempDirectory(), rules: IdentityRules = IdentityRules(), key: [UInt8]? = nil) throws -> IdentityService {
+func makeService(_ directory: String = tempDirectory(), rules: IdentityRules = IdentityRules(), key: [UInt8]? = nil,
+                 erasureChunk: Int = IdentityStore.defaultErasureChunk) throws -> IdentityService {
     let clock = Mutex<Int64>(1_700_000_000_000)
-    return IdentityService(store: try IdentityStore(directory: directory, normalizer: Normalizer(rules: rules, privacyKey: key))) {
+    let store = try IdentityStore(directory: directory, normalizer: Normalizer(rules: rules, privacyKey: key), erasureChunk: erasureChunk)
+    return IdentityService(store: store) {
         clock.withLock { now in
             now += 1000
             return now
@@ -426,6 +428,29 @@ struct FeedAndErasureTests {
             #expect(again.changeSeq == erased.changeSeq && again.identifiersRemoved == 0)
         }
         #expect(try await service.feed().changes.last!.seq == erased.changeSeq)
+    }
+
+    @Test("erasing a person who absorbed many names them over several changes of bounded size, so that a feed page always holds one")
+    func largeErasureInChunks() async throws {
+        let service = try makeService(erasureChunk: 2)
+        let survivor = try await service.link([id("cookie_id", "hub")])
+        var absorbed: [String] = []
+        for i in 0..<5 {
+            absorbed.append(try await service.link([id("cookie_id", "leaf\(i)")]).personId)
+            _ = try await service.link([id("cookie_id", "hub"), id("cookie_id", "leaf\(i)")])
+        }
+        var erase = IdentityV1.EraseRequest()
+        erase.target = .personId(survivor.personId)
+        let erased = try await service.erase(erase)
+        let changes = try await service.feed().changes.filter { $0.kind == .erase }
+        // Three changes of at most two absorbed persons each (before, one naming all five).
+        #expect(changes.map(\.sourcePersonIds.count) == [2, 2, 1])
+        #expect(changes.allSatisfy { $0.targetPersonId == survivor.personId })
+        #expect(Set(changes.flatMap(\.sourcePersonIds)) == Set(absorbed))
+        #expect(erased.changeSeq == changes.last!.seq)
+        // A retry answers the last of them and adds none.
+        #expect(try await service.erase(erase).changeSeq == erased.changeSeq)
+        #expect(try await service.feed().changes.filter { $0.kind == .erase }.count == 3)
     }
 
     @Test("an identifier's erasure whose WAL truncation failed is completed by a retry, which answers NOT_FOUND")

@@ -16,10 +16,17 @@ public final class IdentityStore: Sendable {
     /// The WAL truncation an erasure owes until it succeeds (a retry of the erasure pays it).
     let truncation = OwedTruncation()
     let normalizer: Normalizer
+    /// A person's erasure names at most this many of the persons it had absorbed per change
+    /// of the feed (more make more changes). Person ids are at most 64 bytes: a change stays
+    /// under ~260 KB, so that a ListChanges page always holds it. Default 4,000.
+    let erasureChunk: Int
+    public static let defaultErasureChunk = 4_000
 
     /// `startMs`: now, by default; the change feed's numbers start above it (see `appendChange`).
-    public init(directory: String, normalizer: Normalizer, startMs: Int64 = Int64(Date().timeIntervalSince1970 * 1000)) throws {
+    public init(directory: String, normalizer: Normalizer, startMs: Int64 = Int64(Date().timeIntervalSince1970 * 1000),
+                erasureChunk: Int = IdentityStore.defaultErasureChunk) throws {
         self.normalizer = normalizer
+        self.erasureChunk = max(1, erasureChunk)
         (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "identity", migrator: Self.migrator)
         try pool.write { db in
             try db.execute(sql: "UPDATE feed_floor SET seq = max(seq, ?)", arguments: [startMs.multipliedReportingOverflow(by: 1000).partialValue])
@@ -507,7 +514,13 @@ public final class IdentityStore: Sendable {
                                arguments: [person])
                 try db.execute(sql: "UPDATE person SET state = 'erased', merged_into = NULL WHERE id = ?", arguments: [person])
             }
-            let seq = try Self.appendChange(db, .erase, target: survivor, sources: absorbed, cause: Self.personErasedCause, atMs: nowMs)
+            // One change per `erasureChunk` absorbed persons: a person who had absorbed 100,000s
+            // of others made one change larger than a message may be, and every follower stopped there.
+            var seq: Int64 = 0
+            for start in stride(from: 0, to: max(absorbed.count, 1), by: erasureChunk) {
+                let chunk = Array(absorbed[start..<min(start + erasureChunk, absorbed.count)])
+                seq = try Self.appendChange(db, .erase, target: survivor, sources: chunk, cause: Self.personErasedCause, atMs: nowMs)
+            }
             truncation.owe()
             return (seq, removed)
         }

@@ -273,7 +273,8 @@ struct  Arbiter__Identity__V1__Change
   int64_t merge_id;
   /*
    * ERASE: true when one identifier was erased and its person (target) lives on; false when
-   * the person was erased, with every person it had absorbed (sources).
+   * the person was erased, with every person it had absorbed (sources: at most 4,000 per
+   * change; a person who had absorbed more is erased in several changes, each naming it).
    */
   protobuf_c_boolean identifier_only;
 };

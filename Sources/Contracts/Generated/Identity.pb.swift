@@ -289,7 +289,8 @@ extension IdentityV1 {
         /// MERGE: the merge's id, which Unmerge's merge_id names (History lists them per person).
         public var mergeId: Int64 = 0
         /// ERASE: true when one identifier was erased and its person (target) lives on; false when
-        /// the person was erased, with every person it had absorbed (sources).
+        /// the person was erased, with every person it had absorbed (sources: at most 4,000 per
+        /// change; a person who had absorbed more is erased in several changes, each naming it).
         public var identifierOnly: Bool = false
 
         public struct Kind: ProtoEnum {
