@@ -3,6 +3,7 @@ import Histogram
 import NIOCore
 import NIOPosix
 import RPC
+import Synchronization
 
 extension LoadTest {
     /// One call for `drive`: a method and its encoded request.
@@ -33,8 +34,10 @@ extension LoadTest {
     /// the calls start ever later, and the run lasts past `seconds` until they are answered:
     /// `Result.seconds` is then the run's real length. Calls not answered (or, in open loop,
     /// not even started) `timeout` after the run count as `DEADLINE_EXCEEDED`. Every
-    /// connection is opened before the run; a lost one fails its calls in flight, and the run
-    /// fails when an event loop's scheduler has lost all of its connections.
+    /// connection is opened before the run; a lost one fails its calls in flight. An event
+    /// loop that has lost all of its connections fails its share of the calls as they come
+    /// due (open loop; `UNAVAILABLE`) or stops its callers (closed loop), and the others go
+    /// on; the run fails when every connection is lost.
     public static func drive(
         host: String, port: Int, connections: Int, group: any EventLoopGroup,
         seconds: Double, rate: Double?, concurrency: Int, metadata: Metadata = [:],
@@ -52,6 +55,7 @@ extension LoadTest {
         }
         // One scheduler per event loop, each with its share of the rate, the calls in flight
         // and the connections; scheduler d makes calls d, d + drivers, d + 2 × drivers, …
+        let connected = ConnectedSchedulers(drivers)
         var bound: [NIOLoopBound<WireScheduler>] = []
         var channels: [any Channel] = []
         func closeAll() { for channel in channels { channel.close(promise: nil) } }
@@ -61,7 +65,8 @@ extension LoadTest {
             let slots = max(1, concurrency / drivers + (d < concurrency % drivers ? 1 : 0))
             let scheduler = try await loop.submit {
                 NIOLoopBound(WireScheduler(loop: loop, first: d, stride: drivers, rate: rate, slots: slots, timeline: timeline,
-                                           call: call, envelope: envelope, answered: answered), eventLoop: loop)
+                                           connected: connected, call: call, envelope: envelope, answered: answered),
+                             eventLoop: loop)
             }.get()
             for _ in 0..<share {
                 do {
@@ -111,6 +116,15 @@ extension LoadTest {
     }
 }
 
+/// How many of a run's schedulers still have a connection.
+final class ConnectedSchedulers: Sendable {
+    private let count: Atomic<Int>
+    init(_ count: Int) { self.count = Atomic(count) }
+    /// A scheduler lost its last connection; returns how many still have one.
+    func lose() -> Int { count.subtract(1, ordering: .relaxed).newValue }
+    var none: Bool { count.load(ordering: .relaxed) <= 0 }
+}
+
 /// `LoadTest.drive`'s scheduler for one event loop: starts the calls due, keeps their intended
 /// starts by stream id, and records each answer. Used only on its loop.
 final class WireScheduler {
@@ -119,6 +133,7 @@ final class WireScheduler {
     private let intervalNs: Double?
     private let slots: Int
     private let timeline: Bool
+    private let connected: ConnectedSchedulers
     private let call: @Sendable (Int) -> LoadTest.WireCall
     private let envelope: @Sendable (LoadTest.WireCall) -> [UInt8]
     private let answered: @Sendable (LoadTest.WireCall, [UInt8]) -> String
@@ -136,7 +151,7 @@ final class WireScheduler {
     private var done: EventLoopPromise<Void>?
     private var result = LoadTest.Result()
 
-    init(loop: any EventLoop, first: Int, stride: Int, rate: Double?, slots: Int, timeline: Bool,
+    init(loop: any EventLoop, first: Int, stride: Int, rate: Double?, slots: Int, timeline: Bool, connected: ConnectedSchedulers,
          call: @escaping @Sendable (Int) -> LoadTest.WireCall,
          envelope: @escaping @Sendable (LoadTest.WireCall) -> [UInt8],
          answered: @escaping @Sendable (LoadTest.WireCall, [UInt8]) -> String) {
@@ -146,6 +161,7 @@ final class WireScheduler {
         self.intervalNs = rate.map { 1e9 / $0 }
         self.slots = slots
         self.timeline = timeline
+        self.connected = connected
         self.call = call
         self.envelope = envelope
         self.answered = answered
@@ -195,7 +211,14 @@ final class WireScheduler {
                 if now >= end { starting = false; break }
                 intended = now
             }
-            guard !connections.isEmpty else { starting = false; break }
+            guard !connections.isEmpty else {
+                // Open loop after this loop lost its connections (`lost`): the call due fails,
+                // unless every loop lost them, which ends the run.
+                guard !connected.none else { failRun(); break }
+                record(kind: "error", failure: "\(RPCError.Code.unavailable)", intended: intended)
+                next += stride
+                continue
+            }
             let connection = connections[turn % connections.count]
             turn &+= 1
             let wire = call(next)
@@ -259,11 +282,20 @@ final class WireScheduler {
             inFlight -= 1
         }
         if connections.isEmpty && starting {
-            starting = false
-            done?.fail(RPCError(.unavailable, "every connection of the load generator was closed by the server"))
-            done = nil
+            if connected.lose() == 0 {
+                failRun()
+            } else if intervalNs == nil {
+                starting = false  // closed loop: this loop's callers stop, the others' go on
+            }
         }
         if starting { pump() } else { finishIfDone() }  // the freed slots take the calls due
+    }
+
+    /// Every loop lost all of its connections: the run fails.
+    private func failRun() {
+        starting = false
+        done?.fail(RPCError(.unavailable, "every connection of the load generator was closed by the server"))
+        done = nil
     }
 
     /// The run is over and some calls were never answered, or never started (open loop, a

@@ -191,10 +191,51 @@ struct LoadTestTests {
             .childChannelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(CloseOnRead()) } }
             .bind(host: "127.0.0.1", port: 0).get()
         defer { closing.close(promise: nil) }
-        await #expect(throws: RPCError.self) {
+        await #expect(throws: RPCError(.unavailable, "every connection of the load generator was closed by the server")) {
             _ = try await LoadTest.drive(
                 host: "127.0.0.1", port: closing.localAddress!.port!, connections: 2, group: MultiThreadedEventLoopGroup.singleton,
                 seconds: 2, rate: 100, concurrency: 5, call: { _ in Self.echo(echoRequest("x")) }, answered: { _, _ in "Echo" })
         }
+    }
+
+    @Test("drive: an event loop whose connections are all closed fails its share of the calls; the other loops' calls go on")
+    func driveLosesOneLoopTimed() async throws {
+        // A server that answers every request with an empty OK, except on the first connection
+        // it accepted, which it closes at its first request.
+        final class AnswerOrClose: ChannelInboundHandler, Sendable {
+            typealias InboundIn = InboundFrame
+            typealias OutboundOut = OutboundFrame
+            let close: Bool
+            init(close: Bool) { self.close = close }
+            func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+                guard case .frame(let header, _) = unwrapInboundIn(data), !close else { context.close(promise: nil); return }
+                var response = TTRPC.Response()
+                response.status = GoogleRPC.Status()
+                context.writeAndFlush(wrapOutboundOut(OutboundFrame(streamID: header.streamID, kind: .response, payload: response.serializedBytes())),
+                                      promise: nil)
+            }
+        }
+        let accepted = Mutex(0)
+        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in
+                let first = accepted.withLock { count in count += 1; return count == 1 }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(TTRPCFrameDecoder(maxPayloadSize: 1 << 20)))
+                    try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(TTRPCFrameEncoder()))
+                    try channel.pipeline.syncOperations.addHandler(AnswerOrClose(close: first))
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        defer { server.close(promise: nil) }
+        let loops = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        defer { loops.shutdownGracefully { _ in } }
+        // Two loops of one connection each: one loop loses its only connection at its first call.
+        let result = try await LoadTest.drive(
+            host: "127.0.0.1", port: server.localAddress!.port!, connections: 2, group: loops,
+            seconds: 1, rate: 200, concurrency: 8, call: { _ in Self.echo(echoRequest("x")) }, answered: { _, _ in "Echo" })
+        // Every one of the 200 intended calls is counted: the lost loop's 100 as UNAVAILABLE (before,
+        // the run failed), the other's answered.
+        #expect(result.total.totalCount == 200)
+        #expect(result.errors == ["UNAVAILABLE": 100] && result.histograms["Echo"]?.totalCount == 100, "\(result.errors)")
     }
 }
