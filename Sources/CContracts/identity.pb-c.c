@@ -1207,7 +1207,7 @@ const ProtobufCMessageDescriptor arbiter__identity__v1__unmerge_response__descri
   (ProtobufCMessageInit) arbiter__identity__v1__unmerge_response__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__identity__v1__get_person_request__field_descriptors[1] =
+static const ProtobufCFieldDescriptor arbiter__identity__v1__get_person_request__field_descriptors[3] =
 {
   {
     "person_id",
@@ -1221,14 +1221,40 @@ static const ProtobufCFieldDescriptor arbiter__identity__v1__get_person_request_
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "page_size",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Identity__V1__GetPersonRequest, page_size),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "page_token",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Identity__V1__GetPersonRequest, page_token),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__identity__v1__get_person_request__field_indices_by_name[] = {
+  1,   /* field[1] = page_size */
+  2,   /* field[2] = page_token */
   0,   /* field[0] = person_id */
 };
 static const ProtobufCIntRange arbiter__identity__v1__get_person_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 1 }
+  { 0, 3 }
 };
 const ProtobufCMessageDescriptor arbiter__identity__v1__get_person_request__descriptor =
 {
@@ -1238,14 +1264,14 @@ const ProtobufCMessageDescriptor arbiter__identity__v1__get_person_request__desc
   "Arbiter__Identity__V1__GetPersonRequest",
   "arbiter.identity.v1",
   sizeof(Arbiter__Identity__V1__GetPersonRequest),
-  1,
+  3,
   arbiter__identity__v1__get_person_request__field_descriptors,
   arbiter__identity__v1__get_person_request__field_indices_by_name,
   1,  arbiter__identity__v1__get_person_request__number_ranges,
   (ProtobufCMessageInit) arbiter__identity__v1__get_person_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__identity__v1__person__field_descriptors[3] =
+static const ProtobufCFieldDescriptor arbiter__identity__v1__person__field_descriptors[4] =
 {
   {
     "person_id",
@@ -1283,16 +1309,29 @@ static const ProtobufCFieldDescriptor arbiter__identity__v1__person__field_descr
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "next_page_token",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Identity__V1__Person, next_page_token),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__identity__v1__person__field_indices_by_name[] = {
   2,   /* field[2] = created_at_ms */
   1,   /* field[1] = identifiers */
+  3,   /* field[3] = next_page_token */
   0,   /* field[0] = person_id */
 };
 static const ProtobufCIntRange arbiter__identity__v1__person__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 3 }
+  { 0, 4 }
 };
 const ProtobufCMessageDescriptor arbiter__identity__v1__person__descriptor =
 {
@@ -1302,7 +1341,7 @@ const ProtobufCMessageDescriptor arbiter__identity__v1__person__descriptor =
   "Arbiter__Identity__V1__Person",
   "arbiter.identity.v1",
   sizeof(Arbiter__Identity__V1__Person),
-  3,
+  4,
   arbiter__identity__v1__person__field_descriptors,
   arbiter__identity__v1__person__field_indices_by_name,
   1,  arbiter__identity__v1__person__number_ranges,

@@ -116,6 +116,7 @@ public struct IdentityFeedFollower<Sink: IdentityChangeSink>: Service {
     func personExists(_ id: String) async throws -> Bool {
         var request = IdentityV1.GetPersonRequest()
         request.personId = id
+        request.pageSize = 1  // whether it exists, not its identifiers
         do {
             _ = try await identity.call(IdentityV1.Identity.getPerson, request)
             return true

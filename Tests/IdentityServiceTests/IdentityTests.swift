@@ -394,6 +394,33 @@ struct FeedAndErasureTests {
         #expect(seen == all)
     }
 
+    @Test("GetPerson pages a person's identifiers in (type, value) order; bad paging names the field")
+    func getPersonPages() async throws {
+        let service = try makeService()
+        let person = try await service.link([id("email", "pager@example.org")])
+        for i in 0..<4 { _ = try await service.link([id("email", "pager@example.org"), id("cookie_id", "ck\(i)")]) }
+        var request = IdentityV1.GetPersonRequest()
+        request.personId = person.personId
+        request.pageSize = 2
+        var pages: [[String]] = []
+        repeat {
+            let page = try await service.getPerson(request)
+            #expect(page.personId == person.personId)
+            pages.append(page.identifiers.map { "\($0.identifier!.type):\($0.identifier!.value)" })
+            request.pageToken = page.nextPageToken
+        } while !request.pageToken.isEmpty && pages.count < 10
+        #expect(pages == [["cookie_id:ck0", "cookie_id:ck1"], ["cookie_id:ck2", "cookie_id:ck3"], ["email:pager@example.org"]])
+        // By default one page holds them all, with no token.
+        request.pageSize = 0
+        let whole = try await service.getPerson(request)
+        #expect(whole.identifiers.count == 5 && whole.nextPageToken.isEmpty)
+        request.pageSize = 10_001
+        await #expect(throws: RPCError.invalidArgument(field: "page_size", "must be at most 10000, got 10001")) { _ = try await service.getPerson(request) }
+        request.pageSize = 2
+        request.pageToken = "not a token"
+        await #expect(throws: RPCError.invalidArgument(field: "page_token", "is not a token this service gave")) { _ = try await service.getPerson(request) }
+    }
+
     @Test("after Erase no identifier of that person is in the SQLite files")
     func eraseLeavesNothing() async throws {
         let directory = tempDirectory()

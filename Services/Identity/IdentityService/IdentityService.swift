@@ -137,13 +137,22 @@ public struct IdentityService: RPCService {
         return response
     }
 
+    /// The largest `page_size` of GetPerson.
+    static let maxPersonPage = 10_000
+
     func getPerson(_ request: IdentityV1.GetPersonRequest) async throws -> IdentityV1.Person {
         let id = try Self.personID(request.personId)
-        let record = try await mapped { try await store.person(id) }
+        guard request.pageSize <= Self.maxPersonPage else {
+            throw RPCError.invalidArgument(field: "page_size", "must be at most \(Self.maxPersonPage), got \(request.pageSize)")
+        }
+        let pageSize = request.pageSize == 0 ? 1000 : Int(request.pageSize)
+        let after = try request.pageToken.isEmpty ? nil : Self.identifierCursor(request.pageToken)
+        // One more than the page, to tell whether more follow.
+        let record = try await mapped { try await store.person(id, after: after, limit: pageSize + 1) }
         var person = IdentityV1.Person()
         person.personId = record.id
         person.createdAtMs = record.createdAtMs
-        person.identifiers = record.identifiers.map {
+        let wires = record.identifiers.prefix(pageSize).map {
             var entry = IdentityV1.PersonIdentifier()
             var identifier = CommonV1.Identifier()
             identifier.type = $0.type
@@ -154,7 +163,27 @@ public struct IdentityService: RPCService {
             entry.source = $0.source
             return entry
         }
+        // A page also stops at the answer budget (never empty: a pager always moves on).
+        let count = AnswerSize.fitting(wires.lazy.map { $0.serializedBytes().count })
+        person.identifiers = Array(wires.prefix(count))
+        if count < record.identifiers.count, let last = record.identifiers.prefix(count).last {
+            person.nextPageToken = Self.identifierToken(type: last.type, value: last.value)
+        }
         return person
+    }
+
+    /// GetPerson's page token: the last identifier of the page (type and stored value), in
+    /// base64 (opaque to clients).
+    static func identifierToken(type: String, value: String) -> String {
+        Data((type + "\n" + value).utf8).base64EncodedString()
+    }
+
+    static func identifierCursor(_ token: String) throws(RPCError) -> (type: String, value: String) {
+        guard token.utf8.count <= 4096, let data = Data(base64Encoded: token), let text = String(data: data, encoding: .utf8),
+              let newline = text.firstIndex(of: "\n") else {
+            throw .invalidArgument(field: "page_token", "is not a token this service gave")
+        }
+        return (String(text[..<newline]), String(text[text.index(after: newline)...]))
     }
 
     func history(_ request: IdentityV1.HistoryRequest) async throws -> IdentityV1.HistoryResponse {

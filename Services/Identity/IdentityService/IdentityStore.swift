@@ -280,7 +280,9 @@ public final class IdentityStore: Sendable {
         return ResolveResult(personID: linked.personID, matched: linked.known, created: linked.created)
     }
 
-    public func person(_ id: String) async throws -> PersonRecord {
+    /// The person `id` names (its survivor), with up to `limit` of its identifiers in (type,
+    /// value) order, those after `after` when given.
+    public func person(_ id: String, after: (type: String, value: String)? = nil, limit: Int = .max) async throws -> PersonRecord {
         try reading { db in
             let survivor = try Self.survivor(db, id)
             guard let row = try Row.fetchOne(db, sql: "SELECT created_at_ms FROM person WHERE id = ?", arguments: [survivor]) else {
@@ -288,8 +290,8 @@ public final class IdentityStore: Sendable {
             }
             let identifiers = try Row.fetchAll(db, sql: """
                 SELECT type, value, first_seen_ms, last_seen_ms, source FROM identifier
-                WHERE person_id = ? ORDER BY type, value
-                """, arguments: [survivor]).map {
+                WHERE person_id = ?1 AND (type, value) > (?2, ?3) ORDER BY type, value LIMIT ?4
+                """, arguments: [survivor, after?.type ?? "", after?.value ?? "", limit]).map {
                 StoredIdentifier(type: $0["type"], value: $0["value"], firstSeenMs: $0["first_seen_ms"],
                                  lastSeenMs: $0["last_seen_ms"], source: $0["source"])
             }

@@ -163,10 +163,19 @@ struct  Arbiter__Identity__V1__GetPersonRequest
 {
   ProtobufCMessage base;
   char *person_id;
+  /*
+   * Identifiers per page, in (type, value) order: default 1000, at most 10000. A page also
+   * stops at 2 MiB.
+   */
+  uint32_t page_size;
+  /*
+   * The next_page_token of the page before ("" for the first).
+   */
+  char *page_token;
 };
 #define ARBITER__IDENTITY__V1__GET_PERSON_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__identity__v1__get_person_request__descriptor) \
-    , (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string }
 
 
 struct  Arbiter__Identity__V1__Person
@@ -176,10 +185,14 @@ struct  Arbiter__Identity__V1__Person
   size_t n_identifiers;
   Arbiter__Identity__V1__PersonIdentifier **identifiers;
   int64_t created_at_ms;
+  /*
+   * Set when more identifiers follow: pass it as page_token.
+   */
+  char *next_page_token;
 };
 #define ARBITER__IDENTITY__V1__PERSON__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__identity__v1__person__descriptor) \
-    , (char *)protobuf_c_empty_string, 0,NULL, 0 }
+    , (char *)protobuf_c_empty_string, 0,NULL, 0, (char *)protobuf_c_empty_string }
 
 
 struct  Arbiter__Identity__V1__PersonIdentifier

@@ -150,15 +150,24 @@ extension IdentityV1 {
 
     public struct GetPersonRequest: ProtoMessage {
         public var personId: String = ""
+        /// Identifiers per page, in (type, value) order: default 1000, at most 10000. A page also
+        /// stops at 2 MiB.
+        public var pageSize: UInt32 = 0
+        /// The next_page_token of the page before ("" for the first).
+        public var pageToken: String = ""
 
         public static let protoName = "arbiter.identity.v1.GetPersonRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__identity__v1__get_person_request__descriptor_ptr())
         public init() {}
         public init(reader: ProtoReader) throws {
             personId = reader.string(1)
+            pageSize = reader.uint32(2)
+            pageToken = reader.string(3)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, personId)
+            writer.setUint32(2, pageSize)
+            writer.setString(3, pageToken)
         }
     }
 
@@ -166,6 +175,8 @@ extension IdentityV1 {
         public var personId: String = ""
         public var identifiers: [IdentityV1.PersonIdentifier] = []
         public var createdAtMs: Int64 = 0
+        /// Set when more identifiers follow: pass it as page_token.
+        public var nextPageToken: String = ""
 
         public static let protoName = "arbiter.identity.v1.Person"
         public static let protoDescriptor = ProtoDescriptor(arbiter__identity__v1__person__descriptor_ptr())
@@ -174,11 +185,13 @@ extension IdentityV1 {
             personId = reader.string(1)
             identifiers = try reader.messages(2)
             createdAtMs = reader.int64(3)
+            nextPageToken = reader.string(4)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, personId)
             writer.setRepeatedMessages(2, identifiers)
             writer.setInt64(3, createdAtMs)
+            writer.setString(4, nextPageToken)
         }
     }
 
