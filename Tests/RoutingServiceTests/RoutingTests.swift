@@ -365,6 +365,42 @@ struct RoutingTests {
         }
     }
 
+    @Test("a late message over the overall caps waits for the first moment before its not_after at which they hold; without one in time it is capped")
+    func lateOverCapsWaits() async throws {
+        try await withRouting(configure: { ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (2, 10, 5, 10) }) { routing, _, _ in
+            var d = RoutingV1.Delivery()
+            (d.channel, d.sendAtMs, d.createdAtMs, d.timeZone, d.urgency) = (.email, june1, june1 - hour, "UTC", .normal)
+            var evidence = Evidence()
+            // Two sent 20 and 10 hours before, and one scheduled 30 hours after: sent now, 10
+            // minutes late, it would be the third within 24 hours.
+            evidence.contacts = [(CommonV1.Channel.webhook.rawValue, june1 - 20 * hour), (CommonV1.Channel.webhook.rawValue, june1 - 10 * hour),
+                                 (CommonV1.Channel.webhook.rawValue, june1 + 30 * hour)]
+            let now = june1 + 10 * 60_000
+            guard case .capped = routing.store.check(d, evidence, nowMs: now) else {
+                Issue.record("without not_after, a late message over the caps is not sent")
+                return
+            }
+            // Valid two more days: it waits until the first of them leaves the window (before,
+            // it was suppressed).
+            d.notAfterMs = june1 + 2 * day
+            guard case .later(let at, let why) = routing.store.check(d, evidence, nowMs: now) else {
+                Issue.record("a late message that fits later within its not_after was not held")
+                return
+            }
+            #expect(at == june1 + 4 * hour && why.hasPrefix("sent now, 3 deliveries within 24 hours (cap 2)"), "\(at) \(why)")
+            #expect(routing.store.check(d, evidence, nowMs: at) == .send)
+            // Valid only until before that moment: capped.
+            d.notAfterMs = june1 + 3 * hour
+            guard case .capped = routing.store.check(d, evidence, nowMs: now) else {
+                Issue.record("a late message with no moment within the caps before its not_after was held")
+                return
+            }
+            // The scheduled one counts too: no moment within a day of it holds a third.
+            #expect(RoutingStore.firstWithinCaps([june1 - 20 * hour, june1 + 10 * hour, june1 + 11 * hour], after: june1, until: june1 + 2 * day,
+                                                 perDay: 2, perWeek: 10) == june1 + 34 * hour)
+        }
+    }
+
     @Test("a cap holds over any window of its length: deliveries on both sides of the send time that no single window holds do not block it")
     func capWindows() async throws {
         // Before: everything within 24 hours either side counted, 3 here.

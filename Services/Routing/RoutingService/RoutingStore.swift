@@ -349,6 +349,15 @@ public final class RoutingStore: Sendable {
         return best
     }
 
+    /// The first time in (`after`, `until`] at which a send would keep the overall caps
+    /// (`busiestWindow` under `perDay` and `perWeek`) with contacts at `times`: one of the
+    /// moments an earlier contact leaves a window. Nil when there is none.
+    static func firstWithinCaps(_ times: [Int64], after: Int64, until: Int64, perDay: Int, perWeek: Int) -> Int64? {
+        let day: Int64 = 86_400_000, week = 7 * day
+        let moments = Set(times.flatMap { [$0 + day, $0 + week] }).filter { $0 > after && $0 <= until }.sorted()
+        return moments.first { busiestWindow(times, around: $0, length: day) < perDay && busiestWindow(times, around: $0, length: week) < perWeek }
+    }
+
     // MARK: - Judged again at send time
 
     /// What the dispatcher may do with a due delivery now.
@@ -364,7 +373,8 @@ public final class RoutingStore: Sendable {
         /// Not at all: `not_after` has passed.
         case expired(why: String)
         /// Not at all: sent now, it would go over the person's overall caps (a message sent
-        /// later than planned: retried, held by an outage or quiet hours, requeued).
+        /// later than planned: retried, held by an outage or quiet hours, requeued), and no
+        /// later moment before its `not_after` (if it has one) keeps them.
         case capped(why: String)
     }
 
@@ -439,8 +449,16 @@ public final class RoutingStore: Sendable {
             let times = evidence.contacts.map(\.atMs)
             let dayTotal = Self.busiestWindow(times, around: nowMs, length: day)
             let weekTotal = Self.busiestWindow(times, around: nowMs, length: week)
-            if dayTotal >= c.capPerDay { return .capped(why: "sent now, \(dayTotal + 1) deliveries within 24 hours (cap \(c.capPerDay))") }
-            if weekTotal >= c.capPerWeek { return .capped(why: "sent now, \(weekTotal + 1) deliveries within 7 days (cap \(c.capPerWeek))") }
+            if dayTotal >= c.capPerDay || weekTotal >= c.capPerWeek {
+                let why = dayTotal >= c.capPerDay ? "sent now, \(dayTotal + 1) deliveries within 24 hours (cap \(c.capPerDay))"
+                    : "sent now, \(weekTotal + 1) deliveries within 7 days (cap \(c.capPerWeek))"
+                // A message that may still go later waits for the first moment, before its
+                // not_after, at which an earlier contact has left the window and the caps hold.
+                if d.notAfterMs > 0, let at = Self.firstWithinCaps(times, after: nowMs, until: d.notAfterMs, perDay: c.capPerDay, perWeek: c.capPerWeek) {
+                    return .later(atMs: at, why: "\(why); within the caps at \(at)")
+                }
+                return .capped(why: why)
+            }
             let mine = evidence.contacts.filter { $0.channel == d.channel.rawValue }.map(\.atMs)
             let perDay = Self.busiestWindow(mine, around: nowMs, length: day)
             let perWeek = Self.busiestWindow(mine, around: nowMs, length: week)
