@@ -178,15 +178,12 @@ final class WireScheduler {
         self.end = end
         self.grace = grace
         let promise = loop.makePromise(of: Void.self)
-        guard !connections.isEmpty else {
-            promise.fail(RPCError(.unavailable, "the server closed every connection of the load generator before the run"))
-            return promise.futureResult
-        }
         starting = true
         done = promise
         let this = NIOLoopBound(self, eventLoop: loop)
         graceTimer = loop.scheduleTask(deadline: grace) { this.value.giveUp() }
-        pump()
+        if connections.isEmpty { orphaned() }  // the server closed them before the run
+        if starting { pump() } else { finishIfDone() }
         return promise.futureResult
     }
 
@@ -281,14 +278,18 @@ final class WireScheduler {
             record(kind: "error", failure: "\(RPCError.Code.unavailable)", intended: call.intended)
             inFlight -= 1
         }
-        if connections.isEmpty && starting {
-            if connected.lose() == 0 {
-                failRun()
-            } else if intervalNs == nil {
-                starting = false  // closed loop: this loop's callers stop, the others' go on
-            }
-        }
+        if connections.isEmpty && starting { orphaned() }
         if starting { pump() } else { finishIfDone() }  // the freed slots take the calls due
+    }
+
+    /// This loop has no connection left: unless every loop is in that state (the run fails),
+    /// its calls due fail as they come (open loop: `pump`) or its callers stop (closed loop).
+    private func orphaned() {
+        if connected.lose() == 0 {
+            failRun()
+        } else if intervalNs == nil {
+            starting = false
+        }
     }
 
     /// Every loop lost all of its connections: the run fails.

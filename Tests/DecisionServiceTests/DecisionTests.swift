@@ -645,6 +645,30 @@ struct DecisionTests {
         #expect(try await decision.decide(decideRequest("person-c")).actions.map(\.actionId) == ["once"])
     }
 
+    @Test("an erasure deletes the outcomes on the person's decisions that were logged for another person (reported during an unmerge)",
+          arguments: recentHistorySizes)
+    func erasureTakesStrayOutcomes(recentEntries: Int) async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock) { $0.recentHistoryEntries = recentEntries }
+        try decision.upsert(action("x"))
+        let b = try await decision.decide(decideRequest("person-b"))
+        _ = try await decision.decide(decideRequest("person-c"))
+        // An outcome on b's decision logged for c: reported while b was being split off c.
+        try await decision.store.pool.write { db in
+            try db.execute(sql: """
+                INSERT INTO outcome (outcome_id, decision_id, person_id, action_id, kind, value, occurred_at_ms)
+                VALUES ('stray', ?, 'person-c', 'x', ?, 0, ?)
+                """, arguments: [b.decisionId, DecisionV1.Outcome.click.rawValue, clock.read()])
+        }
+        let directory = decision.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
+        let store = try DecisionStore(directory: directory, for: decision.configuration)  // memory read from the file
+        #expect(try store.history(person: "person-c", sinceMs: 0).outcomes.count == 1)
+        try store.apply([(1, .erase(person: "person-b", absorbed: []))], nowMs: clock.read())
+        // Before, it stayed, and c's suppressions counted it.
+        #expect(try store.history(person: "person-c", sinceMs: 0).outcomes.isEmpty)
+        #expect(try await store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM outcome") } == 0)
+    }
+
     @Test("with the profile service down, a merged-away id is decided for as its survivor also after a restart; an unmerge undoes it")
     func mergesKeptInFile() async throws {
         let clock = TestClock()

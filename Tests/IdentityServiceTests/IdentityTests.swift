@@ -475,8 +475,12 @@ struct FeedAndErasureTests {
         #expect(changes.allSatisfy { $0.targetPersonId == survivor.personId })
         #expect(Set(changes.flatMap(\.sourcePersonIds)) == Set(absorbed))
         #expect(erased.changeSeq == changes.last!.seq)
-        // A retry answers the last of them and adds none.
+        // A retry, by the survivor's id or by any absorbed person's, answers the last of them and adds none.
         #expect(try await service.erase(erase).changeSeq == erased.changeSeq)
+        for person in absorbed {
+            erase.target = .personId(person)
+            #expect(try await service.erase(erase).changeSeq == erased.changeSeq)
+        }
         #expect(try await service.feed().changes.filter { $0.kind == .erase }.count == 3)
     }
 

@@ -191,11 +191,16 @@ struct LoadTestTests {
             .childChannelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(CloseOnRead()) } }
             .bind(host: "127.0.0.1", port: 0).get()
         defer { closing.close(promise: nil) }
+        // Two loops, each losing its connection: the run fails (at once, not after its 2 s).
+        let loops = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        defer { loops.shutdownGracefully { _ in } }
+        let failing = ContinuousClock.now
         await #expect(throws: RPCError(.unavailable, "every connection of the load generator was closed by the server")) {
             _ = try await LoadTest.drive(
-                host: "127.0.0.1", port: closing.localAddress!.port!, connections: 2, group: MultiThreadedEventLoopGroup.singleton,
+                host: "127.0.0.1", port: closing.localAddress!.port!, connections: 2, group: loops,
                 seconds: 2, rate: 100, concurrency: 5, call: { _ in Self.echo(echoRequest("x")) }, answered: { _, _ in "Echo" })
         }
+        #expect(ContinuousClock.now - failing < .seconds(2))
     }
 
     @Test("drive: an event loop whose connections are all closed fails its share of the calls; the other loops' calls go on")
@@ -237,5 +242,12 @@ struct LoadTestTests {
         // the run failed), the other's answered.
         #expect(result.total.totalCount == 200)
         #expect(result.errors == ["UNAVAILABLE": 100] && result.histograms["Echo"]?.totalCount == 100, "\(result.errors)")
+
+        // Closed loop: the lost loop's callers stop after their first call; the other's go on.
+        accepted.withLock { $0 = 0 }
+        let closed = try await LoadTest.drive(
+            host: "127.0.0.1", port: server.localAddress!.port!, connections: 2, group: loops,
+            seconds: 0.5, rate: nil, concurrency: 4, call: { _ in Self.echo(echoRequest("x")) }, answered: { _, _ in "Echo" })
+        #expect(closed.errors == ["UNAVAILABLE": 2] && (closed.histograms["Echo"]?.totalCount ?? 0) > 10, "\(closed.errors)")
     }
 }

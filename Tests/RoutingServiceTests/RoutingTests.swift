@@ -1068,7 +1068,7 @@ struct RoutingTests {
         }
     }
 
-    @Test("an unmerge gives the split person back its deliveries and those it had absorbed; erasing it later leaves none of them under the survivor")
+    @Test("an unmerge gives the split person back its deliveries (and those it had absorbed) and a copy of the bounces and opt-outs recorded while merged; erasing it later leaves none of its deliveries")
     func unmergeThenErase() async throws {
         let clock = TestClock()
         clock.now.withLock { $0 = june1 }
@@ -1084,20 +1084,32 @@ struct RoutingTests {
             // b into a, then a into c: c holds all three.
             try routing.store.apply([(1, .merge(target: "a", sources: ["b"])), (2, .merge(target: "c", sources: ["a"]))], nowMs: june1)
             #expect(try held("c") == Set(routed.values) && held("a").isEmpty && held("b").isEmpty)
-            // a split off c comes back with b: their deliveries go back to a (before, c kept them).
-            try routing.store.apply([(3, .unmerge(survivor: "c", split: "a"))], nowMs: june1)
-            #expect(try held("a") == [routed["a"]!, routed["b"]!])
-            #expect(try held("c") == [routed["c"]!])
-            #expect(try routing.store.delivery(routed["b"]!)?.personId == "a")
-            // a merged into c again, then erased with b: none of their deliveries stays with c.
-            try routing.store.apply([(4, .merge(target: "c", sources: ["a"])), (5, .unmerge(survivor: "c", split: "a")),
-                                     (6, .erase(person: "a", absorbed: ["b"]))], nowMs: june1)
-            #expect(try routing.store.delivery(routed["a"]!) == nil && routing.store.delivery(routed["b"]!) == nil)
-            #expect(try held("c") == [routed["c"]!])
-            let directory = routing.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
-            for address in ["a@example.com", "b@example.com"] {
-                #expect(!filesContain(address, in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
+            // While merged, b's address hard-bounces and an unsubscribe comes: both recorded for c.
+            try await routing.store.pool.write { db in
+                try db.execute(sql: "INSERT INTO unreachable (person_id, channel, address, at_ms) VALUES ('c', ?, 'b@example.com', ?)",
+                               arguments: [CommonV1.Channel.email.rawValue, june1])
+                try db.execute(sql: """
+                    INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms)
+                    VALUES ('c', 'marketing', ?1, ?2, 'routing:unsubscribe', 1, ?2)
+                    """, arguments: [CommonV1.Channel.email.rawValue, june1])
             }
+            // b split off a (an inner merge) while a is in c: b's delivery goes back to b, with a
+            // copy of that evidence (before, its delivery stayed with c; moved back without the
+            // evidence, it would have gone to the address that bounced).
+            try routing.store.apply([(3, .unmerge(survivor: "a", split: "b"))], nowMs: june1)
+            #expect(try held("b") == [routed["b"]!] && held("c") == [routed["a"]!, routed["c"]!])
+            #expect(try routing.store.delivery(routed["b"]!)?.personId == "b")
+            let evidence = try routing.store.evidence(person: "b").person
+            #expect(evidence.unreachable.contains(Evidence.unreachableKey(.email, "b@example.com")) && evidence.optOuts.count == 1)
+            // a split off c: its delivery goes back to a; b's stays with b (a no longer holds it).
+            try routing.store.apply([(4, .unmerge(survivor: "c", split: "a"))], nowMs: june1)
+            #expect(try held("a") == [routed["a"]!] && held("b") == [routed["b"]!] && held("c") == [routed["c"]!])
+            // a erased: nothing of its delivery stays (before, it stayed with c).
+            try routing.store.apply([(5, .erase(person: "a", absorbed: []))], nowMs: june1)
+            #expect(try routing.store.delivery(routed["a"]!) == nil)
+            #expect(try held("b") == [routed["b"]!] && held("c") == [routed["c"]!])
+            let directory = routing.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
+            #expect(!filesContain("a@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
             #expect(filesContain("c@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
         }
     }
@@ -1116,6 +1128,8 @@ struct RoutingTests {
             try routing.store.apply([(2, .erase(person: "a", absorbed: []))], nowMs: june1)
             #expect(try routing.store.delivery(a.deliveryId) == nil)
             #expect(try routing.store.delivery(c.deliveryId) != nil)
+            let directory = routing.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
+            #expect(!filesContain("a@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
         }
     }
 

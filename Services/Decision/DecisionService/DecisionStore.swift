@@ -277,6 +277,10 @@ public final class DecisionStore: Sendable {
                 CREATE INDEX offer_by_origin ON offer(origin_person_id) WHERE origin_person_id IS NOT NULL;
                 """)
         }
+        migrator.registerMigration("v8: persons merged, by target") { db in
+            // An unmerge finds the persons the split person had absorbed without a scan.
+            try db.execute(sql: "CREATE INDEX person_merged_by_target ON person_merged(target)")
+        }
         return migrator
     }
 
@@ -785,18 +789,23 @@ extension DecisionStore: IdentityChangeSink {
                         for p in [person] + absorbed where !p.isEmpty {
                             // Its decisions a merge moved to another person go too: that person's
                             // history in memory is read again without them.
-                            let holders = try String.fetchAll(db, sql: "SELECT DISTINCT person_id FROM offer WHERE origin_person_id = ?1 AND person_id <> ?1",
-                                                              arguments: [p])
-                            try db.execute(sql: """
-                                DELETE FROM decision WHERE decision_id IN
-                                  (SELECT decision_id FROM offer WHERE person_id = ?1 UNION SELECT decision_id FROM offer WHERE origin_person_id = ?1)
+                            // (An outcome is deleted with its decision, also one logged for
+                            // another person: reported while an unmerge was under way.)
+                            let decisions = "SELECT decision_id FROM offer WHERE person_id = ?1 UNION SELECT decision_id FROM offer WHERE origin_person_id = ?1"
+                            let holders = try String.fetchAll(db, sql: """
+                                SELECT person_id FROM offer WHERE origin_person_id = ?1 AND person_id <> ?1
+                                UNION SELECT person_id FROM outcome WHERE decision_id IN (\(decisions)) AND person_id <> ?1
                                 """, arguments: [p])
-                            try db.execute(sql: "DELETE FROM outcome WHERE decision_id IN (SELECT decision_id FROM offer WHERE origin_person_id = ?)", arguments: [p])
+                            try db.execute(sql: "DELETE FROM decision WHERE decision_id IN (\(decisions))", arguments: [p])
+                            try db.execute(sql: "DELETE FROM outcome WHERE decision_id IN (\(decisions))", arguments: [p])
                             try db.execute(sql: "DELETE FROM outcome WHERE person_id = ?", arguments: [p])
                             try db.execute(sql: "DELETE FROM offer WHERE origin_person_id = ?", arguments: [p])
                             try db.execute(sql: "DELETE FROM offer WHERE person_id = ?", arguments: [p])
                             try db.execute(sql: "INSERT OR IGNORE INTO person_erased (person_id) VALUES (?)", arguments: [p])
-                            try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?1 OR target = ?1", arguments: [p])
+                            // Only its own row: a person merged into it keeps its row until its
+                            // own erasure, so that it reads as erased meanwhile (an erasure's
+                            // persons may come over several changes).
+                            try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?", arguments: [p])
                             try contacts.withLock { contacts in
                                 if contacts.erased.insert(p).inserted { newlyErased.append(p) }
                                 contacts.recent.remove(p)
@@ -826,7 +835,8 @@ extension DecisionStore: IdentityChangeSink {
                 for (_, change) in changes {
                     switch change {
                     case .merge(_, let sources): sources.forEach { contacts.gone.remove($0) }
-                    case .erase, .unmerge, .other: break
+                    case .unmerge(let survivor, let split): _ = contacts.gone.insert(split, survivor)
+                    case .erase, .other: break
                     }
                 }
                 for p in newlyErased { contacts.erased.remove(p) }

@@ -487,10 +487,15 @@ public final class IdentityStore: Sendable {
             do {
                 survivor = try Self.survivor(db, personID)
             } catch StoreError.personErased {
-                // Erased before: its change again, and the truncation if still owed.
+                // Erased before: its change again (the last of the erasure's changes, by either
+                // id), and the truncation if still owed.
+                let erase = ChangeKind.erase.rawValue
+                let erased = try String.fetchOne(db, sql: """
+                    SELECT c.target FROM change_person p JOIN change c ON c.seq = p.seq WHERE p.person_id = ? AND c.kind = ? ORDER BY c.seq DESC LIMIT 1
+                    """, arguments: [personID, erase]) ?? personID
                 let seq = try Int64.fetchOne(db, sql: """
-                    SELECT max(c.seq) FROM change_person p JOIN change c ON c.seq = p.seq WHERE p.person_id = ? AND c.kind = ?
-                    """, arguments: [personID, ChangeKind.erase.rawValue]) ?? 0
+                    SELECT max(c.seq) FROM change_person p JOIN change c ON c.seq = p.seq WHERE p.person_id = ?1 AND c.kind = ?2 AND c.target = ?1
+                    """, arguments: [erased, erase]) ?? 0
                 return (seq, 0)
             }
             let absorbed = try String.fetchAll(db, sql: "SELECT id FROM person WHERE merged_into = ?", arguments: [survivor])

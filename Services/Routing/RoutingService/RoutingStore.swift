@@ -117,6 +117,10 @@ public final class RoutingStore: Sendable {
                 CREATE TABLE person_merged (person_id TEXT PRIMARY KEY, target TEXT NOT NULL) WITHOUT ROWID;
                 """)
         }
+        migrator.registerMigration("v6: persons merged, by target") { db in
+            // An unmerge finds the persons the split person had absorbed without a scan.
+            try db.execute(sql: "CREATE INDEX person_merged_by_target ON person_merged(target)")
+        }
         return migrator
     }
 
@@ -813,8 +817,8 @@ extension RoutingStore: IdentityChangeSink {
                         try db.execute(sql: "INSERT OR IGNORE INTO person_erased (person_id) VALUES (?)", arguments: [p])
                     }
                     erased = true
-                case .unmerge(_, let split):
-                    try unmerge(db, split)
+                case .unmerge(let survivor, let split):
+                    try unmerge(db, survivor: survivor, split)
                 case .other:
                     break
                 }
@@ -843,16 +847,9 @@ extension RoutingStore: IdentityChangeSink {
                            arguments: [target, key, sum.sends, sum.engaged, nowMs])
         }
         try db.execute(sql: "UPDATE OR IGNORE unreachable SET person_id = ? WHERE person_id = ?", arguments: [target, source])
-        // Both persons opted out of the same purpose and channel: the newer record stays, unsynced
-        // when it is (it must still reach the profile service).
         // The survivor's deliveries were planned without the source's opt-outs: they count as
         // learned now.
-        try db.execute(sql: """
-            INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms)
-              SELECT ?1, purpose, channel, at_ms, source, synced, ?3 FROM opt_out WHERE person_id = ?2 AND true
-            ON CONFLICT (person_id, purpose, channel) DO UPDATE SET at_ms = excluded.at_ms, source = excluded.source,
-              synced = excluded.synced, recorded_at_ms = excluded.recorded_at_ms WHERE excluded.at_ms > opt_out.at_ms
-            """, arguments: [target, source, nowMs])
+        try Self.copyOptOuts(db, from: source, to: target, recordedAtMs: nowMs)
         for table in ["engagement", "unreachable", "opt_out"] {
             try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [source])
         }
@@ -861,7 +858,18 @@ extension RoutingStore: IdentityChangeSink {
     /// Gives `split` back the deliveries routed for it or for a person it had absorbed (it
     /// comes back with them, as the identity service gives their identifiers back), wherever
     /// merges moved them.
-    private func unmerge(_ db: Database, _ split: String) throws {
+    ///
+    /// Opt-outs and bounces carry no origin: the split person gets a copy of those of the
+    /// person holding the survivor's (its deliveries must not go to an address that bounced,
+    /// or against an unsubscribe, recorded while it was merged).
+    private func unmerge(_ db: Database, survivor: String, _ split: String) throws {
+        let next = try db.cachedStatement(sql: "SELECT target FROM person_merged WHERE person_id = ?")
+        if let holder = IdentityFeed.survivor(of: survivor, next: { try? String.fetchOne(next, arguments: [$0]) }), holder != split {
+            try db.execute(sql: """
+                INSERT OR IGNORE INTO unreachable (person_id, channel, address, at_ms) SELECT ?1, channel, address, at_ms FROM unreachable WHERE person_id = ?2
+                """, arguments: [split, holder])
+            try Self.copyOptOuts(db, from: holder, to: split, recordedAtMs: nil)
+        }
         let absorbed = try String.fetchAll(db, sql: """
             WITH RECURSIVE absorbed(person_id) AS (
               SELECT person_id FROM person_merged WHERE target = ?1
@@ -873,6 +881,18 @@ extension RoutingStore: IdentityChangeSink {
             try move(db, "origin_person_id = ?", [origin], to: split)
         }
         try db.execute(sql: "UPDATE delivery SET origin_person_id = NULL WHERE origin_person_id = ?1 AND person_id = ?1", arguments: [split])
+    }
+
+    /// Copies `source`'s opt-outs to `target`, recorded at `recordedAtMs` (nil: when they
+    /// were). Where both opted out of the same purpose and channel the newer record stays,
+    /// unsynced when it is (it must still reach the profile service).
+    static func copyOptOuts(_ db: Database, from source: String, to target: String, recordedAtMs: Int64?) throws {
+        try db.execute(sql: """
+            INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms)
+              SELECT ?1, purpose, channel, at_ms, source, synced, coalesce(?3, recorded_at_ms) FROM opt_out WHERE person_id = ?2 AND true
+            ON CONFLICT (person_id, purpose, channel) DO UPDATE SET at_ms = excluded.at_ms, source = excluded.source,
+              synced = excluded.synced, recorded_at_ms = excluded.recorded_at_ms WHERE excluded.at_ms > opt_out.at_ms
+            """, arguments: [target, source, recordedAtMs])
     }
 
     /// The deliveries `condition` selects (SQL over `delivery`) now belong to `person`.
@@ -896,6 +916,8 @@ extension RoutingStore: IdentityChangeSink {
         for table in ["delivery", "engagement", "unreachable", "opt_out"] {
             try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [person])
         }
-        try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?1 OR target = ?1", arguments: [person])
+        // Only its own row: a person merged into it keeps its row until its own erasure, so
+        // that it reads as erased meanwhile (an erasure's persons may come over several changes).
+        try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?", arguments: [person])
     }
 }
