@@ -108,6 +108,27 @@ func send(_ routing: RoutingService, _ deliveries: RoutingV1.Delivery...) async 
     }
 }
 
+/// Runs `body` with a routing service with `caps` (per day, per week, per channel per day,
+/// per channel per week) and three deliveries of p's over the webhook, planned 25 hours apart
+/// (so no cap holds one back when planned), then an hour more: an outage has kept all three,
+/// now due together and late.
+func withThreeLate(caps: (Int, Int, Int, Int), secondChannels: [CommonV1.Channel] = [.webhook], thirdNotAfter: Int64 = 0,
+                   _ body: @Sendable (RoutingService, WebhookSink, TestClock, [RoutingV1.Delivery]) async throws -> Void) async throws {
+    let clock = TestClock()
+    clock.now.withLock { $0 = june1 }
+    try await withRouting(clock: clock, configure: { ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = caps }) { routing, profile, sink in
+        try seedReachable(profile.store, "p", at: june1 - day)
+        let first = try await routing.route(routeRequest("p", key: "late1", channels: [.webhook]))
+        clock.advance(seconds: 25 * 3600)
+        let second = try await routing.route(routeRequest("p", key: "late2", channels: secondChannels))
+        clock.advance(seconds: 25 * 3600)
+        let third = try await routing.route(routeRequest("p", key: "late3", channels: [.webhook], notAfter: thirdNotAfter))
+        #expect([first, second, third].allSatisfy { $0.state == .scheduled && $0.channel == .webhook }, "\([first, second, third].map(\.suppressionDetail))")
+        clock.advance(seconds: 3600)
+        try await body(routing, sink, clock, [first, second, third])
+    }
+}
+
 @Suite("routing: timing")
 struct TimingTests {
     let quiet = QuietHours(start: "21:00", end: "08:00")!
@@ -313,21 +334,8 @@ struct RoutingTests {
 
     @Test("caps hold when messages go later than planned: each send is checked against the person's sends before it, one send per person at a time")
     func capsAtSendTime() async throws {
-        let clock = TestClock()
-        clock.now.withLock { $0 = june1 }
-        try await withRouting(clock: clock, configure: {
-            ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (2, 100, 1, 100)
-        }) { routing, profile, sink in
-            try seedReachable(profile.store, "p", at: june1 - day)
-            // Planned a day apart each, so no cap holds any back; then an outage: none is sent
-            // until all three are due together.
-            let first = try await routing.route(routeRequest("p", key: "late1", channels: [.webhook]))
-            clock.advance(seconds: 25 * 3600)
-            let second = try await routing.route(routeRequest("p", key: "late2", channels: [.webhook, .push]))
-            clock.advance(seconds: 25 * 3600)
-            let third = try await routing.route(routeRequest("p", key: "late3", channels: [.webhook]))
-            #expect([first, second, third].allSatisfy { $0.state == .scheduled && $0.channel == .webhook }, "\([first, second, third].map(\.suppressionDetail))")
-            clock.advance(seconds: 3600)  // the outage lasts another hour: all three go late
+        try await withThreeLate(caps: (2, 100, 1, 100), secondChannels: [.webhook, .push]) { routing, sink, _, late in
+            let (first, second, third) = (late[0], late[1], late[2])
             try await dispatching(routing) {
                 try await waitFor { try routing.store.delivery(third.deliveryId)?.state == .suppressed }
             }
@@ -340,6 +348,26 @@ struct RoutingTests {
             // Two a day in all: the third is not sent.
             #expect(c.suppressionReason == "capped" && c.suppressionDetail == "sent now, 3 deliveries within 24 hours (cap 2)", "\(c.suppressionDetail)")
             #expect(sink.requests.count == 2)
+        }
+    }
+
+    @Test("through the dispatcher: a late message over the overall caps with a not_after waits until the caps hold, then goes")
+    func lateOverCapsWaitsAndGoes() async throws {
+        // The third may go until four days after its plan.
+        try await withThreeLate(caps: (2, 100, 5, 100), thirdNotAfter: june1 + 54 * hour + 4 * day) { routing, sink, clock, late in
+            let (first, second, third) = (late[0], late[1], late[2])
+            try await dispatching(routing) {
+                try await waitFor { try routing.store.delivery(second.deliveryId)?.state == .sent }
+                try await waitFor { try routing.store.delivery(third.deliveryId)?.nextAttemptAtMs ?? 0 > clock.read() }
+            }
+            let waiting = try #require(try routing.store.delivery(third.deliveryId))
+            // Not suppressed (before, it was `capped`): it waits until the first of the two sends
+            // of the last hour leaves the 24 hours.
+            #expect(waiting.state == .scheduled && waiting.nextAttemptAtMs == clock.read() + day, "\(waiting.events.map(\.detail))")
+            #expect(try routing.store.delivery(first.deliveryId)?.state == .sent)
+            clock.advance(seconds: 86_400)
+            try await send(routing, waiting)
+            #expect(sink.requests.count == 3)
         }
     }
 
@@ -1068,7 +1096,7 @@ struct RoutingTests {
         }
     }
 
-    @Test("an unmerge gives the split person back its deliveries (and those it had absorbed) and a copy of the bounces and opt-outs recorded while merged; erasing it later leaves none of its deliveries")
+    @Test("an unmerge gives the split person back its deliveries (and those it had absorbed), with the bounces and opt-outs their events record; erasing it later leaves none of its deliveries")
     func unmergeThenErase() async throws {
         let clock = TestClock()
         clock.now.withLock { $0 = june1 }
@@ -1078,36 +1106,45 @@ struct RoutingTests {
                 try seedReachable(profile.store, person, at: june1 - day)
                 routed[person] = try await routing.route(routeRequest(person, key: "u\(i)", channels: [.email], critical: true)).deliveryId
             }
+            // b also has one planned for later.
+            let later = try await routing.route(routeRequest("b", key: "u-later", channels: [.email], notBefore: june1 + 2 * day))
+            #expect(later.state == .scheduled)
+            try await send(routing, try #require(try routing.store.delivery(routed["b"]!)))
             func held(_ person: String) throws -> Set<String> {
                 Set(try routing.store.deliveries(person: person, state: nil, before: nil, limit: 10).deliveries.map(\.deliveryId))
             }
-            // b into a, then a into c: c holds all three.
+            // b into a, then a into c: c holds them all.
             try routing.store.apply([(1, .merge(target: "a", sources: ["b"])), (2, .merge(target: "c", sources: ["a"]))], nowMs: june1)
-            #expect(try held("c") == Set(routed.values) && held("a").isEmpty && held("b").isEmpty)
-            // While merged, b's address hard-bounces and an unsubscribe comes: both recorded for c.
-            try await routing.store.pool.write { db in
-                try db.execute(sql: "INSERT INTO unreachable (person_id, channel, address, at_ms) VALUES ('c', ?, 'b@example.com', ?)",
-                               arguments: [CommonV1.Channel.email.rawValue, june1])
-                try db.execute(sql: """
-                    INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms)
-                    VALUES ('c', 'marketing', ?1, ?2, 'routing:unsubscribe', 1, ?2)
-                    """, arguments: [CommonV1.Channel.email.rawValue, june1])
-            }
-            // b split off a (an inner merge) while a is in c: b's delivery goes back to b, with a
-            // copy of that evidence (before, its delivery stayed with c; moved back without the
-            // evidence, it would have gone to the address that bounced).
-            try routing.store.apply([(3, .unmerge(survivor: "a", split: "b"))], nowMs: june1)
-            #expect(try held("b") == [routed["b"]!] && held("c") == [routed["a"]!, routed["c"]!])
-            #expect(try routing.store.delivery(routed["b"]!)?.personId == "b")
+            #expect(try held("c") == Set(routed.values).union([later.deliveryId]) && held("a").isEmpty && held("b").isEmpty)
+            // While merged, b's sent message hard-bounces and b unsubscribes from it: recorded for c.
+            _ = try await routing.report(event(routed["b"]!, .bounced, hard: true))
+            _ = try await routing.report(event(routed["b"]!, .unsubscribed))
+            #expect(try routing.store.evidence(person: "c").person.optOuts.count == 1)
+            // b split off a (an inner merge) while a is in c: b's deliveries go back to b with
+            // the evidence their events hold, so the one planned for later is not sent to the
+            // address that bounced (before, the deliveries stayed with c).
+            clock.advance(seconds: 60)
+            try routing.store.apply([(3, .unmerge(survivor: "a", split: "b"))], nowMs: clock.read())
+            #expect(try held("b") == [routed["b"]!, later.deliveryId] && held("c") == [routed["a"]!, routed["c"]!])
             let evidence = try routing.store.evidence(person: "b").person
-            #expect(evidence.unreachable.contains(Evidence.unreachableKey(.email, "b@example.com")) && evidence.optOuts.count == 1)
-            // a split off c: its delivery goes back to a; b's stays with b (a no longer holds it).
-            try routing.store.apply([(4, .unmerge(survivor: "c", split: "a"))], nowMs: june1)
-            #expect(try held("a") == [routed["a"]!] && held("b") == [routed["b"]!] && held("c") == [routed["c"]!])
+            #expect(evidence.unreachable == [Evidence.unreachableKey(.email, "b@example.com")])
+            #expect(evidence.optOuts.map(\.purpose) == ["marketing"] && evidence.optOuts[0].recordedAtMs == clock.read())
+            let moved = try #require(try routing.store.delivery(later.deliveryId))
+            guard case .refused = routing.store.check(moved, evidence, nowMs: moved.sendAtMs) else {
+                Issue.record("the delivery moved back would go against b's unsubscribe")
+                return
+            }
+            // The unsubscribe goes to the profile service for b too; c's own evidence is not b's.
+            #expect(try routing.store.unsyncedOptOuts(limit: 10).map(\.person).contains("b"))
+            #expect(try routing.store.evidence(person: "a").person.optOuts.isEmpty)
+            // a split off c: its delivery goes back to a; b's stay with b (a no longer holds them).
+            try routing.store.apply([(4, .unmerge(survivor: "c", split: "a"))], nowMs: clock.read())
+            #expect(try held("a") == [routed["a"]!] && held("b") == [routed["b"]!, later.deliveryId] && held("c") == [routed["c"]!])
+            #expect(try routing.store.evidence(person: "a").person.unreachable.isEmpty)
             // a erased: nothing of its delivery stays (before, it stayed with c).
-            try routing.store.apply([(5, .erase(person: "a", absorbed: []))], nowMs: june1)
+            try routing.store.apply([(5, .erase(person: "a", absorbed: []))], nowMs: clock.read())
             #expect(try routing.store.delivery(routed["a"]!) == nil)
-            #expect(try held("b") == [routed["b"]!] && held("c") == [routed["c"]!])
+            #expect(try held("c") == [routed["c"]!])
             let directory = routing.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
             #expect(!filesContain("a@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
             #expect(filesContain("c@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))

@@ -831,8 +831,9 @@ extension DecisionStore: IdentityChangeSink {
             }
         } catch {
             contacts.withLock { contacts in
-                // Not merged or erased after all (the feed brings the changes again).
-                for (_, change) in changes {
+                // Not merged or erased after all (the feed brings the changes again): undone
+                // last first, so that a merge and an unmerge of the same person leave it as before.
+                for (_, change) in changes.reversed() {
                     switch change {
                     case .merge(_, let sources): sources.forEach { contacts.gone.remove($0) }
                     case .unmerge(let survivor, let split): _ = contacts.gone.insert(split, survivor)

@@ -456,9 +456,11 @@ public final class RoutingStore: Sendable {
             if dayTotal >= c.capPerDay || weekTotal >= c.capPerWeek {
                 let why = dayTotal >= c.capPerDay ? "sent now, \(dayTotal + 1) deliveries within 24 hours (cap \(c.capPerDay))"
                     : "sent now, \(weekTotal + 1) deliveries within 7 days (cap \(c.capPerWeek))"
-                // A message that may still go later waits for the first moment, before its
-                // not_after, at which an earlier contact has left the window and the caps hold.
-                if d.notAfterMs > 0, let at = Self.firstWithinCaps(times, after: nowMs, until: d.notAfterMs, perDay: c.capPerDay, perWeek: c.capPerWeek) {
+                // A message that may still go later waits for the first moment, a minute before
+                // its not_after at the latest (a send is never exactly on time), at which an
+                // earlier contact has left the window and the caps hold.
+                if d.notAfterMs > 0, let at = Self.firstWithinCaps(times, after: nowMs, until: d.notAfterMs - 60_000,
+                                                                   perDay: c.capPerDay, perWeek: c.capPerWeek) {
                     return .later(atMs: at, why: "\(why); within the caps at \(at)")
                 }
                 return .capped(why: why)
@@ -797,8 +799,9 @@ extension RoutingStore: IdentityChangeSink {
 
     /// Merges move deliveries, engagement (summed), bounces and opt-outs to the surviving
     /// person; each moved delivery keeps the person it was routed for. An unmerge gives the
-    /// split person back its deliveries and those of the persons it had absorbed; engagement,
-    /// bounces and opt-outs carry no origin and stay with the survivor. Erasures delete the
+    /// split person back its deliveries and those of the persons it had absorbed, with the
+    /// bounces and opt-outs their events record; engagement, bounces and opt-outs carry no
+    /// origin and also stay with the survivor. Erasures delete the
     /// persons' deliveries wherever a merge moved them, and everything else of theirs.
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
         // An earlier erasure's truncation, if it failed: one attempt, never in the feed's way.
@@ -817,8 +820,8 @@ extension RoutingStore: IdentityChangeSink {
                         try db.execute(sql: "INSERT OR IGNORE INTO person_erased (person_id) VALUES (?)", arguments: [p])
                     }
                     erased = true
-                case .unmerge(let survivor, let split):
-                    try unmerge(db, survivor: survivor, split)
+                case .unmerge(_, let split):
+                    try unmerge(db, split, nowMs: nowMs)
                 case .other:
                     break
                 }
@@ -847,9 +850,16 @@ extension RoutingStore: IdentityChangeSink {
                            arguments: [target, key, sum.sends, sum.engaged, nowMs])
         }
         try db.execute(sql: "UPDATE OR IGNORE unreachable SET person_id = ? WHERE person_id = ?", arguments: [target, source])
+        // Both persons opted out of the same purpose and channel: the newer record stays, unsynced
+        // when it is (it must still reach the profile service).
         // The survivor's deliveries were planned without the source's opt-outs: they count as
         // learned now.
-        try Self.copyOptOuts(db, from: source, to: target, recordedAtMs: nowMs)
+        try db.execute(sql: """
+            INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms)
+              SELECT ?1, purpose, channel, at_ms, source, synced, ?3 FROM opt_out WHERE person_id = ?2 AND true
+            ON CONFLICT (person_id, purpose, channel) DO UPDATE SET at_ms = excluded.at_ms, source = excluded.source,
+              synced = excluded.synced, recorded_at_ms = excluded.recorded_at_ms WHERE excluded.at_ms > opt_out.at_ms
+            """, arguments: [target, source, nowMs])
         for table in ["engagement", "unreachable", "opt_out"] {
             try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [source])
         }
@@ -859,17 +869,12 @@ extension RoutingStore: IdentityChangeSink {
     /// comes back with them, as the identity service gives their identifiers back), wherever
     /// merges moved them.
     ///
-    /// Opt-outs and bounces carry no origin: the split person gets a copy of those of the
-    /// person holding the survivor's (its deliveries must not go to an address that bounced,
-    /// or against an unsubscribe, recorded while it was merged).
-    private func unmerge(_ db: Database, survivor: String, _ split: String) throws {
-        let next = try db.cachedStatement(sql: "SELECT target FROM person_merged WHERE person_id = ?")
-        if let holder = IdentityFeed.survivor(of: survivor, next: { try? String.fetchOne(next, arguments: [$0]) }), holder != split {
-            try db.execute(sql: """
-                INSERT OR IGNORE INTO unreachable (person_id, channel, address, at_ms) SELECT ?1, channel, address, at_ms FROM unreachable WHERE person_id = ?2
-                """, arguments: [split, holder])
-            try Self.copyOptOuts(db, from: holder, to: split, recordedAtMs: nil)
-        }
+    /// Opt-outs and bounces carry no origin: those the events of the deliveries it gets back
+    /// record (a hard bounce of the address a delivery went to, an unsubscribe or complaint
+    /// from it) are recorded for it again, learned now, so that none of those deliveries goes
+    /// to an address that bounced or against an unsubscribe while it was merged; the survivor
+    /// keeps them too.
+    private func unmerge(_ db: Database, _ split: String, nowMs: Int64) throws {
         let absorbed = try String.fetchAll(db, sql: """
             WITH RECURSIVE absorbed(person_id) AS (
               SELECT person_id FROM person_merged WHERE target = ?1
@@ -878,29 +883,43 @@ extension RoutingStore: IdentityChangeSink {
             """, arguments: [split])
         try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?", arguments: [split])
         for origin in [split] + absorbed {
-            try move(db, "origin_person_id = ?", [origin], to: split)
+            for d in try move(db, "origin_person_id = ?", [origin], to: split) { try Self.recordEvidence(db, of: d, nowMs: nowMs) }
         }
         try db.execute(sql: "UPDATE delivery SET origin_person_id = NULL WHERE origin_person_id = ?1 AND person_id = ?1", arguments: [split])
     }
 
-    /// Copies `source`'s opt-outs to `target`, recorded at `recordedAtMs` (nil: when they
-    /// were). Where both opted out of the same purpose and channel the newer record stays,
-    /// unsynced when it is (it must still reach the profile service).
-    static func copyOptOuts(_ db: Database, from source: String, to target: String, recordedAtMs: Int64?) throws {
-        try db.execute(sql: """
-            INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms)
-              SELECT ?1, purpose, channel, at_ms, source, synced, coalesce(?3, recorded_at_ms) FROM opt_out WHERE person_id = ?2 AND true
-            ON CONFLICT (person_id, purpose, channel) DO UPDATE SET at_ms = excluded.at_ms, source = excluded.source,
-              synced = excluded.synced, recorded_at_ms = excluded.recorded_at_ms WHERE excluded.at_ms > opt_out.at_ms
-            """, arguments: [target, source, recordedAtMs])
+    /// Records for `d`'s person the hard bounces, unsubscribes and complaints that `d`'s
+    /// events hold (as `report` did when they came), learned at `nowMs`. An opt-out goes to
+    /// the profile service again (unsynced).
+    static func recordEvidence(_ db: Database, of d: RoutingV1.Delivery, nowMs: Int64) throws {
+        var sentTo: [CommonV1.Channel: String] = [:]  // the address each channel was last sent to
+        for e in d.events {
+            switch e.kind {
+            case .sent:
+                sentTo[e.channel] = e.detail
+            case .bounced where e.detail == "hard":
+                try db.execute(sql: "INSERT OR IGNORE INTO unreachable (person_id, channel, address, at_ms) VALUES (?, ?, ?, ?)",
+                               arguments: [d.personId, e.channel.rawValue, sentTo[e.channel] ?? d.address, e.atMs])
+            case .complained, .unsubscribed:
+                try db.execute(sql: """
+                    INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)
+                    ON CONFLICT (person_id, purpose, channel) DO UPDATE SET at_ms = excluded.at_ms, source = excluded.source,
+                      synced = 0, recorded_at_ms = excluded.recorded_at_ms WHERE excluded.at_ms > opt_out.at_ms
+                    """, arguments: [d.personId, d.purpose, e.channel.rawValue, e.atMs, e.kind == .complained ? "routing:complaint" : "routing:unsubscribe", nowMs])
+            default:
+                break
+            }
+        }
     }
 
-    /// The deliveries `condition` selects (SQL over `delivery`) now belong to `person`.
-    private func move(_ db: Database, _ condition: String, _ arguments: StatementArguments, to person: String) throws {
-        for data in try Data.fetchAll(db, sql: "SELECT record FROM delivery WHERE \(condition)", arguments: arguments) {
+    /// The deliveries `condition` selects (SQL over `delivery`) now belong to `person`; returns them.
+    @discardableResult
+    private func move(_ db: Database, _ condition: String, _ arguments: StatementArguments, to person: String) throws -> [RoutingV1.Delivery] {
+        try Data.fetchAll(db, sql: "SELECT record FROM delivery WHERE \(condition)", arguments: arguments).map { data in
             var d = try Self.record(data)
             d.personId = person
             try save(db, d)
+            return d
         }
     }
 
