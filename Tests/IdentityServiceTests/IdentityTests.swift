@@ -101,6 +101,21 @@ struct NormalizationTests {
         #expect(result.value == expected)
     }
 
+    @Test("a number dialled with the default region's international prefix is international", arguments: [
+        ("US", "011 44 20 7946 0000", "+442079460000"),  // before: refused (+1011…)
+        ("CA", "011-31-6-1234-5678", "+31612345678"),
+        ("US", "(212) 555-0100", "+12125550100"),
+        ("US", "1 212 555 0100", "+12125550100"),
+        ("US", "0044 20 7946 0000", "+442079460000"),
+        ("AU", "0011 44 20 7946 0000", "+442079460000"),  // before: +11442079460000
+        ("AU", "02 9876 5432", "+61298765432"),
+        ("JP", "010 44 20 7946 0000", "+442079460000"),
+        ("JP", "090 1234 5678", "+819012345678"),
+    ])
+    func internationalPrefix(region: String, raw: String, expected: String) throws {
+        #expect(try Normalizer.e164(raw, region: region).get() == expected)
+    }
+
     @Test("invalid values are refused", arguments: [
         ("email", "not-an-email"), ("email", "a@b"), ("email", "a b@c.io"), ("email", "@c.io"),
         ("phone", "12"), ("phone", "call me"), ("phone", "+0123456789"), ("customer_id", "   "),

@@ -84,6 +84,9 @@ enum PhoneRegions {
     static let trunkZero: Set<String> = [
         "GB", "IE", "NL", "BE", "DE", "AT", "CH", "FR", "SE", "FI", "AU", "NZ", "JP", "IN", "ZA",
     ]
+    /// International prefixes other than 00, dialled before a country code (no national
+    /// number of the region starts with them).
+    static let exitPrefix: [String: String] = ["US": "011", "CA": "011", "AU": "0011", "JP": "010"]
     /// The calling codes of those regions (none is a prefix of another's code followed by 0).
     static let trunkZeroCodes: [String] = trunkZero.compactMap { callingCode[$0] }.sorted()
 }

@@ -110,8 +110,10 @@ public struct Normalizer: Sendable {
         return nil
     }
 
-    /// E.164: `+` and 8 to 15 digits. Accepts `+31 6 1234 5678`, `0031…`, and national
-    /// numbers (`06 1234 5678`) in the default region. The trunk prefix 0, dialled only at
+    /// E.164: `+` and 8 to 15 digits. Accepts `+31 6 1234 5678`, `0031…` (or the default
+    /// region's own international prefix: `011 31…` in the US and Canada, `0011 31…` in
+    /// Australia, `010 31…` in Japan), and national numbers (`06 1234 5678`) in the default
+    /// region. The trunk prefix 0, dialled only at
     /// home, is dropped however it is written: `+44 (0)20…`, `+31 06…` (not for regions that
     /// keep the 0 in the international number, such as Italy: `+39 06…`).
     static func e164(_ raw: String, region: String) -> Result<String, RulesError> {
@@ -119,8 +121,11 @@ public struct Normalizer: Sendable {
         guard !text.isEmpty else { return .failure(RulesError("is empty")) }
         let allowed = Set("0123456789+-. ()/")
         guard text.allSatisfy({ allowed.contains($0) }) else { return .failure(RulesError("contains characters that are not part of a phone number")) }
-        let international = text.hasPrefix("+") || text.hasPrefix("00")
-        if text.hasPrefix("00") { text.removeFirst(2) }
+        var international = text.hasPrefix("+")
+        if !international, let exit = [PhoneRegions.exitPrefix[region], "00"].compactMap({ $0 }).first(where: { text.hasPrefix($0) }) {
+            text.removeFirst(exit.count)
+            international = true
+        }
         // "(0)" marks the trunk 0: dropped below where E.164 drops it, kept where it is part of
         // the number (+39 (0)6… is +39 06…).
         text = text.replacingOccurrences(of: "(0)", with: "0")
