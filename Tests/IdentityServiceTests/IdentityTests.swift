@@ -584,6 +584,29 @@ struct FeedAndErasureTests {
         #expect(found.personId == created.personId && found.matched.map(\.value) == ["new@x.io"])
     }
 
+    @Test("History lists entries in the order they were recorded, not by the times clients gave; a limit keeps the newest recorded")
+    func historyInRecordingOrder() async throws {
+        let service = try makeService()
+        let dayBefore: Int64 = 1_700_000_000_000 - 86_400_000
+        let a = try await service.link([id("cookie_id", "h-a"), id("customer_id", "crm-1")])
+        _ = try await service.link([id("cookie_id", "h-b")])
+        _ = try await service.link([id("cookie_id", "h-c")])
+        // b joins a; then a second customer id for a, observed a day earlier (a conflict); then
+        // c joins a, observed a day earlier too.
+        _ = try await service.link([id("cookie_id", "h-a"), id("cookie_id", "h-b")])
+        _ = try await service.link([id("cookie_id", "h-a"), id("customer_id", "crm-2")], at: dayBefore)
+        _ = try await service.link([id("cookie_id", "h-a"), id("cookie_id", "h-c")], at: dayBefore)
+        var request = IdentityV1.HistoryRequest()
+        request.personId = a.personId
+        let entries = try await service.history(request).entries
+        // Before, by time: the conflict and c's merge came first.
+        #expect(entries.map(\.kind) == [.merge, .conflict, .merge], "\(entries.map(\.kind))")
+        #expect(entries[0].seq < entries[2].seq && entries[2].atMs == dayBefore)
+        // A limit of one keeps the last recorded (before: b's merge, the latest by time).
+        request.limit = 1
+        #expect(try await service.history(request).entries.map(\.seq) == [entries[2].seq])
+    }
+
     @Test("History finds a person's entries by person; a store from before that index gets it filled")
     func historyIndexMigration() async throws {
         // The v2 layout, with a merge of b into a, an unrelated erasure, and a conflict of a and c.

@@ -198,6 +198,11 @@ public final class IdentityStore: Sendable {
         migrator.registerMigration("v7: the privacy key the store is written with") { db in
             try db.execute(sql: "CREATE TABLE store_setting (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
         }
+        migrator.registerMigration("v8: where a conflict falls in the feed") { db in
+            // The last change number when the conflict was recorded, so that History lists
+            // entries in the order they were recorded (NULL: recorded before this version).
+            try db.execute(sql: "ALTER TABLE conflict ADD COLUMN after_seq INTEGER")
+        }
         return migrator
     }
 
@@ -307,7 +312,7 @@ public final class IdentityStore: Sendable {
             involved.insert(survivor)
             // By person, through the index tables (not by reading every change and conflict): one
             // query each for a person's changes and conflicts; an entry of several is kept once.
-            var changes: [Int64: ChangeRecord] = [:], conflicts: [Int64: ChangeRecord] = [:]
+            var changes: [Int64: ChangeRecord] = [:], conflicts: [Int64: (afterSeq: Int64?, record: ChangeRecord)] = [:]
             for person in involved {
                 for change in try Self.fetchChanges(db, sql: "SELECT c.* FROM change_person p JOIN change c ON c.seq = p.seq WHERE p.person_id = ?",
                                                     arguments: [person]) {
@@ -317,12 +322,20 @@ public final class IdentityStore: Sendable {
                     SELECT c.* FROM conflict_person p JOIN conflict c ON c.id = p.conflict_id WHERE p.person_id = ?
                     """), arguments: [person]) {
                     let persons = (row["person_ids"] as String).split(separator: ",").map(String.init)
-                    conflicts[row["id"]] = ChangeRecord(seq: 0, kind: .conflict, target: persons.first ?? "", sources: Array(persons.dropFirst()),
-                                                        cause: "\(row["rule"] as String) (\(row["cause"] as String))", atMs: row["at_ms"])
+                    conflicts[row["id"]] = (row["after_seq"], ChangeRecord(seq: 0, kind: .conflict, target: persons.first ?? "", sources: Array(persons.dropFirst()),
+                                                                          cause: "\(row["rule"] as String) (\(row["cause"] as String))", atMs: row["at_ms"]))
                 }
             }
-            return (changes.values.sorted { $0.seq < $1.seq } + conflicts.sorted { $0.key < $1.key }.map(\.value))
-                .sorted { ($0.atMs, $0.seq) < ($1.atMs, $1.seq) }
+            // In the order they were recorded (not by their times, which clients give): changes
+            // by number, each conflict after the last change recorded before it. One recorded
+            // before that was kept goes after the last of these changes at or before its time.
+            let ordered = changes.values.sorted { $0.seq < $1.seq }
+            func after(_ conflict: (afterSeq: Int64?, record: ChangeRecord)) -> Int64 {
+                conflict.afterSeq ?? ordered.last { $0.atMs <= conflict.record.atMs }?.seq ?? 0
+            }
+            let keyed = ordered.map { (key: ($0.seq, 0, Int64(0)), record: $0) }
+                + conflicts.map { (key: (after($0.value), 1, $0.key), record: $0.value.record) }
+            return keyed.sorted { $0.key < $1.key }.map(\.record)
         }
     }
 
@@ -671,8 +684,8 @@ public final class IdentityStore: Sendable {
     /// a new conflict), indexed by each of its persons for History.
     static func recordConflict(_ db: Database, persons: [String], rule: String, type: String, cause: String, atMs: Int64) throws {
         try db.execute(sql: """
-            INSERT INTO conflict (person_ids, rule, identifier_type, cause, at_ms)
-            SELECT ?1, ?2, ?3, ?4, ?5 WHERE NOT EXISTS
+            INSERT INTO conflict (person_ids, rule, identifier_type, cause, at_ms, after_seq)
+            SELECT ?1, ?2, ?3, ?4, ?5, coalesce((SELECT max(seq) FROM change), 0) WHERE NOT EXISTS
               (SELECT 1 FROM conflict WHERE person_ids = ?1 AND rule = ?2 AND identifier_type = ?3)
             """, arguments: [persons.joined(separator: ","), rule, type, cause, atMs])
         guard db.changesCount > 0 else { return }

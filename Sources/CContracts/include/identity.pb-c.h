@@ -226,7 +226,7 @@ struct  Arbiter__Identity__V1__HistoryResponse
 {
   ProtobufCMessage base;
   /*
-   * Oldest first.
+   * In the order they were recorded, oldest first (not by at_ms, which clients give).
    */
   size_t n_entries;
   Arbiter__Identity__V1__Change **entries;

@@ -237,7 +237,7 @@ extension IdentityV1 {
     }
 
     public struct HistoryResponse: ProtoMessage {
-        /// Oldest first.
+        /// In the order they were recorded, oldest first (not by at_ms, which clients give).
         public var entries: [IdentityV1.Change] = []
         /// Older entries were left out (limit).
         public var truncated: Bool = false
