@@ -192,7 +192,7 @@ public struct IdentityService: RPCService {
         let limit = request.limit == 0 ? 1000 : Int(request.limit)
         let entries = try await mapped { try await store.history(id) }
         var response = IdentityV1.HistoryResponse()
-        // The newest, oldest first: an answer stays within a frame however long the history.
+        // The last recorded, oldest first: an answer stays within a frame however long the history.
         response.entries = entries.suffix(limit).map(Self.wire)
         response.truncated = entries.count > limit
         return response

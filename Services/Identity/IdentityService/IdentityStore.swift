@@ -31,7 +31,34 @@ public final class IdentityStore: Sendable {
         try pool.write { db in
             try db.execute(sql: "UPDATE feed_floor SET seq = max(seq, ?)", arguments: [startMs.multipliedReportingOverflow(by: 1000).partialValue])
             try Self.checkPrivacyKey(db, normalizer.keyFingerprint)
+            if !normalizer.isPrivate { try Self.rewriteExitPrefixNumbers(db, region: normalizer.rules.defaultRegion) }
         }
+    }
+
+    /// How a number dialled with the region's own international prefix was stored before the
+    /// normalizer knew that prefix (`011 44…` in the US as `+1011 44…`, `0011 44…` in
+    /// Australia as `+11 44…`, `010 44…` in Japan as `+8110 44…`; none is a valid number).
+    static let exitPrefixOldForm: [String: String] = ["US": "+1011", "CA": "+1011", "AU": "+11", "JP": "+8110"]
+
+    /// Rewrites the numbers stored in that old form for `region` (once per region: noted in
+    /// `store_setting`), so that the same input finds the same person. One whose new form is
+    /// stored already is a copy of a number another row holds, and goes (as in migration v5).
+    /// Values stored as keyed hashes (privacy mode) cannot be rewritten.
+    static func rewriteExitPrefixNumbers(_ db: Database, region: String) throws {
+        guard let old = exitPrefixOldForm[region],
+              try String.fetchOne(db, sql: "SELECT value FROM store_setting WHERE name = 'phone_exit_prefix'") != region else { return }
+        for table in ["identifier", "merge_member"] {
+            // The prefix as a range of the (type, value) index: its last digit raised by one ends it.
+            let end = String(old.dropLast()) + String(UnicodeScalar(old.unicodeScalars.last!.value + 1)!)
+            let values = try String.fetchAll(db, sql: "SELECT DISTINCT value FROM \(table) WHERE type = 'phone' AND value >= ? AND value < ?",
+                                             arguments: [old, end])
+            for value in values {
+                guard case .success(let number) = Normalizer.e164("+" + value.dropFirst(old.count), region: region), number != value else { continue }
+                try db.execute(sql: "UPDATE OR IGNORE \(table) SET value = ? WHERE type = 'phone' AND value = ?", arguments: [number, value])
+                try db.execute(sql: "DELETE FROM \(table) WHERE type = 'phone' AND value = ?", arguments: [value])
+            }
+        }
+        try db.execute(sql: "INSERT OR REPLACE INTO store_setting (name, value) VALUES ('phone_exit_prefix', ?)", arguments: [region])
     }
 
     /// The store was written with another privacy key, or with none, than the one given: every
