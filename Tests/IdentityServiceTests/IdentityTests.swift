@@ -607,6 +607,24 @@ struct FeedAndErasureTests {
         #expect(try await service.history(request).entries.map(\.seq) == [entries[2].seq])
     }
 
+    @Test("a conflict recorded before History's recording order was kept goes between its persons' changes by its time")
+    func historyOrderMigration() async throws {
+        let directory = try await storeBefore("v7: the privacy key the store is written with", """
+            INSERT INTO person (seq, id, created_at_ms, state, merged_into) VALUES
+              (1, 'pa', 1, 'active', NULL), (2, 'pb', 2, 'merged', 'pa'), (3, 'pc', 3, 'merged', 'pa'), (4, 'pd', 4, 'active', NULL);
+            INSERT INTO change (seq, kind, target, sources, cause, at_ms, merge_id) VALUES
+              (1, 1, 'pa', 'pb', 'login', 10, 1), (2, 1, 'pa', 'pc', 'login', 30, 2);
+            INSERT INTO change_person (person_id, seq) VALUES ('pa', 1), ('pb', 1), ('pa', 2), ('pc', 2);
+            INSERT INTO conflict (id, person_ids, rule, identifier_type, cause, at_ms) VALUES
+              (1, 'pd,pa', 'max 1 customer_id per person', 'customer_id', 'crm', 20);
+            INSERT INTO conflict_person (person_id, conflict_id) VALUES ('pd', 1), ('pa', 1);
+            """)
+        let service = try makeService(directory)
+        var request = IdentityV1.HistoryRequest()
+        request.personId = "pa"
+        #expect(try await service.history(request).entries.map(\.kind) == [.merge, .conflict, .merge])
+    }
+
     @Test("History finds a person's entries by person; a store from before that index gets it filled")
     func historyIndexMigration() async throws {
         // The v2 layout, with a merge of b into a, an unrelated erasure, and a conflict of a and c.

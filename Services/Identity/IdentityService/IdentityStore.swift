@@ -230,6 +230,16 @@ public final class IdentityStore: Sendable {
             // entries in the order they were recorded (NULL: recorded before this version).
             try db.execute(sql: "ALTER TABLE conflict ADD COLUMN after_seq INTEGER")
         }
+        migrator.registerMigration("v9: conflicts from before v8 placed") { db in
+            // A conflict recorded before v8 goes after the last change of its persons at or
+            // before its time (through the indexes by person: no scan of the feed).
+            try db.execute(sql: """
+                UPDATE conflict SET after_seq = coalesce((
+                  SELECT max(c.seq) FROM conflict_person cp JOIN change_person p ON p.person_id = cp.person_id JOIN change c ON c.seq = p.seq
+                  WHERE cp.conflict_id = conflict.id AND c.at_ms <= conflict.at_ms), 0)
+                WHERE after_seq IS NULL
+                """)
+        }
         return migrator
     }
 
@@ -339,7 +349,7 @@ public final class IdentityStore: Sendable {
             involved.insert(survivor)
             // By person, through the index tables (not by reading every change and conflict): one
             // query each for a person's changes and conflicts; an entry of several is kept once.
-            var changes: [Int64: ChangeRecord] = [:], conflicts: [Int64: (afterSeq: Int64?, record: ChangeRecord)] = [:]
+            var changes: [Int64: ChangeRecord] = [:], conflicts: [Int64: (afterSeq: Int64, record: ChangeRecord)] = [:]
             for person in involved {
                 for change in try Self.fetchChanges(db, sql: "SELECT c.* FROM change_person p JOIN change c ON c.seq = p.seq WHERE p.person_id = ?",
                                                     arguments: [person]) {
@@ -349,19 +359,14 @@ public final class IdentityStore: Sendable {
                     SELECT c.* FROM conflict_person p JOIN conflict c ON c.id = p.conflict_id WHERE p.person_id = ?
                     """), arguments: [person]) {
                     let persons = (row["person_ids"] as String).split(separator: ",").map(String.init)
-                    conflicts[row["id"]] = (row["after_seq"], ChangeRecord(seq: 0, kind: .conflict, target: persons.first ?? "", sources: Array(persons.dropFirst()),
+                    conflicts[row["id"]] = ((row["after_seq"] as Int64?) ?? 0, ChangeRecord(seq: 0, kind: .conflict, target: persons.first ?? "", sources: Array(persons.dropFirst()),
                                                                           cause: "\(row["rule"] as String) (\(row["cause"] as String))", atMs: row["at_ms"]))
                 }
             }
             // In the order they were recorded (not by their times, which clients give): changes
-            // by number, each conflict after the last change recorded before it. One recorded
-            // before that was kept goes after the last of these changes at or before its time.
-            let ordered = changes.values.sorted { $0.seq < $1.seq }
-            func after(_ conflict: (afterSeq: Int64?, record: ChangeRecord)) -> Int64 {
-                conflict.afterSeq ?? ordered.last { $0.atMs <= conflict.record.atMs }?.seq ?? 0
-            }
-            let keyed = ordered.map { (key: ($0.seq, 0, Int64(0)), record: $0) }
-                + conflicts.map { (key: (after($0.value), 1, $0.key), record: $0.value.record) }
+            // by number, each conflict after the last change recorded before it (migrations v8, v9).
+            let keyed = changes.values.map { (key: ($0.seq, 0, Int64(0)), record: $0) }
+                + conflicts.map { (key: ($0.value.afterSeq, 1, $0.key), record: $0.value.record) }
             return keyed.sorted { $0.key < $1.key }.map(\.record)
         }
     }
