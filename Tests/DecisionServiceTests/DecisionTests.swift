@@ -868,6 +868,14 @@ struct DecisionTests {
 
         let merged = inFlight("a")
         try decision.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: clock.read())
+        // A failed batch that starts with a change already applied undoes only its own: a stays
+        // merged into b (before, the failure took a's merge back out of memory too).
+        failing.armed.withLock { $0 = true }
+        #expect(throws: (any Error).self) {
+            try decision.store.apply([(1, .merge(target: "b", sources: ["a"])), (2, .merge(target: "f", sources: ["e"]))], nowMs: clock.read())
+        }
+        failing.armed.withLock { $0 = false }
+        #expect(decision.store.contacts.withLock { ($0.current("a"), $0.current("e")) } == ("b", "e"))
         #expect(try decision.store.history(person: "b", sinceMs: 0).offers.count == 1)
         try await decision.store.log(merged, arms: [])
         #expect(try decision.store.history(person: "b", sinceMs: 0).offers.count == 1)

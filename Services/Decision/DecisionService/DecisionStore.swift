@@ -775,10 +775,13 @@ extension DecisionStore: IdentityChangeSink {
         // Reservations of decisions in flight that merges moved, moved back if the transaction
         // fails (an erasure's dropped ones are not put back: those decisions are logged for no one).
         var moves: [(from: String, to: String, ids: Set<String>)] = []
+        // The changes this transaction applied (not those an earlier poll applied), for undoing.
+        var applied: [IdentityChange] = []
         do {
             try writeContacts { db in
                 let cursor = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0
                 for (seq, change) in changes where seq > cursor {
+                    applied.append(change)
                     switch change {
                     case .merge(let target, let sources):
                         for source in sources where source != target && !source.isEmpty {
@@ -833,7 +836,7 @@ extension DecisionStore: IdentityChangeSink {
             contacts.withLock { contacts in
                 // Not merged or erased after all (the feed brings the changes again): undone
                 // last first, so that a merge and an unmerge of the same person leave it as before.
-                for (_, change) in changes.reversed() {
+                for change in applied.reversed() {
                     switch change {
                     case .merge(_, let sources): sources.forEach { contacts.gone.remove($0) }
                     case .unmerge(let survivor, let split): _ = contacts.gone.insert(split, survivor)
