@@ -1110,6 +1110,9 @@ struct RoutingTests {
             let later = try await routing.route(routeRequest("b", key: "u-later", channels: [.email], notBefore: june1 + 2 * day))
             #expect(later.state == .scheduled)
             try await send(routing, try #require(try routing.store.delivery(routed["b"]!)))
+            // a's address bounced before any merge.
+            try await send(routing, try #require(try routing.store.delivery(routed["a"]!)))
+            _ = try await routing.report(event(routed["a"]!, .bounced, hard: true))
             func held(_ person: String) throws -> Set<String> {
                 Set(try routing.store.deliveries(person: person, state: nil, before: nil, limit: 10).deliveries.map(\.deliveryId))
             }
@@ -1120,6 +1123,8 @@ struct RoutingTests {
             _ = try await routing.report(event(routed["b"]!, .bounced, hard: true))
             _ = try await routing.report(event(routed["b"]!, .unsubscribed))
             #expect(try routing.store.evidence(person: "c").person.optOuts.count == 1)
+            #expect(try routing.store.evidence(person: "c").person.unreachable ==
+                    [Evidence.unreachableKey(.email, "a@example.com"), Evidence.unreachableKey(.email, "b@example.com")])
             // b split off a (an inner merge) while a is in c: b's deliveries go back to b with
             // the evidence their events hold, so the one planned for later is not sent to the
             // address that bounced (before, the deliveries stayed with c).
@@ -1129,6 +1134,8 @@ struct RoutingTests {
             let evidence = try routing.store.evidence(person: "b").person
             #expect(evidence.unreachable == [Evidence.unreachableKey(.email, "b@example.com")])
             #expect(evidence.optOuts.map(\.purpose) == ["marketing"] && evidence.optOuts[0].recordedAtMs == clock.read())
+            // b's bounced address went back with it (before, c kept it, also after b's erasure).
+            #expect(try routing.store.evidence(person: "c").person.unreachable == [Evidence.unreachableKey(.email, "a@example.com")])
             let moved = try #require(try routing.store.delivery(later.deliveryId))
             guard case .refused = routing.store.check(moved, evidence, nowMs: moved.sendAtMs) else {
                 Issue.record("the delivery moved back would go against b's unsubscribe")
@@ -1140,7 +1147,8 @@ struct RoutingTests {
             // a split off c: its delivery goes back to a; b's stay with b (a no longer holds them).
             try routing.store.apply([(4, .unmerge(survivor: "c", split: "a"))], nowMs: clock.read())
             #expect(try held("a") == [routed["a"]!] && held("b") == [routed["b"]!, later.deliveryId] && held("c") == [routed["c"]!])
-            #expect(try routing.store.evidence(person: "a").person.unreachable.isEmpty)
+            #expect(try routing.store.evidence(person: "a").person.unreachable == [Evidence.unreachableKey(.email, "a@example.com")])
+            #expect(try routing.store.evidence(person: "c").person.unreachable.isEmpty)
             // a erased: nothing of its delivery stays (before, it stayed with c).
             try routing.store.apply([(5, .erase(person: "a", absorbed: []))], nowMs: clock.read())
             #expect(try routing.store.delivery(routed["a"]!) == nil)
@@ -1148,6 +1156,32 @@ struct RoutingTests {
             let directory = routing.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
             #expect(!filesContain("a@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
             #expect(filesContain("c@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
+            // b erased: nor its bounced address.
+            try routing.store.apply([(6, .erase(person: "b", absorbed: []))], nowMs: clock.read())
+            #expect(!filesContain("b@example.com", in: directory, files: ["routing.sqlite", "routing.sqlite-wal"]))
+        }
+    }
+
+    @Test("a bounced address two merged persons share stays with each: an unmerge gives the split person its own and leaves the survivor's; an erasure found under the survivor takes only the erased person's")
+    func sharedBouncedAddress() async throws {
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }
+        try await withRouting(clock: clock) { routing, _, _ in
+            try await routing.store.pool.write { db in
+                for person in ["a", "b"] {
+                    try db.execute(sql: "INSERT INTO unreachable (person_id, channel, address, at_ms) VALUES (?, ?, 'home@example.com', ?)",
+                                   arguments: [person, CommonV1.Channel.email.rawValue, june1 - day])
+                }
+            }
+            try routing.store.apply([(1, .merge(target: "a", sources: ["b"]))], nowMs: june1)
+            #expect(try routing.store.evidence(person: "a").person.unreachable == [Evidence.unreachableKey(.email, "home@example.com")])
+            try routing.store.apply([(2, .unmerge(survivor: "a", split: "b"))], nowMs: june1)
+            for person in ["a", "b"] {
+                #expect(try routing.store.evidence(person: person).person.unreachable == [Evidence.unreachableKey(.email, "home@example.com")])
+            }
+            try routing.store.apply([(3, .merge(target: "a", sources: ["b"])), (4, .erase(person: "b", absorbed: []))], nowMs: june1)
+            #expect(try routing.store.evidence(person: "a").person.unreachable == [Evidence.unreachableKey(.email, "home@example.com")])
+            #expect(try await routing.store.pool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM unreachable") } == 1)
         }
     }
 

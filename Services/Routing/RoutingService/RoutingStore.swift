@@ -121,6 +121,23 @@ public final class RoutingStore: Sendable {
             // An unmerge finds the persons the split person had absorbed without a scan.
             try db.execute(sql: "CREATE INDEX person_merged_by_target ON person_merged(target)")
         }
+        migrator.registerMigration("v7: whose bounced address") { db in
+            // A bounced address holds a person's address: a merge keeps whose it was, so that an
+            // unmerge gives it back and an erasure of that person finds it under the survivor.
+            // Two persons' rows for one address stay apart ('' : the holder's own). Rows from
+            // before are the holder's own.
+            try db.execute(sql: """
+                CREATE TABLE unreachable_v7 (
+                  person_id TEXT NOT NULL, channel INTEGER NOT NULL, address TEXT NOT NULL, at_ms INTEGER NOT NULL,
+                  origin_person_id TEXT NOT NULL DEFAULT '',
+                  PRIMARY KEY (person_id, channel, address, origin_person_id)
+                ) WITHOUT ROWID;
+                INSERT INTO unreachable_v7 (person_id, channel, address, at_ms) SELECT person_id, channel, address, at_ms FROM unreachable;
+                DROP TABLE unreachable;
+                ALTER TABLE unreachable_v7 RENAME TO unreachable;
+                CREATE INDEX unreachable_by_origin ON unreachable(origin_person_id) WHERE origin_person_id <> '';
+                """)
+        }
         return migrator
     }
 
@@ -735,8 +752,9 @@ public final class RoutingStore: Sendable {
                                       sends: 0, engaged: 1, atMs: atMs)
                 }
             case .bounced where hardBounce:
-                try db.execute(sql: "INSERT OR REPLACE INTO unreachable (person_id, channel, address, at_ms) VALUES (?, ?, ?, ?)",
-                               arguments: [d.personId, channel.rawValue, address, atMs])
+                // A delivery a merge moved here bounced on its own person's address.
+                let origin = try String.fetchOne(db, sql: "SELECT origin_person_id FROM delivery WHERE delivery_id = ?", arguments: [id])
+                try Self.markUnreachable(db, person: d.personId, channel: channel, address: address, atMs: atMs, origin: origin ?? "")
                 if d.state == .sent && d.channel == channel && !d.fallbackChannels.isEmpty {
                     Self.fallBack(&d, atMs: atMs, why: "hard bounce on \(channel.ruleName) \(address)")
                     // Sent by this service's clock, not the reporter's (which may run a day ahead).
@@ -797,12 +815,13 @@ extension RoutingStore: IdentityChangeSink {
         try pool.read { db in try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0 }
     }
 
-    /// Merges move deliveries, engagement (summed), bounces and opt-outs to the surviving
-    /// person; each moved delivery keeps the person it was routed for. An unmerge gives the
-    /// split person back its deliveries and those of the persons it had absorbed, with the
-    /// bounces and opt-outs their events record; engagement, bounces and opt-outs carry no
-    /// origin and also stay with the survivor. Erasures delete the
-    /// persons' deliveries wherever a merge moved them, and everything else of theirs.
+    /// Merges move deliveries, engagement (summed), bounced addresses and opt-outs to the
+    /// surviving person; each moved delivery and bounced address keeps the person it was
+    /// routed for. An unmerge gives the split person back its deliveries and bounced
+    /// addresses and those of the persons it had absorbed, with the opt-outs their
+    /// deliveries' events record; engagement and opt-outs carry no origin and also stay with
+    /// the survivor. Erasures delete the persons' deliveries and bounced addresses wherever a
+    /// merge moved them, and everything else of theirs.
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
         // An earlier erasure's truncation, if it failed: one attempt, never in the feed's way.
         defer { try? truncation.pay(pool, patience: .zero) }
@@ -849,7 +868,7 @@ extension RoutingStore: IdentityChangeSink {
             try db.execute(sql: "INSERT OR REPLACE INTO engagement (person_id, key, sends, engaged, updated_ms) VALUES (?, ?, ?, ?, ?)",
                            arguments: [target, key, sum.sends, sum.engaged, nowMs])
         }
-        try db.execute(sql: "UPDATE OR IGNORE unreachable SET person_id = ? WHERE person_id = ?", arguments: [target, source])
+        try moveUnreachable(db, "person_id = ?1", [source], to: target, ownedBy: source)
         // Both persons opted out of the same purpose and channel: the newer record stays, unsynced
         // when it is (it must still reach the profile service).
         // The survivor's deliveries were planned without the source's opt-outs: they count as
@@ -869,11 +888,11 @@ extension RoutingStore: IdentityChangeSink {
     /// comes back with them, as the identity service gives their identifiers back), wherever
     /// merges moved them.
     ///
-    /// Opt-outs and bounces carry no origin: those the events of the deliveries it gets back
-    /// record (a hard bounce of the address a delivery went to, an unsubscribe or complaint
-    /// from it) are recorded for it again, learned now, so that none of those deliveries goes
-    /// to an address that bounced or against an unsubscribe while it was merged; the survivor
-    /// keeps them too.
+    /// Its bounced addresses go back with them. Opt-outs carry no origin: those the events of
+    /// the deliveries it gets back record (an unsubscribe or complaint from it; and a hard
+    /// bounce, for a bounce recorded before v7 kept whose it was) are recorded for it again,
+    /// learned now, so that none of those deliveries goes against an unsubscribe while it was
+    /// merged; the survivor keeps them too.
     private func unmerge(_ db: Database, _ split: String, nowMs: Int64) throws {
         let absorbed = try String.fetchAll(db, sql: """
             WITH RECURSIVE absorbed(person_id) AS (
@@ -883,23 +902,49 @@ extension RoutingStore: IdentityChangeSink {
             """, arguments: [split])
         try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?", arguments: [split])
         for origin in [split] + absorbed {
-            for d in try move(db, "origin_person_id = ?", [origin], to: split) { try Self.recordEvidence(db, of: d, nowMs: nowMs) }
+            try moveUnreachable(db, "origin_person_id = ?1 AND person_id <> ?2", [origin, split], to: split, ownedBy: split)
+            for d in try move(db, "origin_person_id = ?", [origin], to: split) {
+                try Self.recordEvidence(db, of: d, origin: origin == split ? "" : origin, nowMs: nowMs)
+            }
         }
         try db.execute(sql: "UPDATE delivery SET origin_person_id = NULL WHERE origin_person_id = ?1 AND person_id = ?1", arguments: [split])
     }
 
+    /// Moves the bounced addresses `condition` selects (SQL over `unreachable`, with
+    /// `arguments`) to `person`. Each keeps whose it was: `owner`'s own rows become the
+    /// holder's own (''), another's name it (a merge's source names itself).
+    private func moveUnreachable(_ db: Database, _ condition: String, _ arguments: [String], to person: String, ownedBy owner: String) throws {
+        let n = arguments.count
+        try db.execute(sql: """
+            INSERT INTO unreachable (person_id, channel, address, at_ms, origin_person_id)
+              SELECT ?\(n + 1), channel, address, at_ms,
+                CASE origin_person_id WHEN ?\(n + 2) THEN '' WHEN '' THEN ?\(n + 2) ELSE origin_person_id END
+              FROM unreachable WHERE \(condition) AND true
+            ON CONFLICT (person_id, channel, address, origin_person_id) DO UPDATE SET at_ms = max(at_ms, excluded.at_ms)
+            """, arguments: StatementArguments(arguments + [person, owner]))
+        try db.execute(sql: "DELETE FROM unreachable WHERE \(condition)", arguments: StatementArguments(arguments))
+    }
+
+    /// Records `address` on `channel` as unreachable for `person`: its own (`origin` ''), or
+    /// that of the person a merge moved here whose delivery bounced.
+    static func markUnreachable(_ db: Database, person: String, channel: CommonV1.Channel, address: String, atMs: Int64, origin: String) throws {
+        try db.execute(sql: """
+            INSERT INTO unreachable (person_id, channel, address, at_ms, origin_person_id) VALUES (?, ?, ?, ?, ?)
+            ON CONFLICT (person_id, channel, address, origin_person_id) DO UPDATE SET at_ms = max(at_ms, excluded.at_ms)
+            """, arguments: [person, channel.rawValue, address, atMs, origin])
+    }
+
     /// Records for `d`'s person the hard bounces, unsubscribes and complaints that `d`'s
-    /// events hold (as `report` did when they came), learned at `nowMs`. An opt-out goes to
-    /// the profile service again (unsynced).
-    static func recordEvidence(_ db: Database, of d: RoutingV1.Delivery, nowMs: Int64) throws {
+    /// events hold (as `report` did when they came), learned at `nowMs`; a bounce as `origin`'s
+    /// (see `markUnreachable`). An opt-out goes to the profile service again (unsynced).
+    static func recordEvidence(_ db: Database, of d: RoutingV1.Delivery, origin: String, nowMs: Int64) throws {
         var sentTo: [CommonV1.Channel: String] = [:]  // the address each channel was last sent to
         for e in d.events {
             switch e.kind {
             case .sent:
                 sentTo[e.channel] = e.detail
             case .bounced where e.detail == "hard":
-                try db.execute(sql: "INSERT OR IGNORE INTO unreachable (person_id, channel, address, at_ms) VALUES (?, ?, ?, ?)",
-                               arguments: [d.personId, e.channel.rawValue, sentTo[e.channel] ?? d.address, e.atMs])
+                try markUnreachable(db, person: d.personId, channel: e.channel, address: sentTo[e.channel] ?? d.address, atMs: e.atMs, origin: origin)
             case .complained, .unsubscribed:
                 try db.execute(sql: """
                     INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)
@@ -923,8 +968,8 @@ extension RoutingStore: IdentityChangeSink {
         }
     }
 
-    /// Deletes everything of `person`: its deliveries (also those a merge moved to another
-    /// person), their events, engagement, bounces and opt-outs.
+    /// Deletes everything of `person`: its deliveries and bounced addresses (also those a
+    /// merge moved to another person), their events, engagement and opt-outs.
     static func erase(_ db: Database, _ person: String) throws {
         guard !person.isEmpty else { return }
         try db.execute(sql: """
@@ -932,6 +977,7 @@ extension RoutingStore: IdentityChangeSink {
               (SELECT delivery_id FROM delivery WHERE person_id = ?1 UNION SELECT delivery_id FROM delivery WHERE origin_person_id = ?1)
             """, arguments: [person])
         try db.execute(sql: "DELETE FROM delivery WHERE origin_person_id = ?", arguments: [person])
+        try db.execute(sql: "DELETE FROM unreachable WHERE origin_person_id = ?", arguments: [person])
         for table in ["delivery", "engagement", "unreachable", "opt_out"] {
             try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [person])
         }
