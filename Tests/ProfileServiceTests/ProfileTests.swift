@@ -1134,6 +1134,46 @@ struct MergeEraseTests {
         #expect(!filesContain(marker, in: directory, files: files))
     }
 
+    @Test("an unmerge gives the split person back its traits and consent (also those a newer value hid while merged); the feed's erasure of a merged person takes them from the survivor's file")
+    func unmergeAndEraseTraitsAndConsent() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let now = clock.read()
+        let service = try makeProfile(directory, clock: clock)
+        let marker = "quagga\(UInt32.random(in: 0...UInt32.max))"
+        _ = try await service.traits("a", ["tier": .string("\(marker)-gold")], at: now - 2 * hour)
+        _ = try await service.traits("a", ["city": .string("\(marker)-Paris")], at: now - hour)
+        try await service.consent("a", "marketing", .email, true, at: now - 2 * hour, source: "\(marker)-form")
+        _ = try await service.traits("b", ["tier": .string("silver"), "nickname": .string("bee")], at: now - hour)
+        try await service.consent("b", "marketing", .email, false, at: now - 3 * hour)
+        func traits(_ person: String) async throws -> [String: RuleValue] {
+            Dictionary(uniqueKeysWithValues: try await service.profile(person).traits.compactMap { t in t.value.flatMap(RuleValue.init).map { (t.name, $0) } })
+        }
+        func granted(_ person: String) async throws -> [Bool] { try await service.profile(person).consent.map(\.granted) }
+
+        // Merged: the newest per name, a's consent newer than b's denial.
+        try service.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: now)
+        #expect(try await traits("b") == ["tier": .string("silver"), "nickname": .string("bee"),
+                                          "city": .string("\(marker)-Paris")])
+        #expect(try await granted("b") == [true])
+        // A value older than the one a merge brought is stale, as any older value.
+        #expect(try await service.traits("b", ["city": .string("Lyon")], at: now - 90 * 60 * 1000).stale == ["city"])
+
+        // Unmerged: each gets its own back, a its tier too, which b's newer one had hidden.
+        // Before, a's traits and consent all stayed with b, and a's hidden tier was gone.
+        try service.store.apply([(2, .unmerge(survivor: "b", split: "a"))], nowMs: now)
+        #expect(try await traits("a") == ["tier": .string("\(marker)-gold"), "city": .string("\(marker)-Paris")])
+        #expect(try await traits("b") == ["tier": .string("silver"), "nickname": .string("bee")])
+        #expect(try await granted("a") == [true])
+        #expect(try await granted("b") == [false])
+
+        // Merged again, then a erased by the feed: nothing of a stays in b's profile or the files.
+        try service.store.apply([(3, .merge(target: "b", sources: ["a"])), (4, .erase(person: "a", absorbed: []))], nowMs: now)
+        #expect(try await traits("b") == ["tier": .string("silver"), "nickname": .string("bee")])
+        #expect(try await granted("b") == [false])
+        #expect(!filesContain(marker, in: directory, files: ["profile.sqlite", "profile.sqlite-wal"]))
+    }
+
     @Test("after Erase no event, trait or consent of the person is in the SQLite files")
     func eraseLeavesNothing() async throws {
         let directory = temporaryDirectory("profile-test")
@@ -1221,8 +1261,8 @@ struct MergeEraseTests {
             try await service.consent("a", "marketing", .email, true, at: now)
             _ = try await service.traits("b", ["city": .string("Lyon")], at: now)
             try service.store.apply([(1, .merge(target: "b", sources: ["a"])), (2, .merge(target: "c", sources: ["b"]))], nowMs: now)
-            // a's traits and consent moved to c with no origin: before, Erase(a) deleted a's
-            // events only and left them, and c's own data, in the profile a's id still reads.
+            // a's id reads c's profile now: before, Erase(a) deleted a's events only and left a's
+            // traits and consent, and c's own data, in the profile a's id still reads.
             var request = ProfileV1.EraseRequest()
             request.personId = "a"
             let erased = try service.erase(request)

@@ -530,6 +530,30 @@ public final class ProfileStore: Sendable {
                 CREATE INDEX person_gone_by_target ON person_gone(target);  -- an unmerge's persons absorbed
                 """)
         }
+        migrator.registerMigration("v6: whose traits and consent") { db in
+            // A merge keeps whose each trait and consent record was ('' : the holder's own), as
+            // it does for events, so that an unmerge gives them back and an erasure of that
+            // person finds them under the survivor. A person's trait of a name is the newest of
+            // its rows (`newestPerName`). Rows from before are the holder's own.
+            try db.execute(sql: """
+                CREATE TABLE trait_v6 (
+                  person_id TEXT NOT NULL,
+                  name TEXT NOT NULL,
+                  origin_person_id TEXT NOT NULL DEFAULT '',
+                  value BLOB NOT NULL,                    -- an encoded arbiter.common.v1.Value
+                  source TEXT NOT NULL,
+                  updated_at_ms INTEGER NOT NULL,
+                  PRIMARY KEY (person_id, name, origin_person_id)
+                ) WITHOUT ROWID;
+                INSERT INTO trait_v6 (person_id, name, value, source, updated_at_ms)
+                  SELECT person_id, name, value, source, updated_at_ms FROM trait;
+                DROP TABLE trait;
+                ALTER TABLE trait_v6 RENAME TO trait;
+                CREATE INDEX trait_by_origin ON trait(origin_person_id) WHERE origin_person_id <> '';
+                ALTER TABLE consent ADD COLUMN origin_person_id TEXT NOT NULL DEFAULT '';
+                CREATE INDEX consent_by_origin ON consent(origin_person_id) WHERE origin_person_id <> '';
+                """)
+        }
         return migrator
     }
 
@@ -871,18 +895,24 @@ public final class ProfileStore: Sendable {
     public func setTraits(person: String, _ traits: [(name: String, value: RuleValue)], source: String,
                           updatedAtMs: Int64) throws -> [String] {
         try writingFacts(of: person) { db in
-            let before = try Int.fetchOne(db, sql: "SELECT count(*) FROM trait WHERE person_id = ?", arguments: [person]) ?? 0
+            let countSQL = "SELECT count(DISTINCT name) FROM trait WHERE person_id = ?"
+            let before = try Int.fetchOne(db, sql: countSQL, arguments: [person]) ?? 0
             var stale: [String] = []
             for (name, value) in traits {
+                // Newer than every row of the name (also those a merge brought): the person's own.
+                let newest = try Int64.fetchOne(db, sql: "SELECT max(updated_at_ms) FROM trait WHERE person_id = ? AND name = ?",
+                                                arguments: [person, name])
+                if let newest, newest > updatedAtMs {
+                    stale.append(name)
+                    continue
+                }
                 try db.execute(sql: """
-                    INSERT INTO trait (person_id, name, value, source, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-                    ON CONFLICT (person_id, name) DO UPDATE SET value = ?3, source = ?4, updated_at_ms = ?5
-                    WHERE excluded.updated_at_ms >= trait.updated_at_ms
+                    INSERT INTO trait (person_id, name, origin_person_id, value, source, updated_at_ms) VALUES (?1, ?2, '', ?3, ?4, ?5)
+                    ON CONFLICT (person_id, name, origin_person_id) DO UPDATE SET value = ?3, source = ?4, updated_at_ms = ?5
                     """, arguments: [person, name, Data(CommonV1.Value(value).serializedBytes()), source, updatedAtMs])
-                if db.changesCount == 0 { stale.append(name) }
             }
             // Only new traits past the limit are refused: one a merge took past it may still change.
-            let count = try Int.fetchOne(db, sql: "SELECT count(*) FROM trait WHERE person_id = ?", arguments: [person]) ?? 0
+            let count = try Int.fetchOne(db, sql: countSQL, arguments: [person]) ?? 0
             guard count <= max(before, Self.maxTraitsPerPerson) else {
                 throw RPCError(.resourceExhausted, "traits: person \(person) would have \(count) traits; at most \(Self.maxTraitsPerPerson)")
             }
@@ -1045,13 +1075,22 @@ public final class ProfileStore: Sendable {
         // Columns by position: GRDB finds a name by lowercasing every column name.
         var traits: [StoredTrait] = []
         let rows = try Row.fetchCursor(db.cachedStatement(sql: """
-            SELECT name, value, source, updated_at_ms FROM trait WHERE person_id = ? ORDER BY name
+            SELECT name, value, source, updated_at_ms FROM trait WHERE person_id = ? ORDER BY \(traitOrder)
             """), arguments: [person])
         while let row = try rows.next() {
-            traits.append(StoredTrait(name: row[0], value: RuleValue(try CommonV1.Value(serializedBytes: row[1] as Data)) ?? .string(""),
-                                      source: row[2], updatedAtMs: row[3]))
+            newestPerName(&traits, StoredTrait(name: row[0], value: RuleValue(try CommonV1.Value(serializedBytes: row[1] as Data)) ?? .string(""),
+                                               source: row[2], updatedAtMs: row[3]))
         }
         return Facts(traits: traits, consent: try currentConsent(db, person: person))
+    }
+
+    /// A person's trait rows by name, oldest first; of equal times the person's own last, so
+    /// that it wins (a merge kept the survivor's on a tie).
+    static let traitOrder = "name, updated_at_ms, origin_person_id = '', origin_person_id"
+
+    /// Appends `trait`, read in `traitOrder`: a row of the last one's name replaces it (newer).
+    static func newestPerName(_ traits: inout [StoredTrait], _ trait: StoredTrait) {
+        if traits.last?.name == trait.name { traits[traits.count - 1] = trait } else { traits.append(trait) }
     }
 
     /// Runs `body` in a transaction on the event file that changes `person`'s traits or
@@ -1098,13 +1137,13 @@ public final class ProfileStore: Sendable {
     /// than `limit` persons have some (reads stop there).
     static func allFacts(_ db: Database, upTo limit: Int) throws -> [String: Facts]? {
         var all: [String: Facts] = [:]
-        let traits = try Row.fetchCursor(db, sql: "SELECT person_id, name, value, source, updated_at_ms FROM trait ORDER BY person_id, name")
+        let traits = try Row.fetchCursor(db, sql: "SELECT person_id, name, value, source, updated_at_ms FROM trait ORDER BY person_id, \(traitOrder)")
         while let row = try traits.next() {
             let person: String = row[0]
             if all[person] == nil && all.count == limit { return nil }
-            all[person, default: Facts()].traits.append(
-                StoredTrait(name: row[1], value: RuleValue(try CommonV1.Value(serializedBytes: row[2] as Data)) ?? .string(""),
-                            source: row[3], updatedAtMs: row[4]))
+            newestPerName(&all[person, default: Facts()].traits,
+                          StoredTrait(name: row[1], value: RuleValue(try CommonV1.Value(serializedBytes: row[2] as Data)) ?? .string(""),
+                                      source: row[3], updatedAtMs: row[4]))
         }
         let consent = try Row.fetchCursor(db, sql: """
             SELECT person_id, purpose, channel, granted, source, at_ms FROM consent ORDER BY person_id, purpose, channel, at_ms, id
@@ -1155,29 +1194,22 @@ public final class ProfileStore: Sendable {
     // MARK: - Merges, splits and erasure
 
     /// Applies a merge from the identity change feed: `sources`' events, traits (the newest
-    /// per name wins) and consent move to `target`, whose features are recomputed from all
-    /// the events, as if one person had them from the start. Adds the new states (the
-    /// sources' empty) to `states`.
+    /// per name wins when read) and consent move to `target`, each keeping whose it was;
+    /// `target`'s features are recomputed from all the events, as if one person had them from
+    /// the start. Adds the new states (the sources' empty) to `states`.
     static func merge(_ db: Database, sources: [String], into target: String, specs: [String: [FeatureSpec]], now: Int64,
                       states: inout [String: ProfileStoreV1.PersonState]) throws {
         for source in sources where source != target {
             try db.execute(sql: "UPDATE event SET person_id = ? WHERE person_id = ?", arguments: [target, source])
-            try db.execute(sql: """
-                INSERT INTO trait (person_id, name, value, source, updated_at_ms)
-                SELECT ?1, name, value, source, updated_at_ms FROM trait WHERE person_id = ?2 AND true
-                ON CONFLICT (person_id, name) DO UPDATE SET value = excluded.value, source = excluded.source,
-                  updated_at_ms = excluded.updated_at_ms WHERE excluded.updated_at_ms > trait.updated_at_ms
-                """, arguments: [target, source])
-            try db.execute(sql: "DELETE FROM trait WHERE person_id = ?", arguments: [source])
-            try db.execute(sql: "UPDATE consent SET person_id = ? WHERE person_id = ?", arguments: [target, source])
+            try moveFacts(db, "person_id = ?1", [source], to: target, ownedBy: source)
             states[source] = ProfileStoreV1.PersonState()
         }
         states[target] = try recompute(db, target, specs: specs, now: now)
     }
 
-    /// Applies an unmerge: the events first tracked for `split`, or for a person it had
-    /// absorbed, go back to it, and both persons' features are recomputed (added to
-    /// `states`). Traits and consent carry no origin and stay.
+    /// Applies an unmerge: the events, traits and consent records first tracked for `split`,
+    /// or for a person it had absorbed, go back to it, and both persons' features are
+    /// recomputed (added to `states`).
     static func split(_ db: Database, _ split: String, from survivor: String, specs: [String: [FeatureSpec]], now: Int64,
                       states: inout [String: ProfileStoreV1.PersonState]) throws {
         // The split person comes back with the persons it had absorbed (as the identity
@@ -1191,9 +1223,27 @@ public final class ProfileStore: Sendable {
         for origin in [split] + absorbed {
             try db.execute(sql: "UPDATE event SET person_id = ? WHERE person_id = ? AND origin_person_id = ?",
                            arguments: [split, survivor, origin])
+            try moveFacts(db, "person_id = ?1 AND origin_person_id = ?2", [survivor, origin], to: split, ownedBy: split)
         }
         states[survivor] = try recompute(db, survivor, specs: specs, now: now)
         states[split] = try recompute(db, split, specs: specs, now: now)
+    }
+
+    /// Moves the traits and consent records `condition` selects (SQL over either table, with
+    /// `arguments`) to `person`. Each keeps whose it was: `owner`'s own rows become the
+    /// holder's own (''), another's name it (a merge's source names itself).
+    static func moveFacts(_ db: Database, _ condition: String, _ arguments: [String], to person: String, ownedBy owner: String) throws {
+        let n = arguments.count
+        let origin = "CASE origin_person_id WHEN ?\(n + 2) THEN '' WHEN '' THEN ?\(n + 2) ELSE origin_person_id END"
+        let all = StatementArguments(arguments + [person, owner])
+        try db.execute(sql: """
+            INSERT INTO trait (person_id, name, origin_person_id, value, source, updated_at_ms)
+              SELECT ?\(n + 1), name, \(origin), value, source, updated_at_ms FROM trait WHERE \(condition) AND true
+            ON CONFLICT (person_id, name, origin_person_id) DO UPDATE SET value = excluded.value, source = excluded.source,
+              updated_at_ms = excluded.updated_at_ms WHERE excluded.updated_at_ms > trait.updated_at_ms
+            """, arguments: all)
+        try db.execute(sql: "DELETE FROM trait WHERE \(condition)", arguments: StatementArguments(arguments))
+        try db.execute(sql: "UPDATE consent SET person_id = ?\(n + 1), origin_person_id = \(origin) WHERE \(condition)", arguments: all)
     }
 
     public struct Erased: Sendable, Equatable {
@@ -1203,20 +1253,23 @@ public final class ProfileStore: Sendable {
         public var person = ""
     }
 
-    /// Deletes the person's events (those tracked for them that a merge gave another person
-    /// too), traits and consent from the event file; their state (an empty one added to
-    /// `states`) leaves the state file with the next flush, and the persons who owned some of
-    /// their events are recomputed without them.
+    /// Deletes the person's events, traits and consent records (also those a merge gave
+    /// another person) from the event file; their state (an empty one added to `states`)
+    /// leaves the state file with the next flush, and the persons who held some of them are
+    /// recomputed without them.
     static func erase(_ db: Database, _ person: String, specs: [String: [FeatureSpec]], now: Int64,
                       states: inout [String: ProfileStoreV1.PersonState]) throws -> Erased {
         var erased = Erased()
-        let owners = try String.fetchAll(db, sql: "SELECT DISTINCT person_id FROM event WHERE origin_person_id = ?1 AND person_id <> ?1",
-                                         arguments: [person])
+        let owners = try String.fetchAll(db, sql: """
+            SELECT person_id FROM event WHERE origin_person_id = ?1 AND person_id <> ?1
+            UNION SELECT person_id FROM trait WHERE origin_person_id = ?1 AND person_id <> ?1
+            UNION SELECT person_id FROM consent WHERE origin_person_id = ?1 AND person_id <> ?1
+            """, arguments: [person])
         try db.execute(sql: "DELETE FROM event WHERE person_id = ?1 OR origin_person_id = ?1", arguments: [person])
         erased.events = db.changesCount
-        try db.execute(sql: "DELETE FROM trait WHERE person_id = ?", arguments: [person])
+        try db.execute(sql: "DELETE FROM trait WHERE person_id = ?1 OR origin_person_id = ?1", arguments: [person])
         erased.traits = db.changesCount
-        try db.execute(sql: "DELETE FROM consent WHERE person_id = ?", arguments: [person])
+        try db.execute(sql: "DELETE FROM consent WHERE person_id = ?1 OR origin_person_id = ?1", arguments: [person])
         erased.consents = db.changesCount
         states[person] = ProfileStoreV1.PersonState()
         for owner in owners { states[owner] = try recompute(db, owner, specs: specs, now: now) }
@@ -1226,8 +1279,7 @@ public final class ProfileStore: Sendable {
     /// Erases every event, trait and consent record and the feature state of `person`, and
     /// checkpoints both files so no copy stays in a WAL. An id the feed merged away names the
     /// person it was merged into, as in every other call: that person is erased, with what it
-    /// absorbed (its traits and consent carry no origin, so erasing only the events first
-    /// tracked for the id would leave them). An erased id erases nothing more.
+    /// absorbed (the id is that person now). An erased id erases nothing more.
     public func erase(person: String, nowMs: Int64) throws -> Erased {
         try settlePendingErasure()
         var goneChanges: [(person: String, target: String?)] = []
