@@ -369,6 +369,29 @@ struct FeatureTests {
         #expect(try await makeProfile(directory, clock: clock).features("p") == ["views": 3])
     }
 
+    @Test("a store from before traits and consent kept whose they were opens with each its holder's own, which a merge then keeps")
+    func traitOriginMigration() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let now = clock.read()
+        do {
+            let old = try DatabasePool(path: directory + "/profile.sqlite")
+            try ProfileStore.migrator.migrate(old, upTo: "v5: persons merged away or erased")
+            try await old.write { db in
+                try db.execute(sql: "INSERT INTO trait VALUES ('a', 'tier', ?, 'crm', ?)",
+                               arguments: [Data(CommonV1.Value(.string("gold")).serializedBytes()), now])
+                try db.execute(sql: "INSERT INTO consent (person_id, purpose, channel, granted, source, at_ms) VALUES ('a', 'marketing', 1, 1, 'form', ?)",
+                               arguments: [now])
+            }
+        }
+        let service = try makeProfile(directory, clock: clock)
+        #expect(try await service.profile("a").traits.map(\.name) == ["tier"])
+        try service.store.apply([(1, .merge(target: "b", sources: ["a"])), (2, .unmerge(survivor: "b", split: "a"))], nowMs: now)
+        let a = try await service.profile("a")
+        #expect(a.traits.map(\.name) == ["tier"] && a.consent.map(\.granted) == [true])
+        await #expect(throws: RPCError.self) { _ = try await service.profile("b") }
+    }
+
     @Test("a backfill that fails after its definition committed leaves its persons to the next start, which recomputes them")
     func failedBackfill() async throws {
         let directory = temporaryDirectory("profile-test")

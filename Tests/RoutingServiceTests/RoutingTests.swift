@@ -1,6 +1,7 @@
 import Contracts
 import Crypto
 import Foundation
+import GRDB
 import IdentityFeed
 import Logging
 @testable import ProfileService
@@ -1183,6 +1184,24 @@ struct RoutingTests {
             #expect(try routing.store.evidence(person: "a").person.unreachable == [Evidence.unreachableKey(.email, "home@example.com")])
             #expect(try await routing.store.pool.read { db in try Int.fetchOne(db, sql: "SELECT count(*) FROM unreachable") } == 1)
         }
+    }
+
+    @Test("a store from before bounced addresses kept whose they were opens with each its holder's own, which a merge then keeps")
+    func unreachableMigration() async throws {
+        let directory = temporaryDirectory("routing-test")
+        do {
+            let old = try DatabasePool(path: directory + "/routing.sqlite")
+            try RoutingStore.migrator.migrate(old, upTo: "v6: persons merged, by target")
+            try await old.write { db in
+                try db.execute(sql: "INSERT INTO unreachable (person_id, channel, address, at_ms) VALUES ('a', ?, 'a@example.com', 1)",
+                               arguments: [CommonV1.Channel.email.rawValue])
+            }
+        }
+        let store = try RoutingStore(directory: directory, configuration: RoutingConfiguration())
+        #expect(try store.evidence(person: "a").person.unreachable == [Evidence.unreachableKey(.email, "a@example.com")])
+        try store.apply([(1, .merge(target: "b", sources: ["a"])), (2, .unmerge(survivor: "b", split: "a"))], nowMs: june1)
+        #expect(try store.evidence(person: "a").person.unreachable == [Evidence.unreachableKey(.email, "a@example.com")])
+        #expect(try store.evidence(person: "b").person.unreachable.isEmpty)
     }
 
     @Test("an erasure finds the person's deliveries that a merge moved to a survivor the identity service no longer names")
