@@ -425,9 +425,50 @@ struct RoutingTests {
                 return
             }
             // The scheduled one counts too: no moment within a day of it holds a third.
-            #expect(RoutingStore.firstWithinCaps([june1 - 20 * hour, june1 + 10 * hour, june1 + 11 * hour], after: june1, until: june1 + 2 * day,
-                                                 perDay: 2, perWeek: 10) == june1 + 34 * hour)
+            #expect(RoutingStore.firstWithinCaps([([june1 - 20 * hour, june1 + 10 * hour, june1 + 11 * hour], 2, 10)], after: june1, until: june1 + 2 * day)
+                    == june1 + 34 * hour)
         }
+    }
+
+    @Test("a late message over its channel's caps falls back while it has a fallback; on its last channel it waits for the first moment before its not_after at which that channel's caps and the overall ones hold")
+    func lateOverChannelCapsWaits() async throws {
+        try await withRouting(configure: { ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (5, 10, 1, 10) }) { routing, _, _ in
+            var d = RoutingV1.Delivery()
+            (d.channel, d.sendAtMs, d.createdAtMs, d.timeZone, d.urgency) = (.email, june1, june1 - hour, "UTC", .normal)
+            var evidence = Evidence()
+            // An email 20 hours before and a webhook 10 hours before: sent now, 10 minutes late,
+            // it would be the second email within 24 hours (cap 1); the overall cap holds.
+            evidence.contacts = [(CommonV1.Channel.email.rawValue, june1 - 20 * hour), (CommonV1.Channel.webhook.rawValue, june1 - 10 * hour)]
+            let now = june1 + 10 * 60_000
+            d.notAfterMs = june1 + 2 * day
+            d.fallbackChannels = [.push]
+            guard case .refused("capped", _) = routing.store.check(d, evidence, nowMs: now) else {
+                Issue.record("with a fallback left, a late message over its channel's cap did not fall back")
+                return
+            }
+            // On its last channel it waits until the email leaves the 24 hours (before, it was
+            // suppressed).
+            d.fallbackChannels = []
+            guard case .later(let at, let why) = routing.store.check(d, evidence, nowMs: now) else {
+                Issue.record("a late message on its last channel that fits later within its not_after was not held")
+                return
+            }
+            #expect(at == june1 + 4 * hour && why.hasPrefix("sent now, 2 within 24 hours (cap 1)"), "\(at) \(why)")
+            #expect(routing.store.check(d, evidence, nowMs: at) == .send)
+            // Without a not_after, or with one before that moment: refused (suppressed), as before.
+            for notAfter in [0, june1 + 3 * hour] {
+                d.notAfterMs = notAfter
+                guard case .refused("capped", _) = routing.store.check(d, evidence, nowMs: now) else {
+                    Issue.record("a late message over its channel's cap with no moment in time was held (not_after \(notAfter))")
+                    return
+                }
+            }
+        }
+        // The moment keeps the overall caps too: the channel alone frees up in 4 hours, but two
+        // contacts scheduled at 10 and 11 hours fill that day; 34 hours holds both.
+        let channel: RoutingStore.CapLimit = ([june1 - 20 * hour], 1, 10), overall: RoutingStore.CapLimit = ([june1 + 10 * hour, june1 + 11 * hour], 2, 10)
+        #expect(RoutingStore.firstWithinCaps([channel], after: june1, until: june1 + 3 * day) == june1 + 4 * hour)
+        #expect(RoutingStore.firstWithinCaps([channel, overall], after: june1, until: june1 + 3 * day) == june1 + 34 * hour)
     }
 
     @Test("a cap holds over any window of its length: deliveries on both sides of the send time that no single window holds do not block it")

@@ -370,13 +370,18 @@ public final class RoutingStore: Sendable {
         return best
     }
 
-    /// The first time in (`after`, `until`] at which a send would keep the overall caps
-    /// (`busiestWindow` under `perDay` and `perWeek`) with contacts at `times`: one of the
-    /// moments an earlier contact leaves a window. Nil when there is none.
-    static func firstWithinCaps(_ times: [Int64], after: Int64, until: Int64, perDay: Int, perWeek: Int) -> Int64? {
+    /// A cap over a day and a week on contacts at `times` (all of a person's, or one channel's).
+    typealias CapLimit = (times: [Int64], perDay: Int, perWeek: Int)
+
+    /// The first time in (`after`, `until`] at which a send would keep every one of `limits`
+    /// (`busiestWindow` under `perDay` and `perWeek`): one of the moments an earlier contact
+    /// leaves a window. Nil when there is none.
+    static func firstWithinCaps(_ limits: [CapLimit], after: Int64, until: Int64) -> Int64? {
         let day: Int64 = 86_400_000, week = 7 * day
-        let moments = Set(times.flatMap { [$0 + day, $0 + week] }).filter { $0 > after && $0 <= until }.sorted()
-        return moments.first { busiestWindow(times, around: $0, length: day) < perDay && busiestWindow(times, around: $0, length: week) < perWeek }
+        let moments = Set(limits.flatMap { $0.times.flatMap { [$0 + day, $0 + week] } }).filter { $0 > after && $0 <= until }.sorted()
+        return moments.first { t in
+            limits.allSatisfy { busiestWindow($0.times, around: t, length: day) < $0.perDay && busiestWindow($0.times, around: t, length: week) < $0.perWeek }
+        }
     }
 
     // MARK: - Judged again at send time
@@ -476,8 +481,7 @@ public final class RoutingStore: Sendable {
                 // A message that may still go later waits for the first moment, a minute before
                 // its not_after at the latest (a send is never exactly on time), at which an
                 // earlier contact has left the window and the caps hold.
-                if d.notAfterMs > 0, let at = Self.firstWithinCaps(times, after: nowMs, until: d.notAfterMs - 60_000,
-                                                                   perDay: c.capPerDay, perWeek: c.capPerWeek) {
+                if d.notAfterMs > 0, let at = Self.firstWithinCaps([(times, c.capPerDay, c.capPerWeek)], after: nowMs, until: d.notAfterMs - 60_000) {
                     return .later(atMs: at, why: "\(why); within the caps at \(at)")
                 }
                 return .capped(why: why)
@@ -486,7 +490,16 @@ public final class RoutingStore: Sendable {
             let perDay = Self.busiestWindow(mine, around: nowMs, length: day)
             let perWeek = Self.busiestWindow(mine, around: nowMs, length: week)
             if perDay >= c.capPerChannelPerDay || perWeek >= c.capPerChannelPerWeek {
-                return .refused(reason: "capped", why: "sent now, \(perDay + 1) within 24 hours (cap \(c.capPerChannelPerDay)), \(perWeek + 1) within 7 days (cap \(c.capPerChannelPerWeek))")
+                let why = "sent now, \(perDay + 1) within 24 hours (cap \(c.capPerChannelPerDay)), \(perWeek + 1) within 7 days (cap \(c.capPerChannelPerWeek))"
+                // On its last channel, a message that may still go later waits for the first
+                // moment at which this channel's caps and the overall ones hold (with a
+                // fallback left, it falls back now).
+                if d.fallbackChannels.isEmpty, d.notAfterMs > 0,
+                   let at = Self.firstWithinCaps([(times, c.capPerDay, c.capPerWeek), (mine, c.capPerChannelPerDay, c.capPerChannelPerWeek)],
+                                                 after: nowMs, until: d.notAfterMs - 60_000) {
+                    return .later(atMs: at, why: "\(why); within the caps at \(at)")
+                }
+                return .refused(reason: "capped", why: why)
             }
         }
         return .send
