@@ -652,6 +652,35 @@ struct FeedAndErasureTests {
         #expect(try await service.history(request).entries.map(\.kind) == [.merge])
     }
 
+    @Test("an email is stored composed (NFC): typed with a combining accent it finds the same person; one stored before in another form is rewritten, a duplicate dropped")
+    func emailsComposed() async throws {
+        let composed = "jos\u{E9}@example.com", decomposed = "JOSE\u{301}@example.com"
+        let normalizer = Normalizer(rules: IdentityRules())
+        guard case .success(let normalized) = normalizer.normalize(type: "email", value: decomposed) else {
+            Issue.record("refused")
+            return
+        }
+        #expect(normalized.value.utf8.elementsEqual(composed.utf8))
+
+        // A v9 store holding one decomposed address (pa), and one held in both forms (pb's
+        // decomposed, pc's composed).
+        let directory = try await storeBefore("v9: conflicts from before v8 placed", """
+            INSERT INTO person (seq, id, created_at_ms, state, merged_into) VALUES
+              (1, 'pa', 1, 'active', NULL), (2, 'pb', 2, 'active', NULL), (3, 'pc', 3, 'active', NULL);
+            INSERT INTO identifier (type, value, person_id, first_seen_ms, last_seen_ms, source) VALUES
+              ('email', 'jose\u{301}@example.com', 'pa', 1, 1, 'crm'),
+              ('email', 'zoe\u{308}@example.com', 'pb', 1, 1, 'crm'), ('email', 'zo\u{EB}@example.com', 'pc', 1, 1, 'crm');
+            """)
+        let service = try makeService(directory)
+        var request = IdentityV1.ResolveRequest()
+        for (typed, person) in [(composed, "pa"), (decomposed, "pa"), ("zo\u{EB}@example.com", "pc"), ("zoe\u{308}@example.com", "pc")] {
+            request.identifiers = [id("email", typed)]
+            #expect(try await service.resolve(request).personId == person, "\(typed)")
+        }
+        let stored = try await openStoreFile(directory).read { db in try String.fetchAll(db, sql: "SELECT value FROM identifier ORDER BY value") }
+        #expect(stored.map { Array($0.utf8) } == ["jos\u{E9}@example.com", "zo\u{EB}@example.com"].map { Array($0.utf8) })
+    }
+
     @Test("numbers stored with a trunk 0 after the country code are rewritten, so the same input finds the same person")
     func phoneMigration() async throws {
         let directory = try await storeBefore("v3: changes and conflicts by person", """

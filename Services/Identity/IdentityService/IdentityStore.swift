@@ -240,6 +240,23 @@ public final class IdentityStore: Sendable {
                 WHERE after_seq IS NULL
                 """)
         }
+        migrator.registerMigration("v10: emails in Unicode's composed form (NFC)") { db in
+            // The normalizer composes an email since this version (`é` typed as e and an accent
+            // is `é`); addresses stored before in another form are rewritten, so that the same
+            // address finds the same person. One whose composed form is stored already is a
+            // copy of an address another row holds, and goes (as in v5). Only non-ASCII values
+            // can change; keyed hashes (privacy mode) are ASCII and cannot be rewritten.
+            for table in ["identifier", "merge_member"] {
+                let values = try String.fetchAll(db, sql: "SELECT DISTINCT value FROM \(table) WHERE type = 'email' AND value GLOB '*[^ -~]*'")
+                for value in values {
+                    let composed = value.precomposedStringWithCanonicalMapping
+                    // By bytes: Swift's == holds for canonically equivalent strings.
+                    guard !composed.utf8.elementsEqual(value.utf8) else { continue }
+                    try db.execute(sql: "UPDATE OR IGNORE \(table) SET value = ? WHERE type = 'email' AND value = ?", arguments: [composed, value])
+                    try db.execute(sql: "DELETE FROM \(table) WHERE type = 'email' AND value = ?", arguments: [value])
+                }
+            }
+        }
         return migrator
     }
 

@@ -53,7 +53,8 @@ public struct Normalizer: Sendable {
         let value: String
         switch type {
         case "email":
-            value = raw.trimmingCharacters(in: .whitespacesAndNewlines).lowercased()
+            // Composed (NFC): an address typed with a combining accent is the same address.
+            value = raw.trimmingCharacters(in: .whitespacesAndNewlines).lowercased().precomposedStringWithCanonicalMapping
             if let reason = Self.emailProblem(value) { return .failure(.invalid(type: type, value: raw, reason: reason)) }
         case "phone":
             switch Self.e164(raw, region: rules.defaultRegion.uppercased()) {
