@@ -994,7 +994,7 @@ struct MergeEraseTests {
             try service.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: now)
             // A SetTraits for a that the service mapped before the merge, and that waited for the
             // writer meanwhile, is refused there (retryable), not written under a.
-            #expect(throws: RPCError(.aborted, "person: a was merged or erased while this call waited; retry it")) {
+            #expect(throws: RPCError(.aborted, "person: a was merged, unmerged or erased while this call waited; retry it")) {
                 _ = try service.store.setTraits(person: "a", [(name: "tier", value: .string("silver"))], source: "crm", updatedAtMs: now)
             }
             // A client still holding a's id: before, these were kept under a, in no profile.
@@ -1061,14 +1061,19 @@ struct MergeEraseTests {
         let service = try makeProfile(clock: clock)
         try service.define(feature("views", "view", .count))
         _ = try await service.track([event("a1", "a", "view", at: now), event("b1", "b", "view", at: now), event("c1", "c", "view", at: now)])
+        for person in ["a", "b", "c"] { _ = try await service.traits(person, ["name_\(person)": .string(person)], at: now) }
         try service.store.apply([(1, .merge(target: "b", sources: ["a"])), (2, .merge(target: "c", sources: ["b"]))], nowMs: now)
         #expect(try await service.features("c")["views"] == 3)
+        #expect(try await service.profile("c").traits.map(\.name) == ["name_a", "name_b", "name_c"])
         // Undoing the second merge brings b back with a, as the identity service gives a's
         // identifiers back to b. Before, a's event stayed with c.
         try service.store.apply([(3, .unmerge(survivor: "c", split: "b"))], nowMs: now)
         #expect(try await service.features("b")["views"] == 2)
         #expect(try await service.features("c")["views"] == 1)
         #expect(try await service.profile("a").personId == "b")
+        // Their traits too.
+        #expect(try await service.profile("b").traits.map(\.name) == ["name_a", "name_b"])
+        #expect(try await service.profile("c").traits.map(\.name) == ["name_c"])
     }
 
     @Test("the feed follower applies changes off Swift's cooperative pool (a long merge or erasure must not hold it)")
@@ -1179,20 +1184,27 @@ struct MergeEraseTests {
         #expect(try await traits("b") == ["tier": .string("silver"), "nickname": .string("bee"),
                                           "city": .string("\(marker)-Paris")])
         #expect(try await granted("b") == [true])
-        // A value older than the one a merge brought is stale, as any older value.
+        // A value older than the one a merge brought is stale: not b's current one, but b's own
+        // (newer than b's own, none), which b keeps once a leaves (before the review, it was dropped).
         #expect(try await service.traits("b", ["city": .string("Lyon")], at: now - 90 * 60 * 1000).stale == ["city"])
+        #expect(try await traits("b")["city"] == .string("\(marker)-Paris"))
+        // Written through a's id while merged: b's profile, kept as a's (as a's events are).
+        #expect(try await service.traits("a", ["pet": .string("\(marker)-cat")], at: now).personId == "b")
+        try await service.consent("a", "texts", .sms, true, at: now, source: "\(marker)-sms")
+        #expect(try await traits("b")["pet"] == .string("\(marker)-cat"))
+        #expect(try await granted("b") == [true, true])
 
         // Unmerged: each gets its own back, a its tier too, which b's newer one had hidden.
         // Before, a's traits and consent all stayed with b, and a's hidden tier was gone.
         try service.store.apply([(2, .unmerge(survivor: "b", split: "a"))], nowMs: now)
-        #expect(try await traits("a") == ["tier": .string("\(marker)-gold"), "city": .string("\(marker)-Paris")])
-        #expect(try await traits("b") == ["tier": .string("silver"), "nickname": .string("bee")])
-        #expect(try await granted("a") == [true])
+        #expect(try await traits("a") == ["tier": .string("\(marker)-gold"), "city": .string("\(marker)-Paris"), "pet": .string("\(marker)-cat")])
+        #expect(try await traits("b") == ["tier": .string("silver"), "nickname": .string("bee"), "city": .string("Lyon")])
+        #expect(try await granted("a") == [true, true])
         #expect(try await granted("b") == [false])
 
         // Merged again, then a erased by the feed: nothing of a stays in b's profile or the files.
         try service.store.apply([(3, .merge(target: "b", sources: ["a"])), (4, .erase(person: "a", absorbed: []))], nowMs: now)
-        #expect(try await traits("b") == ["tier": .string("silver"), "nickname": .string("bee")])
+        #expect(try await traits("b") == ["tier": .string("silver"), "nickname": .string("bee"), "city": .string("Lyon")])
         #expect(try await granted("b") == [false])
         #expect(!filesContain(marker, in: directory, files: ["profile.sqlite", "profile.sqlite-wal"]))
     }

@@ -277,10 +277,13 @@ public struct ProfileService: RPCService {
         guard !traits.isEmpty else { throw RPCError.invalidArgument(field: "traits", "is empty") }
         let source = try Self.source(request.source)
         let at = try ClientTime.read(request.updatedAtMs, field: "updated_at_ms", now: clock())
-        let person = try living(try await createdPerson(request.person, field: "person"))
+        // Given for a person merged away: kept with its id as their origin (as events are),
+        // which an unmerge gives them back by and its erasure finds them by.
+        let given = try await createdPerson(request.person, field: "person")
+        let person = try living(given)
         var response = ProfileV1.SetTraitsResponse()
         response.personId = person
-        response.stale = try store.setTraits(person: person, traits, source: source, updatedAtMs: at)
+        response.stale = try store.setTraits(person: person, origin: given == person ? "" : given, traits, source: source, updatedAtMs: at)
         return response
     }
 
@@ -325,8 +328,9 @@ public struct ProfileService: RPCService {
                                                 source: try Self.source(c.source, field: "consents[\(i)].source"),
                                                 atMs: try ClientTime.read(c.atMs, field: "consents[\(i)].at_ms", now: now)))
         }
-        let person = try living(try await createdPerson(request.person, field: "person"))
-        try store.setConsent(person: person, records)
+        let given = try await createdPerson(request.person, field: "person")  // as in setTraits
+        let person = try living(given)
+        try store.setConsent(person: person, origin: given == person ? "" : given, records)
         var response = ProfileV1.SetConsentResponse()
         response.personId = person
         return response

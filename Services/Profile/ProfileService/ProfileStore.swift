@@ -554,6 +554,11 @@ public final class ProfileStore: Sendable {
                 CREATE INDEX consent_by_origin ON consent(origin_person_id) WHERE origin_person_id <> '';
                 """)
         }
+        migrator.registerMigration("v7: events a merge moved, by origin") { db in
+            // An erasure finds the person's events that a merge gave another person without
+            // reading every event (queries name the index's condition to use it).
+            try db.execute(sql: "CREATE INDEX event_by_origin ON event(origin_person_id) WHERE origin_person_id <> person_id")
+        }
         return migrator
     }
 
@@ -890,29 +895,30 @@ public final class ProfileStore: Sendable {
         public var updatedAtMs: Int64
     }
 
-    /// Sets traits; a trait whose stored value is newer than `updatedAtMs` keeps it.
-    /// Returns the names of the traits left alone (stale).
-    public func setTraits(person: String, _ traits: [(name: String, value: RuleValue)], source: String,
+    /// Sets traits of `person`, as given for `origin` ('': for `person` itself; else an id
+    /// the feed merged into it, which an unmerge gives them back to). The row of `origin`
+    /// keeps the newer of its value and the new one. Returns the names of the traits whose
+    /// new value is not the person's current one (stale: it has a newer one, also one a
+    /// merge brought).
+    public func setTraits(person: String, origin: String = "", _ traits: [(name: String, value: RuleValue)], source: String,
                           updatedAtMs: Int64) throws -> [String] {
-        try writingFacts(of: person) { db in
-            let countSQL = "SELECT count(DISTINCT name) FROM trait WHERE person_id = ?"
-            let before = try Int.fetchOne(db, sql: countSQL, arguments: [person]) ?? 0
+        try writingFacts(of: person, origin: origin) { db in
+            let countNames = try db.cachedStatement(sql: "SELECT count(DISTINCT name) FROM trait WHERE person_id = ?")
+            let before = try Int.fetchOne(countNames, arguments: [person]) ?? 0
+            let upsert = try db.cachedStatement(sql: """
+                INSERT INTO trait (person_id, name, origin_person_id, value, source, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                ON CONFLICT (person_id, name, origin_person_id) DO UPDATE SET value = ?4, source = ?5, updated_at_ms = ?6
+                WHERE excluded.updated_at_ms >= trait.updated_at_ms
+                """)
+            let newer = try db.cachedStatement(sql: "SELECT EXISTS (SELECT 1 FROM trait WHERE person_id = ? AND name = ? AND updated_at_ms > ?)")
             var stale: [String] = []
             for (name, value) in traits {
-                // Newer than every row of the name (also those a merge brought): the person's own.
-                let newest = try Int64.fetchOne(db, sql: "SELECT max(updated_at_ms) FROM trait WHERE person_id = ? AND name = ?",
-                                                arguments: [person, name])
-                if let newest, newest > updatedAtMs {
-                    stale.append(name)
-                    continue
-                }
-                try db.execute(sql: """
-                    INSERT INTO trait (person_id, name, origin_person_id, value, source, updated_at_ms) VALUES (?1, ?2, '', ?3, ?4, ?5)
-                    ON CONFLICT (person_id, name, origin_person_id) DO UPDATE SET value = ?3, source = ?4, updated_at_ms = ?5
-                    """, arguments: [person, name, Data(CommonV1.Value(value).serializedBytes()), source, updatedAtMs])
+                try upsert.execute(arguments: [person, name, origin, Data(CommonV1.Value(value).serializedBytes()), source, updatedAtMs])
+                let written = db.changesCount > 0
+                if try !written || Bool.fetchOne(newer, arguments: [person, name, updatedAtMs]) == true { stale.append(name) }
             }
             // Only new traits past the limit are refused: one a merge took past it may still change.
-            let count = try Int.fetchOne(db, sql: countSQL, arguments: [person]) ?? 0
+            let count = try Int.fetchOne(countNames, arguments: [person]) ?? 0
             guard count <= max(before, Self.maxTraitsPerPerson) else {
                 throw RPCError(.resourceExhausted, "traits: person \(person) would have \(count) traits; at most \(Self.maxTraitsPerPerson)")
             }
@@ -936,14 +942,15 @@ public final class ProfileStore: Sendable {
         }
     }
 
-    /// Appends consent records to the person's history.
-    public func setConsent(person: String, _ records: [Consent]) throws {
-        try writingFacts(of: person) { db in
+    /// Appends consent records to the person's history, as given for `origin` (see `setTraits`).
+    public func setConsent(person: String, origin: String = "", _ records: [Consent]) throws {
+        try writingFacts(of: person, origin: origin) { db in
             let pairsSQL = "SELECT count(*) FROM (SELECT DISTINCT purpose, channel FROM consent WHERE person_id = ?)"
             let before = try Int.fetchOne(db, sql: pairsSQL, arguments: [person]) ?? 0
             for r in records {
-                try db.execute(sql: "INSERT INTO consent (person_id, purpose, channel, granted, source, at_ms) VALUES (?, ?, ?, ?, ?, ?)",
-                               arguments: [person, r.purpose, r.channel, r.granted, r.source, r.atMs])
+                try db.execute(sql: """
+                    INSERT INTO consent (person_id, purpose, channel, granted, source, at_ms, origin_person_id) VALUES (?, ?, ?, ?, ?, ?, ?)
+                    """, arguments: [person, r.purpose, r.channel, r.granted, r.source, r.atMs, origin])
             }
             // Only new pairs past the limit are refused, and never a denial: withdrawing consent
             // (routing passes unsubscribes on) must always be possible.
@@ -1094,13 +1101,14 @@ public final class ProfileStore: Sendable {
     }
 
     /// Runs `body` in a transaction on the event file that changes `person`'s traits or
-    /// consent; once it has committed (still on the writer) memory holds their new facts.
-    func writingFacts<T>(of person: String, _ body: (Database) throws -> T) throws -> T {
+    /// consent (given for `origin`, '' or an id merged into it); once it has committed (still
+    /// on the writer) memory holds their new facts.
+    func writingFacts<T>(of person: String, origin: String = "", _ body: (Database) throws -> T) throws -> T {
         try pool.writeWithoutTransaction { db in
-            // The service mapped the person before the call waited for the writer; a merge or
-            // an erasure the feed applied meanwhile must not get data under the old id.
-            guard gone.withLock({ $0[person] }) == nil else {
-                throw RPCError(.aborted, "person: \(person) was merged or erased while this call waited; retry it")
+            // The service mapped the person before the call waited for the writer; a merge,
+            // unmerge or erasure the feed applied meanwhile must not get data under the old id.
+            guard gone.withLock({ $0[person] == nil && (origin.isEmpty || Self.follow(origin, in: $0) == person) }) else {
+                throw RPCError(.aborted, "person: \(origin.isEmpty ? person : origin) was merged, unmerged or erased while this call waited; retry it")
             }
             var result: T?
             var now = Facts()
@@ -1212,6 +1220,8 @@ public final class ProfileStore: Sendable {
     /// recomputed (added to `states`).
     static func split(_ db: Database, _ split: String, from survivor: String, specs: [String: [FeatureSpec]], now: Int64,
                       states: inout [String: ProfileStoreV1.PersonState]) throws {
+        // No person has the empty id, and every own row has the empty origin.
+        guard !split.isEmpty else { return }
         // The split person comes back with the persons it had absorbed (as the identity
         // service gives their identifiers back): their events go back with it.
         let absorbed = try String.fetchAll(db, sql: """
@@ -1260,17 +1270,22 @@ public final class ProfileStore: Sendable {
     static func erase(_ db: Database, _ person: String, specs: [String: [FeatureSpec]], now: Int64,
                       states: inout [String: ProfileStoreV1.PersonState]) throws -> Erased {
         var erased = Erased()
-        let owners = try String.fetchAll(db, sql: """
-            SELECT person_id FROM event WHERE origin_person_id = ?1 AND person_id <> ?1
-            UNION SELECT person_id FROM trait WHERE origin_person_id = ?1 AND person_id <> ?1
-            UNION SELECT person_id FROM consent WHERE origin_person_id = ?1 AND person_id <> ?1
-            """, arguments: [person])
-        try db.execute(sql: "DELETE FROM event WHERE person_id = ?1 OR origin_person_id = ?1", arguments: [person])
-        erased.events = db.changesCount
-        try db.execute(sql: "DELETE FROM trait WHERE person_id = ?1 OR origin_person_id = ?1", arguments: [person])
-        erased.traits = db.changesCount
-        try db.execute(sql: "DELETE FROM consent WHERE person_id = ?1 OR origin_person_id = ?1", arguments: [person])
-        erased.consents = db.changesCount
+        // No person has the empty id, and every own trait and consent row has the empty origin.
+        guard !person.isEmpty else { return erased }
+        // Each table by person, then by origin through its partial index (named in full).
+        let moved = ["event": "origin_person_id <> person_id", "trait": "origin_person_id <> ''", "consent": "origin_person_id <> ''"]
+        let owners = try String.fetchAll(db, sql: moved.map { table, condition in
+            "SELECT person_id FROM \(table) WHERE origin_person_id = ?1 AND \(condition) AND person_id <> ?1"
+        }.joined(separator: " UNION "), arguments: [person])
+        func delete(_ table: String) throws -> Int {
+            try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [person])
+            let own = db.changesCount
+            try db.execute(sql: "DELETE FROM \(table) WHERE origin_person_id = ? AND \(moved[table]!)", arguments: [person])
+            return own + db.changesCount
+        }
+        erased.events = try delete("event")
+        erased.traits = try delete("trait")
+        erased.consents = try delete("consent")
         states[person] = ProfileStoreV1.PersonState()
         for owner in owners { states[owner] = try recompute(db, owner, specs: specs, now: now) }
         return erased
@@ -1380,7 +1395,7 @@ public final class ProfileStore: Sendable {
                     try Self.split(db, split, from: survivor, specs: specs, now: nowMs, states: &states)
                     try Self.markGone(db, split, nil, &goneChanges)
                 case .erase(let person, let absorbed):
-                    for p in [person] + absorbed {
+                    for p in [person] + absorbed where !p.isEmpty {
                         _ = try Self.erase(db, p, specs: specs, now: nowMs, states: &states)
                         try Self.markGone(db, p, "", &goneChanges)
                     }

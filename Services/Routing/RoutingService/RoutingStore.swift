@@ -915,7 +915,8 @@ extension RoutingStore: IdentityChangeSink {
             """, arguments: [split])
         try db.execute(sql: "DELETE FROM person_merged WHERE person_id = ?", arguments: [split])
         for origin in [split] + absorbed {
-            try moveUnreachable(db, "origin_person_id = ?1 AND person_id <> ?2", [origin, split], to: split, ownedBy: split)
+            // The partial index's condition named, so that it is used.
+            try moveUnreachable(db, "origin_person_id = ?1 AND origin_person_id <> '' AND person_id <> ?2", [origin, split], to: split, ownedBy: split)
             for d in try move(db, "origin_person_id = ?", [origin], to: split) {
                 try Self.recordEvidence(db, of: d, origin: origin == split ? "" : origin, nowMs: nowMs)
             }
@@ -990,7 +991,7 @@ extension RoutingStore: IdentityChangeSink {
               (SELECT delivery_id FROM delivery WHERE person_id = ?1 UNION SELECT delivery_id FROM delivery WHERE origin_person_id = ?1)
             """, arguments: [person])
         try db.execute(sql: "DELETE FROM delivery WHERE origin_person_id = ?", arguments: [person])
-        try db.execute(sql: "DELETE FROM unreachable WHERE origin_person_id = ?", arguments: [person])
+        try db.execute(sql: "DELETE FROM unreachable WHERE origin_person_id = ? AND origin_person_id <> ''", arguments: [person])
         for table in ["delivery", "engagement", "unreachable", "opt_out"] {
             try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [person])
         }
