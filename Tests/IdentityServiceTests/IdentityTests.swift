@@ -681,6 +681,45 @@ struct FeedAndErasureTests {
         #expect(stored.map { Array($0.utf8) } == ["jos\u{E9}@example.com", "zo\u{EB}@example.com"].map { Array($0.utf8) })
     }
 
+    @Test("emails in NFC: a merge record naming a decomposed copy dropped as a duplicate is dropped too (an unmerge moves no other row); a privacy store that hashed emails as typed keeps finding them")
+    func emailsComposedEdges() async throws {
+        let composed = "zo\u{EB}@example.com", decomposed = "zoe\u{308}@example.com"
+        // pb, holding the decomposed copy, was merged into pa, which holds the composed one.
+        let merged = try await storeBefore("v9: conflicts from before v8 placed", """
+            INSERT INTO person (seq, id, created_at_ms, state, merged_into) VALUES (1, 'pa', 1, 'active', NULL), (2, 'pb', 2, 'merged', 'pa');
+            INSERT INTO identifier (type, value, person_id, first_seen_ms, last_seen_ms, source) VALUES
+              ('email', '\(composed)', 'pa', 1, 1, 'crm'), ('email', '\(decomposed)', 'pa', 1, 1, 'crm');
+            INSERT INTO merge (id, target, source, cause, at_ms) VALUES (1, 'pa', 'pb', 'login', 10);
+            INSERT INTO merge_member (merge_id, type, value) VALUES (1, 'email', '\(decomposed)');
+            """)
+        let service = try makeService(merged)
+        var unmerge = IdentityV1.UnmergeRequest()
+        unmerge.personId = "pa"
+        unmerge.mergeId = 1
+        _ = try await service.unmerge(unmerge)
+        // Before, the merge record was renamed to the composed address, and the unmerge moved pa's own.
+        #expect(try await service.person("pa").identifiers.compactMap(\.identifier?.value).map { Array($0.utf8) } == [Array(composed.utf8)])
+
+        // A privacy store from before v10 holding the keyed hash of an address typed decomposed.
+        let key = [UInt8](repeating: 7, count: 32)
+        var asTyped = Normalizer(rules: IdentityRules(), privacyKey: key)
+        asTyped.composesEmails = false
+        guard case .success(let typed) = asTyped.normalize(type: "email", value: decomposed) else {
+            Issue.record("refused")
+            return
+        }
+        let hashed = try await storeBefore("v9: conflicts from before v8 placed", """
+            INSERT INTO person (seq, id, created_at_ms, state, merged_into) VALUES (1, 'pa', 1, 'active', NULL);
+            INSERT INTO identifier (type, value, person_id, first_seen_ms, last_seen_ms, source) VALUES ('email', '\(asTyped.storedValue(typed))', 'pa', 1, 1, 'crm');
+            INSERT INTO store_setting (name, value) VALUES ('privacy_key', '\(asTyped.keyFingerprint)');
+            """)
+        let privateService = try makeService(hashed, key: key)
+        var request = IdentityV1.ResolveRequest()
+        request.identifiers = [id("email", decomposed)]
+        // The same input finds its person (composed, it would hash otherwise and miss).
+        #expect(try await privateService.resolve(request).personId == "pa")
+    }
+
     @Test("numbers stored with a trunk 0 after the country code are rewritten, so the same input finds the same person")
     func phoneMigration() async throws {
         let directory = try await storeBefore("v3: changes and conflicts by person", """

@@ -471,6 +471,25 @@ struct RoutingTests {
         #expect(RoutingStore.firstWithinCaps([channel, overall], after: june1, until: june1 + 3 * day) == june1 + 34 * hour)
     }
 
+    @Test("a late message that may wait until its not_after is judged with the contacts scheduled until a week past it")
+    func lateContactsThroughNotAfter() async throws {
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }
+        try await withRouting(clock: clock, configure: uncapped) { routing, profile, _ in
+            try seedReachable(profile.store, "p", at: june1 - day)
+            let far = try await routing.route(routeRequest("p", key: "far", channels: [.webhook], notBefore: june1 + 10 * day))
+            #expect(far.state == .scheduled)
+            func contacts(through: Int64) async throws -> [Int64] {
+                try await routing.store.pool.read { db in
+                    try RoutingStore.evidence(db, person: "p", engagement: false, contactsAround: june1, contactsThrough: through).contacts.map(\.atMs)
+                }
+            }
+            // Before, only a week either side of now: a wait chosen at day 9 would not see it.
+            #expect(try await contacts(through: 0).isEmpty)
+            #expect(try await contacts(through: june1 + 12 * day) == [far.sendAtMs])
+        }
+    }
+
     @Test("a cap holds over any window of its length: deliveries on both sides of the send time that no single window holds do not block it")
     func capWindows() async throws {
         // Before: everything within 24 hours either side counted, 3 here.

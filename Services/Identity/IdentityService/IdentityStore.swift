@@ -25,13 +25,31 @@ public final class IdentityStore: Sendable {
     /// `startMs`: now, by default; the change feed's numbers start above it (see `appendChange`).
     public init(directory: String, normalizer: Normalizer, startMs: Int64 = Int64(Date().timeIntervalSince1970 * 1000),
                 erasureChunk: Int = IdentityStore.defaultErasureChunk) throws {
-        self.normalizer = normalizer
         self.erasureChunk = max(1, erasureChunk)
         (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "identity", migrator: Self.migrator)
+        var normalizer = normalizer
         try pool.write { db in
             try db.execute(sql: "UPDATE feed_floor SET seq = max(seq, ?)", arguments: [startMs.multipliedReportingOverflow(by: 1000).partialValue])
             try Self.checkPrivacyKey(db, normalizer.keyFingerprint)
             if !normalizer.isPrivate { try Self.rewriteExitPrefixNumbers(db, region: normalizer.rules.defaultRegion) }
+            // A privacy-mode store that held emails before v10 keeps them as typed (see v10).
+            normalizer.composesEmails = try String.fetchOne(db, sql: "SELECT value FROM store_setting WHERE name = 'email_form'") != "as typed"
+        }
+        self.normalizer = normalizer
+    }
+
+    /// Rewrites stored values of `type` (`old` → `new`, each pair once) in `identifier`
+    /// and in `merge_member`. A value whose new form is stored already is a copy of one
+    /// another row holds: it goes, and so do the merge records naming it (renamed, they
+    /// would name the other row, and an unmerge would move that row).
+    static func rewriteValues(_ db: Database, type: String, _ pairs: [(old: String, new: String)]) throws {
+        for (old, new) in pairs {
+            try db.execute(sql: "UPDATE OR IGNORE identifier SET value = ? WHERE type = ? AND value = ?", arguments: [new, type, old])
+            if db.changesCount > 0 {
+                try db.execute(sql: "UPDATE OR IGNORE merge_member SET value = ? WHERE type = ? AND value = ?", arguments: [new, type, old])
+            }
+            try db.execute(sql: "DELETE FROM identifier WHERE type = ? AND value = ?", arguments: [type, old])
+            try db.execute(sql: "DELETE FROM merge_member WHERE type = ? AND value = ?", arguments: [type, old])
         }
     }
 
@@ -47,17 +65,16 @@ public final class IdentityStore: Sendable {
     static func rewriteExitPrefixNumbers(_ db: Database, region: String) throws {
         guard let old = exitPrefixOldForm[region],
               try String.fetchOne(db, sql: "SELECT value FROM store_setting WHERE name = 'phone_exit_prefix'") != region else { return }
-        for table in ["identifier", "merge_member"] {
-            // The prefix as a range of the (type, value) index: its last digit raised by one ends it.
-            let end = String(old.dropLast()) + String(UnicodeScalar(old.unicodeScalars.last!.value + 1)!)
-            let values = try String.fetchAll(db, sql: "SELECT DISTINCT value FROM \(table) WHERE type = 'phone' AND value >= ? AND value < ?",
-                                             arguments: [old, end])
-            for value in values {
-                guard case .success(let number) = Normalizer.e164("+" + value.dropFirst(old.count), region: region), number != value else { continue }
-                try db.execute(sql: "UPDATE OR IGNORE \(table) SET value = ? WHERE type = 'phone' AND value = ?", arguments: [number, value])
-                try db.execute(sql: "DELETE FROM \(table) WHERE type = 'phone' AND value = ?", arguments: [value])
-            }
-        }
+        // The prefix as a range of the (type, value) indexes: its last digit raised by one ends it.
+        let end = String(old.dropLast()) + String(UnicodeScalar(old.unicodeScalars.last!.value + 1)!)
+        let values = try String.fetchAll(db, sql: """
+            SELECT value FROM identifier WHERE type = 'phone' AND value >= ?1 AND value < ?2
+            UNION SELECT value FROM merge_member WHERE type = 'phone' AND value >= ?1 AND value < ?2
+            """, arguments: [old, end])
+        try rewriteValues(db, type: "phone", values.compactMap { value in
+            guard case .success(let number) = Normalizer.e164("+" + value.dropFirst(old.count), region: region), number != value else { return nil }
+            return (value, number)
+        })
         try db.execute(sql: "INSERT OR REPLACE INTO store_setting (name, value) VALUES ('phone_exit_prefix', ?)", arguments: [region])
     }
 
@@ -243,19 +260,24 @@ public final class IdentityStore: Sendable {
         migrator.registerMigration("v10: emails in Unicode's composed form (NFC)") { db in
             // The normalizer composes an email since this version (`é` typed as e and an accent
             // is `é`); addresses stored before in another form are rewritten, so that the same
-            // address finds the same person. One whose composed form is stored already is a
-            // copy of an address another row holds, and goes (as in v5). Only non-ASCII values
-            // can change; keyed hashes (privacy mode) are ASCII and cannot be rewritten.
-            for table in ["identifier", "merge_member"] {
-                let values = try String.fetchAll(db, sql: "SELECT DISTINCT value FROM \(table) WHERE type = 'email' AND value GLOB '*[^ -~]*'")
-                for value in values {
-                    let composed = value.precomposedStringWithCanonicalMapping
-                    // By bytes: Swift's == holds for canonically equivalent strings.
-                    guard !composed.utf8.elementsEqual(value.utf8) else { continue }
-                    try db.execute(sql: "UPDATE OR IGNORE \(table) SET value = ? WHERE type = 'email' AND value = ?", arguments: [composed, value])
-                    try db.execute(sql: "DELETE FROM \(table) WHERE type = 'email' AND value = ?", arguments: [value])
-                }
+            // address finds the same person (`rewriteValues`: a copy of an address stored
+            // composed already goes). Only non-ASCII values can change.
+            // Keyed hashes (privacy mode) cannot be rewritten: a store that holds hashed emails
+            // keeps reading emails as typed (`email_form`), so that the same input still finds
+            // its hash.
+            let hashed = "length(value) = 66 AND value GLOB 'h:*' AND substr(value, 3) NOT GLOB '*[^0-9a-f]*'"
+            if try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM identifier WHERE type = 'email' AND \(hashed))")! {
+                try db.execute(sql: "INSERT OR REPLACE INTO store_setting (name, value) VALUES ('email_form', 'as typed')")
             }
+            let values = try String.fetchAll(db, sql: """
+                SELECT value FROM identifier WHERE type = 'email' AND value GLOB '*[^ -~]*'
+                UNION SELECT value FROM merge_member WHERE type = 'email' AND value GLOB '*[^ -~]*'
+                """)
+            try rewriteValues(db, type: "email", values.compactMap { value in
+                let composed = value.precomposedStringWithCanonicalMapping
+                // By bytes: Swift's == holds for canonically equivalent strings.
+                return composed.utf8.elementsEqual(value.utf8) ? nil : (value, composed)
+            })
         }
         return migrator
     }

@@ -42,6 +42,10 @@ public struct Normalizer: Sendable {
 
     public var isPrivate: Bool { privacyKey != nil }
 
+    /// Emails are composed to Unicode NFC; false only for a privacy-mode store that hashed
+    /// emails as typed before (`IdentityStore`, migration v10).
+    public var composesEmails = true
+
     static func isValidTypeName(_ type: String) -> Bool {
         (1...40).contains(type.count) && type.allSatisfy { $0.isASCII && ($0.isLowercase || $0.isNumber || $0 == "_") }
     }
@@ -54,7 +58,8 @@ public struct Normalizer: Sendable {
         switch type {
         case "email":
             // Composed (NFC): an address typed with a combining accent is the same address.
-            value = raw.trimmingCharacters(in: .whitespacesAndNewlines).lowercased().precomposedStringWithCanonicalMapping
+            let lowered = raw.trimmingCharacters(in: .whitespacesAndNewlines).lowercased()
+            value = composesEmails ? lowered.precomposedStringWithCanonicalMapping : lowered
             if let reason = Self.emailProblem(value) { return .failure(.invalid(type: type, value: raw, reason: reason)) }
         case "phone":
             switch Self.e164(raw, region: rules.defaultRegion.uppercased()) {

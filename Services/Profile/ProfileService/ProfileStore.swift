@@ -910,12 +910,16 @@ public final class ProfileStore: Sendable {
                 ON CONFLICT (person_id, name, origin_person_id) DO UPDATE SET value = ?4, source = ?5, updated_at_ms = ?6
                 WHERE excluded.updated_at_ms >= trait.updated_at_ms
                 """)
-            let newer = try db.cachedStatement(sql: "SELECT EXISTS (SELECT 1 FROM trait WHERE person_id = ? AND name = ? AND updated_at_ms > ?)")
+            // A row read after this one (`traitOrder`: time, then the person's own, then origin).
+            let newer = try db.cachedStatement(sql: """
+                SELECT EXISTS (SELECT 1 FROM trait WHERE person_id = ?1 AND name = ?2 AND (updated_at_ms > ?3 OR (updated_at_ms = ?3
+                  AND ((origin_person_id = '') > (?4 = '') OR ((origin_person_id = '') = (?4 = '') AND origin_person_id > ?4)))))
+                """)
             var stale: [String] = []
             for (name, value) in traits {
                 try upsert.execute(arguments: [person, name, origin, Data(CommonV1.Value(value).serializedBytes()), source, updatedAtMs])
                 let written = db.changesCount > 0
-                if try !written || Bool.fetchOne(newer, arguments: [person, name, updatedAtMs]) == true { stale.append(name) }
+                if try !written || Bool.fetchOne(newer, arguments: [person, name, updatedAtMs, origin]) == true { stale.append(name) }
             }
             // Only new traits past the limit are refused: one a merge took past it may still change.
             let count = try Int.fetchOne(countNames, arguments: [person]) ?? 0

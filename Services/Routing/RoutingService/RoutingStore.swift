@@ -144,7 +144,10 @@ public final class RoutingStore: Sendable {
     // MARK: - Reading
 
     /// `engagement: false` leaves it out (the send-time check reads opt-outs and bounces only).
-    static func evidence(_ db: Database, person: String, engagement: Bool = true, contactsAround: Int64? = nil) throws -> Evidence {
+    /// `contactsAround`: the person's contacts within a week of it are read too, and up to a
+    /// week past `contactsThrough` when that is later (a late message may wait until then).
+    static func evidence(_ db: Database, person: String, engagement: Bool = true, contactsAround: Int64? = nil,
+                         contactsThrough: Int64 = 0) throws -> Evidence {
         var evidence = Evidence()
         if engagement {
             for row in try Row.fetchAll(db.cachedStatement(sql: "SELECT key, sends, engaged, updated_ms FROM engagement WHERE person_id = ?"),
@@ -165,9 +168,9 @@ public final class RoutingStore: Sendable {
             // before t are late too: each is checked when it goes.
             let week: Int64 = 7 * 86_400_000
             evidence.contacts = try Row.fetchAll(db.cachedStatement(sql: """
-                SELECT channel, send_at_ms FROM delivery WHERE person_id = ?1 AND send_at_ms > ?2 - ?3 AND send_at_ms < ?2 + ?3
+                SELECT channel, send_at_ms FROM delivery WHERE person_id = ?1 AND send_at_ms > ?2 - ?3 AND send_at_ms < ?4 + ?3
                   AND (state = 3 OR (state = 1 AND send_at_ms > ?2))
-                """), arguments: [person, t, week]).map { ($0[0], $0[1]) }
+                """), arguments: [person, t, week, max(t, contactsThrough)]).map { ($0[0], $0[1]) }
         }
         return evidence
     }
@@ -519,14 +522,16 @@ public final class RoutingStore: Sendable {
             let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, channel FROM delivery WHERE delivery_id = ?"),
                                        arguments: [planned.deliveryId])
             let still = row.map { $0["state"] as Int == RoutingV1.Delivery.State.scheduled.rawValue && $0["channel"] as Int == planned.channel.rawValue } ?? false
-            return (try Self.evidence(db, person: planned.personId, engagement: false, contactsAround: Self.isLate(planned, nowMs) ? nowMs : nil), still)
+            return (try Self.evidence(db, person: planned.personId, engagement: false, contactsAround: Self.isLate(planned, nowMs) ? nowMs : nil,
+                                      contactsThrough: planned.notAfterMs), still)
         }
         guard read.still else { return nil }
         if check(planned, read.evidence, consent: consent, nowMs: nowMs) == .send { return planned }
         return try pool.write { db in
             guard var d = try Self.load(db, planned.deliveryId), d.state == .scheduled, d.channel == planned.channel,
                   d.nextAttemptAtMs <= nowMs else { return nil }
-            let evidence = try Self.evidence(db, person: d.personId, engagement: false, contactsAround: Self.isLate(d, nowMs) ? nowMs : nil)
+            let evidence = try Self.evidence(db, person: d.personId, engagement: false, contactsAround: Self.isLate(d, nowMs) ? nowMs : nil,
+                                             contactsThrough: d.notAfterMs)
             while true {
                 switch check(d, evidence, consent: consent, nowMs: nowMs) {
                 case .send:
