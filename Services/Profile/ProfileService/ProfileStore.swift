@@ -36,7 +36,9 @@ import Synchronization
 /// Track appends events to `event_tail`, which has no index by person: a random insert into
 /// the person index writes a page per event at each commit, which cost Track 30–44 % of its
 /// throughput (measured by dropping the index). Once `tailEvents` events wait there, they move to `event` in one transaction,
-/// so each page of `event` and of its person index is written once per move.
+/// so each page of `event`'s indexes is written once per move. `event` keeps events in arrival
+/// order (appended) and finds them by id through an index of ids alone (v8: keyed by id, a
+/// move inserted whole events at random places: see BENCHMARKS.md, 2026-12-04 08:49).
 /// Everything that reads events by person (merges, splits, erasure, backfills, recovery)
 /// moves the tail first, on the event file's writer, so it reads `event` alone.
 public final class ProfileStore: Sendable {
@@ -558,6 +560,29 @@ public final class ProfileStore: Sendable {
             // An erasure finds the person's events that a merge gave another person without
             // reading every event (queries name the index's condition to use it).
             try db.execute(sql: "CREATE INDEX event_by_origin ON event(origin_person_id) WHERE origin_person_id <> person_id")
+        }
+        migrator.registerMigration("v8: events in arrival order, found by id through an index") { db in
+            // `event` was keyed by event_id: each event moved from the tail went into a random
+            // place of a table of whole events. Now they are appended, and only the event_id
+            // index (ids alone) takes random inserts. Rewrites every stored event once.
+            try db.execute(sql: """
+                CREATE TABLE event_v8 (
+                  seq INTEGER PRIMARY KEY,                -- arrival order
+                  event_id TEXT NOT NULL,                 -- the idempotency key (event_by_id)
+                  person_id TEXT NOT NULL,                -- the person the event counts for now
+                  origin_person_id TEXT NOT NULL,         -- the person it was tracked for (splits)
+                  type TEXT NOT NULL,
+                  occurred_at_ms INTEGER NOT NULL,
+                  body BLOB NOT NULL                      -- an encoded arbiter.profile.v1.Event
+                );
+                INSERT INTO event_v8 (event_id, person_id, origin_person_id, type, occurred_at_ms, body)
+                  SELECT event_id, person_id, origin_person_id, type, occurred_at_ms, body FROM event;
+                DROP TABLE event;
+                ALTER TABLE event_v8 RENAME TO event;
+                CREATE UNIQUE INDEX event_by_id ON event(event_id);
+                CREATE INDEX event_by_person ON event(person_id);
+                CREATE INDEX event_by_origin ON event(origin_person_id) WHERE origin_person_id <> person_id;
+                """)
         }
         return migrator
     }
