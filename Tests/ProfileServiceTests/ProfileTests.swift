@@ -359,7 +359,7 @@ struct FeatureTests {
         }
         let store = try ProfileStore(directory: directory)
         #expect(try await ProfileService(store: store, clock: clock.read).features("p") == ["views": 3])
-        // The events, rewritten in arrival order by v8, are still found by id: a replay is a duplicate.
+        // The events, rewritten by v8, are still found by id: a replay is a duplicate.
         #expect(try await store.track([TrackedEvent(eventID: "e1", personID: "p", type: "view", occurredAtMs: now)], nowMs: now).outcomes == [.duplicate])
         #expect(try await store.pool.read { db in
             try Int.fetchOne(db, sql: "SELECT count(*) FROM main.sqlite_master WHERE name = 'person_state'")

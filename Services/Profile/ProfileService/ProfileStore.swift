@@ -564,7 +564,10 @@ public final class ProfileStore: Sendable {
         migrator.registerMigration("v8: events in arrival order, found by id through an index") { db in
             // `event` was keyed by event_id: each event moved from the tail went into a random
             // place of a table of whole events. Now they are appended, and only the event_id
-            // index (ids alone) takes random inserts. Rewrites every stored event once.
+            // index (ids alone) takes random inserts. Events stored before keep their id order
+            // (nothing reads `seq`). Rewrites every stored event once, in one transaction at the
+            // first start: the WAL takes about twice the events' size, and the file keeps the
+            // old table's pages as free pages.
             try db.execute(sql: """
                 CREATE TABLE event_v8 (
                   seq INTEGER PRIMARY KEY,                -- arrival order
