@@ -12,6 +12,8 @@
 #   DURATION (60)  WARMUP (5)  CONCURRENCY (256)
 #   CAPS (unset; 1: each action capped at 3 offers a week per person, 20 a day per person)
 #   TIMELINE (unset; seconds: latency over time per that interval in .build/bench-suite-timeline.csv)
+#   CONFIG (unset; a JSON config file given to every service, as `arbiter up --config`, e.g.
+#   {"decision": {"peerTimeoutMs": 8}} to try another setting)
 #   BIN (unset: builds and runs .build/release; a directory holding arbiter and the four
 #   arbiter-* executables runs those instead, unbuilt: to compare two builds, copy each
 #   build's executables to a directory and alternate runs)
@@ -30,7 +32,7 @@ if [ -z "${BIN:-}" ]; then
   for s in identity profile decision routing; do swift build -c release --product "arbiter-$s" >/dev/null; done
 fi
 bin="${BIN:-.build/release}"
-"$bin/arbiter" up ${BIN:+--bin-dir "$BIN"} --data-dir "$WORK" --port-base 17400 --admin-port-base 17500 --log-level warning &
+"$bin/arbiter" up ${BIN:+--bin-dir "$BIN"} ${CONFIG:+--config "$CONFIG"} --data-dir "$WORK" --port-base 17400 --admin-port-base 17500 --log-level warning &
 UP=$!
 trap 'kill -TERM $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$WORK"' EXIT
 for port in 17501 17502 17503 17504; do
