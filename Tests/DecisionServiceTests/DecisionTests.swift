@@ -1123,10 +1123,7 @@ struct DecisionTests {
 
     @Test("migration v3: a store from before it finds every decision by person, and an erasure still removes them all")
     func migrationV3() async throws {
-        let directory = temporaryDirectory("decision-v2")
-        let old = try DatabaseQueue(path: directory + "/decision.sqlite")
-        try DecisionStore.migrator.migrate(old, upTo: "v2: overrides")
-        try await old.write { db in
+        let directory = try storeMigrated(upTo: "v2: overrides", by: DecisionStore.migrator, file: "decision.sqlite", prefix: "decision-v2") { db in
             for (id, person) in [("d1", "p"), ("d2", "p"), ("d3", "")] {
                 var record = DecisionV1.DecisionRecord()
                 record.decisionId = id
@@ -1137,7 +1134,6 @@ struct DecisionTests {
             // d1 offered an action; d2 offered nothing (before v3 it had no offer row).
             try db.execute(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES ('p', 5, 'a', 0, 'd1')")
         }
-        try old.close()
         let store = try DecisionStore(directory: directory)
         let (offers, index) = try await store.pool.read { db in
             (try String.fetchAll(db, sql: "SELECT decision_id || ':' || action_id FROM offer ORDER BY decision_id"),

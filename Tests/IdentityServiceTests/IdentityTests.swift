@@ -18,12 +18,7 @@ func id(_ type: String, _ value: String) -> CommonV1.Identifier {
 
 /// A new directory holding an identity store migrated up to `migration` only, with `sql` run in it.
 func storeBefore(_ migration: String, _ sql: String) async throws -> String {
-    let directory = tempDirectory()
-    let old = try DatabasePool(path: directory + "/identity.sqlite")
-    try IdentityStore.migrator.migrate(old, upTo: migration)
-    try await old.write { db in try db.execute(sql: sql) }
-    try old.close()
-    return directory
+    try storeMigrated(upTo: migration, by: IdentityStore.migrator, file: "identity.sqlite", prefix: "identity-test") { try $0.execute(sql: sql) }
 }
 
 func makeService(_ directory: String = tempDirectory(), rules: IdentityRules = IdentityRules(), key: [UInt8]? = nil,

@@ -338,24 +338,20 @@ struct FeatureTests {
 
     @Test("a store from before the state file moved out opens with every state recomputed from its events")
     func stateFileMigration() async throws {
-        let directory = temporaryDirectory("profile-test")
         let clock = TestClock()
         let now = clock.read()
         // The v2 layout: person_state inside profile.sqlite, here with a stale state (1 view of 3).
-        do {
-            let old = try DatabasePool(path: directory + "/profile.sqlite")
-            try ProfileStore.migrator.migrate(old, upTo: "v2: write-behind feature state")
-            try await old.write { db in
-                try db.execute(sql: "INSERT INTO feature (name, version, definition, defined_at_ms) VALUES ('views', 1, ?, 0)",
-                               arguments: [Data(feature("views", "view", .count).serializedBytes())])
-                for i in 0..<3 {
-                    try db.execute(sql: "INSERT INTO event VALUES (?, 'p', 'p', 'view', ?, ?)", arguments: [
-                        "e\(i)", now, Data(ProfileStore.encodeEvent(TrackedEvent(eventID: "e\(i)", personID: "p", type: "view", occurredAtMs: now)))])
-                }
-                var stale = ProfileStoreV1.PersonState()
-                stale.events = 1
-                try db.execute(sql: "INSERT INTO person_state VALUES ('p', ?)", arguments: [Data(stale.serializedBytes())])
+        let directory = try storeMigrated(upTo: "v2: write-behind feature state", by: ProfileStore.migrator, file: "profile.sqlite",
+                                          prefix: "profile-test") { db in
+            try db.execute(sql: "INSERT INTO feature (name, version, definition, defined_at_ms) VALUES ('views', 1, ?, 0)",
+                           arguments: [Data(feature("views", "view", .count).serializedBytes())])
+            for i in 0..<3 {
+                try db.execute(sql: "INSERT INTO event VALUES (?, 'p', 'p', 'view', ?, ?)", arguments: [
+                    "e\(i)", now, Data(ProfileStore.encodeEvent(TrackedEvent(eventID: "e\(i)", personID: "p", type: "view", occurredAtMs: now)))])
             }
+            var stale = ProfileStoreV1.PersonState()
+            stale.events = 1
+            try db.execute(sql: "INSERT INTO person_state VALUES ('p', ?)", arguments: [Data(stale.serializedBytes())])
         }
         let store = try ProfileStore(directory: directory)
         #expect(try await ProfileService(store: store, clock: clock.read).features("p") == ["views": 3])
@@ -373,18 +369,14 @@ struct FeatureTests {
 
     @Test("a store from before traits and consent kept whose they were opens with each its holder's own, which a merge then keeps")
     func traitOriginMigration() async throws {
-        let directory = temporaryDirectory("profile-test")
         let clock = TestClock()
         let now = clock.read()
-        do {
-            let old = try DatabasePool(path: directory + "/profile.sqlite")
-            try ProfileStore.migrator.migrate(old, upTo: "v5: persons merged away or erased")
-            try await old.write { db in
-                try db.execute(sql: "INSERT INTO trait VALUES ('a', 'tier', ?, 'crm', ?)",
-                               arguments: [Data(CommonV1.Value(.string("gold")).serializedBytes()), now])
-                try db.execute(sql: "INSERT INTO consent (person_id, purpose, channel, granted, source, at_ms) VALUES ('a', 'marketing', 1, 1, 'form', ?)",
-                               arguments: [now])
-            }
+        let directory = try storeMigrated(upTo: "v5: persons merged away or erased", by: ProfileStore.migrator, file: "profile.sqlite",
+                                          prefix: "profile-test") { db in
+            try db.execute(sql: "INSERT INTO trait VALUES ('a', 'tier', ?, 'crm', ?)",
+                           arguments: [Data(CommonV1.Value(.string("gold")).serializedBytes()), now])
+            try db.execute(sql: "INSERT INTO consent (person_id, purpose, channel, granted, source, at_ms) VALUES ('a', 'marketing', 1, 1, 'form', ?)",
+                           arguments: [now])
         }
         let service = try makeProfile(directory, clock: clock)
         #expect(try await service.profile("a").traits.map(\.name) == ["tier"])

@@ -85,9 +85,19 @@ func withRouting<T: Sendable>(clock: TestClock? = nil, sink: WebhookSink? = nil,
     }
 }
 
+/// A configuration with these caps: per day, per week, per channel per day, per channel per week.
+func capped(_ caps: (Int, Int, Int, Int)) -> @Sendable (inout RoutingConfiguration) -> Void {
+    { ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = caps }
+}
+
 /// A configuration no cap holds back, for tests about something else.
-let uncapped: @Sendable (inout RoutingConfiguration) -> Void = {
-    ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (100, 100, 100, 100)
+let uncapped = capped((100, 100, 100, 100))
+
+/// A normal email planned for `june1` an hour before, for `check` at a time of the test's choosing.
+func plannedEmail(timeZone: String = "UTC") -> RoutingV1.Delivery {
+    var d = RoutingV1.Delivery()
+    (d.channel, d.sendAtMs, d.createdAtMs, d.timeZone, d.urgency) = (.email, june1, june1 - hour, timeZone, .normal)
+    return d
 }
 
 /// Runs the dispatcher while `body` runs.
@@ -117,7 +127,7 @@ func withThreeLate(caps: (Int, Int, Int, Int), secondChannels: [CommonV1.Channel
                    _ body: @Sendable (RoutingService, WebhookSink, TestClock, [RoutingV1.Delivery]) async throws -> Void) async throws {
     let clock = TestClock()
     clock.now.withLock { $0 = june1 }
-    try await withRouting(clock: clock, configure: { ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = caps }) { routing, profile, sink in
+    try await withRouting(clock: clock, configure: capped(caps)) { routing, profile, sink in
         try seedReachable(profile.store, "p", at: june1 - day)
         let first = try await routing.route(routeRequest("p", key: "late1", channels: [.webhook]))
         clock.advance(seconds: 25 * 3600)
@@ -374,9 +384,8 @@ struct RoutingTests {
 
     @Test("a send on time is not checked against the caps again (daily messages planned a day apart to the millisecond); a late one is")
     func capsOnTimeAndLate() async throws {
-        try await withRouting(configure: { ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (5, 10, 1, 10) }) { routing, _, _ in
-            var d = RoutingV1.Delivery()
-            (d.channel, d.sendAtMs, d.createdAtMs, d.timeZone, d.urgency) = (.email, june1, june1 - hour, "Europe/Paris", .normal)
+        try await withRouting(configure: capped((5, 10, 1, 10))) { routing, _, _ in
+            let d = plannedEmail(timeZone: "Europe/Paris")
             var evidence = Evidence()
             // Yesterday's sent 150 ms after its plan: on time, it counts at its planned instant
             // (a day before this one's), and this one on time is not checked again.
@@ -396,9 +405,8 @@ struct RoutingTests {
 
     @Test("a late message over the overall caps waits for the first moment before its not_after at which they hold; without one in time it is capped")
     func lateOverCapsWaits() async throws {
-        try await withRouting(configure: { ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (2, 10, 5, 10) }) { routing, _, _ in
-            var d = RoutingV1.Delivery()
-            (d.channel, d.sendAtMs, d.createdAtMs, d.timeZone, d.urgency) = (.email, june1, june1 - hour, "UTC", .normal)
+        try await withRouting(configure: capped((2, 10, 5, 10))) { routing, _, _ in
+            var d = plannedEmail()
             var evidence = Evidence()
             // Two sent 20 and 10 hours before, and one scheduled 30 hours after: sent now, 10
             // minutes late, it would be the third within 24 hours.
@@ -432,9 +440,8 @@ struct RoutingTests {
 
     @Test("a late message over its channel's caps falls back while it has a fallback; on its last channel it waits for the first moment before its not_after at which that channel's caps and the overall ones hold")
     func lateOverChannelCapsWaits() async throws {
-        try await withRouting(configure: { ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (5, 10, 1, 10) }) { routing, _, _ in
-            var d = RoutingV1.Delivery()
-            (d.channel, d.sendAtMs, d.createdAtMs, d.timeZone, d.urgency) = (.email, june1, june1 - hour, "UTC", .normal)
+        try await withRouting(configure: capped((5, 10, 1, 10))) { routing, _, _ in
+            var d = plannedEmail()
             var evidence = Evidence()
             // An email 20 hours before and a webhook 10 hours before: sent now, 10 minutes late,
             // it would be the second email within 24 hours (cap 1); the overall cap holds.
@@ -499,9 +506,7 @@ struct RoutingTests {
         #expect(RoutingStore.busiestWindow([], around: 0, length: day) == 0)
         let clock = TestClock()
         clock.now.withLock { $0 = june1 }
-        try await withRouting(clock: clock, configure: {
-            ($0.capPerDay, $0.capPerWeek, $0.capPerChannelPerDay, $0.capPerChannelPerWeek) = (3, 100, 100, 100)
-        }) { routing, profile, _ in
+        try await withRouting(clock: clock, configure: capped((3, 100, 100, 100))) { routing, profile, _ in
             try seedReachable(profile.store, "p", at: june1 - day)
             // Two deliveries this afternoon, one the morning after tomorrow.
             for (key, at) in [("w1", june1 + hour), ("w2", june1 + 2 * hour), ("w3", june1 + 45 * hour)] {
@@ -1249,14 +1254,10 @@ struct RoutingTests {
 
     @Test("a store from before bounced addresses kept whose they were opens with each its holder's own, which a merge then keeps")
     func unreachableMigration() async throws {
-        let directory = temporaryDirectory("routing-test")
-        do {
-            let old = try DatabasePool(path: directory + "/routing.sqlite")
-            try RoutingStore.migrator.migrate(old, upTo: "v6: persons merged, by target")
-            try await old.write { db in
-                try db.execute(sql: "INSERT INTO unreachable (person_id, channel, address, at_ms) VALUES ('a', ?, 'a@example.com', 1)",
-                               arguments: [CommonV1.Channel.email.rawValue])
-            }
+        let directory = try storeMigrated(upTo: "v6: persons merged, by target", by: RoutingStore.migrator, file: "routing.sqlite",
+                                          prefix: "routing-test") { db in
+            try db.execute(sql: "INSERT INTO unreachable (person_id, channel, address, at_ms) VALUES ('a', ?, 'a@example.com', 1)",
+                           arguments: [CommonV1.Channel.email.rawValue])
         }
         let store = try RoutingStore(directory: directory, configuration: RoutingConfiguration())
         #expect(try store.evidence(person: "a").person.unreachable == [Evidence.unreachableKey(.email, "a@example.com")])

@@ -42,3 +42,15 @@ func holdTransaction(_ path: String, begin: String, then statement: String? = ni
     let once = Mutex(false)
     return { if !once.withLock({ let was = $0; $0 = true; return was }) { release.signal() } }
 }
+
+/// A new directory holding the store file `file` migrated by `migrator` up to `migration`
+/// only, with `write` run in it: a store as an older version left it.
+public func storeMigrated(upTo migration: String, by migrator: DatabaseMigrator, file: String, prefix: String = "arbiter-test",
+                          _ write: (Database) throws -> Void) throws -> String {
+    let directory = temporaryDirectory(prefix)
+    let old = try DatabaseQueue(path: directory + "/" + file)
+    try migrator.migrate(old, upTo: migration)
+    try old.write(write)
+    try old.close()
+    return directory
+}

@@ -1304,20 +1304,19 @@ public final class ProfileStore: Sendable {
         var erased = Erased()
         // No person has the empty id, and every own trait and consent row has the empty origin.
         guard !person.isEmpty else { return erased }
-        // Each table by person, then by origin through its partial index (named in full).
-        let moved = ["event": "origin_person_id <> person_id", "trait": "origin_person_id <> ''", "consent": "origin_person_id <> ''"]
-        let owners = try String.fetchAll(db, sql: moved.map { table, condition in
-            "SELECT person_id FROM \(table) WHERE origin_person_id = ?1 AND \(condition) AND person_id <> ?1"
+        // Each table by person, then by origin through its partial index (its condition named
+        // in full, so that SQLite uses it).
+        let tables = [("event", "origin_person_id <> person_id"), ("trait", "origin_person_id <> ''"), ("consent", "origin_person_id <> ''")]
+        let owners = try String.fetchAll(db, sql: tables.map { table, moved in
+            "SELECT person_id FROM \(table) WHERE origin_person_id = ?1 AND \(moved) AND person_id <> ?1"
         }.joined(separator: " UNION "), arguments: [person])
-        func delete(_ table: String) throws -> Int {
+        let removed = try tables.map { table, moved in
             try db.execute(sql: "DELETE FROM \(table) WHERE person_id = ?", arguments: [person])
             let own = db.changesCount
-            try db.execute(sql: "DELETE FROM \(table) WHERE origin_person_id = ? AND \(moved[table]!)", arguments: [person])
+            try db.execute(sql: "DELETE FROM \(table) WHERE origin_person_id = ? AND \(moved)", arguments: [person])
             return own + db.changesCount
         }
-        erased.events = try delete("event")
-        erased.traits = try delete("trait")
-        erased.consents = try delete("consent")
+        (erased.events, erased.traits, erased.consents) = (removed[0], removed[1], removed[2])
         states[person] = ProfileStoreV1.PersonState()
         for owner in owners { states[owner] = try recompute(db, owner, specs: specs, now: now) }
         return erased

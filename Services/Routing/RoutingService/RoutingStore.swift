@@ -476,33 +476,30 @@ public final class RoutingStore: Sendable {
             let c = configuration
             let day: Int64 = 86_400_000, week = 7 * day
             let times = evidence.contacts.map(\.atMs)
+            // A message that may still go later waits for the first moment, a minute before its
+            // not_after at the latest (a send is never exactly on time), at which an earlier
+            // contact has left the window and `limits` hold.
+            func wait(_ why: String, _ limits: [CapLimit]) -> SendCheck? {
+                guard d.notAfterMs > 0, let at = Self.firstWithinCaps(limits, after: nowMs, until: d.notAfterMs - 60_000) else { return nil }
+                return .later(atMs: at, why: "\(why); within the caps at \(at)")
+            }
             let dayTotal = Self.busiestWindow(times, around: nowMs, length: day)
             let weekTotal = Self.busiestWindow(times, around: nowMs, length: week)
             if dayTotal >= c.capPerDay || weekTotal >= c.capPerWeek {
                 let why = dayTotal >= c.capPerDay ? "sent now, \(dayTotal + 1) deliveries within 24 hours (cap \(c.capPerDay))"
                     : "sent now, \(weekTotal + 1) deliveries within 7 days (cap \(c.capPerWeek))"
-                // A message that may still go later waits for the first moment, a minute before
-                // its not_after at the latest (a send is never exactly on time), at which an
-                // earlier contact has left the window and the caps hold.
-                if d.notAfterMs > 0, let at = Self.firstWithinCaps([(times, c.capPerDay, c.capPerWeek)], after: nowMs, until: d.notAfterMs - 60_000) {
-                    return .later(atMs: at, why: "\(why); within the caps at \(at)")
-                }
-                return .capped(why: why)
+                return wait(why, [(times, c.capPerDay, c.capPerWeek)]) ?? .capped(why: why)
             }
             let mine = evidence.contacts.filter { $0.channel == d.channel.rawValue }.map(\.atMs)
             let perDay = Self.busiestWindow(mine, around: nowMs, length: day)
             let perWeek = Self.busiestWindow(mine, around: nowMs, length: week)
             if perDay >= c.capPerChannelPerDay || perWeek >= c.capPerChannelPerWeek {
                 let why = "sent now, \(perDay + 1) within 24 hours (cap \(c.capPerChannelPerDay)), \(perWeek + 1) within 7 days (cap \(c.capPerChannelPerWeek))"
-                // On its last channel, a message that may still go later waits for the first
-                // moment at which this channel's caps and the overall ones hold (with a
-                // fallback left, it falls back now).
-                if d.fallbackChannels.isEmpty, d.notAfterMs > 0,
-                   let at = Self.firstWithinCaps([(times, c.capPerDay, c.capPerWeek), (mine, c.capPerChannelPerDay, c.capPerChannelPerWeek)],
-                                                 after: nowMs, until: d.notAfterMs - 60_000) {
-                    return .later(atMs: at, why: "\(why); within the caps at \(at)")
-                }
-                return .refused(reason: "capped", why: why)
+                // On its last channel it waits for this channel's caps and the overall ones (with
+                // a fallback left, it falls back now).
+                let later = d.fallbackChannels.isEmpty
+                    ? wait(why, [(times, c.capPerDay, c.capPerWeek), (mine, c.capPerChannelPerDay, c.capPerChannelPerWeek)]) : nil
+                return later ?? .refused(reason: "capped", why: why)
             }
         }
         return .send
