@@ -133,6 +133,24 @@ struct NormalizationTests {
         }
     }
 
+    @Test("a blocklist pattern matches whichever Unicode form the rule and the value were typed in")
+    func blockedPatternForms() {
+        var rules = IdentityRules()
+        rules.blocked = ["/^jos\u{65}\u{301}@/", "/^ren\u{E9}-/"]  // one rule decomposed, one composed
+        let normalizer = Normalizer(rules: rules)
+        for (type, raw) in [("email", "jos\u{E9}@example.com"), ("email", "JOSE\u{301}@example.com"),
+                            ("customer_id", "rene\u{301}-1"), ("customer_id", "ren\u{E9}-2")] {
+            guard case .failure(.blocked) = normalizer.normalize(type: type, value: raw) else {
+                Issue.record("\(type) \(raw.unicodeScalars.map { String($0.value, radix: 16) }) was not blocked")
+                continue
+            }
+        }
+        guard case .success = normalizer.normalize(type: "email", value: "jose@example.com") else {
+            Issue.record("an address the patterns do not match was refused")
+            return
+        }
+    }
+
     @Test("unknown types and bad rules are named")
     func unknownType() throws {
         guard case .failure(.unknownType("fax")) = normalizer.normalize(type: "fax", value: "1") else {

@@ -30,7 +30,8 @@ public struct Normalizer: Sendable {
         var patterns: [String] = []
         for entry in rules.blocked {
             if entry.count > 2 && entry.hasPrefix("/") && entry.hasSuffix("/") {
-                patterns.append(String(entry.dropFirst().dropLast()))
+                // Matched in NFC on both sides (see `isBlocked`), however the rule was typed.
+                patterns.append(String(entry.dropFirst().dropLast()).precomposedStringWithCanonicalMapping)
             } else {
                 exact.insert(entry.lowercased())
             }
@@ -75,10 +76,14 @@ public struct Normalizer: Sendable {
         return .success(NormalizedIdentifier(type: type, value: value))
     }
 
+    /// Exact entries compare as Swift strings (canonically equivalent forms are equal);
+    /// patterns match the value's NFC form, since a regular expression compares code units.
     func isBlocked(_ value: String) -> Bool {
         if blockedExact.contains(value.lowercased()) { return true }
-        let range = NSRange(value.startIndex..., in: value)
-        return blockedPatterns.expressions.contains { $0.firstMatch(in: value, range: range) != nil }
+        guard !blockedPatterns.expressions.isEmpty else { return false }
+        let composed = value.precomposedStringWithCanonicalMapping
+        let range = NSRange(composed.startIndex..., in: composed)
+        return blockedPatterns.expressions.contains { $0.firstMatch(in: composed, range: range) != nil }
     }
 
     /// Which key the stored values are made with, without revealing it: "none", or
