@@ -378,6 +378,11 @@ struct  Arbiter__Profile__V1__EraseRequest
     , (char *)protobuf_c_empty_string }
 
 
+/*
+ * The counts are of stored records: each event; each trait value kept (one per trait and
+ * per person it came from: two merged persons' values of one trait are two); each consent
+ * record of the history (every grant or denial, not only the current ones).
+ */
 struct  Arbiter__Profile__V1__EraseResponse
 {
   ProtobufCMessage base;

@@ -466,6 +466,9 @@ extension ProfileV1 {
         }
     }
 
+    /// The counts are of stored records: each event; each trait value kept (one per trait and
+    /// per person it came from: two merged persons' values of one trait are two); each consent
+    /// record of the history (every grant or denial, not only the current ones).
     public struct EraseResponse: ProtoMessage {
         public var eventsRemoved: UInt32 = 0
         public var traitsRemoved: UInt32 = 0
