@@ -4,6 +4,9 @@ import NIOCore
 import NIOPosix
 import ServiceLifecycle
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// How an `RPCServer` listens and what it tolerates. Every limit has a default
 /// that suits one service on a small machine.
@@ -19,8 +22,15 @@ public struct RPCServerConfiguration: Sendable {
     public var maxInFlightPerConnection: Int = 256
     /// Open connections per process; further ones are closed at once. Default 1024.
     public var maxConnections: Int = 1024
-    /// A connection with nothing in flight and nothing received for this long is closed. Default 5 minutes.
-    public var idleTimeout: Duration = .seconds(300)
+    /// A connection with nothing in flight and nothing received for this long is closed;
+    /// zero (the default) never closes a quiet connection, as containerd/ttrpc's server:
+    /// its Go client dials once and does not re-dial a connection the server closed.
+    /// A peer that vanished is found by TCP keepalive (`keepaliveIdle`) instead.
+    public var idleTimeout: Duration = .zero
+    /// TCP keepalive on every accepted connection: the first probe after this long without
+    /// traffic, then every 10 s; after 6 unanswered probes the kernel closes the connection.
+    /// Default 60 s (a vanished peer's connection goes within about 2 minutes).
+    public var keepaliveIdle: Duration = .seconds(60)
     /// When set, every call except to `unauthenticatedServices` must carry
     /// metadata `authorization: Bearer <token>`.
     public var authToken: String?
@@ -140,7 +150,8 @@ public final class RPCServer: Service, Sendable {
 
     private func bind() async throws -> NIOAsyncChannel<any Channel, Never> {
         let maxMessageSize = configuration.maxMessageSize
-        let idleTimeout = TimeAmount.nanoseconds(configuration.idleTimeout.nanoseconds)
+        let idleTimeout = configuration.idleTimeout > .zero ? TimeAmount.nanoseconds(configuration.idleTimeout.nanoseconds) : nil
+        let keepaliveIdle = SocketOptionValue(max(1, configuration.keepaliveIdle.components.seconds))
         let limit = max(1, configuration.maxInFlightPerConnection)
         let handlersOnEventLoop = configuration.handlerExecution == .eventLoop
         return try await ServerBootstrap(group: group)
@@ -148,6 +159,10 @@ public final class RPCServer: Service, Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .childChannelOption(.socketOption(.so_keepalive), value: 1)
+            .childChannelOption(.tcpOption(.init(rawValue: TCP_KEEPIDLE)), value: keepaliveIdle)
+            .childChannelOption(.tcpOption(.init(rawValue: TCP_KEEPINTVL)), value: 10)
+            .childChannelOption(.tcpOption(.init(rawValue: TCP_KEEPCNT)), value: 6)
             .bind(host: configuration.host, port: configuration.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     guard self.admit(channel) else {
@@ -160,7 +175,7 @@ public final class RPCServer: Service, Sendable {
                     try pipeline.addHandler(ByteToMessageHandler(TTRPCFrameDecoder(maxPayloadSize: maxMessageSize)))
                     // After the decoder: only whole frames count as activity. Before it, a client
                     // sending a frame a byte at a time held its connection (and a slot) for ever.
-                    try pipeline.addHandler(IdleStateHandler(readTimeout: idleTimeout))
+                    if let idleTimeout { try pipeline.addHandler(IdleStateHandler(readTimeout: idleTimeout)) }
                     try pipeline.addHandler(MessageToByteHandler(TTRPCFrameEncoder()))
                     try pipeline.addHandler(RPCConnectionHandler(server: self, limit: limit, logger: logger,
                                                                  executor: EventLoopTaskExecutor(channel.eventLoop),

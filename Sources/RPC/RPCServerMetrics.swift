@@ -2,7 +2,8 @@ import Metrics
 import Synchronization
 
 /// The server's metrics, through swift-metrics (exported by the admin port's /metrics):
-/// - `rpc_server_requests_total{rpc_service, rpc_method, rpc_code}`: finished calls
+/// - `rpc_server_requests_total{rpc_service, rpc_method, rpc_code}`: finished calls (`rpc_code`
+///   a gRPC code's name, or `OTHER` for a code gRPC does not define)
 /// - `rpc_server_duration_seconds{rpc_service, rpc_method}`: handling time, a histogram
 /// - `rpc_server_in_flight_requests`: calls being handled
 /// - `rpc_server_connections`: open connections
@@ -23,12 +24,14 @@ final class RPCServerMetrics: Sendable {
 
     func record(service: String, method: String, code: RPCError.Code, duration: Duration) {
         // Only registered methods get their own series; anything else is folded into one, so a
-        // client cannot grow the label space without bound.
-        let key = Key(service: service, method: method, code: code.rawValue)
+        // client cannot grow the label space without bound. Codes gRPC does not define (a
+        // handler may pass on one a client chose, as Echo's fail_code) share `OTHER`.
+        let known = RPCError.Code.names.indices.contains(Int(code.rawValue))
+        let key = Key(service: service, method: method, code: known ? code.rawValue : -1)
         let counter = counters.withLock { counters in
             if let counter = counters[key] { return counter }
             let counter = Counter(label: "rpc_server_requests_total", dimensions: [
-                ("rpc_service", service), ("rpc_method", method), ("rpc_code", code.description),
+                ("rpc_service", service), ("rpc_method", method), ("rpc_code", known ? code.description : "OTHER"),
             ])
             counters[key] = counter
             return counter

@@ -72,8 +72,8 @@ public struct ServiceOptions<Definition: ServiceDefinition>: ParsableArguments, 
     @Option(help: "Largest request in bytes. [env: ARBITER_MAX_MESSAGE_SIZE]")
     public var maxMessageSize: Int = 4 << 20
 
-    @Option(help: "Seconds before an idle connection is closed. [env: ARBITER_IDLE_TIMEOUT]")
-    public var idleTimeout: Int = 300
+    @Option(help: "Seconds before a connection with nothing in flight and no frame received is closed; 0 never (containerd's Go client does not re-dial). [env: ARBITER_IDLE_TIMEOUT]")
+    public var idleTimeout: Int = 0
 
     @Option(help: "Seconds to finish in-flight calls after SIGTERM/SIGINT. [env: ARBITER_GRACE_PERIOD]")
     public var gracePeriod: Int = 10
@@ -106,7 +106,7 @@ public struct ServiceOptions<Definition: ServiceDefinition>: ParsableArguments, 
         try check("max-connections", maxConnections, 1...1_000_000)
         try check("max-in-flight", maxInFlight, 1...100_000)
         try check("max-message-size", maxMessageSize, 1024...(64 << 20))
-        try check("idle-timeout", idleTimeout, 1...86_400)
+        try check("idle-timeout", idleTimeout, 0...86_400)
         try check("grace-period", gracePeriod, 0...3600)
         try check("event-loop-threads", eventLoopThreads, 1...256)
         if let parentPid { try check("parent-pid", parentPid, 1...Int(Int32.max)) }

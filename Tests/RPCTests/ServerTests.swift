@@ -340,6 +340,27 @@ struct ServerTests {
         }
     }
 
+    @Test("by default a quiet connection is kept, as containerd's server keeps it, and TCP keepalive watches it for a vanished peer")
+    func keepalive() async throws {
+        try await withServer { server, port in
+            #expect(server.configuration.idleTimeout == .zero)
+            let connection = try await RawConnection(port: port)
+            let check = RawConnection.request(service: HealthV1.Health.name, method: "Check", HealthV1.HealthCheckRequest())
+            try await connection.send(RawConnection.frame(stream: 1, payload: check))
+            #expect(try await connection.readFrame()?.response.status?.code == 0)
+            // The server's end of the connection (local port `port`, ESTABLISHED) runs the
+            // kernel's keepalive timer (`tr` 2 in /proc/net/tcp), due within the 60 s default.
+            let table = try String(contentsOfFile: "/proc/net/tcp", encoding: .utf8)
+            let local = ":" + String(format: "%04X", port)
+            let rows: [[Substring]] = table.split(separator: "\n").dropFirst().map { $0.split(separator: " ") }
+            let serverEnd = rows.first { fields in fields.count > 5 && fields[1].hasSuffix(local) && fields[3] == "01" }
+            let timer = try #require(serverEnd?[5].split(separator: ":"), "no ESTABLISHED server socket on port \(port)")
+            #expect(timer.first == "02", "timer \(timer): not keepalive")
+            let dueInTicks = Int(timer.last ?? "", radix: 16) ?? -1  // clock ticks (1/100 s)
+            #expect((1...6000).contains(dueInTicks), "keepalive due in \(dueInTicks) ticks")
+        }
+    }
+
     @Test("a connection sending a frame a byte at a time is closed as idle: only whole frames count")
     func slowFrameTimed() async throws {
         try await withServer(configure: { $0.idleTimeout = .milliseconds(1500) }) { _, port in

@@ -180,6 +180,15 @@ struct ProcessTests {
         #expect(try await httpGet(port: admin, "/healthz") == (200, "ok\n"))
         let metrics = try await httpGet(port: admin, "/metrics").1
         #expect(metrics.contains("rpc_server_requests_total{rpc_service=\"grpc.health.v1.Health\",rpc_method=\"Check\",rpc_code=\"OK\"}"))
+        // Codes a client chose, past gRPC's: one series, however many codes (before, each made
+        // its own, for as long as the process ran).
+        for code: Int32 in [17, 18, 99_999] {
+            var failing = EchoV1.EchoRequest()
+            failing.failCode = code
+            await #expect(throws: RPCError.self) { _ = try await client.call(EchoV1.Echo.echo, failing) }
+        }
+        let other = try await httpGet(port: admin, "/metrics").1.split(separator: "\n").filter { $0.hasPrefix("rpc_server_requests_total{") && $0.contains("Echo") }
+        #expect(other == ["rpc_server_requests_total{rpc_service=\"arbiter.echo.v1.Echo\",rpc_method=\"Echo\",rpc_code=\"OTHER\"} 3"], "\(other)")
 
         var request = EchoV1.EchoRequest()
         request.message = "in flight"
