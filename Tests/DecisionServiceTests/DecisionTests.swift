@@ -706,6 +706,27 @@ struct DecisionTests {
         #expect(try await decision.decide(decideRequest("p")).actions.map(\.actionId) == ["once"])
     }
 
+    @Test("a Decide whose caller gave up while it was being logged keeps nothing either: the logged decision, its offers and its arms' failures are undone")
+    func decideCancelledWhileLogged() async throws {
+        let decision = try makeDecision()
+        try decision.upsert(action("once", caps: [cap(.action, 1, per: 86_400)]))
+        // The store's writer is held, so the Decide waits in its log; the caller gives up
+        // meanwhile (the server cancels the call when it answers DEADLINE_EXCEEDED).
+        let holding = Task.detached { try decision.store.pool.writeWithoutTransaction { _ in Thread.sleep(forTimeInterval: 0.6) } }
+        try await Task.sleep(for: .milliseconds(100))
+        let decide = Task { try await decision.decide(decideRequest("p")) }
+        try await Task.sleep(for: .milliseconds(200))
+        decide.cancel()
+        try await holding.value
+        await #expect(throws: CancellationError.self) { _ = try await decide.value }
+        #expect(try await decision.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM decision") } == 0)
+        #expect(try await decision.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM offer") } == 0)
+        #expect(try await decision.store.pool.read { try Double.fetchOne($0, sql: "SELECT coalesce(sum(failures), 0) FROM arm") } == 0)
+        #expect(try decision.store.history(person: "p", sinceMs: 0).offers.isEmpty)
+        // Before, it stayed logged and its offer took the cap: the retry got nothing.
+        #expect(try await decision.decide(decideRequest("p")).actions.map(\.actionId) == ["once"])
+    }
+
     @Test("a slate gives a channel as fallback no more often than its cap has room for")
     func fallbacksWithinCaps() async throws {
         let decision = try makeDecision()

@@ -303,8 +303,17 @@ public struct DecisionService: RPCService {
             store.abandon(record)
             throw RPCError(.deadlineExceeded, "deadline exceeded before the decision was logged; nothing was kept")
         }
-        try await store.log(record, arms: record.actions.flatMap { ArmKey.learned($0.actionId, in: record) })
+        let arms = record.actions.flatMap { ArmKey.learned($0.actionId, in: record) }
+        try await store.log(record, arms: arms)
         metrics.log.recordNanoseconds((ContinuousClock.now - logging).nanoseconds)
+        // The caller gave up while it was being logged (the server answered DEADLINE_EXCEEDED
+        // and cancelled this call, or the connection closed): it never sees this decision, so
+        // nothing of it is kept either, and nothing is delivered. Written off the event loop; a
+        // failure to undo it is thrown, so that the server logs it.
+        if Task.isCancelled {
+            try await withTaskExecutorPreference(globalConcurrentExecutor) { [store] in try store.void(record, arms: arms) }
+            throw CancellationError()
+        }
         (record.degraded ? metrics.degraded : metrics.complete).increment()
 
         var response = DecisionV1.DecideResponse()

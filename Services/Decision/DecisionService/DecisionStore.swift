@@ -670,6 +670,29 @@ public final class DecisionStore: Sendable {
         }
     }
 
+    /// Undoes a logged decision that its caller never received (the server answered
+    /// DEADLINE_EXCEEDED and cancelled the call, or the connection closed, while it was being
+    /// logged): its record, its offers (so no cap counts them) and its arms' failures go, as
+    /// for a decision abandoned before the log.
+    func void(_ record: DecisionV1.DecisionRecord, arms: [ArmKey]) throws {
+        try writeContacts { db in
+            try db.execute(sql: "DELETE FROM decision WHERE decision_id = ?", arguments: [record.decisionId])
+            // Held by the survivor of a merge since, or by no one after an erasure.
+            let holder = record.personId.isEmpty ? nil : contacts.withLock { $0.current(record.personId) }
+            if let holder {
+                try db.execute(sql: "DELETE FROM offer WHERE person_id = ? AND at_ms = ? AND decision_id = ?",
+                               arguments: [holder, record.decidedAtMs, record.decisionId])
+            }
+            var changed = Set<ArmKey>()
+            addEvidence(arms.map { ($0, 0, -1) }, atMs: record.decidedAtMs, changed: &changed)
+            try writeArms(db, changed)
+            try contacts.withLock { contacts in
+                _ = contacts.decisions.remove(record.decisionId)
+                if let holder { try contacts.recent.reload(holder, from: db) }
+            }
+        }
+    }
+
     /// Drops the reservations of a decision that will not be logged (its caller gave up).
     func abandon(_ record: DecisionV1.DecisionRecord) {
         release([.decision(record, encoded: Data(), arms: [])])
