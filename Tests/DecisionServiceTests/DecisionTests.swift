@@ -727,6 +727,26 @@ struct DecisionTests {
         #expect(try await decision.decide(decideRequest("p")).actions.map(\.actionId) == ["once"])
     }
 
+    @Test("placements past maxPlacements share one learning context, also after a restart: a client naming a placement per page cannot grow the arms")
+    func placementsBounded() async throws {
+        let decision = try makeDecision { $0.learner.maxPlacements = 2 }
+        try decision.upsert(action("x"))  // offered in every placement
+        var arms: [String: String] = [:]
+        for placement in ["home", "cart", "product-1", "product-2", "home"] {
+            arms[placement] = try await decision.decide(decideRequest("p", placement: placement)).explanations.first?.arm
+        }
+        #expect(arms == ["home": "placement:home", "cart": "placement:cart", "product-1": "placement:*", "product-2": "placement:*"])
+        let stored = { (store: DecisionStore) in try await store.pool.read { try String.fetchAll($0, sql: "SELECT context FROM arm ORDER BY context") } }
+        #expect(try await stored(decision.store) == ["*", "placement:*", "placement:cart", "placement:home"])
+        // After a restart the placements learned are those the file holds.
+        let directory = decision.store.pool.path.components(separatedBy: "/").dropLast().joined(separator: "/")
+        let again = DecisionService(store: try DecisionStore(directory: directory, for: decision.configuration), configuration: decision.configuration)
+        #expect(try await again.decide(decideRequest("p", placement: "product-3")).explanations.first?.arm == "placement:*")
+        #expect(try await again.decide(decideRequest("p", placement: "cart")).explanations.first?.arm == "placement:cart")
+        #expect(try await stored(again.store).count == 4)
+        #expect(throws: DecodingError.self) { try JSONDecoder().decode(LearnerConfiguration.self, from: Data(#"{"maxPlacements": -1}"#.utf8)) }
+    }
+
     @Test("a slate gives a channel as fallback no more often than its cap has room for")
     func fallbacksWithinCaps() async throws {
         let decision = try makeDecision()

@@ -537,9 +537,10 @@ public struct DecisionService: RPCService {
         var keys: [ArmKey] = []
         keys.reserveCapacity(2 * eligible.count)
         let segment = learner.segments.first { facts.segments.contains($0) }
+        let placement = segment == nil && !eligible.isEmpty ? store.learnedPlacement(request.placement) : request.placement
         for (spec, _, _) in eligible {
             keys.append(.global(spec.id))
-            keys.append(segment.map { .segment(spec.id, $0) } ?? .placement(spec.id, request.placement))
+            keys.append(segment.map { .segment(spec.id, $0) } ?? .placement(spec.id, placement))
         }
         let arms = store.arms(keys, nowMs: now)
         var means: [Double] = []

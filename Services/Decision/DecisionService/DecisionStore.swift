@@ -112,6 +112,9 @@ public final class DecisionStore: Sendable {
         var catalogVersion: UInt64 = 0
         var policy = DecisionV1.ContactPolicy()
         var arms: [ArmKey: Arm] = [:]
+        /// The placements learned on separately (`LearnerConfiguration.maxPlacements`): those
+        /// of the stored arms, and those admitted since.
+        var learnedPlacements: Set<String> = []
         var overrides: [String: DecisionV1.Override] = [:] {
             didSet { openOverrides = overrides.values.filter { $0.endedAtMs == 0 }.sorted(by: DecisionStore.byCreation) }
         }
@@ -161,6 +164,7 @@ public final class DecisionStore: Sendable {
                 loaded.policy = try DecisionV1.ContactPolicy(serializedBytes: policy)
             }
             loaded.arms = try Self.loadArms(db)
+            loaded.learnedPlacements = Set(loaded.arms.keys.compactMap(\.placement))
             loaded.overrides = try Self.loadOverrides(db)
             recent = try RecentHistory.load(db, limit: recentEntries)
             erased = Set(try String.fetchAll(db, sql: "SELECT person_id FROM person_erased"))
@@ -390,6 +394,20 @@ public final class DecisionStore: Sendable {
     // MARK: - Learning state
 
     /// The evidence for `keys` as of `nowMs`.
+    /// The placement whose arms a Decide on `placement` learns on: itself while the placements
+    /// learned separately are fewer than `maxPlacements` (or it is one of them), else
+    /// `ArmKey.otherPlacements`, shared by the rest. A client naming a new placement per call
+    /// cannot grow the arms (memory, the file, the start) without bound.
+    func learnedPlacement(_ placement: String) -> String {
+        let limit = configuration.maxPlacements
+        return memory.withLock { m in
+            if m.learnedPlacements.contains(placement) { return placement }
+            guard m.learnedPlacements.count < limit else { return ArmKey.otherPlacements }
+            m.learnedPlacements.insert(placement)
+            return placement
+        }
+    }
+
     func arms(_ keys: [ArmKey], nowMs: Int64) -> [Arm] {
         let halfLife = configuration.halfLifeMs
         return memory.withLock { m in keys.map { (m.arms[$0] ?? Arm()).decayed(to: nowMs, halfLifeMs: halfLife) } }

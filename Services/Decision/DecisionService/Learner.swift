@@ -22,6 +22,10 @@ public struct LearnerConfiguration: Sendable, Codable, Equatable {
     /// action, everyone else from the placement's; both start from the action's evidence
     /// everywhere. Default none: placements only.
     public var segments: [String] = []
+    /// Placements learned on separately, the first ones seen; the placements past them share
+    /// one context (`placement:*` in explanations). Bounds the learning state when clients
+    /// name placements per page or per product. Default 256.
+    public var maxPlacements = 256
 
     public init() {}
 
@@ -43,6 +47,10 @@ public struct LearnerConfiguration: Sendable, Codable, Equatable {
         dismissWeight = try read(.dismissWeight, d.dismissWeight, { $0 >= 0 && $0.isFinite }, "must be 0 or more")
         complaintWeight = try read(.complaintWeight, d.complaintWeight, { $0 >= 0 && $0.isFinite }, "must be 0 or more")
         segments = try c.decodeIfPresent([String].self, forKey: .segments) ?? d.segments
+        maxPlacements = try c.decodeIfPresent(Int.self, forKey: .maxPlacements) ?? d.maxPlacements
+        guard (0...100_000).contains(maxPlacements) else {
+            throw DecodingError.dataCorruptedError(forKey: .maxPlacements, in: c, debugDescription: "maxPlacements must be in 0...100000, got \(maxPlacements)")
+        }
         guard segments.count <= 20, segments.allSatisfy({ (try? Names.check($0, field: "segments")) != nil }) else {
             throw DecodingError.dataCorruptedError(forKey: .segments, in: c, debugDescription: "segments must be at most 20 segment names (letters, digits, _ - . :)")
         }
@@ -87,6 +95,16 @@ struct ArmKey: Hashable, Sendable {
     static func global(_ action: String) -> ArmKey { ArmKey(action: action, context: "*") }
     static func placement(_ action: String, _ placement: String) -> ArmKey { ArmKey(action: action, context: "placement:\(placement)") }
     static func segment(_ action: String, _ segment: String) -> ArmKey { ArmKey(action: action, context: "segment:\(segment)") }
+    /// The placement name of the arms shared by placements past `maxPlacements` (not a
+    /// valid placement name, so no placement's own).
+    static let otherPlacements = "*"
+
+    /// The placement of a placement's own arm; nil for other contexts and the shared one.
+    var placement: String? {
+        guard context.hasPrefix("placement:") else { return nil }
+        let name = String(context.dropFirst("placement:".count))
+        return name == Self.otherPlacements ? nil : name
+    }
 
     /// The two arms a logged decision learns on for `action`: everywhere, and the context
     /// its estimate came from (as logged in its explanation).
