@@ -231,7 +231,11 @@ struct DecisionTests {
         unknown.decisionId = "d-missing"
         unknown.actionId = "a"
         unknown.outcome = .click
-        await #expect(throws: RPCError(.notFound, "decision_id: no decision \"d-missing\"")) { _ = try await decision.reportOutcome(unknown) }
+        // An id no Decide gives is the client's error, and not echoed (before: NOT_FOUND quoting it whole).
+        let shape = RPCError.invalidArgument(field: "decision_id", "is not a decision id (\"d\" and 28 hex digits, as Decide answers)")
+        await #expect(throws: shape) { _ = try await decision.reportOutcome(unknown) }
+        unknown.decisionId = "d" + String(repeating: "0", count: 27) + "1"
+        await #expect(throws: RPCError(.notFound, "decision_id: no decision \"\(unknown.decisionId)\"")) { _ = try await decision.reportOutcome(unknown) }
     }
 
     @Test("eligibility rules read traits, segments, consent and context; suppression follows outcomes")
@@ -1106,6 +1110,11 @@ struct DecisionTests {
             let known = try await decision.decide(byEmail("ada@example.com"))
             // (Degraded only for the profile service this test leaves out.)
             #expect(known.personId == person && known.degradedReasons == ["profile: not configured"], "\(known.degradedReasons)")
+            // Identifiers naming a person the feed erased: the error names the field sent (before: person.person_id).
+            try decision.store.apply([(1, .erase(person: person, absorbed: []))], nowMs: decision.clock())
+            await #expect(throws: RPCError(.notFound, "person.identifiers: person \(person) was erased")) {
+                _ = try await decision.decide(byEmail("ada@example.com"))
+            }
         }
     }
 

@@ -126,7 +126,7 @@ public struct DecisionService: RPCService {
         // methods that scan or write SQLite stay on the pool.
         router.register(methods.decide, execution: .eventLoop) { request, _ in try await decide(request) }
         router.register(methods.getDecision) { request, _ in
-            guard !request.decisionId.isEmpty else { throw RPCError.invalidArgument(field: "decision_id", "is required") }
+            try Self.checkDecisionID(request.decisionId)
             guard let record = try store.decision(request.decisionId) else {
                 throw RPCError(.notFound, "decision_id: no decision \"\(request.decisionId)\"")
             }
@@ -243,7 +243,9 @@ public struct DecisionService: RPCService {
             // a NOT_FOUND that would read here as a person not seen yet). A person merged away
             // is the survivor, also when the profile service cannot say so (degraded): its
             // holdout side, caps and log are the survivor's.
-            guard let id = store.currentPerson(given) else { throw RPCError(.notFound, "person.person_id: person \(given) was erased") }
+            // The field the client sent the person in (identifiers resolve to an erased id too).
+            let field = localID == nil ? "person.identifiers" : "person.person_id"
+            guard let id = store.currentPerson(given) else { throw RPCError(.notFound, "\(field): person \(given) was erased") }
             person.id = id
             var get = ProfileV1.GetProfileRequest()
             var ref = CommonV1.PersonRef()
@@ -267,7 +269,7 @@ public struct DecisionService: RPCService {
                     Result { try store.survivorInFile(id) }
                 }
                 switch inFile {
-                case .success(nil): throw RPCError(.notFound, "person.person_id: person \(given) was erased")
+                case .success(nil): throw RPCError(.notFound, "\(field): person \(given) was erased")
                 case .success(let survivor?): person.id = survivor
                 case .failure(let error): reasons.append("merges: not read (\(error))")
                 }
@@ -702,6 +704,15 @@ public struct DecisionService: RPCService {
     /// A time-ordered decision id: `d`, 12 hex digits of milliseconds, 16 random hex digits.
     static func decisionID(_ nowMs: Int64) -> String { TimeOrderedID.make(DecisionStore.decisionIDPrefix, nowMs: nowMs) }
 
+    /// INVALID_ARGUMENT for a `decision_id` that no Decide can have given (not echoed back:
+    /// it may be anything a client sent).
+    static func checkDecisionID(_ id: String) throws {
+        guard !id.isEmpty else { throw RPCError.invalidArgument(field: "decision_id", "is required") }
+        guard TimeOrderedID.isWellFormed(id, prefix: DecisionStore.decisionIDPrefix) else {
+            throw RPCError.invalidArgument(field: "decision_id", "is not a decision id (\"d\" and 28 hex digits, as Decide answers)")
+        }
+    }
+
     /// How a candidate banned by an override is explained (`override: banned by <id> (<reason>)`).
     static let banPrefix = "override: banned by "
 
@@ -711,7 +722,7 @@ public struct DecisionService: RPCService {
         guard !request.outcomeId.isEmpty, request.outcomeId.utf8.count <= 128 else {
             throw RPCError.invalidArgument(field: "outcome_id", "must be 1-128 bytes (it makes a replay harmless)")
         }
-        guard !request.decisionId.isEmpty else { throw RPCError.invalidArgument(field: "decision_id", "is required") }
+        try Self.checkDecisionID(request.decisionId)
         try Names.check(request.actionId, field: "action_id")
         guard (1...6).contains(request.outcome.rawValue) else {
             throw RPCError.invalidArgument(field: "outcome", "must be OUTCOME_IMPRESSION ... OUTCOME_UNSUBSCRIBE")
