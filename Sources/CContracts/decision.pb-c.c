@@ -2363,7 +2363,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__ranked_action__descripto
   (ProtobufCMessageInit) arbiter__decision__v1__ranked_action__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__candidate_explanation__field_descriptors[11] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__candidate_explanation__field_descriptors[12] =
 {
   {
     "action_id",
@@ -2497,6 +2497,18 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__candidate_explanati
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "passed_over_by",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__CandidateExplanation, passed_over_by),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__candidate_explanation__field_indices_by_name[] = {
   0,   /* field[0] = action_id */
@@ -2506,6 +2518,7 @@ static const unsigned arbiter__decision__v1__candidate_explanation__field_indice
   2,   /* field[2] = excluded_by */
   10,   /* field[10] = failures */
   5,   /* field[5] = lever */
+  11,   /* field[11] = passed_over_by */
   3,   /* field[3] = propensity_estimate */
   6,   /* field[6] = score */
   9,   /* field[9] = successes */
@@ -2514,7 +2527,7 @@ static const unsigned arbiter__decision__v1__candidate_explanation__field_indice
 static const ProtobufCIntRange arbiter__decision__v1__candidate_explanation__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 11 }
+  { 0, 12 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__candidate_explanation__descriptor =
 {
@@ -2524,7 +2537,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__candidate_explanation__d
   "Arbiter__Decision__V1__CandidateExplanation",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__CandidateExplanation),
-  11,
+  12,
   arbiter__decision__v1__candidate_explanation__field_descriptors,
   arbiter__decision__v1__candidate_explanation__field_indices_by_name,
   1,  arbiter__decision__v1__candidate_explanation__number_ranges,

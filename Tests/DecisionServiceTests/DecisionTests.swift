@@ -751,6 +751,23 @@ struct DecisionTests {
         #expect(throws: DecodingError.self) { try JSONDecoder().decode(LearnerConfiguration.self, from: Data(#"{"maxPlacements": -1}"#.utf8)) }
     }
 
+    @Test("an answer short of count says, for each eligible action left out, the cap its own earlier actions filled")
+    func slateCapExplained() async throws {
+        let decision = try makeDecision()
+        for id in ["a", "b", "c", "d", "e"] { try decision.upsert(action(id)) }
+        _ = try decision.store.setPolicy([cap(.total, 3, per: 86_400)])
+        for _ in 0..<2 { _ = try await decision.decide(decideRequest("p")) }
+        let answer = try await decision.decide(decideRequest("p", count: 3))
+        #expect(answer.actions.count == 1)
+        let left = answer.explanations.filter { explanation in !answer.actions.contains { $0.actionId == explanation.actionId } }
+        #expect(left.count == 4 && left.allSatisfy { $0.eligible && $0.excludedBy.isEmpty })
+        // Before, nothing said why they were left out.
+        #expect(left.allSatisfy { $0.passedOverBy == "cap: contact policy, at most 3 offers per 86400 s" }, "\(left.map(\.passedOverBy))")
+        // A full answer leaves nothing to explain this way.
+        let full = try await decision.decide(decideRequest("q", count: 2))
+        #expect(full.actions.count == 2 && full.explanations.allSatisfy { $0.passedOverBy.isEmpty })
+    }
+
     @Test("a slate gives a channel as fallback no more often than its cap has room for")
     func fallbacksWithinCaps() async throws {
         let decision = try makeDecision()

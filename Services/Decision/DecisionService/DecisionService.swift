@@ -591,6 +591,14 @@ public struct DecisionService: RPCService {
                              allowed: { k in k != forced && available(k) }, chosen: take)
             }
         }
+        // An answer short of `count`: the eligible actions left out are those whose caps the
+        // slate itself filled (each had room when eligibility was judged).
+        if draws.count < count {
+            let drawn = Set(draws.map(\.index))
+            for (k, (spec, channels, slot)) in eligible.enumerated() where !drawn.contains(k) {
+                if let cap = usage.capExclusion(spec, among: channels, policy: policy) { explanations[slot].passedOverBy = cap }
+            }
+        }
         // A fallback channel is a possible contact: one the slate's earlier actions may fall
         // back to counts against its caps for the later ones (two fallbacks to a channel with
         // one contact left would be two contacts).
@@ -687,10 +695,7 @@ public struct DecisionService: RPCService {
                 return .excluded("suppression: \(name) on \(suppression.anyAction ? "any action" : "this action") within \(suppression.windowSeconds) s")
             }
         }
-        if let reason = usage.capReason(spec, policy: policy) { return .excluded(reason) }
-        guard usage.channel(among: channels, policy: policy) != nil else {
-            return .excluded("cap: every channel of the action is at its cap (\(channels.map(\.ruleName).joined(separator: ", ")))")
-        }
+        if let reason = usage.capExclusion(spec, among: channels, policy: policy) { return .excluded(reason) }
         return .eligible(channels)
     }
 
@@ -833,6 +838,13 @@ struct CapUsage {
             }
         }
         return nil
+    }
+
+    /// The cap that keeps `spec` from being offered now on any of `channels`, in words.
+    func capExclusion(_ spec: ActionSpec, among channels: [CommonV1.Channel], policy: DecisionV1.ContactPolicy) -> String? {
+        if let reason = capReason(spec, policy: policy) { return reason }
+        guard channel(among: channels, policy: policy) == nil else { return nil }
+        return "cap: every channel of the action is at its cap (\(channels.map(\.ruleName).joined(separator: ", ")))"
     }
 
     /// The channel `spec` would be offered on now: nil when a cap excludes it.

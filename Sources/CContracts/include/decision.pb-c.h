@@ -404,10 +404,15 @@ struct  Arbiter__Decision__V1__CandidateExplanation
    */
   double successes;
   double failures;
+  /*
+   * Eligible, but left out of an answer that holds fewer than `count` actions because the
+   * answer's own earlier actions filled a cap it is under: that cap (as excluded_by words it).
+   */
+  char *passed_over_by;
 };
 #define ARBITER__DECISION__V1__CANDIDATE_EXPLANATION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__candidate_explanation__descriptor) \
-    , (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0 }
+    , (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, (char *)protobuf_c_empty_string }
 
 
 struct  Arbiter__Decision__V1__DecideResponse

@@ -370,6 +370,9 @@ extension DecisionV1 {
         /// Decayed evidence behind the estimate.
         public var successes: Double = 0
         public var failures: Double = 0
+        /// Eligible, but left out of an answer that holds fewer than `count` actions because the
+        /// answer's own earlier actions filled a cap it is under: that cap (as excluded_by words it).
+        public var passedOverBy: String = ""
 
         public static let protoName = "arbiter.decision.v1.CandidateExplanation"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__candidate_explanation__descriptor_ptr())
@@ -386,6 +389,7 @@ extension DecisionV1 {
             arm = reader.string(9)
             successes = reader.double(10)
             failures = reader.double(11)
+            passedOverBy = reader.string(12)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, actionId)
@@ -399,6 +403,7 @@ extension DecisionV1 {
             writer.setString(9, arm)
             writer.setDouble(10, successes)
             writer.setDouble(11, failures)
+            writer.setString(12, passedOverBy)
         }
     }
 
