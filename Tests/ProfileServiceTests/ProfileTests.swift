@@ -386,6 +386,26 @@ struct FeatureTests {
         await #expect(throws: RPCError.self) { _ = try await service.profile("b") }
     }
 
+    @Test("a feature defined without backfill stays empty of the events received before it, also when a merge or an unmerge recomputes a person from the stored events")
+    func definedWithoutBackfillAcrossMerges() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        let before = clock.read()
+        _ = try await service.track((0..<3).flatMap { i in ["a", "b"].map { event("\($0)-old-\(i)", $0, "buy", at: before) } })
+        clock.advance(seconds: 1)
+        try service.define(feature("buys", "buy", .count))
+        try service.define(feature("buys_all", "buy", .count), backfill: true)
+        // A late event (it occurred before the definition) received after it counts.
+        _ = try await service.track([event("a-new", "a", "buy", at: before - 1000)])
+        #expect(try await service.features("a") == ["buys": 1, "buys_all": 4])
+        try service.store.apply([(1, .merge(target: "a", sources: ["b"]))], nowMs: clock.read())
+        // Before, the merge recomputed buys from every stored event: 7.
+        #expect(try await service.features("a") == ["buys": 1, "buys_all": 7])
+        try service.store.apply([(2, .unmerge(survivor: "a", split: "b"))], nowMs: clock.read())
+        #expect(try await service.features("a") == ["buys": 1, "buys_all": 4])
+        #expect(try await service.features("b") == ["buys": 0, "buys_all": 3])
+    }
+
     @Test("a backfill that fails after its definition committed leaves its persons to the next start, which recomputes them")
     func failedBackfill() async throws {
         let directory = temporaryDirectory("profile-test")

@@ -11,6 +11,8 @@ public struct TrackedEvent: Sendable, Hashable {
     public var occurredAtMs: Int64
     public var value: Double
     public var properties: [String: RuleValue]
+    /// When this service stored it (its own clock; 0 for events stored before migration v9).
+    public var receivedAtMs: Int64 = 0
 
     public init(eventID: String, personID: String, type: String, occurredAtMs: Int64, value: Double = 0,
                 properties: [String: RuleValue] = [:]) {
@@ -35,6 +37,11 @@ public struct TrackedEvent: Sendable, Hashable {
 public struct FeatureSpec: Sendable {
     public let definition: ProfileV1.FeatureDefinition
     public let version: UInt32
+    /// The events it counts were received at or after this time: its definition's time for a
+    /// feature defined without backfill (it starts empty, and stays so when a merge, an
+    /// unmerge or a restart recomputes a person from the stored events); 0, every event, for
+    /// one defined with backfill or before migration v9.
+    public let countsFromMs: Int64
     let filter: Rule?
     let windowMs: Int64
     let bucketMs: Int64
@@ -46,9 +53,10 @@ public struct FeatureSpec: Sendable {
     public var name: String { definition.name }
 
     /// Validates `definition`; errors name the field (`feature.window_seconds`, ...).
-    public init(_ definition: ProfileV1.FeatureDefinition, version: UInt32 = 1) throws(RPCError) {
+    public init(_ definition: ProfileV1.FeatureDefinition, version: UInt32 = 1, countsFromMs: Int64 = 0) throws(RPCError) {
         self.definition = definition
         self.version = version
+        self.countsFromMs = countsFromMs
         try Names.check(definition.name, field: "feature.name")
         try Names.check(definition.eventType, field: "feature.event_type")
         let aggregation = definition.aggregation
@@ -96,7 +104,7 @@ public struct FeatureSpec: Sendable {
 
     /// Whether `event` feeds this feature.
     func matches(_ event: TrackedEvent) -> Bool {
-        guard event.type == definition.eventType else { return false }
+        guard event.type == definition.eventType, event.receivedAtMs >= countsFromMs else { return false }
         guard let filter else { return true }
         return filter.evaluate { _, name in name == "value" ? .number(event.value) : event.properties[name] }
     }

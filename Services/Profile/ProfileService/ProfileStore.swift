@@ -209,9 +209,9 @@ public final class ProfileStore: Sendable {
         (pool, statePool, checkpointers) = (events, states, [eventCheckpointer, stateCheckpointer])
         var loaded = Definitions()
         try pool.read { db in
-            for row in try Row.fetchAll(db, sql: "SELECT definition, version FROM feature") {
+            for row in try Row.fetchAll(db, sql: "SELECT definition, version, counts_from_ms FROM feature") {
                 let definition = try ProfileV1.FeatureDefinition(serializedBytes: [UInt8](row["definition"] as Data))
-                loaded.set(try FeatureSpec(definition, version: UInt32(row["version"] as Int64)))
+                loaded.set(try FeatureSpec(definition, version: UInt32(row["version"] as Int64), countsFromMs: row["counts_from_ms"]))
             }
             for row in try Row.fetchAll(db, sql: "SELECT name, rule FROM segment ORDER BY name") {
                 loaded.segments.append((row["name"], try Rule(row["rule"])))
@@ -587,6 +587,18 @@ public final class ProfileStore: Sendable {
                 CREATE INDEX event_by_origin ON event(origin_person_id) WHERE origin_person_id <> person_id;
                 """)
         }
+        migrator.registerMigration("v9: when events arrived, and when a feature starts counting") { db in
+            // A feature defined without backfill counts the events received from its
+            // definition on, also when a merge, an unmerge or a restart recomputes a person
+            // from the stored events (before, those counted every stored event). Events stored
+            // before this migration read as received at 0; features defined before it count
+            // every event (whether they were backfilled was not kept).
+            try db.execute(sql: """
+                ALTER TABLE event ADD COLUMN received_ms INTEGER NOT NULL DEFAULT 0;
+                ALTER TABLE event_tail ADD COLUMN received_ms INTEGER NOT NULL DEFAULT 0;
+                ALTER TABLE feature ADD COLUMN counts_from_ms INTEGER NOT NULL DEFAULT 0;
+                """)
+        }
         return migrator
     }
 
@@ -595,8 +607,8 @@ public final class ProfileStore: Sendable {
     /// way). Call on the event file's writer, in a transaction.
     static func moveTail(_ db: Database) throws {
         try db.execute(sql: """
-            INSERT INTO event (event_id, person_id, origin_person_id, type, occurred_at_ms, body)
-            SELECT event_id, person_id, origin_person_id, type, occurred_at_ms, body FROM event_tail ORDER BY seq;
+            INSERT INTO event (event_id, person_id, origin_person_id, type, occurred_at_ms, body, received_ms)
+            SELECT event_id, person_id, origin_person_id, type, occurred_at_ms, body, received_ms FROM event_tail ORDER BY seq;
             DELETE FROM event_tail;
             """)
     }
@@ -623,9 +635,10 @@ public final class ProfileStore: Sendable {
         let probe = try FeatureSpec(definition)
         return try pool.writeWithoutTransaction { db in
             let current = definitions.withLock { $0.features[probe.name] }
-            var spec = probe
-            if let current { spec = current.definition == definition ? current : try FeatureSpec(definition, version: current.version + 1) }
-            guard spec.version != current?.version || backfill else { return spec }
+            let version = current.map { $0.definition == definition ? $0.version : $0.version + 1 } ?? 1
+            if let current, current.version == version, !backfill { return current }
+            // Without backfill a new version starts empty: it counts the events received from now on.
+            let spec = try FeatureSpec(definition, version: version, countsFromMs: backfill ? 0 : nowMs)
             // Every state in the state file first (no Track runs while this holds the writer).
             if backfill { try flushOnWriter() }
             // The definition, and for a backfill every person it rewrites logged as dirty, in one
@@ -635,8 +648,8 @@ public final class ProfileStore: Sendable {
             try db.execute(sql: "PRAGMA synchronous = FULL")
             defer { try? db.execute(sql: "PRAGMA synchronous = NORMAL") }
             try db.inTransaction {
-                try db.execute(sql: "INSERT OR REPLACE INTO feature (name, version, definition, defined_at_ms) VALUES (?, ?, ?, ?)",
-                               arguments: [spec.name, Int64(spec.version), Data(definition.serializedBytes()), nowMs])
+                try db.execute(sql: "INSERT OR REPLACE INTO feature (name, version, definition, defined_at_ms, counts_from_ms) VALUES (?, ?, ?, ?, ?)",
+                               arguments: [spec.name, Int64(spec.version), Data(definition.serializedBytes()), nowMs, spec.countsFromMs])
                 if backfill { try Self.moveTail(db) }
                 let persons = backfill ? try String.fetchAll(db, sql: "SELECT DISTINCT person_id FROM event WHERE type = ?",
                                                              arguments: [spec.definition.eventType]) : []
@@ -744,6 +757,11 @@ public final class ProfileStore: Sendable {
     /// the next flush). Calls arriving together share one transaction; this returns once the
     /// transaction holding these events has committed.
     public func track(_ events: [TrackedEvent], nowMs: Int64) async throws -> TrackResult {
+        let events = events.map { event in
+            var event = event
+            event.receivedAtMs = nowMs
+            return event
+        }
         let ingest = Ingest(events: events, bodies: events.map { Data(Self.encodeEvent($0)) }, nowMs: nowMs)
         return try await self.ingest.submit(ingest) { [self] batch in try write(batch) }
     }
@@ -758,8 +776,8 @@ public final class ProfileStore: Sendable {
             try db.inTransaction {
                 // New events go to the tail, unless their id is in `event` or the tail already.
                 let insert = try db.cachedStatement(sql: """
-                    INSERT OR IGNORE INTO event_tail (event_id, person_id, origin_person_id, type, occurred_at_ms, body)
-                    SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS (SELECT 1 FROM event WHERE event_id = ?1)
+                    INSERT OR IGNORE INTO event_tail (event_id, person_id, origin_person_id, type, occurred_at_ms, body, received_ms)
+                    SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE NOT EXISTS (SELECT 1 FROM event WHERE event_id = ?1)
                     """)
                 var perPerson: [[String: [TrackedEvent]]] = []
                 // Read on the writer, which the feed's merges and erasures also write on: an
@@ -777,7 +795,8 @@ public final class ProfileStore: Sendable {
                             outcomes.append(.personErased)
                             continue
                         }
-                        try insert.run(db, .text(event.eventID), .text(person), .text(event.personID), .text(event.type), .integer(event.occurredAtMs), .blob(body))
+                        try insert.run(db, .text(event.eventID), .text(person), .text(event.personID), .text(event.type), .integer(event.occurredAtMs), .blob(body),
+                                       .integer(event.receivedAtMs))
                         let isNew = db.changesCount > 0
                         outcomes.append(isNew ? .stored : .duplicate)
                         if isNew { byPerson[person, default: []].append(event) }
@@ -867,9 +886,11 @@ public final class ProfileStore: Sendable {
         var state = ProfileStoreV1.PersonState()
         var chunk: [TrackedEvent] = []
         chunk.reserveCapacity(1000)
-        let cursor = try Row.fetchCursor(db, sql: "SELECT body FROM event WHERE person_id = ? ORDER BY occurred_at_ms", arguments: [person])
+        let cursor = try Row.fetchCursor(db, sql: "SELECT body, received_ms FROM event WHERE person_id = ? ORDER BY occurred_at_ms", arguments: [person])
         while let row = try cursor.next() {
-            chunk.append(try decodeEvent(row["body"], person: person))
+            var event = try decodeEvent(row["body"], person: person)
+            event.receivedAtMs = row["received_ms"]
+            chunk.append(event)
             if chunk.count == 1000 {
                 fold(chunk, into: &state, specs: specs, now: now)
                 chunk.removeAll(keepingCapacity: true)
