@@ -704,6 +704,10 @@ struct TraitSegmentConsentTests {
         await expectInvalid("history_limit") { _ = try await service.getConsent(request) }
         request.historyLimit = 0
         await expectInvalid("consents[0].purpose") { try await service.consent("p", "", .email, true, at: now) }
+        // A purpose ending in a channel's name would collide with another purpose's consent on
+        // that channel (consent.marketing.email); before, granting it overrode a later denial.
+        await expectInvalid("consents[0].purpose") { try await service.consent("p", "marketing.email", .unspecified, true, at: now) }
+        try await service.consent("p", "marketing.weekly", .email, true, at: now)  // other dotted purposes stay valid
         request.person = personRef("nobody")
         request.includeHistory = false
         #expect(try await service.getConsent(request).current.isEmpty)
