@@ -958,6 +958,14 @@ struct MergeEraseTests {
             blocked.person = ref("cookie_id", "null")
             let rejected = try await service.track([blocked])
             #expect(rejected.accepted == 0 && rejected.rejections.first?.reason.hasPrefix("person.identifiers:") == true, "\(rejected)")
+            // An invalid event creates no person for its new identifiers (before, they were
+            // resolved, and created, before the event was checked).
+            var invalid = event("bad-1", "x", "bad type!", at: now)
+            invalid.person = ref("email", "nobody-yet@example.org")
+            #expect(try await service.track([invalid]).rejections.first?.reason.hasPrefix("type:") == true)
+            var lookup = IdentityV1.ResolveRequest()
+            lookup.identifiers = [identifier("email", "nobody-yet@example.org")]
+            #expect(try await identity.resolve(lookup).personId.isEmpty)
             traitRequest.person = ref("email", "test@test.com")
             await expectInvalid("person.identifiers") { _ = try await service.setTraits(traitRequest) }
             traitRequest.person = ref("email", "ann@example.org")

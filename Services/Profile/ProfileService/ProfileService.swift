@@ -187,17 +187,28 @@ public struct ProfileService: RPCService {
         }
         let now = clock()
         var response = ProfileV1.TrackResponse()
-        let persons = try await resolveAll(Set(request.events.map(\.person)))
-        var accepted: [(index: Int, event: TrackedEvent)] = []
+        // Each event is checked before any person is resolved: identifiers are resolved (and
+        // new persons created) only for events that will be stored.
+        var valid: [(index: Int, event: TrackedEvent)] = []
         for (i, event) in request.events.enumerated() {
+            do {
+                valid.append((i, try validated(event, person: "", now: now)))
+            } catch {
+                response.rejections.append(Self.rejection(i, event.eventId, error))
+            }
+        }
+        let persons = try await resolveAll(Set(valid.map { request.events[$0.index].person }))
+        var accepted: [(index: Int, event: TrackedEvent)] = []
+        for (i, event) in valid {
             do {
                 // A person merged away keeps its id here: the store files the event under the
                 // survivor with this id as its origin, which an unmerge takes it back by.
-                let person = try persons[event.person]!.get()
-                _ = try living(person)
-                accepted.append((i, try validated(event, person: person, now: now)))
-            } catch {  // INVALID_ARGUMENT from validation or from resolving its person: this event only
-                response.rejections.append(Self.rejection(i, event.eventId, error))
+                var event = event
+                event.personID = try persons[request.events[i].person]!.get()
+                _ = try living(event.personID)
+                accepted.append((i, event))
+            } catch {  // INVALID_ARGUMENT from resolving its person, or NOT_FOUND (erased): this event only
+                response.rejections.append(Self.rejection(i, request.events[i].eventId, error))
             }
         }
         guard !accepted.isEmpty else { return response }
