@@ -38,7 +38,44 @@ public struct RuleError: Error, Sendable, Equatable, CustomStringConvertible {
 /// - A missing value makes every comparison false (`!=` included); values of different
 ///   types are never equal; `<` and friends compare two numbers or two strings.
 ///   A bare path or literal is true only when it is the bool `true`.
+/// - Where the caller says what a path holds (`kinds`, such as `standardKind`), a rule that
+///   could never be true that way is refused: `feature.n == "2"`, a bare `feature.n`,
+///   `segment.gold > 1`.
 public struct Rule: Sendable, CustomStringConvertible {
+    /// What a value is, for the checks of `kinds`.
+    public enum Kind: Sendable, Hashable {
+        case string, number, bool
+
+        init(_ value: RuleValue) {
+            switch value {
+            case .string: self = .string
+            case .number: self = .number
+            case .bool: self = .bool
+            }
+        }
+
+        var described: String {
+            switch self {
+            case .string: return "a string"
+            case .number: return "a number"
+            case .bool: return "true or false"
+            }
+        }
+    }
+
+    /// What the services' namespaces hold: `feature.` numbers, `segment.` and `consent.`
+    /// true or false, `context.` strings, `event.value` a number; traits and event
+    /// properties any (nil).
+    public static func standardKind(_ namespace: String, _ name: String) -> Kind? {
+        switch namespace {
+        case "feature": return .number
+        case "segment", "consent": return .bool
+        case "context": return .string
+        case "event" where name == "value": return .number
+        default: return nil
+        }
+    }
+
     /// The rule's text, as given.
     public let source: String
     let root: Node
@@ -60,10 +97,17 @@ public struct Rule: Sendable, CustomStringConvertible {
 
     /// Parses `source`. `check` is asked about each path (namespace, name) and returns an
     /// error message to reject it (an unknown namespace, an undefined feature), or nil.
-    public init(_ source: String, check: (_ namespace: String, _ name: String) -> String? = { _, _ in nil }) throws(RuleError) {
+    /// `kinds` says what a path holds, where known: a comparison of it with a value of
+    /// another kind, an order (`<`) on true or false, or a bare path that is not true or
+    /// false is then an error at its position. Give it where rules are written; rules read
+    /// back from a store are parsed without it (one written before these checks still loads).
+    public init(_ source: String, check: (_ namespace: String, _ name: String) -> String? = { _, _ in nil },
+                kinds: (_ namespace: String, _ name: String) -> Kind? = { _, _ in nil }) throws(RuleError) {
         let (root, references) = try withoutActuallyEscaping(check) { (check) throws(RuleError) in
-            var parser = Parser(Array(source.unicodeScalars), check: check)
-            return (try parser.parseRule(), parser.references)
+            try withoutActuallyEscaping(kinds) { (kinds) throws(RuleError) in
+                var parser = Parser(Array(source.unicodeScalars), check: check, kinds: kinds)
+                return (try parser.parseRule(), parser.references)
+            }
         }
         self.source = source
         self.root = root
@@ -166,13 +210,42 @@ public struct Rule: Sendable, CustomStringConvertible {
 struct Parser {
     let text: [Unicode.Scalar]
     let check: (String, String) -> String?
+    let kinds: (String, String) -> Rule.Kind?
     var index = 0
     var depth = 0
     var references: [(namespace: String, name: String)] = []
 
-    init(_ text: [Unicode.Scalar], check: @escaping (String, String) -> String?) {
+    init(_ text: [Unicode.Scalar], check: @escaping (String, String) -> String?, kinds: @escaping (String, String) -> Rule.Kind?) {
         self.text = text
         self.check = check
+        self.kinds = kinds
+    }
+
+    /// A path whose kind `kinds` knows: its text and kind.
+    func knownPath(_ node: Rule.Node) -> (text: String, kind: Rule.Kind)? {
+        guard case .path(let namespace, let name) = node, let kind = kinds(namespace, name) else { return nil }
+        return ("\(namespace).\(name)", kind)
+    }
+
+    /// What an operand is: a literal's kind, a known path's, true or false for a condition.
+    func kind(of node: Rule.Node) -> Rule.Kind? {
+        switch node {
+        case .literal(let value): return Rule.Kind(value)
+        case .path(let namespace, let name): return kinds(namespace, name)
+        case .not, .and, .or, .compare, .member: return .bool
+        }
+    }
+
+    /// A comparison that can never hold, at the position of its second operand (or its first,
+    /// when only that one is a known path).
+    func checkKinds(_ op: Rule.Comparison, _ left: Rule.Node, at leftStart: Int, _ right: Rule.Node, at rightStart: Int) throws(RuleError) {
+        guard let path = knownPath(left) ?? knownPath(right) else { return }
+        let pathIsLeft = knownPath(left) != nil
+        if path.kind == .bool, ![.eq, .ne].contains(op) {
+            throw error("\(path.text) is true or false: it has no order (use == or !=)", at: pathIsLeft ? leftStart : rightStart)
+        }
+        guard let other = kind(of: pathIsLeft ? right : left), other != path.kind else { return }
+        throw error("\(path.text) is \(path.kind.described) and never equals \(other.described)", at: pathIsLeft ? rightStart : leftStart)
     }
 
     static let maxLength = 4096
@@ -252,10 +325,16 @@ struct Parser {
     }
 
     mutating func parseComparison() throws(RuleError) -> Rule.Node {
+        skipSpace()
+        let leftStart = index
         let left = try parseOperand()
         skipSpace()
         for op in [Rule.Comparison.le, .ge, .eq, .ne, .lt, .gt] where symbol(op.rawValue) {
-            return .compare(op, left, try parseOperand())
+            skipSpace()
+            let rightStart = index
+            let right = try parseOperand()
+            try checkKinds(op, left, at: leftStart, right, at: rightStart)
+            return .compare(op, left, right)
         }
         if keyword("in") {
             guard symbol("[") else { throw error("expected \"[\" after in, found \(describeHere())") }
@@ -265,11 +344,17 @@ struct Parser {
                     skipSpace()
                     let start = index
                     guard case .literal(let v) = try parseOperand() else { throw error("a list holds literals only", at: start) }
+                    if let path = knownPath(left), Rule.Kind(v) != path.kind {
+                        throw error("\(path.text) is \(path.kind.described) and never equals \(Rule.Kind(v).described)", at: start)
+                    }
                     list.append(v)
                 } while symbol(",")
                 guard symbol("]") else { throw error("expected \",\" or \"]\", found \(describeHere())") }
             }
             return .member(left, list)
+        }
+        if let path = knownPath(left), path.kind != .bool {
+            throw error("\(path.text) is \(path.kind.described), not true or false: compare it (such as \(path.text) \(path.kind == .number ? "> 0" : "== \"x\""))", at: leftStart)
         }
         return left
     }

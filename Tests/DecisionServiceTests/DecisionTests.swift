@@ -101,6 +101,12 @@ struct DecisionTests {
     func catalog() async throws {
         let decision = try makeDecision()
         await expectInvalid("action.eligibility") { try decision.upsert(action("a", eligibility: "trait.tier == ")) }
+        // Context values are strings: this rule could never hold (before, accepted).
+        await expectInvalid("action.eligibility: at position 16: context.age is a string and never equals a number") {
+            var request = DecisionV1.UpsertActionRequest()
+            request.action = action("a", eligibility: "context.age >= 18")
+            _ = try decision.upsertAction(request)
+        }
         do {
             try decision.upsert(action("a", eligibility: "trait.tier == \"gold\" and bogus.x"))
             Issue.record("accepted an unknown namespace")

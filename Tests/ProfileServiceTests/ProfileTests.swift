@@ -668,6 +668,10 @@ struct TraitSegmentConsentTests {
         await expectInvalid("segment.rule: at position 25") { try service.segment("x", #"trait.tier == "gold" and"#) }
         await expectInvalid("segment.rule: at position 26") { try service.segment("x", #"trait.tier == "gold" and feature.nope >= 2"#) }
         await expectInvalid("segment.rule: at position 1") { try service.segment("x", #"event.x == 1"#) }
+        // A rule that could never hold (before, accepted, and nobody was ever a member).
+        await expectInvalid("segment.rule: at position 26: feature.purchases_30d is a number and never equals a string") {
+            try service.segment("x", #"feature.purchases_30d >= "2""#)
+        }
         await expectInvalid("segment.name") { try service.segment("", "true") }
         try service.segment("gold_buyers", #"trait.tier == "gold" and feature.purchases_30d >= 2"#)
         try service.segment("emailable", #"consent.marketing.email"#)

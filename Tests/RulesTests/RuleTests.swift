@@ -63,6 +63,42 @@ import Testing
         }
     }
 
+    /// Rules that could never be true the way they are written, refused where the kinds are
+    /// known (as the services define rules); read back without kinds, they still parse.
+    @Test(arguments: [
+        (#"trait.tier == "gold" and feature.purchases_30d >= "2""#, 51, #"feature.purchases_30d is a number and never equals a string"#),
+        ("feature.purchases_30d == true", 26, "is a number and never equals true or false"),
+        ("feature.purchases_30d", 1, "feature.purchases_30d is a number, not true or false: compare it (such as feature.purchases_30d > 0)"),
+        ("not feature.n", 5, "not true or false"),
+        ("segment.gold > 1", 1, "segment.gold is true or false: it has no order"),
+        (#"segment.gold == "yes""#, 17, "never equals a string"),
+        (#"context.age >= 18"#, 16, "context.age is a string and never equals a number"),
+        (#"18 <= context.age"#, 1, "context.age is a string and never equals a number"),
+        (#"feature.n in [1, "2"]"#, 18, "never equals a string"),
+        ("consent.marketing.email == 1", 28, "is true or false and never equals a number"),
+        (#"event.value == "x""#, 16, "event.value is a number"),
+    ])
+    func kindsRefuseRulesThatCannotHold(rule: String, position: Int, message: String) throws {
+        do {
+            _ = try Rule(rule, kinds: Rule.standardKind)
+            Issue.record("\(rule) parsed")
+        } catch {
+            #expect(error.position == position, "\(rule): \(error)")
+            #expect(error.message.contains(message), "\(rule): \(error)")
+        }
+        _ = try Rule(rule)  // a stored rule from before the checks still loads
+    }
+
+    @Test(arguments: [
+        #"feature.n >= 2 and segment.gold and not consent.marketing.email and context.page == "home""#,
+        #"trait.age >= 18 and trait.tier == "gold" and trait.vip"#,  // traits may hold anything
+        "segment.gold == false or (feature.n > 1) == true",
+        #"event.sku == "A" and event.value > 3 and feature.n in [1, 2]"#,
+    ])
+    func kindsAcceptRulesThatCanHold(rule: String) throws {
+        _ = try Rule(rule, kinds: Rule.standardKind)
+    }
+
     /// With `trait.` and `segment.` unknown (their source unreachable), only `context.` known.
     @Test(arguments: [
         ("not segment.minors", nil),

@@ -148,6 +148,7 @@ public struct DecisionService: RPCService {
     func upsertAction(_ request: DecisionV1.UpsertActionRequest) throws -> DecisionV1.Action {
         guard let action = request.action else { throw RPCError.invalidArgument(field: "action", "is required") }
         let spec = try ActionSpec(action)
+        _ = try ActionSpec.rule(action.eligibility, field: "action.eligibility", kinds: Rule.standardKind)  // as written: its kinds checked too
         try checkRetention(Self.windows(of: action))
         return try store.upsert(spec, nowMs: clock())
     }

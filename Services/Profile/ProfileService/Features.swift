@@ -89,10 +89,11 @@ public struct FeatureSpec: Sendable {
         halfLifeMs = Double(definition.halfLifeSeconds * 1000)
     }
 
-    static func parseFilter(_ text: String) throws(RPCError) -> Rule? {
+    /// `kinds` as `Rule.init` takes it: given when a filter is written, not when read back.
+    static func parseFilter(_ text: String, kinds: (String, String) -> Rule.Kind? = { _, _ in nil }) throws(RPCError) -> Rule? {
         guard !text.isEmpty else { return nil }
         do {
-            return try Rule(text, check: eventPathCheck)
+            return try Rule(text, check: eventPathCheck, kinds: kinds)
         } catch {
             throw .invalidArgument(field: "feature.filter", error.description)
         }

@@ -300,6 +300,7 @@ public struct ProfileService: RPCService {
 
     func defineFeature(_ request: ProfileV1.DefineFeatureRequest) throws -> ProfileV1.FeatureDefinition {
         guard let definition = request.feature else { throw RPCError.invalidArgument(field: "feature", "is required") }
+        _ = try FeatureSpec.parseFilter(definition.filter, kinds: Rule.standardKind)  // as written: its kinds checked too
         return try store.define(definition, backfill: request.backfill, nowMs: clock()).definition
     }
 
@@ -309,13 +310,13 @@ public struct ProfileService: RPCService {
         let features = Set(store.features.map(\.name))
         let rule: Rule
         do {
-            rule = try Rule(segment.rule) { namespace, name in
+            rule = try Rule(segment.rule, check: { namespace, name in
                 switch namespace {
                 case "trait", "consent": return nil
                 case "feature": return features.contains(name) ? nil : "feature \"\(name)\" is not defined"
                 default: return "unknown namespace \"\(namespace)\" (a segment reads trait., feature. and consent.)"
                 }
-            }
+            }, kinds: Rule.standardKind)
         } catch {
             throw RPCError.invalidArgument(field: "segment.rule", error.description)
         }
