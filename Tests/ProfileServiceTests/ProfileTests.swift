@@ -406,6 +406,39 @@ struct FeatureTests {
         #expect(try await service.features("b") == ["buys": 0, "buys_all": 3])
     }
 
+    @Test("an event, a trait or a consent dated ahead of the service's clock counts as made when it arrived, also when a merge recomputes the person")
+    func futureDatesCountAtArrival() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        try service.define(feature("views_1h", "view", .count, window: 3600))
+        try service.define(feature("last_amount", "view", .last))
+        try service.define(feature("decayed", "view", .decayedSum, halfLife: 60))
+        let now = clock.read()
+        let ahead = now + 23 * 3_600_000  // a client's clock a day ahead, as Track accepts
+        _ = try await service.track([event("future", "p", "view", at: ahead, value: 100)])
+        clock.advance(seconds: 2 * 3600)
+        _ = try await service.track([event("genuine", "p", "view", at: clock.read(), value: 5)])
+        // Before: views_1h 2 (the future event stayed in the window for a day) and last_amount 100.
+        let live = try await service.features("p")
+        #expect(live["views_1h"] == 1 && live["last_amount"] == 5, "\(live)")
+        // A merge recomputes p from the stored events: the same features (before, the decayed
+        // sum took the future event at the merge's time, 100 instead of ~0).
+        try service.store.apply([(1, .merge(target: "p", sources: ["nobody"]))], nowMs: clock.read())
+        let recomputed = try await service.features("p")
+        #expect(recomputed == live, "\(recomputed) against \(live)")
+        // A trait dated a day ahead does not make the next real value stale.
+        _ = try await service.traits("p", ["tier": .string("gold")], at: clock.read() + 86_000_000)
+        clock.advance(seconds: 1)
+        let next = try await service.traits("p", ["tier": .string("silver")], at: clock.read())
+        let tier = try await service.profile("p").traits.first { $0.name == "tier" }
+        #expect(next.stale.isEmpty && tier?.value == CommonV1.Value(.string("silver")), "\(next)")
+        // Nor does a grant dated a day ahead outlive a denial made after it arrived.
+        try await service.consent("p", "marketing", .email, true, at: clock.read() + 86_000_000)
+        clock.advance(seconds: 1)
+        try await service.consent("p", "marketing", .email, false, at: clock.read())
+        #expect(try await service.profile("p").consent.map(\.granted) == [false])
+    }
+
     @Test("a backfill that fails after its definition committed leaves its persons to the next start, which recomputes them")
     func failedBackfill() async throws {
         let directory = temporaryDirectory("profile-test")

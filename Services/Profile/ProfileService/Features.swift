@@ -121,7 +121,12 @@ public struct FeatureSpec: Sendable {
 
     /// Adds `event` (which `matches`) to `state`. `now` prunes what left the window.
     func apply(_ event: TrackedEvent, to state: inout ProfileStoreV1.FeatureState, now: Int64) {
-        let t = event.occurredAtMs
+        // An event dated ahead of this service's clock (a client's clock may be up to a day
+        // ahead) counts as happening when it arrived: in the future it would stay in a 1 h
+        // window for a day, hold LAST against every newer event, and decaying back from the
+        // future would weigh it 2^(ahead/half-life). The same when it is recomputed from the
+        // store (an event stored before migration v9, with no arrival time, at `now`).
+        let t = min(event.occurredAtMs, event.receivedAtMs > 0 ? event.receivedAtMs : now)
         switch definition.aggregation {
         case .count, .sum:
             if definition.aggregation == .sum, number(event) == nil { return }
@@ -169,10 +174,6 @@ public struct FeatureSpec: Sendable {
             }
         case .decayedSum:
             guard let v = number(event) else { return }
-            // An event dated ahead of this service's clock (a client's clock may be up to a
-            // day ahead) counts as happening now: decaying back from the future would weigh
-            // it 2^(ahead/half-life), infinite with a short half-life.
-            let t = min(t, now)
             if state.decayRefMs == 0 && state.decayed == 0 {
                 state.decayed = v
                 state.decayRefMs = t

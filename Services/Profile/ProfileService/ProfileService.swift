@@ -287,7 +287,10 @@ public struct ProfileService: RPCService {
         let traits = try Self.fields(request.traits, field: "traits")
         guard !traits.isEmpty else { throw RPCError.invalidArgument(field: "traits", "is empty") }
         let source = try Self.source(request.source)
-        let at = try ClientTime.read(request.updatedAtMs, field: "updated_at_ms", now: clock())
+        // A time ahead of this service's clock (a client's, up to a day) is taken as now: a
+        // value dated tomorrow would otherwise make every newer value stale until then.
+        let now = clock()
+        let at = min(try ClientTime.read(request.updatedAtMs, field: "updated_at_ms", now: now), now)
         // Given for a person merged away: kept with its id as their origin (as events are),
         // which an unmerge gives them back by and its erasure finds them by.
         let given = try await createdPerson(request.person, field: "person")
@@ -345,7 +348,7 @@ public struct ProfileService: RPCService {
             }
             records.append(ProfileStore.Consent(purpose: c.purpose, channel: c.channel.rawValue, granted: c.granted,
                                                 source: try Self.source(c.source, field: "consents[\(i)].source"),
-                                                atMs: try ClientTime.read(c.atMs, field: "consents[\(i)].at_ms", now: now)))
+                                                atMs: min(try ClientTime.read(c.atMs, field: "consents[\(i)].at_ms", now: now), now)))  // as for traits
         }
         let given = try await createdPerson(request.person, field: "person")  // as in setTraits
         let person = try living(given)

@@ -713,7 +713,7 @@ public final class ProfileStore: Sendable {
             state.features.append(feature)
             try saveState(states, person, state)
         }
-        let cursor = try Row.fetchCursor(db, sql: "SELECT person_id, body FROM event WHERE type = ? ORDER BY person_id",
+        let cursor = try Row.fetchCursor(db, sql: "SELECT person_id, body, received_ms FROM event WHERE type = ? ORDER BY person_id",
                                          arguments: [spec.definition.eventType])
         while let row = try cursor.next() {
             let owner: String = row["person_id"]
@@ -722,7 +722,7 @@ public final class ProfileStore: Sendable {
                 person = owner
                 feature = empty()
             }
-            let event = try decodeEvent(row["body"], person: owner)
+            let event = try decodeEvent(row["body"], person: owner, receivedAtMs: row["received_ms"])
             if spec.matches(event) { spec.apply(event, to: &feature, now: nowMs) }
         }
         try flush()
@@ -888,9 +888,7 @@ public final class ProfileStore: Sendable {
         chunk.reserveCapacity(1000)
         let cursor = try Row.fetchCursor(db, sql: "SELECT body, received_ms FROM event WHERE person_id = ? ORDER BY occurred_at_ms", arguments: [person])
         while let row = try cursor.next() {
-            var event = try decodeEvent(row["body"], person: person)
-            event.receivedAtMs = row["received_ms"]
-            chunk.append(event)
+            chunk.append(try decodeEvent(row["body"], person: person, receivedAtMs: row["received_ms"]))
             if chunk.count == 1000 {
                 fold(chunk, into: &state, specs: specs, now: now)
                 chunk.removeAll(keepingCapacity: true)
@@ -927,12 +925,14 @@ public final class ProfileStore: Sendable {
         return wire.serializedBytes()
     }
 
-    static func decodeEvent(_ body: Data, person: String) throws -> TrackedEvent {
+    static func decodeEvent(_ body: Data, person: String, receivedAtMs: Int64) throws -> TrackedEvent {
         let wire = try ProfileV1.Event(serializedBytes: body)
         var properties: [String: RuleValue] = [:]
         for field in wire.properties { properties[field.name] = RuleValue(field.value) }
-        return TrackedEvent(eventID: wire.eventId, personID: person, type: wire.type, occurredAtMs: wire.occurredAtMs,
-                            value: wire.value, properties: properties)
+        var event = TrackedEvent(eventID: wire.eventId, personID: person, type: wire.type, occurredAtMs: wire.occurredAtMs,
+                                 value: wire.value, properties: properties)
+        event.receivedAtMs = receivedAtMs
+        return event
     }
 
     // MARK: - Traits and consent
