@@ -50,6 +50,12 @@ public struct OutboundFrame: Sendable, Hashable {
     }
 }
 
+/// Fired (as a user inbound event) by `TTRPCFrameDecoder` when it begins holding part of a
+/// frame (`pending` true) and when it no longer does: a server times how long a frame takes.
+public struct FramePending: Sendable, Hashable {
+    public var pending: Bool
+}
+
 /// A header that cannot be ttrpc: the connection is closed.
 public struct FramingError: Error, Hashable, Sendable, CustomStringConvertible {
     public var description: String
@@ -64,6 +70,7 @@ public struct TTRPCFrameDecoder: ByteToMessageDecoder {
 
     public let maxPayloadSize: Int
     private var bytesToSkip = 0
+    private var pending = false
 
     public init(maxPayloadSize: Int) {
         self.maxPayloadSize = maxPayloadSize
@@ -74,14 +81,14 @@ public struct TTRPCFrameDecoder: ByteToMessageDecoder {
             let n = min(bytesToSkip, buffer.readableBytes)
             buffer.moveReaderIndex(forwardBy: n)
             bytesToSkip -= n
-            return bytesToSkip == 0 ? .continue : .needMoreData
+            return bytesToSkip == 0 ? .continue : waiting(context, buffer)
         }
         guard buffer.readableBytes >= FrameHeader.size,
               let length = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self),
               let streamID = buffer.getInteger(at: buffer.readerIndex + 4, as: UInt32.self),
               let type = buffer.getInteger(at: buffer.readerIndex + 8, as: UInt8.self),
               let flags = buffer.getInteger(at: buffer.readerIndex + 9, as: UInt8.self)
-        else { return .needMoreData }
+        else { return waiting(context, buffer) }
         guard (1...3).contains(type) else {
             throw FramingError(description: "frame type \(type) is not a ttrpc frame type (1 request, 2 response, 3 data)")
         }
@@ -92,11 +99,22 @@ public struct TTRPCFrameDecoder: ByteToMessageDecoder {
             context.fireChannelRead(Self.wrapInboundOut(.oversize(header)))
             return .continue
         }
-        guard buffer.readableBytes >= FrameHeader.size + Int(length) else { return .needMoreData }
+        guard buffer.readableBytes >= FrameHeader.size + Int(length) else { return waiting(context, buffer) }
         buffer.moveReaderIndex(forwardBy: FrameHeader.size)
         let payload = buffer.readSlice(length: Int(length))!
         context.fireChannelRead(Self.wrapInboundOut(.frame(header, payload)))
         return .continue
+    }
+
+    /// `.needMoreData`, telling the pipeline (`FramePending`) when part of a frame starts or
+    /// stops waiting here.
+    private mutating func waiting(_ context: ChannelHandlerContext, _ buffer: ByteBuffer) -> DecodingState {
+        let now = buffer.readableBytes > 0 || bytesToSkip > 0
+        if now != pending {
+            pending = now
+            context.fireUserInboundEventTriggered(FramePending(pending: now))
+        }
+        return .needMoreData
     }
 
     public mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {

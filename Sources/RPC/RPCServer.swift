@@ -6,6 +6,8 @@ import ServiceLifecycle
 import Synchronization
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 /// How an `RPCServer` listens and what it tolerates. Every limit has a default
@@ -27,6 +29,11 @@ public struct RPCServerConfiguration: Sendable {
     /// its Go client dials once and does not re-dial a connection the server closed.
     /// A peer that vanished is found by TCP keepalive (`keepaliveIdle`) instead.
     public var idleTimeout: Duration = .zero
+    /// A frame begun must arrive whole within this long (while the server reads: not while
+    /// it holds reads back), or the connection is closed: a client sending a frame a byte at
+    /// a time, or half a frame and then nothing, cannot hold a connection for ever. Default 60 s
+    /// (a 4 MiB frame at 70 KB/s).
+    public var frameTimeout: Duration = .seconds(60)
     /// TCP keepalive on every accepted connection: the first probe after this long without
     /// traffic, then every 10 s; after 6 unanswered probes the kernel closes the connection.
     /// Default 60 s (a vanished peer's connection goes within about 2 minutes).
@@ -148,10 +155,18 @@ public final class RPCServer: Service, Sendable {
         }
     }
 
+    /// The TCP option for the time before the first keepalive probe (Darwin names it otherwise).
+    #if canImport(Darwin)
+    static let keepaliveIdleOption = TCP_KEEPALIVE
+    #else
+    static let keepaliveIdleOption = TCP_KEEPIDLE
+    #endif
+
     private func bind() async throws -> NIOAsyncChannel<any Channel, Never> {
         let maxMessageSize = configuration.maxMessageSize
         let idleTimeout = configuration.idleTimeout > .zero ? TimeAmount.nanoseconds(configuration.idleTimeout.nanoseconds) : nil
         let keepaliveIdle = SocketOptionValue(max(1, configuration.keepaliveIdle.components.seconds))
+        let frameTimeout = TimeAmount.nanoseconds(max(1, configuration.frameTimeout.nanoseconds))
         let limit = max(1, configuration.maxInFlightPerConnection)
         let handlersOnEventLoop = configuration.handlerExecution == .eventLoop
         return try await ServerBootstrap(group: group)
@@ -160,7 +175,7 @@ public final class RPCServer: Service, Sendable {
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelOption(.socketOption(.so_keepalive), value: 1)
-            .childChannelOption(.tcpOption(.init(rawValue: TCP_KEEPIDLE)), value: keepaliveIdle)
+            .childChannelOption(.tcpOption(.init(rawValue: Self.keepaliveIdleOption)), value: keepaliveIdle)
             .childChannelOption(.tcpOption(.init(rawValue: TCP_KEEPINTVL)), value: 10)
             .childChannelOption(.tcpOption(.init(rawValue: TCP_KEEPCNT)), value: 6)
             .bind(host: configuration.host, port: configuration.port) { channel in
@@ -177,7 +192,7 @@ public final class RPCServer: Service, Sendable {
                     // sending a frame a byte at a time held its connection (and a slot) for ever.
                     if let idleTimeout { try pipeline.addHandler(IdleStateHandler(readTimeout: idleTimeout)) }
                     try pipeline.addHandler(MessageToByteHandler(TTRPCFrameEncoder()))
-                    try pipeline.addHandler(RPCConnectionHandler(server: self, limit: limit, logger: logger,
+                    try pipeline.addHandler(RPCConnectionHandler(server: self, limit: limit, frameTimeout: frameTimeout, logger: logger,
                                                                  executor: EventLoopTaskExecutor(channel.eventLoop),
                                                                  handlersOnEventLoop: handlersOnEventLoop))
                     return channel
@@ -428,6 +443,11 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     private var queued: [RPCServer.Call] = []
     private var queueHead = 0
     private var readHeld = false
+    /// Part of a frame is waiting in the decoder (`FramePending`), timed by `frameTimer`
+    /// while reads are not held.
+    private var framePending = false
+    private var frameTimer: Scheduled<Void>?
+    private let frameTimeout: TimeAmount
     private var inputClosed = false
     /// The server is draining: new requests are answered UNAVAILABLE, and the connection
     /// closes once nothing is in flight.
@@ -442,9 +462,10 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     /// the writes still pending).
     private var lastWrite: EventLoopFuture<Void>?
 
-    init(server: RPCServer, limit: Int, logger: Logger, executor: EventLoopTaskExecutor, handlersOnEventLoop: Bool) {
+    init(server: RPCServer, limit: Int, frameTimeout: TimeAmount, logger: Logger, executor: EventLoopTaskExecutor, handlersOnEventLoop: Bool) {
         self.server = server
         self.limit = limit
+        self.frameTimeout = frameTimeout
         self.logger = logger
         self.executor = executor
         self.handlersOnEventLoop = handlersOnEventLoop
@@ -550,6 +571,7 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     private func resumeReads(_ context: ChannelHandlerContext) {
         if readHeld && !holdReads {
             readHeld = false
+            timeFrame(context)
             context.read()
         }
     }
@@ -592,7 +614,12 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     }
 
     func read(context: ChannelHandlerContext) {
-        if holdReads { readHeld = true } else { context.read() }
+        if holdReads {
+            readHeld = true
+            timeFrame(context)
+        } else {
+            context.read()
+        }
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -602,10 +629,33 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
         } else if event is RPCServer.Draining {
             draining = true
             closeIfDrained(context)
+        } else if let event = event as? FramePending {
+            framePending = event.pending
+            timeFrame(context)
         } else if event is IdleStateHandler.IdleStateEvent {
             if running.isEmpty && queueHead == queued.count { context.close(promise: nil) }
         } else {
             context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    /// Starts the frame's clock when part of a frame waits and reads flow; stops it otherwise
+    /// (a frame the server is not reading is not the client's delay).
+    private func timeFrame(_ context: ChannelHandlerContext) {
+        if framePending && !readHeld {
+            guard frameTimer == nil else { return }
+            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+            let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+            let timeout = frameTimeout
+            frameTimer = context.eventLoop.scheduleTask(in: timeout) {
+                handler.value.frameTimer = nil
+                handler.value.logger.warning("closing a connection whose frame did not arrive whole in time",
+                                             metadata: ["rpc.frame_timeout": "\(timeout)"])
+                boundContext.value.close(promise: nil)
+            }
+        } else {
+            frameTimer?.cancel()
+            frameTimer = nil
         }
     }
 
@@ -627,6 +677,8 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        frameTimer?.cancel()
+        frameTimer = nil
         for (task, _) in running.values { task.cancel() }
         deadlines.removeAll()
         queued.removeAll()

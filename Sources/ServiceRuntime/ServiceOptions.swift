@@ -75,6 +75,9 @@ public struct ServiceOptions<Definition: ServiceDefinition>: ParsableArguments, 
     @Option(help: "Seconds before a connection with nothing in flight and no frame received is closed; 0 never (containerd's Go client does not re-dial). [env: ARBITER_IDLE_TIMEOUT]")
     public var idleTimeout: Int = 0
 
+    @Option(help: "Seconds a frame begun may take to arrive whole before its connection is closed. [env: ARBITER_FRAME_TIMEOUT]")
+    public var frameTimeout: Int = 60
+
     @Option(help: "Seconds to finish in-flight calls after SIGTERM/SIGINT. [env: ARBITER_GRACE_PERIOD]")
     public var gracePeriod: Int = 10
 
@@ -89,7 +92,7 @@ public struct ServiceOptions<Definition: ServiceDefinition>: ParsableArguments, 
     /// Long names of every option, for the environment mapping.
     static var optionNames: [String] {
         ["host", "port", "admin-port", "data-dir", "auth-token-file", "identity", "profile", "routing",
-         "config", "log-level", "log-format", "max-connections", "max-in-flight", "max-message-size", "idle-timeout",
+         "config", "log-level", "log-format", "max-connections", "max-in-flight", "max-message-size", "idle-timeout", "frame-timeout",
          "grace-period", "event-loop-threads", "parent-pid"]
     }
 
@@ -107,6 +110,7 @@ public struct ServiceOptions<Definition: ServiceDefinition>: ParsableArguments, 
         try check("max-in-flight", maxInFlight, 1...100_000)
         try check("max-message-size", maxMessageSize, 1024...(64 << 20))
         try check("idle-timeout", idleTimeout, 0...86_400)
+        try check("frame-timeout", frameTimeout, 1...3600)
         try check("grace-period", gracePeriod, 0...3600)
         try check("event-loop-threads", eventLoopThreads, 1...256)
         if let parentPid { try check("parent-pid", parentPid, 1...Int(Int32.max)) }

@@ -186,6 +186,7 @@ public final class ServiceRuntime<Definition: ServiceDefinition>: Sendable {
             configuration.maxInFlightPerConnection = options.maxInFlight
             configuration.maxConnections = options.maxConnections
             configuration.idleTimeout = .seconds(options.idleTimeout)
+            configuration.frameTimeout = .seconds(options.frameTimeout)
             configuration.authToken = authToken
             configuration.handlerExecution = Definition.handlerExecution
             let rpc = RPCServer(configuration: configuration, router: router, logger: logger, group: group)

@@ -23,7 +23,7 @@ struct BackpressureTests {
         let server = RPCServer(configuration: RPCServerConfiguration(), router: RPCRouter(), logger: Logger(label: "backpressure"))
         try channel.pipeline.syncOperations.addHandler(counter)
         try channel.pipeline.syncOperations.addHandler(RPCConnectionHandler(
-            server: server, limit: 8, logger: Logger(label: "backpressure"),
+            server: server, limit: 8, frameTimeout: .seconds(60), logger: Logger(label: "backpressure"),
             executor: EventLoopTaskExecutor(channel.embeddedEventLoop), handlersOnEventLoop: true))
 
         channel.read()
@@ -41,5 +41,57 @@ struct BackpressureTests {
         channel.read()
         #expect(counter.reads == 3)
         _ = try channel.finish()
+    }
+
+    /// A connection with the server's decoder and handler, on an embedded loop whose time
+    /// the test moves.
+    func framedChannel(frameTimeout: TimeAmount) throws -> EmbeddedChannel {
+        let channel = EmbeddedChannel()
+        let server = RPCServer(configuration: RPCServerConfiguration(), router: RPCRouter(), logger: Logger(label: "frames"))
+        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(TTRPCFrameDecoder(maxPayloadSize: 4 << 20)))
+        try channel.pipeline.syncOperations.addHandler(RPCConnectionHandler(
+            server: server, limit: 8, frameTimeout: frameTimeout, logger: Logger(label: "frames"),
+            executor: EventLoopTaskExecutor(channel.embeddedEventLoop), handlersOnEventLoop: true))
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        return channel
+    }
+
+    @Test("a frame begun must arrive whole within the frame timeout, however its bytes trickle; a quiet connection between frames stays")
+    func frameTimeout() throws {
+        let channel = try framedChannel(frameTimeout: .seconds(60))
+        // A request header announcing 100 bytes, then one byte every 10 s: before, each byte
+        // was activity and the connection (a slot of maxConnections) was held for ever.
+        try channel.writeInbound(ByteBuffer(bytes: [0, 0, 0, 100, 0, 0, 0, 1, 1, 0]))
+        for _ in 0..<5 {
+            channel.embeddedEventLoop.advanceTime(by: .seconds(10))
+            try channel.writeInbound(ByteBuffer(bytes: [0]))
+        }
+        #expect(channel.isActive)
+        channel.embeddedEventLoop.advanceTime(by: .seconds(11))
+        #expect(!channel.isActive)
+
+        // Quiet between frames: nothing is pending, nothing times out.
+        let quiet = try framedChannel(frameTimeout: .seconds(60))
+        quiet.embeddedEventLoop.advanceTime(by: .seconds(3600))
+        #expect(quiet.isActive)
+        // Half a header, then nothing.
+        try quiet.writeInbound(ByteBuffer(bytes: [0, 0]))
+        quiet.embeddedEventLoop.advanceTime(by: .seconds(61))
+        #expect(!quiet.isActive)
+    }
+
+    @Test("the frame timeout does not run while the server holds reads back (its own backpressure, not the client's delay)")
+    func frameTimeoutPausedWhileReadsHeld() throws {
+        let channel = try framedChannel(frameTimeout: .seconds(60))
+        channel.isWritable = false
+        channel.pipeline.fireChannelWritabilityChanged()
+        try channel.writeInbound(ByteBuffer(bytes: [0, 0, 0, 100]))
+        channel.read()  // held: the answers are not being read
+        channel.embeddedEventLoop.advanceTime(by: .seconds(120))
+        #expect(channel.isActive)
+        channel.isWritable = true
+        channel.pipeline.fireChannelWritabilityChanged()  // reads flow: the clock runs again
+        channel.embeddedEventLoop.advanceTime(by: .seconds(61))
+        #expect(!channel.isActive)
     }
 }

@@ -341,6 +341,7 @@ struct ServerTests {
         }
     }
 
+    #if os(Linux)
     @Test("by default a quiet connection is kept, as containerd's server keeps it, and TCP keepalive watches it for a vanished peer")
     func keepalive() async throws {
         try await withServer { server, port in
@@ -365,6 +366,7 @@ struct ServerTests {
             #expect((1...6000).contains(dueInTicks), "keepalive due in \(dueInTicks) ticks")
         }
     }
+    #endif
 
     @Test("a connection sending a frame a byte at a time is closed as idle: only whole frames count")
     func slowFrameTimed() async throws {
