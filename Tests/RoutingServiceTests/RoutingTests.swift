@@ -830,6 +830,31 @@ struct RoutingTests {
         #expect(never.admit("webhook", nowMs: 10) == .send)
     }
 
+    @Test("a message's variables cannot end the SMTP DATA early or add commands: every CR, LF or CRLF breaks a line, and lines are dot-stuffed")
+    func smtpBodyCannotInject() {
+        var delivery = RoutingV1.Delivery()
+        delivery.deliveryId = "dl1"
+        delivery.address = "p@example.com"
+        var message = RoutingV1.Message()
+        message.templateId = "t"
+        // "\r\r\n" holds no "\n" as Swift characters ("\r\n" is one): before, it passed whole.
+        message.variables = ["body": "hi\r\r\n.\r\r\nMAIL FROM:<ceo@bank>\r\r\nRCPT TO:<x@y>\rDATA\n.\nend"]
+        delivery.message = message
+        let wire = SMTPAdapter.message(delivery, from: "arbiter@example.com", date: Date(timeIntervalSince1970: 0))
+        #expect(wire.hasSuffix("\r\n.\r\n"))
+        // The only end of DATA is the last; no CR or LF outside a CRLF.
+        #expect(wire.ranges(of: "\r\n.\r\n").count == 1, "\(wire.debugDescription)")
+        let bytes = Array(wire.utf8)
+        let cr = UInt8(ascii: "\r"), lf = UInt8(ascii: "\n")
+        for i in bytes.indices {
+            if bytes[i] == cr { #expect(i + 1 < bytes.count && bytes[i + 1] == lf, "a bare CR at \(i)") }
+            if bytes[i] == lf { #expect(i > 0 && bytes[i - 1] == cr, "a bare LF at \(i)") }
+        }
+        let body = wire[wire.range(of: "\r\n\r\n")!.upperBound...]  // after the headers
+        #expect(body.components(separatedBy: "\r\n").filter { $0.hasPrefix(".") } == ["..", "..", "."], "\(body.debugDescription)")
+        #expect(SMTPAdapter.bodyLines("a\r\nb\rc\nd\r\r\ne") == ["a", "b", "c", "d", "", "e"])
+    }
+
     @Test("fallback chain: a permanent failure on push moves the delivery to email over a real SMTP server; a hard bounce too")
     func fallbackAndSMTP() async throws {
         try await withSMTPServer(failFirst: 2) { port, directory in

@@ -200,9 +200,32 @@ struct SMTPAdapter: ChannelAdapter {
             "X-Arbiter-Delivery: \(d.deliveryId)", "MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8",
             "Content-Transfer-Encoding: 8bit",
         ]
-        let lines = text.replacingOccurrences(of: "\r\n", with: "\n").split(separator: "\n", omittingEmptySubsequences: false)
-            .map { $0.hasPrefix(".") ? "." + $0 : String($0) }
+        let lines = bodyLines(text).map { $0.hasPrefix(".") ? "." + $0 : $0 }
         return (headers + [""] + lines).joined(separator: "\r\n") + "\r\n.\r\n"
+    }
+
+    /// The body's lines, split at every CR, LF or CRLF, read as Unicode scalars: as
+    /// characters, "\r\r\n" holds no "\n" (its "\r\n" is one character), and a client's
+    /// variable could end the DATA early and write SMTP commands of its own.
+    static func bodyLines(_ text: String) -> [String] {
+        var lines: [String] = []
+        var line = String.UnicodeScalarView()
+        var afterCR = false
+        for scalar in text.unicodeScalars {
+            if scalar == "\n" && afterCR {
+                afterCR = false
+                continue
+            }
+            afterCR = scalar == "\r"
+            if scalar == "\r" || scalar == "\n" {
+                lines.append(String(line))
+                line = String.UnicodeScalarView()
+            } else {
+                line.append(scalar)
+            }
+        }
+        lines.append(String(line))
+        return lines
     }
 
     func send(_ d: RoutingV1.Delivery) async -> RoutingStore.SendResult {
