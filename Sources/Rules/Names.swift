@@ -1,4 +1,5 @@
 public import RPC
+import Contracts
 
 /// The names clients give to what rules and requests refer to (features, segments, traits,
 /// event types, properties, actions, placements, consent purposes, context keys), and the
@@ -18,6 +19,18 @@ public enum Names {
         }) else {
             throw .invalidArgument(field: field, "\"\(name)\" may hold only letters, digits, _, -, . and :")
         }
+    }
+
+    /// A consent purpose: a name that does not end in a channel's name (`.email`, `.sms`,
+    /// `.push`, `.in_app`, `.webhook`), since rules read `consent.marketing.email` as purpose
+    /// `marketing` on email. Checked where purposes are written (SetConsent, UpsertAction,
+    /// Route), not where they are read back.
+    public static func checkPurpose(_ purpose: String, field: String) throws(RPCError) {
+        try check(purpose, field: field)
+        guard let dot = purpose.lastIndex(of: "."),
+              let channel = CommonV1.Channel.delivery.first(where: { $0.ruleName == purpose[purpose.index(after: dot)...] }) else { return }
+        throw .invalidArgument(field: field, "\"\(purpose)\" ends in a channel name: rules would read consent.\(purpose) as purpose "
+                               + "\"\(purpose[..<dot])\" on \(channel.ruleName); name the purpose alone and give the channel")
     }
 
     /// A person id as the identity service mints them: 1–64 printable ASCII characters without spaces.

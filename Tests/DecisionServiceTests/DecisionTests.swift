@@ -107,6 +107,12 @@ struct DecisionTests {
             request.action = action("a", eligibility: "context.age >= 18")
             _ = try decision.upsertAction(request)
         }
+        // A consent purpose SetConsent refuses: its consent could never be granted.
+        await expectInvalid("action.consent_purpose: \"news.email\" ends in a channel name") {
+            var request = DecisionV1.UpsertActionRequest()
+            request.action = action("a", purpose: "news.email")
+            _ = try decision.upsertAction(request)
+        }
         do {
             try decision.upsert(action("a", eligibility: "trait.tier == \"gold\" and bogus.x"))
             Issue.record("accepted an unknown namespace")

@@ -238,6 +238,8 @@ struct RoutingTests {
             await expectInvalid("idempotency_key") { _ = try await routing.route(routeRequest("p1", key: "")) }
             await expectInvalid("idempotency_key") { _ = try await routing.route(routeRequest("p1", key: "has space")) }
             await expectInvalid("purpose") { _ = try await routing.route(routeRequest("p1", key: "k", purpose: "")) }
+            // A purpose SetConsent refuses (its opt-outs could not be passed on).
+            await expectInvalid("purpose: \"news.sms\" ends in a channel name") { _ = try await routing.route(routeRequest("p1", key: "k", purpose: "news.sms")) }
             await expectInvalid("allowed_channels[1]") { _ = try await routing.route(routeRequest("p1", key: "k", channels: [.email, .email])) }
             await expectInvalid("allowed_channels[0]") { _ = try await routing.route(routeRequest("p1", key: "k", channels: [CommonV1.Channel(rawValue: 9)])) }
             await expectInvalid("not_after_ms") { _ = try await routing.route(routeRequest("p1", key: "k", notBefore: june1, notAfter: june1 - 1)) }

@@ -148,7 +148,10 @@ public struct DecisionService: RPCService {
     func upsertAction(_ request: DecisionV1.UpsertActionRequest) throws -> DecisionV1.Action {
         guard let action = request.action else { throw RPCError.invalidArgument(field: "action", "is required") }
         let spec = try ActionSpec(action)
-        _ = try ActionSpec.rule(action.eligibility, field: "action.eligibility", kinds: Rule.standardKind)  // as written: its kinds checked too
+        // Checked as written, not as read back (a stored action from before still loads): the
+        // rule's kinds, and a purpose SetConsent could record.
+        _ = try ActionSpec.rule(action.eligibility, field: "action.eligibility", kinds: Rule.standardKind)
+        if !action.consentPurpose.isEmpty { try Names.checkPurpose(action.consentPurpose, field: "action.consent_purpose") }
         try checkRetention(Self.windows(of: action))
         return try store.upsert(spec, nowMs: clock())
     }

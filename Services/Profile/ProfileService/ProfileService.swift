@@ -335,14 +335,7 @@ public struct ProfileService: RPCService {
         let now = clock()
         var records: [ProfileStore.Consent] = []
         for (i, c) in request.consents.enumerated() {
-            try Names.check(c.purpose, field: "consents[\(i)].purpose")
-            // `consent.<purpose>.<channel>` in rules: a purpose ending in `.email` would read as
-            // another purpose's consent on email.
-            if let dot = c.purpose.lastIndex(of: "."),
-               let channel = CommonV1.Channel.delivery.first(where: { $0.ruleName == c.purpose[c.purpose.index(after: dot)...] }) {
-                throw RPCError.invalidArgument(field: "consents[\(i)].purpose", "\"\(c.purpose)\" ends in a channel name: rules would read "
-                                               + "consent.\(c.purpose) as purpose \"\(c.purpose[..<dot])\" on \(channel.ruleName); set that channel instead")
-            }
+            try Names.checkPurpose(c.purpose, field: "consents[\(i)].purpose")
             guard (0...5).contains(c.channel.rawValue) else {
                 throw RPCError.invalidArgument(field: "consents[\(i)].channel", "unknown channel \(c.channel.rawValue)")
             }
