@@ -255,7 +255,10 @@ struct Parser {
         guard text.count <= Self.maxLength else { throw RuleError(position: Self.maxLength + 1, "rule is longer than \(Self.maxLength) characters") }
         skipSpace()
         guard index < text.count else { throw RuleError(position: 1, "rule is empty") }
+        skipSpace()
+        let start = index
         let node = try parseOr()
+        try checkCondition(node, at: start)
         skipSpace()
         guard index == text.count else { throw error("unexpected \(describeHere())") }
         return node
@@ -307,21 +310,54 @@ struct Parser {
         return try body(&self)
     }
 
+    /// Parses `a or b or …`. Each operand of `or`, `and` and `not` is a condition, checked
+    /// (`checkCondition`) once it is known to be one; a lone operand is left to the caller,
+    /// which may compare it: `(feature.n) > 1`.
     mutating func parseOr() throws(RuleError) -> Rule.Node {
+        skipSpace()
+        let start = index
         var node = try parseAnd()
-        while keyword("or") { node = .or(node, try parseAnd()) }
+        while keyword("or") {
+            try checkCondition(node, at: start)
+            skipSpace()
+            let next = index
+            let right = try parseAnd()
+            try checkCondition(right, at: next)
+            node = .or(node, right)
+        }
         return node
     }
 
     mutating func parseAnd() throws(RuleError) -> Rule.Node {
+        skipSpace()
+        let start = index
         var node = try parseNot()
-        while keyword("and") { node = .and(node, try parseNot()) }
+        while keyword("and") {
+            try checkCondition(node, at: start)
+            skipSpace()
+            let next = index
+            let right = try parseNot()
+            try checkCondition(right, at: next)
+            node = .and(node, right)
+        }
         return node
     }
 
     mutating func parseNot() throws(RuleError) -> Rule.Node {
-        if keyword("not") { return .not(try nested { (p: inout Parser) throws(RuleError) in try p.parseNot() }) }
+        if keyword("not") {
+            skipSpace()
+            let start = index
+            let inner = try nested { (p: inout Parser) throws(RuleError) in try p.parseNot() }
+            try checkCondition(inner, at: start)
+            return .not(inner)
+        }
         return try parseComparison()
+    }
+
+    /// A node read as true or false: a known path that holds something else never is.
+    func checkCondition(_ node: Rule.Node, at start: Int) throws(RuleError) {
+        guard let path = knownPath(node), path.kind != .bool else { return }
+        throw error("\(path.text) is \(path.kind.described), not true or false: compare it (such as \(path.text) \(path.kind == .number ? "> 0" : "== \"x\""))", at: start)
     }
 
     mutating func parseComparison() throws(RuleError) -> Rule.Node {
@@ -352,9 +388,6 @@ struct Parser {
                 guard symbol("]") else { throw error("expected \",\" or \"]\", found \(describeHere())") }
             }
             return .member(left, list)
-        }
-        if let path = knownPath(left), path.kind != .bool {
-            throw error("\(path.text) is \(path.kind.described), not true or false: compare it (such as \(path.text) \(path.kind == .number ? "> 0" : "== \"x\""))", at: leftStart)
         }
         return left
     }

@@ -77,6 +77,10 @@ import Testing
         (#"feature.n in [1, "2"]"#, 18, "never equals a string"),
         ("consent.marketing.email == 1", 28, "is true or false and never equals a number"),
         (#"event.value == "x""#, 16, "event.value is a number"),
+        ("(feature.n)", 1, "not true or false"),
+        ("segment.a and (feature.n)", 15, "not true or false"),
+        ("(feature.n) or segment.a", 1, "not true or false"),
+        ("not (feature.n)", 5, "not true or false"),
     ])
     func kindsRefuseRulesThatCannotHold(rule: String, position: Int, message: String) throws {
         do {
@@ -94,6 +98,9 @@ import Testing
         #"trait.age >= 18 and trait.tier == "gold" and trait.vip"#,  // traits may hold anything
         "segment.gold == false or (feature.n > 1) == true",
         #"event.sku == "A" and event.value > 3 and feature.n in [1, 2]"#,
+        // A parenthesised operand is still an operand.
+        #"(feature.n) > 1 and feature.a > (feature.b) and (context.page) == "home" and (feature.n) in [1, 2]"#,
+        "((feature.n)) >= 2",
     ])
     func kindsAcceptRulesThatCanHold(rule: String) throws {
         _ = try Rule(rule, kinds: Rule.standardKind)
