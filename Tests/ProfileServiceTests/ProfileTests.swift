@@ -421,6 +421,7 @@ struct FeatureTests {
         // Before: views_1h 2 (the future event stayed in the window for a day) and last_amount 100.
         let live = try await service.features("p")
         #expect(live["views_1h"] == 1 && live["last_amount"] == 5, "\(live)")
+        #expect(try await service.profile("p").lastSeenMs == clock.read())  // not a day ahead
         // A merge recomputes p from the stored events: the same features (before, the decayed
         // sum took the future event at the merge's time, 100 instead of ~0).
         try service.store.apply([(1, .merge(target: "p", sources: ["nobody"]))], nowMs: clock.read())

@@ -694,9 +694,11 @@ public final class DecisionStore: Sendable {
     /// for a decision abandoned before the log.
     func void(_ record: DecisionV1.DecisionRecord, arms: [ArmKey]) throws {
         try writeContacts { db in
+            // Whoever holds it now, as the file says (the survivor of a merge since, the person
+            // again after an unmerge; no row after an erasure): its offers are held alike.
+            let holder = try String.fetchOne(db, sql: "SELECT person_id FROM decision WHERE decision_id = ?", arguments: [record.decisionId])
+                .flatMap { $0.isEmpty ? nil : $0 }
             try db.execute(sql: "DELETE FROM decision WHERE decision_id = ?", arguments: [record.decisionId])
-            // Held by the survivor of a merge since, or by no one after an erasure.
-            let holder = record.personId.isEmpty ? nil : contacts.withLock { $0.current(record.personId) }
             if let holder {
                 try db.execute(sql: "DELETE FROM offer WHERE person_id = ? AND at_ms = ? AND decision_id = ?",
                                arguments: [holder, record.decidedAtMs, record.decisionId])

@@ -14,6 +14,11 @@ public struct TrackedEvent: Sendable, Hashable {
     /// When this service stored it (its own clock; 0 for events stored before migration v9).
     public var receivedAtMs: Int64 = 0
 
+    /// When it counts as having happened: an event dated ahead of this service's clock (a
+    /// client's clock may be up to a day ahead) counts when it arrived, or, stored before
+    /// migration v9 with no arrival time, at `now`.
+    public func countedAtMs(now: Int64) -> Int64 { min(occurredAtMs, receivedAtMs > 0 ? receivedAtMs : now) }
+
     public init(eventID: String, personID: String, type: String, occurredAtMs: Int64, value: Double = 0,
                 properties: [String: RuleValue] = [:]) {
         self.eventID = eventID
@@ -121,12 +126,9 @@ public struct FeatureSpec: Sendable {
 
     /// Adds `event` (which `matches`) to `state`. `now` prunes what left the window.
     func apply(_ event: TrackedEvent, to state: inout ProfileStoreV1.FeatureState, now: Int64) {
-        // An event dated ahead of this service's clock (a client's clock may be up to a day
-        // ahead) counts as happening when it arrived: in the future it would stay in a 1 h
-        // window for a day, hold LAST against every newer event, and decaying back from the
-        // future would weigh it 2^(ahead/half-life). The same when it is recomputed from the
-        // store (an event stored before migration v9, with no arrival time, at `now`).
-        let t = min(event.occurredAtMs, event.receivedAtMs > 0 ? event.receivedAtMs : now)
+        // Dated ahead, it would stay in a 1 h window for a day, hold LAST against every newer
+        // event, and decaying back from the future would weigh it 2^(ahead/half-life).
+        let t = event.countedAtMs(now: now)
         switch definition.aggregation {
         case .count, .sum:
             if definition.aggregation == .sum, number(event) == nil { return }

@@ -854,8 +854,9 @@ public final class ProfileStore: Sendable {
                      specs: [String: [FeatureSpec]], now: Int64) {
         for event in events {
             state.events += 1
-            state.firstSeenMs = state.firstSeenMs == 0 ? event.occurredAtMs : min(state.firstSeenMs, event.occurredAtMs)
-            state.lastSeenMs = max(state.lastSeenMs, event.occurredAtMs)
+            let at = event.countedAtMs(now: now)  // as the features count it
+            state.firstSeenMs = state.firstSeenMs == 0 ? at : min(state.firstSeenMs, at)
+            state.lastSeenMs = max(state.lastSeenMs, at)
             for spec in specs[event.type] ?? [] where spec.matches(event) {
                 let i: Int
                 if let found = state.features.firstIndex(where: { $0.name == spec.name }) {
