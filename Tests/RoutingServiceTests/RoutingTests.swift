@@ -967,6 +967,27 @@ struct RoutingTests {
         }
     }
 
+    @Test("a late report of an older unsubscribe neither replaces nor passes on a newer one")
+    func olderUnsubscribeKeepsNewer() async throws {
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }
+        try await withRouting(clock: clock) { routing, profile, _ in
+            try seedReachable(profile.store, "p", at: june1 - day)
+            let d1 = try await routing.route(routeRequest("p", key: "o1", channels: [.email], critical: true))
+            let d2 = try await routing.route(routeRequest("p", key: "o2", channels: [.email], critical: true))
+            try await send(routing, d1, d2)
+            let now = clock.read()
+            let newer = try #require(try routing.store.report(d2.deliveryId, kind: .unsubscribed, hardBounce: false, atMs: now - 1_000, nowMs: now))
+            #expect(newer.1?.atMs == now - 1_000)
+            let older = try #require(try routing.store.report(d1.deliveryId, kind: .unsubscribed, hardBounce: false, atMs: now - 60_000, nowMs: now))
+            #expect(older.1 == nil)  // nothing new to pass on
+            // Before, INSERT OR REPLACE put the older time in: the newer denial, not yet passed
+            // on, was lost, and the planner could read a later re-grant as newer than it.
+            let stored = try await routing.store.pool.read { try Row.fetchAll($0, sql: "SELECT at_ms, synced FROM opt_out WHERE person_id = 'p'") }
+            #expect(stored.map { [$0[0] as Int64, $0[1] as Int64] } == [[now - 1_000, 0]])
+        }
+    }
+
     @Test("a due delivery is judged again: an unsubscribe or a hard bounce since it was planned moves it along its chain or stops it; quiet hours and not_after hold at send time")
     func judgedWhenDue() async throws {
         let clock = TestClock()

@@ -777,16 +777,30 @@ public final class RoutingStore: Sendable {
                 }
             case .complained, .unsubscribed:
                 let source = kind == .complained ? "routing:complaint" : "routing:unsubscribe"
-                try db.execute(sql: """
-                    INSERT OR REPLACE INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms) VALUES (?, ?, ?, ?, ?, 0, ?)
-                    """, arguments: [d.personId, d.purpose, channel.rawValue, atMs, source, nowMs])
-                optOut = OptOut(person: d.personId, purpose: d.purpose, channel: channel, atMs: atMs, source: source)
+                // One older than the person's latest opt-out there (a late report) changes nothing.
+                if try Self.recordOptOut(db, person: d.personId, purpose: d.purpose, channel: channel, atMs: atMs, source: source, nowMs: nowMs) {
+                    optOut = OptOut(person: d.personId, purpose: d.purpose, channel: channel, atMs: atMs, source: source)
+                }
             default:
                 break
             }
             try save(db, d)
             return (d, optOut)
         }
+    }
+
+    /// Records an opt-out, to be passed on to the profile service, unless the person's opt-out
+    /// on that purpose and channel is as new or newer (a late report must not replace, nor
+    /// mark as passed on, a newer one). Whether it was recorded.
+    @discardableResult
+    static func recordOptOut(_ db: Database, person: String, purpose: String, channel: CommonV1.Channel, atMs: Int64,
+                             source: String, nowMs: Int64) throws -> Bool {
+        try db.execute(sql: """
+            INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)
+            ON CONFLICT (person_id, purpose, channel) DO UPDATE SET at_ms = excluded.at_ms, source = excluded.source,
+              synced = 0, recorded_at_ms = excluded.recorded_at_ms WHERE excluded.at_ms > opt_out.at_ms
+            """, arguments: [person, purpose, channel.rawValue, atMs, source, nowMs])
+        return db.changesCount > 0
     }
 
     /// Opt-outs the profile service has not yet confirmed, oldest first.
@@ -962,11 +976,8 @@ extension RoutingStore: IdentityChangeSink {
             case .bounced where e.detail == "hard":
                 try markUnreachable(db, person: d.personId, channel: e.channel, address: sentTo[e.channel] ?? d.address, atMs: e.atMs, origin: origin)
             case .complained, .unsubscribed:
-                try db.execute(sql: """
-                    INSERT INTO opt_out (person_id, purpose, channel, at_ms, source, synced, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)
-                    ON CONFLICT (person_id, purpose, channel) DO UPDATE SET at_ms = excluded.at_ms, source = excluded.source,
-                      synced = 0, recorded_at_ms = excluded.recorded_at_ms WHERE excluded.at_ms > opt_out.at_ms
-                    """, arguments: [d.personId, d.purpose, e.channel.rawValue, e.atMs, e.kind == .complained ? "routing:complaint" : "routing:unsubscribe", nowMs])
+                try recordOptOut(db, person: d.personId, purpose: d.purpose, channel: e.channel, atMs: e.atMs,
+                                 source: e.kind == .complained ? "routing:complaint" : "routing:unsubscribe", nowMs: nowMs)
             default:
                 break
             }
