@@ -603,6 +603,23 @@ struct RoutingTests {
         }
     }
 
+    @Test("a webhook that redirects is not delivered to: the redirect is not followed (it would repeat the POST as a GET without its body)")
+    func webhookRedirectIsNotDelivery() async throws {
+        try await withRouting(configure: { $0.maxAttempts = 3 }) { routing, profile, sink in
+            try seedReachable(profile.store, "p", at: now() - day)
+            sink.fail(next: 1, status: 302, location: "http://127.0.0.1:\(sink.port)/moved")
+            let d = try await routing.route(routeRequest("p", key: "rd", channels: [.webhook], critical: true))
+            try await dispatching(routing) {
+                try await waitFor { try routing.store.delivery(d.deliveryId).map { $0.state != .scheduled && $0.state != .sending } ?? false }
+            }
+            let done = try #require(try routing.store.delivery(d.deliveryId))
+            // Before, the client followed with a GET, which the sink answered 200: SENT, with
+            // nothing delivered.
+            #expect(done.state == .deadLetter && done.lastError.hasPrefix("webhook: HTTP 302, redirected to http://127.0.0.1"), "\(done.state) \(done.lastError)")
+            #expect(sink.requests.isEmpty && sink.answered == 1)
+        }
+    }
+
     @Test("retries with backoff, then a dead letter with the last error; RetryDeadLetter replays; the webhook is signed")
     func deadLetter() async throws {
         let secret = temporaryDirectory("routing-secret") + "/secret"

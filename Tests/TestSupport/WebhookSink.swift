@@ -15,7 +15,7 @@ public final class WebhookSink: Sendable {
         public var bodyText: String { String(decoding: body, as: UTF8.self) }
     }
 
-    let state = Mutex<(requests: [Request], failNext: Int, failStatus: Int, retryAfter: String?, answered: Int, holdAfter: Int?)>(([], 0, 503, nil, 0, nil))
+    let state = Mutex<(requests: [Request], failNext: Int, failStatus: Int, retryAfter: String?, location: String?, answered: Int, holdAfter: Int?)>(([], 0, 503, nil, nil, 0, nil))
     let channel: any Channel
     public let port: Int
 
@@ -43,8 +43,9 @@ public final class WebhookSink: Sendable {
 
     /// Answers the next `count` requests with `status` (and does not record them), with a
     /// `Retry-After` header when given.
-    public func fail(next count: Int, status: Int = 503, retryAfter: String? = nil) {
-        state.withLock { $0.failNext = count; $0.failStatus = status; $0.retryAfter = retryAfter }
+    /// With `location`, a `Location` header too (a redirect).
+    public func fail(next count: Int, status: Int = 503, retryAfter: String? = nil, location: String? = nil) {
+        state.withLock { $0.failNext = count; $0.failStatus = status; $0.retryAfter = retryAfter; $0.location = location }
     }
 
     /// Once `count` requests have been answered, records later ones but never answers them
@@ -65,7 +66,7 @@ public final class WebhookSink: Sendable {
     public func close() async { try? await channel.close() }
 
     /// Records a request: the status to answer and its Retry-After, nil to hold it.
-    func receive(_ request: Request) -> (status: Int, retryAfter: String?)? {
+    func receive(_ request: Request) -> (status: Int, retryAfter: String?, location: String?)? {
         state.withLock { state in
             if let limit = state.holdAfter, state.answered >= limit {
                 state.requests.append(request)
@@ -74,10 +75,10 @@ public final class WebhookSink: Sendable {
             state.answered += 1
             if state.failNext > 0 {
                 state.failNext -= 1
-                return (state.failStatus, state.retryAfter)
+                return (state.failStatus, state.retryAfter, state.location)
             }
             state.requests.append(request)
-            return (200, nil)
+            return (200, nil, nil)
         }
     }
 
@@ -100,10 +101,11 @@ public final class WebhookSink: Sendable {
             case .body(var buffer):
                 body += buffer.readBytes(length: buffer.readableBytes) ?? []
             case .end:
-                guard let (status, retryAfter) = sink().receive(Request(headers: headers, body: body)) else { return }  // held: never answered
+                guard let (status, retryAfter, location) = sink().receive(Request(headers: headers, body: body)) else { return }  // held: never answered
                 var head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: status))
                 head.headers.add(name: "Content-Length", value: "0")
                 if let retryAfter { head.headers.add(name: "Retry-After", value: retryAfter) }
+                if let location { head.headers.add(name: "Location", value: location) }
                 if !keepAlive { head.headers.add(name: "Connection", value: "close") }
                 let keep = keepAlive
                 context.write(wrapOutboundOut(.head(head)), promise: nil)

@@ -87,6 +87,10 @@ struct WebhookAdapter: ChannelAdapter {
         timeout = .milliseconds(Int64(configuration.timeoutMs))
         var http = HTTPClient.Configuration()
         http.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 64)
+        // A redirect is not followed: on 301, 302 and 303 the client would repeat the POST as a
+        // GET without its body, and a 2xx to that would read as delivered. It is a permanent
+        // failure naming the new location (the endpoint is configured wrong).
+        http.redirectConfiguration = .disallow
         http.timeout = .init(connect: .milliseconds(Int64(min(configuration.timeoutMs, 5000))), read: timeout)
         client = HTTPClient(eventLoopGroup: group, configuration: http)
     }
@@ -151,6 +155,8 @@ struct WebhookAdapter: ChannelAdapter {
             case 200..<300: return .sent
             case 408, 429, 500...:
                 return .transient("webhook: HTTP \(code)", retryAfterMs: Self.retryAfterMs(response.headers.first(name: "Retry-After"), now: Date()))
+            case 300..<400:
+                return .permanent("webhook: HTTP \(code), redirected to \(response.headers.first(name: "Location") ?? "nowhere"): not followed (configure that URL)")
             default: return .permanent("webhook: HTTP \(code)")
             }
         } catch {
