@@ -706,6 +706,30 @@ struct RoutingTests {
         }
     }
 
+    @Test("ListDeliveries stops a page at 2 MiB of records, and the next page goes on from there")
+    func listDeliveriesBySize() async throws {
+        try await withRouting { routing, profile, _ in
+            try seedReachable(profile.store, "p", at: now() - day)
+            // Five deliveries of ~640 KB each (40 variables of 16 KiB): three fit in a page.
+            let big = Dictionary(uniqueKeysWithValues: (0..<40).map { ("v\($0)", String(repeating: "x", count: 16 << 10)) })
+            var ids: [String] = []
+            for i in 0..<5 { ids.append(try await routing.route(routeRequest("p", key: "big\(i)", channels: [.webhook], variables: big)).deliveryId) }
+            var request = RoutingV1.ListDeliveriesRequest()
+            request.personId = "p"
+            request.limit = 100
+            let first = try routing.listDeliveries(request)
+            #expect(first.deliveries.map(\.deliveryId) == Array(ids.reversed().prefix(3)) && first.nextPageToken == ids[2])
+            request.pageToken = first.nextPageToken
+            let second = try routing.listDeliveries(request)
+            #expect(second.deliveries.map(\.deliveryId) == [ids[1], ids[0]] && second.nextPageToken.isEmpty)
+            // Exactly at the limit, with none after: no next page.
+            request.pageToken = ""
+            request.limit = 1
+            let one = try routing.listDeliveries(request)
+            #expect(one.deliveries.count == 1 && one.nextPageToken == ids[4])
+        }
+    }
+
     @Test("ListDeliveries pages a person's deliveries and every dead letter, newest first; each can be replayed; bad requests name the field")
     func listDeadLetters() async throws {
         try await withRouting(configure: { $0.maxAttempts = 1; $0.breakerFailures = 0 }) { routing, profile, sink in

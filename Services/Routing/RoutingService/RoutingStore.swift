@@ -200,8 +200,8 @@ public final class RoutingStore: Sendable {
     /// Deliveries newest first (by creation: delivery ids are time-ordered; send times are
     /// not, and a suppressed delivery has none): a person's, or without a person every one in
     /// `state` (meant for dead letters, which have an index), older than the id `before`.
-    /// At most `limit`, and no more than fit in an answer (`AnswerSize`), decoded only once
-    /// they fit; `more` says whether others follow.
+    /// At most `limit`, and no more than fit in an answer (`AnswerSize`), read and decoded
+    /// only as far as they fit; `more` says whether others follow.
     func deliveries(person: String?, state: RoutingV1.Delivery.State?, before: String?, limit: Int) throws
         -> (deliveries: [RoutingV1.Delivery], more: Bool) {
         var conditions: [String] = []
@@ -219,9 +219,25 @@ public final class RoutingStore: Sendable {
         precondition(person != nil || state != nil, "deliveries of every person in every state are not listed")
         let sql = "SELECT record FROM delivery WHERE \(conditions.joined(separator: " AND ")) ORDER BY delivery_id DESC LIMIT \(limit + 1)"
         return try pool.read { db in
-            let records = try Data.fetchAll(db.cachedStatement(sql: sql), arguments: arguments)
-            let fit = AnswerSize.fitting(records.prefix(limit).lazy.map(\.count))
-            return (try records.prefix(fit).map(Self.record), records.count > fit)
+            // Read one at a time, up to the first that does not fit: a record may be ~1.6 MB
+            // (a hundred variables of 16 KiB), and reading `limit` of them first held gigabytes.
+            let cursor = try Data.fetchCursor(db.cachedStatement(sql: sql), arguments: arguments)
+            var records: [Data] = []
+            var failure: (any Error)?
+            let sizes = AnyIterator<Int> {
+                do {
+                    guard let record = try cursor.next() else { return nil }
+                    records.append(record)
+                    return record.count
+                } catch {
+                    failure = error
+                    return nil
+                }
+            }
+            let fit = AnswerSize.fitting(IteratorSequence(sizes).prefix(limit))
+            if let failure { throw failure }
+            let more = try records.count > fit || cursor.next() != nil
+            return (try records.prefix(fit).map(Self.record), more)
         }
     }
 
