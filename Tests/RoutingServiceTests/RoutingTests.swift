@@ -1235,6 +1235,12 @@ struct RoutingTests {
             #expect(try routing.store.deliveries(person: "b", state: nil, before: nil, limit: 10).deliveries.map(\.deliveryId) == [d.deliveryId])
             #expect(try routing.store.deliveries(person: "a", state: nil, before: nil, limit: 10).deliveries.isEmpty)
             #expect(try routing.store.evidence(person: "b").person.unreachable.contains(Evidence.unreachableKey(.email, "a@example.com")))
+            // A Route for a, which the profile service still answers as a (it has not applied
+            // the merge yet), is planned and stored for b, with b's evidence: a's bounced address
+            // is known there (before, it was planned from a's, emptied by the merge, and sent).
+            let late = try await routing.route(routeRequest("a", key: "m3", channels: [.email], critical: true))
+            #expect(late.personId == "b" && late.state == .suppressed, "\(late.personId) \(late.state) \(late.suppressionReason)")
+            #expect(try await routing.store.pool.read { try String.fetchOne($0, sql: "SELECT origin_person_id FROM delivery WHERE delivery_id = ?", arguments: [late.deliveryId]) } == "a")
             try routing.store.apply([(1, .erase(person: "b", absorbed: []))], nowMs: june1)  // seq 1 again: ignored
             #expect(try routing.store.delivery(d.deliveryId) != nil)
             try routing.store.apply([(2, .erase(person: "b", absorbed: ["a"]))], nowMs: june1)

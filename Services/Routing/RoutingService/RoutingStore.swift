@@ -319,17 +319,28 @@ public final class RoutingStore: Sendable {
                                       arguments: [entry.idempotencyKey]) {
             return .existing(try Self.record(row[0]), sameRequest: (row[1] as Data) == entry.requestHash)
         }
-        if try Bool.fetchOne(db.cachedStatement(sql: "SELECT EXISTS (SELECT 1 FROM person_erased WHERE person_id = ?)"), arguments: [entry.person])! {
+        // A person this service's feed merged away (the profile service may not have applied
+        // that merge yet): planned and stored for the survivor, with its evidence (opt-outs,
+        // bounced addresses, caps), keeping the id it was routed for as its origin for an unmerge.
+        var person = entry.person
+        for _ in 0..<64 {
+            guard let target = try String.fetchOne(db.cachedStatement(sql: "SELECT target FROM person_merged WHERE person_id = ?"),
+                                                   arguments: [person]) else { break }
+            person = target
+        }
+        if try Bool.fetchOne(db.cachedStatement(sql: "SELECT EXISTS (SELECT 1 FROM person_erased WHERE person_id = ?)"), arguments: [person])! {
             return .personErased
         }
-        var d = entry.plan(try Self.evidence(db, person: entry.person), population.withLock { $0 })
+        var d = entry.plan(try Self.evidence(db, person: person), population.withLock { $0 })
+        d.personId = person
         d.deliveryId = TimeOrderedID.make("dl", nowMs: entry.nowMs)
         if d.state == .scheduled && d.urgency == .normal { try applyCaps(db, &d) }
         try db.cachedStatement(sql: """
-            INSERT INTO delivery (delivery_id, idempotency_key, request_hash, person_id, state, channel, send_at_ms, next_attempt_ms, record)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+            INSERT INTO delivery (delivery_id, idempotency_key, request_hash, person_id, state, channel, send_at_ms, next_attempt_ms, record,
+                                  origin_person_id)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             """).execute(arguments: [d.deliveryId, d.idempotencyKey, entry.requestHash, d.personId, d.state.rawValue, d.channel.rawValue,
-                                     d.sendAtMs, d.nextAttemptAtMs, Data(d.serializedBytes())])
+                                     d.sendAtMs, d.nextAttemptAtMs, Data(d.serializedBytes()), person == entry.person ? nil : entry.person])
         return .stored(d)
     }
 
