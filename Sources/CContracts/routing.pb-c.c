@@ -1221,7 +1221,7 @@ const ProtobufCMessageDescriptor arbiter__routing__v1__delivery__descriptor =
   (ProtobufCMessageInit) arbiter__routing__v1__delivery__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__routing__v1__report_delivery_event_request__field_descriptors[4] =
+static const ProtobufCFieldDescriptor arbiter__routing__v1__report_delivery_event_request__field_descriptors[5] =
 {
   {
     "delivery_id",
@@ -1271,8 +1271,21 @@ static const ProtobufCFieldDescriptor arbiter__routing__v1__report_delivery_even
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "channel",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Routing__V1__ReportDeliveryEventRequest, channel),
+    &arbiter__common__v1__channel__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__routing__v1__report_delivery_event_request__field_indices_by_name[] = {
+  4,   /* field[4] = channel */
   0,   /* field[0] = delivery_id */
   3,   /* field[3] = hard_bounce */
   1,   /* field[1] = kind */
@@ -1281,7 +1294,7 @@ static const unsigned arbiter__routing__v1__report_delivery_event_request__field
 static const ProtobufCIntRange arbiter__routing__v1__report_delivery_event_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 5 }
 };
 const ProtobufCMessageDescriptor arbiter__routing__v1__report_delivery_event_request__descriptor =
 {
@@ -1291,7 +1304,7 @@ const ProtobufCMessageDescriptor arbiter__routing__v1__report_delivery_event_req
   "Arbiter__Routing__V1__ReportDeliveryEventRequest",
   "arbiter.routing.v1",
   sizeof(Arbiter__Routing__V1__ReportDeliveryEventRequest),
-  4,
+  5,
   arbiter__routing__v1__report_delivery_event_request__field_descriptors,
   arbiter__routing__v1__report_delivery_event_request__field_indices_by_name,
   1,  arbiter__routing__v1__report_delivery_event_request__number_ranges,

@@ -1203,6 +1203,16 @@ struct RoutingTests {
             try await dispatching(routing) {
                 try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .sent }
             }
+            // Push's bounce once more, after the fallback went out, naming its channel: still a
+            // duplicate (unnamed, it reads as the webhook's, as below).
+            let sentEvents = try #require(try routing.store.delivery(d.deliveryId)).events.count
+            var repeated = event(d.deliveryId, .bounced, hard: true)
+            repeated.channel = .push
+            #expect(try await routing.report(repeated).events.count == sentEvents)
+            #expect(try routing.store.evidence(person: "p").person.unreachable == [Evidence.unreachableKey(.push, "tok-p")])
+            var never = event(d.deliveryId, .bounced, hard: true)
+            never.channel = .sms
+            await expectInvalid("channel: delivery \(d.deliveryId) was not sent on sms") { _ = try await routing.report(never) }
             // And a hard bounce on the fallback channel: before, dropped too.
             _ = try await routing.report(event(d.deliveryId, .bounced, hard: true))
             let unreachable = try routing.store.evidence(person: "p").person.unreachable

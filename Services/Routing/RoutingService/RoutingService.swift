@@ -226,10 +226,14 @@ public struct RoutingService: RPCService {
         guard !request.hardBounce || request.kind == .bounced else {
             throw RPCError.invalidArgument(field: "hard_bounce", "applies to BOUNCED only")
         }
+        let channel: CommonV1.Channel? = request.channel == .unspecified ? nil : request.channel
+        if let channel, !Planner.allChannels.contains(channel) {
+            throw RPCError.invalidArgument(field: "channel", "unknown channel \(channel.rawValue)")
+        }
         let now = clock()
         let at = try ClientTime.read(request.occurredAtMs, field: "occurred_at_ms", now: now)
         guard let (delivery, optOut) = try store.report(request.deliveryId, kind: request.kind, hardBounce: request.hardBounce,
-                                                        atMs: at, nowMs: now) else {
+                                                        channel: channel, atMs: at, nowMs: now) else {
             throw RPCError(.notFound, "delivery_id: no delivery \"\(request.deliveryId)\"")
         }
         if let optOut, let profile {

@@ -762,7 +762,8 @@ public final class RoutingStore: Sendable {
     /// `atMs` is when it happened (the reporter's time), `nowMs` when it is recorded here.
     /// An event concerns the channel and address the delivery was last sent on (a fallback
     /// may have moved it on since: a bounce reported again must not count against the next).
-    func report(_ id: String, kind: RoutingV1.DeliveryEventKind, hardBounce: Bool, atMs: Int64, nowMs: Int64) throws -> (RoutingV1.Delivery, OptOut?)? {
+    func report(_ id: String, kind: RoutingV1.DeliveryEventKind, hardBounce: Bool, channel reported: CommonV1.Channel? = nil,
+                atMs: Int64, nowMs: Int64) throws -> (RoutingV1.Delivery, OptOut?)? {
         try pool.write { db in
             guard var d = try Self.load(db, id) else { return nil }
             // A suppressed delivery was never sent: nothing to open, bounce or unsubscribe from
@@ -772,7 +773,11 @@ public final class RoutingStore: Sendable {
             guard d.state != .suppressed || d.events.contains(where: { $0.kind == .sent }) else {
                 throw RPCError(.failedPrecondition, "delivery_id: delivery \(id) was suppressed, never sent")
             }
-            let sent = d.events.last { $0.kind == .sent }
+            // The send the event is about: on the channel named, else the last.
+            let sent = d.events.last { $0.kind == .sent && (reported == nil || $0.channel == reported) }
+            if let reported, sent == nil {
+                throw RPCError.invalidArgument(field: "channel", "delivery \(id) was not sent on \(reported.ruleName)")
+            }
             let channel = sent?.channel ?? d.channel, address = sent?.detail ?? d.address
             try db.execute(sql: "INSERT OR IGNORE INTO delivery_event (delivery_id, channel, kind, at_ms) VALUES (?, ?, ?, ?)",
                            arguments: [id, channel.rawValue, Self.eventKey(kind, hardBounce: hardBounce), atMs])

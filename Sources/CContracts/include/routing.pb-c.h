@@ -260,10 +260,16 @@ struct  Arbiter__Routing__V1__ReportDeliveryEventRequest
    * With BOUNCED: the address is permanently unreachable.
    */
   protobuf_c_boolean hard_bounce;
+  /*
+   * The channel the event is about, one the delivery was sent on. Unset: the channel it was
+   * last sent on. Give it when a report may come late or twice: after a fallback, an unset
+   * channel reads a repeated bounce of the first channel as one of the fallback's.
+   */
+  Arbiter__Common__V1__Channel channel;
 };
 #define ARBITER__ROUTING__V1__REPORT_DELIVERY_EVENT_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__routing__v1__report_delivery_event_request__descriptor) \
-    , (char *)protobuf_c_empty_string, ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_UNSPECIFIED, 0, 0 }
+    , (char *)protobuf_c_empty_string, ARBITER__ROUTING__V1__DELIVERY_EVENT_KIND__DELIVERY_EVENT_KIND_UNSPECIFIED, 0, 0, ARBITER__COMMON__V1__CHANNEL__CHANNEL_UNSPECIFIED }
 
 
 struct  Arbiter__Routing__V1__GetDeliveryRequest

@@ -266,6 +266,10 @@ extension RoutingV1 {
         public var occurredAtMs: Int64 = 0
         /// With BOUNCED: the address is permanently unreachable.
         public var hardBounce: Bool = false
+        /// The channel the event is about, one the delivery was sent on. Unset: the channel it was
+        /// last sent on. Give it when a report may come late or twice: after a fallback, an unset
+        /// channel reads a repeated bounce of the first channel as one of the fallback's.
+        public var channel: CommonV1.Channel = CommonV1.Channel(rawValue: 0)
 
         public static let protoName = "arbiter.routing.v1.ReportDeliveryEventRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__routing__v1__report_delivery_event_request__descriptor_ptr())
@@ -275,12 +279,14 @@ extension RoutingV1 {
             kind = reader.enum(2)
             occurredAtMs = reader.int64(3)
             hardBounce = reader.bool(4)
+            channel = reader.enum(5)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, deliveryId)
             writer.setEnum(2, kind)
             writer.setInt64(3, occurredAtMs)
             writer.setBool(4, hardBounce)
+            writer.setEnum(5, channel)
         }
     }
 
