@@ -1222,6 +1222,25 @@ struct RoutingTests {
         }
     }
 
+    @Test("a normal message that falls back at send time is held to the fallback channel's caps")
+    func fallbackWithinCaps() async throws {
+        try await withRouting(configure: { $0.quietHoursStart = "00:00"; $0.quietHoursEnd = "00:00" }) { routing, profile, _ in
+            try seedReachable(profile.store, "p", at: now() - day)
+            let a = try await routing.route(routeRequest("p", key: "fa", channels: [.push, .webhook]))
+            let b = try await routing.route(routeRequest("p", key: "fb", channels: [.webhook]))
+            let c = try await routing.route(routeRequest("p", key: "fc", channels: [.webhook]))
+            #expect([a, b, c].map(\.channel) == [.push, .webhook, .webhook])
+            try await send(routing, a, b, c)
+            // A's push token bounces: it falls back to the webhook, which has had its 2 a day.
+            let moved = try await routing.report(event(a.deliveryId, .bounced, hard: true))
+            #expect(moved.state == .scheduled && moved.channel == .webhook)
+            // Before, it went: 3 on the webhook within a day against a cap of 2.
+            #expect(try routing.store.beforeSending(moved, nowMs: now()) == nil)
+            let stopped = try #require(try routing.store.delivery(a.deliveryId))
+            #expect(stopped.state == .suppressed && stopped.suppressionReason == "capped", "\(stopped.state) \(stopped.suppressionReason)")
+        }
+    }
+
     @Test("merges move deliveries to the survivor; an erasure leaves nothing of the person in the file")
     func identityChanges() async throws {
         let clock = TestClock()

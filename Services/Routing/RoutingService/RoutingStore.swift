@@ -499,7 +499,7 @@ public final class RoutingStore: Sendable {
             // planning, at now: against the sends before it and the deliveries scheduled after
             // it, in the busiest window holding it. One on time was checked where it goes, when
             // it was planned.
-            guard Self.isLate(d, nowMs) else { return .send }
+            guard Self.rechecksCaps(d, nowMs) else { return .send }
             let c = configuration
             let day: Int64 = 86_400_000, week = 7 * day
             let times = evidence.contacts.map(\.atMs)
@@ -546,7 +546,7 @@ public final class RoutingStore: Sendable {
             let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, channel FROM delivery WHERE delivery_id = ?"),
                                        arguments: [planned.deliveryId])
             let still = row.map { $0["state"] as Int == RoutingV1.Delivery.State.scheduled.rawValue && $0["channel"] as Int == planned.channel.rawValue } ?? false
-            return (try Self.evidence(db, person: planned.personId, engagement: false, contactsAround: Self.isLate(planned, nowMs) ? nowMs : nil,
+            return (try Self.evidence(db, person: planned.personId, engagement: false, contactsAround: Self.rechecksCaps(planned, nowMs) ? nowMs : nil,
                                       contactsThrough: planned.notAfterMs), still)
         }
         guard read.still else { return nil }
@@ -554,7 +554,8 @@ public final class RoutingStore: Sendable {
         return try pool.write { db in
             guard var d = try Self.load(db, planned.deliveryId), d.state == .scheduled, d.channel == planned.channel,
                   d.nextAttemptAtMs <= nowMs else { return nil }
-            let evidence = try Self.evidence(db, person: d.personId, engagement: false, contactsAround: Self.isLate(d, nowMs) ? nowMs : nil,
+            // With the contacts of a normal message: it may fall back below, and a fallback's caps are checked.
+            let evidence = try Self.evidence(db, person: d.personId, engagement: false, contactsAround: d.urgency != .critical ? nowMs : nil,
                                              contactsThrough: d.notAfterMs)
             while true {
                 switch check(d, evidence, consent: consent, nowMs: nowMs) {
@@ -709,6 +710,12 @@ public final class RoutingStore: Sendable {
     /// are checked again (only then are the person's contacts read for it).
     static func isLate(_ d: RoutingV1.Delivery, _ nowMs: Int64) -> Bool {
         d.urgency != .critical && nowMs > d.sendAtMs + lateAfterMs
+    }
+
+    /// Whether the caps are checked again before `d` goes: late, or on a fallback channel
+    /// (planned, it counted only against its first channel's caps).
+    static func rechecksCaps(_ d: RoutingV1.Delivery, _ nowMs: Int64) -> Bool {
+        isLate(d, nowMs) || (d.urgency != .critical && d.events.contains { $0.kind == .fellBack })
     }
 
     /// Writes `d` back. A delivery sent late has `send_at_ms` set to when it was sent: the
