@@ -726,13 +726,23 @@ struct DecisionTests {
     func decideCancelledWhileLogged() async throws {
         let decision = try makeDecision()
         try decision.upsert(action("once", caps: [cap(.action, 1, per: 86_400)]))
-        // The store's writer is held, so the Decide waits in its log; the caller gives up
-        // meanwhile (the server cancels the call when it answers DEADLINE_EXCEEDED).
-        let holding = Task.detached { try decision.store.pool.writeWithoutTransaction { _ in Thread.sleep(forTimeInterval: 0.6) } }
-        try await Task.sleep(for: .milliseconds(100))
+        // The store's writer is held until the test lets go, so the Decide waits in its log;
+        // the caller gives up meanwhile (the server cancels the call when it answers
+        // DEADLINE_EXCEEDED). Each step waits for the one before, not for a time.
+        let release = DispatchSemaphore(value: 0)
+        let held = Mutex(false)
+        let holding = Task.detached {
+            try decision.store.pool.writeWithoutTransaction { _ in
+                held.withLock { $0 = true }
+                release.wait()
+            }
+        }
+        #expect(try await eventually { held.withLock { $0 } })
         let decide = Task { try await decision.decide(decideRequest("p")) }
-        try await Task.sleep(for: .milliseconds(200))
+        // Chosen and reserved (its offer counts for caps from then on), then logged.
+        #expect(try await eventually { try decision.store.history(person: "p", sinceMs: 0).offers.count == 1 })
         decide.cancel()
+        release.signal()
         try await holding.value
         await #expect(throws: CancellationError.self) { _ = try await decide.value }
         #expect(try await decision.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM decision") } == 0)
