@@ -239,8 +239,9 @@ struct Parser {
     /// A comparison that can never hold, at the position of its second operand (or its first,
     /// when only that one is a known path).
     func checkKinds(_ op: Rule.Comparison, _ left: Rule.Node, at leftStart: Int, _ right: Rule.Node, at rightStart: Int) throws(RuleError) {
-        guard let path = knownPath(left) ?? knownPath(right) else { return }
-        let pathIsLeft = knownPath(left) != nil
+        let leftPath = knownPath(left)
+        guard let path = leftPath ?? knownPath(right) else { return }
+        let pathIsLeft = leftPath != nil
         if path.kind == .bool, ![.eq, .ne].contains(op) {
             throw error("\(path.text) is true or false: it has no order (use == or !=)", at: pathIsLeft ? leftStart : rightStart)
         }
@@ -314,31 +315,27 @@ struct Parser {
     /// (`checkCondition`) once it is known to be one; a lone operand is left to the caller,
     /// which may compare it: `(feature.n) > 1`.
     mutating func parseOr() throws(RuleError) -> Rule.Node {
-        skipSpace()
-        let start = index
-        var node = try parseAnd()
-        while keyword("or") {
-            try checkCondition(node, at: start)
-            skipSpace()
-            let next = index
-            let right = try parseAnd()
-            try checkCondition(right, at: next)
-            node = .or(node, right)
-        }
-        return node
+        try parseChain("or", Rule.Node.or) { (p: inout Parser) throws(RuleError) in try p.parseAnd() }
     }
 
     mutating func parseAnd() throws(RuleError) -> Rule.Node {
+        try parseChain("and", Rule.Node.and) { (p: inout Parser) throws(RuleError) in try p.parseNot() }
+    }
+
+    /// `operand (word operand)*`, joined by `join`; with more than one operand, each is
+    /// checked as a condition.
+    mutating func parseChain(_ word: String, _ join: (Rule.Node, Rule.Node) -> Rule.Node,
+                             _ operand: (inout Parser) throws(RuleError) -> Rule.Node) throws(RuleError) -> Rule.Node {
         skipSpace()
         let start = index
-        var node = try parseNot()
-        while keyword("and") {
+        var node = try operand(&self)
+        while keyword(word) {
             try checkCondition(node, at: start)
             skipSpace()
             let next = index
-            let right = try parseNot()
+            let right = try operand(&self)
             try checkCondition(right, at: next)
-            node = .and(node, right)
+            node = join(node, right)
         }
         return node
     }

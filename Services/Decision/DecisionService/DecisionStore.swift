@@ -393,7 +393,6 @@ public final class DecisionStore: Sendable {
 
     // MARK: - Learning state
 
-    /// The evidence for `keys` as of `nowMs`.
     /// The placement whose arms a Decide on `placement` learns on: itself while the placements
     /// learned separately are fewer than `maxPlacements` (or it is one of them), else
     /// `ArmKey.otherPlacements`, shared by the rest. A client naming a new placement per call
@@ -408,6 +407,7 @@ public final class DecisionStore: Sendable {
         }
     }
 
+    /// The evidence for `keys` as of `nowMs`.
     func arms(_ keys: [ArmKey], nowMs: Int64) -> [Arm] {
         let halfLife = configuration.halfLifeMs
         return memory.withLock { m in keys.map { (m.arms[$0] ?? Arm()).decayed(to: nowMs, halfLifeMs: halfLife) } }
