@@ -16,7 +16,7 @@ import ServiceRuntime
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "arbiter-bench", abstract: "Arbiter benchmarks (print throughput and latency percentiles).",
-        subcommands: [IdentityBench.self, ProfileBench.self, DecisionBench.self, RoutingBench.self, SimulationBench.self, HealthBench.self, RPCBench.self])
+        subcommands: [IdentityBench.self, ProfileBench.self, DecisionBench.self, RoutingBench.self, SimulationBench.self, HealthBench.self, RPCBench.self, CodecBench.self])
 }
 
 struct IdentityBench: AsyncParsableCommand {
