@@ -447,6 +447,11 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     /// while reads are not held.
     private var framePending = false
     private var frameTimer: Scheduled<Void>?
+    /// When the frame now waiting began (as far as the clock is concerned): when part of it
+    /// first waited, when the frame before it was read whole (under load a read often ends
+    /// inside the next frame, so part of one is waiting at every instant), or when reads
+    /// resumed.
+    private var frameStartedAt = NIODeadline.uptimeNanoseconds(0)
     private let frameTimeout: TimeAmount
     private var inputClosed = false
     /// The server is draining: new requests are answered UNAVAILABLE, and the connection
@@ -477,6 +482,7 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         inReadCycle = true
+        if frameTimer != nil { frameStartedAt = context.eventLoop.now }  // the next frame's clock starts
         switch unwrapInboundIn(data) {
         case .oversize(let header):
             guard header.kind == .request else { return }
@@ -640,23 +646,37 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Starts the frame's clock when part of a frame waits and reads flow; stops it otherwise
-    /// (a frame the server is not reading is not the client's delay).
+    /// (a frame the server is not reading is not the client's delay). Each frame has the
+    /// timeout from when it began: one timer per connection, moved on when it fires early.
     private func timeFrame(_ context: ChannelHandlerContext) {
         if framePending && !readHeld {
             guard frameTimer == nil else { return }
-            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-            let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
-            let timeout = frameTimeout
-            frameTimer = context.eventLoop.scheduleTask(in: timeout) {
-                handler.value.frameTimer = nil
-                handler.value.logger.warning("closing a connection whose frame did not arrive whole in time",
-                                             metadata: ["rpc.frame_timeout": "\(timeout)"])
-                boundContext.value.close(promise: nil)
-            }
+            frameStartedAt = context.eventLoop.now
+            scheduleFrameTimer(context, at: frameStartedAt + frameTimeout)
         } else {
             frameTimer?.cancel()
             frameTimer = nil
         }
+    }
+
+    private func scheduleFrameTimer(_ context: ChannelHandlerContext, at deadline: NIODeadline) {
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        frameTimer = context.eventLoop.scheduleTask(deadline: deadline) {
+            handler.value.frameTimerFired(boundContext.value)
+        }
+    }
+
+    private func frameTimerFired(_ context: ChannelHandlerContext) {
+        let due = frameStartedAt + frameTimeout
+        if context.eventLoop.now < due {
+            scheduleFrameTimer(context, at: due)  // frames were read since: the one waiting began later
+            return
+        }
+        frameTimer = nil
+        logger.warning("closing a connection whose frame did not arrive whole in time",
+                       metadata: ["rpc.frame_timeout": "\(frameTimeout)"])
+        context.close(promise: nil)
     }
 
     private func closeIfDrained(_ context: ChannelHandlerContext) {
