@@ -20,7 +20,12 @@ echo "$config" | grep -q "ARBITER_CONFIG: /etc/arbiter/arbiter.json" || fail "ro
 build="swift build -c release --static-swift-stdlib"
 grep -qF "$build" docker/Dockerfile || fail "the Dockerfile does not build with '$build'"
 grep -qF "$build" README.md || fail "README.md does not document the image build '$build'"
+# `swift build` keeps only the last of several --product options: one product per build.
+if grep -E -- '--product[^|&;]*--product' docker/Dockerfile >/dev/null; then
+  fail "the Dockerfile passes several --product options to one swift build (only the last is built)"
+fi
 grep -q '^HEALTHCHECK' docker/Dockerfile || fail "the Dockerfile has no HEALTHCHECK"
+grep -q '/readyz' docker/Dockerfile || fail "the Dockerfile's HEALTHCHECK does not probe /readyz"
 grep -q '^USER ' docker/Dockerfile || fail "the Dockerfile runs as root"
 
 for package in $(sed -n 's/.*apt-get install -y --no-install-recommends \(lib[a-z0-9-]*-dev\( lib[a-z0-9-]*-dev\)*\).*/\1/p' docker/Dockerfile); do

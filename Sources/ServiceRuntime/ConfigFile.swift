@@ -3,11 +3,16 @@ import Foundation
 
 /// The `--config` JSON file: `{"identity": {...}, "profile": {...}, ...}`.
 enum ConfigFile {
-    /// The section decoded as `T`, nil when the file has no such section. A section that is
+    /// The file's sections: one per service. `arbiter up` gives every service the same file.
+    static let sections: Set<String> = ["identity", "profile", "decision", "routing"]
+
+    /// The section decoded as `T`, nil when the file has no such section. A top-level key
+    /// that is not one of `sections` (`"identiy"`, `"Identity"`: every service would start
+    /// with its defaults, the identity service without its privacy key), a section that is
     /// not an object, a value of the wrong type, and a key `T` does not know (a typo, or
-    /// camelCase for snake_case, which would leave a setting such as the privacy key unset)
-    /// stop the service with a message naming them.
-    static func decode<T: Codable>(_ section: String, from data: [UInt8], as type: T.Type) throws -> T? {
+    /// camelCase for snake_case) stop the service with a message naming them.
+    static func decode<T: Codable>(_ section: String, from data: [UInt8], as type: T.Type,
+                                   sections: Set<String> = ConfigFile.sections) throws -> T? {
         let object: Any
         do {
             object = try JSONSerialization.jsonObject(with: Data(data))
@@ -15,6 +20,9 @@ enum ConfigFile {
             throw ValidationError("--config: not valid JSON: \(error.localizedDescription)")
         }
         guard let root = object as? [String: Any] else { throw ValidationError("--config: the top level must be an object") }
+        if let unknown = root.keys.sorted().first(where: { !sections.contains($0) }) {
+            throw ValidationError("--config: \(unknown): unknown section (the sections are \(sections.sorted().joined(separator: ", ")))")
+        }
         guard let value = root[section] else { return nil }
         guard let part = value as? [String: Any] else { throw ValidationError("--config: \(section): must be an object") }
         do {

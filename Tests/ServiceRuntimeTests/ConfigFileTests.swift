@@ -16,7 +16,7 @@ struct ConfigFileTests {
     }
 
     func decode(_ json: String) throws -> Section? {
-        try ConfigFile.decode("service", from: Array(json.utf8), as: Section.self)
+        try ConfigFile.decode("service", from: Array(json.utf8), as: Section.self, sections: ["service", "other"])
     }
 
     func refusal(_ json: String) -> String {
@@ -39,6 +39,13 @@ struct ConfigFileTests {
     func refuses() {
         #expect(refusal(#"{"service": {"nmae": "x"}}"#) == "--config: service.nmae: unknown key")
         #expect(refusal(#"{"service": {"inner": {"timeout_ms": 7}}}"#) == "--config: service.inner.timeout_ms: unknown key")
+        // Another service's section is that service's business; a misspelt one is nobody's.
+        #expect(refusal(#"{"other": {"anything": 1}}"#) == "accepted")
+        #expect(refusal(#"{"servce": {"name": "x"}}"#) == "--config: servce: unknown section (the sections are other, service)")
+        #expect(refusal(#"{"Service": {}, "service": {}}"#) == "--config: Service: unknown section (the sections are other, service)")
+        #expect(throws: ValidationError.self) {
+            try ConfigFile.decode("identity", from: Array(#"{"identiy": {"privacy_key_file": "/k"}}"#.utf8), as: Section.self)
+        }
         for value in ["null", "5", #""text""#, "[1]"] {
             #expect(refusal(#"{"service": \#(value)}"#) == "--config: service: must be an object", "\(value)")
         }
