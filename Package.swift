@@ -224,7 +224,8 @@ let package = Package(
             name: "DecisionServiceTests",
             dependencies: ["DecisionService", "IdentityService", "ProfileService", "RoutingService", "RPC", "Contracts", "TestSupport",
                            .product(name: "GRDB", package: "GRDB.swift"), .product(name: "Logging", package: "swift-log"),
-                           .product(name: "NIOPosix", package: "swift-nio")]
+                           .product(name: "NIOPosix", package: "swift-nio"),
+                           .product(name: "ServiceLifecycle", package: "swift-service-lifecycle")]
         ),
         .testTarget(
             name: "RoutingServiceTests",

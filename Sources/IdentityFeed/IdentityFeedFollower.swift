@@ -66,7 +66,8 @@ public struct IdentityFeedFollower<Sink: IdentityChangeSink>: Service {
             do {
                 let applied = try await pollOnce()
                 failures = 0
-                if applied == 0 { try await Task.sleep(for: pollInterval) }
+                // The sleeps end at a graceful shutdown (the backoff is up to 10 s).
+                if applied == 0 { try? await cancelWhenGracefulShutdown { [pollInterval] in try await Task.sleep(for: pollInterval) } }
             } catch is CancellationError {
                 return
             } catch {
@@ -75,7 +76,8 @@ public struct IdentityFeedFollower<Sink: IdentityChangeSink>: Service {
                 if count == 1 || count % 60 == 0 {
                     logger.warning("identity change feed unavailable; retrying", metadata: ["error": "\(error)", "failures": "\(count)"])
                 }
-                try? await Task.sleep(for: pollInterval * min(failures, 10))
+                let backoff = pollInterval * min(failures, 10)
+                try? await cancelWhenGracefulShutdown { try await Task.sleep(for: backoff) }
             }
         }
     }

@@ -10,6 +10,7 @@ import RPC
 @testable import RoutingService
 import Rules
 import TestSupport
+import ServiceLifecycle
 import Testing
 import Synchronization
 
@@ -1281,6 +1282,25 @@ struct DecisionTests {
         #expect(await pruner.pruneOnce() == 0)
         // An outcome for a deleted decision is NOT_FOUND, like any unknown decision.
         await expectCode(.notFound) { _ = try await decision.outcome("after", old, .click) }
+    }
+
+    @Test("a graceful shutdown wakes the log pruner between its rounds")
+    func prunerStopsAtShutdown() async throws {
+        let decision = try makeDecision()
+        let pruner = DecisionLogPruner(store: decision.store, retentionDays: 30, interval: .seconds(3600),
+                                       logger: Logger(label: "test"), clock: { 0 })
+        let services = ServiceGroup(services: [pruner], logger: Logger(label: "test"))
+        // Stopped after its first round, asleep for an hour: before, the shutdown waited it out.
+        let stopped = try await withThrowingTaskGroup(of: Bool.self) { group in
+            group.addTask { try await services.run(); return true }
+            group.addTask { try await Task.sleep(for: .seconds(60)); return false }
+            try await Task.sleep(for: .milliseconds(100))
+            await services.triggerGracefulShutdown()
+            let first = try await group.next()!
+            group.cancelAll()
+            return first
+        }
+        #expect(stopped)
     }
 
     @Test("every candidate is explained; choice probabilities sum to one and are the logged propensities")

@@ -25,7 +25,9 @@ public struct DecisionLogPruner: Service {
     public func run() async throws {
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             await pruneOnce()
-            try? await Task.sleep(for: interval)
+            // Woken by a graceful shutdown, which would otherwise wait out the interval (and
+            // the whole grace period with it).
+            try? await cancelWhenGracefulShutdown { [interval] in try await Task.sleep(for: interval) }
         }
     }
 
