@@ -125,6 +125,8 @@ struct NormalizationTests {
     @Test("blocked values are recognised after normalization", arguments: [
         ("email", "TEST@test.com"), ("customer_id", "null"), ("customer_id", "undefined"), ("device_id", "0"),
         ("device_id", "0000"), ("cookie_id", "Anonymous"),
+        // Placeholders in an email or phone field: blocked as sent, not refused as malformed.
+        ("email", "null"), ("email", " Unknown "), ("phone", "n/a"), ("phone", "0"),
     ])
     func blocked(type: String, raw: String) {
         guard case .failure(.blocked) = normalizer.normalize(type: type, value: raw) else {
@@ -195,6 +197,25 @@ struct GraphTests {
         let b = try await service.link([id("email", "b@x.io"), id("device_id", "0")])
         #expect(a.personId != b.personId)
         #expect(try await service.person(a.personId).identifiers.map(\.identifier?.type) == ["email"])
+        // A placeholder in the email field does not fail the identifiers sent with it.
+        let c = try await service.link([id("email", "null"), id("device_id", "d1")])
+        #expect(try await service.person(c.personId).identifiers.map(\.identifier?.value) == ["d1"])
+        // Resolve: only blocked values name no one; asked to create a person of them, refused.
+        var request = IdentityV1.ResolveRequest()
+        request.identifiers = [id("email", "null"), id("device_id", "0")]
+        #expect(try await service.resolve(request).personId == "")
+        request.createIfMissing = true
+        await expectInvalid("identifiers") { _ = try await service.resolve(request) }
+    }
+
+    @Test("lengths are bounded in bytes: a character with a thousand combining marks is not one character's worth")
+    func lengthsInBytes() async throws {
+        let service = try makeService()
+        let heavy = "a" + String(repeating: "\u{301}", count: 1000)  // one Swift character, 2,001 bytes
+        await expectInvalid("source") { _ = try await service.link([id("device_id", "d1")], source: heavy) }
+        await expectInvalid("identifiers[0].value") { _ = try await service.link([id("device_id", heavy)]) }
+        await expectInvalid("identifiers[0].value") { _ = try await service.link([id("email", heavy + "@x.io")]) }
+        _ = try await service.link([id("device_id", String(repeating: "\u{E9}", count: 128))])  // 256 bytes: the limit
     }
 
     @Test("merge chain A–B, C–D, then B–C: the oldest person survives, the change feed records it")
@@ -756,7 +777,8 @@ struct FeedAndErasureTests {
     }
 
     @Test("numbers stored before the region's own international prefix was known are rewritten once, so the same input finds the same person",
-          arguments: [("US", "+1011442079460000", "011 44 20 7946 0000"), ("AU", "+11442079460000", "0011 44 20 7946 0000"),
+          arguments: [("US", "+1011442079460000", "011 44 20 7946 0000"), ("us", "+1011442079460000", "011 44 20 7946 0000"),
+                      ("AU", "+11442079460000", "0011 44 20 7946 0000"),
                       ("JP", "+8110442079460000", "010 44 (0)20 7946 0000")])
     func exitPrefixRewritten(region: String, stored: String, input: String) async throws {
         let directory = try await storeBefore("v8: where a conflict falls in the feed", """

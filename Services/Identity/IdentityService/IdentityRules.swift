@@ -36,7 +36,8 @@ public struct IdentityRules: Sendable, Codable, Hashable {
         limits = try c.decodeIfPresent([String: Int].self, forKey: .limits) ?? d.limits
         priority = try c.decodeIfPresent([String].self, forKey: .priority) ?? d.priority
         blocked = try c.decodeIfPresent([String].self, forKey: .blocked) ?? d.blocked
-        defaultRegion = try c.decodeIfPresent(String.self, forKey: .defaultRegion) ?? d.defaultRegion
+        // Upper-cased once: every use (numbers, the start-up rewrite of stored ones) reads it so.
+        defaultRegion = (try c.decodeIfPresent(String.self, forKey: .defaultRegion) ?? d.defaultRegion).uppercased()
         privacyKeyFile = try c.decodeIfPresent(String.self, forKey: .privacyKeyFile)
     }
 

@@ -59,7 +59,7 @@ public struct IdentityService: RPCService {
     static func personID(_ id: String, field: String = "person_id") throws(RPCError) -> String {
         let trimmed = id.trimmingCharacters(in: .whitespaces)
         guard !trimmed.isEmpty else { throw .invalidArgument(field: field, "is required") }
-        guard trimmed.count <= 64 else { throw .invalidArgument(field: field, "is longer than 64 characters") }
+        guard trimmed.utf8.count <= 64 else { throw .invalidArgument(field: field, "is longer than 64 bytes") }
         return trimmed
     }
 
@@ -78,16 +78,21 @@ public struct IdentityService: RPCService {
     }
 
     static func source(_ source: String) throws(RPCError) -> String {
-        guard source.count <= 128 else { throw .invalidArgument(field: "source", "is longer than 128 characters") }
+        guard source.utf8.count <= 128 else { throw .invalidArgument(field: "source", "is longer than 128 bytes") }
         return source.isEmpty ? "unspecified" : source
     }
 
     // MARK: - Methods
 
     func resolve(_ request: IdentityV1.ResolveRequest) async throws -> IdentityV1.ResolveResponse {
-        let (ids, _) = try normalized(request.identifiers)
+        let (ids, blocked) = try normalized(request.identifiers)
         var response = IdentityV1.ResolveResponse()
-        guard !ids.isEmpty else { return response }  // only blocked values: nothing to resolve
+        guard !ids.isEmpty else {
+            // Only blocked values: nothing to resolve, and no person can be made of them.
+            guard request.createIfMissing else { return response }
+            throw RPCError.invalidArgument(field: "identifiers",
+                "every identifier is blocked (\(blocked.map { "\($0.type) \"\($0.value)\"" }.joined(separator: ", "))); no person can be created from them")
+        }
         let result = try await mapped { try await store.resolve(ids, create: request.createIfMissing, source: "resolve", nowMs: clock()) }
         response.personId = result.personID ?? ""
         response.created = result.created
@@ -124,7 +129,7 @@ public struct IdentityService: RPCService {
         }
         guard request.mergeId >= 0 else { throw RPCError.invalidArgument(field: "merge_id", "must be positive") }
         let ids = request.identifiers.isEmpty ? [] : try normalized(request.identifiers).usable
-        guard request.reason.count <= 512 else { throw RPCError.invalidArgument(field: "reason", "is longer than 512 characters") }
+        guard request.reason.utf8.count <= 512 else { throw RPCError.invalidArgument(field: "reason", "is longer than 512 bytes") }
         let reason = request.reason.isEmpty ? "unmerge" : request.reason
         let (survivor, split) = try await mapped {
             try await store.unmerge(personID: person, identifiers: ids, mergeID: request.mergeId == 0 ? nil : request.mergeId,

@@ -31,7 +31,7 @@ public final class IdentityStore: Sendable {
         try pool.write { db in
             try db.execute(sql: "UPDATE feed_floor SET seq = max(seq, ?)", arguments: [startMs.multipliedReportingOverflow(by: 1000).partialValue])
             try Self.checkPrivacyKey(db, normalizer.keyFingerprint)
-            if !normalizer.isPrivate { try Self.rewriteExitPrefixNumbers(db, region: normalizer.rules.defaultRegion) }
+            if !normalizer.isPrivate { try Self.rewriteExitPrefixNumbers(db, region: normalizer.rules.defaultRegion.uppercased()) }
             // A privacy-mode store that held emails before v10 keeps them as typed (see v10).
             normalizer.composesEmails = try String.fetchOne(db, sql: "SELECT value FROM store_setting WHERE name = 'email_form'") != "as typed"
         }

@@ -55,6 +55,11 @@ public struct Normalizer: Sendable {
     public func normalize(type rawType: String, value raw: String) -> Result<NormalizedIdentifier, IdentifierProblem> {
         let type = rawType.trimmingCharacters(in: .whitespaces).lowercased()
         guard rules.allTypes.contains(type) else { return .failure(.unknownType(rawType)) }
+        // A placeholder ("null", "n/a", "0") is blocked as sent, before it is checked as its
+        // type: in an email or phone field it is not an address or a number either, and it
+        // must not fail the request the other identifiers came in.
+        let sent = raw.trimmingCharacters(in: .whitespacesAndNewlines)
+        if blockedExact.contains(sent.lowercased()) { return .failure(.blocked(type: type, value: sent)) }
         let value: String
         switch type {
         case "email":
@@ -70,7 +75,7 @@ public struct Normalizer: Sendable {
         default:
             value = raw.trimmingCharacters(in: .whitespacesAndNewlines)
             guard !value.isEmpty else { return .failure(.invalid(type: type, value: raw, reason: "is empty")) }
-            guard value.count <= 256 else { return .failure(.invalid(type: type, value: raw, reason: "is longer than 256 characters")) }
+            guard value.utf8.count <= 256 else { return .failure(.invalid(type: type, value: raw, reason: "is longer than 256 bytes")) }
         }
         if isBlocked(value) { return .failure(.blocked(type: type, value: value)) }
         return .success(NormalizedIdentifier(type: type, value: value))
@@ -110,7 +115,7 @@ public struct Normalizer: Sendable {
     }
 
     static func emailProblem(_ email: String) -> String? {
-        guard email.count <= 254 else { return "is longer than 254 characters" }
+        guard email.utf8.count <= 254 else { return "is longer than 254 bytes" }
         let parts = email.split(separator: "@", omittingEmptySubsequences: false)
         guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else { return "is not an email address (local@domain)" }
         guard !email.contains(where: { $0.isWhitespace }) else { return "contains whitespace" }
