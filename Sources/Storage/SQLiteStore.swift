@@ -105,6 +105,25 @@ public enum SQLiteStore {
     }
 }
 
+extension DatabaseWriter {
+    /// Runs `body` in a transaction on the writer, then, once it has committed and before the
+    /// writer is released, what `body` returned to run then: the in-memory copy of what it
+    /// wrote. A failed commit (write errors in WAL mode surface at COMMIT) leaves memory as the
+    /// file is, so a retry compares against the file and writes again; and the next write
+    /// sees this one's change.
+    public func writeThenUpdate<T>(_ body: (Database) throws -> (T, afterCommit: () -> Void)) throws -> T {
+        try writeWithoutTransaction { db in
+            var result: (T, afterCommit: () -> Void)?
+            try db.inTransaction {
+                result = try body(db)
+                return .commit
+            }
+            result!.afterCommit()
+            return result!.0
+        }
+    }
+}
+
 /// The WAL truncation an erasure owes: until a TRUNCATE checkpoint succeeds, the erased rows'
 /// old pages may still be in the WAL. `pay` checkpoints when something is owed; a failed
 /// attempt (a reader kept the WAL busy) leaves it owed for the next call. A store following

@@ -1284,6 +1284,37 @@ struct DecisionTests {
         await expectCode(.notFound) { _ = try await decision.outcome("after", old, .click) }
     }
 
+    @Test("a catalog or policy change whose commit fails is not in memory: the retry writes it")
+    func catalogCommitFails() async throws {
+        let decision = try makeDecision()
+        // A deferred foreign key fails at COMMIT, as write errors do in WAL mode (disk full,
+        // I/O): every statement succeeded, the transaction did not.
+        try await decision.store.pool.write { db in
+            try db.execute(sql: """
+                CREATE TABLE test_parent (id INTEGER PRIMARY KEY);
+                CREATE TABLE test_child (parent INTEGER REFERENCES test_parent(id) DEFERRABLE INITIALLY DEFERRED);
+                CREATE TRIGGER test_fail_action AFTER INSERT ON action_history BEGIN INSERT INTO test_child VALUES (1); END;
+                CREATE TRIGGER test_fail_policy AFTER INSERT ON policy BEGIN INSERT INTO test_child VALUES (1); END;
+                """)
+        }
+        #expect(throws: (any Error).self) { try decision.upsert(action("a")) }
+        #expect(decision.store.catalog().actions.isEmpty)  // before: in memory, at version 1
+        var cap = DecisionV1.Cap()
+        cap.scope = .total
+        cap.max = 3
+        cap.windowSeconds = 86_400
+        #expect(throws: (any Error).self) { try decision.store.setPolicy([cap]) }
+        #expect(decision.store.policy.caps.isEmpty)
+        try await decision.store.pool.write { try $0.execute(sql: "DROP TRIGGER test_fail_action; DROP TRIGGER test_fail_policy") }
+        // The retries write (before: "no change" against memory, answered OK, never stored).
+        #expect(try decision.upsert(action("a")).version == 1)
+        #expect(try decision.store.setPolicy([cap]).version == 1)
+        let stored = try await decision.store.pool.read { db in
+            (try Int.fetchOne(db, sql: "SELECT count(*) FROM action WHERE id = 'a'"), try Int.fetchOne(db, sql: "SELECT count(*) FROM policy"))
+        }
+        #expect(stored.0 == 1 && stored.1 == 1)
+    }
+
     @Test("a graceful shutdown wakes the log pruner between its rounds")
     func prunerStopsAtShutdown() async throws {
         let decision = try makeDecision()

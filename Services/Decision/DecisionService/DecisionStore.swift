@@ -299,7 +299,7 @@ public final class DecisionStore: Sendable {
     public static let maxActiveCatalogBytes = 2 << 20
 
     public func upsert(_ spec: ActionSpec, nowMs: Int64) throws -> DecisionV1.Action {
-        try pool.write { db in
+        try pool.writeThenUpdate { db in
             let (current, version, others) = memory.withLock { m in
                 (m.actions[spec.id], m.catalogVersion, m.actions.values.filter { !$0.action.retired && $0.id != spec.id })
             }
@@ -326,38 +326,39 @@ public final class DecisionStore: Sendable {
                 comparable.updatedAtMs = 0
                 action.version = 0
                 action.updatedAtMs = 0
-                if comparable == action { return current.action }
+                if comparable == action { return (current.action, {}) }
             }
             action.version = version + 1
             action.updatedAtMs = nowMs
             try save(db, action, nowMs: nowMs)
-            let saved = try ActionSpec(action)
+            return (action, try remember(action))
+        }
+    }
+
+    /// Puts a saved action in the memory's catalog (run once its save has committed).
+    private func remember(_ action: DecisionV1.Action) throws -> () -> Void {
+        let saved = try ActionSpec(action)
+        return { [self] in
             memory.withLock {
                 $0.actions[action.id] = saved
                 $0.catalogVersion = action.version
             }
-            return action
         }
     }
 
     /// Retires an action (kept in the catalog and history, never offered again until upserted).
     public func retire(_ id: String, nowMs: Int64) throws -> DecisionV1.Action {
-        try pool.write { db in
+        try pool.writeThenUpdate { db in
             guard let (current, version) = memory.withLock({ m in m.actions[id].map { ($0, m.catalogVersion) } }) else {
                 throw RPCError(.notFound, "id: no action \"\(id)\"")
             }
-            if current.action.retired { return current.action }
+            if current.action.retired { return (current.action, {}) }
             var action = current.action
             action.retired = true
             action.version = version + 1
             action.updatedAtMs = nowMs
             try save(db, action, nowMs: nowMs)
-            let saved = try ActionSpec(action)
-            memory.withLock {
-                $0.actions[id] = saved
-                $0.catalogVersion = action.version
-            }
-            return action
+            return (action, try remember(action))
         }
     }
 
@@ -379,15 +380,14 @@ public final class DecisionStore: Sendable {
 
     /// Replaces the contact policy (validated by the caller); a change takes the next version.
     public func setPolicy(_ caps: [DecisionV1.Cap]) throws -> DecisionV1.ContactPolicy {
-        try pool.write { db in
+        try pool.writeThenUpdate { db in
             var policy = memory.withLock { $0.policy }
-            guard policy.caps != caps else { return policy }
+            guard policy.caps != caps else { return (policy, {}) }
             policy.caps = caps
             policy.version += 1
             try db.execute(sql: "INSERT OR REPLACE INTO policy (id, body) VALUES (1, ?)", arguments: [Data(policy.serializedBytes())])
             let saved = policy
-            memory.withLock { $0.policy = saved }
-            return policy
+            return (policy, { [self] in self.memory.withLock { $0.policy = saved } })
         }
     }
 
@@ -551,11 +551,13 @@ public final class DecisionStore: Sendable {
     /// it on that channel from now on (the decision's record keeps the channel it chose).
     func rechannel(_ record: DecisionV1.DecisionRecord, action: String, from: CommonV1.Channel, to: CommonV1.Channel) throws {
         guard !record.personId.isEmpty else { return }
-        try pool.write { db in
+        try pool.writeThenUpdate { db in
             try db.execute(sql: "UPDATE offer SET channel = ? WHERE person_id = ? AND at_ms = ? AND decision_id = ? AND action_id = ?",
                            arguments: [to.rawValue, record.personId, record.decidedAtMs, record.decisionId, action])
-            guard db.changesCount > 0 else { return }
-            contacts.withLock { $0.recent.rechannel(person: record.personId, action: action, atMs: record.decidedAtMs, from: from.rawValue, to: to.rawValue) }
+            guard db.changesCount > 0 else { return ((), {}) }
+            return ((), { [self] in
+                contacts.withLock { $0.recent.rechannel(person: record.personId, action: action, atMs: record.decidedAtMs, from: from.rawValue, to: to.rawValue) }
+            })
         }
     }
 

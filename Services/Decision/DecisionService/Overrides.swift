@@ -43,14 +43,9 @@ extension DecisionStore {
         }
         // Memory follows the commit before the writer is released (a second change of the
         // same override must see this one's version).
-        return try pool.writeWithoutTransaction { db in
-            var saved: DecisionV1.Override?
-            try db.inTransaction {
-                saved = try createOrChange(db, o, reason: reason, author: author, nowMs: nowMs)
-                return .commit
-            }
-            memory.withLock { $0.overrides[saved!.id] = saved! }
-            return saved!
+        return try pool.writeThenUpdate { db in
+            let saved = try createOrChange(db, o, reason: reason, author: author, nowMs: nowMs)
+            return (saved, { [self] in self.memory.withLock { $0.overrides[saved.id] = saved } })
         }
     }
 

@@ -683,14 +683,16 @@ public final class ProfileStore: Sendable {
 
     /// Defines a segment; `rule` was parsed against the features defined now.
     public func defineSegment(name: String, rule: Rule, nowMs: Int64) throws {
-        try pool.write { db in
+        try pool.writeThenUpdate { db in
             try db.execute(sql: "INSERT OR REPLACE INTO segment (name, rule, defined_at_ms) VALUES (?, ?, ?)",
                            arguments: [name, rule.source, nowMs])
-            definitions.withLock { definitions in
-                definitions.segments.removeAll { $0.name == name }
-                definitions.segments.append((name, rule))
-                definitions.segments.sort { $0.name < $1.name }
-            }
+            return ((), { [self] in
+                self.definitions.withLock { definitions in
+                    definitions.segments.removeAll { $0.name == name }
+                    definitions.segments.append((name, rule))
+                    definitions.segments.sort { $0.name < $1.name }
+                }
+            })
         }
     }
 
