@@ -341,6 +341,44 @@ struct GraphTests {
         #expect(relink.conflicts.first?.rule == "unmerged by an operator: \(min(a.personId, b.personId)) and \(max(a.personId, b.personId)) stay apart")
     }
 
+    @Test("a split holds between the persons separated in fact, also once the person they were merged into is a person again")
+    func splitHoldsAfterOuterUnmerge() async throws {
+        let service = try makeService()
+        let z = try await service.link([id("cookie_id", "z")])  // the oldest: it survives every merge
+        let a = try await service.link([id("cookie_id", "a")])
+        let b = try await service.link([id("cookie_id", "b")])
+        _ = try await service.link([id("cookie_id", "a"), id("cookie_id", "b")])  // merge 1: b into a
+        _ = try await service.link([id("cookie_id", "z"), id("cookie_id", "a")])  // merge 2: a (with b) into z
+        for merge: Int64 in [1, 2] {
+            var unmerge = IdentityV1.UnmergeRequest()
+            unmerge.personId = z.personId
+            unmerge.mergeId = merge
+            _ = try await service.unmerge(unmerge)
+        }
+        // a and b are persons again; the operator separated b from a (before, the split named
+        // z and b only, and this merged them again).
+        let relink = try await service.link([id("cookie_id", "a"), id("cookie_id", "b")])
+        #expect(relink.mergedPersonIds.isEmpty)
+        #expect(relink.conflicts.first?.rule.hasPrefix("unmerged by an operator") == true)
+        #expect(try await service.person(b.personId).personId == b.personId)
+
+        // Detached identifiers are kept apart from the person they came from, too.
+        let c = try await service.link([id("cookie_id", "c"), id("device_id", "d1")])
+        _ = try await service.link([id("cookie_id", "z"), id("cookie_id", "c")])  // merge 3: c into z
+        var detach = IdentityV1.UnmergeRequest()
+        detach.personId = z.personId
+        detach.identifiers = [id("device_id", "d1")]
+        let detached = try await service.unmerge(detach)
+        var back = IdentityV1.UnmergeRequest()
+        back.personId = z.personId
+        back.mergeId = 3
+        _ = try await service.unmerge(back)  // c is a person again
+        let again = try await service.link([id("cookie_id", "c"), id("device_id", "d1")])
+        #expect(again.mergedPersonIds.isEmpty, "the detached d1 merged back into c")
+        #expect(try await service.person(detached.newPersonId).personId == detached.newPersonId)
+        _ = a
+    }
+
     @Test("racing links on overlapping identifiers end in one consistent graph")
     func racingLinks() async throws {
         let directory = tempDirectory()

@@ -512,6 +512,10 @@ public final class IdentityStore: Sendable {
             let survivor = try Self.survivor(db, personID)
             let split: String
             var moving: [(String, String)]
+            // Who the split person is kept apart from: the person it was split from as it is
+            // now, and the persons it was split from in fact (the merge's target; the persons
+            // the detached identifiers came from), which an unmerge may make persons again.
+            var apartFrom: Set<String> = [survivor]
             if let mergeID {
                 guard let row = try Row.fetchOne(db, sql: "SELECT target, source, undone FROM merge WHERE id = ?", arguments: [mergeID]),
                       try Self.survivor(db, row["target"]) == survivor else {
@@ -519,6 +523,7 @@ public final class IdentityStore: Sendable {
                 }
                 guard (row["undone"] as Int) == 0 else { throw StoreError.invalid("merge_id: merge \(mergeID) was already undone") }
                 split = row["source"]
+                apartFrom.insert(row["target"])
                 guard try String.fetchOne(db, sql: "SELECT state FROM person WHERE id = ?", arguments: [split]) == "merged" else {
                     throw StoreError.invalid("merge_id: person \(split), merged by merge \(mergeID), was erased since")
                 }
@@ -549,12 +554,19 @@ public final class IdentityStore: Sendable {
                 }
                 split = try Self.createPerson(db, nowMs: nowMs)
                 moving = stored
+                let owners = try db.cachedStatement(sql: """
+                    SELECT DISTINCT g.source FROM merge_member m JOIN merge g ON g.id = m.merge_id
+                    WHERE m.type = ? AND m.value = ? AND g.undone = 0
+                    """)
+                for (type, value) in stored { apartFrom.formUnion(try String.fetchAll(owners, arguments: [type, value])) }
             }
             for (type, value) in moving {
                 try db.execute(sql: "UPDATE identifier SET person_id = ? WHERE type = ? AND value = ?", arguments: [split, type, value])
             }
-            let (a, b) = survivor < split ? (survivor, split) : (split, survivor)
-            try db.execute(sql: "INSERT OR IGNORE INTO split (a, b) VALUES (?, ?)", arguments: [a, b])
+            for other in apartFrom.sorted() where other != split {
+                let (a, b) = other < split ? (other, split) : (split, other)
+                try db.execute(sql: "INSERT OR IGNORE INTO split (a, b) VALUES (?, ?)", arguments: [a, b])
+            }
             try Self.appendChange(db, .unmerge, target: survivor, sources: [split], cause: reason, atMs: nowMs)
             return (survivor, split)
         }
