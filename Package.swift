@@ -210,6 +210,7 @@ let package = Package(
         .testTarget(name: "ServiceRuntimeTests", dependencies: ["ServiceRuntime", "RPC", "Contracts", "CContracts", "Rules", "TestSupport",
                                                                .product(name: "GRDB", package: "GRDB.swift"),
                                                                .product(name: "Prometheus", package: "swift-prometheus"),
+                                                               .product(name: "NIOCore", package: "swift-nio"),
                                                                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle")]),
         .testTarget(name: "RulesTests", dependencies: ["Rules"]),
         .testTarget(name: "StorageTests", dependencies: ["Storage", "TestSupport", .product(name: "GRDB", package: "GRDB.swift"),

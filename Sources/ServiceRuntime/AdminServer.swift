@@ -21,10 +21,13 @@ public final class AdminServer: Service, Sendable {
     let logger: Logger
     let group: any EventLoopGroup
     private let listening: EventLoopPromise<SocketAddress>
+    /// The time a connection has to send its request whole (default 10 s).
+    let requestTimeout: TimeAmount
 
     public init(host: String, port: Int, registry: PrometheusCollectorRegistry, logger: Logger,
-                group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+                group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton, requestTimeout: TimeAmount = .seconds(10),
                 isReady: @escaping @Sendable () -> Bool) {
+        self.requestTimeout = requestTimeout
         self.host = host
         self.port = port
         self.registry = registry
@@ -54,6 +57,7 @@ public final class AdminServer: Service, Sendable {
         guard bound.withLock({ $0 }) == nil else { return }
         let registry = self.registry
         let isReady = self.isReady
+        let requestTimeout = self.requestTimeout
         let open = ConnectionCount()
         let channel: any Channel
         do {
@@ -68,7 +72,7 @@ public final class AdminServer: Service, Sendable {
                     return channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: Self.idleTimeout))
                         try channel.pipeline.syncOperations.configureHTTPServerPipeline()
-                        try channel.pipeline.syncOperations.addHandler(AdminHandler(registry: registry, isReady: isReady))
+                        try channel.pipeline.syncOperations.addHandler(AdminHandler(registry: registry, isReady: isReady, requestTimeout: requestTimeout))
                     }
                 }
                 .bind(host: host, port: port).get()
@@ -108,10 +112,27 @@ final class AdminHandler: ChannelInboundHandler {
     let registry: PrometheusCollectorRegistry
     let isReady: @Sendable () -> Bool
     private var answered = false
+    /// Closes a connection that has not sent its request whole within `requestTimeout` of
+    /// opening: without it, a client sending a byte now and then held one of the
+    /// `maxConnections` slots for ever, and 64 of them kept the probes out.
+    let requestTimeout: TimeAmount
+    private var deadline: Scheduled<Void>?
 
-    init(registry: PrometheusCollectorRegistry, isReady: @escaping @Sendable () -> Bool) {
+    init(registry: PrometheusCollectorRegistry, isReady: @escaping @Sendable () -> Bool, requestTimeout: TimeAmount) {
         self.registry = registry
         self.isReady = isReady
+        self.requestTimeout = requestTimeout
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        deadline = context.eventLoop.scheduleTask(in: requestTimeout) { bound.value.close(promise: nil) }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        context.fireChannelInactive()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -121,6 +142,7 @@ final class AdminHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard case .head(let head) = unwrapInboundIn(data), !answered else { return }
         answered = true
+        deadline?.cancel()
         let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
         let (status, contentType, body): (HTTPResponseStatus, String, [UInt8])
         switch (head.method, path) {

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOCore
 import Prometheus
 import ServiceLifecycle
 import ServiceRuntime
@@ -41,9 +42,10 @@ struct AdminServerTests {
         return String(decoding: data, as: UTF8.self)
     }
 
-    func withAdmin(_ body: @Sendable (Int) async throws -> Void) async throws {
+    func withAdmin(requestTimeout: TimeAmount = .seconds(10), _ body: @Sendable (Int) async throws -> Void) async throws {
         let logger = Logger(label: "admin-test")
-        let admin = AdminServer(host: "127.0.0.1", port: 0, registry: PrometheusCollectorRegistry(), logger: logger, isReady: { true })
+        let admin = AdminServer(host: "127.0.0.1", port: 0, registry: PrometheusCollectorRegistry(), logger: logger,
+                                requestTimeout: requestTimeout, isReady: { true })
         let services = ServiceGroup(services: [admin], logger: logger)
         async let running: Void = services.run()
         let port = try await admin.listeningAddress().port!
@@ -69,6 +71,30 @@ struct AdminServerTests {
             // Before, keep-alive answered all 500, each held in memory until the client read it.
             #expect(answer.components(separatedBy: "HTTP/1.1 200 OK").count - 1 == 1, "\(answer.prefix(300))")
             #expect(answer.lowercased().contains("connection: close"))
+        }
+    }
+
+    @Test("a connection that does not send its request whole in time is closed, however its bytes trickle")
+    func requestTimeout() async throws {
+        try await withAdmin(requestTimeout: .milliseconds(500)) { port in
+            let fd = try #require(connect(port))
+            defer { close(fd) }
+            // Half a request, then a byte every 200 ms: each byte used to keep the slot (the
+            // idle timeout restarts on every read).
+            let start = ContinuousClock.now
+            for byte in Array("GET /hea".utf8) {
+                _ = send(fd, [byte], 1, Int32(MSG_NOSIGNAL))  // no SIGPIPE once the server has closed
+                try await Task.sleep(for: .milliseconds(200))
+                if ContinuousClock.now - start > .seconds(1) { break }
+            }
+            #expect(readAll(fd).isEmpty)  // closed without an answer, not after 10 s of reading
+            #expect(ContinuousClock.now - start < .seconds(9))
+            // A request sent whole is answered.
+            let next = try #require(connect(port))
+            defer { close(next) }
+            let request = Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8)
+            _ = write(next, request, request.count)
+            #expect(readAll(next).hasPrefix("HTTP/1.1 200 OK"))
         }
     }
 
