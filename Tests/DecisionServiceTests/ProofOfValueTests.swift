@@ -443,6 +443,51 @@ struct ProofOfValueTests {
         #expect(report.treated!.convertedPersons == 1 && report.treated!.decisions >= 2, "\(report)")
     }
 
+    @Test("LiftReport over a later window: a treated person whose action the treatment capped is in scope, on their side")
+    func liftLaterWindowAfterCap() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock, seed: 5)
+        var welcome = withLever(action("welcome", value: 10, caps: [cap(.action, 1, per: 7 * 86_400)]), 100)
+        welcome.holdoutShare = 0.5
+        try decision.upsert(welcome)
+        try decision.upsert(action("other", value: 1))
+        var treated: DecisionV1.DecideResponse?
+        for n in 0..<200 where treated == nil {
+            let response = try await decision.decide(decideRequest("t\(n)"))
+            if response.actions.first?.actionId == "welcome" { treated = response }
+        }
+        let first = try #require(treated)
+        clock.advance(seconds: 60)
+        let windowStart = clock.read()
+        let next = try await decision.decide(decideRequest(first.personId))  // welcome capped
+        #expect(next.actions.map(\.actionId) == ["other"])
+        _ = try await decision.outcome("converted", next, .conversion)
+        var request = liftRequest(action: "welcome")
+        request.fromMs = windowStart
+        let report = try decision.liftReport(request)
+        // Before: no one (the capped decision was out of scope, and the person never entered),
+        // while a held-out person's decision in the same window would have entered as control.
+        #expect(report.treated!.persons == 1 && report.treated!.convertedPersons == 1 && report.control!.persons == 0, "\(report)")
+    }
+
+    @Test("a conversion on an action the decision found eligible but did not offer is taken and teaches nothing; a click on it is refused")
+    func conversionOnEligibleNotOffered() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock)
+        try decision.upsert(action("a"))
+        try decision.upsert(action("b"))
+        let response = try await decision.decide(decideRequest("p1", count: 1))
+        let other = response.actions[0].actionId == "a" ? "b" : "a"
+        let keys: [ArmKey] = [.global(other), .placement(other, "home")]
+        let before = decision.store.arms(keys, nowMs: clock.read())
+        // Before: INVALID_ARGUMENT, so a treated person's unprompted purchase went uncounted
+        // while a held-out person's was counted as control.
+        #expect(try await decision.outcome("bought", response, .conversion, action: other).duplicate == false)
+        await expectInvalid("action_id") { _ = try await decision.outcome("clicked", response, .click, action: other) }
+        #expect(decision.store.arms(keys, nowMs: clock.read()) == before)
+        #expect(try decision.liftReport(liftRequest()).treated!.convertedPersons == 1)
+    }
+
     @Test("EndOverride needs a reason; ending one that already expired keeps the time it stopped")
     func endExpiredOverride() async throws {
         let clock = TestClock()

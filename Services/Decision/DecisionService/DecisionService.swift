@@ -696,7 +696,7 @@ public struct DecisionService: RPCService {
             let since = now - suppression.windowSeconds * 1000
             if usage.history.outcomes.contains(where: { $0.kind == suppression.outcome && $0.atMs > since && (suppression.anyAction || $0.action == spec.id) }) {
                 let name = DecisionV1.Outcome.valueNames.first { $0.rawValue == suppression.outcome.rawValue }?.name ?? "\(suppression.outcome.rawValue)"
-                return .excluded("suppression: \(name) on \(suppression.anyAction ? "any action" : "this action") within \(suppression.windowSeconds) s")
+                return .excluded("\(Self.suppressionPrefix)\(name) on \(suppression.anyAction ? "any action" : "this action") within \(suppression.windowSeconds) s")
             }
         }
         if let reason = usage.capExclusion(spec, among: channels, policy: policy) { return .excluded(reason) }
@@ -724,6 +724,9 @@ public struct DecisionService: RPCService {
 
     /// How a candidate banned by an override is explained (`override: banned by <id> (<reason>)`).
     static let banPrefix = "override: banned by "
+    /// How the exclusions that past offers and outcomes bring about begin: a cap, a suppression.
+    static let capPrefix = "cap: "
+    static let suppressionPrefix = "suppression: "
 
     // MARK: - Outcomes
 
@@ -748,11 +751,22 @@ public struct DecisionService: RPCService {
         let id = request.decisionId
         var found = store.recentlyOffered(id)
         if found == nil { found = try await withTaskExecutorPreference(globalConcurrentExecutor) { try store.offered(id) } }
-        guard let offered = found else {
+        guard var offered = found else {
             throw RPCError(.notFound, "decision_id: no decision \"\(request.decisionId)\"")
         }
+        if offered.arms[request.actionId] == nil, request.outcome == .conversion,
+           try await withTaskExecutorPreference(globalConcurrentExecutor, operation: { try store.decision(id) })?
+               .candidates.contains(where: { $0.actionId == request.actionId && ($0.eligible || $0.excludedBy.hasPrefix(Self.banPrefix)) }) == true {
+            // A conversion on an action the decision found eligible but did not offer (the
+            // person bought it unprompted): taken, and it teaches nothing, as one on an action
+            // held out. LiftReport counts it on the treated side as it counts a held-out
+            // person's on control; refused, the treated side missed the conversions its
+            // control counts.
+            offered.arms[request.actionId] = []
+        }
         guard offered.arms[request.actionId] != nil else {
-            throw RPCError.invalidArgument(field: "action_id", "decision \(request.decisionId) did not offer or hold out \"\(request.actionId)\"")
+            throw RPCError.invalidArgument(field: "action_id",
+                "decision \(request.decisionId) did not offer or hold out \"\(request.actionId)\" (a conversion may also name an action it found eligible)")
         }
         // An outcome cannot precede its decision; a client's clock may be off by up to the
         // tolerance `ClientTime` allows ahead. (A time in seconds, not milliseconds, lands here.)
@@ -830,14 +844,14 @@ struct CapUsage {
     /// The cap (on the action, or the policy's per-action and total caps) that excludes `spec`.
     func capReason(_ spec: ActionSpec, policy: DecisionV1.ContactPolicy) -> String? {
         for cap in spec.action.caps where count(windowSeconds: cap.windowSeconds, { a, _ in a == spec.id }) >= cap.max {
-            return "cap: at most \(cap.max) offers of this action per \(cap.windowSeconds) s"
+            return "\(DecisionService.capPrefix)at most \(cap.max) offers of this action per \(cap.windowSeconds) s"
         }
         for cap in policy.caps {
             switch cap.scope {
             case .action where count(windowSeconds: cap.windowSeconds, { a, _ in a == spec.id }) >= cap.max:
-                return "cap: contact policy, at most \(cap.max) offers of each action per \(cap.windowSeconds) s"
+                return "\(DecisionService.capPrefix)contact policy, at most \(cap.max) offers of each action per \(cap.windowSeconds) s"
             case .total where count(windowSeconds: cap.windowSeconds, { _, _ in true }) >= cap.max:
-                return "cap: contact policy, at most \(cap.max) offers per \(cap.windowSeconds) s"
+                return "\(DecisionService.capPrefix)contact policy, at most \(cap.max) offers per \(cap.windowSeconds) s"
             default: continue
             }
         }
@@ -848,7 +862,7 @@ struct CapUsage {
     func capExclusion(_ spec: ActionSpec, among channels: [CommonV1.Channel], policy: DecisionV1.ContactPolicy) -> String? {
         if let reason = capReason(spec, policy: policy) { return reason }
         guard channel(among: channels, policy: policy) == nil else { return nil }
-        return "cap: every channel of the action is at its cap (\(channels.map(\.ruleName).joined(separator: ", ")))"
+        return "\(DecisionService.capPrefix)every channel of the action is at its cap (\(channels.map(\.ruleName).joined(separator: ", ")))"
     }
 
     /// The channel `spec` would be offered on now: nil when a cap excludes it.

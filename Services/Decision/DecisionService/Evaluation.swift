@@ -202,11 +202,20 @@ extension DecisionService {
             if spec.action.holdoutShare == 0 { response.notes.append("action \(id) has no holdout (holdout_share 0): nothing to compare with") }
             // Intent to treat: the holdout is drawn among persons the action is eligible for,
             // before overrides; a person an override then banned it for stays on the treated side
-            // (had they been held out, they would count as control).
+            // (had they been held out, they would count as control). A decision where a cap or a
+            // suppression excluded it is in scope too, on the person's assigned side: the
+            // treatment fills those (its own offers use up the caps, its conversions start the
+            // suppressions), so leaving such decisions out would let treated persons into a
+            // window later than control persons, or not at all.
+            let share = spec.action.holdoutShare
             side = { record in
                 guard !record.holdout else { return nil }
                 if record.heldOutActions.contains(id) { return false }
-                return record.candidates.contains { $0.actionId == id && ($0.eligible || $0.excludedBy.hasPrefix(Self.banPrefix)) } ? true : nil
+                guard let candidate = record.candidates.first(where: { $0.actionId == id }) else { return nil }
+                if candidate.eligible || candidate.excludedBy.hasPrefix(Self.banPrefix) { return true }
+                guard candidate.excludedBy.hasPrefix(Self.capPrefix) || candidate.excludedBy.hasPrefix(Self.suppressionPrefix),
+                      !record.personId.isEmpty else { return nil }
+                return holdout.position(of: record.personId, scope: "action:\(id)") >= share
             }
         case (true, false):
             let id = request.overrideId
