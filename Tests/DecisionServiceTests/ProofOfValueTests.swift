@@ -329,6 +329,15 @@ struct ProofOfValueTests {
         changed.reason = "spring campaign, extended"
         changed.author = "bo"
         #expect(try decision.store.setOverride(changed, nowMs: clock.read()).version == 2)
+        // What it does and to whom is fixed (before, a force of bad could become a ban of good
+        // under the same id, and LiftReport pooled the two).
+        var redefined = changed
+        redefined.kind = "ban"
+        redefined.actionId = "good"
+        await expectInvalid("override.kind") { _ = try decision.store.setOverride(redefined, nowMs: clock.read()) }
+        redefined = changed
+        redefined.context = ["campaign": "autumn"]
+        await expectInvalid("override.context") { _ = try decision.store.setOverride(redefined, nowMs: clock.read()) }
         await expectInvalid("author") { _ = try decision.store.endOverride(force.id, author: "", reason: "", nowMs: clock.read()) }
         await expectInvalid("id") { _ = try decision.store.endOverride(String(repeating: "o", count: 200), author: "cy", reason: "", nowMs: clock.read()) }
         var unnamed = changed

@@ -65,6 +65,14 @@ extension DecisionStore {
             guard Self.isActive(existing, nowMs) else {
                 throw RPCError(.failedPrecondition, "override.id: override \"\(o.id)\" has ended; set a new one")
             }
+            // What it does and to whom stays: LiftReport measures an override by its id (and
+            // assigns its control share by it), so a "force A" turned into a "ban B" would pool
+            // two treatments. A change is of its reason, author or expiry.
+            for (field, same) in [("kind", o.kind == existing.kind), ("action_id", o.actionId == existing.actionId),
+                                  ("segment", o.segment == existing.segment), ("context", o.context == existing.context)] where !same {
+                throw RPCError.invalidArgument(field: "override.\(field)",
+                    "override \"\(o.id)\" keeps its kind, action, segment and context (only its reason, author and expiry change); end it and set a new one")
+            }
             o.createdAtMs = existing.createdAtMs
             o.version = existing.version + 1
         }
@@ -88,20 +96,17 @@ extension DecisionStore {
         guard !reason.isEmpty, reason.utf8.count <= 500 else {
             throw RPCError.invalidArgument(field: "reason", "is required (1-500 bytes): every change says why")
         }
-        return try pool.writeWithoutTransaction { db in
+        return try pool.writeThenUpdate { db in
             guard var o = memory.withLock({ $0.overrides[id] }) else { throw RPCError(.notFound, "id: no override \"\(id)\"") }
-            guard o.endedAtMs == 0 else { return o }
+            guard o.endedAtMs == 0 else { return (o, {}) }
             // One that expired already stopped then: ending it records who and why, not a later stop.
             o.endedAtMs = o.expiresAtMs > 0 ? min(nowMs, o.expiresAtMs) : nowMs
             o.endedBy = author
             o.active = false
             o.version += 1
-            try db.inTransaction {
-                try saveOverride(db, o, change: "ended", author: author, reason: reason, nowMs: nowMs)
-                return .commit
-            }
-            memory.withLock { $0.overrides[o.id] = o }  // committed, before the next writer
-            return o
+            try saveOverride(db, o, change: "ended", author: author, reason: reason, nowMs: nowMs)
+            let ended = o
+            return (o, { [self] in self.memory.withLock { $0.overrides[ended.id] = ended } })
         }
     }
 
