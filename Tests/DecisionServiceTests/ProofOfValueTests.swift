@@ -497,6 +497,26 @@ struct ProofOfValueTests {
         #expect(try decision.liftReport(liftRequest()).treated!.convertedPersons == 1)
     }
 
+    @Test("EvaluatePolicy keeps the decisions a ban applied to (the draw among the rest is logged) and leaves out those a force decided")
+    func evaluateWithBan() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock)
+        for id in ["a", "b", "c"] { try decision.upsert(action(id)) }
+        let ban = try decision.store.setOverride(override("ban", "a"), nowMs: clock.read())
+        for n in 0..<60 { _ = try await decision.decide(decideRequest("p\(n)")) }
+        var request = DecisionV1.EvaluatePolicyRequest()
+        request.policy = "logging"
+        var evaluated = try decision.evaluatePolicy(request)
+        // Before, every decision the ban applied to (about 90 %) was left out as certain.
+        #expect(evaluated.excluded == 0 && evaluated.decisions == 60, "\(evaluated)")
+        _ = try decision.store.endOverride(ban.id, author: "cy", reason: "done", nowMs: clock.read())
+        clock.advance(seconds: 1)
+        _ = try decision.store.setOverride(override("force", "b"), nowMs: clock.read())
+        for n in 60..<120 { _ = try await decision.decide(decideRequest("p\(n)")) }
+        evaluated = try decision.evaluatePolicy(request)
+        #expect(evaluated.excluded > 30 && evaluated.excluded < 60 && evaluated.decisions + evaluated.excluded == 120, "\(evaluated)")
+    }
+
     @Test("EndOverride needs a reason; ending one that already expired keeps the time it stopped")
     func endExpiredOverride() async throws {
         let clock = TestClock()

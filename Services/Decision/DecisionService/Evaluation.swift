@@ -329,9 +329,15 @@ extension DecisionService {
         var rewards: [Double] = []
         var response = DecisionV1.EvaluatePolicyResponse()
         var logged = 0.0
+        var unsupported = 0
+        var withoutPropensity = 0
         try store.forEachDecision(fromMs: from, toMs: to) { record, outcomes in
-            // The holdout's and the overrides' choices were certain: no propensity to weigh by.
-            guard !record.holdout, !record.overrides.contains(where: \.applied) else {
+            // The holdout's and a forced action's choices were certain: no propensity to weigh
+            // by. A ban only took its action out; the draw among the rest is logged as usual.
+            let forced = record.overrides.contains { effect in
+                effect.applied && !record.candidates.contains { $0.excludedBy.hasPrefix("\(Self.banPrefix)\(effect.overrideId) ") }
+            }
+            guard !record.holdout, !forced else {
                 response.excluded += 1
                 return
             }
@@ -342,14 +348,23 @@ extension DecisionService {
                 response.matched += 1
                 return
             }
-            guard first.propensity > 0 else { return }
+            guard first.propensity > 0 else {
+                // A record without its propensity (none is logged as 0): nothing to weigh by.
+                withoutPropensity += 1
+                response.excluded += 1
+                return
+            }
             let reward = record.conversionValue(of: first.actionId, outcomes)
             logged += reward
             let weight: Double
             if policy == .logging {
                 weight = 1
-            } else if let choice = policy.ranking(record.candidates).first.map({ record.candidates[$0].actionId }) {
+            } else if let k = policy.ranking(record.candidates).first {
+                let choice = record.candidates[k].actionId
                 weight = choice == first.actionId ? 1 / first.propensity : 0
+                // The log could never have shown the target's choice first here: what it would
+                // earn is not in the data (positivity), and the estimate counts it as 0.
+                if record.candidates[k].choiceProbability == 0 { unsupported += 1 }
             } else {
                 // The target shows nothing here (its action is not eligible): it earns 0, known without estimating.
                 weights.append(1)
@@ -378,6 +393,12 @@ extension DecisionService {
             }
         } else {
             response.notes.append("no decision in this window to evaluate")
+        }
+        if unsupported > 0 {
+            response.notes.append("\(unsupported) decisions where the target's choice had no chance of being logged first (choice probability 0: an exploration floor of 0?): what it would have earned there is unknown, and the estimates count it as 0")
+        }
+        if withoutPropensity > 0 {
+            response.notes.append("\(withoutPropensity) decisions without a logged propensity were left out (in excluded)")
         }
         return response
     }
