@@ -289,6 +289,12 @@ struct GraphTests {
         #expect(Set(try await service.person(a.personId).identifiers.compactMap(\.identifier?.value)) == ["a@x.io", "k1"])
         let feed = try await service.feed(after: mergeSeq)
         #expect(feed.changes.map(\.kind) == [.unmerge])
+        // Well formed, but the state does not allow it: FAILED_PRECONDITION (before, INVALID_ARGUMENT).
+        await expectCode(.failedPrecondition) { _ = try await service.unmerge(unmerge) }  // undone already
+        var everything = IdentityV1.UnmergeRequest()
+        everything.personId = b.personId
+        everything.identifiers = [id("email", "b@x.io"), id("cookie_id", "k2")]
+        await expectCode(.failedPrecondition) { _ = try await service.unmerge(everything) }
 
         // The same evidence again does not silently undo the operator's decision.
         let relink = try await service.link([id("cookie_id", "k1"), id("cookie_id", "k2")], source: "shared laptop")

@@ -73,6 +73,7 @@ public struct IdentityService: RPCService {
             case .identifierNotFound(let type): throw RPCError(.notFound, "identifier: no such \(type) identifier on that person")
             case .mergeNotFound(let id): throw RPCError(.notFound, "merge_id: no merge \(id) into that person")
             case .invalid(let message): throw RPCError(.invalidArgument, message)
+            case .precondition(let message): throw RPCError(.failedPrecondition, message)
             }
         }
     }

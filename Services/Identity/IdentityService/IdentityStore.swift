@@ -339,6 +339,8 @@ public final class IdentityStore: Sendable {
         case identifierNotFound(String)
         case mergeNotFound(Int64)
         case invalid(String)
+        /// The request is well formed, but the store's state does not allow it now.
+        case precondition(String)
     }
 
     // MARK: - Reads
@@ -521,11 +523,11 @@ public final class IdentityStore: Sendable {
                       try Self.survivor(db, row["target"]) == survivor else {
                     throw StoreError.mergeNotFound(mergeID)
                 }
-                guard (row["undone"] as Int) == 0 else { throw StoreError.invalid("merge_id: merge \(mergeID) was already undone") }
+                guard (row["undone"] as Int) == 0 else { throw StoreError.precondition("merge_id: merge \(mergeID) was already undone") }
                 split = row["source"]
                 apartFrom.insert(row["target"])
                 guard try String.fetchOne(db, sql: "SELECT state FROM person WHERE id = ?", arguments: [split]) == "merged" else {
-                    throw StoreError.invalid("merge_id: person \(split), merged by merge \(mergeID), was erased since")
+                    throw StoreError.precondition("merge_id: person \(split), merged by merge \(mergeID), was erased since")
                 }
                 moving = try Row.fetchAll(db, sql: """
                     SELECT m.type, m.value FROM merge_member m JOIN identifier i ON i.type = m.type AND i.value = m.value
@@ -550,7 +552,7 @@ public final class IdentityStore: Sendable {
                 }
                 let remaining = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM identifier WHERE person_id = ?", arguments: [survivor])!
                 guard remaining > stored.count else {
-                    throw StoreError.invalid("identifiers: cannot detach every identifier of \(survivor)")
+                    throw StoreError.precondition("identifiers: cannot detach every identifier of \(survivor)")
                 }
                 split = try Self.createPerson(db, nowMs: nowMs)
                 moving = stored
