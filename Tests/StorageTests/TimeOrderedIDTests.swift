@@ -22,5 +22,12 @@ struct TimeOrderedIDTests {
         // A clock stepped back: the id carries the time it was given.
         let earlier = ids.make("d", nowMs: ms - 5_000)
         #expect(earlier.hasPrefix(TimeOrderedID.lowerBound("d", atMs: ms - 5_000)))
+        // An id for an earlier time in between does not restart the latest millisecond's order.
+        for _ in 0..<200 {
+            let a = ids.make("d", nowMs: ms + 1)
+            _ = ids.make("d", nowMs: ms)
+            let b = ids.make("d", nowMs: ms + 1)
+            #expect(b > a)  // before, about half of these failed
+        }
     }
 }
