@@ -90,6 +90,10 @@ struct NormalizationTests {
         ("cookie_id", "\tabc\n", "abc"),
         ("loyalty_card", " 7777 ", "7777"),
         ("EMAIL", "x@y.io", "x@y.io"),
+        // Invisible format characters at the ends (a CSV's byte-order mark, a zero-width space).
+        ("email", "\u{FEFF}ada@example.com", "ada@example.com"),
+        ("device_id", "\u{200B}d1\u{FEFF}", "d1"),
+        ("phone", "\u{FEFF}+31 6 1234 5678", "+31612345678"),
     ])
     func normalizes(type: String, raw: String, expected: String) throws {
         let result = try normalizer.normalize(type: type, value: raw).get()
@@ -114,6 +118,7 @@ struct NormalizationTests {
     @Test("invalid values are refused", arguments: [
         ("email", "not-an-email"), ("email", "a@b"), ("email", "a b@c.io"), ("email", "@c.io"),
         ("phone", "12"), ("phone", "call me"), ("phone", "+0123456789"), ("customer_id", "   "),
+        ("email", "ada\u{200B}@example.com"), ("customer_id", "\u{FEFF}"),
     ])
     func invalid(type: String, raw: String) {
         guard case .failure(.invalid) = normalizer.normalize(type: type, value: raw) else {

@@ -47,6 +47,11 @@ public struct Normalizer: Sendable {
     /// emails as typed before (`IdentityStore`, migration v10).
     public var composesEmails = true
 
+    /// What is trimmed from a value's ends: white space, and the invisible format characters
+    /// that copies from spreadsheets and web forms carry (a byte-order mark, zero-width
+    /// spaces and joiners): `"\u{FEFF}ada@example.com"` is Ada's address.
+    static let blank = CharacterSet.whitespacesAndNewlines.union(CharacterSet(charactersIn: "\u{FEFF}\u{200B}\u{200C}\u{200D}\u{2060}"))
+
     static func isValidTypeName(_ type: String) -> Bool {
         (1...40).contains(type.count) && type.allSatisfy { $0.isASCII && ($0.isLowercase || $0.isNumber || $0 == "_") }
     }
@@ -58,13 +63,13 @@ public struct Normalizer: Sendable {
         // A placeholder ("null", "n/a", "0") is blocked as sent, before it is checked as its
         // type: in an email or phone field it is not an address or a number either, and it
         // must not fail the request the other identifiers came in.
-        let sent = raw.trimmingCharacters(in: .whitespacesAndNewlines)
+        let sent = raw.trimmingCharacters(in: Self.blank)
         if blockedExact.contains(sent.lowercased()) { return .failure(.blocked(type: type, value: sent)) }
         let value: String
         switch type {
         case "email":
             // Composed (NFC): an address typed with a combining accent is the same address.
-            let lowered = raw.trimmingCharacters(in: .whitespacesAndNewlines).lowercased()
+            let lowered = sent.lowercased()
             value = composesEmails ? lowered.precomposedStringWithCanonicalMapping : lowered
             if let reason = Self.emailProblem(value) { return .failure(.invalid(type: type, value: raw, reason: reason)) }
         case "phone":
@@ -73,7 +78,7 @@ public struct Normalizer: Sendable {
             case .failure(let reason): return .failure(.invalid(type: type, value: raw, reason: reason.description))
             }
         default:
-            value = raw.trimmingCharacters(in: .whitespacesAndNewlines)
+            value = sent
             guard !value.isEmpty else { return .failure(.invalid(type: type, value: raw, reason: "is empty")) }
             guard value.utf8.count <= 256 else { return .failure(.invalid(type: type, value: raw, reason: "is longer than 256 bytes")) }
         }
@@ -119,6 +124,9 @@ public struct Normalizer: Sendable {
         let parts = email.split(separator: "@", omittingEmptySubsequences: false)
         guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else { return "is not an email address (local@domain)" }
         guard !email.contains(where: { $0.isWhitespace }) else { return "contains whitespace" }
+        guard !email.unicodeScalars.contains(where: { $0.properties.generalCategory == .format }) else {
+            return "contains an invisible format character (such as U+200B)"
+        }
         let domain = parts[1]
         guard domain.contains("."), !domain.hasPrefix("."), !domain.hasSuffix("."), !domain.contains("..") else {
             return "has no valid domain"
@@ -133,7 +141,7 @@ public struct Normalizer: Sendable {
     /// home, is dropped however it is written: `+44 (0)20…`, `+31 06…` (not for regions that
     /// keep the 0 in the international number, such as Italy: `+39 06…`).
     static func e164(_ raw: String, region: String) -> Result<String, RulesError> {
-        var text = raw.trimmingCharacters(in: .whitespacesAndNewlines)
+        var text = raw.trimmingCharacters(in: Self.blank)
         guard !text.isEmpty else { return .failure(RulesError("is empty")) }
         let allowed = Set("0123456789+-. ()/")
         guard text.allSatisfy({ allowed.contains($0) }) else { return .failure(RulesError("contains characters that are not part of a phone number")) }
