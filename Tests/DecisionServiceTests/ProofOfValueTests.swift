@@ -517,6 +517,27 @@ struct ProofOfValueTests {
         #expect(evaluated.excluded > 30 && evaluated.excluded < 60 && evaluated.decisions + evaluated.excluded == 120, "\(evaluated)")
     }
 
+    @Test("a report stops at its caller's deadline, with DEADLINE_EXCEEDED naming the window")
+    func reportDeadline() async throws {
+        let decision = try makeDecision()
+        try decision.upsert(action("a"))
+        for n in 0..<20 { _ = try await decision.decide(decideRequest("p\(n)")) }
+        let passed = ContinuousClock.now - .seconds(1)
+        await expectCode(.deadlineExceeded) {
+            _ = try await RPCDeadline.$current.withValue(passed) {
+                try await decision.report { try decision.liftReport(liftRequest(), deadline: $0) }
+            }
+        }
+        var evaluate = DecisionV1.EvaluatePolicyRequest()
+        evaluate.policy = "logging"
+        await expectCode(.deadlineExceeded) { _ = try decision.evaluatePolicy(evaluate, deadline: passed) }
+        // Within its deadline it answers.
+        let report = try await RPCDeadline.$current.withValue(ContinuousClock.now + .seconds(60)) {
+            try await decision.report { try decision.liftReport(liftRequest(), deadline: $0) }
+        }
+        #expect(report.treated!.decisions == 20)
+    }
+
     @Test("EndOverride needs a reason; ending one that already expired keeps the time it stopped")
     func endExpiredOverride() async throws {
         let clock = TestClock()

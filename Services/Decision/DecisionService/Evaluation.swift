@@ -132,8 +132,17 @@ extension DecisionStore {
 
     /// Calls `body` with every decision made in [fromMs, toMs), oldest first, and the
     /// outcomes reported on it (whenever they happened). One read transaction; a window of
-    /// more than `maxReportDecisions` is refused before anything is loaded.
-    func forEachDecision(fromMs: Int64, toMs: Int64, _ body: (DecisionV1.DecisionRecord, [LoggedOutcome]) throws -> Void) throws {
+    /// more than `maxReportDecisions` is refused before anything is loaded; past `deadline`
+    /// it stops with DEADLINE_EXCEEDED.
+    func forEachDecision(fromMs: Int64, toMs: Int64, deadline: ContinuousClock.Instant? = nil,
+                         _ body: (DecisionV1.DecisionRecord, [LoggedOutcome]) throws -> Void) throws {
+        var read = 0
+        func inTime() throws {
+            if let deadline, ContinuousClock.now >= deadline {
+                throw RPCError(.deadlineExceeded, "from_ms/to_ms: the report did not finish within the call's deadline (\(read) decisions read); narrow the window or allow more time")
+            }
+        }
+        try inTime()
         // Decision ids are time-ordered: a time range is a key range.
         let (low, high) = (TimeOrderedID.lowerBound(Self.decisionIDPrefix, atMs: fromMs),
                            TimeOrderedID.lowerBound(Self.decisionIDPrefix, atMs: toMs))
@@ -149,11 +158,14 @@ extension DecisionStore {
             while let row = try rows.next() {
                 outcomes[row[0], default: []].append(LoggedOutcome(action: row[1], kind: DecisionV1.Outcome(rawValue: row[2]), value: row[3]))
             }
+            try inTime()
             let decisions = try Row.fetchCursor(db, sql: "SELECT decision_id, record FROM decision WHERE decision_id >= ? AND decision_id < ? ORDER BY decision_id",
                                                 arguments: [low, high])
             while let row = try decisions.next() {
                 let id: String = row[0]
                 try body(try DecisionStore.record(stored: row[1]), outcomes[id] ?? [])
+                read += 1
+                if read % 1024 == 0 { try inTime() }
             }
         }
     }
@@ -173,6 +185,19 @@ extension DecisionV1.DecisionRecord {
 // MARK: - LiftReport and EvaluatePolicy
 
 extension DecisionService {
+    /// LiftReport and EvaluatePolicy read up to `maxReportDecisions` records each: they run
+    /// one at a time, on a thread of their own (Swift's cooperative pool, one thread per core,
+    /// serves every other call), and give up at their caller's deadline (one that waited past
+    /// it does not start).
+    static let reports = DispatchQueue(label: "arbiter.decision.reports")
+
+    func report<T: Sendable>(_ body: @escaping @Sendable (_ deadline: ContinuousClock.Instant?) throws -> T) async throws -> T {
+        let deadline = RPCDeadline.current
+        return try await withCheckedThrowingContinuation { continuation in
+            Self.reports.async { continuation.resume(with: Result { try body(deadline) }) }
+        }
+    }
+
     /// Validates a report window: from ≥ 0, to after from (0: now).
     func window(_ from: Int64, _ to: Int64) throws(RPCError) -> (Int64, Int64) {
         guard from >= 0 else { throw .invalidArgument(field: "from_ms", "must not be negative") }
@@ -181,7 +206,7 @@ extension DecisionService {
         return (from, to)
     }
 
-    func liftReport(_ request: DecisionV1.LiftReportRequest) throws -> DecisionV1.LiftReportResponse {
+    func liftReport(_ request: DecisionV1.LiftReportRequest, deadline: ContinuousClock.Instant? = nil) throws -> DecisionV1.LiftReportResponse {
         let (from, to) = try window(request.fromMs, request.toMs)
         if !request.segment.isEmpty { try Names.check(request.segment, field: "segment") }
         let holdout = configuration.holdout
@@ -245,7 +270,7 @@ extension DecisionService {
         // from then every decision of theirs counts, in scope or not: later scope depends on the
         // treatment itself (an offer the treated side got uses up a cap, so the action is no
         // longer eligible there), and dropping those decisions would compare unlike persons.
-        try store.forEachDecision(fromMs: from, toMs: to) { record, outcomes in
+        try store.forEachDecision(fromMs: from, toMs: to, deadline: deadline) { record, outcomes in
             let inScope = request.segment.isEmpty || record.segments.contains(request.segment) ? side(record) : nil
             guard !record.personId.isEmpty else { if inScope != nil { anonymous += 1 }; return }
             guard var unit = units[record.personId] ?? inScope.map({ Unit(treated: $0) }) else { return }
@@ -313,7 +338,7 @@ extension DecisionService {
         return response
     }
 
-    func evaluatePolicy(_ request: DecisionV1.EvaluatePolicyRequest) throws -> DecisionV1.EvaluatePolicyResponse {
+    func evaluatePolicy(_ request: DecisionV1.EvaluatePolicyRequest, deadline: ContinuousClock.Instant? = nil) throws -> DecisionV1.EvaluatePolicyResponse {
         let (from, to) = try window(request.fromMs, request.toMs)
         guard let policy = DecisionPolicy(request.policy) else {
             throw RPCError.invalidArgument(field: "policy", "must be no_exploration, rules_only, highest_value, always:<action id> or logging, got \"\(request.policy)\"")
@@ -331,7 +356,7 @@ extension DecisionService {
         var logged = 0.0
         var unsupported = 0
         var withoutPropensity = 0
-        try store.forEachDecision(fromMs: from, toMs: to) { record, outcomes in
+        try store.forEachDecision(fromMs: from, toMs: to, deadline: deadline) { record, outcomes in
             // The holdout's and a forced action's choices were certain: no propensity to weigh
             // by. A ban only took its action out; the draw among the rest is logged as usual.
             let forced = record.overrides.contains { effect in
