@@ -272,6 +272,13 @@ struct GraphTests {
         #expect(newest.entries == [both.entries[1]] && newest.truncated)
         history.limit = 10_001
         await expectInvalid("limit") { _ = try await service.history(history) }
+        // And bounded in bytes: the newest that fit (before, a long history answered
+        // RESOURCE_EXHAUSTED, with no way to page past it).
+        var small = service
+        small.changesPageBytes = 1  // the newest entry always fits
+        history.limit = 0
+        let fitted = try await small.history(history)
+        #expect(fitted.entries == [both.entries[1]] && fitted.truncated)
         #expect(try await service.person(one.personId).identifiers.filter { $0.identifier?.type == "customer_id" }.count == 1)
     }
 

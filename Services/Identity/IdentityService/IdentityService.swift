@@ -196,11 +196,14 @@ public struct IdentityService: RPCService {
         let id = try Self.personID(request.personId)
         guard request.limit <= 10_000 else { throw RPCError.invalidArgument(field: "limit", "must be at most 10000, got \(request.limit)") }
         let limit = request.limit == 0 ? 1000 : Int(request.limit)
-        let entries = try await mapped { try await store.history(id) }
+        let (entries, truncated) = try await mapped { try await store.history(id, limit: limit) }
         var response = IdentityV1.HistoryResponse()
-        // The last recorded, oldest first: an answer stays within a frame however long the history.
-        response.entries = entries.suffix(limit).map(Self.wire)
-        response.truncated = entries.count > limit
+        // The last recorded, oldest first, as many as fit in `changesPageBytes` (a conflict
+        // may list 100 persons and its cause): an answer stays within a message.
+        let wires = entries.map(Self.wire)
+        let fit = AnswerSize.fitting(wires.reversed().lazy.map { $0.serializedBytes().count }, maxBytes: changesPageBytes)
+        response.entries = Array(wires.suffix(fit))
+        response.truncated = truncated || fit < wires.count
         return response
     }
 

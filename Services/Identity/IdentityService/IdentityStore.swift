@@ -382,33 +382,33 @@ public final class IdentityStore: Sendable {
         }
     }
 
-    /// Merges, unmerges, erasures and conflicts that involve `id` (or the persons merged into it).
-    public func history(_ id: String) async throws -> [ChangeRecord] {
+    /// The latest `limit` merges, unmerges, erasures and conflicts that involve `id` (or the
+    /// persons merged into it), oldest first, and whether there were more. Two queries
+    /// whatever the number of persons merged in, each reading at most `limit` + 1 entries.
+    public func history(_ id: String, limit: Int) async throws -> (entries: [ChangeRecord], truncated: Bool) {
         try reading { db in
             let survivor = try Self.survivor(db, id)
-            var involved = Set(try String.fetchAll(db, sql: "SELECT id FROM person WHERE merged_into = ?", arguments: [survivor]))
-            involved.insert(survivor)
-            // By person, through the index tables (not by reading every change and conflict): one
-            // query each for a person's changes and conflicts; an entry of several is kept once.
-            var changes: [Int64: ChangeRecord] = [:], conflicts: [Int64: (afterSeq: Int64, record: ChangeRecord)] = [:]
-            for person in involved {
-                for change in try Self.fetchChanges(db, sql: "SELECT c.* FROM change_person p JOIN change c ON c.seq = p.seq WHERE p.person_id = ?",
-                                                    arguments: [person]) {
-                    changes[change.seq] = change
-                }
-                for row in try Row.fetchAll(db.cachedStatement(sql: """
-                    SELECT c.* FROM conflict_person p JOIN conflict c ON c.id = p.conflict_id WHERE p.person_id = ?
-                    """), arguments: [person]) {
-                    let persons = (row["person_ids"] as String).split(separator: ",").map(String.init)
-                    conflicts[row["id"]] = ((row["after_seq"] as Int64?) ?? 0, ChangeRecord(seq: 0, kind: .conflict, target: persons.first ?? "", sources: Array(persons.dropFirst()),
-                                                                          cause: "\(row["rule"] as String) (\(row["cause"] as String))", atMs: row["at_ms"]))
-                }
+            let involved = "SELECT ?1 UNION ALL SELECT id FROM person WHERE merged_into = ?1"
+            // An entry of several of them is kept once (IN, not a join).
+            let changes = try Self.fetchChanges(db, sql: """
+                SELECT * FROM change WHERE seq IN (SELECT seq FROM change_person WHERE person_id IN (\(involved)))
+                ORDER BY seq DESC LIMIT ?2
+                """, arguments: [survivor, limit + 1])
+            let conflicts = try Row.fetchAll(db.cachedStatement(sql: """
+                SELECT * FROM conflict WHERE id IN (SELECT conflict_id FROM conflict_person WHERE person_id IN (\(involved)))
+                ORDER BY coalesce(after_seq, 0) DESC, id DESC LIMIT ?2
+                """), arguments: [survivor, limit + 1]).map { row in
+                let persons = (row["person_ids"] as String).split(separator: ",").map(String.init)
+                return (key: ((row["after_seq"] as Int64?) ?? 0, 1, row["id"] as Int64),
+                        record: ChangeRecord(seq: 0, kind: .conflict, target: persons.first ?? "", sources: Array(persons.dropFirst()),
+                                             cause: "\(row["rule"] as String) (\(row["cause"] as String))", atMs: row["at_ms"]))
             }
             // In the order they were recorded (not by their times, which clients give): changes
             // by number, each conflict after the last change recorded before it (migrations v8, v9).
-            let keyed = changes.values.map { (key: ($0.seq, 0, Int64(0)), record: $0) }
-                + conflicts.map { (key: ($0.value.afterSeq, 1, $0.key), record: $0.value.record) }
-            return keyed.sorted { $0.key < $1.key }.map(\.record)
+            // The latest `limit` of both together are among the latest `limit` of each.
+            let keyed = changes.map { (key: ($0.seq, 0, Int64(0)), record: $0) } + conflicts
+            let entries = keyed.sorted { $0.key < $1.key }.map(\.record)
+            return (Array(entries.suffix(limit)), entries.count > limit)
         }
     }
 
