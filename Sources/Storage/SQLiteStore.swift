@@ -84,17 +84,18 @@ public enum SQLiteStore {
     /// Moves everything in the WAL into the main file and truncates the WAL, so that
     /// data deleted with `secure_delete` leaves no copy in the WAL (used after erasure).
     /// A checkpoint already running (the store's BackgroundCheckpointer) makes SQLite answer
-    /// BUSY at once, without waiting: this retries for up to `patience` (5 s). With no
-    /// patience it makes one attempt that does not wait for readers either (the writer is
-    /// not held for the connection's busy timeout).
+    /// BUSY at once, without waiting: this retries for up to `patience` (5 s). Waiting for
+    /// readers to move on is bounded by the patience left too, so the writer (which every
+    /// write of the store waits for) is held no longer than `patience`, not the connection's
+    /// 5 s busy timeout per attempt. With no patience it makes one attempt that does not wait.
     public static func checkpoint(_ pool: DatabasePool, patience: Duration = .seconds(5)) throws {
         let end = ContinuousClock.now + patience
-        let once = patience <= .zero
         while true {
             do {
                 try pool.writeWithoutTransaction { db in
-                    if once { sqlite3_busy_timeout(db.sqliteConnection, 0) }
-                    defer { if once { sqlite3_busy_timeout(db.sqliteConnection, busyTimeoutMs) } }
+                    let leftMs = max(0, (end - ContinuousClock.now) / .milliseconds(1))
+                    sqlite3_busy_timeout(db.sqliteConnection, Int32(min(Double(busyTimeoutMs), leftMs)))
+                    defer { sqlite3_busy_timeout(db.sqliteConnection, busyTimeoutMs) }
                     _ = try db.checkpoint(.truncate)
                 }
                 return

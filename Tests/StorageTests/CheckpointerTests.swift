@@ -6,6 +6,23 @@ import TestSupport
 
 @Suite("SQLite stores: the background checkpointer")
 struct CheckpointerTests {
+    @Test("a truncating checkpoint that readers keep from finishing holds the writer for its patience, not the 5 s busy timeout")
+    func checkpointPatienceTimed() async throws {
+        let directory = temporaryDirectory("checkpoint-patience")
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1") { db in try db.execute(sql: "CREATE TABLE t (id INTEGER PRIMARY KEY)") }
+        let pool = try SQLiteStore.open(directory: directory, name: "t", migrator: migrator)
+        try await pool.write { db in try db.execute(sql: "INSERT INTO t (id) VALUES (1)") }
+        let release = try await holdReadSnapshot(pool.path)
+        defer { release() }
+        try await pool.write { db in try db.execute(sql: "INSERT INTO t (id) VALUES (2)") }  // past the reader's snapshot
+        let start = ContinuousClock.now
+        #expect(throws: DatabaseError.self) { try SQLiteStore.checkpoint(pool, patience: .milliseconds(300)) }
+        // Before, the one attempt waited out the connection's busy timeout (5 s) for the reader.
+        #expect(ContinuousClock.now - start < .seconds(3))
+        try await pool.write { db in try db.execute(sql: "INSERT INTO t (id) VALUES (3)") }  // the writer is free again
+    }
+
     @Test("copies what the writer commits into the main file, with either pace", arguments: [false, true])
     func copiesTheWAL(continuous: Bool) async throws {
         let directory = temporaryDirectory("checkpointer")

@@ -904,8 +904,9 @@ extension DecisionStore: IdentityChangeSink {
         }
         if erased {
             truncation.owe()
-            // Up to 5 s for the readers to move on; failing that, the next polls try again.
-            try? truncation.pay(pool)
+            // Up to 1 s for the readers to move on (every Decide's log waits for the writer
+            // meanwhile); failing that, the next polls try again.
+            try? truncation.pay(pool, patience: .seconds(1))
         }
     }
 

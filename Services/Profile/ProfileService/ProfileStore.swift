@@ -1462,7 +1462,9 @@ public final class ProfileStore: Sendable {
                            arguments: [max(cursor, changes.map(\.seq).max()!)])
             return (erasedAny, states)
         }, afterCommit: { noteGone(goneChanges) })
-        if erasedAny { try settleErasure() }
+        // Up to 1 s for readers to move on (Track waits for the event file's writer meanwhile);
+        // failing that, the next polls try again.
+        if erasedAny { try settleErasure(patience: .seconds(1)) }
     }
 }
 

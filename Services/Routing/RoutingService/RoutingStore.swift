@@ -918,8 +918,9 @@ extension RoutingStore: IdentityChangeSink {
         }
         if erased {
             truncation.owe()
-            // Up to 5 s for the readers to move on; failing that, the next polls try again.
-            try? truncation.pay(pool)
+            // Up to 1 s for the readers to move on (every write waits for the writer
+            // meanwhile); failing that, the next polls try again.
+            try? truncation.pay(pool, patience: .seconds(1))
         }
     }
 
