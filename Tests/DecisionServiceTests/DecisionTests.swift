@@ -1315,6 +1315,25 @@ struct DecisionTests {
         #expect(stored.0 == 1 && stored.1 == 1)
     }
 
+    @Test("a damaged decision record does not hold back the identity feed: the merge moves it by its row, later changes apply")
+    func damagedRecordMerge() async throws {
+        let clock = TestClock()
+        let decision = try makeDecision(clock: clock)
+        try decision.upsert(action("any"))
+        let made = try await decision.decide(decideRequest("person-a"))
+        try await decision.store.pool.write { db in
+            try db.execute(sql: "UPDATE decision SET record = x'00ff00ff' WHERE decision_id = ?", arguments: [made.decisionId])
+        }
+        // Before, the merge's transaction failed on decoding it, at this poll and every later one.
+        try decision.store.apply([(1, .merge(target: "person-b", sources: ["person-a"]))], nowMs: clock.read())
+        #expect(try decision.store.identityCursor() == 1)
+        let owner = try await decision.store.pool.read { try String.fetchOne($0, sql: "SELECT person_id FROM decision WHERE decision_id = ?", arguments: [made.decisionId]) }
+        #expect(owner == "person-b")
+        try decision.store.apply([(2, .erase(person: "person-b", absorbed: ["person-a"]))], nowMs: clock.read())
+        #expect(try decision.store.identityCursor() == 2)
+        #expect(try await decision.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM decision") } == 0)
+    }
+
     @Test("a graceful shutdown wakes the log pruner between its rounds")
     func prunerStopsAtShutdown() async throws {
         let decision = try makeDecision()

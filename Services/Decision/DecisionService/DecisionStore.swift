@@ -954,10 +954,7 @@ extension DecisionStore: IdentityChangeSink {
             concerned.formUnion(try String.fetchAll(db, sql: "SELECT DISTINCT person_id FROM offer WHERE origin_person_id = ?", arguments: [origin]))
             let moved = "SELECT decision_id FROM offer WHERE origin_person_id = ?"
             for row in try Row.fetchAll(db, sql: "SELECT decision_id, record FROM decision WHERE decision_id IN (\(moved))", arguments: [origin]) {
-                var record = try Self.record(stored: row[1])
-                record.personId = split
-                try db.execute(sql: "UPDATE decision SET person_id = ?, record = ? WHERE decision_id = ?",
-                               arguments: [split, Self.stored(record), row[0] as String])
+                try Self.reassign(db, decision: row[0], record: row[1], to: split)
             }
             try db.execute(sql: "UPDATE outcome SET person_id = ? WHERE decision_id IN (\(moved))", arguments: [split, origin])
             // Back to the split person; its own need no origin any more, its absorbed persons' keep theirs.
@@ -970,17 +967,26 @@ extension DecisionStore: IdentityChangeSink {
         }
     }
 
+    /// Gives a logged decision to `person`: its row, and the person in its record. A record
+    /// that does not decode (damaged) keeps its bytes and moves by its row alone: one bad
+    /// record must not fail the feed's transaction at every poll, holding back every merge
+    /// and erasure after it.
+    static func reassign(_ db: Database, decision: String, record blob: Data, to person: String) throws {
+        guard var record = try? Self.record(stored: blob) else {
+            try db.execute(sql: "UPDATE decision SET person_id = ? WHERE decision_id = ?", arguments: [person, decision])
+            return
+        }
+        record.personId = person
+        try db.execute(sql: "UPDATE decision SET person_id = ?, record = ? WHERE decision_id = ?",
+                       arguments: [person, Self.stored(record), decision])
+    }
+
     /// Returns the decisions in flight whose reservations moved to `target`.
     private func merge(_ db: Database, _ source: String, into target: String) throws -> Set<String> {
         let rows = try Row.fetchAll(db, sql: """
             SELECT decision_id, record FROM decision WHERE decision_id IN (SELECT decision_id FROM offer WHERE person_id = ?)
             """, arguments: [source])
-        for row in rows {
-            var record = try Self.record(stored: row[1])
-            record.personId = target
-            try db.execute(sql: "UPDATE decision SET person_id = ?, record = ? WHERE decision_id = ?",
-                           arguments: [target, Self.stored(record), row[0] as String])
-        }
+        for row in rows { try Self.reassign(db, decision: row[0], record: row[1], to: target) }
         try db.execute(sql: "UPDATE OR IGNORE offer SET origin_person_id = coalesce(origin_person_id, person_id), person_id = ? WHERE person_id = ?",
                        arguments: [target, source])
         try db.execute(sql: "DELETE FROM offer WHERE person_id = ?", arguments: [source])
