@@ -31,7 +31,9 @@ protoc -IProtos -I/usr/include --include_imports --include_source_info \
 
 if [ $check = 1 ]; then
   status=0
-  diff -r "$out/c" Sources/CContracts || status=1
+  # Each header names the protoc-c that wrote it (`#elif 1004001 < PROTOBUF_C_MIN_COMPILER_VERSION`):
+  # another protoc-c version (Debian 13 has 1.5) differs there alone when it generates the same code.
+  diff -r -I '^#elif [0-9]* < PROTOBUF_C_MIN_COMPILER_VERSION$' "$out/c" Sources/CContracts || status=1
   diff -r "$out/swift" Sources/Contracts/Generated || status=1
   if [ $status != 0 ]; then
     echo "generate-contracts: generated code is out of date with Protos/; run scripts/generate-contracts.sh and commit" >&2

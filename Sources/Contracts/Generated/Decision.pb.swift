@@ -596,9 +596,11 @@ extension DecisionV1 {
 
     /// Treated against control over the decisions made in [from_ms, to_ms). Without action_id
     /// or override_id: persons outside the global holdout against persons in it. With
-    /// action_id: persons for whom the action was eligible, outside against inside its
-    /// per-action holdout. With override_id: persons the override decided for against its
-    /// control share. segment: only decisions made while the person was in the segment.
+    /// action_id: persons for whom the action was eligible (or excluded only by a cap or a
+    /// suppression, which the treatment fills), outside against inside its per-action holdout.
+    /// With override_id: persons the override decided for against its control share. A person
+    /// enters with their first decision in scope (and, with segment, made while in the
+    /// segment); from then every decision of theirs in the window counts.
     public struct LiftReportRequest: ProtoMessage {
         public var fromMs: Int64 = 0
         public var toMs: Int64 = 0
@@ -643,8 +645,8 @@ extension DecisionV1 {
     }
 
     /// One side of a comparison. A person converted when a conversion was reported on any
-    /// of their decisions in scope; value is the conversions' value (the reported value, or
-    /// the action's value when none was reported).
+    /// of their decisions counted (from their first in scope); value is the conversions' value
+    /// (the reported value, or the action's value when none was reported).
     public struct ArmStats: ProtoMessage {
         public var persons: UInt64 = 0
         public var conversionRate: Double = 0

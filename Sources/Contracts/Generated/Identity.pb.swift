@@ -386,7 +386,8 @@ extension IdentityV1 {
     public enum Identity {
         public static let name = "arbiter.identity.v1.Identity"
         /// Finds the person the identifiers belong to; with create_if_missing a new
-        /// person is created when none matches (never when false).
+        /// person is created when none matches (never when false). Blocked values are dropped;
+        /// with create_if_missing and only blocked values: INVALID_ARGUMENT on identifiers.
         public static let resolve = MethodDescriptor<IdentityV1.ResolveRequest, IdentityV1.ResolveResponse>(service: name, method: "Resolve", isIdempotent: true)
         /// Records identifiers seen together, merging their persons unless a merge
         /// rule forbids it. Linking the same identifiers twice changes nothing.
