@@ -379,9 +379,10 @@ struct GraphTests {
         #expect(relink.mergedPersonIds.isEmpty)
         #expect(relink.conflicts.first?.rule.hasPrefix("unmerged by an operator") == true)
         #expect(try await service.person(b.personId).personId == b.personId)
+        #expect(try await service.person(a.personId).personId == a.personId)
 
         // Detached identifiers are kept apart from the person they came from, too.
-        let c = try await service.link([id("cookie_id", "c"), id("device_id", "d1")])
+        _ = try await service.link([id("cookie_id", "c"), id("device_id", "d1")])
         _ = try await service.link([id("cookie_id", "z"), id("cookie_id", "c")])  // merge 3: c into z
         var detach = IdentityV1.UnmergeRequest()
         detach.personId = z.personId
@@ -394,7 +395,6 @@ struct GraphTests {
         let again = try await service.link([id("cookie_id", "c"), id("device_id", "d1")])
         #expect(again.mergedPersonIds.isEmpty, "the detached d1 merged back into c")
         #expect(try await service.person(detached.newPersonId).personId == detached.newPersonId)
-        _ = a
     }
 
     @Test("racing links on overlapping identifiers end in one consistent graph")
@@ -608,6 +608,18 @@ struct FeedAndErasureTests {
         // The retry: nothing to erase (NOT_FOUND), and the truncation done.
         await expectCode(.notFound) { _ = try await service.erase(erase) }
         #expect(!stillInFiles())
+
+        // Without a retry: the next write pays it (before, only a later Erase did).
+        let other = "zebra.unique.\(UInt32.random(in: 0...UInt32.max))"
+        _ = try await service.link([id("email", "\(other)@example.org"), id("cookie_id", "keep-\(marker.count)")])
+        (identifier.type, identifier.value) = ("email", "\(other)@example.org")
+        erase.target = .identifier(identifier)
+        let held = try await holdReadSnapshot(directory + "/identity.sqlite")
+        await #expect(throws: (any Error).self) { _ = try await service.erase(erase) }
+        held()
+        #expect(filesContain(other, in: directory, files: ["identity.sqlite", "identity.sqlite-wal"]))
+        _ = try await service.link([id("cookie_id", "later")])
+        #expect(!filesContain(other, in: directory, files: ["identity.sqlite", "identity.sqlite-wal"]))
     }
 
     @Test("privacy mode stores keyed hashes only, and lookups still work")

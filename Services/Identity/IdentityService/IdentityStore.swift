@@ -116,7 +116,14 @@ public final class IdentityStore: Sendable {
     func reading<T>(_ body: (Database) throws -> T) throws -> T { try pool.read(body) }
 
     /// A write transaction on the calling thread.
-    func writing<T>(_ body: (Database) throws -> T) throws -> T { try pool.write(body) }
+    /// A write; then, if an erasure's WAL truncation is still owed (its attempt failed, or a
+    /// crash came between the erasure and it: a new store owes one), one attempt that does
+    /// not wait, so that the erased rows' old pages do not wait in the WAL for the next Erase.
+    func writing<T>(_ body: (Database) throws -> T) throws -> T {
+        let result = try pool.write(body)
+        if truncation.isOwed { try? truncation.pay(pool, patience: .zero) }
+        return result
+    }
 
     static var migrator: DatabaseMigrator {
         var migrator = DatabaseMigrator()
