@@ -41,10 +41,12 @@ trap 'exit 0' INT TERM
 "$bin/arbiter" up --data-dir "$data" --config examples/arbiter.json &
 pids+=($!)
 # Where routing delivers (push, in-app, webhook and email go to its webhook adapter).
-/usr/bin/python3 scripts/webhook-sink.py --port 7199 --log "$data/webhook-deliveries.jsonl" >/dev/null &
+# Each helper stops by itself once this script is gone, even after a kill -9 of it (as
+# `arbiter up` stops its services): a next run finds the ports free.
+/usr/bin/python3 scripts/webhook-sink.py --port 7199 --log "$data/webhook-deliveries.jsonl" --parent-pid $$ >/dev/null &
 pids+=($!)
 # The conformance server for client authors (the Python demo talks to it).
-"$bin/arbiter-echo" --port 7100 --admin-port 8100 --data-dir "$data/echo" >>"$data/echo.log" 2>&1 &
+"$bin/arbiter-echo" --port 7100 --admin-port 8100 --data-dir "$data/echo" --parent-pid $$ >>"$data/echo.log" 2>&1 &
 pids+=($!)
 
 for admin in 8101 8102 8104 8103 8100; do
