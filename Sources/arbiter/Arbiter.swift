@@ -4,6 +4,7 @@ import Foundation
 import NIOCore
 import NIOPosix
 import RPC
+import Synchronization
 import UnixSignals
 
 /// `arbiter`: runs and drives the suite.
@@ -49,7 +50,7 @@ struct Up: AsyncParsableCommand {
 
     /// Builds the service executables missing from `bin` when run from the package (as
     /// `swift run arbiter up` does: it builds only `arbiter`), in `bin`'s configuration.
-    func buildIfNeeded(_ bin: String) throws {
+    func buildIfNeeded(_ bin: String, interrupted: Interrupted) throws {
         let missing = Self.services.map { "arbiter-\($0.name)" }.filter { !FileManager.default.isExecutableFile(atPath: bin + "/" + $0) }
         guard !missing.isEmpty else { return }
         // Only when this arbiter was built from the package in the current directory.
@@ -64,7 +65,21 @@ struct Up: AsyncParsableCommand {
             build.executableURL = URL(fileURLWithPath: "/usr/bin/env")
             build.arguments = ["swift", "build", "-c", configuration, "--product", product]
             try build.run()
-            build.waitUntilExit()
+            // swift build runs in its own process group, which the terminal's Ctrl-C does not
+            // reach: passed on from here.
+            while build.isRunning {
+                if interrupted.isSet {
+                    // Children inherit SIGINT blocked and ignored (as this process traps it):
+                    // should swift build not stop on it, it is killed.
+                    build.interrupt()
+                    let end = ContinuousClock.now + .seconds(5)
+                    while build.isRunning && ContinuousClock.now < end { Thread.sleep(forTimeInterval: 0.05) }
+                    if build.isRunning { kill(build.processIdentifier, SIGKILL) }
+                    build.waitUntilExit()
+                    throw ExitCode(130)
+                }
+                Thread.sleep(forTimeInterval: 0.05)
+            }
             guard build.terminationStatus == 0, FileManager.default.isExecutableFile(atPath: bin + "/" + product) else {
                 throw ValidationError("building \(product) failed (swift build -c \(configuration) --product \(product))")
             }
@@ -72,11 +87,15 @@ struct Up: AsyncParsableCommand {
     }
 
     func run() async throws {
-        // Trap the signals before any child starts: a Ctrl-C while starting stops them too.
+        // Trap the signals before any child starts: a Ctrl-C while building or starting stops
+        // the build, or the children started so far, too.
         let signals = await UnixSignalsSequence(trapping: .sigint, .sigterm)
+        let interrupted = Interrupted()
+        let watcher = Task { for await _ in signals { interrupted.set() } }
+        defer { watcher.cancel() }
         let bin = binDir ?? URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent().path
         try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
-        try buildIfNeeded(bin)
+        try buildIfNeeded(bin, interrupted: interrupted)
         // Read before any child starts: nothing after this may leave children running unless
         // it stops them (each child also stops by itself once this process is gone: --parent-pid).
         let token: String?
@@ -142,6 +161,11 @@ struct Up: AsyncParsableCommand {
                                    configuration: .withToken(token))
             defer { client.close() }
             while true {
+                if interrupted.isSet {
+                    say("stopping (interrupted while starting)")
+                    stopAll()
+                    throw ExitCode(130)
+                }
                 guard child.process.isRunning else { try fail(service.name, child.log, "exited with status \(child.process.terminationStatus)") }
                 if (try? await client.call(HealthV1.Health.check, HealthV1.HealthCheckRequest(), timeout: .seconds(1)))?.status == .serving { break }
                 guard ContinuousClock.now < end else { try fail(service.name, child.log, "did not serve within \(Int(startTimeout)) s") }
@@ -157,22 +181,13 @@ struct Up: AsyncParsableCommand {
         say("all four serving; Ctrl-C stops them")
 
         // Until a signal, or until a service exits on its own.
-        let processes = running.map { ($0.name, $0.process) }
-        let exited = await withTaskGroup(of: String?.self) { group in
-            group.addTask {
-                for await _ in signals { return nil }
-                return nil
+        var exited: String?
+        while !interrupted.isSet {
+            if let child = running.first(where: { !$0.process.isRunning }) {
+                exited = child.name
+                break
             }
-            group.addTask {
-                while !Task.isCancelled {
-                    if let (name, _) = processes.first(where: { !$0.1.isRunning }) { return name }
-                    try? await Task.sleep(for: .milliseconds(200))
-                }
-                return nil
-            }
-            let first = await group.next()!
-            group.cancelAll()
-            return first
+            try? await Task.sleep(for: .milliseconds(100))
         }
         if let name = exited, let child = running.first(where: { $0.name == name }) {
             try fail(name, child.log, "exited with status \(child.process.terminationStatus)")
@@ -184,6 +199,13 @@ struct Up: AsyncParsableCommand {
         }
         say("stopped")
     }
+}
+
+/// Set once SIGINT or SIGTERM arrives (`arbiter up`).
+final class Interrupted: Sendable {
+    private let flag = Atomic<Bool>(false)
+    var isSet: Bool { flag.load(ordering: .relaxed) }
+    func set() { flag.store(true, ordering: .relaxed) }
 }
 
 /// Writes a line to standard output at once (unbuffered, also when piped).

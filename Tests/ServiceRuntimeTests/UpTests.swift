@@ -205,6 +205,41 @@ struct UpTests {
         #expect(log.contains("parent process exited; stopping"), "\(log)")
     }
 
+    @Test("Ctrl-C while the services start stops them, and up, at once")
+    func interruptedWhileStarting() async throws {
+        let rpcBase = try await freeBase(), adminBase = try await freeBase()
+        // Services that never serve: up waits for them (60 s) unless interrupted. (They stop
+        // on SIGINT as the services do, with a handler of their own: up's children inherit
+        // the signal blocked and ignored.)
+        let bin = temporaryDirectory("up-slow-bin")
+        for name in ["identity", "profile", "routing", "decision"] {
+            let path = bin + "/arbiter-" + name
+            try Data("""
+                #!/usr/bin/python3
+                import signal, sys, time
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+                signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+                time.sleep(600)
+
+                """.utf8)
+                .write(to: URL(fileURLWithPath: path))
+            chmod(path, 0o755)
+        }
+        let up = try RunningProcess.start("arbiter", ["up", "--bin-dir", bin, "--data-dir", bin + "/data", "--port-base", "\(rpcBase)",
+                                                      "--admin-port-base", "\(adminBase)"], captureOutput: true)
+        defer { kill(up.process.processIdentifier, SIGKILL) }
+        let end = ContinuousClock.now + .seconds(30)
+        while !FileManager.default.fileExists(atPath: bin + "/data/decision.log") && ContinuousClock.now < end {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        let interrupted = ContinuousClock.now
+        kill(up.process.processIdentifier, SIGINT)
+        // Before, the signal waited until the services served or the 60 s start timeout passed.
+        #expect(await up.waitForExit() == 130)
+        #expect(ContinuousClock.now - interrupted < .seconds(30))
+        #expect(await up.output.contains("stopping (interrupted while starting)"))
+    }
+
     @Test("a token file up cannot use stops it before any service starts, naming the file")
     func unusableTokenFile() async throws {
         let rpcBase = try await freeBase(), adminBase = try await freeBase()
