@@ -471,6 +471,10 @@ struct ProofOfValueTests {
         let next = try await decision.decide(decideRequest(first.personId))  // welcome capped
         #expect(next.actions.map(\.actionId) == ["other"])
         _ = try await decision.outcome("converted", next, .conversion)
+        // The person also buys welcome unprompted, reported on this decision (welcome capped
+        // in it): taken, as a held-out person's would be (before, INVALID_ARGUMENT).
+        _ = try await decision.outcome("bought-welcome", next, .conversion, action: "welcome")
+        await expectInvalid("action_id") { _ = try await decision.outcome("clicked-welcome", next, .click, action: "welcome") }
         var request = liftRequest(action: "welcome")
         request.fromMs = windowStart
         let report = try decision.liftReport(request)

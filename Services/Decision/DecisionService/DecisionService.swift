@@ -756,12 +756,13 @@ public struct DecisionService: RPCService {
         }
         if offered.arms[request.actionId] == nil, request.outcome == .conversion,
            try await withTaskExecutorPreference(globalConcurrentExecutor, operation: { try store.decision(id) })?
-               .candidates.contains(where: { $0.actionId == request.actionId && ($0.eligible || $0.excludedBy.hasPrefix(Self.banPrefix)) }) == true {
-            // A conversion on an action the decision found eligible but did not offer (the
-            // person bought it unprompted): taken, and it teaches nothing, as one on an action
-            // held out. LiftReport counts it on the treated side as it counts a held-out
-            // person's on control; refused, the treated side missed the conversions its
-            // control counts.
+               .candidates.contains(where: { $0.actionId == request.actionId && Self.inActionScope($0) }) == true {
+            // A conversion on an action the decision did not offer but had in its lift scope
+            // (eligible, banned, or excluded only by a cap or a suppression the treatment
+            // filled): the person bought it unprompted. Taken, and it teaches nothing, as one
+            // on an action held out. LiftReport counts it on the treated side as it counts a
+            // held-out person's on control; refused, the treated side missed the conversions
+            // its control counts.
             offered.arms[request.actionId] = []
         }
         guard offered.arms[request.actionId] != nil else {

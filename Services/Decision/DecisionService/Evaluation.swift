@@ -198,6 +198,15 @@ extension DecisionService {
         }
     }
 
+    /// Whether a decision is in an action's lift comparison by its candidate for the action:
+    /// eligible, banned by an override (intent to treat), or excluded only by a cap or a
+    /// suppression (which the treatment itself fills). ReportOutcome takes a conversion on
+    /// such an action, as on one held out, so that both sides' conversions are counted alike.
+    static func inActionScope(_ candidate: DecisionV1.CandidateExplanation) -> Bool {
+        candidate.eligible || candidate.excludedBy.hasPrefix(banPrefix)
+            || candidate.excludedBy.hasPrefix(capPrefix) || candidate.excludedBy.hasPrefix(suppressionPrefix)
+    }
+
     /// Validates a report window: from ≥ 0, to after from (0: now).
     func window(_ from: Int64, _ to: Int64) throws(RPCError) -> (Int64, Int64) {
         guard from >= 0 else { throw .invalidArgument(field: "from_ms", "must not be negative") }
@@ -236,10 +245,9 @@ extension DecisionService {
             side = { record in
                 guard !record.holdout else { return nil }
                 if record.heldOutActions.contains(id) { return false }
-                guard let candidate = record.candidates.first(where: { $0.actionId == id }) else { return nil }
+                guard let candidate = record.candidates.first(where: { $0.actionId == id }), Self.inActionScope(candidate) else { return nil }
                 if candidate.eligible || candidate.excludedBy.hasPrefix(Self.banPrefix) { return true }
-                guard candidate.excludedBy.hasPrefix(Self.capPrefix) || candidate.excludedBy.hasPrefix(Self.suppressionPrefix),
-                      !record.personId.isEmpty else { return nil }
+                guard !record.personId.isEmpty else { return nil }
                 return holdout.position(of: record.personId, scope: "action:\(id)") >= share
             }
         case (true, false):
