@@ -220,7 +220,17 @@ struct GraphTests {
         await expectInvalid("source") { _ = try await service.link([id("device_id", "d1")], source: heavy) }
         await expectInvalid("identifiers[0].value") { _ = try await service.link([id("device_id", heavy)]) }
         await expectInvalid("identifiers[0].value") { _ = try await service.link([id("email", heavy + "@x.io")]) }
-        _ = try await service.link([id("device_id", String(repeating: "\u{E9}", count: 128))])  // 256 bytes: the limit
+        _ = try await service.link([id("device_id", String(repeating: "\u{E9}", count: 512))])  // 1,024 bytes: the limit
+        await expectInvalid("identifiers[0].value") { _ = try await service.link([id("device_id", String(repeating: "\u{E9}", count: 513))]) }
+        // A blocklisted value that is a valid address is blocked in its normalized form (which
+        // Erase looks up), not as typed.
+        var rules = IdentityRules()
+        rules.blocked = ["test@example.com"]
+        guard case .failure(.blocked(_, let value)) = Normalizer(rules: rules).normalize(type: "email", value: " Test@Example.COM") else {
+            Issue.record("not blocked")
+            return
+        }
+        #expect(value == "test@example.com")
     }
 
     @Test("merge chain A–B, C–D, then B–C: the oldest person survives, the change feed records it")

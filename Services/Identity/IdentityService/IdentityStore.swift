@@ -1,6 +1,7 @@
 import Foundation
 import GRDB
 import Storage
+import Synchronization
 
 /// The identity graph in SQLite. Every change happens in one write transaction
 /// (writes are serialized), and the schema holds the central invariant: an
@@ -121,9 +122,18 @@ public final class IdentityStore: Sendable {
     /// not wait, so that the erased rows' old pages do not wait in the WAL for the next Erase.
     func writing<T>(_ body: (Database) throws -> T) throws -> T {
         let result = try pool.write(body)
-        if truncation.isOwed { try? truncation.pay(pool, patience: .zero) }
+        // At most once a second: even a failed attempt copies the WAL into the file first.
+        if truncation.isOwed, lastOwedAttempt.withLock({ last in
+            let now = ContinuousClock.now
+            guard last.map({ now - $0 >= .seconds(1) }) ?? true else { return false }
+            last = now
+            return true
+        }) {
+            try? truncation.pay(pool, patience: .zero)
+        }
         return result
     }
+    private let lastOwedAttempt = Mutex<ContinuousClock.Instant?>(nil)
 
     static var migrator: DatabaseMigrator {
         var migrator = DatabaseMigrator()

@@ -60,27 +60,32 @@ public struct Normalizer: Sendable {
     public func normalize(type rawType: String, value raw: String) -> Result<NormalizedIdentifier, IdentifierProblem> {
         let type = rawType.trimmingCharacters(in: .whitespaces).lowercased()
         guard rules.allTypes.contains(type) else { return .failure(.unknownType(rawType)) }
-        // A placeholder ("null", "n/a", "0") is blocked as sent, before it is checked as its
-        // type: in an email or phone field it is not an address or a number either, and it
-        // must not fail the request the other identifiers came in.
         let sent = raw.trimmingCharacters(in: Self.blank)
-        if blockedExact.contains(sent.lowercased()) { return .failure(.blocked(type: type, value: sent)) }
+        // A placeholder ("null", "n/a", "0") that is not a valid value of its type is blocked
+        // as sent: in an email or phone field it is no address or number, and it must not
+        // fail the request the other identifiers came in. (A valid value is blocked in its
+        // normalized form, below, which Erase and lookups use.)
+        func invalid(_ reason: String) -> Result<NormalizedIdentifier, IdentifierProblem> {
+            blockedExact.contains(sent.lowercased()) ? .failure(.blocked(type: type, value: sent)) : .failure(.invalid(type: type, value: raw, reason: reason))
+        }
         let value: String
         switch type {
         case "email":
             // Composed (NFC): an address typed with a combining accent is the same address.
             let lowered = sent.lowercased()
             value = composesEmails ? lowered.precomposedStringWithCanonicalMapping : lowered
-            if let reason = Self.emailProblem(value) { return .failure(.invalid(type: type, value: raw, reason: reason)) }
+            if let reason = Self.emailProblem(value) { return invalid(reason) }
         case "phone":
             switch Self.e164(raw, region: rules.defaultRegion.uppercased()) {
             case .success(let number): value = number
-            case .failure(let reason): return .failure(.invalid(type: type, value: raw, reason: reason.description))
+            case .failure(let reason): return invalid(reason.description)
             }
         default:
             value = sent
-            guard !value.isEmpty else { return .failure(.invalid(type: type, value: raw, reason: "is empty")) }
-            guard value.utf8.count <= 256 else { return .failure(.invalid(type: type, value: raw, reason: "is longer than 256 bytes")) }
+            guard !value.isEmpty else { return invalid("is empty") }
+            // Bytes (a character may be many); 1,024 keeps every value stored under the
+            // earlier limit of 256 characters reachable.
+            guard value.utf8.count <= 1024 else { return invalid("is longer than 1024 bytes") }
         }
         if isBlocked(value) { return .failure(.blocked(type: type, value: value)) }
         return .success(NormalizedIdentifier(type: type, value: value))
@@ -120,7 +125,8 @@ public struct Normalizer: Sendable {
     }
 
     static func emailProblem(_ email: String) -> String? {
-        guard email.utf8.count <= 254 else { return "is longer than 254 bytes" }
+        // 254 characters (as before), and 1,024 bytes at most.
+        guard email.count <= 254, email.utf8.count <= 1024 else { return "is longer than 254 characters" }
         let parts = email.split(separator: "@", omittingEmptySubsequences: false)
         guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else { return "is not an email address (local@domain)" }
         guard !email.contains(where: { $0.isWhitespace }) else { return "contains whitespace" }

@@ -1463,8 +1463,8 @@ public final class ProfileStore: Sendable {
             return (erasedAny, states)
         }, afterCommit: { noteGone(goneChanges) })
         // Up to 1 s for readers to move on (Track waits for the event file's writer meanwhile);
-        // failing that, the next polls try again.
-        if erasedAny { try settleErasure(patience: .seconds(1)) }
+        // failing that, the next polls try again (the changes are applied: not a feed failure).
+        if erasedAny { try? settleErasure(patience: .seconds(1)) }
     }
 }
 
