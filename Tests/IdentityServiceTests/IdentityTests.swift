@@ -881,6 +881,28 @@ struct FeedAndErasureTests {
         #expect(try await again.store.pool.read { try String.fetchOne($0, sql: "SELECT value FROM identifier WHERE person_id = 'pc'") } == stored)
     }
 
+    @Test("values stored with invisible format characters at their ends are trimmed by migration, so lookups and Erase find them")
+    func formatCharactersMigrated() async throws {
+        let directory = try await storeBefore("v10: emails in Unicode's composed form (NFC)", """
+            INSERT INTO person (seq, id, created_at_ms, state, merged_into) VALUES (1, 'pa', 1, 'active', NULL), (2, 'pb', 2, 'active', NULL);
+            INSERT INTO identifier (type, value, person_id, first_seen_ms, last_seen_ms, source) VALUES
+              ('email', char(65279) || 'ada@example.com', 'pa', 1, 1, 'csv'), ('device_id', 'd1' || char(8203), 'pb', 1, 1, 'app'),
+              ('device_id', 'd2', 'pb', 1, 1, 'app');
+            """)
+        let service = try makeService(directory)
+        var request = IdentityV1.ResolveRequest()
+        request.identifiers = [id("email", "ada@example.com")]
+        #expect(try await service.resolve(request).personId == "pa")  // before, no one: the stored copy kept its mark
+        request.identifiers = [id("device_id", "d1")]
+        #expect(try await service.resolve(request).personId == "pb")
+        var erase = IdentityV1.EraseRequest()
+        var identifier = CommonV1.Identifier()
+        (identifier.type, identifier.value) = ("device_id", "d1")
+        erase.target = .identifier(identifier)
+        _ = try await service.erase(erase)
+        #expect(try await service.person("pb").identifiers.compactMap(\.identifier?.value) == ["d2"])
+    }
+
     @Test("two Resolves racing to create one person: one says it created it, the other that it matched")
     func resolveCreateRace() async throws {
         let service = try makeService()

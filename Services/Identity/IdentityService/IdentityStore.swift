@@ -296,6 +296,23 @@ public final class IdentityStore: Sendable {
                 return composed.utf8.elementsEqual(value.utf8) ? nil : (value, composed)
             })
         }
+        migrator.registerMigration("v11: values trimmed of invisible format characters") { db in
+            // The normalizer trims a byte-order mark and zero-width characters from a value's
+            // ends since this version (`Normalizer.blank`): values stored with them are
+            // rewritten, so that lookups and Erase find them (a copy of a value stored trimmed
+            // already goes, as in v10). Only non-ASCII values can change; keyed hashes are ASCII.
+            let rows = try Row.fetchAll(db, sql: """
+                SELECT type, value FROM identifier WHERE value GLOB '*[^ -~]*'
+                UNION SELECT type, value FROM merge_member WHERE value GLOB '*[^ -~]*'
+                """)
+            var pairs: [String: [(old: String, new: String)]] = [:]
+            for row in rows {
+                let (type, value): (String, String) = (row[0], row[1])
+                let trimmed = value.trimmingCharacters(in: Normalizer.blank)
+                if !trimmed.isEmpty, !trimmed.utf8.elementsEqual(value.utf8) { pairs[type, default: []].append((value, trimmed)) }
+            }
+            for (type, list) in pairs.sorted(by: { $0.key < $1.key }) { try rewriteValues(db, type: type, list) }
+        }
         return migrator
     }
 
