@@ -529,15 +529,19 @@ struct ProofOfValueTests {
         let passed = ContinuousClock.now - .seconds(1)
         await expectCode(.deadlineExceeded) {
             _ = try await RPCDeadline.$current.withValue(passed) {
-                try await decision.report { try decision.liftReport(liftRequest(), deadline: $0) }
+                try await decision.report { try decision.liftReport(liftRequest(), limit: $0) }
             }
         }
         var evaluate = DecisionV1.EvaluatePolicyRequest()
         evaluate.policy = "logging"
-        await expectCode(.deadlineExceeded) { _ = try decision.evaluatePolicy(evaluate, deadline: passed) }
+        await expectCode(.deadlineExceeded) { _ = try decision.evaluatePolicy(evaluate, limit: ReportLimit(deadline: passed)) }
+        // A caller gone: stopped, CANCELLED.
+        let gone = ReportLimit(deadline: nil)
+        gone.cancel()
+        await expectCode(.cancelled) { _ = try decision.liftReport(liftRequest(), limit: gone) }
         // Within its deadline it answers.
         let report = try await RPCDeadline.$current.withValue(ContinuousClock.now + .seconds(60)) {
-            try await decision.report { try decision.liftReport(liftRequest(), deadline: $0) }
+            try await decision.report { try decision.liftReport(liftRequest(), limit: $0) }
         }
         #expect(report.treated!.decisions == 20)
     }

@@ -133,8 +133,8 @@ public struct DecisionService: RPCService {
             return record
         }
         router.register(methods.reportOutcome, execution: .eventLoop) { request, _ in try await reportOutcome(request) }
-        router.register(methods.liftReport) { request, _ in try await report { try liftReport(request, deadline: $0) } }
-        router.register(methods.evaluatePolicy) { request, _ in try await report { try evaluatePolicy(request, deadline: $0) } }
+        router.register(methods.liftReport) { request, _ in try await report { try liftReport(request, limit: $0) } }
+        router.register(methods.evaluatePolicy) { request, _ in try await report { try evaluatePolicy(request, limit: $0) } }
         router.register(methods.setOverride) { request, _ in
             guard let override = request.override else { throw RPCError.invalidArgument(field: "override", "is required") }
             return try store.setOverride(override, nowMs: clock())

@@ -4,6 +4,7 @@ import GRDB
 import RPC
 import Rules
 import Storage
+import Synchronization
 
 /// Normal-approximation statistics for lift and off-policy estimates.
 enum Statistics {
@@ -119,6 +120,24 @@ enum Statistics {
 
 // MARK: - Reading the log
 
+/// When a report stops: at its caller's deadline, or once its caller is gone.
+final class ReportLimit: Sendable {
+    let deadline: ContinuousClock.Instant?
+    private let cancelled = Atomic<Bool>(false)
+
+    init(deadline: ContinuousClock.Instant?) { self.deadline = deadline }
+
+    func cancel() { cancelled.store(true, ordering: .relaxed) }
+
+    /// Throws DEADLINE_EXCEEDED past the deadline, CANCELLED once cancelled.
+    func check(read: Int) throws {
+        if cancelled.load(ordering: .relaxed) { throw RPCError(.cancelled, "the caller went away; the report stopped (\(read) decisions read)") }
+        if let deadline, ContinuousClock.now >= deadline {
+            throw RPCError(.deadlineExceeded, "from_ms/to_ms: the report did not finish within the call's deadline (\(read) decisions read); narrow the window or allow more time")
+        }
+    }
+}
+
 extension DecisionStore {
     /// A conversion, click or other outcome reported on a logged decision.
     struct LoggedOutcome {
@@ -132,16 +151,12 @@ extension DecisionStore {
 
     /// Calls `body` with every decision made in [fromMs, toMs), oldest first, and the
     /// outcomes reported on it (whenever they happened). One read transaction; a window of
-    /// more than `maxReportDecisions` is refused before anything is loaded; past `deadline`
-    /// it stops with DEADLINE_EXCEEDED.
-    func forEachDecision(fromMs: Int64, toMs: Int64, deadline: ContinuousClock.Instant? = nil,
+    /// more than `maxReportDecisions` is refused before anything is loaded; past `limit`'s
+    /// deadline, or once its caller is gone, it stops.
+    func forEachDecision(fromMs: Int64, toMs: Int64, limit: ReportLimit? = nil,
                          _ body: (DecisionV1.DecisionRecord, [LoggedOutcome]) throws -> Void) throws {
         var read = 0
-        func inTime() throws {
-            if let deadline, ContinuousClock.now >= deadline {
-                throw RPCError(.deadlineExceeded, "from_ms/to_ms: the report did not finish within the call's deadline (\(read) decisions read); narrow the window or allow more time")
-            }
-        }
+        func inTime() throws { try limit?.check(read: read) }
         try inTime()
         // Decision ids are time-ordered: a time range is a key range.
         let (low, high) = (TimeOrderedID.lowerBound(Self.decisionIDPrefix, atMs: fromMs),
@@ -191,10 +206,16 @@ extension DecisionService {
     /// it does not start).
     static let reports = DispatchQueue(label: "arbiter.decision.reports")
 
-    func report<T: Sendable>(_ body: @escaping @Sendable (_ deadline: ContinuousClock.Instant?) throws -> T) async throws -> T {
-        let deadline = RPCDeadline.current
-        return try await withCheckedThrowingContinuation { continuation in
-            Self.reports.async { continuation.resume(with: Result { try body(deadline) }) }
+    func report<T: Sendable>(_ body: @escaping @Sendable (ReportLimit) throws -> T) async throws -> T {
+        let limit = ReportLimit(deadline: RPCDeadline.current)
+        // A caller that went away (its connection closed) stops its report too: the reports
+        // behind it wait for no one.
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { continuation in
+                Self.reports.async { continuation.resume(with: Result { try body(limit) }) }
+            }
+        } onCancel: {
+            limit.cancel()
         }
     }
 
@@ -215,7 +236,7 @@ extension DecisionService {
         return (from, to)
     }
 
-    func liftReport(_ request: DecisionV1.LiftReportRequest, deadline: ContinuousClock.Instant? = nil) throws -> DecisionV1.LiftReportResponse {
+    func liftReport(_ request: DecisionV1.LiftReportRequest, limit: ReportLimit? = nil) throws -> DecisionV1.LiftReportResponse {
         let (from, to) = try window(request.fromMs, request.toMs)
         if !request.segment.isEmpty { try Names.check(request.segment, field: "segment") }
         let holdout = configuration.holdout
@@ -278,7 +299,7 @@ extension DecisionService {
         // from then every decision of theirs counts, in scope or not: later scope depends on the
         // treatment itself (an offer the treated side got uses up a cap, so the action is no
         // longer eligible there), and dropping those decisions would compare unlike persons.
-        try store.forEachDecision(fromMs: from, toMs: to, deadline: deadline) { record, outcomes in
+        try store.forEachDecision(fromMs: from, toMs: to, limit: limit) { record, outcomes in
             let inScope = request.segment.isEmpty || record.segments.contains(request.segment) ? side(record) : nil
             guard !record.personId.isEmpty else { if inScope != nil { anonymous += 1 }; return }
             guard var unit = units[record.personId] ?? inScope.map({ Unit(treated: $0) }) else { return }
@@ -346,7 +367,7 @@ extension DecisionService {
         return response
     }
 
-    func evaluatePolicy(_ request: DecisionV1.EvaluatePolicyRequest, deadline: ContinuousClock.Instant? = nil) throws -> DecisionV1.EvaluatePolicyResponse {
+    func evaluatePolicy(_ request: DecisionV1.EvaluatePolicyRequest, limit: ReportLimit? = nil) throws -> DecisionV1.EvaluatePolicyResponse {
         let (from, to) = try window(request.fromMs, request.toMs)
         guard let policy = DecisionPolicy(request.policy) else {
             throw RPCError.invalidArgument(field: "policy", "must be no_exploration, rules_only, highest_value, always:<action id> or logging, got \"\(request.policy)\"")
@@ -364,7 +385,7 @@ extension DecisionService {
         var logged = 0.0
         var unsupported = 0
         var withoutPropensity = 0
-        try store.forEachDecision(fromMs: from, toMs: to, deadline: deadline) { record, outcomes in
+        try store.forEachDecision(fromMs: from, toMs: to, limit: limit) { record, outcomes in
             // The holdout's and a forced action's choices were certain: no propensity to weigh
             // by. A ban only took its action out; the draw among the rest is logged as usual.
             let forced = record.overrides.contains { effect in
