@@ -22,13 +22,14 @@ public enum TimeOrderedID {
             let suffix = last.withLock { last -> UInt64 in
                 if nowMs == last.ms {
                     last.suffix += UInt64.random(in: 1...(1 << 32))
-                } else if nowMs > last.ms {
-                    last = (nowMs, UInt64.random(in: 0...(1 << 62)))  // a new millisecond
+                } else if nowMs > last.ms || nowMs < last.ms - 1000 {
+                    // A new millisecond, or the clock stepped back (a sequence from there on).
+                    last = (nowMs, UInt64.random(in: 0...(1 << 62)))
                 } else {
-                    // An earlier time (a caller that read the clock before another took the
-                    // lock, or the clock stepped back): used as it is, with a suffix of its own;
-                    // the latest millisecond's sequence goes on (before, it restarted, and the
-                    // next id of that millisecond could sort before the ones made in it already).
+                    // A little earlier: a caller that read the clock before another took the
+                    // lock. Used as it is, with a suffix of its own; the latest millisecond's
+                    // sequence goes on (before, it restarted, and the next id of that
+                    // millisecond could sort before the ones made in it already).
                     return UInt64.random(in: 0...(1 << 62))
                 }
                 return last.suffix

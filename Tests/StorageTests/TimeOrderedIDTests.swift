@@ -22,7 +22,12 @@ struct TimeOrderedIDTests {
         // A clock stepped back: the id carries the time it was given.
         let earlier = ids.make("d", nowMs: ms - 5_000)
         #expect(earlier.hasPrefix(TimeOrderedID.lowerBound("d", atMs: ms - 5_000)))
-        // An id for an earlier time in between does not restart the latest millisecond's order.
+        // After a step back of the clock, ids of one millisecond are in order again.
+        let stepped = (0..<100).map { _ in ids.make("d", nowMs: ms - 5_000) }
+        #expect(stepped == stepped.sorted())
+        // An id for a slightly earlier time in between (a caller that read the clock before
+        // another) does not restart the latest millisecond's order.
+        _ = ids.make("d", nowMs: ms + 1)
         for _ in 0..<200 {
             let a = ids.make("d", nowMs: ms + 1)
             _ = ids.make("d", nowMs: ms)
