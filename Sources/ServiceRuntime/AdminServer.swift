@@ -21,7 +21,7 @@ public final class AdminServer: Service, Sendable {
     let logger: Logger
     let group: any EventLoopGroup
     private let listening: EventLoopPromise<SocketAddress>
-    /// The time a connection has to send its request whole (default 10 s).
+    /// The time a connection has to send its request and read its answer (default 10 s).
     let requestTimeout: TimeAmount
 
     public init(host: String, port: Int, registry: PrometheusCollectorRegistry, logger: Logger,
@@ -112,8 +112,9 @@ final class AdminHandler: ChannelInboundHandler {
     let registry: PrometheusCollectorRegistry
     let isReady: @Sendable () -> Bool
     private var answered = false
-    /// Closes a connection that has not sent its request whole within `requestTimeout` of
-    /// opening: without it, a client sending a byte now and then held one of the
+    /// Closes a connection `requestTimeout` after it opened, whether its request has not
+    /// arrived whole or its answer has not been read by then (one request per connection):
+    /// without it, a client sending, or reading, a byte now and then held one of the
     /// `maxConnections` slots for ever, and 64 of them kept the probes out.
     let requestTimeout: TimeAmount
     private var deadline: Scheduled<Void>?
@@ -142,7 +143,6 @@ final class AdminHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard case .head(let head) = unwrapInboundIn(data), !answered else { return }
         answered = true
-        deadline?.cancel()
         let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
         let (status, contentType, body): (HTTPResponseStatus, String, [UInt8])
         switch (head.method, path) {
