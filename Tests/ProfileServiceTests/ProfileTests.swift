@@ -1301,6 +1301,31 @@ struct MergeEraseTests {
         #expect(try await service.features("keeper") == ["pages": 1])
     }
 
+    @Test("a state file that keeps failing is flushed again after a backoff, not at every Track; a success ends it")
+    func flushBackoff() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let service = try makeProfile(directory, clock: clock, flushThreshold: 2)
+        try service.define(feature("views", "view", .count))
+        let states = try DatabaseQueue(path: directory + "/profile-state.sqlite")
+        try await states.write { try $0.execute(sql: "CREATE TRIGGER test_fail BEFORE INSERT ON person_state BEGIN SELECT RAISE(FAIL, 'test'); END") }
+        let failures: @Sendable () -> Int = { service.store.memory.withLock { $0.flushFailures } }
+        _ = try await service.track([event("e1", "a", "view", at: clock.read()), event("e2", "b", "view", at: clock.read())])
+        #expect(try await eventually { failures() == 1 && !service.store.memory.withLock { $0.flushRunning } })
+        // Within the backoff (1 s), more Tracks start no flush (before, each started one that
+        // failed). On a machine too loaded to finish them within it, nothing can be concluded.
+        let start = ContinuousClock.now
+        for n in 0..<5 { _ = try await service.track([event("f\(n)", "p\(n)", "view", at: clock.read())]) }
+        try await Task.sleep(for: .milliseconds(200))
+        if ContinuousClock.now - start < .milliseconds(900) { #expect(failures() == 1) }
+        // The file works again: the next flush due after the backoff writes every state.
+        try await states.write { try $0.execute(sql: "DROP TRIGGER test_fail") }
+        try await Task.sleep(for: .milliseconds(1100))
+        _ = try await service.track([event("g", "q", "view", at: clock.read())])
+        #expect(try await eventually { failures() == 0 && service.store.memory.withLock { $0.dirty.isEmpty && !$0.flushRunning } })
+        #expect(try await service.features("p3") == ["views": 1])
+    }
+
     @Test("an erasure whose checkpoint failed is settled by the feed's next poll, even one with no change")
     func erasureSettledLater() async throws {
         let directory = temporaryDirectory("profile-test")

@@ -91,6 +91,10 @@ public final class ProfileStore: Sendable {
         /// Being written by the running flush.
         var flushing: [String: ProfileStoreV1.PersonState] = [:]
         var flushRunning = false
+        /// Flushes failed in a row, and when the next may start: a state file that keeps
+        /// failing is tried again after 1 s, 2 s, … up to a minute, not at every Track.
+        var flushFailures = 0
+        var flushRetryAt: ContinuousClock.Instant?
         /// Equal to the state file (at most `cachePersons`); an empty state: the file has none.
         var clean: [String: ProfileStoreV1.PersonState] = [:]
         /// `clean` holds every state of the state file (loaded at start, while they fit): a
@@ -346,8 +350,9 @@ public final class ProfileStore: Sendable {
     /// twice as many are dirty, waits for it first (this bounds the memory). Call on the
     /// event file's writer, after a commit.
     func flushIfDue() {
-        let (count, running) = memory.withLock { ($0.dirty.count, $0.flushRunning) }
+        let (count, running, retryAt) = memory.withLock { ($0.dirty.count, $0.flushRunning, $0.flushRetryAt) }
         guard count >= flushThreshold else { return }
+        if let retryAt, ContinuousClock.now < retryAt { return }  // backing off after failures
         if running {
             guard count >= 2 * flushThreshold else { return }
             flushQueue.sync {}
@@ -369,6 +374,8 @@ public final class ProfileStore: Sendable {
                 m.dirty.merge(m.flushing) { newer, _ in newer }
                 m.flushing = [:]
                 m.flushRunning = false
+                m.flushFailures += 1
+                m.flushRetryAt = ContinuousClock.now + .seconds(min(60, 1 << min(m.flushFailures - 1, 6)))
             }
             logger.error("profile: writing \(states.count) feature states failed (retried with the next flush): \(error)")
             throw error
@@ -400,6 +407,8 @@ public final class ProfileStore: Sendable {
         }
         let done = memory.withLock { m in
             m.flushRunning = false
+            m.flushFailures = 0
+            m.flushRetryAt = nil
             m.flushedUpTo = max(m.flushedUpTo, seq)
             defer { m.flushing = [:] }
             return m.flushing  // released outside the lock
