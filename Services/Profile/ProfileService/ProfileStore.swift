@@ -264,14 +264,12 @@ public final class ProfileStore: Sendable {
 
     /// Recomputes from their events the persons whose state had not reached the state file
     /// when the process stopped, writes them, and only then empties the log.
-    /// In slices of `recoverySlice` persons, so memory stays bounded when everyone is logged
-    /// (after the v3 migration, a lost state file or a failed backfill).
+    /// In slices of `recoverySlice` persons, read through a cursor, so memory stays bounded
+    /// when everyone is logged (after the v3 migration, a lost state file or a failed backfill).
     func recoverDirty(nowMs: Int64, recoverySlice: Int = 10_000) throws {
         let specs = definitions.withLock { $0.byEventType }
-        let persons = try pool.read { db in
-            try String.fetchAll(db, sql: "SELECT DISTINCT person_id FROM dirty_person ORDER BY person_id")
-        }
-        guard !persons.isEmpty else {
+        let anyDirty = try pool.read { db in try Bool.fetchOne(db, sql: "SELECT EXISTS (SELECT 1 FROM dirty_person)") ?? false }
+        guard anyDirty else {
             // A settle cut short by a crash (its flush done, its checkpoints not) leaves an
             // erasure's rows in old WAL frames, and no dirty person to say so: truncate both
             // WALs at every start.
@@ -280,12 +278,24 @@ public final class ProfileStore: Sendable {
             return
         }
         try pool.write { db in try Self.moveTail(db) }  // their events are read by person
-        for start in stride(from: 0, to: persons.count, by: recoverySlice) {
-            let slice = persons[start..<min(start + recoverySlice, persons.count)]
-            let states = try pool.read { db in try slice.map { ($0, try Self.recompute(db, $0, specs: specs, now: nowMs)) } }
-            try statePool.write { db in
-                for (person, state) in states { try Self.saveState(db, person, state) }
+        // The persons read through a cursor (SQLite sorts them, in its temporary storage),
+        // not all at once: after a lost state file every person is logged.
+        try pool.read { db in
+            let persons = try String.fetchCursor(db, sql: "SELECT DISTINCT person_id FROM dirty_person ORDER BY person_id")
+            var slice: [String] = []
+            slice.reserveCapacity(recoverySlice)
+            func write() throws {
+                let states = try slice.map { ($0, try Self.recompute(db, $0, specs: specs, now: nowMs)) }
+                try statePool.write { states_ in
+                    for (person, state) in states { try Self.saveState(states_, person, state) }
+                }
+                slice.removeAll(keepingCapacity: true)
             }
+            while let person = try persons.next() {
+                slice.append(person)
+                if slice.count == recoverySlice { try write() }
+            }
+            if !slice.isEmpty { try write() }
         }
         try pool.write { db in try db.execute(sql: "DELETE FROM dirty_person") }
         // An erasure may have been among them: no copy of it stays in either WAL.
