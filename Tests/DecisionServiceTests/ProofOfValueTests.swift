@@ -427,9 +427,10 @@ struct ProofOfValueTests {
         #expect(try decision.store.overrideHistory(of: first.id).changes.count == 17)
     }
 
-    @Test("LiftReport counts every decision of a person from their first in scope: a cap the treatment used up does not drop the treated side's later conversions")
-    func liftAfterCap() async throws {
-        let clock = TestClock()
+    /// A decision service with `welcome` (at most one offer a week, held out for half of the
+    /// persons, ranked first by its lever) and `other`, and the first decision that offered
+    /// `welcome`.
+    func cappedWelcome(_ clock: TestClock) async throws -> (DecisionService, DecisionV1.DecideResponse) {
         let decision = try makeDecision(clock: clock, seed: 5)
         var welcome = withLever(action("welcome", value: 10, caps: [cap(.action, 1, per: 7 * 86_400)]), 100)
         welcome.holdoutShare = 0.5
@@ -440,7 +441,13 @@ struct ProofOfValueTests {
             let response = try await decision.decide(decideRequest("t\(n)"))
             if response.actions.first?.actionId == "welcome" { treated = response }
         }
-        let first = try #require(treated)
+        return (decision, try #require(treated))
+    }
+
+    @Test("LiftReport counts every decision of a person from their first in scope: a cap the treatment used up does not drop the treated side's later conversions")
+    func liftAfterCap() async throws {
+        let clock = TestClock()
+        let (decision, first) = try await cappedWelcome(clock)
         // Its next decision, a minute later (ids order decisions to the millisecond): welcome is
         // capped (out of scope on its own), and the person converts.
         clock.advance(seconds: 60)
@@ -455,17 +462,7 @@ struct ProofOfValueTests {
     @Test("LiftReport over a later window: a treated person whose action the treatment capped is in scope, on their side")
     func liftLaterWindowAfterCap() async throws {
         let clock = TestClock()
-        let decision = try makeDecision(clock: clock, seed: 5)
-        var welcome = withLever(action("welcome", value: 10, caps: [cap(.action, 1, per: 7 * 86_400)]), 100)
-        welcome.holdoutShare = 0.5
-        try decision.upsert(welcome)
-        try decision.upsert(action("other", value: 1))
-        var treated: DecisionV1.DecideResponse?
-        for n in 0..<200 where treated == nil {
-            let response = try await decision.decide(decideRequest("t\(n)"))
-            if response.actions.first?.actionId == "welcome" { treated = response }
-        }
-        let first = try #require(treated)
+        let (decision, first) = try await cappedWelcome(clock)
         clock.advance(seconds: 60)
         let windowStart = clock.read()
         let next = try await decision.decide(decideRequest(first.personId))  // welcome capped
