@@ -60,7 +60,8 @@ for rate in $RATE; do
   suffix=""; [ "$RATE" = "$rate" ] || suffix="-$rate"
   echo "CPU ticks (1/100 s) before: $(cpu)"
   timings > "$WORK/timings-before"
-  calls=$(python3 -c "import sys; print(round(float(sys.argv[1]) / (1 - float(sys.argv[2]))))" "$rate" "$OUTCOMES")
+  # Rounded up: the Decides offered (the calls' 1 - OUTCOMES, spread evenly) are at least $rate/s.
+  calls=$(python3 -c "import math, sys; print(math.ceil(float(sys.argv[1]) / (1 - float(sys.argv[2])) - 1e-9))" "$rate" "$OUTCOMES")
   echo "$rate decisions/s with $OUTCOMES of the calls ReportOutcome: $calls calls/s"
   "$bin/arbiter" load --address 127.0.0.1:17403 --persons "$PERSONS" --rate "$calls" --outcome-ratio "$OUTCOMES" \
     --duration "$DURATION" --warmup "$WARMUP" --concurrency "$CONCURRENCY" --json "$ROOT/.build/bench-suite$suffix.json" --hdr "$ROOT/.build/bench-suite$suffix.hgrm" ${TIMELINE:+--timeline "$ROOT/.build/bench-suite$suffix-timeline.csv" --timeline-interval "$TIMELINE"}
@@ -95,9 +96,11 @@ import json, sys
 figures = json.load(open(sys.argv[1])); rate = sys.argv[2]; steal = figures.get("host_steal_percent", 0)
 decide = figures.get("decisions", {}); degraded = figures["by_kind"].get("Decide (degraded)", {})
 p99, p999 = decide.get("p99_us", 0) / 1000, decide.get("p99_9_us", 0) / 1000
-# The goal: at least 3,000 decisions/s answered, no errors, and these latencies.
+# The goal: at least 3,000 decisions/s answered, no errors, and these latencies. Every call
+# intended in the run is counted (as an error if not answered), so with no errors the Decides
+# answered are those offered: at least the rate over the nominal seconds.
 fast = bool(decide) and p99 <= 10 and p999 <= 25 and not figures["errors"]
-kept_up = decide.get("per_second", 0) >= 0.99 * float(rate)
+kept_up = decide.get("calls", 0) >= float(rate) * float(sys.argv[3])
 if float(rate) >= 3000:
     verdict = "goal held" if fast and kept_up else "goal not held"
 else:
@@ -111,5 +114,5 @@ print("  %5s decisions/s: %5.0f/s answered, p50 %6.1f ms, p99 %6.1f ms, p99.9 %6
     rate, decide.get("per_second", 0), decide.get("p50_us", 0) / 1000, p99, p999,
     100 * degraded.get("calls", 0) / max(1, decide.get("calls", 0)),
     sum(figures["errors"].values()), verdict))
-' "$ROOT/.build/bench-suite$suffix.json" "$rate"
+' "$ROOT/.build/bench-suite$suffix.json" "$rate" "$DURATION"
 done

@@ -17,7 +17,7 @@ public enum LoadTest {
         /// Open loop: how late each call started after its intended start (µs): the generator's
         /// timers and threads on a busy machine, or every worker still in an earlier call. It is
         /// part of every latency above.
-        public var lateness = Histogram<UInt64>(highestTrackableValue: 60_000_000)
+        public var lateness = Histogram<UInt64>(highestTrackableValue: Result.ceiling)
         /// With `timeline`: every call's start (µs after the run began; open loop: its intended
         /// start) and latency (µs), for figures over time (`timeline(every:)`).
         public var calls: [(startUs: UInt32, latencyUs: UInt32)] = []
@@ -30,15 +30,25 @@ public enum LoadTest {
         /// machine was saturated.
         public var hostBusyPercent: Double?
 
+        /// The histograms' range (µs): a longer time is counted as this rather than dropped.
+        public static let ceiling: UInt64 = 60_000_000
+
+        /// `nanoseconds` in µs, within the histograms' range (at least 1, at most `ceiling`).
+        public static func micros(_ nanoseconds: Int64) -> UInt64 {
+            UInt64(min(Int64(ceiling), max(1, nanoseconds / 1000)))
+        }
+
         public var total: Histogram<UInt64> {
-            histograms.values.reduce(into: Histogram<UInt64>(highestTrackableValue: 60_000_000)) { $0.add($1) }
+            histograms.values.reduce(into: Histogram<UInt64>(highestTrackableValue: Result.ceiling)) { $0.add($1) }
         }
         /// Calls per second, failed ones included.
         public var throughput: Double { Double(total.totalCount) / seconds }
+        /// Calls per second that succeeded.
+        public var succeeded: Double { Double(Int(total.totalCount) - errors.values.reduce(0, +)) / seconds }
 
         mutating func merge(_ other: Result) {
             for (kind, histogram) in other.histograms {
-                histograms[kind, default: Histogram<UInt64>(highestTrackableValue: 60_000_000)].add(histogram)
+                histograms[kind, default: Histogram<UInt64>(highestTrackableValue: Result.ceiling)].add(histogram)
             }
             errors.merge(other.errors, uniquingKeysWith: +)
             lateness.add(other.lateness)
@@ -144,7 +154,7 @@ public enum LoadTest {
 
         /// The calls of these kinds together (e.g. every Decide, degraded or not).
         public func merged(_ kinds: [String]) -> Histogram<UInt64> {
-            kinds.compactMap { histograms[$0] }.reduce(into: Histogram<UInt64>(highestTrackableValue: 60_000_000)) { $0.add($1) }
+            kinds.compactMap { histograms[$0] }.reduce(into: Histogram<UInt64>(highestTrackableValue: Result.ceiling)) { $0.add($1) }
         }
 
         /// One histogram's figures as a JSON object (latencies in microseconds).
@@ -189,12 +199,15 @@ public enum LoadTest {
                     var i = worker
                     let interval = rate.map { Duration.seconds(Double(concurrency) / $0) }
                     var intended = begin + (interval ?? .zero) * Double(worker) / Double(concurrency)
-                    while ContinuousClock.now < end {
+                    // Open loop: every call intended before the end is made and counted, however
+                    // late (stopping at the clock's end would drop the calls a stall held back,
+                    // the slowest ones); closed loop: until the end.
+                    while interval != nil || ContinuousClock.now < end {
                         var lateness: UInt64?
                         if interval != nil {
                             guard intended < end else { break }  // no wait for a start past the end
                             if intended > .now { try await Self.wait(until: intended, on: client.eventLoop) }
-                            lateness = UInt64(max(1, intended.duration(to: .now).nanoseconds / 1000))
+                            lateness = Result.micros(intended.duration(to: .now).nanoseconds)
                         }
                         let start = interval == nil ? ContinuousClock.now : intended
                         intended = intended + (interval ?? .zero)
@@ -207,12 +220,12 @@ public enum LoadTest {
                         } catch {
                             failure = "\(error)"
                         }
-                        let latency = UInt64(max(1, start.duration(to: .now).nanoseconds / 1000))
+                        let latency = Result.micros(start.duration(to: .now).nanoseconds)
                         let offset = timeline ? max(0, begin.duration(to: start).nanoseconds / 1000) : nil
                         part.result.withLock { mine in
                             if let failure { mine.errors[failure, default: 0] += 1 }
                             if let lateness { mine.lateness.record(lateness) }
-                            _ = mine.histograms[kind, default: Histogram<UInt64>(highestTrackableValue: 60_000_000)].record(latency)
+                            _ = mine.histograms[kind, default: Histogram<UInt64>(highestTrackableValue: Result.ceiling)].record(latency)
                             if let offset { mine.calls.append((UInt32(clamping: offset), UInt32(clamping: latency))) }
                         }
                         i += concurrency
@@ -223,7 +236,9 @@ public enum LoadTest {
         }
         var result = Result()
         for part in parts { result.merge(part.result.withLock { $0 }) }
-        result.seconds = seconds
+        // The calls still in flight at the end (and, open loop, those a stall held back) ran
+        // past it: they count against the time they took.
+        result.seconds = max(seconds, Double(begin.duration(to: .now).nanoseconds) / 1e9)
         if let cpuBefore, let cpuAfter = HostCPU.now() {
             result.hostStealPercent = cpuBefore.stealPercent(until: cpuAfter)
             result.hostBusyPercent = cpuBefore.busyPercent(until: cpuAfter)

@@ -28,7 +28,8 @@ extension LoadTest {
     /// every call that is due, flushes once per connection, and matches answers by stream id.
     ///
     /// `call(i)` builds call `i` (run on an event loop of `group`); `answered(call, payload)`
-    /// names the kind of a call that succeeded (for per-kind figures), from its answer. A call
+    /// names the kind of a call that succeeded (for per-kind figures), from its answer; if it
+    /// throws (an answer that does not decode), the call failed with INTERNAL. A call
     /// that fails is counted under its status code (`NOT_FOUND`) in `errors` and as kind
     /// `error`. `timeout` is sent as each call's deadline. A server slower than `rate` makes
     /// the calls start ever later, and the run lasts past `seconds` until they are answered:
@@ -43,7 +44,7 @@ extension LoadTest {
         seconds: Double, rate: Double?, concurrency: Int, metadata: Metadata = [:],
         timeout: Duration = .seconds(10), timeline: Bool = false,
         call: @escaping @Sendable (Int) -> WireCall,
-        answered: @escaping @Sendable (WireCall, [UInt8]) -> String
+        answered: @escaping @Sendable (WireCall, [UInt8]) throws -> String
     ) async throws -> Result {
         let loops = Array(group.makeIterator())
         let drivers = max(1, min(loops.count, connections, concurrency))
@@ -136,7 +137,7 @@ final class WireScheduler {
     private let connected: ConnectedSchedulers
     private let call: @Sendable (Int) -> LoadTest.WireCall
     private let envelope: @Sendable (LoadTest.WireCall) -> [UInt8]
-    private let answered: @Sendable (LoadTest.WireCall, [UInt8]) -> String
+    private let answered: @Sendable (LoadTest.WireCall, [UInt8]) throws -> String
 
     private var connections: [WireConnection] = []
     private var next: Int
@@ -154,7 +155,7 @@ final class WireScheduler {
     init(loop: any EventLoop, first: Int, stride: Int, rate: Double?, slots: Int, timeline: Bool, connected: ConnectedSchedulers,
          call: @escaping @Sendable (Int) -> LoadTest.WireCall,
          envelope: @escaping @Sendable (LoadTest.WireCall) -> [UInt8],
-         answered: @escaping @Sendable (LoadTest.WireCall, [UInt8]) -> String) {
+         answered: @escaping @Sendable (LoadTest.WireCall, [UInt8]) throws -> String) {
         self.loop = loop
         self.next = first
         self.stride = stride
@@ -222,7 +223,7 @@ final class WireScheduler {
             next += stride
             connection.write(envelope(wire), WireConnection.Pending(call: wire, intended: intended))
             inFlight += 1
-            if intervalNs != nil { result.lateness.record(UInt64(max(1, (now - intended).nanoseconds / 1000))) }
+            if intervalNs != nil { result.lateness.record(LoadTest.Result.micros((now - intended).nanoseconds)) }
         }
         for connection in connections { connection.flush() }  // those with nothing framed skip it
         if starting, intervalNs != nil, inFlight < slots {
@@ -248,7 +249,7 @@ final class WireScheduler {
                 if let status = response.status, status.code != 0 {
                     failure = "\(RPCError.Code(rawValue: status.code))"
                 } else {
-                    kind = answered(call.call, response.payload)
+                    kind = try answered(call.call, response.payload)
                 }
             } catch {
                 failure = "\(RPCError.Code.internal)"
@@ -262,10 +263,9 @@ final class WireScheduler {
     }
 
     private func record(kind: String, failure: String?, intended: NIODeadline, at now: NIODeadline = .now()) {
-        // The histograms' range: a longer latency is counted as 60 s rather than dropped.
-        let latency = UInt64(min(60_000_000, max(1, (now - intended).nanoseconds / 1000)))
+        let latency = LoadTest.Result.micros((now - intended).nanoseconds)
         if let failure { result.errors[failure, default: 0] += 1 }
-        _ = result.histograms[kind, default: Histogram<UInt64>(highestTrackableValue: 60_000_000)].record(latency)
+        _ = result.histograms[kind, default: Histogram<UInt64>(highestTrackableValue: LoadTest.Result.ceiling)].record(latency)
         if timeline {
             result.calls.append((UInt32(clamping: max(0, (intended - begin).nanoseconds / 1000)), UInt32(clamping: latency)))
         }

@@ -32,7 +32,7 @@ struct Load: AsyncParsableCommand {
     @Option(help: "Seconds of warm-up at the same load, not measured.") var warmup = 5.0
     @Option(help: "Persons drawn from.") var persons = 100_000
     @Option(help: "Placement of every Decide.") var placement = "home"
-    @Option(help: "Share of calls that report a click on an earlier decision (0…1).") var outcomeRatio = 0.1
+    @Option(help: "Share of calls that report a click on an earlier decision (0…1), spread evenly.") var outcomeRatio = 0.1
     @Option(help: "Upsert this many generic actions first (0: use the catalog as it is).") var actions = 0
     @Option(help: "A profile service (host:port) to give every person traits and consent first.") var seedProfile: String?
     @Option(help: "Write the figures as JSON to this file.") var json: String?
@@ -95,7 +95,9 @@ struct Load: AsyncParsableCommand {
         // per number (the system generator made three getrandom calls per Decide).
         let calls: @Sendable (UInt64) -> @Sendable (Int) -> LoadTest.WireCall = { base in { i in
             var random = SplitMix64(seed: base &+ UInt64(i))
-            if ratio > 0, random.unit() < ratio, let (decision, action) = recent.any(using: &random) {
+            // Exactly `ratio` of the calls, spread evenly (not drawn at random), so that the
+            // Decides offered are the rate's share to the call: a goal's rate is then met or not.
+            if ratio > 0, Int(Double(i + 1) * ratio) > Int(Double(i) * ratio), let (decision, action) = recent.any(using: &random) {
                 var outcome = DecisionV1.ReportOutcomeRequest()
                 outcome.outcomeId = "load-\(decision)-\(i)"
                 outcome.decisionId = decision
@@ -111,9 +113,9 @@ struct Load: AsyncParsableCommand {
             decide.context = ["device": random.int(2) == 0 ? "ios" : "web"]
             return LoadTest.WireCall(DecisionV1.Decision.decide, payload: decide.serializedBytes())
         } }
-        let answered: @Sendable (LoadTest.WireCall, [UInt8]) -> String = { call, payload in
+        let answered: @Sendable (LoadTest.WireCall, [UInt8]) throws -> String = { call, payload in
             guard call.method.method == DecisionV1.Decision.decide.method else { return call.method.method }
-            guard let response = try? DecisionV1.DecideResponse(serializedBytes: payload) else { return "Decide (answer does not decode)" }
+            let response = try DecisionV1.DecideResponse(serializedBytes: payload)  // if not, an error (INTERNAL)
             if let first = response.actions.first { recent.add(response.decisionId, first.actionId) }
             return response.degraded ? "Decide (degraded)" : "Decide"
         }
