@@ -127,7 +127,7 @@ public final class RPCClient: Sendable {
     private func attemptCall(_ envelope: inout TTRPC.Request, deadline: ContinuousClock.Instant?,
                              allowRetry: Bool) async throws -> [UInt8] {
         let connection: ClientConnection
-        switch await connect() {
+        switch await connect(deadline: deadline) {
         case .success(let open):
             connection = open
         case .failure(let error):
@@ -163,7 +163,10 @@ public final class RPCClient: Sendable {
         return response.payload
     }
 
-    private func connect() async -> Result<ClientConnection, RPCError> {
+    /// The connection, opened if need be. A call with a deadline waits for a connect no longer
+    /// than that (a host that swallows SYNs takes the whole `connectTimeout`); the connect
+    /// goes on for later calls.
+    private func connect(deadline: ContinuousClock.Instant?) async -> Result<ClientConnection, RPCError> {
         enum Step { case ready(ClientConnection), wait(EventLoopFuture<ClientConnection>), fail(RPCError) }
         let step: Step = state.withLock { state in
             if state.closed { return .fail(RPCError(.unavailable, "client for \(host):\(port) is closed")) }
@@ -187,7 +190,7 @@ public final class RPCClient: Sendable {
             return .failure(error)
         case .wait(let future):
             do {
-                let connection = try await future.get()
+                let connection = try await Self.wait(for: future, until: deadline)
                 state.withLock { state in
                     if state.connecting === future { state.connecting = nil }
                     state.connection = connection
@@ -195,6 +198,8 @@ public final class RPCClient: Sendable {
                     state.retryAfter = nil
                 }
                 return .success(connection)
+            } catch let error as RPCError {
+                return .failure(error)  // this call's deadline or cancellation: the connect goes on
             } catch {
                 let message = "cannot connect to \(host):\(port): \(error)"
                 state.withLock { state in
@@ -207,6 +212,26 @@ public final class RPCClient: Sendable {
                 }
                 return .failure(RPCError(.unavailable, message))
             }
+        }
+    }
+
+    /// `future`'s connection, or DEADLINE_EXCEEDED at `deadline`, or CANCELLED when the task
+    /// is cancelled; whichever comes first. The future itself is left to complete.
+    private static func wait(for future: EventLoopFuture<ClientConnection>,
+                             until deadline: ContinuousClock.Instant?) async throws -> ClientConnection {
+        guard let deadline else { return try await future.get() }
+        let loop = future.eventLoop
+        let waiter = loop.makePromise(of: ClientConnection.self)
+        future.cascade(to: waiter)
+        let remaining = ContinuousClock.now.duration(to: deadline)
+        let timer = loop.scheduleTask(in: .nanoseconds(max(0, remaining.nanoseconds))) {
+            waiter.fail(RPCError(.deadlineExceeded, "deadline exceeded while connecting"))
+        }
+        waiter.futureResult.whenComplete { _ in timer.cancel() }
+        return try await withTaskCancellationHandler {
+            try await waiter.futureResult.get()
+        } onCancel: {
+            waiter.fail(RPCError(.cancelled, "call cancelled while connecting"))
         }
     }
 

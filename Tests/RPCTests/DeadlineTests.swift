@@ -65,6 +65,27 @@ struct DeadlineTests {
         }
     }
 
+    @Test("a call's deadline bounds its wait for a connect that hangs (a host dropping SYNs), not the 2 s connect timeout")
+    func connectWithinDeadlineTimed() async throws {
+        let hole = try blackHole()
+        defer { hole.close() }
+        let client = makeClient(hole.port) { $0.maxAttempts = 1 }
+        defer { client.close() }
+        for _ in 0..<2 {  // the second call finds the first's connect still under way and waits no longer
+            let start = ContinuousClock.now
+            await expectCode(.deadlineExceeded) {
+                _ = try await client.call(EchoV1.Echo.echo, echoRequest(), timeout: .milliseconds(100))
+            }
+            // Before: 2 s, the connect timeout, whatever the deadline.
+            #expect(ContinuousClock.now - start < .milliseconds(1500))
+            #expect(ContinuousClock.now - start >= .milliseconds(100))
+        }
+        // Without a deadline the connect timeout still ends the wait: UNAVAILABLE, naming the port.
+        await expectCode(.unavailable, message: "127.0.0.1:\(hole.port)") {
+            _ = try await client.call(EchoV1.Echo.echo, echoRequest())
+        }
+    }
+
     @Test("the client fails a call the server never answers at its deadline, a short one sent after a long one first")
     func clientTimed() async throws {
         let silent = try await silentServer()

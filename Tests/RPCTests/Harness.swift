@@ -6,6 +6,9 @@ import NIOPosix
 import RPC
 import Synchronization
 import TestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Methods that exercise the runtime, on the message types of the echo service.
 enum TestMethods {
@@ -247,4 +250,41 @@ func silentServer() async throws -> any Channel {
     try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
         .childChannelInitializer { $0.eventLoop.makeSucceededVoidFuture() }
         .bind(host: "127.0.0.1", port: 0).get()
+}
+
+/// A port whose connects hang, as to a host that drops SYNs: a socket listening with a
+/// backlog of 0 that never accepts, its queue filled by connections of its own (Linux then
+/// drops further SYNs). `close` releases the sockets.
+func blackHole() throws -> (port: Int, close: @Sendable () -> Void) {
+    #if canImport(Glibc)
+    func address(_ port: UInt16) -> sockaddr_in {
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = port.bigEndian
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        return address
+    }
+    func call(_ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32, _ address: sockaddr_in) -> Int32 {
+        withUnsafePointer(to: address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+    }
+    struct Failed: Error { var step: String }
+    let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard listener >= 0, call({ bind(listener, $0, $1) }, address(0)) == 0, listen(listener, 0) == 0 else { throw Failed(step: "listen") }
+    var bound = sockaddr_in()
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &bound) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &length) } }
+    let port = UInt16(bigEndian: bound.sin_port)
+    var sockets = [listener]
+    for _ in 0..<4 {  // non-blocking: the first fills the queue, the others hang in SYN_SENT
+        let filler = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        _ = fcntl(filler, F_SETFL, O_NONBLOCK)
+        _ = call({ connect(filler, $0, $1) }, address(port))
+        sockets.append(filler)
+    }
+    let opened = sockets
+    return (Int(port), { for socket in opened { _ = Glibc.close(socket) } })
+    #else
+    struct Unsupported: Error {}
+    throw Unsupported()
+    #endif
 }
