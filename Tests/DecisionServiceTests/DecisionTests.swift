@@ -1119,6 +1119,43 @@ struct DecisionTests {
         }
     }
 
+    @Test("with the identity service down, who the person is is unknown: every action a cap or a suppression applies to is left out, said so; the others remain")
+    func capsUnknownWithoutIdentity() async throws {
+        let closed = RPCClient(host: "127.0.0.1", port: try await unusedPort())
+        defer { closed.close() }
+        let decision = try makeDecision(identity: closed)
+        var converted = DecisionV1.Suppression()
+        converted.outcome = .conversion
+        converted.windowSeconds = 30 * 86_400
+        try decision.upsert(action("plain", safe: true))
+        try decision.upsert(action("capped", safe: true, caps: [cap(.action, 3, per: 7 * 86_400)]))
+        try decision.upsert(action("suppressed", safe: true, suppressions: [converted]))
+        try decision.upsert(action("by-email", channels: [.email], safe: true))
+        try decision.upsert(action("by-push", channels: [.push], safe: true))
+        _ = try decision.store.setPolicy([cap(.channel, 1, per: 86_400, channel: .email)])
+        var request = decideRequest("unused", count: 5)
+        var list = CommonV1.IdentifierList()
+        var email = CommonV1.Identifier()
+        email.type = "email"
+        email.value = "ada@example.com"
+        list.identifiers = [email]
+        request.person?.ref = .identifiers(list)
+        let answer = try await decision.decide(request)
+        #expect(answer.degraded && answer.degradedReasons.contains { $0.hasPrefix("identity: ") }, "\(answer.degradedReasons)")
+        #expect(Set(answer.actions.map(\.actionId)) == ["plain", "by-push"])
+        let verdicts = Dictionary(uniqueKeysWithValues: answer.explanations.map { ($0.actionId, $0.eligible ? "eligible" : $0.excludedBy) })
+        let notChecked = "not checked: who the person is is unknown (the identity service did not answer)"
+        #expect(verdicts["capped"] == "cap: " + notChecked)
+        #expect(verdicts["suppressed"] == "suppression: " + notChecked)
+        #expect(verdicts["by-email"] == "cap: " + notChecked + " (the channels' caps)")
+        // Before: all five, as for a person with no history.
+
+        // With a total cap in the policy, none is left: the answer is empty, and says why.
+        _ = try decision.store.setPolicy([cap(.total, 10, per: 86_400)])
+        let none = try await decision.decide(request)
+        #expect(none.degraded && none.actions.isEmpty && none.explanations.allSatisfy { $0.excludedBy.hasPrefix("cap: not checked") || $0.excludedBy.hasPrefix("suppression: not checked") })
+    }
+
     @Test("identifiers the identity service rejects are the client's error, naming the field, not a degraded decision; they leave its breaker closed")
     func rejectedIdentifiers() async throws {
         let identityStore = try IdentityStore(directory: temporaryDirectory("decision-identity"), normalizer: Normalizer(rules: IdentityRules()))
@@ -1480,7 +1517,7 @@ struct DecisionTests {
         }
     }
 
-    @Test("an outcome counts once, and clicks turn offers into successes")
+    @Test("an outcome counts once, each kind of evidence once per offer, and clicks turn offers into successes")
     func outcomeIdempotency() async throws {
         let decision = try makeDecision()
         try decision.upsert(action("a"))
@@ -1497,12 +1534,18 @@ struct DecisionTests {
             return try await group.reduce(into: [Bool]()) { $0.append($1) }
         }
         #expect(replays.filter { !$0 }.count == 1, "\(replays)")
+        // Each kind of evidence counts once per offer, whatever the outcome ids: more dismissals
+        // (a client reporting one per render), and a complaint with an unsubscribe after it.
+        for (id, kind) in [("o5", DecisionV1.Outcome.dismiss), ("o6", .dismiss), ("o7", .complaint), ("o8", .unsubscribe), ("o9", .complaint)] {
+            #expect(try await decision.outcome(id, second, kind).duplicate == false)
+        }
         let after = try await decision.decide(decideRequest("q"))
         let explanation = try #require(after.explanations.first)
         #expect(abs(explanation.successes - 1) < 1e-6)
-        // The first offer's failure became the success; the second offer's failure stays, and
-        // its dismissal counted once.
-        #expect(abs(explanation.failures - (1 + LearnerConfiguration().dismissWeight)) < 1e-6)
+        // The first offer's failure became the success; the second offer's failure stays, its
+        // dismissal counted once and its complaint once (before: 3 and 3 times).
+        let weights = LearnerConfiguration()
+        #expect(abs(explanation.failures - (1 + weights.dismissWeight + weights.complaintWeight)) < 1e-6, "\(explanation.failures)")
         #expect(explanation.arm == "placement:home")
     }
 
@@ -1680,11 +1723,13 @@ struct DecisionTests {
         #expect(throws: DecodingError.self) { _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"peerTimeoutMs": 0}"#.utf8)) }
         #expect(throws: DecodingError.self) { _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"logRetentionDays": -1}"#.utf8)) }
         #expect(throws: DecodingError.self) { _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"logCommitIntervalMs": 5000}"#.utf8)) }
-        do {
-            _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"learner": {"explorationFloor": 2}}"#.utf8))
-            Issue.record("accepted an exploration floor of 2")
-        } catch {
-            #expect("\(error)".contains("explorationFloor must be between 0 and 1"), "\(error)")
+        for floor in ["2", "0"] {  // 0 would log propensities of 0
+            do {
+                _ = try JSONDecoder().decode(DecisionConfiguration.self, from: Data(#"{"learner": {"explorationFloor": \#(floor)}}"#.utf8))
+                Issue.record("accepted an exploration floor of \(floor)")
+            } catch {
+                #expect("\(error)".contains("explorationFloor must be above 0 and at most 1"), "\(error)")
+            }
         }
     }
 }

@@ -486,7 +486,8 @@ public struct DecisionService: RPCService {
         let control = holdout.isControl(unit)
         let facts = Facts(profile: person.profile, context: request.context)
         let history = try person.id.map { try store.history(person: $0, sinceMs: rules.historySinceMs) } ?? .init()
-        var usage = CapUsage(history: history, now: now)
+        // No person, and a failure on the way: the identity service did not say who this is.
+        var usage = CapUsage(history: history, now: now, historyKnown: person.id != nil || reasons.isEmpty)
 
         var explanations: [DecisionV1.CandidateExplanation] = []
         var eligible: [(spec: ActionSpec, channels: [CommonV1.Channel], slot: Int)] = []
@@ -615,8 +616,12 @@ public struct DecisionService: RPCService {
             action.propensity = draw.probability
             action.channel = usage.offered[rank].channel  // offers are appended in the order drawn
             // An action with no channels of its own, delivered, goes on the channel routing
-            // picks: among those the contact policy's channel caps leave open, when it has any.
-            let channels = eligible[draw.index].channels.isEmpty && request.deliver && hasChannelCaps ? Channels.all : eligible[draw.index].channels
+            // picks: among those the contact policy's channel caps leave open, when it has any,
+            // and that its consent purpose is not denied on (`purpose.channel`).
+            let purpose = eligible[draw.index].spec.action.consentPurpose
+            let channels = eligible[draw.index].channels.isEmpty && request.deliver && hasChannelCaps
+                ? Channels.all.filter { purpose.isEmpty || facts.consent["\(purpose).\($0.ruleName)"] != false }
+                : eligible[draw.index].channels
             action.fallbackChannels = channels.filter { channel in
                 channel != action.channel && usage.belowChannelCaps(channel, policy: policy, plus: claimed.count { $0 == channel })
             }
@@ -692,6 +697,7 @@ public struct DecisionService: RPCService {
                 }
             }
         }
+        if !usage.historyKnown, !action.suppressions.isEmpty { return .excluded("\(Self.suppressionPrefix)\(CapUsage.notChecked)") }
         for suppression in action.suppressions {
             let since = now - suppression.windowSeconds * 1000
             if usage.history.outcomes.contains(where: { $0.kind == suppression.outcome && $0.atMs > since && (suppression.anyAction || $0.action == spec.id) }) {
@@ -829,11 +835,19 @@ struct Facts {
 struct CapUsage {
     let history: DecisionStore.History
     let now: Int64
+    /// False when who the person is could not be found out (the identity service failed):
+    /// their offers and outcomes are unknown, so no cap or suppression can be shown to hold,
+    /// and every action one applies to is left out, as unknown consent leaves actions out.
+    let historyKnown: Bool
     var offered: [(action: String, channel: CommonV1.Channel)] = []
 
-    init(history: DecisionStore.History, now: Int64) {
+    /// The exclusion's words when `historyKnown` is false.
+    static let notChecked = "not checked: who the person is is unknown (the identity service did not answer)"
+
+    init(history: DecisionStore.History, now: Int64, historyKnown: Bool = true) {
         self.history = history
         self.now = now
+        self.historyKnown = historyKnown
     }
 
     func count(windowSeconds: Int64, _ matches: (String, Int32) -> Bool) -> Int {
@@ -844,6 +858,9 @@ struct CapUsage {
 
     /// The cap (on the action, or the policy's per-action and total caps) that excludes `spec`.
     func capReason(_ spec: ActionSpec, policy: DecisionV1.ContactPolicy) -> String? {
+        if !historyKnown, !spec.action.caps.isEmpty || policy.caps.contains(where: { $0.scope == .action || $0.scope == .total }) {
+            return "\(DecisionService.capPrefix)\(Self.notChecked)"
+        }
         for cap in spec.action.caps where count(windowSeconds: cap.windowSeconds, { a, _ in a == spec.id }) >= cap.max {
             return "\(DecisionService.capPrefix)at most \(cap.max) offers of this action per \(cap.windowSeconds) s"
         }
@@ -863,6 +880,7 @@ struct CapUsage {
     func capExclusion(_ spec: ActionSpec, among channels: [CommonV1.Channel], policy: DecisionV1.ContactPolicy) -> String? {
         if let reason = capReason(spec, policy: policy) { return reason }
         guard channel(among: channels, policy: policy) == nil else { return nil }
+        if !historyKnown { return "\(DecisionService.capPrefix)\(Self.notChecked) (the channels' caps)" }
         return "\(DecisionService.capPrefix)every channel of the action is at its cap (\(channels.map(\.ruleName).joined(separator: ", ")))"
     }
 
@@ -882,7 +900,7 @@ struct CapUsage {
     func belowChannelCaps(_ channel: CommonV1.Channel, policy: DecisionV1.ContactPolicy, plus: Int = 0) -> Bool {
         policy.caps.allSatisfy { cap in
             cap.scope != .channel || cap.channel != channel
-                || count(windowSeconds: cap.windowSeconds, { _, c in c == channel.rawValue }) + plus < cap.max
+                || historyKnown && count(windowSeconds: cap.windowSeconds, { _, c in c == channel.rawValue }) + plus < cap.max
         }
     }
 

@@ -776,21 +776,27 @@ public final class DecisionStore: Sendable {
                                      outcome.outcome.rawValue, outcome.value, atMs])
         guard db.changesCount > 0 else { return false }
         let keys = offered.arms[outcome.actionId] ?? []
+        // Whether this is the offer's first outcome among `kinds`: each kind of evidence counts
+        // once per offer, however many outcome ids report it (a client retrying with a fresh
+        // id, or reporting a dismiss on every render, would otherwise bury the action).
+        func first(of kinds: DecisionV1.Outcome...) throws -> Bool {
+            try Int.fetchOne(db.cachedStatement(sql: """
+                SELECT count(*) FROM outcome WHERE decision_id = ? AND action_id = ? AND kind IN (?, ?)
+                """), arguments: [outcome.decisionId, outcome.actionId, kinds[0].rawValue, kinds[kinds.count - 1].rawValue]) == 1
+        }
         switch outcome.outcome {
         case .click, .conversion:
-            let positives = try Int.fetchOne(db.cachedStatement(sql: """
-                SELECT count(*) FROM outcome WHERE decision_id = ? AND action_id = ? AND kind IN (?, ?)
-                """), arguments: [outcome.decisionId, outcome.actionId, DecisionV1.Outcome.click.rawValue,
-                                  DecisionV1.Outcome.conversion.rawValue]) ?? 0
             // The offer becomes a success instead of the failure it counted as since the
             // decision: both dated then, so the failure taken back is the one added, as decayed
             // since (taken back at full weight, a conversion days later removed more failure
             // than was left, and slow-converting actions looked better than they are).
-            if positives == 1 { addEvidence(keys.map { ($0, 1, -1) }, atMs: offered.decidedAtMs, changed: &changedArms) }
+            if try first(of: .click, .conversion) { addEvidence(keys.map { ($0, 1, -1) }, atMs: offered.decidedAtMs, changed: &changedArms) }
         case .dismiss:
-            addEvidence(keys.map { ($0, 0, configuration.dismissWeight) }, atMs: atMs, changed: &changedArms)
+            if try first(of: .dismiss) { addEvidence(keys.map { ($0, 0, configuration.dismissWeight) }, atMs: atMs, changed: &changedArms) }
         case .complaint, .unsubscribe:
-            addEvidence(keys.map { ($0, 0, configuration.complaintWeight) }, atMs: atMs, changed: &changedArms)
+            if try first(of: .complaint, .unsubscribe) {
+                addEvidence(keys.map { ($0, 0, configuration.complaintWeight) }, atMs: atMs, changed: &changedArms)
+            }
         default:
             break
         }

@@ -43,7 +43,9 @@ public struct LearnerConfiguration: Sendable, Codable, Equatable {
         defaultPriorRate = try read(.defaultPriorRate, d.defaultPriorRate, { $0 > 0 && $0 < 1 }, "must be between 0 and 1")
         priorStrength = try read(.priorStrength, d.priorStrength, { $0 > 0 && $0.isFinite }, "must be positive")
         halfLifeDays = try read(.halfLifeDays, d.halfLifeDays, { $0 > 0 && $0.isFinite }, "must be positive")
-        explorationFloor = try read(.explorationFloor, d.explorationFloor, { $0 >= 0 && $0 <= 1 }, "must be between 0 and 1")
+        // Not 0: an action Thompson sampling cannot pick would be logged with propensity 0
+        // (off-policy evaluation cannot weigh it), and a slate could come back short.
+        explorationFloor = try read(.explorationFloor, d.explorationFloor, { $0 > 0 && $0 <= 1 }, "must be above 0 and at most 1")
         dismissWeight = try read(.dismissWeight, d.dismissWeight, { $0 >= 0 && $0.isFinite }, "must be 0 or more")
         complaintWeight = try read(.complaintWeight, d.complaintWeight, { $0 >= 0 && $0.isFinite }, "must be 0 or more")
         segments = try c.decodeIfPresent([String].self, forKey: .segments) ?? d.segments

@@ -333,7 +333,11 @@ struct  Arbiter__Decision__V1__RankedAction
    */
   double score;
   /*
-   * The probability with which this action was chosen at its rank (logged propensity).
+   * The probability with which this action was chosen at its rank (logged propensity),
+   * given the actions ranked above it: at rank 1 its probability outright; from rank 2 on,
+   * conditional on the earlier picks (drawn without replacement from what was left). The
+   * product over ranks is the probability of the whole ranked list. 1 for a forced action
+   * and in the global holdout.
    */
   double propensity;
   /*

@@ -307,7 +307,11 @@ extension DecisionV1 {
         public var actionId: String = ""
         /// propensity_estimate x value x lever.
         public var score: Double = 0
-        /// The probability with which this action was chosen at its rank (logged propensity).
+        /// The probability with which this action was chosen at its rank (logged propensity),
+        /// given the actions ranked above it: at rank 1 its probability outright; from rank 2 on,
+        /// conditional on the earlier picks (drawn without replacement from what was left). The
+        /// product over ranks is the probability of the whole ranked list. 1 for a forced action
+        /// and in the global holdout.
         public var propensity: Double = 0
         /// The first of the action's channels the person may be contacted on.
         public var channel: CommonV1.Channel = CommonV1.Channel(rawValue: 0)
