@@ -251,7 +251,7 @@ const ProtobufCMessageDescriptor arbiter__profile__store__v1__bucket__descriptor
   (ProtobufCMessageInit) arbiter__profile__store__v1__bucket__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__profile__store__v1__distinct_value__field_descriptors[2] =
+static const ProtobufCFieldDescriptor arbiter__profile__store__v1__distinct_value__field_descriptors[3] =
 {
   {
     "value",
@@ -277,15 +277,28 @@ static const ProtobufCFieldDescriptor arbiter__profile__store__v1__distinct_valu
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "hash",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_FIXED64,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Profile__Store__V1__DistinctValue, hash),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__profile__store__v1__distinct_value__field_indices_by_name[] = {
+  2,   /* field[2] = hash */
   1,   /* field[1] = last_ms */
   0,   /* field[0] = value */
 };
 static const ProtobufCIntRange arbiter__profile__store__v1__distinct_value__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 2 }
+  { 0, 3 }
 };
 const ProtobufCMessageDescriptor arbiter__profile__store__v1__distinct_value__descriptor =
 {
@@ -295,7 +308,7 @@ const ProtobufCMessageDescriptor arbiter__profile__store__v1__distinct_value__de
   "Arbiter__Profile__Store__V1__DistinctValue",
   "arbiter.profile.store.v1",
   sizeof(Arbiter__Profile__Store__V1__DistinctValue),
-  2,
+  3,
   arbiter__profile__store__v1__distinct_value__field_descriptors,
   arbiter__profile__store__v1__distinct_value__field_indices_by_name,
   1,  arbiter__profile__store__v1__distinct_value__number_ranges,

@@ -440,6 +440,39 @@ struct FeatureTests {
         #expect(try await service.profile("p").consent.map(\.granted) == [false])
     }
 
+    @Test("the same definition with backfill again does not redo it; at most 500 features and 500 segments, each still redefinable")
+    func definitionLimits() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        let store = service.store
+        let now = clock.read()
+        _ = try await service.track([event("a1", "a", "view", at: now), event("a2", "a", "view", at: now)])
+        let generation = { store.memory.withLock { $0.fileGeneration } }
+        try service.define(feature("views", "view", .count), backfill: true)
+        let backfilled = generation()
+        // A retry (the client saw DEADLINE_EXCEEDED) finds it done: no second backfill.
+        try service.define(feature("views", "view", .count), backfill: true)
+        #expect(generation() == backfilled)
+        #expect(try await service.features("a") == ["views": 2])
+        // A feature defined without backfill, then backfilled: done then.
+        try service.define(feature("views_new", "view", .count))
+        try service.define(feature("views_new", "view", .count), backfill: true)
+        #expect(generation() == backfilled + 1)
+        #expect(try await service.features("a") == ["views": 2, "views_new": 2])
+
+        for n in 2..<ProfileStore.maxFeatures { try service.define(feature("f\(n)", "view", .count)) }
+        await expectCode(.resourceExhausted, message: "feature: 500 features are defined, at most 500") {
+            try service.define(feature("one_more", "view", .count))
+        }
+        try service.define(feature("f2", "view", .sum))  // a new version of one defined
+        for n in 0..<ProfileStore.maxSegments { try service.segment("s\(n)", "feature.views >= \(n)") }
+        await expectCode(.resourceExhausted, message: "segment: 500 segments are defined, at most 500") {
+            try service.segment("one_more", "feature.views >= 1")
+        }
+        try service.segment("s0", "feature.views >= 2")
+        #expect(Set(try await service.profile("a").segments) == ["s0", "s1", "s2"])  // views is 2
+    }
+
     @Test("a backfill that fails after its definition committed leaves its persons to the next start, which recomputes them")
     func failedBackfill() async throws {
         let directory = temporaryDirectory("profile-test")
@@ -578,6 +611,34 @@ struct FeatureTests {
         #expect(reasons[3].hasPrefix("occurred_at_ms:") && reasons[4].hasPrefix("properties[0].name:") && reasons[5].hasPrefix("value:"))
         #expect(reasons[6].hasPrefix("value:") && reasons[7].hasPrefix("properties[0].value:"), "\(reasons.suffix(2))")
         await expectInvalid("events") { _ = try await service.track([]) }
+    }
+
+    @Test("a distinct count keeps each value's 64-bit hash, not its text; a state written before with texts counts on, each text once")
+    func distinctHashes() throws {
+        let spec = try FeatureSpec(feature("pages", "view", .distinctCount, property: "page"))
+        let now: Int64 = 1_700_000_000_000
+        func view(_ id: String, _ page: RuleValue) -> TrackedEvent {
+            TrackedEvent(eventID: id, personID: "p", type: "view", occurredAtMs: now - 1000, properties: ["page": page])
+        }
+        // As a state written before hashes holds them: the texts.
+        var state = ProfileStoreV1.FeatureState()
+        state.name = "pages"
+        state.version = spec.version
+        state.distinct = ["home", "5"].map { text in
+            var value = ProfileStoreV1.DistinctValue()
+            value.value = text
+            value.lastMs = now - 2000
+            return value
+        }
+        #expect(spec.value(state, now: now) == 2)
+        let long = String(repeating: "x", count: 1024)
+        for (n, page) in [RuleValue.string("home"), .number(5), .string("cart"), .string(long), .string(long)].enumerated() {
+            spec.apply(view("e\(n)", page), to: &state, now: now)
+        }
+        #expect(spec.value(state, now: now) == 4)  // home, 5 (as before, by its text "5"), cart, the long one
+        #expect(state.distinct.allSatisfy { $0.value.isEmpty && $0.hash != 0 })
+        #expect(state.serializedBytes().count < 200)  // not the 1 KB value
+        #expect(state.distinct.first { $0.hash == FeatureSpec.distinctHash("home") }?.lastMs == now - 1000)
     }
 
     @Test("windows count what is inside them, late events included, and forget what leaves")
@@ -787,7 +848,9 @@ struct TraitSegmentConsentTests {
         await expectCode(.resourceExhausted, message: "consents: person p would have consent for 1001 purpose and channel pairs; at most 1000") {
             _ = try await service.setConsent(request)
         }
-        request.consents = records(5..<6)  // a pair it has may change
+        var change = records(5..<6)  // a pair it has may change
+        change[0].source = "app"
+        request.consents = change
         _ = try await service.setConsent(request)
         // A denial is never refused: withdrawing consent must always be possible (routing
         // passes unsubscribes on this way).
@@ -805,6 +868,54 @@ struct TraitSegmentConsentTests {
         #expect(try await service.profile("q").traits.count == 1001)
         _ = try await service.traits("q", ["t0": .number(4)], at: now + 4)
         await expectCode(.resourceExhausted, message: "at most 1000") { _ = try await service.traits("q", ["new": .number(1)], at: now + 4) }
+    }
+
+    @Test("SetConsent: a retried record is not appended again; denials alone may take a person to 2,000 pairs, no further; current is each pair's newest")
+    func consentRetriesAndDenials() async throws {
+        let clock = TestClock()
+        let service = try makeProfile(clock: clock)
+        let now = clock.read()
+        func record(_ purpose: String, granted: Bool, at: Int64, source: String = "form") -> ProfileV1.ConsentRecord {
+            var record = ProfileV1.ConsentRecord()
+            record.purpose = purpose
+            record.channel = .email
+            record.granted = granted
+            record.source = source
+            record.atMs = at
+            return record
+        }
+        var request = ProfileV1.SetConsentRequest()
+        request.person = personRef("p")
+        var get = ProfileV1.GetConsentRequest()
+        get.person = personRef("p")
+        get.includeHistory = true
+        request.consents = [record("news", granted: true, at: now - 10)]
+        for _ in 0..<3 { _ = try await service.setConsent(request) }  // a call retried twice
+        #expect(try await service.getConsent(get).history.count == 1)
+        // The same again at another time, or from another source, is history.
+        request.consents = [record("news", granted: true, at: now - 5), record("news", granted: true, at: now - 5, source: "app")]
+        _ = try await service.setConsent(request)
+        // Two records at one time: the one inserted last is current.
+        request.consents = [record("news", granted: false, at: now - 2), record("news", granted: true, at: now - 2, source: "support")]
+        _ = try await service.setConsent(request)
+        let consent = try await service.getConsent(get)
+        #expect(consent.history.count == 5)
+        #expect(consent.current.map { "\($0.purpose) \($0.granted) \($0.source)" } == ["news true support"])
+
+        // Denials alone go past 1,000 pairs (withdrawing must stay possible), to 2,000: "news"
+        // and 1,999 more.
+        for call in 0..<20 {
+            request.consents = (call * 100..<min(1999, (call + 1) * 100)).map { record("d\($0)", granted: false, at: now) }
+            _ = try await service.setConsent(request)
+        }
+        await expectCode(.resourceExhausted, message: "would have consent for 2001 purpose and channel pairs; at most 1000, or 2000 with denials") {
+            request.consents = [record("one-more", granted: false, at: now)]
+            _ = try await service.setConsent(request)
+        }
+        request.consents = [record("d7", granted: true, at: now)]  // a pair it has still changes, granted again too
+        _ = try await service.setConsent(request)
+        let current = try await service.getConsent(get).current
+        #expect(current.count == 2000 && current.first { $0.purpose == "d7" }?.granted == true)
     }
 
     @Test("GetProfile answers from the memory it filled, which follows every write (traits, consent, events, merges, erasure); a read that raced a write keeps no old copy")
@@ -1103,6 +1214,35 @@ struct MergeEraseTests {
         #expect(files == 0)
     }
 
+    @Test("an id erased here stays erased when the feed later merges it: persons merged into it are erased too, and it is never given a survivor")
+    func mergesAroundErasedIDs() async throws {
+        let clock = TestClock()
+        let now = clock.read()
+        let service = try makeProfile(clock: clock)
+        try service.define(feature("views", "view", .count))
+        _ = try await service.track([event("t1", "t", "view", at: now), event("s1", "s", "view", at: now),
+                                     event("x1", "x", "view", at: now), event("u1", "u", "view", at: now)])
+        _ = try await service.traits("s", ["tier": .string("gold")], at: now)
+        // Erased in the profile service alone (Profile/Erase); identity still knows them.
+        for person in ["t", "x"] {
+            var erase = ProfileV1.EraseRequest()
+            erase.personId = person
+            _ = try service.erase(erase)
+        }
+        // s merges into erased t; erased x merges into u. Before: s's data moved under t, where
+        // nobody could read it, and x took u as its survivor and got data again.
+        try service.store.apply([(1, .merge(target: "t", sources: ["s"])), (2, .merge(target: "u", sources: ["x"]))], nowMs: now)
+        let rows = try await service.store.pool.read { db in
+            try Int.fetchOne(db, sql: "SELECT (SELECT count(*) FROM event WHERE person_id IN ('s', 't')) + (SELECT count(*) FROM event_tail WHERE person_id IN ('s', 't')) + (SELECT count(*) FROM trait)")
+        }
+        #expect(rows == 0)
+        for person in ["s", "t", "x"] {
+            let refused = try await service.track([event("\(person)-2", person, "view", at: now)])
+            #expect(refused.accepted == 0 && refused.rejections.first?.reason == "person: person \(person) was erased", "\(refused)")
+        }
+        #expect(try await service.features("u") == ["views": 1])
+    }
+
     @Test("LAST of events at the same time is the one with the greatest id, whatever their order, live and after a rebuild")
     func lastTies() async throws {
         let clock = TestClock()
@@ -1282,22 +1422,28 @@ struct MergeEraseTests {
         let service = try makeProfile(directory, clock: clock)
         try service.define(feature("pages", "view", .distinctCount, property: "page"))
         let marker = "okapi\(UInt32.random(in: 0...UInt32.max))"
+        let victim = "victim"  // an erased id stays, as its tombstone: not the marker
         let now = clock.read()
-        _ = try await service.track((0..<20).map { event("\(marker)-ev\($0)", "victim", "view", at: now, ["page": .string("\(marker)-page\($0)")]) })
+        _ = try await service.track((0..<20).map { event("\(marker)-ev\($0)", victim, "view", at: now, ["page": .string("\(marker)-page\($0)")]) })
         _ = try await service.track([event("keep-1", "keeper", "view", at: now, ["page": .string("home")])])
-        _ = try await service.traits("victim", ["nickname": .string("\(marker)-nick")], at: now)
-        try await service.consent("victim", "marketing", .email, true, at: now, source: "\(marker)-form")
+        _ = try await service.traits(victim, ["nickname": .string("\(marker)-nick")], at: now)
+        try await service.consent(victim, "marketing", .email, true, at: now, source: "\(marker)-form")
         let files = ["profile.sqlite", "profile.sqlite-wal", "profile-state.sqlite", "profile-state.sqlite-wal"]
-        try service.store.flush()  // the victim's feature state (its distinct pages) in the state file too
-        #expect(filesContain(marker, in: directory, files: ["profile-state.sqlite", "profile-state.sqlite-wal"]))
+        try service.store.flush()  // the victim's feature state in the state file too
+        let stateRows = { try service.store.statePool.read { db in
+            try Int.fetchOne(db, sql: "SELECT count(*) FROM person_state WHERE person_id = ?", arguments: [victim]) } }
+        #expect(try stateRows() == 1)
+        // Of its distinct pages, the state holds only their hashes (before: the pages).
+        #expect(!filesContain(marker, in: directory, files: ["profile-state.sqlite", "profile-state.sqlite-wal"]))
         #expect(filesContain(marker, in: directory, files: files))
 
         var request = ProfileV1.EraseRequest()
-        request.personId = "victim"
+        request.personId = victim
         let erased = try service.erase(request)
         #expect(erased.eventsRemoved == 20 && erased.traitsRemoved == 1 && erased.consentsRemoved == 1)
         #expect(!filesContain(marker, in: directory, files: files))
-        await #expect(throws: RPCError.self) { _ = try await service.profile("victim") }
+        #expect(try stateRows() == 0)
+        await #expect(throws: RPCError.self) { _ = try await service.profile(victim) }
         #expect(try await service.features("keeper") == ["pages": 1])
     }
 
@@ -1338,8 +1484,9 @@ struct MergeEraseTests {
         let service = try makeProfile(directory, clock: clock)
         try service.define(feature("pages", "view", .distinctCount, property: "page"))
         let marker = "gnu\(UInt32.random(in: 0...UInt32.max))"
-        _ = try await service.track([event("v1", "victim", "view", at: now, ["page": .string(marker)])])
-        try service.store.settle()  // the victim's state, with the marker, in profile-state.sqlite
+        let victim = "victim-\(marker)"  // the state file holds the id (and only hashes of the pages)
+        _ = try await service.track([event("v1", victim, "view", at: now, ["page": .string(marker)])])
+        try service.store.settle()  // the victim's state, under its id, in profile-state.sqlite
         let files = ["profile-state.sqlite", "profile-state.sqlite-wal"]
         #expect(filesContain(marker, in: directory, files: files))
 
@@ -1353,7 +1500,7 @@ struct MergeEraseTests {
         }
         // Off the cooperative pool: the checkpoint retries for 1 s. The erasure is applied and
         // the poll succeeds (its settle is owed, not a failure of the feed).
-        try await offPool { try service.store.apply([(1, .erase(person: "victim", absorbed: []))], nowMs: now) }
+        try await offPool { try service.store.apply([(1, .erase(person: victim, absorbed: []))], nowMs: now) }
         #expect(try service.store.identityCursor() == 1)
         #expect(filesContain(marker, in: directory, files: files))  // deleted, not yet checkpointed away
         release()

@@ -211,7 +211,10 @@ public struct ProfileService: RPCService {
                 response.rejections.append(Self.rejection(i, request.events[i].eventId, error))
             }
         }
-        guard !accepted.isEmpty else { return response }
+        guard !accepted.isEmpty else {
+            response.rejections.sort { $0.index < $1.index }
+            return response
+        }
         let result = try await store.track(accepted.map(\.event), nowMs: now)
         for ((i, event), outcome) in zip(accepted, result.outcomes) {
             switch outcome {

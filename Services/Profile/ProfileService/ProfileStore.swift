@@ -653,9 +653,16 @@ public final class ProfileStore: Sendable {
     public func define(_ definition: ProfileV1.FeatureDefinition, backfill: Bool, nowMs: Int64) throws -> FeatureSpec {
         let probe = try FeatureSpec(definition)
         return try pool.writeWithoutTransaction { db in
-            let current = definitions.withLock { $0.features[probe.name] }
+            let (current, count) = definitions.withLock { ($0.features[probe.name], $0.features.count) }
+            guard current != nil || count < Self.maxFeatures else {
+                throw RPCError(.resourceExhausted, "feature: \(count) features are defined, at most \(Self.maxFeatures); redefine one instead")
+            }
             let version = current.map { $0.definition == definition ? $0.version : $0.version + 1 } ?? 1
-            if let current, current.version == version, !backfill { return current }
+            // The same definition again changes nothing, also with backfill once it counts every
+            // stored event (a retry would redo the whole backfill, holding the writer meanwhile),
+            // unless a failed backfill left its persons to the next start.
+            if let current, current.version == version,
+               !backfill || (current.countsFromMs == 0 && !memory.withLock { $0.holdLog }) { return current }
             // Without backfill a new version starts empty: it counts the events received from now on.
             let spec = try FeatureSpec(definition, version: version, countsFromMs: backfill ? 0 : nowMs)
             // Every state in the state file first (no Track runs while this holds the writer).
@@ -700,9 +707,17 @@ public final class ProfileStore: Sendable {
         }
     }
 
+    /// The most features and segments that may be defined: every GetProfile evaluates them all.
+    public static let maxFeatures = 500
+    public static let maxSegments = 500
+
     /// Defines a segment; `rule` was parsed against the features defined now.
     public func defineSegment(name: String, rule: Rule, nowMs: Int64) throws {
         try pool.writeThenUpdate { db in
+            let (known, count) = definitions.withLock { d in (d.segments.contains { $0.name == name }, d.segments.count) }
+            guard known || count < Self.maxSegments else {
+                throw RPCError(.resourceExhausted, "segment: \(count) segments are defined, at most \(Self.maxSegments); redefine one instead")
+            }
             try db.execute(sql: "INSERT OR REPLACE INTO segment (name, rule, defined_at_ms) VALUES (?, ?, ?)",
                            arguments: [name, rule.source, nowMs])
             return ((), { [self] in
@@ -1018,21 +1033,28 @@ public final class ProfileStore: Sendable {
     }
 
     /// Appends consent records to the person's history, as given for `origin` (see `setTraits`).
+    /// A record the same as its pair's newest (a retried call) is not appended again.
     public func setConsent(person: String, origin: String = "", _ records: [Consent]) throws {
         try writingFacts(of: person, origin: origin) { db in
             let pairsSQL = "SELECT count(*) FROM (SELECT DISTINCT purpose, channel FROM consent WHERE person_id = ?)"
-            let before = try Int.fetchOne(db, sql: pairsSQL, arguments: [person]) ?? 0
+            let before = try Int.fetchOne(db.cachedStatement(sql: pairsSQL), arguments: [person]) ?? 0
             for r in records {
-                try db.execute(sql: """
+                let newest = try Self.newestConsent(db, person: person, purpose: r.purpose, channel: Int64(r.channel))
+                if let newest, newest.granted == r.granted, newest.source == r.source, newest.atMs == r.atMs { continue }
+                try db.cachedStatement(sql: """
                     INSERT INTO consent (person_id, purpose, channel, granted, source, at_ms, origin_person_id) VALUES (?, ?, ?, ?, ?, ?, ?)
-                    """, arguments: [person, r.purpose, r.channel, r.granted, r.source, r.atMs, origin])
+                    """).execute(arguments: [person, r.purpose, r.channel, r.granted, r.source, r.atMs, origin])
             }
-            // Only new pairs past the limit are refused, and never a denial: withdrawing consent
-            // (routing passes unsubscribes on) must always be possible.
-            let pairs = try Int.fetchOne(db, sql: pairsSQL, arguments: [person]) ?? 0
-            guard pairs <= max(before, Self.maxConsentPairsPerPerson) || records.allSatisfy({ !$0.granted }) else {
+            // Only new pairs past the limit are refused. Denials may go further, to a ceiling
+            // of their own: withdrawing consent (routing passes unsubscribes on) must stay
+            // possible, and the answers must still fit in a message.
+            let pairs = try Int.fetchOne(db.cachedStatement(sql: pairsSQL), arguments: [person]) ?? 0
+            let denials = records.allSatisfy { !$0.granted }
+            let limit = denials ? Self.maxConsentPairsWithDenials : Self.maxConsentPairsPerPerson
+            guard pairs <= max(before, limit) else {
                 throw RPCError(.resourceExhausted,
-                               "consents: person \(person) would have consent for \(pairs) purpose and channel pairs; at most \(Self.maxConsentPairsPerPerson)")
+                               "consents: person \(person) would have consent for \(pairs) purpose and channel pairs; at most \(Self.maxConsentPairsPerPerson), "
+                               + "or \(Self.maxConsentPairsWithDenials) with denials")
             }
         }
     }
@@ -1061,20 +1083,40 @@ public final class ProfileStore: Sendable {
 
     /// The most distinct traits, and purpose and channel pairs of consent, one person may
     /// have through SetTraits and SetConsent (their answers must fit in a message). A call
-    /// that adds past them is refused; a denial never is, nor a change of what the person has
-    /// (a merge may have taken them past the limit).
+    /// that adds past them is refused, but not a change of what the person has (a merge may
+    /// have taken them past the limit); a call of denials alone may add pairs up to
+    /// `maxConsentPairsWithDenials`.
     public static let maxTraitsPerPerson = 1000
     public static let maxConsentPairsPerPerson = 1000
+    /// Pairs a call of denials alone may take a person to.
+    public static let maxConsentPairsWithDenials = 2000
 
+    /// The newest record per purpose and channel: a skip scan over `consent_by_person`, two
+    /// index probes per pair however long the person's history (it was read whole).
     static func currentConsent(_ db: Database, person: String) throws -> [Consent] {
-        var all: [Consent] = []
-        let rows = try Row.fetchCursor(db.cachedStatement(sql: """
-            SELECT purpose, channel, granted, source, at_ms FROM consent WHERE person_id = ? ORDER BY purpose, channel, at_ms, id
-            """), arguments: [person])
-        while let row = try rows.next() {
-            all.append(Consent(purpose: row[0], channel: row[1], granted: row[2], source: row[3], atMs: row[4]))
+        let nextPair = try db.cachedStatement(sql: """
+            SELECT purpose, channel FROM consent WHERE person_id = ? AND (purpose, channel) > (?, ?)
+            ORDER BY purpose, channel LIMIT 1
+            """)
+        var current: [Consent] = []
+        var after: (purpose: String, channel: Int64) = ("", .min)
+        while let pair = try Row.fetchOne(nextPair, arguments: [person, after.purpose, after.channel]) {
+            after = (pair[0], pair[1])
+            if let newest = try newestConsent(db, person: person, purpose: after.purpose, channel: after.channel) {
+                current.append(newest)
+            }
         }
-        return current(all)
+        return current
+    }
+
+    /// The pair's newest record (the last inserted of those at the newest time).
+    static func newestConsent(_ db: Database, person: String, purpose: String, channel: Int64) throws -> Consent? {
+        try Row.fetchOne(db.cachedStatement(sql: """
+            SELECT granted, source, at_ms FROM consent WHERE person_id = ? AND purpose = ? AND channel = ?
+            ORDER BY at_ms DESC, id DESC LIMIT 1
+            """), arguments: [person, purpose, channel]).map {
+            Consent(purpose: purpose, channel: Int32(clamping: channel), granted: $0[0], source: $0[1], atMs: $0[2])
+        }
     }
 
     /// The newest record per purpose and channel of records ordered by purpose, channel and time.
@@ -1460,11 +1502,32 @@ public final class ProfileStore: Sendable {
             var states: [String: ProfileStoreV1.PersonState] = [:]
             let specs = definitions.withLock { $0.byEventType }
             let cursor = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'identity_seq'") ?? 0
+            // Whom `person` is now, this batch's changes so far included (memory has them only
+            // once it commits); nil when erased.
+            func survivorNow(_ person: String) -> String? {
+                survivor(of: person) { key in
+                    if let change = goneChanges.last(where: { $0.person == key }) { return change.target }
+                    return gone.withLock { $0[key] }
+                }
+            }
             for (seq, change) in changes where seq > cursor {
                 switch change {
                 case .merge(let target, let sources):
-                    try Self.merge(db, sources: sources, into: target, specs: specs, now: nowMs, states: &states)
-                    for source in sources where source != target { try Self.markGone(db, source, target, &goneChanges) }
+                    // An erased id stays erased: never given a survivor, nor data again.
+                    let live = sources.filter { $0 != target && survivorNow($0) != nil }
+                    if survivorNow(target) == nil {
+                        // Erased here (Profile/Erase) while identity still knew it: what merges
+                        // into it is erased too, rather than kept under an id nobody can read.
+                        for source in live {
+                            _ = try Self.erase(db, source, specs: specs, now: nowMs, states: &states)
+                            try Self.markGone(db, source, "", &goneChanges)
+                            erasedAny = true
+                        }
+                        if !live.isEmpty { logger.warning("profile: \(live.count) persons merged into erased \(target) are erased too") }
+                        continue
+                    }
+                    try Self.merge(db, sources: live, into: target, specs: specs, now: nowMs, states: &states)
+                    for source in live { try Self.markGone(db, source, target, &goneChanges) }
                 case .unmerge(let survivor, let split):
                     try Self.split(db, split, from: survivor, specs: specs, now: nowMs, states: &states)
                     try Self.markGone(db, split, nil, &goneChanges)

@@ -47,12 +47,20 @@ struct  Arbiter__Profile__Store__V1__Bucket
 struct  Arbiter__Profile__Store__V1__DistinctValue
 {
   ProtobufCMessage base;
+  /*
+   * Written before hash: the value itself (a string, or a number's or bool's text).
+   */
   char *value;
   int64_t last_ms;
+  /*
+   * FNV-1a (64 bits) of that text's UTF-8 bytes; value is then empty. Eight bytes a value,
+   * whatever its length, and no property value (often personal data) in the state file.
+   */
+  uint64_t hash;
 };
 #define ARBITER__PROFILE__STORE__V1__DISTINCT_VALUE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__profile__store__v1__distinct_value__descriptor) \
-    , (char *)protobuf_c_empty_string, 0 }
+    , (char *)protobuf_c_empty_string, 0, 0 }
 
 
 /*

@@ -27,8 +27,12 @@ extension ProfileStoreV1 {
 
     /// A value seen by a DISTINCT_COUNT feature, with the newest time it was seen.
     public struct DistinctValue: ProtoMessage {
+        /// Written before hash: the value itself (a string, or a number's or bool's text).
         public var value: String = ""
         public var lastMs: Int64 = 0
+        /// FNV-1a (64 bits) of that text's UTF-8 bytes; value is then empty. Eight bytes a value,
+        /// whatever its length, and no property value (often personal data) in the state file.
+        public var hash: UInt64 = 0
 
         public static let protoName = "arbiter.profile.store.v1.DistinctValue"
         public static let protoDescriptor = ProtoDescriptor(arbiter__profile__store__v1__distinct_value__descriptor_ptr())
@@ -36,10 +40,12 @@ extension ProfileStoreV1 {
         public init(reader: ProtoReader) throws {
             value = reader.string(1)
             lastMs = reader.int64(2)
+            hash = reader.uint64(3)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, value)
             writer.setInt64(2, lastMs)
+            writer.setUint64(3, hash)
         }
     }
 
