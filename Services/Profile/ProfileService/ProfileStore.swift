@@ -77,10 +77,19 @@ public final class ProfileStore: Sendable {
         var features: [String: FeatureSpec] = [:]
         var byEventType: [String: [FeatureSpec]] = [:]
         var segments: [(name: String, rule: Rule)] = []
+        /// The latest `countsFromMs` of the features: no event is stored as received before it.
+        var countingFromMs: Int64 = 0
+        /// The latest arrival time stored: a feature defined without backfill counts from
+        /// after it. With the floor above, on the event file's writer both, an event counts
+        /// for a feature exactly when it was stored after the feature was defined, live and
+        /// when recomputed (each clock is read before the writer is taken, so by times alone
+        /// an event could be folded live and not when recomputed, or the other way round).
+        var lastReceivedAtMs: Int64 = 0
 
         mutating func set(_ spec: FeatureSpec) {
             features[spec.name] = spec
             byEventType = Dictionary(grouping: features.values.sorted { $0.name < $1.name }, by: \.definition.eventType)
+            countingFromMs = max(countingFromMs, spec.countsFromMs)
         }
     }
 
@@ -220,6 +229,9 @@ public final class ProfileStore: Sendable {
             for row in try Row.fetchAll(db, sql: "SELECT name, rule FROM segment ORDER BY name") {
                 loaded.segments.append((row["name"], try Rule(row["rule"])))
             }
+            // Events are stored in arrival order: the last of `event` and the tail's latest.
+            loaded.lastReceivedAtMs = max(try Int64.fetchOne(db, sql: "SELECT received_ms FROM event ORDER BY seq DESC LIMIT 1") ?? 0,
+                                          try Int64.fetchOne(db, sql: "SELECT max(received_ms) FROM event_tail") ?? 0)
         }
         definitions = Mutex(loaded)
         gone = Mutex(try pool.read { db in
@@ -663,8 +675,10 @@ public final class ProfileStore: Sendable {
             // unless a failed backfill left its persons to the next start.
             if let current, current.version == version,
                !backfill || (current.countsFromMs == 0 && !memory.withLock { $0.holdLog }) { return current }
-            // Without backfill a new version starts empty: it counts the events received from now on.
-            let spec = try FeatureSpec(definition, version: version, countsFromMs: backfill ? 0 : nowMs)
+            // Without backfill a new version starts empty: it counts the events received from now
+            // on, after every event stored (`Definitions.lastReceivedAtMs`).
+            let countsFrom = max(nowMs, definitions.withLock { $0.lastReceivedAtMs } + 1)
+            let spec = try FeatureSpec(definition, version: version, countsFromMs: backfill ? 0 : countsFrom)
             // Every state in the state file first (no Track runs while this holds the writer).
             if backfill { try flushOnWriter() }
             // The definition, and for a backfill every person it rewrites logged as dirty, in one
@@ -804,7 +818,9 @@ public final class ProfileStore: Sendable {
 
     private func write(_ batch: [Ingest]) throws -> [TrackResult] {
         try pool.writeWithoutTransaction { db in
-            let byType = definitions.withLock { $0.byEventType }
+            let (byType, floor) = definitions.withLock { ($0.byEventType, $0.countingFromMs) }
+            var lastReceived: Int64 = 0
+            defer { definitions.withLock { $0.lastReceivedAtMs = max($0.lastReceivedAtMs, lastReceived) } }
             var results: [TrackResult] = []
             var updated: [String: ProfileStoreV1.PersonState] = [:]
             var newlyDirty: [String] = []
@@ -825,7 +841,11 @@ public final class ProfileStore: Sendable {
                     var outcomes: [TrackResult.Outcome] = []
                     outcomes.reserveCapacity(entry.events.count)
                     var byPerson: [String: [TrackedEvent]] = [:]
-                    for (event, body) in zip(entry.events, entry.bodies) {
+                    for (given, body) in zip(entry.events, entry.bodies) {
+                        // Received no earlier than the latest feature's start (see `Definitions`).
+                        var event = given
+                        event.receivedAtMs = max(event.receivedAtMs, floor)
+                        lastReceived = max(lastReceived, event.receivedAtMs)
                         let person = gone.isEmpty ? event.personID : Self.follow(event.personID, in: gone)
                         guard let person else {
                             outcomes.append(.personErased)
@@ -1417,8 +1437,14 @@ public final class ProfileStore: Sendable {
         let erased = try rewriting({ db in
             var states: [String: ProfileStoreV1.PersonState] = [:]
             let specs = definitions.withLock { $0.byEventType }
-            // On the writer: the feed changes `gone` only here, so this is the file's answer.
-            let target = current(person) ?? person
+            // On the writer: the feed changes `gone` only here, so this is the file's answer. An
+            // id erased already (a retry) names the person its merges led to, as the first
+            // answer did, and its tombstone stays as it is.
+            let target = current(person) ?? gone.withLock { gone in
+                var id = person
+                for _ in 0..<64 { guard let next = gone[id], !next.isEmpty else { break }; id = next }
+                return id
+            }
             var erased = try Self.erase(db, target, specs: specs, now: nowMs, states: &states)
             erased.person = target
             try Self.markGone(db, target, "", &goneChanges)
