@@ -119,9 +119,12 @@ public struct TTRPCFrameDecoder: ByteToMessageDecoder {
 
     public mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
         while try decode(context: context, buffer: &buffer) == .continue {}
-        // A partial frame at EOF is dropped: the peer went away mid-frame.
+        // A partial frame at EOF is dropped: the peer went away mid-frame (or half-closed).
+        // No frame waits any more: the frame timer must not close the connection, whose
+        // answers still in flight go out.
         buffer.moveReaderIndex(to: buffer.writerIndex)
-        return .needMoreData
+        bytesToSkip = 0
+        return waiting(context, buffer)
     }
 }
 

@@ -283,6 +283,14 @@ public final class RPCServer: Service, Sendable {
             return .answer(finish(streamID, .failure(RPCError(.invalidArgument, "unmarshal request error: \(error)")),
                                   service: "unknown", method: "unknown", start: start, logger: logger))
         }
+        // Metadata is a handful of short pairs; a frame of millions of empty ones would hold
+        // ~130 MB of decoded entries for as long as its handler ran.
+        let metadataBytes = request.metadata.reduce(0) { $0 + $1.key.utf8.count + $1.value.utf8.count }
+        guard request.metadata.count <= Self.maxMetadataEntries, metadataBytes <= Self.maxMetadataBytes else {
+            return .answer(finish(streamID, .failure(RPCError(.resourceExhausted,
+                "metadata of \(request.metadata.count) entries and \(metadataBytes) bytes exceeds the limit of \(Self.maxMetadataEntries) entries and \(Self.maxMetadataBytes) bytes")),
+                                  service: request.service, method: request.method, start: start, logger: logger))
+        }
         let route: RPCRouter.Route
         do {
             route = try router.route(service: request.service, method: request.method)
@@ -304,9 +312,20 @@ public final class RPCServer: Service, Sendable {
         return .run(Call(streamID: streamID, request: request, route: route, start: start, deadline: deadline))
     }
 
+    /// The most metadata entries, and bytes of their keys and values together, a request may carry.
+    public static let maxMetadataEntries = 128
+    public static let maxMetadataBytes = 16 << 10
+
+    /// A handler's answer, recorded (metrics, log) only once the connection writes it: one
+    /// whose deadline passed first was answered DEADLINE_EXCEEDED, and recorded, already.
+    struct Ran: Sendable {
+        var frame: OutboundFrame
+        var result: Result<[UInt8], RPCError>
+    }
+
     /// Runs the handler of a prepared call and returns its answer. The connection answers
     /// DEADLINE_EXCEEDED itself when the deadline passes first, and cancels this task.
-    func run(_ call: Call, logger connectionLogger: Logger) async -> OutboundFrame {
+    func run(_ call: Call, logger connectionLogger: Logger) async -> Ran {
         metrics.inFlight.increment()
         defer { metrics.inFlight.decrement() }
         let service = call.request.service, method = call.request.method
@@ -338,7 +357,13 @@ public final class RPCServer: Service, Sendable {
             ])
             result = .failure(RPCError(.internal, "internal error"))
         }
-        return finish(call.streamID, result, service: service, method: method, start: call.start, logger: connectionLogger)
+        let (frame, answered) = encode(call.streamID, result)
+        return Ran(frame: frame, result: answered)
+    }
+
+    /// Records a handler's answer the connection wrote (`Ran`).
+    func record(_ ran: Ran, of call: Call, logger: Logger) {
+        record(call.streamID, ran.result, service: call.request.service, method: call.request.method, start: call.start, logger: logger)
     }
 
     /// The answer when a call's deadline passes before its handler finishes.
@@ -350,6 +375,14 @@ public final class RPCServer: Service, Sendable {
     /// Records metrics and logs for an answer and encodes it.
     private func finish(_ streamID: UInt32, _ result: Result<[UInt8], RPCError>, service: String, method: String,
                         start: ContinuousClock.Instant, logger: Logger) -> OutboundFrame {
+        let (frame, answered) = encode(streamID, result)
+        record(streamID, answered, service: service, method: method, start: start, logger: logger)
+        return frame
+    }
+
+    /// The answer's frame, and the result it carries: one too large for the client is
+    /// RESOURCE_EXHAUSTED instead.
+    private func encode(_ streamID: UInt32, _ result: Result<[UInt8], RPCError>) -> (OutboundFrame, Result<[UInt8], RPCError>) {
         var result = result
         var frame = Self.responseFrame(streamID, result)
         if frame.payload.count > configuration.maxMessageSize {
@@ -357,6 +390,11 @@ public final class RPCServer: Service, Sendable {
             result = .failure(RPCError(.resourceExhausted, "response of \(frame.payload.count) bytes exceeds the maximum message size of \(configuration.maxMessageSize): ask for less"))
             frame = Self.responseFrame(streamID, result)
         }
+        return (frame, result)
+    }
+
+    private func record(_ streamID: UInt32, _ result: Result<[UInt8], RPCError>, service: String, method: String,
+                        start: ContinuousClock.Instant, logger: Logger) {
         let duration = ContinuousClock.now - start
         metrics.record(service: service, method: method, code: result.code, duration: duration)
         if case .failure(let error) = result {
@@ -371,7 +409,6 @@ public final class RPCServer: Service, Sendable {
                 "rpc.stream_id": "\(streamID)", "rpc.duration_ms": "\(Double(duration.nanoseconds) / 1e6)",
             ])
         }
-        return frame
     }
 }
 
@@ -523,11 +560,11 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
         let onLoop = call.route.execution.map { $0 == .eventLoop } ?? handlersOnEventLoop
         // The task's first job is enqueued, not run here: `running` holds it before it finishes.
         let task = Task(executorPreference: onLoop ? executor : nil) {
-            let frame = await server.run(call, logger: logger)
+            let ran = await server.run(call, logger: logger)
             if loop.inEventLoop {
-                handler.value.finished(boundContext.value, streamID, frame)
+                handler.value.finished(boundContext.value, streamID, ran)
             } else {
-                loop.execute { handler.value.finished(boundContext.value, streamID, frame) }
+                loop.execute { handler.value.finished(boundContext.value, streamID, ran) }
             }
         }
         running[streamID] = (task, call)
@@ -557,13 +594,22 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
         armDeadlines(context)
     }
 
-    private func finished(_ context: ChannelHandlerContext, _ streamID: UInt32, _ frame: OutboundFrame) {
-        guard running.removeValue(forKey: streamID) != nil else { return }  // connection already gone
+    private func finished(_ context: ChannelHandlerContext, _ streamID: UInt32, _ ran: RPCServer.Ran) {
+        guard let (_, call) = running.removeValue(forKey: streamID) else { return }  // connection already gone
         deadlines.dropFinished(pending: running.count) { running[$0] != nil }
-        if expired.remove(streamID) == nil { write(context, frame) }
+        if expired.remove(streamID) == nil {
+            write(context, ran.frame)
+            server.record(ran, of: call, logger: logger)
+        }
         while running.count < limit && queueHead < queued.count {
             let call = queued[queueHead]
             queueHead += 1
+            // Its deadline passed while it waited for a slot: answered so, without running
+            // its handler (whose effects the client, told DEADLINE_EXCEEDED, would not expect).
+            if let deadline = call.deadline, deadline <= .now {
+                write(context, server.deadlineExceeded(call, logger: logger))
+                continue
+            }
             start(context, call)
         }
         if queueHead == queued.count {

@@ -102,12 +102,10 @@ public struct Rule: Sendable, CustomStringConvertible {
     /// false is then an error at its position. Give it where rules are written; rules read
     /// back from a store are parsed without it (one written before these checks still loads).
     public init(_ source: String, check: (_ namespace: String, _ name: String) -> String? = { _, _ in nil },
-                kinds: (_ namespace: String, _ name: String) -> Kind? = { _, _ in nil }) throws(RuleError) {
+                kinds: ((_ namespace: String, _ name: String) -> Kind?)? = nil) throws(RuleError) {
         let (root, references) = try withoutActuallyEscaping(check) { (check) throws(RuleError) in
-            try withoutActuallyEscaping(kinds) { (kinds) throws(RuleError) in
-                var parser = Parser(Array(source.unicodeScalars), check: check, kinds: kinds)
-                return (try parser.parseRule(), parser.references)
-            }
+            var parser = Parser(Array(source.unicodeScalars), check: check, kinds: kinds ?? { _, _ in nil }, checking: kinds != nil)
+            return (try parser.parseRule(), parser.references)
         }
         self.source = source
         self.root = root
@@ -211,14 +209,18 @@ struct Parser {
     let text: [Unicode.Scalar]
     let check: (String, String) -> String?
     let kinds: (String, String) -> Rule.Kind?
+    /// `kinds` was given: the rule is being written, and the checks of what can never hold apply.
+    let checking: Bool
     var index = 0
     var depth = 0
     var references: [(namespace: String, name: String)] = []
 
-    init(_ text: [Unicode.Scalar], check: @escaping (String, String) -> String?, kinds: @escaping (String, String) -> Rule.Kind?) {
+    init(_ text: [Unicode.Scalar], check: @escaping (String, String) -> String?, kinds: @escaping (String, String) -> Rule.Kind?,
+         checking: Bool = false) {
         self.text = text
         self.check = check
         self.kinds = kinds
+        self.checking = checking
     }
 
     /// A path whose kind `kinds` knows: its text and kind.
@@ -353,6 +355,10 @@ struct Parser {
 
     /// A node read as true or false: a known path that holds something else never is.
     func checkCondition(_ node: Rule.Node, at start: Int) throws(RuleError) {
+        // A literal that is not true or false never holds: `context.placement == "home" or "cart"`.
+        if checking, case .literal(let value) = node, Rule.Kind(value) != .bool {
+            throw error("\(value) is \(Rule.Kind(value).described), not true or false: compare a path with it (such as context.placement == \(value))", at: start)
+        }
         guard let path = knownPath(node), path.kind != .bool else { return }
         throw error("\(path.text) is \(path.kind.described), not true or false: compare it (such as \(path.text) \(path.kind == .number ? "> 0" : "== \"x\""))", at: start)
     }

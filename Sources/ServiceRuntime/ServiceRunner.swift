@@ -141,8 +141,11 @@ public final class ServiceRuntime<Definition: ServiceDefinition>: Sendable {
         // Held until run returns: no second process of this service opens its store.
         let lock = try DataDirectoryLock(directory: options.dataDir, holder: Definition.commandName)
         defer { withExtendedLifetime(lock) {} }
+        // Peers' answers may be as large as this service's own (`--max-message-size`).
+        var peerConfiguration = RPCClientConfiguration.withToken(authToken)
+        peerConfiguration.maxMessageSize = options.maxMessageSize
         func client(_ peer: PeerAddress?) -> RPCClient? {
-            peer.map { RPCClient(host: $0.host, port: $0.port, configuration: .withToken(authToken), group: group) }
+            peer.map { RPCClient(host: $0.host, port: $0.port, configuration: peerConfiguration, group: group) }
         }
         var configData: [UInt8]?
         if let file = options.config {

@@ -108,6 +108,11 @@ struct DecisionTests {
             request.action = action("a", eligibility: "context.age >= 18")
             _ = try decision.upsertAction(request)
         }
+        // A purpose with a dot, as SetConsent takes it, can be read in a rule (before: refused,
+        // the path had to be two parts); an empty part cannot.
+        let other = try makeDecision()
+        try other.upsert(action("weekly", eligibility: "consent.news.weekly.email"))
+        await expectInvalid("action.eligibility") { try other.upsert(action("a", eligibility: "consent.news..email")) }
         // A consent purpose SetConsent refuses: its consent could never be granted.
         await expectInvalid("action.consent_purpose: \"news.email\" ends in a channel name") {
             var request = DecisionV1.UpsertActionRequest()

@@ -312,6 +312,51 @@ struct ServerTests {
         }
     }
 
+    @Test("a call whose deadline passed while it waited for a slot is answered DEADLINE_EXCEEDED, its handler not run")
+    func queuedPastDeadline() async throws {
+        let test = TestService()
+        try await withServer(configure: { $0.maxInFlightPerConnection = 1 }, services: [test]) { _, port in
+            // Two calls in one write, so the server reads both (a call read later would get its
+            // budget from when it was read): the second waits for the first's slot.
+            let raw = try await RawConnection(port: port)
+            let first = RawConnection.request(service: TestMethods.service, method: "Block", echoRequest("first"))
+            let late = RawConnection.request(service: TestMethods.service, method: "Block", echoRequest("late"), timeoutNano: 100_000_000)
+            try await raw.send(RawConnection.frame(stream: 1, payload: first) + RawConnection.frame(stream: 3, payload: late))
+            let deadline = ContinuousClock.now + .seconds(10)
+            while test.started.load(ordering: .relaxed) < 1, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+            try await Task.sleep(for: .milliseconds(300))  // past the second's deadline
+            test.gate.open()
+            let answers = [try #require(try await raw.readFrame()), try #require(try await raw.readFrame())]
+            #expect(answers.map(\.header.streamID) == [1, 3])
+            #expect(answers[0].response.status == nil || answers[0].response.status?.code == 0)
+            #expect(answers[1].response.status?.code == RPCError.Code.deadlineExceeded.rawValue)
+            #expect(test.started.load(ordering: .relaxed) == 1)  // before: 2, the late one ran after its deadline
+            await raw.close()
+        }
+    }
+
+    @Test("request metadata past 128 entries or 16 KiB is RESOURCE_EXHAUSTED, saying so")
+    func metadataLimit() async throws {
+        try await withServer { _, port in
+            let client = makeClient(port)
+            defer { client.close() }
+            var many = Metadata()
+            for i in 0...128 { many.add("k\(i)", "v") }
+            await expectCode(.resourceExhausted, message: "metadata of 129 entries and") {
+                _ = try await client.call(EchoV1.Echo.echo, echoRequest("x"), metadata: many)
+            }
+            var large = Metadata()
+            large.add("big", String(repeating: "x", count: 16 << 10))
+            await expectCode(.resourceExhausted, message: "exceeds the limit of 128 entries and 16384 bytes") {
+                _ = try await client.call(EchoV1.Echo.echo, echoRequest("x"), metadata: large)
+            }
+            var fine = Metadata()
+            for i in 0..<128 { fine.add("k\(i)", "v") }
+            let echoed = try await client.call(EchoV1.Echo.echo, echoRequest("x"), metadata: fine)
+            #expect(echoed.message == "x")
+        }
+    }
+
     @Test("connections past the limit are closed")
     func connectionLimit() async throws {
         try await withServer(configure: { $0.maxConnections = 1 }) { _, port in

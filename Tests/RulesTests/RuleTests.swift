@@ -81,6 +81,11 @@ import Testing
         ("segment.a and (feature.n)", 15, "not true or false"),
         ("(feature.n) or segment.a", 1, "not true or false"),
         ("not (feature.n)", 5, "not true or false"),
+        // A literal that is not true or false never holds (before: accepted, and always false).
+        (#"context.placement == "home" or "cart""#, 32, #""cart" is a string, not true or false: compare a path with it"#),
+        ("segment.a and 1", 15, "1 is a number, not true or false"),
+        (#""home""#, 1, "is a string, not true or false"),
+        ("not 0", 5, "0 is a number, not true or false"),
     ])
     func kindsRefuseRulesThatCannotHold(rule: String, position: Int, message: String) throws {
         do {
@@ -101,6 +106,7 @@ import Testing
         // A parenthesised operand is still an operand.
         #"(feature.n) > 1 and feature.a > (feature.b) and (context.page) == "home" and (feature.n) in [1, 2]"#,
         "((feature.n)) >= 2",
+        "true or segment.a",  // a bool literal is a condition
     ])
     func kindsAcceptRulesThatCanHold(rule: String) throws {
         _ = try Rule(rule, kinds: Rule.standardKind)

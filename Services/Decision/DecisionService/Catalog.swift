@@ -103,14 +103,17 @@ public final class ActionSpec: Sendable {
 
     /// An eligibility rule: the namespaces a decision can read.
     /// `kinds` as `Rule.init` takes it: given when an action is written, not when read back.
-    static func rule(_ text: String, field: String, kinds: (String, String) -> Rule.Kind? = { _, _ in nil }) throws(RPCError) -> Rule? {
+    static func rule(_ text: String, field: String, kinds: ((String, String) -> Rule.Kind?)? = nil) throws(RPCError) -> Rule? {
         guard !text.isEmpty else { return nil }
         do {
             return try Rule(text, check: { namespace, name in
                 switch namespace {
                 case "trait", "feature", "segment", "context": return nil
                 case "consent":
-                    return name.split(separator: ".").count == 2 ? nil : "consent paths are consent.<purpose>.<channel>"
+                    // The purpose may hold dots itself (SetConsent takes `news.weekly`): the channel
+                    // is what follows the last one.
+                    let parts = name.split(separator: ".", omittingEmptySubsequences: false)
+                    return parts.count >= 2 && parts.allSatisfy({ !$0.isEmpty }) ? nil : "consent paths are consent.<purpose>.<channel>"
                 default: return "unknown namespace \"\(namespace)\" (trait., feature., segment., consent., context.)"
                 }
             }, kinds: kinds)

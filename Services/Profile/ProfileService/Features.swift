@@ -95,7 +95,7 @@ public struct FeatureSpec: Sendable {
     }
 
     /// `kinds` as `Rule.init` takes it: given when a filter is written, not when read back.
-    static func parseFilter(_ text: String, kinds: (String, String) -> Rule.Kind? = { _, _ in nil }) throws(RPCError) -> Rule? {
+    static func parseFilter(_ text: String, kinds: ((String, String) -> Rule.Kind?)? = nil) throws(RPCError) -> Rule? {
         guard !text.isEmpty else { return nil }
         do {
             return try Rule(text, check: eventPathCheck, kinds: kinds)
