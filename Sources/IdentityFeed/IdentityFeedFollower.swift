@@ -82,13 +82,18 @@ public struct IdentityFeedFollower<Sink: IdentityChangeSink>: Service {
         }
     }
 
+    /// How long a call to the identity service may take: a peer that hangs, or a connection
+    /// lost without a word, would otherwise stop every later merge and erasure. A call that
+    /// times out is retried with the follower's backoff.
+    static var callTimeout: Duration { .seconds(10) }
+
     /// Fetches and applies the next page of changes; returns how many were applied.
     @discardableResult
     public func pollOnce(limit: UInt32 = 500) async throws -> Int {
         var request = IdentityV1.ListChangesRequest()
         request.afterSeq = UInt64(try store.identityCursor())
         request.limit = limit
-        let response = try await identity.call(IdentityV1.Identity.listChanges, request)
+        let response = try await identity.call(IdentityV1.Identity.listChanges, request, timeout: Self.callTimeout)
         var changes: [(seq: Int64, change: IdentityChange)] = []
         for change in response.changes {
             let kind: IdentityChange
@@ -120,7 +125,7 @@ public struct IdentityFeedFollower<Sink: IdentityChangeSink>: Service {
         request.personId = id
         request.pageSize = 1  // whether it exists, not its identifiers
         do {
-            _ = try await identity.call(IdentityV1.Identity.getPerson, request)
+            _ = try await identity.call(IdentityV1.Identity.getPerson, request, timeout: Self.callTimeout)
             return true
         } catch {
             if error.code == .notFound { return false }

@@ -603,6 +603,22 @@ struct RoutingTests {
         }
     }
 
+    @Test("a webhook receiver that sends its body a byte at a time holds a send no longer than the timeout: its 200 is a send")
+    func webhookTricklingBodyTimed() async throws {
+        try await withRouting(configure: { $0.webhook?.timeoutMs = 500 }) { routing, profile, sink in
+            try seedReachable(profile.store, "p", at: now() - day)
+            sink.trickleBodies(true)
+            let started = ContinuousClock.now
+            let d = try await routing.route(routeRequest("p", key: "trickle", channels: [.webhook], critical: true))
+            try await dispatching(routing) {
+                try await waitFor { try routing.store.delivery(d.deliveryId)?.state == .sent }
+            }
+            // Before: the body's 1,000 bytes at one per 200 ms (each read within the timeout), 200 s.
+            #expect(ContinuousClock.now - started < .seconds(30))
+            #expect(sink.answered == 1)
+        }
+    }
+
     @Test("a webhook that redirects is not delivered to: the redirect is not followed (it would repeat the POST as a GET without its body)")
     func webhookRedirectIsNotDelivery() async throws {
         try await withRouting(configure: { $0.maxAttempts = 3 }) { routing, profile, sink in
@@ -1237,6 +1253,27 @@ struct RoutingTests {
             // Before, it went: 3 on the webhook within a day against a cap of 2.
             #expect(try routing.store.beforeSending(moved, nowMs: now()) == nil)
             let stopped = try #require(try routing.store.delivery(a.deliveryId))
+            #expect(stopped.state == .suppressed && stopped.suppressionReason == "capped", "\(stopped.state) \(stopped.suppressionReason)")
+        }
+    }
+
+    @Test("a normal message a merge moved to another person is held to the caps of the person it goes to, also on time")
+    func mergedWithinCaps() async throws {
+        try await withRouting(configure: { $0.quietHoursStart = "00:00"; $0.quietHoursEnd = "00:00" }) { routing, profile, _ in
+            try seedReachable(profile.store, "a", at: now() - day)
+            try seedReachable(profile.store, "b", at: now() - day)
+            let b1 = try await routing.route(routeRequest("b", key: "mb1", channels: [.webhook]))
+            let b2 = try await routing.route(routeRequest("b", key: "mb2", channels: [.webhook]))
+            try await send(routing, b1, b2)
+            // Planned for a, within a's caps; then a merges into b, who has had the webhook's 2 a day.
+            let a1 = try await routing.route(routeRequest("a", key: "ma1", channels: [.webhook]))
+            #expect(a1.state == .scheduled)
+            try routing.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: now())
+            let moved = try #require(try routing.store.delivery(a1.deliveryId))
+            #expect(moved.personId == "b")
+            // Before, on time it was not checked again, and went: 3 on the webhook within a day.
+            #expect(try routing.store.beforeSending(moved, nowMs: max(now(), moved.sendAtMs)) == nil)
+            let stopped = try #require(try routing.store.delivery(a1.deliveryId))
             #expect(stopped.state == .suppressed && stopped.suppressionReason == "capped", "\(stopped.state) \(stopped.suppressionReason)")
         }
     }

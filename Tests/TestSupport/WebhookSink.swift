@@ -16,6 +16,8 @@ public final class WebhookSink: Sendable {
     }
 
     let state = Mutex<(requests: [Request], failNext: Int, failStatus: Int, retryAfter: String?, location: String?, answered: Int, holdAfter: Int?)>(([], 0, 503, nil, nil, 0, nil))
+    /// Answers 200 at once, then sends the body a byte every 200 ms (of 1,000).
+    let trickles = Atomic<Bool>(false)
     let channel: any Channel
     public let port: Int
 
@@ -53,6 +55,12 @@ public final class WebhookSink: Sendable {
     /// kill lands mid-dispatch however slow the machine is.
     public func holdResponses(after count: Int?) {
         state.withLock { $0.holdAfter = count }
+    }
+
+    /// With `on`, answers 200 with its headers at once, then the body a byte every 200 ms (of
+    /// 1,000): a receiver that keeps a sender reading.
+    public func trickleBodies(_ on: Bool) {
+        trickles.store(on, ordering: .relaxed)
     }
 
     /// Requests answered 2xx (or held), in arrival order.
@@ -102,6 +110,18 @@ public final class WebhookSink: Sendable {
                 body += buffer.readBytes(length: buffer.readableBytes) ?? []
             case .end:
                 guard let (status, retryAfter, location) = sink().receive(Request(headers: headers, body: body)) else { return }  // held: never answered
+                if sink().trickles.load(ordering: .relaxed) {
+                    var head = HTTPResponseHead(version: .http1_1, status: .ok)
+                    head.headers.add(name: "Content-Length", value: "1000")
+                    context.writeAndFlush(wrapOutboundOut(.head(head)), promise: nil)
+                    let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+                    let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+                    context.eventLoop.scheduleRepeatedTask(initialDelay: .milliseconds(200), delay: .milliseconds(200)) { task in
+                        guard bound.value.channel.isActive else { task.cancel(); return }
+                        bound.value.writeAndFlush(handler.value.wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: "x")))), promise: nil)
+                    }
+                    return
+                }
                 var head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: status))
                 head.headers.add(name: "Content-Length", value: "0")
                 if let retryAfter { head.headers.add(name: "Retry-After", value: retryAfter) }

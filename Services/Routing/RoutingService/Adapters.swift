@@ -148,8 +148,17 @@ struct WebhookAdapter: ChannelAdapter {
         }
         request.body = .bytes(ByteBuffer(bytes: body))
         do {
+            let deadline = ContinuousClock.now + .nanoseconds(timeout.nanoseconds)
             let response = try await client.execute(request, timeout: timeout)
-            _ = try? await response.body.collect(upTo: 64 << 10)
+            // The status decides; the body is read only so the connection can be reused, and
+            // within what is left of the timeout, which ends with the headers in the client (a
+            // receiver sending its body a byte every few seconds held a sending slot for hours).
+            await withTaskGroup(of: Void.self) { group in
+                group.addTask { _ = try? await response.body.collect(upTo: 64 << 10) }
+                group.addTask { try? await Task.sleep(until: deadline, clock: .continuous) }
+                await group.next()
+                group.cancelAll()
+            }
             let code = Int(response.status.code)
             switch code {
             case 200..<300: return .sent

@@ -260,8 +260,9 @@ public struct ConsentRevoker: Service {
     }
 
     /// Answers the profile service gives a request it will never accept: retrying one would
-    /// hold every later opt-out behind it.
-    static let refusals: Set<RPCError.Code> = [.invalidArgument, .failedPrecondition, .outOfRange]
+    /// hold every later opt-out behind it. RESOURCE_EXHAUSTED is a limit (a person at the
+    /// most consent pairs the profile service keeps), not a load to wait out.
+    static let refusals: Set<RPCError.Code> = [.invalidArgument, .failedPrecondition, .outOfRange, .resourceExhausted]
 
     /// SetConsent(denied) for one opt-out; true once the profile service recorded it.
     static func revoke(_ optOut: RoutingStore.OptOut, profile: RPCClient, store: RoutingStore, logger: Logger) async -> Bool {

@@ -451,7 +451,7 @@ public final class RoutingStore: Sendable {
     /// was planned, and with the profile's consent when it was read again (`consent`).
     /// Opt-outs older than the plan were weighed by the planner against the consent it read,
     /// so only newer ones refuse here.
-    func check(_ d: RoutingV1.Delivery, _ evidence: Evidence, consent: SendTimeConsent = .notRead, nowMs: Int64) -> SendCheck {
+    func check(_ d: RoutingV1.Delivery, _ evidence: Evidence, consent: SendTimeConsent = .notRead, moved: Bool = false, nowMs: Int64) -> SendCheck {
         if d.notAfterMs > 0 && nowMs > d.notAfterMs {
             return .expired(why: "not_after \(d.notAfterMs) passed before it could be sent (now \(nowMs))")
         }
@@ -499,7 +499,7 @@ public final class RoutingStore: Sendable {
             // planning, at now: against the sends before it and the deliveries scheduled after
             // it, in the busiest window holding it. One on time was checked where it goes, when
             // it was planned.
-            guard Self.rechecksCaps(d, nowMs) else { return .send }
+            guard Self.rechecksCaps(d, nowMs, moved: moved) else { return .send }
             let c = configuration
             let day: Int64 = 86_400_000, week = 7 * day
             let times = evidence.contacts.map(\.atMs)
@@ -542,15 +542,18 @@ public final class RoutingStore: Sendable {
     func beforeSending(_ planned: RoutingV1.Delivery, consent: SendTimeConsent = .notRead, nowMs: Int64) throws -> RoutingV1.Delivery? {
         // The delivery as stored now, too: one erased (with its person), requeued or moved
         // since the dispatcher read it is not sent from the dispatcher's copy.
-        let read = try pool.read { db -> (evidence: Evidence, still: Bool) in
-            let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, channel FROM delivery WHERE delivery_id = ?"),
+        let read = try pool.read { db -> (evidence: Evidence, still: Bool, moved: Bool) in
+            let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, channel, origin_person_id FROM delivery WHERE delivery_id = ?"),
                                        arguments: [planned.deliveryId])
             let still = row.map { $0["state"] as Int == RoutingV1.Delivery.State.scheduled.rawValue && $0["channel"] as Int == planned.channel.rawValue } ?? false
-            return (try Self.evidence(db, person: planned.personId, engagement: false, contactsAround: Self.rechecksCaps(planned, nowMs) ? nowMs : nil,
-                                      contactsThrough: planned.notAfterMs), still)
+            // A merge moved it (it has an origin): planned against another person's contacts.
+            let moved = row.map { ($0["origin_person_id"] as String?) != nil } ?? false
+            return (try Self.evidence(db, person: planned.personId, engagement: false,
+                                      contactsAround: Self.rechecksCaps(planned, nowMs, moved: moved) ? nowMs : nil,
+                                      contactsThrough: planned.notAfterMs), still, moved)
         }
         guard read.still else { return nil }
-        if check(planned, read.evidence, consent: consent, nowMs: nowMs) == .send { return planned }
+        if check(planned, read.evidence, consent: consent, moved: read.moved, nowMs: nowMs) == .send { return planned }
         return try pool.write { db in
             guard var d = try Self.load(db, planned.deliveryId), d.state == .scheduled, d.channel == planned.channel,
                   d.nextAttemptAtMs <= nowMs else { return nil }
@@ -558,7 +561,7 @@ public final class RoutingStore: Sendable {
             let evidence = try Self.evidence(db, person: d.personId, engagement: false, contactsAround: d.urgency != .critical ? nowMs : nil,
                                              contactsThrough: d.notAfterMs)
             while true {
-                switch check(d, evidence, consent: consent, nowMs: nowMs) {
+                switch check(d, evidence, consent: consent, moved: read.moved, nowMs: nowMs) {
                 case .send:
                     try save(db, d)
                     return d
@@ -712,10 +715,11 @@ public final class RoutingStore: Sendable {
         d.urgency != .critical && nowMs > d.sendAtMs + lateAfterMs
     }
 
-    /// Whether the caps are checked again before `d` goes: late, or on a fallback channel
-    /// (planned, it counted only against its first channel's caps).
-    static func rechecksCaps(_ d: RoutingV1.Delivery, _ nowMs: Int64) -> Bool {
-        isLate(d, nowMs) || (d.urgency != .critical && d.events.contains { $0.kind == .fellBack })
+    /// Whether the caps are checked again before `d` goes: late, on a fallback channel
+    /// (planned, it counted only against its first channel's caps), or `moved` to its person
+    /// by a merge (planned against another person's contacts).
+    static func rechecksCaps(_ d: RoutingV1.Delivery, _ nowMs: Int64, moved: Bool = false) -> Bool {
+        isLate(d, nowMs) || (d.urgency != .critical && (moved || d.events.contains { $0.kind == .fellBack }))
     }
 
     /// Writes `d` back. A delivery sent late has `send_at_ms` set to when it was sent: the
