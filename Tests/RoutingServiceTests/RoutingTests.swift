@@ -499,6 +499,21 @@ struct RoutingTests {
         }
     }
 
+    @Test("the busiest window, in one pass, agrees with counting every window anew, duplicates and edges included")
+    func busiestWindowAgainstCounting() {
+        // Every window [s, s + length) holding t, counted directly.
+        func counted(_ times: [Int64], _ t: Int64, _ length: Int64) -> Int {
+            (times.filter { $0 > t - length && $0 <= t } + [t]).map { start in times.count { $0 >= start && $0 < start + length } }.max() ?? 0
+        }
+        var random = SplitMix64(seed: 35)
+        for round in 0..<500 {
+            let length = Int64(1 + random.int(100))
+            let times = (0..<random.int(40)).map { _ in Int64(random.int(400)) - 200 }  // many equal, many at the edges
+            let t = Int64(random.int(200)) - 100
+            #expect(RoutingStore.busiestWindow(times, around: t, length: length) == counted(times, t, length), "round \(round): \(times) around \(t), \(length)")
+        }
+    }
+
     @Test("a cap holds over any window of its length: deliveries on both sides of the send time that no single window holds do not block it")
     func capWindows() async throws {
         // Before: everything within 24 hours either side counted, 3 here.

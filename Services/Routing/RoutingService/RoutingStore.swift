@@ -391,13 +391,41 @@ public final class RoutingStore: Sendable {
     /// The most of `times` in one window `length` long that also holds `t` (windows
     /// [s, s + length) with t - length < s <= t).
     static func busiestWindow(_ times: [Int64], around t: Int64, length: Int64) -> Int {
-        let near = times.filter { $0 > t - length && $0 < t + length }.sorted()
-        // The busiest such window starts at one of the times, or at t itself.
-        var best = 0
-        for start in near.filter({ $0 <= t }) + [t] {
-            best = max(best, near.count { $0 >= start && $0 < start + length })
+        busiestWindow(sorted: times.sorted(), around: t, length: length)
+    }
+
+    /// `busiestWindow` of times in ascending order, in one pass over those near `t` (it
+    /// counted every window anew: O(n²) for a person with n contacts in the week, under the
+    /// store's writer, and n is as large as critical Routes make it).
+    static func busiestWindow(sorted times: [Int64], around t: Int64, length: Int64) -> Int {
+        // The times near t: (t - length, t + length).
+        let first = firstIndex(times) { $0 > t - length }
+        let end = firstIndex(times) { $0 >= t + length }
+        var best = 0, lo = first, hi = first
+        // The busiest such window starts at one of the times, or at t itself: in ascending order.
+        func window(from start: Int64) {
+            while lo < end && times[lo] < start { lo += 1 }
+            hi = max(hi, lo)
+            while hi < end && times[hi] < start + length { hi += 1 }
+            best = max(best, hi - lo)
         }
+        var i = first
+        while i < end && times[i] <= t {
+            window(from: times[i])
+            i += 1
+        }
+        window(from: t)
         return best
+    }
+
+    /// The first index of ascending `times` at which `holds` (false, then true) is true.
+    static func firstIndex(_ times: [Int64], where holds: (Int64) -> Bool) -> Int {
+        var (low, high) = (0, times.count)
+        while low < high {
+            let middle = (low + high) / 2
+            if holds(times[middle]) { high = middle } else { low = middle + 1 }
+        }
+        return low
     }
 
     /// A cap over a day and a week on contacts at `times` (all of a person's, or one channel's).
@@ -408,9 +436,13 @@ public final class RoutingStore: Sendable {
     /// leaves a window. Nil when there is none.
     static func firstWithinCaps(_ limits: [CapLimit], after: Int64, until: Int64) -> Int64? {
         let day: Int64 = 86_400_000, week = 7 * day
+        let sorted = limits.map { (times: $0.times.sorted(), perDay: $0.perDay, perWeek: $0.perWeek) }
         let moments = Set(limits.flatMap { $0.times.flatMap { [$0 + day, $0 + week] } }).filter { $0 > after && $0 <= until }.sorted()
         return moments.first { t in
-            limits.allSatisfy { busiestWindow($0.times, around: t, length: day) < $0.perDay && busiestWindow($0.times, around: t, length: week) < $0.perWeek }
+            sorted.allSatisfy {
+                busiestWindow(sorted: $0.times, around: t, length: day) < $0.perDay
+                    && busiestWindow(sorted: $0.times, around: t, length: week) < $0.perWeek
+            }
         }
     }
 
