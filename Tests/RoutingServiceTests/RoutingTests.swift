@@ -384,6 +384,24 @@ struct RoutingTests {
         }
     }
 
+    @Test("at send time an opt-out learned since the plan refuses, unless the consent read again was granted after it")
+    func optOutAgainstNewerGrant() async throws {
+        try await withRouting { routing, _, _ in
+            var d = plannedEmail()
+            d.purpose = "marketing"
+            var evidence = Evidence()
+            // Unsubscribed in 2024 (a's), learned now through a merge; granted again since.
+            evidence.optOuts = [(purpose: "marketing", channel: CommonV1.Channel.email.rawValue, atMs: june1 - 400 * day, recordedAtMs: june1)]
+            var grant = ProfileV1.ConsentRecord()
+            (grant.purpose, grant.channel, grant.granted, grant.atMs) = ("marketing", .email, true, june1 - 30 * day)
+            #expect(routing.store.check(d, evidence, consent: .read([grant]), nowMs: june1) == .send)  // before: refused
+            // Not read again, or an opt-out after the grant: refused.
+            guard case .refused = routing.store.check(d, evidence, nowMs: june1) else { Issue.record("sent unread"); return }
+            evidence.optOuts[0].atMs = june1 - day
+            guard case .refused = routing.store.check(d, evidence, consent: .read([grant]), nowMs: june1) else { Issue.record("sent after a newer opt-out"); return }
+        }
+    }
+
     @Test("a send on time is not checked against the caps again (daily messages planned a day apart to the millisecond); a late one is")
     func capsOnTimeAndLate() async throws {
         try await withRouting(configure: capped((5, 10, 1, 10))) { routing, _, _ in

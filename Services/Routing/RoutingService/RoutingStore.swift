@@ -508,8 +508,16 @@ public final class RoutingStore: Sendable {
             }
             return .later(atMs: at, why: "consent cannot be read again: \(why)")
         }
+        // With the consent read again, an opt-out older than the grant that governs now (a
+        // merge brings the other person's opt-outs as learned now) does not refuse, as the
+        // planner would not have refused it.
+        var grantedAt = Int64.min
+        if case .read(let records) = consent, let record = Planner.governing(d.channel, purpose: d.purpose, consent: records) {
+            grantedAt = record.atMs
+        }
         if let optOut = evidence.optOuts.first(where: {
             $0.purpose == d.purpose && ($0.channel == d.channel.rawValue || $0.channel == 0) && $0.recordedAtMs >= d.createdAtMs
+                && $0.atMs >= grantedAt
         }) {
             return .refused(reason: "no_consent", why: "unsubscribed or complained at \(optOut.atMs), learned after it was planned")
         }
