@@ -283,19 +283,20 @@ public final class RPCServer: Service, Sendable {
             return .answer(finish(streamID, .failure(RPCError(.invalidArgument, "unmarshal request error: \(error)")),
                                   service: "unknown", method: "unknown", start: start, logger: logger))
         }
-        // Metadata is a handful of short pairs; a frame of millions of empty ones would hold
-        // ~130 MB of decoded entries for as long as its handler ran.
-        let metadataBytes = request.metadata.reduce(0) { $0 + $1.key.utf8.count + $1.value.utf8.count }
-        guard request.metadata.count <= Self.maxMetadataEntries, metadataBytes <= Self.maxMetadataBytes else {
-            return .answer(finish(streamID, .failure(RPCError(.resourceExhausted,
-                "metadata of \(request.metadata.count) entries and \(metadataBytes) bytes exceeds the limit of \(Self.maxMetadataEntries) entries and \(Self.maxMetadataBytes) bytes")),
-                                  service: request.service, method: request.method, start: start, logger: logger))
-        }
         let route: RPCRouter.Route
         do {
             route = try router.route(service: request.service, method: request.method)
         } catch {
             return .answer(finish(streamID, .failure(error), service: "unknown", method: "unknown", start: start, logger: logger))
+        }
+        // Metadata is a handful of short pairs; a frame of millions of empty ones would hold
+        // ~130 MB of decoded entries for as long as its handler ran. (Checked once the method
+        // is known: metrics and logs name only registered methods.)
+        let metadataBytes = request.metadata.reduce(0) { $0 + $1.key.utf8.count + $1.value.utf8.count }
+        guard request.metadata.count <= Self.maxMetadataEntries, metadataBytes <= Self.maxMetadataBytes else {
+            return .answer(finish(streamID, .failure(RPCError(.resourceExhausted,
+                "metadata of \(request.metadata.count) entries and \(metadataBytes) bytes exceeds the limit of \(Self.maxMetadataEntries) entries and \(Self.maxMetadataBytes) bytes")),
+                                  service: request.service, method: request.method, start: start, logger: logger))
         }
         if let token = configuration.authToken, !configuration.unauthenticatedServices.contains(request.service) {
             let presented = request.metadata.first(where: { $0.key.lowercased() == "authorization" })?.value ?? ""

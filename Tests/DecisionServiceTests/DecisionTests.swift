@@ -112,7 +112,9 @@ struct DecisionTests {
         // the path had to be two parts); an empty part cannot.
         let other = try makeDecision()
         try other.upsert(action("weekly", eligibility: "consent.news.weekly.email"))
-        await expectInvalid("action.eligibility") { try other.upsert(action("a", eligibility: "consent.news..email")) }
+        await expectInvalid("action.eligibility: at position 1: consent paths are consent.<purpose>.<channel>") {
+            try other.upsert(action("a", eligibility: "consent.news"))
+        }
         // A consent purpose SetConsent refuses: its consent could never be granted.
         await expectInvalid("action.consent_purpose: \"news.email\" ends in a channel name") {
             var request = DecisionV1.UpsertActionRequest()

@@ -1290,7 +1290,7 @@ struct RoutingTests {
         }
     }
 
-    @Test("a normal message a merge moved to another person is held to the caps of the person it goes to, also on time")
+    @Test("a normal message a merge moved to another person, or planned for a person another merged into, is held to the caps of the person it goes to, also on time")
     func mergedWithinCaps() async throws {
         try await withRouting(configure: { $0.quietHoursStart = "00:00"; $0.quietHoursEnd = "00:00" }) { routing, profile, _ in
             try seedReachable(profile.store, "a", at: now() - day)
@@ -1308,6 +1308,19 @@ struct RoutingTests {
             #expect(try routing.store.beforeSending(moved, nowMs: max(now(), moved.sendAtMs)) == nil)
             let stopped = try #require(try routing.store.delivery(a1.deliveryId))
             #expect(stopped.state == .suppressed && stopped.suppressionReason == "capped", "\(stopped.state) \(stopped.suppressionReason)")
+
+            // The other way round: the survivor's own delivery, planned before a person with 2
+            // webhook sends today merged into it.
+            try seedReachable(profile.store, "c", at: now() - day)
+            try seedReachable(profile.store, "d", at: now() - day)
+            let d1 = try await routing.route(routeRequest("d", key: "md1", channels: [.webhook]))
+            let d2 = try await routing.route(routeRequest("d", key: "md2", channels: [.webhook]))
+            try await send(routing, d1, d2)
+            let c1 = try await routing.route(routeRequest("c", key: "mc1", channels: [.webhook]))
+            try routing.store.apply([(2, .merge(target: "c", sources: ["d"]))], nowMs: now())
+            let own = try #require(try routing.store.delivery(c1.deliveryId))
+            #expect(try routing.store.beforeSending(own, nowMs: max(now(), own.sendAtMs)) == nil)
+            #expect(try routing.store.delivery(c1.deliveryId)?.suppressionReason == "capped")
         }
     }
 

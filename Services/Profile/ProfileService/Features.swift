@@ -47,6 +47,9 @@ public struct FeatureSpec: Sendable {
     /// unmerge or a restart recomputes a person from the stored events); 0, every event, for
     /// one defined with backfill or before migration v9.
     public let countsFromMs: Int64
+    /// Defined with a backfill that was done (since migration v10): the same definition with
+    /// backfill again has nothing to do.
+    public let backfilled: Bool
     let filter: Rule?
     let windowMs: Int64
     let bucketMs: Int64
@@ -58,10 +61,11 @@ public struct FeatureSpec: Sendable {
     public var name: String { definition.name }
 
     /// Validates `definition`; errors name the field (`feature.window_seconds`, ...).
-    public init(_ definition: ProfileV1.FeatureDefinition, version: UInt32 = 1, countsFromMs: Int64 = 0) throws(RPCError) {
+    public init(_ definition: ProfileV1.FeatureDefinition, version: UInt32 = 1, countsFromMs: Int64 = 0, backfilled: Bool = false) throws(RPCError) {
         self.definition = definition
         self.version = version
         self.countsFromMs = countsFromMs
+        self.backfilled = backfilled
         try Names.check(definition.name, field: "feature.name")
         try Names.check(definition.eventType, field: "feature.event_type")
         let aggregation = definition.aggregation
@@ -159,8 +163,9 @@ public struct FeatureSpec: Sendable {
             guard let raw = event.properties[definition.property] else { return }
             let key: UInt64
             if case .string(let s) = raw { key = Self.distinctHash(s) } else { key = Self.distinctHash(raw.description) }
-            // Values a state written before hashes holds as text: hashed now, once.
-            for i in state.distinct.indices where !state.distinct[i].value.isEmpty {
+            // Values a state written before hashes holds as text: hashed now, once (an entry with
+            // neither text nor hash is the old form of the empty string).
+            for i in state.distinct.indices where !state.distinct[i].value.isEmpty || state.distinct[i].hash == 0 {
                 state.distinct[i].hash = Self.distinctHash(state.distinct[i].value)
                 state.distinct[i].value = ""
             }

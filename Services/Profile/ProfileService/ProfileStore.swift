@@ -222,9 +222,10 @@ public final class ProfileStore: Sendable {
         (pool, statePool, checkpointers) = (events, states, [eventCheckpointer, stateCheckpointer])
         var loaded = Definitions()
         try pool.read { db in
-            for row in try Row.fetchAll(db, sql: "SELECT definition, version, counts_from_ms FROM feature") {
+            for row in try Row.fetchAll(db, sql: "SELECT definition, version, counts_from_ms, backfilled FROM feature") {
                 let definition = try ProfileV1.FeatureDefinition(serializedBytes: [UInt8](row["definition"] as Data))
-                loaded.set(try FeatureSpec(definition, version: UInt32(row["version"] as Int64), countsFromMs: row["counts_from_ms"]))
+                loaded.set(try FeatureSpec(definition, version: UInt32(row["version"] as Int64), countsFromMs: row["counts_from_ms"],
+                                           backfilled: row["backfilled"]))
             }
             for row in try Row.fetchAll(db, sql: "SELECT name, rule FROM segment ORDER BY name") {
                 loaded.segments.append((row["name"], try Rule(row["rule"])))
@@ -630,6 +631,10 @@ public final class ProfileStore: Sendable {
                 ALTER TABLE feature ADD COLUMN counts_from_ms INTEGER NOT NULL DEFAULT 0;
                 """)
         }
+        migrator.registerMigration("v10: whether a feature's backfill was done") { db in
+            // Features defined before it read as not backfilled: a backfill asked for again runs.
+            try db.execute(sql: "ALTER TABLE feature ADD COLUMN backfilled INTEGER NOT NULL DEFAULT 0")
+        }
         return migrator
     }
 
@@ -670,15 +675,15 @@ public final class ProfileStore: Sendable {
                 throw RPCError(.resourceExhausted, "feature: \(count) features are defined, at most \(Self.maxFeatures); redefine one instead")
             }
             let version = current.map { $0.definition == definition ? $0.version : $0.version + 1 } ?? 1
-            // The same definition again changes nothing, also with backfill once it counts every
-            // stored event (a retry would redo the whole backfill, holding the writer meanwhile),
-            // unless a failed backfill left its persons to the next start.
+            // The same definition again changes nothing, also with backfill once one was done (a
+            // retry would redo the whole backfill, holding the writer meanwhile), unless a failed
+            // backfill left its persons to the next start.
             if let current, current.version == version,
-               !backfill || (current.countsFromMs == 0 && !memory.withLock { $0.holdLog }) { return current }
+               !backfill || (current.backfilled && !memory.withLock { $0.holdLog }) { return current }
             // Without backfill a new version starts empty: it counts the events received from now
             // on, after every event stored (`Definitions.lastReceivedAtMs`).
             let countsFrom = max(nowMs, definitions.withLock { $0.lastReceivedAtMs } + 1)
-            let spec = try FeatureSpec(definition, version: version, countsFromMs: backfill ? 0 : countsFrom)
+            let spec = try FeatureSpec(definition, version: version, countsFromMs: backfill ? 0 : countsFrom, backfilled: backfill)
             // Every state in the state file first (no Track runs while this holds the writer).
             if backfill { try flushOnWriter() }
             // The definition, and for a backfill every person it rewrites logged as dirty, in one
@@ -688,8 +693,9 @@ public final class ProfileStore: Sendable {
             try db.execute(sql: "PRAGMA synchronous = FULL")
             defer { try? db.execute(sql: "PRAGMA synchronous = NORMAL") }
             try db.inTransaction {
-                try db.execute(sql: "INSERT OR REPLACE INTO feature (name, version, definition, defined_at_ms, counts_from_ms) VALUES (?, ?, ?, ?, ?)",
-                               arguments: [spec.name, Int64(spec.version), Data(definition.serializedBytes()), nowMs, spec.countsFromMs])
+                try db.execute(sql: """
+                    INSERT OR REPLACE INTO feature (name, version, definition, defined_at_ms, counts_from_ms, backfilled) VALUES (?, ?, ?, ?, ?, ?)
+                    """, arguments: [spec.name, Int64(spec.version), Data(definition.serializedBytes()), nowMs, spec.countsFromMs, backfill])
                 if backfill { try Self.moveTail(db) }
                 let persons = backfill ? try String.fetchAll(db, sql: "SELECT DISTINCT person_id FROM event WHERE type = ?",
                                                              arguments: [spec.definition.eventType]) : []
@@ -1059,8 +1065,14 @@ public final class ProfileStore: Sendable {
             let pairsSQL = "SELECT count(*) FROM (SELECT DISTINCT purpose, channel FROM consent WHERE person_id = ?)"
             let before = try Int.fetchOne(db.cachedStatement(sql: pairsSQL), arguments: [person]) ?? 0
             for r in records {
-                let newest = try Self.newestConsent(db, person: person, purpose: r.purpose, channel: Int64(r.channel))
-                if let newest, newest.granted == r.granted, newest.source == r.source, newest.atMs == r.atMs { continue }
+                // The same as the pair's newest, given for the same person (an unmerge takes
+                // records by whom they were given for): a retry.
+                let newest = try Row.fetchOne(db.cachedStatement(sql: """
+                    SELECT granted, source, at_ms, origin_person_id FROM consent WHERE person_id = ? AND purpose = ? AND channel = ?
+                    ORDER BY at_ms DESC, id DESC LIMIT 1
+                    """), arguments: [person, r.purpose, r.channel])
+                if let newest, newest[0] as Bool == r.granted, newest[1] as String == r.source, newest[2] as Int64 == r.atMs,
+                   newest[3] as String == origin { continue }
                 try db.cachedStatement(sql: """
                     INSERT INTO consent (person_id, purpose, channel, granted, source, at_ms, origin_person_id) VALUES (?, ?, ?, ?, ?, ?, ?)
                     """).execute(arguments: [person, r.purpose, r.channel, r.granted, r.source, r.atMs, origin])
@@ -1555,6 +1567,9 @@ public final class ProfileStore: Sendable {
                     try Self.merge(db, sources: live, into: target, specs: specs, now: nowMs, states: &states)
                     for source in live { try Self.markGone(db, source, target, &goneChanges) }
                 case .unmerge(let survivor, let split):
+                    // An id erased here (itself, or the person its merges led to) stays erased:
+                    // the unmerge gives it nothing back, and it gets no data again.
+                    guard survivorNow(split) != nil else { continue }
                     try Self.split(db, split, from: survivor, specs: specs, now: nowMs, states: &states)
                     try Self.markGone(db, split, nil, &goneChanges)
                 case .erase(let person, let absorbed):

@@ -586,7 +586,8 @@ public final class RoutingStore: Sendable {
             let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT state, channel, origin_person_id FROM delivery WHERE delivery_id = ?"),
                                        arguments: [planned.deliveryId])
             let still = row.map { $0["state"] as Int == RoutingV1.Delivery.State.scheduled.rawValue && $0["channel"] as Int == planned.channel.rawValue } ?? false
-            // A merge moved it (it has an origin): planned against another person's contacts.
+            // A merge moved it, or merged another person's contacts into its person's (it has an
+            // origin): planned without some of the contacts it goes among.
             let moved = row.map { ($0["origin_person_id"] as String?) != nil } ?? false
             return (try Self.evidence(db, person: planned.personId, engagement: false,
                                       contactsAround: Self.rechecksCaps(planned, nowMs, moved: moved) ? nowMs : nil,
@@ -852,7 +853,8 @@ public final class RoutingStore: Sendable {
             case .bounced where hardBounce:
                 // A delivery a merge moved here bounced on its own person's address.
                 let origin = try String.fetchOne(db, sql: "SELECT origin_person_id FROM delivery WHERE delivery_id = ?", arguments: [id])
-                try Self.markUnreachable(db, person: d.personId, channel: channel, address: address, atMs: atMs, origin: origin ?? "")
+                try Self.markUnreachable(db, person: d.personId, channel: channel, address: address, atMs: atMs,
+                                         origin: origin == d.personId ? "" : origin ?? "")
                 if d.state == .sent && d.channel == channel && !d.fallbackChannels.isEmpty {
                     Self.fallBack(&d, atMs: atMs, why: "hard bounce on \(channel.ruleName) \(address)")
                     // Sent by this service's clock, not the reporter's (which may run a day ahead).
@@ -971,6 +973,11 @@ extension RoutingStore: IdentityChangeSink {
     private func merge(_ db: Database, _ source: String, into target: String, nowMs: Int64) throws {
         try db.execute(sql: "UPDATE delivery SET origin_person_id = person_id WHERE person_id = ? AND origin_person_id IS NULL",
                        arguments: [source])
+        // The survivor's own scheduled deliveries were planned without the source's contacts:
+        // with an origin (their own person), they are checked against the caps again at send
+        // time, as the moved ones are (`rechecksCaps`).
+        try db.execute(sql: "UPDATE delivery SET origin_person_id = person_id WHERE person_id = ? AND origin_person_id IS NULL AND state = ?",
+                       arguments: [target, RoutingV1.Delivery.State.scheduled.rawValue])
         try move(db, "person_id = ?", [source], to: target)
         try db.execute(sql: "INSERT OR REPLACE INTO person_merged (person_id, target) VALUES (?, ?)", arguments: [source, target])
         let halfLife = configuration.halfLifeMs

@@ -169,8 +169,9 @@ struct  Arbiter__Profile__V1__FeatureDefinition
   char *event_type;
   Arbiter__Profile__V1__FeatureDefinition__Aggregation aggregation;
   /*
-   * Sliding window in seconds; 0 means all time. COUNT and SUM keep 60 buckets a window:
-   * an event counts until its bucket has left the window, up to 1/60 of the window longer.
+   * Sliding window in seconds; 0 means all time. COUNT and SUM keep buckets of 1/60 of the
+   * window (at least a second): an event counts until its bucket has left the window, up to
+   * one bucket longer.
    * LAST and DISTINCT_COUNT compare exact times.
    */
   int64_t window_seconds;

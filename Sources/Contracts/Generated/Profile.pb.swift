@@ -154,8 +154,9 @@ extension ProfileV1 {
         public var name: String = ""
         public var eventType: String = ""
         public var aggregation: ProfileV1.FeatureDefinition.Aggregation = ProfileV1.FeatureDefinition.Aggregation(rawValue: 0)
-        /// Sliding window in seconds; 0 means all time. COUNT and SUM keep 60 buckets a window:
-        /// an event counts until its bucket has left the window, up to 1/60 of the window longer.
+        /// Sliding window in seconds; 0 means all time. COUNT and SUM keep buckets of 1/60 of the
+        /// window (at least a second): an event counts until its bucket has left the window, up to
+        /// one bucket longer.
         /// LAST and DISTINCT_COUNT compare exact times.
         public var windowSeconds: Int64 = 0
         /// For DECAYED_SUM.
