@@ -62,12 +62,14 @@ public final class RPCClient: Sendable {
 
     /// Closes the connection; pending calls fail with UNAVAILABLE and later calls are refused.
     public func close() {
-        let connection = state.withLock { state -> ClientConnection? in
+        let (connection, connecting) = state.withLock { state -> (ClientConnection?, EventLoopFuture<ClientConnection>?) in
             state.closed = true
-            defer { state.connection = nil }
-            return state.connection
+            defer { (state.connection, state.connecting) = (nil, nil) }
+            return (state.connection, state.connecting)
         }
         connection?.channel.close(promise: nil)
+        // A connect under way (its callers may have left at their deadlines) is closed when it ends.
+        connecting?.whenSuccess { $0.channel.close(promise: nil) }
     }
 
     /// Calls `method`. The deadline is `timeout`, else the enclosing handler's remaining
@@ -166,7 +168,7 @@ public final class RPCClient: Sendable {
     /// The connection, opened if need be. A call with a deadline waits for a connect no longer
     /// than that (a host that swallows SYNs takes the whole `connectTimeout`); the connect
     /// goes on for later calls.
-    private func connect(deadline: ContinuousClock.Instant?) async -> Result<ClientConnection, RPCError> {
+    private func connect(deadline: ContinuousClock.Instant?, again: Bool = true) async -> Result<ClientConnection, RPCError> {
         enum Step { case ready(ClientConnection), wait(EventLoopFuture<ClientConnection>), fail(RPCError) }
         let step: Step = state.withLock { state in
             if state.closed { return .fail(RPCError(.unavailable, "client for \(host):\(port) is closed")) }
@@ -191,12 +193,21 @@ public final class RPCClient: Sendable {
         case .wait(let future):
             do {
                 let connection = try await Self.wait(for: future, until: deadline)
-                state.withLock { state in
+                let closed = state.withLock { state in
                     if state.connecting === future { state.connecting = nil }
+                    guard !state.closed else { return true }
                     state.connection = connection
                     state.failures = 0
                     state.retryAfter = nil
+                    return false
                 }
+                if closed {
+                    connection.channel.close(promise: nil)
+                    return .failure(RPCError(.unavailable, "client for \(host):\(port) is closed"))
+                }
+                // A connect its callers left at their deadlines, taken up later: it may have
+                // closed since. Once more, afresh.
+                if !connection.channel.isActive && again { return await connect(deadline: deadline, again: false) }
                 return .success(connection)
             } catch let error as RPCError {
                 return .failure(error)  // this call's deadline or cancellation: the connect goes on

@@ -13,7 +13,8 @@ public enum RuleValue: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
-/// A rule that failed to parse or check, with the 1-based character position of the problem.
+/// A rule that failed to parse or check, with the 1-based position of the problem, counted in
+/// Unicode scalars (code points), as the length limit is.
 public struct RuleError: Error, Sendable, Equatable, CustomStringConvertible {
     public var position: Int
     public var message: String
