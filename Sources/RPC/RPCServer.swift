@@ -479,6 +479,8 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     private var expired: Set<UInt32> = []
     /// Requests decoded in the same read as others once the limit was reached (bounded by one read).
     private var queued: [RPCServer.Call] = []
+    /// The queued calls with a deadline, until their turn or their deadline.
+    private var waitingWithDeadline: [UInt32: RPCServer.Call] = [:]
     private var queueHead = 0
     private var readHeld = false
     /// Part of a frame is waiting in the decoder (`FramePending`), timed by `frameTimer`
@@ -548,7 +550,17 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
             case .answer(let frame):
                 write(context, frame)
             case .run(let call):
-                if busy { queued.append(call) } else { start(context, call) }
+                if busy {
+                    queued.append(call)
+                    // Answered at its deadline even while it waits for a slot (`expire`).
+                    if let deadline = call.deadline {
+                        waitingWithDeadline[call.streamID] = call
+                        deadlines.add(call.streamID, deadline: deadline)
+                        armDeadlines(context)
+                    }
+                } else {
+                    start(context, call)
+                }
             }
         }
     }
@@ -587,7 +599,14 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
     private func expire(_ context: ChannelHandlerContext) {
         deadlines.fired()
         for streamID in deadlines.popDue(now: .now) {
-            guard let (task, call) = running[streamID], !expired.contains(streamID) else { continue }
+            guard !expired.contains(streamID) else { continue }
+            if let call = waitingWithDeadline.removeValue(forKey: streamID) {
+                // Still waiting for a slot: answered now; its turn will skip it (`expired`).
+                expired.insert(streamID)
+                write(context, server.deadlineExceeded(call, logger: logger))
+                continue
+            }
+            guard let (task, call) = running[streamID] else { continue }
             expired.insert(streamID)
             write(context, server.deadlineExceeded(call, logger: logger))
             task.cancel()
@@ -597,7 +616,7 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
 
     private func finished(_ context: ChannelHandlerContext, _ streamID: UInt32, _ ran: RPCServer.Ran) {
         guard let (_, call) = running.removeValue(forKey: streamID) else { return }  // connection already gone
-        deadlines.dropFinished(pending: running.count) { running[$0] != nil }
+        deadlines.dropFinished(pending: running.count + waitingWithDeadline.count) { running[$0] != nil || waitingWithDeadline[$0] != nil }
         if expired.remove(streamID) == nil {
             write(context, ran.frame)
             server.record(ran, of: call, logger: logger)
@@ -605,8 +624,11 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
         while running.count < limit && queueHead < queued.count {
             let call = queued[queueHead]
             queueHead += 1
-            // Its deadline passed while it waited for a slot: answered so, without running
-            // its handler (whose effects the client, told DEADLINE_EXCEEDED, would not expect).
+            // Its deadline passed while it waited for a slot: answered so at the deadline
+            // (`expire`), or now, without running its handler (whose effects the client, told
+            // DEADLINE_EXCEEDED, would not expect).
+            waitingWithDeadline[call.streamID] = nil
+            if expired.remove(call.streamID) != nil { continue }
             if let deadline = call.deadline, deadline <= .now {
                 write(context, server.deadlineExceeded(call, logger: logger))
                 continue
@@ -749,6 +771,7 @@ final class RPCConnectionHandler: ChannelDuplexHandler {
         for (task, _) in running.values { task.cancel() }
         deadlines.removeAll()
         queued.removeAll()
+        waitingWithDeadline.removeAll()
         queueHead = 0
         context.fireChannelInactive()
     }
