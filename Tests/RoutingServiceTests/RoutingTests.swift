@@ -1293,34 +1293,26 @@ struct RoutingTests {
     @Test("a normal message a merge moved to another person, or planned for a person another merged into, is held to the caps of the person it goes to, also on time")
     func mergedWithinCaps() async throws {
         try await withRouting(configure: { $0.quietHoursStart = "00:00"; $0.quietHoursEnd = "00:00" }) { routing, profile, _ in
-            try seedReachable(profile.store, "a", at: now() - day)
-            try seedReachable(profile.store, "b", at: now() - day)
-            let b1 = try await routing.route(routeRequest("b", key: "mb1", channels: [.webhook]))
-            let b2 = try await routing.route(routeRequest("b", key: "mb2", channels: [.webhook]))
-            try await send(routing, b1, b2)
-            // Planned for a, within a's caps; then a merges into b, who has had the webhook's 2 a day.
-            let a1 = try await routing.route(routeRequest("a", key: "ma1", channels: [.webhook]))
-            #expect(a1.state == .scheduled)
-            try routing.store.apply([(1, .merge(target: "b", sources: ["a"]))], nowMs: now())
-            let moved = try #require(try routing.store.delivery(a1.deliveryId))
-            #expect(moved.personId == "b")
-            // Before, on time it was not checked again, and went: 3 on the webhook within a day.
-            #expect(try routing.store.beforeSending(moved, nowMs: max(now(), moved.sendAtMs)) == nil)
-            let stopped = try #require(try routing.store.delivery(a1.deliveryId))
-            #expect(stopped.state == .suppressed && stopped.suppressionReason == "capped", "\(stopped.state) \(stopped.suppressionReason)")
-
-            // The other way round: the survivor's own delivery, planned before a person with 2
-            // webhook sends today merged into it.
-            try seedReachable(profile.store, "c", at: now() - day)
-            try seedReachable(profile.store, "d", at: now() - day)
-            let d1 = try await routing.route(routeRequest("d", key: "md1", channels: [.webhook]))
-            let d2 = try await routing.route(routeRequest("d", key: "md2", channels: [.webhook]))
-            try await send(routing, d1, d2)
-            let c1 = try await routing.route(routeRequest("c", key: "mc1", channels: [.webhook]))
-            try routing.store.apply([(2, .merge(target: "c", sources: ["d"]))], nowMs: now())
-            let own = try #require(try routing.store.delivery(c1.deliveryId))
-            #expect(try routing.store.beforeSending(own, nowMs: max(now(), own.sendAtMs)) == nil)
-            #expect(try routing.store.delivery(c1.deliveryId)?.suppressionReason == "capped")
+            // `busy` has had the webhook's 2 a day; `planned` has one planned, within its own
+            // caps; then one merges into the other: `planned` into `busy` (the delivery moves),
+            // or `busy` into `planned` (the survivor's own delivery stays).
+            for (seq, busy, planned, survivor) in [(Int64(1), "b", "a", "b"), (2, "d", "c", "c")] {
+                try seedReachable(profile.store, busy, at: now() - day)
+                try seedReachable(profile.store, planned, at: now() - day)
+                let sent1 = try await routing.route(routeRequest(busy, key: "m\(busy)1", channels: [.webhook]))
+                let sent2 = try await routing.route(routeRequest(busy, key: "m\(busy)2", channels: [.webhook]))
+                try await send(routing, sent1, sent2)
+                let waiting = try await routing.route(routeRequest(planned, key: "m\(planned)1", channels: [.webhook]))
+                #expect(waiting.state == .scheduled)
+                let source = survivor == busy ? planned : busy
+                try routing.store.apply([(seq, .merge(target: survivor, sources: [source]))], nowMs: now())
+                let merged = try #require(try routing.store.delivery(waiting.deliveryId))
+                #expect(merged.personId == survivor)
+                // Before, on time it was not checked again, and went: 3 on the webhook within a day.
+                #expect(try routing.store.beforeSending(merged, nowMs: max(now(), merged.sendAtMs)) == nil)
+                let stopped = try #require(try routing.store.delivery(waiting.deliveryId))
+                #expect(stopped.state == .suppressed && stopped.suppressionReason == "capped", "\(survivor): \(stopped.state) \(stopped.suppressionReason)")
+            }
         }
     }
 

@@ -163,11 +163,14 @@ public struct FeatureSpec: Sendable {
             guard let raw = event.properties[definition.property] else { return }
             let key: UInt64
             if case .string(let s) = raw { key = Self.distinctHash(s) } else { key = Self.distinctHash(raw.description) }
-            // Values a state written before hashes holds as text: hashed now, once (an entry with
-            // neither text nor hash is the old form of the empty string).
-            for i in state.distinct.indices where !state.distinct[i].value.isEmpty || state.distinct[i].hash == 0 {
-                state.distinct[i].hash = Self.distinctHash(state.distinct[i].value)
-                state.distinct[i].value = ""
+            // Values a state written before hashes holds as text (every entry, hash 0; an empty
+            // text is the empty string's): hashed now, once. Entries added since are hashed, so
+            // the first tells.
+            if state.distinct.first?.hash == 0 {
+                for i in state.distinct.indices where state.distinct[i].hash == 0 {
+                    state.distinct[i].hash = Self.distinctHash(state.distinct[i].value)
+                    state.distinct[i].value = ""
+                }
             }
             if windowMs != 0 { state.distinct.removeAll { $0.lastMs <= now - windowMs } }
             guard inWindow(t, now: now) else { return }

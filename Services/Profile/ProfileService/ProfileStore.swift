@@ -1067,12 +1067,8 @@ public final class ProfileStore: Sendable {
             for r in records {
                 // The same as the pair's newest, given for the same person (an unmerge takes
                 // records by whom they were given for): a retry.
-                let newest = try Row.fetchOne(db.cachedStatement(sql: """
-                    SELECT granted, source, at_ms, origin_person_id FROM consent WHERE person_id = ? AND purpose = ? AND channel = ?
-                    ORDER BY at_ms DESC, id DESC LIMIT 1
-                    """), arguments: [person, r.purpose, r.channel])
-                if let newest, newest[0] as Bool == r.granted, newest[1] as String == r.source, newest[2] as Int64 == r.atMs,
-                   newest[3] as String == origin { continue }
+                if let newest = try Self.newestConsent(db, person: person, purpose: r.purpose, channel: Int64(r.channel)),
+                   newest.record == r, newest.origin == origin { continue }
                 try db.cachedStatement(sql: """
                     INSERT INTO consent (person_id, purpose, channel, granted, source, at_ms, origin_person_id) VALUES (?, ?, ?, ?, ?, ?, ?)
                     """).execute(arguments: [person, r.purpose, r.channel, r.granted, r.source, r.atMs, origin])
@@ -1135,19 +1131,20 @@ public final class ProfileStore: Sendable {
         while let pair = try Row.fetchOne(nextPair, arguments: [person, after.purpose, after.channel]) {
             after = (pair[0], pair[1])
             if let newest = try newestConsent(db, person: person, purpose: after.purpose, channel: after.channel) {
-                current.append(newest)
+                current.append(newest.record)
             }
         }
         return current
     }
 
-    /// The pair's newest record (the last inserted of those at the newest time).
-    static func newestConsent(_ db: Database, person: String, purpose: String, channel: Int64) throws -> Consent? {
+    /// The pair's newest record (the last inserted of those at the newest time), and whom it
+    /// was given for (`origin_person_id`: '' for the person itself).
+    static func newestConsent(_ db: Database, person: String, purpose: String, channel: Int64) throws -> (record: Consent, origin: String)? {
         try Row.fetchOne(db.cachedStatement(sql: """
-            SELECT granted, source, at_ms FROM consent WHERE person_id = ? AND purpose = ? AND channel = ?
+            SELECT granted, source, at_ms, origin_person_id FROM consent WHERE person_id = ? AND purpose = ? AND channel = ?
             ORDER BY at_ms DESC, id DESC LIMIT 1
             """), arguments: [person, purpose, channel]).map {
-            Consent(purpose: purpose, channel: Int32(clamping: channel), granted: $0[0], source: $0[1], atMs: $0[2])
+            (Consent(purpose: purpose, channel: Int32(clamping: channel), granted: $0[0], source: $0[1], atMs: $0[2]), $0[3])
         }
     }
 

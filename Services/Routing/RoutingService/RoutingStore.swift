@@ -352,9 +352,10 @@ public final class RoutingStore: Sendable {
         let rows = try Row.fetchAll(db.cachedStatement(sql: """
             SELECT channel, send_at_ms FROM delivery WHERE person_id = ? AND send_at_ms > ? AND send_at_ms < ? AND state IN (1, 3)
             """), arguments: [d.personId, t - week, t + week])
-        let others = rows.map { (channel: $0[0] as Int32, at: $0[1] as Int64) }
-        let dayTotal = Self.busiestWindow(others.map(\.at), around: t, length: day)
-        let weekTotal = Self.busiestWindow(others.map(\.at), around: t, length: week)
+        let others = rows.map { (channel: $0[0] as Int32, at: $0[1] as Int64) }.sorted { $0.at < $1.at }
+        let times = others.map(\.at)
+        let dayTotal = Self.busiestWindow(sorted: times, around: t, length: day)
+        let weekTotal = Self.busiestWindow(sorted: times, around: t, length: week)
         let c = configuration
         func suppress(_ detail: String) {
             d.state = .suppressed
@@ -372,9 +373,9 @@ public final class RoutingStore: Sendable {
         var chosen: [CommonV1.Channel] = []
         for i in d.channels.indices where d.channels[i].excluded.isEmpty {
             let channel = d.channels[i].channel
-            let mine = others.filter { $0.channel == channel.rawValue }.map(\.at)
-            let perDay = Self.busiestWindow(mine, around: t, length: day)
-            let perWeek = Self.busiestWindow(mine, around: t, length: week)
+            let mine = others.filter { $0.channel == channel.rawValue }.map(\.at)  // sorted, as `others`
+            let perDay = Self.busiestWindow(sorted: mine, around: t, length: day)
+            let perWeek = Self.busiestWindow(sorted: mine, around: t, length: week)
             if perDay >= c.capPerChannelPerDay || perWeek >= c.capPerChannelPerWeek {
                 d.channels[i].excluded = "capped"
                 d.channels[i].detail = "\(perDay) within 24 hours (cap \(c.capPerChannelPerDay)), \(perWeek) within 7 days (cap \(c.capPerChannelPerWeek))"
@@ -542,7 +543,8 @@ public final class RoutingStore: Sendable {
             guard Self.rechecksCaps(d, nowMs, moved: moved) else { return .send }
             let c = configuration
             let day: Int64 = 86_400_000, week = 7 * day
-            let times = evidence.contacts.map(\.atMs)
+            let contacts = evidence.contacts.sorted { $0.atMs < $1.atMs }
+            let times = contacts.map(\.atMs)
             // A message that may still go later waits for the first moment, a minute before its
             // not_after at the latest (a send is never exactly on time), at which an earlier
             // contact has left the window and `limits` hold.
@@ -550,16 +552,16 @@ public final class RoutingStore: Sendable {
                 guard d.notAfterMs > 0, let at = Self.firstWithinCaps(limits, after: nowMs, until: d.notAfterMs - 60_000) else { return nil }
                 return .later(atMs: at, why: "\(why); within the caps at \(at)")
             }
-            let dayTotal = Self.busiestWindow(times, around: nowMs, length: day)
-            let weekTotal = Self.busiestWindow(times, around: nowMs, length: week)
+            let dayTotal = Self.busiestWindow(sorted: times, around: nowMs, length: day)
+            let weekTotal = Self.busiestWindow(sorted: times, around: nowMs, length: week)
             if dayTotal >= c.capPerDay || weekTotal >= c.capPerWeek {
                 let why = dayTotal >= c.capPerDay ? "sent now, \(dayTotal + 1) deliveries within 24 hours (cap \(c.capPerDay))"
                     : "sent now, \(weekTotal + 1) deliveries within 7 days (cap \(c.capPerWeek))"
                 return wait(why, [(times, c.capPerDay, c.capPerWeek)]) ?? .capped(why: why)
             }
-            let mine = evidence.contacts.filter { $0.channel == d.channel.rawValue }.map(\.atMs)
-            let perDay = Self.busiestWindow(mine, around: nowMs, length: day)
-            let perWeek = Self.busiestWindow(mine, around: nowMs, length: week)
+            let mine = contacts.filter { $0.channel == d.channel.rawValue }.map(\.atMs)  // sorted, as `contacts`
+            let perDay = Self.busiestWindow(sorted: mine, around: nowMs, length: day)
+            let perWeek = Self.busiestWindow(sorted: mine, around: nowMs, length: week)
             if perDay >= c.capPerChannelPerDay || perWeek >= c.capPerChannelPerWeek {
                 let why = "sent now, \(perDay + 1) within 24 hours (cap \(c.capPerChannelPerDay)), \(perWeek + 1) within 7 days (cap \(c.capPerChannelPerWeek))"
                 // On its last channel it waits for this channel's caps and the overall ones (with
