@@ -2131,7 +2131,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__decide_request__context_
   (ProtobufCMessageInit) arbiter__decision__v1__decide_request__context_entry__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__decide_request__field_descriptors[6] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__decide_request__field_descriptors[7] =
 {
   {
     "person",
@@ -2205,6 +2205,18 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__decide_request__fie
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "request_id",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecideRequest, request_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__decide_request__field_indices_by_name[] = {
   2,   /* field[2] = context */
@@ -2213,11 +2225,12 @@ static const unsigned arbiter__decision__v1__decide_request__field_indices_by_na
   4,   /* field[4] = explain */
   0,   /* field[0] = person */
   1,   /* field[1] = placement */
+  6,   /* field[6] = request_id */
 };
 static const ProtobufCIntRange arbiter__decision__v1__decide_request__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 6 }
+  { 0, 7 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__decide_request__descriptor =
 {
@@ -2227,7 +2240,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__decide_request__descript
   "Arbiter__Decision__V1__DecideRequest",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__DecideRequest),
-  6,
+  7,
   arbiter__decision__v1__decide_request__field_descriptors,
   arbiter__decision__v1__decide_request__field_indices_by_name,
   1,  arbiter__decision__v1__decide_request__number_ranges,
@@ -2544,7 +2557,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__candidate_explanation__d
   (ProtobufCMessageInit) arbiter__decision__v1__candidate_explanation__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__decide_response__field_descriptors[11] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__decide_response__field_descriptors[12] =
 {
   {
     "decision_id",
@@ -2678,6 +2691,18 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__decide_response__fi
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "replayed",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecideResponse, replayed),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__decide_response__field_indices_by_name[] = {
   1,   /* field[1] = actions */
@@ -2691,11 +2716,12 @@ static const unsigned arbiter__decision__v1__decide_response__field_indices_by_n
   2,   /* field[2] = model_version */
   10,   /* field[10] = overrides */
   7,   /* field[7] = person_id */
+  11,   /* field[11] = replayed */
 };
 static const ProtobufCIntRange arbiter__decision__v1__decide_response__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 11 }
+  { 0, 12 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__decide_response__descriptor =
 {
@@ -2705,7 +2731,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__decide_response__descrip
   "Arbiter__Decision__V1__DecideResponse",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__DecideResponse),
-  11,
+  12,
   arbiter__decision__v1__decide_response__field_descriptors,
   arbiter__decision__v1__decide_response__field_indices_by_name,
   1,  arbiter__decision__v1__decide_response__number_ranges,
@@ -2814,7 +2840,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__context
   (ProtobufCMessageInit) arbiter__decision__v1__decision_record__context_entry__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__decision_record__field_descriptors[15] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__decision_record__field_descriptors[17] =
 {
   {
     "decision_id",
@@ -2996,6 +3022,30 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__decision_record__fi
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "request_id",
+    16,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecisionRecord, request_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "request_hash",
+    17,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecisionRecord, request_hash),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__decision_record__field_indices_by_name[] = {
   10,   /* field[10] = actions */
@@ -3012,12 +3062,14 @@ static const unsigned arbiter__decision__v1__decision_record__field_indices_by_n
   14,   /* field[14] = overrides */
   1,   /* field[1] = person_id */
   2,   /* field[2] = placement */
+  16,   /* field[16] = request_hash */
+  15,   /* field[15] = request_id */
   12,   /* field[12] = segments */
 };
 static const ProtobufCIntRange arbiter__decision__v1__decision_record__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 15 }
+  { 0, 17 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__descriptor =
 {
@@ -3027,7 +3079,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__descrip
   "Arbiter__Decision__V1__DecisionRecord",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__DecisionRecord),
-  15,
+  17,
   arbiter__decision__v1__decision_record__field_descriptors,
   arbiter__decision__v1__decision_record__field_indices_by_name,
   1,  arbiter__decision__v1__decision_record__number_ranges,

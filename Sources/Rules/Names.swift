@@ -42,4 +42,15 @@ public enum Names {
         }
         return id
     }
+
+    /// The longest idempotency key (Route's `idempotency_key`, Decide's `request_id`).
+    public static let maxKeyLength = 128
+
+    /// An idempotency key: 1–128 printable ASCII characters without spaces.
+    public static func checkKey(_ key: String, field: String) throws(RPCError) {
+        guard !key.isEmpty else { throw .invalidArgument(field: field, "is required") }
+        guard key.utf8.count <= maxKeyLength, key.unicodeScalars.allSatisfy({ $0.isASCII && $0.value > 32 && $0.value < 127 }) else {
+            throw .invalidArgument(field: field, "must be 1–\(maxKeyLength) printable ASCII characters without spaces")
+        }
+    }
 }

@@ -433,11 +433,18 @@ struct DecisionTests {
                 try decision.upsert(action("mail", channels: [.email], purpose: "marketing"))
                 var request = decideRequest("p", context: ["device": "ios"])
                 request.deliver = true
+                request.requestId = "checkout-17"
                 let response = try await decision.decide(request)
                 let chosen = try #require(response.actions.first)
                 #expect(chosen.actionId == "mail" && chosen.deliveryError.isEmpty, "\(chosen.deliveryError)")
                 let delivery = try #require(chosen.delivery)
                 #expect(delivery.state == .scheduled && delivery.channel == .email && chosen.deliveryId == delivery.deliveryId)
+                #expect(!response.replayed)
+                // Retried with its request id (its answer lost, say): the same decision and the
+                // same delivery, not a second message.
+                let retried = try await decision.decide(request)
+                #expect(retried.replayed && retried.decisionId == response.decisionId, "\(retried)")
+                #expect(retried.actions.map(\.deliveryId) == [delivery.deliveryId] && retried.actions.first?.delivery?.state == .scheduled)
                 let stored = try #require(try routingStore.delivery(delivery.deliveryId))
                 #expect(stored.idempotencyKey == "\(response.decisionId):mail" && stored.purpose == "marketing")
                 #expect(stored.message?.templateId == "mail" && stored.message?.variables["decision_id"] == response.decisionId
@@ -730,6 +737,84 @@ struct DecisionTests {
         #expect(try await decision.decide(decideRequest("p")).actions.map(\.actionId) == ["once"])
     }
 
+    @Test("request_id: a retry answers the logged decision again, also after a restart; one under way is ABORTED; a different request with it is ALREADY_EXISTS; one whose caller gave up is decided anew")
+    func requestID() async throws {
+        let clock = TestClock()
+        let directory = temporaryDirectory("decision-request-id")
+        var configuration = DecisionConfiguration()
+        configuration.holdout.share = 0
+        func open() throws -> DecisionService {
+            DecisionService(store: try DecisionStore(directory: directory), configuration: configuration, seed: 3, clock: clock.read)
+        }
+        func rows(_ decision: DecisionService, _ id: String) async throws -> Int {
+            try await decision.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM decision WHERE request_id = ?", arguments: [id]) ?? 0 }
+        }
+        let request = {
+            var request = decideRequest("p", count: 2, explain: false, context: ["page": "cart"])
+            request.requestId = "cart-2024-06-01T10:00:00Z#7"
+            return request
+        }()
+        let first: DecisionV1.DecideResponse
+        do {
+            let decision = try open()
+            try decision.upsert(action("a"))
+            try decision.upsert(action("b"))
+            try decision.upsert(action("c"))
+            // The store's writer is held, so the first Decide waits in its log; a second with
+            // the same request id meanwhile is ABORTED, not decided twice.
+            let release = try holdOnThread { done in try decision.store.pool.writeWithoutTransaction { _ in done() } }
+            let decide = Task { try await decision.decide(request) }
+            #expect(try await eventually { try decision.store.history(person: "p", sinceMs: 0).offers.count == 2 })
+            await #expect(throws: RPCError(.aborted, "request_id: a Decide with request_id \"\(request.requestId)\" is under way; retry when it has answered")) {
+                _ = try await decision.decide(request)
+            }
+            release()
+            first = try await decide.value
+            #expect(!first.replayed && first.actions.count == 2)
+
+            var again = request
+            again.explain = true
+            let replayed = try await decision.decide(again)
+            #expect(replayed.replayed && replayed.decisionId == first.decisionId && replayed.actions == first.actions
+                    && replayed.decidedAtMs == first.decidedAtMs)
+            #expect(replayed.explanations.map(\.actionId).sorted() == ["a", "b", "c"])  // every logged decision can be explained
+            // Nothing new was decided: one decision, its two offers, counted once.
+            #expect(try await rows(decision, request.requestId) == 1)
+            #expect(try decision.store.history(person: "p", sinceMs: 0).offers.count == 2)
+
+            var different = request
+            different.context["page"] = "home"
+            await #expect(throws: RPCError(.alreadyExists, "request_id: \"\(request.requestId)\" was used for a different request (decision \(first.decisionId))")) {
+                _ = try await decision.decide(different)
+            }
+            var bad = request
+            bad.requestId = "two words"
+            await expectInvalid("request_id") { _ = try await decision.decide(bad) }
+
+            // A caller that gave up while its Decide was being logged got nothing, and nothing
+            // was kept (see below): its retry is decided anew.
+            let cancelled = {
+                var request = decideRequest("q", explain: false)
+                request.requestId = "q-1"
+                return request
+            }()
+            let release2 = try holdOnThread { done in try decision.store.pool.writeWithoutTransaction { _ in done() } }
+            let gaveUp = Task { try await decision.decide(cancelled) }
+            #expect(try await eventually { try decision.store.history(person: "q", sinceMs: 0).offers.count == 1 })
+            gaveUp.cancel()
+            release2()
+            await #expect(throws: CancellationError.self) { _ = try await gaveUp.value }
+            #expect(try await rows(decision, "q-1") == 0)
+            let anew = try await decision.decide(cancelled)
+            #expect(!anew.replayed && anew.actions.count == 1)
+            #expect(try await rows(decision, "q-1") == 1)
+        }
+        // The request id is in the file: a restarted service answers the same decision.
+        let restarted = try open()
+        let afterRestart = try await restarted.decide(request)
+        #expect(afterRestart.replayed && afterRestart.decisionId == first.decisionId && afterRestart.actions == first.actions)
+    }
+
     @Test("a Decide whose caller gave up while it was being logged keeps nothing either: the logged decision, its offers and its arms' failures are undone")
     func decideCancelledWhileLogged() async throws {
         let decision = try makeDecision()
@@ -737,21 +822,14 @@ struct DecisionTests {
         // The store's writer is held until the test lets go, so the Decide waits in its log;
         // the caller gives up meanwhile (the server cancels the call when it answers
         // DEADLINE_EXCEEDED). Each step waits for the one before, not for a time.
-        let release = DispatchSemaphore(value: 0)
-        let held = Mutex(false)
-        let holding = Task.detached {
-            try decision.store.pool.writeWithoutTransaction { _ in
-                held.withLock { $0 = true }
-                release.wait()
-            }
-        }
-        #expect(try await eventually { held.withLock { $0 } })
+        // (Held on a thread of its own: a wait on the cooperative pool, which the tests share,
+        // stalls every other test once two such waits run at once on 2 cores.)
+        let release = try holdOnThread { done in try decision.store.pool.writeWithoutTransaction { _ in done() } }
         let decide = Task { try await decision.decide(decideRequest("p")) }
         // Chosen and reserved (its offer counts for caps from then on), then logged.
         #expect(try await eventually { try decision.store.history(person: "p", sinceMs: 0).offers.count == 1 })
         decide.cancel()
-        release.signal()
-        try await holding.value
+        release()
         await #expect(throws: CancellationError.self) { _ = try await decide.value }
         #expect(try await decision.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM decision") } == 0)
         #expect(try await decision.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM offer") } == 0)

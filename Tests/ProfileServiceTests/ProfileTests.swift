@@ -46,33 +46,6 @@ func withIdentity<T: Sendable>(clock: TestClock, _ body: @Sendable (IdentityServ
     }
 }
 
-/// Runs `body` on a thread of its own (never Swift's cooperative pool, which the tests share):
-/// `body` calls `done` once it holds what it holds, and then waits inside `done` until the
-/// returned function is called. Returns once `done` was called; rethrows an error of `body`
-/// that came before it.
-func holdOnThread(_ body: @escaping @Sendable (_ done: () -> Void) throws -> Void) throws -> @Sendable () -> Void {
-    let holding = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0), finished = DispatchSemaphore(value: 0)
-    let failure = Mutex<(any Error)?>(nil)
-    Thread.detachNewThread {
-        do {
-            try body {
-                holding.signal()
-                release.wait()
-            }
-        } catch {
-            failure.withLock { $0 = error }
-            holding.signal()
-        }
-        finished.signal()
-    }
-    holding.wait()
-    if let error = failure.withLock({ $0 }) { throw error }
-    return {
-        release.signal()
-        finished.wait()
-    }
-}
-
 extension ProfileService {
     func track(_ events: [ProfileV1.Event]) async throws -> ProfileV1.TrackResponse {
         var request = ProfileV1.TrackRequest()

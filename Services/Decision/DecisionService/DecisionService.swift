@@ -1,4 +1,5 @@
 import Contracts
+import Crypto
 import Foundation
 import Metrics
 import RPC
@@ -88,6 +89,8 @@ public struct DecisionService: RPCService {
     let profileBreaker: Breaker
     let personLocks: [Exclusive<Void>]
     let metrics = DecideMetrics()
+    /// The request ids of the Decides under way: a second with one of them is ABORTED.
+    let requestsUnderWay = Exclusive<Set<String>>([])
 
     public static let maxCount = 20
     public static let maxContext = 50
@@ -209,6 +212,7 @@ public struct DecisionService: RPCService {
         if request.deliver && routing == nil {
             throw RPCError(.failedPrecondition, "deliver: this decision service has no routing service (--routing)")
         }
+        if !request.requestId.isEmpty { try Names.checkKey(request.requestId, field: "request_id") }
         let localID: String?
         switch request.person?.ref {
         case .personId(let id)?:
@@ -219,7 +223,65 @@ public struct DecisionService: RPCService {
         case nil:
             throw RPCError.invalidArgument(field: "person", "is required (person_id or identifiers)")
         }
+        guard !request.requestId.isEmpty else { return try await decideAnew(request, localID: localID, requestHash: nil) }
 
+        // A request id: the decision the log holds for it, or a new one logged with it.
+        let id = request.requestId
+        guard requestsUnderWay.withLock({ $0.insert(id).inserted }) else {
+            throw RPCError(.aborted, "request_id: a Decide with request_id \"\(id)\" is under way; retry when it has answered")
+        }
+        defer { _ = requestsUnderWay.withLock { $0.remove(id) } }
+        let hash = Self.requestHash(request)
+        // Read from the file: not on the event loop.
+        let earlier = try await withTaskExecutorPreference(globalConcurrentExecutor) { [store] in try store.decision(requestId: id) }
+        guard let record = earlier else { return try await decideAnew(request, localID: localID, requestHash: hash) }
+        guard Data(record.requestHash) == hash else {
+            throw RPCError(.alreadyExists, "request_id: \"\(id)\" was used for a different request (decision \(record.decisionId))")
+        }
+        metrics.replayed.increment()
+        var response = Self.response(record, explain: request.explain)
+        response.replayed = true
+        if request.deliver { response.actions = await deliver(record, context: request.context) }
+        return response
+    }
+
+    /// SHA-256 of what a Decide asks for (person, placement, context, count, deliver; map
+    /// order aside, every text with its length): a reused request id with a different
+    /// request is refused. `explain` is left out: every logged decision can be explained.
+    static func requestHash(_ request: DecisionV1.DecideRequest) -> Data {
+        var text = ""
+        func add(_ tag: String, _ value: String) { text += "\(tag)\(value.utf8.count):\(value)\n" }
+        switch request.person?.ref {
+        case .personId(let id)?: add("p", id)
+        case .identifiers(let list)?: for identifier in list.identifiers { add("i", identifier.type); add("=", identifier.value) }
+        case nil: break
+        }
+        add("l", request.placement)
+        for key in request.context.keys.sorted() { add("k", key); add("v", request.context[key]!) }
+        add("n", String(max(request.count, 1)))
+        add("d", request.deliver ? "1" : "0")
+        return Data(SHA256.hash(data: Data(text.utf8)))
+    }
+
+    /// A logged decision as Decide answers it.
+    static func response(_ record: DecisionV1.DecisionRecord, explain: Bool) -> DecisionV1.DecideResponse {
+        var response = DecisionV1.DecideResponse()
+        response.decisionId = record.decisionId
+        response.actions = record.actions
+        response.modelVersion = record.modelVersion
+        response.degraded = record.degraded
+        response.degradedReasons = record.degradedReasons
+        response.personId = record.personId
+        response.decidedAtMs = record.decidedAtMs
+        response.holdout = record.holdout
+        response.heldOutActions = record.heldOutActions
+        response.overrides = record.overrides
+        if explain { response.explanations = record.candidates }
+        return response
+    }
+
+    /// Decides, logs the decision (with `requestHash`, under the request's id) and delivers it.
+    private func decideAnew(_ request: DecisionV1.DecideRequest, localID: String?, requestHash: Data?) async throws -> DecisionV1.DecideResponse {
         let started = ContinuousClock.now
         let budgetEnd = started + .milliseconds(configuration.decideBudgetMs)
         let deadline = RPCDeadline.current.map { min($0, budgetEnd) } ?? budgetEnd
@@ -288,7 +350,7 @@ public struct DecisionService: RPCService {
         let unit = person.id ?? Self.unit(request.person)
         let rules = Rules(store, nowMs: now)
         let choose = { try self.choose(request, person: person, unit: unit, reasons: reasons, rules: rules, nowMs: now) }
-        let record: DecisionV1.DecisionRecord
+        var record: DecisionV1.DecisionRecord
         if let id = person.id {
             let lock = personLocks[Int(UInt(bitPattern: id.hashValue) % UInt(personLocks.count))]
             let chooseLocked = { try lock.withLock { _ throws in try choose() } }
@@ -300,6 +362,10 @@ public struct DecisionService: RPCService {
             }
         } else {
             record = try choose()
+        }
+        if let requestHash {
+            record.requestId = request.requestId
+            record.requestHash = [UInt8](requestHash)
         }
         let logging = ContinuousClock.now
         metrics.choose.recordNanoseconds((logging - choosing).nanoseconds)
@@ -322,18 +388,7 @@ public struct DecisionService: RPCService {
         }
         (record.degraded ? metrics.degraded : metrics.complete).increment()
 
-        var response = DecisionV1.DecideResponse()
-        response.decisionId = record.decisionId
-        response.actions = record.actions
-        response.modelVersion = record.modelVersion
-        response.degraded = record.degraded
-        response.degradedReasons = record.degradedReasons
-        response.personId = record.personId
-        response.decidedAtMs = now
-        response.holdout = record.holdout
-        response.heldOutActions = record.heldOutActions
-        response.overrides = record.overrides
-        if request.explain { response.explanations = record.candidates }
+        var response = Self.response(record, explain: request.explain)
         if request.deliver { response.actions = await deliver(record, context: request.context) }
         return response
     }
@@ -924,6 +979,7 @@ final class Exclusive<Value: Sendable>: Sendable {
 ///   person's lock, and a history read from the file when memory does not reach back far
 ///   enough) and `log` (waiting for the log's transaction and writing it), a histogram each
 /// - `decision_decisions_total{degraded}`: logged decisions, degraded ("true") or not
+/// - `decision_decides_replayed_total`: Decides answered again from the log by request id
 /// Delivery (`deliver`) comes after and is not in these.
 struct DecideMetrics: Sendable {
     let peers = Timer(label: "decision_decide_stage_seconds", dimensions: [("stage", "peers")], preferredDisplayUnit: .seconds)
@@ -931,4 +987,6 @@ struct DecideMetrics: Sendable {
     let log = Timer(label: "decision_decide_stage_seconds", dimensions: [("stage", "log")], preferredDisplayUnit: .seconds)
     let complete = Counter(label: "decision_decisions_total", dimensions: [("degraded", "false")])
     let degraded = Counter(label: "decision_decisions_total", dimensions: [("degraded", "true")])
+    /// Decides answered from the log by their request id.
+    let replayed = Counter(label: "decision_decides_replayed_total")
 }

@@ -285,6 +285,13 @@ public final class DecisionStore: Sendable {
             // An unmerge finds the persons the split person had absorbed without a scan.
             try db.execute(sql: "CREATE INDEX person_merged_by_target ON person_merged(target)")
         }
+        migrator.registerMigration("v9: decisions by request id") { db in
+            // Decide's idempotency key; the partial index costs nothing to decisions without one.
+            try db.execute(sql: """
+                ALTER TABLE decision ADD COLUMN request_id TEXT;  -- DecideRequest.request_id; NULL: none
+                CREATE UNIQUE INDEX decision_by_request ON decision(request_id) WHERE request_id IS NOT NULL;
+                """)
+        }
         return migrator
     }
 
@@ -574,7 +581,7 @@ public final class DecisionStore: Sendable {
     private func commit(_ entries: [LogEntry]) throws -> [Bool] {
         defer { release(entries) }
         return try writeContacts { db in
-            let decision = try db.cachedStatement(sql: "INSERT INTO decision (decision_id, person_id, decided_at_ms, record) VALUES (?, ?, ?, ?)")
+            let decision = try db.cachedStatement(sql: "INSERT INTO decision (decision_id, person_id, decided_at_ms, record, request_id) VALUES (?, ?, ?, ?, ?)")
             let offer = try db.cachedStatement(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES (?, ?, ?, ?, ?)")
             // A merge or an erasure applied while a decision was being logged moved or dropped
             // its reservation: the decision is logged for the survivor, or for no one.
@@ -612,7 +619,8 @@ public final class DecisionStore: Sendable {
             let written = try entries.map { entry in
                 switch entry {
                 case .decision(let record, let encoded, let arms):
-                    try decision.run(db, .text(record.decisionId), .text(record.personId), .integer(record.decidedAtMs), .blob(encoded))
+                    try decision.run(db, .text(record.decisionId), .text(record.personId), .integer(record.decidedAtMs), .blob(encoded),
+                                     record.requestId.isEmpty ? .null : .text(record.requestId))
                     if !record.personId.isEmpty {
                         for action in record.actions {
                             try offer.run(db, .text(record.personId), .integer(record.decidedAtMs), .text(action.actionId), .integer(Int64(action.channel.rawValue)), .text(record.decisionId))
@@ -750,6 +758,13 @@ public final class DecisionStore: Sendable {
         try pool.unsafeRead { db in
             try Data.fetchOne(db.cachedStatement(sql: "SELECT record FROM decision WHERE decision_id = ?"), arguments: [id])
                 .map { try Self.record(stored: $0) }
+        }
+    }
+
+    /// The logged decision a Decide with request id `id` made, if the log still holds it.
+    func decision(requestId id: String) throws -> DecisionV1.DecisionRecord? {
+        try pool.read { db in
+            try Data.fetchOne(db, sql: "SELECT record FROM decision WHERE request_id = ?", arguments: [id]).map { try Self.record(stored: $0) }
         }
     }
 

@@ -135,11 +135,7 @@ public struct RoutingService: RPCService {
         guard request.urgency == .normal || request.urgency == .critical else {
             throw .invalidArgument(field: "urgency", "unknown urgency \(request.urgency.rawValue)")
         }
-        let key = request.idempotencyKey
-        guard !key.isEmpty else { throw .invalidArgument(field: "idempotency_key", "is required") }
-        guard key.utf8.count <= 128, key.unicodeScalars.allSatisfy({ $0.isASCII && $0.value > 32 && $0.value < 127 }) else {
-            throw .invalidArgument(field: "idempotency_key", "must be 1–128 printable ASCII characters without spaces")
-        }
+        try Names.checkKey(request.idempotencyKey, field: "idempotency_key")
         try Names.checkPurpose(request.purpose, field: "purpose")  // one SetConsent records (opt-outs are passed on)
         // Before the year 3000: the planner adds the send window to these (Int64.max overflowed).
         guard (0..<Self.latestMs).contains(request.notBeforeMs) else {

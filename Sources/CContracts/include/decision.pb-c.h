@@ -318,10 +318,21 @@ struct  Arbiter__Decision__V1__DecideRequest
    * channel, the contact policy counts the offer on that channel from then on.
    */
   protobuf_c_boolean deliver;
+  /*
+   * Optional idempotency key (1-128 printable ASCII characters, no spaces). A Decide with a
+   * request_id the decision log still holds answers that decision again (replayed = true):
+   * the same decision id and actions, and with deliver the same deliveries (routing finds
+   * them by their idempotency keys), so a retry after a lost answer or a passed deadline
+   * neither decides twice nor sends twice. The same request_id with a different request
+   * (person, placement, context, count or deliver) is ALREADY_EXISTS; while the first is
+   * still being decided, ABORTED (retry). Remembered as long as the decision is logged
+   * (decision.logRetentionDays); a decision not logged (its caller gave up first) is not.
+   */
+  char *request_id;
 };
 #define ARBITER__DECISION__V1__DECIDE_REQUEST__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__decide_request__descriptor) \
-    , NULL, (char *)protobuf_c_empty_string, 0,NULL, 0, 0, 0 }
+    , NULL, (char *)protobuf_c_empty_string, 0,NULL, 0, 0, 0, (char *)protobuf_c_empty_string }
 
 
 struct  Arbiter__Decision__V1__RankedAction
@@ -448,10 +459,14 @@ struct  Arbiter__Decision__V1__DecideResponse
    */
   size_t n_overrides;
   Arbiter__Decision__V1__OverrideEffect **overrides;
+  /*
+   * The answer of an earlier Decide with the same request_id: nothing was decided anew.
+   */
+  protobuf_c_boolean replayed;
 };
 #define ARBITER__DECISION__V1__DECIDE_RESPONSE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__decide_response__descriptor) \
-    , (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0,NULL, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL }
+    , (char *)protobuf_c_empty_string, 0,NULL, (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0,NULL, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL, 0 }
 
 
 /*
@@ -514,10 +529,19 @@ struct  Arbiter__Decision__V1__DecisionRecord
   char **held_out_actions;
   size_t n_overrides;
   Arbiter__Decision__V1__OverrideEffect **overrides;
+  /*
+   * The request's DecideRequest.request_id, when it had one.
+   */
+  char *request_id;
+  /*
+   * With request_id: SHA-256 of what the request asked (person, placement, context, count,
+   * deliver), to tell a retry from a different request with the same request_id.
+   */
+  ProtobufCBinaryData request_hash;
 };
 #define ARBITER__DECISION__V1__DECISION_RECORD__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__decision_record__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0, (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0,NULL, 0,NULL, 0, 0,NULL, 0,NULL, 0,NULL }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0, (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0,NULL, 0,NULL, 0, 0,NULL, 0,NULL, 0,NULL, (char *)protobuf_c_empty_string, {0,NULL} }
 
 
 struct  Arbiter__Decision__V1__GetDecisionRequest

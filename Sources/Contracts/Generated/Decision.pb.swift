@@ -281,6 +281,15 @@ extension DecisionV1 {
         /// (RankedAction.channel) and then its fallback_channels. When routing delivers on a fallback
         /// channel, the contact policy counts the offer on that channel from then on.
         public var deliver: Bool = false
+        /// Optional idempotency key (1-128 printable ASCII characters, no spaces). A Decide with a
+        /// request_id the decision log still holds answers that decision again (replayed = true):
+        /// the same decision id and actions, and with deliver the same deliveries (routing finds
+        /// them by their idempotency keys), so a retry after a lost answer or a passed deadline
+        /// neither decides twice nor sends twice. The same request_id with a different request
+        /// (person, placement, context, count or deliver) is ALREADY_EXISTS; while the first is
+        /// still being decided, ABORTED (retry). Remembered as long as the decision is logged
+        /// (decision.logRetentionDays); a decision not logged (its caller gave up first) is not.
+        public var requestId: String = ""
 
         public static let protoName = "arbiter.decision.v1.DecideRequest"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__decide_request__descriptor_ptr())
@@ -292,6 +301,7 @@ extension DecisionV1 {
             count = reader.uint32(4)
             explain = reader.bool(5)
             deliver = reader.bool(6)
+            requestId = reader.string(7)
         }
         public func write(to writer: ProtoWriter) {
             if let v = person { writer.setMessage(1, v) }
@@ -300,6 +310,7 @@ extension DecisionV1 {
             writer.setUint32(4, count)
             writer.setBool(5, explain)
             writer.setBool(6, deliver)
+            writer.setString(7, requestId)
         }
     }
 
@@ -427,6 +438,8 @@ extension DecisionV1 {
         public var heldOutActions: [String] = []
         /// Overrides that changed (or, for their control share, would have changed) this decision.
         public var overrides: [DecisionV1.OverrideEffect] = []
+        /// The answer of an earlier Decide with the same request_id: nothing was decided anew.
+        public var replayed: Bool = false
 
         public static let protoName = "arbiter.decision.v1.DecideResponse"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__decide_response__descriptor_ptr())
@@ -443,6 +456,7 @@ extension DecisionV1 {
             decidedAtMs = reader.int64(9)
             heldOutActions = reader.repeatedString(10)
             overrides = try reader.messages(11)
+            replayed = reader.bool(12)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, decisionId)
@@ -456,6 +470,7 @@ extension DecisionV1 {
             writer.setInt64(9, decidedAtMs)
             writer.setRepeatedString(10, heldOutActions)
             writer.setRepeatedMessages(11, overrides)
+            writer.setBool(12, replayed)
         }
     }
 
@@ -497,6 +512,11 @@ extension DecisionV1 {
         public var segments: [String] = []
         public var heldOutActions: [String] = []
         public var overrides: [DecisionV1.OverrideEffect] = []
+        /// The request's DecideRequest.request_id, when it had one.
+        public var requestId: String = ""
+        /// With request_id: SHA-256 of what the request asked (person, placement, context, count,
+        /// deliver), to tell a retry from a different request with the same request_id.
+        public var requestHash: [UInt8] = []
 
         public static let protoName = "arbiter.decision.v1.DecisionRecord"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__decision_record__descriptor_ptr())
@@ -517,6 +537,8 @@ extension DecisionV1 {
             segments = reader.repeatedString(13)
             heldOutActions = reader.repeatedString(14)
             overrides = try reader.messages(15)
+            requestId = reader.string(16)
+            requestHash = reader.bytes(17)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, decisionId)
@@ -534,6 +556,8 @@ extension DecisionV1 {
             writer.setRepeatedString(13, segments)
             writer.setRepeatedString(14, heldOutActions)
             writer.setRepeatedMessages(15, overrides)
+            writer.setString(16, requestId)
+            writer.setBytes(17, requestHash)
         }
     }
 
