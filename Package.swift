@@ -73,7 +73,10 @@ let package = Package(
         // Shared SQLite setup: WAL, secure_delete, migrations before serving.
         // Configures SQLite as the process loads (no allocation statistics: no global lock).
         .target(name: "CSQLiteConfig", linkerSettings: [.linkedLibrary("sqlite3")]),
-        .target(name: "Storage", dependencies: ["CLZ4", "CSQLiteConfig", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift")]),
+        .target(name: "Storage", dependencies: [
+            "CLZ4", "CSQLiteConfig", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift"),
+            .product(name: "Logging", package: "swift-log"), .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
         // The identity graph: normalization, merge rules, unmerge, change feed, erasure.
         .target(
             name: "IdentityService",

@@ -1391,7 +1391,7 @@ struct DecisionTests {
         let kept = try await decision.decide(decideRequest("p2"))
         clock.advance(seconds: 11 * 86_400)  // `old` is 31 days old, `kept` 11
 
-        let pruner = DecisionLogPruner(store: decision.store, retentionDays: 30, batch: 1, logger: Logger(label: "test"), clock: clock.read)
+        let pruner = decision.store.pruner(retentionDays: 30, batch: 1, logger: Logger(label: "test"), clock: clock.read)
         #expect(await pruner.pruneOnce() == 2)  // the decision and its early outcome, a row per batch
         #expect(try decision.store.decision(old.decisionId) == nil)
         #expect(try decision.store.decision(kept.decisionId) != nil)
@@ -1459,8 +1459,7 @@ struct DecisionTests {
     @Test("a graceful shutdown wakes the log pruner between its rounds")
     func prunerStopsAtShutdown() async throws {
         let decision = try makeDecision()
-        let pruner = DecisionLogPruner(store: decision.store, retentionDays: 30, interval: .seconds(3600),
-                                       logger: Logger(label: "test"), clock: { 0 })
+        let pruner = decision.store.pruner(retentionDays: 30, interval: .seconds(3600), logger: Logger(label: "test"), clock: { 0 })
         let services = ServiceGroup(services: [pruner], logger: Logger(label: "test"))
         // Stopped after its first round, asleep for an hour: before, the shutdown waited it out.
         let stopped = try await withThrowingTaskGroup(of: Bool.self) { group in

@@ -26,7 +26,7 @@ public struct DecisionConfiguration: Sendable, Codable, Equatable {
     /// (delivery is not bound by `decideBudgetMs`: the decision is logged first). Default 2000.
     public var routeTimeoutMs = 2000
     /// Decisions older than this many days are deleted with their offers and outcomes
-    /// (`DecisionLogPruner`); 0 keeps every decision. A cap or suppression window may not be
+    /// (`DecisionStore.pruner`); 0 keeps every decision. A cap or suppression window may not be
     /// longer. Default 0. A decision over a 50-action catalog takes ~4.6 KB: at 3,000
     /// decisions/s the log grows ~1.2 TB a day.
     public var logRetentionDays = 0

@@ -2,6 +2,7 @@ import Contracts
 import Foundation
 import GRDB
 import IdentityFeed
+import Logging
 import RPC
 import Storage
 import Synchronization
@@ -928,6 +929,15 @@ extension DecisionStore: IdentityChangeSink {
             // Up to 1 s for the readers to move on (every Decide's log waits for the writer
             // meanwhile); failing that, the next polls try again.
             try? truncation.pay(pool, patience: .seconds(1))
+        }
+    }
+
+    /// Keeps the log to `retentionDays` (`decision.logRetentionDays`): deletes the older
+    /// decisions with their offers and outcomes (`pruneLog`), `batch` at a time, every `interval`.
+    public func pruner(retentionDays: Int, interval: Duration = .seconds(60), batch: Int = 1000,
+                       logger: Logger, clock: @escaping @Sendable () -> Int64) -> RetentionPruner {
+        RetentionPruner("decision log", retentionDays: retentionDays, interval: interval, batch: batch, logger: logger, clock: clock) { [self] in
+            try pruneLog(beforeMs: $0, limit: $1)
         }
     }
 

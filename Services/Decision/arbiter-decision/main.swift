@@ -31,8 +31,8 @@ enum DecisionDefinition: ServiceDefinition {
             guard conflicts.isEmpty else {
                 throw context.configurationError("decision.logRetentionDays \(configuration.logRetentionDays) is shorter than windows in the catalog, which would count deleted offers: \(conflicts.joined(separator: "; "))")
             }
-            parts.background.append(DecisionLogPruner(store: store, retentionDays: configuration.logRetentionDays, logger: context.logger,
-                                                      clock: { Int64(Date().timeIntervalSince1970 * 1000) }))
+            parts.background.append(store.pruner(retentionDays: configuration.logRetentionDays, logger: context.logger,
+                                                 clock: { Int64(Date().timeIntervalSince1970 * 1000) }))
         }
         if let identity = context.identity {
             // Merges and erasures of persons apply to their decisions, offers and outcomes.

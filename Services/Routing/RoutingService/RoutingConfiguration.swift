@@ -66,6 +66,11 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
     public var verifiedTraits: [String: String] = ["email": "email_verified", "sms": "phone_verified"]
     /// The trait holding the person's IANA time zone. Default "timezone".
     public var timeZoneTrait = "timezone"
+    /// Deliveries that are done (sent, suppressed, dead letters) are deleted, with their
+    /// events, this many days after their send time (`RoutingStore.pruner`); 0 keeps every
+    /// one. At least 8 when set: the caps count a week of sends. A Route retried with the key
+    /// of a deleted delivery makes a new one. Default 0.
+    public var outboxRetentionDays = 0
 
     public struct Webhook: Sendable, Codable, Equatable {
         /// `http://host:port/path`.
@@ -153,6 +158,7 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
             v.verifiedTraits.merge(traits) { $1 }
         }
         try take(.timeZoneTrait, &v.timeZoneTrait)
+        try take(.outboxRetentionDays, &v.outboxRetentionDays)
         if let problem = v.problem() {
             throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: problem))
         }
@@ -182,6 +188,8 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
             range("dispatchConcurrency", dispatchConcurrency, 1...4096), range("dispatchPollMs", dispatchPollMs, 1...60_000),
             range("profileTimeoutMs", profileTimeoutMs, 1...60_000),
             range("consentRecheckAfterMs", consentRecheckAfterMs, 0...86_400_000),
+            outboxRetentionDays == 0 ? nil
+                : range("outboxRetentionDays", outboxRetentionDays, 8...36_500).map { $0 + " (0 keeps every delivery; the caps count a week of sends)" },
             addressTraits.keys.first { !channelNames.contains($0) }.map { "addressTraits: unknown channel \"\($0)\"" },
             verifiedTraits.keys.first { !channelNames.contains($0) }.map { "verifiedTraits: unknown channel \"\($0)\"" },
             webhook.flatMap { webhook in

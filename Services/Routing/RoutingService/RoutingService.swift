@@ -35,11 +35,15 @@ public struct RoutingService: RPCService {
         self.clock = clock
     }
 
-    /// The background work: the dispatcher and, with a profile service, the consent revoker;
+    /// The background work: the dispatcher, the outbox's pruner with `outboxRetentionDays`
+    /// and, with a profile service, the consent revoker;
     /// the adapters' connections are closed after the dispatcher stopped.
     public var background: [any Service] {
         var services: [any Service] = [AdapterLifetime(adapters: adapters), Dispatcher(store: store, adapters: adapters, configuration: configuration, profile: profile, logger: logger, clock: clock)]
         if let profile { services.append(ConsentRevoker(store: store, profile: profile, logger: logger)) }
+        if configuration.outboxRetentionDays > 0 {
+            services.append(store.pruner(retentionDays: configuration.outboxRetentionDays, logger: logger, clock: clock))
+        }
         return services
     }
 

@@ -1,6 +1,7 @@
 import Contracts
 import Foundation
 import GRDB
+import Logging
 import IdentityFeed
 import RPC
 import Storage
@@ -1085,6 +1086,36 @@ extension RoutingStore: IdentityChangeSink {
             d.personId = person
             try save(db, d)
             return d
+        }
+    }
+
+    /// Keeps the outbox to `retentionDays` (`routing.outboxRetentionDays`): deletes the
+    /// deliveries that are done (`pruneOutbox`), `batch` at a time, every `interval`.
+    public func pruner(retentionDays: Int, interval: Duration = .seconds(60), batch: Int = 1000,
+                       logger: Logger, clock: @escaping @Sendable () -> Int64) -> RetentionPruner {
+        RetentionPruner("outbox", retentionDays: retentionDays, interval: interval, batch: batch, logger: logger, clock: clock) { [self] in
+            try pruneOutbox(beforeMs: $0, limit: $1)
+        }
+    }
+
+    /// Deletes up to `limit` deliveries that are done (sent, suppressed, dead letters) and were
+    /// sent (or planned, for those never sent) before `beforeMs`, with their events; returns
+    /// how many went. Scheduled ones stay, however old. Called again while it returns `limit`.
+    func pruneOutbox(beforeMs: Int64, limit: Int) throws -> Int {
+        // Delivery ids are minted when routed, never after the send time: the scan stops at
+        // the first id minted after `beforeMs`.
+        let bound = TimeOrderedID.lowerBound("dl", atMs: beforeMs)
+        return try pool.write { db in
+            let ids = try String.fetchAll(db.cachedStatement(sql: """
+                SELECT delivery_id FROM delivery WHERE delivery_id < ? AND state IN (3, 4, 5) AND send_at_ms < ? ORDER BY delivery_id LIMIT ?
+                """), arguments: [bound, beforeMs, limit])
+            let events = try db.cachedStatement(sql: "DELETE FROM delivery_event WHERE delivery_id = ?")
+            let delivery = try db.cachedStatement(sql: "DELETE FROM delivery WHERE delivery_id = ?")
+            for id in ids {
+                try events.execute(arguments: [id])
+                try delivery.execute(arguments: [id])
+            }
+            return ids.count
         }
     }
 
