@@ -402,6 +402,35 @@ struct RoutingTests {
         }
     }
 
+    @Test("at send time the address is read again with the consent: a changed email goes to the new address; one no longer verified falls back")
+    func addressReadAgain() async throws {
+        let clock = TestClock()
+        clock.now.withLock { $0 = june1 }
+        try await withRouting(clock: clock, configure: uncapped) { routing, profile, sink in
+            for person in ["p", "q"] { try seedReachable(profile.store, person, at: june1 - day) }
+            let moved = try await routing.route(routeRequest("p", key: "moved", channels: [.email, .push], notBefore: june1 + 2 * hour))
+            let unverified = try await routing.route(routeRequest("q", key: "unverified", channels: [.email, .push], notBefore: june1 + 2 * hour))
+            #expect(moved.state == .scheduled && moved.channel == .email && moved.address == "p@example.com")
+            #expect(unverified.state == .scheduled && unverified.channel == .email)
+            // Changed after the plan, before the send.
+            try seed(profile.store, "p", traits: [("email", .string("p.new@example.com"))], at: june1 + hour)
+            try seed(profile.store, "q", traits: [("email_verified", .bool(false))], at: june1 + hour)
+            clock.advance(seconds: 2 * 3600)
+            try await send(routing, moved)
+            try await dispatching(routing) { try await waitFor { try routing.store.delivery(unverified.deliveryId)?.state == .sent } }
+
+            let sentMoved = try #require(try routing.store.delivery(moved.deliveryId))
+            #expect(sentMoved.channel == .email && sentMoved.address == "p.new@example.com", "\(sentMoved.address)")
+            let bodies = sink.requests.map(\.bodyText)
+            #expect(bodies.contains { $0.contains("p.new@example.com") } && !bodies.contains { $0.contains("\"p@example.com\"") }, "\(bodies)")
+            // Before: sent to the address of the plan.
+            let sentQ = try #require(try routing.store.delivery(unverified.deliveryId))
+            #expect(sentQ.channel == .push && sentQ.address == "tok-q", "\(sentQ.channel) \(sentQ.address)")
+            #expect(sentQ.events.contains { $0.kind == .fellBack && $0.detail.contains("email_verified is not true") && $0.detail.contains("read again before sending") },
+                    "\(sentQ.events.map(\.detail))")
+        }
+    }
+
     @Test("a send on time is not checked against the caps again (daily messages planned a day apart to the millisecond); a late one is")
     func capsOnTimeAndLate() async throws {
         try await withRouting(configure: capped((5, 10, 1, 10))) { routing, _, _ in

@@ -183,18 +183,19 @@ public struct Dispatcher: Service {
 }
 
 extension Dispatcher {
-    /// The person's consent from the profile service, read again unless the plan is recent.
+    /// The person's consent and traits (for the address) from the profile service, read
+    /// again unless the plan is recent.
     func consentNow(_ d: RoutingV1.Delivery) async -> RoutingStore.SendTimeConsent {
         guard let profile, clock() - d.createdAtMs >= Int64(configuration.consentRecheckAfterMs) else { return .notRead }
         var request = ProfileV1.GetProfileRequest()
         var person = CommonV1.PersonRef()
         person.ref = .personId(d.personId)
         request.person = person
-        request.fields = ["consent"]
+        request.fields = ["consent", "traits"]
         do {
-            let consent = try await profile.call(ProfileV1.Profile.getProfile, request, timeout: .milliseconds(configuration.profileTimeoutMs)).consent
+            let view = try await profile.call(ProfileV1.Profile.getProfile, request, timeout: .milliseconds(configuration.profileTimeoutMs))
             consentReadFailures.count.store(0, ordering: .relaxed)  // the next outage's first failure is logged
-            return .read(consent)
+            return .read(view.consent, traits: Planner.traits(view))
         } catch where error.code == .notFound {
             return .personUnknown(error.message)
         } catch {

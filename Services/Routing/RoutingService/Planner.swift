@@ -87,7 +87,7 @@ struct Planner {
         delivery.urgency = request.urgency
         delivery.createdAtMs = now
         delivery.notAfterMs = request.notAfterMs
-        let traits = Dictionary(profile.traits.compactMap { t in RuleValue(t.value).map { (t.name, $0) } }, uniquingKeysWith: { a, _ in a })
+        let traits = Self.traits(profile)
         let zoneName: String
         if case .string(let name)? = traits[configuration.timeZoneTrait], TimeZone(identifier: name) != nil {
             zoneName = name
@@ -214,9 +214,21 @@ struct Planner {
         return governingConsent(exact: exact, general: general, atMs: \.atMs)
     }
 
+    /// The profile's traits by name, as rules read them.
+    static func traits(_ profile: ProfileV1.ProfileView) -> [String: RuleValue] {
+        Dictionary(profile.traits.compactMap { t in RuleValue(t.value).map { (t.name, $0) } }, uniquingKeysWith: { a, _ in a })
+    }
+
     /// The channel's address from the profile's traits, or why there is none.
     func address(_ channel: CommonV1.Channel, traits: [String: RuleValue], personID: String) -> Result<String, AddressError> {
         guard adapters.contains(channel) else { return .failure(AddressError("no adapter configured for \(channel.ruleName)")) }
+        return Self.address(channel, traits: traits, personID: personID, configuration: configuration)
+    }
+
+    /// The channel's address from the profile's traits (`addressTraits`, `verifiedTraits`), or
+    /// why there is none; whether an adapter serves the channel aside.
+    static func address(_ channel: CommonV1.Channel, traits: [String: RuleValue], personID: String,
+                        configuration: RoutingConfiguration) -> Result<String, AddressError> {
         let name = channel.ruleName
         let trait = configuration.addressTraits[name] ?? ""
         guard !trait.isEmpty else { return .success(personID) }

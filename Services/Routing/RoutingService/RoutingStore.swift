@@ -4,6 +4,7 @@ import GRDB
 import Logging
 import IdentityFeed
 import RPC
+import Rules
 import Storage
 import Synchronization
 
@@ -473,8 +474,9 @@ public final class RoutingStore: Sendable {
     public enum SendTimeConsent: Sendable, Equatable {
         /// Not read again: the plan is recent, or there is no profile service.
         case notRead
-        /// The profile's consent records now.
-        case read([ProfileV1.ConsentRecord])
+        /// The profile's consent records now, and its traits (nil: not read), from which the
+        /// delivery's address is taken again.
+        case read([ProfileV1.ConsentRecord], traits: [String: RuleValue]? = nil)
         /// The profile service no longer knows the person (erased): no consent is left.
         case personUnknown(String)
         /// The profile service did not answer: the delivery waits, consent is never guessed.
@@ -491,7 +493,7 @@ public final class RoutingStore: Sendable {
         }
         switch consent {
         case .notRead: break
-        case .read(let records):
+        case .read(let records, _):
             if let refusal = Planner.profileConsentRefusal(d.channel, purpose: d.purpose, consent: records) {
                 return .refused(reason: "no_consent", why: "\(refusal) (read again before sending)")
             }
@@ -514,7 +516,7 @@ public final class RoutingStore: Sendable {
         // merge brings the other person's opt-outs as learned now) does not refuse, as the
         // planner would not have refused it.
         var grantedAt = Int64.min
-        if case .read(let records) = consent, let record = Planner.governing(d.channel, purpose: d.purpose, consent: records) {
+        if case .read(let records, _) = consent, let record = Planner.governing(d.channel, purpose: d.purpose, consent: records) {
             grantedAt = record.atMs
         }
         if let optOut = evidence.optOuts.first(where: {
@@ -523,8 +525,14 @@ public final class RoutingStore: Sendable {
         }) {
             return .refused(reason: "no_consent", why: "unsubscribed or complained at \(optOut.atMs), learned after it was planned")
         }
-        if evidence.unreachable.contains(Evidence.unreachableKey(d.channel, d.address)) {
-            return .refused(reason: "unreachable", why: "\(d.address) hard-bounced since it was planned")
+        var address = d.address
+        switch addressNow(d, consent: consent) {
+        case nil: break
+        case .success(let now)?: address = now
+        case .failure(let why)?: return .refused(reason: "unreachable", why: "\(why) (read again before sending)")
+        }
+        if evidence.unreachable.contains(Evidence.unreachableKey(d.channel, address)) {
+            return .refused(reason: "unreachable", why: "\(address) hard-bounced since it was planned")
         }
         if d.urgency != .critical {
             let clock = LocalClock(TimeZone(identifier: d.timeZone) ?? TimeZone(identifier: "UTC")!)
@@ -575,6 +583,13 @@ public final class RoutingStore: Sendable {
         return .send
     }
 
+    /// `d`'s address on its channel from the profile's traits read again before sending (the
+    /// person may have changed it, or it may no longer be verified), or nil when they were not.
+    func addressNow(_ d: RoutingV1.Delivery, consent: SendTimeConsent) -> Result<String, Planner.AddressError>? {
+        guard case .read(_, let traits?) = consent else { return nil }
+        return Planner.address(d.channel, traits: traits, personID: d.personId, configuration: configuration)
+    }
+
     /// Called by the dispatcher just before it sends `planned`: the delivery to send now (it
     /// may have moved to a fallback channel), or nil when it is not to be sent now. An
     /// unsubscribe, a complaint or a hard bounce recorded since it was planned, or a consent
@@ -597,7 +612,9 @@ public final class RoutingStore: Sendable {
                                       contactsThrough: planned.notAfterMs), still, moved)
         }
         guard read.still else { return nil }
-        if check(planned, read.evidence, consent: consent, moved: read.moved, nowMs: nowMs) == .send { return planned }
+        // Sent as planned, unless the address read again differs (then it is saved first).
+        let address = (try? addressNow(planned, consent: consent)?.get()) ?? planned.address
+        if address == planned.address && check(planned, read.evidence, consent: consent, moved: read.moved, nowMs: nowMs) == .send { return planned }
         return try pool.write { db in
             guard var d = try Self.load(db, planned.deliveryId), d.state == .scheduled, d.channel == planned.channel,
                   d.nextAttemptAtMs <= nowMs else { return nil }
@@ -605,6 +622,11 @@ public final class RoutingStore: Sendable {
             let evidence = try Self.evidence(db, person: d.personId, engagement: false, contactsAround: d.urgency != .critical ? nowMs : nil,
                                              contactsThrough: d.notAfterMs)
             while true {
+                // The address on its channel (a fallback's too) as the profile says now.
+                if let now = try? addressNow(d, consent: consent)?.get(), now != d.address {
+                    d.address = now
+                    if let i = d.channels.firstIndex(where: { $0.channel == d.channel }) { d.channels[i].address = now }
+                }
                 switch check(d, evidence, consent: consent, moved: read.moved, nowMs: nowMs) {
                 case .send:
                     try save(db, d)
