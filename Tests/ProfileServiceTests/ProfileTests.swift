@@ -912,6 +912,8 @@ struct TraitSegmentConsentTests {
         // Two records at one time: the one inserted last is current.
         request.consents = [record("news", granted: false, at: now - 2), record("news", granted: true, at: now - 2, source: "support")]
         _ = try await service.setConsent(request)
+        // Retried, neither is appended again (before: the older of the two was, each time).
+        _ = try await service.setConsent(request)
         let consent = try await service.getConsent(get)
         #expect(consent.history.count == 5)
         #expect(consent.current.map { "\($0.purpose) \($0.granted) \($0.source)" } == ["news true support"])

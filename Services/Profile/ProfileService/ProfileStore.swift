@@ -1065,10 +1065,13 @@ public final class ProfileStore: Sendable {
             let pairsSQL = "SELECT count(*) FROM (SELECT DISTINCT purpose, channel FROM consent WHERE person_id = ?)"
             let before = try Int.fetchOne(db.cachedStatement(sql: pairsSQL), arguments: [person]) ?? 0
             for r in records {
-                // The same as the pair's newest, given for the same person (an unmerge takes
-                // records by whom they were given for): a retry.
-                if let newest = try Self.newestConsent(db, person: person, purpose: r.purpose, channel: Int64(r.channel)),
-                   newest.record == r, newest.origin == origin { continue }
+                // A record the pair has already, given for the same person (an unmerge takes
+                // records by whom they were given for): a retry. One probe of consent_by_person.
+                let known = try Bool.fetchOne(db.cachedStatement(sql: """
+                    SELECT EXISTS (SELECT 1 FROM consent WHERE person_id = ? AND purpose = ? AND channel = ? AND at_ms = ?
+                                   AND granted = ? AND source = ? AND origin_person_id = ?)
+                    """), arguments: [person, r.purpose, r.channel, r.atMs, r.granted, r.source, origin]) ?? false
+                if known { continue }
                 try db.cachedStatement(sql: """
                     INSERT INTO consent (person_id, purpose, channel, granted, source, at_ms, origin_person_id) VALUES (?, ?, ?, ?, ?, ?, ?)
                     """).execute(arguments: [person, r.purpose, r.channel, r.granted, r.source, r.atMs, origin])
@@ -1131,20 +1134,19 @@ public final class ProfileStore: Sendable {
         while let pair = try Row.fetchOne(nextPair, arguments: [person, after.purpose, after.channel]) {
             after = (pair[0], pair[1])
             if let newest = try newestConsent(db, person: person, purpose: after.purpose, channel: after.channel) {
-                current.append(newest.record)
+                current.append(newest)
             }
         }
         return current
     }
 
-    /// The pair's newest record (the last inserted of those at the newest time), and whom it
-    /// was given for (`origin_person_id`: '' for the person itself).
-    static func newestConsent(_ db: Database, person: String, purpose: String, channel: Int64) throws -> (record: Consent, origin: String)? {
+    /// The pair's newest record (the last inserted of those at the newest time).
+    static func newestConsent(_ db: Database, person: String, purpose: String, channel: Int64) throws -> Consent? {
         try Row.fetchOne(db.cachedStatement(sql: """
-            SELECT granted, source, at_ms, origin_person_id FROM consent WHERE person_id = ? AND purpose = ? AND channel = ?
+            SELECT granted, source, at_ms FROM consent WHERE person_id = ? AND purpose = ? AND channel = ?
             ORDER BY at_ms DESC, id DESC LIMIT 1
             """), arguments: [person, purpose, channel]).map {
-            (Consent(purpose: purpose, channel: Int32(clamping: channel), granted: $0[0], source: $0[1], atMs: $0[2]), $0[3])
+            Consent(purpose: purpose, channel: Int32(clamping: channel), granted: $0[0], source: $0[1], atMs: $0[2])
         }
     }
 
