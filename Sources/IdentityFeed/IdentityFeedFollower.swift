@@ -45,6 +45,10 @@ public struct IdentityFeedFollower<Sink: IdentityChangeSink>: Service {
     let identity: RPCClient
     let logger: Logger
     let pollInterval: Duration
+    /// How long a call to the identity service may take: a peer that hangs, or a connection
+    /// lost without a word, would otherwise stop every later merge and erasure. A call that
+    /// times out is retried with the follower's backoff. Default 10 s.
+    let callTimeout: Duration
     let clock: @Sendable () -> Int64
     /// Where `apply` runs: a merge recomputes features from every event of the persons
     /// involved and an erasure may wait seconds for a checkpoint, which must not hold one of
@@ -52,11 +56,12 @@ public struct IdentityFeedFollower<Sink: IdentityChangeSink>: Service {
     let applier = DispatchQueue(label: "arbiter.identity-feed.apply")
 
     public init(store: Sink, identity: RPCClient, logger: Logger, pollInterval: Duration = .seconds(1),
-                clock: @escaping @Sendable () -> Int64) {
+                callTimeout: Duration = .seconds(10), clock: @escaping @Sendable () -> Int64) {
         self.store = store
         self.identity = identity
         self.logger = logger
         self.pollInterval = pollInterval
+        self.callTimeout = callTimeout
         self.clock = clock
     }
 
@@ -82,18 +87,13 @@ public struct IdentityFeedFollower<Sink: IdentityChangeSink>: Service {
         }
     }
 
-    /// How long a call to the identity service may take: a peer that hangs, or a connection
-    /// lost without a word, would otherwise stop every later merge and erasure. A call that
-    /// times out is retried with the follower's backoff.
-    static var callTimeout: Duration { .seconds(10) }
-
     /// Fetches and applies the next page of changes; returns how many were applied.
     @discardableResult
     public func pollOnce(limit: UInt32 = 500) async throws -> Int {
         var request = IdentityV1.ListChangesRequest()
         request.afterSeq = UInt64(try store.identityCursor())
         request.limit = limit
-        let response = try await identity.call(IdentityV1.Identity.listChanges, request, timeout: Self.callTimeout)
+        let response = try await identity.call(IdentityV1.Identity.listChanges, request, timeout: callTimeout)
         var changes: [(seq: Int64, change: IdentityChange)] = []
         for change in response.changes {
             let kind: IdentityChange
@@ -125,7 +125,7 @@ public struct IdentityFeedFollower<Sink: IdentityChangeSink>: Service {
         request.personId = id
         request.pageSize = 1  // whether it exists, not its identifiers
         do {
-            _ = try await identity.call(IdentityV1.Identity.getPerson, request, timeout: Self.callTimeout)
+            _ = try await identity.call(IdentityV1.Identity.getPerson, request, timeout: callTimeout)
             return true
         } catch {
             if error.code == .notFound { return false }

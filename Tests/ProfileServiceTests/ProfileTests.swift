@@ -1333,6 +1333,26 @@ struct MergeEraseTests {
         }
     }
 
+    @Test("the feed follower gives up a call the identity service never answers at its timeout, so that a hung peer cannot stop the feed for good")
+    func followerCallTimesOut() async throws {
+        final class Sink: IdentityChangeSink {
+            func identityCursor() throws -> Int64 { 0 }
+            func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {}
+        }
+        let silent = try await silentServer()
+        defer { silent.close(promise: nil) }
+        let client = RPCClient(host: "127.0.0.1", port: silent.localAddress!.port!)
+        defer { client.close() }
+        let follower = IdentityFeedFollower(store: Sink(), identity: client, logger: Logger(label: "t"), callTimeout: .milliseconds(200), clock: { 0 })
+        // Before, the call had no deadline: it waited for ever, and every later merge and erasure with it.
+        await #expect(throws: RPCError.self, "DEADLINE_EXCEEDED") {
+            do { _ = try await follower.pollOnce() } catch let error as RPCError {
+                #expect(error.code == .deadlineExceeded, "\(error)")
+                throw error
+            }
+        }
+    }
+
     @Test("the feed follower tells an identifier's erasure from its person's, also when the person was erased before it reads the feed")
     func followerTellsErasuresApart() async throws {
         final class Sink: IdentityChangeSink {

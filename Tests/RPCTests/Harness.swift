@@ -245,13 +245,6 @@ final class RawConnection {
     }
 }
 
-/// A TCP server on a loopback port that accepts connections and never answers; close it after.
-func silentServer() async throws -> any Channel {
-    try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-        .childChannelInitializer { $0.eventLoop.makeSucceededVoidFuture() }
-        .bind(host: "127.0.0.1", port: 0).get()
-}
-
 /// A port whose connects hang, as to a host that drops SYNs: a socket listening with a
 /// backlog of 0 that never accepts, its queue filled by connections of its own (Linux then
 /// drops further SYNs). `close` releases the sockets.

@@ -4,6 +4,7 @@ import NIOCore
 import NIOPosix
 import RPC
 import Synchronization
+import TestSupport
 import Testing
 
 @Suite("load generator")

@@ -1,4 +1,6 @@
 import Logging
+import NIOCore
+import NIOPosix
 import RPC
 
 /// A logger that prints only critical messages, so that tests of failures stay quiet.
@@ -31,4 +33,11 @@ public func withRPCServer<T: Sendable>(
         group.cancelAll()
         return result
     }
+}
+
+/// A TCP server on a loopback port that accepts connections and never answers; close it after.
+public func silentServer() async throws -> any Channel {
+    try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        .childChannelInitializer { $0.eventLoop.makeSucceededVoidFuture() }
+        .bind(host: "127.0.0.1", port: 0).get()
 }
