@@ -189,6 +189,22 @@ struct ProcessTests {
         }
         let other = try await httpGet(port: admin, "/metrics").1.split(separator: "\n").filter { $0.hasPrefix("rpc_server_requests_total{") && $0.contains("Echo") }
         #expect(other == ["rpc_server_requests_total{rpc_service=\"arbiter.echo.v1.Echo\",rpc_method=\"Echo\",rpc_code=\"OTHER\"} 3"], "\(other)")
+        // A call past its deadline is counted once, when it is answered DEADLINE_EXCEEDED, not
+        // again when its handler finishes later.
+        var late = EchoV1.EchoRequest()
+        late.delayMs = 300
+        await #expect(throws: RPCError.self) { _ = try await client.call(EchoV1.Echo.echo, late, timeout: .milliseconds(50)) }
+        func series(_ code: String) async throws -> [Substring] {
+            try await httpGet(port: admin, "/metrics").1.split(separator: "\n")
+                .filter { $0.hasPrefix("rpc_server_requests_total{") && $0.contains("Echo") && $0.contains("rpc_code=\"\(code)\"") }
+        }
+        #expect(try await eventually {
+            try await httpGet(port: admin, "/metrics").1.split(separator: "\n").contains { $0 == "rpc_server_in_flight_requests 0" || $0 == "rpc_server_in_flight_requests 0.0" }
+        })
+        try await Task.sleep(for: .milliseconds(400))  // past the handler's end
+        let deadline = try await series("DEADLINE_EXCEEDED")
+        #expect(deadline.count == 1 && deadline.first?.hasSuffix("} 1") == true, "\(deadline)")
+        #expect(try await series("OK").isEmpty)
 
         var request = EchoV1.EchoRequest()
         request.message = "in flight"
