@@ -2840,7 +2840,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__context
   (ProtobufCMessageInit) arbiter__decision__v1__decision_record__context_entry__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__decision__v1__decision_record__field_descriptors[17] =
+static const ProtobufCFieldDescriptor arbiter__decision__v1__decision_record__field_descriptors[18] =
 {
   {
     "decision_id",
@@ -3046,6 +3046,18 @@ static const ProtobufCFieldDescriptor arbiter__decision__v1__decision_record__fi
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "request_person_id",
+    18,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Decision__V1__DecisionRecord, request_person_id),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__decision__v1__decision_record__field_indices_by_name[] = {
   10,   /* field[10] = actions */
@@ -3064,12 +3076,13 @@ static const unsigned arbiter__decision__v1__decision_record__field_indices_by_n
   2,   /* field[2] = placement */
   16,   /* field[16] = request_hash */
   15,   /* field[15] = request_id */
+  17,   /* field[17] = request_person_id */
   12,   /* field[12] = segments */
 };
 static const ProtobufCIntRange arbiter__decision__v1__decision_record__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 17 }
+  { 0, 18 }
 };
 const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__descriptor =
 {
@@ -3079,7 +3092,7 @@ const ProtobufCMessageDescriptor arbiter__decision__v1__decision_record__descrip
   "Arbiter__Decision__V1__DecisionRecord",
   "arbiter.decision.v1",
   sizeof(Arbiter__Decision__V1__DecisionRecord),
-  17,
+  18,
   arbiter__decision__v1__decision_record__field_descriptors,
   arbiter__decision__v1__decision_record__field_indices_by_name,
   1,  arbiter__decision__v1__decision_record__number_ranges,

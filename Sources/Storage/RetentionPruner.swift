@@ -13,13 +13,14 @@ public struct RetentionPruner: Service {
     let batch: Int
     let logger: Logger
     let clock: @Sendable () -> Int64
-    let prune: @Sendable (_ beforeMs: Int64, _ limit: Int) throws -> Int
+    let prune: @Sendable (_ beforeMs: Int64, _ limit: Int) throws -> (deleted: Int, more: Bool)
 
-    /// - Parameter prune: deletes up to `limit` of what is older than `beforeMs` (Unix ms) and
-    ///   returns how many rows went; it is called again while that is `limit` or more.
+    /// - Parameter prune: deletes up to about `limit` rows of what is older than `beforeMs`
+    ///   (Unix ms) and returns how many went and whether more may be left; it is called again
+    ///   while they may.
     public init(_ name: String, retentionDays: Int, interval: Duration = .seconds(60), batch: Int = 1000,
                 logger: Logger, clock: @escaping @Sendable () -> Int64,
-                prune: @escaping @Sendable (_ beforeMs: Int64, _ limit: Int) throws -> Int) {
+                prune: @escaping @Sendable (_ beforeMs: Int64, _ limit: Int) throws -> (deleted: Int, more: Bool)) {
         self.name = name
         retentionMs = Int64(retentionDays) * 86_400_000
         self.interval = interval
@@ -44,9 +45,9 @@ public struct RetentionPruner: Service {
         var total = 0
         do {
             while !Task.isShuttingDownGracefully {
-                let deleted = try prune(clock() - retentionMs, batch)
+                let (deleted, more) = try prune(clock() - retentionMs, batch)
                 total += deleted
-                guard deleted >= batch else { break }
+                guard more else { break }
                 await Task.yield()
             }
         } catch {

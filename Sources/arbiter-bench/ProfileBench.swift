@@ -86,6 +86,7 @@ struct ProfileBench: AsyncParsableCommand {
                      track * 100, track * 100 * duration / (duration + settled), settled))
 
         let known = reached.withLock { marks in marks.indices.filter { marks[$0] } }
+        guard !known.isEmpty else { throw ValidationError("Track reached no person: nothing to ask GetProfile for") }
         _ = try await Bench.measure("GetProfile", clients, duration: duration, concurrency: 64, rate: profileRate) { client, i in
             var request = ProfileV1.GetProfileRequest()
             var person = CommonV1.PersonRef()

@@ -445,6 +445,15 @@ struct DecisionTests {
                 let retried = try await decision.decide(request)
                 #expect(retried.replayed && retried.decisionId == response.decisionId, "\(retried)")
                 #expect(retried.actions.map(\.deliveryId) == [delivery.deliveryId] && retried.actions.first?.delivery?.state == .scheduled)
+                // Also once p was merged into another person since: the retry answers, and routes,
+                // for p as the first did (before: the Route named the survivor, and routing refused
+                // its key as used for a different request).
+                try decision.store.apply([(1, .merge(target: "p-survivor", sources: ["p"]))], nowMs: clock.read())
+                #expect(try decision.store.decision(response.decisionId)?.personId == "p-survivor")
+                let afterMerge = try await decision.decide(request)
+                #expect(afterMerge.replayed && afterMerge.personId == "p" && afterMerge.decisionId == response.decisionId)
+                #expect(afterMerge.actions.map(\.deliveryId) == [delivery.deliveryId] && afterMerge.actions.allSatisfy { $0.deliveryError.isEmpty },
+                        "\(afterMerge.actions.map(\.deliveryError))")
                 let stored = try #require(try routingStore.delivery(delivery.deliveryId))
                 #expect(stored.idempotencyKey == "\(response.decisionId):mail" && stored.purpose == "marketing")
                 #expect(stored.message?.templateId == "mail" && stored.message?.variables["decision_id"] == response.decisionId
@@ -747,7 +756,7 @@ struct DecisionTests {
             DecisionService(store: try DecisionStore(directory: directory), configuration: configuration, seed: 3, clock: clock.read)
         }
         func rows(_ decision: DecisionService, _ id: String) async throws -> Int {
-            try await decision.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM decision WHERE request_id = ?", arguments: [id]) ?? 0 }
+            try await decision.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM decision_request WHERE request_id = ?", arguments: [id]) ?? 0 }
         }
         let request = {
             var request = decideRequest("p", count: 2, explain: false, context: ["page": "cart"])
@@ -784,7 +793,7 @@ struct DecisionTests {
 
             var different = request
             different.context["page"] = "home"
-            await #expect(throws: RPCError(.alreadyExists, "request_id: \"\(request.requestId)\" was used for a different request (decision \(first.decisionId))")) {
+            await #expect(throws: RPCError(.alreadyExists, "request_id: \"\(request.requestId)\" was used for a different request")) {
                 _ = try await decision.decide(different)
             }
             var bad = request
@@ -1053,10 +1062,15 @@ struct DecisionTests {
         #expect(try decision.store.decision(merged.decisionId)?.personId == "b")
         #expect(try decision.store.offered(merged.decisionId)?.personId == "b")
 
-        let erased = inFlight("c")
+        var erased = inFlight("c")
+        // With a request id (a Decide's retry key), forgotten with the person: before, a retry
+        // found it and answered it again, for no one.
+        (erased.requestId, erased.requestHash, erased.requestPersonId) = ("c-retry", [1], "c")
         try decision.store.apply([(2, .erase(person: "c", absorbed: []))], nowMs: clock.read())
         try await decision.store.log(erased, arms: [])
         #expect(try decision.store.decision(erased.decisionId)?.personId == "")
+        #expect(try decision.store.decision(requestId: "c-retry") == nil)
+        #expect(try decision.store.decision(erased.decisionId)?.requestId == "")
         #expect(try decision.store.history(person: "c", sinceMs: 0).offers.isEmpty)
         #expect(decision.store.contacts.withLock { $0.pending.isEmpty })
 

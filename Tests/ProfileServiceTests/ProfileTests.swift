@@ -917,6 +917,15 @@ struct TraitSegmentConsentTests {
         let consent = try await service.getConsent(get)
         #expect(consent.history.count == 5)
         #expect(consent.current.map { "\($0.purpose) \($0.granted) \($0.source)" } == ["news true support"])
+        // A record known already that would govern again is appended: deny, grant, deny at one
+        // time from one source, in three calls, withdraws.
+        for granted in [false, true, false] {
+            request.consents = [record("news", granted: granted, at: now - 1, source: "web")]
+            _ = try await service.setConsent(request)
+        }
+        let withdrawn = try await service.getConsent(get)
+        #expect(withdrawn.current.map { "\($0.purpose) \($0.granted) \($0.source)" } == ["news false web"])
+        #expect(withdrawn.history.count == 8)
 
         // Denials alone go past 1,000 pairs (withdrawing must stay possible), to 2,000: "news"
         // and 1,999 more.

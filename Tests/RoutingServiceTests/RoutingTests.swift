@@ -855,7 +855,7 @@ struct RoutingTests {
         }
     }
 
-    @Test("outboxRetentionDays: deliveries done (sent, suppressed, dead letters) go with their events once past it; scheduled and recent ones stay; it is 0 or at least 8")
+    @Test("outboxRetentionDays: deliveries done (sent, suppressed, dead letters) go with their events once past it; scheduled and recent ones stay; it is 0 or at least 30")
     func outboxRetention() async throws {
         let clock = TestClock()
         clock.now.withLock { $0 = june1 }
@@ -869,9 +869,9 @@ struct RoutingTests {
             sink.fail(next: 1, status: 503)
             let dead = try await routing.route(routeRequest("p", key: "old-dead", channels: [.webhook], critical: true))
             try await dispatching(routing) { try await waitFor { try routing.store.delivery(dead.deliveryId)?.state == .deadLetter } }
-            let later = try await routing.route(routeRequest("p", key: "later", channels: [.webhook], notBefore: june1 + 20 * day, notAfter: june1 + 21 * day))
+            let later = try await routing.route(routeRequest("p", key: "later", channels: [.webhook], notBefore: june1 + 40 * day, notAfter: june1 + 41 * day))
             #expect(later.state == .scheduled)
-            clock.advance(seconds: 9 * 86_400)
+            clock.advance(seconds: 31 * 86_400)
             let recent = try await routing.route(routeRequest("p", key: "recent", channels: [.webhook], critical: true))
             try await send(routing, recent)
 
@@ -879,23 +879,23 @@ struct RoutingTests {
                 try await routing.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM delivery_event WHERE delivery_id = ?", arguments: [d.deliveryId]) ?? 0 }
             }
             #expect(try await events(sent) == 1)  // the open reported
-            let pruner = routing.store.pruner(retentionDays: 8, batch: 2, logger: quietLogger("routing-test"), clock: clock.read)
+            let pruner = routing.store.pruner(retentionDays: 30, batch: 2, logger: quietLogger("routing-test"), clock: clock.read)
             #expect(await pruner.pruneOnce() == 3)  // in two batches
             for gone in [sent, suppressed, dead] {
                 #expect(try routing.store.delivery(gone.deliveryId) == nil, "\(gone.idempotencyKey)")
                 #expect(try await events(gone) == 0)
             }
-            // Planned 20 days ahead, routed 9 days ago: still to be sent.
+            // Planned 40 days ahead, routed 31 days ago: still to be sent.
             #expect(try routing.store.delivery(later.deliveryId)?.state == .scheduled)
             #expect(try routing.store.delivery(recent.deliveryId)?.state == .sent)
             #expect(await pruner.pruneOnce() == 0)
         }
-        for (json, accepted) in [(#"{"outboxRetentionDays": 7}"#, false), (#"{"outboxRetentionDays": 8}"#, true), (#"{"outboxRetentionDays": 0}"#, true)] {
+        for (json, accepted) in [(#"{"outboxRetentionDays": 29}"#, false), (#"{"outboxRetentionDays": 30}"#, true), (#"{"outboxRetentionDays": 0}"#, true)] {
             do {
                 _ = try JSONDecoder().decode(RoutingConfiguration.self, from: Data(json.utf8))
                 #expect(accepted, "accepted \(json)")
             } catch {
-                #expect(!accepted && "\(error)".contains("outboxRetentionDays must be between 8"), "\(error)")
+                #expect(!accepted && "\(error)".contains("outboxRetentionDays must be between 30"), "\(error)")
             }
         }
     }

@@ -225,7 +225,11 @@ public struct DecisionService: RPCService {
         }
         guard !request.requestId.isEmpty else { return try await decideAnew(request, localID: localID, requestHash: nil) }
 
-        // A request id: the decision the log holds for it, or a new one logged with it.
+        // A request id: the decision the log holds for it, or a new one logged with it. (An id
+        // erased since is NOT_FOUND, as for a Decide without one: the erasure took the decision.)
+        if let localID, store.currentPerson(localID) == nil {
+            throw RPCError(.notFound, "person.person_id: person \(localID) was erased")
+        }
         let id = request.requestId
         guard requestsUnderWay.withLock({ $0.insert(id).inserted }) else {
             throw RPCError(.aborted, "request_id: a Decide with request_id \"\(id)\" is under way; retry when it has answered")
@@ -236,12 +240,16 @@ public struct DecisionService: RPCService {
         let earlier = try await withTaskExecutorPreference(globalConcurrentExecutor) { [store] in try store.decision(requestId: id) }
         guard let record = earlier else { return try await decideAnew(request, localID: localID, requestHash: hash) }
         guard Data(record.requestHash) == hash else {
-            throw RPCError(.alreadyExists, "request_id: \"\(id)\" was used for a different request (decision \(record.decisionId))")
+            throw RPCError(.alreadyExists, "request_id: \"\(id)\" was used for a different request")
         }
         metrics.replayed.increment()
-        var response = Self.response(record, explain: request.explain)
+        // As first answered and routed: for the person it was made for then (merges since
+        // move the record, not the answer), so that routing finds the same Routes by their keys.
+        var first = record
+        first.personId = record.requestPersonId
+        var response = Self.response(first, explain: request.explain)
         response.replayed = true
-        if request.deliver { response.actions = await deliver(record, context: request.context) }
+        if request.deliver { response.actions = await deliver(first, context: request.context, replay: true) }
         return response
     }
 
@@ -253,7 +261,12 @@ public struct DecisionService: RPCService {
         func add(_ tag: String, _ value: String) { text += "\(tag)\(value.utf8.count):\(value)\n" }
         switch request.person?.ref {
         case .personId(let id)?: add("p", id)
-        case .identifiers(let list)?: for identifier in list.identifiers { add("i", identifier.type); add("=", identifier.value) }
+        case .identifiers(let list)?:
+            // In any order: a client may build them from an unordered collection.
+            for identifier in list.identifiers.sorted(by: { ($0.type, $0.value) < ($1.type, $1.value) }) {
+                add("i", identifier.type)
+                add("=", identifier.value)
+            }
         case nil: break
         }
         add("l", request.placement)
@@ -366,6 +379,7 @@ public struct DecisionService: RPCService {
         if let requestHash {
             record.requestId = request.requestId
             record.requestHash = [UInt8](requestHash)
+            record.requestPersonId = record.personId
         }
         let logging = ContinuousClock.now
         metrics.choose.recordNanoseconds((logging - choosing).nanoseconds)
@@ -447,7 +461,9 @@ public struct DecisionService: RPCService {
 
     /// Hands each chosen action to the routing service, concurrently, after the decision
     /// was logged; a failure is reported on its action and the decision stands.
-    func deliver(_ record: DecisionV1.DecisionRecord, context: [String: String]) async -> [DecisionV1.RankedAction] {
+    /// `replay`: the Routes of a logged decision sent again (Decide's request_id), as they
+    /// were first: the contact policy's caps are not asked again.
+    func deliver(_ record: DecisionV1.DecisionRecord, context: [String: String], replay: Bool = false) async -> [DecisionV1.RankedAction] {
         guard let routing else { return record.actions }
         let specs = Dictionary(store.catalog().actions.map { ($0.id, $0.action) }, uniquingKeysWith: { a, _ in a })
         let timeout = RPCDeadline.current.map { ContinuousClock.now.duration(to: $0) } ?? .milliseconds(configuration.routeTimeoutMs)
@@ -476,7 +492,7 @@ public struct DecisionService: RPCService {
                     // with no channels of its own: those the channel caps leave open (any,
                     // without channel caps; none open, and it is not routed).
                     if ranked.channel == .unspecified {
-                        guard !ranked.fallbackChannels.isEmpty || !store.policy.caps.contains(where: { $0.scope == .channel }) else {
+                        guard replay || !ranked.fallbackChannels.isEmpty || !store.policy.caps.contains(where: { $0.scope == .channel }) else {
                             action.deliveryError = "FAILED_PRECONDITION: every channel is at its contact-policy cap"
                             return (rank, action)
                         }

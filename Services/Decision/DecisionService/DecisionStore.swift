@@ -286,11 +286,19 @@ public final class DecisionStore: Sendable {
             // An unmerge finds the persons the split person had absorbed without a scan.
             try db.execute(sql: "CREATE INDEX person_merged_by_target ON person_merged(target)")
         }
-        migrator.registerMigration("v9: decisions by request id") { db in
-            // Decide's idempotency key; the partial index costs nothing to decisions without one.
+        migrator.registerMigration("v9: decision request ids") { db in
+            // Decide's idempotency key, in a table of its own: created empty (an index on
+            // `decision` would read the whole log at the upgrade), written only for Decides
+            // with one. A decision deleted (pruned, voided, erased) takes its request id along.
             try db.execute(sql: """
-                ALTER TABLE decision ADD COLUMN request_id TEXT;  -- DecideRequest.request_id; NULL: none
-                CREATE UNIQUE INDEX decision_by_request ON decision(request_id) WHERE request_id IS NOT NULL;
+                CREATE TABLE decision_request (
+                  request_id TEXT PRIMARY KEY,            -- DecideRequest.request_id
+                  decision_id TEXT NOT NULL
+                ) WITHOUT ROWID;
+                CREATE INDEX decision_request_by_decision ON decision_request(decision_id);
+                CREATE TRIGGER decision_request_forget AFTER DELETE ON decision BEGIN
+                  DELETE FROM decision_request WHERE decision_id = OLD.decision_id;
+                END;
                 """)
         }
         return migrator
@@ -582,7 +590,7 @@ public final class DecisionStore: Sendable {
     private func commit(_ entries: [LogEntry]) throws -> [Bool] {
         defer { release(entries) }
         return try writeContacts { db in
-            let decision = try db.cachedStatement(sql: "INSERT INTO decision (decision_id, person_id, decided_at_ms, record, request_id) VALUES (?, ?, ?, ?, ?)")
+            let decision = try db.cachedStatement(sql: "INSERT INTO decision (decision_id, person_id, decided_at_ms, record) VALUES (?, ?, ?, ?)")
             let offer = try db.cachedStatement(sql: "INSERT INTO offer (person_id, at_ms, action_id, channel, decision_id) VALUES (?, ?, ?, ?, ?)")
             // A merge or an erasure applied while a decision was being logged moved or dropped
             // its reservation: the decision is logged for the survivor, or for no one.
@@ -610,6 +618,9 @@ public final class DecisionStore: Sendable {
                 switch entry {
                 case .decision(var record, _, let arms):
                     record.personId = holder
+                    // Erased meanwhile: logged for no one, and its request id forgotten as an
+                    // erasure forgets the person's others (a retry is then NOT_FOUND).
+                    if holder.isEmpty { (record.requestId, record.requestHash, record.requestPersonId) = ("", [], "") }
                     return .decision(record, encoded: Self.stored(record), arms: arms)
                 case .outcome(let outcome, var offered, let atMs):
                     offered.personId = holder
@@ -620,8 +631,11 @@ public final class DecisionStore: Sendable {
             let written = try entries.map { entry in
                 switch entry {
                 case .decision(let record, let encoded, let arms):
-                    try decision.run(db, .text(record.decisionId), .text(record.personId), .integer(record.decidedAtMs), .blob(encoded),
-                                     record.requestId.isEmpty ? .null : .text(record.requestId))
+                    try decision.run(db, .text(record.decisionId), .text(record.personId), .integer(record.decidedAtMs), .blob(encoded))
+                    if !record.requestId.isEmpty {
+                        try db.cachedStatement(sql: "INSERT INTO decision_request (request_id, decision_id) VALUES (?, ?)")
+                            .execute(arguments: [record.requestId, record.decisionId])
+                    }
                     if !record.personId.isEmpty {
                         for action in record.actions {
                             try offer.run(db, .text(record.personId), .integer(record.decidedAtMs), .text(action.actionId), .integer(Int64(action.channel.rawValue)), .text(record.decisionId))
@@ -765,7 +779,9 @@ public final class DecisionStore: Sendable {
     /// The logged decision a Decide with request id `id` made, if the log still holds it.
     func decision(requestId id: String) throws -> DecisionV1.DecisionRecord? {
         try pool.read { db in
-            try Data.fetchOne(db, sql: "SELECT record FROM decision WHERE request_id = ?", arguments: [id]).map { try Self.record(stored: $0) }
+            try Data.fetchOne(db, sql: """
+                SELECT d.record FROM decision_request r JOIN decision d ON d.decision_id = r.decision_id WHERE r.request_id = ?
+                """, arguments: [id]).map { try Self.record(stored: $0) }
         }
     }
 
@@ -937,7 +953,8 @@ extension DecisionStore: IdentityChangeSink {
     public func pruner(retentionDays: Int, interval: Duration = .seconds(60), batch: Int = 1000,
                        logger: Logger, clock: @escaping @Sendable () -> Int64) -> RetentionPruner {
         RetentionPruner("decision log", retentionDays: retentionDays, interval: interval, batch: batch, logger: logger, clock: clock) { [self] in
-            try pruneLog(beforeMs: $0, limit: $1)
+            let deleted = try pruneLog(beforeMs: $0, limit: $1)
+            return (deleted, deleted >= $1)
         }
     }
 

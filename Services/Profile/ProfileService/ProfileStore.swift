@@ -1059,19 +1059,27 @@ public final class ProfileStore: Sendable {
     }
 
     /// Appends consent records to the person's history, as given for `origin` (see `setTraits`).
-    /// A record the same as its pair's newest (a retried call) is not appended again.
+    /// A record the pair has already (a retried call) is not appended again, unless it would
+    /// govern again: see below.
     public func setConsent(person: String, origin: String = "", _ records: [Consent]) throws {
         try writingFacts(of: person, origin: origin) { db in
             let pairsSQL = "SELECT count(*) FROM (SELECT DISTINCT purpose, channel FROM consent WHERE person_id = ?)"
             let before = try Int.fetchOne(db.cachedStatement(sql: pairsSQL), arguments: [person]) ?? 0
-            for r in records {
+            for (i, r) in records.enumerated() {
                 // A record the pair has already, given for the same person (an unmerge takes
-                // records by whom they were given for): a retry. One probe of consent_by_person.
+                // records by whom they were given for), is a retry, and not appended: one
+                // probe of consent_by_person. Unless it would govern again: at the time of the
+                // pair's newest, which is another (deny, grant, deny in one second: the third
+                // withdraws), and not followed in this call by one at its time or later.
                 let known = try Bool.fetchOne(db.cachedStatement(sql: """
                     SELECT EXISTS (SELECT 1 FROM consent WHERE person_id = ? AND purpose = ? AND channel = ? AND at_ms = ?
                                    AND granted = ? AND source = ? AND origin_person_id = ?)
                     """), arguments: [person, r.purpose, r.channel, r.atMs, r.granted, r.source, origin]) ?? false
-                if known { continue }
+                if known {
+                    let supersededHere = records[(i + 1)...].contains { $0.purpose == r.purpose && $0.channel == r.channel && $0.atMs >= r.atMs }
+                    let newest = try Self.newestConsent(db, person: person, purpose: r.purpose, channel: Int64(r.channel))
+                    guard !supersededHere, let newest, newest.atMs == r.atMs, newest != r else { continue }
+                }
                 try db.cachedStatement(sql: """
                     INSERT INTO consent (person_id, purpose, channel, granted, source, at_ms, origin_person_id) VALUES (?, ?, ?, ?, ?, ?, ?)
                     """).execute(arguments: [person, r.purpose, r.channel, r.granted, r.source, r.atMs, origin])

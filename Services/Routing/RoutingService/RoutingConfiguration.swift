@@ -67,9 +67,11 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
     /// The trait holding the person's IANA time zone. Default "timezone".
     public var timeZoneTrait = "timezone"
     /// Deliveries that are done (sent, suppressed, dead letters) are deleted, with their
-    /// events, this many days after their send time (`RoutingStore.pruner`); 0 keeps every
-    /// one. At least 8 when set: the caps count a week of sends. A Route retried with the key
-    /// of a deleted delivery makes a new one. Default 0.
+    /// events, this many days after their send time and last attempt (`RoutingStore.pruner`);
+    /// 0 keeps every one. At least 30 when set: the caps count a week of sends, and an
+    /// unsubscribe or a bounce reported for a deleted delivery is NOT_FOUND (unsubscribe links
+    /// are expected to work for 30 days). A Route retried with the key of a deleted delivery
+    /// makes a new one. Default 0.
     public var outboxRetentionDays = 0
 
     public struct Webhook: Sendable, Codable, Equatable {
@@ -189,7 +191,7 @@ public struct RoutingConfiguration: Sendable, Codable, Equatable {
             range("profileTimeoutMs", profileTimeoutMs, 1...60_000),
             range("consentRecheckAfterMs", consentRecheckAfterMs, 0...86_400_000),
             outboxRetentionDays == 0 ? nil
-                : range("outboxRetentionDays", outboxRetentionDays, 8...36_500).map { $0 + " (0 keeps every delivery; the caps count a week of sends)" },
+                : range("outboxRetentionDays", outboxRetentionDays, 30...36_500).map { $0 + " (0 keeps every delivery; events are reported for 30 days)" },
             addressTraits.keys.first { !channelNames.contains($0) }.map { "addressTraits: unknown channel \"\($0)\"" },
             verifiedTraits.keys.first { !channelNames.contains($0) }.map { "verifiedTraits: unknown channel \"\($0)\"" },
             webhook.flatMap { webhook in

@@ -27,6 +27,8 @@ public final class RoutingStore: Sendable {
     let population: Mutex<Evidence>
     let inserts = GroupCommit<Insert, Inserted>(label: "arbiter.routing.route")
     let updates = GroupCommit<Update, RoutingV1.Delivery?>(label: "arbiter.routing.dispatch")
+    /// Where `pruneOutbox`'s next call goes on from ("": the start).
+    let pruneResume = Mutex("")
 
     public init(directory: String, configuration: RoutingConfiguration = .init()) throws {
         (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "routing", migrator: Self.migrator)
@@ -1120,25 +1122,40 @@ extension RoutingStore: IdentityChangeSink {
         }
     }
 
-    /// Deletes up to `limit` deliveries that are done (sent, suppressed, dead letters) and were
-    /// sent (or planned, for those never sent) before `beforeMs`, with their events; returns
-    /// how many went. Scheduled ones stay, however old. Called again while it returns `limit`.
-    func pruneOutbox(beforeMs: Int64, limit: Int) throws -> Int {
+    /// Deletes up to `limit` deliveries that are done (sent, suppressed, dead letters), whose
+    /// send time and last attempt are before `beforeMs`, with their events; returns how many
+    /// went, and whether more may follow (`limit` rows were read). Scheduled ones stay,
+    /// however old. Each call goes on from where the one before stopped (`pruneResume`), so
+    /// that the rows kept are read once per round, not once per call.
+    func pruneOutbox(beforeMs: Int64, limit: Int) throws -> (deleted: Int, more: Bool) {
         // Delivery ids are minted when routed, never after the send time: the scan stops at
-        // the first id minted after `beforeMs`.
+        // the first id minted after `beforeMs`. Read apart from the writer, which Route and the
+        // dispatcher wait on; each row is checked again when deleted.
         let bound = TimeOrderedID.lowerBound("dl", atMs: beforeMs)
-        return try pool.write { db in
-            let ids = try String.fetchAll(db.cachedStatement(sql: """
-                SELECT delivery_id FROM delivery WHERE delivery_id < ? AND state IN (3, 4, 5) AND send_at_ms < ? ORDER BY delivery_id LIMIT ?
-                """), arguments: [bound, beforeMs, limit])
-            let events = try db.cachedStatement(sql: "DELETE FROM delivery_event WHERE delivery_id = ?")
-            let delivery = try db.cachedStatement(sql: "DELETE FROM delivery WHERE delivery_id = ?")
-            for id in ids {
-                try events.execute(arguments: [id])
-                try delivery.execute(arguments: [id])
-            }
-            return ids.count
+        let after = pruneResume.withLock { $0 }
+        let ids = try pool.read { db in
+            try String.fetchAll(db.cachedStatement(sql: """
+                SELECT delivery_id FROM delivery WHERE delivery_id > ? AND delivery_id < ? AND state IN (3, 4, 5)
+                  AND send_at_ms < ?3 AND next_attempt_ms < ?3 ORDER BY delivery_id LIMIT ?
+                """), arguments: [after, bound, beforeMs, limit])
         }
+        pruneResume.withLock { $0 = ids.count < limit ? "" : ids.last! }
+        guard !ids.isEmpty else { return (0, false) }
+        let deleted = try pool.write { db in
+            let events = try db.cachedStatement(sql: "DELETE FROM delivery_event WHERE delivery_id = ?")
+            let delivery = try db.cachedStatement(sql: """
+                DELETE FROM delivery WHERE delivery_id = ? AND state IN (3, 4, 5) AND send_at_ms < ?2 AND next_attempt_ms < ?2
+                """)
+            var deleted = 0
+            for id in ids {
+                try delivery.execute(arguments: [id, beforeMs])
+                guard db.changesCount > 0 else { continue }  // requeued or retried since it was read
+                deleted += 1
+                try events.execute(arguments: [id])
+            }
+            return deleted
+        }
+        return (deleted, ids.count == limit)
     }
 
     /// Deletes everything of `person`: its deliveries and bounced addresses (also those a

@@ -327,6 +327,7 @@ struct  Arbiter__Decision__V1__DecideRequest
    * (person, placement, context, count or deliver) is ALREADY_EXISTS; while the first is
    * still being decided, ABORTED (retry). Remembered as long as the decision is logged
    * (decision.logRetentionDays); a decision not logged (its caller gave up first) is not.
+   * Deliveries routing deleted since (routing.outboxRetentionDays) are routed anew.
    */
   char *request_id;
 };
@@ -538,10 +539,15 @@ struct  Arbiter__Decision__V1__DecisionRecord
    * deliver), to tell a retry from a different request with the same request_id.
    */
   ProtobufCBinaryData request_hash;
+  /*
+   * With request_id: person_id as first answered (and routed for, with deliver). A merge or
+   * unmerge since changes person_id, not this: a retry answers, and routes, as the first.
+   */
+  char *request_person_id;
 };
 #define ARBITER__DECISION__V1__DECISION_RECORD__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__decision__v1__decision_record__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0, (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0,NULL, 0,NULL, 0, 0,NULL, 0,NULL, 0,NULL, (char *)protobuf_c_empty_string, {0,NULL} }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0,NULL, 0, (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0,NULL, 0,NULL, 0, 0,NULL, 0,NULL, 0,NULL, (char *)protobuf_c_empty_string, {0,NULL}, (char *)protobuf_c_empty_string }
 
 
 struct  Arbiter__Decision__V1__GetDecisionRequest

@@ -289,6 +289,7 @@ extension DecisionV1 {
         /// (person, placement, context, count or deliver) is ALREADY_EXISTS; while the first is
         /// still being decided, ABORTED (retry). Remembered as long as the decision is logged
         /// (decision.logRetentionDays); a decision not logged (its caller gave up first) is not.
+        /// Deliveries routing deleted since (routing.outboxRetentionDays) are routed anew.
         public var requestId: String = ""
 
         public static let protoName = "arbiter.decision.v1.DecideRequest"
@@ -517,6 +518,9 @@ extension DecisionV1 {
         /// With request_id: SHA-256 of what the request asked (person, placement, context, count,
         /// deliver), to tell a retry from a different request with the same request_id.
         public var requestHash: [UInt8] = []
+        /// With request_id: person_id as first answered (and routed for, with deliver). A merge or
+        /// unmerge since changes person_id, not this: a retry answers, and routes, as the first.
+        public var requestPersonId: String = ""
 
         public static let protoName = "arbiter.decision.v1.DecisionRecord"
         public static let protoDescriptor = ProtoDescriptor(arbiter__decision__v1__decision_record__descriptor_ptr())
@@ -539,6 +543,7 @@ extension DecisionV1 {
             overrides = try reader.messages(15)
             requestId = reader.string(16)
             requestHash = reader.bytes(17)
+            requestPersonId = reader.string(18)
         }
         public func write(to writer: ProtoWriter) {
             writer.setString(1, decisionId)
@@ -558,6 +563,7 @@ extension DecisionV1 {
             writer.setRepeatedMessages(15, overrides)
             writer.setString(16, requestId)
             writer.setBytes(17, requestHash)
+            writer.setString(18, requestPersonId)
         }
     }
 
