@@ -1447,7 +1447,8 @@ public final class ProfileStore: Sendable {
     }
 
     /// Erases every event, trait and consent record and the feature state of `person`, and
-    /// checkpoints both files so no copy stays in a WAL. An id the feed merged away names the
+    /// checkpoints both files so no copy stays in a WAL (when there was anything to erase). An
+    /// id the feed merged away names the
     /// person it was merged into, as in every other call: that person is erased, with what it
     /// absorbed (the id is that person now). An erased id erases nothing more.
     public func erase(person: String, nowMs: Int64) throws -> Erased {
@@ -1469,7 +1470,10 @@ public final class ProfileStore: Sendable {
             try Self.markGone(db, target, "", &goneChanges)
             return (erased, states)
         }, afterCommit: { noteGone(goneChanges) })
-        try settleErasure()
+        // Nothing of the person was kept (no event, and so no feature state; no trait or
+        // consent): no copy to scrub from a WAL, and two checkpoints saved (a client erasing a
+        // list of ids most of which were never seen paid them for each).
+        if erased.events + erased.traits + erased.consents > 0 { try settleErasure() }
         return erased
     }
 
