@@ -1,5 +1,6 @@
-/// At most `capacity` values by key; inserting a new key past that forgets the key inserted
-/// longest ago (first in, first out). Not synchronized: keep it under the owner's lock.
+/// At most `capacity` values by key, and values whose `cost` add up to at most `costLimit`
+/// (bytes, say); inserting past either forgets the keys inserted longest ago (first in, first
+/// out; never the one just inserted). Not synchronized: keep it under the owner's lock.
 ///
 /// Sized for `capacity` at once: a dictionary grows by rehashing every entry in one insert,
 /// which under a lock that calls wait for on an event loop stalls them all (~24 ms at 98,000
@@ -12,9 +13,16 @@ public struct FIFOCache<Key: Hashable & Sendable, Value: Sendable>: Sendable {
     private var order: [Key?] = []
     private var oldest = 0
     public let capacity: Int
+    public let costLimit: Int
+    /// A value's cost (computed again when it goes, not stored).
+    let cost: @Sendable (Value) -> Int
+    /// What the values held cost together.
+    public private(set) var totalCost = 0
 
-    public init(capacity: Int) {
+    public init(capacity: Int, costLimit: Int = .max, cost: @escaping @Sendable (Value) -> Int = { _ in 0 }) {
         self.capacity = max(0, capacity)
+        self.costLimit = max(0, costLimit)
+        self.cost = cost
         values.reserveCapacity(self.capacity)
         order.reserveCapacity(self.capacity)
     }
@@ -24,14 +32,16 @@ public struct FIFOCache<Key: Hashable & Sendable, Value: Sendable>: Sendable {
     public var count: Int { values.count }
 
     /// Sets the value of `key`. A key already held keeps its place in line; a new one may
-    /// push out the oldest. With a capacity of 0, nothing is kept. Returns true when another
-    /// key's value was forgotten to make room.
+    /// push out the oldest, and a costly one the oldest until the costs fit. With a capacity
+    /// of 0, nothing is kept. Returns true when another key's value was forgotten to make room.
     @discardableResult
     public mutating func insert(_ key: Key, _ value: Value) -> Bool {
         guard capacity > 0 else { return false }
+        let added = cost(value)
         if let held = values[key] {
+            totalCost += added - cost(held.value)
             values[key] = (value, held.slot)
-            return false
+            return trim(keeping: key)
         }
         let slot: Int
         var evicted = false
@@ -40,11 +50,34 @@ public struct FIFOCache<Key: Hashable & Sendable, Value: Sendable>: Sendable {
             order.append(key)
         } else {
             slot = oldest
-            if let old = order[slot] { evicted = values.removeValue(forKey: old) != nil }
+            if let old = order[slot], let gone = values.removeValue(forKey: old) {
+                totalCost -= cost(gone.value)
+                evicted = true
+            }
             order[slot] = key
             oldest = (oldest + 1) % capacity
         }
         values[key] = (value, slot)
+        totalCost += added
+        return trim(keeping: key) || evicted
+    }
+
+    /// Forgets the oldest keys (not `kept`) while the costs exceed `costLimit`.
+    private mutating func trim(keeping kept: Key) -> Bool {
+        var evicted = false
+        // Oldest first: from `oldest` round the ring (slots after the end of a ring not yet
+        // full are not there yet).
+        var slot = order.count < capacity ? 0 : oldest
+        var seen = 0
+        while totalCost > costLimit && values.count > 1 && seen < order.count {
+            if let key = order[slot], key != kept, let gone = values.removeValue(forKey: key) {
+                totalCost -= cost(gone.value)
+                order[slot] = nil
+                evicted = true
+            }
+            slot = (slot + 1) % order.count
+            seen += 1
+        }
         return evicted
     }
 
@@ -53,6 +86,7 @@ public struct FIFOCache<Key: Hashable & Sendable, Value: Sendable>: Sendable {
     public mutating func remove(_ key: Key) -> Value? {
         guard let held = values.removeValue(forKey: key) else { return nil }
         order[held.slot] = nil
+        totalCost -= cost(held.value)
         return held.value
     }
 
@@ -60,7 +94,7 @@ public struct FIFOCache<Key: Hashable & Sendable, Value: Sendable>: Sendable {
     /// its lock (freeing 100,000 entries takes ~30 ms).
     public mutating func takeAll() -> FIFOCache {
         let held = self
-        self = FIFOCache(capacity: capacity)
+        self = FIFOCache(capacity: capacity, costLimit: costLimit, cost: cost)
         return held
     }
 }

@@ -105,9 +105,10 @@ extension ProfileService {
 
 func makeProfile(_ directory: String = temporaryDirectory("profile-test"), clock: TestClock = TestClock(),
                  identity: RPCClient? = nil, flushThreshold: Int = 50_000, cachePersons: Int = 100_000, factsPersons: Int = 100_000,
+                 cacheBytes: Int = 512 << 20, factsBytes: Int = 256 << 20,
                  tailEvents: Int = ProfileStore.defaultTailEvents) throws -> ProfileService {
-    ProfileService(store: try ProfileStore(directory: directory, flushThreshold: flushThreshold, cachePersons: cachePersons,
-                                           factsPersons: factsPersons, tailEvents: tailEvents),
+    ProfileService(store: try ProfileStore(directory: directory, flushThreshold: flushThreshold, cachePersons: cachePersons, cacheBytes: cacheBytes,
+                                           factsPersons: factsPersons, factsBytes: factsBytes, tailEvents: tailEvents),
                    identity: identity, clock: clock.read)
 }
 
@@ -592,6 +593,14 @@ struct FeatureTests {
         #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateCachePersons": 0}"#.utf8)).stateCachePersons == 0)
         #expect(throws: DecodingError.self) { try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateCachePersons": -1}"#.utf8)) }
         #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateFlushPersons": 5}"#.utf8)).stateFlushPersons == 5)
+        #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"factsCacheBytes": 1000}"#.utf8)).factsCacheBytes == 1000)
+        #expect(ProfileConfiguration().stateCacheBytes == 512 << 20 && ProfileConfiguration().factsCacheBytes == 256 << 20)
+        do {
+            _ = try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateCacheBytes": -1}"#.utf8))
+            Issue.record("accepted a negative stateCacheBytes")
+        } catch {
+            #expect("\(error)".contains("stateCacheBytes must be between 0"), "\(error)")
+        }
         #expect(throws: DecodingError.self) { try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"stateFlushPersons": 0}"#.utf8)) }
         #expect(ProfileConfiguration().factsCachePersons == 100_000)
         #expect(try JSONDecoder().decode(ProfileConfiguration.self, from: Data(#"{"factsCachePersons": 0}"#.utf8)).factsCachePersons == 0)
@@ -992,7 +1001,7 @@ struct TraitSegmentConsentTests {
         let noState = try await store.statePool.read { try ProfileStore.loadState($0, "b") }
         _ = try await service.track([event("b-1", "b", "view", at: now)])
         try store.flush()
-        store.memory.withLock { $0.clean.removeValue(forKey: "b") }
+        store.memory.withLock { _ = $0.dropClean("b") }
         store.keepClean("b", noState, since: fileGeneration)
         #expect(store.cachedState("b") == nil)
         #expect(try await service.features("b") == ["views": 1])
@@ -1067,6 +1076,35 @@ struct TraitSegmentConsentTests {
         #expect(try await none.profile("d").traits.map(\.name) == ["tier"])
         #expect(try await none.features("e") == ["views": 1])
         #expect(none.store.facts.withLock { $0.cache.count } == 0)
+    }
+
+    @Test("the caches hold persons up to their byte limits too: long traits or many distinct values fill them sooner; misses read the file, answers stay right")
+    func cachesBoundedInBytes() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let now = clock.read()
+        let service = try makeProfile(directory, clock: clock, flushThreshold: 1, cacheBytes: 8_000, factsBytes: 8_000)
+        try service.define(feature("pages", "view", .distinctCount, property: "page"))
+        // Ten persons, each with a trait of 1,000 bytes and 50 distinct pages: a person takes
+        // about 1.2 KB of traits and 2.2 KB of state, by the estimate.
+        let bio = String(repeating: "x", count: 1000)
+        for p in 0..<10 {
+            _ = try await service.traits("p\(p)", ["bio": .string(bio)], at: now)
+            _ = try await service.track((0..<50).map { event("p\(p)-\($0)", "p\(p)", "view", at: now, ["page": .string("page-\($0)")]) })
+        }
+        try service.store.flush()
+        // Before, both held all ten: the limits counted persons only (100,000 by default),
+        // whatever each took.
+        let facts = service.store.facts.withLock { ($0.cache.count, $0.cache.totalCost, $0.complete) }
+        #expect(facts.0 < 10 && facts.0 > 0 && facts.1 <= 8_000 && !facts.2, "\(facts)")
+        let states = service.store.memory.withLock { ($0.clean.count, $0.cleanBytes, $0.complete) }
+        #expect(states.0 < 10 && states.1 <= 8_000 && !states.2, "\(states)")
+        for p in 0..<10 {
+            #expect(try await service.profile("p\(p)").traits.map(\.name) == ["bio"])
+            #expect(try await service.features("p\(p)") == ["pages": 50])
+        }
+        // The estimates follow what the entries hold.
+        #expect(ProfileStore.approximateBytes(ProfileStore.Facts(traits: [.init(name: "bio", value: .string(bio), source: "t", updatedAtMs: 0)])) > 1000)
     }
 
     @Test("GetProfile of an unknown person is NOT_FOUND; unknown fields are INVALID_ARGUMENT")

@@ -47,6 +47,29 @@ struct FIFOCacheTests {
         #expect(held == nil && cache.count == 1)
     }
 
+    @Test("with a cost limit, values that cost too much together push out the oldest, never the one just inserted; updates and removals count")
+    func costLimited() {
+        var cache = FIFOCache<String, String>(capacity: 10, costLimit: 10, cost: { $0.utf8.count })
+        cache.insert("a", "xxxx")
+        cache.insert("b", "xxxx")
+        #expect(cache.totalCost == 8 && cache.count == 2)
+        let pushed = cache.insert("c", "xxxx")  // 12 > 10: "a" goes
+        #expect(pushed && cache["a"] == nil && cache["b"] != nil && cache.totalCost == 8)
+        let grown = cache.insert("b", "xxxxxxxx")  // an update that costs more: "c" goes, not "b"
+        #expect(grown && cache["c"] == nil && cache["b"] == "xxxxxxxx" && cache.totalCost == 8)
+        let alone = cache.insert("d", String(repeating: "x", count: 20))  // past the limit alone: kept, alone
+        #expect(alone && cache.count == 1 && cache["d"] != nil && cache.totalCost == 20)
+        #expect(cache.remove("d") != nil && cache.totalCost == 0)
+        // Whatever the mix, the costs stay those of what is held.
+        var generator = SystemRandomNumberGenerator()
+        for i in 0..<5_000 {
+            let key = "k\(Int.random(in: 0..<40, using: &generator))"
+            if i % 4 == 0 { cache.remove(key) } else { cache.insert(key, String(repeating: "y", count: Int.random(in: 0..<6, using: &generator))) }
+            #expect(cache.count <= 10 && (cache.totalCost <= 10 || cache.count == 1))
+        }
+        #expect(cache.totalCost == (0..<40).reduce(0) { $0 + (cache["k\($1)"]?.utf8.count ?? 0) })
+    }
+
     @Test("never holds more than its capacity, whatever the mix of inserts and removals")
     func bounded() {
         var cache = FIFOCache<Int, Int>(capacity: 100)

@@ -16,11 +16,19 @@ public struct ProfileConfiguration: Sendable, Codable, Equatable {
     /// their next event or GetProfile does not read it from the file. About 1 KiB a
     /// person with ten features; 0 keeps none. Default 100,000.
     public var stateCachePersons = 100_000
+    /// At most this many bytes of clean states (estimated per person from its features'
+    /// buckets, distinct values and texts): a few persons with thousands of distinct values
+    /// fill it sooner than `stateCachePersons`. Default 536870912 (512 MiB).
+    public var stateCacheBytes = 512 << 20
     /// Persons whose traits and current consent stay in memory (the latest written or read),
     /// so that GetProfile reads no file for them. About 0.5 KB a person with a trait and a
     /// consent record (RSS 33 → 81 MiB with 100,000 such persons loaded); 0 keeps none.
     /// Default 100,000.
     public var factsCachePersons = 100_000
+    /// At most this many bytes of traits and consent in memory (estimated from their texts):
+    /// persons with a thousand long traits each fill it sooner than `factsCachePersons`.
+    /// Default 268435456 (256 MiB).
+    public var factsCacheBytes = 256 << 20
 
     public init() {}
 
@@ -41,6 +49,13 @@ public struct ProfileConfiguration: Sendable, Codable, Equatable {
         guard (0...100_000_000).contains(factsCachePersons) else {
             throw DecodingError.dataCorruptedError(forKey: .factsCachePersons, in: c,
                                                    debugDescription: "factsCachePersons must be between 0 and 100000000, got \(factsCachePersons)")
+        }
+        for (key, value) in [(CodingKeys.stateCacheBytes, \Self.stateCacheBytes), (.factsCacheBytes, \Self.factsCacheBytes)] {
+            self[keyPath: value] = try c.decodeIfPresent(Int.self, forKey: key) ?? Self()[keyPath: value]
+            guard (0...(1 << 40)).contains(self[keyPath: value]) else {
+                throw DecodingError.dataCorruptedError(forKey: key, in: c,
+                                                       debugDescription: "\(key.stringValue) must be between 0 and \(1 << 40), got \(self[keyPath: value])")
+            }
         }
     }
 }

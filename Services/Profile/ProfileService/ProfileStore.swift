@@ -63,6 +63,8 @@ public final class ProfileStore: Sendable {
     public let flushThreshold: Int
     /// Clean states kept in memory. Default 100,000.
     public let cachePersons: Int
+    /// What the clean states may take, estimated (`approximateBytes`). Default 512 MiB.
+    public let cacheBytes: Int
     /// Persons whose traits and current consent are kept in memory. Default 100,000.
     public let factsPersons: Int
     /// Events kept in `event_tail` before they move to `event` (`defaultTailEvents`).
@@ -104,8 +106,11 @@ public final class ProfileStore: Sendable {
         /// failing is tried again after 1 s, 2 s, … up to a minute, not at every Track.
         var flushFailures = 0
         var flushRetryAt: ContinuousClock.Instant?
-        /// Equal to the state file (at most `cachePersons`); an empty state: the file has none.
-        var clean: [String: ProfileStoreV1.PersonState] = [:]
+        /// Equal to the state file (at most `cachePersons`, and `cacheBytes` by
+        /// `approximateBytes`); an empty state: the file has none. Changed through `setClean`
+        /// and `dropClean`, which keep `cleanBytes`.
+        private(set) var clean: [String: ProfileStoreV1.PersonState] = [:]
+        private(set) var cleanBytes = 0
         /// `clean` holds every state of the state file (loaded at start, while they fit): a
         /// person in no memory has no state, and no file is read. Ends when a copy is
         /// dropped for room, or by a backfill.
@@ -138,6 +143,38 @@ public final class ProfileStore: Sendable {
         }
         static let maxPresized = 1 << 20
 
+        /// Sets a clean copy; returns the one it replaced.
+        @discardableResult
+        mutating func setClean(_ person: String, _ state: ProfileStoreV1.PersonState) -> ProfileStoreV1.PersonState? {
+            let old = clean.updateValue(state, forKey: person)
+            cleanBytes += ProfileStore.approximateBytes(state) - (old.map(ProfileStore.approximateBytes) ?? 0)
+            return old
+        }
+
+        @discardableResult
+        mutating func dropClean(_ person: String) -> ProfileStoreV1.PersonState? {
+            guard let old = clean.removeValue(forKey: person) else { return nil }
+            cleanBytes -= ProfileStore.approximateBytes(old)
+            return old
+        }
+
+        /// Drops arbitrary copies (a dictionary's order is effectively random) until at most
+        /// `persons` taking at most `bytes` are left; returns them, to be freed outside the lock.
+        mutating func trimClean(persons: Int, bytes: Int) -> [ProfileStoreV1.PersonState] {
+            var dropped: [ProfileStoreV1.PersonState] = []
+            while clean.count > persons || (cleanBytes > bytes && !clean.isEmpty), let key = clean.keys.first {
+                dropped.append(dropClean(key)!)
+            }
+            if !dropped.isEmpty { complete = false }
+            return dropped
+        }
+
+        /// Forgets every clean copy (they are no longer known to be the file's); returns them.
+        mutating func dropAllClean() -> [String: ProfileStoreV1.PersonState] {
+            defer { (clean, cleanBytes, complete) = ([:], 0, false) }
+            return clean
+        }
+
         /// The newest state in memory (an empty one: none, the file has none either).
         func newest(_ person: String) -> ProfileStoreV1.PersonState? {
             dirty[person] ?? flushing[person] ?? clean[person] ?? (complete ? ProfileStoreV1.PersonState() : nil)
@@ -161,6 +198,29 @@ public final class ProfileStore: Sendable {
         var traits: [StoredTrait] = []
         var consent: [Consent] = []
         var isEmpty: Bool { traits.isEmpty && consent.isEmpty }
+    }
+
+    /// About what `facts` takes in memory (its texts, and a fixed share per entry): what the
+    /// caches' byte limits count, not an exact figure.
+    static func approximateBytes(_ facts: Facts) -> Int {
+        var bytes = 64
+        for trait in facts.traits {
+            bytes += 96 + trait.name.utf8.count + trait.source.utf8.count
+            if case .string(let text) = trait.value { bytes += text.utf8.count }
+        }
+        for record in facts.consent { bytes += 64 + record.purpose.utf8.count + record.source.utf8.count }
+        return bytes
+    }
+
+    /// About what `state` takes in memory: a fixed share per feature, bucket and distinct
+    /// value, and their texts.
+    static func approximateBytes(_ state: ProfileStoreV1.PersonState) -> Int {
+        var bytes = 64
+        for feature in state.features {
+            bytes += 128 + feature.name.utf8.count + feature.lastEventId.utf8.count + 32 * feature.buckets.count
+            for value in feature.distinct { bytes += 40 + value.value.utf8.count }
+        }
+        return bytes
     }
 
     /// Traits and current consent in memory, so that GetProfile reads no file for them: read
@@ -198,16 +258,20 @@ public final class ProfileStore: Sendable {
     /// - Parameters:
     ///   - flushThreshold: dirty persons kept in memory before their states are written
     ///     together (bounds memory and the recomputation after a crash).
-    ///   - cachePersons: clean states kept in memory after a flush (0: none).
-    ///   - factsPersons: persons whose traits and current consent are kept in memory (0: none).
+    ///   - cachePersons: clean states kept in memory after a flush (0: none), taking at most
+    ///     `cacheBytes` (estimated: `approximateBytes`).
+    ///   - factsPersons: persons whose traits and current consent are kept in memory (0: none),
+    ///     taking at most `factsBytes` (estimated).
     ///   - tailEvents: events appended to `event_tail` before they move to `event` together
     ///     (bounds the move's transaction and the work of the next merge or erasure).
-    public init(directory: String, flushThreshold: Int = 50_000, cachePersons: Int = 100_000, factsPersons: Int = 100_000,
+    public init(directory: String, flushThreshold: Int = 50_000, cachePersons: Int = 100_000, cacheBytes: Int = 512 << 20,
+                factsPersons: Int = 100_000, factsBytes: Int = 256 << 20,
                 tailEvents: Int = defaultTailEvents, logger: Logger = Logger(label: "arbiter.profile.store")) throws {
         self.flushThreshold = max(1, flushThreshold)
         self.cachePersons = max(0, cachePersons)
+        self.cacheBytes = max(0, cacheBytes)
         self.factsPersons = max(0, factsPersons)
-        facts = Mutex(FactsMemory(cache: FIFOCache(capacity: self.factsPersons)))
+        facts = Mutex(FactsMemory(cache: FIFOCache(capacity: self.factsPersons, costLimit: max(0, factsBytes), cost: Self.approximateBytes)))
         self.tailEvents = max(1, tailEvents)
         self.logger = logger
         // FULL: a flush's commit is on disk before the next event-file write deletes its
@@ -242,8 +306,8 @@ public final class ProfileStore: Sendable {
         memory = Mutex(StateMemory(flushThreshold: self.flushThreshold, cachePersons: self.cachePersons))
         if self.factsPersons > 0, let all = try pool.read({ try Self.allFacts($0, upTo: self.factsPersons) }) {
             facts.withLock { memory in
-                for (person, known) in all { memory.cache.insert(person, known) }
                 memory.complete = true
+                for (person, known) in all { memory.keep(person, known) }  // past factsBytes: no longer complete
             }
         }
         // A state file that is new (or was lost) beside stored events: every state is rebuilt.
@@ -257,8 +321,9 @@ public final class ProfileStore: Sendable {
         // Every state in memory, when they fit: no GetProfile or Track reads the state file.
         if self.cachePersons > 0, let all = try statePool.read({ try Self.allStates($0, upTo: self.cachePersons) }) {
             memory.withLock { m in
-                m.clean = all
+                for (person, state) in all { m.setClean(person, state) }
                 m.complete = true
+                _ = m.trimClean(persons: self.cachePersons, bytes: self.cacheBytes)  // past cacheBytes: no longer complete
             }
         }
     }
@@ -359,7 +424,7 @@ public final class ProfileStore: Sendable {
                 (m.nextSeq, m.prunedUpTo) = counters!
                 for (person, state) in states {
                     m.dirty[person] = state
-                    m.clean.removeValue(forKey: person)
+                    m.dropClean(person)
                 }
             }
             factsChanged(touched)
@@ -413,16 +478,11 @@ public final class ProfileStore: Sendable {
                     var replaced: [ProfileStoreV1.PersonState] = []
                     replaced.reserveCapacity(1000)
                     for (person, state) in written[start..<min(start + 1000, written.count)] {
-                        let old = state.events == 0 ? m.clean.removeValue(forKey: person) : m.clean.updateValue(state, forKey: person)
+                        let old = state.events == 0 ? m.dropClean(person) : m.setClean(person, state)
                         if let old { replaced.append(old) }
                     }
-                    // Over the limit: drop arbitrary copies (a dictionary's order is effectively random).
-                    var excess = m.clean.count - cachePersons
-                    if excess > 0 { m.complete = false }
-                    while excess > 0, let key = m.clean.keys.first {
-                        replaced.append(m.clean.removeValue(forKey: key)!)
-                        excess -= 1
-                    }
+                    // Over the limits: drop arbitrary copies.
+                    replaced += m.trimClean(persons: cachePersons, bytes: cacheBytes)
                     return replaced
                 }
                 _ = replaced
@@ -479,8 +539,9 @@ public final class ProfileStore: Sendable {
     func keepClean(_ person: String, _ state: ProfileStoreV1.PersonState, since generation: UInt64) {
         guard cachePersons > 0 else { return }  // flushes keep no copies then: they would go stale
         memory.withLock { m in
-            guard m.fileGeneration == generation, m.clean.count < cachePersons, m.newest(person) == nil else { return }
-            m.clean[person] = state
+            guard m.fileGeneration == generation, m.clean.count < cachePersons,
+                  m.cleanBytes + Self.approximateBytes(state) <= cacheBytes, m.newest(person) == nil else { return }
+            m.setClean(person, state)
         }
     }
 
@@ -715,12 +776,13 @@ public final class ProfileStore: Sendable {
                     logger.error("profile: backfilling \(defined.name) failed; its persons are recomputed at the next start: \(error)")
                     throw error
                 }
-                memory.withLock { m in
-                    m.clean = [:]
-                    m.complete = false
+                let dropped = memory.withLock { m in
+                    let dropped = m.dropAllClean()
                     m.fileGeneration += 1
                     m.flushedUpTo = max(m.flushedUpTo, m.nextSeq - 1)  // the backfilled states are in the file
+                    return dropped
                 }
+                _ = dropped  // freed outside the lock
             }
             definitions.withLock { $0.set(defined) }
             return spec

@@ -16,7 +16,8 @@ enum ProfileDefinition: ServiceDefinition {
     static func makeServices(_ context: ServiceContext) async throws -> ServiceParts {
         let configuration = try context.section("profile", as: ProfileConfiguration.self, default: .init())
         let store = try ProfileStore(directory: context.dataDirectory, flushThreshold: configuration.stateFlushPersons,
-                                     cachePersons: configuration.stateCachePersons, factsPersons: configuration.factsCachePersons,
+                                     cachePersons: configuration.stateCachePersons, cacheBytes: configuration.stateCacheBytes,
+                                     factsPersons: configuration.factsCachePersons, factsBytes: configuration.factsCacheBytes,
                                      logger: context.logger)
         let clock: @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }
         let service = ProfileService(store: store, identity: context.identity, clock: clock)
