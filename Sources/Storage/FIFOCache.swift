@@ -12,6 +12,10 @@ public struct FIFOCache<Key: Hashable & Sendable, Value: Sendable>: Sendable {
     /// copy of the key stays behind) and reused in turn.
     private var order: [Key?] = []
     private var oldest = 0
+    /// The slots from `oldest` on (round the ring) that `trim` emptied: no key is there, and
+    /// the next `trim` starts after them (scanning them again made each insert O(capacity)
+    /// once the cost limit held fewer keys than the capacity).
+    private var emptied = 0
     public let capacity: Int
     public let costLimit: Int
     /// A value's cost (computed again when it goes, not stored).
@@ -32,8 +36,9 @@ public struct FIFOCache<Key: Hashable & Sendable, Value: Sendable>: Sendable {
     public var count: Int { values.count }
 
     /// Sets the value of `key`. A key already held keeps its place in line; a new one may
-    /// push out the oldest, and a costly one the oldest until the costs fit. With a capacity
-    /// of 0, nothing is kept. Returns true when another key's value was forgotten to make room.
+    /// push out the oldest; and one that takes the costs past `costLimit`, a new value of a
+    /// key held too, pushes out the oldest others until they fit. With a capacity of 0,
+    /// nothing is kept. Returns true when another key's value was forgotten to make room.
     @discardableResult
     public mutating func insert(_ key: Key, _ value: Value) -> Bool {
         guard capacity > 0 else { return false }
@@ -50,6 +55,7 @@ public struct FIFOCache<Key: Hashable & Sendable, Value: Sendable>: Sendable {
             order.append(key)
         } else {
             slot = oldest
+            if emptied > 0 { emptied -= 1 }  // the slot is one trim emptied
             if let old = order[slot], let gone = values.removeValue(forKey: old) {
                 totalCost -= cost(gone.value)
                 evicted = true
@@ -65,18 +71,24 @@ public struct FIFOCache<Key: Hashable & Sendable, Value: Sendable>: Sendable {
     /// Forgets the oldest keys (not `kept`) while the costs exceed `costLimit`.
     private mutating func trim(keeping kept: Key) -> Bool {
         var evicted = false
-        // Oldest first: from `oldest` round the ring (slots after the end of a ring not yet
-        // full are not there yet).
-        var slot = order.count < capacity ? 0 : oldest
-        var seen = 0
-        while totalCost > costLimit && values.count > 1 && seen < order.count {
-            if let key = order[slot], key != kept, let gone = values.removeValue(forKey: key) {
-                totalCost -= cost(gone.value)
-                order[slot] = nil
-                evicted = true
+        // Oldest first: round the ring from `oldest` (0 while it is not full), past the slots
+        // emptied before. The emptied run grows while every slot in it is empty.
+        let length = order.count
+        var offset = emptied
+        var extending = true
+        while totalCost > costLimit && values.count > 1 && offset < length {
+            let slot = (oldest + offset) % length
+            if let key = order[slot] {
+                if key != kept, let gone = values.removeValue(forKey: key) {
+                    totalCost -= cost(gone.value)
+                    order[slot] = nil
+                    evicted = true
+                } else {
+                    extending = false
+                }
             }
-            slot = (slot + 1) % order.count
-            seen += 1
+            offset += 1
+            if extending { emptied = offset }
         }
         return evicted
     }

@@ -70,6 +70,19 @@ struct FIFOCacheTests {
         #expect(cache.totalCost == (0..<40).reduce(0) { $0 + (cache["k\($1)"]?.utf8.count ?? 0) })
     }
 
+    @Test("when the cost limit holds far fewer keys than the capacity, it keeps exactly the latest ones, round the ring many times")
+    func costLimitFarBelowCapacity() {
+        var cache = FIFOCache<Int, Int>(capacity: 10_000, costLimit: 100, cost: { _ in 1 })
+        for key in 0..<30_000 { cache.insert(key, key) }
+        #expect(cache.count == 100 && cache.totalCost == 100)
+        #expect((29_900..<30_000).allSatisfy { cache[$0] == $0 } && cache[29_899] == nil)
+        cache.remove(29_950)
+        for key in 30_000..<30_050 { cache.insert(key, key) }
+        // 99 held and 50 more: the 49 oldest went (29,900 to 29,948); the removed key is not back.
+        #expect(cache.count == 100 && cache[29_949] == 29_949 && (29_951..<30_050).allSatisfy { cache[$0] == $0 })
+        #expect(cache[29_948] == nil && cache[29_950] == nil)
+    }
+
     @Test("never holds more than its capacity, whatever the mix of inserts and removals")
     func bounded() {
         var cache = FIFOCache<Int, Int>(capacity: 100)

@@ -249,7 +249,7 @@ public struct DecisionService: RPCService {
         first.personId = record.requestPersonId
         var response = Self.response(first, explain: request.explain)
         response.replayed = true
-        if request.deliver { response.actions = await deliver(first, context: request.context, replay: true) }
+        if request.deliver { response.actions = await deliver(first, context: request.context) }
         return response
     }
 
@@ -461,9 +461,7 @@ public struct DecisionService: RPCService {
 
     /// Hands each chosen action to the routing service, concurrently, after the decision
     /// was logged; a failure is reported on its action and the decision stands.
-    /// `replay`: the Routes of a logged decision sent again (Decide's request_id), as they
-    /// were first: the contact policy's caps are not asked again.
-    func deliver(_ record: DecisionV1.DecisionRecord, context: [String: String], replay: Bool = false) async -> [DecisionV1.RankedAction] {
+    func deliver(_ record: DecisionV1.DecisionRecord, context: [String: String]) async -> [DecisionV1.RankedAction] {
         guard let routing else { return record.actions }
         let specs = Dictionary(store.catalog().actions.map { ($0.id, $0.action) }, uniquingKeysWith: { a, _ in a })
         let timeout = RPCDeadline.current.map { ContinuousClock.now.duration(to: $0) } ?? .milliseconds(configuration.routeTimeoutMs)
@@ -492,7 +490,7 @@ public struct DecisionService: RPCService {
                     // with no channels of its own: those the channel caps leave open (any,
                     // without channel caps; none open, and it is not routed).
                     if ranked.channel == .unspecified {
-                        guard replay || !ranked.fallbackChannels.isEmpty || !store.policy.caps.contains(where: { $0.scope == .channel }) else {
+                        guard !ranked.fallbackChannels.isEmpty || !store.policy.caps.contains(where: { $0.scope == .channel }) else {
                             action.deliveryError = "FAILED_PRECONDITION: every channel is at its contact-policy cap"
                             return (rank, action)
                         }

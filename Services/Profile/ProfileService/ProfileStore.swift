@@ -304,7 +304,7 @@ public final class ProfileStore: Sendable {
                        uniquingKeysWith: { a, _ in a })
         })
         memory = Mutex(StateMemory(flushThreshold: self.flushThreshold, cachePersons: self.cachePersons))
-        if self.factsPersons > 0, let all = try pool.read({ try Self.allFacts($0, upTo: self.factsPersons) }) {
+        if self.factsPersons > 0, let all = try pool.read({ try Self.allFacts($0, upTo: self.factsPersons, bytes: factsBytes) }) {
             facts.withLock { memory in
                 memory.complete = true
                 for (person, known) in all { memory.keep(person, known) }  // past factsBytes: no longer complete
@@ -319,7 +319,7 @@ public final class ProfileStore: Sendable {
         }
         try recoverDirty(nowMs: Int64(Date().timeIntervalSince1970 * 1000))
         // Every state in memory, when they fit: no GetProfile or Track reads the state file.
-        if self.cachePersons > 0, let all = try statePool.read({ try Self.allStates($0, upTo: self.cachePersons) }) {
+        if self.cachePersons > 0, let all = try statePool.read({ try Self.allStates($0, upTo: self.cachePersons, bytes: self.cacheBytes) }) {
             memory.withLock { m in
                 for (person, state) in all { m.setClean(person, state) }
                 m.complete = true
@@ -329,13 +329,17 @@ public final class ProfileStore: Sendable {
     }
 
     /// Every state in `db` (the state file), or nil when there are more than `limit`.
-    static func allStates(_ db: Database, upTo limit: Int) throws -> [String: ProfileStoreV1.PersonState]? {
+    static func allStates(_ db: Database, upTo limit: Int, bytes: Int = .max) throws -> [String: ProfileStoreV1.PersonState]? {
         var all: [String: ProfileStoreV1.PersonState] = [:]
         all.reserveCapacity(min(limit, StateMemory.maxPresized))
+        var taken = 0
         let rows = try Row.fetchCursor(db, sql: "SELECT person_id, state FROM person_state")
         while let row = try rows.next() {
             guard all.count < limit else { return nil }
-            all[row[0]] = try ProfileStoreV1.PersonState(serializedBytes: row[1] as Data)
+            let state = try ProfileStoreV1.PersonState(serializedBytes: row[1] as Data)
+            taken += approximateBytes(state)
+            guard taken <= bytes else { return nil }  // read no further than memory would keep
+            all[row[0]] = state
         }
         return all
     }
@@ -1361,12 +1365,17 @@ public final class ProfileStore: Sendable {
 
     /// Every person's traits and current consent in `db` (the event file), or nil when more
     /// than `limit` persons have some (reads stop there).
-    static func allFacts(_ db: Database, upTo limit: Int) throws -> [String: Facts]? {
+    static func allFacts(_ db: Database, upTo limit: Int, bytes: Int = .max) throws -> [String: Facts]? {
         var all: [String: Facts] = [:]
+        // About what they take (`approximateBytes`, counted per row: at least as much as what
+        // is kept): read no further than memory would keep.
+        var taken = 0
         let traits = try Row.fetchCursor(db, sql: "SELECT person_id, name, value, source, updated_at_ms FROM trait ORDER BY person_id, \(traitOrder)")
         while let row = try traits.next() {
             let person: String = row[0]
             if all[person] == nil && all.count == limit { return nil }
+            taken += 96 + (row[1] as String).utf8.count + (row[3] as String).utf8.count + (row[2] as Data).count
+            guard taken <= bytes else { return nil }
             newestPerName(&all[person, default: Facts()].traits,
                           StoredTrait(name: row[1], value: RuleValue(try CommonV1.Value(serializedBytes: row[2] as Data)) ?? .string(""),
                                       source: row[3], updatedAtMs: row[4]))
@@ -1389,6 +1398,8 @@ public final class ProfileStore: Sendable {
                 (person, records) = (owner, [])
             }
             records.append(Consent(purpose: row[1], channel: row[2], granted: row[3], source: row[4], atMs: row[5]))
+            taken += 64 + records.last!.purpose.utf8.count + records.last!.source.utf8.count
+            guard taken <= bytes else { return nil }
         }
         return flush() ? all : nil
     }

@@ -1128,6 +1128,7 @@ extension RoutingStore: IdentityChangeSink {
     /// however old. Each call goes on from where the one before stopped (`pruneResume`), so
     /// that the rows kept are read once per round, not once per call.
     func pruneOutbox(beforeMs: Int64, limit: Int) throws -> (deleted: Int, more: Bool) {
+        guard limit > 0 else { return (0, false) }
         // Delivery ids are minted when routed, never after the send time: the scan stops at
         // the first id minted after `beforeMs`. Read apart from the writer, which Route and the
         // dispatcher wait on; each row is checked again when deleted.
