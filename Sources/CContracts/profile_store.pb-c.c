@@ -315,7 +315,7 @@ const ProtobufCMessageDescriptor arbiter__profile__store__v1__distinct_value__de
   (ProtobufCMessageInit) arbiter__profile__store__v1__distinct_value__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor arbiter__profile__store__v1__feature_state__field_descriptors[10] =
+static const ProtobufCFieldDescriptor arbiter__profile__store__v1__feature_state__field_descriptors[11] =
 {
   {
     "name",
@@ -437,12 +437,25 @@ static const ProtobufCFieldDescriptor arbiter__profile__store__v1__feature_state
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "distinct_by_hash",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Arbiter__Profile__Store__V1__FeatureState, distinct_by_hash),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned arbiter__profile__store__v1__feature_state__field_indices_by_name[] = {
   2,   /* field[2] = buckets */
   8,   /* field[8] = decay_ref_ms */
   7,   /* field[7] = decayed */
   6,   /* field[6] = distinct */
+  10,   /* field[10] = distinct_by_hash */
   3,   /* field[3] = has_last */
   5,   /* field[5] = last_at_ms */
   9,   /* field[9] = last_event_id */
@@ -453,7 +466,7 @@ static const unsigned arbiter__profile__store__v1__feature_state__field_indices_
 static const ProtobufCIntRange arbiter__profile__store__v1__feature_state__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 10 }
+  { 0, 11 }
 };
 const ProtobufCMessageDescriptor arbiter__profile__store__v1__feature_state__descriptor =
 {
@@ -463,7 +476,7 @@ const ProtobufCMessageDescriptor arbiter__profile__store__v1__feature_state__des
   "Arbiter__Profile__Store__V1__FeatureState",
   "arbiter.profile.store.v1",
   sizeof(Arbiter__Profile__Store__V1__FeatureState),
-  10,
+  11,
   arbiter__profile__store__v1__feature_state__field_descriptors,
   arbiter__profile__store__v1__feature_state__field_indices_by_name,
   1,  arbiter__profile__store__v1__feature_state__number_ranges,

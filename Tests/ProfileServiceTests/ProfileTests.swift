@@ -664,6 +664,38 @@ struct FeatureTests {
         #expect(state.distinct.first { $0.hash == FeatureSpec.distinctHash("home") }?.lastMs == now - 1000)
     }
 
+    @Test("a distinct count over a window agrees with counting the values seen within it, for random events in any order; a state in insertion order (written before) is put in hash order")
+    func distinctAgainstCounting() throws {
+        let spec = try FeatureSpec(feature("pages_1h", "view", .distinctCount, window: 3600, property: "page"))
+        var generator = SystemRandomNumberGenerator()
+        let start: Int64 = 1_700_000_000_000
+        var state = ProfileStoreV1.FeatureState()
+        state.name = "pages_1h"
+        state.version = spec.version
+        // Written before: hashed values in the order they came, not by hash.
+        state.distinct = ["b", "a", "c"].map { text in
+            var value = ProfileStoreV1.DistinctValue()
+            value.hash = FeatureSpec.distinctHash(text)
+            value.lastMs = start - 1000
+            return value
+        }
+        var seen: [(page: String, at: Int64)] = [("b", start - 1000), ("a", start - 1000), ("c", start - 1000)]
+        var now = start
+        for n in 0..<3_000 {
+            now += Int64.random(in: 0..<5_000, using: &generator)
+            let at = now - Int64.random(in: 0..<5_400_000, using: &generator)  // late ones too, some past the window
+            let page = "page-\(Int.random(in: 0..<400, using: &generator))"
+            spec.apply(TrackedEvent(eventID: "e\(n)", personID: "p", type: "view", occurredAtMs: at, properties: ["page": .string(page)]),
+                       to: &state, now: now)
+            if at > now - 3_600_000 { seen.append((page, at)) }
+            if n % 100 == 0 {
+                let expected = Set(seen.filter { $0.at > now - 3_600_000 }.map(\.page)).count
+                #expect(spec.value(state, now: now) == Double(expected), "after \(n) events")
+            }
+        }
+        #expect(state.distinctByHash && zip(state.distinct, state.distinct.dropFirst()).allSatisfy { $0.hash < $1.hash })
+    }
+
     @Test("windows count what is inside them, late events included, and forget what leaves")
     func windowEdges() async throws {
         let clock = TestClock()

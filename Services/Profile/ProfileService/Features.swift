@@ -172,18 +172,39 @@ public struct FeatureSpec: Sendable {
                     state.distinct[i].value = ""
                 }
             }
-            if windowMs != 0 { state.distinct.removeAll { $0.lastMs <= now - windowMs } }
+            // In hash order, so that a value is found by binary search (a scan of up to
+            // `maxDistinct` values per event before).
+            if !state.distinctByHash {
+                state.distinct.sort { $0.hash < $1.hash }
+                state.distinctByHash = true
+            }
             guard inWindow(t, now: now) else { return }
-            if let i = state.distinct.firstIndex(where: { $0.hash == key }) {
+            func position(_ key: UInt64) -> Int {
+                var (low, high) = (0, state.distinct.count)
+                while low < high {
+                    let mid = (low + high) / 2
+                    if state.distinct[mid].hash < key { low = mid + 1 } else { high = mid }
+                }
+                return low
+            }
+            var i = position(key)
+            if i < state.distinct.count && state.distinct[i].hash == key {
                 state.distinct[i].lastMs = max(state.distinct[i].lastMs, t)
             } else {
+                // A new value: first the values past the window go (reading counts only those
+                // within it; this keeps the list short), then the oldest if it is full.
+                if windowMs != 0 {
+                    let before = state.distinct.count
+                    state.distinct.removeAll { $0.lastMs <= now - windowMs }
+                    if state.distinct.count != before { i = position(key) }
+                }
                 var entry = ProfileStoreV1.DistinctValue()
                 entry.hash = key
                 entry.lastMs = t
-                state.distinct.append(entry)
+                state.distinct.insert(entry, at: i)
                 if state.distinct.count > Self.maxDistinct {
                     var oldest = 0
-                    for i in state.distinct.indices where state.distinct[i].lastMs < state.distinct[oldest].lastMs { oldest = i }
+                    for j in state.distinct.indices where state.distinct[j].lastMs < state.distinct[oldest].lastMs { oldest = j }
                     state.distinct.remove(at: oldest)
                 }
             }

@@ -87,6 +87,11 @@ struct  Arbiter__Profile__Store__V1__FeatureState
   size_t n_distinct;
   Arbiter__Profile__Store__V1__DistinctValue **distinct;
   /*
+   * DISTINCT_COUNT: `distinct` is in hash order (found by binary search). States written
+   * before are put in that order when next touched.
+   */
+  protobuf_c_boolean distinct_by_hash;
+  /*
    * DECAYED_SUM: the sum as of decay_ref_ms.
    */
   double decayed;
@@ -94,7 +99,7 @@ struct  Arbiter__Profile__Store__V1__FeatureState
 };
 #define ARBITER__PROFILE__STORE__V1__FEATURE_STATE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&arbiter__profile__store__v1__feature_state__descriptor) \
-    , (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0, 0, (char *)protobuf_c_empty_string, 0,NULL, 0, 0 }
+    , (char *)protobuf_c_empty_string, 0, 0,NULL, 0, 0, 0, (char *)protobuf_c_empty_string, 0,NULL, 0, 0, 0 }
 
 
 struct  Arbiter__Profile__Store__V1__PersonState

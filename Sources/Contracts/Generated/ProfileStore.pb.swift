@@ -62,6 +62,9 @@ extension ProfileStoreV1 {
         public var lastAtMs: Int64 = 0
         public var lastEventId: String = ""
         public var distinct: [ProfileStoreV1.DistinctValue] = []
+        /// DISTINCT_COUNT: `distinct` is in hash order (found by binary search). States written
+        /// before are put in that order when next touched.
+        public var distinctByHash: Bool = false
         /// DECAYED_SUM: the sum as of decay_ref_ms.
         public var decayed: Double = 0
         public var decayRefMs: Int64 = 0
@@ -78,6 +81,7 @@ extension ProfileStoreV1 {
             lastAtMs = reader.int64(6)
             lastEventId = reader.string(10)
             distinct = try reader.messages(7)
+            distinctByHash = reader.bool(11)
             decayed = reader.double(8)
             decayRefMs = reader.int64(9)
         }
@@ -90,6 +94,7 @@ extension ProfileStoreV1 {
             writer.setInt64(6, lastAtMs)
             writer.setString(10, lastEventId)
             writer.setRepeatedMessages(7, distinct)
+            writer.setBool(11, distinctByHash)
             writer.setDouble(8, decayed)
             writer.setInt64(9, decayRefMs)
         }
