@@ -37,10 +37,15 @@ public enum Names {
     public static func personID(_ id: String, field: String) throws(RPCError) -> String {
         guard !id.isEmpty else { throw .invalidArgument(field: field, "is required") }
         guard id.utf8.count <= maxLength else { throw .invalidArgument(field: field, "is longer than \(maxLength) bytes") }
-        guard id.unicodeScalars.allSatisfy({ $0.isASCII && $0.value > 32 && $0.value < 127 }) else {
+        guard isPrintableWithoutSpaces(id) else {
             throw .invalidArgument(field: field, "may hold only printable ASCII without spaces")
         }
         return id
+    }
+
+    /// Only printable ASCII, no space (person ids, idempotency keys).
+    private static func isPrintableWithoutSpaces(_ text: String) -> Bool {
+        text.unicodeScalars.allSatisfy { $0.isASCII && $0.value > 32 && $0.value < 127 }
     }
 
     /// The longest idempotency key (Route's `idempotency_key`, Decide's `request_id`).
@@ -49,7 +54,7 @@ public enum Names {
     /// An idempotency key: 1–128 printable ASCII characters without spaces.
     public static func checkKey(_ key: String, field: String) throws(RPCError) {
         guard !key.isEmpty else { throw .invalidArgument(field: field, "is required") }
-        guard key.utf8.count <= maxKeyLength, key.unicodeScalars.allSatisfy({ $0.isASCII && $0.value > 32 && $0.value < 127 }) else {
+        guard key.utf8.count <= maxKeyLength, isPrintableWithoutSpaces(key) else {
             throw .invalidArgument(field: field, "must be 1–\(maxKeyLength) printable ASCII characters without spaces")
         }
     }

@@ -228,7 +228,7 @@ public struct DecisionService: RPCService {
         // A request id: the decision the log holds for it, or a new one logged with it. (An id
         // erased since is NOT_FOUND, as for a Decide without one: the erasure took the decision.)
         if let localID, store.currentPerson(localID) == nil {
-            throw RPCError(.notFound, "person.person_id: person \(localID) was erased")
+            throw Self.erased(localID, field: "person.person_id")
         }
         let id = request.requestId
         guard requestsUnderWay.withLock({ $0.insert(id).inserted }) else {
@@ -274,6 +274,11 @@ public struct DecisionService: RPCService {
         add("n", String(max(request.count, 1)))
         add("d", request.deliver ? "1" : "0")
         return Data(SHA256.hash(data: Data(text.utf8)))
+    }
+
+    /// NOT_FOUND for a person the identity feed erased, naming the field it was sent in.
+    static func erased(_ person: String, field: String) -> RPCError {
+        RPCError(.notFound, "\(field): person \(person) was erased")
     }
 
     /// A logged decision as Decide answers it.
@@ -324,7 +329,7 @@ public struct DecisionService: RPCService {
             // holdout side, caps and log are the survivor's.
             // The field the client sent the person in (identifiers resolve to an erased id too).
             let field = localID == nil ? "person.identifiers" : "person.person_id"
-            guard let id = store.currentPerson(given) else { throw RPCError(.notFound, "\(field): person \(given) was erased") }
+            guard let id = store.currentPerson(given) else { throw Self.erased(given, field: field) }
             person.id = id
             var get = ProfileV1.GetProfileRequest()
             var ref = CommonV1.PersonRef()
@@ -348,7 +353,7 @@ public struct DecisionService: RPCService {
                     Result { try store.survivorInFile(id) }
                 }
                 switch inFile {
-                case .success(nil): throw RPCError(.notFound, "\(field): person \(given) was erased")
+                case .success(nil): throw Self.erased(given, field: field)
                 case .success(let survivor?): person.id = survivor
                 case .failure(let error): reasons.append("merges: not read (\(error))")
                 }
