@@ -84,6 +84,7 @@ let package = Package(
                 "RPC", "Contracts", "Storage", "Rules",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             path: "Services/Identity/IdentityService"
         ),
@@ -218,7 +219,8 @@ let package = Package(
                                                                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle")]),
         .testTarget(name: "RulesTests", dependencies: ["Rules"]),
         .testTarget(name: "StorageTests", dependencies: ["Storage", "TestSupport", .product(name: "GRDB", package: "GRDB.swift"),
-                                                       .product(name: "GRDBSQLite", package: "GRDB.swift")]),
+                                                       .product(name: "GRDBSQLite", package: "GRDB.swift"),
+                                                       .product(name: "Logging", package: "swift-log")]),
         .testTarget(
             name: "ProfileServiceTests",
             dependencies: ["ProfileService", "IdentityService", "IdentityFeed", "RPC", "Contracts", "Rules", "TestSupport",
@@ -240,7 +242,8 @@ let package = Package(
         ),
         .testTarget(
             name: "IdentityServiceTests",
-            dependencies: ["IdentityService", "RPC", "Contracts", "TestSupport", .product(name: "GRDB", package: "GRDB.swift")]
+            dependencies: ["IdentityService", "RPC", "Contracts", "TestSupport", .product(name: "GRDB", package: "GRDB.swift"),
+                           .product(name: "Logging", package: "swift-log")]
         ),
     ],
     swiftLanguageModes: [.v6]

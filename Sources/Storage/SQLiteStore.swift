@@ -2,6 +2,8 @@ import CSQLiteConfig
 import Foundation
 public import GRDB
 import GRDBSQLite
+import Logging
+import ServiceLifecycle
 import Synchronization
 
 /// Opens a service's SQLite store: WAL journal, foreign keys, `secure_delete` (erased
@@ -128,15 +130,18 @@ extension DatabaseWriter {
 /// The WAL truncation an erasure owes: until a TRUNCATE checkpoint succeeds, the erased rows'
 /// old pages may still be in the WAL. `pay` checkpoints when something is owed; a failed
 /// attempt (a reader kept the WAL busy) leaves it owed for the next call. A store following
-/// the identity feed calls it after every poll, since the feed does not replay an erasure
-/// once its position is past it. A new store owes one, for an erasure a crash cut off before
-/// its checkpoint.
+/// its service runs a `Retrier`, since neither the identity feed nor a client replays an
+/// erasure. A new store owes one, for an erasure a crash cut off before its checkpoint.
 public final class OwedTruncation: Sendable {
     /// Erasures owed so far, and how many of them a truncation covered (never reset: an
     /// erasure owed while a truncation runs stays owed).
-    private let count = Mutex<(owed: UInt64, paid: UInt64)>((1, 0))
+    private let count: Mutex<(owed: UInt64, paid: UInt64)>
 
-    public init() {}
+    /// - Parameter owed: whether one is owed from the start (false only for a store that
+    ///   truncates its WALs as it opens).
+    public init(owed: Bool = true) {
+        count = Mutex((owed ? 1 : 0, 0))
+    }
 
     /// An erasure committed: a truncation is owed.
     public func owe() { count.withLock { $0.owed += 1 } }
@@ -146,9 +151,50 @@ public final class OwedTruncation: Sendable {
     /// Truncates `pool`'s WAL if a truncation is owed, retrying a busy WAL for `patience`;
     /// throws when it could not (and it stays owed).
     public func pay(_ pool: DatabasePool, patience: Duration = .seconds(5)) throws {
+        try pay { try SQLiteStore.checkpoint(pool, patience: patience) }
+    }
+
+    /// Runs `truncate` if a truncation is owed; what was owed when it began is paid once it
+    /// returns, and stays owed if it throws.
+    public func pay(by truncate: () throws -> Void) throws {
         let owed = count.withLock { $0.owed != $0.paid ? $0.owed : nil }
         guard let owed else { return }
-        try SQLiteStore.checkpoint(pool, patience: patience)
+        try truncate()
         count.withLock { $0.paid = max($0.paid, owed) }
+    }
+
+    /// A `Retrier` that truncates `pool`'s WAL when owed.
+    public func retrier(_ pool: DatabasePool, interval: Duration = .seconds(1), logger: Logger) -> Retrier {
+        Retrier(interval: interval, logger: logger) { [self] in try pay(pool, patience: .zero) }
+    }
+
+    /// Pays an owed truncation every `interval` while the service runs, one attempt each
+    /// that does not wait for readers (a reader that never lets go must not hold the writer
+    /// at every try), so that an erasure's old pages do not wait in a WAL for the next write
+    /// or Erase, which on a quiet system may never come.
+    public struct Retrier: Service {
+        let interval: Duration
+        let logger: Logger
+        let pay: @Sendable () throws -> Void
+
+        /// - Parameter pay: one attempt without patience, such as
+        ///   `{ try truncation.pay(pool, patience: .zero) }`.
+        public init(interval: Duration = .seconds(1), logger: Logger, pay: @escaping @Sendable () throws -> Void) {
+            self.interval = interval
+            self.logger = logger
+            self.pay = pay
+        }
+
+        public func run() async throws {
+            while !Task.isCancelled && !Task.isShuttingDownGracefully {
+                try? await cancelWhenGracefulShutdown { [interval] in try await Task.sleep(for: interval) }
+                guard !Task.isCancelled && !Task.isShuttingDownGracefully else { break }
+                do {
+                    try pay()
+                } catch {
+                    logger.debug("an erasure's WAL truncation waits for readers still (tried again in \(interval)): \(error)")
+                }
+            }
+        }
     }
 }

@@ -1479,10 +1479,39 @@ struct MergeEraseTests {
         let erased = try service.erase(erase)
         #expect(erased.eventsRemoved == 0 && erased.traitsRemoved == 0 && erased.consentsRemoved == 0 && erased.personId == "never-seen")
         #expect(service.store.current("never-seen") == nil)  // erased: nothing is kept for it from now on
-        #expect(!service.store.memory.withLock { $0.settlePending })
+        #expect(!service.store.truncation.isOwed)
     }
 
-    @Test("an erasure from the feed whose checkpoints fail is settled at a later poll, and the feed goes on meanwhile")
+    @Test("an Erase whose settle failed is settled by the retrier once the reader lets go, with no other call and no identity feed")
+    func eraseSettledByRetrierTimed() async throws {
+        let directory = temporaryDirectory("profile-test")
+        let clock = TestClock()
+        let service = try makeProfile(directory, clock: clock)
+        let marker = "kudu\(UInt32.random(in: 0...UInt32.max))"
+        _ = try await service.traits("victim", ["nickname": .string("\(marker)-nick")], at: clock.read())
+        try service.store.settle()
+        let release = try await holdReadSnapshot(directory + "/profile.sqlite")
+        var erase = ProfileV1.EraseRequest()
+        erase.personId = "victim"
+        // The rows are deleted; the checkpoints wait 5 s for the reader, then the Erase fails.
+        let request = erase
+        let failed = try await offPool { () -> Bool in
+            do { _ = try service.erase(request); return false } catch { return true }
+        }
+        #expect(failed)
+        #expect(try await service.store.pool.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM trait WHERE person_id = 'victim'") } == 0)
+        let files = ["profile.sqlite", "profile.sqlite-wal"]
+        let retrier = Task { try await service.store.settleRetrier(interval: .milliseconds(20), logger: Logger(label: "test")).run() }
+        defer { retrier.cancel() }
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(filesContain(marker, in: directory, files: files), "settled while the reader held its snapshot")
+        release()
+        // Before, without --identity nothing tried again until the next Erase.
+        #expect(try await eventually { !filesContain(marker, in: directory, files: files) })
+        #expect(!service.store.truncation.isOwed)
+    }
+
+    @Test("an erasure from the feed whose checkpoints fail is settled later by the retrier, and the feed goes on meanwhile")
     func feedErasureSettledLaterTimed() async throws {
         let directory = temporaryDirectory("profile-test")
         let clock = TestClock()
@@ -1501,8 +1530,10 @@ struct MergeEraseTests {
         #expect(try service.store.identityCursor() == 2)
         release()
         #expect(filesContain(marker, in: directory, files: files))
-        try service.store.apply([], nowMs: clock.read())  // the next poll settles it
-        #expect(!filesContain(marker, in: directory, files: files))
+        // The service's retrier settles it (before, the feed's next poll did).
+        let retrier = Task { try await service.store.settleRetrier(interval: .milliseconds(20), logger: Logger(label: "test")).run() }
+        defer { retrier.cancel() }
+        #expect(try await eventually { !filesContain(marker, in: directory, files: files) })
     }
 
     @Test("an unmerge gives the split person back its traits and consent (also those a newer value hid while merged); the feed's erasure of a merged person takes them from the survivor's file")
@@ -1615,7 +1646,7 @@ struct MergeEraseTests {
         #expect(try await states.read { try Int.fetchOne($0, sql: "SELECT count(*) FROM person_state WHERE person_id = 'p3'") } == 1)
     }
 
-    @Test("an erasure whose checkpoint failed is settled by the feed's next poll, even one with no change")
+    @Test("an erasure from the feed whose checkpoint failed is settled by the retrier, with no change to come")
     func erasureSettledLater() async throws {
         let directory = temporaryDirectory("profile-test")
         let clock = TestClock()
@@ -1643,10 +1674,11 @@ struct MergeEraseTests {
         #expect(try service.store.identityCursor() == 1)
         #expect(filesContain(marker, in: directory, files: files))  // deleted, not yet checkpointed away
         release()
-        // The feed moves on past the erasure; its next poll settles it first. On a quiet
-        // system that poll has no change: before, only a change settled it.
-        try service.store.apply([], nowMs: now)
-        #expect(!filesContain(marker, in: directory, files: files))
+        // The feed has moved on past the erasure, and on a quiet system brings no change: the
+        // service's retrier settles it (before, the feed's next poll did).
+        let retrier = Task { try await service.store.settleRetrier(interval: .milliseconds(20), logger: Logger(label: "test")).run() }
+        defer { retrier.cancel() }
+        #expect(try await eventually { !filesContain(marker, in: directory, files: files) })
     }
 
     @Test("the feed's erasure of a person whose events a merge gave another person recomputes that person without them")

@@ -20,7 +20,7 @@ public final class DecisionStore: Sendable {
     let pool: DatabasePool
     /// Keeps the WAL short from its own connection (see BackgroundCheckpointer).
     let checkpointer: BackgroundCheckpointer
-    /// The WAL truncation an erasure from the identity feed owes, paid at every poll.
+    /// The WAL truncation an erasure from the identity feed owes (see `truncationRetrier`).
     let truncation = OwedTruncation()
     let configuration: LearnerConfiguration
     let memory: Mutex<Memory>
@@ -174,6 +174,12 @@ public final class DecisionStore: Sendable {
         var contacts = Contacts(recent: recent)
         contacts.erased = erased
         self.contacts = Mutex(contacts)
+    }
+
+    /// Tries every `interval` an erasure's WAL truncation that failed (or that a crash cut
+    /// off: a new store owes one), once each, without waiting for readers. Run it as a service.
+    public func truncationRetrier(interval: Duration = .seconds(1), logger: Logger) -> OwedTruncation.Retrier {
+        truncation.retrier(pool, interval: interval, logger: logger)
     }
 
     static var migrator: DatabaseMigrator {
@@ -850,8 +856,6 @@ extension DecisionStore: IdentityChangeSink {
     /// wherever a merge moved them, with their offers and outcomes. The learned evidence per
     /// action is an aggregate over everyone and stays.
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
-        // An earlier erasure's truncation, if it failed: one attempt, never in the feed's way.
-        defer { try? truncation.pay(pool, patience: .zero) }
         guard !changes.isEmpty else { return }
         var erased = false
         var newlyErased: [String] = []
@@ -943,7 +947,7 @@ extension DecisionStore: IdentityChangeSink {
         if erased {
             truncation.owe()
             // Up to 1 s for the readers to move on (every Decide's log waits for the writer
-            // meanwhile); failing that, the next polls try again.
+            // meanwhile); failing that, `truncationRetrier` tries again.
             try? truncation.pay(pool, patience: .seconds(1))
         }
     }

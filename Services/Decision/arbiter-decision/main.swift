@@ -25,7 +25,8 @@ enum DecisionDefinition: ServiceDefinition {
         }
         let service = DecisionService(store: store, configuration: configuration, identity: context.identity, profile: context.profile,
                                       routing: context.routing)
-        var parts = ServiceParts(rpcServices: [service])
+        // An erasure from the feed whose WAL truncation failed is tried again every second.
+        var parts = ServiceParts(rpcServices: [service], background: [store.truncationRetrier(logger: context.logger)])
         if configuration.logRetentionDays > 0 {
             let conflicts = service.windowsBeyondRetention()
             guard conflicts.isEmpty else {

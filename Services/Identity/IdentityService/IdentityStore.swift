@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import Logging
 import Storage
 import Synchronization
 
@@ -14,7 +15,8 @@ public final class IdentityStore: Sendable {
     let pool: DatabasePool
     /// Keeps the WAL short from its own connection (see BackgroundCheckpointer).
     let checkpointer: BackgroundCheckpointer
-    /// The WAL truncation an erasure owes until it succeeds (a retry of the erasure pays it).
+    /// The WAL truncation an erasure owes until it succeeds (paid by the next Erase, and
+    /// every second by the service's `truncationRetrier`).
     let truncation = OwedTruncation()
     let normalizer: Normalizer
     /// A person's erasure names at most this many of the persons it had absorbed per change
@@ -117,23 +119,13 @@ public final class IdentityStore: Sendable {
     func reading<T>(_ body: (Database) throws -> T) throws -> T { try pool.read(body) }
 
     /// A write transaction on the calling thread.
-    /// A write; then, if an erasure's WAL truncation is still owed (its attempt failed, or a
-    /// crash came between the erasure and it: a new store owes one), one attempt that does
-    /// not wait, so that the erased rows' old pages do not wait in the WAL for the next Erase.
-    func writing<T>(_ body: (Database) throws -> T) throws -> T {
-        let result = try pool.write(body)
-        // At most once a second: even a failed attempt copies the WAL into the file first.
-        if truncation.isOwed, lastOwedAttempt.withLock({ last in
-            let now = ContinuousClock.now
-            guard last.map({ now - $0 >= .seconds(1) }) ?? true else { return false }
-            last = now
-            return true
-        }) {
-            try? truncation.pay(pool, patience: .zero)
-        }
-        return result
+    func writing<T>(_ body: (Database) throws -> T) throws -> T { try pool.write(body) }
+
+    /// Tries every `interval` an erasure's WAL truncation that failed (or that a crash cut
+    /// off: a new store owes one), once each, without waiting for readers. Run it as a service.
+    public func truncationRetrier(interval: Duration = .seconds(1), logger: Logger) -> OwedTruncation.Retrier {
+        truncation.retrier(pool, interval: interval, logger: logger)
     }
-    private let lastOwedAttempt = Mutex<ContinuousClock.Instant?>(nil)
 
     static var migrator: DatabaseMigrator {
         var migrator = DatabaseMigrator()

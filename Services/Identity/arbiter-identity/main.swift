@@ -28,7 +28,9 @@ enum IdentityDefinition: ServiceDefinition {
         } catch let mismatch as IdentityStore.PrivacyKeyMismatch {
             throw ConfigurationError("--config: identity.privacy_key_file: \(mismatch)")
         }
-        return ServiceParts(rpcServices: [IdentityService(store: store)])
+        // An Erase whose WAL truncation failed is tried again every second.
+        let retrier = store.truncationRetrier(logger: context.logger)
+        return ServiceParts(rpcServices: [IdentityService(store: store)], background: [retrier])
     }
 }
 

@@ -59,6 +59,9 @@ public final class ProfileStore: Sendable {
     /// Flushes run here, one at a time. Nothing on it waits for the event file's writer, so
     /// the writer may wait for it.
     let flushQueue = DispatchQueue(label: "arbiter.profile.flush")
+    /// An erasure's settle (`settle`: its states written, both WALs truncated) not done yet.
+    /// None at start: the store truncates both WALs as it opens.
+    let truncation = OwedTruncation(owed: false)
     /// Dirty persons that start a flush. Default 50,000.
     public let flushThreshold: Int
     /// Clean states kept in memory. Default 100,000.
@@ -128,9 +131,6 @@ public final class ProfileStore: Sendable {
         var prunedUpTo: Int64 = 0
         /// No row is deleted until a restart (a backfill failed after logging its persons).
         var holdLog = false
-        /// An erasure committed whose states and WALs are not settled yet (retried first by
-        /// the next `apply` or erase).
-        var settlePending = false
 
         /// `dirty` and `clean` sized for what they hold at most (before a flush, and the cache):
         /// a dictionary grows by rehashing every entry in one insert, under this lock, which
@@ -1559,17 +1559,23 @@ public final class ProfileStore: Sendable {
         try SQLiteStore.checkpoint(pool, patience: patience)
     }
 
-    /// `settle` after an erasure; if it fails, the next `apply` or erase tries it first (the
-    /// feed does not replay the erasure, its position is already past it).
+    /// `settle` after an erasure; if it fails, it stays owed (`truncation`): the service's
+    /// `settleRetrier` tries again every second, and the next Erase first (neither the feed
+    /// nor a client replays the erasure).
     func settleErasure(patience: Duration = .seconds(5)) throws {
-        memory.withLock { $0.settlePending = true }
-        try settle(patience: patience)
-        memory.withLock { $0.settlePending = false }
+        truncation.owe()
+        try settlePendingErasure(patience: patience)
     }
 
-    /// Settles an erasure whose settling failed before.
+    /// Settles an erasure whose settling failed before, if one did.
     func settlePendingErasure(patience: Duration = .seconds(5)) throws {
-        if memory.withLock({ $0.settlePending }) { try settleErasure(patience: patience) }
+        try truncation.pay { try settle(patience: patience) }
+    }
+
+    /// Tries every `interval` an erasure's settle that failed, once each, without waiting
+    /// for readers. Run it as a service, with or without the identity feed.
+    public func settleRetrier(interval: Duration = .seconds(1), logger: Logger) -> OwedTruncation.Retrier {
+        OwedTruncation.Retrier(interval: interval, logger: logger) { [self] in try settlePendingErasure(patience: .zero) }
     }
 
     // MARK: - Persons merged away or erased
@@ -1612,11 +1618,6 @@ public final class ProfileStore: Sendable {
     /// Applies identity changes in order, each with the cursor in the same transaction:
     /// after a crash the feed resumes exactly where the store stopped.
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
-        // At every poll (the follower polls with no change too), after the changes: an
-        // erasure whose settling failed must not wait for the next change, which on a quiet
-        // system may never come. One attempt that does not wait for readers: a reader that
-        // never lets go must not stop the feed (nor hold the writer 5 s at every poll).
-        defer { try? settlePendingErasure(patience: .zero) }
         guard !changes.isEmpty else { return }
         var goneChanges: [(person: String, target: String?)] = []
         let erasedAny = try rewriting({ db in
@@ -1670,7 +1671,7 @@ public final class ProfileStore: Sendable {
             return (erasedAny, states)
         }, afterCommit: { noteGone(goneChanges) })
         // Up to 1 s for readers to move on (Track waits for the event file's writer meanwhile);
-        // failing that, the next polls try again (the changes are applied: not a feed failure).
+        // failing that, the retrier tries again (the changes are applied: not a feed failure).
         if erasedAny { try? settleErasure(patience: .seconds(1)) }
     }
 }

@@ -22,13 +22,15 @@ enum ProfileDefinition: ServiceDefinition {
         let clock: @Sendable () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1000) }
         let service = ProfileService(store: store, identity: context.identity, clock: clock)
         let settler = ProfileStoreSettler(store: store, logger: context.logger)
+        // An Erase (or the feed's erasure) whose settle failed is tried again every second.
+        let retrier = store.settleRetrier(logger: context.logger)
         guard let identity = context.identity else {
             context.logger.warning("no --identity: requests must name persons by person_id, and merges are not followed")
-            return ServiceParts(rpcServices: [service], background: [settler])
+            return ServiceParts(rpcServices: [service], background: [settler, retrier])
         }
         let follower = IdentityFeedFollower(store: store, identity: identity, logger: context.logger, clock: clock)
         // The settler first: background work stops in reverse order, so it runs after the follower.
-        return ServiceParts(rpcServices: [service], background: [settler, follower])
+        return ServiceParts(rpcServices: [service], background: [settler, retrier, follower])
     }
 }
 

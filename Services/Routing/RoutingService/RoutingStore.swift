@@ -20,7 +20,7 @@ public final class RoutingStore: Sendable {
     let pool: DatabasePool
     /// Keeps the WAL short from its own connection (see BackgroundCheckpointer).
     let checkpointer: BackgroundCheckpointer
-    /// The WAL truncation an erasure from the identity feed owes, paid at every poll.
+    /// The WAL truncation an erasure from the identity feed owes (see `truncationRetrier`).
     let truncation = OwedTruncation()
     let configuration: RoutingConfiguration
     /// The population's engagement, mirrored in memory (changed only inside write transactions).
@@ -34,6 +34,12 @@ public final class RoutingStore: Sendable {
         (pool, checkpointer) = try SQLiteStore.openWithCheckpointer(directory: directory, name: "routing", migrator: Self.migrator)
         self.configuration = configuration
         population = Mutex(try pool.read { db in try Self.evidence(db, person: "") })
+    }
+
+    /// Tries every `interval` an erasure's WAL truncation that failed (or that a crash cut
+    /// off: a new store owes one), once each, without waiting for readers. Run it as a service.
+    public func truncationRetrier(interval: Duration = .seconds(1), logger: Logger) -> OwedTruncation.Retrier {
+        truncation.retrier(pool, interval: interval, logger: logger)
     }
 
     static var migrator: DatabaseMigrator {
@@ -964,8 +970,6 @@ extension RoutingStore: IdentityChangeSink {
     /// the survivor. Erasures delete the persons' deliveries and bounced addresses wherever a
     /// merge moved them, and everything else of theirs.
     public func apply(_ changes: [(seq: Int64, change: IdentityChange)], nowMs: Int64) throws {
-        // An earlier erasure's truncation, if it failed: one attempt, never in the feed's way.
-        defer { try? truncation.pay(pool, patience: .zero) }
         guard !changes.isEmpty else { return }
         var erased = false
         try pool.write { db in
@@ -992,7 +996,7 @@ extension RoutingStore: IdentityChangeSink {
         if erased {
             truncation.owe()
             // Up to 1 s for the readers to move on (every write waits for the writer
-            // meanwhile); failing that, the next polls try again.
+            // meanwhile); failing that, `truncationRetrier` tries again.
             try? truncation.pay(pool, patience: .seconds(1))
         }
     }

@@ -28,7 +28,8 @@ enum RoutingDefinition: ServiceDefinition {
         } catch {
             throw ConfigurationError("--config: routing.\(error)")
         }
-        var background = service.background
+        // An erasure from the feed whose WAL truncation failed is tried again every second.
+        var background = service.background + [store.truncationRetrier(logger: context.logger)]
         if let identity = context.identity {
             background.append(IdentityFeedFollower(store: store, identity: identity, logger: context.logger,
                                                    clock: { Int64(Date().timeIntervalSince1970 * 1000) }))
