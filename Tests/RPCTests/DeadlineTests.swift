@@ -67,7 +67,7 @@ struct DeadlineTests {
 
     @Test("a call's deadline bounds its wait for a connect that hangs (a host dropping SYNs), not the 2 s connect timeout")
     func connectWithinDeadlineTimed() async throws {
-        let hole = try blackHole()
+        let hole = try HeldListener()
         defer { hole.close() }
         let client = makeClient(hole.port) { $0.maxAttempts = 1 }
         defer { client.close() }
@@ -83,6 +83,31 @@ struct DeadlineTests {
         // Without a deadline the connect timeout still ends the wait: UNAVAILABLE, naming the port.
         await expectCode(.unavailable, message: "127.0.0.1:\(hole.port)") {
             _ = try await client.call(EchoV1.Echo.echo, echoRequest())
+        }
+    }
+
+    @Test("a connect its caller left at the deadline, reset by the server since, is replaced by the next call, not used")
+    func staleConnectReplacedTimed() async throws {
+        let held = try HeldListener(fillers: 1)
+        let port = held.port
+        let client = makeClient(port) { $0.maxAttempts = 1; $0.connectTimeout = .seconds(10) }
+        defer { client.close() }
+        // The connect hangs (its SYN dropped): the call ends at its deadline, the connect goes on.
+        await expectCode(.deadlineExceeded) {
+            _ = try await client.call(EchoV1.Echo.echo, echoRequest(), timeout: .milliseconds(100))
+        }
+        // The queue freed, the connect's SYN sent again (after 1 s) gets in: it completes with no
+        // caller waiting, and is reset at once by the other side.
+        #expect(try await offPool { held.acceptAndClose(within: .seconds(5)) }, "the filler")
+        #expect(try await offPool { held.acceptAndClose(within: .seconds(8)) }, "the client's connection")
+        held.close()
+        try await Task.sleep(for: .milliseconds(200))  // the client's loop sees the reset
+        // A server on that port now: the next call takes up the finished connect, finds it
+        // closed, and connects afresh. (Checked: without that, the call was written to the
+        // closed connection and failed UNAVAILABLE, "I/O on closed channel".)
+        try await withServer(configure: { $0.port = port }) { _, _ in
+            let answer = try await client.call(EchoV1.Echo.echo, echoRequest("after the stale connect"), timeout: .seconds(5))
+            #expect(answer.message == "after the stale connect")
         }
     }
 

@@ -246,38 +246,75 @@ final class RawConnection {
 }
 
 /// A port whose connects hang, as to a host that drops SYNs: a socket listening with a
-/// backlog of 0 that never accepts, its queue filled by connections of its own (Linux then
-/// drops further SYNs). `close` releases the sockets.
-func blackHole() throws -> (port: Int, close: @Sendable () -> Void) {
-    #if canImport(Glibc)
-    func address(_ port: UInt16) -> sockaddr_in {
+/// backlog of 0 that does not accept, its queue filled by a connection of its own (Linux then
+/// drops further SYNs; a connect sends its SYN again after 1 s, then 3 s). With more than one
+/// filler, the others hang too, and take the queue first once it frees. `close` releases the
+/// sockets.
+final class HeldListener: Sendable {
+    let port: Int
+    private let listener: Int32
+    private let fillers: [Int32]
+
+    init(fillers: Int = 4) throws {
+        #if canImport(Glibc)
+        struct Failed: Error { var step: String }
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        // A server may take the port once this is closed (the sockets it accepted inherit it).
+        var reuse: Int32 = 1
+        _ = setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &reuse, socklen_t(MemoryLayout<Int32>.size))
+        guard listener >= 0, Self.call({ bind(listener, $0, $1) }, Self.address(0)) == 0, listen(listener, 0) == 0 else {
+            throw Failed(step: "listen")
+        }
+        _ = fcntl(listener, F_SETFL, O_NONBLOCK)
+        var bound = sockaddr_in()
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &bound) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &length) } }
+        let port = UInt16(bigEndian: bound.sin_port)
+        self.listener = listener
+        self.port = Int(port)
+        self.fillers = (0..<fillers).map { _ in  // non-blocking: the first fills the queue, the others hang in SYN_SENT
+            let filler = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            _ = fcntl(filler, F_SETFL, O_NONBLOCK)
+            _ = Self.call({ connect(filler, $0, $1) }, Self.address(port))
+            return filler
+        }
+        #else
+        struct Unsupported: Error {}
+        throw Unsupported()
+        #endif
+    }
+
+    /// Accepts the connection first in the queue and resets it at once (the queue then takes
+    /// the next SYN); false if none came within `patience`. Blocks: call it off the pool.
+    func acceptAndClose(within patience: Duration) -> Bool {
+        let end = ContinuousClock.now + patience
+        repeat {
+            let accepted = accept(listener, nil, nil)
+            if accepted >= 0 {
+                // Reset, not a FIN: nothing of it lingers on the port.
+                var abort = linger(l_onoff: 1, l_linger: 0)
+                _ = setsockopt(accepted, SOL_SOCKET, SO_LINGER, &abort, socklen_t(MemoryLayout<linger>.size))
+                _ = Glibc.close(accepted)
+                return true
+            }
+            usleep(10_000)
+        } while ContinuousClock.now < end
+        return false
+    }
+
+    func close() {
+        for socket in [listener] + fillers { _ = Glibc.close(socket) }
+    }
+
+    private static func address(_ port: UInt16) -> sockaddr_in {
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_port = port.bigEndian
         address.sin_addr.s_addr = inet_addr("127.0.0.1")
         return address
     }
-    func call(_ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32, _ address: sockaddr_in) -> Int32 {
+
+    private static func call(_ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32, _ address: sockaddr_in) -> Int32 {
         withUnsafePointer(to: address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
     }
-    struct Failed: Error { var step: String }
-    let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    guard listener >= 0, call({ bind(listener, $0, $1) }, address(0)) == 0, listen(listener, 0) == 0 else { throw Failed(step: "listen") }
-    var bound = sockaddr_in()
-    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-    _ = withUnsafeMutablePointer(to: &bound) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &length) } }
-    let port = UInt16(bigEndian: bound.sin_port)
-    var sockets = [listener]
-    for _ in 0..<4 {  // non-blocking: the first fills the queue, the others hang in SYN_SENT
-        let filler = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        _ = fcntl(filler, F_SETFL, O_NONBLOCK)
-        _ = call({ connect(filler, $0, $1) }, address(port))
-        sockets.append(filler)
-    }
-    let opened = sockets
-    return (Int(port), { for socket in opened { _ = Glibc.close(socket) } })
-    #else
-    struct Unsupported: Error {}
-    throw Unsupported()
-    #endif
 }
