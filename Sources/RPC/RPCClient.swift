@@ -10,9 +10,9 @@ public struct RPCClientConfiguration: Sendable {
     public var connectTimeout: Duration = .seconds(2)
     /// Deadline for calls that set none and run outside a handler's deadline. Default none.
     public var defaultTimeout: Duration?
-    /// Attempts per call, the first included. A call is retried when the connection
-    /// could not be made (nothing was sent), or when an idempotent method answered
-    /// UNAVAILABLE. Default 3.
+    /// Attempts per call, the first included. A call is retried when nothing was sent (the
+    /// connection could not be made, or its stream ids ran out), or when an idempotent
+    /// method answered UNAVAILABLE. Default 3.
     public var maxAttempts: Int = 3
     /// Backoff before the first retry and after each failed connect; doubles up to `maxBackoff`, with jitter.
     public var initialBackoff: Duration = .milliseconds(50)
@@ -21,6 +21,8 @@ public struct RPCClientConfiguration: Sendable {
     public var maxMessageSize: Int = 4 << 20
     /// Metadata sent with every call (e.g. `authorization`).
     public var metadata: Metadata = [:]
+    /// The first stream id of each connection (odd; tests start near the end of the range).
+    var firstStreamID: UInt32 = 1
 
     public init() {}
 
@@ -153,7 +155,10 @@ public final class RPCClient: Sendable {
         case .success(let answer):
             response = answer
         case .failure(let error):
-            throw Failure(error: error, retryable: allowRetry && error.code == .unavailable)
+            // Not sent when the connection's stream ids ran out: safe to retry for any method
+            // (on a new connection).
+            let unsent = error.message == ClientCallHandler.exhaustedMessage
+            throw Failure(error: error, retryable: (allowRetry || unsent) && error.code == .unavailable)
         }
         if let status = response.status, status.code != 0 {
             let error = RPCError(RPCError.Code(rawValue: status.code), status.message)
@@ -247,7 +252,7 @@ public final class RPCClient: Sendable {
     }
 
     private func openConnection() -> EventLoopFuture<ClientConnection> {
-        let maxMessageSize = configuration.maxMessageSize
+        let maxMessageSize = configuration.maxMessageSize, firstStreamID = configuration.firstStreamID
         return ClientBootstrap(group: eventLoop)
             .connectTimeout(.nanoseconds(configuration.connectTimeout.nanoseconds))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -256,7 +261,7 @@ public final class RPCClient: Sendable {
                     let pipeline = channel.pipeline.syncOperations
                     try pipeline.addHandler(ByteToMessageHandler(TTRPCFrameDecoder(maxPayloadSize: maxMessageSize)))
                     try pipeline.addHandler(MessageToByteHandler(TTRPCFrameEncoder()))
-                    try pipeline.addHandler(ClientCallHandler())
+                    try pipeline.addHandler(ClientCallHandler(firstStreamID: firstStreamID))
                 }
             }
             .connect(host: host, port: port)
@@ -316,11 +321,18 @@ final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var onExhausted: @Sendable () -> Void
     }
 
-    private var nextStreamID: UInt32 = 1
+    /// A call's failure when the connection has no stream id left for it (it was not sent).
+    static let exhaustedMessage = "stream ids of this connection are exhausted"
+
+    private var nextStreamID: UInt32
     private var pending: [UInt32: EventLoopPromise<ByteBuffer>] = [:]
     /// The deadlines of the calls in `pending`, behind one timer.
     private var deadlines = DeadlineQueue()
     private var flushScheduled = false
+
+    init(firstStreamID: UInt32 = 1) {
+        nextStreamID = firstStreamID
+    }
 
     /// Coalesces flushes: calls sent from other threads arrive as separate event-loop tasks,
     /// each asking for a flush; the requests written until the loop gets to the flush go
@@ -340,7 +352,7 @@ final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let call = unwrapOutboundIn(data)
         guard nextStreamID < UInt32.max - 1 else {
             call.onExhausted()
-            call.promise.fail(RPCError(.unavailable, "stream ids of this connection are exhausted"))
+            call.promise.fail(RPCError(.unavailable, Self.exhaustedMessage))
             writePromise?.succeed(())
             return
         }

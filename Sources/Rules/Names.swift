@@ -7,7 +7,8 @@ import Contracts
 public enum Names {
     public static let maxLength = 64
 
-    /// A name: 1–64 characters of letters, digits, `_`, `-`, `.` and `:`.
+    /// A name: 1–64 characters of letters, digits, `_`, `-`, `.` and `:`, its dots between
+    /// parts (none first, last or next to another: a rule could not name it, `trait.a..b`).
     public static func check(_ name: String, field: String) throws(RPCError) {
         guard !name.isEmpty else { throw .invalidArgument(field: field, "is required") }
         guard name.utf8.count <= maxLength else { throw .invalidArgument(field: field, "is longer than \(maxLength) bytes") }
@@ -18,6 +19,9 @@ public enum Names {
             }
         }) else {
             throw .invalidArgument(field: field, "\"\(name)\" may hold only letters, digits, _, -, . and :")
+        }
+        guard !name.hasPrefix("."), !name.hasSuffix("."), !name.contains("..") else {
+            throw .invalidArgument(field: field, "\"\(name)\" has a dot first, last or next to another: rules could not name it")
         }
     }
 

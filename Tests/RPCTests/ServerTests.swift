@@ -2,7 +2,7 @@ import Contracts
 import EchoService
 import Foundation
 import NIOCore
-import RPC
+@testable import RPC
 import Testing
 import TestSupport
 
@@ -574,6 +574,23 @@ struct ServerTests {
             test.flakyCalls.store(0, ordering: .relaxed)
             await expectCode(.unavailable) { _ = try await client.call(TestMethods.flakyUnsafe, echoRequest("2")) }
             #expect(test.flakyCalls.load(ordering: .relaxed) == 1)
+        }
+    }
+
+    @Test("client: a call its connection has no stream id left for goes on a new connection, also for a method that is not idempotent")
+    func streamIDsRunOut() async throws {
+        let test = TestService()
+        try await withServer(services: [test]) { _, port in
+            // Two stream ids left on each connection: every third call finds none, and was not sent.
+            let client = makeClient(port) { $0.maxAttempts = 2; $0.initialBackoff = .milliseconds(5); $0.firstStreamID = UInt32.max - 4 }
+            defer { client.close() }
+            for n in 1...5 {
+                // Before, the third failed UNAVAILABLE: a method that is not idempotent was not
+                // retried, though nothing had been sent.
+                let answer = try await client.call(TestMethods.flakyUnsafe, echoRequest("0"))
+                #expect(answer.message == "after \(n)")
+            }
+            #expect(test.flakyCalls.load(ordering: .relaxed) == 5)  // each sent once
         }
     }
 
