@@ -33,6 +33,8 @@ struct Load: AsyncParsableCommand {
     @Option(help: "Persons drawn from.") var persons = 100_000
     @Option(help: "Placement of every Decide.") var placement = "home"
     @Option(help: "Share of calls that report a click on an earlier decision (0…1), spread evenly.") var outcomeRatio = 0.1
+    @Option(help: "An outcome names one of the latest this many decisions answered, drawn at random (300,000: the last 100 s at 3,000/s, beyond the 100,000 the decision service keeps in memory).")
+    var outcomeWindow = 300_000
     @Option(help: "Upsert this many generic actions first (0: use the catalog as it is).") var actions = 0
     @Option(help: "A profile service (host:port) to give every person traits and consent first.") var seedProfile: String?
     @Option(help: "Write the figures as JSON to this file.") var json: String?
@@ -58,6 +60,7 @@ struct Load: AsyncParsableCommand {
         }
         guard timelineInterval >= 0.001 else { throw ValidationError("--timeline-interval must be at least 0.001 s") }
         guard (0...1).contains(outcomeRatio) else { throw ValidationError("--outcome-ratio must be between 0 and 1") }
+        guard outcomeWindow >= 1 else { throw ValidationError("--outcome-window must be at least 1") }
         if caps && actions == 0 { throw ValidationError("--caps needs --actions (it caps the actions it puts in place)") }
     }
 
@@ -89,7 +92,7 @@ struct Load: AsyncParsableCommand {
         }
         if seedOnly { return }
 
-        let recent = RecentDecisions()
+        let recent = RecentDecisions(capacity: outcomeWindow)
         let (persons, placement, ratio) = (self.persons, self.placement, outcomeRatio)
         // Call i of a run draws from SplitMix64 seeded by the run's base and i: no system call
         // per number (the system generator made three getrandom calls per Decide).
@@ -208,14 +211,20 @@ struct Load: AsyncParsableCommand {
     }
 }
 
-/// The last decisions that chose an action, for outcomes to refer to.
+/// The latest decisions answered that chose an action (id and first action), in a ring, for
+/// outcomes to name.
 final class RecentDecisions: Sendable {
+    private let capacity: Int
     private let ring = Mutex<(items: [(String, String)], next: Int)>(([], 0))
+
+    init(capacity: Int) {
+        self.capacity = max(1, capacity)
+    }
 
     func add(_ decision: String, _ action: String) {
         ring.withLock { ring in
-            if ring.items.count < 1024 { ring.items.append((decision, action)) } else { ring.items[ring.next] = (decision, action) }
-            ring.next = (ring.next + 1) % 1024
+            if ring.items.count < capacity { ring.items.append((decision, action)) } else { ring.items[ring.next] = (decision, action) }
+            ring.next = (ring.next + 1) % capacity
         }
     }
 
