@@ -330,8 +330,26 @@ final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var deadlines = DeadlineQueue()
     private var flushScheduled = false
 
+    /// Set once the stream ids ran out: the connection closes when its last call is answered.
+    private var exhausted = false
+    private var channel: (any Channel)?
+
     init(firstStreamID: UInt32 = 1) {
         nextStreamID = firstStreamID
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        channel = context.channel
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        channel = nil
+    }
+
+    /// Closes a connection whose stream ids ran out once no call waits on it (new calls go on
+    /// a new connection; without this it stayed open until the server's idle timeout).
+    private func closeIfSpent() {
+        if exhausted && pending.isEmpty { channel?.close(promise: nil) }
     }
 
     /// Coalesces flushes: calls sent from other threads arrive as separate event-loop tasks,
@@ -354,6 +372,8 @@ final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
             call.onExhausted()
             call.promise.fail(RPCError(.unavailable, Self.exhaustedMessage))
             writePromise?.succeed(())
+            exhausted = true
+            closeIfSpent()
             return
         }
         let streamID = nextStreamID
@@ -367,6 +387,7 @@ final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
         call.promise.futureResult.whenFailure { [loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)] _ in
             // Cancelled or timed out: forget the stream; a late answer is dropped.
             loopBound.value.pending.removeValue(forKey: streamID)
+            loopBound.value.closeIfSpent()
         }
         context.write(wrapOutboundOut(OutboundFrame(streamID: streamID, kind: .request, payload: call.payload)),
                       promise: writePromise)
@@ -380,6 +401,7 @@ final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
             for streamID in this.deadlines.popDue(now: .now) {
                 this.pending.removeValue(forKey: streamID)?.fail(RPCError(.deadlineExceeded, "deadline exceeded"))
             }
+            this.closeIfSpent()
             this.armDeadlines(loop)
         }
     }
@@ -390,10 +412,12 @@ final class ClientCallHandler: ChannelDuplexHandler, RemovableChannelHandler {
             guard header.kind == .response, let promise = pending.removeValue(forKey: header.streamID) else { return }
             deadlines.dropFinished(pending: pending.count) { pending[$0] != nil }
             promise.succeed(payload)
+            closeIfSpent()
         case .oversize(let header):
             guard let promise = pending.removeValue(forKey: header.streamID) else { return }
             deadlines.dropFinished(pending: pending.count) { pending[$0] != nil }
             promise.fail(RPCError(.resourceExhausted, "response length \(header.length) exceeds the maximum message size"))
+            closeIfSpent()
         }
     }
 

@@ -78,6 +78,9 @@ public final class RPCServer: Service, Sendable {
     }
     private let state = Mutex(State())
 
+    /// Connections open now (tests).
+    var openConnections: Int { state.withLock { $0.connections.count } }
+
     public init(configuration: RPCServerConfiguration, router: RPCRouter, logger: Logger,
                 group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
         self.configuration = configuration

@@ -7,8 +7,7 @@ import Contracts
 public enum Names {
     public static let maxLength = 64
 
-    /// A name: 1–64 characters of letters, digits, `_`, `-`, `.` and `:`, its dots between
-    /// parts (none first, last or next to another: a rule could not name it, `trait.a..b`).
+    /// A name: 1–64 characters of letters, digits, `_`, `-`, `.` and `:`.
     public static func check(_ name: String, field: String) throws(RPCError) {
         guard !name.isEmpty else { throw .invalidArgument(field: field, "is required") }
         guard name.utf8.count <= maxLength else { throw .invalidArgument(field: field, "is longer than \(maxLength) bytes") }
@@ -20,6 +19,13 @@ public enum Names {
         }) else {
             throw .invalidArgument(field: field, "\"\(name)\" may hold only letters, digits, _, -, . and :")
         }
+    }
+
+    /// A name rules refer to (trait, event property, feature, segment, consent purpose), as it
+    /// is written: its dots only between parts, since a rule could not name `a.`, `.a` or
+    /// `a..b` (`trait.a..b` does not parse). Checked where such names are created, not where
+    /// they are read back, so that names stored before still load and can be asked for.
+    public static func checkRuleName(_ name: String, field: String) throws(RPCError) {
         guard !name.hasPrefix("."), !name.hasSuffix("."), !name.contains("..") else {
             throw .invalidArgument(field: field, "\"\(name)\" has a dot first, last or next to another: rules could not name it")
         }

@@ -129,13 +129,15 @@ extension DatabaseWriter {
 
 /// The WAL truncation an erasure owes: until a TRUNCATE checkpoint succeeds, the erased rows'
 /// old pages may still be in the WAL. `pay` checkpoints when something is owed; a failed
-/// attempt (a reader kept the WAL busy) leaves it owed for the next call. A store following
-/// its service runs a `Retrier`, since neither the identity feed nor a client replays an
-/// erasure. A new store owes one, for an erasure a crash cut off before its checkpoint.
+/// attempt (a reader kept the WAL busy) leaves it owed. Every service runs a `Retrier` for its
+/// store, since neither the identity feed nor a client replays an erasure. A new store owes
+/// one, for an erasure a crash cut off before its checkpoint.
 public final class OwedTruncation: Sendable {
     /// Erasures owed so far, and how many of them a truncation covered (never reset: an
     /// erasure owed while a truncation runs stays owed).
     private let count: Mutex<(owed: UInt64, paid: UInt64)>
+    /// `pay`s running: a retrier skips its turn rather than queue behind an Erase's.
+    private let paying = Atomic<Int>(0)
 
     /// - Parameter owed: whether one is owed from the start (false only for a store that
     ///   truncates its WALs as it opens).
@@ -159,40 +161,63 @@ public final class OwedTruncation: Sendable {
     public func pay(by truncate: () throws -> Void) throws {
         let owed = count.withLock { $0.owed != $0.paid ? $0.owed : nil }
         guard let owed else { return }
+        paying.add(1, ordering: .relaxed)
+        defer { paying.subtract(1, ordering: .relaxed) }
         try truncate()
         count.withLock { $0.paid = max($0.paid, owed) }
     }
 
     /// A `Retrier` that truncates `pool`'s WAL when owed.
     public func retrier(_ pool: DatabasePool, interval: Duration = .seconds(1), logger: Logger) -> Retrier {
-        Retrier(interval: interval, logger: logger) { [self] in try pay(pool, patience: .zero) }
+        Retrier(self, interval: interval, logger: logger) { try SQLiteStore.checkpoint(pool, patience: .zero) }
     }
 
-    /// Pays an owed truncation every `interval` while the service runs, one attempt each
-    /// that does not wait for readers (a reader that never lets go must not hold the writer
-    /// at every try), so that an erasure's old pages do not wait in a WAL for the next write
-    /// or Erase, which on a quiet system may never come.
+    /// Pays an owed truncation every `interval` while the service runs, so that an erasure's
+    /// old pages do not wait in a WAL for the next write or Erase, which on a quiet system may
+    /// never come. Each turn is one attempt that does not wait for readers (a reader that
+    /// never lets go must not hold the writer at every turn), on a thread of its own (not
+    /// Swift's shared pool, which the RPC handlers use), and is skipped while another `pay`
+    /// runs (an Erase's own). A truncation still owed after a minute of turns is logged as a
+    /// warning, and a failure other than a busy WAL as an error.
     public struct Retrier: Service {
+        let truncation: OwedTruncation
         let interval: Duration
         let logger: Logger
-        let pay: @Sendable () throws -> Void
+        let truncate: @Sendable () throws -> Void
+        private let queue = DispatchQueue(label: "arbiter.owed-truncation")
 
-        /// - Parameter pay: one attempt without patience, such as
-        ///   `{ try truncation.pay(pool, patience: .zero) }`.
-        public init(interval: Duration = .seconds(1), logger: Logger, pay: @escaping @Sendable () throws -> Void) {
+        /// - Parameter truncate: one attempt without patience, such as
+        ///   `{ try SQLiteStore.checkpoint(pool, patience: .zero) }`.
+        public init(_ truncation: OwedTruncation, interval: Duration = .seconds(1), logger: Logger,
+                    truncate: @escaping @Sendable () throws -> Void) {
+            self.truncation = truncation
             self.interval = interval
             self.logger = logger
-            self.pay = pay
+            self.truncate = truncate
         }
 
         public func run() async throws {
+            var failures = 0
             while !Task.isCancelled && !Task.isShuttingDownGracefully {
                 try? await cancelWhenGracefulShutdown { [interval] in try await Task.sleep(for: interval) }
                 guard !Task.isCancelled && !Task.isShuttingDownGracefully else { break }
+                guard truncation.isOwed else {
+                    failures = 0
+                    continue
+                }
+                guard truncation.paying.load(ordering: .relaxed) == 0 else { continue }
                 do {
-                    try pay()
+                    try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                        queue.async { [truncation, truncate] in continuation.resume(with: Result { try truncation.pay(by: truncate) }) }
+                    }
+                    failures = 0
+                } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY || error.resultCode == .SQLITE_LOCKED {
+                    failures += 1
+                    let level: Logger.Level = failures % max(1, Int(Duration.seconds(60) / interval)) == 0 ? .warning : .debug
+                    logger.log(level: level, "an erasure's WAL truncation is still owed after \(failures) attempts: a reader keeps the WAL busy (\(error))")
                 } catch {
-                    logger.debug("an erasure's WAL truncation waits for readers still (tried again in \(interval)): \(error)")
+                    failures += 1
+                    logger.error("an erasure's WAL truncation failed (tried again in \(interval)): \(error)")
                 }
             }
         }

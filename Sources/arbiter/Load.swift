@@ -33,7 +33,7 @@ struct Load: AsyncParsableCommand {
     @Option(help: "Persons drawn from.") var persons = 100_000
     @Option(help: "Placement of every Decide.") var placement = "home"
     @Option(help: "Share of calls that report a click on an earlier decision (0…1), spread evenly.") var outcomeRatio = 0.1
-    @Option(help: "An outcome names one of the latest this many decisions answered, drawn at random (300,000: the last 100 s at 3,000/s, beyond the 100,000 the decision service keeps in memory).")
+    @Option(help: "An outcome names one of the latest this many decisions answered, drawn at random (300,000: the last 100 s at 3,000/s; the decision service keeps the latest 100,000 in memory).")
     var outcomeWindow = 300_000
     @Option(help: "Upsert this many generic actions first (0: use the catalog as it is).") var actions = 0
     @Option(help: "A profile service (host:port) to give every person traits and consent first.") var seedProfile: String?

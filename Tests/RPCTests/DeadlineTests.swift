@@ -89,6 +89,7 @@ struct DeadlineTests {
     @Test("a connect its caller left at the deadline, reset by the server since, is replaced by the next call, not used")
     func staleConnectReplacedTimed() async throws {
         let held = try HeldListener(fillers: 1)
+        defer { held.close() }
         let port = held.port
         let client = makeClient(port) { $0.maxAttempts = 1; $0.connectTimeout = .seconds(10) }
         defer { client.close() }

@@ -254,6 +254,7 @@ final class HeldListener: Sendable {
     let port: Int
     private let listener: Int32
     private let fillers: [Int32]
+    private let closed = Atomic<Bool>(false)
 
     init(fillers: Int = 4) throws {
         #if canImport(Glibc)
@@ -302,7 +303,9 @@ final class HeldListener: Sendable {
         return false
     }
 
+    /// Closes the sockets, once (a second call does nothing: their numbers may be reused).
     func close() {
+        guard !closed.exchange(true, ordering: .relaxed) else { return }
         for socket in [listener] + fillers { _ = Glibc.close(socket) }
     }
 

@@ -580,7 +580,7 @@ struct ServerTests {
     @Test("client: a call its connection has no stream id left for goes on a new connection, also for a method that is not idempotent")
     func streamIDsRunOut() async throws {
         let test = TestService()
-        try await withServer(services: [test]) { _, port in
+        try await withServer(services: [test]) { server, port in
             // Two stream ids left on each connection: every third call finds none, and was not sent.
             let client = makeClient(port) { $0.maxAttempts = 2; $0.initialBackoff = .milliseconds(5); $0.firstStreamID = UInt32.max - 4 }
             defer { client.close() }
@@ -591,6 +591,9 @@ struct ServerTests {
                 #expect(answer.message == "after \(n)")
             }
             #expect(test.flakyCalls.load(ordering: .relaxed) == 5)  // each sent once
+            // The two spent connections closed once their calls were answered (before, they
+            // stayed open until the server's idle timeout): the third alone is left.
+            #expect(try await eventually { server.openConnections == 1 }, "\(server.openConnections) open")
         }
     }
 

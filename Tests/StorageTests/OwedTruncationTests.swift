@@ -45,9 +45,9 @@ struct OwedTruncationTests {
         truncation.owe()
         #expect(throws: DatabaseError.self) { try truncation.pay(pool, patience: .zero) }
         let attempts = Atomic<Int>(0)
-        let retrier = OwedTruncation.Retrier(interval: .milliseconds(20), logger: Logger(label: "test")) {
+        let retrier = OwedTruncation.Retrier(truncation, interval: .milliseconds(20), logger: Logger(label: "test")) {
             attempts.add(1, ordering: .relaxed)
-            try truncation.pay(pool, patience: .zero)
+            try SQLiteStore.checkpoint(pool, patience: .zero)
         }
         let running = Task { try await retrier.run() }
         defer { running.cancel() }
@@ -56,5 +56,28 @@ struct OwedTruncationTests {
         release()
         #expect(try await eventually { !truncation.isOwed })
         #expect(!filesContain(marker, in: directory, files: ["t.sqlite", "t.sqlite-wal"]))
+        let paid = attempts.load(ordering: .relaxed)
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(attempts.load(ordering: .relaxed) == paid, "tried again with nothing owed")
+    }
+
+    @Test("the retrier skips its turns while another pay runs (an Erase's), instead of queueing behind it")
+    func retrierSkipsWhilePaying() async throws {
+        let truncation = OwedTruncation()
+        let attempts = Atomic<Int>(0)
+        let retrier = OwedTruncation.Retrier(truncation, interval: .milliseconds(20), logger: Logger(label: "test")) {
+            attempts.add(1, ordering: .relaxed)
+        }
+        // An Erase's truncation, held on a thread of its own as a reader would hold it.
+        let release = try holdOnThread { done in try truncation.pay { done() } }
+        let running = Task { try await retrier.run() }
+        defer { running.cancel() }
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(attempts.load(ordering: .relaxed) == 0)
+        release()
+        #expect(!truncation.isOwed)  // the Erase's pay paid it
+        truncation.owe()
+        #expect(try await eventually { !truncation.isOwed })
+        #expect(attempts.load(ordering: .relaxed) == 1)
     }
 }

@@ -1575,7 +1575,7 @@ public final class ProfileStore: Sendable {
     /// Tries every `interval` an erasure's settle that failed, once each, without waiting
     /// for readers. Run it as a service, with or without the identity feed.
     public func settleRetrier(interval: Duration = .seconds(1), logger: Logger) -> OwedTruncation.Retrier {
-        OwedTruncation.Retrier(interval: interval, logger: logger) { [self] in try settlePendingErasure(patience: .zero) }
+        OwedTruncation.Retrier(truncation, interval: interval, logger: logger) { [self] in try settle(patience: .zero) }
     }
 
     // MARK: - Persons merged away or erased
