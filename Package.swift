@@ -217,7 +217,7 @@ let package = Package(
                                                                .product(name: "Prometheus", package: "swift-prometheus"),
                                                                .product(name: "NIOCore", package: "swift-nio"),
                                                                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle")]),
-        .testTarget(name: "RulesTests", dependencies: ["Rules", "RPC"]),
+        .testTarget(name: "RulesTests", dependencies: ["Rules"]),
         .testTarget(name: "StorageTests", dependencies: ["Storage", "TestSupport", .product(name: "GRDB", package: "GRDB.swift"),
                                                        .product(name: "GRDBSQLite", package: "GRDB.swift"),
                                                        .product(name: "Logging", package: "swift-log")]),

@@ -21,16 +21,6 @@ public enum Names {
         }
     }
 
-    /// A name rules refer to (trait, event property, feature, segment, consent purpose), as it
-    /// is written: its dots only between parts, since a rule could not name `a.`, `.a` or
-    /// `a..b` (`trait.a..b` does not parse). Checked where such names are created, not where
-    /// they are read back, so that names stored before still load and can be asked for.
-    public static func checkRuleName(_ name: String, field: String) throws(RPCError) {
-        guard !name.hasPrefix("."), !name.hasSuffix("."), !name.contains("..") else {
-            throw .invalidArgument(field: field, "\"\(name)\" has a dot first, last or next to another: rules could not name it")
-        }
-    }
-
     /// A consent purpose: a name that does not end in a channel's name (`.email`, `.sms`,
     /// `.push`, `.in_app`, `.webhook`), since rules read `consent.marketing.email` as purpose
     /// `marketing` on email. Checked where purposes are written (SetConsent, UpsertAction,

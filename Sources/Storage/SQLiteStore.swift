@@ -178,7 +178,8 @@ public final class OwedTruncation: Sendable {
     /// never lets go must not hold the writer at every turn), on a thread of its own (not
     /// Swift's shared pool, which the RPC handlers use), and is skipped while another `pay`
     /// runs (an Erase's own). A truncation still owed after a minute of turns is logged as a
-    /// warning, and a failure other than a busy WAL as an error.
+    /// warning, once a minute; a failure other than a busy WAL as an error, at its first turn
+    /// and then once a minute.
     public struct Retrier: Service {
         let truncation: OwedTruncation
         let interval: Duration
@@ -186,18 +187,22 @@ public final class OwedTruncation: Sendable {
         let truncate: @Sendable () throws -> Void
         private let queue = DispatchQueue(label: "arbiter.owed-truncation")
 
-        /// - Parameter truncate: one attempt without patience, such as
-        ///   `{ try SQLiteStore.checkpoint(pool, patience: .zero) }`.
+        /// - Parameters:
+        ///   - interval: between turns; at least 1 ms.
+        ///   - truncate: one attempt without patience, such as
+        ///     `{ try SQLiteStore.checkpoint(pool, patience: .zero) }`.
         public init(_ truncation: OwedTruncation, interval: Duration = .seconds(1), logger: Logger,
                     truncate: @escaping @Sendable () throws -> Void) {
             self.truncation = truncation
-            self.interval = interval
+            self.interval = max(interval, .milliseconds(1))
             self.logger = logger
             self.truncate = truncate
         }
 
         public func run() async throws {
             var failures = 0
+            // Turns in a minute: a failure that lasts is logged once a minute, not at every turn.
+            let perMinute = max(1, Int(Duration.seconds(60) / interval))
             while !Task.isCancelled && !Task.isShuttingDownGracefully {
                 try? await cancelWhenGracefulShutdown { [interval] in try await Task.sleep(for: interval) }
                 guard !Task.isCancelled && !Task.isShuttingDownGracefully else { break }
@@ -213,11 +218,12 @@ public final class OwedTruncation: Sendable {
                     failures = 0
                 } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY || error.resultCode == .SQLITE_LOCKED {
                     failures += 1
-                    let level: Logger.Level = failures % max(1, Int(Duration.seconds(60) / interval)) == 0 ? .warning : .debug
+                    let level: Logger.Level = failures % perMinute == 0 ? .warning : .debug
                     logger.log(level: level, "an erasure's WAL truncation is still owed after \(failures) attempts: a reader keeps the WAL busy (\(error))")
                 } catch {
                     failures += 1
-                    logger.error("an erasure's WAL truncation failed (tried again in \(interval)): \(error)")
+                    let level: Logger.Level = failures % perMinute == 1 || perMinute == 1 ? .error : .debug
+                    logger.log(level: level, "an erasure's WAL truncation failed (\(failures) attempts so far, tried again in \(interval)): \(error)")
                 }
             }
         }

@@ -1,4 +1,3 @@
-import RPC
 import Rules
 import Testing
 
@@ -10,24 +9,6 @@ import Testing
 
     func holds(_ rule: String) throws -> Bool {
         try Rule(rule).evaluate { profile["\($0).\($1)"] }
-    }
-
-    @Test("a name rules refer to has its dots between parts: one a rule could not name is refused as written, naming the field")
-    func namesRulesCanName() throws {
-        for name in ["tier", "purchases-30d", "page.type", "opt:in", "a.b.c", "_x"] {
-            try Names.check(name, field: "traits[0].name")
-            try Names.checkRuleName(name, field: "traits[0].name")
-            _ = try Rule("trait.\(name) == 1")  // every name accepted can be named in a rule
-        }
-        for name in [".tier", "tier.", "page..type", "."] {
-            #expect(throws: RuleError.self) { _ = try Rule("trait.\(name) == 1") }
-            // Before, accepted: a trait or feature no rule could ever read.
-            try Names.check(name, field: "traits[0].name")  // read back: a name stored before still loads
-            #expect { try Names.checkRuleName(name, field: "traits[0].name") } throws: { error in
-                let error = error as! RPCError
-                return error.code == .invalidArgument && error.message.contains("traits[0].name") && error.message.contains("dot")
-            }
-        }
     }
 
     @Test func evaluatesTheIssueExample() throws {

@@ -154,10 +154,7 @@ public struct DecisionService: RPCService {
         // Checked as written, not as read back (a stored action from before still loads): the
         // rule's kinds, and a purpose SetConsent could record.
         _ = try ActionSpec.rule(action.eligibility, field: "action.eligibility", kinds: Rule.standardKind)
-        if !action.consentPurpose.isEmpty {
-            try Names.checkPurpose(action.consentPurpose, field: "action.consent_purpose")
-            try Names.checkRuleName(action.consentPurpose, field: "action.consent_purpose")
-        }
+        if !action.consentPurpose.isEmpty { try Names.checkPurpose(action.consentPurpose, field: "action.consent_purpose") }
         try checkRetention(Self.windows(of: action))
         return try store.upsert(spec, nowMs: clock())
     }

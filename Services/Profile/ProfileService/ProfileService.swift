@@ -182,7 +182,6 @@ public struct ProfileService: RPCService {
         var result: [(String, RuleValue)] = []
         for (i, f) in fields.enumerated() {
             try Names.check(f.name, field: "\(field)[\(i)].name")
-            try Names.checkRuleName(f.name, field: "\(field)[\(i)].name")
             guard seen.insert(f.name).inserted else { throw .invalidArgument(field: "\(field)[\(i)].name", "\"\(f.name)\" appears twice") }
             guard let value = RuleValue(f.value) else { throw .invalidArgument(field: "\(field)[\(i)].value", "is required") }
             if case .number(let n) = value, !n.isFinite { throw .invalidArgument(field: "\(field)[\(i)].value", "must be finite") }
@@ -323,15 +322,12 @@ public struct ProfileService: RPCService {
     func defineFeature(_ request: ProfileV1.DefineFeatureRequest) throws -> ProfileV1.FeatureDefinition {
         guard let definition = request.feature else { throw RPCError.invalidArgument(field: "feature", "is required") }
         _ = try FeatureSpec.parseFilter(definition.filter, kinds: Rule.standardKind)  // as written: its kinds checked too
-        try Names.checkRuleName(definition.name, field: "feature.name")
-        if !definition.property.isEmpty { try Names.checkRuleName(definition.property, field: "feature.property") }
         return try store.define(definition, backfill: request.backfill, nowMs: clock()).definition
     }
 
     func defineSegment(_ request: ProfileV1.DefineSegmentRequest) throws -> ProfileV1.SegmentDefinition {
         guard let segment = request.segment else { throw RPCError.invalidArgument(field: "segment", "is required") }
         try Names.check(segment.name, field: "segment.name")
-        try Names.checkRuleName(segment.name, field: "segment.name")
         let features = Set(store.features.map(\.name))
         let rule: Rule
         do {
@@ -358,7 +354,6 @@ public struct ProfileService: RPCService {
         var records: [ProfileStore.Consent] = []
         for (i, c) in request.consents.enumerated() {
             try Names.checkPurpose(c.purpose, field: "consents[\(i)].purpose")
-            try Names.checkRuleName(c.purpose, field: "consents[\(i)].purpose")
             guard (0...5).contains(c.channel.rawValue) else {
                 throw RPCError.invalidArgument(field: "consents[\(i)].channel", "unknown channel \(c.channel.rawValue)")
             }
