@@ -100,7 +100,9 @@ struct DeadlineTests {
         // The queue freed, the connect's SYN sent again (after 1 s) gets in: it completes with no
         // caller waiting, and is reset at once by the other side.
         #expect(try await offPool { held.acceptAndClose(within: .seconds(5)) }, "the filler")
-        #expect(try await offPool { held.acceptAndClose(within: .seconds(8)) }, "the client's connection")
+        // Reset a moment after it is accepted: reset at once, it could reach the client before
+        // its loop had finished the connect, which then failed instead (a run in CI did).
+        #expect(try await offPool { held.acceptAndClose(within: .seconds(8), holding: .milliseconds(300)) }, "the client's connection")
         held.close()
         try await Task.sleep(for: .milliseconds(200))  // the client's loop sees the reset
         // A server on that port now: the next call takes up the finished connect, finds it

@@ -285,13 +285,14 @@ final class HeldListener: Sendable {
         #endif
     }
 
-    /// Accepts the connection first in the queue and resets it at once (the queue then takes
-    /// the next SYN); false if none came within `patience`. Blocks: call it off the pool.
-    func acceptAndClose(within patience: Duration) -> Bool {
+    /// Accepts the connection first in the queue and resets it after `holding` (the queue then
+    /// takes the next SYN); false if none came within `patience`. Blocks: call it off the pool.
+    func acceptAndClose(within patience: Duration, holding: Duration = .zero) -> Bool {
         let end = ContinuousClock.now + patience
         repeat {
             let accepted = accept(listener, nil, nil)
             if accepted >= 0 {
+                if holding > .zero { usleep(UInt32(holding / .microseconds(1))) }
                 // Reset, not a FIN: nothing of it lingers on the port.
                 var abort = linger(l_onoff: 1, l_linger: 0)
                 _ = setsockopt(accepted, SOL_SOCKET, SO_LINGER, &abort, socklen_t(MemoryLayout<linger>.size))
