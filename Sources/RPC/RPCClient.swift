@@ -174,7 +174,7 @@ public final class RPCClient: Sendable {
     /// than that (a host that swallows SYNs takes the whole `connectTimeout`); the connect
     /// goes on for later calls.
     private func connect(deadline: ContinuousClock.Instant?, again: Bool = true) async -> Result<ClientConnection, RPCError> {
-        enum Step { case ready(ClientConnection), wait(EventLoopFuture<ClientConnection>), fail(RPCError) }
+        enum Step { case ready(ClientConnection), start(EventLoopFuture<ClientConnection>), wait(EventLoopFuture<ClientConnection>), fail(RPCError) }
         let step: Step = state.withLock { state in
             if state.closed { return .fail(RPCError(.unavailable, "client for \(host):\(port) is closed")) }
             if let connection = state.connection, connection.channel.isActive, !connection.isExhausted {
@@ -188,46 +188,63 @@ public final class RPCClient: Sendable {
             }
             let future = self.openConnection()
             state.connecting = future
-            return .wait(future)
+            return .start(future)
         }
         switch step {
         case .ready(let connection):
             return .success(connection)
         case .fail(let error):
             return .failure(error)
+        case .start(let future):
+            // Its outcome is kept when it ends, whether or not a caller still waits for it (all
+            // may have left at their deadlines): a later call finds the connection, or the
+            // failure's backoff, never a connect that ended long before it came.
+            future.whenComplete { [self] result in settle(future, result) }
+            return await take(future, deadline: deadline, again: again)
         case .wait(let future):
-            do {
-                let connection = try await Self.wait(for: future, until: deadline)
-                let closed = state.withLock { state in
-                    if state.connecting === future { state.connecting = nil }
-                    guard !state.closed else { return true }
-                    state.connection = connection
-                    state.failures = 0
-                    state.retryAfter = nil
-                    return false
-                }
-                if closed {
-                    connection.channel.close(promise: nil)
-                    return .failure(RPCError(.unavailable, "client for \(host):\(port) is closed"))
-                }
-                // A connect its callers left at their deadlines, taken up later: it may have
-                // closed since. Once more, afresh.
-                if !connection.channel.isActive && again { return await connect(deadline: deadline, again: false) }
-                return .success(connection)
-            } catch let error as RPCError {
-                return .failure(error)  // this call's deadline or cancellation: the connect goes on
-            } catch {
-                let message = "cannot connect to \(host):\(port): \(error)"
-                state.withLock { state in
-                    if state.connecting === future {
-                        state.connecting = nil
-                        state.failures += 1
-                        state.retryAfter = .now + Self.backoff(attempt: state.failures, initial: configuration.initialBackoff,
-                                                               max: configuration.maxBackoff)
-                    }
-                }
-                return .failure(RPCError(.unavailable, message))
+            return await take(future, deadline: deadline, again: again)
+        }
+    }
+
+    /// Records how a connect ended, unless the client was closed meanwhile (`close` closes
+    /// the connection then).
+    private func settle(_ future: EventLoopFuture<ClientConnection>, _ result: Result<ClientConnection, any Error>) {
+        state.withLock { state in
+            guard state.connecting === future else { return }
+            state.connecting = nil
+            switch result {
+            case .success(let connection):
+                state.connection = connection
+                state.failures = 0
+                state.retryAfter = nil
+            case .failure:
+                state.failures += 1
+                state.retryAfter = .now + Self.backoff(attempt: state.failures, initial: configuration.initialBackoff,
+                                                       max: configuration.maxBackoff)
             }
+        }
+    }
+
+    /// Waits for `future`'s connection, until this call's deadline.
+    private func take(_ future: EventLoopFuture<ClientConnection>, deadline: ContinuousClock.Instant?,
+                      again: Bool) async -> Result<ClientConnection, RPCError> {
+        do {
+            let connection = try await Self.wait(for: future, until: deadline)
+            if state.withLock({ $0.closed }) { return .failure(RPCError(.unavailable, "client for \(host):\(port) is closed")) }
+            // Closed since it was made (taken up before `settle` ran, by a caller that waited
+            // long): once more, afresh.
+            if !connection.channel.isActive && again {
+                state.withLock { state in
+                    if state.connecting === future { state.connecting = nil }
+                    if state.connection === connection { state.connection = nil }
+                }
+                return await connect(deadline: deadline, again: false)
+            }
+            return .success(connection)
+        } catch let error as RPCError {
+            return .failure(error)  // this call's deadline or cancellation: the connect goes on
+        } catch {
+            return .failure(RPCError(.unavailable, "cannot connect to \(host):\(port): \(error)"))
         }
     }
 

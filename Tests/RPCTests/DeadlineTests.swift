@@ -105,12 +105,38 @@ struct DeadlineTests {
         #expect(try await offPool { held.acceptAndClose(within: .seconds(8), holding: .milliseconds(300)) }, "the client's connection")
         held.close()
         try await Task.sleep(for: .milliseconds(200))  // the client's loop sees the reset
-        // A server on that port now: the next call takes up the finished connect, finds it
-        // closed, and connects afresh. (Checked: without that, the call was written to the
-        // closed connection and failed UNAVAILABLE, "I/O on closed channel".)
+        // A server on that port now: the next call finds the finished connect's connection
+        // closed, and connects afresh. (Checked, when callers took up a finished connect
+        // themselves: without the check, the call was written to the closed connection and
+        // failed UNAVAILABLE, "I/O on closed channel".)
         try await withServer(configure: { $0.port = port }) { _, _ in
             let answer = try await client.call(EchoV1.Echo.echo, echoRequest("after the stale connect"), timeout: .seconds(5))
             #expect(answer.message == "after the stale connect")
+        }
+    }
+
+    @Test("a connect its caller left at the deadline that failed since is not the next call's answer, once the peer is back")
+    func staleFailedConnectTimed() async throws {
+        let held = try HeldListener(fillers: 1)
+        defer { held.close() }
+        let port = held.port
+        let client = makeClient(port) {
+            $0.maxAttempts = 1; $0.connectTimeout = .seconds(10); $0.initialBackoff = .milliseconds(10); $0.maxBackoff = .milliseconds(20)
+        }
+        defer { client.close() }
+        await expectCode(.deadlineExceeded) {
+            _ = try await client.call(EchoV1.Echo.echo, echoRequest(), timeout: .milliseconds(100))
+        }
+        // Nothing listens now: the connect's SYN, sent again after 1 s, is refused, and the
+        // connect fails with no caller waiting for it.
+        held.close()
+        try await Task.sleep(for: .milliseconds(2500))
+        // The peer is back, long past the failure's backoff. Before, the next call took up the
+        // failed connect and answered UNAVAILABLE with its old error (checked), which in the
+        // decision service made a degraded decision after the profile service was back.
+        try await withServer(configure: { $0.port = port }) { _, _ in
+            let answer = try await client.call(EchoV1.Echo.echo, echoRequest("after the failed connect"), timeout: .seconds(5))
+            #expect(answer.message == "after the failed connect")
         }
     }
 
