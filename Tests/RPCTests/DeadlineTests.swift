@@ -132,8 +132,8 @@ struct DeadlineTests {
         held.close()
         try await Task.sleep(for: .milliseconds(2500))
         // The peer is back, long past the failure's backoff. Before, the next call took up the
-        // failed connect and answered UNAVAILABLE with its old error (checked), which in the
-        // decision service made a degraded decision after the profile service was back.
+        // failed connect and answered UNAVAILABLE with its old error (checked); in the decision
+        // service that would be a degraded decision after the profile service was back.
         try await withServer(configure: { $0.port = port }) { _, _ in
             let answer = try await client.call(EchoV1.Echo.echo, echoRequest("after the failed connect"), timeout: .seconds(5))
             #expect(answer.message == "after the failed connect")
