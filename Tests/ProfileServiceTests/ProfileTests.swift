@@ -1519,7 +1519,6 @@ struct MergeEraseTests {
         let marker = "tapir\(UInt32.random(in: 0...UInt32.max))"
         _ = try await service.traits("victim", ["nickname": .string("\(marker)-nick")], at: clock.read())
         let files = ["profile.sqlite", "profile.sqlite-wal", "profile-state.sqlite", "profile-state.sqlite-wal"]
-        try service.store.apply([], nowMs: clock.read())
         // A reader on an older snapshot of the events file: the erasure's checkpoints cannot finish.
         let release = try await holdReadSnapshot(directory + "/profile.sqlite")
         // Applied; the settle is owed (the poll does not fail for it).
